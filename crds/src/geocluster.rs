@@ -1,0 +1,345 @@
+//! `GeoCluster`: one geo-partitioned database, its regions, its directory group
+//! and its policies. The operator turns it into one `RegionGroup` per region
+//! (plus that region's share of the directory group).
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+use crate::common::{ComponentSpec, EtcdSpec};
+
+/// Desired state of a geo-partitioned database.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "tern.dev",
+    version = "v1alpha1",
+    kind = "GeoCluster",
+    namespaced,
+    status = "GeoClusterStatus",
+    shortname = "geo",
+    category = "tern",
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Regions","type":"string","description":"Regions whose groups are ready, of those this operator manages","jsonPath":".status.readyRegions"}"#,
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Failover","type":"string","priority":1,"jsonPath":".spec.failover.mode"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    validation = Rule::new("self.metadata.name.size() <= 24").message("metadata.name must be at most 24 characters: it is part of the names of every child object and DNS name").field_path(".metadata.name"),
+)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("self.directory.members.all(m, self.regions.exists(r, r.name == m.region))")
+        .message("every directory member region must be one of spec.regions")
+        .field_path(".directory.members"),
+    validation = Rule::new("!has(self.failover) || self.failover.successors.all(s, self.regions.exists(r, r.name == s.region) && s.order.all(o, self.regions.exists(r, r.name == o)))")
+        .message("every region and successor in failover.successors must be one of spec.regions")
+        .field_path(".failover.successors"),
+)]
+pub struct GeoClusterSpec {
+    /// The regions of the database. Each gets its own Raft group (an etcd
+    /// cluster with members spread over the region's zones) that holds the
+    /// accounts homed there.
+    #[schemars(length(min = 1, max = 16))]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["name".into()]))]
+    pub regions: Vec<RegionSpec>,
+    /// Placement of the global directory group, which stores account
+    /// placements, region records, region leases and migration intents.
+    pub directory: DirectorySpec,
+    /// Moving an account's home to the region its writes come from.
+    #[serde(default)]
+    pub follow_the_sun: FollowTheSunSpec,
+    /// What happens when a region is lost.
+    #[serde(default)]
+    pub failover: FailoverSpec,
+    /// Settings of the etcd members of every region group.
+    #[serde(default)]
+    pub etcd: EtcdSpec,
+    /// The geo-aware routers, one Deployment per region.
+    #[serde(default)]
+    pub router: ComponentSpec,
+    /// The region agents (mirrors, lag, migrations, failover), one Deployment
+    /// per region with one active replica.
+    #[serde(default)]
+    pub agent: ComponentSpec,
+    /// What deleting the GeoCluster does to the members' volumes: `Retain`
+    /// (default) keeps every PersistentVolumeClaim, so data is deleted only
+    /// when asked for; `Delete` removes them.
+    #[serde(default)]
+    pub deletion_policy: DeletionPolicy,
+    /// Where components send OpenTelemetry traces.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub telemetry: Option<TelemetrySpec>,
+}
+
+/// One region and its Raft group.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RegionSpec {
+    /// Region name: a DNS label of at most 20 characters (`us-east`). It names
+    /// the region's group, its objects and its etcd members.
+    #[schemars(length(min = 1, max = 20), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    pub name: String,
+    /// Availability zones of the region (values of the nodes'
+    /// `topology.kubernetes.io/zone` label). Members are spread evenly over them.
+    #[schemars(length(min = 1, max = 8), inner(length(min = 1, max = 63), regex(pattern = r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")))]
+    #[x_kube(merge_strategy = ListMerge::Set)]
+    pub zones: Vec<String>,
+    /// Members of the region's Raft group: odd, 1 to 7, so that a majority
+    /// survives the loss of a minority of zones.
+    #[serde(default = "default_replicas")]
+    #[schemars(range(min = 1, max = 7))]
+    #[x_kube(validation = Rule::new("self % 2 == 1").message("replicas must be odd (1, 3, 5 or 7): an even count adds a member without tolerating one more failure"))]
+    pub replicas: i32,
+    /// Node labels that pin the region's pods to its nodes. Defaults to
+    /// `topology.kubernetes.io/region: <name>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_selector: Option<BTreeMap<String, String>>,
+    /// DNS domain of the Kubernetes cluster that runs this region
+    /// (`cluster.local` when unset). Peer URLs of directory members are built
+    /// with it, so that pods of other clusters can reach this region's members.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"))]
+    pub cluster_domain: Option<String>,
+}
+
+fn default_replicas() -> i32 {
+    3
+}
+
+/// Where the directory group's members live.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("self.electionTimeoutMs >= 10 * self.heartbeatIntervalMs")
+        .message("electionTimeoutMs must be at least 10 times heartbeatIntervalMs across regions")
+        .field_path(".electionTimeoutMs")
+)]
+pub struct DirectorySpec {
+    /// Directory members per region. Spread them over at least three regions
+    /// so that the loss of one region keeps a majority.
+    #[schemars(length(min = 1, max = 16))]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["region".into()]))]
+    pub members: Vec<DirectoryMembers>,
+    /// Raft heartbeat interval of the directory group in milliseconds. Its
+    /// members are in different regions, so it should be about one
+    /// cross-region round trip.
+    #[serde(default = "default_directory_heartbeat_ms")]
+    #[schemars(range(min = 10, max = 5000))]
+    pub heartbeat_interval_ms: u32,
+    /// Raft election timeout of the directory group in milliseconds: at least
+    /// ten heartbeats across regions.
+    #[serde(default = "default_directory_election_ms")]
+    #[schemars(range(min = 100, max = 50000))]
+    pub election_timeout_ms: u32,
+}
+
+fn default_directory_heartbeat_ms() -> u32 {
+    250
+}
+fn default_directory_election_ms() -> u32 {
+    2500
+}
+
+/// The directory members that one region hosts.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct DirectoryMembers {
+    /// A region of `spec.regions`.
+    #[schemars(length(min = 1, max = 20), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    pub region: String,
+    /// Directory members in that region.
+    #[serde(default = "default_directory_replicas")]
+    #[schemars(range(min = 1, max = 5))]
+    pub replicas: i32,
+}
+
+fn default_directory_replicas() -> i32 {
+    1
+}
+
+/// Follow-the-sun policy: an account moves to the region its writes come from.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct FollowTheSunSpec {
+    /// Whether agents move accounts automatically.
+    #[serde(default)]
+    pub enabled: bool,
+    /// Writes from one region within `window` needed before a move is
+    /// considered.
+    #[serde(default = "default_threshold")]
+    #[schemars(range(min = 1, max = 1000000))]
+    pub threshold: i32,
+    /// Sliding window over which writes are counted, as a duration (`24h`).
+    #[serde(default = "default_window")]
+    #[schemars(length(min = 2, max = 32), regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"))]
+    pub window: String,
+    /// Minimum time between two moves of the same account, as a duration.
+    #[serde(default = "default_cooldown")]
+    #[schemars(length(min = 2, max = 32), regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"))]
+    pub cooldown: String,
+    /// Only report the moves that would be made, as events and metrics.
+    #[serde(default)]
+    pub dry_run: bool,
+    /// Most automatic migrations a region starts per minute.
+    #[serde(default = "default_max_migrations")]
+    #[schemars(range(min = 1, max = 600))]
+    pub max_migrations_per_minute: i32,
+}
+
+impl Default for FollowTheSunSpec {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            threshold: default_threshold(),
+            window: default_window(),
+            cooldown: default_cooldown(),
+            dry_run: false,
+            max_migrations_per_minute: default_max_migrations(),
+        }
+    }
+}
+
+fn default_threshold() -> i32 {
+    3
+}
+fn default_window() -> String {
+    "24h".into()
+}
+fn default_cooldown() -> String {
+    "1h".into()
+}
+fn default_max_migrations() -> i32 {
+    6
+}
+
+/// Failover policy.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct FailoverSpec {
+    /// `Manual` (default): a lost region's accounts move only when an operator
+    /// says so. `Automatic`: the successor takes over when the lost region's
+    /// lease expires, within the data-loss budget.
+    #[serde(default)]
+    pub mode: FailoverMode,
+    /// Successor order per region: who takes a lost region's accounts over.
+    #[serde(default)]
+    #[schemars(length(max = 16))]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["region".into()]))]
+    pub successors: Vec<SuccessorOrder>,
+    /// Data-loss budget: automatic failover is refused while the last measured
+    /// mirror lag of the lost region at its successor exceeds this duration.
+    #[serde(default = "default_max_data_loss_lag")]
+    #[schemars(length(min = 2, max = 32), regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"))]
+    pub max_data_loss_lag: String,
+}
+
+impl Default for FailoverSpec {
+    fn default() -> Self {
+        Self {
+            mode: FailoverMode::default(),
+            successors: Vec::new(),
+            max_data_loss_lag: default_max_data_loss_lag(),
+        }
+    }
+}
+
+fn default_max_data_loss_lag() -> String {
+    "5s".into()
+}
+
+/// Whether failover happens without a person.
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum FailoverMode {
+    /// The successor takes over when the lost region's lease expires.
+    Automatic,
+    /// Failover waits for an operator.
+    #[default]
+    Manual,
+}
+
+/// Successors of one region, most preferred first.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("!(self.region in self.order)")
+        .message("a region cannot be its own successor")
+        .field_path(".order")
+)]
+pub struct SuccessorOrder {
+    /// The region that may be lost.
+    #[schemars(length(min = 1, max = 20), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    pub region: String,
+    /// Regions that take its accounts over, in order of preference.
+    #[schemars(length(min = 1, max = 15), inner(length(min = 1, max = 20)))]
+    #[x_kube(merge_strategy = ListMerge::Set)]
+    pub order: Vec<String>,
+}
+
+/// What deleting a GeoCluster does to the volumes.
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DeletionPolicy {
+    /// Keep every PersistentVolumeClaim.
+    #[default]
+    Retain,
+    /// Delete the PersistentVolumeClaims with the workloads.
+    Delete,
+}
+
+/// Trace export settings.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TelemetrySpec {
+    /// OTLP/gRPC endpoint that components export traces to
+    /// (`http://collector:4317`).
+    #[schemars(length(min = 1, max = 512), regex(pattern = r"^https?://[^\s]+$"))]
+    pub otlp_endpoint: String,
+    /// Fraction of root traces sampled, 0 to 1; children follow their parent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub sampling_ratio: Option<f64>,
+}
+
+/// Observed state of a GeoCluster, written by the operator.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct GeoClusterStatus {
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Ready`, `Progressing` and `Degraded`.
+    #[serde(default)]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
+    pub conditions: Vec<Condition>,
+    /// `Ready`, `Progressing` or `Degraded`: the conditions in one word.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
+    /// Ready regions out of the regions this operator manages (`2/3`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_regions: Option<String>,
+    /// Per-region state.
+    #[serde(default)]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["name".into()]))]
+    pub regions: Vec<RegionStatus>,
+}
+
+/// State of one region's groups.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RegionStatus {
+    /// Region name.
+    pub name: String,
+    /// Phase of the region's data group (and its directory members).
+    pub phase: crate::regiongroup::GroupPhase,
+    /// Members of the region's data group.
+    pub members: i32,
+    /// Ready members of the region's data group.
+    pub ready_members: i32,
+    /// Directory members hosted in the region.
+    #[serde(default)]
+    pub directory_members: i32,
+    /// Ready directory members hosted in the region.
+    #[serde(default)]
+    pub directory_ready_members: i32,
+}
