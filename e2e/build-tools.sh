@@ -23,6 +23,24 @@ binaries_of() {
   esac
 }
 
+# A binary built from a module, not from its release tree, reports version
+# v0.0.0 unless the version variables are stamped in; kubectl's version-skew
+# check and `kubectl version` need the real one.
+version_ldflags() {
+  local module=$1 dir=$2 v
+  case "$module" in
+    kubernetes)
+      v=$(cd "$dir" && go list -m -f '{{.Version}}' k8s.io/kubernetes)
+      local minor=${v#v1.}; minor=${minor%%.*}
+      local flags="" pkg
+      for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+        flags+=" -X $pkg.gitVersion=$v -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor -X $pkg.gitTreeState=clean"
+      done
+      echo "$flags" ;;
+    *) echo "" ;;
+  esac
+}
+
 if ! command -v go >/dev/null 2>&1; then
   echo "build-tools.sh: Go is needed to build the pinned test binaries; install Go 1.26 or newer" >&2
   exit 1
@@ -43,10 +61,11 @@ build_module() {
   fi
   echo "build-tools: building $module (pinned in $dir/go.mod) into $out"
   local start=$SECONDS
+  local ldflags="-s -w $(version_ldflags "$module" "$dir")"
   for pair in $(binaries_of "$module"); do
     # -trimpath and stripped symbols: smaller binaries, faster links, and the
     # same output wherever the checkout lives.
-    (cd "$dir" && go build -mod=readonly -trimpath -ldflags='-s -w' -o "$out/${pair%%=*}" "${pair#*=}")
+    (cd "$dir" && go build -mod=readonly -trimpath -ldflags="$ldflags" -o "$out/${pair%%=*}" "${pair#*=}")
   done
   echo "$want" >"$stamp"
   echo "build-tools: $module built in $((SECONDS - start)) s"

@@ -54,12 +54,12 @@ pub struct EtcdSpec {
     /// region are about 1 ms apart, so etcd's default of 100 ms fits.
     #[serde(default = "default_heartbeat_ms")]
     #[schemars(range(min = 10, max = 5000))]
-    pub heartbeat_interval_ms: u32,
+    pub heartbeat_interval_ms: i32,
     /// Raft election timeout inside a region, in milliseconds; at least five
     /// heartbeats.
     #[serde(default = "default_election_ms")]
     #[schemars(range(min = 50, max = 50000))]
-    pub election_timeout_ms: u32,
+    pub election_timeout_ms: i32,
 }
 
 /// Persistent volume of an etcd member.
@@ -116,10 +116,10 @@ impl Default for ComponentSpec {
 fn default_etcd_image() -> String {
     DEFAULT_ETCD_IMAGE.to_string()
 }
-fn default_heartbeat_ms() -> u32 {
+fn default_heartbeat_ms() -> i32 {
     100
 }
-fn default_election_ms() -> u32 {
+fn default_election_ms() -> i32 {
     1000
 }
 fn default_storage_size() -> Quantity {

@@ -26,7 +26,7 @@ use crate::common::{ComponentSpec, EtcdSpec};
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
     printcolumn = r#"{"name":"Failover","type":"string","priority":1,"jsonPath":".spec.failover.mode"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
-    validation = Rule::new("self.metadata.name.size() <= 24").message("metadata.name must be at most 24 characters: it is part of the names of every child object and DNS name").field_path(".metadata.name"),
+    validation = Rule::new("self.metadata.name.size() <= 24").message("metadata.name must be at most 24 characters: it is part of the names of every child object and DNS name").reason(kube::core::Reason::FieldValueInvalid),
 )]
 #[serde(rename_all = "camelCase")]
 #[x_kube(
@@ -127,18 +127,18 @@ pub struct DirectorySpec {
     /// cross-region round trip.
     #[serde(default = "default_directory_heartbeat_ms")]
     #[schemars(range(min = 10, max = 5000))]
-    pub heartbeat_interval_ms: u32,
+    pub heartbeat_interval_ms: i32,
     /// Raft election timeout of the directory group in milliseconds: at least
     /// ten heartbeats across regions.
     #[serde(default = "default_directory_election_ms")]
     #[schemars(range(min = 100, max = 50000))]
-    pub election_timeout_ms: u32,
+    pub election_timeout_ms: i32,
 }
 
-fn default_directory_heartbeat_ms() -> u32 {
+fn default_directory_heartbeat_ms() -> i32 {
     250
 }
-fn default_directory_election_ms() -> u32 {
+fn default_directory_election_ms() -> i32 {
     2500
 }
 

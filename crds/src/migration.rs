@@ -70,10 +70,10 @@ pub struct AccountMigrationStatus {
     pub source_region: Option<String>,
     /// The account's epoch in the source region.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub source_epoch: Option<u64>,
+    pub source_epoch: Option<i64>,
     /// The account's epoch in the target region (source epoch + 1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub target_epoch: Option<u64>,
+    pub target_epoch: Option<i64>,
     /// Revision of the source group at which the account was fenced.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fenced_revision: Option<i64>,
@@ -85,7 +85,7 @@ pub struct AccountMigrationStatus {
     pub finished_at: Option<Time>,
     /// Measured write unavailability of the account (fence to switch), ms.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub unavailable_ms: Option<u64>,
+    pub unavailable_ms: Option<i64>,
     /// Human-readable detail of the last transition or the failure.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,

@@ -1,0 +1,252 @@
+//! A real Kubernetes API server for tests: etcd plus kube-apiserver with
+//! certificates, RBAC and a kubeconfig, started the way controller-runtime's
+//! envtest does it. There is no controller-manager, scheduler or kubelet: tests
+//! assert on API objects and play the kubelet by patching status subresources.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use k8s_openapi::api::core::v1::Namespace;
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Api, Client, Config};
+use tempfile::TempDir;
+
+use crate::certs::{Authority, CertPair, service_account_key};
+use crate::etcd::EtcdServer;
+use crate::process::ChildGuard;
+use crate::{HarnessError, Result, assets};
+
+/// One test "cluster": an API server, its etcd, and credentials for it.
+///
+/// Dropping it stops the API server first, then etcd, and removes its
+/// directory. Start it from the test's own thread (not a spawned task): the
+/// children are tied to the thread that starts them.
+pub struct ControlPlane {
+    name: String,
+    pub url: String,
+    client_ca: Authority,
+    serving_ca_pem: String,
+    admin_kubeconfig: PathBuf,
+    apiserver: ChildGuard,
+    etcd: EtcdServer,
+    dir: TempDir,
+}
+
+impl ControlPlane {
+    /// Starts etcd and kube-apiserver, waits until the server is ready and the
+    /// `default` namespace exists.
+    pub async fn start(name: &str) -> Result<Self> {
+        let apiserver_bin = assets::binary("kube-apiserver")?;
+        assets::binary("kubectl")?;
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("tern-cp-{name}-"))
+            .tempdir()
+            .map_err(|source| HarnessError::Io {
+                path: std::env::temp_dir().display().to_string(),
+                source,
+            })?;
+        let etcd = EtcdServer::start(dir.path(), &format!("{name}-apiserver-etcd"))?;
+
+        let serving_ca = Authority::new(&format!("{name}-serving-ca"))?;
+        let client_ca = Authority::new(&format!("{name}-client-ca"))?;
+        let serving = serving_ca.serving_cert()?;
+        let cert_dir = dir.path().join("certs");
+        write(&cert_dir.join("apiserver.crt"), &serving.cert_pem)?;
+        write(&cert_dir.join("apiserver.key"), &serving.key_pem)?;
+        write(&cert_dir.join("client-ca.crt"), &client_ca.cert_pem())?;
+        let (sa_private, sa_public) = service_account_key()?;
+        let sa_key = cert_dir.join("sa.key");
+        let sa_pub = cert_dir.join("sa.pub");
+        write(&sa_key, &sa_private)?;
+        write(&sa_pub, &sa_public)?;
+
+        let port = assets::free_port();
+        let url = format!("https://127.0.0.1:{port}");
+        let mut cmd = Command::new(apiserver_bin);
+        cmd.arg(format!("--etcd-servers={}", etcd.client_url))
+            .arg(format!("--cert-dir={}", cert_dir.display()))
+            .arg(format!("--tls-cert-file={}", cert_dir.join("apiserver.crt").display()))
+            .arg(format!("--tls-private-key-file={}", cert_dir.join("apiserver.key").display()))
+            .arg(format!("--client-ca-file={}", cert_dir.join("client-ca.crt").display()))
+            .arg(format!("--secure-port={port}"))
+            .arg("--bind-address=127.0.0.1")
+            .arg("--advertise-address=127.0.0.1")
+            .arg("--service-cluster-ip-range=10.0.0.0/24")
+            .arg("--allow-privileged=true")
+            .arg("--disable-admission-plugins=ServiceAccount")
+            .arg("--authorization-mode=RBAC")
+            .arg(format!("--service-account-issuer={url}/"))
+            .arg(format!("--service-account-key-file={}", sa_pub.display()))
+            .arg(format!("--service-account-signing-key-file={}", sa_key.display()))
+            // Nothing runs behind the `kubernetes` Service here.
+            .arg("--endpoint-reconciler-type=none")
+            .arg("-v=1");
+        let apiserver = ChildGuard::spawn(
+            &format!("kube-apiserver {name}"),
+            cmd,
+            &dir.path().join("kube-apiserver.log"),
+        )?;
+
+        let admin = client_ca.client_cert("admin", &["system:masters"])?;
+        let admin_kubeconfig = dir.path().join("admin.kubeconfig");
+        write(
+            &admin_kubeconfig,
+            &kubeconfig_yaml(name, &url, &serving_ca.cert_pem(), "admin", &admin),
+        )?;
+        let mut cp = Self {
+            name: name.to_string(),
+            url,
+            client_ca,
+            serving_ca_pem: serving_ca.cert_pem(),
+            admin_kubeconfig,
+            apiserver,
+            etcd,
+            dir,
+        };
+        cp.wait_ready(Duration::from_secs(90)).await?;
+        Ok(cp)
+    }
+
+    async fn wait_ready(&mut self, limit: Duration) -> Result<()> {
+        let deadline = Instant::now() + limit;
+        let client = self.client().await?;
+        let namespaces: Api<Namespace> = Api::all(client.clone());
+        loop {
+            self.apiserver.check_running()?;
+            let ready = match client
+                .request_text(http::Request::get("/readyz").body(Vec::new()).expect("static request"))
+                .await
+            {
+                Ok(body) if body.trim() == "ok" => matches!(namespaces.get_opt("default").await, Ok(Some(_))),
+                _ => false,
+            };
+            if ready {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(HarnessError::NotReady {
+                    what: format!("kube-apiserver {}", self.name),
+                    secs: limit.as_secs(),
+                    log: self.apiserver.log_tail(),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Name given at start.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The admin kubeconfig (user `admin`, group `system:masters`).
+    pub fn kubeconfig(&self) -> &Path {
+        &self.admin_kubeconfig
+    }
+
+    /// A client with the admin's credentials.
+    pub async fn client(&self) -> Result<Client> {
+        client_from_kubeconfig(&self.admin_kubeconfig).await
+    }
+
+    /// Writes a kubeconfig for `user` in `groups`, authenticated by a client
+    /// certificate from this server's client CA, and returns its path. A
+    /// service account is `system:serviceaccount:<namespace>:<name>`: RBAC
+    /// bindings to the service account then apply to it.
+    pub fn user_kubeconfig(&self, user: &str, groups: &[&str]) -> Result<PathBuf> {
+        let pair = self.client_ca.client_cert(user, groups)?;
+        let file = user.replace([':', '/'], "_");
+        let path = self.dir.path().join(format!("{file}.kubeconfig"));
+        write(&path, &kubeconfig_yaml(&self.name, &self.url, &self.serving_ca_pem, user, &pair))?;
+        Ok(path)
+    }
+
+    /// Runs the pinned kubectl against this server as admin; returns stdout, or
+    /// an error with stderr when kubectl fails.
+    pub fn kubectl(&self, args: &[&str]) -> Result<String> {
+        self.kubectl_as(&self.admin_kubeconfig, args)
+    }
+
+    /// Runs kubectl with another kubeconfig.
+    pub fn kubectl_as(&self, kubeconfig: &Path, args: &[&str]) -> Result<String> {
+        let output = Command::new(assets::binary("kubectl")?)
+            .arg(format!("--kubeconfig={}", kubeconfig.display()))
+            .args(args)
+            .current_dir(crate::repo_root())
+            .output()
+            .map_err(|source| HarnessError::Spawn {
+                what: "kubectl".into(),
+                source,
+            })?;
+        if output.status.success() {
+            Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+        } else {
+            Err(HarnessError::Kubectl {
+                args: args.join(" "),
+                stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+            })
+        }
+    }
+
+    /// Applies `crds/manifests/` and waits until every CRD is Established.
+    pub fn install_crds(&self) -> Result<()> {
+        self.kubectl(&["apply", "--server-side", "-f", "crds/manifests/"])?;
+        self.kubectl(&[
+            "wait",
+            "--for=condition=Established",
+            "crd",
+            "--all",
+            "--timeout=60s",
+        ])?;
+        Ok(())
+    }
+
+    /// The API server's log so far, for diagnosing a failed test.
+    pub fn apiserver_log(&self) -> String {
+        self.apiserver.log_tail()
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        // API server first: it would otherwise log etcd errors while stopping.
+        self.apiserver.stop(Duration::from_secs(5));
+        self.etcd.stop();
+    }
+}
+
+/// A kube client from a kubeconfig file.
+pub async fn client_from_kubeconfig(path: &Path) -> Result<Client> {
+    let text = std::fs::read_to_string(path).map_err(|source| HarnessError::Io {
+        path: path.display().to_string(),
+        source,
+    })?;
+    let kubeconfig = Kubeconfig::from_yaml(&text).map_err(|e| HarnessError::Kubeconfig(e.to_string()))?;
+    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        .await
+        .map_err(|e| HarnessError::Kubeconfig(e.to_string()))?;
+    Ok(Client::try_from(config)?)
+}
+
+fn kubeconfig_yaml(cluster: &str, url: &str, ca_pem: &str, user: &str, pair: &CertPair) -> String {
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s.as_bytes());
+    format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: {cluster}\n  cluster:\n    server: {url}\n    certificate-authority-data: {ca}\nusers:\n- name: {user}\n  user:\n    client-certificate-data: {cert}\n    client-key-data: {key}\ncontexts:\n- name: {cluster}\n  context:\n    cluster: {cluster}\n    user: {user}\ncurrent-context: {cluster}\n",
+        ca = b64(ca_pem),
+        cert = b64(&pair.cert_pem),
+        key = b64(&pair.key_pem),
+    )
+}
+
+fn write(path: &Path, contents: &str) -> Result<()> {
+    let io = |source| HarnessError::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(io)?;
+    }
+    std::fs::write(path, contents).map_err(io)
+}
