@@ -1,0 +1,75 @@
+//! The API server enforces the CRD schemas: every file in examples/invalid/ is
+//! refused with a message that names the field it gets wrong, the valid
+//! examples are accepted, and the immutable fields of an AccountMigration
+//! cannot be changed.
+
+use tern_e2e::{ControlPlane, repo_root};
+
+#[tokio::test]
+async fn schema_refuses_invalid_examples_and_accepts_valid_ones() {
+    let cp = ControlPlane::start("validation").await.expect("control plane starts");
+    cp.install_crds().expect("CRDs install");
+
+    for valid in ["examples/geocluster.yaml", "examples/multicluster.yaml"] {
+        cp.kubectl(&["apply", "--dry-run=server", "-f", valid])
+            .unwrap_or_else(|e| panic!("{valid} must be accepted: {e}"));
+    }
+
+    let dir = repo_root().join("examples/invalid");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .expect("examples/invalid exists")
+        .map(|e| e.expect("readable entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 12, "examples/invalid/ needs at least twelve files, has {}", files.len());
+
+    let mut failures = Vec::new();
+    for file in &files {
+        let text = std::fs::read_to_string(file).expect("readable example");
+        let field = text
+            .lines()
+            .find_map(|l| l.strip_prefix("# expect: "))
+            .unwrap_or_else(|| panic!("{} lacks an `# expect: <field>` line", file.display()))
+            .trim();
+        let rule = text.lines().next().unwrap_or_default();
+        let path = file.to_str().expect("utf-8 path");
+        match cp.kubectl(&["apply", "-f", path]) {
+            Ok(out) => failures.push(format!("{}: accepted ({rule}): {out}", file.display())),
+            Err(e) => {
+                let message = e.to_string();
+                if !message.contains(field) {
+                    failures.push(format!("{}: refused, but the message does not name `{field}`: {message}", file.display()));
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[tokio::test]
+async fn migration_account_and_target_are_immutable() {
+    let cp = ControlPlane::start("immutable").await.expect("control plane starts");
+    cp.install_crds().expect("CRDs install");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let write = |name: &str, account: &str, target: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(
+            &path,
+            format!(
+                "apiVersion: tern.dev/v1alpha1\nkind: AccountMigration\nmetadata:\n  name: move-1\n  namespace: default\nspec:\n  geoCluster: payments\n  account: {account}\n  targetRegion: {target}\n"
+            ),
+        )
+        .expect("write manifest");
+        path.to_str().expect("utf-8").to_string()
+    };
+    cp.kubectl(&["apply", "-f", &write("a.yaml", "acct-1", "eu-west")]).expect("valid migration is accepted");
+    let err = cp
+        .kubectl(&["apply", "-f", &write("b.yaml", "acct-2", "eu-west")])
+        .expect_err("changing the account is refused");
+    assert!(err.to_string().contains("spec.account") && err.to_string().contains("immutable"), "{err}");
+    let err = cp
+        .kubectl(&["apply", "-f", &write("c.yaml", "acct-1", "ap-south")])
+        .expect_err("changing the target is refused");
+    assert!(err.to_string().contains("spec.targetRegion") && err.to_string().contains("immutable"), "{err}");
+}
