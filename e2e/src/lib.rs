@@ -10,6 +10,7 @@ pub mod assets;
 pub mod certs;
 pub mod controlplane;
 pub mod etcd;
+pub mod operator;
 pub mod process;
 
 pub use controlplane::ControlPlane;
@@ -55,4 +56,13 @@ pub fn repo_root() -> std::path::PathBuf {
         .parent()
         .expect("e2e/ sits inside the repository")
         .to_path_buf()
+}
+
+/// Sends the logs of in-process components (the operator) to the test's
+/// captured output, filtered by RUST_LOG (default `info`). Safe to call from
+/// every test.
+pub fn init_logs() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube_runtime=warn,kube_client=off"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
 }

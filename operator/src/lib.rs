@@ -1,1 +1,178 @@
+//! tern-operator: turns a GeoCluster into per-region Raft groups.
+//!
+//! The reconcile of each resource is a short pipeline of small steps (see
+//! `controller/`): read, validate (`validate`), build the desired objects as a
+//! pure function of the spec (`build`), apply them with server-side apply
+//! (`apply`), compute the status (`status`). `run` wires the controllers to a
+//! client, behind leader election (`leader`), with metrics and health
+//! endpoints (`http`).
+#![forbid(unsafe_code)]
 
+pub mod apply;
+pub mod build;
+pub mod config;
+pub mod context;
+pub mod controller;
+pub mod error;
+pub mod etcd_flags;
+pub mod http;
+pub mod leader;
+pub mod metrics;
+pub mod names;
+pub mod regions;
+pub mod status;
+pub mod validate;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::runtime::{Controller, watcher};
+use kube::{Api, Client};
+use tern_crds::{GeoCluster, RegionGroup};
+use tokio::sync::watch;
+
+pub use config::Config;
+pub use error::{Error, Result};
+
+use context::Context;
+use leader::{LeaderElector, LeaseTiming};
+
+/// A running operator's handle for tests: where its endpoints are.
+#[derive(Clone, Debug)]
+pub struct Running {
+    pub http_addr: SocketAddr,
+}
+
+/// Runs the operator until `shutdown` completes (Ok) or leadership is lost
+/// (Err). `on_start` receives the bound HTTP address once serving.
+pub async fn run(
+    config: Config,
+    client: Client,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    on_start: impl FnOnce(Running) + Send,
+) -> Result<()> {
+    config.validate()?;
+    let identity = config.identity();
+    let metrics = Arc::new(metrics::Metrics::default());
+    let ready = Arc::new(AtomicBool::new(false));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+
+    let health = http::Health {
+        metrics: metrics.clone(),
+        ready: ready.clone(),
+    };
+    let (http_addr, http_task) = http::serve(config.http_addr, health, stopped()).await?;
+    on_start(Running { http_addr });
+    tracing::info!(%http_addr, identity = %identity, regions = ?config.regions, "tern-operator starting");
+
+    // Ready once the API server answers; a standby replica is ready too.
+    match client.apiserver_version().await {
+        Ok(v) => {
+            tracing::info!(server = %v.git_version, "connected to the API server");
+            ready.store(true, Ordering::Relaxed);
+        }
+        Err(e) => tracing::warn!(error = %e, "API server not reachable yet"),
+    }
+
+    let mut elector = config.leader_elect.then(|| {
+        LeaderElector::new(
+            client.clone(),
+            &config.leader_election_namespace,
+            &config.leader_election_id,
+            &identity,
+            LeaseTiming {
+                duration: config.lease_duration,
+                retry: config.lease_retry,
+            },
+        )
+    });
+    if let Some(elector) = elector.as_mut() {
+        tokio::select! {
+            r = elector.acquire() => r?,
+            _ = stopped() => {
+                let _ = http_task.await;
+                return Ok(());
+            }
+        }
+        ready.store(true, Ordering::Relaxed);
+    }
+    metrics.is_leader.set(1);
+
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        &identity,
+        metrics.clone(),
+        config.region_filter(),
+        config.resync,
+    ));
+    let controllers = controllers(client, &config.namespace, ctx);
+    let outcome = match elector.as_mut() {
+        Some(elector) => {
+            tokio::select! {
+                _ = controllers => Ok(()),
+                lost = elector.hold() => Err(lost),
+                _ = stopped() => Ok(()),
+            }
+        }
+        None => {
+            tokio::select! {
+                _ = controllers => Ok(()),
+                _ = stopped() => Ok(()),
+            }
+        }
+    };
+    metrics.is_leader.set(0);
+    if let Some(elector) = elector.as_mut()
+        && outcome.is_ok()
+    {
+        elector.release().await;
+    }
+    http_task.abort();
+    tracing::info!("tern-operator stopped");
+    outcome
+}
+
+fn scoped<K>(client: Client, namespace: &str) -> Api<K>
+where
+    K: kube::Resource<Scope = kube::core::NamespaceResourceScope, DynamicType = ()>,
+{
+    if namespace.is_empty() {
+        Api::all(client)
+    } else {
+        Api::namespaced(client, namespace)
+    }
+}
+
+async fn controllers(client: Client, namespace: &str, ctx: Arc<Context>) {
+    // Only objects this operator made are watched, so the caches stay small in
+    // a busy cluster.
+    let ours = watcher::Config::default().labels(&format!("{}={}", names::LABEL_MANAGED_BY, names::MANAGER));
+    let geoclusters = Controller::new(scoped::<GeoCluster>(client.clone(), namespace), watcher::Config::default())
+        .owns(scoped::<RegionGroup>(client.clone(), namespace), ours.clone())
+        .run(controller::geocluster::reconcile, controller::geocluster::error_policy, ctx.clone())
+        .for_each(|_| futures::future::ready(()));
+    let groups = Controller::new(scoped::<RegionGroup>(client.clone(), namespace), ours.clone())
+        .owns(scoped::<StatefulSet>(client.clone(), namespace), ours.clone())
+        .owns(scoped::<Service>(client.clone(), namespace), ours.clone())
+        .owns(scoped::<PodDisruptionBudget>(client.clone(), namespace), ours.clone())
+        .owns(scoped::<ConfigMap>(client, namespace), ours)
+        .run(controller::regiongroup::reconcile, controller::regiongroup::error_policy, ctx)
+        .for_each(|_| futures::future::ready(()));
+    futures::join!(geoclusters, groups);
+}

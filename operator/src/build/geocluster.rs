@@ -1,0 +1,126 @@
+//! GeoCluster → RegionGroups: one data group per managed region, plus that
+//! region's share of the directory group.
+
+use std::collections::BTreeMap;
+
+use kube::api::ObjectMeta;
+use kube::{Resource, ResourceExt};
+use tern_crds::{ClusterMember, GeoCluster, GroupRole, RegionGroup, RegionGroupSpec, RegionSpec};
+
+use crate::names;
+use crate::regions::RegionFilter;
+
+/// The RegionGroups this operator should run for `gc`, in region order.
+pub fn region_groups(gc: &GeoCluster, managed: &RegionFilter) -> Vec<RegionGroup> {
+    let directory_peers = directory_members(gc);
+    let mut groups = Vec::new();
+    for region in gc.spec.regions.iter().filter(|r| managed.contains(&r.name)) {
+        groups.push(group(gc, region, GroupRole::Data, region.replicas, data_members(gc, region)));
+        if let Some(count) = directory_count(gc, &region.name) {
+            groups.push(group(gc, region, GroupRole::Directory, count, directory_peers.clone()));
+        }
+    }
+    groups
+}
+
+/// Directory members hosted in `region`, if any.
+pub fn directory_count(gc: &GeoCluster, region: &str) -> Option<i32> {
+    gc.spec
+        .directory
+        .members
+        .iter()
+        .find(|m| m.region == region)
+        .map(|m| m.replicas)
+}
+
+fn group(gc: &GeoCluster, region: &RegionSpec, role: GroupRole, replicas: i32, initial_cluster: Vec<ClusterMember>) -> RegionGroup {
+    let cluster = gc.name_any();
+    let name = names::group_name(&cluster, &region.name, role);
+    let mut etcd = gc.spec.etcd.clone();
+    if role == GroupRole::Directory {
+        // The directory's members are regions apart: its Raft timing follows
+        // the cross-region round trip, not the zone-to-zone one.
+        etcd.heartbeat_interval_ms = gc.spec.directory.heartbeat_interval_ms;
+        etcd.election_timeout_ms = gc.spec.directory.election_timeout_ms;
+    }
+    RegionGroup {
+        metadata: ObjectMeta {
+            name: Some(name.clone()),
+            namespace: gc.namespace(),
+            labels: Some(names::group_labels(&cluster, &region.name, role, &name)),
+            owner_references: gc.controller_owner_ref(&()).map(|r| vec![r]),
+            ..ObjectMeta::default()
+        },
+        spec: RegionGroupSpec {
+            geo_cluster: cluster.clone(),
+            region: region.name.clone(),
+            role,
+            zones: region.zones.clone(),
+            replicas,
+            node_selector: node_selector(region),
+            cluster_domain: cluster_domain(region).to_string(),
+            initial_cluster,
+            cluster_token: cluster_token(gc, region, role),
+            etcd,
+            deletion_policy: gc.spec.deletion_policy,
+        },
+        status: None,
+    }
+}
+
+/// The node labels that pin a region's pods: the spec's, or the well-known
+/// region label.
+pub fn node_selector(region: &RegionSpec) -> BTreeMap<String, String> {
+    region.node_selector.clone().unwrap_or_else(|| {
+        BTreeMap::from([("topology.kubernetes.io/region".to_string(), region.name.clone())])
+    })
+}
+
+fn cluster_domain(region: &RegionSpec) -> &str {
+    region.cluster_domain.as_deref().unwrap_or(names::DEFAULT_CLUSTER_DOMAIN)
+}
+
+/// The same token in every cluster that applies this GeoCluster, so that the
+/// directory members of different clusters form one group; different for
+/// every group, so that members of two groups never join each other.
+fn cluster_token(gc: &GeoCluster, region: &RegionSpec, role: GroupRole) -> String {
+    let namespace = gc.namespace().unwrap_or_default();
+    match role {
+        GroupRole::Data => format!("tern-{namespace}-{}-{}", gc.name_any(), region.name),
+        GroupRole::Directory => format!("tern-{namespace}-{}-directory", gc.name_any()),
+    }
+}
+
+fn peers(gc: &GeoCluster, region: &RegionSpec, role: GroupRole, count: i32) -> Vec<ClusterMember> {
+    let namespace = gc.namespace().unwrap_or_default();
+    let group = names::group_name(&gc.name_any(), &region.name, role);
+    (0..count)
+        .map(|i| {
+            let member = names::member_name(&group, i);
+            let host = names::member_host(&group, &member, &namespace, cluster_domain(region));
+            ClusterMember {
+                peer_url: format!("http://{host}:{}", names::PEER_PORT),
+                name: member,
+            }
+        })
+        .collect()
+}
+
+fn data_members(gc: &GeoCluster, region: &RegionSpec) -> Vec<ClusterMember> {
+    peers(gc, region, GroupRole::Data, region.replicas)
+}
+
+/// Every directory member in every region, with peer URLs in each region's
+/// cluster domain.
+pub fn directory_members(gc: &GeoCluster) -> Vec<ClusterMember> {
+    gc.spec
+        .directory
+        .members
+        .iter()
+        .filter_map(|m| {
+            let region = gc.spec.regions.iter().find(|r| r.name == m.region)?;
+            Some(peers(gc, region, GroupRole::Directory, m.replicas))
+        })
+        .flatten()
+        .collect()
+}

@@ -1,0 +1,378 @@
+//! RegionGroup → StatefulSet (the etcd members), a headless peer Service, a
+//! client Service, a PodDisruptionBudget that keeps quorum, and a ConfigMap
+//! with the member configuration.
+
+use std::collections::BTreeMap;
+use std::hash::{Hash, Hasher};
+
+use k8s_openapi::api::apps::v1::{
+    StatefulSet, StatefulSetPersistentVolumeClaimRetentionPolicy, StatefulSetSpec, StatefulSetUpdateStrategy,
+};
+use k8s_openapi::api::core::v1::{
+    Affinity, ConfigMap, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, NodeAffinity, NodeSelector,
+    NodeSelectorRequirement, NodeSelectorTerm, ObjectFieldSelector, PersistentVolumeClaim, PersistentVolumeClaimSpec,
+    PodSpec, PodTemplateSpec, Probe, SecurityContext, Service, ServicePort, ServiceSpec, TopologySpreadConstraint,
+    VolumeMount, VolumeResourceRequirements,
+};
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::api::ObjectMeta;
+use kube::{Resource, ResourceExt};
+use tern_crds::{DeletionPolicy, RegionGroup};
+
+use crate::etcd_flags::{ClusterState, MemberConfig, member_args};
+use crate::names;
+
+/// Everything a RegionGroup is made of.
+#[derive(Clone, Debug)]
+pub struct GroupObjects {
+    pub stateful_set: StatefulSet,
+    pub peer_service: Service,
+    pub client_service: Service,
+    pub pdb: PodDisruptionBudget,
+    pub config_map: ConfigMap,
+}
+
+/// Members that must stay up for the group to commit: a majority.
+pub fn quorum(replicas: i32) -> i32 {
+    replicas / 2 + 1
+}
+
+const DATA_DIR: &str = "/var/lib/etcd";
+
+/// The objects of one group.
+pub fn group_objects(rg: &RegionGroup) -> GroupObjects {
+    let config_map = config_map(rg);
+    GroupObjects {
+        stateful_set: stateful_set(rg, &config_hash(&config_map)),
+        peer_service: peer_service(rg),
+        client_service: client_service(rg),
+        pdb: pdb(rg),
+        config_map,
+    }
+}
+
+fn meta(rg: &RegionGroup, name: String) -> ObjectMeta {
+    let group = rg.name_any();
+    ObjectMeta {
+        name: Some(name),
+        namespace: rg.namespace(),
+        labels: Some(names::group_labels(&rg.spec.geo_cluster, &rg.spec.region, rg.spec.role, &group)),
+        owner_references: rg.controller_owner_ref(&()).map(|r| vec![r]),
+        ..ObjectMeta::default()
+    }
+}
+
+/// The host every member advertises, as a template that Kubernetes expands
+/// with the pod's own name.
+fn own_host(rg: &RegionGroup) -> String {
+    names::member_host(&rg.name_any(), "$(POD_NAME)", &rg.namespace().unwrap_or_default(), &rg.spec.cluster_domain)
+}
+
+/// The etcd arguments of every member of the group.
+pub fn container_args(rg: &RegionGroup) -> Vec<String> {
+    let host = own_host(rg);
+    let advertise_client = format!("http://{host}:{}", names::CLIENT_PORT);
+    let advertise_peer = format!("http://{host}:{}", names::PEER_PORT);
+    let listen_client = format!("http://0.0.0.0:{}", names::CLIENT_PORT);
+    let listen_peer = format!("http://0.0.0.0:{}", names::PEER_PORT);
+    let listen_metrics = format!("http://0.0.0.0:{}", names::METRICS_PORT);
+    let data_dir = format!("{DATA_DIR}/data");
+    member_args(&MemberConfig {
+        name: "$(POD_NAME)",
+        data_dir: &data_dir,
+        listen_client_urls: &listen_client,
+        listen_peer_urls: &listen_peer,
+        listen_metrics_urls: Some(&listen_metrics),
+        advertise_client_urls: &advertise_client,
+        advertise_peer_urls: &advertise_peer,
+        initial_cluster: &rg.spec.initial_cluster,
+        cluster_token: &rg.spec.cluster_token,
+        state: ClusterState::New,
+        heartbeat_interval_ms: rg.spec.etcd.heartbeat_interval_ms,
+        election_timeout_ms: rg.spec.etcd.election_timeout_ms,
+        unsafe_no_fsync: false,
+    })
+}
+
+fn stateful_set(rg: &RegionGroup, config_hash: &str) -> StatefulSet {
+    let group = rg.name_any();
+    let selector = names::selector_labels(&group);
+    let labels = names::group_labels(&rg.spec.geo_cluster, &rg.spec.region, rg.spec.role, &group);
+    let retention = match rg.spec.deletion_policy {
+        DeletionPolicy::Retain => "Retain",
+        DeletionPolicy::Delete => "Delete",
+    };
+    let probe = |path: &str, period: i32, failures: i32| Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.to_string()),
+            port: IntOrString::Int(names::METRICS_PORT),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(period),
+        failure_threshold: Some(failures),
+        timeout_seconds: Some(5),
+        ..Probe::default()
+    };
+    let container = Container {
+        name: "etcd".into(),
+        image: Some(rg.spec.etcd.image.clone()),
+        command: Some(vec!["etcd".into()]),
+        args: Some(container_args(rg)),
+        env: Some(vec![EnvVar {
+            name: "POD_NAME".into(),
+            value_from: Some(EnvVarSource {
+                field_ref: Some(ObjectFieldSelector {
+                    field_path: "metadata.name".into(),
+                    ..ObjectFieldSelector::default()
+                }),
+                ..EnvVarSource::default()
+            }),
+            ..EnvVar::default()
+        }]),
+        ports: Some(vec![
+            port("client", names::CLIENT_PORT),
+            port("peer", names::PEER_PORT),
+            port("metrics", names::METRICS_PORT),
+        ]),
+        // Ready means the member has joined a cluster with a leader: the
+        // client Service only sends traffic to members that can serve it.
+        readiness_probe: Some(probe("/readyz", 5, 3)),
+        liveness_probe: Some(probe("/livez", 10, 6)),
+        // A member that replays a long WAL must not be killed while starting.
+        startup_probe: Some(probe("/livez", 5, 60)),
+        resources: rg.spec.etcd.resources.clone(),
+        volume_mounts: Some(vec![VolumeMount {
+            name: "data".into(),
+            mount_path: DATA_DIR.into(),
+            ..VolumeMount::default()
+        }]),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            ..SecurityContext::default()
+        }),
+        ..Container::default()
+    };
+    let spread = |key: &str, when: &str| TopologySpreadConstraint {
+        max_skew: 1,
+        topology_key: key.into(),
+        when_unsatisfiable: when.into(),
+        label_selector: Some(LabelSelector {
+            match_labels: Some(selector.clone()),
+            ..LabelSelector::default()
+        }),
+        ..TopologySpreadConstraint::default()
+    };
+    StatefulSet {
+        metadata: meta(rg, group.clone()),
+        spec: StatefulSetSpec {
+            replicas: Some(rg.spec.replicas),
+            service_name: Some(names::peer_service(&group)),
+            // Members must all start to elect a leader; OrderedReady would wait
+            // for member 0 to be ready, which needs a quorum first.
+            pod_management_policy: Some("Parallel".into()),
+            update_strategy: Some(StatefulSetUpdateStrategy {
+                type_: Some("RollingUpdate".into()),
+                ..StatefulSetUpdateStrategy::default()
+            }),
+            selector: LabelSelector {
+                match_labels: Some(selector.clone()),
+                ..LabelSelector::default()
+            },
+            persistent_volume_claim_retention_policy: Some(StatefulSetPersistentVolumeClaimRetentionPolicy {
+                when_deleted: Some(retention.into()),
+                when_scaled: Some("Retain".into()),
+            }),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels.clone()),
+                    annotations: Some(BTreeMap::from([(
+                        names::ANNOTATION_CONFIG_HASH.to_string(),
+                        config_hash.to_string(),
+                    )])),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(PodSpec {
+                    containers: vec![container],
+                    node_selector: Some(rg.spec.node_selector.clone()),
+                    affinity: Some(zone_affinity(&rg.spec.zones)),
+                    topology_spread_constraints: Some(vec![
+                        // One member per zone, so losing a zone loses a minority.
+                        spread("topology.kubernetes.io/zone", "DoNotSchedule"),
+                        spread("kubernetes.io/hostname", "ScheduleAnyway"),
+                    ]),
+                    termination_grace_period_seconds: Some(30),
+                    ..PodSpec::default()
+                }),
+            },
+            volume_claim_templates: Some(vec![PersistentVolumeClaim {
+                metadata: ObjectMeta {
+                    name: Some("data".into()),
+                    labels: Some(labels),
+                    ..ObjectMeta::default()
+                },
+                spec: Some(PersistentVolumeClaimSpec {
+                    access_modes: Some(vec!["ReadWriteOnce".into()]),
+                    storage_class_name: rg.spec.etcd.storage.storage_class_name.clone(),
+                    resources: Some(VolumeResourceRequirements {
+                        requests: Some(BTreeMap::from([("storage".to_string(), rg.spec.etcd.storage.size.clone())])),
+                        ..VolumeResourceRequirements::default()
+                    }),
+                    ..PersistentVolumeClaimSpec::default()
+                }),
+                ..PersistentVolumeClaim::default()
+            }]),
+            ..StatefulSetSpec::default()
+        },
+        status: None,
+    }
+}
+
+fn zone_affinity(zones: &[String]) -> Affinity {
+    Affinity {
+        node_affinity: Some(NodeAffinity {
+            required_during_scheduling_ignored_during_execution: Some(NodeSelector {
+                node_selector_terms: vec![NodeSelectorTerm {
+                    match_expressions: Some(vec![NodeSelectorRequirement {
+                        key: "topology.kubernetes.io/zone".into(),
+                        operator: "In".into(),
+                        values: Some(zones.to_vec()),
+                    }]),
+                    ..NodeSelectorTerm::default()
+                }],
+            }),
+            ..NodeAffinity::default()
+        }),
+        ..Affinity::default()
+    }
+}
+
+fn port(name: &str, port: i32) -> ContainerPort {
+    ContainerPort {
+        name: Some(name.into()),
+        container_port: port,
+        protocol: Some("TCP".into()),
+        ..ContainerPort::default()
+    }
+}
+
+fn service_port(name: &str, port: i32) -> ServicePort {
+    ServicePort {
+        name: Some(name.into()),
+        port,
+        target_port: Some(IntOrString::String(name.into())),
+        protocol: Some("TCP".into()),
+        ..ServicePort::default()
+    }
+}
+
+fn peer_service(rg: &RegionGroup) -> Service {
+    let group = rg.name_any();
+    Service {
+        metadata: meta(rg, names::peer_service(&group)),
+        spec: Some(ServiceSpec {
+            cluster_ip: Some("None".into()),
+            // Members must resolve each other before any is ready: readiness
+            // needs a quorum, and a quorum needs the peers' DNS names.
+            publish_not_ready_addresses: Some(true),
+            selector: Some(names::selector_labels(&group)),
+            ports: Some(vec![
+                service_port("peer", names::PEER_PORT),
+                service_port("client", names::CLIENT_PORT),
+            ]),
+            ..ServiceSpec::default()
+        }),
+        status: None,
+    }
+}
+
+fn client_service(rg: &RegionGroup) -> Service {
+    let group = rg.name_any();
+    Service {
+        metadata: meta(rg, names::client_service(&group)),
+        spec: Some(ServiceSpec {
+            type_: Some("ClusterIP".into()),
+            selector: Some(names::selector_labels(&group)),
+            ports: Some(vec![service_port("client", names::CLIENT_PORT)]),
+            ..ServiceSpec::default()
+        }),
+        status: None,
+    }
+}
+
+fn pdb(rg: &RegionGroup) -> PodDisruptionBudget {
+    let group = rg.name_any();
+    PodDisruptionBudget {
+        metadata: meta(rg, group.clone()),
+        spec: Some(PodDisruptionBudgetSpec {
+            // A drain may take members down only while a majority stays up.
+            min_available: Some(IntOrString::Int(quorum(rg.spec.replicas))),
+            selector: Some(LabelSelector {
+                match_labels: Some(names::selector_labels(&group)),
+                ..LabelSelector::default()
+            }),
+            ..PodDisruptionBudgetSpec::default()
+        }),
+        status: None,
+    }
+}
+
+fn config_map(rg: &RegionGroup) -> ConfigMap {
+    let group = rg.name_any();
+    let namespace = rg.namespace().unwrap_or_default();
+    let client_endpoints = (0..rg.spec.replicas)
+        .map(|i| {
+            let member = names::member_name(&group, i);
+            format!(
+                "http://{}:{}",
+                names::member_host(&group, &member, &namespace, &rg.spec.cluster_domain),
+                names::CLIENT_PORT
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(",");
+    let initial_cluster = rg
+        .spec
+        .initial_cluster
+        .iter()
+        .map(|m| format!("{}={}", m.name, m.peer_url))
+        .collect::<Vec<_>>()
+        .join(",");
+    ConfigMap {
+        metadata: meta(rg, names::config_map(&group)),
+        data: Some(BTreeMap::from([
+            ("role".to_string(), names::role_label(rg.spec.role).to_string()),
+            ("region".to_string(), rg.spec.region.clone()),
+            ("initial-cluster".to_string(), initial_cluster),
+            ("initial-cluster-token".to_string(), rg.spec.cluster_token.clone()),
+            ("heartbeat-interval-ms".to_string(), rg.spec.etcd.heartbeat_interval_ms.to_string()),
+            ("election-timeout-ms".to_string(), rg.spec.etcd.election_timeout_ms.to_string()),
+            ("client-endpoints".to_string(), client_endpoints),
+            ("etcd-args".to_string(), container_args(rg).join("\n")),
+        ])),
+        ..ConfigMap::default()
+    }
+}
+
+/// A stable hash of the member configuration. Rust's default hasher is
+/// seeded per process, so this uses FNV-1a, which gives the same value in
+/// every operator replica and release.
+fn config_hash(cm: &ConfigMap) -> String {
+    struct Fnv(u64);
+    impl Hasher for Fnv {
+        fn finish(&self) -> u64 {
+            self.0
+        }
+        fn write(&mut self, bytes: &[u8]) {
+            for b in bytes {
+                self.0 ^= u64::from(*b);
+                self.0 = self.0.wrapping_mul(0x100_0000_01b3);
+            }
+        }
+    }
+    let mut h = Fnv(0xcbf2_9ce4_8422_2325);
+    cm.data.hash(&mut h);
+    format!("{:016x}", h.finish())
+}

@@ -1,0 +1,215 @@
+//! GeoCluster reconcile: validate → build RegionGroups → apply → prune →
+//! status. Deletion goes through a finalizer that removes the workloads in
+//! order and applies `deletionPolicy` to the volumes.
+
+use std::sync::Arc;
+
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{ListParams, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+use kube::runtime::finalizer::{self, Event as FinalizerEvent, finalizer};
+use kube::{Api, ResourceExt};
+use serde_json::json;
+use tern_crds::{DeletionPolicy, GeoCluster, GeoClusterStatus, GroupPhase, RegionGroup};
+
+use crate::apply::{Outcome, apply, delete_matching};
+use crate::context::{Context, key};
+use crate::error::KubeContext;
+use crate::{Error, Result, build, names, status, validate};
+
+pub const CONTROLLER: &str = "geocluster";
+
+pub async fn reconcile(gc: Arc<GeoCluster>, ctx: Arc<Context>) -> Result<Action> {
+    let _timer = ctx.metrics.reconcile(CONTROLLER);
+    let namespace = gc.namespace().unwrap_or_default();
+    let api: Api<GeoCluster> = Api::namespaced(ctx.client.clone(), &namespace);
+    let object_key = key(gc.as_ref());
+    let result = finalizer(&api, names::FINALIZER, gc, |event| async {
+        match event {
+            FinalizerEvent::Apply(gc) => reconcile_apply(&gc, &ctx).await,
+            FinalizerEvent::Cleanup(gc) => cleanup(&gc, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| match e {
+        finalizer::Error::ApplyFailed(e) | finalizer::Error::CleanupFailed(e) => e,
+        other => Error::Finalizer(other.to_string()),
+    });
+    if result.is_ok() {
+        ctx.succeeded(&object_key);
+    }
+    result
+}
+
+pub fn error_policy(gc: Arc<GeoCluster>, error: &Error, ctx: Arc<Context>) -> Action {
+    super::error_policy(CONTROLLER, gc.as_ref(), error, &ctx)
+}
+
+async fn reconcile_apply(gc: &GeoCluster, ctx: &Context) -> Result<Action> {
+    let name = gc.name_any();
+    let namespace = gc.namespace().unwrap_or_default();
+    let now = Time(Timestamp::now());
+
+    // 1. Validate what the schema cannot.
+    if let Err(reason) = validate::geocluster(gc, &ctx.managed) {
+        let mut st = gc.status.clone().unwrap_or_default();
+        st.observed_generation = gc.metadata.generation;
+        st.phase = Some("Degraded".into());
+        status::set_condition(&mut st.conditions, status::condition(status::READY, false, "InvalidSpec", reason.clone(), gc.metadata.generation, &now));
+        status::set_condition(&mut st.conditions, status::condition(status::PROGRESSING, false, "InvalidSpec", String::new(), gc.metadata.generation, &now));
+        status::set_condition(&mut st.conditions, status::condition(status::DEGRADED, true, "InvalidSpec", reason.clone(), gc.metadata.generation, &now));
+        if write_status(gc, ctx, st).await? {
+            ctx.event(gc, EventType::Warning, "InvalidSpec", "Validate", reason.clone()).await;
+        }
+        return Err(Error::InvalidSpec {
+            kind: "GeoCluster",
+            name: format!("{namespace}/{name}"),
+            reason,
+        });
+    }
+
+    // 2. Build and apply the desired groups.
+    let desired = build::geocluster::region_groups(gc, &ctx.managed);
+    for group in &desired {
+        let outcome = apply(&ctx.client, group).await?;
+        let verb = match outcome {
+            Outcome::Created => "GroupCreated",
+            Outcome::Updated => "GroupUpdated",
+            Outcome::Unchanged => continue,
+        };
+        let note = format!(
+            "{:?} RegionGroup {} for region {} ({} members)",
+            outcome,
+            group.name_any(),
+            group.spec.region,
+            group.spec.replicas
+        );
+        tracing::info!(geocluster = %name, group = %group.name_any(), ?outcome, "applied RegionGroup");
+        ctx.event(gc, EventType::Normal, verb, "Apply", note).await;
+    }
+
+    // 3. Prune groups of managed regions that are no longer wanted.
+    let groups_api: Api<RegionGroup> = Api::namespaced(ctx.client.clone(), &namespace);
+    let existing = groups_api
+        .list(&ListParams::default().labels(&names::cluster_selector(&name)))
+        .await
+        .context(|| format!("listing RegionGroups of {namespace}/{name}"))?;
+    let mut current = Vec::new();
+    for group in existing {
+        let wanted = desired.iter().any(|d| d.name_any() == group.name_any());
+        if wanted {
+            current.push(group);
+        } else if ctx.managed.contains(&group.spec.region) {
+            let selector = format!("{},{}={}", names::cluster_selector(&name), names::LABEL_INSTANCE, group.name_any());
+            delete_group_objects(ctx, &namespace, &selector, gc.spec.deletion_policy).await?;
+            let note = format!("deleted RegionGroup {}: region {} or its directory members left the spec", group.name_any(), group.spec.region);
+            ctx.event(gc, EventType::Normal, "GroupDeleted", "Prune", note).await;
+        }
+    }
+
+    // 4. Status from the groups.
+    let regions: Vec<String> = gc
+        .spec
+        .regions
+        .iter()
+        .filter(|r| ctx.managed.contains(&r.name))
+        .map(|r| r.name.clone())
+        .collect();
+    let region_statuses = status::region_statuses(&regions, &current);
+    let phase = status::worst(region_statuses.iter().map(|r| r.phase));
+    let ready = region_statuses.iter().filter(|r| r.phase == GroupPhase::Ready).count();
+    let detail = region_statuses
+        .iter()
+        .map(|r| format!("{}: {} ({}/{} members)", r.name, r.phase.as_str(), r.ready_members, r.members))
+        .collect::<Vec<_>>()
+        .join("; ");
+    let mut st = gc.status.clone().unwrap_or_default();
+    status::phase_conditions(&mut st.conditions, phase, detail, gc.metadata.generation, &now);
+    st.observed_generation = gc.metadata.generation;
+    st.phase = Some(
+        match phase {
+            GroupPhase::Ready => "Ready",
+            GroupPhase::Pending | GroupPhase::Provisioning => "Progressing",
+            GroupPhase::Degraded | GroupPhase::Unavailable => "Degraded",
+        }
+        .into(),
+    );
+    st.ready_regions = Some(format!("{ready}/{}", regions.len()));
+    st.regions = region_statuses;
+    let was_ready = gc.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Ready");
+    let is_ready = st.phase.as_deref() == Some("Ready");
+    if write_status(gc, ctx, st).await? && was_ready != is_ready {
+        let (type_, reason) = if is_ready { (EventType::Normal, "Ready") } else { (EventType::Warning, "NotReady") };
+        ctx.event(gc, type_, reason, "UpdateStatus", format!("regions ready: {ready}/{}", regions.len())).await;
+    }
+    Ok(Action::requeue(ctx.resync))
+}
+
+/// Writes `status` unless it is what the object already has. Returns whether
+/// it wrote.
+async fn write_status(gc: &GeoCluster, ctx: &Context, status: GeoClusterStatus) -> Result<bool> {
+    if gc.status.as_ref() == Some(&status) {
+        return Ok(false);
+    }
+    let namespace = gc.namespace().unwrap_or_default();
+    let api: Api<GeoCluster> = Api::namespaced(ctx.client.clone(), &namespace);
+    let patch = json!({"apiVersion": "tern.dev/v1alpha1", "kind": "GeoCluster", "status": status});
+    api.patch_status(&gc.name_any(), &PatchParams::apply(names::FIELD_MANAGER).force(), &Patch::Apply(&patch))
+        .await
+        .context(|| format!("writing status of GeoCluster {namespace}/{}", gc.name_any()))?;
+    Ok(true)
+}
+
+/// Deletion, in order: the groups (so nothing re-creates their objects), the
+/// members' StatefulSets, their Services, budgets and configuration, and the
+/// volumes only under `deletionPolicy: Delete`.
+async fn cleanup(gc: &GeoCluster, ctx: &Context) -> Result<Action> {
+    let name = gc.name_any();
+    let namespace = gc.namespace().unwrap_or_default();
+    let mut selector = names::cluster_selector(&name);
+    if let Some(regions) = ctx.managed.named() {
+        let list = regions.iter().cloned().collect::<Vec<_>>().join(",");
+        selector.push_str(&format!(",{} in ({list})", names::LABEL_REGION));
+    }
+    let groups = delete_matching::<RegionGroup>(&ctx.client, &namespace, &selector).await?;
+    let volumes = delete_group_objects(ctx, &namespace, &selector, gc.spec.deletion_policy).await?;
+    let note = match gc.spec.deletion_policy {
+        DeletionPolicy::Retain => format!(
+            "deleted {} RegionGroups and their workloads; kept {volumes} PersistentVolumeClaims (deletionPolicy Retain)",
+            groups.len()
+        ),
+        DeletionPolicy::Delete => format!(
+            "deleted {} RegionGroups, their workloads and {volumes} PersistentVolumeClaims (deletionPolicy Delete)",
+            groups.len()
+        ),
+    };
+    tracing::info!(geocluster = %name, %note, "cleaned up");
+    ctx.event(gc, EventType::Normal, "Deleted", "Cleanup", note).await;
+    Ok(Action::await_change())
+}
+
+/// Deletes the objects that run the groups matching `selector`. Returns the
+/// number of volumes deleted (Delete) or kept (Retain).
+async fn delete_group_objects(ctx: &Context, namespace: &str, selector: &str, policy: DeletionPolicy) -> Result<usize> {
+    let client = &ctx.client;
+    delete_matching::<StatefulSet>(client, namespace, selector).await?;
+    delete_matching::<PodDisruptionBudget>(client, namespace, selector).await?;
+    delete_matching::<Service>(client, namespace, selector).await?;
+    delete_matching::<ConfigMap>(client, namespace, selector).await?;
+    match policy {
+        DeletionPolicy::Delete => Ok(delete_matching::<PersistentVolumeClaim>(client, namespace, selector).await?.len()),
+        DeletionPolicy::Retain => {
+            let api: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), namespace);
+            let kept = api
+                .list(&ListParams::default().labels(selector))
+                .await
+                .context(|| format!("listing PersistentVolumeClaims in {namespace}"))?;
+            Ok(kept.items.len())
+        }
+    }
+}
