@@ -124,3 +124,48 @@ pub fn directory_members(gc: &GeoCluster) -> Vec<ClusterMember> {
         .flatten()
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::build::testing::example;
+
+    #[test]
+    fn one_data_group_and_one_directory_share_per_region() {
+        let groups = region_groups(&example(), &RegionFilter::all());
+        let names: Vec<String> = groups.iter().map(|g| g.metadata.name.clone().unwrap_or_default()).collect();
+        assert_eq!(
+            names,
+            ["payments-us-east", "payments-dir-us-east", "payments-eu-west", "payments-dir-eu-west", "payments-ap-south", "payments-dir-ap-south"]
+        );
+        for g in &groups {
+            let owner = &g.metadata.owner_references.as_ref().expect("owned")[0];
+            assert_eq!((owner.kind.as_str(), owner.name.as_str(), owner.controller), ("GeoCluster", "payments", Some(true)));
+        }
+    }
+
+    #[test]
+    fn region_filter_limits_the_groups() {
+        let groups = region_groups(&example(), &RegionFilter::only(["eu-west"]));
+        assert_eq!(groups.len(), 2);
+        assert!(groups.iter().all(|g| g.spec.region == "eu-west"));
+    }
+
+    #[test]
+    fn directory_spans_regions_with_their_cluster_domains_and_one_token() {
+        let mut gc = example();
+        gc.spec.regions[1].cluster_domain = Some("eu.example".into());
+        let groups = region_groups(&gc, &RegionFilter::all());
+        let dirs: Vec<_> = groups.iter().filter(|g| g.spec.role == GroupRole::Directory).collect();
+        assert_eq!(dirs.len(), 3);
+        let peers = &dirs[0].spec.initial_cluster;
+        assert_eq!(peers.len(), 3);
+        assert_eq!(peers[1].peer_url, "http://payments-dir-eu-west-0.payments-dir-eu-west-peer.default.svc.eu.example:2380");
+        assert!(dirs.iter().all(|d| d.spec.initial_cluster == *peers && d.spec.cluster_token == dirs[0].spec.cluster_token));
+        assert_eq!(dirs[0].spec.etcd.heartbeat_interval_ms, gc.spec.directory.heartbeat_interval_ms);
+        let data: Vec<_> = groups.iter().filter(|g| g.spec.role == GroupRole::Data).collect();
+        assert_ne!(data[0].spec.cluster_token, data[1].spec.cluster_token);
+        assert_eq!(data[0].spec.initial_cluster.len(), 3);
+        assert_eq!(data[0].spec.node_selector["topology.kubernetes.io/region"], "us-east");
+    }
+}

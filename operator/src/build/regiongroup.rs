@@ -376,3 +376,81 @@ fn config_hash(cm: &ConfigMap) -> String {
     cm.data.hash(&mut h);
     format!("{:016x}", h.finish())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::build::geocluster::region_groups;
+    use crate::build::testing::example;
+    use crate::regions::RegionFilter;
+
+    fn first_group() -> RegionGroup {
+        let mut rg = region_groups(&example(), &RegionFilter::all()).remove(0);
+        rg.metadata.uid = Some("rg-uid".into());
+        rg
+    }
+
+    #[test]
+    fn quorum_is_a_majority() {
+        assert_eq!([1, 3, 5, 7].map(quorum), [1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn statefulset_runs_the_members() {
+        let rg = first_group();
+        let o = group_objects(&rg);
+        let spec = &o.stateful_set.spec;
+        assert_eq!(spec.replicas, Some(3));
+        assert_eq!(spec.pod_management_policy.as_deref(), Some("Parallel"));
+        assert_eq!(spec.service_name.as_deref(), Some("payments-us-east-peer"));
+        let retention = spec.persistent_volume_claim_retention_policy.as_ref().expect("policy");
+        assert_eq!(retention.when_deleted.as_deref(), Some("Retain"));
+        let pod = spec.template.spec.as_ref().expect("pod");
+        let zones = pod.affinity.as_ref().and_then(|a| a.node_affinity.as_ref()).expect("zone affinity");
+        let term = &zones.required_during_scheduling_ignored_during_execution.as_ref().expect("required").node_selector_terms[0];
+        assert_eq!(term.match_expressions.as_ref().expect("expr")[0].values.as_ref().expect("zones").len(), 3);
+        let args = pod.containers[0].args.as_ref().expect("args");
+        assert!(args.contains(&"--name=$(POD_NAME)".to_string()));
+        assert!(args.contains(&"--advertise-client-urls=http://$(POD_NAME).payments-us-east-peer.default.svc.cluster.local:2379".to_string()));
+        let owner = &o.stateful_set.metadata.owner_references.as_ref().expect("owned")[0];
+        assert_eq!((owner.kind.as_str(), owner.uid.as_str()), ("RegionGroup", "rg-uid"));
+    }
+
+    #[test]
+    fn budget_keeps_quorum_and_services_expose_members() {
+        let mut rg = first_group();
+        rg.spec.replicas = 5;
+        let o = group_objects(&rg);
+        assert_eq!(o.pdb.spec.as_ref().and_then(|s| s.min_available.clone()), Some(IntOrString::Int(3)));
+        let peer = o.peer_service.spec.as_ref().expect("spec");
+        assert_eq!(peer.cluster_ip.as_deref(), Some("None"));
+        assert_eq!(peer.publish_not_ready_addresses, Some(true));
+        let client = o.client_service.spec.as_ref().expect("spec");
+        assert_eq!(client.ports.as_ref().expect("ports")[0].port, 2379);
+        let data = o.config_map.data.as_ref().expect("data");
+        assert_eq!(data["client-endpoints"].split(',').count(), 5);
+    }
+
+    #[test]
+    fn a_config_change_rolls_the_members() {
+        let rg = first_group();
+        let hash = |rg: &RegionGroup| {
+            group_objects(rg).stateful_set.spec.template.metadata.as_ref().expect("meta").annotations.as_ref().expect("annotations")
+                [names::ANNOTATION_CONFIG_HASH]
+                .clone()
+        };
+        let mut changed = rg.clone();
+        changed.spec.etcd.heartbeat_interval_ms = 150;
+        assert_eq!(hash(&rg), hash(&rg.clone()), "the hash is stable");
+        assert_ne!(hash(&rg), hash(&changed));
+    }
+
+    #[test]
+    fn delete_policy_reaches_the_statefulset() {
+        let mut rg = first_group();
+        rg.spec.deletion_policy = DeletionPolicy::Delete;
+        let o = group_objects(&rg);
+        let retention = o.stateful_set.spec.persistent_volume_claim_retention_policy.expect("policy");
+        assert_eq!(retention.when_deleted.as_deref(), Some("Delete"));
+    }
+}
