@@ -61,7 +61,8 @@ build_module() {
   fi
   echo "build-tools: building $module (pinned in $dir/go.mod) into $out"
   local start=$SECONDS
-  local ldflags="-s -w $(version_ldflags "$module" "$dir")"
+  local ldflags
+  ldflags="-s -w $(version_ldflags "$module" "$dir")"
   for pair in $(binaries_of "$module"); do
     # -trimpath and stripped symbols: smaller binaries, faster links, and the
     # same output wherever the checkout lives.

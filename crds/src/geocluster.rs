@@ -79,11 +79,20 @@ pub struct GeoClusterSpec {
 pub struct RegionSpec {
     /// Region name: a DNS label of at most 20 characters (`us-east`). It names
     /// the region's group, its objects and its etcd members.
-    #[schemars(length(min = 1, max = 20), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 20),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
     pub name: String,
     /// Availability zones of the region (values of the nodes'
     /// `topology.kubernetes.io/zone` label). Members are spread evenly over them.
-    #[schemars(length(min = 1, max = 8), inner(length(min = 1, max = 63), regex(pattern = r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")))]
+    #[schemars(
+        length(min = 1, max = 8),
+        inner(
+            length(min = 1, max = 63),
+            regex(pattern = r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
+        )
+    )]
     #[x_kube(merge_strategy = ListMerge::Set)]
     pub zones: Vec<String>,
     /// Members of the region's Raft group: odd, 1 to 7, so that a majority
@@ -100,7 +109,10 @@ pub struct RegionSpec {
     /// (`cluster.local` when unset). Peer URLs of directory members are built
     /// with it, so that pods of other clusters can reach this region's members.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"))]
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+    )]
     pub cluster_domain: Option<String>,
 }
 
@@ -147,7 +159,10 @@ fn default_directory_election_ms() -> i32 {
 #[serde(rename_all = "camelCase")]
 pub struct DirectoryMembers {
     /// A region of `spec.regions`.
-    #[schemars(length(min = 1, max = 20), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 20),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
     pub region: String,
     /// Directory members in that region.
     #[serde(default = "default_directory_replicas")]
@@ -173,11 +188,17 @@ pub struct FollowTheSunSpec {
     pub threshold: i32,
     /// Sliding window over which writes are counted, as a duration (`24h`).
     #[serde(default = "default_window")]
-    #[schemars(length(min = 2, max = 32), regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"))]
+    #[schemars(
+        length(min = 2, max = 32),
+        regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$")
+    )]
     pub window: String,
     /// Minimum time between two moves of the same account, as a duration.
     #[serde(default = "default_cooldown")]
-    #[schemars(length(min = 2, max = 32), regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"))]
+    #[schemars(
+        length(min = 2, max = 32),
+        regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$")
+    )]
     pub cooldown: String,
     /// Only report the moves that would be made, as events and metrics.
     #[serde(default)]
@@ -231,7 +252,10 @@ pub struct FailoverSpec {
     /// Data-loss budget: automatic failover is refused while the last measured
     /// mirror lag of the lost region at its successor exceeds this duration.
     #[serde(default = "default_max_data_loss_lag")]
-    #[schemars(length(min = 2, max = 32), regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"))]
+    #[schemars(
+        length(min = 2, max = 32),
+        regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$")
+    )]
     pub max_data_loss_lag: String,
 }
 
@@ -250,7 +274,9 @@ fn default_max_data_loss_lag() -> String {
 }
 
 /// Whether failover happens without a person.
-#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq,
+)]
 pub enum FailoverMode {
     /// The successor takes over when the lost region's lease expires.
     Automatic,
@@ -269,7 +295,10 @@ pub enum FailoverMode {
 )]
 pub struct SuccessorOrder {
     /// The region that may be lost.
-    #[schemars(length(min = 1, max = 20), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 20),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
     pub region: String,
     /// Regions that take its accounts over, in order of preference.
     #[schemars(length(min = 1, max = 15), inner(length(min = 1, max = 20)))]
@@ -278,7 +307,9 @@ pub struct SuccessorOrder {
 }
 
 /// What deleting a GeoCluster does to the volumes.
-#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq,
+)]
 pub enum DeletionPolicy {
     /// Keep every PersistentVolumeClaim.
     #[default]

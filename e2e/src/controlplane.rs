@@ -67,9 +67,18 @@ impl ControlPlane {
         let mut cmd = Command::new(apiserver_bin);
         cmd.arg(format!("--etcd-servers={}", etcd.client_url))
             .arg(format!("--cert-dir={}", cert_dir.display()))
-            .arg(format!("--tls-cert-file={}", cert_dir.join("apiserver.crt").display()))
-            .arg(format!("--tls-private-key-file={}", cert_dir.join("apiserver.key").display()))
-            .arg(format!("--client-ca-file={}", cert_dir.join("client-ca.crt").display()))
+            .arg(format!(
+                "--tls-cert-file={}",
+                cert_dir.join("apiserver.crt").display()
+            ))
+            .arg(format!(
+                "--tls-private-key-file={}",
+                cert_dir.join("apiserver.key").display()
+            ))
+            .arg(format!(
+                "--client-ca-file={}",
+                cert_dir.join("client-ca.crt").display()
+            ))
             .arg(format!("--secure-port={port}"))
             .arg("--bind-address=127.0.0.1")
             .arg("--advertise-address=127.0.0.1")
@@ -79,7 +88,10 @@ impl ControlPlane {
             .arg("--authorization-mode=RBAC")
             .arg(format!("--service-account-issuer={url}/"))
             .arg(format!("--service-account-key-file={}", sa_pub.display()))
-            .arg(format!("--service-account-signing-key-file={}", sa_key.display()))
+            .arg(format!(
+                "--service-account-signing-key-file={}",
+                sa_key.display()
+            ))
             // Nothing runs behind the `kubernetes` Service here.
             .arg("--endpoint-reconciler-type=none")
             .arg("-v=1");
@@ -116,10 +128,16 @@ impl ControlPlane {
         loop {
             self.apiserver.check_running()?;
             let ready = match client
-                .request_text(http::Request::get("/readyz").body(Vec::new()).expect("static request"))
+                .request_text(
+                    http::Request::get("/readyz")
+                        .body(Vec::new())
+                        .expect("static request"),
+                )
                 .await
             {
-                Ok(body) if body.trim() == "ok" => matches!(namespaces.get_opt("default").await, Ok(Some(_))),
+                Ok(body) if body.trim() == "ok" => {
+                    matches!(namespaces.get_opt("default").await, Ok(Some(_)))
+                }
                 _ => false,
             };
             if ready {
@@ -159,7 +177,10 @@ impl ControlPlane {
         let pair = self.client_ca.client_cert(user, groups)?;
         let file = user.replace([':', '/'], "_");
         let path = self.dir.path().join(format!("{file}.kubeconfig"));
-        write(&path, &kubeconfig_yaml(&self.name, &self.url, &self.serving_ca_pem, user, &pair))?;
+        write(
+            &path,
+            &kubeconfig_yaml(&self.name, &self.url, &self.serving_ca_pem, user, &pair),
+        )?;
         Ok(path)
     }
 
@@ -223,7 +244,8 @@ pub async fn client_from_kubeconfig(path: &Path) -> Result<Client> {
         path: path.display().to_string(),
         source,
     })?;
-    let kubeconfig = Kubeconfig::from_yaml(&text).map_err(|e| HarnessError::Kubeconfig(e.to_string()))?;
+    let kubeconfig =
+        Kubeconfig::from_yaml(&text).map_err(|e| HarnessError::Kubeconfig(e.to_string()))?;
     let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
         .await
         .map_err(|e| HarnessError::Kubeconfig(e.to_string()))?;

@@ -22,7 +22,9 @@ const WAIT: Duration = Duration::from_secs(30);
 
 async fn setup(name: &str) -> (ControlPlane, Client) {
     tern_e2e::init_logs();
-    let cp = ControlPlane::start(name).await.expect("control plane starts");
+    let cp = ControlPlane::start(name)
+        .await
+        .expect("control plane starts");
     cp.install_crds().expect("CRDs install");
     let client = cp.client().await.expect("admin client");
     (cp, client)
@@ -32,20 +34,31 @@ async fn setup(name: &str) -> (ControlPlane, Client) {
 /// StatefulSet is created, current and ready.
 async fn mark_statefulsets_ready(client: &Client) {
     let api: Api<StatefulSet> = Api::namespaced(client.clone(), NS);
-    for sts in api.list(&ListParams::default()).await.expect("list statefulsets") {
+    for sts in api
+        .list(&ListParams::default())
+        .await
+        .expect("list statefulsets")
+    {
         let n = sts.spec.replicas.unwrap_or(1);
         let status = json!({"status": {
             "replicas": n, "readyReplicas": n, "updatedReplicas": n, "currentReplicas": n,
             "availableReplicas": n, "observedGeneration": sts.metadata.generation,
         }});
-        api.patch_status(&sts.name_any(), &PatchParams::default(), &Patch::Merge(&status))
-            .await
-            .expect("patch statefulset status");
+        api.patch_status(
+            &sts.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&status),
+        )
+        .await
+        .expect("patch statefulset status");
     }
 }
 
 async fn geocluster_phase(client: &Client, name: &str) -> Option<String> {
-    let gc = Api::<GeoCluster>::namespaced(client.clone(), NS).get_opt(name).await.ok()??;
+    let gc = Api::<GeoCluster>::namespaced(client.clone(), NS)
+        .get_opt(name)
+        .await
+        .ok()??;
     gc.status?.phase
 }
 
@@ -63,8 +76,15 @@ async fn versions(client: &Client) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
     macro_rules! collect {
         ($t:ty) => {
-            for o in Api::<$t>::namespaced(client.clone(), NS).list(&ListParams::default()).await.expect("list") {
-                out.insert(format!("{}/{}", stringify!($t), o.name_any()), o.resource_version().unwrap_or_default());
+            for o in Api::<$t>::namespaced(client.clone(), NS)
+                .list(&ListParams::default())
+                .await
+                .expect("list")
+            {
+                out.insert(
+                    format!("{}/{}", stringify!($t), o.name_any()),
+                    o.resource_version().unwrap_or_default(),
+                );
             }
         };
     }
@@ -80,8 +100,11 @@ async fn versions(client: &Client) -> BTreeMap<String, String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn geocluster_lifecycle() {
     let (cp, client) = setup("lifecycle").await;
-    let operator = OperatorGuard::start(&cp, &[]).await.expect("operator starts");
-    cp.kubectl(&["apply", "-f", "examples/geocluster.yaml"]).expect("apply example");
+    let operator = OperatorGuard::start(&cp, &[])
+        .await
+        .expect("operator starts");
+    cp.kubectl(&["apply", "-f", "examples/geocluster.yaml"])
+        .expect("apply example");
 
     // Provisioning: one data group and one directory share per region.
     let groups: Api<RegionGroup> = Api::namespaced(client.clone(), NS);
@@ -95,41 +118,93 @@ async fn geocluster_lifecycle() {
         (sts_api.list(&ListParams::default()).await.ok()?.items.len() == 6).then_some(())
     })
     .await;
-    let gc = Api::<GeoCluster>::namespaced(client.clone(), NS).get("payments").await.expect("geocluster");
+    let gc = Api::<GeoCluster>::namespaced(client.clone(), NS)
+        .get("payments")
+        .await
+        .expect("geocluster");
     for region in ["us-east", "eu-west", "ap-south"] {
-        let rg = groups.get(&format!("payments-{region}")).await.expect("data group");
+        let rg = groups
+            .get(&format!("payments-{region}"))
+            .await
+            .expect("data group");
         let owner = &rg.owner_references()[0];
-        assert_eq!((owner.kind.as_str(), owner.uid.as_str(), owner.controller), ("GeoCluster", gc.uid().expect("uid").as_str(), Some(true)));
+        assert_eq!(
+            (owner.kind.as_str(), owner.uid.as_str(), owner.controller),
+            ("GeoCluster", gc.uid().expect("uid").as_str(), Some(true))
+        );
         assert_eq!(rg.spec.replicas, 3);
 
-        let sts = sts_api.get(&format!("payments-{region}")).await.expect("statefulset");
+        let sts = sts_api
+            .get(&format!("payments-{region}"))
+            .await
+            .expect("statefulset");
         assert_eq!(sts.owner_references()[0].uid, rg.uid().expect("uid"));
         assert_eq!(sts.spec.replicas, Some(3));
         assert_eq!(sts.spec.pod_management_policy.as_deref(), Some("Parallel"));
         let pod = sts.spec.template.spec.as_ref().expect("pod spec");
-        assert_eq!(pod.node_selector.as_ref().expect("node selector")["topology.kubernetes.io/region"], region);
+        assert_eq!(
+            pod.node_selector.as_ref().expect("node selector")["topology.kubernetes.io/region"],
+            region
+        );
         let spread = pod.topology_spread_constraints.as_ref().expect("spread");
-        assert!(spread.iter().any(|c| c.topology_key == "topology.kubernetes.io/zone" && c.when_unsatisfiable == "DoNotSchedule"));
+        assert!(
+            spread
+                .iter()
+                .any(|c| c.topology_key == "topology.kubernetes.io/zone"
+                    && c.when_unsatisfiable == "DoNotSchedule")
+        );
         let args = pod.containers[0].args.clone().unwrap_or_default().join(" ");
         assert!(args.contains(&format!("--initial-cluster=payments-{region}-0=http://payments-{region}-0.payments-{region}-peer.default.svc.cluster.local:2380")), "{args}");
-        assert!(args.contains("--heartbeat-interval=100") && args.contains("--election-timeout=1000"), "{args}");
+        assert!(
+            args.contains("--heartbeat-interval=100") && args.contains("--election-timeout=1000"),
+            "{args}"
+        );
 
-        let pdb = Api::<PodDisruptionBudget>::namespaced(client.clone(), NS).get(&format!("payments-{region}")).await.expect("pdb");
-        assert_eq!(pdb.spec.and_then(|s| s.min_available), Some(IntOrString::Int(2)));
-        let peer = Api::<Service>::namespaced(client.clone(), NS).get(&format!("payments-{region}-peer")).await.expect("peer service");
+        let pdb = Api::<PodDisruptionBudget>::namespaced(client.clone(), NS)
+            .get(&format!("payments-{region}"))
+            .await
+            .expect("pdb");
+        assert_eq!(
+            pdb.spec.and_then(|s| s.min_available),
+            Some(IntOrString::Int(2))
+        );
+        let peer = Api::<Service>::namespaced(client.clone(), NS)
+            .get(&format!("payments-{region}-peer"))
+            .await
+            .expect("peer service");
         let peer = peer.spec.expect("spec");
-        assert_eq!((peer.cluster_ip.as_deref(), peer.publish_not_ready_addresses), (Some("None"), Some(true)));
-        Api::<Service>::namespaced(client.clone(), NS).get(&format!("payments-{region}-client")).await.expect("client service");
-        Api::<ConfigMap>::namespaced(client.clone(), NS).get(&format!("payments-{region}-config")).await.expect("config map");
+        assert_eq!(
+            (peer.cluster_ip.as_deref(), peer.publish_not_ready_addresses),
+            (Some("None"), Some(true))
+        );
+        Api::<Service>::namespaced(client.clone(), NS)
+            .get(&format!("payments-{region}-client"))
+            .await
+            .expect("client service");
+        Api::<ConfigMap>::namespaced(client.clone(), NS)
+            .get(&format!("payments-{region}-config"))
+            .await
+            .expect("config map");
 
         // The directory share: its initial cluster spans all three regions,
         // with cross-region Raft timing.
-        let dir = Api::<ConfigMap>::namespaced(client.clone(), NS).get(&format!("payments-dir-{region}-config")).await.expect("directory config");
+        let dir = Api::<ConfigMap>::namespaced(client.clone(), NS)
+            .get(&format!("payments-dir-{region}-config"))
+            .await
+            .expect("directory config");
         let initial = &dir.data.as_ref().expect("data")["initial-cluster"];
         for other in ["us-east", "eu-west", "ap-south"] {
-            assert!(initial.contains(&format!("payments-dir-{other}-0=http://payments-dir-{other}-0.payments-dir-{other}-peer")), "{initial}");
+            assert!(
+                initial.contains(&format!(
+                    "payments-dir-{other}-0=http://payments-dir-{other}-0.payments-dir-{other}-peer"
+                )),
+                "{initial}"
+            );
         }
-        assert_eq!(dir.data.as_ref().expect("data")["heartbeat-interval-ms"], "250");
+        assert_eq!(
+            dir.data.as_ref().expect("data")["heartbeat-interval-ms"],
+            "250"
+        );
     }
 
     // kubectl get answers "is it healthy" at a glance.
@@ -139,11 +214,15 @@ async fn geocluster_lifecycle() {
         assert!(header.contains(column), "missing column {column}: {table}");
     }
     let table = cp.kubectl(&["get", "rg"]).expect("short name works");
-    assert!(table.contains("payments-dir-eu-west") && table.contains("Directory"), "{table}");
+    assert!(
+        table.contains("payments-dir-eu-west") && table.contains("Directory"),
+        "{table}"
+    );
 
     // Members become ready → the GeoCluster is Ready.
     eventually("GeoCluster progressing", WAIT, || async {
-        (geocluster_phase(&client, "payments").await.as_deref() == Some("Progressing")).then_some(())
+        (geocluster_phase(&client, "payments").await.as_deref() == Some("Progressing"))
+            .then_some(())
     })
     .await;
     mark_statefulsets_ready(&client).await;
@@ -151,35 +230,72 @@ async fn geocluster_lifecycle() {
         (geocluster_phase(&client, "payments").await.as_deref() == Some("Ready")).then_some(())
     })
     .await;
-    let gc = Api::<GeoCluster>::namespaced(client.clone(), NS).get("payments").await.expect("geocluster");
-    assert_eq!(condition(&gc, "Ready"), Some(("True".into(), "AllMembersReady".into())));
-    assert_eq!(condition(&gc, "Degraded").map(|c| c.0), Some("False".into()));
+    let gc = Api::<GeoCluster>::namespaced(client.clone(), NS)
+        .get("payments")
+        .await
+        .expect("geocluster");
+    assert_eq!(
+        condition(&gc, "Ready"),
+        Some(("True".into(), "AllMembersReady".into()))
+    );
+    assert_eq!(
+        condition(&gc, "Degraded").map(|c| c.0),
+        Some("False".into())
+    );
     let table = cp.kubectl(&["get", "geoclusters"]).expect("kubectl get");
-    assert!(table.contains("True") && table.contains("3/3") && table.contains("Ready"), "{table}");
+    assert!(
+        table.contains("True") && table.contains("3/3") && table.contains("Ready"),
+        "{table}"
+    );
 
     // A reconcile with nothing to change writes nothing: restart the operator
     // (it reconciles everything on start) and compare resource versions.
     let before = versions(&client).await;
     let result = operator.stop().await;
     assert!(matches!(result, Some(Ok(()))), "graceful stop: {result:?}");
-    let operator = OperatorGuard::start(&cp, &[]).await.expect("operator restarts");
+    let operator = OperatorGuard::start(&cp, &[])
+        .await
+        .expect("operator restarts");
     eventually("the new operator reconciled both kinds", WAIT, || async {
-        let gcs = operator.metric("tern_operator_reconciles_total{controller=\"geocluster\"}").await?;
-        let rgs = operator.metric("tern_operator_reconciles_total{controller=\"regiongroup\"}").await?;
+        let gcs = operator
+            .metric("tern_operator_reconciles_total{controller=\"geocluster\"}")
+            .await?;
+        let rgs = operator
+            .metric("tern_operator_reconciles_total{controller=\"regiongroup\"}")
+            .await?;
         (gcs >= 1.0 && rgs >= 6.0).then_some(())
     })
     .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    assert_eq!(before, versions(&client).await, "a no-op reconcile changed objects");
+    assert_eq!(
+        before,
+        versions(&client).await,
+        "a no-op reconcile changed objects"
+    );
 
     // Editing replicas rolls through: spec, budget, then status.
-    cp.kubectl(&["patch", "geocluster", "payments", "--type=json", "-p", r#"[{"op":"replace","path":"/spec/regions/0/replicas","value":5}]"#])
-        .expect("edit replicas");
-    eventually("StatefulSet scaled to 5 and budget raised to 3", WAIT, || async {
-        let sts = sts_api.get("payments-us-east").await.ok()?;
-        let pdb = Api::<PodDisruptionBudget>::namespaced(client.clone(), NS).get("payments-us-east").await.ok()?;
-        (sts.spec.replicas == Some(5) && pdb.spec?.min_available == Some(IntOrString::Int(3))).then_some(())
-    })
+    cp.kubectl(&[
+        "patch",
+        "geocluster",
+        "payments",
+        "--type=json",
+        "-p",
+        r#"[{"op":"replace","path":"/spec/regions/0/replicas","value":5}]"#,
+    ])
+    .expect("edit replicas");
+    eventually(
+        "StatefulSet scaled to 5 and budget raised to 3",
+        WAIT,
+        || async {
+            let sts = sts_api.get("payments-us-east").await.ok()?;
+            let pdb = Api::<PodDisruptionBudget>::namespaced(client.clone(), NS)
+                .get("payments-us-east")
+                .await
+                .ok()?;
+            (sts.spec.replicas == Some(5) && pdb.spec?.min_available == Some(IntOrString::Int(3)))
+                .then_some(())
+        },
+    )
     .await;
     eventually("GeoCluster no longer Ready while rolling", WAIT, || async {
         (geocluster_phase(&client, "payments").await.as_deref() != Some("Ready")).then_some(())
@@ -192,13 +308,32 @@ async fn geocluster_lifecycle() {
     .await;
 
     // Events say what happened.
-    let events = cp.kubectl(&["get", "events.events.k8s.io", "-n", NS, "-o", "custom-columns=REASON:.reason,NOTE:.note"]).expect("events");
-    assert!(events.contains("GroupCreated") && events.contains("MembersUpdated"), "{events}");
+    let events = cp
+        .kubectl(&[
+            "get",
+            "events.events.k8s.io",
+            "-n",
+            NS,
+            "-o",
+            "custom-columns=REASON:.reason,NOTE:.note",
+        ])
+        .expect("events");
+    assert!(
+        events.contains("GroupCreated") && events.contains("MembersUpdated"),
+        "{events}"
+    );
 
     // Deleting with deletionPolicy Retain removes the workloads, keeps volumes.
     let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), NS);
     let template = sts_api.get("payments-us-east").await.expect("sts");
-    let labels = template.spec.volume_claim_templates.as_ref().expect("templates")[0].metadata.labels.clone();
+    let labels = template
+        .spec
+        .volume_claim_templates
+        .as_ref()
+        .expect("templates")[0]
+        .metadata
+        .labels
+        .clone();
     for i in 0..3 {
         // As the StatefulSet controller would create them.
         let pvc: PersistentVolumeClaim = serde_json::from_value(json!({
@@ -206,26 +341,85 @@ async fn geocluster_lifecycle() {
             "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "10Gi"}}}
         }))
         .expect("pvc");
-        pvcs.create(&PostParams::default(), &pvc).await.expect("create pvc");
+        pvcs.create(&PostParams::default(), &pvc)
+            .await
+            .expect("create pvc");
     }
-    cp.kubectl(&["delete", "geocluster", "payments", "--wait=true", "--timeout=30s"]).expect("delete geocluster");
+    cp.kubectl(&[
+        "delete",
+        "geocluster",
+        "payments",
+        "--wait=true",
+        "--timeout=30s",
+    ])
+    .expect("delete geocluster");
     for (kind, n) in [
-        ("RegionGroup", groups.list(&ListParams::default()).await.expect("list").items.len()),
-        ("StatefulSet", sts_api.list(&ListParams::default()).await.expect("list").items.len()),
-        ("PodDisruptionBudget", Api::<PodDisruptionBudget>::namespaced(client.clone(), NS).list(&ListParams::default()).await.expect("list").items.len()),
-        ("ConfigMap(tern)", Api::<ConfigMap>::namespaced(client.clone(), NS).list(&ListParams::default().labels("app.kubernetes.io/managed-by=tern-operator")).await.expect("list").items.len()),
-        ("Service(tern)", Api::<Service>::namespaced(client.clone(), NS).list(&ListParams::default().labels("app.kubernetes.io/managed-by=tern-operator")).await.expect("list").items.len()),
+        (
+            "RegionGroup",
+            groups
+                .list(&ListParams::default())
+                .await
+                .expect("list")
+                .items
+                .len(),
+        ),
+        (
+            "StatefulSet",
+            sts_api
+                .list(&ListParams::default())
+                .await
+                .expect("list")
+                .items
+                .len(),
+        ),
+        (
+            "PodDisruptionBudget",
+            Api::<PodDisruptionBudget>::namespaced(client.clone(), NS)
+                .list(&ListParams::default())
+                .await
+                .expect("list")
+                .items
+                .len(),
+        ),
+        (
+            "ConfigMap(tern)",
+            Api::<ConfigMap>::namespaced(client.clone(), NS)
+                .list(&ListParams::default().labels("app.kubernetes.io/managed-by=tern-operator"))
+                .await
+                .expect("list")
+                .items
+                .len(),
+        ),
+        (
+            "Service(tern)",
+            Api::<Service>::namespaced(client.clone(), NS)
+                .list(&ListParams::default().labels("app.kubernetes.io/managed-by=tern-operator"))
+                .await
+                .expect("list")
+                .items
+                .len(),
+        ),
     ] {
         assert_eq!(n, 0, "{kind} left after deletion");
     }
-    assert_eq!(pvcs.list(&ListParams::default()).await.expect("list").items.len(), 3, "Retain keeps every volume");
+    assert_eq!(
+        pvcs.list(&ListParams::default())
+            .await
+            .expect("list")
+            .items
+            .len(),
+        3,
+        "Retain keeps every volume"
+    );
     drop(operator);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_geocluster_is_reported_not_retried() {
     let (cp, client) = setup("invalid").await;
-    let operator = OperatorGuard::start(&cp, &[]).await.expect("operator starts");
+    let operator = OperatorGuard::start(&cp, &[])
+        .await
+        .expect("operator starts");
     // Valid for the schema, but the directory would have two members: no
     // majority survives the loss of one.
     let dir = tempfile::tempdir().expect("temp dir");
@@ -235,30 +429,79 @@ async fn invalid_geocluster_is_reported_not_retried() {
         "apiVersion: tern.dev/v1alpha1\nkind: GeoCluster\nmetadata:\n  name: even\n  namespace: default\nspec:\n  regions:\n  - {name: us-east, zones: [a]}\n  - {name: eu-west, zones: [a]}\n  directory:\n    members: [{region: us-east}, {region: eu-west}]\n",
     )
     .expect("write");
-    cp.kubectl(&["apply", "-f", path.to_str().expect("utf-8")]).expect("schema accepts it");
+    cp.kubectl(&["apply", "-f", path.to_str().expect("utf-8")])
+        .expect("schema accepts it");
     let api: Api<GeoCluster> = Api::namespaced(client.clone(), NS);
     let gc = eventually("status says InvalidSpec", WAIT, || async {
         let gc = api.get("even").await.ok()?;
         (condition(&gc, "Degraded") == Some(("True".into(), "InvalidSpec".into()))).then_some(gc)
     })
     .await;
-    let message = gc.status.expect("status").conditions.iter().find(|c| c.type_ == "Degraded").expect("condition").message.clone();
-    assert!(message.contains("spec.directory.members") && message.contains("odd"), "{message}");
-    let events = cp.kubectl(&["get", "events.events.k8s.io", "-n", NS, "-o", "custom-columns=TYPE:.type,REASON:.reason"]).expect("events");
-    assert!(events.contains("Warning") && events.contains("InvalidSpec"), "{events}");
-    assert!(Api::<RegionGroup>::namespaced(client.clone(), NS).list(&ListParams::default()).await.expect("list").items.is_empty());
+    let message = gc
+        .status
+        .expect("status")
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Degraded")
+        .expect("condition")
+        .message
+        .clone();
+    assert!(
+        message.contains("spec.directory.members") && message.contains("odd"),
+        "{message}"
+    );
+    let events = cp
+        .kubectl(&[
+            "get",
+            "events.events.k8s.io",
+            "-n",
+            NS,
+            "-o",
+            "custom-columns=TYPE:.type,REASON:.reason",
+        ])
+        .expect("events");
+    assert!(
+        events.contains("Warning") && events.contains("InvalidSpec"),
+        "{events}"
+    );
+    assert!(
+        Api::<RegionGroup>::namespaced(client.clone(), NS)
+            .list(&ListParams::default())
+            .await
+            .expect("list")
+            .items
+            .is_empty()
+    );
 
     // It waits for a change instead of spinning.
     let metric = "tern_operator_reconcile_errors_total{controller=\"geocluster\",kind=\"invalid_spec\",class=\"permanent\"}";
     let errors = eventually("the error is counted", WAIT, || operator.metric(metric)).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(operator.metric(metric).await, Some(errors), "the operator retried an invalid object");
+    assert_eq!(
+        operator.metric(metric).await,
+        Some(errors),
+        "the operator retried an invalid object"
+    );
 
     // Fixing it lets the operator proceed.
-    cp.kubectl(&["patch", "geocluster", "even", "--type=json", "-p", r#"[{"op":"replace","path":"/spec/directory/members/1/replicas","value":2}]"#])
-        .expect("fix");
+    cp.kubectl(&[
+        "patch",
+        "geocluster",
+        "even",
+        "--type=json",
+        "-p",
+        r#"[{"op":"replace","path":"/spec/directory/members/1/replicas","value":2}]"#,
+    ])
+    .expect("fix");
     eventually("groups created after the fix", WAIT, || async {
-        (Api::<RegionGroup>::namespaced(client.clone(), NS).list(&ListParams::default()).await.ok()?.items.len() == 4).then_some(())
+        (Api::<RegionGroup>::namespaced(client.clone(), NS)
+            .list(&ListParams::default())
+            .await
+            .ok()?
+            .items
+            .len()
+            == 4)
+            .then_some(())
     })
     .await;
 }
@@ -266,27 +509,62 @@ async fn invalid_geocluster_is_reported_not_retried() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_one_replica_leads() {
     let (cp, client) = setup("leader").await;
-    let a = OperatorGuard::start(&cp, &["--identity=replica-a"]).await.expect("a starts");
-    eventually("a leads", WAIT, || async { (a.metric("tern_operator_is_leader").await? == 1.0).then_some(()) }).await;
-    let b = OperatorGuard::start(&cp, &["--identity=replica-b"]).await.expect("b starts");
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(b.metric("tern_operator_is_leader").await, Some(0.0), "a standby must not lead while the leader renews");
-
-    // The standby is ready (it can take over), and does not reconcile.
-    cp.kubectl(&["apply", "-f", "examples/geocluster.yaml"]).expect("apply");
-    eventually("the leader provisions", WAIT, || async {
-        (Api::<RegionGroup>::namespaced(client.clone(), NS).list(&ListParams::default()).await.ok()?.items.len() == 6).then_some(())
+    let a = OperatorGuard::start(&cp, &["--identity=replica-a"])
+        .await
+        .expect("a starts");
+    eventually("a leads", WAIT, || async {
+        (a.metric("tern_operator_is_leader").await? == 1.0).then_some(())
     })
     .await;
-    assert_eq!(b.metric("tern_operator_reconciles_total").await, None, "the standby reconciled");
+    let b = OperatorGuard::start(&cp, &["--identity=replica-b"])
+        .await
+        .expect("b starts");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        b.metric("tern_operator_is_leader").await,
+        Some(0.0),
+        "a standby must not lead while the leader renews"
+    );
+
+    // The standby is ready (it can take over), and does not reconcile.
+    cp.kubectl(&["apply", "-f", "examples/geocluster.yaml"])
+        .expect("apply");
+    eventually("the leader provisions", WAIT, || async {
+        (Api::<RegionGroup>::namespaced(client.clone(), NS)
+            .list(&ListParams::default())
+            .await
+            .ok()?
+            .items
+            .len()
+            == 6)
+            .then_some(())
+    })
+    .await;
+    assert_eq!(
+        b.metric("tern_operator_reconciles_total").await,
+        None,
+        "the standby reconciled"
+    );
 
     // The leader crashes without releasing: b takes over once the lease expires.
     a.crash();
-    eventually("b leads after a's lease expires", Duration::from_secs(20), || async {
-        (b.metric("tern_operator_is_leader").await? == 1.0).then_some(())
-    })
+    eventually(
+        "b leads after a's lease expires",
+        Duration::from_secs(20),
+        || async { (b.metric("tern_operator_is_leader").await? == 1.0).then_some(()) },
+    )
     .await;
-    let lease = cp.kubectl(&["get", "lease", "tern-operator", "-n", "tern-system", "-o", "jsonpath={.spec.holderIdentity}"]).expect("lease");
+    let lease = cp
+        .kubectl(&[
+            "get",
+            "lease",
+            "tern-operator",
+            "-n",
+            "tern-system",
+            "-o",
+            "jsonpath={.spec.holderIdentity}",
+        ])
+        .expect("lease");
     assert_eq!(lease, "replica-b");
 }
 
@@ -297,8 +575,11 @@ async fn one_operator_per_cluster() {
     for region in regions {
         let (cp, client) = setup(region).await;
         let flag = format!("--regions={region}");
-        let operator = OperatorGuard::start(&cp, &[flag.as_str()]).await.expect("operator starts");
-        cp.kubectl(&["apply", "-f", "examples/multicluster.yaml"]).expect("apply the same GeoCluster everywhere");
+        let operator = OperatorGuard::start(&cp, &[flag.as_str()])
+            .await
+            .expect("operator starts");
+        cp.kubectl(&["apply", "-f", "examples/multicluster.yaml"])
+            .expect("apply the same GeoCluster everywhere");
         // The operator first: fields drop in order, and it should stop
         // before its API server does.
         clusters.push((region, operator, client, cp));
@@ -306,29 +587,57 @@ async fn one_operator_per_cluster() {
     for (region, _operator, client, _cp) in &clusters {
         let groups: Api<RegionGroup> = Api::namespaced(client.clone(), NS);
         let names = eventually("this region's groups", WAIT, || async {
-            let mut names: Vec<String> = groups.list(&ListParams::default()).await.ok()?.items.iter().map(|g| g.name_any()).collect();
+            let mut names: Vec<String> = groups
+                .list(&ListParams::default())
+                .await
+                .ok()?
+                .items
+                .iter()
+                .map(|g| g.name_any())
+                .collect();
             names.sort();
             (names.len() == 2).then_some(names)
         })
         .await;
-        let mut expected = vec![format!("payments-{region}"), format!("payments-dir-{region}")];
+        let mut expected = vec![
+            format!("payments-{region}"),
+            format!("payments-dir-{region}"),
+        ];
         expected.sort();
-        assert_eq!(names, expected, "cluster {region} holds only its region's groups");
+        assert_eq!(
+            names, expected,
+            "cluster {region} holds only its region's groups"
+        );
         let cm = eventually("directory config", WAIT, || async {
-            Api::<ConfigMap>::namespaced(client.clone(), NS).get_opt(&format!("payments-dir-{region}-config")).await.ok()?
+            Api::<ConfigMap>::namespaced(client.clone(), NS)
+                .get_opt(&format!("payments-dir-{region}-config"))
+                .await
+                .ok()?
         })
         .await;
         let initial = cm.data.expect("data")["initial-cluster"].clone();
         for other in regions {
-            let peer = format!("payments-dir-{other}-0=http://payments-dir-{other}-0.payments-dir-{other}-peer.default.svc.{other}.tern.example:2380");
-            assert!(initial.contains(&peer), "cluster {region}: {initial} lacks {peer}");
+            let peer = format!(
+                "payments-dir-{other}-0=http://payments-dir-{other}-0.payments-dir-{other}-peer.default.svc.{other}.tern.example:2380"
+            );
+            assert!(
+                initial.contains(&peer),
+                "cluster {region}: {initial} lacks {peer}"
+            );
         }
         let names = eventually("status of the managed region", WAIT, || async {
-            let gc = Api::<GeoCluster>::namespaced(client.clone(), NS).get("payments").await.ok()?;
+            let gc = Api::<GeoCluster>::namespaced(client.clone(), NS)
+                .get("payments")
+                .await
+                .ok()?;
             let names: Vec<String> = gc.status?.regions.iter().map(|r| r.name.clone()).collect();
             (!names.is_empty()).then_some(names)
         })
         .await;
-        assert_eq!(names, vec![region.to_string()], "status covers the managed region only");
+        assert_eq!(
+            names,
+            vec![region.to_string()],
+            "status covers the managed region only"
+        );
     }
 }

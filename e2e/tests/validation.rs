@@ -7,13 +7,20 @@ use tern_e2e::{ControlPlane, repo_root};
 
 #[tokio::test]
 async fn schema_refuses_invalid_examples_and_accepts_valid_ones() {
-    let cp = ControlPlane::start("validation").await.expect("control plane starts");
+    let cp = ControlPlane::start("validation")
+        .await
+        .expect("control plane starts");
     cp.install_crds().expect("CRDs install");
 
+    // Every manifest we ship passes a server-side dry run.
     for valid in ["examples/geocluster.yaml", "examples/multicluster.yaml"] {
         cp.kubectl(&["apply", "--dry-run=server", "-f", valid])
             .unwrap_or_else(|e| panic!("{valid} must be accepted: {e}"));
     }
+    // rbac.yaml creates the namespace its other objects live in, so it is
+    // applied for real; the Deployment then goes into that namespace.
+    cp.kubectl(&["apply", "-f", "operator/deploy/rbac.yaml"]).expect("rbac applies");
+    cp.kubectl(&["apply", "--dry-run=server", "-f", "operator/deploy/deployment.yaml"]).expect("deployment is accepted");
 
     let dir = repo_root().join("examples/invalid");
     let mut files: Vec<_> = std::fs::read_dir(&dir)
@@ -22,7 +29,11 @@ async fn schema_refuses_invalid_examples_and_accepts_valid_ones() {
         .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
         .collect();
     files.sort();
-    assert!(files.len() >= 12, "examples/invalid/ needs at least twelve files, has {}", files.len());
+    assert!(
+        files.len() >= 12,
+        "examples/invalid/ needs at least twelve files, has {}",
+        files.len()
+    );
 
     let mut failures = Vec::new();
     for file in &files {
@@ -39,7 +50,10 @@ async fn schema_refuses_invalid_examples_and_accepts_valid_ones() {
             Err(e) => {
                 let message = e.to_string();
                 if !message.contains(field) {
-                    failures.push(format!("{}: refused, but the message does not name `{field}`: {message}", file.display()));
+                    failures.push(format!(
+                        "{}: refused, but the message does not name `{field}`: {message}",
+                        file.display()
+                    ));
                 }
             }
         }
@@ -49,7 +63,9 @@ async fn schema_refuses_invalid_examples_and_accepts_valid_ones() {
 
 #[tokio::test]
 async fn migration_account_and_target_are_immutable() {
-    let cp = ControlPlane::start("immutable").await.expect("control plane starts");
+    let cp = ControlPlane::start("immutable")
+        .await
+        .expect("control plane starts");
     cp.install_crds().expect("CRDs install");
     let dir = tempfile::tempdir().expect("temp dir");
     let write = |name: &str, account: &str, target: &str| {
@@ -63,13 +79,20 @@ async fn migration_account_and_target_are_immutable() {
         .expect("write manifest");
         path.to_str().expect("utf-8").to_string()
     };
-    cp.kubectl(&["apply", "-f", &write("a.yaml", "acct-1", "eu-west")]).expect("valid migration is accepted");
+    cp.kubectl(&["apply", "-f", &write("a.yaml", "acct-1", "eu-west")])
+        .expect("valid migration is accepted");
     let err = cp
         .kubectl(&["apply", "-f", &write("b.yaml", "acct-2", "eu-west")])
         .expect_err("changing the account is refused");
-    assert!(err.to_string().contains("spec.account") && err.to_string().contains("immutable"), "{err}");
+    assert!(
+        err.to_string().contains("spec.account") && err.to_string().contains("immutable"),
+        "{err}"
+    );
     let err = cp
         .kubectl(&["apply", "-f", &write("c.yaml", "acct-1", "ap-south")])
         .expect_err("changing the target is refused");
-    assert!(err.to_string().contains("spec.targetRegion") && err.to_string().contains("immutable"), "{err}");
+    assert!(
+        err.to_string().contains("spec.targetRegion") && err.to_string().contains("immutable"),
+        "{err}"
+    );
 }

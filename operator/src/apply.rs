@@ -38,7 +38,11 @@ where
         .context(|| format!("reading {kind} {namespace}/{name}"))?
         .and_then(|o| o.resource_version());
     let after = api
-        .patch(&name, &PatchParams::apply(names::FIELD_MANAGER).force(), &Patch::Apply(obj))
+        .patch(
+            &name,
+            &PatchParams::apply(names::FIELD_MANAGER).force(),
+            &Patch::Apply(obj),
+        )
         .await
         .context(|| format!("applying {kind} {namespace}/{name}"))?;
     Ok(match before {
@@ -50,7 +54,11 @@ where
 
 /// Deletes every `K` in `namespace` that matches `selector`; returns their
 /// names.
-pub async fn delete_matching<K>(client: &Client, namespace: &str, selector: &str) -> Result<Vec<String>>
+pub async fn delete_matching<K>(
+    client: &Client,
+    namespace: &str,
+    selector: &str,
+) -> Result<Vec<String>>
 where
     K: Resource<Scope = NamespaceResourceScope> + DeserializeOwned + Clone + Debug,
     K::DynamicType: Default,

@@ -38,7 +38,11 @@ pub struct Config {
 
     /// Name of the leader-election Lease. Operators with different --regions
     /// in one cluster need different names.
-    #[arg(long, env = "TERN_OPERATOR_LEASE_NAME", default_value = "tern-operator")]
+    #[arg(
+        long,
+        env = "TERN_OPERATOR_LEASE_NAME",
+        default_value = "tern-operator"
+    )]
     pub leader_election_id: String,
 
     /// How long the lease stays valid without renewal, e.g. 15s. A standby
@@ -106,7 +110,8 @@ impl Config {
         if !self.identity.is_empty() {
             return self.identity.clone();
         }
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_else(|_| "tern-operator".into());
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .unwrap_or_else(|_| "tern-operator".into());
         format!("{}-{}", host.trim(), std::process::id())
     }
 }
@@ -116,7 +121,9 @@ fn regex_lite_dns_label(s: &str) -> bool {
     let bytes = s.as_bytes();
     !bytes.is_empty()
         && bytes.len() <= tern_crds::MAX_REGION_NAME
-        && bytes.iter().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
         && bytes[0] != b'-'
         && bytes[bytes.len() - 1] != b'-'
 }
@@ -140,11 +147,20 @@ mod tests {
 
     #[test]
     fn bad_flags_name_the_flag() {
-        let err = parse(&["--regions=US_East"]).expect("clap accepts strings").validate().expect_err("bad region");
-        assert!(err.to_string().contains("--regions") && err.to_string().contains("US_East"), "{err}");
+        let err = parse(&["--regions=US_East"])
+            .expect("clap accepts strings")
+            .validate()
+            .expect_err("bad region");
+        assert!(
+            err.to_string().contains("--regions") && err.to_string().contains("US_East"),
+            "{err}"
+        );
         let err = parse(&["--lease-duration=soon"]).expect_err("bad duration");
         assert!(err.to_string().contains("--lease-duration"), "{err}");
-        let err = parse(&["--lease-duration=2s", "--lease-retry=3s"]).expect("parses").validate().expect_err("retry too long");
+        let err = parse(&["--lease-duration=2s", "--lease-retry=3s"])
+            .expect("parses")
+            .validate()
+            .expect_err("retry too long");
         assert!(err.to_string().contains("--lease-retry"), "{err}");
     }
 }

@@ -22,7 +22,13 @@ pub struct Context {
 }
 
 impl Context {
-    pub fn new(client: Client, identity: &str, metrics: Arc<Metrics>, managed: RegionFilter, resync: Duration) -> Self {
+    pub fn new(
+        client: Client,
+        identity: &str,
+        metrics: Arc<Metrics>,
+        managed: RegionFilter,
+        resync: Duration,
+    ) -> Self {
         let reporter = Reporter {
             controller: "tern-operator".into(),
             instance: Some(identity.to_string()),
@@ -70,7 +76,10 @@ impl Context {
 
     /// Forgets the failures of `key` after a successful reconcile.
     pub fn succeeded(&self, key: &str) {
-        self.failures.lock().unwrap_or_else(|e| e.into_inner()).remove(key);
+        self.failures
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(key);
     }
 }
 

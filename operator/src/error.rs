@@ -8,7 +8,11 @@ pub enum Error {
     /// The object is valid for the schema but not for the operator; nothing
     /// will change until somebody edits it.
     #[error("invalid {kind} {name}: {reason}")]
-    InvalidSpec { kind: &'static str, name: String, reason: String },
+    InvalidSpec {
+        kind: &'static str,
+        name: String,
+        reason: String,
+    },
     /// A call to the API server failed.
     #[error("kubernetes API error while {action}: {source}")]
     Kube {
@@ -62,6 +66,9 @@ pub trait KubeContext<T> {
 
 impl<T> KubeContext<T> for Result<T, kube::Error> {
     fn context(self, action: impl FnOnce() -> String) -> Result<T> {
-        self.map_err(|source| Error::Kube { action: action(), source })
+        self.map_err(|source| Error::Kube {
+            action: action(),
+            source,
+        })
     }
 }

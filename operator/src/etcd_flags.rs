@@ -92,8 +92,14 @@ mod tests {
     #[test]
     fn args_list_every_peer_and_the_tuning() {
         let peers = vec![
-            ClusterMember { name: "a".into(), peer_url: "http://a:2380".into() },
-            ClusterMember { name: "b".into(), peer_url: "http://b:2380".into() },
+            ClusterMember {
+                name: "a".into(),
+                peer_url: "http://a:2380".into(),
+            },
+            ClusterMember {
+                name: "b".into(),
+                peer_url: "http://b:2380".into(),
+            },
         ];
         let args = member_args(&MemberConfig {
             name: "a",

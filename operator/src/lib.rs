@@ -162,17 +162,44 @@ where
 async fn controllers(client: Client, namespace: &str, ctx: Arc<Context>) {
     // Only objects this operator made are watched, so the caches stay small in
     // a busy cluster.
-    let ours = watcher::Config::default().labels(&format!("{}={}", names::LABEL_MANAGED_BY, names::MANAGER));
-    let geoclusters = Controller::new(scoped::<GeoCluster>(client.clone(), namespace), watcher::Config::default())
-        .owns(scoped::<RegionGroup>(client.clone(), namespace), ours.clone())
-        .run(controller::geocluster::reconcile, controller::geocluster::error_policy, ctx.clone())
-        .for_each(|_| futures::future::ready(()));
-    let groups = Controller::new(scoped::<RegionGroup>(client.clone(), namespace), ours.clone())
-        .owns(scoped::<StatefulSet>(client.clone(), namespace), ours.clone())
-        .owns(scoped::<Service>(client.clone(), namespace), ours.clone())
-        .owns(scoped::<PodDisruptionBudget>(client.clone(), namespace), ours.clone())
-        .owns(scoped::<ConfigMap>(client, namespace), ours)
-        .run(controller::regiongroup::reconcile, controller::regiongroup::error_policy, ctx)
-        .for_each(|_| futures::future::ready(()));
+    let ours = watcher::Config::default().labels(&format!(
+        "{}={}",
+        names::LABEL_MANAGED_BY,
+        names::MANAGER
+    ));
+    let geoclusters = Controller::new(
+        scoped::<GeoCluster>(client.clone(), namespace),
+        watcher::Config::default(),
+    )
+    .owns(
+        scoped::<RegionGroup>(client.clone(), namespace),
+        ours.clone(),
+    )
+    .run(
+        controller::geocluster::reconcile,
+        controller::geocluster::error_policy,
+        ctx.clone(),
+    )
+    .for_each(|_| futures::future::ready(()));
+    let groups = Controller::new(
+        scoped::<RegionGroup>(client.clone(), namespace),
+        ours.clone(),
+    )
+    .owns(
+        scoped::<StatefulSet>(client.clone(), namespace),
+        ours.clone(),
+    )
+    .owns(scoped::<Service>(client.clone(), namespace), ours.clone())
+    .owns(
+        scoped::<PodDisruptionBudget>(client.clone(), namespace),
+        ours.clone(),
+    )
+    .owns(scoped::<ConfigMap>(client, namespace), ours)
+    .run(
+        controller::regiongroup::reconcile,
+        controller::regiongroup::error_policy,
+        ctx,
+    )
+    .for_each(|_| futures::future::ready(()));
     futures::join!(geoclusters, groups);
 }

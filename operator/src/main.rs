@@ -12,7 +12,10 @@ use tracing_subscriber::EnvFilter;
 async fn main() -> ExitCode {
     let config = Config::parse();
     let filter = EnvFilter::try_new(&config.log_filter).unwrap_or_else(|e| {
-        eprintln!("tern-operator: --log-filter `{}` is invalid ({e}); using `info`", config.log_filter);
+        eprintln!(
+            "tern-operator: --log-filter `{}` is invalid ({e}); using `info`",
+            config.log_filter
+        );
         EnvFilter::new("info")
     });
     let logs = tracing_subscriber::fmt().with_env_filter(filter);

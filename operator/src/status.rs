@@ -29,17 +29,23 @@ pub struct MemberCounts {
 
 impl MemberCounts {
     pub fn of(sts: Option<&StatefulSet>) -> Self {
-        let Some(sts) = sts else { return Self::default() };
+        let Some(sts) = sts else {
+            return Self::default();
+        };
         let desired = sts.spec.replicas.unwrap_or(1);
         let Some(status) = sts.status.as_ref() else {
-            return Self { desired, ..Self::default() };
+            return Self {
+                desired,
+                ..Self::default()
+            };
         };
         Self {
             desired,
             created: status.replicas,
             ready: status.ready_replicas.unwrap_or(0),
             updated: status.updated_replicas.unwrap_or(0),
-            observed: status.observed_generation.unwrap_or(0) >= sts.metadata.generation.unwrap_or(0),
+            observed: status.observed_generation.unwrap_or(0)
+                >= sts.metadata.generation.unwrap_or(0),
             reported: status.observed_generation.is_some(),
         }
     }
@@ -77,7 +83,14 @@ pub fn set_condition(conditions: &mut Vec<Condition>, mut new: Condition) {
 }
 
 /// A condition; `now` becomes its transition time if its status changed.
-pub fn condition(type_: &str, ok: bool, reason: &str, message: String, generation: Option<i64>, now: &Time) -> Condition {
+pub fn condition(
+    type_: &str,
+    ok: bool,
+    reason: &str,
+    message: String,
+    generation: Option<i64>,
+    now: &Time,
+) -> Condition {
     Condition {
         type_: type_.to_string(),
         status: if ok { "True" } else { "False" }.to_string(),
@@ -101,15 +114,34 @@ pub fn phase_conditions(
     let degraded = matches!(phase, GroupPhase::Degraded | GroupPhase::Unavailable);
     set_condition(
         conditions,
-        condition(READY, ready, if ready { "AllMembersReady" } else { phase.as_str() }, detail.clone(), generation, now),
+        condition(
+            READY,
+            ready,
+            if ready {
+                "AllMembersReady"
+            } else {
+                phase.as_str()
+            },
+            detail.clone(),
+            generation,
+            now,
+        ),
     );
     set_condition(
         conditions,
         condition(
             PROGRESSING,
             progressing,
-            if progressing { "Provisioning" } else { "Stable" },
-            if progressing { detail.clone() } else { String::new() },
+            if progressing {
+                "Provisioning"
+            } else {
+                "Stable"
+            },
+            if progressing {
+                detail.clone()
+            } else {
+                String::new()
+            },
             generation,
             now,
         ),
@@ -119,7 +151,11 @@ pub fn phase_conditions(
         condition(
             DEGRADED,
             degraded,
-            if degraded { phase.as_str() } else { "AsExpected" },
+            if degraded {
+                phase.as_str()
+            } else {
+                "AsExpected"
+            },
             if degraded { detail } else { String::new() },
             generation,
             now,
@@ -138,7 +174,10 @@ pub fn worst(phases: impl IntoIterator<Item = GroupPhase>) -> GroupPhase {
             GroupPhase::Unavailable => 4,
         }
     }
-    phases.into_iter().max_by_key(|p| rank(*p)).unwrap_or(GroupPhase::Pending)
+    phases
+        .into_iter()
+        .max_by_key(|p| rank(*p))
+        .unwrap_or(GroupPhase::Pending)
 }
 
 /// Per-region status from the region's groups (data and directory).
@@ -195,9 +234,15 @@ mod tests {
         assert_eq!(counts(3, 1).phase(), GroupPhase::Unavailable);
         assert_eq!(counts(5, 3).phase(), GroupPhase::Degraded);
         assert_eq!(counts(5, 2).phase(), GroupPhase::Unavailable);
-        let rolling = MemberCounts { updated: 1, ..counts(3, 3) };
+        let rolling = MemberCounts {
+            updated: 1,
+            ..counts(3, 3)
+        };
         assert_eq!(rolling.phase(), GroupPhase::Provisioning);
-        let unobserved = MemberCounts { observed: false, ..counts(3, 3) };
+        let unobserved = MemberCounts {
+            observed: false,
+            ..counts(3, 3)
+        };
         assert_eq!(unobserved.phase(), GroupPhase::Provisioning);
     }
 
@@ -206,18 +251,33 @@ mod tests {
         let t0 = Time(k8s_openapi::jiff::Timestamp::from_second(1_000).expect("valid"));
         let t1 = Time(k8s_openapi::jiff::Timestamp::from_second(2_000).expect("valid"));
         let mut conditions = Vec::new();
-        set_condition(&mut conditions, condition(READY, false, "Pending", "x".into(), Some(1), &t0));
-        set_condition(&mut conditions, condition(READY, false, "Pending", "y".into(), Some(1), &t1));
+        set_condition(
+            &mut conditions,
+            condition(READY, false, "Pending", "x".into(), Some(1), &t0),
+        );
+        set_condition(
+            &mut conditions,
+            condition(READY, false, "Pending", "y".into(), Some(1), &t1),
+        );
         assert_eq!(conditions[0].last_transition_time, t0);
         assert_eq!(conditions[0].message, "y");
-        set_condition(&mut conditions, condition(READY, true, "AllMembersReady", "z".into(), Some(1), &t1));
+        set_condition(
+            &mut conditions,
+            condition(READY, true, "AllMembersReady", "z".into(), Some(1), &t1),
+        );
         assert_eq!(conditions[0].last_transition_time, t1);
     }
 
     #[test]
     fn worst_phase_wins() {
-        assert_eq!(worst([GroupPhase::Ready, GroupPhase::Degraded]), GroupPhase::Degraded);
-        assert_eq!(worst([GroupPhase::Ready, GroupPhase::Ready]), GroupPhase::Ready);
+        assert_eq!(
+            worst([GroupPhase::Ready, GroupPhase::Degraded]),
+            GroupPhase::Degraded
+        );
+        assert_eq!(
+            worst([GroupPhase::Ready, GroupPhase::Ready]),
+            GroupPhase::Ready
+        );
         assert_eq!(worst([]), GroupPhase::Pending);
     }
 }

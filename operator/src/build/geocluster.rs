@@ -15,9 +15,21 @@ pub fn region_groups(gc: &GeoCluster, managed: &RegionFilter) -> Vec<RegionGroup
     let directory_peers = directory_members(gc);
     let mut groups = Vec::new();
     for region in gc.spec.regions.iter().filter(|r| managed.contains(&r.name)) {
-        groups.push(group(gc, region, GroupRole::Data, region.replicas, data_members(gc, region)));
+        groups.push(group(
+            gc,
+            region,
+            GroupRole::Data,
+            region.replicas,
+            data_members(gc, region),
+        ));
         if let Some(count) = directory_count(gc, &region.name) {
-            groups.push(group(gc, region, GroupRole::Directory, count, directory_peers.clone()));
+            groups.push(group(
+                gc,
+                region,
+                GroupRole::Directory,
+                count,
+                directory_peers.clone(),
+            ));
         }
     }
     groups
@@ -33,7 +45,13 @@ pub fn directory_count(gc: &GeoCluster, region: &str) -> Option<i32> {
         .map(|m| m.replicas)
 }
 
-fn group(gc: &GeoCluster, region: &RegionSpec, role: GroupRole, replicas: i32, initial_cluster: Vec<ClusterMember>) -> RegionGroup {
+fn group(
+    gc: &GeoCluster,
+    region: &RegionSpec,
+    role: GroupRole,
+    replicas: i32,
+    initial_cluster: Vec<ClusterMember>,
+) -> RegionGroup {
     let cluster = gc.name_any();
     let name = names::group_name(&cluster, &region.name, role);
     let mut etcd = gc.spec.etcd.clone();
@@ -72,12 +90,18 @@ fn group(gc: &GeoCluster, region: &RegionSpec, role: GroupRole, replicas: i32, i
 /// region label.
 pub fn node_selector(region: &RegionSpec) -> BTreeMap<String, String> {
     region.node_selector.clone().unwrap_or_else(|| {
-        BTreeMap::from([("topology.kubernetes.io/region".to_string(), region.name.clone())])
+        BTreeMap::from([(
+            "topology.kubernetes.io/region".to_string(),
+            region.name.clone(),
+        )])
     })
 }
 
 fn cluster_domain(region: &RegionSpec) -> &str {
-    region.cluster_domain.as_deref().unwrap_or(names::DEFAULT_CLUSTER_DOMAIN)
+    region
+        .cluster_domain
+        .as_deref()
+        .unwrap_or(names::DEFAULT_CLUSTER_DOMAIN)
 }
 
 /// The same token in every cluster that applies this GeoCluster, so that the
@@ -133,14 +157,27 @@ mod tests {
     #[test]
     fn one_data_group_and_one_directory_share_per_region() {
         let groups = region_groups(&example(), &RegionFilter::all());
-        let names: Vec<String> = groups.iter().map(|g| g.metadata.name.clone().unwrap_or_default()).collect();
+        let names: Vec<String> = groups
+            .iter()
+            .map(|g| g.metadata.name.clone().unwrap_or_default())
+            .collect();
         assert_eq!(
             names,
-            ["payments-us-east", "payments-dir-us-east", "payments-eu-west", "payments-dir-eu-west", "payments-ap-south", "payments-dir-ap-south"]
+            [
+                "payments-us-east",
+                "payments-dir-us-east",
+                "payments-eu-west",
+                "payments-dir-eu-west",
+                "payments-ap-south",
+                "payments-dir-ap-south"
+            ]
         );
         for g in &groups {
             let owner = &g.metadata.owner_references.as_ref().expect("owned")[0];
-            assert_eq!((owner.kind.as_str(), owner.name.as_str(), owner.controller), ("GeoCluster", "payments", Some(true)));
+            assert_eq!(
+                (owner.kind.as_str(), owner.name.as_str(), owner.controller),
+                ("GeoCluster", "payments", Some(true))
+            );
         }
     }
 
@@ -156,16 +193,32 @@ mod tests {
         let mut gc = example();
         gc.spec.regions[1].cluster_domain = Some("eu.example".into());
         let groups = region_groups(&gc, &RegionFilter::all());
-        let dirs: Vec<_> = groups.iter().filter(|g| g.spec.role == GroupRole::Directory).collect();
+        let dirs: Vec<_> = groups
+            .iter()
+            .filter(|g| g.spec.role == GroupRole::Directory)
+            .collect();
         assert_eq!(dirs.len(), 3);
         let peers = &dirs[0].spec.initial_cluster;
         assert_eq!(peers.len(), 3);
-        assert_eq!(peers[1].peer_url, "http://payments-dir-eu-west-0.payments-dir-eu-west-peer.default.svc.eu.example:2380");
-        assert!(dirs.iter().all(|d| d.spec.initial_cluster == *peers && d.spec.cluster_token == dirs[0].spec.cluster_token));
-        assert_eq!(dirs[0].spec.etcd.heartbeat_interval_ms, gc.spec.directory.heartbeat_interval_ms);
-        let data: Vec<_> = groups.iter().filter(|g| g.spec.role == GroupRole::Data).collect();
+        assert_eq!(
+            peers[1].peer_url,
+            "http://payments-dir-eu-west-0.payments-dir-eu-west-peer.default.svc.eu.example:2380"
+        );
+        assert!(dirs.iter().all(|d| d.spec.initial_cluster == *peers
+            && d.spec.cluster_token == dirs[0].spec.cluster_token));
+        assert_eq!(
+            dirs[0].spec.etcd.heartbeat_interval_ms,
+            gc.spec.directory.heartbeat_interval_ms
+        );
+        let data: Vec<_> = groups
+            .iter()
+            .filter(|g| g.spec.role == GroupRole::Data)
+            .collect();
         assert_ne!(data[0].spec.cluster_token, data[1].spec.cluster_token);
         assert_eq!(data[0].spec.initial_cluster.len(), 3);
-        assert_eq!(data[0].spec.node_selector["topology.kubernetes.io/region"], "us-east");
+        assert_eq!(
+            data[0].spec.node_selector["topology.kubernetes.io/region"],
+            "us-east"
+        );
     }
 }

@@ -6,13 +6,15 @@ use std::collections::BTreeMap;
 use std::hash::{Hash, Hasher};
 
 use k8s_openapi::api::apps::v1::{
-    StatefulSet, StatefulSetPersistentVolumeClaimRetentionPolicy, StatefulSetSpec, StatefulSetUpdateStrategy,
+    StatefulSet, StatefulSetPersistentVolumeClaimRetentionPolicy, StatefulSetSpec,
+    StatefulSetUpdateStrategy,
 };
 use k8s_openapi::api::core::v1::{
-    Affinity, ConfigMap, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, NodeAffinity, NodeSelector,
-    NodeSelectorRequirement, NodeSelectorTerm, ObjectFieldSelector, PersistentVolumeClaim, PersistentVolumeClaimSpec,
-    PodSpec, PodTemplateSpec, Probe, SecurityContext, Service, ServicePort, ServiceSpec, TopologySpreadConstraint,
-    VolumeMount, VolumeResourceRequirements,
+    Affinity, ConfigMap, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction,
+    NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm, ObjectFieldSelector,
+    PersistentVolumeClaim, PersistentVolumeClaimSpec, PodSpec, PodTemplateSpec, Probe,
+    SecurityContext, Service, ServicePort, ServiceSpec, TopologySpreadConstraint, VolumeMount,
+    VolumeResourceRequirements,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
@@ -58,7 +60,12 @@ fn meta(rg: &RegionGroup, name: String) -> ObjectMeta {
     ObjectMeta {
         name: Some(name),
         namespace: rg.namespace(),
-        labels: Some(names::group_labels(&rg.spec.geo_cluster, &rg.spec.region, rg.spec.role, &group)),
+        labels: Some(names::group_labels(
+            &rg.spec.geo_cluster,
+            &rg.spec.region,
+            rg.spec.role,
+            &group,
+        )),
         owner_references: rg.controller_owner_ref(&()).map(|r| vec![r]),
         ..ObjectMeta::default()
     }
@@ -67,7 +74,12 @@ fn meta(rg: &RegionGroup, name: String) -> ObjectMeta {
 /// The host every member advertises, as a template that Kubernetes expands
 /// with the pod's own name.
 fn own_host(rg: &RegionGroup) -> String {
-    names::member_host(&rg.name_any(), "$(POD_NAME)", &rg.namespace().unwrap_or_default(), &rg.spec.cluster_domain)
+    names::member_host(
+        &rg.name_any(),
+        "$(POD_NAME)",
+        &rg.namespace().unwrap_or_default(),
+        &rg.spec.cluster_domain,
+    )
 }
 
 /// The etcd arguments of every member of the group.
@@ -181,10 +193,12 @@ fn stateful_set(rg: &RegionGroup, config_hash: &str) -> StatefulSet {
                 match_labels: Some(selector.clone()),
                 ..LabelSelector::default()
             },
-            persistent_volume_claim_retention_policy: Some(StatefulSetPersistentVolumeClaimRetentionPolicy {
-                when_deleted: Some(retention.into()),
-                when_scaled: Some("Retain".into()),
-            }),
+            persistent_volume_claim_retention_policy: Some(
+                StatefulSetPersistentVolumeClaimRetentionPolicy {
+                    when_deleted: Some(retention.into()),
+                    when_scaled: Some("Retain".into()),
+                },
+            ),
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
                     labels: Some(labels.clone()),
@@ -217,7 +231,10 @@ fn stateful_set(rg: &RegionGroup, config_hash: &str) -> StatefulSet {
                     access_modes: Some(vec!["ReadWriteOnce".into()]),
                     storage_class_name: rg.spec.etcd.storage.storage_class_name.clone(),
                     resources: Some(VolumeResourceRequirements {
-                        requests: Some(BTreeMap::from([("storage".to_string(), rg.spec.etcd.storage.size.clone())])),
+                        requests: Some(BTreeMap::from([(
+                            "storage".to_string(),
+                            rg.spec.etcd.storage.size.clone(),
+                        )])),
                         ..VolumeResourceRequirements::default()
                     }),
                     ..PersistentVolumeClaimSpec::default()
@@ -343,12 +360,24 @@ fn config_map(rg: &RegionGroup) -> ConfigMap {
     ConfigMap {
         metadata: meta(rg, names::config_map(&group)),
         data: Some(BTreeMap::from([
-            ("role".to_string(), names::role_label(rg.spec.role).to_string()),
+            (
+                "role".to_string(),
+                names::role_label(rg.spec.role).to_string(),
+            ),
             ("region".to_string(), rg.spec.region.clone()),
             ("initial-cluster".to_string(), initial_cluster),
-            ("initial-cluster-token".to_string(), rg.spec.cluster_token.clone()),
-            ("heartbeat-interval-ms".to_string(), rg.spec.etcd.heartbeat_interval_ms.to_string()),
-            ("election-timeout-ms".to_string(), rg.spec.etcd.election_timeout_ms.to_string()),
+            (
+                "initial-cluster-token".to_string(),
+                rg.spec.cluster_token.clone(),
+            ),
+            (
+                "heartbeat-interval-ms".to_string(),
+                rg.spec.etcd.heartbeat_interval_ms.to_string(),
+            ),
+            (
+                "election-timeout-ms".to_string(),
+                rg.spec.etcd.election_timeout_ms.to_string(),
+            ),
             ("client-endpoints".to_string(), client_endpoints),
             ("etcd-args".to_string(), container_args(rg).join("\n")),
         ])),
@@ -403,17 +432,43 @@ mod tests {
         assert_eq!(spec.replicas, Some(3));
         assert_eq!(spec.pod_management_policy.as_deref(), Some("Parallel"));
         assert_eq!(spec.service_name.as_deref(), Some("payments-us-east-peer"));
-        let retention = spec.persistent_volume_claim_retention_policy.as_ref().expect("policy");
+        let retention = spec
+            .persistent_volume_claim_retention_policy
+            .as_ref()
+            .expect("policy");
         assert_eq!(retention.when_deleted.as_deref(), Some("Retain"));
         let pod = spec.template.spec.as_ref().expect("pod");
-        let zones = pod.affinity.as_ref().and_then(|a| a.node_affinity.as_ref()).expect("zone affinity");
-        let term = &zones.required_during_scheduling_ignored_during_execution.as_ref().expect("required").node_selector_terms[0];
-        assert_eq!(term.match_expressions.as_ref().expect("expr")[0].values.as_ref().expect("zones").len(), 3);
+        let zones = pod
+            .affinity
+            .as_ref()
+            .and_then(|a| a.node_affinity.as_ref())
+            .expect("zone affinity");
+        let term = &zones
+            .required_during_scheduling_ignored_during_execution
+            .as_ref()
+            .expect("required")
+            .node_selector_terms[0];
+        assert_eq!(
+            term.match_expressions.as_ref().expect("expr")[0]
+                .values
+                .as_ref()
+                .expect("zones")
+                .len(),
+            3
+        );
         let args = pod.containers[0].args.as_ref().expect("args");
         assert!(args.contains(&"--name=$(POD_NAME)".to_string()));
         assert!(args.contains(&"--advertise-client-urls=http://$(POD_NAME).payments-us-east-peer.default.svc.cluster.local:2379".to_string()));
-        let owner = &o.stateful_set.metadata.owner_references.as_ref().expect("owned")[0];
-        assert_eq!((owner.kind.as_str(), owner.uid.as_str()), ("RegionGroup", "rg-uid"));
+        let owner = &o
+            .stateful_set
+            .metadata
+            .owner_references
+            .as_ref()
+            .expect("owned")[0];
+        assert_eq!(
+            (owner.kind.as_str(), owner.uid.as_str()),
+            ("RegionGroup", "rg-uid")
+        );
     }
 
     #[test]
@@ -421,7 +476,10 @@ mod tests {
         let mut rg = first_group();
         rg.spec.replicas = 5;
         let o = group_objects(&rg);
-        assert_eq!(o.pdb.spec.as_ref().and_then(|s| s.min_available.clone()), Some(IntOrString::Int(3)));
+        assert_eq!(
+            o.pdb.spec.as_ref().and_then(|s| s.min_available.clone()),
+            Some(IntOrString::Int(3))
+        );
         let peer = o.peer_service.spec.as_ref().expect("spec");
         assert_eq!(peer.cluster_ip.as_deref(), Some("None"));
         assert_eq!(peer.publish_not_ready_addresses, Some(true));
@@ -435,8 +493,16 @@ mod tests {
     fn a_config_change_rolls_the_members() {
         let rg = first_group();
         let hash = |rg: &RegionGroup| {
-            group_objects(rg).stateful_set.spec.template.metadata.as_ref().expect("meta").annotations.as_ref().expect("annotations")
-                [names::ANNOTATION_CONFIG_HASH]
+            group_objects(rg)
+                .stateful_set
+                .spec
+                .template
+                .metadata
+                .as_ref()
+                .expect("meta")
+                .annotations
+                .as_ref()
+                .expect("annotations")[names::ANNOTATION_CONFIG_HASH]
                 .clone()
         };
         let mut changed = rg.clone();
@@ -450,7 +516,11 @@ mod tests {
         let mut rg = first_group();
         rg.spec.deletion_policy = DeletionPolicy::Delete;
         let o = group_objects(&rg);
-        let retention = o.stateful_set.spec.persistent_volume_claim_retention_policy.expect("policy");
+        let retention = o
+            .stateful_set
+            .spec
+            .persistent_volume_claim_retention_policy
+            .expect("policy");
         assert_eq!(retention.when_deleted.as_deref(), Some("Delete"));
     }
 }

@@ -60,11 +60,48 @@ async fn reconcile_apply(gc: &GeoCluster, ctx: &Context) -> Result<Action> {
         let mut st = gc.status.clone().unwrap_or_default();
         st.observed_generation = gc.metadata.generation;
         st.phase = Some("Degraded".into());
-        status::set_condition(&mut st.conditions, status::condition(status::READY, false, "InvalidSpec", reason.clone(), gc.metadata.generation, &now));
-        status::set_condition(&mut st.conditions, status::condition(status::PROGRESSING, false, "InvalidSpec", String::new(), gc.metadata.generation, &now));
-        status::set_condition(&mut st.conditions, status::condition(status::DEGRADED, true, "InvalidSpec", reason.clone(), gc.metadata.generation, &now));
+        status::set_condition(
+            &mut st.conditions,
+            status::condition(
+                status::READY,
+                false,
+                "InvalidSpec",
+                reason.clone(),
+                gc.metadata.generation,
+                &now,
+            ),
+        );
+        status::set_condition(
+            &mut st.conditions,
+            status::condition(
+                status::PROGRESSING,
+                false,
+                "InvalidSpec",
+                String::new(),
+                gc.metadata.generation,
+                &now,
+            ),
+        );
+        status::set_condition(
+            &mut st.conditions,
+            status::condition(
+                status::DEGRADED,
+                true,
+                "InvalidSpec",
+                reason.clone(),
+                gc.metadata.generation,
+                &now,
+            ),
+        );
         if write_status(gc, ctx, st).await? {
-            ctx.event(gc, EventType::Warning, "InvalidSpec", "Validate", reason.clone()).await;
+            ctx.event(
+                gc,
+                EventType::Warning,
+                "InvalidSpec",
+                "Validate",
+                reason.clone(),
+            )
+            .await;
         }
         return Err(Error::InvalidSpec {
             kind: "GeoCluster",
@@ -105,10 +142,20 @@ async fn reconcile_apply(gc: &GeoCluster, ctx: &Context) -> Result<Action> {
         if wanted {
             current.push(group);
         } else if ctx.managed.contains(&group.spec.region) {
-            let selector = format!("{},{}={}", names::cluster_selector(&name), names::LABEL_INSTANCE, group.name_any());
+            let selector = format!(
+                "{},{}={}",
+                names::cluster_selector(&name),
+                names::LABEL_INSTANCE,
+                group.name_any()
+            );
             delete_group_objects(ctx, &namespace, &selector, gc.spec.deletion_policy).await?;
-            let note = format!("deleted RegionGroup {}: region {} or its directory members left the spec", group.name_any(), group.spec.region);
-            ctx.event(gc, EventType::Normal, "GroupDeleted", "Prune", note).await;
+            let note = format!(
+                "deleted RegionGroup {}: region {} or its directory members left the spec",
+                group.name_any(),
+                group.spec.region
+            );
+            ctx.event(gc, EventType::Normal, "GroupDeleted", "Prune", note)
+                .await;
         }
     }
 
@@ -122,14 +169,31 @@ async fn reconcile_apply(gc: &GeoCluster, ctx: &Context) -> Result<Action> {
         .collect();
     let region_statuses = status::region_statuses(&regions, &current);
     let phase = status::worst(region_statuses.iter().map(|r| r.phase));
-    let ready = region_statuses.iter().filter(|r| r.phase == GroupPhase::Ready).count();
+    let ready = region_statuses
+        .iter()
+        .filter(|r| r.phase == GroupPhase::Ready)
+        .count();
     let detail = region_statuses
         .iter()
-        .map(|r| format!("{}: {} ({}/{} members)", r.name, r.phase.as_str(), r.ready_members, r.members))
+        .map(|r| {
+            format!(
+                "{}: {} ({}/{} members)",
+                r.name,
+                r.phase.as_str(),
+                r.ready_members,
+                r.members
+            )
+        })
         .collect::<Vec<_>>()
         .join("; ");
     let mut st = gc.status.clone().unwrap_or_default();
-    status::phase_conditions(&mut st.conditions, phase, detail, gc.metadata.generation, &now);
+    status::phase_conditions(
+        &mut st.conditions,
+        phase,
+        detail,
+        gc.metadata.generation,
+        &now,
+    );
     st.observed_generation = gc.metadata.generation;
     st.phase = Some(
         match phase {
@@ -144,8 +208,19 @@ async fn reconcile_apply(gc: &GeoCluster, ctx: &Context) -> Result<Action> {
     let was_ready = gc.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Ready");
     let is_ready = st.phase.as_deref() == Some("Ready");
     if write_status(gc, ctx, st).await? && was_ready != is_ready {
-        let (type_, reason) = if is_ready { (EventType::Normal, "Ready") } else { (EventType::Warning, "NotReady") };
-        ctx.event(gc, type_, reason, "UpdateStatus", format!("regions ready: {ready}/{}", regions.len())).await;
+        let (type_, reason) = if is_ready {
+            (EventType::Normal, "Ready")
+        } else {
+            (EventType::Warning, "NotReady")
+        };
+        ctx.event(
+            gc,
+            type_,
+            reason,
+            "UpdateStatus",
+            format!("regions ready: {ready}/{}", regions.len()),
+        )
+        .await;
     }
     Ok(Action::requeue(ctx.resync))
 }
@@ -159,9 +234,13 @@ async fn write_status(gc: &GeoCluster, ctx: &Context, status: GeoClusterStatus) 
     let namespace = gc.namespace().unwrap_or_default();
     let api: Api<GeoCluster> = Api::namespaced(ctx.client.clone(), &namespace);
     let patch = json!({"apiVersion": "tern.dev/v1alpha1", "kind": "GeoCluster", "status": status});
-    api.patch_status(&gc.name_any(), &PatchParams::apply(names::FIELD_MANAGER).force(), &Patch::Apply(&patch))
-        .await
-        .context(|| format!("writing status of GeoCluster {namespace}/{}", gc.name_any()))?;
+    api.patch_status(
+        &gc.name_any(),
+        &PatchParams::apply(names::FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await
+    .context(|| format!("writing status of GeoCluster {namespace}/{}", gc.name_any()))?;
     Ok(true)
 }
 
@@ -189,20 +268,30 @@ async fn cleanup(gc: &GeoCluster, ctx: &Context) -> Result<Action> {
         ),
     };
     tracing::info!(geocluster = %name, %note, "cleaned up");
-    ctx.event(gc, EventType::Normal, "Deleted", "Cleanup", note).await;
+    ctx.event(gc, EventType::Normal, "Deleted", "Cleanup", note)
+        .await;
     Ok(Action::await_change())
 }
 
 /// Deletes the objects that run the groups matching `selector`. Returns the
 /// number of volumes deleted (Delete) or kept (Retain).
-async fn delete_group_objects(ctx: &Context, namespace: &str, selector: &str, policy: DeletionPolicy) -> Result<usize> {
+async fn delete_group_objects(
+    ctx: &Context,
+    namespace: &str,
+    selector: &str,
+    policy: DeletionPolicy,
+) -> Result<usize> {
     let client = &ctx.client;
     delete_matching::<StatefulSet>(client, namespace, selector).await?;
     delete_matching::<PodDisruptionBudget>(client, namespace, selector).await?;
     delete_matching::<Service>(client, namespace, selector).await?;
     delete_matching::<ConfigMap>(client, namespace, selector).await?;
     match policy {
-        DeletionPolicy::Delete => Ok(delete_matching::<PersistentVolumeClaim>(client, namespace, selector).await?.len()),
+        DeletionPolicy::Delete => Ok(delete_matching::<PersistentVolumeClaim>(
+            client, namespace, selector,
+        )
+        .await?
+        .len()),
         DeletionPolicy::Retain => {
             let api: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), namespace);
             let kept = api

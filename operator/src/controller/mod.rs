@@ -4,8 +4,6 @@
 pub mod geocluster;
 pub mod regiongroup;
 
-
-
 use kube::Resource;
 use kube::runtime::controller::Action;
 
@@ -31,4 +29,3 @@ pub(crate) fn error_policy<K: Resource<DynamicType = ()>>(
         Action::requeue(delay)
     }
 }
-

@@ -37,12 +37,32 @@ pub async fn reconcile(rg: Arc<RegionGroup>, ctx: Arc<Context>) -> Result<Action
     apply(&ctx.client, &objects.pdb).await?;
     match apply(&ctx.client, &objects.stateful_set).await? {
         Outcome::Created => {
-            let note = format!("created StatefulSet {name} with {} members", rg.spec.replicas);
-            ctx.event(rg.as_ref(), EventType::Normal, "MembersCreated", "Apply", note).await;
+            let note = format!(
+                "created StatefulSet {name} with {} members",
+                rg.spec.replicas
+            );
+            ctx.event(
+                rg.as_ref(),
+                EventType::Normal,
+                "MembersCreated",
+                "Apply",
+                note,
+            )
+            .await;
         }
         Outcome::Updated => {
-            let note = format!("updated StatefulSet {name}: {} members, rolling one member at a time", rg.spec.replicas);
-            ctx.event(rg.as_ref(), EventType::Normal, "MembersUpdated", "Apply", note).await;
+            let note = format!(
+                "updated StatefulSet {name}: {} members, rolling one member at a time",
+                rg.spec.replicas
+            );
+            ctx.event(
+                rg.as_ref(),
+                EventType::Normal,
+                "MembersUpdated",
+                "Apply",
+                note,
+            )
+            .await;
         }
         Outcome::Unchanged => {}
     }
@@ -53,10 +73,19 @@ pub async fn reconcile(rg: Arc<RegionGroup>, ctx: Arc<Context>) -> Result<Action
         .context(|| format!("reading StatefulSet {namespace}/{name}"))?;
     let counts = MemberCounts::of(sts.as_ref());
     let phase = counts.phase();
-    let detail = format!("{}/{} members ready, {} current", counts.ready, counts.desired, counts.updated);
+    let detail = format!(
+        "{}/{} members ready, {} current",
+        counts.ready, counts.desired, counts.updated
+    );
     let now = Time(Timestamp::now());
     let mut st = rg.status.clone().unwrap_or_default();
-    status::phase_conditions(&mut st.conditions, phase, detail, rg.metadata.generation, &now);
+    status::phase_conditions(
+        &mut st.conditions,
+        phase,
+        detail,
+        rg.metadata.generation,
+        &now,
+    );
     st.observed_generation = rg.metadata.generation;
     st.phase = phase;
     st.ready_members = counts.ready;
@@ -77,8 +106,17 @@ async fn write_status(rg: &RegionGroup, ctx: &Context, status: RegionGroupStatus
     let namespace = rg.namespace().unwrap_or_default();
     let api: Api<RegionGroup> = Api::namespaced(ctx.client.clone(), &namespace);
     let patch = json!({"apiVersion": "tern.dev/v1alpha1", "kind": "RegionGroup", "status": status});
-    api.patch_status(&rg.name_any(), &PatchParams::apply(names::FIELD_MANAGER).force(), &Patch::Apply(&patch))
-        .await
-        .context(|| format!("writing status of RegionGroup {namespace}/{}", rg.name_any()))?;
+    api.patch_status(
+        &rg.name_any(),
+        &PatchParams::apply(names::FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await
+    .context(|| {
+        format!(
+            "writing status of RegionGroup {namespace}/{}",
+            rg.name_any()
+        )
+    })?;
     Ok(())
 }
