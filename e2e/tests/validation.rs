@@ -19,8 +19,15 @@ async fn schema_refuses_invalid_examples_and_accepts_valid_ones() {
     }
     // rbac.yaml creates the namespace its other objects live in, so it is
     // applied for real; the Deployment then goes into that namespace.
-    cp.kubectl(&["apply", "-f", "operator/deploy/rbac.yaml"]).expect("rbac applies");
-    cp.kubectl(&["apply", "--dry-run=server", "-f", "operator/deploy/deployment.yaml"]).expect("deployment is accepted");
+    cp.kubectl(&["apply", "-f", "operator/deploy/rbac.yaml"])
+        .expect("rbac applies");
+    cp.kubectl(&[
+        "apply",
+        "--dry-run=server",
+        "-f",
+        "operator/deploy/deployment.yaml",
+    ])
+    .expect("deployment is accepted");
 
     let dir = repo_root().join("examples/invalid");
     let mut files: Vec<_> = std::fs::read_dir(&dir)
