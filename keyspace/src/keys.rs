@@ -1,0 +1,171 @@
+//! Where everything lives in etcd (DESIGN.md "Keys"). Keys are built only
+//! from validated identifiers, so no request can address a key outside its
+//! account.
+
+use std::fmt;
+
+use crate::{AccountId, Epoch, IdempotencyKey, InvalidInput, RegionName, UserKey};
+
+/// Prefix of everything tern writes into a region group.
+pub const ROOT: &str = "/tern/";
+
+/// Prefix of all keys of one account in its home group.
+pub fn account_prefix(account: &AccountId) -> String {
+    format!("/tern/a/{account}/")
+}
+
+/// The account's fence: `"{epoch}:active"`, `"{epoch}:fenced"` or
+/// `"{epoch}:moved:{region}"`. Every write is guarded by it.
+pub fn fence_key(account: &AccountId) -> String {
+    format!("/tern/a/{account}/fence")
+}
+
+/// Prefix of the account's user data.
+pub fn data_prefix(account: &AccountId) -> String {
+    format!("/tern/a/{account}/d/")
+}
+
+/// One user value.
+pub fn data_key(account: &AccountId, key: &UserKey) -> String {
+    format!("/tern/a/{account}/d/{key}")
+}
+
+/// The recorded result of an idempotent write.
+pub fn idempotency_key(account: &AccountId, key: &IdempotencyKey) -> String {
+    format!("/tern/a/{account}/idem/{key}")
+}
+
+/// The agent's heartbeat in its own region's group.
+pub fn heartbeat_key(region: &RegionName) -> String {
+    format!("/tern/hb/{region}")
+}
+
+/// Where a region's agent mirrors another region's keys.
+pub fn mirror_prefix(source: &RegionName) -> String {
+    format!("/tern/r/{source}/")
+}
+
+/// Directory: an account's placement.
+pub fn dir_account_key(account: &AccountId) -> String {
+    format!("{DIR_ACCOUNTS}{account}")
+}
+
+/// Directory: prefix of every placement (what routers watch).
+pub const DIR_ACCOUNTS: &str = "/tern/dir/accounts/";
+
+/// Directory: prefix of every region record.
+pub const DIR_REGIONS: &str = "/tern/dir/regions/";
+
+/// Directory: a region's record.
+pub fn dir_region_key(region: &RegionName) -> String {
+    format!("{DIR_REGIONS}{region}")
+}
+
+/// Directory: a region's lease key.
+pub fn dir_lease_key(region: &RegionName) -> String {
+    format!("/tern/dir/leases/{region}")
+}
+
+/// The account id at the end of a directory placement key.
+pub fn account_of_dir_key(key: &[u8]) -> Option<AccountId> {
+    let key = std::str::from_utf8(key).ok()?;
+    AccountId::new(key.strip_prefix(DIR_ACCOUNTS)?).ok()
+}
+
+/// The user key of a data key of `account`.
+pub fn user_key_of(account: &AccountId, key: &[u8]) -> Option<String> {
+    let key = std::str::from_utf8(key).ok()?;
+    key.strip_prefix(&data_prefix(account)).map(str::to_string)
+}
+
+/// An account's fence value.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Fence {
+    pub epoch: Epoch,
+    pub state: FenceState,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FenceState {
+    /// The group is the account's home at this epoch: writes commit.
+    Active,
+    /// A migration has frozen the account here.
+    Fenced,
+    /// The account moved to another region.
+    Moved(RegionName),
+}
+
+impl Fence {
+    pub fn active(epoch: Epoch) -> Self {
+        Self {
+            epoch,
+            state: FenceState::Active,
+        }
+    }
+
+    pub fn parse(value: &[u8]) -> Result<Self, InvalidInput> {
+        let malformed = || InvalidInput::Malformed {
+            field: "fence",
+            value: String::from_utf8_lossy(value).into_owned(),
+            rule: "{epoch}:active | {epoch}:fenced | {epoch}:moved:{region}",
+        };
+        let text = std::str::from_utf8(value).map_err(|_| malformed())?;
+        let (epoch, rest) = text.split_once(':').ok_or_else(malformed)?;
+        let epoch = Epoch(epoch.parse().map_err(|_| malformed())?);
+        let state = match rest {
+            "active" => FenceState::Active,
+            "fenced" => FenceState::Fenced,
+            _ => {
+                let region = rest.strip_prefix("moved:").ok_or_else(malformed)?;
+                FenceState::Moved(RegionName::new(region).map_err(|_| malformed())?)
+            }
+        };
+        Ok(Self { epoch, state })
+    }
+}
+
+impl fmt::Display for Fence {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.state {
+            FenceState::Active => write!(f, "{}:active", self.epoch),
+            FenceState::Fenced => write!(f, "{}:fenced", self.epoch),
+            FenceState::Moved(r) => write!(f, "{}:moved:{r}", self.epoch),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout() {
+        let a = AccountId::new("acct-1").expect("valid");
+        let k = UserKey::new("balance").expect("valid");
+        assert_eq!(fence_key(&a), "/tern/a/acct-1/fence");
+        assert_eq!(data_key(&a, &k), "/tern/a/acct-1/d/balance");
+        assert_eq!(user_key_of(&a, b"/tern/a/acct-1/d/balance").as_deref(), Some("balance"));
+        assert_eq!(account_of_dir_key(b"/tern/dir/accounts/acct-1"), Some(a.clone()));
+        assert!(data_key(&a, &k).starts_with(&account_prefix(&a)));
+    }
+
+    #[test]
+    fn fences_round_trip() {
+        let r = RegionName::new("eu-west").expect("valid");
+        for f in [
+            Fence::active(Epoch(3)),
+            Fence {
+                epoch: Epoch(4),
+                state: FenceState::Fenced,
+            },
+            Fence {
+                epoch: Epoch(5),
+                state: FenceState::Moved(r),
+            },
+        ] {
+            assert_eq!(Fence::parse(f.to_string().as_bytes()).expect("parses"), f);
+        }
+        assert!(Fence::parse(b"x:active").is_err());
+        assert!(Fence::parse(b"3:gone").is_err());
+    }
+}

@@ -1,0 +1,36 @@
+//! The contract between tern's router and region agent, kept in one small
+//! crate because both must agree on it byte for byte: the identifiers
+//! (validated newtypes), the key layout of region groups and the directory
+//! group (DESIGN.md "Keys"), the fence values, and the directory records.
+//! Nothing here talks to the network.
+#![forbid(unsafe_code)]
+
+pub mod ids;
+pub mod keys;
+pub mod records;
+
+pub use ids::*;
+pub use keys::*;
+pub use records::*;
+
+/// Why an identifier, key or value was refused. Each message names the field
+/// and the rule it broke, and is shown to clients as INVALID_ARGUMENT.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidInput {
+    #[error("{field} is empty")]
+    Empty { field: &'static str },
+    #[error("{field} is {len} bytes long; the limit is {max}")]
+    TooLong { field: &'static str, len: usize, max: usize },
+    #[error("{field} contains {what}, which is not allowed: {rule}")]
+    Forbidden {
+        field: &'static str,
+        what: String,
+        rule: &'static str,
+    },
+    #[error("{field} `{value}` is malformed: {rule}")]
+    Malformed {
+        field: &'static str,
+        value: String,
+        rule: &'static str,
+    },
+}
