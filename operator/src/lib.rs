@@ -5,7 +5,7 @@
 //! pure function of the spec (`build`), apply them with server-side apply
 //! (`apply`), compute the status (`status`). `run` wires the controllers to a
 //! client, behind leader election (`leader`), with metrics and health
-//! endpoints (`http`).
+//! endpoints (`tern_common::ops`).
 #![forbid(unsafe_code)]
 
 pub mod apply;
@@ -15,7 +15,6 @@ pub mod context;
 pub mod controller;
 pub mod error;
 pub mod etcd_flags;
-pub mod http;
 pub mod leader;
 pub mod metrics;
 pub mod names;
@@ -73,11 +72,27 @@ pub async fn run(
         let _ = stop_tx.send(true);
     });
 
-    let health = http::Health {
-        metrics: metrics.clone(),
-        ready: ready.clone(),
+    let render = {
+        let metrics = metrics.clone();
+        Arc::new(move || metrics.encode())
     };
-    let (http_addr, http_task) = http::serve(config.http_addr, health, stopped()).await?;
+    let is_ready = {
+        let ready = ready.clone();
+        Arc::new(move || {
+            if ready.load(Ordering::Relaxed) {
+                Ok(())
+            } else {
+                Err("not connected to the API server yet".to_string())
+            }
+        })
+    };
+    let (http_addr, http_task) =
+        tern_common::ops::serve(config.http_addr, render, is_ready, stopped())
+            .await
+            .map_err(|source| Error::Http {
+                addr: config.http_addr.to_string(),
+                source,
+            })?;
     on_start(Running { http_addr });
     tracing::info!(%http_addr, identity = %identity, regions = ?config.regions, "tern-operator starting");
 

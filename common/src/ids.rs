@@ -27,7 +27,11 @@ fn check_segment(field: &'static str, s: &str, max: usize) -> Result<(), Invalid
         return Err(InvalidInput::Empty { field });
     }
     if s.len() > max {
-        return Err(InvalidInput::TooLong { field, len: s.len(), max });
+        return Err(InvalidInput::TooLong {
+            field,
+            len: s.len(),
+            max,
+        });
     }
     if let Some(c) = s.chars().find(|c| c.is_control()) {
         return Err(InvalidInput::Forbidden {
@@ -160,7 +164,8 @@ impl RegionName {
         let b = s.as_bytes();
         let valid = !b.is_empty()
             && b.len() <= MAX_REGION_NAME
-            && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+            && b.iter()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
             && b[0] != b'-'
             && b[b.len() - 1] != b'-';
         if valid {
@@ -233,10 +238,18 @@ mod tests {
             ("a\u{7}", "control character"),
         ] {
             let err = AccountId::new(bad).expect_err(bad).to_string();
-            assert!(err.contains("account") && err.contains(needle), "{bad:?}: {err}");
+            assert!(
+                err.contains("account") && err.contains(needle),
+                "{bad:?}: {err}"
+            );
         }
         let long = "a".repeat(MAX_ACCOUNT_ID + 1);
-        assert!(AccountId::new(long).expect_err("too long").to_string().contains("limit is 128"));
+        assert!(
+            AccountId::new(long)
+                .expect_err("too long")
+                .to_string()
+                .contains("limit is 128")
+        );
     }
 
     #[test]
@@ -256,6 +269,11 @@ mod tests {
     #[test]
     fn ids_refuse_bad_json() {
         assert!(serde_json::from_str::<AccountId>("\"a/b\"").is_err());
-        assert_eq!(serde_json::from_str::<RegionName>("\"eu-west\"").expect("valid").as_str(), "eu-west");
+        assert_eq!(
+            serde_json::from_str::<RegionName>("\"eu-west\"")
+                .expect("valid")
+                .as_str(),
+            "eu-west"
+        );
     }
 }

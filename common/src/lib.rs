@@ -1,12 +1,14 @@
-//! The contract between tern's router and region agent, kept in one small
-//! crate because both must agree on it byte for byte: the identifiers
-//! (validated newtypes), the key layout of region groups and the directory
-//! group (DESIGN.md "Keys"), the fence values, and the directory records.
-//! Nothing here talks to the network.
+//! What tern's router and region agent share, kept in one small crate because
+//! both must agree on it byte for byte: the identifiers (validated newtypes),
+//! the key layout of region groups and the directory group (DESIGN.md
+//! "Keys"), the fence values and the directory records. It also holds the ops
+//! endpoints (`/metrics`, `/healthz`, `/readyz`) that every tern binary,
+//! operator included, serves the same way.
 #![forbid(unsafe_code)]
 
 pub mod ids;
 pub mod keys;
+pub mod ops;
 pub mod records;
 
 pub use ids::*;
@@ -20,7 +22,11 @@ pub enum InvalidInput {
     #[error("{field} is empty")]
     Empty { field: &'static str },
     #[error("{field} is {len} bytes long; the limit is {max}")]
-    TooLong { field: &'static str, len: usize, max: usize },
+    TooLong {
+        field: &'static str,
+        len: usize,
+        max: usize,
+    },
     #[error("{field} contains {what}, which is not allowed: {rule}")]
     Forbidden {
         field: &'static str,

@@ -1,0 +1,182 @@
+//! Typed configuration from flags and environment, parsed once at start-up.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use tern_common::RegionName;
+
+/// tern-router: serves requests for accounts homed in its region from the
+/// region's Raft group, and forwards the others to their home region's router.
+#[derive(Parser, Clone, Debug)]
+#[command(name = "tern-router", version, about, long_about = None)]
+pub struct Config {
+    /// The region this router serves (a DNS label, e.g. us-east).
+    #[arg(long, env = "TERN_REGION", value_parser = parse_region)]
+    pub region: RegionName,
+
+    /// Address of the gRPC API.
+    #[arg(long, env = "TERN_ROUTER_LISTEN", default_value = "0.0.0.0:7400")]
+    pub listen: SocketAddr,
+
+    /// Address of /metrics, /healthz and /readyz.
+    #[arg(long, env = "TERN_ROUTER_HTTP_ADDR", default_value = "0.0.0.0:7401")]
+    pub http_addr: SocketAddr,
+
+    /// Client URLs of this region's etcd group, comma separated.
+    #[arg(
+        long,
+        env = "TERN_GROUP_ENDPOINTS",
+        value_delimiter = ',',
+        required = true
+    )]
+    pub group_endpoints: Vec<String>,
+
+    /// Client URLs of the directory group, comma separated.
+    #[arg(
+        long,
+        env = "TERN_DIRECTORY_ENDPOINTS",
+        value_delimiter = ',',
+        required = true
+    )]
+    pub directory_endpoints: Vec<String>,
+
+    /// host:port under which other regions reach this router; registered in
+    /// the directory's region record. Unset: not registered (another process
+    /// registers the region).
+    #[arg(long, env = "TERN_ROUTER_ADVERTISE")]
+    pub advertise: Option<String>,
+
+    /// REGION=HOST:PORT: reach REGION's router at HOST:PORT instead of the
+    /// endpoint in its region record (a proxy, or a fixed address). Repeat or
+    /// comma-separate.
+    #[arg(long = "peer", env = "TERN_ROUTER_PEERS", value_delimiter = ',', value_parser = parse_peer)]
+    pub peers: Vec<(RegionName, String)>,
+
+    /// DNS server (IP:PORT) for resolving region endpoints; default: the
+    /// system's resolver.
+    #[arg(long, env = "TERN_DNS_SERVER")]
+    pub dns_server: Option<SocketAddr>,
+
+    /// Deadline of a request that carries none, e.g. 5s.
+    #[arg(long, env = "TERN_DEFAULT_DEADLINE", default_value = "5s", value_parser = parse_duration)]
+    pub default_deadline: Duration,
+
+    /// Window over which writes are counted per account and origin region
+    /// (follow the sun), e.g. 24h.
+    #[arg(long, env = "TERN_WRITE_COUNT_WINDOW", default_value = "24h", value_parser = parse_duration)]
+    pub write_count_window: Duration,
+
+    /// Most accounts whose writes are counted; bounds the memory used.
+    #[arg(long, env = "TERN_WRITE_COUNT_ACCOUNTS", default_value_t = 100_000)]
+    pub write_count_accounts: usize,
+
+    /// On shutdown, finish in-flight requests for at most this long, e.g. 10s.
+    #[arg(long, env = "TERN_DRAIN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+
+    /// Log format.
+    #[arg(long, env = "TERN_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
+    pub log_format: LogFormat,
+
+    /// Log filter in tracing's EnvFilter syntax, e.g. `info,tern_router=debug`.
+    #[arg(long, env = "RUST_LOG", default_value = "info")]
+    pub log_filter: String,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Json,
+    Text,
+}
+
+fn parse_region(s: &str) -> Result<RegionName, String> {
+    RegionName::new(s).map_err(|e| e.to_string())
+}
+
+fn parse_peer(s: &str) -> Result<(RegionName, String), String> {
+    let (region, endpoint) = s
+        .split_once('=')
+        .ok_or_else(|| format!("`{s}` is not REGION=HOST:PORT"))?;
+    let region = parse_region(region)?;
+    crate::dns::split_endpoint(endpoint).map_err(|e| e.to_string())?;
+    Ok((region, endpoint.to_string()))
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (number, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration such as 500ms, 5s, 2m or 24h"))?;
+    let d = match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n * 60),
+        "h" => Duration::from_secs(n * 3600),
+        _ => {
+            return Err(format!(
+                "`{s}` is not a duration such as 500ms, 5s, 2m or 24h"
+            ));
+        }
+    };
+    if d.is_zero() {
+        return Err(format!("`{s}` must be positive"));
+    }
+    Ok(d)
+}
+
+impl Config {
+    pub fn peer_map(&self) -> HashMap<RegionName, String> {
+        self.peers.iter().cloned().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, clap::Error> {
+        let base = [
+            "tern-router",
+            "--group-endpoints=http://a:2379",
+            "--directory-endpoints=http://d:2379",
+        ];
+        Config::try_parse_from(base.iter().chain(args.iter()).copied())
+    }
+
+    #[test]
+    fn flags() {
+        let c = parse(&[
+            "--region=us-east",
+            "--peer=eu-west=127.0.0.1:9000",
+            "--default-deadline=250ms",
+        ])
+        .expect("valid");
+        assert_eq!(c.region.as_str(), "us-east");
+        assert_eq!(
+            c.peer_map()[&RegionName::new("eu-west").expect("valid")],
+            "127.0.0.1:9000"
+        );
+        assert_eq!(c.default_deadline, Duration::from_millis(250));
+    }
+
+    #[test]
+    fn bad_flags_name_the_flag_and_rule() {
+        let e = parse(&["--region=US_EAST"])
+            .expect_err("bad region")
+            .to_string();
+        assert!(e.contains("--region") && e.contains("DNS label"), "{e}");
+        let e = parse(&["--region=us-east", "--peer=eu-west"])
+            .expect_err("bad peer")
+            .to_string();
+        assert!(
+            e.contains("--peer") && e.contains("REGION=HOST:PORT"),
+            "{e}"
+        );
+        let e = parse(&["--region=us-east", "--default-deadline=soon"])
+            .expect_err("bad duration")
+            .to_string();
+        assert!(e.contains("--default-deadline"), "{e}");
+    }
+}

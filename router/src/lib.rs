@@ -1,0 +1,31 @@
+//! tern-router: the geo-aware router. A request for an account homed in this
+//! region runs as one fenced etcd transaction on the region's group; any
+//! other is forwarded to the home region's router over a pooled HTTP/2
+//! channel, one cross-region round trip.
+//!
+//! The request path, in the order a call meets it: `service` (validation,
+//! deadline, routing decision) → `placement` (the watch-fed directory cache)
+//! → `store` (the fenced transaction, idempotency) or `forward` (the pooled
+//! channel to another region, resolved through `dns`). `counts` records where
+//! writes come from; `metrics` and `server` make it an operable process.
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod counts;
+pub mod dns;
+pub mod error;
+pub mod forward;
+pub mod metrics;
+pub mod placement;
+pub mod server;
+pub mod service;
+pub mod store;
+
+/// The generated gRPC types of proto/tern/v1/router.proto.
+pub mod pb {
+    #![allow(clippy::all)]
+    tonic::include_proto!("tern.v1");
+}
+
+pub use config::Config;
+pub use error::{Result, RouterError};

@@ -1,0 +1,124 @@
+//! Prometheus metrics of a router: requests and their latency per route
+//! (served locally, proxied out to the home region, proxied in from another
+//! region), forwarding failures and placement refreshes.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum Route {
+    Local,
+    ProxiedOut,
+    ProxiedIn,
+}
+
+impl Route {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Local => "local",
+            Self::ProxiedOut => "proxied_out",
+            Self::ProxiedIn => "proxied_in",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub op: &'static str,
+    pub route: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub op: &'static str,
+    pub route: &'static str,
+    pub code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ForwardLabels {
+    pub region: String,
+    pub kind: &'static str,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: Family<OutcomeLabels, Counter>,
+    pub latency: Family<RequestLabels, Histogram>,
+    pub forward_failures: Family<ForwardLabels, Counter>,
+    pub placement_refreshes: Counter,
+    pub retries: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("tern_router");
+        let requests = Family::<OutcomeLabels, Counter>::default();
+        // 50 µs to ~3 s: in-region commits and cross-continent round trips.
+        let latency = Family::<RequestLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.00005, 2.0, 17))
+        });
+        let forward_failures = Family::<ForwardLabels, Counter>::default();
+        let placement_refreshes = Counter::default();
+        let retries = Counter::default();
+        registry.register(
+            "requests",
+            "Requests by operation, route and gRPC code",
+            requests.clone(),
+        );
+        registry.register(
+            "request_duration_seconds",
+            "Request latency by operation and route",
+            latency.clone(),
+        );
+        registry.register(
+            "forward_failures",
+            "Forwards to another region that failed, by kind",
+            forward_failures.clone(),
+        );
+        registry.register(
+            "placement_refreshes",
+            "Linearizable directory reads after a cache miss or a stale entry",
+            placement_refreshes.clone(),
+        );
+        registry.register(
+            "retries",
+            "Attempts repeated within a request's deadline (stale placement, migration, lost link)",
+            retries.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            latency,
+            forward_failures,
+            placement_refreshes,
+            retries,
+        }
+    }
+}
+
+impl Metrics {
+    pub fn observe(&self, op: &'static str, route: Route, code: tonic::Code, seconds: f64) {
+        let route = route.as_str();
+        self.requests
+            .get_or_create(&OutcomeLabels {
+                op,
+                route,
+                code: format!("{code:?}"),
+            })
+            .inc();
+        self.latency
+            .get_or_create(&RequestLabels { op, route })
+            .observe(seconds);
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}

@@ -1,0 +1,298 @@
+//! The placement cache: every account's home and epoch, and every region's
+//! record, kept current by a watch on the directory group so that routing a
+//! request costs no round trip. A miss costs one linearizable directory read.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use etcd_client::{Client, Compare, CompareOp, EventType, GetOptions, Txn, TxnOp, WatchOptions};
+use tern_common::{
+    AccountId, AccountRecord, DIR_ACCOUNTS, DIR_REGIONS, RegionName, RegionRecord,
+    account_of_dir_key, dir_account_key, dir_region_key,
+};
+use tokio::sync::RwLock;
+
+use crate::error::{Result, RouterError};
+
+/// What the router knows about an account.
+pub type Placement = AccountRecord;
+
+/// The directory client and the caches it feeds.
+#[derive(Clone)]
+pub struct Directory {
+    client: Client,
+    /// Placement and the directory revision it was written at: an older
+    /// watch event never overwrites a newer read.
+    accounts: Arc<RwLock<HashMap<AccountId, (Placement, i64)>>>,
+    regions: Arc<RwLock<HashMap<RegionName, RegionRecord>>>,
+    synced: Arc<AtomicBool>,
+}
+
+impl Directory {
+    pub fn new(client: Client) -> Self {
+        Self {
+            client,
+            accounts: Arc::default(),
+            regions: Arc::default(),
+            synced: Arc::default(),
+        }
+    }
+
+    /// Whether the caches have been loaded since start.
+    pub fn synced(&self) -> bool {
+        self.synced.load(Ordering::Relaxed)
+    }
+
+    pub async fn cached(&self, account: &AccountId) -> Option<Placement> {
+        self.accounts
+            .read()
+            .await
+            .get(account)
+            .map(|(p, _)| p.clone())
+    }
+
+    pub async fn cached_accounts(&self) -> usize {
+        self.accounts.read().await.len()
+    }
+
+    /// The account's placement: from the cache, or one linearizable read.
+    pub async fn lookup(&self, account: &AccountId) -> Result<Placement> {
+        if let Some(p) = self.cached(account).await {
+            return Ok(p);
+        }
+        self.refresh(account).await
+    }
+
+    /// Reads the placement from the directory (linearizable) and caches it.
+    pub async fn refresh(&self, account: &AccountId) -> Result<Placement> {
+        let resp = self
+            .client
+            .clone()
+            .get(dir_account_key(account), None)
+            .await?;
+        match resp.kvs().first() {
+            Some(kv) => {
+                let p = parse_account(kv.value())?;
+                upsert(
+                    &mut *self.accounts.write().await,
+                    account.clone(),
+                    p.clone(),
+                    kv.mod_revision(),
+                );
+                Ok(p)
+            }
+            None => {
+                self.accounts.write().await.remove(account);
+                Err(RouterError::UnknownAccount(account.to_string()))
+            }
+        }
+    }
+
+    pub async fn region(&self, region: &RegionName) -> Option<RegionRecord> {
+        self.regions.read().await.get(region).cloned()
+    }
+
+    /// Registers (or updates) this region's router endpoint.
+    pub async fn register_region(&self, region: &RegionName, endpoint: &str) -> Result<()> {
+        let key = dir_region_key(region);
+        let mut client = self.client.clone();
+        let current = client.get(key.clone(), None).await?;
+        let mut record = match current.kvs().first() {
+            Some(kv) => serde_json::from_slice::<RegionRecord>(kv.value())
+                .map_err(|e| RouterError::Internal(format!("region record {key}: {e}")))?,
+            None => RegionRecord {
+                router_endpoint: String::new(),
+                state: tern_common::RegionState::Active,
+                successor: None,
+                region_epoch: 0,
+            },
+        };
+        if record.router_endpoint != endpoint {
+            record.router_endpoint = endpoint.to_string();
+            client.put(key, record.to_json(), None).await?;
+        }
+        self.regions.write().await.insert(region.clone(), record);
+        Ok(())
+    }
+
+    /// Creates the placement record if the account does not exist. Returns
+    /// the record that is in the directory afterwards and whether this call
+    /// created it.
+    pub async fn create(
+        &self,
+        account: &AccountId,
+        record: &AccountRecord,
+    ) -> Result<(AccountRecord, bool)> {
+        let key = dir_account_key(account);
+        let txn = Txn::new()
+            .when([Compare::version(key.clone(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(key.clone(), record.to_json(), None)])
+            .or_else([TxnOp::get(key, None)]);
+        let resp = self.client.clone().txn(txn).await?;
+        if resp.succeeded() {
+            let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+            upsert(
+                &mut *self.accounts.write().await,
+                account.clone(),
+                record.clone(),
+                revision,
+            );
+            return Ok((record.clone(), true));
+        }
+        for op in resp.op_responses() {
+            if let etcd_client::TxnOpResponse::Get(get) = op
+                && let Some(kv) = get.kvs().first()
+            {
+                let existing = parse_account(kv.value())?;
+                upsert(
+                    &mut *self.accounts.write().await,
+                    account.clone(),
+                    existing.clone(),
+                    kv.mod_revision(),
+                );
+                return Ok((existing, false));
+            }
+        }
+        Err(RouterError::Internal(format!(
+            "directory create of {account} neither succeeded nor found a record"
+        )))
+    }
+
+    /// Loads both caches and keeps them current until the process ends. A
+    /// broken watch (compaction, a lost connection) reloads from scratch.
+    pub fn spawn_watch(&self) -> tokio::task::JoinHandle<()> {
+        let dir = self.clone();
+        tokio::spawn(async move {
+            loop {
+                if let Err(e) = dir.load_and_watch().await {
+                    tracing::warn!(error = %e, "directory watch ended; reloading");
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
+    }
+
+    async fn load_and_watch(&self) -> Result<()> {
+        let mut client = self.client.clone();
+        let resp = client
+            .get("/tern/dir/", Some(GetOptions::new().with_prefix()))
+            .await?;
+        let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+        let mut accounts = HashMap::new();
+        let mut regions = HashMap::new();
+        for kv in resp.kvs() {
+            apply_put(
+                kv.key(),
+                kv.value(),
+                kv.mod_revision(),
+                &mut accounts,
+                &mut regions,
+            );
+        }
+        *self.accounts.write().await = accounts;
+        *self.regions.write().await = regions;
+        self.synced.store(true, Ordering::Relaxed);
+        let mut stream = client
+            .watch(
+                "/tern/dir/",
+                Some(
+                    WatchOptions::new()
+                        .with_prefix()
+                        .with_start_revision(revision + 1)
+                        .with_progress_notify(),
+                ),
+            )
+            .await?;
+        while let Some(resp) = stream.message().await? {
+            if resp.canceled() {
+                return Err(RouterError::Unavailable(format!(
+                    "directory watch canceled: {}",
+                    resp.cancel_reason()
+                )));
+            }
+            let mut accounts = self.accounts.write().await;
+            let mut regions = self.regions.write().await;
+            for event in resp.events() {
+                let Some(kv) = event.kv() else { continue };
+                match event.event_type() {
+                    EventType::Put => apply_put(
+                        kv.key(),
+                        kv.value(),
+                        kv.mod_revision(),
+                        &mut accounts,
+                        &mut regions,
+                    ),
+                    EventType::Delete => {
+                        if let Some(a) = account_of_dir_key(kv.key()) {
+                            if accounts
+                                .get(&a)
+                                .is_some_and(|(_, r)| *r < kv.mod_revision())
+                            {
+                                accounts.remove(&a);
+                            }
+                        } else if let Some(r) = region_of_key(kv.key()) {
+                            regions.remove(&r);
+                        }
+                    }
+                }
+            }
+        }
+        Err(RouterError::Unavailable(
+            "directory watch stream closed".into(),
+        ))
+    }
+}
+
+fn parse_account(value: &[u8]) -> Result<AccountRecord> {
+    serde_json::from_slice(value)
+        .map_err(|e| RouterError::Internal(format!("malformed placement record: {e}")))
+}
+
+fn region_of_key(key: &[u8]) -> Option<RegionName> {
+    let key = std::str::from_utf8(key).ok()?;
+    RegionName::new(key.strip_prefix(DIR_REGIONS)?).ok()
+}
+
+/// Stores `p` unless the cache holds a newer revision of the account.
+fn upsert(
+    accounts: &mut HashMap<AccountId, (Placement, i64)>,
+    account: AccountId,
+    p: Placement,
+    revision: i64,
+) {
+    match accounts.get(&account) {
+        Some((_, newer)) if *newer > revision => {}
+        _ => {
+            accounts.insert(account, (p, revision));
+        }
+    }
+}
+
+fn apply_put(
+    key: &[u8],
+    value: &[u8],
+    revision: i64,
+    accounts: &mut HashMap<AccountId, (Placement, i64)>,
+    regions: &mut HashMap<RegionName, RegionRecord>,
+) {
+    if key.starts_with(DIR_ACCOUNTS.as_bytes()) {
+        match (
+            account_of_dir_key(key),
+            serde_json::from_slice::<AccountRecord>(value),
+        ) {
+            (Some(a), Ok(p)) => upsert(accounts, a, p, revision),
+            _ => {
+                tracing::warn!(key = %String::from_utf8_lossy(key), "ignoring a malformed placement record")
+            }
+        }
+    } else if let Some(r) = region_of_key(key) {
+        match serde_json::from_slice::<RegionRecord>(value) {
+            Ok(rec) => {
+                regions.insert(r, rec);
+            }
+            Err(e) => tracing::warn!(region = %r, error = %e, "ignoring a malformed region record"),
+        }
+    }
+}

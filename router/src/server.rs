@@ -1,0 +1,174 @@
+//! Wiring a router process: etcd clients for the region group and the
+//! directory, the placement watch, the gRPC server, the ops endpoints, and a
+//! graceful drain on shutdown.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use etcd_client::{Client, ConnectOptions};
+use tokio::sync::watch;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::Config;
+use crate::counts::WriteCounts;
+use crate::dns::Dns;
+use crate::error::{Result, RouterError};
+use crate::forward::Forwarder;
+use crate::metrics::Metrics;
+use crate::pb::router_server::RouterServer;
+use crate::placement::Directory;
+use crate::service::RouterService;
+use crate::store::HomeStore;
+
+/// Where a started router listens.
+#[derive(Clone, Copy, Debug)]
+pub struct Running {
+    pub grpc_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+}
+
+/// Connects to etcd, retrying until it answers (a router may start before
+/// its group) or `deadline` passes.
+pub async fn connect_etcd(endpoints: &[String], what: &str, deadline: Duration) -> Result<Client> {
+    let options = ConnectOptions::new()
+        .with_connect_timeout(Duration::from_secs(2))
+        .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
+        .with_keep_alive_while_idle(true);
+    let until = tokio::time::Instant::now() + deadline;
+    loop {
+        match Client::connect(endpoints, Some(options.clone())).await {
+            Ok(mut c) => match c.status().await {
+                Ok(_) => return Ok(c),
+                Err(e) if tokio::time::Instant::now() > until => {
+                    return Err(RouterError::Unavailable(format!(
+                        "{what} etcd at {endpoints:?} does not answer: {e}"
+                    )));
+                }
+                Err(_) => {}
+            },
+            Err(e) if tokio::time::Instant::now() > until => {
+                return Err(RouterError::Unavailable(format!(
+                    "cannot connect to {what} etcd at {endpoints:?}: {e}"
+                )));
+            }
+            Err(_) => {}
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Runs a router until `shutdown` completes; then stops accepting calls and
+/// lets in-flight ones finish for up to the drain timeout.
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    on_start: impl FnOnce(Running) + Send,
+) -> Result<()> {
+    let group = connect_etcd(
+        &config.group_endpoints,
+        "region group",
+        Duration::from_secs(60),
+    )
+    .await?;
+    let directory_client = connect_etcd(
+        &config.directory_endpoints,
+        "directory",
+        Duration::from_secs(60),
+    )
+    .await?;
+    let directory = Directory::new(directory_client);
+    let watch_task = directory.spawn_watch();
+    if let Some(endpoint) = &config.advertise {
+        directory.register_region(&config.region, endpoint).await?;
+    }
+    let metrics = Arc::new(Metrics::default());
+    let counts = Arc::new(WriteCounts::new(
+        config.write_count_window,
+        config.write_count_accounts,
+    ));
+    let service = RouterService {
+        region: config.region.clone(),
+        directory: directory.clone(),
+        store: HomeStore::new(group),
+        forwarder: Forwarder::new(
+            config.region.clone(),
+            Dns::new(config.dns_server)?,
+            config.peer_map(),
+            directory.clone(),
+        ),
+        counts,
+        metrics: metrics.clone(),
+        default_deadline: config.default_deadline,
+    };
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+
+    let render: tern_common::ops::MetricsFn = {
+        let metrics = metrics.clone();
+        Arc::new(move || metrics.encode())
+    };
+    let ready: tern_common::ops::ReadyFn = {
+        let directory = directory.clone();
+        Arc::new(move || {
+            if directory.synced() {
+                Ok(())
+            } else {
+                Err("the placement cache has not loaded from the directory yet".into())
+            }
+        })
+    };
+    let (http_addr, http_task) =
+        tern_common::ops::serve(config.http_addr, render, ready, stopped())
+            .await
+            .map_err(|e| {
+                RouterError::Internal(format!(
+                    "cannot serve ops endpoints on {}: {e}",
+                    config.http_addr
+                ))
+            })?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| RouterError::Internal(format!("cannot listen on {}: {e}", config.listen)))?;
+    let grpc_addr = listener
+        .local_addr()
+        .map_err(|e| RouterError::Internal(format!("listener address: {e}")))?;
+    on_start(Running {
+        grpc_addr,
+        http_addr,
+    });
+    tracing::info!(region = %config.region, %grpc_addr, %http_addr, "tern-router serving");
+
+    let incoming = TcpListenerStream::new(listener);
+    let drain = config.drain_timeout;
+    let server = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(RouterServer::new(service))
+        .serve_with_incoming_shutdown(incoming, stopped());
+    tokio::pin!(server);
+    let result = tokio::select! {
+        r = &mut server => r,
+        _ = async {
+            stopped().await;
+            tokio::time::sleep(drain).await;
+        } => {
+            tracing::warn!(?drain, "in-flight calls did not finish within the drain timeout");
+            Ok(())
+        }
+    };
+    watch_task.abort();
+    http_task.abort();
+    tracing::info!(region = %config.region, "tern-router stopped");
+    result.map_err(|e| RouterError::Internal(format!("gRPC server: {e}")))
+}

@@ -1,0 +1,176 @@
+//! The home side of every request: one etcd transaction on the region's own
+//! group, guarded by the account's fence (DESIGN.md, write path step 2), with
+//! the idempotency record written in the same transaction.
+//!
+//!   if value(fence) == "E:active" [and version(idem) == 0] [and user compares]
+//!   then <ops> [+ idempotency record]
+//!   else get(fence) [+ get(idempotency record)]
+
+use etcd_client::{Client, Compare, CompareOp, GetOptions, KeyValue, Txn, TxnOp, TxnOpResponse};
+use serde_json::json;
+use tern_common::{
+    AccountId, Epoch, Fence, FenceState, IdempotencyKey, fence_key, idempotency_key,
+};
+
+use crate::error::{Result, RouterError};
+
+/// What a guarded transaction found.
+#[derive(Debug)]
+pub enum Guarded<T> {
+    /// Committed at this revision.
+    Done { revision: i64, value: T },
+    /// The idempotency key was used before: its record and the revision it
+    /// committed at.
+    Replayed {
+        record: serde_json::Value,
+        revision: i64,
+    },
+    /// The fence does not say `E:active`: what it says instead (None: no
+    /// fence, the account is not homed in this group).
+    Fence(Option<Fence>),
+    /// The fence held but a user compare did not.
+    CompareFailed,
+}
+
+/// A write or read to run under the fence.
+pub struct Guard<'a> {
+    pub account: &'a AccountId,
+    pub epoch: Epoch,
+    /// The key and the record to store under it. No record: an operation
+    /// of the transaction writes it (a nested transaction), the guard only
+    /// checks that the key is unused.
+    pub idempotency: Option<(&'a IdempotencyKey, Option<serde_json::Value>)>,
+    pub compares: Vec<Compare>,
+    pub ops: Vec<TxnOp>,
+}
+
+/// The region's own group.
+#[derive(Clone)]
+pub struct HomeStore {
+    client: Client,
+}
+
+impl HomeStore {
+    pub fn new(client: Client) -> Self {
+        Self { client }
+    }
+
+    pub fn client(&self) -> Client {
+        self.client.clone()
+    }
+
+    /// Runs `guard` as one transaction. `extract` turns the then-branch
+    /// responses into the caller's result.
+    pub async fn run<T>(
+        &self,
+        guard: Guard<'_>,
+        extract: impl FnOnce(&[TxnOpResponse]) -> T,
+    ) -> Result<Guarded<T>> {
+        let fence = fence_key(guard.account);
+        let mut when = vec![Compare::value(
+            fence.clone(),
+            CompareOp::Equal,
+            Fence::active(guard.epoch).to_string(),
+        )];
+        let mut then = guard.ops;
+        let mut otherwise = vec![TxnOp::get(fence, None)];
+        if let Some((key, record)) = &guard.idempotency {
+            let idem = idempotency_key(guard.account, key);
+            when.push(Compare::version(idem.clone(), CompareOp::Equal, 0));
+            if let Some(record) = record {
+                then.push(TxnOp::put(idem.clone(), record.to_string(), None));
+            }
+            otherwise.push(TxnOp::get(idem, None));
+        }
+        when.extend(guard.compares);
+        let resp = self
+            .client
+            .clone()
+            .txn(Txn::new().when(when).and_then(then).or_else(otherwise))
+            .await
+            .map_err(|e| RouterError::OutcomeUnknown(format!("etcd transaction failed: {e}")))?;
+        let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+        let responses = resp.op_responses();
+        if resp.succeeded() {
+            return Ok(Guarded::Done {
+                revision,
+                value: extract(&responses),
+            });
+        }
+        let first_kv = |i: usize| -> Option<KeyValue> {
+            match responses.get(i) {
+                Some(TxnOpResponse::Get(g)) => g.kvs().first().cloned(),
+                _ => None,
+            }
+        };
+        let fence = match first_kv(0) {
+            Some(kv) => {
+                Some(Fence::parse(kv.value()).map_err(|e| RouterError::Internal(e.to_string()))?)
+            }
+            None => None,
+        };
+        let active = fence
+            .as_ref()
+            .is_some_and(|f| f.epoch == guard.epoch && f.state == FenceState::Active);
+        if !active {
+            return Ok(Guarded::Fence(fence));
+        }
+        if guard.idempotency.is_some()
+            && let Some(kv) = first_kv(1)
+        {
+            let record = serde_json::from_slice(kv.value()).unwrap_or_else(|_| json!({}));
+            return Ok(Guarded::Replayed {
+                record,
+                revision: kv.mod_revision(),
+            });
+        }
+        Ok(Guarded::CompareFailed)
+    }
+
+    /// Writes `1:active` as the fence of a new account unless it has one.
+    /// Returns the fence the account has afterwards.
+    pub async fn create_fence(&self, account: &AccountId, epoch: Epoch) -> Result<Fence> {
+        let key = fence_key(account);
+        let txn = Txn::new()
+            .when([Compare::version(key.clone(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(
+                key.clone(),
+                Fence::active(epoch).to_string(),
+                None,
+            )])
+            .or_else([TxnOp::get(key, None)]);
+        let resp = self.client.clone().txn(txn).await?;
+        if resp.succeeded() {
+            return Ok(Fence::active(epoch));
+        }
+        for op in resp.op_responses() {
+            if let TxnOpResponse::Get(g) = op
+                && let Some(kv) = g.kvs().first()
+            {
+                return Fence::parse(kv.value()).map_err(|e| RouterError::Internal(e.to_string()));
+            }
+        }
+        Err(RouterError::Internal(format!(
+            "fence of {account} vanished during creation"
+        )))
+    }
+
+    /// Removes a fence this router created for an account that ended up homed
+    /// elsewhere (a lost creation race), if nothing wrote to it since.
+    pub async fn remove_unused_fence(&self, account: &AccountId) -> Result<()> {
+        let key = fence_key(account);
+        let txn = Txn::new()
+            .when([Compare::version(key.clone(), CompareOp::Equal, 1)])
+            .and_then([TxnOp::delete(key, None)]);
+        self.client.clone().txn(txn).await?;
+        Ok(())
+    }
+
+    /// A range read under the fence, for List.
+    pub fn range_op(start: &str, end: &[u8], limit: i64) -> TxnOp {
+        TxnOp::get(
+            start,
+            Some(GetOptions::new().with_range(end).with_limit(limit)),
+        )
+    }
+}
