@@ -14,11 +14,7 @@ need() {
 need cargo "install Rust (rustup) 1.89 or newer"
 need go "install Go 1.26 or newer (it builds the pinned etcd and kube-apiserver)"
 
-# Scripts are linted with ShellCheck; install it from Debian when we can.
-if ! command -v shellcheck >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-  echo "test.sh: installing shellcheck"
-  (apt-get install -y -qq shellcheck >/dev/null 2>&1 || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq shellcheck >/dev/null 2>&1; }) || true
-fi
+e2e/install-deps.sh
 
 start=$SECONDS
 step() { echo; echo "== $* ($((SECONDS - start)) s)"; }

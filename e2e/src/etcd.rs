@@ -79,7 +79,7 @@ pub(crate) fn wait_until(
 
 /// A plain-HTTP GET on loopback that returns whether the answer was 200. The
 /// harness keeps to std here so that it needs no runtime to start servers.
-fn http_get_ok(url: &str) -> bool {
+pub(crate) fn http_get_ok(url: &str) -> bool {
     use std::io::{Read, Write};
     let Some(rest) = url.strip_prefix("http://") else {
         return false;

@@ -10,8 +10,11 @@ pub mod assets;
 pub mod certs;
 pub mod controlplane;
 pub mod etcd;
+pub mod etcd_cluster;
+pub mod local;
 pub mod operator;
 pub mod process;
+pub mod toxiproxy;
 
 pub use controlplane::ControlPlane;
 

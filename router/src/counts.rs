@@ -12,10 +12,13 @@ use tern_common::{AccountId, RegionName};
 /// Buckets per window: counts age out in steps of window / BUCKETS.
 const BUCKETS: u64 = 24;
 
+/// (bucket number, writes in it), oldest first.
+type Buckets = Vec<(u64, u64)>;
+
 pub struct WriteCounts {
     bucket_secs: u64,
     max_accounts: usize,
-    inner: Mutex<HashMap<AccountId, HashMap<RegionName, Vec<(u64, u64)>>>>,
+    inner: Mutex<HashMap<AccountId, HashMap<RegionName, Buckets>>>,
 }
 
 impl WriteCounts {

@@ -42,6 +42,8 @@ pub enum ForwardFailure {
     NotSent(String),
     /// The link failed and the request may have been applied.
     Unknown(String),
+    /// The deadline passed while waiting for the home region's answer.
+    Deadline,
 }
 
 pub struct Forwarder {
@@ -162,6 +164,12 @@ impl Forwarder {
             Err(status) if status.metadata().get(MOVED).is_some() => Err(ForwardFailure::Moved),
             Err(status) if status.metadata().get(SERVED_BY).is_some() => {
                 Err(ForwardFailure::Answer(status))
+            }
+            Err(status)
+                if status.code() == tonic::Code::Cancelled
+                    || status.code() == tonic::Code::DeadlineExceeded =>
+            {
+                Err(ForwardFailure::Deadline)
             }
             Err(status) => {
                 // No router produced this status: the link failed. Only a

@@ -71,10 +71,14 @@ impl RouterService {
             _ => self.region.clone(),
         };
         let now = Instant::now();
+        // Answer a little before the client gives up, so that it hears
+        // DEADLINE_EXCEEDED (or the result) rather than cancelling blind.
+        let timeout = timeout.min(MAX_DEADLINE);
+        let margin = (timeout / 20).min(Duration::from_millis(50));
         Ok(Call {
             op,
             started: now,
-            deadline: now + timeout.min(MAX_DEADLINE),
+            deadline: now + timeout - margin,
             origin,
             forwarded,
             metadata: md.clone(),
@@ -214,6 +218,7 @@ impl RouterService {
                 }));
             }
             ForwardFailure::Moved => "moved",
+            ForwardFailure::Deadline => "deadline",
             ForwardFailure::NotSent(_) => "not_sent",
             ForwardFailure::Unknown(_) => "unknown",
         };
@@ -247,6 +252,14 @@ impl RouterService {
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 Ok(None)
             }
+            ForwardFailure::Deadline => Err(RouterError::Deadline(format!(
+                "waiting for {home}{}",
+                if write_without_key {
+                    "; the write may or may not have been applied"
+                } else {
+                    ""
+                }
+            ))),
             ForwardFailure::Answer(_) => unreachable!("returned above"),
         }
     }

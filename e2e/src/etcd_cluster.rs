@@ -1,0 +1,169 @@
+//! Real etcd clusters for the data-plane tests and the local demo: N members
+//! on loopback ports from the OS, started with the same member flags the
+//! operator deploys (`tern_operator::etcd_flags::member_args`).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use tern_crds::ClusterMember;
+use tern_operator::etcd_flags::{ClusterState, MemberConfig, member_args};
+
+use crate::etcd::wait_until;
+use crate::process::ChildGuard;
+use crate::{Result, assets};
+
+/// One member: its name, URLs and process.
+pub struct Member {
+    pub name: String,
+    pub client_url: String,
+    pub peer_url: String,
+    args: Vec<String>,
+    log: PathBuf,
+    process: Option<ChildGuard>,
+}
+
+/// A group of etcd members that form one Raft group.
+pub struct EtcdCluster {
+    pub name: String,
+    pub members: Vec<Member>,
+}
+
+/// Raft timing of a cluster.
+#[derive(Clone, Copy, Debug)]
+pub struct Tuning {
+    pub heartbeat_ms: i32,
+    pub election_ms: i32,
+}
+
+impl Default for Tuning {
+    /// Inside a region: etcd's defaults.
+    fn default() -> Self {
+        Self {
+            heartbeat_ms: 100,
+            election_ms: 1000,
+        }
+    }
+}
+
+impl EtcdCluster {
+    /// Starts `size` members with data under `dir` and waits until the group
+    /// has a leader.
+    pub fn start(dir: &Path, name: &str, size: usize, tuning: Tuning) -> Result<Self> {
+        Self::start_with_peer_urls(dir, name, size, tuning, |_, url| url.to_string())
+    }
+
+    /// Like `start`, but the URL that others use to reach member `i` is
+    /// `advertise(i, listen_url)` (a toxiproxy listener, for example).
+    pub fn start_with_peer_urls(
+        dir: &Path,
+        name: &str,
+        size: usize,
+        tuning: Tuning,
+        advertise: impl Fn(usize, &str) -> String,
+    ) -> Result<Self> {
+        let binary = assets::binary("etcd")?;
+        let mut members: Vec<Member> = (0..size)
+            .map(|i| Member {
+                name: format!("{name}-{i}"),
+                client_url: format!("http://127.0.0.1:{}", assets::free_port()),
+                peer_url: format!("http://127.0.0.1:{}", assets::free_port()),
+                args: Vec::new(),
+                log: dir.join(format!("{name}-{i}.log")),
+                process: None,
+            })
+            .collect();
+        let initial: Vec<ClusterMember> = members
+            .iter()
+            .enumerate()
+            .map(|(i, m)| ClusterMember {
+                name: m.name.clone(),
+                peer_url: advertise(i, &m.peer_url),
+            })
+            .collect();
+        for (i, m) in members.iter_mut().enumerate() {
+            let data_dir = dir.join(format!("{}.data", m.name));
+            let data_dir = data_dir.to_string_lossy();
+            m.args = member_args(&MemberConfig {
+                name: &m.name,
+                data_dir: &data_dir,
+                listen_client_urls: &m.client_url,
+                listen_peer_urls: &m.peer_url,
+                listen_metrics_urls: None,
+                advertise_client_urls: &m.client_url,
+                advertise_peer_urls: &initial[i].peer_url,
+                initial_cluster: &initial,
+                cluster_token: name,
+                state: ClusterState::New,
+                heartbeat_interval_ms: tuning.heartbeat_ms,
+                election_timeout_ms: tuning.election_ms,
+                unsafe_no_fsync: true,
+            });
+        }
+        let mut cluster = Self {
+            name: name.to_string(),
+            members,
+        };
+        for i in 0..size {
+            cluster.start_member(i, &binary)?;
+        }
+        for i in 0..size {
+            cluster.wait_member(i, Duration::from_secs(60))?;
+        }
+        Ok(cluster)
+    }
+
+    fn start_member(&mut self, i: usize, binary: &Path) -> Result<()> {
+        let m = &mut self.members[i];
+        let mut cmd = Command::new(binary);
+        cmd.args(&m.args);
+        m.process = Some(ChildGuard::spawn(&format!("etcd {}", m.name), cmd, &m.log)?);
+        Ok(())
+    }
+
+    fn wait_member(&mut self, i: usize, limit: Duration) -> Result<()> {
+        let m = &mut self.members[i];
+        let url = format!("{}/health", m.client_url);
+        let name = format!("etcd {}", m.name);
+        let process = m.process.as_mut().expect("started above");
+        wait_until(process, &name, limit, || crate::etcd::http_get_ok(&url))
+    }
+
+    /// Client URLs of every member.
+    pub fn endpoints(&self) -> Vec<String> {
+        self.members.iter().map(|m| m.client_url.clone()).collect()
+    }
+
+    /// Kills member `i` with SIGKILL (kill -9).
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut p) = self.members[i].process.take() {
+            p.kill();
+        }
+    }
+
+    /// Restarts a killed member with its data.
+    pub fn restart(&mut self, i: usize) -> Result<()> {
+        let binary = assets::binary("etcd")?;
+        self.start_member(i, &binary)?;
+        self.wait_member(i, Duration::from_secs(60))
+    }
+
+    /// Index of the member that is the Raft leader now, asked of each member.
+    pub async fn leader(&self) -> Option<usize> {
+        for (i, m) in self.members.iter().enumerate() {
+            if m.process.is_none() {
+                continue;
+            }
+            let Ok(mut c) = etcd_client::Client::connect([m.client_url.as_str()], None).await
+            else {
+                continue;
+            };
+            if let Ok(status) = c.status().await
+                && status.leader() == status.header().map(|h| h.member_id()).unwrap_or(0)
+            {
+                return Some(i);
+            }
+        }
+        None
+    }
+}

@@ -1,0 +1,269 @@
+//! A multi-region deployment on this machine, out of real parts: an etcd
+//! group per region, a directory group, one router per region, and
+//! toxiproxy on every cross-region router link with the injected round trip.
+//! The data-plane tests and `tern demo` both build on it.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Parser;
+use tempfile::TempDir;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use crate::etcd_cluster::{EtcdCluster, Tuning};
+use crate::toxiproxy::Toxiproxy;
+use crate::{HarnessError, Result, assets};
+
+/// A router running in this process.
+pub struct RouterGuard {
+    pub region: String,
+    pub grpc_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<tern_router::Result<()>>>,
+}
+
+impl RouterGuard {
+    /// Starts a router with `args` (flags as on the command line).
+    pub async fn start(args: &[String]) -> Result<Self> {
+        let config = tern_router::Config::try_parse_from(
+            std::iter::once("tern-router".to_string()).chain(args.iter().cloned()),
+        )
+        .map_err(|e| HarnessError::Kubeconfig(format!("router flags: {e}")))?;
+        let region = config.region.to_string();
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let (addr_tx, addr_rx) = oneshot::channel();
+        let task = tokio::spawn(tern_router::server::run(
+            config,
+            async move {
+                let _ = stop_rx.await;
+            },
+            move |running| {
+                let _ = addr_tx.send(running);
+            },
+        ));
+        let running = match tokio::time::timeout(Duration::from_secs(90), addr_rx).await {
+            Ok(Ok(r)) => r,
+            _ => {
+                let why = match tokio::time::timeout(Duration::from_secs(1), task).await {
+                    Ok(Ok(Err(e))) => e.to_string(),
+                    _ => "no answer within 90 s".into(),
+                };
+                return Err(HarnessError::Kubeconfig(format!(
+                    "router {region} did not start: {why}"
+                )));
+            }
+        };
+        Ok(Self {
+            region,
+            grpc_addr: running.grpc_addr,
+            http_addr: running.http_addr,
+            stop: Some(stop_tx),
+            task: Some(task),
+        })
+    }
+
+    /// Stops gracefully, letting in-flight calls finish.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+
+    /// A gRPC client of this router.
+    pub async fn client(
+        &self,
+    ) -> tern_router::pb::router_client::RouterClient<tonic::transport::Channel> {
+        connect(self.grpc_addr).await
+    }
+}
+
+impl Drop for RouterGuard {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// A client of the router at `addr`.
+pub async fn connect(
+    addr: SocketAddr,
+) -> tern_router::pb::router_client::RouterClient<tonic::transport::Channel> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .expect("a socket address is a valid URI")
+        .tcp_nodelay(true)
+        .connect_lazy();
+    tern_router::pb::router_client::RouterClient::new(channel)
+}
+
+/// One region of a local deployment.
+pub struct LocalRegion {
+    pub name: String,
+    pub group: EtcdCluster,
+    pub router: Option<RouterGuard>,
+    /// Router flags, kept to restart it.
+    pub router_args: Vec<String>,
+}
+
+/// Layout of a local deployment.
+#[derive(Clone, Debug)]
+pub struct Layout {
+    /// Regions and the members of each region's group.
+    pub regions: Vec<(String, usize)>,
+    /// Directory members (spread over the regions in order).
+    pub directory_members: usize,
+    /// Round trip between two regions, in ms, keyed by the pair in either order.
+    pub rtt_ms: BTreeMap<(String, String), u64>,
+}
+
+impl Layout {
+    pub fn rtt(&self, a: &str, b: &str) -> u64 {
+        self.rtt_ms
+            .get(&(a.to_string(), b.to_string()))
+            .or_else(|| self.rtt_ms.get(&(b.to_string(), a.to_string())))
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
+/// A running local deployment. Dropping it stops every process it started.
+pub struct LocalDeployment {
+    pub layout: Layout,
+    pub regions: Vec<LocalRegion>,
+    pub directory: EtcdCluster,
+    pub toxiproxy: Toxiproxy,
+    /// Proxy name of the link from region a to region b's router.
+    pub links: BTreeMap<(String, String), String>,
+    pub dir: TempDir,
+}
+
+impl LocalDeployment {
+    /// Starts everything and waits until every router serves.
+    pub async fn start(layout: Layout) -> Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix("tern-local-")
+            .tempdir()
+            .map_err(|source| HarnessError::Io {
+                path: std::env::temp_dir().display().to_string(),
+                source,
+            })?;
+        let toxiproxy = Toxiproxy::start(dir.path())?;
+        let directory = EtcdCluster::start(
+            dir.path(),
+            "directory",
+            layout.directory_members,
+            Tuning::default(),
+        )?;
+        let mut regions = Vec::new();
+        for (name, members) in &layout.regions {
+            regions.push(LocalRegion {
+                name: name.clone(),
+                group: EtcdCluster::start(dir.path(), name, *members, Tuning::default())?,
+                router: None,
+                router_args: Vec::new(),
+            });
+        }
+        // Router ports are chosen first, so that proxies can point at them.
+        let grpc_ports: Vec<u16> = regions.iter().map(|_| assets::free_port()).collect();
+        let mut links = BTreeMap::new();
+        let mut peers: Vec<Vec<String>> = vec![Vec::new(); regions.len()];
+        for (i, from) in regions.iter().enumerate() {
+            for (j, to) in regions.iter().enumerate() {
+                if i == j {
+                    continue;
+                }
+                let name = format!("{}-to-{}", from.name, to.name);
+                let listen = toxiproxy
+                    .proxy(&name, &format!("127.0.0.1:{}", grpc_ports[j]))
+                    .await?;
+                let rtt = layout.rtt(&from.name, &to.name);
+                if rtt > 0 {
+                    toxiproxy.round_trip(&name, rtt).await?;
+                }
+                peers[i].push(format!("--peer={}={listen}", to.name));
+                links.insert((from.name.clone(), to.name.clone()), name);
+            }
+        }
+        let directory_endpoints = directory.endpoints().join(",");
+        for (i, region) in regions.iter_mut().enumerate() {
+            let mut args = vec![
+                format!("--region={}", region.name),
+                format!("--listen=127.0.0.1:{}", grpc_ports[i]),
+                "--http-addr=127.0.0.1:0".to_string(),
+                format!("--group-endpoints={}", region.group.endpoints().join(",")),
+                format!("--directory-endpoints={directory_endpoints}"),
+                format!("--advertise=127.0.0.1:{}", grpc_ports[i]),
+                "--log-format=text".to_string(),
+            ];
+            args.extend(peers[i].iter().cloned());
+            region.router = Some(RouterGuard::start(&args).await?);
+            region.router_args = args;
+        }
+        Ok(Self {
+            layout,
+            regions,
+            directory,
+            toxiproxy,
+            links,
+            dir,
+        })
+    }
+
+    pub fn region(&self, name: &str) -> &LocalRegion {
+        self.regions
+            .iter()
+            .find(|r| r.name == name)
+            .expect("a region of the layout")
+    }
+
+    pub fn region_mut(&mut self, name: &str) -> &mut LocalRegion {
+        self.regions
+            .iter_mut()
+            .find(|r| r.name == name)
+            .expect("a region of the layout")
+    }
+
+    /// A client of `region`'s router.
+    pub async fn client(
+        &self,
+        region: &str,
+    ) -> tern_router::pb::router_client::RouterClient<tonic::transport::Channel> {
+        self.region(region)
+            .router
+            .as_ref()
+            .expect("router running")
+            .client()
+            .await
+    }
+
+    /// An etcd client of `region`'s group.
+    pub async fn group_client(&self, region: &str) -> etcd_client::Client {
+        etcd_client::Client::connect(self.region(region).group.endpoints(), None)
+            .await
+            .expect("the group answers")
+    }
+
+    /// An etcd client of the directory.
+    pub async fn directory_client(&self) -> etcd_client::Client {
+        etcd_client::Client::connect(self.directory.endpoints(), None)
+            .await
+            .expect("the directory answers")
+    }
+
+    /// Stops `region`'s router gracefully and starts it again with the same flags.
+    pub async fn restart_router(&mut self, region: &str) -> Result<()> {
+        let r = self.region_mut(region);
+        if let Some(router) = r.router.take() {
+            router.stop().await;
+        }
+        let args = r.router_args.clone();
+        r.router = Some(RouterGuard::start(&args).await?);
+        Ok(())
+    }
+}

@@ -1,0 +1,528 @@
+//! The data plane against real etcd groups, in-process routers and toxiproxy
+//! links: local and cross-region writes, stale placements, idempotency, bad
+//! input, and faults.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use etcd_client::GetOptions;
+use tern_e2e::local::{Layout, LocalDeployment};
+use tern_e2e::toxiproxy::Stream;
+use tern_router::pb;
+use tonic::Code;
+
+const RTT_MS: u64 = 80;
+
+fn layout(us_east_members: usize) -> Layout {
+    Layout {
+        regions: vec![("us-east".into(), us_east_members), ("eu-west".into(), 1)],
+        directory_members: 1,
+        rtt_ms: BTreeMap::from([(("us-east".into(), "eu-west".into()), RTT_MS)]),
+    }
+}
+
+async fn start(us_east_members: usize) -> LocalDeployment {
+    tern_e2e::init_logs();
+    LocalDeployment::start(layout(us_east_members))
+        .await
+        .expect("deployment starts")
+}
+
+async fn create(d: &LocalDeployment, via: &str, account: &str, home: &str) {
+    let resp = d
+        .client(via)
+        .await
+        .create_account(pb::CreateAccountRequest {
+            account: account.into(),
+            home_region: home.into(),
+            allowed_regions: vec![],
+        })
+        .await
+        .expect("account created")
+        .into_inner();
+    assert_eq!((resp.home_region.as_str(), resp.epoch), (home, 1));
+}
+
+fn put(account: &str, key: &str, value: &str, idem: &str) -> pb::PutRequest {
+    pb::PutRequest {
+        account: account.into(),
+        key: key.into(),
+        value: value.as_bytes().to_vec(),
+        idempotency_key: idem.into(),
+    }
+}
+
+/// Every key under /tern/a/ in a group, with its value and version.
+async fn account_keys(d: &LocalDeployment, region: &str) -> BTreeMap<String, (Vec<u8>, i64)> {
+    let mut c = d.group_client(region).await;
+    let resp = c
+        .get("/tern/a/", Some(GetOptions::new().with_prefix()))
+        .await
+        .expect("range read");
+    resp.kvs()
+        .iter()
+        .map(|kv| {
+            (
+                String::from_utf8_lossy(kv.key()).into_owned(),
+                (kv.value().to_vec(), kv.version()),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_and_cross_region_writes() {
+    let d = start(1).await;
+    create(&d, "us-east", "acct-1", "us-east").await;
+    // Created through the other region: forwarded to the home, which writes
+    // the fence in its own group.
+    create(&d, "eu-west", "acct-2", "us-east").await;
+
+    // Local write: committed in the home group, visible to a strong read.
+    let mut us = d.client("us-east").await;
+    let resp = us
+        .put(put("acct-1", "balance", "100", ""))
+        .await
+        .expect("local put")
+        .into_inner();
+    let meta = resp.meta.expect("meta");
+    assert_eq!(
+        (meta.home_region.as_str(), meta.forwarded, meta.replayed),
+        ("us-east", false, false)
+    );
+    let got = us
+        .get(pb::GetRequest {
+            account: "acct-1".into(),
+            key: "balance".into(),
+            read: None,
+        })
+        .await
+        .expect("get")
+        .into_inner();
+    assert!(got.found);
+    assert_eq!(got.value, b"100");
+    assert!(got.mod_revision >= meta.revision);
+    let keys = account_keys(&d, "us-east").await;
+    assert_eq!(keys["/tern/a/acct-1/d/balance"].0, b"100");
+    assert_eq!(keys["/tern/a/acct-1/fence"].0, b"1:active");
+    assert!(
+        account_keys(&d, "eu-west").await.is_empty(),
+        "nothing lands outside the home group"
+    );
+
+    // Cross-region write: from eu-west, forwarded once, at least one RTT.
+    let mut eu = d.client("eu-west").await;
+    eu.put(put("acct-1", "warmup", "x", ""))
+        .await
+        .expect("warm the pooled channel");
+    let started = Instant::now();
+    let resp = eu
+        .put(put("acct-1", "balance", "90", ""))
+        .await
+        .expect("proxied put")
+        .into_inner();
+    let elapsed = started.elapsed();
+    assert!(resp.meta.expect("meta").forwarded);
+    assert!(
+        elapsed >= Duration::from_millis(RTT_MS),
+        "a proxied write took {elapsed:?}, less than the injected {RTT_MS} ms"
+    );
+    assert!(
+        elapsed < Duration::from_millis(3 * RTT_MS),
+        "a proxied write took {elapsed:?}: more than one round trip"
+    );
+    assert_eq!(
+        account_keys(&d, "us-east").await["/tern/a/acct-1/d/balance"].0,
+        b"90"
+    );
+    assert!(account_keys(&d, "eu-west").await.is_empty());
+
+    // List pages through an account's keys by prefix, from either region.
+    for i in 0..5 {
+        us.put(put("acct-2", &format!("item:{i}"), "v", ""))
+            .await
+            .expect("put");
+    }
+    let page = eu
+        .list(pb::ListRequest {
+            account: "acct-2".into(),
+            prefix: "item:".into(),
+            limit: 3,
+            page_token: String::new(),
+            read: None,
+        })
+        .await
+        .expect("list")
+        .into_inner();
+    assert_eq!(
+        page.items
+            .iter()
+            .map(|kv| kv.key.as_str())
+            .collect::<Vec<_>>(),
+        ["item:0", "item:1", "item:2"]
+    );
+    let rest = eu
+        .list(pb::ListRequest {
+            account: "acct-2".into(),
+            prefix: "item:".into(),
+            limit: 3,
+            page_token: page.next_page_token,
+            read: None,
+        })
+        .await
+        .expect("second page")
+        .into_inner();
+    assert_eq!(rest.items.len(), 2);
+    assert!(rest.next_page_token.is_empty());
+
+    // Txn: compares hold → applied; a failed compare → FAILED_PRECONDITION.
+    let txn = |expected: &str| pb::TxnRequest {
+        account: "acct-1".into(),
+        compares: vec![pb::Compare {
+            key: "balance".into(),
+            target: pb::compare::Target::Value as i32,
+            op: pb::compare::Op::Equal as i32,
+            value: expected.as_bytes().to_vec(),
+            number: 0,
+        }],
+        ops: vec![
+            pb::Operation {
+                op: Some(pb::operation::Op::Put(pb::PutOp {
+                    key: "balance".into(),
+                    value: b"80".to_vec(),
+                })),
+            },
+            pb::Operation {
+                op: Some(pb::operation::Op::Get(pb::GetOp {
+                    key: "balance".into(),
+                })),
+            },
+        ],
+        idempotency_key: String::new(),
+    };
+    let ok = eu.txn(txn("90")).await.expect("txn applies").into_inner();
+    assert_eq!(ok.gets[0].value, b"80");
+    let err = eu.txn(txn("90")).await.expect_err("stale compare");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err}");
+
+    // Delete reports whether the key existed.
+    let del = eu
+        .delete(pb::DeleteRequest {
+            account: "acct-1".into(),
+            key: "balance".into(),
+            idempotency_key: "del-1".into(),
+        })
+        .await
+        .expect("delete")
+        .into_inner();
+    assert!(del.existed);
+    let again = eu
+        .delete(pb::DeleteRequest {
+            account: "acct-1".into(),
+            key: "balance".into(),
+            idempotency_key: "del-1".into(),
+        })
+        .await
+        .expect("replayed delete")
+        .into_inner();
+    assert!(
+        again.existed && again.meta.expect("meta").replayed,
+        "a replay answers as the first call did"
+    );
+
+    // Unknown accounts are NOT_FOUND; creating an account homed elsewhere is refused.
+    let err = eu
+        .put(put("nobody", "k", "v", ""))
+        .await
+        .expect_err("unknown account");
+    assert_eq!(err.code(), Code::NotFound);
+    let err = us
+        .create_account(pb::CreateAccountRequest {
+            account: "acct-1".into(),
+            home_region: "eu-west".into(),
+            allowed_regions: vec![],
+        })
+        .await
+        .expect_err("exists elsewhere");
+    assert_eq!(err.code(), Code::AlreadyExists);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_placement_is_refused_by_the_fence() {
+    let d = start(1).await;
+    create(&d, "eu-west", "acct-1", "us-east").await;
+    let mut eu = d.client("eu-west").await;
+    eu.put(put("acct-1", "k", "before", ""))
+        .await
+        .expect("put at epoch 1");
+
+    // The account's fence moves on (as a migration would) while every
+    // router's placement still says epoch 1.
+    let mut group = d.group_client("us-east").await;
+    group
+        .put("/tern/a/acct-1/fence", "2:active", None)
+        .await
+        .expect("fence to epoch 2");
+    let mut request = tonic::Request::new(put("acct-1", "k", "stale", ""));
+    request.set_timeout(Duration::from_millis(500));
+    let err = eu
+        .put(request)
+        .await
+        .expect_err("a write under the old epoch fails");
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err}");
+    assert_eq!(
+        account_keys(&d, "us-east").await["/tern/a/acct-1/d/k"].0,
+        b"before",
+        "never applied under the old epoch"
+    );
+
+    // Once the directory says epoch 2, the router refreshes and the write goes through.
+    let mut dir = d.directory_client().await;
+    dir.put(
+        "/tern/dir/accounts/acct-1",
+        r#"{"home":"us-east","epoch":2,"state":{"kind":"active"}}"#,
+        None,
+    )
+    .await
+    .expect("directory at epoch 2");
+    let resp = eu
+        .put(put("acct-1", "k", "after", ""))
+        .await
+        .expect("write at epoch 2")
+        .into_inner();
+    assert_eq!(resp.meta.expect("meta").epoch, 2);
+    assert_eq!(
+        account_keys(&d, "us-east").await["/tern/a/acct-1/d/k"].0,
+        b"after"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotent_writes_apply_once_even_when_the_answer_is_lost() {
+    let d = start(1).await;
+    create(&d, "us-east", "acct-1", "us-east").await;
+    let mut eu = d.client("eu-west").await;
+
+    let first = eu
+        .put(put("acct-1", "k", "v1", "op-1"))
+        .await
+        .expect("first")
+        .into_inner()
+        .meta
+        .expect("meta");
+    let second = eu
+        .put(put("acct-1", "k", "v1", "op-1"))
+        .await
+        .expect("retry")
+        .into_inner()
+        .meta
+        .expect("meta");
+    assert!(!first.replayed && second.replayed);
+    assert_eq!(
+        first.revision, second.revision,
+        "the replay answers with the first result"
+    );
+    assert_eq!(
+        account_keys(&d, "us-east").await["/tern/a/acct-1/d/k"].1,
+        1,
+        "applied once"
+    );
+
+    // The same key for a different write is refused, not answered wrongly.
+    let err = eu
+        .put(put("acct-1", "k", "other", "op-1"))
+        .await
+        .expect_err("reused key");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err}");
+
+    // Lose the answer: the home applies the write, the link drops what it sends back.
+    let link = &d.links[&("eu-west".to_string(), "us-east".to_string())];
+    d.toxiproxy
+        .blackhole(link, Stream::Downstream)
+        .await
+        .expect("cut the answers");
+    let mut request = tonic::Request::new(put("acct-1", "k", "v2", "op-2"));
+    request.set_timeout(Duration::from_millis(800));
+    let err = eu.put(request).await.expect_err("no answer comes back");
+    assert!(
+        matches!(
+            err.code(),
+            Code::DeadlineExceeded | Code::Unavailable | Code::Unknown
+        ),
+        "{err}"
+    );
+    d.toxiproxy
+        .remove_toxic(link, "blackhole_downstream")
+        .await
+        .expect("heal");
+    d.toxiproxy
+        .set_enabled(link, false)
+        .await
+        .expect("drop the stuck connection");
+    d.toxiproxy.set_enabled(link, true).await.expect("reopen");
+    let retry = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match eu.put(put("acct-1", "k", "v2", "op-2")).await {
+                Ok(r) => break r.into_inner().meta.expect("meta"),
+                Err(e)
+                    if matches!(
+                        e.code(),
+                        Code::Unavailable
+                            | Code::DeadlineExceeded
+                            | Code::Unknown
+                            | Code::Cancelled
+                    ) =>
+                {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("retry failed: {e}"),
+            }
+        }
+    })
+    .await
+    .expect("the retry goes through once the link heals");
+    assert!(
+        retry.replayed,
+        "the first attempt had been applied; the retry must not apply it again"
+    );
+    let keys = account_keys(&d, "us-east").await;
+    assert_eq!(
+        keys["/tern/a/acct-1/d/k"],
+        (b"v2".to_vec(), 2),
+        "v2 applied exactly once"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_refused_and_writes_nothing() {
+    let d = start(1).await;
+    create(&d, "us-east", "acct-1", "us-east").await;
+    let before_us = account_keys(&d, "us-east").await;
+    let before_eu = account_keys(&d, "eu-west").await;
+    let mut eu = d.client("eu-west").await;
+    let big = "x".repeat(1024 * 1024 + 1);
+    let long_key = "k".repeat(513);
+    let cases: Vec<(pb::PutRequest, &str)> = vec![
+        (put("", "k", "v", ""), "account is empty"),
+        (
+            put("acct-1/../acct-2", "k", "v", ""),
+            "account contains '/'",
+        ),
+        (put("acct..1", "k", "v", ""), "'..'"),
+        (put("acct\u{0}1", "k", "v", ""), "control character"),
+        (put("acct 1", "k", "v", ""), "letters, digits"),
+        (put(&"a".repeat(129), "k", "v", ""), "limit is 128"),
+        (put("acct-1", "", "v", ""), "key is empty"),
+        (put("acct-1", "../fence", "v", ""), "'/'"),
+        (put("acct-1", "a/b", "v", ""), "'/'"),
+        (put("acct-1", "..", "v", ""), "'..'"),
+        (put("acct-1", "k\n", "v", ""), "control character"),
+        (put("acct-1", &long_key, "v", ""), "limit is 512"),
+        (put("acct-1", "k", &big, ""), "value is"),
+        (put("acct-1", "k", "v", "bad/idem"), "idempotency_key"),
+    ];
+    for (request, needle) in cases {
+        let label = format!(
+            "{:?}/{:?}",
+            request.account.chars().take(20).collect::<String>(),
+            request.key.chars().take(20).collect::<String>()
+        );
+        let err = eu.put(request).await.expect_err(&label);
+        assert_eq!(err.code(), Code::InvalidArgument, "{label}: {err}");
+        assert!(
+            err.message().contains(needle),
+            "{label}: `{}` does not say `{needle}`",
+            err.message()
+        );
+    }
+    let err = eu
+        .create_account(pb::CreateAccountRequest {
+            account: "acct-9".into(),
+            home_region: "Mars".into(),
+            allowed_regions: vec![],
+        })
+        .await
+        .expect_err("bad region");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("region"), "{}", err.message());
+    assert_eq!(
+        before_us,
+        account_keys(&d, "us-east").await,
+        "no write in the home group"
+    );
+    assert_eq!(
+        before_eu,
+        account_keys(&d, "eu-west").await,
+        "no write in the other group"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_writes_survive_a_leader_kill_and_a_router_restart() {
+    let mut d = start(3).await;
+    create(&d, "us-east", "acct-1", "us-east").await;
+    let mut us = d.client("us-east").await;
+    let mut acknowledged = Vec::new();
+    let mut killed = None;
+    for i in 0..60 {
+        if i == 20 {
+            let leader = d.region("us-east").group.leader().await.expect("a leader");
+            d.region_mut("us-east").group.kill(leader);
+            killed = Some(leader);
+        }
+        // A client that retries with the same idempotency key until the
+        // write is acknowledged, as a payments client would.
+        let key = format!("tx-{i}");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let mut request = tonic::Request::new(put("acct-1", &key, &i.to_string(), &key));
+            request.set_timeout(Duration::from_secs(2));
+            match us.put(request).await {
+                Ok(_) => {
+                    acknowledged.push(key.clone());
+                    break;
+                }
+                Err(e)
+                    if Instant::now() < deadline
+                        && matches!(
+                            e.code(),
+                            Code::Unavailable
+                                | Code::Unknown
+                                | Code::DeadlineExceeded
+                                | Code::Cancelled
+                        ) =>
+                {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("write {key} failed for good: {e}"),
+            }
+        }
+    }
+    assert_eq!(acknowledged.len(), 60, "writes resume after re-election");
+    d.region_mut("us-east")
+        .group
+        .restart(killed.expect("killed one"))
+        .expect("the member rejoins");
+    d.restart_router("us-east").await.expect("router restarts");
+    let mut us = d.client("us-east").await;
+    for key in &acknowledged {
+        let got = us
+            .get(pb::GetRequest {
+                account: "acct-1".into(),
+                key: key.clone(),
+                read: None,
+            })
+            .await
+            .expect("read after restart")
+            .into_inner();
+        assert!(got.found, "acknowledged write {key} is lost");
+    }
+    let keys = account_keys(&d, "us-east").await;
+    for key in &acknowledged {
+        assert_eq!(
+            keys[&format!("/tern/a/acct-1/d/{key}")].1,
+            1,
+            "{key} applied more than once"
+        );
+    }
+}
