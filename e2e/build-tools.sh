@@ -2,8 +2,8 @@
 # Builds the real components that tern's tests and local demo run, from the Go
 # module proxy, at the versions pinned by the go.mod files under
 # e2e/controlplane/: kube-apiserver and kubectl (Kubernetes v1.37), etcd and
-# etcdctl (v3.6), toxiproxy-server (v2.5). Each module is built only when its pin changed or a binary is
-# missing, so a warm run costs a few hashes.
+# etcdctl (v3.6), toxiproxy-server (v2.5). Each module is built only when its
+# pin changed or a binary is missing, so a warm run costs a few hashes.
 #
 # Output: $TERN_ASSETS (default: <repo>/target/controlplane/bin).
 # Usage:  e2e/build-tools.sh [module ...]   (default: every module)

@@ -1,0 +1,333 @@
+//! `tern demo`: a three-region deployment on this machine out of the real
+//! parts (an etcd group of three members per region, a directory group,
+//! routers, toxiproxy on every cross-region router link with round trips
+//! from published cloud tables), a workload from clients in every region,
+//! and a live table of what it measures. Ctrl-C, or the end of --duration,
+//! stops every process it started.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use rand::Rng;
+use tern_e2e::local::{Layout, LocalDeployment};
+use tern_router::pb;
+
+use crate::CliError;
+
+#[derive(Args, Debug)]
+pub struct DemoArgs {
+    /// How long the workload runs, in seconds.
+    #[arg(long, default_value_t = 30)]
+    duration: u64,
+    /// Keep the deployment up after the workload and print its endpoints,
+    /// until Ctrl-C.
+    #[arg(long)]
+    keep: bool,
+    /// Round trips between regions in ms, as A:B=MS, comma separated.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "us-east:eu-west=80,us-east:ap-south=220,eu-west:ap-south=180"
+    )]
+    rtt: Vec<String>,
+    /// etcd members per region group.
+    #[arg(long, default_value_t = 3)]
+    members: usize,
+    /// Concurrent clients per region.
+    #[arg(long, default_value_t = 4)]
+    clients: usize,
+    /// Accounts homed in each region.
+    #[arg(long, default_value_t = 3)]
+    accounts: usize,
+    /// Share of writes a client sends to accounts homed in other regions, 0-100.
+    #[arg(long, default_value_t = 20)]
+    remote_percent: u32,
+}
+
+const REGIONS: [&str; 3] = ["us-east", "eu-west", "ap-south"];
+
+/// Latencies and errors of one region's clients.
+#[derive(Default)]
+struct Sample {
+    local_us: Vec<u32>,
+    proxied_us: Vec<u32>,
+    errors: u64,
+}
+
+impl Sample {
+    fn merge(&mut self, other: &Sample) {
+        self.local_us.extend_from_slice(&other.local_us);
+        self.proxied_us.extend_from_slice(&other.proxied_us);
+        self.errors += other.errors;
+    }
+}
+
+fn parse_rtt(specs: &[String]) -> Result<BTreeMap<(String, String), u64>, CliError> {
+    let mut out = BTreeMap::new();
+    for spec in specs {
+        let bad = || {
+            CliError::Usage(format!(
+                "--rtt `{spec}` is not A:B=MS (for example us-east:eu-west=80)"
+            ))
+        };
+        let (pair, ms) = spec.split_once('=').ok_or_else(bad)?;
+        let (a, b) = pair.split_once(':').ok_or_else(bad)?;
+        if !REGIONS.contains(&a) || !REGIONS.contains(&b) || a == b {
+            return Err(CliError::Usage(format!(
+                "--rtt `{spec}`: regions are {}",
+                REGIONS.join(", ")
+            )));
+        }
+        out.insert(
+            (a.to_string(), b.to_string()),
+            ms.parse().map_err(|_| bad())?,
+        );
+    }
+    Ok(out)
+}
+
+fn percentile(sorted: &[u32], p: f64) -> Option<f64> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    Some(f64::from(sorted[i]) / 1000.0)
+}
+
+fn ms(v: Option<f64>) -> String {
+    v.map(|v| format!("{v:.1} ms"))
+        .unwrap_or_else(|| "-".into())
+}
+
+fn table(title: &str, samples: &BTreeMap<&str, Sample>, seconds: f64) -> String {
+    let mut out = format!(
+        "{title}\n  {:<9} {:>7} {:>10} {:>10} {:>12} {:>12} {:>7}\n",
+        "region", "ops/s", "local p50", "local p99", "proxied p50", "proxied p99", "errors"
+    );
+    for region in REGIONS {
+        let s = &samples[region];
+        let mut local = s.local_us.clone();
+        let mut proxied = s.proxied_us.clone();
+        local.sort_unstable();
+        proxied.sort_unstable();
+        let ops = (local.len() + proxied.len()) as f64 / seconds.max(0.001);
+        out.push_str(&format!(
+            "  {:<9} {:>7.0} {:>10} {:>10} {:>12} {:>12} {:>7}\n",
+            region,
+            ops,
+            ms(percentile(&local, 0.5)),
+            ms(percentile(&local, 0.99)),
+            ms(percentile(&proxied, 0.5)),
+            ms(percentile(&proxied, 0.99)),
+            s.errors
+        ));
+    }
+    out
+}
+
+pub async fn run(args: DemoArgs) -> Result<(), CliError> {
+    let rtt = parse_rtt(&args.rtt)?;
+    if args.remote_percent > 100 || args.members == 0 || args.clients == 0 || args.accounts == 0 {
+        return Err(CliError::Usage(
+            "--remote-percent is 0-100; --members, --clients and --accounts are at least 1".into(),
+        ));
+    }
+    ensure_binaries()?;
+    println!(
+        "tern demo: starting 3 regions × {} etcd members, a 3-member directory, 3 routers, toxiproxy links",
+        args.members
+    );
+    for ((a, b), ms) in &rtt {
+        println!("  round trip {a} ↔ {b}: {ms} ms");
+    }
+    let layout = Layout {
+        regions: REGIONS
+            .iter()
+            .map(|r| (r.to_string(), args.members))
+            .collect(),
+        directory_members: 3,
+        rtt_ms: rtt,
+    };
+    let deployment = tokio::select! {
+        d = LocalDeployment::start(layout) => d?,
+        _ = tokio::signal::ctrl_c() => return Err(CliError::Setup("interrupted while starting".into())),
+    };
+    let outcome = drive(&deployment, &args).await;
+    if outcome.is_ok() && args.keep {
+        println!("\nThe deployment stays up until Ctrl-C. Routers:");
+        for r in &deployment.regions {
+            if let Some(router) = &r.router {
+                println!(
+                    "  {:<9} {}   (metrics: http://{}/metrics)",
+                    r.name, router.grpc_addr, router.http_addr
+                );
+            }
+        }
+        let example = deployment.regions[1]
+            .router
+            .as_ref()
+            .map(|r| r.grpc_addr.to_string())
+            .unwrap_or_default();
+        println!(
+            "Try: tern put --router {example} acct-us-east-0 greeting hello && tern get --router {example} acct-us-east-0 greeting"
+        );
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    println!("tern demo: stopping every process it started");
+    drop(deployment);
+    outcome
+}
+
+async fn drive(d: &LocalDeployment, args: &DemoArgs) -> Result<(), CliError> {
+    // Accounts homed in each region, created through that region's router.
+    let mut accounts: Vec<(String, String)> = Vec::new();
+    for region in REGIONS {
+        let mut c = d.client(region).await;
+        for i in 0..args.accounts {
+            let account = format!("acct-{region}-{i}");
+            c.create_account(pb::CreateAccountRequest {
+                account: account.clone(),
+                home_region: region.to_string(),
+                allowed_regions: vec![],
+            })
+            .await?;
+            accounts.push((account, region.to_string()));
+        }
+    }
+    println!(
+        "created {} accounts; running the workload for {} s (Ctrl-C stops)\n",
+        accounts.len(),
+        args.duration
+    );
+
+    let samples: Arc<BTreeMap<&str, Mutex<Sample>>> =
+        Arc::new(REGIONS.iter().map(|r| (*r, Mutex::default())).collect());
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let accounts = Arc::new(accounts);
+    let mut workers = Vec::new();
+    for region in REGIONS {
+        for client_id in 0..args.clients {
+            let mut c = d.client(region).await;
+            let samples = samples.clone();
+            let stop = stop.clone();
+            let accounts = accounts.clone();
+            let remote = args.remote_percent;
+            workers.push(tokio::spawn(async move {
+                let mut n = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let (account, _) = {
+                        let mut rng = rand::rng();
+                        let want_remote = rng.random_range(0..100) < remote;
+                        let pool: Vec<&(String, String)> = accounts
+                            .iter()
+                            .filter(|(_, home)| (home != region) == want_remote)
+                            .collect();
+                        pool[rng.random_range(0..pool.len())].clone()
+                    };
+                    n += 1;
+                    let key = format!("{region}-{client_id}-{n}");
+                    let mut request = tonic::Request::new(pb::PutRequest {
+                        account,
+                        key: format!("k{}", n % 64),
+                        value: n.to_le_bytes().to_vec(),
+                        idempotency_key: key,
+                    });
+                    request.set_timeout(Duration::from_secs(2));
+                    let started = Instant::now();
+                    let result = c.put(request).await;
+                    let us = u32::try_from(started.elapsed().as_micros()).unwrap_or(u32::MAX);
+                    let mut s = samples[region].lock().unwrap_or_else(|e| e.into_inner());
+                    match result {
+                        Ok(r) if r.get_ref().meta.as_ref().is_some_and(|m| m.forwarded) => {
+                            s.proxied_us.push(us)
+                        }
+                        Ok(_) => s.local_us.push(us),
+                        Err(_) => s.errors += 1,
+                    }
+                }
+            }));
+        }
+    }
+
+    let started = Instant::now();
+    let mut total: BTreeMap<&str, Sample> =
+        REGIONS.iter().map(|r| (*r, Sample::default())).collect();
+    let mut interrupted = false;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.tick().await;
+    let mut last = Instant::now();
+    while started.elapsed() < Duration::from_secs(args.duration) {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = tokio::signal::ctrl_c() => { interrupted = true; break; }
+        }
+        let mut interval: BTreeMap<&str, Sample> = BTreeMap::new();
+        for region in REGIONS {
+            let s = std::mem::take(&mut *samples[region].lock().unwrap_or_else(|e| e.into_inner()));
+            total.get_mut(region).expect("every region").merge(&s);
+            interval.insert(region, s);
+        }
+        let secs = last.elapsed().as_secs_f64();
+        last = Instant::now();
+        print!(
+            "{}",
+            table(
+                &format!("t={:>3.0}s", started.elapsed().as_secs_f64()),
+                &interval,
+                secs
+            )
+        );
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for w in workers {
+        let _ = w.await;
+    }
+    for region in REGIONS {
+        let s = std::mem::take(&mut *samples[region].lock().unwrap_or_else(|e| e.into_inner()));
+        total.get_mut(region).expect("every region").merge(&s);
+    }
+    println!(
+        "\n{}",
+        table(
+            "summary (whole run; writes are idempotent puts, 2 s deadline)",
+            &total,
+            started.elapsed().as_secs_f64()
+        )
+    );
+    for ((a, b), rtt) in &d.layout.rtt_ms {
+        println!("  injected round trip {a} ↔ {b}: {rtt} ms");
+    }
+    if interrupted {
+        return Err(CliError::Setup("interrupted".into()));
+    }
+    Ok(())
+}
+
+/// The demo runs the pinned etcd and toxiproxy; build them if they are
+/// missing and the build script is at hand.
+fn ensure_binaries() -> Result<(), CliError> {
+    if tern_e2e::assets::binary("etcd").is_ok()
+        && tern_e2e::assets::binary("toxiproxy-server").is_ok()
+    {
+        return Ok(());
+    }
+    let script = tern_e2e::repo_root().join("e2e/build-tools.sh");
+    if !script.is_file() {
+        return Err(CliError::Setup(format!(
+            "etcd and toxiproxy-server are not in {} and the build script {} is not here: set TERN_ASSETS",
+            tern_e2e::assets::dir().display(),
+            script.display()
+        )));
+    }
+    println!("tern demo: building the pinned etcd and toxiproxy (once)");
+    let status = std::process::Command::new(&script)
+        .args(["etcd", "toxiproxy"])
+        .status()
+        .map_err(|e| CliError::Setup(format!("running {}: {e}", script.display())))?;
+    if !status.success() {
+        return Err(CliError::Setup(format!("{} failed", script.display())));
+    }
+    Ok(())
+}

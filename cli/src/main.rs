@@ -1,0 +1,76 @@
+//! `tern`: the local multi-region demo (`tern demo`) and a small client for
+//! tern's routers (`tern create-account`, `tern put`, `tern get`).
+#![forbid(unsafe_code)]
+
+mod client;
+mod demo;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// tern: a geo-partitioned, multi-region database control plane.
+#[derive(Parser, Debug)]
+#[command(name = "tern", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Start a three-region deployment on this machine (etcd groups, a
+    /// directory group, routers, toxiproxy links with cloud round trips),
+    /// drive a workload from every region, and print what it measures.
+    Demo(demo::DemoArgs),
+    /// Create an account homed in a region.
+    CreateAccount(client::CreateArgs),
+    /// Write a value.
+    Put(client::PutArgs),
+    /// Read a value (strong read from the home region).
+    Get(client::GetArgs),
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Demo(args) => demo::run(args).await,
+        Command::CreateAccount(args) => client::create(args).await,
+        Command::Put(args) => client::put(args).await,
+        Command::Get(args) => client::get(args).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tern: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Errors of the tern command.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error("{0}")]
+    Setup(String),
+    #[error("the router answered {code:?}: {message}")]
+    Rpc { code: tonic::Code, message: String },
+    #[error("{0}")]
+    Usage(String),
+}
+
+impl From<tonic::Status> for CliError {
+    fn from(s: tonic::Status) -> Self {
+        Self::Rpc {
+            code: s.code(),
+            message: s.message().to_string(),
+        }
+    }
+}
+
+impl From<tern_e2e::HarnessError> for CliError {
+    fn from(e: tern_e2e::HarnessError) -> Self {
+        Self::Setup(e.to_string())
+    }
+}
