@@ -73,11 +73,7 @@ pub async fn create(args: CreateArgs) -> Result<(), CliError> {
         resp.account,
         resp.home_region,
         resp.epoch,
-        if resp.created {
-            ""
-        } else {
-            " (already existed)"
-        }
+        if resp.created { "" } else { " (already existed)" }
     );
     Ok(())
 }
@@ -103,11 +99,7 @@ pub async fn put(args: PutArgs) -> Result<(), CliError> {
         m.revision,
         m.epoch,
         if m.forwarded { ", forwarded" } else { "" },
-        if m.replayed {
-            ", replayed: applied before"
-        } else {
-            ""
-        }
+        if m.replayed { ", replayed: applied before" } else { "" }
     );
     Ok(())
 }

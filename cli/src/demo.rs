@@ -67,11 +67,7 @@ impl Sample {
 fn parse_rtt(specs: &[String]) -> Result<BTreeMap<(String, String), u64>, CliError> {
     let mut out = BTreeMap::new();
     for spec in specs {
-        let bad = || {
-            CliError::Usage(format!(
-                "--rtt `{spec}` is not A:B=MS (for example us-east:eu-west=80)"
-            ))
-        };
+        let bad = || CliError::Usage(format!("--rtt `{spec}` is not A:B=MS (for example us-east:eu-west=80)"));
         let (pair, ms) = spec.split_once('=').ok_or_else(bad)?;
         let (a, b) = pair.split_once(':').ok_or_else(bad)?;
         if !REGIONS.contains(&a) || !REGIONS.contains(&b) || a == b {
@@ -80,10 +76,7 @@ fn parse_rtt(specs: &[String]) -> Result<BTreeMap<(String, String), u64>, CliErr
                 REGIONS.join(", ")
             )));
         }
-        out.insert(
-            (a.to_string(), b.to_string()),
-            ms.parse().map_err(|_| bad())?,
-        );
+        out.insert((a.to_string(), b.to_string()), ms.parse().map_err(|_| bad())?);
     }
     Ok(out)
 }
@@ -97,8 +90,7 @@ fn percentile(sorted: &[u32], p: f64) -> Option<f64> {
 }
 
 fn ms(v: Option<f64>) -> String {
-    v.map(|v| format!("{v:.1} ms"))
-        .unwrap_or_else(|| "-".into())
+    v.map(|v| format!("{v:.1} ms")).unwrap_or_else(|| "-".into())
 }
 
 fn table(title: &str, samples: &BTreeMap<&str, Sample>, seconds: f64) -> String {
@@ -143,10 +135,7 @@ pub async fn run(args: DemoArgs) -> Result<(), CliError> {
         println!("  round trip {a} ↔ {b}: {ms} ms");
     }
     let layout = Layout {
-        regions: REGIONS
-            .iter()
-            .map(|r| (r.to_string(), args.members))
-            .collect(),
+        regions: REGIONS.iter().map(|r| (r.to_string(), args.members)).collect(),
         directory_members: 3,
         rtt_ms: rtt,
     };
@@ -240,9 +229,7 @@ async fn drive(d: &LocalDeployment, args: &DemoArgs) -> Result<(), CliError> {
                     let us = u32::try_from(started.elapsed().as_micros()).unwrap_or(u32::MAX);
                     let mut s = samples[region].lock().unwrap_or_else(|e| e.into_inner());
                     match result {
-                        Ok(r) if r.get_ref().meta.as_ref().is_some_and(|m| m.forwarded) => {
-                            s.proxied_us.push(us)
-                        }
+                        Ok(r) if r.get_ref().meta.as_ref().is_some_and(|m| m.forwarded) => s.proxied_us.push(us),
                         Ok(_) => s.local_us.push(us),
                         Err(_) => s.errors += 1,
                     }
@@ -252,8 +239,7 @@ async fn drive(d: &LocalDeployment, args: &DemoArgs) -> Result<(), CliError> {
     }
 
     let started = Instant::now();
-    let mut total: BTreeMap<&str, Sample> =
-        REGIONS.iter().map(|r| (*r, Sample::default())).collect();
+    let mut total: BTreeMap<&str, Sample> = REGIONS.iter().map(|r| (*r, Sample::default())).collect();
     let mut interrupted = false;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.tick().await;
@@ -273,11 +259,7 @@ async fn drive(d: &LocalDeployment, args: &DemoArgs) -> Result<(), CliError> {
         last = Instant::now();
         print!(
             "{}",
-            table(
-                &format!("t={:>3.0}s", started.elapsed().as_secs_f64()),
-                &interval,
-                secs
-            )
+            table(&format!("t={:>3.0}s", started.elapsed().as_secs_f64()), &interval, secs)
         );
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -308,9 +290,7 @@ async fn drive(d: &LocalDeployment, args: &DemoArgs) -> Result<(), CliError> {
 /// The demo runs the pinned etcd and toxiproxy; build them if they are
 /// missing and the build script is at hand.
 fn ensure_binaries() -> Result<(), CliError> {
-    if tern_e2e::assets::binary("etcd").is_ok()
-        && tern_e2e::assets::binary("toxiproxy-server").is_ok()
-    {
+    if tern_e2e::assets::binary("etcd").is_ok() && tern_e2e::assets::binary("toxiproxy-server").is_ok() {
         return Ok(());
     }
     let script = tern_e2e::repo_root().join("e2e/build-tools.sh");

@@ -15,10 +15,7 @@ fn demo_runs_and_cleans_up() {
         .expect("tern runs");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "tern demo failed:\n{stdout}\n{stderr}"
-    );
+    assert!(out.status.success(), "tern demo failed:\n{stdout}\n{stderr}");
     for needle in ["summary", "us-east", "eu-west", "ap-south", "proxied p99"] {
         assert!(stdout.contains(needle), "missing `{needle}` in:\n{stdout}");
     }

@@ -238,10 +238,7 @@ mod tests {
             ("a\u{7}", "control character"),
         ] {
             let err = AccountId::new(bad).expect_err(bad).to_string();
-            assert!(
-                err.contains("account") && err.contains(needle),
-                "{bad:?}: {err}"
-            );
+            assert!(err.contains("account") && err.contains(needle), "{bad:?}: {err}");
         }
         let long = "a".repeat(MAX_ACCOUNT_ID + 1);
         assert!(

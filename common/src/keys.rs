@@ -144,14 +144,8 @@ mod tests {
         let k = UserKey::new("balance").expect("valid");
         assert_eq!(fence_key(&a), "/tern/a/acct-1/fence");
         assert_eq!(data_key(&a, &k), "/tern/a/acct-1/d/balance");
-        assert_eq!(
-            user_key_of(&a, b"/tern/a/acct-1/d/balance").as_deref(),
-            Some("balance")
-        );
-        assert_eq!(
-            account_of_dir_key(b"/tern/dir/accounts/acct-1"),
-            Some(a.clone())
-        );
+        assert_eq!(user_key_of(&a, b"/tern/a/acct-1/d/balance").as_deref(), Some("balance"));
+        assert_eq!(account_of_dir_key(b"/tern/dir/accounts/acct-1"), Some(a.clone()));
         assert!(data_key(&a, &k).starts_with(&account_prefix(&a)));
     }
 

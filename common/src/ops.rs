@@ -39,10 +39,7 @@ pub async fn serve(
         .route("/readyz", get(readyz))
         .with_state(Endpoints { metrics, ready });
     let task = tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown)
-            .await
-        {
+        if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
             tracing::error!(error = %e, "ops endpoint server failed");
         }
     });

@@ -79,10 +79,7 @@ pub struct GeoClusterSpec {
 pub struct RegionSpec {
     /// Region name: a DNS label of at most 20 characters (`us-east`). It names
     /// the region's group, its objects and its etcd members.
-    #[schemars(
-        length(min = 1, max = 20),
-        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-    )]
+    #[schemars(length(min = 1, max = 20), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
     pub name: String,
     /// Availability zones of the region (values of the nodes'
     /// `topology.kubernetes.io/zone` label). Members are spread evenly over them.
@@ -159,10 +156,7 @@ fn default_directory_election_ms() -> i32 {
 #[serde(rename_all = "camelCase")]
 pub struct DirectoryMembers {
     /// A region of `spec.regions`.
-    #[schemars(
-        length(min = 1, max = 20),
-        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-    )]
+    #[schemars(length(min = 1, max = 20), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
     pub region: String,
     /// Directory members in that region.
     #[serde(default = "default_directory_replicas")]
@@ -274,9 +268,7 @@ fn default_max_data_loss_lag() -> String {
 }
 
 /// Whether failover happens without a person.
-#[derive(
-    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq,
-)]
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum FailoverMode {
     /// The successor takes over when the lost region's lease expires.
     Automatic,
@@ -295,10 +287,7 @@ pub enum FailoverMode {
 )]
 pub struct SuccessorOrder {
     /// The region that may be lost.
-    #[schemars(
-        length(min = 1, max = 20),
-        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-    )]
+    #[schemars(length(min = 1, max = 20), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
     pub region: String,
     /// Regions that take its accounts over, in order of preference.
     #[schemars(length(min = 1, max = 15), inner(length(min = 1, max = 20)))]
@@ -307,9 +296,7 @@ pub struct SuccessorOrder {
 }
 
 /// What deleting a GeoCluster does to the volumes.
-#[derive(
-    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq,
-)]
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum DeletionPolicy {
     /// Keep every PersistentVolumeClaim.
     #[default]

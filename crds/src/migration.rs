@@ -36,29 +36,20 @@ pub struct AccountMigrationSpec {
     pub geo_cluster: String,
     /// The account to move: letters, digits and `._:@-`, at most 128
     /// characters, no `..`. Immutable.
-    #[schemars(
-        length(min = 1, max = 128),
-        regex(pattern = r"^[A-Za-z0-9][A-Za-z0-9._:@-]*$")
-    )]
+    #[schemars(length(min = 1, max = 128), regex(pattern = r"^[A-Za-z0-9][A-Za-z0-9._:@-]*$"))]
     #[x_kube(
         validation = Rule::new("self == oldSelf").message("account is immutable: create a new AccountMigration"),
         validation = Rule::new("!self.contains('..')").message("account must not contain '..'")
     )]
     pub account: String,
     /// The region the account moves to. Immutable.
-    #[schemars(
-        length(min = 1, max = 20),
-        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-    )]
+    #[schemars(length(min = 1, max = 20), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
     #[x_kube(validation = Rule::new("self == oldSelf").message("targetRegion is immutable: create a new AccountMigration"))]
     pub target_region: String,
     /// Compare-and-swap guard: the move is refused unless the account is homed
     /// in this region when it starts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(
-        length(min = 1, max = 20),
-        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-    )]
+    #[schemars(length(min = 1, max = 20), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
     pub expected_source_region: Option<String>,
     /// Why the account moves, for the audit trail (`follow-the-sun`,
     /// `maintenance`, a ticket number).
@@ -101,9 +92,7 @@ pub struct AccountMigrationStatus {
 }
 
 /// Steps of the migration protocol.
-#[derive(
-    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq,
-)]
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum MigrationPhase {
     /// Accepted, not started.
     #[default]

@@ -34,10 +34,7 @@ pub struct RegionGroupSpec {
     #[schemars(length(min = 1, max = 24))]
     pub geo_cluster: String,
     /// The region whose nodes run these members.
-    #[schemars(
-        length(min = 1, max = 20),
-        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-    )]
+    #[schemars(length(min = 1, max = 20), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
     pub region: String,
     /// `Data` (the region's own group) or `Directory` (the region's members of
     /// the global directory group).
@@ -111,9 +108,7 @@ pub struct RegionGroupStatus {
 }
 
 /// Where a group stands.
-#[derive(
-    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq,
-)]
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum GroupPhase {
     /// Nothing is running yet.
     #[default]

@@ -26,17 +26,13 @@ fn committed_manifests_match_the_types() {
 }
 
 fn example() -> GeoCluster {
-    let text =
-        std::fs::read_to_string(repo().join("examples/geocluster.yaml")).expect("example exists");
+    let text = std::fs::read_to_string(repo().join("examples/geocluster.yaml")).expect("example exists");
     serde_yaml::from_str(&text).expect("example parses as a GeoCluster")
 }
 
 fn refused(gc: &GeoCluster, needle: &str) {
     let err = validate_cel(gc).expect_err("the rule refuses it");
-    assert!(
-        format!("{err:?}").contains(needle),
-        "expected `{needle}` in {err:?}"
-    );
+    assert!(format!("{err:?}").contains(needle), "expected `{needle}` in {err:?}");
 }
 
 #[test]
@@ -94,17 +90,11 @@ fn migration_account_and_target_are_immutable() {
     let mut new = old.clone();
     new.spec.account = "acct-2".into();
     let err = validate_cel_update(&new, &old).expect_err("account change refused");
-    assert!(
-        format!("{err:?}").contains("account is immutable"),
-        "{err:?}"
-    );
+    assert!(format!("{err:?}").contains("account is immutable"), "{err:?}");
     let mut new = old.clone();
     new.spec.target_region = "ap-south".into();
     let err = validate_cel_update(&new, &old).expect_err("target change refused");
-    assert!(
-        format!("{err:?}").contains("targetRegion is immutable"),
-        "{err:?}"
-    );
+    assert!(format!("{err:?}").contains("targetRegion is immutable"), "{err:?}");
     let mut same = old.clone();
     same.spec.expected_source_region = Some("eu-west".into());
     let err = validate_cel(&same).expect_err("source equals target refused");

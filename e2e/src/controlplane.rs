@@ -67,18 +67,12 @@ impl ControlPlane {
         let mut cmd = Command::new(apiserver_bin);
         cmd.arg(format!("--etcd-servers={}", etcd.client_url))
             .arg(format!("--cert-dir={}", cert_dir.display()))
-            .arg(format!(
-                "--tls-cert-file={}",
-                cert_dir.join("apiserver.crt").display()
-            ))
+            .arg(format!("--tls-cert-file={}", cert_dir.join("apiserver.crt").display()))
             .arg(format!(
                 "--tls-private-key-file={}",
                 cert_dir.join("apiserver.key").display()
             ))
-            .arg(format!(
-                "--client-ca-file={}",
-                cert_dir.join("client-ca.crt").display()
-            ))
+            .arg(format!("--client-ca-file={}", cert_dir.join("client-ca.crt").display()))
             .arg(format!("--secure-port={port}"))
             .arg("--bind-address=127.0.0.1")
             .arg("--advertise-address=127.0.0.1")
@@ -88,10 +82,7 @@ impl ControlPlane {
             .arg("--authorization-mode=RBAC")
             .arg(format!("--service-account-issuer={url}/"))
             .arg(format!("--service-account-key-file={}", sa_pub.display()))
-            .arg(format!(
-                "--service-account-signing-key-file={}",
-                sa_key.display()
-            ))
+            .arg(format!("--service-account-signing-key-file={}", sa_key.display()))
             // Nothing runs behind the `kubernetes` Service here.
             .arg("--endpoint-reconciler-type=none")
             .arg("-v=1");
@@ -128,11 +119,7 @@ impl ControlPlane {
         loop {
             self.apiserver.check_running()?;
             let ready = match client
-                .request_text(
-                    http::Request::get("/readyz")
-                        .body(Vec::new())
-                        .expect("static request"),
-                )
+                .request_text(http::Request::get("/readyz").body(Vec::new()).expect("static request"))
                 .await
             {
                 Ok(body) if body.trim() == "ok" => {
@@ -214,13 +201,7 @@ impl ControlPlane {
     /// Applies `crds/manifests/` and waits until every CRD is Established.
     pub fn install_crds(&self) -> Result<()> {
         self.kubectl(&["apply", "--server-side", "-f", "crds/manifests/"])?;
-        self.kubectl(&[
-            "wait",
-            "--for=condition=Established",
-            "crd",
-            "--all",
-            "--timeout=60s",
-        ])?;
+        self.kubectl(&["wait", "--for=condition=Established", "crd", "--all", "--timeout=60s"])?;
         Ok(())
     }
 
@@ -244,8 +225,7 @@ pub async fn client_from_kubeconfig(path: &Path) -> Result<Client> {
         path: path.display().to_string(),
         source,
     })?;
-    let kubeconfig =
-        Kubeconfig::from_yaml(&text).map_err(|e| HarnessError::Kubeconfig(e.to_string()))?;
+    let kubeconfig = Kubeconfig::from_yaml(&text).map_err(|e| HarnessError::Kubeconfig(e.to_string()))?;
     let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
         .await
         .map_err(|e| HarnessError::Kubeconfig(e.to_string()))?;

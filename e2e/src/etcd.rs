@@ -34,16 +34,10 @@ impl EtcdServer {
             .arg("--unsafe-no-fsync")
             .arg("--log-level=warn");
         let mut process = ChildGuard::spawn(&format!("etcd {name}"), cmd, &dir.join("etcd.log"))?;
-        wait_until(
-            &mut process,
-            &format!("etcd {name}"),
-            Duration::from_secs(30),
-            || http_get_ok(&format!("{client_url}/health")),
-        )?;
-        Ok(Self {
-            client_url,
-            process,
-        })
+        wait_until(&mut process, &format!("etcd {name}"), Duration::from_secs(30), || {
+            http_get_ok(&format!("{client_url}/health"))
+        })?;
+        Ok(Self { client_url, process })
     }
 
     /// Kills the member.

@@ -154,8 +154,7 @@ impl EtcdCluster {
             if m.process.is_none() {
                 continue;
             }
-            let Ok(mut c) = etcd_client::Client::connect([m.client_url.as_str()], None).await
-            else {
+            let Ok(mut c) = etcd_client::Client::connect([m.client_url.as_str()], None).await else {
                 continue;
             };
             if let Ok(status) = c.status().await

@@ -32,17 +32,9 @@ pub enum HarnessError {
         source: std::io::Error,
     },
     #[error("{what} did not become ready within {secs} s; its log follows:\n{log}")]
-    NotReady {
-        what: String,
-        secs: u64,
-        log: String,
-    },
+    NotReady { what: String, secs: u64, log: String },
     #[error("{what} exited early ({status}); its log follows:\n{log}")]
-    Exited {
-        what: String,
-        status: String,
-        log: String,
-    },
+    Exited { what: String, status: String, log: String },
     #[error("certificate generation failed: {0}")]
     Certs(#[from] rcgen::Error),
     #[error("i/o error at {path}: {source}")]
@@ -73,9 +65,8 @@ pub fn repo_root() -> std::path::PathBuf {
 /// captured output, filtered by RUST_LOG (default `info`). Safe to call from
 /// every test.
 pub fn init_logs() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new("info,kube_runtime=warn,kube_client=off")
-    });
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube_runtime=warn,kube_client=off"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_test_writer()

@@ -28,10 +28,9 @@ pub struct RouterGuard {
 impl RouterGuard {
     /// Starts a router with `args` (flags as on the command line).
     pub async fn start(args: &[String]) -> Result<Self> {
-        let config = tern_router::Config::try_parse_from(
-            std::iter::once("tern-router".to_string()).chain(args.iter().cloned()),
-        )
-        .map_err(|e| HarnessError::Kubeconfig(format!("router flags: {e}")))?;
+        let config =
+            tern_router::Config::try_parse_from(std::iter::once("tern-router".to_string()).chain(args.iter().cloned()))
+                .map_err(|e| HarnessError::Kubeconfig(format!("router flags: {e}")))?;
         let region = config.region.to_string();
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let (addr_tx, addr_rx) = oneshot::channel();
@@ -76,9 +75,7 @@ impl RouterGuard {
     }
 
     /// A gRPC client of this router.
-    pub async fn client(
-        &self,
-    ) -> tern_router::pb::router_client::RouterClient<tonic::transport::Channel> {
+    pub async fn client(&self) -> tern_router::pb::router_client::RouterClient<tonic::transport::Channel> {
         connect(self.grpc_addr).await
     }
 }
@@ -92,9 +89,7 @@ impl Drop for RouterGuard {
 }
 
 /// A client of the router at `addr`.
-pub async fn connect(
-    addr: SocketAddr,
-) -> tern_router::pb::router_client::RouterClient<tonic::transport::Channel> {
+pub async fn connect(addr: SocketAddr) -> tern_router::pb::router_client::RouterClient<tonic::transport::Channel> {
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
         .expect("a socket address is a valid URI")
         .tcp_nodelay(true)
@@ -154,12 +149,7 @@ impl LocalDeployment {
                 source,
             })?;
         let toxiproxy = Toxiproxy::start(dir.path())?;
-        let directory = EtcdCluster::start(
-            dir.path(),
-            "directory",
-            layout.directory_members,
-            Tuning::default(),
-        )?;
+        let directory = EtcdCluster::start(dir.path(), "directory", layout.directory_members, Tuning::default())?;
         let mut regions = Vec::new();
         for (name, members) in &layout.regions {
             regions.push(LocalRegion {
@@ -179,9 +169,7 @@ impl LocalDeployment {
                     continue;
                 }
                 let name = format!("{}-to-{}", from.name, to.name);
-                let listen = toxiproxy
-                    .proxy(&name, &format!("127.0.0.1:{}", grpc_ports[j]))
-                    .await?;
+                let listen = toxiproxy.proxy(&name, &format!("127.0.0.1:{}", grpc_ports[j])).await?;
                 let rtt = layout.rtt(&from.name, &to.name);
                 if rtt > 0 {
                     toxiproxy.round_trip(&name, rtt).await?;

@@ -30,10 +30,7 @@ impl OperatorGuard {
         cp.kubectl(&["apply", "-f", "operator/deploy/rbac.yaml"])?;
         let kubeconfig = cp.user_kubeconfig(
             OPERATOR_USER,
-            &[
-                "system:serviceaccounts",
-                "system:serviceaccounts:tern-system",
-            ],
+            &["system:serviceaccounts", "system:serviceaccounts:tern-system"],
         )?;
         let client = client_from_kubeconfig(&kubeconfig).await?;
         let mut args = vec![
@@ -45,8 +42,8 @@ impl OperatorGuard {
             "--log-format=text",
         ];
         args.extend_from_slice(extra_args);
-        let config = tern_operator::Config::try_parse_from(args)
-            .map_err(|e| HarnessError::Kubeconfig(e.to_string()))?;
+        let config =
+            tern_operator::Config::try_parse_from(args).map_err(|e| HarnessError::Kubeconfig(e.to_string()))?;
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let (addr_tx, addr_rx) = oneshot::channel();
         let task = tokio::spawn(tern_operator::run(
@@ -61,9 +58,7 @@ impl OperatorGuard {
         ));
         let http_addr = tokio::time::timeout(Duration::from_secs(10), addr_rx)
             .await
-            .map_err(|_| {
-                HarnessError::Kubeconfig("operator did not start serving within 10 s".into())
-            })?
+            .map_err(|_| HarnessError::Kubeconfig("operator did not start serving within 10 s".into()))?
             .map_err(|_| HarnessError::Kubeconfig("operator stopped before serving".into()))?;
         Ok(Self {
             http_addr,
@@ -74,9 +69,7 @@ impl OperatorGuard {
 
     /// The operator's /metrics text.
     pub async fn metrics(&self) -> String {
-        http_get(self.http_addr, "/metrics")
-            .await
-            .unwrap_or_default()
+        http_get(self.http_addr, "/metrics").await.unwrap_or_default()
     }
 
     /// The value of a metric line that starts with `prefix`, if present.

@@ -52,9 +52,7 @@ impl ChildGuard {
     pub fn log_tail(&self) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
         let start = text.len().saturating_sub(8192);
-        let start = (start..text.len())
-            .find(|i| text.is_char_boundary(*i))
-            .unwrap_or(0);
+        let start = (start..text.len()).find(|i| text.is_char_boundary(*i)).unwrap_or(0);
         text[start..].to_string()
     }
 

@@ -56,17 +56,12 @@ impl Toxiproxy {
 
     /// Creates proxy `name` to `upstream` on a free port; returns its address.
     pub async fn proxy(&self, name: &str, upstream: &str) -> Result<SocketAddr> {
-        let body =
-            json!({"name": name, "listen": "127.0.0.1:0", "upstream": upstream, "enabled": true});
+        let body = json!({"name": name, "listen": "127.0.0.1:0", "upstream": upstream, "enabled": true});
         let answer = self.request("POST", "/proxies", Some(body)).await?;
         answer["listen"]
             .as_str()
             .and_then(|l| l.parse().ok())
-            .ok_or_else(|| {
-                HarnessError::Kubeconfig(format!(
-                    "toxiproxy answered without a listen address: {answer}"
-                ))
-            })
+            .ok_or_else(|| HarnessError::Kubeconfig(format!("toxiproxy answered without a listen address: {answer}")))
     }
 
     /// Adds `ms` of latency to one direction of `proxy`.
@@ -86,19 +81,14 @@ impl Toxiproxy {
     /// A round trip of `rtt_ms` through `proxy`: half each way.
     pub async fn round_trip(&self, proxy: &str, rtt_ms: u64) -> Result<()> {
         self.latency(proxy, Stream::Upstream, rtt_ms / 2).await?;
-        self.latency(proxy, Stream::Downstream, rtt_ms - rtt_ms / 2)
-            .await
+        self.latency(proxy, Stream::Downstream, rtt_ms - rtt_ms / 2).await
     }
 
     /// Cuts (`false`) or restores (`true`) the link: a disabled proxy closes
     /// its connections and refuses new ones.
     pub async fn set_enabled(&self, proxy: &str, enabled: bool) -> Result<()> {
-        self.request(
-            "POST",
-            &format!("/proxies/{proxy}"),
-            Some(json!({"enabled": enabled})),
-        )
-        .await?;
+        self.request("POST", &format!("/proxies/{proxy}"), Some(json!({"enabled": enabled})))
+            .await?;
         Ok(())
     }
 
@@ -125,8 +115,7 @@ impl Toxiproxy {
     }
 
     async fn request(&self, method: &str, path: &str, body: Option<Value>) -> Result<Value> {
-        let err =
-            |what: String| HarnessError::Kubeconfig(format!("toxiproxy {method} {path}: {what}"));
+        let err = |what: String| HarnessError::Kubeconfig(format!("toxiproxy {method} {path}: {what}"));
         let body = body.map(|b| b.to_string()).unwrap_or_default();
         let mut stream = tokio::net::TcpStream::connect(self.api)
             .await
@@ -148,11 +137,7 @@ impl Toxiproxy {
         let (head, body) = response
             .split_once("\r\n\r\n")
             .ok_or_else(|| err("malformed answer".into()))?;
-        let status: u16 = head
-            .split(' ')
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0);
+        let status: u16 = head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
         if !(200..300).contains(&status) {
             return Err(err(format!("HTTP {status}: {body}")));
         }

@@ -5,13 +5,9 @@ use tern_e2e::ControlPlane;
 
 #[tokio::test]
 async fn control_plane_serves_crds_and_cleans_up() {
-    let cp = ControlPlane::start("harness")
-        .await
-        .expect("control plane starts");
+    let cp = ControlPlane::start("harness").await.expect("control plane starts");
     cp.install_crds().expect("CRDs install");
-    let out = cp
-        .kubectl(&["get", "crd", "-o", "name"])
-        .expect("kubectl works");
+    let out = cp.kubectl(&["get", "crd", "-o", "name"]).expect("kubectl works");
     assert!(out.contains("geoclusters.tern.dev"), "{out}");
     assert!(out.contains("regiongroups.tern.dev"), "{out}");
     assert!(out.contains("accountmigrations.tern.dev"), "{out}");

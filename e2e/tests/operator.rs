@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -22,9 +22,7 @@ const WAIT: Duration = Duration::from_secs(30);
 
 async fn setup(name: &str) -> (ControlPlane, Client) {
     tern_e2e::init_logs();
-    let cp = ControlPlane::start(name)
-        .await
-        .expect("control plane starts");
+    let cp = ControlPlane::start(name).await.expect("control plane starts");
     cp.install_crds().expect("CRDs install");
     let client = cp.client().await.expect("admin client");
     (cp, client)
@@ -34,23 +32,15 @@ async fn setup(name: &str) -> (ControlPlane, Client) {
 /// StatefulSet is created, current and ready.
 async fn mark_statefulsets_ready(client: &Client) {
     let api: Api<StatefulSet> = Api::namespaced(client.clone(), NS);
-    for sts in api
-        .list(&ListParams::default())
-        .await
-        .expect("list statefulsets")
-    {
+    for sts in api.list(&ListParams::default()).await.expect("list statefulsets") {
         let n = sts.spec.replicas.unwrap_or(1);
         let status = json!({"status": {
             "replicas": n, "readyReplicas": n, "updatedReplicas": n, "currentReplicas": n,
             "availableReplicas": n, "observedGeneration": sts.metadata.generation,
         }});
-        api.patch_status(
-            &sts.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(&status),
-        )
-        .await
-        .expect("patch statefulset status");
+        api.patch_status(&sts.name_any(), &PatchParams::default(), &Patch::Merge(&status))
+            .await
+            .expect("patch statefulset status");
     }
 }
 
@@ -91,6 +81,7 @@ async fn versions(client: &Client) -> BTreeMap<String, String> {
     collect!(GeoCluster);
     collect!(RegionGroup);
     collect!(StatefulSet);
+    collect!(Deployment);
     collect!(Service);
     collect!(PodDisruptionBudget);
     collect!(ConfigMap);
@@ -100,9 +91,7 @@ async fn versions(client: &Client) -> BTreeMap<String, String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn geocluster_lifecycle() {
     let (cp, client) = setup("lifecycle").await;
-    let operator = OperatorGuard::start(&cp, &[])
-        .await
-        .expect("operator starts");
+    let operator = OperatorGuard::start(&cp, &[]).await.expect("operator starts");
     cp.kubectl(&["apply", "-f", "examples/geocluster.yaml"])
         .expect("apply example");
 
@@ -123,10 +112,7 @@ async fn geocluster_lifecycle() {
         .await
         .expect("geocluster");
     for region in ["us-east", "eu-west", "ap-south"] {
-        let rg = groups
-            .get(&format!("payments-{region}"))
-            .await
-            .expect("data group");
+        let rg = groups.get(&format!("payments-{region}")).await.expect("data group");
         let owner = &rg.owner_references()[0];
         assert_eq!(
             (owner.kind.as_str(), owner.uid.as_str(), owner.controller),
@@ -134,10 +120,7 @@ async fn geocluster_lifecycle() {
         );
         assert_eq!(rg.spec.replicas, 3);
 
-        let sts = sts_api
-            .get(&format!("payments-{region}"))
-            .await
-            .expect("statefulset");
+        let sts = sts_api.get(&format!("payments-{region}")).await.expect("statefulset");
         assert_eq!(sts.owner_references()[0].uid, rg.uid().expect("uid"));
         assert_eq!(sts.spec.replicas, Some(3));
         assert_eq!(sts.spec.pod_management_policy.as_deref(), Some("Parallel"));
@@ -150,8 +133,7 @@ async fn geocluster_lifecycle() {
         assert!(
             spread
                 .iter()
-                .any(|c| c.topology_key == "topology.kubernetes.io/zone"
-                    && c.when_unsatisfiable == "DoNotSchedule")
+                .any(|c| c.topology_key == "topology.kubernetes.io/zone" && c.when_unsatisfiable == "DoNotSchedule")
         );
         let args = pod.containers[0].args.clone().unwrap_or_default().join(" ");
         assert!(args.contains(&format!("--initial-cluster=payments-{region}-0=http://payments-{region}-0.payments-{region}-peer.default.svc.cluster.local:2380")), "{args}");
@@ -164,10 +146,7 @@ async fn geocluster_lifecycle() {
             .get(&format!("payments-{region}"))
             .await
             .expect("pdb");
-        assert_eq!(
-            pdb.spec.and_then(|s| s.min_available),
-            Some(IntOrString::Int(2))
-        );
+        assert_eq!(pdb.spec.and_then(|s| s.min_available), Some(IntOrString::Int(2)));
         let peer = Api::<Service>::namespaced(client.clone(), NS)
             .get(&format!("payments-{region}-peer"))
             .await
@@ -201,10 +180,37 @@ async fn geocluster_lifecycle() {
                 "{initial}"
             );
         }
-        assert_eq!(
-            dir.data.as_ref().expect("data")["heartbeat-interval-ms"],
-            "250"
+        assert_eq!(dir.data.as_ref().expect("data")["heartbeat-interval-ms"], "250");
+    }
+
+    // One router Deployment and Service per region, wired to the region's
+    // group and to every directory member.
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), NS);
+    let routers = eventually("three router Deployments", WAIT, || async {
+        let list = deployments.list(&ListParams::default()).await.ok()?;
+        (list.items.len() == 3).then_some(list.items)
+    })
+    .await;
+    for d in &routers {
+        let region = d.labels()["tern.dev/region"].clone();
+        assert_eq!(d.owner_references()[0].uid, gc.uid().expect("uid"));
+        let args = d.spec.template.spec.as_ref().expect("pod").containers[0]
+            .args
+            .clone()
+            .unwrap_or_default()
+            .join(" ");
+        assert!(args.contains(&format!("--region={region}")), "{args}");
+        assert!(
+            args.contains(&format!(
+                "--group-endpoints=http://payments-{region}-client.default.svc.cluster.local:2379"
+            )),
+            "{args}"
         );
+        assert_eq!(args.matches(":2379").count(), 4, "the group and three directory members: {args}");
+        Api::<Service>::namespaced(client.clone(), NS)
+            .get(&format!("payments-router-{region}"))
+            .await
+            .expect("router service");
     }
 
     // kubectl get answers "is it healthy" at a glance.
@@ -221,8 +227,7 @@ async fn geocluster_lifecycle() {
 
     // Members become ready → the GeoCluster is Ready.
     eventually("GeoCluster progressing", WAIT, || async {
-        (geocluster_phase(&client, "payments").await.as_deref() == Some("Progressing"))
-            .then_some(())
+        (geocluster_phase(&client, "payments").await.as_deref() == Some("Progressing")).then_some(())
     })
     .await;
     mark_statefulsets_ready(&client).await;
@@ -234,14 +239,8 @@ async fn geocluster_lifecycle() {
         .get("payments")
         .await
         .expect("geocluster");
-    assert_eq!(
-        condition(&gc, "Ready"),
-        Some(("True".into(), "AllMembersReady".into()))
-    );
-    assert_eq!(
-        condition(&gc, "Degraded").map(|c| c.0),
-        Some("False".into())
-    );
+    assert_eq!(condition(&gc, "Ready"), Some(("True".into(), "AllMembersReady".into())));
+    assert_eq!(condition(&gc, "Degraded").map(|c| c.0), Some("False".into()));
     let table = cp.kubectl(&["get", "geoclusters"]).expect("kubectl get");
     assert!(
         table.contains("True") && table.contains("3/3") && table.contains("Ready"),
@@ -253,9 +252,7 @@ async fn geocluster_lifecycle() {
     let before = versions(&client).await;
     let result = operator.stop().await;
     assert!(matches!(result, Some(Ok(()))), "graceful stop: {result:?}");
-    let operator = OperatorGuard::start(&cp, &[])
-        .await
-        .expect("operator restarts");
+    let operator = OperatorGuard::start(&cp, &[]).await.expect("operator restarts");
     eventually("the new operator reconciled both kinds", WAIT, || async {
         let gcs = operator
             .metric("tern_operator_reconciles_total{controller=\"geocluster\"}")
@@ -267,11 +264,7 @@ async fn geocluster_lifecycle() {
     })
     .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    assert_eq!(
-        before,
-        versions(&client).await,
-        "a no-op reconcile changed objects"
-    );
+    assert_eq!(before, versions(&client).await, "a no-op reconcile changed objects");
 
     // Editing replicas rolls through: spec, budget, then status.
     cp.kubectl(&[
@@ -283,19 +276,14 @@ async fn geocluster_lifecycle() {
         r#"[{"op":"replace","path":"/spec/regions/0/replicas","value":5}]"#,
     ])
     .expect("edit replicas");
-    eventually(
-        "StatefulSet scaled to 5 and budget raised to 3",
-        WAIT,
-        || async {
-            let sts = sts_api.get("payments-us-east").await.ok()?;
-            let pdb = Api::<PodDisruptionBudget>::namespaced(client.clone(), NS)
-                .get("payments-us-east")
-                .await
-                .ok()?;
-            (sts.spec.replicas == Some(5) && pdb.spec?.min_available == Some(IntOrString::Int(3)))
-                .then_some(())
-        },
-    )
+    eventually("StatefulSet scaled to 5 and budget raised to 3", WAIT, || async {
+        let sts = sts_api.get("payments-us-east").await.ok()?;
+        let pdb = Api::<PodDisruptionBudget>::namespaced(client.clone(), NS)
+            .get("payments-us-east")
+            .await
+            .ok()?;
+        (sts.spec.replicas == Some(5) && pdb.spec?.min_available == Some(IntOrString::Int(3))).then_some(())
+    })
     .await;
     eventually("GeoCluster no longer Ready while rolling", WAIT, || async {
         (geocluster_phase(&client, "payments").await.as_deref() != Some("Ready")).then_some(())
@@ -326,11 +314,7 @@ async fn geocluster_lifecycle() {
     // Deleting with deletionPolicy Retain removes the workloads, keeps volumes.
     let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), NS);
     let template = sts_api.get("payments-us-east").await.expect("sts");
-    let labels = template
-        .spec
-        .volume_claim_templates
-        .as_ref()
-        .expect("templates")[0]
+    let labels = template.spec.volume_claim_templates.as_ref().expect("templates")[0]
         .metadata
         .labels
         .clone();
@@ -341,36 +325,18 @@ async fn geocluster_lifecycle() {
             "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "10Gi"}}}
         }))
         .expect("pvc");
-        pvcs.create(&PostParams::default(), &pvc)
-            .await
-            .expect("create pvc");
+        pvcs.create(&PostParams::default(), &pvc).await.expect("create pvc");
     }
-    cp.kubectl(&[
-        "delete",
-        "geocluster",
-        "payments",
-        "--wait=true",
-        "--timeout=30s",
-    ])
-    .expect("delete geocluster");
+    cp.kubectl(&["delete", "geocluster", "payments", "--wait=true", "--timeout=30s"])
+        .expect("delete geocluster");
     for (kind, n) in [
         (
             "RegionGroup",
-            groups
-                .list(&ListParams::default())
-                .await
-                .expect("list")
-                .items
-                .len(),
+            groups.list(&ListParams::default()).await.expect("list").items.len(),
         ),
         (
             "StatefulSet",
-            sts_api
-                .list(&ListParams::default())
-                .await
-                .expect("list")
-                .items
-                .len(),
+            sts_api.list(&ListParams::default()).await.expect("list").items.len(),
         ),
         (
             "PodDisruptionBudget",
@@ -403,11 +369,7 @@ async fn geocluster_lifecycle() {
         assert_eq!(n, 0, "{kind} left after deletion");
     }
     assert_eq!(
-        pvcs.list(&ListParams::default())
-            .await
-            .expect("list")
-            .items
-            .len(),
+        pvcs.list(&ListParams::default()).await.expect("list").items.len(),
         3,
         "Retain keeps every volume"
     );
@@ -417,9 +379,7 @@ async fn geocluster_lifecycle() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_geocluster_is_reported_not_retried() {
     let (cp, client) = setup("invalid").await;
-    let operator = OperatorGuard::start(&cp, &[])
-        .await
-        .expect("operator starts");
+    let operator = OperatorGuard::start(&cp, &[]).await.expect("operator starts");
     // Valid for the schema, but the directory would have two members: no
     // majority survives the loss of one.
     let dir = tempfile::tempdir().expect("temp dir");
@@ -460,10 +420,7 @@ async fn invalid_geocluster_is_reported_not_retried() {
             "custom-columns=TYPE:.type,REASON:.reason",
         ])
         .expect("events");
-    assert!(
-        events.contains("Warning") && events.contains("InvalidSpec"),
-        "{events}"
-    );
+    assert!(events.contains("Warning") && events.contains("InvalidSpec"), "{events}");
     assert!(
         Api::<RegionGroup>::namespaced(client.clone(), NS)
             .list(&ListParams::default())
@@ -474,7 +431,8 @@ async fn invalid_geocluster_is_reported_not_retried() {
     );
 
     // It waits for a change instead of spinning.
-    let metric = "tern_operator_reconcile_errors_total{controller=\"geocluster\",kind=\"invalid_spec\",class=\"permanent\"}";
+    let metric =
+        "tern_operator_reconcile_errors_total{controller=\"geocluster\",kind=\"invalid_spec\",class=\"permanent\"}";
     let errors = eventually("the error is counted", WAIT, || operator.metric(metric)).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(
@@ -527,8 +485,7 @@ async fn only_one_replica_leads() {
     );
 
     // The standby is ready (it can take over), and does not reconcile.
-    cp.kubectl(&["apply", "-f", "examples/geocluster.yaml"])
-        .expect("apply");
+    cp.kubectl(&["apply", "-f", "examples/geocluster.yaml"]).expect("apply");
     eventually("the leader provisions", WAIT, || async {
         (Api::<RegionGroup>::namespaced(client.clone(), NS)
             .list(&ListParams::default())
@@ -548,11 +505,9 @@ async fn only_one_replica_leads() {
 
     // The leader crashes without releasing: b takes over once the lease expires.
     a.crash();
-    eventually(
-        "b leads after a's lease expires",
-        Duration::from_secs(20),
-        || async { (b.metric("tern_operator_is_leader").await? == 1.0).then_some(()) },
-    )
+    eventually("b leads after a's lease expires", Duration::from_secs(20), || async {
+        (b.metric("tern_operator_is_leader").await? == 1.0).then_some(())
+    })
     .await;
     let lease = cp
         .kubectl(&[
@@ -599,15 +554,9 @@ async fn one_operator_per_cluster() {
             (names.len() == 2).then_some(names)
         })
         .await;
-        let mut expected = vec![
-            format!("payments-{region}"),
-            format!("payments-dir-{region}"),
-        ];
+        let mut expected = vec![format!("payments-{region}"), format!("payments-dir-{region}")];
         expected.sort();
-        assert_eq!(
-            names, expected,
-            "cluster {region} holds only its region's groups"
-        );
+        assert_eq!(names, expected, "cluster {region} holds only its region's groups");
         let cm = eventually("directory config", WAIT, || async {
             Api::<ConfigMap>::namespaced(client.clone(), NS)
                 .get_opt(&format!("payments-dir-{region}-config"))
@@ -620,10 +569,7 @@ async fn one_operator_per_cluster() {
             let peer = format!(
                 "payments-dir-{other}-0=http://payments-dir-{other}-0.payments-dir-{other}-peer.default.svc.{other}.tern.example:2380"
             );
-            assert!(
-                initial.contains(&peer),
-                "cluster {region}: {initial} lacks {peer}"
-            );
+            assert!(initial.contains(&peer), "cluster {region}: {initial} lacks {peer}");
         }
         let names = eventually("status of the managed region", WAIT, || async {
             let gc = Api::<GeoCluster>::namespaced(client.clone(), NS)
@@ -634,10 +580,6 @@ async fn one_operator_per_cluster() {
             (!names.is_empty()).then_some(names)
         })
         .await;
-        assert_eq!(
-            names,
-            vec![region.to_string()],
-            "status covers the managed region only"
-        );
+        assert_eq!(names, vec![region.to_string()], "status covers the managed region only");
     }
 }

@@ -131,17 +131,12 @@ async fn local_and_cross_region_writes() {
         elapsed < Duration::from_millis(3 * RTT_MS),
         "a proxied write took {elapsed:?}: more than one round trip"
     );
-    assert_eq!(
-        account_keys(&d, "us-east").await["/tern/a/acct-1/d/balance"].0,
-        b"90"
-    );
+    assert_eq!(account_keys(&d, "us-east").await["/tern/a/acct-1/d/balance"].0, b"90");
     assert!(account_keys(&d, "eu-west").await.is_empty());
 
     // List pages through an account's keys by prefix, from either region.
     for i in 0..5 {
-        us.put(put("acct-2", &format!("item:{i}"), "v", ""))
-            .await
-            .expect("put");
+        us.put(put("acct-2", &format!("item:{i}"), "v", "")).await.expect("put");
     }
     let page = eu
         .list(pb::ListRequest {
@@ -155,10 +150,7 @@ async fn local_and_cross_region_writes() {
         .expect("list")
         .into_inner();
     assert_eq!(
-        page.items
-            .iter()
-            .map(|kv| kv.key.as_str())
-            .collect::<Vec<_>>(),
+        page.items.iter().map(|kv| kv.key.as_str()).collect::<Vec<_>>(),
         ["item:0", "item:1", "item:2"]
     );
     let rest = eu
@@ -193,9 +185,7 @@ async fn local_and_cross_region_writes() {
                 })),
             },
             pb::Operation {
-                op: Some(pb::operation::Op::Get(pb::GetOp {
-                    key: "balance".into(),
-                })),
+                op: Some(pb::operation::Op::Get(pb::GetOp { key: "balance".into() })),
             },
         ],
         idempotency_key: String::new(),
@@ -231,10 +221,7 @@ async fn local_and_cross_region_writes() {
     );
 
     // Unknown accounts are NOT_FOUND; creating an account homed elsewhere is refused.
-    let err = eu
-        .put(put("nobody", "k", "v", ""))
-        .await
-        .expect_err("unknown account");
+    let err = eu.put(put("nobody", "k", "v", "")).await.expect_err("unknown account");
     assert_eq!(err.code(), Code::NotFound);
     let err = us
         .create_account(pb::CreateAccountRequest {
@@ -252,9 +239,7 @@ async fn stale_placement_is_refused_by_the_fence() {
     let d = start(1).await;
     create(&d, "eu-west", "acct-1", "us-east").await;
     let mut eu = d.client("eu-west").await;
-    eu.put(put("acct-1", "k", "before", ""))
-        .await
-        .expect("put at epoch 1");
+    eu.put(put("acct-1", "k", "before", "")).await.expect("put at epoch 1");
 
     // The account's fence moves on (as a migration would) while every
     // router's placement still says epoch 1.
@@ -265,10 +250,7 @@ async fn stale_placement_is_refused_by_the_fence() {
         .expect("fence to epoch 2");
     let mut request = tonic::Request::new(put("acct-1", "k", "stale", ""));
     request.set_timeout(Duration::from_millis(500));
-    let err = eu
-        .put(request)
-        .await
-        .expect_err("a write under the old epoch fails");
+    let err = eu.put(request).await.expect_err("a write under the old epoch fails");
     assert_eq!(err.code(), Code::DeadlineExceeded, "{err}");
     assert_eq!(
         account_keys(&d, "us-east").await["/tern/a/acct-1/d/k"].0,
@@ -291,10 +273,7 @@ async fn stale_placement_is_refused_by_the_fence() {
         .expect("write at epoch 2")
         .into_inner();
     assert_eq!(resp.meta.expect("meta").epoch, 2);
-    assert_eq!(
-        account_keys(&d, "us-east").await["/tern/a/acct-1/d/k"].0,
-        b"after"
-    );
+    assert_eq!(account_keys(&d, "us-east").await["/tern/a/acct-1/d/k"].0, b"after");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -345,10 +324,7 @@ async fn idempotent_writes_apply_once_even_when_the_answer_is_lost() {
     request.set_timeout(Duration::from_millis(800));
     let err = eu.put(request).await.expect_err("no answer comes back");
     assert!(
-        matches!(
-            err.code(),
-            Code::DeadlineExceeded | Code::Unavailable | Code::Unknown
-        ),
+        matches!(err.code(), Code::DeadlineExceeded | Code::Unavailable | Code::Unknown),
         "{err}"
     );
     d.toxiproxy
@@ -367,10 +343,7 @@ async fn idempotent_writes_apply_once_even_when_the_answer_is_lost() {
                 Err(e)
                     if matches!(
                         e.code(),
-                        Code::Unavailable
-                            | Code::DeadlineExceeded
-                            | Code::Unknown
-                            | Code::Cancelled
+                        Code::Unavailable | Code::DeadlineExceeded | Code::Unknown | Code::Cancelled
                     ) =>
                 {
                     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -404,10 +377,7 @@ async fn bad_input_is_refused_and_writes_nothing() {
     let long_key = "k".repeat(513);
     let cases: Vec<(pb::PutRequest, &str)> = vec![
         (put("", "k", "v", ""), "account is empty"),
-        (
-            put("acct-1/../acct-2", "k", "v", ""),
-            "account contains '/'",
-        ),
+        (put("acct-1/../acct-2", "k", "v", ""), "account contains '/'"),
         (put("acct..1", "k", "v", ""), "'..'"),
         (put("acct\u{0}1", "k", "v", ""), "control character"),
         (put("acct 1", "k", "v", ""), "letters, digits"),
@@ -486,10 +456,7 @@ async fn acknowledged_writes_survive_a_leader_kill_and_a_router_restart() {
                     if Instant::now() < deadline
                         && matches!(
                             e.code(),
-                            Code::Unavailable
-                                | Code::Unknown
-                                | Code::DeadlineExceeded
-                                | Code::Cancelled
+                            Code::Unavailable | Code::Unknown | Code::DeadlineExceeded | Code::Cancelled
                         ) =>
                 {
                     tokio::time::sleep(Duration::from_millis(100)).await;

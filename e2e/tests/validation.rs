@@ -7,9 +7,7 @@ use tern_e2e::{ControlPlane, repo_root};
 
 #[tokio::test]
 async fn schema_refuses_invalid_examples_and_accepts_valid_ones() {
-    let cp = ControlPlane::start("validation")
-        .await
-        .expect("control plane starts");
+    let cp = ControlPlane::start("validation").await.expect("control plane starts");
     cp.install_crds().expect("CRDs install");
 
     // Every manifest we ship passes a server-side dry run.
@@ -21,13 +19,8 @@ async fn schema_refuses_invalid_examples_and_accepts_valid_ones() {
     // applied for real; the Deployment then goes into that namespace.
     cp.kubectl(&["apply", "-f", "operator/deploy/rbac.yaml"])
         .expect("rbac applies");
-    cp.kubectl(&[
-        "apply",
-        "--dry-run=server",
-        "-f",
-        "operator/deploy/deployment.yaml",
-    ])
-    .expect("deployment is accepted");
+    cp.kubectl(&["apply", "--dry-run=server", "-f", "operator/deploy/deployment.yaml"])
+        .expect("deployment is accepted");
 
     let dir = repo_root().join("examples/invalid");
     let mut files: Vec<_> = std::fs::read_dir(&dir)
@@ -70,9 +63,7 @@ async fn schema_refuses_invalid_examples_and_accepts_valid_ones() {
 
 #[tokio::test]
 async fn migration_account_and_target_are_immutable() {
-    let cp = ControlPlane::start("immutable")
-        .await
-        .expect("control plane starts");
+    let cp = ControlPlane::start("immutable").await.expect("control plane starts");
     cp.install_crds().expect("CRDs install");
     let dir = tempfile::tempdir().expect("temp dir");
     let write = |name: &str, account: &str, target: &str| {

@@ -54,11 +54,7 @@ where
 
 /// Deletes every `K` in `namespace` that matches `selector`; returns their
 /// names.
-pub async fn delete_matching<K>(
-    client: &Client,
-    namespace: &str,
-    selector: &str,
-) -> Result<Vec<String>>
+pub async fn delete_matching<K>(client: &Client, namespace: &str, selector: &str) -> Result<Vec<String>>
 where
     K: Resource<Scope = NamespaceResourceScope> + DeserializeOwned + Clone + Debug,
     K::DynamicType: Default,

@@ -38,11 +38,7 @@ pub struct Config {
 
     /// Name of the leader-election Lease. Operators with different --regions
     /// in one cluster need different names.
-    #[arg(
-        long,
-        env = "TERN_OPERATOR_LEASE_NAME",
-        default_value = "tern-operator"
-    )]
+    #[arg(long, env = "TERN_OPERATOR_LEASE_NAME", default_value = "tern-operator")]
     pub leader_election_id: String,
 
     /// How long the lease stays valid without renewal, e.g. 15s. A standby
@@ -61,6 +57,10 @@ pub struct Config {
     /// Reconcile every object at least this often, to repair drift, e.g. 5m.
     #[arg(long, env = "TERN_OPERATOR_RESYNC", default_value = "5m", value_parser = parse_duration)]
     pub resync: Duration,
+
+    /// Router image for GeoClusters whose spec.router.image is unset.
+    #[arg(long, env = "TERN_ROUTER_IMAGE", default_value = crate::build::router::DEFAULT_IMAGE)]
+    pub router_image: String,
 
     /// Log format.
     #[arg(long, env = "TERN_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
@@ -110,8 +110,7 @@ impl Config {
         if !self.identity.is_empty() {
             return self.identity.clone();
         }
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .unwrap_or_else(|_| "tern-operator".into());
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_else(|_| "tern-operator".into());
         format!("{}-{}", host.trim(), std::process::id())
     }
 }

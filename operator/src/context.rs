@@ -18,6 +18,8 @@ pub struct Context {
     pub managed: RegionFilter,
     /// Longest time between two reconciles of an object.
     pub resync: Duration,
+    /// Router image when a GeoCluster names none.
+    pub router_image: String,
     failures: Mutex<HashMap<String, u32>>,
 }
 
@@ -28,6 +30,7 @@ impl Context {
         metrics: Arc<Metrics>,
         managed: RegionFilter,
         resync: Duration,
+        router_image: String,
     ) -> Self {
         let reporter = Reporter {
             controller: "tern-operator".into(),
@@ -39,6 +42,7 @@ impl Context {
             metrics,
             managed,
             resync,
+            router_image,
             failures: Mutex::default(),
         }
     }
@@ -76,10 +80,7 @@ impl Context {
 
     /// Forgets the failures of `key` after a successful reconcile.
     pub fn succeeded(&self, key: &str) {
-        self.failures
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(key);
+        self.failures.lock().unwrap_or_else(|e| e.into_inner()).remove(key);
     }
 }
 

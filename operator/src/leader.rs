@@ -45,13 +45,7 @@ pub struct LeaderElector {
 }
 
 impl LeaderElector {
-    pub fn new(
-        client: Client,
-        namespace: &str,
-        name: &str,
-        identity: &str,
-        timing: LeaseTiming,
-    ) -> Self {
+    pub fn new(client: Client, namespace: &str, name: &str, identity: &str, timing: LeaseTiming) -> Self {
         Self {
             api: Api::namespaced(client, namespace),
             name: name.to_string(),
@@ -91,10 +85,7 @@ impl LeaderElector {
             match self.try_acquire_or_renew().await {
                 Ok(true) => last_renewal = Instant::now(),
                 Ok(false) => {
-                    return Error::LostLeadership(format!(
-                        "lease {} is held by another replica",
-                        self.name
-                    ));
+                    return Error::LostLeadership(format!("lease {} is held by another replica", self.name));
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "lease renewal failed");
@@ -123,11 +114,7 @@ impl LeaderElector {
         spec.holder_identity = None;
         spec.lease_duration_seconds = Some(1);
         spec.renew_time = Some(MicroTime(Timestamp::now()));
-        if let Err(e) = self
-            .api
-            .replace(&self.name, &PostParams::default(), &lease)
-            .await
-        {
+        if let Err(e) = self.api.replace(&self.name, &PostParams::default(), &lease).await {
             tracing::warn!(error = %e, "could not release the lease");
         }
     }
@@ -136,8 +123,7 @@ impl LeaderElector {
     /// another holder. Returns whether this replica leads now.
     async fn try_acquire_or_renew(&mut self) -> Result<bool, kube::Error> {
         let now = MicroTime(Timestamp::now());
-        let duration_secs =
-            i32::try_from(self.timing.duration.as_secs().max(1)).unwrap_or(i32::MAX);
+        let duration_secs = i32::try_from(self.timing.duration.as_secs().max(1)).unwrap_or(i32::MAX);
         let Some(mut lease) = self.api.get_opt(&self.name).await? else {
             let lease = Lease {
                 metadata: ObjectMeta {
@@ -162,13 +148,9 @@ impl LeaderElector {
         let version = lease.metadata.resource_version.clone().unwrap_or_default();
         let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
         let ours = spec.holder_identity.as_deref() == Some(self.identity.as_str());
-        let held = spec
-            .holder_identity
-            .as_deref()
-            .is_some_and(|h| !h.is_empty());
+        let held = spec.holder_identity.as_deref().is_some_and(|h| !h.is_empty());
         if !ours && held {
-            let lease_secs =
-                u64::try_from(spec.lease_duration_seconds.unwrap_or(duration_secs)).unwrap_or(0);
+            let lease_secs = u64::try_from(spec.lease_duration_seconds.unwrap_or(duration_secs)).unwrap_or(0);
             let first_seen = match &self.observed {
                 Some((v, at)) if *v == version => *at,
                 _ => {
@@ -189,11 +171,7 @@ impl LeaderElector {
         spec.renew_time = Some(now);
         // replace() sends the resourceVersion we read: if anyone wrote the
         // lease since, the API server refuses with 409 and we did not lead.
-        match self
-            .api
-            .replace(&self.name, &PostParams::default(), &lease)
-            .await
-        {
+        match self.api.replace(&self.name, &PostParams::default(), &lease).await {
             Ok(_) => Ok(true),
             Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
             Err(e) => Err(e),

@@ -28,7 +28,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use futures::StreamExt;
-use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::runtime::{Controller, watcher};
@@ -86,13 +86,12 @@ pub async fn run(
             }
         })
     };
-    let (http_addr, http_task) =
-        tern_common::ops::serve(config.http_addr, render, is_ready, stopped())
-            .await
-            .map_err(|source| Error::Http {
-                addr: config.http_addr.to_string(),
-                source,
-            })?;
+    let (http_addr, http_task) = tern_common::ops::serve(config.http_addr, render, is_ready, stopped())
+        .await
+        .map_err(|source| Error::Http {
+            addr: config.http_addr.to_string(),
+            source,
+        })?;
     on_start(Running { http_addr });
     tracing::info!(%http_addr, identity = %identity, regions = ?config.regions, "tern-operator starting");
 
@@ -135,6 +134,7 @@ pub async fn run(
         metrics.clone(),
         config.region_filter(),
         config.resync,
+        config.router_image.clone(),
     ));
     let controllers = controllers(client, &config.namespace, ctx);
     let outcome = match elector.as_mut() {
@@ -177,44 +177,29 @@ where
 async fn controllers(client: Client, namespace: &str, ctx: Arc<Context>) {
     // Only objects this operator made are watched, so the caches stay small in
     // a busy cluster.
-    let ours = watcher::Config::default().labels(&format!(
-        "{}={}",
-        names::LABEL_MANAGED_BY,
-        names::MANAGER
-    ));
+    let ours = watcher::Config::default().labels(&format!("{}={}", names::LABEL_MANAGED_BY, names::MANAGER));
     let geoclusters = Controller::new(
         scoped::<GeoCluster>(client.clone(), namespace),
         watcher::Config::default(),
     )
-    .owns(
-        scoped::<RegionGroup>(client.clone(), namespace),
-        ours.clone(),
-    )
+    .owns(scoped::<RegionGroup>(client.clone(), namespace), ours.clone())
+    .owns(scoped::<Deployment>(client.clone(), namespace), ours.clone())
     .run(
         controller::geocluster::reconcile,
         controller::geocluster::error_policy,
         ctx.clone(),
     )
     .for_each(|_| futures::future::ready(()));
-    let groups = Controller::new(
-        scoped::<RegionGroup>(client.clone(), namespace),
-        ours.clone(),
-    )
-    .owns(
-        scoped::<StatefulSet>(client.clone(), namespace),
-        ours.clone(),
-    )
-    .owns(scoped::<Service>(client.clone(), namespace), ours.clone())
-    .owns(
-        scoped::<PodDisruptionBudget>(client.clone(), namespace),
-        ours.clone(),
-    )
-    .owns(scoped::<ConfigMap>(client, namespace), ours)
-    .run(
-        controller::regiongroup::reconcile,
-        controller::regiongroup::error_policy,
-        ctx,
-    )
-    .for_each(|_| futures::future::ready(()));
+    let groups = Controller::new(scoped::<RegionGroup>(client.clone(), namespace), ours.clone())
+        .owns(scoped::<StatefulSet>(client.clone(), namespace), ours.clone())
+        .owns(scoped::<Service>(client.clone(), namespace), ours.clone())
+        .owns(scoped::<PodDisruptionBudget>(client.clone(), namespace), ours.clone())
+        .owns(scoped::<ConfigMap>(client, namespace), ours)
+        .run(
+            controller::regiongroup::reconcile,
+            controller::regiongroup::error_policy,
+            ctx,
+        )
+        .for_each(|_| futures::future::ready(()));
     futures::join!(geoclusters, groups);
 }

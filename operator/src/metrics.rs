@@ -42,21 +42,13 @@ impl Default for Metrics {
             Histogram::new(exponential_buckets(0.001, 2.0, 14))
         });
         let is_leader = Gauge::<i64, AtomicI64>::default();
-        registry.register(
-            "reconciles",
-            "Reconciles run, by controller",
-            reconciles.clone(),
-        );
+        registry.register("reconciles", "Reconciles run, by controller", reconciles.clone());
         registry.register(
             "reconcile_errors",
             "Reconciles that failed, by controller and error kind",
             errors.clone(),
         );
-        registry.register(
-            "reconcile_duration_seconds",
-            "Time a reconcile took",
-            durations.clone(),
-        );
+        registry.register("reconcile_duration_seconds", "Time a reconcile took", durations.clone());
         registry.register(
             "is_leader",
             "1 while this replica holds the leader lease",
@@ -75,9 +67,7 @@ impl Default for Metrics {
 impl Metrics {
     /// Counts a reconcile and times it until the guard drops.
     pub fn reconcile(&self, controller: &'static str) -> ReconcileTimer<'_> {
-        self.reconciles
-            .get_or_create(&ControllerLabels { controller })
-            .inc();
+        self.reconciles.get_or_create(&ControllerLabels { controller }).inc();
         ReconcileTimer {
             metrics: self,
             controller,
@@ -86,11 +76,7 @@ impl Metrics {
     }
 
     pub fn error(&self, controller: &'static str, error: &crate::Error) {
-        let class = if error.is_permanent() {
-            "permanent"
-        } else {
-            "transient"
-        };
+        let class = if error.is_permanent() { "permanent" } else { "transient" };
         self.errors
             .get_or_create(&ErrorLabels {
                 controller,
@@ -103,8 +89,7 @@ impl Metrics {
     /// The metrics in Prometheus text format.
     pub fn encode(&self) -> String {
         let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry)
-            .expect("writing to a String cannot fail");
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         out
     }
 }

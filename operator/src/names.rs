@@ -87,20 +87,12 @@ pub fn selector_labels(group: &str) -> BTreeMap<String, String> {
 }
 
 /// Labels of every object belonging to a group.
-pub fn group_labels(
-    cluster: &str,
-    region: &str,
-    role: GroupRole,
-    group: &str,
-) -> BTreeMap<String, String> {
+pub fn group_labels(cluster: &str, region: &str, role: GroupRole, group: &str) -> BTreeMap<String, String> {
     let mut labels = selector_labels(group);
     labels.extend([
         (LABEL_MANAGED_BY.to_string(), MANAGER.to_string()),
         (LABEL_PART_OF.to_string(), "tern".to_string()),
-        (
-            LABEL_COMPONENT.to_string(),
-            format!("{}-group", role_label(role)),
-        ),
+        (LABEL_COMPONENT.to_string(), format!("{}-group", role_label(role))),
         (LABEL_CLUSTER.to_string(), cluster.to_string()),
         (LABEL_REGION.to_string(), region.to_string()),
         (LABEL_ROLE.to_string(), role_label(role).to_string()),

@@ -17,11 +17,7 @@ impl RegionFilter {
     /// Manages only `regions`; an empty list means all.
     pub fn only<I: IntoIterator<Item = S>, S: Into<String>>(regions: I) -> Self {
         let set: BTreeSet<String> = regions.into_iter().map(Into::into).collect();
-        if set.is_empty() {
-            Self(None)
-        } else {
-            Self(Some(set))
-        }
+        if set.is_empty() { Self(None) } else { Self(Some(set)) }
     }
 
     pub fn contains(&self, region: &str) -> bool {

@@ -44,8 +44,7 @@ impl MemberCounts {
             created: status.replicas,
             ready: status.ready_replicas.unwrap_or(0),
             updated: status.updated_replicas.unwrap_or(0),
-            observed: status.observed_generation.unwrap_or(0)
-                >= sts.metadata.generation.unwrap_or(0),
+            observed: status.observed_generation.unwrap_or(0) >= sts.metadata.generation.unwrap_or(0),
             reported: status.observed_generation.is_some(),
         }
     }
@@ -117,11 +116,7 @@ pub fn phase_conditions(
         condition(
             READY,
             ready,
-            if ready {
-                "AllMembersReady"
-            } else {
-                phase.as_str()
-            },
+            if ready { "AllMembersReady" } else { phase.as_str() },
             detail.clone(),
             generation,
             now,
@@ -132,16 +127,8 @@ pub fn phase_conditions(
         condition(
             PROGRESSING,
             progressing,
-            if progressing {
-                "Provisioning"
-            } else {
-                "Stable"
-            },
-            if progressing {
-                detail.clone()
-            } else {
-                String::new()
-            },
+            if progressing { "Provisioning" } else { "Stable" },
+            if progressing { detail.clone() } else { String::new() },
             generation,
             now,
         ),
@@ -151,11 +138,7 @@ pub fn phase_conditions(
         condition(
             DEGRADED,
             degraded,
-            if degraded {
-                phase.as_str()
-            } else {
-                "AsExpected"
-            },
+            if degraded { phase.as_str() } else { "AsExpected" },
             if degraded { detail } else { String::new() },
             generation,
             now,
@@ -270,14 +253,8 @@ mod tests {
 
     #[test]
     fn worst_phase_wins() {
-        assert_eq!(
-            worst([GroupPhase::Ready, GroupPhase::Degraded]),
-            GroupPhase::Degraded
-        );
-        assert_eq!(
-            worst([GroupPhase::Ready, GroupPhase::Ready]),
-            GroupPhase::Ready
-        );
+        assert_eq!(worst([GroupPhase::Ready, GroupPhase::Degraded]), GroupPhase::Degraded);
+        assert_eq!(worst([GroupPhase::Ready, GroupPhase::Ready]), GroupPhase::Ready);
         assert_eq!(worst([]), GroupPhase::Pending);
     }
 }

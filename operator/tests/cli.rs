@@ -30,10 +30,7 @@ fn help_explains_every_flag() {
         "--log-format",
         "--log-filter",
     ] {
-        assert!(
-            help.contains(flag),
-            "--help does not explain {flag}:\n{help}"
-        );
+        assert!(help.contains(flag), "--help does not explain {flag}:\n{help}");
     }
 }
 
@@ -42,16 +39,10 @@ fn bad_flags_are_refused_by_name() {
     let out = operator(&["--regions=Not_A_Region"]);
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("--regions") && err.contains("Not_A_Region"),
-        "{err}"
-    );
+    assert!(err.contains("--regions") && err.contains("Not_A_Region"), "{err}");
 
     let out = operator(&["--lease-duration=forever"]);
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("--lease-duration") && err.contains("forever"),
-        "{err}"
-    );
+    assert!(err.contains("--lease-duration") && err.contains("forever"), "{err}");
 }

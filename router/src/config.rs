@@ -25,21 +25,11 @@ pub struct Config {
     pub http_addr: SocketAddr,
 
     /// Client URLs of this region's etcd group, comma separated.
-    #[arg(
-        long,
-        env = "TERN_GROUP_ENDPOINTS",
-        value_delimiter = ',',
-        required = true
-    )]
+    #[arg(long, env = "TERN_GROUP_ENDPOINTS", value_delimiter = ',', required = true)]
     pub group_endpoints: Vec<String>,
 
     /// Client URLs of the directory group, comma separated.
-    #[arg(
-        long,
-        env = "TERN_DIRECTORY_ENDPOINTS",
-        value_delimiter = ',',
-        required = true
-    )]
+    #[arg(long, env = "TERN_DIRECTORY_ENDPOINTS", value_delimiter = ',', required = true)]
     pub directory_endpoints: Vec<String>,
 
     /// host:port under which other regions reach this router; registered in
@@ -115,9 +105,7 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         "m" => Duration::from_secs(n * 60),
         "h" => Duration::from_secs(n * 3600),
         _ => {
-            return Err(format!(
-                "`{s}` is not a duration such as 500ms, 5s, 2m or 24h"
-            ));
+            return Err(format!("`{s}` is not a duration such as 500ms, 5s, 2m or 24h"));
         }
     };
     if d.is_zero() {
@@ -163,17 +151,12 @@ mod tests {
 
     #[test]
     fn bad_flags_name_the_flag_and_rule() {
-        let e = parse(&["--region=US_EAST"])
-            .expect_err("bad region")
-            .to_string();
+        let e = parse(&["--region=US_EAST"]).expect_err("bad region").to_string();
         assert!(e.contains("--region") && e.contains("DNS label"), "{e}");
         let e = parse(&["--region=us-east", "--peer=eu-west"])
             .expect_err("bad peer")
             .to_string();
-        assert!(
-            e.contains("--peer") && e.contains("REGION=HOST:PORT"),
-            "{e}"
-        );
+        assert!(e.contains("--peer") && e.contains("REGION=HOST:PORT"), "{e}");
         let e = parse(&["--region=us-east", "--default-deadline=soon"])
             .expect_err("bad duration")
             .to_string();

@@ -64,12 +64,7 @@ impl WriteCounts {
             .map(|by_origin| {
                 by_origin
                     .iter()
-                    .map(|(r, b)| {
-                        (
-                            r.clone(),
-                            b.iter().filter(|(b, _)| *b >= oldest).map(|(_, n)| n).sum(),
-                        )
-                    })
+                    .map(|(r, b)| (r.clone(), b.iter().filter(|(b, _)| *b >= oldest).map(|(_, n)| n).sum()))
                     .filter(|(_, n)| *n > 0)
                     .collect()
             })
@@ -113,11 +108,7 @@ mod tests {
         let (_, us, _) = ids();
         let c = WriteCounts::new(Duration::from_secs(3600), 2);
         for i in 0..5 {
-            c.record(
-                &AccountId::new(format!("acct-{i}")).expect("valid"),
-                &us,
-                100,
-            );
+            c.record(&AccountId::new(format!("acct-{i}")).expect("valid"), &us, 100);
         }
         assert_eq!(c.tracked_accounts(), 2);
     }

@@ -55,12 +55,7 @@ pub struct Forwarder {
 }
 
 impl Forwarder {
-    pub fn new(
-        origin: RegionName,
-        dns: Dns,
-        overrides: HashMap<RegionName, String>,
-        directory: Directory,
-    ) -> Self {
+    pub fn new(origin: RegionName, dns: Dns, overrides: HashMap<RegionName, String>, directory: Directory) -> Self {
         Self {
             origin,
             dns,
@@ -162,12 +157,9 @@ impl Forwarder {
         match call(client, request).await {
             Ok(resp) => Ok(resp.into_inner()),
             Err(status) if status.metadata().get(MOVED).is_some() => Err(ForwardFailure::Moved),
-            Err(status) if status.metadata().get(SERVED_BY).is_some() => {
-                Err(ForwardFailure::Answer(status))
-            }
+            Err(status) if status.metadata().get(SERVED_BY).is_some() => Err(ForwardFailure::Answer(status)),
             Err(status)
-                if status.code() == tonic::Code::Cancelled
-                    || status.code() == tonic::Code::DeadlineExceeded =>
+                if status.code() == tonic::Code::Cancelled || status.code() == tonic::Code::DeadlineExceeded =>
             {
                 Err(ForwardFailure::Deadline)
             }
@@ -178,10 +170,7 @@ impl Forwarder {
                 let source = std::error::Error::source(&status)
                     .map(|s| format!("{s:?}"))
                     .unwrap_or_default();
-                if text.contains("connect")
-                    || source.contains("ConnectError")
-                    || source.contains("Connect")
-                {
+                if text.contains("connect") || source.contains("ConnectError") || source.contains("Connect") {
                     Err(ForwardFailure::NotSent(text))
                 } else {
                     Err(ForwardFailure::Unknown(text))

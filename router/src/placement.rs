@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use etcd_client::{Client, Compare, CompareOp, EventType, GetOptions, Txn, TxnOp, WatchOptions};
 use tern_common::{
-    AccountId, AccountRecord, DIR_ACCOUNTS, DIR_REGIONS, RegionName, RegionRecord,
-    account_of_dir_key, dir_account_key, dir_region_key,
+    AccountId, AccountRecord, DIR_ACCOUNTS, DIR_REGIONS, RegionName, RegionRecord, account_of_dir_key, dir_account_key,
+    dir_region_key,
 };
 use tokio::sync::RwLock;
 
@@ -46,11 +46,7 @@ impl Directory {
     }
 
     pub async fn cached(&self, account: &AccountId) -> Option<Placement> {
-        self.accounts
-            .read()
-            .await
-            .get(account)
-            .map(|(p, _)| p.clone())
+        self.accounts.read().await.get(account).map(|(p, _)| p.clone())
     }
 
     pub async fn cached_accounts(&self) -> usize {
@@ -67,11 +63,7 @@ impl Directory {
 
     /// Reads the placement from the directory (linearizable) and caches it.
     pub async fn refresh(&self, account: &AccountId) -> Result<Placement> {
-        let resp = self
-            .client
-            .clone()
-            .get(dir_account_key(account), None)
-            .await?;
+        let resp = self.client.clone().get(dir_account_key(account), None).await?;
         match resp.kvs().first() {
             Some(kv) => {
                 let p = parse_account(kv.value())?;
@@ -120,11 +112,7 @@ impl Directory {
     /// Creates the placement record if the account does not exist. Returns
     /// the record that is in the directory afterwards and whether this call
     /// created it.
-    pub async fn create(
-        &self,
-        account: &AccountId,
-        record: &AccountRecord,
-    ) -> Result<(AccountRecord, bool)> {
+    pub async fn create(&self, account: &AccountId, record: &AccountRecord) -> Result<(AccountRecord, bool)> {
         let key = dir_account_key(account);
         let txn = Txn::new()
             .when([Compare::version(key.clone(), CompareOp::Equal, 0)])
@@ -176,20 +164,12 @@ impl Directory {
 
     async fn load_and_watch(&self) -> Result<()> {
         let mut client = self.client.clone();
-        let resp = client
-            .get("/tern/dir/", Some(GetOptions::new().with_prefix()))
-            .await?;
+        let resp = client.get("/tern/dir/", Some(GetOptions::new().with_prefix())).await?;
         let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
         let mut accounts = HashMap::new();
         let mut regions = HashMap::new();
         for kv in resp.kvs() {
-            apply_put(
-                kv.key(),
-                kv.value(),
-                kv.mod_revision(),
-                &mut accounts,
-                &mut regions,
-            );
+            apply_put(kv.key(), kv.value(), kv.mod_revision(), &mut accounts, &mut regions);
         }
         *self.accounts.write().await = accounts;
         *self.regions.write().await = regions;
@@ -217,19 +197,10 @@ impl Directory {
             for event in resp.events() {
                 let Some(kv) = event.kv() else { continue };
                 match event.event_type() {
-                    EventType::Put => apply_put(
-                        kv.key(),
-                        kv.value(),
-                        kv.mod_revision(),
-                        &mut accounts,
-                        &mut regions,
-                    ),
+                    EventType::Put => apply_put(kv.key(), kv.value(), kv.mod_revision(), &mut accounts, &mut regions),
                     EventType::Delete => {
                         if let Some(a) = account_of_dir_key(kv.key()) {
-                            if accounts
-                                .get(&a)
-                                .is_some_and(|(_, r)| *r < kv.mod_revision())
-                            {
+                            if accounts.get(&a).is_some_and(|(_, r)| *r < kv.mod_revision()) {
                                 accounts.remove(&a);
                             }
                         } else if let Some(r) = region_of_key(kv.key()) {
@@ -239,15 +210,12 @@ impl Directory {
                 }
             }
         }
-        Err(RouterError::Unavailable(
-            "directory watch stream closed".into(),
-        ))
+        Err(RouterError::Unavailable("directory watch stream closed".into()))
     }
 }
 
 fn parse_account(value: &[u8]) -> Result<AccountRecord> {
-    serde_json::from_slice(value)
-        .map_err(|e| RouterError::Internal(format!("malformed placement record: {e}")))
+    serde_json::from_slice(value).map_err(|e| RouterError::Internal(format!("malformed placement record: {e}")))
 }
 
 fn region_of_key(key: &[u8]) -> Option<RegionName> {
@@ -256,12 +224,7 @@ fn region_of_key(key: &[u8]) -> Option<RegionName> {
 }
 
 /// Stores `p` unless the cache holds a newer revision of the account.
-fn upsert(
-    accounts: &mut HashMap<AccountId, (Placement, i64)>,
-    account: AccountId,
-    p: Placement,
-    revision: i64,
-) {
+fn upsert(accounts: &mut HashMap<AccountId, (Placement, i64)>, account: AccountId, p: Placement, revision: i64) {
     match accounts.get(&account) {
         Some((_, newer)) if *newer > revision => {}
         _ => {
@@ -278,10 +241,7 @@ fn apply_put(
     regions: &mut HashMap<RegionName, RegionRecord>,
 ) {
     if key.starts_with(DIR_ACCOUNTS.as_bytes()) {
-        match (
-            account_of_dir_key(key),
-            serde_json::from_slice::<AccountRecord>(value),
-        ) {
+        match (account_of_dir_key(key), serde_json::from_slice::<AccountRecord>(value)) {
             (Some(a), Ok(p)) => upsert(accounts, a, p, revision),
             _ => {
                 tracing::warn!(key = %String::from_utf8_lossy(key), "ignoring a malformed placement record")

@@ -66,28 +66,15 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
     on_start: impl FnOnce(Running) + Send,
 ) -> Result<()> {
-    let group = connect_etcd(
-        &config.group_endpoints,
-        "region group",
-        Duration::from_secs(60),
-    )
-    .await?;
-    let directory_client = connect_etcd(
-        &config.directory_endpoints,
-        "directory",
-        Duration::from_secs(60),
-    )
-    .await?;
+    let group = connect_etcd(&config.group_endpoints, "region group", Duration::from_secs(60)).await?;
+    let directory_client = connect_etcd(&config.directory_endpoints, "directory", Duration::from_secs(60)).await?;
     let directory = Directory::new(directory_client);
     let watch_task = directory.spawn_watch();
     if let Some(endpoint) = &config.advertise {
         directory.register_region(&config.region, endpoint).await?;
     }
     let metrics = Arc::new(Metrics::default());
-    let counts = Arc::new(WriteCounts::new(
-        config.write_count_window,
-        config.write_count_accounts,
-    ));
+    let counts = Arc::new(WriteCounts::new(config.write_count_window, config.write_count_accounts));
     let service = RouterService {
         region: config.region.clone(),
         directory: directory.clone(),
@@ -129,25 +116,16 @@ pub async fn run(
             }
         })
     };
-    let (http_addr, http_task) =
-        tern_common::ops::serve(config.http_addr, render, ready, stopped())
-            .await
-            .map_err(|e| {
-                RouterError::Internal(format!(
-                    "cannot serve ops endpoints on {}: {e}",
-                    config.http_addr
-                ))
-            })?;
+    let (http_addr, http_task) = tern_common::ops::serve(config.http_addr, render, ready, stopped())
+        .await
+        .map_err(|e| RouterError::Internal(format!("cannot serve ops endpoints on {}: {e}", config.http_addr)))?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|e| RouterError::Internal(format!("cannot listen on {}: {e}", config.listen)))?;
     let grpc_addr = listener
         .local_addr()
         .map_err(|e| RouterError::Internal(format!("listener address: {e}")))?;
-    on_start(Running {
-        grpc_addr,
-        http_addr,
-    });
+    on_start(Running { grpc_addr, http_addr });
     tracing::info!(region = %config.region, %grpc_addr, %http_addr, "tern-router serving");
 
     let incoming = TcpListenerStream::new(listener);

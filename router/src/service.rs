@@ -10,8 +10,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use etcd_client::{Compare as EtcdCompare, CompareOp, TxnOp, TxnOpResponse};
 use serde_json::json;
 use tern_common::{
-    AccountId, AccountRecord, AccountState, Epoch, FenceState, IdempotencyKey, RegionName, UserKey,
-    check_value, data_key, data_prefix, user_key_of,
+    AccountId, AccountRecord, AccountState, Epoch, FenceState, IdempotencyKey, RegionName, UserKey, check_value,
+    data_key, data_prefix, user_key_of,
 };
 use tokio::time::Instant;
 use tonic::metadata::MetadataMap;
@@ -60,9 +60,8 @@ impl RouterService {
     fn call<T>(&self, op: &'static str, request: &Request<T>) -> Result<Call> {
         let md = request.metadata();
         let timeout = match md.get("grpc-timeout").and_then(|v| v.to_str().ok()) {
-            Some(t) => parse_grpc_timeout(t).ok_or_else(|| {
-                RouterError::BadRequest(format!("grpc-timeout `{t}` is malformed"))
-            })?,
+            Some(t) => parse_grpc_timeout(t)
+                .ok_or_else(|| RouterError::BadRequest(format!("grpc-timeout `{t}` is malformed")))?,
             None => self.default_deadline,
         };
         let forwarded = md.get(FORWARDED).is_some();
@@ -92,11 +91,7 @@ impl RouterService {
         work: impl AsyncFnOnce(&Call) -> Result<(T, Route)>,
     ) -> Result<Response<T>, Status> {
         let call = call.map_err(|e| e.into_status(&self.region))?;
-        let route_guess = if call.forwarded {
-            Route::ProxiedIn
-        } else {
-            Route::Local
-        };
+        let route_guess = if call.forwarded { Route::ProxiedIn } else { Route::Local };
         let outcome = match tokio::time::timeout_at(call.deadline, work(&call)).await {
             Ok(r) => r,
             Err(_) => Err(RouterError::Deadline(format!(
@@ -109,8 +104,7 @@ impl RouterService {
         let elapsed = call.started.elapsed().as_secs_f64();
         match outcome {
             Ok((value, route)) => {
-                self.metrics
-                    .observe(call.op, route, tonic::Code::Ok, elapsed);
+                self.metrics.observe(call.op, route, tonic::Code::Ok, elapsed);
                 Ok(Response::new(value))
             }
             Err(e) => {
@@ -127,8 +121,7 @@ impl RouterService {
                         status
                     }
                 };
-                self.metrics
-                    .observe(call.op, route_guess, status.code(), elapsed);
+                self.metrics.observe(call.op, route_guess, status.code(), elapsed);
                 Err(status)
             }
         }
@@ -162,9 +155,7 @@ impl RouterService {
         self.metrics.retries.inc();
         self.metrics.placement_refreshes.inc();
         match &found {
-            Some(f) if f.state == FenceState::Fenced => {
-                tokio::time::sleep(Duration::from_millis(10)).await
-            }
+            Some(f) if f.state == FenceState::Fenced => tokio::time::sleep(Duration::from_millis(10)).await,
             None => {
                 let fresh = self.directory.refresh(account).await?;
                 if fresh.home == p.home && fresh.epoch == p.epoch {
@@ -196,10 +187,7 @@ impl RouterService {
         f: F,
     ) -> Result<Option<Resp>>
     where
-        F: FnOnce(
-            crate::pb::router_client::RouterClient<tonic::transport::Channel>,
-            Request<Req>,
-        ) -> Fut,
+        F: FnOnce(crate::pb::router_client::RouterClient<tonic::transport::Channel>, Request<Req>) -> Fut,
         Fut: std::future::Future<Output = std::result::Result<Response<Resp>, Status>>,
     {
         let failure = match self
@@ -237,11 +225,9 @@ impl RouterService {
                 let _ = self.directory.refresh(account).await;
                 Ok(None)
             }
-            ForwardFailure::Unknown(detail) if write_without_key => {
-                Err(RouterError::OutcomeUnknown(format!(
-                    "the link to {home} failed after the write was sent: {detail}"
-                )))
-            }
+            ForwardFailure::Unknown(detail) if write_without_key => Err(RouterError::OutcomeUnknown(format!(
+                "the link to {home} failed after the write was sent: {detail}"
+            ))),
             ForwardFailure::NotSent(detail) | ForwardFailure::Unknown(detail) => {
                 if Instant::now() + Duration::from_millis(50) >= call.deadline {
                     return Err(RouterError::RegionUnreachable {
@@ -399,14 +385,9 @@ impl Router for RouterService {
                 message.home_region = home.to_string();
                 loop {
                     let out = self
-                        .forward(
-                            call,
-                            &account,
-                            &home,
-                            message.clone(),
-                            false,
-                            async |mut c, req| c.create_account(req).await,
-                        )
+                        .forward(call, &account, &home, message.clone(), false, async |mut c, req| {
+                            c.create_account(req).await
+                        })
                         .await?;
                     if let Some(resp) = out {
                         return Ok((resp, Route::ProxiedOut));
@@ -457,11 +438,7 @@ impl Router for RouterService {
                     home: stored.home,
                 });
             }
-            let route = if call.forwarded {
-                Route::ProxiedIn
-            } else {
-                Route::Local
-            };
+            let route = if call.forwarded { Route::ProxiedIn } else { Route::Local };
             Ok((
                 pb::CreateAccountResponse {
                     account: account.to_string(),
@@ -475,10 +452,7 @@ impl Router for RouterService {
         .await
     }
 
-    async fn put(
-        &self,
-        request: Request<pb::PutRequest>,
-    ) -> Result<Response<pb::PutResponse>, Status> {
+    async fn put(&self, request: Request<pb::PutRequest>) -> Result<Response<pb::PutResponse>, Status> {
         let call = self.call("put", &request);
         let r = request.into_inner();
         self.finish(call, async |call| {
@@ -513,20 +487,14 @@ impl Router for RouterService {
                 let guard = Guard {
                     account: &account,
                     epoch: p.epoch,
-                    idempotency: idem
-                        .as_ref()
-                        .map(|k| (k, Some(json!({"op": "put", "fp": fp})))),
+                    idempotency: idem.as_ref().map(|k| (k, Some(json!({"op": "put", "fp": fp})))),
                     compares: vec![],
                     ops: vec![TxnOp::put(key.clone(), r.value.clone(), None)],
                 };
                 match self.store.run(guard, |_| ()).await? {
                     Guarded::Done { revision, .. } => {
                         self.count_write(&account, call);
-                        let route = if call.forwarded {
-                            Route::ProxiedIn
-                        } else {
-                            Route::Local
-                        };
+                        let route = if call.forwarded { Route::ProxiedIn } else { Route::Local };
                         return Ok((
                             pb::PutResponse {
                                 meta: Some(self.write_meta(&p, revision, false)),
@@ -536,11 +504,7 @@ impl Router for RouterService {
                     }
                     Guarded::Replayed { record, revision } => {
                         check_replay(&record, &fp)?;
-                        let route = if call.forwarded {
-                            Route::ProxiedIn
-                        } else {
-                            Route::Local
-                        };
+                        let route = if call.forwarded { Route::ProxiedIn } else { Route::Local };
                         return Ok((
                             pb::PutResponse {
                                 meta: Some(self.write_meta(&p, revision, true)),
@@ -560,10 +524,7 @@ impl Router for RouterService {
         .await
     }
 
-    async fn delete(
-        &self,
-        request: Request<pb::DeleteRequest>,
-    ) -> Result<Response<pb::DeleteResponse>, Status> {
+    async fn delete(&self, request: Request<pb::DeleteRequest>) -> Result<Response<pb::DeleteResponse>, Status> {
         let call = self.call("delete", &request);
         let r = request.into_inner();
         self.finish(call, async |call| {
@@ -610,10 +571,7 @@ impl Router for RouterService {
                             .or_else([TxnOp::put(idem_key, absent.to_string(), None)]);
                         (vec![TxnOp::txn(nested)], None)
                     }
-                    None => (
-                        vec![TxnOp::delete(key.clone(), None)],
-                        None::<serde_json::Value>,
-                    ),
+                    None => (vec![TxnOp::delete(key.clone(), None)], None::<serde_json::Value>),
                 };
                 let guard = Guard {
                     account: &account,
@@ -632,11 +590,7 @@ impl Router for RouterService {
                         _ => false,
                     })
                     .await?;
-                let route = if call.forwarded {
-                    Route::ProxiedIn
-                } else {
-                    Route::Local
-                };
+                let route = if call.forwarded { Route::ProxiedIn } else { Route::Local };
                 match outcome {
                     Guarded::Done { revision, value } => {
                         self.count_write(&account, call);
@@ -650,10 +604,7 @@ impl Router for RouterService {
                     }
                     Guarded::Replayed { record, revision } => {
                         check_replay(&record, &fp)?;
-                        let existed = record
-                            .get("existed")
-                            .and_then(|v| v.as_bool())
-                            .unwrap_or(false);
+                        let existed = record.get("existed").and_then(|v| v.as_bool()).unwrap_or(false);
                         return Ok((
                             pb::DeleteResponse {
                                 meta: Some(self.write_meta(&p, revision, true)),
@@ -674,10 +625,7 @@ impl Router for RouterService {
         .await
     }
 
-    async fn get(
-        &self,
-        request: Request<pb::GetRequest>,
-    ) -> Result<Response<pb::GetResponse>, Status> {
+    async fn get(&self, request: Request<pb::GetRequest>) -> Result<Response<pb::GetResponse>, Status> {
         let call = self.call("get", &request);
         let r = request.into_inner();
         self.finish(call, async |call| {
@@ -687,14 +635,9 @@ impl Router for RouterService {
                 let p = self.route(call, &account).await?;
                 if p.home != self.region {
                     let out = self
-                        .forward(
-                            call,
-                            &account,
-                            &p.home,
-                            r.clone(),
-                            false,
-                            async |mut c, req| c.get(req).await,
-                        )
+                        .forward(call, &account, &p.home, r.clone(), false, async |mut c, req| {
+                            c.get(req).await
+                        })
                         .await?;
                     match out {
                         Some(mut resp) => {
@@ -722,11 +665,7 @@ impl Router for RouterService {
                         revision,
                         value: (found, value, mod_revision),
                     } => {
-                        let route = if call.forwarded {
-                            Route::ProxiedIn
-                        } else {
-                            Route::Local
-                        };
+                        let route = if call.forwarded { Route::ProxiedIn } else { Route::Local };
                         return Ok((
                             pb::GetResponse {
                                 found,
@@ -741,9 +680,7 @@ impl Router for RouterService {
                         self.after_fence_miss(&account, &p, found).await?;
                     }
                     Guarded::Replayed { .. } | Guarded::CompareFailed => {
-                        return Err(RouterError::Internal(
-                            "a read has no guard but the fence".into(),
-                        ));
+                        return Err(RouterError::Internal("a read has no guard but the fence".into()));
                     }
                 }
             }
@@ -751,10 +688,7 @@ impl Router for RouterService {
         .await
     }
 
-    async fn list(
-        &self,
-        request: Request<pb::ListRequest>,
-    ) -> Result<Response<pb::ListResponse>, Status> {
+    async fn list(&self, request: Request<pb::ListRequest>) -> Result<Response<pb::ListResponse>, Status> {
         let call = self.call("list", &request);
         let r = request.into_inner();
         self.finish(call, async |call| {
@@ -788,14 +722,9 @@ impl Router for RouterService {
                 let p = self.route(call, &account).await?;
                 if p.home != self.region {
                     let out = self
-                        .forward(
-                            call,
-                            &account,
-                            &p.home,
-                            r.clone(),
-                            false,
-                            async |mut c, req| c.list(req).await,
-                        )
+                        .forward(call, &account, &p.home, r.clone(), false, async |mut c, req| {
+                            c.list(req).await
+                        })
                         .await?;
                     match out {
                         Some(mut resp) => {
@@ -841,11 +770,7 @@ impl Router for RouterService {
                         } else {
                             String::new()
                         };
-                        let route = if call.forwarded {
-                            Route::ProxiedIn
-                        } else {
-                            Route::Local
-                        };
+                        let route = if call.forwarded { Route::ProxiedIn } else { Route::Local };
                         return Ok((
                             pb::ListResponse {
                                 items,
@@ -859,9 +784,7 @@ impl Router for RouterService {
                         self.after_fence_miss(&account, &p, found).await?;
                     }
                     Guarded::Replayed { .. } | Guarded::CompareFailed => {
-                        return Err(RouterError::Internal(
-                            "a read has no guard but the fence".into(),
-                        ));
+                        return Err(RouterError::Internal("a read has no guard but the fence".into()));
                     }
                 }
             }
@@ -869,10 +792,7 @@ impl Router for RouterService {
         .await
     }
 
-    async fn txn(
-        &self,
-        request: Request<pb::TxnRequest>,
-    ) -> Result<Response<pb::TxnResponse>, Status> {
+    async fn txn(&self, request: Request<pb::TxnRequest>) -> Result<Response<pb::TxnResponse>, Status> {
         let call = self.call("txn", &request);
         let r = request.into_inner();
         self.finish(call, async |call| {
@@ -889,30 +809,21 @@ impl Router for RouterService {
             let mut compares = Vec::new();
             let mut fp_parts: Vec<Vec<u8>> = vec![b"txn".to_vec()];
             for (i, c) in r.compares.iter().enumerate() {
-                let key = user_key(&account, &c.key)
-                    .map_err(|e| RouterError::BadRequest(format!("compares[{i}]: {e}")))?;
+                let key =
+                    user_key(&account, &c.key).map_err(|e| RouterError::BadRequest(format!("compares[{i}]: {e}")))?;
                 let op = match pb::compare::Op::try_from(c.op) {
                     Ok(pb::compare::Op::Equal) => CompareOp::Equal,
                     Ok(pb::compare::Op::NotEqual) => CompareOp::NotEqual,
                     Ok(pb::compare::Op::Greater) => CompareOp::Greater,
                     Ok(pb::compare::Op::Less) => CompareOp::Less,
                     Err(_) => {
-                        return Err(RouterError::BadRequest(format!(
-                            "compares[{i}].op {} is unknown",
-                            c.op
-                        )));
+                        return Err(RouterError::BadRequest(format!("compares[{i}].op {} is unknown", c.op)));
                     }
                 };
                 let compare = match pb::compare::Target::try_from(c.target) {
-                    Ok(pb::compare::Target::Value) => {
-                        EtcdCompare::value(key.clone(), op, c.value.clone())
-                    }
-                    Ok(pb::compare::Target::Version) => {
-                        EtcdCompare::version(key.clone(), op, c.number)
-                    }
-                    Ok(pb::compare::Target::ModRevision) => {
-                        EtcdCompare::mod_revision(key.clone(), op, c.number)
-                    }
+                    Ok(pb::compare::Target::Value) => EtcdCompare::value(key.clone(), op, c.value.clone()),
+                    Ok(pb::compare::Target::Version) => EtcdCompare::version(key.clone(), op, c.number),
+                    Ok(pb::compare::Target::ModRevision) => EtcdCompare::mod_revision(key.clone(), op, c.number),
                     Err(_) => {
                         return Err(RouterError::BadRequest(format!(
                             "compares[{i}].target {} is unknown",
@@ -920,8 +831,7 @@ impl Router for RouterService {
                         )));
                     }
                 };
-                fp_parts
-                    .push(format!("{i}:{}:{}:{}:{}", key, c.target, c.op, c.number).into_bytes());
+                fp_parts.push(format!("{i}:{}:{}:{}:{}", key, c.target, c.op, c.number).into_bytes());
                 fp_parts.push(c.value.clone());
                 compares.push(compare);
             }
@@ -951,9 +861,7 @@ impl Router for RouterService {
                         ops.push(TxnOp::get(key, None));
                     }
                     None => {
-                        return Err(RouterError::BadRequest(format!(
-                            "ops[{i}] names no operation"
-                        )));
+                        return Err(RouterError::BadRequest(format!("ops[{i}] names no operation")));
                     }
                 }
             }
@@ -984,9 +892,7 @@ impl Router for RouterService {
                 let guard = Guard {
                     account: &account,
                     epoch: p.epoch,
-                    idempotency: idem
-                        .as_ref()
-                        .map(|k| (k, Some(json!({"op": "txn", "fp": fp})))),
+                    idempotency: idem.as_ref().map(|k| (k, Some(json!({"op": "txn", "fp": fp})))),
                     compares: compares.clone(),
                     ops: ops.clone(),
                 };
@@ -1005,16 +911,9 @@ impl Router for RouterService {
                         })
                         .collect::<Vec<_>>()
                 };
-                let route = if call.forwarded {
-                    Route::ProxiedIn
-                } else {
-                    Route::Local
-                };
+                let route = if call.forwarded { Route::ProxiedIn } else { Route::Local };
                 match self.store.run(guard, extract).await? {
-                    Guarded::Done {
-                        revision,
-                        value: gets,
-                    } => {
+                    Guarded::Done { revision, value: gets } => {
                         self.count_write(&account, call);
                         return Ok((
                             pb::TxnResponse {
@@ -1083,10 +982,7 @@ mod tests {
 
     #[test]
     fn fingerprints_differ_by_content() {
-        assert_ne!(
-            fingerprint(&[b"put", b"k", b"v1"]),
-            fingerprint(&[b"put", b"k", b"v2"])
-        );
+        assert_ne!(fingerprint(&[b"put", b"k", b"v1"]), fingerprint(&[b"put", b"k", b"v2"]));
         assert_ne!(fingerprint(&[b"ab", b"c"]), fingerprint(&[b"a", b"bc"]));
     }
 }

@@ -8,9 +8,7 @@
 
 use etcd_client::{Client, Compare, CompareOp, GetOptions, KeyValue, Txn, TxnOp, TxnOpResponse};
 use serde_json::json;
-use tern_common::{
-    AccountId, Epoch, Fence, FenceState, IdempotencyKey, fence_key, idempotency_key,
-};
+use tern_common::{AccountId, Epoch, Fence, FenceState, IdempotencyKey, fence_key, idempotency_key};
 
 use crate::error::{Result, RouterError};
 
@@ -21,10 +19,7 @@ pub enum Guarded<T> {
     Done { revision: i64, value: T },
     /// The idempotency key was used before: its record and the revision it
     /// committed at.
-    Replayed {
-        record: serde_json::Value,
-        revision: i64,
-    },
+    Replayed { record: serde_json::Value, revision: i64 },
     /// The fence does not say `E:active`: what it says instead (None: no
     /// fence, the account is not homed in this group).
     Fence(Option<Fence>),
@@ -61,11 +56,7 @@ impl HomeStore {
 
     /// Runs `guard` as one transaction. `extract` turns the then-branch
     /// responses into the caller's result.
-    pub async fn run<T>(
-        &self,
-        guard: Guard<'_>,
-        extract: impl FnOnce(&[TxnOpResponse]) -> T,
-    ) -> Result<Guarded<T>> {
+    pub async fn run<T>(&self, guard: Guard<'_>, extract: impl FnOnce(&[TxnOpResponse]) -> T) -> Result<Guarded<T>> {
         let fence = fence_key(guard.account);
         let mut when = vec![Compare::value(
             fence.clone(),
@@ -104,9 +95,7 @@ impl HomeStore {
             }
         };
         let fence = match first_kv(0) {
-            Some(kv) => {
-                Some(Fence::parse(kv.value()).map_err(|e| RouterError::Internal(e.to_string()))?)
-            }
+            Some(kv) => Some(Fence::parse(kv.value()).map_err(|e| RouterError::Internal(e.to_string()))?),
             None => None,
         };
         let active = fence
@@ -133,11 +122,7 @@ impl HomeStore {
         let key = fence_key(account);
         let txn = Txn::new()
             .when([Compare::version(key.clone(), CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(
-                key.clone(),
-                Fence::active(epoch).to_string(),
-                None,
-            )])
+            .and_then([TxnOp::put(key.clone(), Fence::active(epoch).to_string(), None)])
             .or_else([TxnOp::get(key, None)]);
         let resp = self.client.clone().txn(txn).await?;
         if resp.succeeded() {
@@ -168,9 +153,6 @@ impl HomeStore {
 
     /// A range read under the fence, for List.
     pub fn range_op(start: &str, end: &[u8], limit: i64) -> TxnOp {
-        TxnOp::get(
-            start,
-            Some(GetOptions::new().with_range(end).with_limit(limit)),
-        )
+        TxnOp::get(start, Some(GetOptions::new().with_range(end).with_limit(limit)))
     }
 }

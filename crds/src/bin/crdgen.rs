@@ -10,9 +10,7 @@ fn main() -> ExitCode {
     let dir = match (args.next(), args.next()) {
         (Some(dir), None) if dir != "--help" && dir != "-h" => PathBuf::from(dir),
         _ => {
-            eprintln!(
-                "usage: crdgen <output-dir>\n\nWrites tern's CRDs as <plural>.tern.dev.yaml into <output-dir>."
-            );
+            eprintln!("usage: crdgen <output-dir>\n\nWrites tern's CRDs as <plural>.tern.dev.yaml into <output-dir>.");
             return ExitCode::from(2);
         }
     };

@@ -23,13 +23,7 @@ pub fn region_groups(gc: &GeoCluster, managed: &RegionFilter) -> Vec<RegionGroup
             data_members(gc, region),
         ));
         if let Some(count) = directory_count(gc, &region.name) {
-            groups.push(group(
-                gc,
-                region,
-                GroupRole::Directory,
-                count,
-                directory_peers.clone(),
-            ));
+            groups.push(group(gc, region, GroupRole::Directory, count, directory_peers.clone()));
         }
     }
     groups
@@ -89,12 +83,10 @@ fn group(
 /// The node labels that pin a region's pods: the spec's, or the well-known
 /// region label.
 pub fn node_selector(region: &RegionSpec) -> BTreeMap<String, String> {
-    region.node_selector.clone().unwrap_or_else(|| {
-        BTreeMap::from([(
-            "topology.kubernetes.io/region".to_string(),
-            region.name.clone(),
-        )])
-    })
+    region
+        .node_selector
+        .clone()
+        .unwrap_or_else(|| BTreeMap::from([("topology.kubernetes.io/region".to_string(), region.name.clone())]))
 }
 
 fn cluster_domain(region: &RegionSpec) -> &str {
@@ -115,19 +107,44 @@ fn cluster_token(gc: &GeoCluster, region: &RegionSpec, role: GroupRole) -> Strin
     }
 }
 
-fn peers(gc: &GeoCluster, region: &RegionSpec, role: GroupRole, count: i32) -> Vec<ClusterMember> {
+/// (member name, stable DNS name) of every member of a group.
+fn member_hosts(gc: &GeoCluster, region: &RegionSpec, role: GroupRole, count: i32) -> Vec<(String, String)> {
     let namespace = gc.namespace().unwrap_or_default();
     let group = names::group_name(&gc.name_any(), &region.name, role);
     (0..count)
         .map(|i| {
             let member = names::member_name(&group, i);
             let host = names::member_host(&group, &member, &namespace, cluster_domain(region));
-            ClusterMember {
-                peer_url: format!("http://{host}:{}", names::PEER_PORT),
-                name: member,
-            }
+            (member, host)
         })
         .collect()
+}
+
+fn peers(gc: &GeoCluster, region: &RegionSpec, role: GroupRole, count: i32) -> Vec<ClusterMember> {
+    member_hosts(gc, region, role, count)
+        .into_iter()
+        .map(|(name, host)| ClusterMember {
+            peer_url: format!("http://{host}:{}", names::PEER_PORT),
+            name,
+        })
+        .collect()
+}
+
+/// Client URLs of every directory member, in every region.
+pub fn directory_client_urls(gc: &GeoCluster) -> Vec<String> {
+    directory_regions(gc)
+        .flat_map(|(region, count)| member_hosts(gc, region, GroupRole::Directory, count))
+        .map(|(_, host)| format!("http://{host}:{}", names::CLIENT_PORT))
+        .collect()
+}
+
+/// The regions that host directory members, with their member counts.
+fn directory_regions(gc: &GeoCluster) -> impl Iterator<Item = (&RegionSpec, i32)> {
+    gc.spec
+        .directory
+        .members
+        .iter()
+        .filter_map(|m| Some((gc.spec.regions.iter().find(|r| r.name == m.region)?, m.replicas)))
 }
 
 fn data_members(gc: &GeoCluster, region: &RegionSpec) -> Vec<ClusterMember> {
@@ -137,15 +154,8 @@ fn data_members(gc: &GeoCluster, region: &RegionSpec) -> Vec<ClusterMember> {
 /// Every directory member in every region, with peer URLs in each region's
 /// cluster domain.
 pub fn directory_members(gc: &GeoCluster) -> Vec<ClusterMember> {
-    gc.spec
-        .directory
-        .members
-        .iter()
-        .filter_map(|m| {
-            let region = gc.spec.regions.iter().find(|r| r.name == m.region)?;
-            Some(peers(gc, region, GroupRole::Directory, m.replicas))
-        })
-        .flatten()
+    directory_regions(gc)
+        .flat_map(|(region, count)| peers(gc, region, GroupRole::Directory, count))
         .collect()
 }
 
@@ -193,10 +203,7 @@ mod tests {
         let mut gc = example();
         gc.spec.regions[1].cluster_domain = Some("eu.example".into());
         let groups = region_groups(&gc, &RegionFilter::all());
-        let dirs: Vec<_> = groups
-            .iter()
-            .filter(|g| g.spec.role == GroupRole::Directory)
-            .collect();
+        let dirs: Vec<_> = groups.iter().filter(|g| g.spec.role == GroupRole::Directory).collect();
         assert_eq!(dirs.len(), 3);
         let peers = &dirs[0].spec.initial_cluster;
         assert_eq!(peers.len(), 3);
@@ -204,21 +211,17 @@ mod tests {
             peers[1].peer_url,
             "http://payments-dir-eu-west-0.payments-dir-eu-west-peer.default.svc.eu.example:2380"
         );
-        assert!(dirs.iter().all(|d| d.spec.initial_cluster == *peers
-            && d.spec.cluster_token == dirs[0].spec.cluster_token));
+        assert!(
+            dirs.iter()
+                .all(|d| d.spec.initial_cluster == *peers && d.spec.cluster_token == dirs[0].spec.cluster_token)
+        );
         assert_eq!(
             dirs[0].spec.etcd.heartbeat_interval_ms,
             gc.spec.directory.heartbeat_interval_ms
         );
-        let data: Vec<_> = groups
-            .iter()
-            .filter(|g| g.spec.role == GroupRole::Data)
-            .collect();
+        let data: Vec<_> = groups.iter().filter(|g| g.spec.role == GroupRole::Data).collect();
         assert_ne!(data[0].spec.cluster_token, data[1].spec.cluster_token);
         assert_eq!(data[0].spec.initial_cluster.len(), 3);
-        assert_eq!(
-            data[0].spec.node_selector["topology.kubernetes.io/region"],
-            "us-east"
-        );
+        assert_eq!(data[0].spec.node_selector["topology.kubernetes.io/region"], "us-east");
     }
 }

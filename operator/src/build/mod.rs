@@ -4,6 +4,7 @@
 
 pub mod geocluster;
 pub mod regiongroup;
+pub mod router;
 
 #[cfg(test)]
 pub(crate) mod testing {

@@ -6,15 +6,13 @@ use std::collections::BTreeMap;
 use std::hash::{Hash, Hasher};
 
 use k8s_openapi::api::apps::v1::{
-    StatefulSet, StatefulSetPersistentVolumeClaimRetentionPolicy, StatefulSetSpec,
-    StatefulSetUpdateStrategy,
+    StatefulSet, StatefulSetPersistentVolumeClaimRetentionPolicy, StatefulSetSpec, StatefulSetUpdateStrategy,
 };
 use k8s_openapi::api::core::v1::{
-    Affinity, ConfigMap, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction,
-    NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm, ObjectFieldSelector,
-    PersistentVolumeClaim, PersistentVolumeClaimSpec, PodSpec, PodTemplateSpec, Probe,
-    SecurityContext, Service, ServicePort, ServiceSpec, TopologySpreadConstraint, VolumeMount,
-    VolumeResourceRequirements,
+    Affinity, ConfigMap, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, NodeAffinity, NodeSelector,
+    NodeSelectorRequirement, NodeSelectorTerm, ObjectFieldSelector, PersistentVolumeClaim, PersistentVolumeClaimSpec,
+    PodSpec, PodTemplateSpec, Probe, SecurityContext, Service, ServicePort, ServiceSpec, TopologySpreadConstraint,
+    VolumeMount, VolumeResourceRequirements,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
@@ -193,12 +191,10 @@ fn stateful_set(rg: &RegionGroup, config_hash: &str) -> StatefulSet {
                 match_labels: Some(selector.clone()),
                 ..LabelSelector::default()
             },
-            persistent_volume_claim_retention_policy: Some(
-                StatefulSetPersistentVolumeClaimRetentionPolicy {
-                    when_deleted: Some(retention.into()),
-                    when_scaled: Some("Retain".into()),
-                },
-            ),
+            persistent_volume_claim_retention_policy: Some(StatefulSetPersistentVolumeClaimRetentionPolicy {
+                when_deleted: Some(retention.into()),
+                when_scaled: Some("Retain".into()),
+            }),
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
                     labels: Some(labels.clone()),
@@ -360,16 +356,10 @@ fn config_map(rg: &RegionGroup) -> ConfigMap {
     ConfigMap {
         metadata: meta(rg, names::config_map(&group)),
         data: Some(BTreeMap::from([
-            (
-                "role".to_string(),
-                names::role_label(rg.spec.role).to_string(),
-            ),
+            ("role".to_string(), names::role_label(rg.spec.role).to_string()),
             ("region".to_string(), rg.spec.region.clone()),
             ("initial-cluster".to_string(), initial_cluster),
-            (
-                "initial-cluster-token".to_string(),
-                rg.spec.cluster_token.clone(),
-            ),
+            ("initial-cluster-token".to_string(), rg.spec.cluster_token.clone()),
             (
                 "heartbeat-interval-ms".to_string(),
                 rg.spec.etcd.heartbeat_interval_ms.to_string(),
@@ -432,10 +422,7 @@ mod tests {
         assert_eq!(spec.replicas, Some(3));
         assert_eq!(spec.pod_management_policy.as_deref(), Some("Parallel"));
         assert_eq!(spec.service_name.as_deref(), Some("payments-us-east-peer"));
-        let retention = spec
-            .persistent_volume_claim_retention_policy
-            .as_ref()
-            .expect("policy");
+        let retention = spec.persistent_volume_claim_retention_policy.as_ref().expect("policy");
         assert_eq!(retention.when_deleted.as_deref(), Some("Retain"));
         let pod = spec.template.spec.as_ref().expect("pod");
         let zones = pod
@@ -458,17 +445,14 @@ mod tests {
         );
         let args = pod.containers[0].args.as_ref().expect("args");
         assert!(args.contains(&"--name=$(POD_NAME)".to_string()));
-        assert!(args.contains(&"--advertise-client-urls=http://$(POD_NAME).payments-us-east-peer.default.svc.cluster.local:2379".to_string()));
-        let owner = &o
-            .stateful_set
-            .metadata
-            .owner_references
-            .as_ref()
-            .expect("owned")[0];
-        assert_eq!(
-            (owner.kind.as_str(), owner.uid.as_str()),
-            ("RegionGroup", "rg-uid")
+        assert!(
+            args.contains(
+                &"--advertise-client-urls=http://$(POD_NAME).payments-us-east-peer.default.svc.cluster.local:2379"
+                    .to_string()
+            )
         );
+        let owner = &o.stateful_set.metadata.owner_references.as_ref().expect("owned")[0];
+        assert_eq!((owner.kind.as_str(), owner.uid.as_str()), ("RegionGroup", "rg-uid"));
     }
 
     #[test]

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -94,14 +94,8 @@ async fn reconcile_apply(gc: &GeoCluster, ctx: &Context) -> Result<Action> {
             ),
         );
         if write_status(gc, ctx, st).await? {
-            ctx.event(
-                gc,
-                EventType::Warning,
-                "InvalidSpec",
-                "Validate",
-                reason.clone(),
-            )
-            .await;
+            ctx.event(gc, EventType::Warning, "InvalidSpec", "Validate", reason.clone())
+                .await;
         }
         return Err(Error::InvalidSpec {
             kind: "GeoCluster",
@@ -130,6 +124,54 @@ async fn reconcile_apply(gc: &GeoCluster, ctx: &Context) -> Result<Action> {
         ctx.event(gc, EventType::Normal, verb, "Apply", note).await;
     }
 
+    // 2b. The routers of the managed regions.
+    let regions_here: Vec<&tern_crds::RegionSpec> = gc
+        .spec
+        .regions
+        .iter()
+        .filter(|r| ctx.managed.contains(&r.name))
+        .collect();
+    for region in &regions_here {
+        let (deployment, service) = build::router::router_objects(gc, region, &ctx.router_image);
+        apply(&ctx.client, &service).await?;
+        let outcome = apply(&ctx.client, &deployment).await?;
+        if outcome != Outcome::Unchanged {
+            let note = format!(
+                "{outcome:?} router Deployment {} for region {}",
+                deployment.name_any(),
+                region.name
+            );
+            ctx.event(gc, EventType::Normal, "RouterApplied", "Apply", note).await;
+        }
+    }
+    let routers: Api<Deployment> = Api::namespaced(ctx.client.clone(), &namespace);
+    let router_selector = format!("{},{}=router", names::cluster_selector(&name), names::LABEL_COMPONENT);
+    for d in routers
+        .list(&ListParams::default().labels(&router_selector))
+        .await
+        .context(|| format!("listing router Deployments of {namespace}/{name}"))?
+    {
+        let region = d.labels().get(names::LABEL_REGION).cloned().unwrap_or_default();
+        if ctx.managed.contains(&region) && !regions_here.iter().any(|r| r.name == region) {
+            let selector = format!(
+                "{},{}={}",
+                names::cluster_selector(&name),
+                names::LABEL_INSTANCE,
+                d.name_any()
+            );
+            delete_matching::<Deployment>(&ctx.client, &namespace, &selector).await?;
+            delete_matching::<Service>(&ctx.client, &namespace, &selector).await?;
+            ctx.event(
+                gc,
+                EventType::Normal,
+                "RouterDeleted",
+                "Prune",
+                format!("deleted the routers of region {region}"),
+            )
+            .await;
+        }
+    }
+
     // 3. Prune groups of managed regions that are no longer wanted.
     let groups_api: Api<RegionGroup> = Api::namespaced(ctx.client.clone(), &namespace);
     let existing = groups_api
@@ -154,8 +196,7 @@ async fn reconcile_apply(gc: &GeoCluster, ctx: &Context) -> Result<Action> {
                 group.name_any(),
                 group.spec.region
             );
-            ctx.event(gc, EventType::Normal, "GroupDeleted", "Prune", note)
-                .await;
+            ctx.event(gc, EventType::Normal, "GroupDeleted", "Prune", note).await;
         }
     }
 
@@ -169,10 +210,7 @@ async fn reconcile_apply(gc: &GeoCluster, ctx: &Context) -> Result<Action> {
         .collect();
     let region_statuses = status::region_statuses(&regions, &current);
     let phase = status::worst(region_statuses.iter().map(|r| r.phase));
-    let ready = region_statuses
-        .iter()
-        .filter(|r| r.phase == GroupPhase::Ready)
-        .count();
+    let ready = region_statuses.iter().filter(|r| r.phase == GroupPhase::Ready).count();
     let detail = region_statuses
         .iter()
         .map(|r| {
@@ -187,13 +225,7 @@ async fn reconcile_apply(gc: &GeoCluster, ctx: &Context) -> Result<Action> {
         .collect::<Vec<_>>()
         .join("; ");
     let mut st = gc.status.clone().unwrap_or_default();
-    status::phase_conditions(
-        &mut st.conditions,
-        phase,
-        detail,
-        gc.metadata.generation,
-        &now,
-    );
+    status::phase_conditions(&mut st.conditions, phase, detail, gc.metadata.generation, &now);
     st.observed_generation = gc.metadata.generation;
     st.phase = Some(
         match phase {
@@ -244,9 +276,10 @@ async fn write_status(gc: &GeoCluster, ctx: &Context, status: GeoClusterStatus) 
     Ok(true)
 }
 
-/// Deletion, in order: the groups (so nothing re-creates their objects), the
-/// members' StatefulSets, their Services, budgets and configuration, and the
-/// volumes only under `deletionPolicy: Delete`.
+/// Deletion, in order: the routers (no new traffic), the groups (so nothing
+/// re-creates their objects), the members' StatefulSets, their Services,
+/// budgets and configuration, and the volumes only under
+/// `deletionPolicy: Delete`.
 async fn cleanup(gc: &GeoCluster, ctx: &Context) -> Result<Action> {
     let name = gc.name_any();
     let namespace = gc.namespace().unwrap_or_default();
@@ -255,6 +288,7 @@ async fn cleanup(gc: &GeoCluster, ctx: &Context) -> Result<Action> {
         let list = regions.iter().cloned().collect::<Vec<_>>().join(",");
         selector.push_str(&format!(",{} in ({list})", names::LABEL_REGION));
     }
+    delete_matching::<Deployment>(&ctx.client, &namespace, &selector).await?;
     let groups = delete_matching::<RegionGroup>(&ctx.client, &namespace, &selector).await?;
     let volumes = delete_group_objects(ctx, &namespace, &selector, gc.spec.deletion_policy).await?;
     let note = match gc.spec.deletion_policy {
@@ -268,30 +302,22 @@ async fn cleanup(gc: &GeoCluster, ctx: &Context) -> Result<Action> {
         ),
     };
     tracing::info!(geocluster = %name, %note, "cleaned up");
-    ctx.event(gc, EventType::Normal, "Deleted", "Cleanup", note)
-        .await;
+    ctx.event(gc, EventType::Normal, "Deleted", "Cleanup", note).await;
     Ok(Action::await_change())
 }
 
 /// Deletes the objects that run the groups matching `selector`. Returns the
 /// number of volumes deleted (Delete) or kept (Retain).
-async fn delete_group_objects(
-    ctx: &Context,
-    namespace: &str,
-    selector: &str,
-    policy: DeletionPolicy,
-) -> Result<usize> {
+async fn delete_group_objects(ctx: &Context, namespace: &str, selector: &str, policy: DeletionPolicy) -> Result<usize> {
     let client = &ctx.client;
     delete_matching::<StatefulSet>(client, namespace, selector).await?;
     delete_matching::<PodDisruptionBudget>(client, namespace, selector).await?;
     delete_matching::<Service>(client, namespace, selector).await?;
     delete_matching::<ConfigMap>(client, namespace, selector).await?;
     match policy {
-        DeletionPolicy::Delete => Ok(delete_matching::<PersistentVolumeClaim>(
-            client, namespace, selector,
-        )
-        .await?
-        .len()),
+        DeletionPolicy::Delete => Ok(delete_matching::<PersistentVolumeClaim>(client, namespace, selector)
+            .await?
+            .len()),
         DeletionPolicy::Retain => {
             let api: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), namespace);
             let kept = api

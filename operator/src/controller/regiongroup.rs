@@ -37,32 +37,17 @@ pub async fn reconcile(rg: Arc<RegionGroup>, ctx: Arc<Context>) -> Result<Action
     apply(&ctx.client, &objects.pdb).await?;
     match apply(&ctx.client, &objects.stateful_set).await? {
         Outcome::Created => {
-            let note = format!(
-                "created StatefulSet {name} with {} members",
-                rg.spec.replicas
-            );
-            ctx.event(
-                rg.as_ref(),
-                EventType::Normal,
-                "MembersCreated",
-                "Apply",
-                note,
-            )
-            .await;
+            let note = format!("created StatefulSet {name} with {} members", rg.spec.replicas);
+            ctx.event(rg.as_ref(), EventType::Normal, "MembersCreated", "Apply", note)
+                .await;
         }
         Outcome::Updated => {
             let note = format!(
                 "updated StatefulSet {name}: {} members, rolling one member at a time",
                 rg.spec.replicas
             );
-            ctx.event(
-                rg.as_ref(),
-                EventType::Normal,
-                "MembersUpdated",
-                "Apply",
-                note,
-            )
-            .await;
+            ctx.event(rg.as_ref(), EventType::Normal, "MembersUpdated", "Apply", note)
+                .await;
         }
         Outcome::Unchanged => {}
     }
@@ -79,13 +64,7 @@ pub async fn reconcile(rg: Arc<RegionGroup>, ctx: Arc<Context>) -> Result<Action
     );
     let now = Time(Timestamp::now());
     let mut st = rg.status.clone().unwrap_or_default();
-    status::phase_conditions(
-        &mut st.conditions,
-        phase,
-        detail,
-        rg.metadata.generation,
-        &now,
-    );
+    status::phase_conditions(&mut st.conditions, phase, detail, rg.metadata.generation, &now);
     st.observed_generation = rg.metadata.generation;
     st.phase = phase;
     st.ready_members = counts.ready;
@@ -112,11 +91,6 @@ async fn write_status(rg: &RegionGroup, ctx: &Context, status: RegionGroupStatus
         &Patch::Apply(&patch),
     )
     .await
-    .context(|| {
-        format!(
-            "writing status of RegionGroup {namespace}/{}",
-            rg.name_any()
-        )
-    })?;
+    .context(|| format!("writing status of RegionGroup {namespace}/{}", rg.name_any()))?;
     Ok(())
 }
