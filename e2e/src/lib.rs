@@ -9,6 +9,7 @@
 pub mod assets;
 pub mod certs;
 pub mod controlplane;
+pub mod dns;
 pub mod etcd;
 pub mod etcd_cluster;
 pub mod local;

@@ -206,7 +206,11 @@ async fn geocluster_lifecycle() {
             )),
             "{args}"
         );
-        assert_eq!(args.matches(":2379").count(), 4, "the group and three directory members: {args}");
+        assert_eq!(
+            args.matches(":2379").count(),
+            4,
+            "the group and three directory members: {args}"
+        );
         Api::<Service>::namespaced(client.clone(), NS)
             .get(&format!("payments-router-{region}"))
             .await

@@ -493,3 +493,100 @@ async fn acknowledged_writes_survive_a_leader_kill_and_a_router_restart() {
         );
     }
 }
+
+/// Region endpoints are DNS names, re-resolved when their TTL expires: moving
+/// a region's routers is a DNS change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn moving_a_region_is_a_dns_change() {
+    use tern_e2e::dns::TestDns;
+    use tern_e2e::etcd_cluster::{EtcdCluster, Tuning};
+    use tern_e2e::local::RouterGuard;
+
+    tern_e2e::init_logs();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let directory = EtcdCluster::start(dir.path(), "directory", 1, Tuning::default()).expect("directory");
+    let us_group = EtcdCluster::start(dir.path(), "us-east", 1, Tuning::default()).expect("us-east group");
+    let eu_group = EtcdCluster::start(dir.path(), "eu-west", 1, Tuning::default()).expect("eu-west group");
+    let dns = TestDns::start().await.expect("dns");
+    let name = "router.eu-west.tern.test";
+    dns.set(name, "127.0.0.1".parse().expect("ip"), 1);
+
+    let port = tern_e2e::assets::free_port();
+    let router_args = |region: &str, listen: &str, group: &EtcdCluster, extra: &[String]| {
+        let mut args = vec![
+            format!("--region={region}"),
+            format!("--listen={listen}"),
+            "--http-addr=127.0.0.1:0".to_string(),
+            format!("--group-endpoints={}", group.endpoints().join(",")),
+            format!("--directory-endpoints={}", directory.endpoints().join(",")),
+            "--log-format=text".to_string(),
+        ];
+        args.extend_from_slice(extra);
+        args
+    };
+    let eu_a = RouterGuard::start(&router_args("eu-west", &format!("127.0.0.1:{port}"), &eu_group, &[]))
+        .await
+        .expect("eu-west router on 127.0.0.1");
+    let us = RouterGuard::start(&router_args(
+        "us-east",
+        "127.0.0.1:0",
+        &us_group,
+        &[
+            format!("--dns-server={}", dns.addr),
+            format!("--peer=eu-west={name}:{port}"),
+        ],
+    ))
+    .await
+    .expect("us-east router");
+
+    let mut client = us.client().await;
+    client
+        .create_account(pb::CreateAccountRequest {
+            account: "acct-1".into(),
+            home_region: "eu-west".into(),
+            allowed_regions: vec![],
+        })
+        .await
+        .expect("created through DNS");
+    client
+        .put(put("acct-1", "k", "1", ""))
+        .await
+        .expect("forwarded through DNS");
+
+    // The region's routers move to another address; DNS follows.
+    let eu_b = RouterGuard::start(&router_args("eu-west", &format!("127.0.0.2:{port}"), &eu_group, &[]))
+        .await
+        .expect("eu-west router on 127.0.0.2");
+    eu_a.stop().await;
+    dns.set(name, "127.0.0.2".parse().expect("ip"), 1);
+    let started = Instant::now();
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let mut request = tonic::Request::new(put("acct-1", "k", "2", "after-move"));
+        request.set_timeout(Duration::from_secs(2));
+        match client.put(request).await {
+            Ok(r) => {
+                assert!(r.into_inner().meta.expect("meta").forwarded);
+                break;
+            }
+            Err(e) if started.elapsed() < Duration::from_secs(10) => {
+                tracing::info!(attempt, error = %e, "waiting for the DNS change");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("writes did not follow the DNS change: {e}"),
+        }
+    }
+    let metrics = tern_e2e::operator::http_get(eu_b.http_addr, "/metrics")
+        .await
+        .unwrap_or_default();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("tern_router_requests_total{op=\"put\",route=\"proxied_in\",code=\"Ok\"}")),
+        "the moved router served the forwarded write:\n{metrics}"
+    );
+    us.stop().await;
+    eu_b.stop().await;
+    dns.stop().await;
+}
