@@ -289,7 +289,7 @@ async fn drive(d: &LocalDeployment, args: &DemoArgs) -> Result<(), CliError> {
 
 /// The demo runs the pinned etcd and toxiproxy; build them if they are
 /// missing and the build script is at hand.
-fn ensure_binaries() -> Result<(), CliError> {
+pub fn ensure_binaries() -> Result<(), CliError> {
     if tern_e2e::assets::binary("etcd").is_ok() && tern_e2e::assets::binary("toxiproxy-server").is_ok() {
         return Ok(());
     }

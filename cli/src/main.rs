@@ -2,6 +2,7 @@
 //! tern's routers (`tern create-account`, `tern put`, `tern get`).
 #![forbid(unsafe_code)]
 
+mod bench;
 mod client;
 mod demo;
 
@@ -29,6 +30,9 @@ enum Command {
     Put(client::PutArgs),
     /// Read a value (strong read from the home region).
     Get(client::GetArgs),
+    /// Measure router overhead against direct etcd and proxied-write latency
+    /// against the injected round trip; prints a table and writes a report.
+    Bench(bench::BenchArgs),
 }
 
 #[tokio::main]
@@ -39,6 +43,7 @@ async fn main() -> ExitCode {
         Command::CreateAccount(args) => client::create(args).await,
         Command::Put(args) => client::put(args).await,
         Command::Get(args) => client::get(args).await,
+        Command::Bench(args) => bench::run(args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -129,7 +129,7 @@ impl Forwarder {
         region: &RegionName,
         deadline: tokio::time::Instant,
         message: Req,
-        extra: &tonic::metadata::MetadataMap,
+        traceparent: Option<&tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
         call: F,
     ) -> std::result::Result<Resp, ForwardFailure>
     where
@@ -143,12 +143,8 @@ impl Forwarder {
         let mut request = Request::new(message);
         request.set_timeout(deadline.saturating_duration_since(tokio::time::Instant::now()));
         let md = request.metadata_mut();
-        for kv in extra.iter() {
-            if let tonic::metadata::KeyAndValueRef::Ascii(k, v) = kv
-                && k.as_str() == "traceparent"
-            {
-                md.insert(k.clone(), v.clone());
-            }
+        if let Some(tp) = traceparent {
+            md.insert("traceparent", tp.clone());
         }
         if let Ok(v) = self.origin.as_str().parse() {
             md.insert(ORIGIN_REGION, v);

@@ -35,7 +35,7 @@ pub struct RequestLabels {
 pub struct OutcomeLabels {
     pub op: &'static str,
     pub route: &'static str,
-    pub code: String,
+    pub code: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -100,6 +100,30 @@ impl Default for Metrics {
     }
 }
 
+/// gRPC code names without allocating on every request.
+fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "Ok",
+        Cancelled => "Cancelled",
+        Unknown => "Unknown",
+        InvalidArgument => "InvalidArgument",
+        DeadlineExceeded => "DeadlineExceeded",
+        NotFound => "NotFound",
+        AlreadyExists => "AlreadyExists",
+        PermissionDenied => "PermissionDenied",
+        ResourceExhausted => "ResourceExhausted",
+        FailedPrecondition => "FailedPrecondition",
+        Aborted => "Aborted",
+        OutOfRange => "OutOfRange",
+        Unimplemented => "Unimplemented",
+        Internal => "Internal",
+        Unavailable => "Unavailable",
+        DataLoss => "DataLoss",
+        Unauthenticated => "Unauthenticated",
+    }
+}
+
 impl Metrics {
     pub fn observe(&self, op: &'static str, route: Route, code: tonic::Code, seconds: f64) {
         let route = route.as_str();
@@ -107,7 +131,7 @@ impl Metrics {
             .get_or_create(&OutcomeLabels {
                 op,
                 route,
-                code: format!("{code:?}"),
+                code: code_name(code),
             })
             .inc();
         self.latency

@@ -14,7 +14,6 @@ use tern_common::{
     data_key, data_prefix, user_key_of,
 };
 use tokio::time::Instant;
-use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
 
 use crate::counts::WriteCounts;
@@ -53,7 +52,8 @@ struct Call {
     /// Region whose client sent the request (this one unless forwarded).
     origin: RegionName,
     forwarded: bool,
-    metadata: MetadataMap,
+    /// The caller's W3C trace context, passed on when forwarding.
+    traceparent: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
 }
 
 impl RouterService {
@@ -80,7 +80,7 @@ impl RouterService {
             deadline: now + timeout - margin,
             origin,
             forwarded,
-            metadata: md.clone(),
+            traceparent: md.get("traceparent").cloned(),
         })
     }
 
@@ -192,7 +192,7 @@ impl RouterService {
     {
         let failure = match self
             .forwarder
-            .call(home, call.deadline, message, &call.metadata, f)
+            .call(home, call.deadline, message, call.traceparent.as_ref(), f)
             .await
         {
             Ok(resp) => return Ok(Some(resp)),

@@ -1,0 +1,291 @@
+//! `tern bench`: the data plane's speed goals, measured side by side in one
+//! run on this machine's real parts, printed as a table and written to
+//! target/bench/report.md.
+//!
+//! 1. Router overhead: the same write workload (same concurrency, same value
+//!    sizes) straight to etcd with etcd-client, and through a router, in
+//!    alternating rounds so that machine noise hits both alike.
+//! 2. Proxied writes: for every ordered region pair, the latency of a write
+//!    sent to the origin's router for an account homed in the other region,
+//!    divided by the round trip toxiproxy injects between them.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use tern_e2e::local::{Layout, LocalDeployment};
+use tern_router::pb;
+use tokio::sync::Mutex;
+
+use crate::CliError;
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// Seconds per measuring round (router overhead runs 2 rounds of each).
+    #[arg(long, default_value_t = 5)]
+    round_secs: u64,
+    /// Concurrent writers in the overhead benchmark.
+    #[arg(long, default_value_t = 16)]
+    concurrency: usize,
+    /// Sequential proxied writes per region pair.
+    #[arg(long, default_value_t = 50)]
+    proxied_writes: usize,
+    /// etcd members per region group.
+    #[arg(long, default_value_t = 3)]
+    members: usize,
+    /// Where to write the report.
+    #[arg(long, default_value = "target/bench/report.md")]
+    report: std::path::PathBuf,
+}
+
+const REGIONS: [&str; 3] = ["us-east", "eu-west", "ap-south"];
+
+fn quantile(sorted: &[Duration], q: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() - 1) as f64 * q).round() as usize]
+}
+
+struct Round {
+    ops: usize,
+    elapsed: Duration,
+    latencies: Vec<Duration>,
+}
+
+/// Runs `concurrency` writers calling `op(writer, n)` for `secs`.
+async fn round<F, Fut>(concurrency: usize, secs: u64, op: F) -> Round
+where
+    F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = bool> + Send,
+{
+    let op = Arc::new(op);
+    let latencies = Arc::new(Mutex::new(Vec::new()));
+    let started = Instant::now();
+    let until = started + Duration::from_secs(secs);
+    let mut tasks = Vec::new();
+    for w in 0..concurrency {
+        let op = op.clone();
+        let latencies = latencies.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut mine = Vec::new();
+            let mut n = 0u64;
+            while Instant::now() < until {
+                let t = Instant::now();
+                if op(w, n).await {
+                    mine.push(t.elapsed());
+                }
+                n += 1;
+            }
+            latencies.lock().await.extend(mine);
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    let elapsed = started.elapsed();
+    let mut latencies = Arc::try_unwrap(latencies).map(Mutex::into_inner).unwrap_or_default();
+    latencies.sort_unstable();
+    Round {
+        ops: latencies.len(),
+        elapsed,
+        latencies,
+    }
+}
+
+pub async fn run(args: BenchArgs) -> Result<(), CliError> {
+    crate::demo::ensure_binaries()?;
+    let rtt: BTreeMap<(String, String), u64> = BTreeMap::from([
+        (("us-east".into(), "eu-west".into()), 80),
+        (("us-east".into(), "ap-south".into()), 220),
+        (("eu-west".into(), "ap-south".into()), 180),
+    ]);
+    let layout = Layout {
+        regions: REGIONS.iter().map(|r| (r.to_string(), args.members)).collect(),
+        directory_members: 3,
+        rtt_ms: rtt.clone(),
+    };
+    println!(
+        "tern bench: starting 3 regions × {} etcd members, routers, toxiproxy",
+        args.members
+    );
+    let d = LocalDeployment::start(layout).await?;
+    let mut report = String::from("# tern bench\n\n");
+    report.push_str(&format!(
+        "Machine: {} cores; etcd groups of {} members with fsync off, on one machine; debug or release as built.\n\n",
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        args.members
+    ));
+
+    // 1. Router overhead, in-region.
+    let mut admin = d.client("us-east").await;
+    admin
+        .create_account(pb::CreateAccountRequest {
+            account: "bench".into(),
+            home_region: "us-east".into(),
+            allowed_regions: vec![],
+        })
+        .await?;
+    let etcd = d.group_client("us-east").await;
+    let router_addr = d
+        .region("us-east")
+        .router
+        .as_ref()
+        .map(|r| r.grpc_addr)
+        .ok_or_else(|| CliError::Setup("no router".into()))?;
+    let value = vec![7u8; 128];
+    let mut direct_rounds = Vec::new();
+    let mut txn_rounds = Vec::new();
+    let mut router_rounds = Vec::new();
+    for r in 0..2 {
+        println!("  overhead round {}: direct etcd", r + 1);
+        let put_client = etcd.clone();
+        let v = value.clone();
+        direct_rounds.push(
+            round(args.concurrency, args.round_secs, move |w, n| {
+                let mut c = put_client.clone();
+                let v = v.clone();
+                async move { c.put(format!("/bench/direct/{w}/{}", n % 64), v, None).await.is_ok() }
+            })
+            .await,
+        );
+        println!(
+            "  overhead round {}: direct etcd, the router's fenced transaction",
+            r + 1
+        );
+        let txn_client = etcd.clone();
+        let v = value.clone();
+        txn_rounds.push(
+            round(args.concurrency, args.round_secs, move |w, n| {
+                let mut c = txn_client.clone();
+                let v = v.clone();
+                async move {
+                    use etcd_client::{Compare, CompareOp, Txn, TxnOp};
+                    let txn = Txn::new()
+                        .when([Compare::value("/tern/a/bench/fence", CompareOp::Equal, "1:active")])
+                        .and_then([TxnOp::put(format!("/tern/a/bench/d/direct-{w}-{}", n % 64), v, None)])
+                        .or_else([TxnOp::get("/tern/a/bench/fence", None)]);
+                    c.txn(txn).await.is_ok_and(|r| r.succeeded())
+                }
+            })
+            .await,
+        );
+        println!("  overhead round {}: through the router", r + 1);
+        let v = value.clone();
+        let client = tern_e2e::local::connect(router_addr).await;
+        router_rounds.push(
+            round(args.concurrency, args.round_secs, move |w, n| {
+                let mut c = client.clone();
+                let v = v.clone();
+                async move {
+                    c.put(pb::PutRequest {
+                        account: "bench".into(),
+                        key: format!("{w}-{}", n % 64),
+                        value: v,
+                        idempotency_key: String::new(),
+                    })
+                    .await
+                    .is_ok()
+                }
+            })
+            .await,
+        );
+    }
+    let summarize = |rounds: &[Round]| {
+        let ops: usize = rounds.iter().map(|r| r.ops).sum();
+        let secs: f64 = rounds.iter().map(|r| r.elapsed.as_secs_f64()).sum();
+        let mut all: Vec<Duration> = rounds.iter().flat_map(|r| r.latencies.iter().copied()).collect();
+        all.sort_unstable();
+        (ops as f64 / secs, quantile(&all, 0.5), quantile(&all, 0.99))
+    };
+    let (direct_tput, direct_p50, direct_p99) = summarize(&direct_rounds);
+    let (txn_tput, txn_p50, txn_p99) = summarize(&txn_rounds);
+    let (router_tput, router_p50, router_p99) = summarize(&router_rounds);
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let overhead = format!(
+        "## Router overhead (in-region writes, {} writers, 2 × {} s rounds each, interleaved)\n\n\
+         | path | writes/s | p50 | p99 |\n|---|---:|---:|---:|\n\
+         | etcd-client put, direct | {direct_tput:.0} | {:.2} ms | {:.2} ms |\n\
+         | etcd-client fenced txn (the router's transaction), direct | {txn_tput:.0} | {:.2} ms | {:.2} ms |\n\
+         | router Put (fenced txn) | {router_tput:.0} | {:.2} ms | {:.2} ms |\n\n\
+         Throughput ratio router/direct put: **{:.2}** (target ≥ 0.9). Added latency: p50 **{:+.2} ms** (target < 0.5 ms), p99 {:+.2} ms.\n\
+         Of that, the fence: ratio fenced txn/put {:.2}; the hop through the router: ratio router/fenced txn {:.2}.\n\n",
+        args.concurrency,
+        args.round_secs,
+        ms(direct_p50),
+        ms(direct_p99),
+        ms(txn_p50),
+        ms(txn_p99),
+        ms(router_p50),
+        ms(router_p99),
+        router_tput / direct_tput,
+        ms(router_p50) - ms(direct_p50),
+        ms(router_p99) - ms(direct_p99),
+        txn_tput / direct_tput,
+        router_tput / txn_tput,
+    );
+    print!("\n{overhead}");
+    report.push_str(&overhead);
+
+    // 2. Proxied writes per ordered region pair.
+    for home in REGIONS {
+        admin
+            .create_account(pb::CreateAccountRequest {
+                account: format!("bench-{home}"),
+                home_region: home.into(),
+                allowed_regions: vec![],
+            })
+            .await?;
+    }
+    let mut table = String::from(
+        "## Proxied writes (sequential, one client)\n\n| from → home | injected RTT | p50 | p99 | p50 / RTT | p99 / RTT |\n|---|---:|---:|---:|---:|---:|\n",
+    );
+    for from in REGIONS {
+        let mut client = d.client(from).await;
+        for home in REGIONS {
+            if from == home {
+                continue;
+            }
+            let rtt_ms = d.layout.rtt(from, home);
+            let account = format!("bench-{home}");
+            // Warm the pooled channel: the first call pays the TCP and HTTP/2
+            // handshakes, which a long-running router has paid long before.
+            let _ = client.put(put(&account, "warm")).await;
+            let mut lat = Vec::new();
+            for i in 0..args.proxied_writes {
+                let t = Instant::now();
+                client.put(put(&account, &format!("k{i}"))).await?;
+                lat.push(t.elapsed());
+            }
+            lat.sort_unstable();
+            let (p50, p99) = (quantile(&lat, 0.5), quantile(&lat, 0.99));
+            table.push_str(&format!(
+                "| {from} → {home} | {rtt_ms} ms | {:.1} ms | {:.1} ms | **{:.3}** | {:.3} |\n",
+                ms(p50),
+                ms(p99),
+                ms(p50) / rtt_ms as f64,
+                ms(p99) / rtt_ms as f64
+            ));
+        }
+    }
+    table.push_str("\nTarget: p50 / RTT ≤ 1.1.\n");
+    print!("\n{table}");
+    report.push_str(&table);
+    if let Some(parent) = args.report.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| CliError::Setup(format!("{}: {e}", parent.display())))?;
+    }
+    std::fs::write(&args.report, &report).map_err(|e| CliError::Setup(format!("{}: {e}", args.report.display())))?;
+    println!("\nreport written to {}", args.report.display());
+    drop(d);
+    Ok(())
+}
+
+fn put(account: &str, key: &str) -> pb::PutRequest {
+    pb::PutRequest {
+        account: account.into(),
+        key: key.into(),
+        value: b"v".to_vec(),
+        idempotency_key: String::new(),
+    }
+}
