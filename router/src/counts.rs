@@ -98,7 +98,7 @@ mod tests {
         c.record(&a, &eu, t0 + 3600);
         let w = c.window(&a, t0 + 3600);
         assert_eq!((w[&us], w[&eu]), (1, 2));
-        let later = c.window(&a, t0 + 25 * 3600);
+        let later = c.window(&a, t0 + 24 * 3600);
         assert_eq!(later.get(&us), None);
         assert_eq!(later.get(&eu), Some(&1));
     }
