@@ -40,7 +40,10 @@ fn help_explains_every_flag() {
 
 #[test]
 fn bad_flags_are_refused_by_name() {
-    let base = ["--group-endpoints=http://127.0.0.1:1", "--directory-endpoints=http://127.0.0.1:1"];
+    let base = [
+        "--group-endpoints=http://127.0.0.1:1",
+        "--directory-endpoints=http://127.0.0.1:1",
+    ];
     for (bad, needle) in [
         ("--region=Not_A_Region", "--region"),
         ("--peer=nowhere", "--peer"),
