@@ -45,6 +45,41 @@ pub fn mirror_prefix(source: &RegionName) -> String {
     format!("/tern/r/{source}/")
 }
 
+/// Where a region's agent mirrors one key of another region.
+pub fn mirror_key(source: &RegionName, key: &[u8]) -> Vec<u8> {
+    let mut k = format!("/tern/r/{source}").into_bytes();
+    k.extend_from_slice(key);
+    k
+}
+
+/// The applied-revision record of a mirror: the last source revision it
+/// holds, written in the same transaction as that revision's keys.
+pub fn mirror_applied_key(source: &RegionName) -> String {
+    format!("/tern/r/{source}/applied")
+}
+
+/// Prefix of the mirrored keys of `source` (the applied record is outside it).
+pub fn mirror_data_prefix(source: &RegionName) -> String {
+    format!("/tern/r/{source}/tern/")
+}
+
+/// The range of a region group that other regions mirror: account keys and
+/// heartbeats, [MIRRORED_START, MIRRORED_END). It also spans the agents'
+/// election keys (`/tern/agent/`), which mirrors skip; mirrors of mirrors
+/// (`/tern/r/`) are outside it.
+pub const MIRRORED_START: &str = "/tern/a/";
+pub const MIRRORED_END: &str = "/tern/hb0";
+
+/// Whether a key of a source group is copied into mirrors.
+pub fn is_mirrored(key: &[u8]) -> bool {
+    key.starts_with(b"/tern/a/") || key.starts_with(b"/tern/hb/")
+}
+
+/// Name of the election of a region's agents, in the region's own group.
+pub fn agent_election(region: &RegionName) -> String {
+    format!("/tern/agent/{region}/leader")
+}
+
 /// Directory: an account's placement.
 pub fn dir_account_key(account: &AccountId) -> String {
     format!("{DIR_ACCOUNTS}{account}")

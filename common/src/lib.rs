@@ -6,11 +6,14 @@
 //! operator included, serves the same way.
 #![forbid(unsafe_code)]
 
+pub mod duration;
+pub mod etcd;
 pub mod ids;
 pub mod keys;
 pub mod ops;
 pub mod records;
 
+pub use duration::parse_duration;
 pub use ids::*;
 pub use keys::*;
 pub use records::*;

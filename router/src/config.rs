@@ -95,23 +95,7 @@ fn parse_peer(s: &str) -> Result<(RegionName, String), String> {
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
-    let (number, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = number
-        .parse()
-        .map_err(|_| format!("`{s}` is not a duration such as 500ms, 5s, 2m or 24h"))?;
-    let d = match unit {
-        "ms" => Duration::from_millis(n),
-        "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n * 60),
-        "h" => Duration::from_secs(n * 3600),
-        _ => {
-            return Err(format!("`{s}` is not a duration such as 500ms, 5s, 2m or 24h"));
-        }
-    };
-    if d.is_zero() {
-        return Err(format!("`{s}` must be positive"));
-    }
-    Ok(d)
+    tern_common::parse_duration(s)
 }
 
 impl Config {

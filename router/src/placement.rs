@@ -99,6 +99,8 @@ impl Directory {
                 state: tern_common::RegionState::Active,
                 successor: None,
                 region_epoch: 0,
+                mirrors: Default::default(),
+                members: Vec::new(),
             },
         };
         if record.router_endpoint != endpoint {

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::{Client, ConnectOptions};
+use etcd_client::Client;
 use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
 
@@ -32,31 +32,9 @@ pub struct Running {
 /// Connects to etcd, retrying until it answers (a router may start before
 /// its group) or `deadline` passes.
 pub async fn connect_etcd(endpoints: &[String], what: &str, deadline: Duration) -> Result<Client> {
-    let options = ConnectOptions::new()
-        .with_connect_timeout(Duration::from_secs(2))
-        .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
-        .with_keep_alive_while_idle(true);
-    let until = tokio::time::Instant::now() + deadline;
-    loop {
-        match Client::connect(endpoints, Some(options.clone())).await {
-            Ok(mut c) => match c.status().await {
-                Ok(_) => return Ok(c),
-                Err(e) if tokio::time::Instant::now() > until => {
-                    return Err(RouterError::Unavailable(format!(
-                        "{what} etcd at {endpoints:?} does not answer: {e}"
-                    )));
-                }
-                Err(_) => {}
-            },
-            Err(e) if tokio::time::Instant::now() > until => {
-                return Err(RouterError::Unavailable(format!(
-                    "cannot connect to {what} etcd at {endpoints:?}: {e}"
-                )));
-            }
-            Err(_) => {}
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    tern_common::etcd::connect(endpoints, what, deadline)
+        .await
+        .map_err(RouterError::Unavailable)
 }
 
 /// Runs a router until `shutdown` completes; then stops accepting calls and

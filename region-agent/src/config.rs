@@ -1,0 +1,153 @@
+//! Typed configuration from flags and environment, parsed once at start-up.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use tern_common::RegionName;
+
+/// tern-agent: the region agent. One agent per region is active (elected
+/// through the region's own etcd group); it heartbeats into its group,
+/// mirrors every other region's group into its own, measures replication lag
+/// and publishes it.
+#[derive(Parser, Clone, Debug)]
+#[command(name = "tern-agent", version, about, long_about = None)]
+pub struct Config {
+    /// The region this agent serves (a DNS label, e.g. us-east).
+    #[arg(long, env = "TERN_REGION", value_parser = parse_region)]
+    pub region: RegionName,
+
+    /// Client URLs of this region's etcd group, comma separated.
+    #[arg(long, env = "TERN_GROUP_ENDPOINTS", value_delimiter = ',', required = true)]
+    pub group_endpoints: Vec<String>,
+
+    /// Client URLs of the directory group, comma separated.
+    #[arg(long, env = "TERN_DIRECTORY_ENDPOINTS", value_delimiter = ',', required = true)]
+    pub directory_endpoints: Vec<String>,
+
+    /// REGION=URL[|URL...]: a region to mirror and its group's client URLs.
+    /// Repeat for every other region.
+    #[arg(long = "source", env = "TERN_AGENT_SOURCES", value_delimiter = ',', value_parser = parse_source)]
+    pub sources: Vec<(RegionName, Vec<String>)>,
+
+    /// How often the agent heartbeats into its own group, e.g. 100ms.
+    #[arg(long, env = "TERN_HEARTBEAT_INTERVAL", default_value = "100ms", value_parser = parse_duration)]
+    pub heartbeat_interval: Duration,
+
+    /// How often lag is published to the directory, e.g. 1s.
+    #[arg(long, env = "TERN_PUBLISH_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    pub publish_interval: Duration,
+
+    /// TTL of the leadership lease in seconds: a standby takes over at most
+    /// this long after the active agent dies.
+    #[arg(long, env = "TERN_ELECTION_TTL", default_value_t = 3)]
+    pub election_ttl: i64,
+
+    /// Address of /metrics, /healthz and /readyz.
+    #[arg(long, env = "TERN_AGENT_HTTP_ADDR", default_value = "0.0.0.0:7402")]
+    pub http_addr: SocketAddr,
+
+    /// Identity in the election; the pod name in Kubernetes.
+    #[arg(long, env = "POD_NAME", default_value = "")]
+    pub identity: String,
+
+    /// Test hook: add this many ms to the agent's wall clock, to test clock
+    /// skew between regions. Leave 0 in production.
+    #[arg(
+        long,
+        env = "TERN_CLOCK_OFFSET_MS",
+        default_value_t = 0,
+        allow_negative_numbers = true
+    )]
+    pub clock_offset_ms: i64,
+
+    /// Log format.
+    #[arg(long, env = "TERN_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
+    pub log_format: LogFormat,
+
+    /// Log filter in tracing's EnvFilter syntax.
+    #[arg(long, env = "RUST_LOG", default_value = "info")]
+    pub log_filter: String,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Json,
+    Text,
+}
+
+fn parse_region(s: &str) -> Result<RegionName, String> {
+    RegionName::new(s).map_err(|e| e.to_string())
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    tern_common::parse_duration(s)
+}
+
+fn parse_source(s: &str) -> Result<(RegionName, Vec<String>), String> {
+    let (region, urls) = s
+        .split_once('=')
+        .ok_or_else(|| format!("`{s}` is not REGION=URL[|URL...]"))?;
+    let urls: Vec<String> = urls.split('|').filter(|u| !u.is_empty()).map(str::to_string).collect();
+    if urls.is_empty()
+        || urls
+            .iter()
+            .any(|u| !u.starts_with("http://") && !u.starts_with("https://"))
+    {
+        return Err(format!("`{s}`: every URL must start with http:// or https://"));
+    }
+    Ok((parse_region(region)?, urls))
+}
+
+impl Config {
+    pub fn identity(&self) -> String {
+        if self.identity.is_empty() {
+            format!("{}-agent-{}", self.region, std::process::id())
+        } else {
+            self.identity.clone()
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if self.sources.iter().any(|(r, _)| *r == self.region) {
+            return Err(format!("--source: region {} cannot mirror itself", self.region));
+        }
+        if self.election_ttl < 2 {
+            return Err("--election-ttl must be at least 2 seconds".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, clap::Error> {
+        let base = [
+            "tern-agent",
+            "--group-endpoints=http://a:2379",
+            "--directory-endpoints=http://d:2379",
+        ];
+        Config::try_parse_from(base.iter().chain(args.iter()).copied())
+    }
+
+    #[test]
+    fn sources_and_durations() {
+        let c = parse(&[
+            "--region=us-east",
+            "--source=eu-west=http://e1:2379|http://e2:2379",
+            "--heartbeat-interval=50ms",
+        ])
+        .expect("valid");
+        assert_eq!(c.sources[0].1.len(), 2);
+        assert_eq!(c.heartbeat_interval, Duration::from_millis(50));
+        c.validate().expect("valid");
+        let e = parse(&["--region=us-east", "--source=eu-west=e1:2379"])
+            .expect_err("no scheme")
+            .to_string();
+        assert!(e.contains("--source") && e.contains("http://"), "{e}");
+        let c = parse(&["--region=us-east", "--source=us-east=http://x:1"]).expect("parses");
+        assert!(c.validate().expect_err("self").contains("itself"));
+    }
+}

@@ -1,0 +1,88 @@
+//! One active agent per region, elected through the region's own etcd group.
+//! The winner's election key lives on a lease it keeps alive; every write the
+//! agent makes carries a compare on that key's creation revision, so an agent
+//! that was paused past its lease (and replaced) cannot write any more.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use etcd_client::{Client, Compare, CompareOp};
+use tern_common::agent_election;
+
+use crate::error::{AgentError, EtcdContext, Result};
+use crate::state::Shared;
+
+/// Proof of leadership: the election key and its creation revision.
+#[derive(Clone, Debug)]
+pub struct Leadership {
+    pub key: Vec<u8>,
+    pub rev: i64,
+    pub lease: i64,
+}
+
+impl Leadership {
+    /// The compare that every write of the active agent carries.
+    pub fn guard(&self) -> Compare {
+        Compare::create_revision(self.key.clone(), CompareOp::Equal, self.rev)
+    }
+}
+
+/// Waits until this agent leads its region.
+pub async fn campaign(client: &Client, shared: &Arc<Shared>, ttl: i64) -> Result<Leadership> {
+    let mut c = client.clone();
+    let lease = c
+        .lease_grant(ttl, None)
+        .await
+        .during(|| "granting the election lease".into())?
+        .id();
+    // Keep the lease alive while campaigning too: a standby can wait long.
+    let keeper = tokio::spawn(keep_alive(client.clone(), lease, ttl, shared.clone()));
+    let won = c
+        .campaign(agent_election(&shared.region), shared.identity.as_bytes(), lease)
+        .await;
+    keeper.abort();
+    let resp = won.during(|| "campaigning".into())?;
+    let leader = resp
+        .leader()
+        .ok_or_else(|| AgentError::NotLeader("the campaign answered without a leader key".into()))?;
+    tracing::info!(region = %shared.region, identity = %shared.identity, "leading the region");
+    Ok(Leadership {
+        key: leader.key().to_vec(),
+        rev: leader.rev(),
+        lease,
+    })
+}
+
+/// Keeps the lease alive; returns when it cannot, which ends leadership.
+/// While the agent is paused (a test hook standing in for a stopped process)
+/// it sends nothing, so the lease expires as it would for a frozen process.
+pub async fn keep_alive(client: Client, lease: i64, ttl: i64, shared: Arc<Shared>) -> AgentError {
+    let mut c = client;
+    let (mut keeper, mut stream) = match c.lease_keep_alive(lease).await {
+        Ok(pair) => pair,
+        Err(source) => {
+            return AgentError::Etcd {
+                what: "keeping the election lease alive".into(),
+                source,
+            };
+        }
+    };
+    let period = Duration::from_millis((ttl as u64 * 1000) / 3);
+    loop {
+        tokio::time::sleep(period).await;
+        if shared.paused.load(Ordering::Relaxed) {
+            continue;
+        }
+        if let Err(source) = keeper.keep_alive().await {
+            return AgentError::Etcd {
+                what: "keeping the election lease alive".into(),
+                source,
+            };
+        }
+        match stream.message().await {
+            Ok(Some(resp)) if resp.ttl() > 0 => {}
+            _ => return AgentError::NotLeader(format!("lease {lease:x} expired")),
+        }
+    }
+}

@@ -1,0 +1,73 @@
+//! The heartbeat loop: a sequence number and a timestamp into the region's
+//! own group every interval. Mirrors carry heartbeats to every other region,
+//! so a mirror's lag is measurable even with no user traffic.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use etcd_client::{Client, Txn, TxnOp};
+use serde::{Deserialize, Serialize};
+use tern_common::heartbeat_key;
+
+use crate::election::Leadership;
+use crate::error::{AgentError, EtcdContext};
+use crate::state::Shared;
+
+/// The value of `/tern/hb/{region}`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Heartbeat {
+    pub seq: u64,
+    /// The writing agent's wall clock, Unix ms.
+    pub wall_ms: i64,
+    pub agent: String,
+}
+
+/// Writes heartbeats until leadership is lost (or an etcd error).
+pub async fn run(client: Client, leadership: Leadership, shared: Arc<Shared>, interval: Duration) -> AgentError {
+    let key = heartbeat_key(&shared.region);
+    let mut c = client;
+    let mut seq = match c.get(key.clone(), None).await {
+        Ok(resp) => resp
+            .kvs()
+            .first()
+            .and_then(|kv| serde_json::from_slice::<Heartbeat>(kv.value()).ok())
+            .map(|h| h.seq)
+            .unwrap_or(0),
+        Err(source) => {
+            return AgentError::Etcd {
+                what: "reading the last heartbeat".into(),
+                source,
+            };
+        }
+    };
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        while shared.paused.load(Ordering::Relaxed) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        seq += 1;
+        let beat = Heartbeat {
+            seq,
+            wall_ms: shared.wall_ms(),
+            agent: shared.identity.clone(),
+        };
+        let value = serde_json::to_string(&beat).expect("a heartbeat serialises");
+        let txn = Txn::new()
+            .when([leadership.guard()])
+            .and_then([TxnOp::put(key.clone(), value, None)]);
+        match c.txn(txn).await.during(|| "writing a heartbeat".into()) {
+            Ok(resp) if resp.succeeded() => shared.metrics.heartbeats.inc(),
+            Ok(_) => {
+                shared.metrics.refused_writes.inc();
+                return AgentError::NotLeader(format!(
+                    "heartbeat {seq} refused: another agent leads {}",
+                    shared.region
+                ));
+            }
+            Err(e) => return e,
+        };
+    }
+}

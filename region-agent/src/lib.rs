@@ -1,0 +1,171 @@
+//! tern-agent: the region agent. It reads as a list of named loops, each in
+//! its own module:
+//!
+//! - `election`: one active agent per region, through the region's own group;
+//! - `heartbeat`: a timestamped sequence number into the group every 100 ms;
+//! - `mirror`: every other region's keys and heartbeats, one source revision
+//!   per transaction, resumed from the applied record, resynced after
+//!   compaction;
+//! - `lag`: replication lag in ms and revisions, apart from clock skew;
+//! - `members`: Raft lag of the region's own members;
+//! - `publish`: metrics and the region's record in the directory.
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod election;
+pub mod error;
+pub mod heartbeat;
+pub mod lag;
+pub mod members;
+pub mod metrics;
+pub mod mirror;
+pub mod publish;
+pub mod state;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+pub use config::Config;
+pub use error::{AgentError, Result};
+
+use state::Shared;
+
+/// Where a started agent serves, and its test hook.
+#[derive(Clone, Debug)]
+pub struct Running {
+    pub http_addr: SocketAddr,
+    /// Set to freeze the agent as if its process were stopped.
+    pub pause: Arc<AtomicBool>,
+}
+
+/// Runs an agent until `shutdown` completes.
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    on_start: impl FnOnce(Running) + Send,
+) -> Result<()> {
+    config.validate().map_err(AgentError::Config)?;
+    let connect = |endpoints: Vec<String>, what: String| async move {
+        tern_common::etcd::connect(&endpoints, &what, Duration::from_secs(60))
+            .await
+            .map_err(AgentError::Config)
+    };
+    let group = connect(config.group_endpoints.clone(), "region group".into()).await?;
+    let directory = connect(config.directory_endpoints.clone(), "directory".into()).await?;
+    let metrics = Arc::new(metrics::Metrics::default());
+    let paused = Arc::new(AtomicBool::new(false));
+    let shared = Arc::new(Shared {
+        region: config.region.clone(),
+        identity: config.identity(),
+        clock_offset_ms: config.clock_offset_ms,
+        metrics: metrics.clone(),
+        mirrors: Default::default(),
+        members: Default::default(),
+        paused: paused.clone(),
+    });
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let render: tern_common::ops::MetricsFn = {
+        let metrics = metrics.clone();
+        Arc::new(move || metrics.encode())
+    };
+    let ready: tern_common::ops::ReadyFn = Arc::new(|| Ok(()));
+    let (http_addr, http_task) = tern_common::ops::serve(config.http_addr, render, ready, stopped())
+        .await
+        .map_err(|e| AgentError::Config(format!("cannot serve ops endpoints on {}: {e}", config.http_addr)))?;
+    on_start(Running {
+        http_addr,
+        pause: paused.clone(),
+    });
+    tracing::info!(region = %config.region, identity = %shared.identity, %http_addr, "tern-agent starting");
+
+    let members_task = tokio::spawn(members::run(
+        config.group_endpoints.clone(),
+        shared.clone(),
+        config.publish_interval,
+    ));
+    let mut sources = Vec::new();
+    for (region, endpoints) in &config.sources {
+        sources.push((
+            region.clone(),
+            connect(endpoints.clone(), format!("source {region}")).await?,
+        ));
+    }
+    loop {
+        let leadership = tokio::select! {
+            l = election::campaign(&group, &shared, config.election_ttl) => match l {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::warn!(error = %e, "campaign failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+            },
+            _ = stopped() => break,
+        };
+        metrics.is_leader.set(1);
+        let mut loops = tokio::task::JoinSet::new();
+        loops.spawn(election::keep_alive(
+            group.clone(),
+            leadership.lease,
+            config.election_ttl,
+            shared.clone(),
+        ));
+        loops.spawn(heartbeat::run(
+            group.clone(),
+            leadership.clone(),
+            shared.clone(),
+            config.heartbeat_interval,
+        ));
+        for (region, client) in &sources {
+            loops.spawn(mirror::run(
+                group.clone(),
+                client.clone(),
+                region.clone(),
+                leadership.clone(),
+                shared.clone(),
+            ));
+        }
+        let publisher = tokio::spawn(publish::run(directory.clone(), shared.clone(), config.publish_interval));
+        let stopping = tokio::select! {
+            ended = loops.join_next() => {
+                let why = match ended {
+                    Some(Ok(e)) => e.to_string(),
+                    Some(Err(e)) => format!("a loop panicked: {e}"),
+                    None => "no loops".into(),
+                };
+                tracing::warn!(region = %config.region, reason = %why, "leadership ended; campaigning again");
+                false
+            }
+            _ = stopped() => true,
+        };
+        loops.abort_all();
+        publisher.abort();
+        metrics.is_leader.set(0);
+        if stopping {
+            // Step down at once, so a standby need not wait for the lease.
+            let _ = group.clone().lease_revoke(leadership.lease).await;
+            break;
+        }
+        while paused.load(Ordering::Relaxed) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    members_task.abort();
+    http_task.abort();
+    tracing::info!(region = %config.region, "tern-agent stopped");
+    Ok(())
+}

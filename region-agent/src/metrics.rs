@@ -1,0 +1,117 @@
+//! Prometheus metrics of an agent: mirror lag per source (ms and revisions),
+//! clock skew, heartbeat age, applied revisions, resyncs, refused writes,
+//! and the Raft lag of the region's own members.
+
+use std::sync::atomic::AtomicI64;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabels {
+    pub source: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MemberLabels {
+    pub member: String,
+}
+
+type G = Gauge<i64, AtomicI64>;
+
+pub struct Metrics {
+    registry: Registry,
+    pub lag_ms: Family<SourceLabels, G>,
+    pub lag_revisions: Family<SourceLabels, G>,
+    pub skew_ms: Family<SourceLabels, G>,
+    pub heartbeat_age_ms: Family<SourceLabels, G>,
+    pub applied_revisions: Family<SourceLabels, Counter>,
+    pub resyncs: Family<SourceLabels, Counter>,
+    pub member_behind: Family<MemberLabels, G>,
+    pub is_leader: G,
+    pub refused_writes: Counter,
+    pub heartbeats: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("tern_agent");
+        let m = Self {
+            lag_ms: Family::default(),
+            lag_revisions: Family::default(),
+            skew_ms: Family::default(),
+            heartbeat_age_ms: Family::default(),
+            applied_revisions: Family::default(),
+            resyncs: Family::default(),
+            member_behind: Family::default(),
+            is_leader: G::default(),
+            refused_writes: Counter::default(),
+            heartbeats: Counter::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "mirror_lag_ms",
+            "How stale the mirror of a source region may be, ms",
+            m.lag_ms.clone(),
+        );
+        registry.register(
+            "mirror_lag_revisions",
+            "Source revisions not yet applied to the mirror",
+            m.lag_revisions.clone(),
+        );
+        registry.register(
+            "clock_skew_ms",
+            "Estimated clock offset of the source's agent, ms (positive: ahead)",
+            m.skew_ms.clone(),
+        );
+        registry.register(
+            "heartbeat_age_ms",
+            "Time since the source's newest heartbeat reached the mirror, ms",
+            m.heartbeat_age_ms.clone(),
+        );
+        registry.register(
+            "mirror_applied_revisions",
+            "Source revisions applied to the mirror",
+            m.applied_revisions.clone(),
+        );
+        registry.register(
+            "mirror_resyncs",
+            "Full resynchronisations from a snapshot (the source compacted past the mirror)",
+            m.resyncs.clone(),
+        );
+        registry.register(
+            "raft_member_behind",
+            "Entries a member of this region's group is behind the leader's commit index",
+            m.member_behind.clone(),
+        );
+        registry.register(
+            "is_leader",
+            "1 while this agent is the region's active agent",
+            m.is_leader.clone(),
+        );
+        registry.register(
+            "refused_writes",
+            "Writes refused because this agent no longer held leadership",
+            m.refused_writes.clone(),
+        );
+        registry.register("heartbeats", "Heartbeats written", m.heartbeats.clone());
+        Self { registry, ..m }
+    }
+}
+
+impl Metrics {
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+
+    pub fn source(source: &str) -> SourceLabels {
+        SourceLabels {
+            source: source.to_string(),
+        }
+    }
+}

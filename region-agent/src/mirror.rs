@@ -1,0 +1,340 @@
+//! Mirroring one source region into this region's group: a watch on the
+//! source's account keys and heartbeats from the last applied revision, each
+//! source revision applied as one transaction together with the
+//! applied-revision record (guarded by leadership and by the previous applied
+//! revision, so no revision is applied twice and none is skipped). After a
+//! restart the watch resumes from the record; when the source has compacted
+//! past it, the mirror is resynchronised from a snapshot.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use etcd_client::{Client, Compare, CompareOp, EventType, GetOptions, Txn, TxnOp, WatchOptions};
+use tern_common::{
+    MIRRORED_END, MIRRORED_START, RegionName, heartbeat_key, is_mirrored, mirror_applied_key, mirror_data_prefix,
+    mirror_key,
+};
+use tokio::time::Instant;
+
+use crate::election::Leadership;
+use crate::error::{AgentError, EtcdContext, Result};
+use crate::heartbeat::Heartbeat;
+use crate::state::Shared;
+
+/// Operations per destination transaction when copying a snapshot (etcd's
+/// limit is --max-txn-ops; tern runs with 1024).
+const SNAPSHOT_CHUNK: usize = 500;
+
+/// Mirrors `source` until leadership is lost; reconnects and resyncs as
+/// needed.
+pub async fn run(
+    local: Client,
+    source_client: Client,
+    source: RegionName,
+    leadership: Leadership,
+    shared: Arc<Shared>,
+) -> AgentError {
+    let prober = tokio::spawn(probe_round_trips(source_client.clone(), source.clone(), shared.clone()));
+    let outcome = loop {
+        match mirror(&local, &source_client, &source, &leadership, &shared).await {
+            Err(AgentError::NotLeader(why)) => break AgentError::NotLeader(why),
+            Err(AgentError::Compacted {
+                source_region,
+                revision,
+            }) => {
+                tracing::warn!(source = %source_region, revision, "the source compacted past the mirror: resynchronising from a snapshot");
+                if let Err(e) = resync(&local, &source_client, &source, &leadership, &shared).await {
+                    if matches!(e, AgentError::NotLeader(_)) {
+                        break e;
+                    }
+                    tracing::warn!(source = %source, error = %e, "resync failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+            Err(e) => {
+                shared.with_mirror(&source, |m| m.state = "disconnected");
+                tracing::warn!(source = %source, error = %e, "mirror stream broke; resuming from the applied record");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Ok(()) => {}
+        }
+    };
+    prober.abort();
+    outcome
+}
+
+/// Reads the applied record: None when the mirror was never synchronised or a
+/// resync did not finish.
+async fn applied(local: &Client, source: &RegionName) -> Result<Option<i64>> {
+    let resp = local
+        .clone()
+        .get(mirror_applied_key(source), None)
+        .await
+        .during(|| format!("reading the applied record of {source}"))?;
+    Ok(resp
+        .kvs()
+        .first()
+        .and_then(|kv| std::str::from_utf8(kv.value()).ok()?.parse::<i64>().ok()))
+}
+
+async fn mirror(
+    local: &Client,
+    source_client: &Client,
+    source: &RegionName,
+    leadership: &Leadership,
+    shared: &Arc<Shared>,
+) -> Result<()> {
+    let Some(mut applied) = applied(local, source).await? else {
+        return Err(AgentError::Compacted {
+            source_region: source.to_string(),
+            revision: 0,
+        });
+    };
+    shared.with_mirror(source, |m| {
+        m.applied = applied;
+        m.state = "streaming";
+    });
+    let mut sc = source_client.clone();
+    let mut stream = sc
+        .watch(
+            MIRRORED_START,
+            Some(
+                WatchOptions::new()
+                    .with_range(MIRRORED_END)
+                    .with_start_revision(applied + 1)
+                    .with_progress_notify(),
+            ),
+        )
+        .await
+        .during(|| format!("watching {source}"))?;
+    let mut progress = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        let resp = tokio::select! {
+            m = stream.message() => m.during(|| format!("watching {source}"))?,
+            _ = progress.tick() => {
+                // Ask for a progress notice: it proves that nothing more is
+                // pending below the header revision, even when idle.
+                stream.request_progress().await.during(|| format!("watching {source}"))?;
+                continue;
+            }
+        };
+        let Some(resp) = resp else {
+            return Err(AgentError::Malformed {
+                key: source.to_string(),
+                detail: "watch stream closed".into(),
+            });
+        };
+        if resp.compact_revision() > 0 || (resp.canceled() && resp.cancel_reason().contains("compact")) {
+            return Err(AgentError::Compacted {
+                source_region: source.to_string(),
+                revision: resp.compact_revision(),
+            });
+        }
+        if resp.canceled() {
+            return Err(AgentError::Malformed {
+                key: source.to_string(),
+                detail: format!("watch canceled: {}", resp.cancel_reason()),
+            });
+        }
+        let header = resp.header().map(|h| h.revision()).unwrap_or(0);
+        if resp.events().is_empty() {
+            shared.with_mirror(source, |m| {
+                m.source_revision = m.source_revision.max(header);
+                if header > m.confirmed && header >= applied {
+                    m.confirmed = header;
+                }
+            });
+            continue;
+        }
+        // Events of one source revision are one transaction's effects.
+        let mut by_revision: BTreeMap<i64, Vec<&etcd_client::Event>> = BTreeMap::new();
+        for event in resp.events() {
+            if let Some(kv) = event.kv() {
+                by_revision.entry(kv.mod_revision()).or_default().push(event);
+            }
+        }
+        for (revision, events) in by_revision {
+            let beat = apply(local, source, leadership, applied, revision, &events).await?;
+            applied = revision;
+            shared
+                .metrics
+                .applied_revisions
+                .get_or_create(&crate::metrics::Metrics::source(source.as_str()))
+                .inc();
+            let now = Instant::now();
+            let wall = shared.wall_ms();
+            shared.with_mirror(source, |m| {
+                m.applied = revision;
+                m.source_revision = m.source_revision.max(header);
+                if let Some(b) = &beat {
+                    m.lag.heartbeat(now, wall, b.wall_ms);
+                }
+            });
+        }
+    }
+}
+
+/// Applies one source revision. Returns the source heartbeat it carried.
+async fn apply(
+    local: &Client,
+    source: &RegionName,
+    leadership: &Leadership,
+    previous: i64,
+    revision: i64,
+    events: &[&etcd_client::Event],
+) -> Result<Option<Heartbeat>> {
+    let hb_key = heartbeat_key(source);
+    let mut beat = None;
+    let mut ops = Vec::new();
+    for event in events {
+        let Some(kv) = event.kv() else { continue };
+        if !is_mirrored(kv.key()) {
+            continue;
+        }
+        let key = mirror_key(source, kv.key());
+        match event.event_type() {
+            EventType::Put => {
+                if kv.key() == hb_key.as_bytes() {
+                    beat = serde_json::from_slice::<Heartbeat>(kv.value()).ok();
+                }
+                ops.push(TxnOp::put(key, kv.value(), None));
+            }
+            EventType::Delete => ops.push(TxnOp::delete(key, None)),
+        }
+    }
+    let applied_key = mirror_applied_key(source);
+    ops.push(TxnOp::put(applied_key.clone(), revision.to_string(), None));
+    let txn = Txn::new()
+        .when([
+            leadership.guard(),
+            Compare::value(applied_key, CompareOp::Equal, previous.to_string()),
+        ])
+        .and_then(ops);
+    let resp = local
+        .clone()
+        .txn(txn)
+        .await
+        .during(|| format!("applying revision {revision} of {source}"))?;
+    if !resp.succeeded() {
+        return Err(lost_or_raced(local, leadership, source).await);
+    }
+    Ok(beat)
+}
+
+/// Why a guarded mirror write failed: leadership lost, or another writer
+/// moved the applied record (then the stream restarts from the record).
+async fn lost_or_raced(local: &Client, leadership: &Leadership, source: &RegionName) -> AgentError {
+    let still = local
+        .clone()
+        .get(leadership.key.clone(), None)
+        .await
+        .ok()
+        .and_then(|r| r.kvs().first().map(|kv| kv.create_revision() == leadership.rev))
+        .unwrap_or(false);
+    if still {
+        AgentError::Malformed {
+            key: mirror_applied_key(source),
+            detail: "the applied record changed under this agent".into(),
+        }
+    } else {
+        AgentError::NotLeader(format!("a mirror write for {source} was refused"))
+    }
+}
+
+/// Copies the source's keys as of one revision into the mirror: clear the
+/// mirror and mark it incomplete, copy in chunks, then record the revision.
+/// Until the last step the mirror has no applied revision, so nothing reads
+/// it as current.
+async fn resync(
+    local: &Client,
+    source_client: &Client,
+    source: &RegionName,
+    leadership: &Leadership,
+    shared: &Arc<Shared>,
+) -> Result<()> {
+    shared
+        .metrics
+        .resyncs
+        .get_or_create(&crate::metrics::Metrics::source(source.as_str()))
+        .inc();
+    shared.with_mirror(source, |m| m.state = "resyncing");
+    let snapshot = source_client
+        .clone()
+        .get(MIRRORED_START, Some(GetOptions::new().with_range(MIRRORED_END)))
+        .await
+        .during(|| format!("reading a snapshot of {source}"))?;
+    let revision = snapshot.header().map(|h| h.revision()).unwrap_or(0);
+    let prefix = mirror_data_prefix(source);
+    let applied_key = mirror_applied_key(source);
+    let guarded = |ops: Vec<TxnOp>| Txn::new().when([leadership.guard()]).and_then(ops);
+    let mut c = local.clone();
+    let clear = guarded(vec![
+        TxnOp::delete(applied_key.clone(), None),
+        TxnOp::delete(prefix.clone(), Some(etcd_client::DeleteOptions::new().with_prefix())),
+    ]);
+    if !c
+        .txn(clear)
+        .await
+        .during(|| format!("clearing the mirror of {source}"))?
+        .succeeded()
+    {
+        return Err(AgentError::NotLeader(format!("resync of {source} refused")));
+    }
+    let kvs: Vec<_> = snapshot.kvs().iter().filter(|kv| is_mirrored(kv.key())).collect();
+    for chunk in kvs.chunks(SNAPSHOT_CHUNK) {
+        let ops = chunk
+            .iter()
+            .map(|kv| TxnOp::put(mirror_key(source, kv.key()), kv.value(), None))
+            .collect();
+        if !c
+            .txn(guarded(ops))
+            .await
+            .during(|| format!("copying a snapshot of {source}"))?
+            .succeeded()
+        {
+            return Err(AgentError::NotLeader(format!("resync of {source} refused")));
+        }
+    }
+    let done = guarded(vec![TxnOp::put(applied_key, revision.to_string(), None)]);
+    if !c
+        .txn(done)
+        .await
+        .during(|| format!("finishing the resync of {source}"))?
+        .succeeded()
+    {
+        return Err(AgentError::NotLeader(format!("resync of {source} refused")));
+    }
+    tracing::info!(source = %source, revision, keys = kvs.len(), "mirror resynchronised");
+    shared.with_mirror(source, |m| {
+        m.applied = revision;
+        m.state = "streaming";
+    });
+    Ok(())
+}
+
+/// Times a small read on the source every 500 ms: the round trip feeds the
+/// lag estimator (one-way delay ≈ RTT / 2) and the header the source's
+/// current revision.
+async fn probe_round_trips(client: Client, source: RegionName, shared: Arc<Shared>) {
+    let key = heartbeat_key(&source);
+    let mut c = client;
+    loop {
+        let started = Instant::now();
+        if let Ok(resp) = c
+            .get(
+                key.clone(),
+                Some(GetOptions::new().with_serializable().with_keys_only()),
+            )
+            .await
+        {
+            let rtt = started.elapsed();
+            let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+            shared.with_mirror(&source, |m| {
+                m.lag.round_trip(rtt);
+                m.source_revision = m.source_revision.max(revision);
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}

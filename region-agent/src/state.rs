@@ -1,0 +1,82 @@
+//! What the agent's loops share: identity, clocks, and per-mirror state.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use tern_common::{MemberStatus, MirrorStatus, RegionName};
+use tokio::time::Instant;
+
+use crate::lag::LagEstimator;
+use crate::metrics::Metrics;
+
+/// One mirror as its loop sees it.
+#[derive(Debug, Default)]
+pub struct MirrorState {
+    pub lag: LagEstimator,
+    /// Last source revision applied to the mirror.
+    pub applied: i64,
+    /// Source revisions confirmed to hold nothing more for the mirror (watch
+    /// progress), so the mirror is current up to here.
+    pub confirmed: i64,
+    /// Newest source revision seen in a response header.
+    pub source_revision: i64,
+    pub state: &'static str,
+}
+
+pub struct Shared {
+    pub region: RegionName,
+    pub identity: String,
+    pub clock_offset_ms: i64,
+    pub metrics: Arc<Metrics>,
+    pub mirrors: Mutex<BTreeMap<RegionName, MirrorState>>,
+    pub members: Mutex<Vec<MemberStatus>>,
+    /// Test hook: a paused agent does nothing, like a stopped process.
+    pub paused: Arc<AtomicBool>,
+}
+
+impl Shared {
+    /// This agent's wall clock (with the configured test offset), Unix ms.
+    pub fn wall_ms(&self) -> i64 {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0);
+        now + self.clock_offset_ms
+    }
+
+    pub fn with_mirror<T>(&self, source: &RegionName, f: impl FnOnce(&mut MirrorState) -> T) -> T {
+        let mut mirrors = self.mirrors.lock().unwrap_or_else(|e| e.into_inner());
+        f(mirrors.entry(source.clone()).or_default())
+    }
+
+    /// Every mirror's status now.
+    pub fn mirror_statuses(&self) -> BTreeMap<String, MirrorStatus> {
+        let now = Instant::now();
+        let wall = self.wall_ms();
+        let mirrors = self.mirrors.lock().unwrap_or_else(|e| e.into_inner());
+        mirrors
+            .iter()
+            .map(|(source, m)| {
+                let effective = m.applied.max(m.confirmed);
+                (
+                    source.to_string(),
+                    MirrorStatus {
+                        state: if m.state.is_empty() { "starting" } else { m.state }.to_string(),
+                        lag_ms: m.lag.lag_ms(now).unwrap_or(u64::MAX),
+                        lag_revisions: (m.source_revision - effective).max(0),
+                        applied_revision: m.applied,
+                        skew_ms: m.lag.skew_ms().unwrap_or(0),
+                        heartbeat_age_ms: m
+                            .lag
+                            .heartbeat_age(now)
+                            .map(|d| d.as_millis() as u64)
+                            .unwrap_or(u64::MAX),
+                        measured_unix_ms: wall,
+                    },
+                )
+            })
+            .collect()
+    }
+}
