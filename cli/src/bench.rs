@@ -105,6 +105,7 @@ pub async fn run(args: BenchArgs) -> Result<(), CliError> {
         regions: REGIONS.iter().map(|r| (r.to_string(), args.members)).collect(),
         directory_members: 3,
         rtt_ms: rtt.clone(),
+        agents: false,
     };
     println!(
         "tern bench: starting 3 regions × {} etcd members, routers, toxiproxy",

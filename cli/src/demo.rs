@@ -138,6 +138,7 @@ pub async fn run(args: DemoArgs) -> Result<(), CliError> {
         regions: REGIONS.iter().map(|r| (r.to_string(), args.members)).collect(),
         directory_members: 3,
         rtt_ms: rtt,
+        agents: true,
     };
     let deployment = tokio::select! {
         d = LocalDeployment::start(layout) => d?,

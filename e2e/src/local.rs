@@ -97,6 +97,82 @@ pub async fn connect(addr: SocketAddr) -> tern_router::pb::router_client::Router
     tern_router::pb::router_client::RouterClient::new(channel)
 }
 
+/// An agent running in this process.
+pub struct AgentGuard {
+    pub region: String,
+    pub http_addr: SocketAddr,
+    /// Freezes the agent as if its process were stopped (SIGSTOP).
+    pub pause: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<tern_agent::Result<()>>>,
+}
+
+impl AgentGuard {
+    pub async fn start(args: &[String]) -> Result<Self> {
+        let config =
+            tern_agent::Config::try_parse_from(std::iter::once("tern-agent".to_string()).chain(args.iter().cloned()))
+                .map_err(|e| HarnessError::Kubeconfig(format!("agent flags: {e}")))?;
+        let region = config.region.to_string();
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let (tx, rx) = oneshot::channel();
+        let task = tokio::spawn(tern_agent::run(
+            config,
+            async move {
+                let _ = stop_rx.await;
+            },
+            move |running| {
+                let _ = tx.send(running);
+            },
+        ));
+        let running = match tokio::time::timeout(Duration::from_secs(90), rx).await {
+            Ok(Ok(r)) => r,
+            _ => return Err(HarnessError::Kubeconfig(format!("agent {region} did not start"))),
+        };
+        Ok(Self {
+            region,
+            http_addr: running.http_addr,
+            pause: running.pause,
+            stop: Some(stop_tx),
+            task: Some(task),
+        })
+    }
+
+    /// Steps down and stops.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+
+    /// Kills it without stepping down, like kill -9.
+    pub fn kill(mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+
+    /// The value of the first metric line starting with `prefix`.
+    pub async fn metric(&self, prefix: &str) -> Option<f64> {
+        crate::operator::http_get(self.http_addr, "/metrics")
+            .await?
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+    }
+}
+
+impl Drop for AgentGuard {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
 /// One region of a local deployment.
 pub struct LocalRegion {
     pub name: String,
@@ -104,6 +180,9 @@ pub struct LocalRegion {
     pub router: Option<RouterGuard>,
     /// Router flags, kept to restart it.
     pub router_args: Vec<String>,
+    pub agent: Option<AgentGuard>,
+    /// Agent flags, kept to restart it or start a second one.
+    pub agent_args: Vec<String>,
 }
 
 /// Layout of a local deployment.
@@ -115,6 +194,9 @@ pub struct Layout {
     pub directory_members: usize,
     /// Round trip between two regions, in ms, keyed by the pair in either order.
     pub rtt_ms: BTreeMap<(String, String), u64>,
+    /// Run a region agent per region, mirroring every other region through
+    /// toxiproxy links with the same round trips.
+    pub agents: bool,
 }
 
 impl Layout {
@@ -135,6 +217,9 @@ pub struct LocalDeployment {
     pub toxiproxy: Toxiproxy,
     /// Proxy name of the link from region a to region b's router.
     pub links: BTreeMap<(String, String), String>,
+    /// Proxy names of the mirror link from region a's agent to region b's
+    /// group members.
+    pub mirror_links: BTreeMap<(String, String), Vec<String>>,
     pub dir: TempDir,
 }
 
@@ -157,6 +242,8 @@ impl LocalDeployment {
                 group: EtcdCluster::start(dir.path(), name, *members, Tuning::default())?,
                 router: None,
                 router_args: Vec::new(),
+                agent: None,
+                agent_args: Vec::new(),
             });
         }
         // Router ports are chosen first, so that proxies can point at them.
@@ -193,12 +280,54 @@ impl LocalDeployment {
             region.router = Some(RouterGuard::start(&args).await?);
             region.router_args = args;
         }
+        let mut mirror_links = BTreeMap::new();
+        if layout.agents {
+            let mut sources: Vec<Vec<String>> = vec![Vec::new(); regions.len()];
+            for (i, from) in regions.iter().enumerate() {
+                for (j, to) in regions.iter().enumerate() {
+                    if i == j {
+                        continue;
+                    }
+                    let mut names = Vec::new();
+                    let mut urls = Vec::new();
+                    for (k, endpoint) in to.group.endpoints().iter().enumerate() {
+                        let name = format!("{}-mirror-{}-{k}", from.name, to.name);
+                        let upstream = endpoint.trim_start_matches("http://");
+                        let listen = toxiproxy.proxy(&name, upstream).await?;
+                        let rtt = layout.rtt(&from.name, &to.name);
+                        if rtt > 0 {
+                            toxiproxy.round_trip(&name, rtt).await?;
+                        }
+                        urls.push(format!("http://{listen}"));
+                        names.push(name);
+                    }
+                    sources[i].push(format!("--source={}={}", to.name, urls.join("|")));
+                    mirror_links.insert((from.name.clone(), to.name.clone()), names);
+                }
+            }
+            for (i, region) in regions.iter_mut().enumerate() {
+                let mut args = vec![
+                    format!("--region={}", region.name),
+                    format!("--group-endpoints={}", region.group.endpoints().join(",")),
+                    format!("--directory-endpoints={directory_endpoints}"),
+                    "--http-addr=127.0.0.1:0".to_string(),
+                    "--publish-interval=500ms".to_string(),
+                    "--election-ttl=2".to_string(),
+                    "--log-format=text".to_string(),
+                    format!("--identity={}-agent-a", region.name),
+                ];
+                args.extend(sources[i].iter().cloned());
+                region.agent = Some(AgentGuard::start(&args).await?);
+                region.agent_args = args;
+            }
+        }
         Ok(Self {
             layout,
             regions,
             directory,
             toxiproxy,
             links,
+            mirror_links,
             dir,
         })
     }
@@ -242,6 +371,21 @@ impl LocalDeployment {
         etcd_client::Client::connect(self.directory.endpoints(), None)
             .await
             .expect("the directory answers")
+    }
+
+    /// Cuts (false) or restores (true) every mirror link from `from` to `to`.
+    pub async fn set_mirror_link(&self, from: &str, to: &str, enabled: bool) -> Result<()> {
+        for name in &self.mirror_links[&(from.to_string(), to.to_string())] {
+            self.toxiproxy.set_enabled(name, enabled).await?;
+        }
+        Ok(())
+    }
+
+    /// Starts an agent for `region` with its usual flags plus `extra`.
+    pub async fn start_agent(&self, region: &str, extra: &[String]) -> Result<AgentGuard> {
+        let mut args = self.region(region).agent_args.clone();
+        args.extend_from_slice(extra);
+        AgentGuard::start(&args).await
     }
 
     /// Stops `region`'s router gracefully and starts it again with the same flags.

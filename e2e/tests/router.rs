@@ -18,6 +18,7 @@ fn layout(us_east_members: usize) -> Layout {
         regions: vec![("us-east".into(), us_east_members), ("eu-west".into(), 1)],
         directory_members: 1,
         rtt_ms: BTreeMap::from([(("us-east".into(), "eu-west".into()), RTT_MS)]),
+        agents: false,
     }
 }
 

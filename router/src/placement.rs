@@ -26,7 +26,8 @@ pub struct Directory {
     /// Placement and the directory revision it was written at: an older
     /// watch event never overwrites a newer read.
     accounts: Arc<RwLock<HashMap<AccountId, (Placement, i64)>>>,
-    regions: Arc<RwLock<HashMap<RegionName, RegionRecord>>>,
+    /// Region records and when this router received each.
+    regions: Arc<RwLock<HashMap<RegionName, (RegionRecord, std::time::Instant)>>>,
     synced: Arc<AtomicBool>,
 }
 
@@ -83,7 +84,28 @@ impl Directory {
     }
 
     pub async fn region(&self, region: &RegionName) -> Option<RegionRecord> {
-        self.regions.read().await.get(region).cloned()
+        self.regions.read().await.get(region).map(|(r, _)| r.clone())
+    }
+
+    /// How stale this region's mirror of `source` may be now: the lag its
+    /// agent published plus the age of that record here. None when the
+    /// mirror is not streaming or nothing was published.
+    pub async fn mirror_staleness_ms(&self, local: &RegionName, source: &RegionName) -> Option<u64> {
+        let regions = self.regions.read().await;
+        let (record, received) = regions.get(local)?;
+        let m = record.mirrors.get(source.as_str())?;
+        if m.state != "streaming" {
+            return None;
+        }
+        // The age of the record: since it reached this router, or since the
+        // agent measured it (a record loaded at start-up may be old), whichever
+        // is larger.
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0);
+        let age = (received.elapsed().as_millis() as u64).max((now_ms - m.measured_unix_ms).max(0) as u64);
+        Some(m.lag_ms.saturating_add(age))
     }
 
     /// Registers (or updates) this region's router endpoint.
@@ -107,7 +129,10 @@ impl Directory {
             record.router_endpoint = endpoint.to_string();
             client.put(key, record.to_json(), None).await?;
         }
-        self.regions.write().await.insert(region.clone(), record);
+        self.regions
+            .write()
+            .await
+            .insert(region.clone(), (record, std::time::Instant::now()));
         Ok(())
     }
 
@@ -240,7 +265,7 @@ fn apply_put(
     value: &[u8],
     revision: i64,
     accounts: &mut HashMap<AccountId, (Placement, i64)>,
-    regions: &mut HashMap<RegionName, RegionRecord>,
+    regions: &mut HashMap<RegionName, (RegionRecord, std::time::Instant)>,
 ) {
     if key.starts_with(DIR_ACCOUNTS.as_bytes()) {
         match (account_of_dir_key(key), serde_json::from_slice::<AccountRecord>(value)) {
@@ -252,7 +277,7 @@ fn apply_put(
     } else if let Some(r) = region_of_key(key) {
         match serde_json::from_slice::<RegionRecord>(value) {
             Ok(rec) => {
-                regions.insert(r, rec);
+                regions.insert(r, (rec, std::time::Instant::now()));
             }
             Err(e) => tracing::warn!(region = %r, error = %e, "ignoring a malformed region record"),
         }

@@ -289,6 +289,61 @@ fn idempotency(key: &str) -> Result<Option<IdempotencyKey>> {
     }
 }
 
+/// Whether a read asks for bounded staleness, and its bound in ms.
+fn bounded(read: &Option<pb::ReadOptions>) -> Option<u64> {
+    match read {
+        Some(r) if r.consistency == pb::Consistency::Bounded as i32 => Some(u64::from(r.max_staleness_ms)),
+        _ => None,
+    }
+}
+
+impl RouterService {
+    /// A BOUNDED read served from this region's mirror of the account's home,
+    /// when the mirror's measured lag is within the bound and the mirror holds
+    /// the account at its current epoch. None: serve it from the home.
+    async fn from_mirror<T>(
+        &self,
+        account: &AccountId,
+        max_staleness_ms: u64,
+        ops: impl FnOnce(&RegionName) -> Vec<TxnOp>,
+        extract: impl FnOnce(&[TxnOpResponse]) -> T,
+    ) -> Result<Option<(T, pb::ReadMeta)>> {
+        let p = self.directory.lookup(account).await?;
+        if p.home == self.region {
+            return Ok(None);
+        }
+        let Some(staleness) = self.directory.mirror_staleness_ms(&self.region, &p.home).await else {
+            return Ok(None);
+        };
+        if staleness > max_staleness_ms {
+            return Ok(None);
+        }
+        let fence = tern_common::mirror_key(&p.home, tern_common::fence_key(account).as_bytes());
+        let txn = etcd_client::Txn::new()
+            .when([EtcdCompare::value(
+                fence,
+                CompareOp::Equal,
+                tern_common::Fence::active(p.epoch).to_string(),
+            )])
+            .and_then(ops(&p.home));
+        let resp = self.store.client().txn(txn).await?;
+        if !resp.succeeded() {
+            // The mirror does not hold the account at this epoch (new, or moving).
+            return Ok(None);
+        }
+        let meta = pb::ReadMeta {
+            served_by_region: self.region.to_string(),
+            home_region: p.home.to_string(),
+            epoch: p.epoch.0,
+            revision: 0,
+            forwarded: false,
+            from_mirror: true,
+            staleness_ms: u32::try_from(staleness).unwrap_or(u32::MAX),
+        };
+        Ok(Some((extract(&resp.op_responses()), meta)))
+    }
+}
+
 /// A fingerprint of a write, stored with its idempotency record so that a
 /// key reused for a different write is refused instead of answered wrongly.
 fn fingerprint(parts: &[&[u8]]) -> String {
@@ -631,6 +686,24 @@ impl Router for RouterService {
         self.finish(call, async |call| {
             let account = AccountId::new(&r.account)?;
             let key = user_key(&account, &r.key)?;
+            if let Some(max) = bounded(&r.read)
+                && !call.forwarded
+            {
+                let mirrored =
+                    |home: &RegionName| vec![TxnOp::get(tern_common::mirror_key(home, key.as_bytes()), None)];
+                if let Some(((found, value, mod_revision), meta)) = self
+                    .from_mirror(&account, max, mirrored, |rs| get_response(rs.first()))
+                    .await?
+                {
+                    let resp = pb::GetResponse {
+                        found,
+                        value,
+                        mod_revision,
+                        meta: Some(meta),
+                    };
+                    return Ok((resp, Route::Local));
+                }
+            }
             loop {
                 let p = self.route(call, &account).await?;
                 if p.home != self.region {
@@ -718,6 +791,50 @@ impl Router for RouterService {
                 format!("{base}{after}\u{0}")
             };
             let end = prefix_end(&format!("{base}{prefix}"));
+            if let Some(max) = bounded(&r.read)
+                && !call.forwarded
+            {
+                let mirrored = |home: &RegionName| {
+                    let mirror_start = tern_common::mirror_key(home, start.as_bytes());
+                    let mirror_end = tern_common::mirror_key(home, &end);
+                    vec![TxnOp::get(
+                        mirror_start,
+                        Some(
+                            etcd_client::GetOptions::new()
+                                .with_range(mirror_end)
+                                .with_limit(i64::from(limit) + 1),
+                        ),
+                    )]
+                };
+                let extract = |responses: &[TxnOpResponse]| match responses.first() {
+                    Some(TxnOpResponse::Get(g)) => g
+                        .kvs()
+                        .iter()
+                        .filter_map(|kv| {
+                            // /tern/r/{home}/tern/a/... → /tern/a/...
+                            let at = kv.key().windows(8).position(|w| w == b"/tern/a/")?;
+                            Some(pb::KeyValue {
+                                key: user_key_of(&account, &kv.key()[at..])?,
+                                value: kv.value().to_vec(),
+                                mod_revision: kv.mod_revision(),
+                                version: kv.version(),
+                            })
+                        })
+                        .collect::<Vec<_>>(),
+                    _ => Vec::new(),
+                };
+                if let Some((items, meta)) = self.from_mirror(&account, max, mirrored, extract).await? {
+                    let (items, next_page_token) = page(items, limit);
+                    return Ok((
+                        pb::ListResponse {
+                            items,
+                            next_page_token,
+                            meta: Some(meta),
+                        },
+                        Route::Local,
+                    ));
+                }
+            }
             loop {
                 let p = self.route(call, &account).await?;
                 if p.home != self.region {
@@ -760,16 +877,8 @@ impl Router for RouterService {
                     _ => Vec::new(),
                 };
                 match self.store.run(guard, extract).await? {
-                    Guarded::Done {
-                        revision,
-                        value: mut items,
-                    } => {
-                        let next_page_token = if items.len() > limit as usize {
-                            items.truncate(limit as usize);
-                            items.last().map(|kv| kv.key.clone()).unwrap_or_default()
-                        } else {
-                            String::new()
-                        };
+                    Guarded::Done { revision, value: items } => {
+                        let (items, next_page_token) = page(items, limit);
                         let route = if call.forwarded { Route::ProxiedIn } else { Route::Local };
                         return Ok((
                             pb::ListResponse {
@@ -947,6 +1056,18 @@ impl Router for RouterService {
             }
         })
         .await
+    }
+}
+
+/// Cuts a page read with one extra item to `limit`; the token names the last
+/// key returned when another page exists.
+fn page(mut items: Vec<pb::KeyValue>, limit: u32) -> (Vec<pb::KeyValue>, String) {
+    if items.len() > limit as usize {
+        items.truncate(limit as usize);
+        let token = items.last().map(|kv| kv.key.clone()).unwrap_or_default();
+        (items, token)
+    } else {
+        (items, String::new())
     }
 }
 
