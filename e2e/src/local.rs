@@ -383,7 +383,19 @@ impl LocalDeployment {
 
     /// Starts an agent for `region` with its usual flags plus `extra`.
     pub async fn start_agent(&self, region: &str, extra: &[String]) -> Result<AgentGuard> {
-        let mut args = self.region(region).agent_args.clone();
+        // A flag given in `extra` replaces the usual one.
+        let mut args: Vec<String> = self
+            .region(region)
+            .agent_args
+            .iter()
+            .filter(|a| {
+                let flag = a.split('=').next().unwrap_or_default();
+                !extra
+                    .iter()
+                    .any(|e| e.split('=').next() == Some(flag) && !flag.starts_with("--source"))
+            })
+            .cloned()
+            .collect();
         args.extend_from_slice(extra);
         AgentGuard::start(&args).await
     }

@@ -1,0 +1,383 @@
+//! Region agents against real etcd groups with toxiproxy on the mirror
+//! links: lag that is right under load, flat when idle, never negative,
+//! rising when cut; mirrors that end identical to their source after cuts,
+//! kills and compaction; one active agent per region; bounded reads.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use etcd_client::GetOptions;
+use tern_e2e::local::{Layout, LocalDeployment};
+use tern_router::pb;
+
+/// One-way delay injected on every cross-region link, ms.
+const D: u64 = 150;
+/// Heartbeat interval and the tolerance the issue allows.
+const HB: u64 = 100;
+const SLACK: u64 = 20;
+
+async fn start() -> LocalDeployment {
+    tern_e2e::init_logs();
+    LocalDeployment::start(Layout {
+        regions: vec![("us-east".into(), 1), ("eu-west".into(), 1)],
+        directory_members: 1,
+        rtt_ms: BTreeMap::from([(("us-east".into(), "eu-west".into()), 2 * D)]),
+        agents: true,
+    })
+    .await
+    .expect("deployment starts")
+}
+
+/// us-east's measured lag of its eu-west mirror, ms.
+async fn lag(d: &LocalDeployment) -> Option<f64> {
+    let agent = d.region("us-east").agent.as_ref()?;
+    agent.metric("tern_agent_mirror_lag_ms{source=\"eu-west\"}").await
+}
+
+async fn wait_for<T>(what: &str, limit: Duration, mut f: impl AsyncFnMut() -> Option<T>) -> T {
+    let until = Instant::now() + limit;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < until, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Account keys of eu-west's group, and of us-east's mirror of it:
+/// key → (value, version).
+async fn keyspaces(d: &LocalDeployment) -> (BTreeMap<String, (Vec<u8>, i64)>, BTreeMap<String, (Vec<u8>, i64)>) {
+    let mut source = d.group_client("eu-west").await;
+    let mut local = d.group_client("us-east").await;
+    let src = source
+        .get("/tern/a/", Some(GetOptions::new().with_prefix()))
+        .await
+        .expect("source range");
+    let mir = local
+        .get("/tern/r/eu-west/tern/a/", Some(GetOptions::new().with_prefix()))
+        .await
+        .expect("mirror range");
+    let collect = |kvs: &[etcd_client::KeyValue], strip: &str| {
+        kvs.iter()
+            .map(|kv| {
+                let key = String::from_utf8_lossy(kv.key()).trim_start_matches(strip).to_string();
+                (key, (kv.value().to_vec(), kv.version()))
+            })
+            .collect::<BTreeMap<_, _>>()
+    };
+    (collect(src.kvs(), ""), collect(mir.kvs(), "/tern/r/eu-west"))
+}
+
+async fn caught_up(d: &LocalDeployment, check_versions: bool) {
+    wait_for("the mirror to match its source", Duration::from_secs(20), async || {
+        let (src, mir) = keyspaces(d).await;
+        let same = if check_versions {
+            src == mir
+        } else {
+            src.len() == mir.len() && src.iter().all(|(k, (v, _))| mir.get(k).is_some_and(|(m, _)| m == v))
+        };
+        same.then_some(())
+    })
+    .await;
+}
+
+async fn create_eu_account(d: &LocalDeployment, account: &str) {
+    d.client("eu-west")
+        .await
+        .create_account(pb::CreateAccountRequest {
+            account: account.into(),
+            home_region: "eu-west".into(),
+            allowed_regions: vec![],
+        })
+        .await
+        .expect("account");
+}
+
+/// Writes `n` values to an eu-west account from eu-west, `every` apart.
+async fn write_stream(d: &LocalDeployment, account: &str, n: usize, every: Duration) {
+    let mut c = d.client("eu-west").await;
+    for i in 0..n {
+        c.put(pb::PutRequest {
+            account: account.into(),
+            key: format!("k{}", i % 20),
+            value: i.to_string().into_bytes(),
+            idempotency_key: String::new(),
+        })
+        .await
+        .expect("put");
+        tokio::time::sleep(every).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lag_is_the_link_delay_under_load_and_when_idle() {
+    let d = start().await;
+    create_eu_account(&d, "acct-1").await;
+    let low = D.saturating_sub(HB + SLACK) as f64;
+    let high = (D + HB + SLACK) as f64;
+
+    // A steady write stream: lag settles within d ± (heartbeat + 20 ms).
+    let writer = write_stream(&d, "acct-1", 200, Duration::from_millis(25));
+    let sampler = async {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let mut samples = Vec::new();
+        for _ in 0..12 {
+            samples.push(lag(&d).await.expect("lag published"));
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        samples
+    };
+    let ((), samples) = tokio::join!(writer, sampler);
+    for s in &samples {
+        assert!(
+            (low..=high).contains(s),
+            "lag {s} ms under load, want {low}..={high}: {samples:?}"
+        );
+    }
+
+    // Idle for 30 s: heartbeats keep the lag flat.
+    let mut idle = Vec::new();
+    for _ in 0..30 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        idle.push(lag(&d).await.expect("lag published"));
+    }
+    for s in &idle {
+        assert!(
+            (low..=high).contains(s),
+            "lag {s} ms while idle, want {low}..={high}: {idle:?}"
+        );
+    }
+    let skew = d
+        .region("us-east")
+        .agent
+        .as_ref()
+        .expect("agent")
+        .metric("tern_agent_clock_skew_ms{source=\"eu-west\"}")
+        .await;
+    assert!(
+        skew.is_some_and(|s| s.abs() <= 20.0),
+        "one machine, one clock: skew {skew:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_link_raises_lag_and_the_mirror_heals_exactly() {
+    let d = start().await;
+    create_eu_account(&d, "acct-1").await;
+    write_stream(&d, "acct-1", 20, Duration::from_millis(10)).await;
+    caught_up(&d, true).await;
+
+    let cut = Duration::from_secs(3);
+    d.set_mirror_link("us-east", "eu-west", false).await.expect("cut");
+    let before = wait_for("a published lag", Duration::from_secs(5), async || lag(&d).await).await;
+    write_stream(&d, "acct-1", 20, Duration::from_millis(10)).await;
+    tokio::time::sleep(cut).await;
+    // Publishing runs every 500 ms: allow one period.
+    let during = wait_for("lag to show the cut", Duration::from_secs(3), async || {
+        let l = lag(&d).await?;
+        (l >= (cut.as_millis() as u64 - HB) as f64).then_some(l)
+    })
+    .await;
+    assert!(during >= before, "{before} → {during}");
+    d.set_mirror_link("us-east", "eu-west", true).await.expect("heal");
+    wait_for("lag back to normal", Duration::from_secs(15), async || {
+        (lag(&d).await? <= (D + HB + SLACK) as f64).then_some(())
+    })
+    .await;
+    caught_up(&d, true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_agent_resumes_without_gaps_or_duplicates() {
+    let mut d = start().await;
+    create_eu_account(&d, "acct-1").await;
+    let agent = d.region_mut("us-east").agent.take().expect("agent");
+    let killer = async move {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        agent.kill();
+    };
+    // The stream goes on while the agent is dead.
+    tokio::join!(write_stream(&d, "acct-1", 100, Duration::from_millis(15)), killer);
+    let restarted = d
+        .start_agent("us-east", &["--identity=us-east-agent-b".to_string()])
+        .await
+        .expect("restart");
+    d.region_mut("us-east").agent = Some(restarted);
+    // Versions equal too: a revision applied twice would bump a mirrored
+    // key's version past its source's.
+    caught_up(&d, true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compaction_while_down_is_resynchronised() {
+    let mut d = start().await;
+    create_eu_account(&d, "acct-1").await;
+    write_stream(&d, "acct-1", 10, Duration::from_millis(5)).await;
+    caught_up(&d, true).await;
+    d.region_mut("us-east").agent.take().expect("agent").stop().await;
+    write_stream(&d, "acct-1", 60, Duration::ZERO).await;
+    let mut source = d.group_client("eu-west").await;
+    let revision = source
+        .get("/", None)
+        .await
+        .expect("header")
+        .header()
+        .expect("header")
+        .revision();
+    source.compact(revision, None).await.expect("compact the source");
+    let agent = d
+        .start_agent("us-east", &["--identity=us-east-agent-b".to_string()])
+        .await
+        .expect("restart");
+    caught_up(&d, false).await;
+    let resyncs = agent
+        .metric("tern_agent_mirror_resyncs_total{source=\"eu-west\"}")
+        .await;
+    assert_eq!(resyncs, Some(1.0), "the resync is reported");
+    d.region_mut("us-east").agent = Some(agent);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clock_skew_is_reported_and_never_makes_lag_negative() {
+    let mut d = start().await;
+    // eu-west's agent runs 5 s ahead.
+    d.region_mut("eu-west").agent.take().expect("agent").stop().await;
+    let skewed = d
+        .start_agent(
+            "eu-west",
+            &[
+                "--clock-offset-ms=5000".to_string(),
+                "--identity=eu-west-agent-skewed".to_string(),
+            ],
+        )
+        .await
+        .expect("skewed agent");
+    d.region_mut("eu-west").agent = Some(skewed);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let us = d.region("us-east").agent.as_ref().expect("agent");
+    let eu = d.region("eu-west").agent.as_ref().expect("agent");
+    for _ in 0..8 {
+        let ahead = us
+            .metric("tern_agent_mirror_lag_ms{source=\"eu-west\"}")
+            .await
+            .expect("lag");
+        let behind = eu
+            .metric("tern_agent_mirror_lag_ms{source=\"us-east\"}")
+            .await
+            .expect("lag");
+        for l in [ahead, behind] {
+            assert!(
+                (0.0..=(D + HB + SLACK) as f64).contains(&l),
+                "lag {l} with a skewed clock"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let skew = us
+        .metric("tern_agent_clock_skew_ms{source=\"eu-west\"}")
+        .await
+        .expect("skew");
+    assert!((skew - 5000.0).abs() <= 50.0, "us-east sees eu-west 5 s ahead: {skew}");
+    let skew = eu
+        .metric("tern_agent_clock_skew_ms{source=\"us-east\"}")
+        .await
+        .expect("skew");
+    assert!((skew + 5000.0).abs() <= 50.0, "eu-west sees us-east 5 s behind: {skew}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_agent_acts_and_a_paused_leader_is_refused() {
+    let d = start().await;
+    let a = d.region("us-east").agent.as_ref().expect("agent a");
+    let b = d
+        .start_agent("us-east", &["--identity=us-east-agent-b".to_string()])
+        .await
+        .expect("agent b");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(a.metric("tern_agent_is_leader").await, Some(1.0));
+    assert_eq!(
+        b.metric("tern_agent_is_leader").await,
+        Some(0.0),
+        "the standby must not act"
+    );
+    assert_eq!(b.metric("tern_agent_heartbeats_total").await.unwrap_or(0.0), 0.0);
+
+    // Pause the leader like SIGSTOP: its lease expires and b takes over
+    // within the election TTL (2 s here).
+    a.pause.store(true, std::sync::atomic::Ordering::Relaxed);
+    let paused_at = Instant::now();
+    wait_for("b to lead", Duration::from_secs(8), async || {
+        (b.metric("tern_agent_is_leader").await? == 1.0).then_some(())
+    })
+    .await;
+    let takeover = paused_at.elapsed();
+    assert!(takeover < Duration::from_secs(6), "takeover took {takeover:?}");
+
+    // The old leader wakes up and tries to go on: refused.
+    a.pause.store(false, std::sync::atomic::Ordering::Relaxed);
+    wait_for("a's stale write to be refused", Duration::from_secs(5), async || {
+        (a.metric("tern_agent_refused_writes_total").await? >= 1.0).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut group = d.group_client("us-east").await;
+    let hb = group.get("/tern/hb/us-east", None).await.expect("heartbeat");
+    let value = String::from_utf8_lossy(hb.kvs()[0].value()).to_string();
+    assert!(value.contains("us-east-agent-b"), "the heartbeat is b's: {value}");
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bounded_reads_use_the_mirror_only_within_the_bound() {
+    let d = start().await;
+    create_eu_account(&d, "acct-1").await;
+    write_stream(&d, "acct-1", 1, Duration::ZERO).await;
+    caught_up(&d, true).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut us = d.client("us-east").await;
+    let read = |max: u32| pb::GetRequest {
+        account: "acct-1".into(),
+        key: "k0".into(),
+        read: Some(pb::ReadOptions {
+            consistency: pb::Consistency::Bounded as i32,
+            max_staleness_ms: max,
+        }),
+    };
+    let local = us.get(read(2000)).await.expect("bounded read").into_inner();
+    let meta = local.meta.expect("meta");
+    assert!(local.found && meta.from_mirror && !meta.forwarded, "{meta:?}");
+    assert!(u64::from(meta.staleness_ms) <= 2000);
+    assert_eq!(meta.served_by_region, "us-east");
+    let list = us
+        .list(pb::ListRequest {
+            account: "acct-1".into(),
+            prefix: String::new(),
+            limit: 10,
+            page_token: String::new(),
+            read: Some(pb::ReadOptions {
+                consistency: pb::Consistency::Bounded as i32,
+                max_staleness_ms: 2000,
+            }),
+        })
+        .await
+        .expect("bounded list")
+        .into_inner();
+    assert!(list.meta.expect("meta").from_mirror);
+    assert_eq!(list.items.len(), 1);
+
+    // A bound below the link delay cannot be met locally: forwarded.
+    let tight = us.get(read(10)).await.expect("forwarded read").into_inner();
+    let meta = tight.meta.expect("meta");
+    assert!(!meta.from_mirror && meta.forwarded, "{meta:?}");
+
+    // Cut the mirror longer than the bound: forwarded again.
+    d.set_mirror_link("us-east", "eu-west", false).await.expect("cut");
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let cut = us.get(read(2000)).await.expect("forwarded read").into_inner();
+    assert!(
+        !cut.meta.expect("meta").from_mirror,
+        "a mirror cut off for longer than the bound is not used"
+    );
+    d.set_mirror_link("us-east", "eu-west", true).await.expect("heal");
+}
