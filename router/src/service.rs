@@ -301,7 +301,7 @@ impl RouterService {
     /// A BOUNDED read served from this region's mirror of the account's home,
     /// when the mirror's measured lag is within the bound and the mirror holds
     /// the account at its current epoch. None: serve it from the home.
-    async fn from_mirror<T>(
+    async fn read_mirror<T>(
         &self,
         account: &AccountId,
         max_staleness_ms: u64,
@@ -823,7 +823,7 @@ impl Router for RouterService {
                         .collect::<Vec<_>>(),
                     _ => Vec::new(),
                 };
-                if let Some((items, meta)) = self.from_mirror(&account, max, mirrored, extract).await? {
+                if let Some((items, meta)) = self.read_mirror(&account, max, mirrored, extract).await? {
                     let (items, next_page_token) = page(items, limit);
                     return Ok((
                         pb::ListResponse {
