@@ -692,7 +692,7 @@ impl Router for RouterService {
                 let mirrored =
                     |home: &RegionName| vec![TxnOp::get(tern_common::mirror_key(home, key.as_bytes()), None)];
                 if let Some(((found, value, mod_revision), meta)) = self
-                    .from_mirror(&account, max, mirrored, |rs| get_response(rs.first()))
+                    .read_mirror(&account, max, mirrored, |rs| get_response(rs.first()))
                     .await?
                 {
                     let resp = pb::GetResponse {
