@@ -187,10 +187,32 @@ async fn geocluster_lifecycle() {
     // group and to every directory member.
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), NS);
     let routers = eventually("three router Deployments", WAIT, || async {
-        let list = deployments.list(&ListParams::default()).await.ok()?;
+        let list = deployments
+            .list(&ListParams::default().labels("app.kubernetes.io/component=router"))
+            .await
+            .ok()?;
         (list.items.len() == 3).then_some(list.items)
     })
     .await;
+    // One agent Deployment per region, mirroring the two other regions, with
+    // an identity allowed to write the GeoCluster's status.
+    let agents = deployments
+        .list(&ListParams::default().labels("app.kubernetes.io/component=agent"))
+        .await
+        .expect("list agents");
+    assert_eq!(agents.items.len(), 3);
+    for a in &agents.items {
+        let pod = a.spec.template.spec.as_ref().expect("pod");
+        assert_eq!(pod.service_account_name.as_deref(), Some("payments-agent"));
+        let args = pod.containers[0].args.clone().unwrap_or_default().join(" ");
+        assert_eq!(args.matches("--source=").count(), 2, "{args}");
+    }
+    let role = cp
+        .kubectl(&["get", "role", "payments-agent", "-o", "jsonpath={.rules[*].resources}"])
+        .expect("agent role");
+    assert!(role.contains("geoclusters/status"), "{role}");
+    cp.kubectl(&["get", "serviceaccount,rolebinding", "payments-agent"])
+        .expect("agent identity");
     for d in &routers {
         let region = d.labels()["tern.dev/region"].clone();
         assert_eq!(d.owner_references()[0].uid, gc.uid().expect("uid"));

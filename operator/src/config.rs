@@ -59,8 +59,12 @@ pub struct Config {
     pub resync: Duration,
 
     /// Router image for GeoClusters whose spec.router.image is unset.
-    #[arg(long, env = "TERN_ROUTER_IMAGE", default_value = crate::build::router::DEFAULT_IMAGE)]
+    #[arg(long, env = "TERN_ROUTER_IMAGE", default_value = crate::build::components::DEFAULT_IMAGE)]
     pub router_image: String,
+
+    /// Agent image for GeoClusters whose spec.agent.image is unset.
+    #[arg(long, env = "TERN_AGENT_IMAGE", default_value = crate::build::components::DEFAULT_AGENT_IMAGE)]
+    pub agent_image: String,
 
     /// Log format.
     #[arg(long, env = "TERN_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]

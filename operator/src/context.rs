@@ -18,8 +18,9 @@ pub struct Context {
     pub managed: RegionFilter,
     /// Longest time between two reconciles of an object.
     pub resync: Duration,
-    /// Router image when a GeoCluster names none.
+    /// Router and agent images when a GeoCluster names none.
     pub router_image: String,
+    pub agent_image: String,
     failures: Mutex<HashMap<String, u32>>,
 }
 
@@ -31,6 +32,7 @@ impl Context {
         managed: RegionFilter,
         resync: Duration,
         router_image: String,
+        agent_image: String,
     ) -> Self {
         let reporter = Reporter {
             controller: "tern-operator".into(),
@@ -43,6 +45,7 @@ impl Context {
             managed,
             resync,
             router_image,
+            agent_image,
             failures: Mutex::default(),
         }
     }

@@ -135,6 +135,7 @@ pub async fn run(
         config.region_filter(),
         config.resync,
         config.router_image.clone(),
+        config.agent_image.clone(),
     ));
     let controllers = controllers(client, &config.namespace, ctx);
     let outcome = match elector.as_mut() {

@@ -2,9 +2,9 @@
 //! controllers apply what these return, and most of the operator's tests are
 //! plain unit tests of them.
 
+pub mod components;
 pub mod geocluster;
 pub mod regiongroup;
-pub mod router;
 
 #[cfg(test)]
 pub(crate) mod testing {

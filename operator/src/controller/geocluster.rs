@@ -5,8 +5,9 @@
 use std::sync::Arc;
 
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
-use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Service, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{ListParams, Patch, PatchParams};
@@ -124,32 +125,37 @@ async fn reconcile_apply(gc: &GeoCluster, ctx: &Context) -> Result<Action> {
         ctx.event(gc, EventType::Normal, verb, "Apply", note).await;
     }
 
-    // 2b. The routers of the managed regions.
+    // 2b. The routers and agents of the managed regions.
     let regions_here: Vec<&tern_crds::RegionSpec> = gc
         .spec
         .regions
         .iter()
         .filter(|r| ctx.managed.contains(&r.name))
         .collect();
+    if !regions_here.is_empty() {
+        let (account, role, binding) = build::components::agent_identity(gc);
+        apply(&ctx.client, &account).await?;
+        apply(&ctx.client, &role).await?;
+        apply(&ctx.client, &binding).await?;
+    }
     for region in &regions_here {
-        let (deployment, service) = build::router::router_objects(gc, region, &ctx.router_image);
+        let (deployment, service) = build::components::router_objects(gc, region, &ctx.router_image);
         apply(&ctx.client, &service).await?;
-        let outcome = apply(&ctx.client, &deployment).await?;
-        if outcome != Outcome::Unchanged {
-            let note = format!(
-                "{outcome:?} router Deployment {} for region {}",
-                deployment.name_any(),
-                region.name
-            );
-            ctx.event(gc, EventType::Normal, "RouterApplied", "Apply", note).await;
+        let agent = build::components::agent_deployment(gc, region, &ctx.agent_image);
+        for d in [deployment, agent] {
+            let outcome = apply(&ctx.client, &d).await?;
+            if outcome != Outcome::Unchanged {
+                let note = format!("{outcome:?} Deployment {} for region {}", d.name_any(), region.name);
+                ctx.event(gc, EventType::Normal, "ComponentApplied", "Apply", note)
+                    .await;
+            }
         }
     }
-    let routers: Api<Deployment> = Api::namespaced(ctx.client.clone(), &namespace);
-    let router_selector = format!("{},{}=router", names::cluster_selector(&name), names::LABEL_COMPONENT);
-    for d in routers
-        .list(&ListParams::default().labels(&router_selector))
+    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &namespace);
+    for d in deployments
+        .list(&ListParams::default().labels(&names::cluster_selector(&name)))
         .await
-        .context(|| format!("listing router Deployments of {namespace}/{name}"))?
+        .context(|| format!("listing the Deployments of {namespace}/{name}"))?
     {
         let region = d.labels().get(names::LABEL_REGION).cloned().unwrap_or_default();
         if ctx.managed.contains(&region) && !regions_here.iter().any(|r| r.name == region) {
@@ -161,14 +167,9 @@ async fn reconcile_apply(gc: &GeoCluster, ctx: &Context) -> Result<Action> {
             );
             delete_matching::<Deployment>(&ctx.client, &namespace, &selector).await?;
             delete_matching::<Service>(&ctx.client, &namespace, &selector).await?;
-            ctx.event(
-                gc,
-                EventType::Normal,
-                "RouterDeleted",
-                "Prune",
-                format!("deleted the routers of region {region}"),
-            )
-            .await;
+            let note = format!("deleted Deployment {} of region {region}", d.name_any());
+            ctx.event(gc, EventType::Normal, "ComponentDeleted", "Prune", note)
+                .await;
         }
     }
 
@@ -289,6 +290,10 @@ async fn cleanup(gc: &GeoCluster, ctx: &Context) -> Result<Action> {
         selector.push_str(&format!(",{} in ({list})", names::LABEL_REGION));
     }
     delete_matching::<Deployment>(&ctx.client, &namespace, &selector).await?;
+    let identity = format!("{},{}=agent", names::cluster_selector(&name), names::LABEL_COMPONENT);
+    delete_matching::<RoleBinding>(&ctx.client, &namespace, &identity).await?;
+    delete_matching::<Role>(&ctx.client, &namespace, &identity).await?;
+    delete_matching::<ServiceAccount>(&ctx.client, &namespace, &identity).await?;
     let groups = delete_matching::<RegionGroup>(&ctx.client, &namespace, &selector).await?;
     let volumes = delete_group_objects(ctx, &namespace, &selector, gc.spec.deletion_policy).await?;
     let note = match gc.spec.deletion_policy {

@@ -1,0 +1,435 @@
+//! GeoCluster → the per-region tern components: one router Deployment and
+//! Service, and one agent Deployment (with its ServiceAccount and the Role to
+//! write GeoCluster status), per managed region, wired to the region's group
+//! (its client Service), to every directory member, and for the agent to
+//! every other region's group.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
+use k8s_openapi::api::core::v1::{
+    Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, ObjectFieldSelector, PodSpec, PodTemplateSpec,
+    Probe, SecurityContext, Service, ServiceAccount, ServicePort, ServiceSpec, TopologySpreadConstraint,
+};
+use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::api::ObjectMeta;
+use kube::{Resource, ResourceExt};
+use tern_crds::{GeoCluster, GroupRole, RegionSpec};
+
+use crate::build::geocluster::{directory_client_urls, node_selector};
+use crate::names;
+
+/// gRPC and ops ports of a router.
+pub const GRPC_PORT: i32 = 7400;
+pub const HTTP_PORT: i32 = 7401;
+
+/// Default router image when neither the spec nor `--router-image` names one.
+pub const DEFAULT_IMAGE: &str = "ghcr.io/tern-dev/tern-router:0.1.0";
+
+/// Name of a region's router Deployment and Service.
+pub fn router_name(cluster: &str, region: &str) -> String {
+    format!("{cluster}-router-{region}")
+}
+
+/// A tern component that runs per region.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Component {
+    Router,
+    Agent,
+}
+
+impl Component {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Router => "router",
+            Self::Agent => "agent",
+        }
+    }
+
+    /// Name of a region's Deployment of this component.
+    pub fn name(self, cluster: &str, region: &str) -> String {
+        format!("{cluster}-{}-{region}", self.as_str())
+    }
+}
+
+/// Default agent image when neither the spec nor `--agent-image` names one.
+pub const DEFAULT_AGENT_IMAGE: &str = "ghcr.io/tern-dev/tern-agent:0.1.0";
+/// The agent's ops port.
+pub const AGENT_HTTP_PORT: i32 = 7402;
+
+fn labels(gc: &GeoCluster, region: &str, component: Component) -> BTreeMap<String, String> {
+    let cluster = gc.name_any();
+    BTreeMap::from([
+        (names::LABEL_NAME.to_string(), format!("tern-{}", component.as_str())),
+        (names::LABEL_INSTANCE.to_string(), component.name(&cluster, region)),
+        (names::LABEL_COMPONENT.to_string(), component.as_str().to_string()),
+        (names::LABEL_PART_OF.to_string(), "tern".to_string()),
+        (names::LABEL_MANAGED_BY.to_string(), names::MANAGER.to_string()),
+        (names::LABEL_CLUSTER.to_string(), cluster),
+        (names::LABEL_REGION.to_string(), region.to_string()),
+    ])
+}
+
+fn selector(gc: &GeoCluster, region: &str, component: Component) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (names::LABEL_NAME.to_string(), format!("tern-{}", component.as_str())),
+        (
+            names::LABEL_INSTANCE.to_string(),
+            component.name(&gc.name_any(), region),
+        ),
+    ])
+}
+
+/// Client URL of a region's data group (its client Service).
+fn group_url(gc: &GeoCluster, region: &RegionSpec) -> String {
+    let namespace = gc.namespace().unwrap_or_default();
+    let domain = region
+        .cluster_domain
+        .as_deref()
+        .unwrap_or(names::DEFAULT_CLUSTER_DOMAIN);
+    let group = names::group_name(&gc.name_any(), &region.name, GroupRole::Data);
+    format!(
+        "http://{}.{namespace}.svc.{domain}:{}",
+        names::client_service(&group),
+        names::CLIENT_PORT
+    )
+}
+
+/// The agent flags for `region`: its group, the directory, and every other
+/// region's group as a mirror source.
+pub fn agent_args(gc: &GeoCluster, region: &RegionSpec) -> Vec<String> {
+    let mut args = vec![
+        format!("--region={}", region.name),
+        format!("--group-endpoints={}", group_url(gc, region)),
+        format!("--directory-endpoints={}", directory_client_urls(gc).join(",")),
+        format!("--http-addr=0.0.0.0:{AGENT_HTTP_PORT}"),
+        "--log-format=json".to_string(),
+    ];
+    for other in gc.spec.regions.iter().filter(|r| r.name != region.name) {
+        args.push(format!("--source={}={}", other.name, group_url(gc, other)));
+    }
+    args
+}
+
+/// The router flags for `region`.
+pub fn router_args(gc: &GeoCluster, region: &RegionSpec) -> Vec<String> {
+    let cluster = gc.name_any();
+    let namespace = gc.namespace().unwrap_or_default();
+    let domain = region
+        .cluster_domain
+        .as_deref()
+        .unwrap_or(names::DEFAULT_CLUSTER_DOMAIN);
+    let group = names::group_name(&cluster, &region.name, GroupRole::Data);
+    let group_endpoint = format!(
+        "http://{}.{namespace}.svc.{domain}:{}",
+        names::client_service(&group),
+        names::CLIENT_PORT
+    );
+    // Every directory member by its stable name: the directory is global, and
+    // any member can serve (etcd forwards to the leader).
+    let directory = directory_client_urls(gc).join(",");
+    vec![
+        format!("--region={}", region.name),
+        format!("--listen=0.0.0.0:{GRPC_PORT}"),
+        format!("--http-addr=0.0.0.0:{HTTP_PORT}"),
+        format!("--group-endpoints={group_endpoint}"),
+        format!("--directory-endpoints={directory}"),
+        format!(
+            "--advertise={}.{namespace}.svc.{domain}:{GRPC_PORT}",
+            router_name(&cluster, &region.name)
+        ),
+        "--log-format=json".to_string(),
+    ]
+}
+
+/// A region's Deployment of `component`.
+fn deployment(
+    gc: &GeoCluster,
+    region: &RegionSpec,
+    component: Component,
+    image: String,
+    args: Vec<String>,
+    ports: Vec<(&str, i32)>,
+    spec: &tern_crds::ComponentSpec,
+    service_account: Option<String>,
+) -> Deployment {
+    let name = component.name(&gc.name_any(), &region.name);
+    let http_port = match component {
+        Component::Router => HTTP_PORT,
+        Component::Agent => AGENT_HTTP_PORT,
+    };
+    let probe = |path: &str| Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.to_string()),
+            port: IntOrString::Int(http_port),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(5),
+        ..Probe::default()
+    };
+    let mut env = vec![EnvVar {
+        name: "POD_NAME".into(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: "metadata.name".into(),
+                ..ObjectFieldSelector::default()
+            }),
+            ..EnvVarSource::default()
+        }),
+        ..EnvVar::default()
+    }];
+    if let Some(t) = &gc.spec.telemetry {
+        env.push(EnvVar {
+            name: "OTEL_EXPORTER_OTLP_ENDPOINT".into(),
+            value: Some(t.otlp_endpoint.clone()),
+            ..EnvVar::default()
+        });
+    }
+    let container = Container {
+        name: component.as_str().into(),
+        image: Some(image),
+        args: Some(args),
+        env: Some(env),
+        ports: Some(
+            ports
+                .into_iter()
+                .map(|(name, port)| ContainerPort {
+                    name: Some(name.into()),
+                    container_port: port,
+                    ..ContainerPort::default()
+                })
+                .collect(),
+        ),
+        liveness_probe: Some(probe("/healthz")),
+        readiness_probe: Some(probe("/readyz")),
+        resources: spec.resources.clone(),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            run_as_non_root: Some(true),
+            ..SecurityContext::default()
+        }),
+        ..Container::default()
+    };
+    Deployment {
+        metadata: meta(gc, name, labels(gc, &region.name, component)),
+        spec: DeploymentSpec {
+            replicas: Some(spec.replicas),
+            selector: LabelSelector {
+                match_labels: Some(selector(gc, &region.name, component)),
+                ..LabelSelector::default()
+            },
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels(gc, &region.name, component)),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(PodSpec {
+                    containers: vec![container],
+                    service_account_name: service_account,
+                    node_selector: Some(node_selector(region)),
+                    topology_spread_constraints: Some(vec![TopologySpreadConstraint {
+                        max_skew: 1,
+                        topology_key: "topology.kubernetes.io/zone".into(),
+                        when_unsatisfiable: "ScheduleAnyway".into(),
+                        label_selector: Some(LabelSelector {
+                            match_labels: Some(selector(gc, &region.name, component)),
+                            ..LabelSelector::default()
+                        }),
+                        ..TopologySpreadConstraint::default()
+                    }]),
+                    // In-flight work drains within the component's own timeout.
+                    termination_grace_period_seconds: Some(15),
+                    ..PodSpec::default()
+                }),
+            },
+            ..DeploymentSpec::default()
+        },
+        status: None,
+    }
+}
+
+fn meta(gc: &GeoCluster, name: String, labels: BTreeMap<String, String>) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name),
+        namespace: gc.namespace(),
+        labels: Some(labels),
+        owner_references: gc.controller_owner_ref(&()).map(|r| vec![r]),
+        ..ObjectMeta::default()
+    }
+}
+
+/// The Deployment and Service of `region`'s routers.
+pub fn router_objects(gc: &GeoCluster, region: &RegionSpec, default_image: &str) -> (Deployment, Service) {
+    let image = gc
+        .spec
+        .router
+        .image
+        .clone()
+        .unwrap_or_else(|| default_image.to_string());
+    let ports = vec![("grpc", GRPC_PORT), ("http", HTTP_PORT)];
+    let deployment = deployment(
+        gc,
+        region,
+        Component::Router,
+        image,
+        router_args(gc, region),
+        ports,
+        &gc.spec.router,
+        None,
+    );
+    let name = router_name(&gc.name_any(), &region.name);
+    let service = Service {
+        metadata: meta(gc, name, labels(gc, &region.name, Component::Router)),
+        spec: Some(ServiceSpec {
+            selector: Some(selector(gc, &region.name, Component::Router)),
+            ports: Some(vec![ServicePort {
+                name: Some("grpc".into()),
+                port: GRPC_PORT,
+                target_port: Some(IntOrString::String("grpc".into())),
+                app_protocol: Some("kubernetes.io/h2c".into()),
+                ..ServicePort::default()
+            }]),
+            ..ServiceSpec::default()
+        }),
+        status: None,
+    };
+    (deployment, service)
+}
+
+/// Name of the agents' ServiceAccount, Role and RoleBinding of a GeoCluster.
+pub fn agent_account_name(cluster: &str) -> String {
+    format!("{cluster}-agent")
+}
+
+/// What a GeoCluster's agents run as: a ServiceAccount bound to a Role that
+/// lets them read their GeoCluster and write its status.
+pub fn agent_identity(gc: &GeoCluster) -> (ServiceAccount, Role, RoleBinding) {
+    let cluster = gc.name_any();
+    let name = agent_account_name(&cluster);
+    let mut common = BTreeMap::from([
+        (names::LABEL_MANAGED_BY.to_string(), names::MANAGER.to_string()),
+        (names::LABEL_PART_OF.to_string(), "tern".to_string()),
+        (names::LABEL_COMPONENT.to_string(), "agent".to_string()),
+        (names::LABEL_CLUSTER.to_string(), cluster.clone()),
+    ]);
+    common.insert(names::LABEL_NAME.to_string(), "tern-agent".to_string());
+    let account = ServiceAccount {
+        metadata: meta(gc, name.clone(), common.clone()),
+        ..ServiceAccount::default()
+    };
+    let role = Role {
+        metadata: meta(gc, name.clone(), common.clone()),
+        rules: Some(vec![
+            PolicyRule {
+                api_groups: Some(vec![tern_crds::GROUP.into()]),
+                resources: Some(vec!["geoclusters".into()]),
+                resource_names: Some(vec![cluster.clone()]),
+                verbs: vec!["get".into()],
+                ..PolicyRule::default()
+            },
+            PolicyRule {
+                api_groups: Some(vec![tern_crds::GROUP.into()]),
+                resources: Some(vec!["geoclusters/status".into()]),
+                resource_names: Some(vec![cluster]),
+                verbs: vec!["patch".into()],
+                ..PolicyRule::default()
+            },
+        ]),
+    };
+    let binding = RoleBinding {
+        metadata: meta(gc, name.clone(), common),
+        role_ref: RoleRef {
+            api_group: Some("rbac.authorization.k8s.io".into()),
+            kind: "Role".into(),
+            name: name.clone(),
+        },
+        subjects: Some(vec![Subject {
+            kind: "ServiceAccount".into(),
+            name,
+            namespace: gc.namespace(),
+            ..Subject::default()
+        }]),
+    };
+    (account, role, binding)
+}
+
+/// The Deployment of `region`'s agents (one active, the others on standby).
+pub fn agent_deployment(gc: &GeoCluster, region: &RegionSpec, default_image: &str) -> Deployment {
+    let image = gc.spec.agent.image.clone().unwrap_or_else(|| default_image.to_string());
+    deployment(
+        gc,
+        region,
+        Component::Agent,
+        image,
+        agent_args(gc, region),
+        vec![("http", AGENT_HTTP_PORT)],
+        &gc.spec.agent,
+        Some(agent_account_name(&gc.name_any())),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::build::testing::example;
+
+    #[test]
+    fn router_is_wired_to_its_group_and_the_directory() {
+        let gc = example();
+        let (deployment, service) = router_objects(&gc, &gc.spec.regions[1], DEFAULT_IMAGE);
+        assert_eq!(deployment.metadata.name.as_deref(), Some("payments-router-eu-west"));
+        let spec = deployment.spec;
+        assert_eq!(spec.replicas, Some(2));
+        let pod = spec.template.spec.expect("pod");
+        let args = pod.containers[0].args.clone().expect("args").join(" ");
+        assert!(args.contains("--region=eu-west"), "{args}");
+        assert!(
+            args.contains("--group-endpoints=http://payments-eu-west-client.default.svc.cluster.local:2379"),
+            "{args}"
+        );
+        assert!(
+            args.contains("http://payments-dir-ap-south-0.payments-dir-ap-south-peer.default.svc.cluster.local:2379"),
+            "{args}"
+        );
+        assert!(
+            args.contains("--advertise=payments-router-eu-west.default.svc.cluster.local:7400"),
+            "{args}"
+        );
+        assert_eq!(
+            pod.node_selector.expect("selector")["topology.kubernetes.io/region"],
+            "eu-west"
+        );
+        assert_eq!(service.spec.expect("spec").ports.expect("ports")[0].port, 7400);
+    }
+}
+
+#[cfg(test)]
+mod agent_tests {
+    use super::*;
+    use crate::build::testing::example;
+
+    #[test]
+    fn agent_mirrors_every_other_region() {
+        let gc = example();
+        let d = agent_deployment(&gc, &gc.spec.regions[0], DEFAULT_AGENT_IMAGE);
+        assert_eq!(d.metadata.name.as_deref(), Some("payments-agent-us-east"));
+        let pod = d.spec.template.spec.expect("pod");
+        assert_eq!(pod.service_account_name.as_deref(), Some("payments-agent"));
+        let args = pod.containers[0].args.clone().expect("args").join(" ");
+        assert!(
+            args.contains("--source=eu-west=http://payments-eu-west-client.default.svc.cluster.local:2379"),
+            "{args}"
+        );
+        assert!(args.contains("--source=ap-south="), "{args}");
+        assert!(!args.contains("--source=us-east"), "{args}");
+        let (_, role, binding) = agent_identity(&gc);
+        assert_eq!(
+            role.rules.expect("rules")[1].resources.clone().expect("resources"),
+            ["geoclusters/status"]
+        );
+        assert_eq!(binding.subjects.expect("subjects")[0].name, "payments-agent");
+    }
+}
