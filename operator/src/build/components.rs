@@ -144,17 +144,26 @@ pub fn router_args(gc: &GeoCluster, region: &RegionSpec) -> Vec<String> {
     ]
 }
 
-/// A region's Deployment of `component`.
-fn deployment(
-    gc: &GeoCluster,
-    region: &RegionSpec,
+/// What differs between the components' Deployments.
+struct Workload<'a> {
     component: Component,
     image: String,
     args: Vec<String>,
-    ports: Vec<(&str, i32)>,
-    spec: &tern_crds::ComponentSpec,
+    ports: Vec<(&'a str, i32)>,
+    spec: &'a tern_crds::ComponentSpec,
     service_account: Option<String>,
-) -> Deployment {
+}
+
+/// A region's Deployment of a component.
+fn deployment(gc: &GeoCluster, region: &RegionSpec, w: Workload<'_>) -> Deployment {
+    let Workload {
+        component,
+        image,
+        args,
+        ports,
+        spec,
+        service_account,
+    } = w;
     let name = component.name(&gc.name_any(), &region.name);
     let http_port = match component {
         Component::Router => HTTP_PORT,
@@ -362,12 +371,14 @@ pub fn agent_deployment(gc: &GeoCluster, region: &RegionSpec, default_image: &st
     deployment(
         gc,
         region,
-        Component::Agent,
-        image,
-        agent_args(gc, region),
-        vec![("http", AGENT_HTTP_PORT)],
-        &gc.spec.agent,
-        Some(agent_account_name(&gc.name_any())),
+        Workload {
+            component: Component::Agent,
+            image,
+            args: agent_args(gc, region),
+            ports: vec![("http", AGENT_HTTP_PORT)],
+            spec: &gc.spec.agent,
+            service_account: Some(agent_account_name(&gc.name_any())),
+        },
     )
 }
 
