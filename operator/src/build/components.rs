@@ -282,12 +282,14 @@ pub fn router_objects(gc: &GeoCluster, region: &RegionSpec, default_image: &str)
     let deployment = deployment(
         gc,
         region,
-        Component::Router,
-        image,
-        router_args(gc, region),
-        ports,
-        &gc.spec.router,
-        None,
+        Workload {
+            component: Component::Router,
+            image,
+            args: router_args(gc, region),
+            ports,
+            spec: &gc.spec.router,
+            service_account: None,
+        },
     );
     let name = router_name(&gc.name_any(), &region.name);
     let service = Service {
