@@ -93,10 +93,10 @@ fn ms(v: Option<f64>) -> String {
     v.map(|v| format!("{v:.1} ms")).unwrap_or_else(|| "-".into())
 }
 
-fn table(title: &str, samples: &BTreeMap<&str, Sample>, seconds: f64) -> String {
+fn table(title: &str, samples: &BTreeMap<&str, Sample>, seconds: f64, lags: &BTreeMap<&str, String>) -> String {
     let mut out = format!(
-        "{title}\n  {:<9} {:>7} {:>10} {:>10} {:>12} {:>12} {:>7}\n",
-        "region", "ops/s", "local p50", "local p99", "proxied p50", "proxied p99", "errors"
+        "{title}\n  {:<9} {:>7} {:>10} {:>10} {:>12} {:>12} {:>7}  {}\n",
+        "region", "ops/s", "local p50", "local p99", "proxied p50", "proxied p99", "errors", "mirror lag (ms) from"
     );
     for region in REGIONS {
         let s = &samples[region];
@@ -106,14 +106,15 @@ fn table(title: &str, samples: &BTreeMap<&str, Sample>, seconds: f64) -> String 
         proxied.sort_unstable();
         let ops = (local.len() + proxied.len()) as f64 / seconds.max(0.001);
         out.push_str(&format!(
-            "  {:<9} {:>7.0} {:>10} {:>10} {:>12} {:>12} {:>7}\n",
+            "  {:<9} {:>7.0} {:>10} {:>10} {:>12} {:>12} {:>7}  {}\n",
             region,
             ops,
             ms(percentile(&local, 0.5)),
             ms(percentile(&local, 0.99)),
             ms(percentile(&proxied, 0.5)),
             ms(percentile(&proxied, 0.99)),
-            s.errors
+            s.errors,
+            lags.get(region).map(String::as_str).unwrap_or("-"),
         ));
     }
     out
@@ -258,10 +259,9 @@ async fn drive(d: &LocalDeployment, args: &DemoArgs) -> Result<(), CliError> {
         }
         let secs = last.elapsed().as_secs_f64();
         last = Instant::now();
-        print!(
-            "{}",
-            table(&format!("t={:>3.0}s", started.elapsed().as_secs_f64()), &interval, secs)
-        );
+        let lags = mirror_lags(d).await;
+        let title = format!("t={:>3.0}s", started.elapsed().as_secs_f64());
+        print!("{}", table(&title, &interval, secs, &lags));
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     for w in workers {
@@ -271,14 +271,9 @@ async fn drive(d: &LocalDeployment, args: &DemoArgs) -> Result<(), CliError> {
         let s = std::mem::take(&mut *samples[region].lock().unwrap_or_else(|e| e.into_inner()));
         total.get_mut(region).expect("every region").merge(&s);
     }
-    println!(
-        "\n{}",
-        table(
-            "summary (whole run; writes are idempotent puts, 2 s deadline)",
-            &total,
-            started.elapsed().as_secs_f64()
-        )
-    );
+    let lags = mirror_lags(d).await;
+    let title = "summary (whole run; writes are idempotent puts, 2 s deadline)";
+    println!("\n{}", table(title, &total, started.elapsed().as_secs_f64(), &lags));
     for ((a, b), rtt) in &d.layout.rtt_ms {
         println!("  injected round trip {a} ↔ {b}: {rtt} ms");
     }
@@ -286,6 +281,28 @@ async fn drive(d: &LocalDeployment, args: &DemoArgs) -> Result<(), CliError> {
         return Err(CliError::Setup("interrupted".into()));
     }
     Ok(())
+}
+
+/// Each region's measured lag of its mirrors, as its agent reports it:
+/// "eu-west 92 · ap-south 113".
+async fn mirror_lags(d: &LocalDeployment) -> BTreeMap<&'static str, String> {
+    let mut out = BTreeMap::new();
+    for region in REGIONS {
+        let Some(agent) = d.region(region).agent.as_ref() else {
+            continue;
+        };
+        let mut parts = Vec::new();
+        for source in REGIONS.iter().filter(|s| **s != region) {
+            let metric = format!("tern_agent_mirror_lag_ms{{source=\"{source}\"}}");
+            let lag = match agent.metric(&metric).await {
+                Some(v) if v < 1e9 => format!("{v:.0}"),
+                _ => "-".into(),
+            };
+            parts.push(format!("{source} {lag}"));
+        }
+        out.insert(region, parts.join(" · "));
+    }
+    out
 }
 
 /// The demo runs the pinned etcd and toxiproxy; build them if they are
