@@ -164,6 +164,9 @@ pub async fn run(args: DemoArgs) -> Result<(), CliError> {
         println!(
             "Try: tern put --router {example} acct-us-east-0 greeting hello && tern get --router {example} acct-us-east-0 greeting"
         );
+        let directory = deployment.directory.endpoints().join(",");
+        println!("     tern status --directory {directory}");
+        println!("Directory: {directory}");
         let _ = tokio::signal::ctrl_c().await;
     }
     println!("tern demo: stopping every process it started");

@@ -5,6 +5,7 @@
 mod bench;
 mod client;
 mod demo;
+mod status;
 
 use std::process::ExitCode;
 
@@ -30,6 +31,9 @@ enum Command {
     Put(client::PutArgs),
     /// Read a value (strong read from the home region).
     Get(client::GetArgs),
+    /// Per region: group members and Raft lag, mirror lag from every other
+    /// region (revisions and ms), heartbeat age, clock skew.
+    Status(status::StatusArgs),
     /// Measure router overhead against direct etcd and proxied-write latency
     /// against the injected round trip; prints a table and writes a report.
     Bench(bench::BenchArgs),
@@ -44,6 +48,7 @@ async fn main() -> ExitCode {
         Command::Put(args) => client::put(args).await,
         Command::Get(args) => client::get(args).await,
         Command::Bench(args) => bench::run(args).await,
+        Command::Status(args) => status::run(args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

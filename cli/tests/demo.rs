@@ -1,7 +1,13 @@
 //! `tern demo` runs end to end for a short while, exits 0, and leaves no
-//! process behind.
+//! process behind; with --keep it stays up for `tern status` until Ctrl-C.
 
-use std::process::Command;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+
+fn leftovers(tmp: &std::path::Path) -> String {
+    let out = Command::new("pgrep").args(["-f", &tmp.to_string_lossy()]).output().expect("pgrep runs");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
 
 #[test]
 fn demo_runs_and_cleans_up() {
@@ -16,16 +22,39 @@ fn demo_runs_and_cleans_up() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "tern demo failed:\n{stdout}\n{stderr}");
-    for needle in ["summary", "us-east", "eu-west", "ap-south", "proxied p99"] {
+    for needle in ["summary", "us-east", "eu-west", "ap-south", "proxied p99", "mirror lag (ms) from"] {
         assert!(stdout.contains(needle), "missing `{needle}` in:\n{stdout}");
     }
-    let left = Command::new("pgrep")
-        .args(["-f", &tmp.path().to_string_lossy()])
+    assert!(leftovers(tmp.path()).is_empty(), "processes left running: {}", leftovers(tmp.path()));
+}
+
+#[test]
+fn status_reads_a_running_demo_and_ctrl_c_stops_it() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let mut demo = Command::new(env!("CARGO_BIN_EXE_tern"))
+        .args(["demo", "--duration", "2", "--keep", "--members", "1"])
+        .env("TMPDIR", tmp.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("tern demo starts");
+    let stdout = demo.stdout.take().expect("piped");
+    let directory = BufReader::new(stdout)
+        .lines()
+        .map_while(Result::ok)
+        .find_map(|l| l.strip_prefix("Directory: ").map(str::to_string))
+        .expect("the demo prints the directory endpoints");
+    let status = Command::new(env!("CARGO_BIN_EXE_tern"))
+        .args(["status", "--directory", &directory])
         .output()
-        .expect("pgrep runs");
-    assert!(
-        left.stdout.is_empty(),
-        "processes left running: {}",
-        String::from_utf8_lossy(&left.stdout)
-    );
+        .expect("tern status runs");
+    let text = String::from_utf8_lossy(&status.stdout);
+    let _ = Command::new("kill").args(["-INT", &demo.id().to_string()]).status();
+    let exit = demo.wait().expect("the demo exits");
+    assert!(status.status.success(), "tern status failed: {}", String::from_utf8_lossy(&status.stderr));
+    for needle in ["Region us-east", "Region ap-south", "Group members", "leader", "Mirrors of other regions", "streaming"] {
+        assert!(text.contains(needle), "missing `{needle}` in:\n{text}");
+    }
+    assert!(exit.code().is_some(), "the demo exits by itself on Ctrl-C");
+    assert!(leftovers(tmp.path()).is_empty(), "processes left running: {}", leftovers(tmp.path()));
 }
