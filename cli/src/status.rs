@@ -28,7 +28,9 @@ pub async fn run(args: StatusArgs) -> Result<(), CliError> {
         .map_err(|e| CliError::Setup(format!("reading the region records: {e}")))?;
     let mut records = Vec::new();
     for kv in resp.kvs() {
-        let name = String::from_utf8_lossy(kv.key()).trim_start_matches(DIR_REGIONS).to_string();
+        let name = String::from_utf8_lossy(kv.key())
+            .trim_start_matches(DIR_REGIONS)
+            .to_string();
         let record: RegionRecord = serde_json::from_slice(kv.value())
             .map_err(|e| CliError::Setup(format!("region record {name} is malformed: {e}")))?;
         records.push((name, record));
@@ -41,19 +43,40 @@ pub async fn run(args: StatusArgs) -> Result<(), CliError> {
 }
 
 fn age(ms: u64) -> String {
-    if ms >= 1_000_000_000 { "never".into() } else { format!("{ms} ms") }
+    if ms >= 1_000_000_000 {
+        "never".into()
+    } else {
+        format!("{ms} ms")
+    }
 }
 
 /// The status tables, one block per region.
 pub fn render(records: &[(String, RegionRecord)]) -> String {
     let mut out = String::new();
     for (name, r) in records {
-        let _ = writeln!(out, "Region {name}: {:?}, routers at {}", r.state, if r.router_endpoint.is_empty() { "-" } else { &r.router_endpoint });
+        let _ = writeln!(
+            out,
+            "Region {name}: {:?}, routers at {}",
+            r.state,
+            if r.router_endpoint.is_empty() {
+                "-"
+            } else {
+                &r.router_endpoint
+            }
+        );
         let _ = writeln!(out, "  Group members");
-        let _ = writeln!(out, "    {:<28} {:<7} {:>11} {:>13} {:>7}", "endpoint", "role", "raft index", "applied index", "behind");
+        let _ = writeln!(
+            out,
+            "    {:<28} {:<7} {:>11} {:>13} {:>7}",
+            "endpoint", "role", "raft index", "applied index", "behind"
+        );
         for m in &r.members {
             let role = if m.is_leader { "leader" } else { "follower" };
-            let _ = writeln!(out, "    {:<28} {:<7} {:>11} {:>13} {:>7}", m.endpoint, role, m.raft_index, m.applied_index, m.behind);
+            let _ = writeln!(
+                out,
+                "    {:<28} {:<7} {:>11} {:>13} {:>7}",
+                m.endpoint, role, m.raft_index, m.applied_index, m.behind
+            );
         }
         if r.members.is_empty() {
             let _ = writeln!(out, "    (no agent has reported yet)");

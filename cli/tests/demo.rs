@@ -5,7 +5,10 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 
 fn leftovers(tmp: &std::path::Path) -> String {
-    let out = Command::new("pgrep").args(["-f", &tmp.to_string_lossy()]).output().expect("pgrep runs");
+    let out = Command::new("pgrep")
+        .args(["-f", &tmp.to_string_lossy()])
+        .output()
+        .expect("pgrep runs");
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -22,10 +25,21 @@ fn demo_runs_and_cleans_up() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "tern demo failed:\n{stdout}\n{stderr}");
-    for needle in ["summary", "us-east", "eu-west", "ap-south", "proxied p99", "mirror lag (ms) from"] {
+    for needle in [
+        "summary",
+        "us-east",
+        "eu-west",
+        "ap-south",
+        "proxied p99",
+        "mirror lag (ms) from",
+    ] {
         assert!(stdout.contains(needle), "missing `{needle}` in:\n{stdout}");
     }
-    assert!(leftovers(tmp.path()).is_empty(), "processes left running: {}", leftovers(tmp.path()));
+    assert!(
+        leftovers(tmp.path()).is_empty(),
+        "processes left running: {}",
+        leftovers(tmp.path())
+    );
 }
 
 #[test]
@@ -51,10 +65,25 @@ fn status_reads_a_running_demo_and_ctrl_c_stops_it() {
     let text = String::from_utf8_lossy(&status.stdout);
     let _ = Command::new("kill").args(["-INT", &demo.id().to_string()]).status();
     let exit = demo.wait().expect("the demo exits");
-    assert!(status.status.success(), "tern status failed: {}", String::from_utf8_lossy(&status.stderr));
-    for needle in ["Region us-east", "Region ap-south", "Group members", "leader", "Mirrors of other regions", "streaming"] {
+    assert!(
+        status.status.success(),
+        "tern status failed: {}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    for needle in [
+        "Region us-east",
+        "Region ap-south",
+        "Group members",
+        "leader",
+        "Mirrors of other regions",
+        "streaming",
+    ] {
         assert!(text.contains(needle), "missing `{needle}` in:\n{text}");
     }
     assert!(exit.code().is_some(), "the demo exits by itself on Ctrl-C");
-    assert!(leftovers(tmp.path()).is_empty(), "processes left running: {}", leftovers(tmp.path()));
+    assert!(
+        leftovers(tmp.path()).is_empty(),
+        "processes left running: {}",
+        leftovers(tmp.path())
+    );
 }

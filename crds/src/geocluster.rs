@@ -360,4 +360,43 @@ pub struct RegionStatus {
     /// Ready directory members hosted in the region.
     #[serde(default)]
     pub directory_ready_members: i32,
+    /// Written by the region's agent (field manager `tern-agent-<region>`):
+    /// the active agent's identity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
+    /// Written by the region's agent: how far this region's mirror of each
+    /// other region is behind.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["source".into()]))]
+    pub mirrors: Vec<MirrorLag>,
+    /// Written by the region's agent: members of the region's group that are
+    /// behind the leader's commit index.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub members_behind: Option<i32>,
+}
+
+impl RegionStatus {
+    /// Carries over the fields the region's agent owns, so that the operator
+    /// compares (and writes) only its own.
+    pub fn keep_agent_fields(&mut self, from: &RegionStatus) {
+        self.agent = from.agent.clone();
+        self.mirrors = from.mirrors.clone();
+        self.members_behind = from.members_behind;
+    }
+}
+
+/// Replication lag of one mirror, as the receiving region's agent measured it.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct MirrorLag {
+    /// The mirrored (source) region.
+    pub source: String,
+    /// `streaming`, `resyncing`, `disconnected` or `starting`.
+    pub state: String,
+    /// How stale the mirror may be, ms (never negative).
+    pub lag_ms: i64,
+    /// Source revisions not yet applied.
+    pub lag_revisions: i64,
+    /// Estimated clock offset of the source's agent, ms (positive: ahead).
+    pub skew_ms: i64,
 }

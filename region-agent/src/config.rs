@@ -61,6 +61,20 @@ pub struct Config {
     )]
     pub clock_offset_ms: i64,
 
+    /// The GeoCluster whose status this agent writes its region's lag into
+    /// (own field manager, own fields). Unset: no Kubernetes publishing.
+    #[arg(long, env = "TERN_GEOCLUSTER")]
+    pub geocluster: Option<String>,
+
+    /// Namespace of --geocluster.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    pub namespace: String,
+
+    /// Kubeconfig for --geocluster; unset: in-cluster configuration or
+    /// $KUBECONFIG.
+    #[arg(long)]
+    pub kubeconfig: Option<std::path::PathBuf>,
+
     /// Log format.
     #[arg(long, env = "TERN_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
     pub log_format: LogFormat,

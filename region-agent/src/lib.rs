@@ -8,13 +8,15 @@
 //!   compaction;
 //! - `lag`: replication lag in ms and revisions, apart from clock skew;
 //! - `members`: Raft lag of the region's own members;
-//! - `publish`: metrics and the region's record in the directory.
+//! - `publish`: metrics and the region's record in the directory;
+//! - `kubernetes`: the region's lag in the GeoCluster status, when asked.
 #![forbid(unsafe_code)]
 
 pub mod config;
 pub mod election;
 pub mod error;
 pub mod heartbeat;
+pub mod kubernetes;
 pub mod lag;
 pub mod members;
 pub mod metrics;
@@ -92,6 +94,10 @@ pub async fn run(
     });
     tracing::info!(region = %config.region, identity = %shared.identity, %http_addr, "tern-agent starting");
 
+    let kube_client = match &config.geocluster {
+        Some(_) => Some(kubernetes::client(config.kubeconfig.as_deref()).await?),
+        None => None,
+    };
     let members_task = tokio::spawn(members::run(
         config.group_endpoints.clone(),
         shared.clone(),
@@ -140,6 +146,18 @@ pub async fn run(
             ));
         }
         let publisher = tokio::spawn(publish::run(directory.clone(), shared.clone(), config.publish_interval));
+        let status_writer = kube_client
+            .clone()
+            .zip(config.geocluster.clone())
+            .map(|(client, name)| {
+                tokio::spawn(kubernetes::run(
+                    client,
+                    config.namespace.clone(),
+                    name,
+                    shared.clone(),
+                    config.publish_interval,
+                ))
+            });
         let stopping = tokio::select! {
             ended = loops.join_next() => {
                 let why = match ended {
@@ -154,6 +172,9 @@ pub async fn run(
         };
         loops.abort_all();
         publisher.abort();
+        if let Some(w) = status_writer {
+            w.abort();
+        }
         metrics.is_leader.set(0);
         if stopping {
             // Step down at once, so a standby need not wait for the lease.

@@ -37,11 +37,17 @@ fn help_explains_every_flag() {
 
 #[test]
 fn bad_flags_are_refused_by_name() {
-    let base = ["--group-endpoints=http://127.0.0.1:1", "--directory-endpoints=http://127.0.0.1:1"];
+    let base = [
+        "--group-endpoints=http://127.0.0.1:1",
+        "--directory-endpoints=http://127.0.0.1:1",
+    ];
     for (extra, needle) in [
         (vec!["--region=Bad_Region"], "--region"),
         (vec!["--region=us-east", "--source=eu-west=nourl"], "--source"),
-        (vec!["--region=us-east", "--heartbeat-interval=often"], "--heartbeat-interval"),
+        (
+            vec!["--region=us-east", "--heartbeat-interval=often"],
+            "--heartbeat-interval",
+        ),
         (vec!["--region=us-east", "--source=us-east=http://x:1"], "itself"),
     ] {
         let mut args = base.to_vec();

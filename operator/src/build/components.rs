@@ -105,6 +105,9 @@ pub fn agent_args(gc: &GeoCluster, region: &RegionSpec) -> Vec<String> {
         format!("--group-endpoints={}", group_url(gc, region)),
         format!("--directory-endpoints={}", directory_client_urls(gc).join(",")),
         format!("--http-addr=0.0.0.0:{AGENT_HTTP_PORT}"),
+        // The agent writes its region's lag into this GeoCluster's status.
+        format!("--geocluster={}", gc.name_any()),
+        format!("--namespace={}", gc.namespace().unwrap_or_default()),
         "--log-format=json".to_string(),
     ];
     for other in gc.spec.regions.iter().filter(|r| r.name != region.name) {

@@ -237,6 +237,12 @@ async fn reconcile_apply(gc: &GeoCluster, ctx: &Context) -> Result<Action> {
         .into(),
     );
     st.ready_regions = Some(format!("{ready}/{}", regions.len()));
+    let mut region_statuses = region_statuses;
+    for r in region_statuses.iter_mut() {
+        if let Some(old) = st.regions.iter().find(|o| o.name == r.name) {
+            r.keep_agent_fields(old);
+        }
+    }
     st.regions = region_statuses;
     let was_ready = gc.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Ready");
     let is_ready = st.phase.as_deref() == Some("Ready");
@@ -266,6 +272,11 @@ async fn write_status(gc: &GeoCluster, ctx: &Context, status: GeoClusterStatus) 
     }
     let namespace = gc.namespace().unwrap_or_default();
     let api: Api<GeoCluster> = Api::namespaced(ctx.client.clone(), &namespace);
+    // The agents' fields were carried over only to compare; they stay theirs.
+    let mut status = status;
+    for r in status.regions.iter_mut() {
+        r.keep_agent_fields(&tern_crds::RegionStatus::default());
+    }
     let patch = json!({"apiVersion": "tern.dev/v1alpha1", "kind": "GeoCluster", "status": status});
     api.patch_status(
         &gc.name_any(),
