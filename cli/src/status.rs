@@ -13,12 +13,113 @@ use crate::CliError;
 
 #[derive(Args, Debug)]
 pub struct StatusArgs {
-    /// Client URLs of the directory group (printed by `tern demo --keep`).
-    #[arg(long, env = "TERN_DIRECTORY_ENDPOINTS", value_delimiter = ',', required = true)]
+    /// A GeoCluster in Kubernetes (as `kubectl tern status NAME`); its
+    /// status is written by the operator and the region agents.
+    name: Option<String>,
+    /// Namespace of NAME.
+    #[arg(long, short = 'n', default_value = "default")]
+    namespace: String,
+    /// Kubeconfig; default: $KUBECONFIG or ~/.kube/config.
+    #[arg(long)]
+    kubeconfig: Option<std::path::PathBuf>,
+    /// Or: client URLs of a directory group (printed by `tern demo --keep`).
+    #[arg(
+        long,
+        env = "TERN_DIRECTORY_ENDPOINTS",
+        value_delimiter = ',',
+        conflicts_with = "name"
+    )]
     directory: Vec<String>,
 }
 
 pub async fn run(args: StatusArgs) -> Result<(), CliError> {
+    match (&args.name, args.directory.is_empty()) {
+        (Some(name), true) => kubernetes(name, &args.namespace, args.kubeconfig.as_deref()).await,
+        (None, false) => directory(args).await,
+        _ => Err(CliError::Usage(
+            "name a GeoCluster (tern status NAME) or a directory (tern status --directory URLS)".into(),
+        )),
+    }
+}
+
+/// Status of a GeoCluster from its Kubernetes status.
+async fn kubernetes(name: &str, namespace: &str, kubeconfig: Option<&std::path::Path>) -> Result<(), CliError> {
+    use kube::config::{KubeConfigOptions, Kubeconfig};
+    let config = match kubeconfig {
+        Some(path) => {
+            let text =
+                std::fs::read_to_string(path).map_err(|e| CliError::Setup(format!("{}: {e}", path.display())))?;
+            let kc = Kubeconfig::from_yaml(&text).map_err(|e| CliError::Setup(e.to_string()))?;
+            kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+                .await
+                .map_err(|e| CliError::Setup(e.to_string()))?
+        }
+        None => kube::Config::infer()
+            .await
+            .map_err(|e| CliError::Setup(e.to_string()))?,
+    };
+    let client = kube::Client::try_from(config).map_err(|e| CliError::Setup(e.to_string()))?;
+    let api: kube::Api<tern_crds::GeoCluster> = kube::Api::namespaced(client, namespace);
+    let gc = api
+        .get(name)
+        .await
+        .map_err(|e| CliError::Setup(format!("GeoCluster {namespace}/{name}: {e}")))?;
+    print!("{}", render_geocluster(&gc));
+    Ok(())
+}
+
+/// The status tables of a GeoCluster.
+pub fn render_geocluster(gc: &tern_crds::GeoCluster) -> String {
+    let mut out = String::new();
+    let st = gc.status.clone().unwrap_or_default();
+    let _ = writeln!(
+        out,
+        "GeoCluster {}: {} (regions ready {})",
+        gc.metadata.name.as_deref().unwrap_or("?"),
+        st.phase.as_deref().unwrap_or("Unknown"),
+        st.ready_regions.as_deref().unwrap_or("-")
+    );
+    for c in &st.conditions {
+        let _ = writeln!(out, "  {:<12} {:<6} {:<16} {}", c.type_, c.status, c.reason, c.message);
+    }
+    for r in &st.regions {
+        let _ = writeln!(
+            out,
+            "\nRegion {}: {} — group {}/{} ready, directory {}/{} ready, agent {}, members behind: {}",
+            r.name,
+            r.phase.as_str(),
+            r.ready_members,
+            r.members,
+            r.directory_ready_members,
+            r.directory_members,
+            r.agent.as_deref().unwrap_or("-"),
+            r.members_behind.map(|n| n.to_string()).unwrap_or_else(|| "-".into())
+        );
+        let _ = writeln!(
+            out,
+            "    {:<10} {:<11} {:>9} {:>14} {:>9}",
+            "source", "state", "lag", "lag revisions", "skew"
+        );
+        for m in &r.mirrors {
+            let _ = writeln!(
+                out,
+                "    {:<10} {:<11} {:>9} {:>14} {:>6} ms",
+                m.source,
+                m.state,
+                age(u64::try_from(m.lag_ms).unwrap_or(0)),
+                m.lag_revisions,
+                m.skew_ms
+            );
+        }
+        if r.mirrors.is_empty() {
+            let _ = writeln!(out, "    (no agent has reported mirror lag)");
+        }
+    }
+    out
+}
+
+/// Status of a deployment from its directory's region records.
+async fn directory(args: StatusArgs) -> Result<(), CliError> {
     let mut client = tern_common::etcd::connect(&args.directory, "directory", std::time::Duration::from_secs(5))
         .await
         .map_err(CliError::Setup)?;

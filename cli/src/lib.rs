@@ -1,0 +1,89 @@
+//! `tern`: the local multi-region demo (`tern demo`), a benchmark, status of
+//! a deployment (`tern status`, also `kubectl tern status NAME` as the
+//! kubectl plugin `kubectl-tern`), and a small client for tern's routers
+//! (`tern create-account`, `tern put`, `tern get`). Both binaries call
+//! [`main`].
+#![forbid(unsafe_code)]
+
+mod bench;
+mod client;
+mod demo;
+mod status;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// tern: a geo-partitioned, multi-region database control plane.
+#[derive(Parser, Debug)]
+#[command(name = "tern", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Start a three-region deployment on this machine (etcd groups, a
+    /// directory group, routers, toxiproxy links with cloud round trips),
+    /// drive a workload from every region, and print what it measures.
+    Demo(demo::DemoArgs),
+    /// Create an account homed in a region.
+    CreateAccount(client::CreateArgs),
+    /// Write a value.
+    Put(client::PutArgs),
+    /// Read a value (strong read from the home region).
+    Get(client::GetArgs),
+    /// Per region: group members and Raft lag, mirror lag from every other
+    /// region (revisions and ms), heartbeat age, clock skew.
+    Status(status::StatusArgs),
+    /// Measure router overhead against direct etcd and proxied-write latency
+    /// against the injected round trip; prints a table and writes a report.
+    Bench(bench::BenchArgs),
+}
+
+/// Parses the command line and runs the command.
+pub async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Demo(args) => demo::run(args).await,
+        Command::CreateAccount(args) => client::create(args).await,
+        Command::Put(args) => client::put(args).await,
+        Command::Get(args) => client::get(args).await,
+        Command::Bench(args) => bench::run(args).await,
+        Command::Status(args) => status::run(args).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tern: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Errors of the tern command.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error("{0}")]
+    Setup(String),
+    #[error("the router answered {code:?}: {message}")]
+    Rpc { code: tonic::Code, message: String },
+    #[error("{0}")]
+    Usage(String),
+}
+
+impl From<tonic::Status> for CliError {
+    fn from(s: tonic::Status) -> Self {
+        Self::Rpc {
+            code: s.code(),
+            message: s.message().to_string(),
+        }
+    }
+}
+
+impl From<tern_e2e::HarnessError> for CliError {
+    fn from(e: tern_e2e::HarnessError) -> Self {
+        Self::Setup(e.to_string())
+    }
+}
