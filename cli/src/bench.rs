@@ -8,6 +8,9 @@
 //! 2. Proxied writes: for every ordered region pair, the latency of a write
 //!    sent to the origin's router for an account homed in the other region,
 //!    divided by the round trip toxiproxy injects between them.
+//! 3. Mirrors: p99 of the measured mirror lag while the source takes 1,000
+//!    writes/s over an 80 ms link, and the mirror's apply throughput while it
+//!    catches up with a burst.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -273,13 +276,134 @@ pub async fn run(args: BenchArgs) -> Result<(), CliError> {
     table.push_str("\nTarget: p50 / RTT ≤ 1.1.\n");
     print!("\n{table}");
     report.push_str(&table);
+    drop(d);
+
+    let mirrors = mirror_bench(&args).await?;
+    print!("\n{mirrors}");
+    report.push_str(&mirrors);
     if let Some(parent) = args.report.parent() {
         std::fs::create_dir_all(parent).map_err(|e| CliError::Setup(format!("{}: {e}", parent.display())))?;
     }
     std::fs::write(&args.report, &report).map_err(|e| CliError::Setup(format!("{}: {e}", args.report.display())))?;
     println!("\nreport written to {}", args.report.display());
-    drop(d);
     Ok(())
+}
+
+/// Section 3: mirror lag under a steady 1,000 writes/s and apply throughput.
+async fn mirror_bench(args: &BenchArgs) -> Result<String, CliError> {
+    const ONE_WAY_MS: u64 = 40;
+    println!(
+        "  mirrors: starting us-east and eu-west with agents, {} ms round trip",
+        2 * ONE_WAY_MS
+    );
+    let d = LocalDeployment::start(Layout {
+        regions: vec![("us-east".into(), args.members), ("eu-west".into(), args.members)],
+        directory_members: 1,
+        rtt_ms: BTreeMap::from([(("us-east".into(), "eu-west".into()), 2 * ONE_WAY_MS)]),
+        agents: true,
+    })
+    .await?;
+    let source = d.group_client("eu-west").await;
+    let agent = d
+        .region("us-east")
+        .agent
+        .as_ref()
+        .ok_or_else(|| CliError::Setup("no agent".into()))?;
+    let lag_metric = "tern_agent_mirror_lag_ms{source=\"eu-west\"}";
+    let applied_metric = "tern_agent_mirror_applied_revisions_total{source=\"eu-west\"}";
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // Steady 1,000 writes/s from 8 writers, lag sampled every 100 ms.
+    let secs = args.round_secs * 2;
+    let writers = 8u64;
+    let per_writer_every = Duration::from_micros(1_000_000 * writers / 1000);
+    let until = Instant::now() + Duration::from_secs(secs);
+    let mut tasks = Vec::new();
+    for w in 0..writers {
+        let mut c = source.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(per_writer_every);
+            let mut n = 0u64;
+            let mut done = 0u64;
+            while Instant::now() < until {
+                tick.tick().await;
+                if c.put(
+                    format!("/tern/a/bench-mirror/d/{w}-{}", n % 100),
+                    n.to_le_bytes().to_vec(),
+                    None,
+                )
+                .await
+                .is_ok()
+                {
+                    done += 1;
+                }
+                n += 1;
+            }
+            done
+        }));
+    }
+    let mut lags = Vec::new();
+    while Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if let Some(l) = agent.metric(lag_metric).await {
+            lags.push(l);
+        }
+    }
+    let mut written = 0;
+    for t in tasks {
+        written += t.await.unwrap_or(0);
+    }
+    lags.sort_by(f64::total_cmp);
+    let q = |p: f64| {
+        lags.get(((lags.len().max(1) - 1) as f64 * p).round() as usize)
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
+    let rate = written as f64 / secs as f64;
+
+    // Burst: as fast as 16 writers go, then time the mirror's catch-up.
+    let before = agent.metric(applied_metric).await.unwrap_or(0.0);
+    let burst = 20_000u64;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..16u64 {
+        let mut c = source.clone();
+        tasks.push(tokio::spawn(async move {
+            for n in 0..burst / 16 {
+                let _ = c
+                    .put(
+                        format!("/tern/a/bench-mirror/d/burst-{w}-{}", n % 100),
+                        vec![1u8; 64],
+                        None,
+                    )
+                    .await;
+            }
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    let written_in = started.elapsed();
+    let target = before + burst as f64;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while agent.metric(applied_metric).await.unwrap_or(0.0) < target && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let caught_up = started.elapsed();
+    let applied = agent.metric(applied_metric).await.unwrap_or(0.0) - before;
+    drop(d);
+    Ok(format!(
+        "## Mirrors (us-east mirroring eu-west over a {} ms round trip)\n\n| measure | value |\n|---|---:|\n| steady source write rate | {rate:.0} writes/s |\n| mirror lag p50 / p99 / max while steady | {:.0} / **{:.0}** / {:.0} ms |\n| burst of {burst} writes: source took | {:.1} s ({:.0} writes/s) |\n| mirror applied them by | {:.1} s → **{:.0} source revisions/s** applied |\n\nTarget: p99 lag under 200 ms plus the one-way delay ({} ms) at 1,000 writes/s.\n",
+        2 * ONE_WAY_MS,
+        q(0.5),
+        q(0.99),
+        q(1.0),
+        written_in.as_secs_f64(),
+        burst as f64 / written_in.as_secs_f64(),
+        caught_up.as_secs_f64(),
+        applied / caught_up.as_secs_f64(),
+        200 + ONE_WAY_MS,
+    ))
 }
 
 fn put(account: &str, key: &str) -> pb::PutRequest {
