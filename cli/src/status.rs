@@ -85,11 +85,12 @@ pub fn render_geocluster(gc: &tern_crds::GeoCluster) -> String {
     for r in &st.regions {
         let _ = writeln!(
             out,
-            "\nRegion {}: {} — group {}/{} ready, directory {}/{} ready, agent {}, members behind: {}",
+            "\nRegion {}: {} — group {}/{} ready (leader {}), directory {}/{} ready, agent {}, members behind: {}",
             r.name,
             r.phase.as_str(),
             r.ready_members,
             r.members,
+            r.group_leader.as_deref().unwrap_or("-"),
             r.directory_ready_members,
             r.directory_members,
             r.agent.as_deref().unwrap_or("-"),

@@ -373,6 +373,9 @@ pub struct RegionStatus {
     /// behind the leader's commit index.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub members_behind: Option<i32>,
+    /// Written by the region's agent: the Raft leader of the region's group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group_leader: Option<String>,
 }
 
 impl RegionStatus {
@@ -382,6 +385,7 @@ impl RegionStatus {
         self.agent = from.agent.clone();
         self.mirrors = from.mirrors.clone();
         self.members_behind = from.members_behind;
+        self.group_leader = from.group_leader.clone();
     }
 }
 

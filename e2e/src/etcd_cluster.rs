@@ -50,16 +50,18 @@ impl EtcdCluster {
     /// Starts `size` members with data under `dir` and waits until the group
     /// has a leader.
     pub fn start(dir: &Path, name: &str, size: usize, tuning: Tuning) -> Result<Self> {
-        Self::start_with_peer_urls(dir, name, size, tuning, |_, url| url.to_string())
+        Self::start_with_peer_urls(dir, name, size, tuning, None, |_, url| url.to_string())
     }
 
     /// Like `start`, but the URL that others use to reach member `i` is
-    /// `advertise(i, listen_url)` (a toxiproxy listener, for example).
+    /// `advertise(i, listen_url)` (a toxiproxy listener, for example), and
+    /// member `i` listens for peers on `peer_ports[i]` when given.
     pub fn start_with_peer_urls(
         dir: &Path,
         name: &str,
         size: usize,
         tuning: Tuning,
+        peer_ports: Option<&[u16]>,
         advertise: impl Fn(usize, &str) -> String,
     ) -> Result<Self> {
         let binary = assets::binary("etcd")?;
@@ -67,7 +69,12 @@ impl EtcdCluster {
             .map(|i| Member {
                 name: format!("{name}-{i}"),
                 client_url: format!("http://127.0.0.1:{}", assets::free_port()),
-                peer_url: format!("http://127.0.0.1:{}", assets::free_port()),
+                peer_url: format!(
+                    "http://127.0.0.1:{}",
+                    peer_ports
+                        .and_then(|p| p.get(i).copied())
+                        .unwrap_or_else(assets::free_port)
+                ),
                 args: Vec::new(),
                 log: dir.join(format!("{name}-{i}.log")),
                 process: None,

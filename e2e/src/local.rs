@@ -234,7 +234,7 @@ impl LocalDeployment {
                 source,
             })?;
         let toxiproxy = Toxiproxy::start(dir.path())?;
-        let directory = EtcdCluster::start(dir.path(), "directory", layout.directory_members, Tuning::default())?;
+        let directory = Self::start_directory(&layout, dir.path(), &toxiproxy).await?;
         let mut regions = Vec::new();
         for (name, members) in &layout.regions {
             regions.push(LocalRegion {
@@ -330,6 +330,49 @@ impl LocalDeployment {
             mirror_links,
             dir,
         })
+    }
+
+    /// The directory group. With one member per region and round trips
+    /// configured, members reach each other through toxiproxy: every member
+    /// is reached through one proxy whose delay is half the mean round trip
+    /// from its region to the others (etcd gives a member one peer URL for
+    /// all, so per-pair delays cannot be modelled), and the group runs the
+    /// cross-region Raft timing the operator gives directory groups.
+    async fn start_directory(layout: &Layout, dir: &std::path::Path, toxiproxy: &Toxiproxy) -> Result<EtcdCluster> {
+        let spread = layout.directory_members == layout.regions.len() && !layout.rtt_ms.is_empty();
+        if !spread {
+            return EtcdCluster::start(dir, "directory", layout.directory_members, Tuning::default());
+        }
+        let ports: Vec<u16> = (0..layout.directory_members).map(|_| assets::free_port()).collect();
+        let mut advertised = Vec::new();
+        for (i, (region, _)) in layout.regions.iter().enumerate() {
+            let name = format!("directory-peer-{region}");
+            let listen = toxiproxy.proxy(&name, &format!("127.0.0.1:{}", ports[i])).await?;
+            let others: Vec<u64> = layout
+                .regions
+                .iter()
+                .filter(|(r, _)| r != region)
+                .map(|(r, _)| layout.rtt(region, r))
+                .collect();
+            let mean = others.iter().sum::<u64>() / others.len().max(1) as u64;
+            if mean > 0 {
+                toxiproxy.round_trip(&name, mean).await?;
+            }
+            advertised.push(format!("http://{listen}"));
+        }
+        let max_rtt = layout.rtt_ms.values().copied().max().unwrap_or(100) as i32;
+        let tuning = Tuning {
+            heartbeat_ms: max_rtt.max(100),
+            election_ms: (10 * max_rtt).max(1000),
+        };
+        EtcdCluster::start_with_peer_urls(
+            dir,
+            "directory",
+            layout.directory_members,
+            tuning,
+            Some(&ports),
+            |i, _| advertised[i].clone(),
+        )
     }
 
     pub fn region(&self, name: &str) -> &LocalRegion {

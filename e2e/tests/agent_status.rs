@@ -85,10 +85,18 @@ async fn agent_lag_lands_in_the_geocluster_status() {
     let (region, mirror) = eventually("lag in the GeoCluster status", Duration::from_secs(30), || async {
         let gc = api.get("payments").await.ok()?;
         let (region, mirror) = lag_of(&gc)?;
-        (mirror.state == "streaming" && mirror.lag_ms < 1000).then_some((region, mirror))
+        (mirror.state == "streaming" && mirror.lag_ms < 1000 && region.group_leader.is_some())
+            .then_some((region, mirror))
     })
     .await;
     assert_eq!(region.agent.as_deref(), Some("us-east-agent-a"));
+    assert!(
+        region
+            .group_leader
+            .as_deref()
+            .is_some_and(|l| l.starts_with("http://127.0.0.1:")),
+        "{region:?}"
+    );
     assert!(mirror.lag_ms >= 0 && mirror.lag_revisions >= 0, "{mirror:?}");
 
     // The operator reconciles (an annotation is a change) and writes its

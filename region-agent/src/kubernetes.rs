@@ -53,13 +53,12 @@ pub async fn run(client: Client, namespace: String, geocluster: String, shared: 
                 })
             })
             .collect();
-        let behind = shared
-            .members
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .filter(|m| m.behind > 0)
-            .count();
+        let (behind, leader) = {
+            let members = shared.members.lock().unwrap_or_else(|e| e.into_inner());
+            let behind = members.iter().filter(|m| m.behind > 0).count();
+            let leader = members.iter().find(|m| m.is_leader).map(|m| m.endpoint.clone());
+            (behind, leader)
+        };
         let patch = json!({
             "apiVersion": "tern.dev/v1alpha1",
             "kind": "GeoCluster",
@@ -68,6 +67,7 @@ pub async fn run(client: Client, namespace: String, geocluster: String, shared: 
                 "agent": shared.identity,
                 "mirrors": mirrors,
                 "membersBehind": behind,
+                "groupLeader": leader,
             }]}
         });
         if let Err(e) = api
