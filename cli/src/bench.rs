@@ -109,6 +109,7 @@ pub async fn run(args: BenchArgs) -> Result<(), CliError> {
         directory_members: 3,
         rtt_ms: rtt.clone(),
         agents: false,
+        otlp_endpoint: None,
     };
     println!(
         "tern bench: starting 3 regions × {} etcd members, routers, toxiproxy",
@@ -301,6 +302,7 @@ async fn mirror_bench(args: &BenchArgs) -> Result<String, CliError> {
         directory_members: 1,
         rtt_ms: BTreeMap::from([(("us-east".into(), "eu-west".into()), 2 * ONE_WAY_MS)]),
         agents: true,
+        otlp_endpoint: None,
     })
     .await?;
     let source = d.group_client("eu-west").await;

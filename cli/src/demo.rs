@@ -140,6 +140,7 @@ pub async fn run(args: DemoArgs) -> Result<(), CliError> {
         directory_members: 3,
         rtt_ms: rtt,
         agents: true,
+        otlp_endpoint: None,
     };
     let deployment = tokio::select! {
         d = LocalDeployment::start(layout) => d?,

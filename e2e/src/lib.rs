@@ -14,6 +14,7 @@ pub mod etcd;
 pub mod etcd_cluster;
 pub mod local;
 pub mod operator;
+pub mod otlp;
 pub mod process;
 pub mod toxiproxy;
 

@@ -197,6 +197,8 @@ pub struct Layout {
     /// Run a region agent per region, mirroring every other region through
     /// toxiproxy links with the same round trips.
     pub agents: bool,
+    /// Routers export traces here (OTLP/gRPC), each as its own instance.
+    pub otlp_endpoint: Option<String>,
 }
 
 impl Layout {
@@ -277,6 +279,10 @@ impl LocalDeployment {
                 "--log-format=text".to_string(),
             ];
             args.extend(peers[i].iter().cloned());
+            if let Some(endpoint) = &layout.otlp_endpoint {
+                args.push(format!("--otlp-endpoint={endpoint}"));
+                args.push(format!("--instance={}-router", region.name));
+            }
             region.router = Some(RouterGuard::start(&args).await?);
             region.router_args = args;
         }

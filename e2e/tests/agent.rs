@@ -23,6 +23,7 @@ async fn start() -> LocalDeployment {
         directory_members: 1,
         rtt_ms: BTreeMap::from([(("us-east".into(), "eu-west".into()), 2 * D)]),
         agents: true,
+        otlp_endpoint: None,
     })
     .await
     .expect("deployment starts")

@@ -54,6 +54,7 @@ async fn agent_lag_lands_in_the_geocluster_status() {
         directory_members: 1,
         rtt_ms: BTreeMap::from([(("us-east".into(), "eu-west".into()), 60)]),
         agents: true,
+        otlp_endpoint: None,
     })
     .await
     .expect("deployment");

@@ -19,6 +19,7 @@ fn layout(us_east_members: usize) -> Layout {
         directory_members: 1,
         rtt_ms: BTreeMap::from([(("us-east".into(), "eu-west".into()), RTT_MS)]),
         agents: false,
+        otlp_endpoint: None,
     }
 }
 

@@ -33,6 +33,7 @@ struct Link {
 }
 
 /// How a forward failed.
+#[derive(Debug)]
 pub enum ForwardFailure {
     /// The home router answered with an error: pass it on.
     Answer(Status),
@@ -44,6 +45,19 @@ pub enum ForwardFailure {
     Unknown(String),
     /// The deadline passed while waiting for the home region's answer.
     Deadline,
+}
+
+impl ForwardFailure {
+    /// A line for a span's error status.
+    pub fn describe(&self) -> String {
+        match self {
+            Self::Answer(s) => format!("{:?}: {}", s.code(), s.message()),
+            Self::Moved => "the account moved".into(),
+            Self::NotSent(d) => format!("not sent: {d}"),
+            Self::Unknown(d) => format!("link failed after sending: {d}"),
+            Self::Deadline => "deadline exceeded".into(),
+        }
+    }
 }
 
 pub struct Forwarder {
@@ -129,7 +143,7 @@ impl Forwarder {
         region: &RegionName,
         deadline: tokio::time::Instant,
         message: Req,
-        traceparent: Option<&tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
+        trace: &opentelemetry::Context,
         call: F,
     ) -> std::result::Result<Resp, ForwardFailure>
     where
@@ -143,9 +157,7 @@ impl Forwarder {
         let mut request = Request::new(message);
         request.set_timeout(deadline.saturating_duration_since(tokio::time::Instant::now()));
         let md = request.metadata_mut();
-        if let Some(tp) = traceparent {
-            md.insert("traceparent", tp.clone());
-        }
+        crate::telemetry::inject(trace, md);
         if let Ok(v) = self.origin.as_str().parse() {
             md.insert(ORIGIN_REGION, v);
         }

@@ -20,6 +20,7 @@ pub mod placement;
 pub mod server;
 pub mod service;
 pub mod store;
+pub mod telemetry;
 
 /// The generated gRPC types of proto/tern/v1/router.proto.
 pub mod pb {

@@ -52,6 +52,22 @@ pub async fn run(
         directory.register_region(&config.region, endpoint).await?;
     }
     let metrics = Arc::new(Metrics::default());
+    if !(0.0..=1.0).contains(&config.trace_sampling_ratio) {
+        return Err(RouterError::BadRequest(format!(
+            "--trace-sampling-ratio {} is not between 0 and 1",
+            config.trace_sampling_ratio
+        )));
+    }
+    let telemetry = match &config.otlp_endpoint {
+        Some(endpoint) => {
+            let instance = config
+                .instance
+                .clone()
+                .unwrap_or_else(|| format!("{}-{}-{}", config.region, std::process::id(), config.listen.port()));
+            crate::telemetry::Telemetry::otlp(endpoint, config.region.as_str(), &instance, config.trace_sampling_ratio)?
+        }
+        None => crate::telemetry::Telemetry::disabled(),
+    };
     let counts = Arc::new(WriteCounts::new(config.write_count_window, config.write_count_accounts));
     let service = RouterService {
         region: config.region.clone(),
@@ -66,7 +82,9 @@ pub async fn run(
         counts,
         metrics: metrics.clone(),
         default_deadline: config.default_deadline,
+        telemetry,
     };
+    let service = Arc::new(service);
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = move || {
@@ -110,7 +128,7 @@ pub async fn run(
     let drain = config.drain_timeout;
     let server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
-        .add_service(RouterServer::new(service))
+        .add_service(RouterServer::from_arc(service.clone()))
         .serve_with_incoming_shutdown(incoming, stopped());
     tokio::pin!(server);
     let result = tokio::select! {
@@ -125,6 +143,8 @@ pub async fn run(
     };
     watch_task.abort();
     http_task.abort();
+    // Export what is still buffered.
+    service.telemetry.shutdown().await;
     tracing::info!(region = %config.region, "tern-router stopped");
     result.map_err(|e| RouterError::Internal(format!("gRPC server: {e}")))
 }

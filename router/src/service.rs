@@ -8,6 +8,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use etcd_client::{Compare as EtcdCompare, CompareOp, TxnOp, TxnOpResponse};
+use opentelemetry::KeyValue;
+use opentelemetry::trace::{SpanKind, TraceContextExt};
 use serde_json::json;
 use tern_common::{
     AccountId, AccountRecord, AccountState, Epoch, FenceState, IdempotencyKey, RegionName, UserKey, check_value,
@@ -42,6 +44,7 @@ pub struct RouterService {
     pub counts: Arc<WriteCounts>,
     pub metrics: Arc<Metrics>,
     pub default_deadline: Duration,
+    pub telemetry: crate::telemetry::Telemetry,
 }
 
 /// Per-call facts taken from the request metadata.
@@ -52,8 +55,30 @@ struct Call {
     /// Region whose client sent the request (this one unless forwarded).
     origin: RegionName,
     forwarded: bool,
-    /// The caller's W3C trace context, passed on when forwarding.
-    traceparent: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
+    /// The caller's trace context (empty when it sent none).
+    parent: opentelemetry::Context,
+    /// This call's context: its `router.request` span when tracing, else the
+    /// caller's context, which forwarding passes on.
+    cx: opentelemetry::Context,
+    /// What the request span records once known.
+    info: std::sync::Mutex<SpanInfo>,
+    attempts: std::sync::atomic::AtomicU32,
+}
+
+#[derive(Default)]
+struct SpanInfo {
+    account: String,
+    home: String,
+    epoch: u64,
+}
+
+impl Call {
+    fn note(&self, account: &AccountId, p: &Placement) {
+        let mut info = self.info.lock().unwrap_or_else(|e| e.into_inner());
+        info.account = account.to_string();
+        info.home = p.home.to_string();
+        info.epoch = p.epoch.0;
+    }
 }
 
 impl RouterService {
@@ -80,7 +105,10 @@ impl RouterService {
             deadline: now + timeout - margin,
             origin,
             forwarded,
-            traceparent: md.get("traceparent").cloned(),
+            parent: crate::telemetry::extract(md),
+            cx: opentelemetry::Context::new(),
+            info: std::sync::Mutex::default(),
+            attempts: std::sync::atomic::AtomicU32::new(0),
         })
     }
 
@@ -90,7 +118,16 @@ impl RouterService {
         call: Result<Call>,
         work: impl AsyncFnOnce(&Call) -> Result<(T, Route)>,
     ) -> Result<Response<T>, Status> {
-        let call = call.map_err(|e| e.into_status(&self.region))?;
+        let mut call = call.map_err(|e| e.into_status(&self.region))?;
+        let attributes = vec![
+            KeyValue::new("tern.operation", call.op),
+            KeyValue::new("tern.origin_region", call.origin.to_string()),
+            KeyValue::new("tern.region", self.region.to_string()),
+        ];
+        call.cx = self
+            .telemetry
+            .span("router.request", SpanKind::Server, &call.parent, attributes)
+            .unwrap_or_else(|| call.parent.clone());
         let route_guess = if call.forwarded { Route::ProxiedIn } else { Route::Local };
         let outcome = match tokio::time::timeout_at(call.deadline, work(&call)).await {
             Ok(r) => r,
@@ -102,6 +139,26 @@ impl RouterService {
             ))),
         };
         let elapsed = call.started.elapsed().as_secs_f64();
+        {
+            let span = call.cx.span();
+            let info = call.info.lock().unwrap_or_else(|e| e.into_inner());
+            span.set_attribute(KeyValue::new("tern.account", info.account.clone()));
+            span.set_attribute(KeyValue::new("tern.home_region", info.home.clone()));
+            span.set_attribute(KeyValue::new("tern.epoch", info.epoch as i64));
+            match &outcome {
+                Ok(_) => span.set_attribute(KeyValue::new("tern.outcome", "OK")),
+                Err(e) => {
+                    let code = match e {
+                        RouterError::Remote(s) => s.code(),
+                        e => e.code(),
+                    };
+                    span.set_attribute(KeyValue::new("tern.outcome", format!("{code:?}")));
+                    span.set_attribute(KeyValue::new("rpc.grpc.status_code", code as i64));
+                    span.set_status(opentelemetry::trace::Status::error(e.to_string()));
+                }
+            }
+            span.end();
+        }
         match outcome {
             Ok((value, route)) => {
                 self.metrics.observe(call.op, route, tonic::Code::Ok, elapsed);
@@ -132,6 +189,7 @@ impl RouterService {
     /// home, the caller routes again.
     async fn route(&self, call: &Call, account: &AccountId) -> Result<Placement> {
         let p = self.directory.lookup(account).await?;
+        call.note(account, &p);
         if p.home == self.region || !call.forwarded {
             return Ok(p);
         }
@@ -190,11 +248,26 @@ impl RouterService {
         F: FnOnce(crate::pb::router_client::RouterClient<tonic::transport::Channel>, Request<Req>) -> Fut,
         Fut: std::future::Future<Output = std::result::Result<Response<Resp>, Status>>,
     {
-        let failure = match self
-            .forwarder
-            .call(home, call.deadline, message, call.traceparent.as_ref(), f)
-            .await
-        {
+        let attempt = call.attempts.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        let span_cx = self.telemetry.span(
+            "router.forward",
+            SpanKind::Client,
+            &call.cx,
+            vec![
+                KeyValue::new("tern.target_region", home.to_string()),
+                KeyValue::new("tern.attempt", i64::from(attempt)),
+            ],
+        );
+        let forward_cx = span_cx.as_ref().unwrap_or(&call.cx);
+        let result = self.forwarder.call(home, call.deadline, message, forward_cx, f).await;
+        if let Some(cx) = &span_cx {
+            let span = cx.span();
+            if let Err(failure) = &result {
+                span.set_status(opentelemetry::trace::Status::error(failure.describe()));
+            }
+            span.end();
+        }
+        let failure = match result {
             Ok(resp) => return Ok(Some(resp)),
             Err(failure) => failure,
         };
@@ -248,6 +321,39 @@ impl RouterService {
             ))),
             ForwardFailure::Answer(_) => unreachable!("returned above"),
         }
+    }
+
+    /// One fenced transaction on this region's group, as a `store.txn` span.
+    async fn run_guarded<T>(
+        &self,
+        call: &Call,
+        guard: Guard<'_>,
+        extract: impl FnOnce(&[TxnOpResponse]) -> T,
+    ) -> Result<Guarded<T>> {
+        let attributes = vec![
+            KeyValue::new("tern.group", self.region.to_string()),
+            KeyValue::new("tern.epoch", guard.epoch.0 as i64),
+        ];
+        let cx = self.telemetry.span("store.txn", SpanKind::Client, &call.cx, attributes);
+        let result = self.store.run(guard, extract).await;
+        if let Some(cx) = cx {
+            let span = cx.span();
+            match &result {
+                Ok(Guarded::Done { revision, .. }) => {
+                    span.set_attribute(KeyValue::new("tern.revision", *revision));
+                    span.set_attribute(KeyValue::new("tern.guard", "held"));
+                }
+                Ok(Guarded::Replayed { revision, .. }) => {
+                    span.set_attribute(KeyValue::new("tern.revision", *revision));
+                    span.set_attribute(KeyValue::new("tern.guard", "replayed"));
+                }
+                Ok(Guarded::Fence(_)) => span.set_attribute(KeyValue::new("tern.guard", "fence_failed")),
+                Ok(Guarded::CompareFailed) => span.set_attribute(KeyValue::new("tern.guard", "compare_failed")),
+                Err(e) => span.set_status(opentelemetry::trace::Status::error(e.to_string())),
+            }
+            span.end();
+        }
+        result
     }
 
     fn count_write(&self, account: &AccountId, call: &Call) {
@@ -546,7 +652,7 @@ impl Router for RouterService {
                     compares: vec![],
                     ops: vec![TxnOp::put(key.clone(), r.value.clone(), None)],
                 };
-                match self.store.run(guard, |_| ()).await? {
+                match self.run_guarded(call, guard, |_| ()).await? {
                     Guarded::Done { revision, .. } => {
                         self.count_write(&account, call);
                         let route = if call.forwarded { Route::ProxiedIn } else { Route::Local };
@@ -876,7 +982,7 @@ impl Router for RouterService {
                         .collect::<Vec<_>>(),
                     _ => Vec::new(),
                 };
-                match self.store.run(guard, extract).await? {
+                match self.run_guarded(call, guard, extract).await? {
                     Guarded::Done { revision, value: items } => {
                         let (items, next_page_token) = page(items, limit);
                         let route = if call.forwarded { Route::ProxiedIn } else { Route::Local };
@@ -1021,7 +1127,7 @@ impl Router for RouterService {
                         .collect::<Vec<_>>()
                 };
                 let route = if call.forwarded { Route::ProxiedIn } else { Route::Local };
-                match self.store.run(guard, extract).await? {
+                match self.run_guarded(call, guard, extract).await? {
                     Guarded::Done { revision, value: gets } => {
                         self.count_write(&account, call);
                         return Ok((

@@ -1,0 +1,130 @@
+//! An in-test OTLP trace receiver: the real OTLP/gRPC protocol
+//! (opentelemetry-proto's tonic server), keeping every span it receives with
+//! its resource, so tests can rebuild traces.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{TraceService, TraceServiceServer};
+use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
+use opentelemetry_proto::tonic::common::v1::any_value::Value;
+use tokio::sync::oneshot;
+use tonic::{Request, Response, Status};
+
+/// One received span, flattened.
+#[derive(Clone, Debug)]
+pub struct ReceivedSpan {
+    pub name: String,
+    pub trace_id: Vec<u8>,
+    pub span_id: Vec<u8>,
+    pub parent_span_id: Vec<u8>,
+    pub start_ns: u64,
+    pub end_ns: u64,
+    /// `service.instance.id` of the resource that sent it.
+    pub instance: String,
+    pub attributes: Vec<(String, String)>,
+}
+
+impl ReceivedSpan {
+    pub fn attribute(&self, key: &str) -> Option<&str> {
+        self.attributes.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+    }
+
+    pub fn duration_ms(&self) -> f64 {
+        (self.end_ns.saturating_sub(self.start_ns)) as f64 / 1e6
+    }
+}
+
+#[derive(Clone, Default)]
+struct Collector {
+    spans: Arc<Mutex<Vec<ReceivedSpan>>>,
+}
+
+fn text(v: &Option<opentelemetry_proto::tonic::common::v1::AnyValue>) -> String {
+    match v.as_ref().and_then(|v| v.value.as_ref()) {
+        Some(Value::StringValue(s)) => s.clone(),
+        Some(Value::IntValue(i)) => i.to_string(),
+        Some(Value::BoolValue(b)) => b.to_string(),
+        Some(Value::DoubleValue(d)) => d.to_string(),
+        _ => String::new(),
+    }
+}
+
+#[tonic::async_trait]
+impl TraceService for Collector {
+    async fn export(
+        &self,
+        request: Request<ExportTraceServiceRequest>,
+    ) -> Result<Response<ExportTraceServiceResponse>, Status> {
+        let mut spans = self.spans.lock().unwrap_or_else(|e| e.into_inner());
+        for rs in request.into_inner().resource_spans {
+            let instance = rs
+                .resource
+                .as_ref()
+                .and_then(|r| r.attributes.iter().find(|a| a.key == "service.instance.id"))
+                .map(|a| text(&a.value))
+                .unwrap_or_default();
+            for ss in rs.scope_spans {
+                for s in ss.spans {
+                    spans.push(ReceivedSpan {
+                        name: s.name,
+                        trace_id: s.trace_id,
+                        span_id: s.span_id,
+                        parent_span_id: s.parent_span_id,
+                        start_ns: s.start_time_unix_nano,
+                        end_ns: s.end_time_unix_nano,
+                        instance: instance.clone(),
+                        attributes: s.attributes.iter().map(|a| (a.key.clone(), text(&a.value))).collect(),
+                    });
+                }
+            }
+        }
+        Ok(Response::new(ExportTraceServiceResponse { partial_success: None }))
+    }
+}
+
+/// A running receiver.
+pub struct OtlpReceiver {
+    pub addr: SocketAddr,
+    collector: Collector,
+    stop: Option<oneshot::Sender<()>>,
+}
+
+impl OtlpReceiver {
+    pub async fn start() -> std::io::Result<Self> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let collector = Collector::default();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let service = TraceServiceServer::new(collector.clone());
+        tokio::spawn(async move {
+            let _ = tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async {
+                    let _ = stopped.await;
+                })
+                .await;
+        });
+        Ok(Self {
+            addr,
+            collector,
+            stop: Some(stop),
+        })
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn spans(&self) -> Vec<ReceivedSpan> {
+        self.collector.spans.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+impl Drop for OtlpReceiver {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}

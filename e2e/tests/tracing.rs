@@ -1,0 +1,126 @@
+//! Traces of cross-region writes, received over the real OTLP protocol: a
+//! proxied write is one trace across both routers, and a client's own trace
+//! context is continued.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use tern_e2e::local::{Layout, LocalDeployment};
+use tern_e2e::otlp::OtlpReceiver;
+use tern_router::pb;
+
+const RTT_MS: u64 = 80;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxied_write_is_one_trace_across_both_regions() {
+    tern_e2e::init_logs();
+    let receiver = OtlpReceiver::start().await.expect("receiver");
+    let mut d = LocalDeployment::start(Layout {
+        regions: vec![("us-east".into(), 1), ("eu-west".into(), 1)],
+        directory_members: 1,
+        rtt_ms: BTreeMap::from([(("us-east".into(), "eu-west".into()), RTT_MS)]),
+        agents: false,
+        otlp_endpoint: Some(receiver.endpoint()),
+    })
+    .await
+    .expect("deployment");
+    let mut us = d.client("us-east").await;
+    us.create_account(pb::CreateAccountRequest {
+        account: "acct-1".into(),
+        home_region: "us-east".into(),
+        allowed_regions: vec![],
+    })
+    .await
+    .expect("account");
+    let mut eu = d.client("eu-west").await;
+    let put = |key: &str| pb::PutRequest {
+        account: "acct-1".into(),
+        key: key.into(),
+        value: b"v".to_vec(),
+        idempotency_key: String::new(),
+    };
+    eu.put(put("warm")).await.expect("warm the channel");
+    let resp = eu.put(put("traced")).await.expect("proxied put").into_inner();
+    assert!(resp.meta.expect("meta").forwarded);
+
+    // A client that sends its own traceparent gets its trace continued.
+    let client_trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let mut request = tonic::Request::new(put("client-traced"));
+    request.metadata_mut().insert(
+        "traceparent",
+        format!("00-{client_trace}-00f067aa0ba902b7-01").parse().expect("ascii"),
+    );
+    eu.put(request).await.expect("put with traceparent");
+
+    // Stopping the routers flushes their exporters.
+    for r in ["us-east", "eu-west"] {
+        if let Some(router) = d.region_mut(r).router.take() {
+            router.stop().await;
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let spans = receiver.spans();
+
+    // The trace of the "traced" write: find its home-side request span.
+    let home_request = spans
+        .iter()
+        .find(|s| {
+            s.name == "router.request"
+                && s.instance == "us-east-router"
+                && s.attribute("tern.operation") == Some("put")
+                && s.attribute("tern.origin_region") == Some("eu-west")
+        })
+        .expect("a request span in the home region");
+    let trace: Vec<_> = spans.iter().filter(|s| s.trace_id == home_request.trace_id).collect();
+    let names: Vec<(&str, &str)> = trace.iter().map(|s| (s.name.as_str(), s.instance.as_str())).collect();
+    for expected in [
+        ("router.request", "eu-west-router"),
+        ("router.forward", "eu-west-router"),
+        ("router.request", "us-east-router"),
+        ("store.txn", "us-east-router"),
+    ] {
+        assert!(names.contains(&expected), "missing {expected:?} in {names:?}");
+    }
+    // One tree: exactly one root, every other span's parent is in the trace.
+    let roots: Vec<_> = trace.iter().filter(|s| s.parent_span_id.is_empty()).collect();
+    assert_eq!(roots.len(), 1, "{names:?}");
+    for s in &trace {
+        if !s.parent_span_id.is_empty() {
+            assert!(
+                trace.iter().any(|p| p.span_id == s.parent_span_id),
+                "{} has no parent in the trace",
+                s.name
+            );
+        }
+    }
+    let forward = trace.iter().find(|s| s.name == "router.forward").expect("forward span");
+    assert!(
+        forward.duration_ms() >= RTT_MS as f64,
+        "forward took {} ms, less than the {RTT_MS} ms round trip",
+        forward.duration_ms()
+    );
+    assert_eq!(forward.attribute("tern.target_region"), Some("us-east"));
+    let txn = trace.iter().find(|s| s.name == "store.txn").expect("txn span");
+    assert_eq!(txn.attribute("tern.guard"), Some("held"));
+    assert!(
+        txn.attribute("tern.revision")
+            .is_some_and(|r| r.parse::<i64>().is_ok_and(|r| r > 0))
+    );
+    assert_eq!(home_request.attribute("tern.account"), Some("acct-1"));
+    assert_eq!(home_request.attribute("tern.epoch"), Some("1"));
+
+    // The client's trace id was continued on both sides.
+    let continued: Vec<_> = spans
+        .iter()
+        .filter(|s| hex(&s.trace_id) == client_trace)
+        .map(|s| s.instance.as_str())
+        .collect();
+    assert!(
+        continued.contains(&"eu-west-router") && continued.contains(&"us-east-router"),
+        "{continued:?}"
+    );
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
