@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use rand::Rng;
 use tern_e2e::local::{Layout, LocalDeployment};
+use tern_e2e::otlp::{OtlpReceiver, ReceivedSpan};
 use tern_router::pb;
 
 use crate::CliError;
@@ -135,18 +136,28 @@ pub async fn run(args: DemoArgs) -> Result<(), CliError> {
     for ((a, b), ms) in &rtt {
         println!("  round trip {a} ↔ {b}: {ms} ms");
     }
+    // Routers export their traces to a receiver in this process, so the demo
+    // can show where a cross-region write spends its time.
+    let receiver = OtlpReceiver::start()
+        .await
+        .map_err(|e| CliError::Setup(format!("trace receiver: {e}")))?;
     let layout = Layout {
         regions: REGIONS.iter().map(|r| (r.to_string(), args.members)).collect(),
         directory_members: 3,
         rtt_ms: rtt,
         agents: true,
-        otlp_endpoint: None,
+        otlp_endpoint: Some(receiver.endpoint()),
     };
     let deployment = tokio::select! {
         d = LocalDeployment::start(layout) => d?,
         _ = tokio::signal::ctrl_c() => return Err(CliError::Setup("interrupted while starting".into())),
     };
     let outcome = drive(&deployment, &args).await;
+    if outcome.is_ok() {
+        // One export period, so the last writes' spans have arrived.
+        tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+        print!("{}", waterfall(&receiver.spans()));
+    }
     if outcome.is_ok() && args.keep {
         println!("\nThe deployment stays up until Ctrl-C. Routers:");
         for r in &deployment.regions {
@@ -332,4 +343,47 @@ pub fn ensure_binaries() -> Result<(), CliError> {
         return Err(CliError::Setup(format!("{} failed", script.display())));
     }
     Ok(())
+}
+
+/// The trace of the slowest proxied write as a text waterfall: one line per
+/// span, indented by parent, with its region, start offset and duration.
+pub fn waterfall(spans: &[ReceivedSpan]) -> String {
+    let forwarded_roots = spans.iter().filter(|s| {
+        s.name == "router.request"
+            && s.parent_span_id.is_empty()
+            && spans.iter().any(|c| c.name == "router.forward" && c.parent_span_id == s.span_id)
+    });
+    let Some(root) = forwarded_roots.max_by_key(|s| s.end_ns.saturating_sub(s.start_ns)) else {
+        return "\nNo proxied write was traced yet.\n".into();
+    };
+    let trace: Vec<&ReceivedSpan> = spans.iter().filter(|s| s.trace_id == root.trace_id).collect();
+    let total = root.duration_ms().max(0.001);
+    let trace_id: String = root.trace_id.iter().map(|b| format!("{b:02x}")).collect();
+    let mut out = format!(
+        "\nSlowest proxied write (trace {trace_id}, account {}):\n",
+        trace
+            .iter()
+            .find_map(|s| s.attribute("tern.account").filter(|a| !a.is_empty()))
+            .unwrap_or("?")
+    );
+    fn walk(out: &mut String, trace: &[&ReceivedSpan], span: &ReceivedSpan, depth: usize, t0: u64, total: f64) {
+        let offset = span.start_ns.saturating_sub(t0) as f64 / 1e6;
+        let width = 40.0;
+        let start = ((offset / total) * width).round() as usize;
+        let len = ((span.duration_ms() / total) * width).round().max(1.0) as usize;
+        let bar = format!("{}{}", " ".repeat(start.min(40)), "█".repeat(len.min(40 - start.min(39))));
+        let region = span
+            .attribute("tern.region")
+            .or_else(|| span.attribute("tern.group"))
+            .unwrap_or_else(|| span.instance.trim_end_matches("-router"));
+        let name = format!("{}{}", "  ".repeat(depth), span.name);
+        out.push_str(&format!("  {name:<24} {region:<9} +{offset:>7.1} ms {:>7.1} ms |{bar:<40}|\n", span.duration_ms()));
+        let mut children: Vec<&&ReceivedSpan> = trace.iter().filter(|c| c.parent_span_id == span.span_id).collect();
+        children.sort_by_key(|c| c.start_ns);
+        for c in children {
+            walk(out, trace, c, depth + 1, t0, total);
+        }
+    }
+    walk(&mut out, &trace, root, 0, root.start_ns, total);
+    out
 }

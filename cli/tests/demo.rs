@@ -32,6 +32,9 @@ fn demo_runs_and_cleans_up() {
         "ap-south",
         "proxied p99",
         "mirror lag (ms) from",
+        "Slowest proxied write",
+        "router.forward",
+        "store.txn",
     ] {
         assert!(stdout.contains(needle), "missing `{needle}` in:\n{stdout}");
     }

@@ -45,10 +45,16 @@ impl Telemetry {
             .build()
             .map_err(|e| RouterError::Internal(format!("OTLP exporter for {endpoint}: {e}")))?;
         // The batch processor on the tokio runtime: the tonic exporter needs it.
+        // Export every second: a trace shows up while people still look at
+        // the request that made it.
+        let batch = opentelemetry_sdk::trace::BatchConfigBuilder::default()
+            .with_scheduled_delay(Duration::from_secs(1))
+            .build();
         let processor = opentelemetry_sdk::trace::span_processor_with_async_runtime::BatchSpanProcessor::builder(
             exporter,
             opentelemetry_sdk::runtime::Tokio,
         )
+        .with_batch_config(batch)
         .build();
         let resource = Resource::builder()
             .with_service_name("tern-router")
