@@ -2,7 +2,8 @@
 # Builds the real components that tern's tests and local demo run, from the Go
 # module proxy, at the versions pinned by the go.mod files under
 # e2e/controlplane/: kube-apiserver and kubectl (Kubernetes v1.37), etcd and
-# etcdctl (v3.6), toxiproxy-server (v2.5). Each module is built only when its
+# etcdctl (v3.6), toxiproxy-server (v2.5), Jaeger v2 (cmd/jaeger, module
+# v1.76). Each module is built only when its
 # pin changed or a binary is missing, so a warm run costs a few hashes.
 #
 # Output: $TERN_ASSETS (default: <repo>/target/controlplane/bin).
@@ -20,7 +21,8 @@ binaries_of() {
     kubernetes) echo "kube-apiserver=k8s.io/kubernetes/cmd/kube-apiserver kubectl=k8s.io/kubernetes/cmd/kubectl" ;;
     etcd) echo "etcd=go.etcd.io/etcd/server/v3 etcdctl=go.etcd.io/etcd/etcdctl/v3" ;;
     toxiproxy) echo "toxiproxy-server=github.com/Shopify/toxiproxy/v2/cmd/server" ;;
-    *) echo "build-tools.sh: unknown module '$1' (known: kubernetes etcd toxiproxy)" >&2; return 1 ;;
+    jaeger) echo "jaeger=github.com/jaegertracing/jaeger/cmd/jaeger" ;;
+    *) echo "build-tools.sh: unknown module '$1' (known: kubernetes etcd toxiproxy jaeger)" >&2; return 1 ;;
   esac
 }
 
@@ -73,5 +75,5 @@ build_module() {
   echo "build-tools: $module built in $((SECONDS - start)) s"
 }
 
-if [ $# -eq 0 ]; then set -- etcd toxiproxy kubernetes; fi
+if [ $# -eq 0 ]; then set -- etcd toxiproxy kubernetes jaeger; fi
 for m in "$@"; do build_module "$m"; done

@@ -351,7 +351,9 @@ pub fn waterfall(spans: &[ReceivedSpan]) -> String {
     let forwarded_roots = spans.iter().filter(|s| {
         s.name == "router.request"
             && s.parent_span_id.is_empty()
-            && spans.iter().any(|c| c.name == "router.forward" && c.parent_span_id == s.span_id)
+            && spans
+                .iter()
+                .any(|c| c.name == "router.forward" && c.parent_span_id == s.span_id)
     });
     let Some(root) = forwarded_roots.max_by_key(|s| s.end_ns.saturating_sub(s.start_ns)) else {
         return "\nNo proxied write was traced yet.\n".into();
@@ -371,13 +373,20 @@ pub fn waterfall(spans: &[ReceivedSpan]) -> String {
         let width = 40.0;
         let start = ((offset / total) * width).round() as usize;
         let len = ((span.duration_ms() / total) * width).round().max(1.0) as usize;
-        let bar = format!("{}{}", " ".repeat(start.min(40)), "█".repeat(len.min(40 - start.min(39))));
+        let bar = format!(
+            "{}{}",
+            " ".repeat(start.min(40)),
+            "█".repeat(len.min(40 - start.min(39)))
+        );
         let region = span
             .attribute("tern.region")
             .or_else(|| span.attribute("tern.group"))
             .unwrap_or_else(|| span.instance.trim_end_matches("-router"));
         let name = format!("{}{}", "  ".repeat(depth), span.name);
-        out.push_str(&format!("  {name:<24} {region:<9} +{offset:>7.1} ms {:>7.1} ms |{bar:<40}|\n", span.duration_ms()));
+        out.push_str(&format!(
+            "  {name:<24} {region:<9} +{offset:>7.1} ms {:>7.1} ms |{bar:<40}|\n",
+            span.duration_ms()
+        ));
         let mut children: Vec<&&ReceivedSpan> = trace.iter().filter(|c| c.parent_span_id == span.span_id).collect();
         children.sort_by_key(|c| c.start_ns);
         for c in children {

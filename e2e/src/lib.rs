@@ -12,6 +12,7 @@ pub mod controlplane;
 pub mod dns;
 pub mod etcd;
 pub mod etcd_cluster;
+pub mod jaeger;
 pub mod local;
 pub mod operator;
 pub mod otlp;

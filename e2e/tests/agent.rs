@@ -16,6 +16,11 @@ const D: u64 = 150;
 const HB: u64 = 100;
 const SLACK: u64 = 20;
 
+/// The lag bounds these tests assert are tight (heartbeat interval + 20 ms),
+/// and a second deployment on the same two cores would eat into them: the
+/// tests of this file run one at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 async fn start() -> LocalDeployment {
     tern_e2e::init_logs();
     LocalDeployment::start(Layout {
@@ -113,6 +118,7 @@ async fn write_stream(d: &LocalDeployment, account: &str, n: usize, every: Durat
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lag_is_the_link_delay_under_load_and_when_idle() {
+    let _serial = SERIAL.lock().await;
     let d = start().await;
     create_eu_account(&d, "acct-1").await;
     let low = D.saturating_sub(HB + SLACK) as f64;
@@ -164,6 +170,7 @@ async fn lag_is_the_link_delay_under_load_and_when_idle() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cut_link_raises_lag_and_the_mirror_heals_exactly() {
+    let _serial = SERIAL.lock().await;
     let d = start().await;
     create_eu_account(&d, "acct-1").await;
     write_stream(&d, "acct-1", 20, Duration::from_millis(10)).await;
@@ -191,8 +198,12 @@ async fn a_cut_link_raises_lag_and_the_mirror_heals_exactly() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_agent_resumes_without_gaps_or_duplicates() {
+    let _serial = SERIAL.lock().await;
     let mut d = start().await;
     create_eu_account(&d, "acct-1").await;
+    // The first agent has synchronised: the restart below resumes from its
+    // applied record rather than copying a snapshot.
+    caught_up(&d, true).await;
     let agent = d.region_mut("us-east").agent.take().expect("agent");
     let killer = async move {
         tokio::time::sleep(Duration::from_millis(700)).await;
@@ -212,6 +223,7 @@ async fn a_killed_agent_resumes_without_gaps_or_duplicates() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compaction_while_down_is_resynchronised() {
+    let _serial = SERIAL.lock().await;
     let mut d = start().await;
     create_eu_account(&d, "acct-1").await;
     write_stream(&d, "acct-1", 10, Duration::from_millis(5)).await;
@@ -241,6 +253,7 @@ async fn compaction_while_down_is_resynchronised() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clock_skew_is_reported_and_never_makes_lag_negative() {
+    let _serial = SERIAL.lock().await;
     let mut d = start().await;
     // eu-west's agent runs 5 s ahead.
     d.region_mut("eu-west").agent.take().expect("agent").stop().await;
@@ -289,6 +302,7 @@ async fn clock_skew_is_reported_and_never_makes_lag_negative() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_agent_acts_and_a_paused_leader_is_refused() {
+    let _serial = SERIAL.lock().await;
     let d = start().await;
     let a = d.region("us-east").agent.as_ref().expect("agent a");
     let b = d
@@ -331,6 +345,7 @@ async fn one_agent_acts_and_a_paused_leader_is_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bounded_reads_use_the_mirror_only_within_the_bound() {
+    let _serial = SERIAL.lock().await;
     let d = start().await;
     create_eu_account(&d, "acct-1").await;
     write_stream(&d, "acct-1", 1, Duration::ZERO).await;

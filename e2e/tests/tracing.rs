@@ -124,3 +124,67 @@ async fn a_proxied_write_is_one_trace_across_both_regions() {
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
+
+/// The same kind of write, found through Jaeger's query API by trace id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxied_write_is_found_in_jaeger() {
+    use tern_e2e::jaeger::Jaeger;
+    if !Jaeger::available() {
+        eprintln!("SKIPPED: the Jaeger binary is not built; run e2e/build-tools.sh jaeger (.ci/run does)");
+        return;
+    }
+    tern_e2e::init_logs();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let jaeger = Jaeger::start(dir.path()).expect("jaeger starts");
+    let mut d = LocalDeployment::start(Layout {
+        regions: vec![("us-east".into(), 1), ("eu-west".into(), 1)],
+        directory_members: 1,
+        rtt_ms: BTreeMap::from([(("us-east".into(), "eu-west".into()), RTT_MS)]),
+        agents: false,
+        otlp_endpoint: Some(jaeger.otlp_endpoint.clone()),
+    })
+    .await
+    .expect("deployment");
+    let mut us = d.client("us-east").await;
+    us.create_account(pb::CreateAccountRequest {
+        account: "acct-1".into(),
+        home_region: "us-east".into(),
+        allowed_regions: vec![],
+    })
+    .await
+    .expect("account");
+    let trace_id = "0af7651916cd43dd8448eb211c80319c";
+    let mut request = tonic::Request::new(pb::PutRequest {
+        account: "acct-1".into(),
+        key: "k".into(),
+        value: b"v".to_vec(),
+        idempotency_key: String::new(),
+    });
+    request.metadata_mut().insert(
+        "traceparent",
+        format!("00-{trace_id}-b7ad6b7169203331-01").parse().expect("ascii"),
+    );
+    let mut eu = d.client("eu-west").await;
+    eu.put(request).await.expect("proxied put");
+    for r in ["us-east", "eu-west"] {
+        if let Some(router) = d.region_mut(r).router.take() {
+            router.stop().await;
+        }
+    }
+    let mut found = None;
+    for _ in 0..50 {
+        if let Some(body) = jaeger.trace(trace_id).await
+            && body.contains("router.forward")
+            && body.contains("store.txn")
+        {
+            found = Some(body);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let body = found.unwrap_or_else(|| panic!("Jaeger does not have trace {trace_id}; its log:\n{}", jaeger.log()));
+    assert!(
+        body.contains("us-east-router") && body.contains("eu-west-router"),
+        "both routers in the trace: {body}"
+    );
+}

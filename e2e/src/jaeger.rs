@@ -1,0 +1,103 @@
+//! Jaeger v2 (built from its Go module by e2e/build-tools.sh), started with a
+//! minimal configuration on ports from the OS: OTLP/gRPC in, memory storage,
+//! and the query API (`/api/v3/traces/{id}`) out.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use crate::process::ChildGuard;
+use crate::{HarnessError, Result, assets};
+
+pub struct Jaeger {
+    /// OTLP/gRPC endpoint, `http://127.0.0.1:port`.
+    pub otlp_endpoint: String,
+    /// Query HTTP address (UI placeholder and `/api/v3`).
+    pub query: SocketAddr,
+    process: ChildGuard,
+}
+
+impl Jaeger {
+    /// Whether the Jaeger binary was built.
+    pub fn available() -> bool {
+        assets::binary("jaeger").is_ok()
+    }
+
+    pub fn start(dir: &Path) -> Result<Self> {
+        let binary = assets::binary("jaeger")?;
+        let otlp = assets::free_port();
+        let query = assets::free_port();
+        let query_grpc = assets::free_port();
+        let health = assets::free_port();
+        let config = format!(
+            "service:
+  extensions: [jaeger_storage, jaeger_query, healthcheckv2]
+  pipelines:
+    traces:
+      receivers: [otlp]
+      processors: [batch]
+      exporters: [jaeger_storage_exporter]
+  telemetry:
+    metrics:
+      level: none
+    logs:
+      level: warn
+extensions:
+  healthcheckv2:
+    use_v2: true
+    http:
+      endpoint: 127.0.0.1:{health}
+  jaeger_query:
+    storage:
+      traces: memstore
+    http:
+      endpoint: 127.0.0.1:{query}
+    grpc:
+      endpoint: 127.0.0.1:{query_grpc}
+  jaeger_storage:
+    backends:
+      memstore:
+        memory:
+          max_traces: 10000
+receivers:
+  otlp:
+    protocols:
+      grpc:
+        endpoint: 127.0.0.1:{otlp}
+processors:
+  batch:
+    timeout: 200ms
+exporters:
+  jaeger_storage_exporter:
+    trace_storage: memstore
+"
+        );
+        let config_path = dir.join("jaeger.yaml");
+        std::fs::write(&config_path, config).map_err(|source| HarnessError::Io {
+            path: config_path.display().to_string(),
+            source,
+        })?;
+        let mut cmd = Command::new(binary);
+        cmd.arg(format!("--config={}", config_path.display()));
+        let mut process = ChildGuard::spawn("jaeger", cmd, &dir.join("jaeger.log"))?;
+        let url = format!("http://127.0.0.1:{query}/api/v3/services");
+        crate::etcd::wait_until(&mut process, "jaeger", Duration::from_secs(60), || {
+            crate::etcd::http_get_ok(&url)
+        })?;
+        Ok(Self {
+            otlp_endpoint: format!("http://127.0.0.1:{otlp}"),
+            query: SocketAddr::from(([127, 0, 0, 1], query)),
+            process,
+        })
+    }
+
+    /// The body of `/api/v3/traces/{trace_id}` (hex id), if Jaeger has it.
+    pub async fn trace(&self, trace_id: &str) -> Option<String> {
+        crate::operator::http_get(self.query, &format!("/api/v3/traces/{trace_id}")).await
+    }
+
+    pub fn log(&self) -> String {
+        self.process.log_tail()
+    }
+}
