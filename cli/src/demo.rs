@@ -45,6 +45,10 @@ pub struct DemoArgs {
     /// Share of writes a client sends to accounts homed in other regions, 0-100.
     #[arg(long, default_value_t = 20)]
     remote_percent: u32,
+    /// Start Jaeger (built from its Go module), send every router's traces to
+    /// it and print its query address.
+    #[arg(long)]
+    jaeger: bool,
 }
 
 const REGIONS: [&str; 3] = ["us-east", "eu-west", "ap-south"];
@@ -55,6 +59,8 @@ struct Sample {
     local_us: Vec<u32>,
     proxied_us: Vec<u32>,
     errors: u64,
+    /// The slowest proxied write: its latency and trace id.
+    slowest: Option<(u32, String)>,
 }
 
 impl Sample {
@@ -62,6 +68,11 @@ impl Sample {
         self.local_us.extend_from_slice(&other.local_us);
         self.proxied_us.extend_from_slice(&other.proxied_us);
         self.errors += other.errors;
+        if let Some((us, id)) = &other.slowest
+            && self.slowest.as_ref().is_none_or(|(t, _)| us > t)
+        {
+            self.slowest = Some((*us, id.clone()));
+        }
     }
 }
 
@@ -136,28 +147,48 @@ pub async fn run(args: DemoArgs) -> Result<(), CliError> {
     for ((a, b), ms) in &rtt {
         println!("  round trip {a} ↔ {b}: {ms} ms");
     }
-    // Routers export their traces to a receiver in this process, so the demo
-    // can show where a cross-region write spends its time.
-    let receiver = OtlpReceiver::start()
+    // Routers export their traces to Jaeger (--jaeger) or to a receiver in
+    // this process, so the demo can show where a cross-region write spends
+    // its time.
+    let jaeger_dir = tempfile::tempdir().map_err(|e| CliError::Setup(format!("temp dir: {e}")))?;
+    let jaeger = if args.jaeger {
+        ensure_built("jaeger", &["jaeger"])?;
+        let j = tern_e2e::jaeger::Jaeger::start(jaeger_dir.path())?;
+        println!(
+            "  Jaeger: OTLP {}, query API http://{}/api/v3/traces/<trace id>",
+            j.otlp_endpoint, j.query
+        );
+        Some(j)
+    } else {
+        None
+    };
+    // The demo's own receiver keeps the spans for the waterfall and passes
+    // them on to Jaeger when it runs.
+    let receiver = OtlpReceiver::start_forwarding(jaeger.as_ref().map(|j| j.otlp_endpoint.as_str()))
         .await
         .map_err(|e| CliError::Setup(format!("trace receiver: {e}")))?;
+    let otlp = receiver.endpoint();
     let layout = Layout {
         regions: REGIONS.iter().map(|r| (r.to_string(), args.members)).collect(),
         directory_members: 3,
         rtt_ms: rtt,
         agents: true,
-        otlp_endpoint: Some(receiver.endpoint()),
+        otlp_endpoint: Some(otlp),
     };
     let deployment = tokio::select! {
         d = LocalDeployment::start(layout) => d?,
         _ = tokio::signal::ctrl_c() => return Err(CliError::Setup("interrupted while starting".into())),
     };
     let outcome = drive(&deployment, &args).await;
-    if outcome.is_ok() {
+    if let Ok(Some(slowest)) = &outcome {
         // One export period, so the last writes' spans have arrived.
         tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
-        print!("{}", waterfall(&receiver.spans()));
+        print!("{}", waterfall(&receiver.spans(), slowest));
+        if let Some(j) = &jaeger {
+            println!("  in Jaeger: http://{}/api/v3/traces/{slowest}", j.query);
+        }
     }
+    let outcome = outcome.map(|_| ());
     if outcome.is_ok() && args.keep {
         println!("\nThe deployment stays up until Ctrl-C. Routers:");
         for r in &deployment.regions {
@@ -186,7 +217,8 @@ pub async fn run(args: DemoArgs) -> Result<(), CliError> {
     outcome
 }
 
-async fn drive(d: &LocalDeployment, args: &DemoArgs) -> Result<(), CliError> {
+/// Runs the workload; returns the trace id of the slowest proxied write.
+async fn drive(d: &LocalDeployment, args: &DemoArgs) -> Result<Option<String>, CliError> {
     // Accounts homed in each region, created through that region's router.
     let mut accounts: Vec<(String, String)> = Vec::new();
     for region in REGIONS {
@@ -241,12 +273,23 @@ async fn drive(d: &LocalDeployment, args: &DemoArgs) -> Result<(), CliError> {
                         idempotency_key: key,
                     });
                     request.set_timeout(Duration::from_secs(2));
+                    // Every write starts its own trace, so the slowest one can
+                    // be found again.
+                    let trace_id: String = (0..16).map(|_| format!("{:02x}", rand::rng().random::<u8>())).collect();
+                    if let Ok(v) = format!("00-{trace_id}-{:016x}-01", rand::rng().random::<u64>() | 1).parse() {
+                        request.metadata_mut().insert("traceparent", v);
+                    }
                     let started = Instant::now();
                     let result = c.put(request).await;
                     let us = u32::try_from(started.elapsed().as_micros()).unwrap_or(u32::MAX);
                     let mut s = samples[region].lock().unwrap_or_else(|e| e.into_inner());
                     match result {
-                        Ok(r) if r.get_ref().meta.as_ref().is_some_and(|m| m.forwarded) => s.proxied_us.push(us),
+                        Ok(r) if r.get_ref().meta.as_ref().is_some_and(|m| m.forwarded) => {
+                            if s.slowest.as_ref().is_none_or(|(t, _)| us > *t) {
+                                s.slowest = Some((us, trace_id));
+                            }
+                            s.proxied_us.push(us)
+                        }
                         Ok(_) => s.local_us.push(us),
                         Err(_) => s.errors += 1,
                     }
@@ -295,7 +338,11 @@ async fn drive(d: &LocalDeployment, args: &DemoArgs) -> Result<(), CliError> {
     if interrupted {
         return Err(CliError::Setup("interrupted".into()));
     }
-    Ok(())
+    let slowest = total
+        .values()
+        .filter_map(|s| s.slowest.clone())
+        .max_by_key(|(us, _)| *us);
+    Ok(slowest.map(|(_, id)| id))
 }
 
 /// Each region's measured lag of its mirrors, as its agent reports it:
@@ -323,20 +370,30 @@ async fn mirror_lags(d: &LocalDeployment) -> BTreeMap<&'static str, String> {
 /// The demo runs the pinned etcd and toxiproxy; build them if they are
 /// missing and the build script is at hand.
 pub fn ensure_binaries() -> Result<(), CliError> {
-    if tern_e2e::assets::binary("etcd").is_ok() && tern_e2e::assets::binary("toxiproxy-server").is_ok() {
+    ensure_built("etcd and toxiproxy", &["etcd", "toxiproxy"])
+}
+
+/// Builds the pinned `modules` with e2e/build-tools.sh when their binaries
+/// are missing.
+fn ensure_built(what: &str, modules: &[&str]) -> Result<(), CliError> {
+    let binaries: &[&str] = match modules {
+        ["jaeger"] => &["jaeger"],
+        _ => &["etcd", "toxiproxy-server"],
+    };
+    if binaries.iter().all(|b| tern_e2e::assets::binary(b).is_ok()) {
         return Ok(());
     }
     let script = tern_e2e::repo_root().join("e2e/build-tools.sh");
     if !script.is_file() {
         return Err(CliError::Setup(format!(
-            "etcd and toxiproxy-server are not in {} and the build script {} is not here: set TERN_ASSETS",
+            "{what} are not in {} and the build script {} is not here: set TERN_ASSETS",
             tern_e2e::assets::dir().display(),
             script.display()
         )));
     }
-    println!("tern demo: building the pinned etcd and toxiproxy (once)");
+    println!("tern demo: building the pinned {what} (once)");
     let status = std::process::Command::new(&script)
-        .args(["etcd", "toxiproxy"])
+        .args(modules)
         .status()
         .map_err(|e| CliError::Setup(format!("running {}: {e}", script.display())))?;
     if !status.success() {
@@ -347,16 +404,17 @@ pub fn ensure_binaries() -> Result<(), CliError> {
 
 /// The trace of the slowest proxied write as a text waterfall: one line per
 /// span, indented by parent, with its region, start offset and duration.
-pub fn waterfall(spans: &[ReceivedSpan]) -> String {
-    let forwarded_roots = spans.iter().filter(|s| {
-        s.name == "router.request"
-            && s.parent_span_id.is_empty()
-            && spans
-                .iter()
-                .any(|c| c.name == "router.forward" && c.parent_span_id == s.span_id)
-    });
-    let Some(root) = forwarded_roots.max_by_key(|s| s.end_ns.saturating_sub(s.start_ns)) else {
-        return "\nNo proxied write was traced yet.\n".into();
+pub fn waterfall(spans: &[ReceivedSpan], trace_id: &str) -> String {
+    let in_trace = |s: &&ReceivedSpan| s.trace_id.iter().map(|b| format!("{b:02x}")).collect::<String>() == trace_id;
+    // The root here is the first router's request span (its parent is the
+    // client's, which is not in the trace).
+    let Some(root) = spans
+        .iter()
+        .filter(in_trace)
+        .filter(|s| s.name == "router.request")
+        .min_by_key(|s| s.start_ns)
+    else {
+        return format!("\nThe trace of the slowest proxied write ({trace_id}) has not arrived.\n");
     };
     let trace: Vec<&ReceivedSpan> = spans.iter().filter(|s| s.trace_id == root.trace_id).collect();
     let total = root.duration_ms().max(0.001);

@@ -101,3 +101,64 @@ exporters:
         self.process.log_tail()
     }
 }
+
+/// The spans of a `/api/v3/traces/{id}` answer (OTLP JSON).
+pub fn parse_trace(body: &str) -> Vec<crate::otlp::ReceivedSpan> {
+    use serde_json::Value;
+    let v: Value = serde_json::from_str(body).unwrap_or(Value::Null);
+    let text = |v: &Value| -> String {
+        match v {
+            Value::Object(m) => m
+                .values()
+                .next()
+                .map(|x| match x {
+                    Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                })
+                .unwrap_or_default(),
+            _ => String::new(),
+        }
+    };
+    let hex = |v: &Value| -> Vec<u8> {
+        let s = v.as_str().unwrap_or_default();
+        (0..s.len() / 2)
+            .filter_map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok())
+            .collect()
+    };
+    let nanos = |v: &Value| -> u64 {
+        match v {
+            Value::String(s) => s.parse().unwrap_or(0),
+            Value::Number(n) => n.as_u64().unwrap_or(0),
+            _ => 0,
+        }
+    };
+    let mut out = Vec::new();
+    let empty = Vec::new();
+    for rs in v["result"]["resourceSpans"].as_array().unwrap_or(&empty) {
+        let instance = rs["resource"]["attributes"]
+            .as_array()
+            .and_then(|a| a.iter().find(|kv| kv["key"] == "service.instance.id"))
+            .map(|kv| text(&kv["value"]))
+            .unwrap_or_default();
+        for ss in rs["scopeSpans"].as_array().unwrap_or(&empty) {
+            for s in ss["spans"].as_array().unwrap_or(&empty) {
+                out.push(crate::otlp::ReceivedSpan {
+                    name: s["name"].as_str().unwrap_or_default().to_string(),
+                    trace_id: hex(&s["traceId"]),
+                    span_id: hex(&s["spanId"]),
+                    parent_span_id: hex(&s["parentSpanId"]),
+                    start_ns: nanos(&s["startTimeUnixNano"]),
+                    end_ns: nanos(&s["endTimeUnixNano"]),
+                    instance: instance.clone(),
+                    attributes: s["attributes"]
+                        .as_array()
+                        .unwrap_or(&empty)
+                        .iter()
+                        .map(|kv| (kv["key"].as_str().unwrap_or_default().to_string(), text(&kv["value"])))
+                        .collect(),
+                });
+            }
+        }
+    }
+    out
+}

@@ -38,6 +38,12 @@ impl ReceivedSpan {
 #[derive(Clone, Default)]
 struct Collector {
     spans: Arc<Mutex<Vec<ReceivedSpan>>>,
+    /// Passes every export on to another OTLP receiver (Jaeger), too.
+    forward_to: Option<
+        opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient<
+            tonic::transport::Channel,
+        >,
+    >,
 }
 
 fn text(v: &Option<opentelemetry_proto::tonic::common::v1::AnyValue>) -> String {
@@ -56,8 +62,16 @@ impl TraceService for Collector {
         &self,
         request: Request<ExportTraceServiceRequest>,
     ) -> Result<Response<ExportTraceServiceResponse>, Status> {
+        let request = request.into_inner();
+        if let Some(client) = &self.forward_to {
+            let mut client = client.clone();
+            let copy = request.clone();
+            tokio::spawn(async move {
+                let _ = client.export(copy).await;
+            });
+        }
         let mut spans = self.spans.lock().unwrap_or_else(|e| e.into_inner());
-        for rs in request.into_inner().resource_spans {
+        for rs in request.resource_spans {
             let instance = rs
                 .resource
                 .as_ref()
@@ -92,9 +106,31 @@ pub struct OtlpReceiver {
 
 impl OtlpReceiver {
     pub async fn start() -> std::io::Result<Self> {
+        Self::start_forwarding(None).await
+    }
+
+    /// A receiver that also passes every export on to `forward_to`
+    /// (`http://host:port`, an OTLP/gRPC endpoint such as Jaeger's).
+    pub async fn start_forwarding(forward_to: Option<&str>) -> std::io::Result<Self> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
-        let collector = Collector::default();
+        let forward_to = match forward_to {
+            Some(url) => {
+                let channel = tonic::transport::Endpoint::from_shared(url.to_string())
+                    .map_err(|e| std::io::Error::other(e.to_string()))?
+                    .connect_lazy();
+                Some(
+                    opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient::new(
+                        channel,
+                    ),
+                )
+            }
+            None => None,
+        };
+        let collector = Collector {
+            spans: Arc::default(),
+            forward_to,
+        };
         let (stop, stopped) = oneshot::channel::<()>();
         let service = TraceServiceServer::new(collector.clone());
         tokio::spawn(async move {

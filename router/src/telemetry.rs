@@ -107,6 +107,22 @@ impl Telemetry {
     }
 }
 
+impl Drop for Telemetry {
+    /// The SDK shuts a provider down when its last handle drops, and that
+    /// blocks until the export task on the tokio runtime answers: done on a
+    /// tokio worker (a router task aborted), it can deadlock the runtime. The
+    /// last handles are dropped on a thread of their own instead.
+    fn drop(&mut self) {
+        let (provider, tracer) = (self.provider.take(), self.tracer.take());
+        if provider.is_some() || tracer.is_some() {
+            let _ = std::thread::Builder::new().name("otel-shutdown".into()).spawn(move || {
+                drop(tracer);
+                drop(provider);
+            });
+        }
+    }
+}
+
 /// The caller's trace context from gRPC metadata (empty when none).
 pub fn extract(metadata: &MetadataMap) -> Context {
     TraceContextPropagator::new().extract(&MetadataExtractor(metadata))
