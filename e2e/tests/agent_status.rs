@@ -59,6 +59,13 @@ async fn agent_lag_lands_in_the_geocluster_status() {
     .await
     .expect("deployment");
     d.region_mut("us-east").agent.take().expect("agent").stop().await;
+    // Forget the mirror's applied revision: the next agent must resync, and
+    // says so with an event on the GeoCluster.
+    d.group_client("us-east")
+        .await
+        .delete("/tern/r/eu-west/applied", None)
+        .await
+        .expect("delete");
     let agent = d
         .start_agent(
             "us-east",
@@ -107,6 +114,18 @@ async fn agent_lag_lands_in_the_geocluster_status() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let gc = api.get("payments").await.expect("geocluster");
     assert!(lag_of(&gc).is_some(), "the operator removed the agent's fields");
+    let events = cp
+        .kubectl(&[
+            "get",
+            "events.events.k8s.io",
+            "-o",
+            "custom-columns=REASON:.reason,NOTE:.note",
+        ])
+        .expect("events");
+    assert!(
+        events.contains("MirrorResync") && events.contains("eu-west"),
+        "{events}"
+    );
     let managers = cp
         .kubectl(&[
             "get",

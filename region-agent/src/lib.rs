@@ -59,6 +59,14 @@ pub async fn run(
     let directory = connect(config.directory_endpoints.clone(), "directory".into()).await?;
     let metrics = Arc::new(metrics::Metrics::default());
     let paused = Arc::new(AtomicBool::new(false));
+    let kube_client = match &config.geocluster {
+        Some(_) => Some(kubernetes::client(config.kubeconfig.as_deref()).await?),
+        None => None,
+    };
+    let events = kube_client
+        .clone()
+        .zip(config.geocluster.as_deref())
+        .map(|(c, name)| kubernetes::Events::new(c, &config.namespace, name, &config.identity()));
     let shared = Arc::new(Shared {
         region: config.region.clone(),
         identity: config.identity(),
@@ -67,6 +75,7 @@ pub async fn run(
         mirrors: Default::default(),
         members: Default::default(),
         paused: paused.clone(),
+        events,
     });
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -94,10 +103,6 @@ pub async fn run(
     });
     tracing::info!(region = %config.region, identity = %shared.identity, %http_addr, "tern-agent starting");
 
-    let kube_client = match &config.geocluster {
-        Some(_) => Some(kubernetes::client(config.kubeconfig.as_deref()).await?),
-        None => None,
-    };
     let members_task = tokio::spawn(members::run(
         config.group_endpoints.clone(),
         shared.clone(),

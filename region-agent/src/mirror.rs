@@ -258,6 +258,13 @@ async fn resync(
         .resyncs
         .get_or_create(&crate::metrics::Metrics::source(source.as_str()))
         .inc();
+    if let Some(events) = &shared.events {
+        let note = format!(
+            "region {}: the mirror of {source} is resynchronising from a snapshot (it had no applied revision, or {source} compacted past it)",
+            shared.region
+        );
+        events.warn("MirrorResync", note).await;
+    }
     shared.with_mirror(source, |m| m.state = "resyncing");
     let snapshot = source_client
         .clone()

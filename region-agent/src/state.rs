@@ -34,6 +34,8 @@ pub struct Shared {
     pub members: Mutex<Vec<MemberStatus>>,
     /// Test hook: a paused agent does nothing, like a stopped process.
     pub paused: Arc<AtomicBool>,
+    /// Kubernetes events on the GeoCluster, when running with --geocluster.
+    pub events: Option<crate::kubernetes::Events>,
 }
 
 impl Shared {

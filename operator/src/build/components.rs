@@ -351,6 +351,13 @@ pub fn agent_identity(gc: &GeoCluster) -> (ServiceAccount, Role, RoleBinding) {
                 verbs: vec!["patch".into()],
                 ..PolicyRule::default()
             },
+            // Events about the GeoCluster (a mirror resynchronising).
+            PolicyRule {
+                api_groups: Some(vec!["events.k8s.io".into()]),
+                resources: Some(vec!["events".into()]),
+                verbs: vec!["create".into(), "patch".into()],
+                ..PolicyRule::default()
+            },
         ]),
     };
     let binding = RoleBinding {
