@@ -155,7 +155,14 @@ async fn mirror(
             }
         }
         for (revision, events) in by_revision {
-            let beat = apply(local, source, leadership, applied, revision, &events).await?;
+            let beat = match apply(local, source, leadership, applied, revision, &events).await {
+                Err(AgentError::NotLeader(why)) => {
+                    // A write this agent attempted was refused: it no longer leads.
+                    shared.metrics.refused_writes.inc();
+                    return Err(AgentError::NotLeader(why));
+                }
+                other => other?,
+            };
             applied = revision;
             shared
                 .metrics
