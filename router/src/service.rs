@@ -247,6 +247,7 @@ impl RouterService {
     where
         F: FnOnce(crate::pb::router_client::RouterClient<tonic::transport::Channel>, Request<Req>) -> Fut,
         Fut: std::future::Future<Output = std::result::Result<Response<Resp>, Status>>,
+        Resp: MarkForwarded,
     {
         let attempt = call.attempts.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
         let span_cx = self.telemetry.span(
@@ -268,7 +269,10 @@ impl RouterService {
             span.end();
         }
         let failure = match result {
-            Ok(resp) => return Ok(Some(resp)),
+            Ok(mut resp) => {
+                resp.mark_forwarded();
+                return Ok(Some(resp));
+            }
             Err(failure) => failure,
         };
         let kind = match &failure {
@@ -393,6 +397,35 @@ fn idempotency(key: &str) -> Result<Option<IdempotencyKey>> {
     } else {
         Ok(Some(IdempotencyKey::new(key)?))
     }
+}
+
+/// A response that says whether it was forwarded.
+trait MarkForwarded {
+    fn mark_forwarded(&mut self);
+}
+
+macro_rules! mark_forwarded {
+    ($($t:ty),*) => {$(
+        impl MarkForwarded for $t {
+            fn mark_forwarded(&mut self) {
+                if let Some(m) = self.meta.as_mut() {
+                    m.forwarded = true;
+                }
+            }
+        }
+    )*};
+}
+
+mark_forwarded!(
+    pb::PutResponse,
+    pb::DeleteResponse,
+    pb::GetResponse,
+    pb::ListResponse,
+    pb::TxnResponse
+);
+
+impl MarkForwarded for pb::CreateAccountResponse {
+    fn mark_forwarded(&mut self) {}
 }
 
 /// Whether a read asks for bounded staleness, and its bound in ms.
@@ -636,12 +669,7 @@ impl Router for RouterService {
                         )
                         .await?;
                     match out {
-                        Some(mut resp) => {
-                            if let Some(m) = resp.meta.as_mut() {
-                                m.forwarded = true;
-                            }
-                            return Ok((resp, Route::ProxiedOut));
-                        }
+                        Some(resp) => return Ok((resp, Route::ProxiedOut)),
                         None => continue,
                     }
                 }
@@ -707,12 +735,7 @@ impl Router for RouterService {
                         )
                         .await?;
                     match out {
-                        Some(mut resp) => {
-                            if let Some(m) = resp.meta.as_mut() {
-                                m.forwarded = true;
-                            }
-                            return Ok((resp, Route::ProxiedOut));
-                        }
+                        Some(resp) => return Ok((resp, Route::ProxiedOut)),
                         None => continue,
                     }
                 }
@@ -819,12 +842,7 @@ impl Router for RouterService {
                         })
                         .await?;
                     match out {
-                        Some(mut resp) => {
-                            if let Some(m) = resp.meta.as_mut() {
-                                m.forwarded = true;
-                            }
-                            return Ok((resp, Route::ProxiedOut));
-                        }
+                        Some(resp) => return Ok((resp, Route::ProxiedOut)),
                         None => continue,
                     }
                 }
@@ -950,12 +968,7 @@ impl Router for RouterService {
                         })
                         .await?;
                     match out {
-                        Some(mut resp) => {
-                            if let Some(m) = resp.meta.as_mut() {
-                                m.forwarded = true;
-                            }
-                            return Ok((resp, Route::ProxiedOut));
-                        }
+                        Some(resp) => return Ok((resp, Route::ProxiedOut)),
                         None => continue,
                     }
                 }
@@ -1095,12 +1108,7 @@ impl Router for RouterService {
                         )
                         .await?;
                     match out {
-                        Some(mut resp) => {
-                            if let Some(m) = resp.meta.as_mut() {
-                                m.forwarded = true;
-                            }
-                            return Ok((resp, Route::ProxiedOut));
-                        }
+                        Some(resp) => return Ok((resp, Route::ProxiedOut)),
                         None => continue,
                     }
                 }
