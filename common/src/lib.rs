@@ -11,6 +11,7 @@ pub mod etcd;
 pub mod ids;
 pub mod keys;
 pub mod ops;
+pub mod process;
 pub mod records;
 
 pub use duration::parse_duration;

@@ -6,23 +6,15 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use tern_operator::config::{Config, LogFormat};
-use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let config = Config::parse();
-    let filter = EnvFilter::try_new(&config.log_filter).unwrap_or_else(|e| {
-        eprintln!(
-            "tern-operator: --log-filter `{}` is invalid ({e}); using `info`",
-            config.log_filter
-        );
-        EnvFilter::new("info")
-    });
-    let logs = tracing_subscriber::fmt().with_env_filter(filter);
-    match config.log_format {
-        LogFormat::Json => logs.json().init(),
-        LogFormat::Text => logs.init(),
-    }
+    tern_common::process::init_logs(
+        "tern-operator",
+        config.log_format == LogFormat::Json,
+        &config.log_filter,
+    );
     if let Err(e) = config.validate() {
         eprintln!("tern-operator: {e}");
         return ExitCode::from(2);
@@ -34,20 +26,11 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match tern_operator::run(config, client, shutdown_signal(), |_| {}).await {
+    match tern_operator::run(config, client, tern_common::process::shutdown_signal(), |_| {}).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "tern-operator stopped");
             ExitCode::FAILURE
         }
-    }
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
     }
 }
