@@ -196,12 +196,16 @@ async fn geocluster_lifecycle() {
     .await;
     // One agent Deployment per region, mirroring the two other regions, with
     // an identity allowed to write the GeoCluster's status.
-    let agents = deployments
-        .list(&ListParams::default().labels("app.kubernetes.io/component=agent"))
-        .await
-        .expect("list agents");
-    assert_eq!(agents.items.len(), 3);
-    for a in &agents.items {
+    // The agents are applied after the routers: wait for them as well.
+    let agents = eventually("three agent Deployments", WAIT, || async {
+        let list = deployments
+            .list(&ListParams::default().labels("app.kubernetes.io/component=agent"))
+            .await
+            .ok()?;
+        (list.items.len() == 3).then_some(list.items)
+    })
+    .await;
+    for a in &agents {
         let pod = a.spec.template.spec.as_ref().expect("pod");
         assert_eq!(pod.service_account_name.as_deref(), Some("payments-agent"));
         let args = pod.containers[0].args.clone().unwrap_or_default().join(" ");
