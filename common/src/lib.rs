@@ -2,8 +2,9 @@
 //! both must agree on it byte for byte: the identifiers (validated newtypes),
 //! the key layout of region groups and the directory group (DESIGN.md
 //! "Keys"), the fence values and the directory records. It also holds the ops
-//! endpoints (`/metrics`, `/healthz`, `/readyz`) that every tern binary,
-//! operator included, serves the same way.
+//! endpoints (`/metrics`, `/healthz`, `/readyz`), the log set-up and the
+//! OTLP trace export that every tern binary, operator included, does the
+//! same way.
 #![forbid(unsafe_code)]
 
 pub mod duration;
@@ -13,6 +14,7 @@ pub mod keys;
 pub mod ops;
 pub mod process;
 pub mod records;
+pub mod telemetry;
 
 pub use duration::parse_duration;
 pub use ids::*;

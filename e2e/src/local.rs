@@ -197,7 +197,8 @@ pub struct Layout {
     /// Run a region agent per region, mirroring every other region through
     /// toxiproxy links with the same round trips.
     pub agents: bool,
-    /// Routers export traces here (OTLP/gRPC), each as its own instance.
+    /// Routers and agents export traces here (OTLP/gRPC), each as its own
+    /// instance.
     pub otlp_endpoint: Option<String>,
 }
 
@@ -323,6 +324,9 @@ impl LocalDeployment {
                     format!("--identity={}-agent-a", region.name),
                 ];
                 args.extend(sources[i].iter().cloned());
+                if let Some(endpoint) = &layout.otlp_endpoint {
+                    args.push(format!("--otlp-endpoint={endpoint}"));
+                }
                 region.agent = Some(AgentGuard::start(&args).await?);
                 region.agent_args = args;
             }

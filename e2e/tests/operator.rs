@@ -409,7 +409,12 @@ async fn geocluster_lifecycle() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_geocluster_is_reported_not_retried() {
     let (cp, client) = setup("invalid").await;
-    let operator = OperatorGuard::start(&cp, &[]).await.expect("operator starts");
+    // The operator traces its reconciles too.
+    let receiver = tern_e2e::otlp::OtlpReceiver::start().await.expect("receiver");
+    let otlp = format!("--otlp-endpoint={}", receiver.endpoint());
+    let operator = OperatorGuard::start(&cp, &["--identity=traced", &otlp])
+        .await
+        .expect("operator starts");
     // Valid for the schema, but the directory would have two members: no
     // majority survives the loss of one.
     let dir = tempfile::tempdir().expect("temp dir");
@@ -492,6 +497,24 @@ async fn invalid_geocluster_is_reported_not_retried() {
             .then_some(())
     })
     .await;
+
+    // Stopping the operator flushes its spans: the refused reconcile and the
+    // one after the fix, each naming the object.
+    operator.stop().await;
+    let spans = receiver.spans();
+    let reconciles: Vec<_> = spans
+        .iter()
+        .filter(|s| {
+            s.name == "operator.reconcile"
+                && s.instance == "traced"
+                && s.attribute("tern.object") == Some("GeoCluster/default/even")
+        })
+        .collect();
+    let outcomes: Vec<_> = reconciles.iter().filter_map(|s| s.attribute("tern.outcome")).collect();
+    assert!(
+        outcomes.contains(&"invalid") && outcomes.contains(&"applied"),
+        "{outcomes:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

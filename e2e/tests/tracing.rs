@@ -188,3 +188,89 @@ async fn a_proxied_write_is_found_in_jaeger() {
         "both routers in the trace: {body}"
     );
 }
+
+/// Agents trace their heartbeats and every source revision they mirror, each
+/// agent as its own service instance, with the guard's outcome.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_trace_heartbeats_and_mirrored_revisions() {
+    tern_e2e::init_logs();
+    let receiver = OtlpReceiver::start().await.expect("receiver");
+    let d = LocalDeployment::start(Layout {
+        regions: vec![("us-east".into(), 1), ("eu-west".into(), 1)],
+        directory_members: 1,
+        rtt_ms: BTreeMap::from([(("us-east".into(), "eu-west".into()), RTT_MS)]),
+        agents: true,
+        otlp_endpoint: Some(receiver.endpoint()),
+    })
+    .await
+    .expect("deployment");
+    let mut us = d.client("us-east").await;
+    us.create_account(pb::CreateAccountRequest {
+        account: "acct-1".into(),
+        home_region: "us-east".into(),
+        allowed_regions: vec![],
+    })
+    .await
+    .expect("account");
+    // The first sync of a mirror copies a snapshot; wait until eu-west
+    // streams us-east's revisions one by one (it mirrors heartbeats).
+    let streaming = |spans: &[tern_e2e::otlp::ReceivedSpan]| {
+        spans
+            .iter()
+            .any(|s| s.name == "agent.mirror" && s.instance == "eu-west-agent-a")
+    };
+    for _ in 0..100 {
+        if streaming(&receiver.spans()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let revision = us
+        .put(pb::PutRequest {
+            account: "acct-1".into(),
+            key: "k".into(),
+            value: b"v".to_vec(),
+            idempotency_key: String::new(),
+        })
+        .await
+        .expect("put")
+        .into_inner()
+        .meta
+        .expect("meta")
+        .revision;
+
+    // Spans are exported every second; wait for eu-west's mirror of the put.
+    let wanted = revision.to_string();
+    let mut mirrored = None;
+    for _ in 0..100 {
+        mirrored = receiver.spans().into_iter().find(|s| {
+            s.name == "agent.mirror"
+                && s.attribute("tern.source_region") == Some("us-east")
+                && s.attribute("tern.source_revision") == Some(wanted.as_str())
+        });
+        if mirrored.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mirrored = mirrored.unwrap_or_else(|| panic!("no agent.mirror span for us-east revision {revision}"));
+    assert_eq!(mirrored.instance, "eu-west-agent-a");
+    assert_eq!(mirrored.attribute("tern.region"), Some("eu-west"));
+    assert_eq!(mirrored.attribute("tern.guard"), Some("held"));
+    assert!(
+        mirrored
+            .attribute("tern.revision")
+            .is_some_and(|r| r.parse::<i64>().is_ok_and(|r| r > 0)),
+        "the local revision of the mirror transaction is recorded"
+    );
+
+    let spans = receiver.spans();
+    for agent in ["us-east-agent-a", "eu-west-agent-a"] {
+        let beat = spans
+            .iter()
+            .find(|s| s.name == "agent.heartbeat" && s.instance == agent)
+            .unwrap_or_else(|| panic!("no heartbeat span from {agent}"));
+        assert_eq!(beat.attribute("tern.guard"), Some("held"));
+        assert!(beat.attribute("tern.heartbeat.seq").is_some());
+    }
+}

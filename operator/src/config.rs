@@ -66,6 +66,9 @@ pub struct Config {
     #[arg(long, env = "TERN_AGENT_IMAGE", default_value = crate::build::components::DEFAULT_AGENT_IMAGE)]
     pub agent_image: String,
 
+    #[command(flatten)]
+    pub trace: tern_common::telemetry::TraceArgs,
+
     /// Log format.
     #[arg(long, env = "TERN_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
     pub log_format: LogFormat,

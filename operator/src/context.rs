@@ -21,6 +21,8 @@ pub struct Context {
     /// Router and agent images when a GeoCluster names none.
     pub router_image: String,
     pub agent_image: String,
+    /// One `operator.reconcile` span per reconcile, when exporting.
+    pub telemetry: tern_common::telemetry::Telemetry,
     failures: Mutex<HashMap<String, u32>>,
 }
 
@@ -46,6 +48,7 @@ impl Context {
             resync,
             router_image,
             agent_image,
+            telemetry: tern_common::telemetry::Telemetry::disabled(),
             failures: Mutex::default(),
         }
     }

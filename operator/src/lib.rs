@@ -128,7 +128,7 @@ pub async fn run(
     }
     metrics.is_leader.set(1);
 
-    let ctx = Arc::new(Context::new(
+    let mut ctx = Context::new(
         client.clone(),
         &identity,
         metrics.clone(),
@@ -136,8 +136,18 @@ pub async fn run(
         config.resync,
         config.router_image.clone(),
         config.agent_image.clone(),
-    ));
-    let controllers = controllers(client, &config.namespace, ctx);
+    );
+    ctx.telemetry = tern_common::telemetry::Telemetry::from_args(
+        &config.trace,
+        tern_common::telemetry::Identity {
+            component: "operator",
+            region: None,
+            instance: &identity,
+        },
+    )
+    .map_err(Error::Config)?;
+    let ctx = Arc::new(ctx);
+    let controllers = controllers(client, &config.namespace, ctx.clone());
     let outcome = match elector.as_mut() {
         Some(elector) => {
             tokio::select! {
@@ -160,6 +170,7 @@ pub async fn run(
         elector.release().await;
     }
     http_task.abort();
+    ctx.telemetry.shutdown().await;
     tracing::info!("tern-operator stopped");
     outcome
 }
@@ -186,7 +197,14 @@ async fn controllers(client: Client, namespace: &str, ctx: Arc<Context>) {
     .owns(scoped::<RegionGroup>(client.clone(), namespace), ours.clone())
     .owns(scoped::<Deployment>(client.clone(), namespace), ours.clone())
     .run(
-        controller::geocluster::reconcile,
+        |gc, ctx| {
+            controller::traced(
+                "geocluster",
+                gc.clone(),
+                ctx.clone(),
+                controller::geocluster::reconcile(gc, ctx),
+            )
+        },
         controller::geocluster::error_policy,
         ctx.clone(),
     )
@@ -197,7 +215,14 @@ async fn controllers(client: Client, namespace: &str, ctx: Arc<Context>) {
         .owns(scoped::<PodDisruptionBudget>(client.clone(), namespace), ours.clone())
         .owns(scoped::<ConfigMap>(client, namespace), ours)
         .run(
-            controller::regiongroup::reconcile,
+            |rg, ctx| {
+                controller::traced(
+                    "regiongroup",
+                    rg.clone(),
+                    ctx.clone(),
+                    controller::regiongroup::reconcile(rg, ctx),
+                )
+            },
             controller::regiongroup::error_policy,
             ctx,
         )

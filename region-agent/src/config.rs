@@ -75,6 +75,9 @@ pub struct Config {
     #[arg(long)]
     pub kubeconfig: Option<std::path::PathBuf>,
 
+    #[command(flatten)]
+    pub trace: tern_common::telemetry::TraceArgs,
+
     /// Log format.
     #[arg(long, env = "TERN_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
     pub log_format: LogFormat,

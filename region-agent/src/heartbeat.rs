@@ -7,8 +7,10 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use etcd_client::{Client, Txn, TxnOp};
+use opentelemetry::KeyValue;
 use serde::{Deserialize, Serialize};
 use tern_common::heartbeat_key;
+use tern_common::telemetry::finish;
 
 use crate::election::Leadership;
 use crate::error::{AgentError, EtcdContext};
@@ -55,19 +57,49 @@ pub async fn run(client: Client, leadership: Leadership, shared: Arc<Shared>, in
             agent: shared.identity.clone(),
         };
         let value = serde_json::to_string(&beat).expect("a heartbeat serialises");
+        let span = shared.telemetry.root("agent.heartbeat", || {
+            vec![
+                KeyValue::new("tern.region", shared.region.to_string()),
+                KeyValue::new("tern.heartbeat.seq", seq as i64),
+            ]
+        });
         let txn = Txn::new()
             .when([leadership.guard()])
             .and_then([TxnOp::put(key.clone(), value, None)]);
-        match c.txn(txn).await.during(|| "writing a heartbeat".into()) {
-            Ok(resp) if resp.succeeded() => shared.metrics.heartbeats.inc(),
-            Ok(_) => {
+        let outcome = c.txn(txn).await.during(|| "writing a heartbeat".into());
+        let revision = |r: &etcd_client::TxnResponse| r.header().map(|h| h.revision()).unwrap_or(0);
+        match outcome {
+            Ok(resp) if resp.succeeded() => {
+                shared.metrics.heartbeats.inc();
+                finish(
+                    span,
+                    vec![
+                        KeyValue::new("tern.revision", revision(&resp)),
+                        KeyValue::new("tern.guard", "held"),
+                    ],
+                    Ok::<(), String>(()),
+                );
+            }
+            Ok(resp) => {
                 shared.metrics.refused_writes.inc();
-                return AgentError::NotLeader(format!(
+                let e = AgentError::NotLeader(format!(
                     "heartbeat {seq} refused: another agent leads {}",
                     shared.region
                 ));
+                finish(
+                    span,
+                    vec![
+                        KeyValue::new("tern.revision", revision(&resp)),
+                        KeyValue::new("tern.guard", "refused"),
+                    ],
+                    Err(&e),
+                );
+                return e;
             }
-            Err(e) => return e,
+            Err(e) => {
+                finish(span, vec![], Err(&e));
+                return e;
+            }
         };
     }
 }

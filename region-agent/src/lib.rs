@@ -10,6 +10,9 @@
 //! - `members`: Raft lag of the region's own members;
 //! - `publish`: metrics and the region's record in the directory;
 //! - `kubernetes`: the region's lag in the GeoCluster status, when asked.
+//!
+//! Heartbeats and mirrored revisions are traced (`agent.heartbeat`,
+//! `agent.mirror`, `agent.mirror.resync`) when an OTLP endpoint is set.
 #![forbid(unsafe_code)]
 
 pub mod config;
@@ -67,6 +70,16 @@ pub async fn run(
         .clone()
         .zip(config.geocluster.as_deref())
         .map(|(c, name)| kubernetes::Events::new(c, &config.namespace, name, &config.identity()));
+    let identity = config.identity();
+    let telemetry = tern_common::telemetry::Telemetry::from_args(
+        &config.trace,
+        tern_common::telemetry::Identity {
+            component: "agent",
+            region: Some(config.region.as_str()),
+            instance: &identity,
+        },
+    )
+    .map_err(AgentError::Config)?;
     let shared = Arc::new(Shared {
         region: config.region.clone(),
         identity: config.identity(),
@@ -76,6 +89,7 @@ pub async fn run(
         members: Default::default(),
         paused: paused.clone(),
         events,
+        telemetry,
     });
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -192,6 +206,7 @@ pub async fn run(
     }
     members_task.abort();
     http_task.abort();
+    shared.telemetry.shutdown().await;
     tracing::info!(region = %config.region, "tern-agent stopped");
     Ok(())
 }

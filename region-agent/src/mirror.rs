@@ -11,6 +11,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::{Client, Compare, CompareOp, EventType, GetOptions, Txn, TxnOp, WatchOptions};
+use opentelemetry::KeyValue;
+use tern_common::telemetry::finish;
 use tern_common::{
     MIRRORED_END, MIRRORED_START, RegionName, heartbeat_key, is_mirrored, mirror_applied_key, mirror_data_prefix,
     mirror_key,
@@ -44,7 +46,23 @@ pub async fn run(
                 revision,
             }) => {
                 tracing::warn!(source = %source_region, revision, "the source compacted past the mirror: resynchronising from a snapshot");
-                if let Err(e) = resync(&local, &source_client, &source, &leadership, &shared).await {
+                let span = shared.telemetry.root("agent.mirror.resync", || {
+                    vec![
+                        KeyValue::new("tern.region", shared.region.to_string()),
+                        KeyValue::new("tern.source_region", source.to_string()),
+                        KeyValue::new("tern.compacted_revision", revision),
+                    ]
+                });
+                let outcome = resync(&local, &source_client, &source, &leadership, &shared).await;
+                let attributes = match &outcome {
+                    Ok(r) => vec![
+                        KeyValue::new("tern.source_revision", r.revision),
+                        KeyValue::new("tern.keys", r.keys as i64),
+                    ],
+                    Err(_) => vec![],
+                };
+                finish(span, attributes, outcome.as_ref().map(|_| ()));
+                if let Err(e) = outcome {
                     if matches!(e, AgentError::NotLeader(_)) {
                         break e;
                     }
@@ -155,13 +173,31 @@ async fn mirror(
             }
         }
         for (revision, events) in by_revision {
-            let beat = match apply(local, source, leadership, applied, revision, &events).await {
+            let span = shared.telemetry.root("agent.mirror", || {
+                vec![
+                    KeyValue::new("tern.region", shared.region.to_string()),
+                    KeyValue::new("tern.source_region", source.to_string()),
+                    KeyValue::new("tern.source_revision", revision),
+                    KeyValue::new("tern.events", events.len() as i64),
+                ]
+            });
+            let outcome = apply(local, source, leadership, applied, revision, &events).await;
+            let attributes = match &outcome {
+                Ok(applied) => vec![
+                    KeyValue::new("tern.revision", applied.revision),
+                    KeyValue::new("tern.guard", "held"),
+                ],
+                Err(AgentError::NotLeader(_)) => vec![KeyValue::new("tern.guard", "refused")],
+                Err(_) => vec![],
+            };
+            finish(span, attributes, outcome.as_ref().map(|_| ()));
+            let beat = match outcome {
                 Err(AgentError::NotLeader(why)) => {
                     // A write this agent attempted was refused: it no longer leads.
                     shared.metrics.refused_writes.inc();
                     return Err(AgentError::NotLeader(why));
                 }
-                other => other?,
+                other => other?.heartbeat,
             };
             applied = revision;
             shared
@@ -182,7 +218,15 @@ async fn mirror(
     }
 }
 
-/// Applies one source revision. Returns the source heartbeat it carried.
+/// One source revision, applied.
+struct Applied {
+    /// The source heartbeat it carried.
+    heartbeat: Option<Heartbeat>,
+    /// The local revision of the mirror transaction.
+    revision: i64,
+}
+
+/// Applies one source revision.
 async fn apply(
     local: &Client,
     source: &RegionName,
@@ -190,7 +234,7 @@ async fn apply(
     previous: i64,
     revision: i64,
     events: &[&etcd_client::Event],
-) -> Result<Option<Heartbeat>> {
+) -> Result<Applied> {
     let hb_key = heartbeat_key(source);
     let mut beat = None;
     let mut ops = Vec::new();
@@ -226,7 +270,10 @@ async fn apply(
     if !resp.succeeded() {
         return Err(lost_or_raced(local, leadership, source).await);
     }
-    Ok(beat)
+    Ok(Applied {
+        heartbeat: beat,
+        revision: resp.header().map(|h| h.revision()).unwrap_or(0),
+    })
 }
 
 /// Why a guarded mirror write failed: leadership lost, or another writer
@@ -252,14 +299,14 @@ async fn lost_or_raced(local: &Client, leadership: &Leadership, source: &RegionN
 /// Copies the source's keys as of one revision into the mirror: clear the
 /// mirror and mark it incomplete, copy in chunks, then record the revision.
 /// Until the last step the mirror has no applied revision, so nothing reads
-/// it as current.
+/// it as current. Returns the snapshot's revision and key count.
 async fn resync(
     local: &Client,
     source_client: &Client,
     source: &RegionName,
     leadership: &Leadership,
     shared: &Arc<Shared>,
-) -> Result<()> {
+) -> Result<Resynced> {
     shared
         .metrics
         .resyncs
@@ -324,7 +371,16 @@ async fn resync(
         m.applied = revision;
         m.state = "streaming";
     });
-    Ok(())
+    Ok(Resynced {
+        revision,
+        keys: kvs.len(),
+    })
+}
+
+/// What a resync copied.
+struct Resynced {
+    revision: i64,
+    keys: usize,
 }
 
 /// Times a small read on the source every 500 ms: the round trip feeds the

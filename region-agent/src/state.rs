@@ -36,6 +36,8 @@ pub struct Shared {
     pub paused: Arc<AtomicBool>,
     /// Kubernetes events on the GeoCluster, when running with --geocluster.
     pub events: Option<crate::kubernetes::Events>,
+    /// Spans of heartbeats and mirrored revisions, when exporting.
+    pub telemetry: tern_common::telemetry::Telemetry,
 }
 
 impl Shared {

@@ -66,15 +66,8 @@ pub struct Config {
     #[arg(long, env = "TERN_DRAIN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
 
-    /// OTLP/gRPC endpoint for traces, e.g. http://127.0.0.1:4317. Unset: no
-    /// traces are exported and no spans are created.
-    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
-    pub otlp_endpoint: Option<String>,
-
-    /// Fraction of root traces sampled (0 to 1); a call whose caller sampled
-    /// its trace is always sampled.
-    #[arg(long, env = "TERN_TRACE_SAMPLING_RATIO", default_value_t = 1.0)]
-    pub trace_sampling_ratio: f64,
+    #[command(flatten)]
+    pub trace: tern_common::telemetry::TraceArgs,
 
     /// Service instance id in traces; default: <region>-<pid>.
     #[arg(long, env = "POD_NAME")]

@@ -52,22 +52,19 @@ pub async fn run(
         directory.register_region(&config.region, endpoint).await?;
     }
     let metrics = Arc::new(Metrics::default());
-    if !(0.0..=1.0).contains(&config.trace_sampling_ratio) {
-        return Err(RouterError::BadRequest(format!(
-            "--trace-sampling-ratio {} is not between 0 and 1",
-            config.trace_sampling_ratio
-        )));
-    }
-    let telemetry = match &config.otlp_endpoint {
-        Some(endpoint) => {
-            let instance = config
-                .instance
-                .clone()
-                .unwrap_or_else(|| format!("{}-{}-{}", config.region, std::process::id(), config.listen.port()));
-            crate::telemetry::Telemetry::otlp(endpoint, config.region.as_str(), &instance, config.trace_sampling_ratio)?
-        }
-        None => crate::telemetry::Telemetry::disabled(),
-    };
+    let instance = config
+        .instance
+        .clone()
+        .unwrap_or_else(|| format!("{}-{}-{}", config.region, std::process::id(), config.listen.port()));
+    let telemetry = crate::telemetry::Telemetry::from_args(
+        &config.trace,
+        tern_common::telemetry::Identity {
+            component: "router",
+            region: Some(config.region.as_str()),
+            instance: &instance,
+        },
+    )
+    .map_err(RouterError::Internal)?;
     let counts = Arc::new(WriteCounts::new(config.write_count_window, config.write_count_accounts));
     let service = RouterService {
         region: config.region.clone(),

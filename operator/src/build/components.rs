@@ -198,6 +198,13 @@ fn deployment(gc: &GeoCluster, region: &RegionSpec, w: Workload<'_>) -> Deployme
             value: Some(t.otlp_endpoint.clone()),
             ..EnvVar::default()
         });
+        if let Some(ratio) = t.sampling_ratio {
+            env.push(EnvVar {
+                name: "TERN_TRACE_SAMPLING_RATIO".into(),
+                value: Some(ratio.to_string()),
+                ..EnvVar::default()
+            });
+        }
     }
     let container = Container {
         name: component.as_str().into(),
@@ -454,5 +461,28 @@ mod agent_tests {
             ["geoclusters/status"]
         );
         assert_eq!(binding.subjects.expect("subjects")[0].name, "payments-agent");
+    }
+
+    #[test]
+    fn telemetry_settings_reach_routers_and_agents() {
+        let mut gc = example();
+        gc.spec.telemetry = Some(tern_crds::TelemetrySpec {
+            otlp_endpoint: "http://collector:4317".into(),
+            sampling_ratio: Some(0.25),
+        });
+        let agent = agent_deployment(&gc, &gc.spec.regions[0], DEFAULT_AGENT_IMAGE);
+        let (router, _) = router_objects(&gc, &gc.spec.regions[0], DEFAULT_IMAGE);
+        for d in [agent, router] {
+            let env = d.spec.template.spec.expect("pod").containers[0]
+                .env
+                .clone()
+                .expect("env");
+            let value = |name: &str| env.iter().find(|e| e.name == name).and_then(|e| e.value.clone());
+            assert_eq!(
+                value("OTEL_EXPORTER_OTLP_ENDPOINT").as_deref(),
+                Some("http://collector:4317")
+            );
+            assert_eq!(value("TERN_TRACE_SAMPLING_RATIO").as_deref(), Some("0.25"));
+        }
     }
 }
