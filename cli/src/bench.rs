@@ -11,6 +11,10 @@
 //! 3. Mirrors: p99 of the measured mirror lag while the source takes 1,000
 //!    writes/s over an 80 ms link, and the mirror's apply throughput while it
 //!    catches up with a burst.
+//! 4. Telemetry: a router with no OTLP endpoint against one built without
+//!    the `otlp` feature (`bench_telemetry`).
+//!
+//! `--sections` picks some of them.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -25,40 +29,76 @@ use crate::CliError;
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
-    /// Seconds per measuring round (router overhead runs 2 rounds of each).
+    /// Seconds per measuring round (router overhead runs 2 rounds of each,
+    /// the telemetry section 3 of each build).
     #[arg(long, default_value_t = 5)]
-    round_secs: u64,
-    /// Concurrent writers in the overhead benchmark.
+    pub(crate) round_secs: u64,
+    /// Concurrent writers in the overhead and telemetry benchmarks.
     #[arg(long, default_value_t = 16)]
-    concurrency: usize,
+    pub(crate) concurrency: usize,
     /// Sequential proxied writes per region pair.
     #[arg(long, default_value_t = 50)]
     proxied_writes: usize,
     /// etcd members per region group.
     #[arg(long, default_value_t = 3)]
-    members: usize,
+    pub(crate) members: usize,
+    /// Sections to run, comma separated (default: all).
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "overhead,proxied,mirrors,telemetry"
+    )]
+    sections: Vec<Section>,
     /// Where to write the report.
     #[arg(long, default_value = "target/bench/report.md")]
     report: std::path::PathBuf,
 }
 
+/// The sections of the report.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Section {
+    /// Router versus direct etcd, in-region writes.
+    Overhead,
+    /// Proxied write latency over the injected round trip, per region pair.
+    Proxied,
+    /// Mirror lag at 1,000 writes/s and catch-up throughput.
+    Mirrors,
+    /// A router with no OTLP endpoint versus one built without telemetry.
+    Telemetry,
+}
+
 const REGIONS: [&str; 3] = ["us-east", "eu-west", "ap-south"];
 
-fn quantile(sorted: &[Duration], q: f64) -> Duration {
+pub(crate) fn quantile(sorted: &[Duration], q: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
     }
     sorted[((sorted.len() - 1) as f64 * q).round() as usize]
 }
 
-struct Round {
-    ops: usize,
-    elapsed: Duration,
-    latencies: Vec<Duration>,
+/// A duration in ms.
+pub(crate) fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// Throughput, p50 and p99 over `rounds`.
+pub(crate) fn summarize(rounds: &[Round]) -> (f64, Duration, Duration) {
+    let ops: usize = rounds.iter().map(|r| r.ops).sum();
+    let secs: f64 = rounds.iter().map(|r| r.elapsed.as_secs_f64()).sum();
+    let mut all: Vec<Duration> = rounds.iter().flat_map(|r| r.latencies.iter().copied()).collect();
+    all.sort_unstable();
+    (ops as f64 / secs, quantile(&all, 0.5), quantile(&all, 0.99))
+}
+
+pub(crate) struct Round {
+    pub(crate) ops: usize,
+    pub(crate) elapsed: Duration,
+    pub(crate) latencies: Vec<Duration>,
 }
 
 /// Runs `concurrency` writers calling `op(writer, n)` for `secs`.
-async fn round<F, Fut>(concurrency: usize, secs: u64, op: F) -> Round
+pub(crate) async fn round<F, Fut>(concurrency: usize, secs: u64, op: F) -> Round
 where
     F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = bool> + Send,
@@ -99,6 +139,38 @@ where
 
 pub async fn run(args: BenchArgs) -> Result<(), CliError> {
     crate::demo::ensure_binaries()?;
+    let wants = |s: Section| args.sections.contains(&s);
+    let mut report = String::from("# tern bench\n\n");
+    report.push_str(&format!(
+        "Machine: {} cores; etcd groups of {} members with fsync off, on one machine; {} build.\n\n",
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        args.members,
+        if cfg!(debug_assertions) { "debug" } else { "release" }
+    ));
+    if wants(Section::Overhead) || wants(Section::Proxied) {
+        report.push_str(&data_plane(&args).await?);
+    }
+    if wants(Section::Mirrors) {
+        let mirrors = mirror_bench(&args).await?;
+        print!("\n{mirrors}");
+        report.push_str(&mirrors);
+    }
+    if wants(Section::Telemetry) {
+        let telemetry = crate::bench_telemetry::run(&args).await?;
+        print!("\n{telemetry}");
+        report.push_str(&telemetry);
+    }
+    if let Some(parent) = args.report.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| CliError::Setup(format!("{}: {e}", parent.display())))?;
+    }
+    std::fs::write(&args.report, &report).map_err(|e| CliError::Setup(format!("{}: {e}", args.report.display())))?;
+    println!("\nreport written to {}", args.report.display());
+    Ok(())
+}
+
+/// Sections 1 and 2, on one three-region deployment.
+async fn data_plane(args: &BenchArgs) -> Result<String, CliError> {
+    let wants = |s: Section| args.sections.contains(&s);
     let rtt: BTreeMap<(String, String), u64> = BTreeMap::from([
         (("us-east".into(), "eu-west".into()), 80),
         (("us-east".into(), "ap-south".into()), 220),
@@ -116,13 +188,24 @@ pub async fn run(args: BenchArgs) -> Result<(), CliError> {
         args.members
     );
     let d = LocalDeployment::start(layout).await?;
-    let mut report = String::from("# tern bench\n\n");
-    report.push_str(&format!(
-        "Machine: {} cores; etcd groups of {} members with fsync off, on one machine; debug or release as built.\n\n",
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
-        args.members
-    ));
+    let mut report = String::new();
+    if wants(Section::Overhead) {
+        let overhead = overhead(&d, args).await?;
+        print!("\n{overhead}");
+        report.push_str(&overhead);
+    }
+    if wants(Section::Proxied) {
+        let table = proxied(&d, args).await?;
+        print!("\n{table}");
+        report.push_str(&table);
+    }
+    drop(d);
+    Ok(report)
+}
 
+/// Section 1: the same in-region writes straight to etcd and through the
+/// router, interleaved.
+async fn overhead(d: &LocalDeployment, args: &BenchArgs) -> Result<String, CliError> {
     // 1. Router overhead, in-region.
     let mut admin = d.client("us-east").await;
     admin
@@ -197,17 +280,9 @@ pub async fn run(args: BenchArgs) -> Result<(), CliError> {
             .await,
         );
     }
-    let summarize = |rounds: &[Round]| {
-        let ops: usize = rounds.iter().map(|r| r.ops).sum();
-        let secs: f64 = rounds.iter().map(|r| r.elapsed.as_secs_f64()).sum();
-        let mut all: Vec<Duration> = rounds.iter().flat_map(|r| r.latencies.iter().copied()).collect();
-        all.sort_unstable();
-        (ops as f64 / secs, quantile(&all, 0.5), quantile(&all, 0.99))
-    };
     let (direct_tput, direct_p50, direct_p99) = summarize(&direct_rounds);
     let (txn_tput, txn_p50, txn_p99) = summarize(&txn_rounds);
     let (router_tput, router_p50, router_p99) = summarize(&router_rounds);
-    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     let overhead = format!(
         "## Router overhead (in-region writes, {} writers, 2 × {} s rounds each, interleaved)\n\n\
          | path | writes/s | p50 | p99 |\n|---|---:|---:|---:|\n\
@@ -230,9 +305,13 @@ pub async fn run(args: BenchArgs) -> Result<(), CliError> {
         txn_tput / direct_tput,
         router_tput / txn_tput,
     );
-    print!("\n{overhead}");
-    report.push_str(&overhead);
+    Ok(overhead)
+}
 
+/// Section 2: proxied writes per ordered region pair over the injected
+/// round trip.
+async fn proxied(d: &LocalDeployment, args: &BenchArgs) -> Result<String, CliError> {
+    let mut admin = d.client("us-east").await;
     // 2. Proxied writes per ordered region pair.
     for home in REGIONS {
         admin
@@ -275,19 +354,7 @@ pub async fn run(args: BenchArgs) -> Result<(), CliError> {
         }
     }
     table.push_str("\nTarget: p50 / RTT ≤ 1.1.\n");
-    print!("\n{table}");
-    report.push_str(&table);
-    drop(d);
-
-    let mirrors = mirror_bench(&args).await?;
-    print!("\n{mirrors}");
-    report.push_str(&mirrors);
-    if let Some(parent) = args.report.parent() {
-        std::fs::create_dir_all(parent).map_err(|e| CliError::Setup(format!("{}: {e}", parent.display())))?;
-    }
-    std::fs::write(&args.report, &report).map_err(|e| CliError::Setup(format!("{}: {e}", args.report.display())))?;
-    println!("\nreport written to {}", args.report.display());
-    Ok(())
+    Ok(table)
 }
 
 /// Section 3: mirror lag under a steady 1,000 writes/s and apply throughput.

@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 mod bench;
+mod bench_telemetry;
 mod client;
 mod demo;
 mod status;

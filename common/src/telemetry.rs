@@ -8,14 +8,12 @@
 //! in one process, and each must show up as its own service instance in a
 //! trace. The router carries W3C trace context across its gRPC hops itself
 //! (`tern_router::telemetry`).
+//!
+//! Built without the `otlp` feature there is no exporter at all: that build
+//! is what `tern bench` compares a router with no endpoint against.
 
-use std::time::Duration;
-
-use opentelemetry::trace::{SpanKind, Status, TraceContextExt, Tracer, TracerProvider as _};
+use opentelemetry::trace::{SpanKind, Status, TraceContextExt};
 use opentelemetry::{Context, KeyValue};
-use opentelemetry_otlp::WithExportConfig;
-use opentelemetry_sdk::Resource;
-use opentelemetry_sdk::trace::{Sampler, SdkTracer, SdkTracerProvider};
 
 /// The trace flags every tern binary takes.
 #[derive(clap::Args, Clone, Debug, Default, PartialEq)]
@@ -59,19 +57,16 @@ pub struct Identity<'a> {
     pub instance: &'a str,
 }
 
-/// A component's tracing: a tracer when exporting, nothing otherwise.
+/// A component's tracing: an exporter when one is configured, nothing
+/// otherwise.
 pub struct Telemetry {
-    provider: Option<SdkTracerProvider>,
-    tracer: Option<SdkTracer>,
+    exporter: Option<exporter::Exporter>,
 }
 
 impl Telemetry {
     /// No export and no cost.
     pub fn disabled() -> Self {
-        Self {
-            provider: None,
-            tracer: None,
-        }
+        Self { exporter: None }
     }
 
     /// From the flags: exporting when an endpoint is set. Must be called on
@@ -86,89 +81,39 @@ impl Telemetry {
     /// Exports to `endpoint` (`http://host:4317`), sampling `ratio` of root
     /// traces; a span with a sampled parent is always sampled.
     pub fn otlp(endpoint: &str, who: Identity<'_>, ratio: f64) -> Result<Self, String> {
-        let exporter = opentelemetry_otlp::SpanExporter::builder()
-            .with_tonic()
-            .with_endpoint(endpoint)
-            .with_timeout(Duration::from_secs(5))
-            .build()
-            .map_err(|e| format!("OTLP exporter for {endpoint}: {e}"))?;
-        // The batch processor on the tokio runtime: the tonic exporter needs
-        // it. Export every second: a trace shows up while people still look
-        // at the request that made it.
-        let batch = opentelemetry_sdk::trace::BatchConfigBuilder::default()
-            .with_scheduled_delay(Duration::from_secs(1))
-            .build();
-        let processor = opentelemetry_sdk::trace::span_processor_with_async_runtime::BatchSpanProcessor::builder(
-            exporter,
-            opentelemetry_sdk::runtime::Tokio,
-        )
-        .with_batch_config(batch)
-        .build();
-        let service = format!("tern-{}", who.component);
-        let mut attributes = vec![
-            KeyValue::new("service.instance.id", who.instance.to_string()),
-            KeyValue::new("tern.component", who.component),
-        ];
-        if let Some(region) = who.region {
-            attributes.push(KeyValue::new("tern.region", region.to_string()));
-        }
-        let resource = Resource::builder()
-            .with_service_name(service.clone())
-            .with_attributes(attributes)
-            .build();
-        let provider = SdkTracerProvider::builder()
-            .with_span_processor(processor)
-            .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(ratio))))
-            .with_resource(resource)
-            .build();
-        let tracer = provider.tracer(service);
         Ok(Self {
-            provider: Some(provider),
-            tracer: Some(tracer),
+            exporter: Some(exporter::Exporter::new(endpoint, who, ratio)?),
         })
     }
 
     /// Whether spans are being made at all.
     pub fn enabled(&self) -> bool {
-        self.tracer.is_some()
+        self.exporter.is_some()
     }
 
     /// Starts a span as a child of `parent`; None when not exporting.
+    /// `attributes` is only called when a span is made, so a component with
+    /// no endpoint pays nothing for formatting them.
     pub fn span(
         &self,
         name: &'static str,
         kind: SpanKind,
         parent: &Context,
-        attributes: Vec<KeyValue>,
+        attributes: impl FnOnce() -> Vec<KeyValue>,
     ) -> Option<Context> {
-        let tracer = self.tracer.as_ref()?;
-        let span = tracer
-            .span_builder(name)
-            .with_kind(kind)
-            .with_attributes(attributes)
-            .start_with_context(tracer, parent);
-        Some(parent.with_span(span))
+        Some(self.exporter.as_ref()?.span(name, kind, parent, attributes()))
     }
 
     /// A root span (a loop's unit of work: one heartbeat, one mirrored
-    /// revision, one reconcile); None when not exporting. `attributes` is
-    /// only called when a span is made, so a disabled build pays nothing for
-    /// formatting them.
+    /// revision, one reconcile); None when not exporting.
     pub fn root(&self, name: &'static str, attributes: impl FnOnce() -> Vec<KeyValue>) -> Option<Context> {
-        self.tracer.as_ref()?;
-        self.span(name, SpanKind::Internal, &Context::new(), attributes())
+        self.span(name, SpanKind::Internal, &Context::new(), attributes)
     }
 
-    /// Flushes and stops the exporter, waiting at most 5 s. The SDK's flush
-    /// blocks its thread until the export task (on this runtime) answers, so
-    /// it runs on a blocking thread.
+    /// Flushes and stops the exporter, waiting at most 5 s.
     pub async fn shutdown(&self) {
-        if let Some(p) = self.provider.clone() {
-            let flush = tokio::task::spawn_blocking(move || {
-                let _ = p.force_flush();
-                let _ = p.shutdown();
-            });
-            let _ = tokio::time::timeout(Duration::from_secs(5), flush).await;
+        if let Some(e) = &self.exporter {
+            e.shutdown().await;
         }
     }
 }
@@ -187,18 +132,133 @@ pub fn finish<E: std::fmt::Display>(cx: Option<Context>, attributes: Vec<KeyValu
     span.end();
 }
 
-impl Drop for Telemetry {
-    /// The SDK shuts a provider down when its last handle drops, and that
-    /// blocks until the export task on the tokio runtime answers: done on a
-    /// tokio worker (a task aborted), it can deadlock the runtime. The last
-    /// handles are dropped on a thread of their own instead.
-    fn drop(&mut self) {
-        let (provider, tracer) = (self.provider.take(), self.tracer.take());
-        if provider.is_some() || tracer.is_some() {
-            let _ = std::thread::Builder::new().name("otel-shutdown".into()).spawn(move || {
-                drop(tracer);
-                drop(provider);
-            });
+#[cfg(feature = "otlp")]
+mod exporter {
+    use std::time::Duration;
+
+    use opentelemetry::trace::{SpanKind, TraceContextExt, Tracer, TracerProvider as _};
+    use opentelemetry::{Context, KeyValue};
+    use opentelemetry_otlp::WithExportConfig;
+    use opentelemetry_sdk::Resource;
+    use opentelemetry_sdk::trace::{Sampler, SdkTracer, SdkTracerProvider};
+
+    use super::Identity;
+
+    pub struct Exporter {
+        provider: Option<SdkTracerProvider>,
+        tracer: Option<SdkTracer>,
+    }
+
+    impl Exporter {
+        pub fn new(endpoint: &str, who: Identity<'_>, ratio: f64) -> Result<Self, String> {
+            let exporter = opentelemetry_otlp::SpanExporter::builder()
+                .with_tonic()
+                .with_endpoint(endpoint)
+                .with_timeout(Duration::from_secs(5))
+                .build()
+                .map_err(|e| format!("OTLP exporter for {endpoint}: {e}"))?;
+            // The batch processor on the tokio runtime: the tonic exporter
+            // needs it. Export every second: a trace shows up while people
+            // still look at the request that made it.
+            let batch = opentelemetry_sdk::trace::BatchConfigBuilder::default()
+                .with_scheduled_delay(Duration::from_secs(1))
+                .build();
+            let processor = opentelemetry_sdk::trace::span_processor_with_async_runtime::BatchSpanProcessor::builder(
+                exporter,
+                opentelemetry_sdk::runtime::Tokio,
+            )
+            .with_batch_config(batch)
+            .build();
+            let service = format!("tern-{}", who.component);
+            let mut attributes = vec![
+                KeyValue::new("service.instance.id", who.instance.to_string()),
+                KeyValue::new("tern.component", who.component),
+            ];
+            if let Some(region) = who.region {
+                attributes.push(KeyValue::new("tern.region", region.to_string()));
+            }
+            let resource = Resource::builder()
+                .with_service_name(service.clone())
+                .with_attributes(attributes)
+                .build();
+            let provider = SdkTracerProvider::builder()
+                .with_span_processor(processor)
+                .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(ratio))))
+                .with_resource(resource)
+                .build();
+            let tracer = provider.tracer(service);
+            Ok(Self {
+                provider: Some(provider),
+                tracer: Some(tracer),
+            })
+        }
+
+        pub fn span(&self, name: &'static str, kind: SpanKind, parent: &Context, attributes: Vec<KeyValue>) -> Context {
+            let Some(tracer) = self.tracer.as_ref() else {
+                return parent.clone();
+            };
+            let span = tracer
+                .span_builder(name)
+                .with_kind(kind)
+                .with_attributes(attributes)
+                .start_with_context(tracer, parent);
+            parent.with_span(span)
+        }
+
+        /// The SDK's flush blocks its thread until the export task (on this
+        /// runtime) answers, so it runs on a blocking thread.
+        pub async fn shutdown(&self) {
+            if let Some(p) = self.provider.clone() {
+                let flush = tokio::task::spawn_blocking(move || {
+                    let _ = p.force_flush();
+                    let _ = p.shutdown();
+                });
+                let _ = tokio::time::timeout(Duration::from_secs(5), flush).await;
+            }
+        }
+    }
+
+    impl Drop for Exporter {
+        /// The SDK shuts a provider down when its last handle drops, and that
+        /// blocks until the export task on the tokio runtime answers: done on
+        /// a tokio worker (a task aborted), it can deadlock the runtime. The
+        /// last handles are dropped on a thread of their own instead.
+        fn drop(&mut self) {
+            let (provider, tracer) = (self.provider.take(), self.tracer.take());
+            if provider.is_some() || tracer.is_some() {
+                let _ = std::thread::Builder::new().name("otel-shutdown".into()).spawn(move || {
+                    drop(tracer);
+                    drop(provider);
+                });
+            }
+        }
+    }
+}
+
+/// A build without the `otlp` feature: no exporter can exist, and asking for
+/// one is refused at start-up.
+#[cfg(not(feature = "otlp"))]
+mod exporter {
+    use opentelemetry::trace::SpanKind;
+    use opentelemetry::{Context, KeyValue};
+
+    use super::Identity;
+
+    pub enum Exporter {}
+
+    impl Exporter {
+        pub fn new(endpoint: &str, _who: Identity<'_>, _ratio: f64) -> Result<Self, String> {
+            Err(format!(
+                "--otlp-endpoint {endpoint}: this binary was built without trace export (the `otlp` feature)"
+            ))
+        }
+
+        pub fn span(&self, _: &'static str, _: SpanKind, _: &Context, _: Vec<KeyValue>) -> Context {
+            match *self {}
+        }
+
+        pub async fn shutdown(&self) {
+            match *self {}
         }
     }
 }

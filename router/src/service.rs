@@ -119,15 +119,17 @@ impl RouterService {
         work: impl AsyncFnOnce(&Call) -> Result<(T, Route)>,
     ) -> Result<Response<T>, Status> {
         let mut call = call.map_err(|e| e.into_status(&self.region))?;
-        let attributes = vec![
-            KeyValue::new("tern.operation", call.op),
-            KeyValue::new("tern.origin_region", call.origin.to_string()),
-            KeyValue::new("tern.region", self.region.to_string()),
-        ];
-        call.cx = self
+        let span = self
             .telemetry
-            .span("router.request", SpanKind::Server, &call.parent, attributes)
-            .unwrap_or_else(|| call.parent.clone());
+            .span("router.request", SpanKind::Server, &call.parent, || {
+                vec![
+                    KeyValue::new("tern.operation", call.op),
+                    KeyValue::new("tern.origin_region", call.origin.to_string()),
+                    KeyValue::new("tern.region", self.region.to_string()),
+                ]
+            });
+        let traced = span.is_some();
+        call.cx = span.unwrap_or_else(|| call.parent.clone());
         let route_guess = if call.forwarded { Route::ProxiedIn } else { Route::Local };
         let outcome = match tokio::time::timeout_at(call.deadline, work(&call)).await {
             Ok(r) => r,
@@ -139,7 +141,7 @@ impl RouterService {
             ))),
         };
         let elapsed = call.started.elapsed().as_secs_f64();
-        {
+        if traced {
             let span = call.cx.span();
             let info = call.info.lock().unwrap_or_else(|e| e.into_inner());
             span.set_attribute(KeyValue::new("tern.account", info.account.clone()));
@@ -250,15 +252,12 @@ impl RouterService {
         Resp: MarkForwarded,
     {
         let attempt = call.attempts.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-        let span_cx = self.telemetry.span(
-            "router.forward",
-            SpanKind::Client,
-            &call.cx,
+        let span_cx = self.telemetry.span("router.forward", SpanKind::Client, &call.cx, || {
             vec![
                 KeyValue::new("tern.target_region", home.to_string()),
                 KeyValue::new("tern.attempt", i64::from(attempt)),
-            ],
-        );
+            ]
+        });
         let forward_cx = span_cx.as_ref().unwrap_or(&call.cx);
         let result = self.forwarder.call(home, call.deadline, message, forward_cx, f).await;
         if let Some(cx) = &span_cx {
@@ -334,11 +333,13 @@ impl RouterService {
         guard: Guard<'_>,
         extract: impl FnOnce(&[TxnOpResponse]) -> T,
     ) -> Result<Guarded<T>> {
-        let attributes = vec![
-            KeyValue::new("tern.group", self.region.to_string()),
-            KeyValue::new("tern.epoch", guard.epoch.0 as i64),
-        ];
-        let cx = self.telemetry.span("store.txn", SpanKind::Client, &call.cx, attributes);
+        let epoch = guard.epoch.0 as i64;
+        let cx = self.telemetry.span("store.txn", SpanKind::Client, &call.cx, || {
+            vec![
+                KeyValue::new("tern.group", self.region.to_string()),
+                KeyValue::new("tern.epoch", epoch),
+            ]
+        });
         let result = self.store.run(guard, extract).await;
         if let Some(cx) = cx {
             let span = cx.span();
