@@ -27,6 +27,8 @@ cargo fmt --all -- --check
 
 step "lints"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+# The router without trace export is what `tern bench` compares against.
+cargo clippy -p tern-router --no-default-features --locked -- -D warnings
 if command -v shellcheck >/dev/null 2>&1; then
   shellcheck e2e/*.sh .ci/run
 else
