@@ -62,6 +62,11 @@ pub struct Config {
     #[arg(long, env = "TERN_WRITE_COUNT_ACCOUNTS", default_value_t = 100_000)]
     pub write_count_accounts: usize,
 
+    /// Most writes that share one etcd transaction (group commit: each
+    /// keeps its own fence compare and outcome). 1 sends every write alone.
+    #[arg(long, env = "TERN_WRITE_BATCH_MAX", default_value_t = 32, value_parser = clap::value_parser!(u16).range(1..=128))]
+    pub write_batch_max: u16,
+
     /// On shutdown, finish in-flight requests for at most this long, e.g. 10s.
     #[arg(long, env = "TERN_DRAIN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub drain_timeout: Duration,

@@ -10,6 +10,7 @@
 //! writes come from; `metrics` and `server` make it an operable process.
 #![forbid(unsafe_code)]
 
+pub mod batch;
 pub mod config;
 pub mod counts;
 pub mod dns;

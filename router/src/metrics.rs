@@ -51,6 +51,8 @@ pub struct Metrics {
     pub forward_failures: Family<ForwardLabels, Counter>,
     pub placement_refreshes: Counter,
     pub retries: Counter,
+    /// Writes per etcd transaction (group commit).
+    pub write_batch_size: Histogram,
 }
 
 impl Default for Metrics {
@@ -64,6 +66,12 @@ impl Default for Metrics {
         let forward_failures = Family::<ForwardLabels, Counter>::default();
         let placement_refreshes = Counter::default();
         let retries = Counter::default();
+        let write_batch_size = Histogram::new(exponential_buckets(1.0, 2.0, 8));
+        registry.register(
+            "write_batch_size",
+            "Writes per etcd transaction on the region's group (group commit)",
+            write_batch_size.clone(),
+        );
         registry.register(
             "requests",
             "Requests by operation, route and gRPC code",
@@ -96,6 +104,7 @@ impl Default for Metrics {
             forward_failures,
             placement_refreshes,
             retries,
+            write_batch_size,
         }
     }
 }

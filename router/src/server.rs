@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use etcd_client::Client;
 use tokio::sync::watch;
-use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::Config;
 use crate::counts::WriteCounts;
@@ -69,7 +68,7 @@ pub async fn run(
     let service = RouterService {
         region: config.region.clone(),
         directory: directory.clone(),
-        store: HomeStore::new(group),
+        store: HomeStore::with_batching(group, config.write_batch_max.into(), metrics.write_batch_size.clone()),
         forwarder: Forwarder::new(
             config.region.clone(),
             Dns::new(config.dns_server)?,
@@ -121,10 +120,12 @@ pub async fn run(
     on_start(Running { grpc_addr, http_addr });
     tracing::info!(region = %config.region, %grpc_addr, %http_addr, "tern-router serving");
 
-    let incoming = TcpListenerStream::new(listener);
+    // The builder's tcp_nodelay does not apply to a listener of our own: set
+    // it on the incoming connections, or Nagle's algorithm holds small
+    // responses back until the client's delayed ACK (~40 ms at p99).
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let drain = config.drain_timeout;
     let server = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
         .add_service(RouterServer::from_arc(service.clone()))
         .serve_with_incoming_shutdown(incoming, stopped());
     tokio::pin!(server);

@@ -18,6 +18,7 @@ use tern_common::{
 use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 
+use crate::batch::Batchable;
 use crate::counts::WriteCounts;
 use crate::error::{Result, RouterError};
 use crate::forward::{FORWARDED, ForwardFailure, Forwarder, MOVED, ORIGIN_REGION};
@@ -26,6 +27,10 @@ use crate::pb::router_server::Router;
 use crate::pb::{self, operation};
 use crate::placement::{Directory, Placement};
 use crate::store::{Guard, Guarded, HomeStore};
+
+/// Bytes a batched write adds to its transaction besides key and value
+/// (compares, the idempotency record, framing), for the batch size limit.
+const BATCH_OVERHEAD: usize = 256;
 
 /// Longest deadline a client may ask for.
 const MAX_DEADLINE: Duration = Duration::from_secs(60);
@@ -680,6 +685,10 @@ impl Router for RouterService {
                     idempotency: idem.as_ref().map(|k| (k, Some(json!({"op": "put", "fp": fp})))),
                     compares: vec![],
                     ops: vec![TxnOp::put(key.clone(), r.value.clone(), None)],
+                    batch: Some(Batchable {
+                        keys: vec![key.clone()],
+                        bytes: key.len() + r.value.len() + BATCH_OVERHEAD,
+                    }),
                 };
                 match self.run_guarded(call, guard, |_| ()).await? {
                     Guarded::Done { revision, .. } => {
@@ -766,6 +775,10 @@ impl Router for RouterService {
                     idempotency: idem.as_ref().map(|k| (k, record)),
                     compares: vec![],
                     ops,
+                    batch: Some(Batchable {
+                        keys: vec![key.clone()],
+                        bytes: key.len() + BATCH_OVERHEAD,
+                    }),
                 };
                 let outcome = self
                     .store
@@ -853,6 +866,7 @@ impl Router for RouterService {
                     idempotency: None,
                     compares: vec![],
                     ops: vec![TxnOp::get(key.clone(), None)],
+                    batch: None,
                 };
                 match self
                     .store
@@ -980,6 +994,7 @@ impl Router for RouterService {
                     compares: vec![],
                     // One more than asked: tells whether another page exists.
                     ops: vec![HomeStore::range_op(&start, &end, i64::from(limit) + 1)],
+                    batch: None,
                 };
                 let extract = |responses: &[TxnOpResponse]| match responses.first() {
                     Some(TxnOpResponse::Get(g)) => g
@@ -1119,6 +1134,7 @@ impl Router for RouterService {
                     idempotency: idem.as_ref().map(|k| (k, Some(json!({"op": "txn", "fp": fp})))),
                     compares: compares.clone(),
                     ops: ops.clone(),
+                    batch: None,
                 };
                 let positions = get_positions.clone();
                 let extract = move |responses: &[TxnOpResponse]| {

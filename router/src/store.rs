@@ -10,6 +10,7 @@ use etcd_client::{Client, Compare, CompareOp, GetOptions, KeyValue, Txn, TxnOp, 
 use serde_json::json;
 use tern_common::{AccountId, Epoch, Fence, FenceState, IdempotencyKey, fence_key, idempotency_key};
 
+use crate::batch::{Batchable, Batcher};
 use crate::error::{Result, RouterError};
 
 /// What a guarded transaction found.
@@ -37,17 +38,31 @@ pub struct Guard<'a> {
     pub idempotency: Option<(&'a IdempotencyKey, Option<serde_json::Value>)>,
     pub compares: Vec<Compare>,
     pub ops: Vec<TxnOp>,
+    /// Set for a write that may share an etcd transaction with others (see
+    /// `batch`): the keys its ops write (the idempotency record is added
+    /// here) and its size. Unset: sent alone (reads, whose answers could be
+    /// large, and user transactions).
+    pub batch: Option<Batchable>,
 }
 
 /// The region's own group.
 #[derive(Clone)]
 pub struct HomeStore {
     client: Client,
+    batcher: Option<Batcher>,
 }
 
 impl HomeStore {
+    /// Every transaction sent alone.
     pub fn new(client: Client) -> Self {
-        Self { client }
+        Self { client, batcher: None }
+    }
+
+    /// Writes marked batchable share transactions, up to `max_writes` in
+    /// one (1: never).
+    pub fn with_batching(client: Client, max_writes: usize, sizes: prometheus_client::metrics::histogram::Histogram) -> Self {
+        let batcher = (max_writes > 1).then(|| Batcher::start(client.clone(), max_writes, sizes));
+        Self { client, batcher }
     }
 
     pub fn client(&self) -> Client {
@@ -65,8 +80,12 @@ impl HomeStore {
         )];
         let mut then = guard.ops;
         let mut otherwise = vec![TxnOp::get(fence, None)];
+        let mut batch = guard.batch;
         if let Some((key, record)) = &guard.idempotency {
             let idem = idempotency_key(guard.account, key);
+            if let Some(b) = batch.as_mut() {
+                b.keys.push(idem.clone());
+            }
             when.push(Compare::version(idem.clone(), CompareOp::Equal, 0));
             if let Some(record) = record {
                 then.push(TxnOp::put(idem.clone(), record.to_string(), None));
@@ -74,13 +93,20 @@ impl HomeStore {
             otherwise.push(TxnOp::get(idem, None));
         }
         when.extend(guard.compares);
-        let resp = self
-            .client
-            .clone()
-            .txn(Txn::new().when(when).and_then(then).or_else(otherwise))
-            .await
-            .map_err(|e| RouterError::OutcomeUnknown(format!("etcd transaction failed: {e}")))?;
-        let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+        let txn = Txn::new().when(when).and_then(then).or_else(otherwise);
+        let unknown = |e: String| RouterError::OutcomeUnknown(format!("etcd transaction failed: {e}"));
+        let (revision, resp) = match (&self.batcher, batch) {
+            (Some(batcher), Some(shape)) => batcher.submit(txn, shape).await.map_err(unknown)?,
+            _ => {
+                let resp = self
+                    .client
+                    .clone()
+                    .txn(txn)
+                    .await
+                    .map_err(|e| unknown(e.to_string()))?;
+                (resp.header().map(|h| h.revision()).unwrap_or(0), resp)
+            }
+        };
         let responses = resp.op_responses();
         if resp.succeeded() {
             return Ok(Guarded::Done {
