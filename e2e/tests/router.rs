@@ -592,3 +592,92 @@ async fn moving_a_region_is_a_dns_change() {
     eu_b.stop().await;
     dns.stop().await;
 }
+
+/// Concurrent writes share etcd transactions (group commit), yet each keeps
+/// its own outcome: a write whose fence fails fails alone, writes to one key
+/// are all applied in some order, and idempotent writes record their keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writes_share_transactions_and_keep_their_own_outcomes() {
+    let d = start(1).await;
+    create(&d, "us-east", "acct-a", "us-east").await;
+    create(&d, "us-east", "acct-b", "us-east").await;
+    // acct-b's fence moves on behind the routers' backs: its writes must fail.
+    let mut group = d.group_client("us-east").await;
+    group
+        .put("/tern/a/acct-b/fence", "2:active", None)
+        .await
+        .expect("fence to epoch 2");
+    let router = d.region("us-east").router.as_ref().expect("router");
+    let batched = async || {
+        let metrics = tern_e2e::operator::http_get(router.http_addr, "/metrics")
+            .await
+            .unwrap_or_default();
+        let value = |name: &str| {
+            metrics
+                .lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.rsplit(' ').next())
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        // More writes than transactions: some shared one.
+        value("tern_router_write_batch_size_sum") > value("tern_router_write_batch_size_count")
+    };
+
+    let mut rounds = 0;
+    while rounds < 5 && (rounds == 0 || !batched().await) {
+        rounds += 1;
+        let mut tasks = Vec::new();
+        for i in 0..40 {
+            let mut c = d.client("us-east").await;
+            tasks.push(tokio::spawn(async move {
+                let (account, key, idem) = match i % 4 {
+                    0 => ("acct-b", format!("k{i}"), String::new()),
+                    1 => ("acct-a", "same".to_string(), String::new()),
+                    2 => ("acct-a", format!("k{i}"), format!("op-{rounds}-{i}")),
+                    _ => ("acct-a", format!("k{i}"), String::new()),
+                };
+                let mut request = tonic::Request::new(put(account, &key, &format!("v{i}"), &idem));
+                request.set_timeout(Duration::from_millis(1500));
+                (i, c.put(request).await)
+            }));
+        }
+        for t in tasks {
+            let (i, result) = t.await.expect("task");
+            match (i % 4, result) {
+                (0, Err(e)) => assert_eq!(e.code(), Code::DeadlineExceeded, "write {i}: {e}"),
+                (0, Ok(_)) => panic!("write {i} under a moved fence was applied"),
+                (_, Ok(resp)) => {
+                    let meta = resp.into_inner().meta.expect("meta");
+                    assert!(meta.revision > 0 && !meta.replayed, "write {i}: {meta:?}");
+                }
+                (_, Err(e)) => panic!("write {i} failed: {e}"),
+            }
+        }
+    }
+    assert!(
+        batched().await,
+        "no two writes ever shared a transaction in {rounds} rounds"
+    );
+
+    let keys = account_keys(&d, "us-east").await;
+    assert!(
+        !keys.keys().any(|k| k.starts_with("/tern/a/acct-b/d/")),
+        "nothing written under the moved fence"
+    );
+    for i in (0..40).filter(|i| i % 4 >= 2) {
+        assert_eq!(keys[&format!("/tern/a/acct-a/d/k{i}")].0, format!("v{i}").as_bytes());
+    }
+    let same = String::from_utf8_lossy(&keys["/tern/a/acct-a/d/same"].0).into_owned();
+    assert!(
+        (0..40).filter(|i| i % 4 == 1).any(|i| same == format!("v{i}")),
+        "{same}"
+    );
+    assert_eq!(
+        keys["/tern/a/acct-a/d/same"].1,
+        10 * rounds as i64,
+        "every write to one key applied"
+    );
+    let records = keys.keys().filter(|k| k.starts_with("/tern/a/acct-a/idem/")).count();
+    assert_eq!(records, 10 * rounds, "one idempotency record per idempotent write");
+}

@@ -9,10 +9,12 @@
 //! that conflicts waits for the next batch, ahead of newer ones. Each write
 //! still succeeds or fails on its own compares; they share the commit
 //! revision. An error of the whole transaction reaches every write in it,
-//! as it would have reached each one alone.
+//! as it would have reached each one alone. A write whose caller gave up
+//! (deadline) while it queued is dropped, never sent late.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
+use std::time::Duration;
 
 use etcd_client::{Client, Txn, TxnOp, TxnOpResponse, TxnResponse};
 use prometheus_client::metrics::histogram::Histogram;
@@ -22,9 +24,16 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 /// with room for the keys and framing. A larger write goes alone.
 const MAX_BATCH_BYTES: usize = 1024 * 1024;
 
-/// Batches in flight at once: enough to keep etcd busy while the next batch
-/// forms.
-const IN_FLIGHT: usize = 4;
+/// Batches in flight at once. Two: one commits while the next forms, and a
+/// stuck transaction does not stop every write behind it. (On the 2-core
+/// benchmark one and two are within noise of each other; four makes smaller
+/// batches and costs etcd more CPU.)
+const IN_FLIGHT: usize = 2;
+
+/// How long a batch may wait for etcd before its writes are answered with
+/// an unknown outcome and its slot is freed. Callers have given up by then
+/// (the router's longest deadline is 60 s).
+const BATCH_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// What one write's transaction returned: the commit revision and its own
 /// (possibly nested) response.
@@ -90,24 +99,14 @@ async fn run(client: Client, mut rx: mpsc::UnboundedReceiver<Pending>, max_write
         while let Ok(p) = rx.try_recv() {
             waiting.push_back(p);
         }
-        let mut batch = Vec::new();
-        let mut keys: HashSet<String> = HashSet::new();
-        let mut bytes = 0;
-        let mut rest = VecDeque::new();
-        while let Some(p) = waiting.pop_front() {
-            let fits = batch.is_empty()
-                || (batch.len() < max_writes
-                    && bytes + p.shape.bytes <= MAX_BATCH_BYTES
-                    && p.shape.keys.iter().all(|k| !keys.contains(k)));
-            if fits {
-                bytes += p.shape.bytes;
-                keys.extend(p.shape.keys.iter().cloned());
-                batch.push(p);
-            } else {
-                rest.push_back(p);
-            }
+        // A caller past its deadline has stopped waiting and told its client
+        // so: its write is not sent late, where it could land after the
+        // client's retry.
+        waiting.retain(|p| !p.reply.is_closed());
+        if waiting.is_empty() {
+            continue;
         }
-        waiting = rest;
+        let batch = form(&mut waiting, max_writes, |p| &p.shape);
         sizes.observe(batch.len() as f64);
         let client = client.clone();
         tokio::spawn(async move {
@@ -117,21 +116,52 @@ async fn run(client: Client, mut rx: mpsc::UnboundedReceiver<Pending>, max_write
     }
 }
 
+/// Takes the next batch from the front of `waiting`: the first write always,
+/// then every later one that fits (count, bytes, no key already written by
+/// the batch). What does not fit keeps its place in line.
+fn form<T>(waiting: &mut VecDeque<T>, max_writes: usize, shape: impl Fn(&T) -> &Batchable) -> Vec<T> {
+    let mut batch: Vec<T> = Vec::new();
+    let mut keys: HashSet<String> = HashSet::new();
+    let mut bytes = 0;
+    let mut rest = VecDeque::new();
+    while let Some(p) = waiting.pop_front() {
+        let s = shape(&p);
+        let fits = batch.is_empty()
+            || (batch.len() < max_writes
+                && bytes + s.bytes <= MAX_BATCH_BYTES
+                && s.keys.iter().all(|k| !keys.contains(k)));
+        if fits {
+            bytes += s.bytes;
+            keys.extend(s.keys.iter().cloned());
+            batch.push(p);
+        } else {
+            rest.push_back(p);
+        }
+    }
+    *waiting = rest;
+    batch
+}
+
 async fn send(mut client: Client, mut batch: Vec<Pending>) {
     if batch.len() == 1 {
         // Alone: the write's own transaction, not nested.
         let p = batch.pop().expect("one write");
-        let outcome = client
-            .txn(p.txn)
-            .await
-            .map(|r| (r.header().map(|h| h.revision()).unwrap_or(0), r))
-            .map_err(|e| e.to_string());
+        let outcome = match tokio::time::timeout(BATCH_TIMEOUT, client.txn(p.txn)).await {
+            Ok(Ok(r)) => Ok((r.header().map(|h| h.revision()).unwrap_or(0), r)),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("etcd did not answer within {BATCH_TIMEOUT:?}")),
+        };
         let _ = p.reply.send(outcome);
         return;
     }
     let (txns, replies): (Vec<TxnOp>, Vec<oneshot::Sender<Outcome>>) =
         batch.into_iter().map(|p| (TxnOp::txn(p.txn), p.reply)).unzip();
-    match client.txn(Txn::new().and_then(txns)).await {
+    let answer = match tokio::time::timeout(BATCH_TIMEOUT, client.txn(Txn::new().and_then(txns))).await {
+        Ok(Ok(resp)) => Ok(resp),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("etcd did not answer within {BATCH_TIMEOUT:?}")),
+    };
+    match answer {
         Ok(resp) => {
             let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
             let mut responses = resp.op_responses().into_iter();
@@ -144,10 +174,54 @@ async fn send(mut client: Client, mut batch: Vec<Pending>) {
             }
         }
         Err(e) => {
-            let e = e.to_string();
             for reply in replies {
                 let _ = reply.send(Err(e.clone()));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(keys: &[&str], bytes: usize) -> Batchable {
+        Batchable {
+            keys: keys.iter().map(|k| k.to_string()).collect(),
+            bytes,
+        }
+    }
+
+    fn keys(batch: &[Batchable]) -> Vec<String> {
+        batch.iter().map(|b| b.keys.join("+")).collect()
+    }
+
+    #[test]
+    fn a_batch_never_writes_a_key_twice_and_conflicts_keep_their_place() {
+        let mut waiting = VecDeque::from([
+            write(&["a"], 10),
+            write(&["b", "idem-1"], 10),
+            write(&["a"], 10),
+            write(&["c"], 10),
+            write(&["idem-1"], 10),
+        ]);
+        let first = form(&mut waiting, 32, |b| b);
+        assert_eq!(keys(&first), ["a", "b+idem-1", "c"]);
+        let second = form(&mut waiting, 32, |b| b);
+        assert_eq!(keys(&second), ["a", "idem-1"]);
+        assert!(waiting.is_empty());
+    }
+
+    #[test]
+    fn a_batch_is_bounded_by_count_and_bytes() {
+        let mut waiting: VecDeque<_> = (0..5).map(|i| write(&[&format!("k{i}")], 10)).collect();
+        assert_eq!(form(&mut waiting, 2, |b| b).len(), 2);
+        assert_eq!(waiting.len(), 3);
+
+        // A write larger than the limit still goes, alone.
+        let mut waiting = VecDeque::from([write(&["big"], MAX_BATCH_BYTES + 1), write(&["small"], 10)]);
+        assert_eq!(keys(&form(&mut waiting, 32, |b| b)), ["big"]);
+        let mut waiting = VecDeque::from([write(&["x"], MAX_BATCH_BYTES - 5), write(&["y"], 10), write(&["z"], 5)]);
+        assert_eq!(keys(&form(&mut waiting, 32, |b| b)), ["x", "z"]);
     }
 }

@@ -5,7 +5,8 @@
 //!
 //! The request path, in the order a call meets it: `service` (validation,
 //! deadline, routing decision) → `placement` (the watch-fed directory cache)
-//! → `store` (the fenced transaction, idempotency) or `forward` (the pooled
+//! → `store` (the fenced transaction, idempotency; `batch` lets concurrent
+//! writes share one commit) or `forward` (the pooled
 //! channel to another region, resolved through `dns`). `counts` records where
 //! writes come from; `metrics` and `server` make it an operable process.
 #![forbid(unsafe_code)]

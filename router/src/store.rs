@@ -60,7 +60,11 @@ impl HomeStore {
 
     /// Writes marked batchable share transactions, up to `max_writes` in
     /// one (1: never).
-    pub fn with_batching(client: Client, max_writes: usize, sizes: prometheus_client::metrics::histogram::Histogram) -> Self {
+    pub fn with_batching(
+        client: Client,
+        max_writes: usize,
+        sizes: prometheus_client::metrics::histogram::Histogram,
+    ) -> Self {
         let batcher = (max_writes > 1).then(|| Batcher::start(client.clone(), max_writes, sizes));
         Self { client, batcher }
     }
@@ -98,12 +102,7 @@ impl HomeStore {
         let (revision, resp) = match (&self.batcher, batch) {
             (Some(batcher), Some(shape)) => batcher.submit(txn, shape).await.map_err(unknown)?,
             _ => {
-                let resp = self
-                    .client
-                    .clone()
-                    .txn(txn)
-                    .await
-                    .map_err(|e| unknown(e.to_string()))?;
+                let resp = self.client.clone().txn(txn).await.map_err(|e| unknown(e.to_string()))?;
                 (resp.header().map(|h| h.revision()).unwrap_or(0), resp)
             }
         };
