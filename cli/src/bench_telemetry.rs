@@ -159,12 +159,8 @@ pub async fn run(args: &BenchArgs) -> Result<String, CliError> {
     without_child.check_running()?;
     let (w_tput, w_p50, w_p99) = summarize(&with_rounds);
     let (o_tput, o_p50, o_p99) = summarize(&without_rounds);
-    let rates = |rounds: &[Round]| -> Vec<f64> {
-        rounds
-            .iter()
-            .map(|r| r.ops as f64 / r.elapsed.as_secs_f64())
-            .collect()
-    };
+    let rates =
+        |rounds: &[Round]| -> Vec<f64> { rounds.iter().map(|r| r.ops as f64 / r.elapsed.as_secs_f64()).collect() };
     let per_round = |rounds: &[Round]| {
         rates(rounds)
             .iter()
