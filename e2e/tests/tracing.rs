@@ -11,27 +11,34 @@ use tern_router::pb;
 
 const RTT_MS: u64 = 80;
 
+/// us-east and eu-west, exporting to `otlp`, with `acct-1` homed in us-east.
+async fn start(agents: bool, otlp: String) -> LocalDeployment {
+    let d = LocalDeployment::start(Layout {
+        regions: vec![("us-east".into(), 1), ("eu-west".into(), 1)],
+        directory_members: 1,
+        rtt_ms: BTreeMap::from([(("us-east".into(), "eu-west".into()), RTT_MS)]),
+        agents,
+        otlp_endpoint: Some(otlp),
+    })
+    .await
+    .expect("deployment");
+    d.client("us-east")
+        .await
+        .create_account(pb::CreateAccountRequest {
+            account: "acct-1".into(),
+            home_region: "us-east".into(),
+            allowed_regions: vec![],
+        })
+        .await
+        .expect("account");
+    d
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_proxied_write_is_one_trace_across_both_regions() {
     tern_e2e::init_logs();
     let receiver = OtlpReceiver::start().await.expect("receiver");
-    let mut d = LocalDeployment::start(Layout {
-        regions: vec![("us-east".into(), 1), ("eu-west".into(), 1)],
-        directory_members: 1,
-        rtt_ms: BTreeMap::from([(("us-east".into(), "eu-west".into()), RTT_MS)]),
-        agents: false,
-        otlp_endpoint: Some(receiver.endpoint()),
-    })
-    .await
-    .expect("deployment");
-    let mut us = d.client("us-east").await;
-    us.create_account(pb::CreateAccountRequest {
-        account: "acct-1".into(),
-        home_region: "us-east".into(),
-        allowed_regions: vec![],
-    })
-    .await
-    .expect("account");
+    let mut d = start(false, receiver.endpoint()).await;
     let mut eu = d.client("eu-west").await;
     let put = |key: &str| pb::PutRequest {
         account: "acct-1".into(),
@@ -136,23 +143,7 @@ async fn a_proxied_write_is_found_in_jaeger() {
     tern_e2e::init_logs();
     let dir = tempfile::tempdir().expect("temp dir");
     let jaeger = Jaeger::start(dir.path()).expect("jaeger starts");
-    let mut d = LocalDeployment::start(Layout {
-        regions: vec![("us-east".into(), 1), ("eu-west".into(), 1)],
-        directory_members: 1,
-        rtt_ms: BTreeMap::from([(("us-east".into(), "eu-west".into()), RTT_MS)]),
-        agents: false,
-        otlp_endpoint: Some(jaeger.otlp_endpoint.clone()),
-    })
-    .await
-    .expect("deployment");
-    let mut us = d.client("us-east").await;
-    us.create_account(pb::CreateAccountRequest {
-        account: "acct-1".into(),
-        home_region: "us-east".into(),
-        allowed_regions: vec![],
-    })
-    .await
-    .expect("account");
+    let mut d = start(false, jaeger.otlp_endpoint.clone()).await;
     let trace_id = "0af7651916cd43dd8448eb211c80319c";
     let mut request = tonic::Request::new(pb::PutRequest {
         account: "acct-1".into(),
@@ -195,23 +186,8 @@ async fn a_proxied_write_is_found_in_jaeger() {
 async fn agents_trace_heartbeats_and_mirrored_revisions() {
     tern_e2e::init_logs();
     let receiver = OtlpReceiver::start().await.expect("receiver");
-    let d = LocalDeployment::start(Layout {
-        regions: vec![("us-east".into(), 1), ("eu-west".into(), 1)],
-        directory_members: 1,
-        rtt_ms: BTreeMap::from([(("us-east".into(), "eu-west".into()), RTT_MS)]),
-        agents: true,
-        otlp_endpoint: Some(receiver.endpoint()),
-    })
-    .await
-    .expect("deployment");
+    let d = start(true, receiver.endpoint()).await;
     let mut us = d.client("us-east").await;
-    us.create_account(pb::CreateAccountRequest {
-        account: "acct-1".into(),
-        home_region: "us-east".into(),
-        allowed_regions: vec![],
-    })
-    .await
-    .expect("account");
     // The first sync of a mirror copies a snapshot; wait until eu-west
     // streams us-east's revisions one by one (it mirrors heartbeats).
     let streaming = |spans: &[tern_e2e::otlp::ReceivedSpan]| {
