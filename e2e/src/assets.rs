@@ -26,11 +26,42 @@ pub fn binary(name: &str) -> Result<PathBuf> {
     }
 }
 
-/// A free TCP port on 127.0.0.1, chosen by the OS. The listener is closed before
-/// the port is handed to a child process; envtest takes the same small risk.
+/// A free TCP port on 127.0.0.1 for a child process to listen on.
+///
+/// Not one the OS picks for `bind(0)`: that comes from the ephemeral range,
+/// where every outgoing connection of the tests also takes its source port,
+/// and a port released here could be taken by a client's connection before
+/// the child binds it (CI saw etcd fail with "address already in use").
+/// Instead: a port below the ephemeral range, never handed out twice in this
+/// process, and free when checked. (cargo runs test binaries one at a time.)
 pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    // Below Linux's default ephemeral range (32768–60999); the start is
+    // spread by process id so that two harnesses on one host rarely meet.
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let _ = NEXT.compare_exchange(u32::MAX, std::process::id() % SPAN, Ordering::SeqCst, Ordering::SeqCst);
+    for _ in 0..SPAN {
+        let port = (LOW + NEXT.fetch_add(1, Ordering::SeqCst) % SPAN) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    // Everything taken (not expected): fall back to the OS's choice.
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("the OS hands out a loopback port")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn ports_are_below_the_ephemeral_range_and_never_repeat() {
+        let ports: Vec<u16> = (0..200).map(|_| super::free_port()).collect();
+        let unique: std::collections::HashSet<_> = ports.iter().collect();
+        assert_eq!(unique.len(), ports.len());
+        assert!(ports.iter().all(|p| (20_000..32_000).contains(p)), "{ports:?}");
+    }
 }
