@@ -33,15 +33,22 @@ pub fn binary(name: &str) -> Result<PathBuf> {
 /// and a port released here could be taken by a client's connection before
 /// the child binds it (CI saw etcd fail with "address already in use").
 /// Instead: a port below the ephemeral range, never handed out twice in this
-/// process, and free when checked. (cargo runs test binaries one at a time.)
+/// process, free when checked, starting from a random place so that two
+/// processes (two `tern demo`s of one test binary) rarely walk the same
+/// ports. What remains of the race is retried by `retry_port_clash`.
 pub fn free_port() -> u16 {
     use std::sync::atomic::{AtomicU32, Ordering};
-    // Below Linux's default ephemeral range (32768–60999); the start is
-    // spread by process id so that two harnesses on one host rarely meet.
+    // Below Linux's default ephemeral range (32768–60999).
     const LOW: u32 = 20_000;
     const SPAN: u32 = 12_000;
     static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
-    let _ = NEXT.compare_exchange(u32::MAX, std::process::id() % SPAN, Ordering::SeqCst, Ordering::SeqCst);
+    let seed = {
+        use std::hash::{BuildHasher, Hasher};
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u32(std::process::id());
+        (h.finish() % u64::from(SPAN)) as u32
+    };
+    let _ = NEXT.compare_exchange(u32::MAX, seed, Ordering::SeqCst, Ordering::SeqCst);
     for _ in 0..SPAN {
         let port = (LOW + NEXT.fetch_add(1, Ordering::SeqCst) % SPAN) as u16;
         if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
@@ -53,6 +60,22 @@ pub fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("the OS hands out a loopback port")
+}
+
+/// Runs `start` again (with fresh ports: it must pick its own) when a
+/// server it started lost a port to another process between `free_port` and
+/// its bind; at most three times.
+pub fn retry_port_clash<T>(mut start: impl FnMut() -> crate::Result<T>) -> crate::Result<T> {
+    let mut attempt = 1;
+    loop {
+        match start() {
+            Err(e) if attempt < 3 && e.to_string().contains("address already in use") => {
+                tracing::warn!(error = %e, attempt, "a port was taken before the server bound it; retrying with new ports");
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
 }
 
 #[cfg(test)]

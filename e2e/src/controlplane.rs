@@ -38,6 +38,20 @@ impl ControlPlane {
     /// Starts etcd and kube-apiserver, waits until the server is ready and the
     /// `default` namespace exists.
     pub async fn start(name: &str) -> Result<Self> {
+        // As `assets::retry_port_clash`, for this async start.
+        let mut attempt = 1;
+        loop {
+            match Self::start_once(name).await {
+                Err(e) if attempt < 3 && e.to_string().contains("address already in use") => {
+                    tracing::warn!(error = %e, attempt, "a port was taken before the server bound it; retrying");
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn start_once(name: &str) -> Result<Self> {
         let apiserver_bin = assets::binary("kube-apiserver")?;
         assets::binary("kubectl")?;
         let dir = tempfile::Builder::new()

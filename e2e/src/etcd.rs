@@ -17,6 +17,10 @@ impl EtcdServer {
     /// Starts etcd with its data in `dir`, on ports from the OS, and waits
     /// until `/health` answers.
     pub fn start(dir: &Path, name: &str) -> Result<Self> {
+        assets::retry_port_clash(|| Self::start_once(dir, name))
+    }
+
+    fn start_once(dir: &Path, name: &str) -> Result<Self> {
         let binary = assets::binary("etcd")?;
         let client_url = format!("http://127.0.0.1:{}", assets::free_port());
         let peer_url = format!("http://127.0.0.1:{}", assets::free_port());

@@ -64,6 +64,24 @@ impl EtcdCluster {
         peer_ports: Option<&[u16]>,
         advertise: impl Fn(usize, &str) -> String,
     ) -> Result<Self> {
+        assets::retry_port_clash(|| {
+            // A failed attempt's members are killed (dropped) and their data
+            // removed, so the next one starts a fresh cluster.
+            for i in 0..size {
+                let _ = std::fs::remove_dir_all(dir.join(format!("{name}-{i}.data")));
+            }
+            Self::start_once(dir, name, size, tuning, peer_ports, &advertise)
+        })
+    }
+
+    fn start_once(
+        dir: &Path,
+        name: &str,
+        size: usize,
+        tuning: Tuning,
+        peer_ports: Option<&[u16]>,
+        advertise: &impl Fn(usize, &str) -> String,
+    ) -> Result<Self> {
         let binary = assets::binary("etcd")?;
         let mut members: Vec<Member> = (0..size)
             .map(|i| Member {
