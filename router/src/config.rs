@@ -157,5 +157,16 @@ mod tests {
             .expect_err("bad duration")
             .to_string();
         assert!(e.contains("--default-deadline"), "{e}");
+        let e = parse(&["--region=us-east", "--write-batch-max=0"])
+            .expect_err("no writes per batch")
+            .to_string();
+        assert!(e.contains("--write-batch-max") && e.contains("1..=128"), "{e}");
+        let e = parse(&["--region=us-east", "--trace-sampling-ratio=2"])
+            .expect_err("ratio above 1")
+            .to_string();
+        assert!(
+            e.contains("--trace-sampling-ratio") && e.contains("between 0 and 1"),
+            "{e}"
+        );
     }
 }
