@@ -1,6 +1,7 @@
 //! An in-test OTLP trace receiver: the real OTLP/gRPC protocol
-//! (opentelemetry-proto's tonic server), keeping every span it receives with
-//! its resource, so tests can rebuild traces.
+//! (opentelemetry-proto's tonic server), keeping the spans it receives (the
+//! newest `KEPT`) with their resource, so tests and `tern demo` can rebuild
+//! traces.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -35,9 +36,13 @@ impl ReceivedSpan {
     }
 }
 
+/// Spans kept, newest last: a long `tern demo --keep` (agents trace every
+/// heartbeat) must not grow without bound.
+pub const KEPT: usize = 200_000;
+
 #[derive(Clone, Default)]
 struct Collector {
-    spans: Arc<Mutex<Vec<ReceivedSpan>>>,
+    spans: Arc<Mutex<std::collections::VecDeque<ReceivedSpan>>>,
     /// Passes every export on to another OTLP receiver (Jaeger), too.
     forward_to: Option<
         opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient<
@@ -80,7 +85,7 @@ impl TraceService for Collector {
                 .unwrap_or_default();
             for ss in rs.scope_spans {
                 for s in ss.spans {
-                    spans.push(ReceivedSpan {
+                    spans.push_back(ReceivedSpan {
                         name: s.name,
                         trace_id: s.trace_id,
                         span_id: s.span_id,
@@ -93,6 +98,8 @@ impl TraceService for Collector {
                 }
             }
         }
+        let excess = spans.len().saturating_sub(KEPT);
+        spans.drain(..excess);
         Ok(Response::new(ExportTraceServiceResponse { partial_success: None }))
     }
 }
@@ -153,7 +160,13 @@ impl OtlpReceiver {
     }
 
     pub fn spans(&self) -> Vec<ReceivedSpan> {
-        self.collector.spans.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.collector
+            .spans
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .cloned()
+            .collect()
     }
 }
 
