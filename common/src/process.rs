@@ -4,6 +4,32 @@
 
 use tracing_subscriber::EnvFilter;
 
+/// The log flags every tern binary takes.
+#[derive(clap::Args, Clone, Debug, PartialEq, Eq)]
+pub struct LogArgs {
+    /// Log format.
+    #[arg(long, env = "TERN_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
+    pub log_format: LogFormat,
+
+    /// Log filter in tracing's EnvFilter syntax, e.g. `info,tern_router=debug`.
+    #[arg(long, env = "RUST_LOG", default_value = "info")]
+    pub log_filter: String,
+}
+
+/// JSON lines for log collectors, text for people.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Json,
+    Text,
+}
+
+impl LogArgs {
+    /// Installs the log subscriber these flags ask for.
+    pub fn init(&self, binary: &str) {
+        init_logs(binary, self.log_format == LogFormat::Json, &self.log_filter);
+    }
+}
+
 /// Installs the log subscriber: JSON lines or text, filtered by `filter`
 /// (tracing's EnvFilter syntax; an invalid one falls back to `info` and says so).
 pub fn init_logs(binary: &str, json: bool, filter: &str) {

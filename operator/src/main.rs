@@ -5,16 +5,12 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use tern_operator::config::{Config, LogFormat};
+use tern_operator::config::Config;
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let config = Config::parse();
-    tern_common::process::init_logs(
-        "tern-operator",
-        config.log_format == LogFormat::Json,
-        &config.log_filter,
-    );
+    config.logs.init("tern-operator");
     if let Err(e) = config.validate() {
         eprintln!("tern-operator: {e}");
         return ExitCode::from(2);

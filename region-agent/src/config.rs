@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
+use clap::Parser;
 use tern_common::RegionName;
 
 /// tern-agent: the region agent. One agent per region is active (elected
@@ -78,19 +78,8 @@ pub struct Config {
     #[command(flatten)]
     pub trace: tern_common::telemetry::TraceArgs,
 
-    /// Log format.
-    #[arg(long, env = "TERN_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
-    pub log_format: LogFormat,
-
-    /// Log filter in tracing's EnvFilter syntax.
-    #[arg(long, env = "RUST_LOG", default_value = "info")]
-    pub log_filter: String,
-}
-
-#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum LogFormat {
-    Json,
-    Text,
+    #[command(flatten)]
+    pub logs: tern_common::process::LogArgs,
 }
 
 fn parse_region(s: &str) -> Result<RegionName, String> {

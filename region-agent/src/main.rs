@@ -5,7 +5,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use tern_agent::config::{Config, LogFormat};
+use tern_agent::config::Config;
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -14,7 +14,7 @@ async fn main() -> ExitCode {
         eprintln!("tern-agent: {e}");
         return ExitCode::from(2);
     }
-    tern_common::process::init_logs("tern-agent", config.log_format == LogFormat::Json, &config.log_filter);
+    config.logs.init("tern-agent");
     match tern_agent::run(config, tern_common::process::shutdown_signal(), |_| {}).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

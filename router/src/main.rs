@@ -5,12 +5,12 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use tern_router::config::{Config, LogFormat};
+use tern_router::config::Config;
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let config = Config::parse();
-    tern_common::process::init_logs("tern-router", config.log_format == LogFormat::Json, &config.log_filter);
+    config.logs.init("tern-router");
     match tern_router::server::run(config, tern_common::process::shutdown_signal(), |_| {}).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
