@@ -1,6 +1,6 @@
 //! What every tern binary does around its `run`: structured logs with a
-//! filter, and a future that completes on SIGTERM or Ctrl-C so shutdown can
-//! drain.
+//! filter (`LogArgs`), a future that completes on SIGTERM or Ctrl-C so
+//! shutdown can drain, and `Stop`, which hands that shutdown to every loop.
 
 use tracing_subscriber::EnvFilter;
 
@@ -42,6 +42,34 @@ pub fn init_logs(binary: &str, json: bool, filter: &str) {
         logs.json().init();
     } else {
         logs.init();
+    }
+}
+
+/// One shutdown future fanned out to every loop that must stop with it:
+/// `stopped()` may be awaited any number of times, before or after the
+/// shutdown happened.
+#[derive(Clone)]
+pub struct Stop {
+    rx: tokio::sync::watch::Receiver<bool>,
+}
+
+impl Stop {
+    /// Watches `shutdown` (on a task of its own).
+    pub fn on(shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> Self {
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            shutdown.await;
+            let _ = tx.send(true);
+        });
+        Self { rx }
+    }
+
+    /// Completes once shutdown has begun.
+    pub fn stopped(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut rx = self.rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
     }
 }
 

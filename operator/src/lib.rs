@@ -34,7 +34,6 @@ use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::runtime::{Controller, watcher};
 use kube::{Api, Client};
 use tern_crds::{GeoCluster, RegionGroup};
-use tokio::sync::watch;
 
 pub use config::Config;
 pub use error::{Error, Result};
@@ -60,17 +59,8 @@ pub async fn run(
     let identity = config.identity();
     let metrics = Arc::new(metrics::Metrics::default());
     let ready = Arc::new(AtomicBool::new(false));
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let stopped = move || {
-        let mut rx = stop_rx.clone();
-        async move {
-            let _ = rx.wait_for(|s| *s).await;
-        }
-    };
-    tokio::spawn(async move {
-        shutdown.await;
-        let _ = stop_tx.send(true);
-    });
+    let stop = tern_common::process::Stop::on(shutdown);
+    let stopped = || stop.stopped();
 
     let render = {
         let metrics = metrics.clone();

@@ -92,17 +92,8 @@ pub async fn run(
         telemetry,
     });
 
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let stopped = move || {
-        let mut rx = stop_rx.clone();
-        async move {
-            let _ = rx.wait_for(|s| *s).await;
-        }
-    };
-    tokio::spawn(async move {
-        shutdown.await;
-        let _ = stop_tx.send(true);
-    });
+    let stop = tern_common::process::Stop::on(shutdown);
+    let stopped = || stop.stopped();
     let render: tern_common::ops::MetricsFn = {
         let metrics = metrics.clone();
         Arc::new(move || metrics.encode())

@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::Client;
-use tokio::sync::watch;
 
 use crate::Config;
 use crate::counts::WriteCounts;
@@ -82,17 +81,8 @@ pub async fn run(
     };
     let service = Arc::new(service);
 
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let stopped = move || {
-        let mut rx = stop_rx.clone();
-        async move {
-            let _ = rx.wait_for(|s| *s).await;
-        }
-    };
-    tokio::spawn(async move {
-        shutdown.await;
-        let _ = stop_tx.send(true);
-    });
+    let stop = tern_common::process::Stop::on(shutdown);
+    let stopped = || stop.stopped();
 
     let render: tern_common::ops::MetricsFn = {
         let metrics = metrics.clone();
