@@ -6,6 +6,23 @@ pub mod components;
 pub mod geocluster;
 pub mod regiongroup;
 
+/// `POD_NAME` from the downward API: every tern container names itself
+/// with it (election identity, trace instance, event reporter).
+pub(crate) fn pod_name_env() -> k8s_openapi::api::core::v1::EnvVar {
+    use k8s_openapi::api::core::v1::{EnvVar, EnvVarSource, ObjectFieldSelector};
+    EnvVar {
+        name: "POD_NAME".into(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: "metadata.name".into(),
+                ..ObjectFieldSelector::default()
+            }),
+            ..EnvVarSource::default()
+        }),
+        ..EnvVar::default()
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod testing {
     use tern_crds::GeoCluster;

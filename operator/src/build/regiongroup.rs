@@ -9,10 +9,10 @@ use k8s_openapi::api::apps::v1::{
     StatefulSet, StatefulSetPersistentVolumeClaimRetentionPolicy, StatefulSetSpec, StatefulSetUpdateStrategy,
 };
 use k8s_openapi::api::core::v1::{
-    Affinity, ConfigMap, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, NodeAffinity, NodeSelector,
-    NodeSelectorRequirement, NodeSelectorTerm, ObjectFieldSelector, PersistentVolumeClaim, PersistentVolumeClaimSpec,
-    PodSpec, PodTemplateSpec, Probe, SecurityContext, Service, ServicePort, ServiceSpec, TopologySpreadConstraint,
-    VolumeMount, VolumeResourceRequirements,
+    Affinity, ConfigMap, Container, ContainerPort, HTTPGetAction, NodeAffinity, NodeSelector, NodeSelectorRequirement,
+    NodeSelectorTerm, PersistentVolumeClaim, PersistentVolumeClaimSpec, PodSpec, PodTemplateSpec, Probe,
+    SecurityContext, Service, ServicePort, ServiceSpec, TopologySpreadConstraint, VolumeMount,
+    VolumeResourceRequirements,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
@@ -130,17 +130,7 @@ fn stateful_set(rg: &RegionGroup, config_hash: &str) -> StatefulSet {
         image: Some(rg.spec.etcd.image.clone()),
         command: Some(vec!["etcd".into()]),
         args: Some(container_args(rg)),
-        env: Some(vec![EnvVar {
-            name: "POD_NAME".into(),
-            value_from: Some(EnvVarSource {
-                field_ref: Some(ObjectFieldSelector {
-                    field_path: "metadata.name".into(),
-                    ..ObjectFieldSelector::default()
-                }),
-                ..EnvVarSource::default()
-            }),
-            ..EnvVar::default()
-        }]),
+        env: Some(vec![super::pod_name_env()]),
         ports: Some(vec![
             port("client", names::CLIENT_PORT),
             port("peer", names::PEER_PORT),
