@@ -11,7 +11,7 @@ use tern_operator::etcd_flags::{ClusterState, MemberConfig, member_args};
 
 use crate::etcd::wait_until;
 use crate::process::ChildGuard;
-use crate::{Result, assets};
+use crate::{HarnessError, Result, assets};
 
 /// One member: its name, URLs and process.
 pub struct Member {
@@ -166,11 +166,61 @@ impl EtcdCluster {
         }
     }
 
+    /// Freezes member `i` (SIGSTOP): its connections stay open and nothing
+    /// answers, like a hung node.
+    pub fn pause(&self, i: usize) {
+        if let Some(p) = &self.members[i].process {
+            p.signal(nix::sys::signal::Signal::SIGSTOP);
+        }
+    }
+
+    /// Thaws a member frozen by `pause`.
+    pub fn resume(&self, i: usize) {
+        if let Some(p) = &self.members[i].process {
+            p.signal(nix::sys::signal::Signal::SIGCONT);
+        }
+    }
+
     /// Restarts a killed member with its data.
     pub fn restart(&mut self, i: usize) -> Result<()> {
         let binary = assets::binary("etcd")?;
         self.start_member(i, &binary)?;
         self.wait_member(i, Duration::from_secs(60))
+    }
+
+    /// Transactions member `i` has answered with OK since it started (its
+    /// gRPC server metrics).
+    pub async fn txns_served(&self, i: usize) -> f64 {
+        let addr = self.members[i]
+            .client_url
+            .trim_start_matches("http://")
+            .parse()
+            .expect("client URLs are http://IP:PORT");
+        crate::operator::metric(
+            addr,
+            "grpc_server_handled_total{grpc_code=\"OK\",grpc_method=\"Txn\",grpc_service=\"etcdserverpb.KV\"",
+        )
+        .await
+        .unwrap_or(0.0)
+    }
+
+    /// Hands Raft leadership to member `to` (etcd's MoveLeader, sent to the
+    /// leader), as an operator would before maintenance on the leader's node.
+    pub async fn move_leader(&self, to: usize) -> Result<()> {
+        let failed = |e: String| HarnessError::Etcd(format!("moving the leader of {} to member {to}: {e}", self.name));
+        let leader = self.leader().await.ok_or_else(|| failed("no leader".into()))?;
+        let mut c = etcd_client::Client::connect([self.members[leader].client_url.as_str()], None)
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        let members = c.member_list().await.map_err(|e| failed(e.to_string()))?;
+        let id = members
+            .members()
+            .iter()
+            .find(|m| m.name() == self.members[to].name)
+            .map(|m| m.id())
+            .ok_or_else(|| failed("not in the member list".into()))?;
+        c.move_leader(id).await.map_err(|e| failed(e.to_string()))?;
+        Ok(())
     }
 
     /// Index of the member that is the Raft leader now, asked of each member.

@@ -50,6 +50,8 @@ pub enum HarnessError {
     Kube(#[from] kube::Error),
     #[error("kubeconfig error: {0}")]
     Kubeconfig(String),
+    #[error("etcd: {0}")]
+    Etcd(String),
     #[error("`kubectl {args}` failed: {stderr}")]
     Kubectl { args: String, stderr: String },
 }

@@ -74,6 +74,11 @@ impl RouterGuard {
         }
     }
 
+    /// The value of the first metric line starting with `prefix`.
+    pub async fn metric(&self, prefix: &str) -> Option<f64> {
+        crate::operator::metric(self.http_addr, prefix).await
+    }
+
     /// A gRPC client of this router.
     pub async fn client(&self) -> tern_router::pb::router_client::RouterClient<tonic::transport::Channel> {
         connect(self.grpc_addr).await
@@ -156,12 +161,7 @@ impl AgentGuard {
 
     /// The value of the first metric line starting with `prefix`.
     pub async fn metric(&self, prefix: &str) -> Option<f64> {
-        crate::operator::http_get(self.http_addr, "/metrics")
-            .await?
-            .lines()
-            .find(|l| l.starts_with(prefix))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
+        crate::operator::metric(self.http_addr, prefix).await
     }
 }
 

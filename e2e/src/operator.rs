@@ -121,6 +121,17 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
     head.starts_with("HTTP/1.1 200").then(|| body.to_string())
 }
 
+/// The value of the first line of `addr`'s /metrics starting with `prefix`
+/// (a metric name with its labels, as Prometheus prints them).
+pub async fn metric(addr: SocketAddr, prefix: &str) -> Option<f64> {
+    http_get(addr, "/metrics")
+        .await?
+        .lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
 /// Polls `check` every 100 ms until it returns `Some`, or panics with `what`
 /// after `limit`.
 pub async fn eventually<T, F, Fut>(what: &str, limit: Duration, mut check: F) -> T

@@ -681,3 +681,95 @@ async fn concurrent_writes_share_transactions_and_keep_their_own_outcomes() {
     let records = keys.keys().filter(|k| k.starts_with("/tern/a/acct-a/idem/")).count();
     assert_eq!(records, 10 * rounds, "one idempotency record per idempotent write");
 }
+
+/// The router sends its transactions to the region group's Raft leader, not
+/// through a follower that would forward them, follows leadership when it
+/// moves (writes keep succeeding meanwhile), and leaves a leader that hangs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_go_to_the_group_leader_and_follow_it() {
+    let d = start(3).await;
+    create(&d, "us-east", "acct-1", "us-east").await;
+    let router = d.region("us-east").router.as_ref().expect("router running");
+    tern_e2e::operator::eventually("the router to find the leader", Duration::from_secs(20), || async {
+        (router.metric("tern_router_group_leader_direct").await == Some(1.0)).then_some(())
+    })
+    .await;
+    let mut us = d.client("us-east").await;
+    let group = &d.region("us-east").group;
+
+    // Sequential writes: one transaction each, every one on the leader.
+    async fn served(group: &tern_e2e::etcd_cluster::EtcdCluster) -> Vec<f64> {
+        let mut out = Vec::new();
+        for i in 0..3 {
+            out.push(group.txns_served(i).await);
+        }
+        out
+    }
+    let writes_to =
+        |before: &[f64], after: &[f64]| -> Vec<u64> { before.iter().zip(after).map(|(b, a)| (a - b) as u64).collect() };
+    let leader = group.leader().await.expect("a leader");
+    let before = served(group).await;
+    for i in 0..20 {
+        us.put(put("acct-1", &format!("a-{i}"), "v", "")).await.expect("write");
+    }
+    let per_member = writes_to(&before, &served(group).await);
+    let mut expected = vec![0; 3];
+    expected[leader] = 20;
+    assert_eq!(per_member, expected, "transactions per member, leader {leader}");
+
+    // Hand leadership to another member. Writes still succeed (the old
+    // leader forwards them), and the first answer with the new Raft term
+    // sends the router to the new leader.
+    let next = (leader + 1) % 3;
+    group.move_leader(next).await.expect("leadership moves");
+    let mut n = 0;
+    tern_e2e::operator::eventually("the router to follow the new leader", Duration::from_secs(20), || {
+        n += 1;
+        let mut us = us.clone();
+        async move {
+            us.put(put("acct-1", &format!("b-{n}"), "v", ""))
+                .await
+                .expect("writes succeed while leadership moves");
+            (router.metric("tern_router_group_leader_changes").await >= Some(2.0)).then_some(())
+        }
+    })
+    .await;
+    assert_eq!(group.leader().await, Some(next));
+    let before = served(group).await;
+    for i in 0..20 {
+        us.put(put("acct-1", &format!("c-{i}"), "v", "")).await.expect("write");
+    }
+    let per_member = writes_to(&before, &served(group).await);
+    let mut expected = vec![0; 3];
+    expected[next] = 20;
+    assert_eq!(per_member, expected, "transactions per member after the move to {next}");
+
+    // The leader hangs (SIGSTOP: its connections stay open, nothing
+    // answers). Writes that time out make the router look for the leader
+    // again; once the others have elected one, writes succeed while the old
+    // leader is still frozen.
+    group.pause(next);
+    let mut attempts = 0;
+    tern_e2e::operator::eventually("a write while the old leader hangs", Duration::from_secs(30), || {
+        attempts += 1;
+        let mut us = us.clone();
+        async move {
+            let mut request = tonic::Request::new(put("acct-1", "during-hang", "v", "during-hang"));
+            request.set_timeout(Duration::from_secs(1));
+            us.put(request).await.ok().map(|_| ())
+        }
+    })
+    .await;
+    tern_e2e::operator::eventually(
+        "the router to leave the hung leader",
+        Duration::from_secs(20),
+        || async { (router.metric("tern_router_group_leader_changes").await >= Some(3.0)).then_some(()) },
+    )
+    .await;
+    group.resume(next);
+    let keys = account_keys(&d, "us-east").await;
+    assert_eq!(
+        keys["/tern/a/acct-1/d/during-hang"].1, 1,
+        "applied once over {attempts} attempts"
+    );
+}

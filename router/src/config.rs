@@ -67,6 +67,20 @@ pub struct Config {
     #[arg(long, env = "TERN_WRITE_BATCH_MAX", default_value_t = 32, value_parser = clap::value_parser!(u16).range(1..=128))]
     pub write_batch_max: u16,
 
+    /// Group-commit transactions in flight at once. 1 makes the largest
+    /// batches and the most writes per CPU second; raise it where a commit
+    /// waits on a slow disk rather than on CPU.
+    #[arg(long, env = "TERN_WRITE_BATCHES_IN_FLIGHT", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=16))]
+    pub write_batches_in_flight: u8,
+
+    /// Send requests to the region group's Raft leader, found through its
+    /// advertised client URL, instead of spreading them over every member
+    /// (a follower forwards each write to the leader: more CPU and latency).
+    /// Turn off when the members' advertised URLs do not reach them from
+    /// the router.
+    #[arg(long, env = "TERN_GROUP_LEADER_DIRECT", default_value_t = true, action = clap::ArgAction::Set)]
+    pub group_leader_direct: bool,
+
     /// On shutdown, finish in-flight requests for at most this long, e.g. 10s.
     #[arg(long, env = "TERN_DRAIN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
@@ -150,6 +164,14 @@ mod tests {
             .expect_err("no writes per batch")
             .to_string();
         assert!(e.contains("--write-batch-max") && e.contains("1..=128"), "{e}");
+        let e = parse(&["--region=us-east", "--write-batches-in-flight=0"])
+            .expect_err("no transactions in flight")
+            .to_string();
+        assert!(e.contains("--write-batches-in-flight") && e.contains("1..=16"), "{e}");
+        let e = parse(&["--region=us-east", "--group-leader-direct=maybe"])
+            .expect_err("not a boolean")
+            .to_string();
+        assert!(e.contains("--group-leader-direct") && e.contains("maybe"), "{e}");
         let e = parse(&["--region=us-east", "--trace-sampling-ratio=2"])
             .expect_err("ratio above 1")
             .to_string();

@@ -6,9 +6,10 @@
 //! The request path, in the order a call meets it: `service` (validation,
 //! deadline, routing decision) → `placement` (the watch-fed directory cache)
 //! → `store` (the fenced transaction, idempotency; `batch` lets concurrent
-//! writes share one commit) or `forward` (the pooled
-//! channel to another region, resolved through `dns`). `counts` records where
-//! writes come from; `metrics` and `server` make it an operable process.
+//! writes share one commit, `leader` sends them to the group's Raft leader)
+//! or `forward` (the pooled channel to another region, resolved through
+//! `dns`). `counts` records where writes come from; `metrics` and `server`
+//! make it an operable process.
 #![forbid(unsafe_code)]
 
 pub mod batch;
@@ -17,6 +18,7 @@ pub mod counts;
 pub mod dns;
 pub mod error;
 pub mod forward;
+pub mod leader;
 pub mod metrics;
 pub mod placement;
 pub mod server;

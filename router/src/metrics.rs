@@ -53,6 +53,8 @@ pub struct Metrics {
     pub retries: Counter,
     /// Writes per etcd transaction (group commit).
     pub write_batch_size: Histogram,
+    /// Whether requests go straight to the region group's leader.
+    pub group_leader: crate::leader::LeaderMetrics,
 }
 
 impl Default for Metrics {
@@ -71,6 +73,17 @@ impl Default for Metrics {
             "write_batch_size",
             "Writes per etcd transaction on the region's group (group commit)",
             write_batch_size.clone(),
+        );
+        let group_leader = crate::leader::LeaderMetrics::default();
+        registry.register(
+            "group_leader_direct",
+            "1 while requests to the region's group go straight to its Raft leader, 0 while they go to any member",
+            group_leader.direct.clone(),
+        );
+        registry.register(
+            "group_leader_changes",
+            "Raft leaders of the region's group that requests were sent to, one by one",
+            group_leader.changes.clone(),
         );
         registry.register(
             "requests",
@@ -105,6 +118,7 @@ impl Default for Metrics {
             placement_refreshes,
             retries,
             write_batch_size,
+            group_leader,
         }
     }
 }

@@ -14,6 +14,7 @@ use crate::counts::WriteCounts;
 use crate::dns::Dns;
 use crate::error::{Result, RouterError};
 use crate::forward::Forwarder;
+use crate::leader::Group;
 use crate::metrics::Metrics;
 use crate::pb::router_server::RouterServer;
 use crate::placement::Directory;
@@ -43,13 +44,18 @@ pub async fn run(
     on_start: impl FnOnce(Running) + Send,
 ) -> Result<()> {
     let group = connect_etcd(&config.group_endpoints, "region group", Duration::from_secs(60)).await?;
+    let metrics = Arc::new(Metrics::default());
+    let group = if config.group_leader_direct {
+        Group::follow_leader(group, metrics.group_leader.clone())
+    } else {
+        Group::spread(group)
+    };
     let directory_client = connect_etcd(&config.directory_endpoints, "directory", Duration::from_secs(60)).await?;
     let directory = Directory::new(directory_client);
     let watch_task = directory.spawn_watch();
     if let Some(endpoint) = &config.advertise {
         directory.register_region(&config.region, endpoint).await?;
     }
-    let metrics = Arc::new(Metrics::default());
     let instance = config
         .instance
         .clone()
@@ -67,7 +73,12 @@ pub async fn run(
     let service = RouterService {
         region: config.region.clone(),
         directory: directory.clone(),
-        store: HomeStore::with_batching(group, config.write_batch_max.into(), metrics.write_batch_size.clone()),
+        store: HomeStore::new(
+            group,
+            config.write_batch_max.into(),
+            config.write_batches_in_flight.into(),
+            metrics.write_batch_size.clone(),
+        ),
         forwarder: Forwarder::new(
             config.region.clone(),
             Dns::new(config.dns_server)?,

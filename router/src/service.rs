@@ -471,7 +471,7 @@ impl RouterService {
                 tern_common::Fence::active(p.epoch).to_string(),
             )])
             .and_then(ops(&p.home));
-        let resp = self.store.client().txn(txn).await?;
+        let resp = self.store.any_member().txn(txn).await?;
         if !resp.succeeded() {
             // The mirror does not hold the account at this epoch (new, or moving).
             return Ok(None);

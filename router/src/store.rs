@@ -6,12 +6,13 @@
 //!   then <ops> [+ idempotency record]
 //!   else get(fence) [+ get(idempotency record)]
 
-use etcd_client::{Client, Compare, CompareOp, GetOptions, KeyValue, Txn, TxnOp, TxnOpResponse};
+use etcd_client::{Compare, CompareOp, GetOptions, KeyValue, Txn, TxnOp, TxnOpResponse};
 use serde_json::json;
 use tern_common::{AccountId, Epoch, Fence, FenceState, IdempotencyKey, fence_key, idempotency_key};
 
 use crate::batch::{Batchable, Batcher};
 use crate::error::{Result, RouterError};
+use crate::leader::Group;
 
 /// What a guarded transaction found.
 #[derive(Debug)]
@@ -48,29 +49,26 @@ pub struct Guard<'a> {
 /// The region's own group.
 #[derive(Clone)]
 pub struct HomeStore {
-    client: Client,
+    group: Group,
     batcher: Option<Batcher>,
 }
 
 impl HomeStore {
-    /// Every transaction sent alone.
-    pub fn new(client: Client) -> Self {
-        Self { client, batcher: None }
-    }
-
     /// Writes marked batchable share transactions, up to `max_writes` in
-    /// one (1: never).
-    pub fn with_batching(
-        client: Client,
+    /// one (1: never), `in_flight` at a time.
+    pub fn new(
+        group: Group,
         max_writes: usize,
+        in_flight: usize,
         sizes: prometheus_client::metrics::histogram::Histogram,
     ) -> Self {
-        let batcher = (max_writes > 1).then(|| Batcher::start(client.clone(), max_writes, sizes));
-        Self { client, batcher }
+        let batcher = (max_writes > 1).then(|| Batcher::start(group.clone(), max_writes, in_flight, sizes));
+        Self { group, batcher }
     }
 
-    pub fn client(&self) -> Client {
-        self.client.clone()
+    /// A client of every member, for reads any member may serve.
+    pub fn any_member(&self) -> etcd_client::Client {
+        self.group.any()
     }
 
     /// Runs `guard` as one transaction. `extract` turns the then-branch
@@ -102,7 +100,7 @@ impl HomeStore {
         let (revision, resp) = match (&self.batcher, batch) {
             (Some(batcher), Some(shape)) => batcher.submit(txn, shape).await.map_err(unknown)?,
             _ => {
-                let resp = self.client.clone().txn(txn).await.map_err(|e| unknown(e.to_string()))?;
+                let resp = self.txn(txn).await.map_err(|e| unknown(e.to_string()))?;
                 (resp.header().map(|h| h.revision()).unwrap_or(0), resp)
             }
         };
@@ -149,7 +147,7 @@ impl HomeStore {
             .when([Compare::version(key.clone(), CompareOp::Equal, 0)])
             .and_then([TxnOp::put(key.clone(), Fence::active(epoch).to_string(), None)])
             .or_else([TxnOp::get(key, None)]);
-        let resp = self.client.clone().txn(txn).await?;
+        let resp = self.txn(txn).await?;
         if resp.succeeded() {
             return Ok(Fence::active(epoch));
         }
@@ -172,12 +170,59 @@ impl HomeStore {
         let txn = Txn::new()
             .when([Compare::version(key.clone(), CompareOp::Equal, 1)])
             .and_then([TxnOp::delete(key, None)]);
-        self.client.clone().txn(txn).await?;
+        self.txn(txn).await?;
         Ok(())
+    }
+
+    /// One transaction on the group's leader (see `leader`).
+    async fn txn(&self, txn: Txn) -> std::result::Result<etcd_client::TxnResponse, etcd_client::Error> {
+        txn_on(&self.group, txn).await
     }
 
     /// A range read under the fence, for List.
     pub fn range_op(start: &str, end: &[u8], limit: i64) -> TxnOp {
         TxnOp::get(start, Some(GetOptions::new().with_range(end).with_limit(limit)))
+    }
+}
+
+/// Runs `txn` where `group` sends requests now, and tells the group what
+/// the answer says about its leader.
+pub(crate) async fn txn_on(
+    group: &Group,
+    txn: Txn,
+) -> std::result::Result<etcd_client::TxnResponse, etcd_client::Error> {
+    /// Tells the group when the request is dropped unanswered.
+    struct Unanswered<'a>(Option<&'a Group>);
+    impl Drop for Unanswered<'_> {
+        fn drop(&mut self) {
+            if let Some(group) = self.0 {
+                group.suspect();
+            }
+        }
+    }
+    let mut unanswered = Unanswered(Some(group));
+    let answer = group.kv().txn(txn).await;
+    unanswered.0 = None;
+    match answer {
+        Ok(resp) => {
+            group.saw(resp.header());
+            Ok(resp)
+        }
+        Err(e) => {
+            // The member may be gone or no longer lead; a refused request
+            // (too large, bad compare) says nothing about the leader.
+            let lost = match &e {
+                etcd_client::Error::GRpcStatus(s) => matches!(
+                    s.code(),
+                    tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::DeadlineExceeded
+                ),
+                etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
+                _ => false,
+            };
+            if lost {
+                group.failed();
+            }
+            Err(e)
+        }
     }
 }
