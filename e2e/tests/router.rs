@@ -773,3 +773,73 @@ async fn writes_go_to_the_group_leader_and_follow_it() {
         "applied once over {attempts} attempts"
     );
 }
+
+/// Idempotency records are attached to an etcd lease and deleted once the
+/// retention has passed: the key is remembered within it, new after it, and
+/// the group does not keep every record ever written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotency_records_expire_after_the_retention() {
+    let mut d = start(1).await;
+    d.region_mut("us-east")
+        .router_args
+        .push("--idempotency-retention=2s".into());
+    d.restart_router("us-east").await.expect("router restarts");
+    create(&d, "us-east", "acct-1", "us-east").await;
+    let mut us = d.client("us-east").await;
+    let write = |value: &str| put("acct-1", "k", value, "op-1");
+
+    let first = us.put(write("v1")).await.expect("write").into_inner();
+    let again = us.put(write("v1")).await.expect("retry").into_inner();
+    assert!(!first.meta.expect("meta").replayed && again.meta.expect("meta").replayed);
+    // A delete with a key writes its record in a nested transaction: also
+    // under a lease.
+    us.delete(pb::DeleteRequest {
+        account: "acct-1".into(),
+        key: "gone".into(),
+        idempotency_key: "op-2".into(),
+    })
+    .await
+    .expect("delete");
+
+    let mut etcd = d.group_client("us-east").await;
+    for record in ["/tern/a/acct-1/idem/op-1", "/tern/a/acct-1/idem/op-2"] {
+        let kv = etcd.get(record, None).await.expect("read").kvs()[0].clone();
+        assert_ne!(kv.lease(), 0, "{record} is attached to a lease");
+        let ttl = etcd
+            .lease_time_to_live(kv.lease(), None)
+            .await
+            .expect("lease TTL")
+            .granted_ttl();
+        // Retention 2 s plus a slice of 1 s (etcd may raise a TTL to its minimum).
+        assert!(ttl >= 3, "granted TTL {ttl} s covers the retention");
+    }
+
+    tern_e2e::operator::eventually("etcd to delete the records", Duration::from_secs(30), || {
+        let mut etcd = etcd.clone();
+        async move {
+            let left = etcd
+                .get(
+                    "/tern/a/acct-1/idem/",
+                    Some(GetOptions::new().with_prefix().with_count_only()),
+                )
+                .await
+                .ok()?
+                .count();
+            (left == 0).then_some(())
+        }
+    })
+    .await;
+    let after = us
+        .put(write("v2"))
+        .await
+        .expect("write after the retention")
+        .into_inner();
+    assert!(
+        !after.meta.expect("meta").replayed,
+        "after the retention the key is new"
+    );
+    assert_eq!(
+        account_keys(&d, "us-east").await["/tern/a/acct-1/d/k"],
+        (b"v2".to_vec(), 2)
+    );
+}

@@ -67,6 +67,12 @@ pub struct Config {
     #[arg(long, env = "TERN_WRITE_BATCH_MAX", default_value_t = 32, value_parser = clap::value_parser!(u16).range(1..=128))]
     pub write_batch_max: u16,
 
+    /// How long an idempotency key is remembered: a retry with the same key
+    /// within it returns the first result; after it, etcd has deleted the
+    /// record and the key is new again. 1s to 90d, e.g. 24h.
+    #[arg(long, env = "TERN_IDEMPOTENCY_RETENTION", default_value = "24h", value_parser = parse_retention)]
+    pub idempotency_retention: Duration,
+
     /// Group-commit transactions in flight at once. 1 makes the largest
     /// batches and the most writes per CPU second; raise it where a commit
     /// waits on a slow disk rather than on CPU.
@@ -111,6 +117,14 @@ fn parse_peer(s: &str) -> Result<(RegionName, String), String> {
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
     tern_common::parse_duration(s)
+}
+
+fn parse_retention(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d < Duration::from_secs(1) || d > Duration::from_secs(90 * 86_400) {
+        return Err(format!("`{s}` is outside 1s..=90d"));
+    }
+    Ok(d)
 }
 
 impl Config {
@@ -164,6 +178,10 @@ mod tests {
             .expect_err("no writes per batch")
             .to_string();
         assert!(e.contains("--write-batch-max") && e.contains("1..=128"), "{e}");
+        let e = parse(&["--region=us-east", "--idempotency-retention=500ms"])
+            .expect_err("retention below a second")
+            .to_string();
+        assert!(e.contains("--idempotency-retention") && e.contains("1s..=90d"), "{e}");
         let e = parse(&["--region=us-east", "--write-batches-in-flight=0"])
             .expect_err("no transactions in flight")
             .to_string();

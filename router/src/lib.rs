@@ -6,7 +6,8 @@
 //! The request path, in the order a call meets it: `service` (validation,
 //! deadline, routing decision) → `placement` (the watch-fed directory cache)
 //! → `store` (the fenced transaction, idempotency; `batch` lets concurrent
-//! writes share one commit, `leader` sends them to the group's Raft leader)
+//! writes share one commit, `leader` sends them to the group's Raft leader,
+//! `retention` ends idempotency records)
 //! or `forward` (the pooled channel to another region, resolved through
 //! `dns`). `counts` records where writes come from; `metrics` and `server`
 //! make it an operable process.
@@ -21,6 +22,7 @@ pub mod forward;
 pub mod leader;
 pub mod metrics;
 pub mod placement;
+pub mod retention;
 pub mod server;
 pub mod service;
 pub mod store;

@@ -77,6 +77,7 @@ pub async fn run(
             group,
             config.write_batch_max.into(),
             config.write_batches_in_flight.into(),
+            config.idempotency_retention,
             metrics.write_batch_size.clone(),
         ),
         forwarder: Forwarder::new(

@@ -754,15 +754,16 @@ impl Router for RouterService {
                 let (ops, record) = match &idem {
                     Some(k) => {
                         let idem_key = tern_common::idempotency_key(&account, k);
+                        let options = self.store.record_options().await?;
                         let existed = json!({"op": "delete", "fp": fp, "existed": true});
                         let absent = json!({"op": "delete", "fp": fp, "existed": false});
                         let nested = etcd_client::Txn::new()
                             .when([EtcdCompare::version(key.clone(), CompareOp::Greater, 0)])
                             .and_then([
                                 TxnOp::delete(key.clone(), None),
-                                TxnOp::put(idem_key.clone(), existed.to_string(), None),
+                                TxnOp::put(idem_key.clone(), existed.to_string(), Some(options.clone())),
                             ])
-                            .or_else([TxnOp::put(idem_key, absent.to_string(), None)]);
+                            .or_else([TxnOp::put(idem_key, absent.to_string(), Some(options))]);
                         (vec![TxnOp::txn(nested)], None)
                     }
                     None => (vec![TxnOp::delete(key.clone(), None)], None::<serde_json::Value>),

@@ -6,13 +6,16 @@
 //!   then <ops> [+ idempotency record]
 //!   else get(fence) [+ get(idempotency record)]
 
-use etcd_client::{Compare, CompareOp, GetOptions, KeyValue, Txn, TxnOp, TxnOpResponse};
+use std::sync::Arc;
+
+use etcd_client::{Compare, CompareOp, GetOptions, KeyValue, PutOptions, Txn, TxnOp, TxnOpResponse};
 use serde_json::json;
 use tern_common::{AccountId, Epoch, Fence, FenceState, IdempotencyKey, fence_key, idempotency_key};
 
 use crate::batch::{Batchable, Batcher};
 use crate::error::{Result, RouterError};
 use crate::leader::Group;
+use crate::retention::RecordLeases;
 
 /// What a guarded transaction found.
 #[derive(Debug)]
@@ -51,19 +54,35 @@ pub struct Guard<'a> {
 pub struct HomeStore {
     group: Group,
     batcher: Option<Batcher>,
+    leases: Arc<RecordLeases>,
 }
 
 impl HomeStore {
     /// Writes marked batchable share transactions, up to `max_writes` in
-    /// one (1: never), `in_flight` at a time.
+    /// one (1: never), `in_flight` at a time; idempotency records live for
+    /// `retention`.
     pub fn new(
         group: Group,
         max_writes: usize,
         in_flight: usize,
+        retention: std::time::Duration,
         sizes: prometheus_client::metrics::histogram::Histogram,
     ) -> Self {
         let batcher = (max_writes > 1).then(|| Batcher::start(group.clone(), max_writes, in_flight, sizes));
-        Self { group, batcher }
+        Self {
+            group,
+            batcher,
+            leases: Arc::new(RecordLeases::new(retention)),
+        }
+    }
+
+    /// How to put an idempotency record now (attached to the lease that
+    /// ends its retention).
+    pub async fn record_options(&self) -> Result<PutOptions> {
+        self.leases
+            .put_options(&self.group)
+            .await
+            .map_err(|e| RouterError::Unavailable(format!("cannot get a lease for idempotency records: {e}")))
     }
 
     /// A client of every member, for reads any member may serve.
@@ -90,18 +109,31 @@ impl HomeStore {
             }
             when.push(Compare::version(idem.clone(), CompareOp::Equal, 0));
             if let Some(record) = record {
-                then.push(TxnOp::put(idem.clone(), record.to_string(), None));
+                then.push(TxnOp::put(
+                    idem.clone(),
+                    record.to_string(),
+                    Some(self.record_options().await?),
+                ));
             }
             otherwise.push(TxnOp::get(idem, None));
         }
         when.extend(guard.compares);
         let txn = Txn::new().when(when).and_then(then).or_else(otherwise);
-        let unknown = |e: String| RouterError::OutcomeUnknown(format!("etcd transaction failed: {e}"));
-        let (revision, resp) = match (&self.batcher, batch) {
-            (Some(batcher), Some(shape)) => batcher.submit(txn, shape).await.map_err(unknown)?,
-            _ => {
-                let resp = self.txn(txn).await.map_err(|e| unknown(e.to_string()))?;
-                (resp.header().map(|h| h.revision()).unwrap_or(0), resp)
+        let sent = match (&self.batcher, batch) {
+            (Some(batcher), Some(shape)) => batcher.submit(txn, shape).await,
+            _ => self
+                .txn(txn)
+                .await
+                .map(|resp| (resp.header().map(|h| h.revision()).unwrap_or(0), resp))
+                .map_err(|e| e.to_string()),
+        };
+        let (revision, resp) = match sent {
+            Ok(r) => r,
+            Err(e) => {
+                if e.contains("requested lease not found") {
+                    self.leases.forget().await;
+                }
+                return Err(RouterError::OutcomeUnknown(format!("etcd transaction failed: {e}")));
             }
         };
         let responses = resp.op_responses();
