@@ -59,7 +59,7 @@ pub struct Group {
 
 impl Group {
     /// Requests spread over every member of `any`, never to a leader alone
-    /// (tests of one function, and `--group-leader-writes=false`).
+    /// (`--group-leader-direct=false`).
     pub fn spread(any: Client) -> Self {
         Self {
             any,

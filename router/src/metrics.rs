@@ -82,7 +82,7 @@ impl Default for Metrics {
         );
         registry.register(
             "group_leader_changes",
-            "Raft leaders of the region's group that requests were sent to, one by one",
+            "Times requests to the region's group were switched to a newly found Raft leader (after a move, a failure or a hang)",
             group_leader.changes.clone(),
         );
         registry.register(
