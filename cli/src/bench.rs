@@ -240,28 +240,20 @@ async fn overhead(d: &LocalDeployment, args: &BenchArgs) -> Result<String, CliEr
     let mut txn_rounds = Vec::new();
     let mut router_rounds = Vec::new();
     for r in 0..2 {
+        // Plain puts, by a client of every member and by one of the leader.
+        let puts = |client: &etcd_client::Client| {
+            let client = client.clone();
+            let v = value.clone();
+            round(args.concurrency, args.round_secs, move |w, n| {
+                let mut c = client.clone();
+                let v = v.clone();
+                async move { c.put(format!("/bench/direct/{w}/{}", n % 64), v, None).await.is_ok() }
+            })
+        };
         println!("  overhead round {}: direct etcd", r + 1);
-        let put_client = etcd.clone();
-        let v = value.clone();
-        direct_rounds.push(
-            round(args.concurrency, args.round_secs, move |w, n| {
-                let mut c = put_client.clone();
-                let v = v.clone();
-                async move { c.put(format!("/bench/direct/{w}/{}", n % 64), v, None).await.is_ok() }
-            })
-            .await,
-        );
+        direct_rounds.push(puts(&etcd).await);
         println!("  overhead round {}: direct etcd, the leader alone", r + 1);
-        let put_client = leader.clone();
-        let v = value.clone();
-        leader_rounds.push(
-            round(args.concurrency, args.round_secs, move |w, n| {
-                let mut c = put_client.clone();
-                let v = v.clone();
-                async move { c.put(format!("/bench/direct/{w}/{}", n % 64), v, None).await.is_ok() }
-            })
-            .await,
-        );
+        leader_rounds.push(puts(&leader).await);
         println!(
             "  overhead round {}: direct etcd, the router's fenced transaction",
             r + 1

@@ -682,6 +682,38 @@ async fn concurrent_writes_share_transactions_and_keep_their_own_outcomes() {
     assert_eq!(records, 10 * rounds, "one idempotency record per idempotent write");
 }
 
+/// Writes `n` keys `{prefix}-{i}` one by one; returns how many transactions
+/// each member of `group` served meanwhile.
+async fn txns_per_member(
+    group: &tern_e2e::etcd_cluster::EtcdCluster,
+    n: usize,
+    router: &mut pb::router_client::RouterClient<tonic::transport::Channel>,
+    prefix: &str,
+) -> Vec<u64> {
+    let mut before = Vec::new();
+    for m in 0..3 {
+        before.push(group.txns_served(m).await);
+    }
+    for i in 0..n {
+        router
+            .put(put("acct-1", &format!("{prefix}-{i}"), "v", ""))
+            .await
+            .expect("write");
+    }
+    let mut served = Vec::new();
+    for (m, b) in before.iter().enumerate() {
+        served.push((group.txns_served(m).await - b) as u64);
+    }
+    served
+}
+
+/// `n` transactions on `member` of three, none on the others.
+fn one_member(member: usize, n: u64) -> Vec<u64> {
+    let mut v = vec![0; 3];
+    v[member] = n;
+    v
+}
+
 /// The router sends its transactions to the region group's Raft leader, not
 /// through a follower that would forward them, follows leadership when it
 /// moves (writes keep succeeding meanwhile), and leaves a leader that hangs.
@@ -698,24 +730,12 @@ async fn writes_go_to_the_group_leader_and_follow_it() {
     let group = &d.region("us-east").group;
 
     // Sequential writes: one transaction each, every one on the leader.
-    async fn served(group: &tern_e2e::etcd_cluster::EtcdCluster) -> Vec<f64> {
-        let mut out = Vec::new();
-        for i in 0..3 {
-            out.push(group.txns_served(i).await);
-        }
-        out
-    }
-    let writes_to =
-        |before: &[f64], after: &[f64]| -> Vec<u64> { before.iter().zip(after).map(|(b, a)| (a - b) as u64).collect() };
     let leader = group.leader().await.expect("a leader");
-    let before = served(group).await;
-    for i in 0..20 {
-        us.put(put("acct-1", &format!("a-{i}"), "v", "")).await.expect("write");
-    }
-    let per_member = writes_to(&before, &served(group).await);
-    let mut expected = vec![0; 3];
-    expected[leader] = 20;
-    assert_eq!(per_member, expected, "transactions per member, leader {leader}");
+    assert_eq!(
+        txns_per_member(group, 20, &mut us, "a").await,
+        one_member(leader, 20),
+        "transactions per member, leader {leader}"
+    );
 
     // Hand leadership to another member. Writes still succeed (the old
     // leader forwards them), and the first answer with the new Raft term
@@ -735,14 +755,11 @@ async fn writes_go_to_the_group_leader_and_follow_it() {
     })
     .await;
     assert_eq!(group.leader().await, Some(next));
-    let before = served(group).await;
-    for i in 0..20 {
-        us.put(put("acct-1", &format!("c-{i}"), "v", "")).await.expect("write");
-    }
-    let per_member = writes_to(&before, &served(group).await);
-    let mut expected = vec![0; 3];
-    expected[next] = 20;
-    assert_eq!(per_member, expected, "transactions per member after the move to {next}");
+    assert_eq!(
+        txns_per_member(group, 20, &mut us, "c").await,
+        one_member(next, 20),
+        "transactions per member after the move to {next}"
+    );
 
     // The leader hangs (SIGSTOP: its connections stay open, nothing
     // answers). Writes that time out make the router look for the leader
