@@ -58,7 +58,7 @@ pub struct GeoClusterSpec {
     pub etcd: EtcdSpec,
     /// The geo-aware routers, one Deployment per region.
     #[serde(default)]
-    pub router: ComponentSpec,
+    pub router: RouterSpec,
     /// The region agents (mirrors, lag, migrations, failover), one Deployment
     /// per region with one active replica.
     #[serde(default)]
@@ -166,6 +166,63 @@ pub struct DirectoryMembers {
 
 fn default_directory_replicas() -> i32 {
     1
+}
+
+/// The routers: their Deployment, and how they write to their region's group.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RouterSpec {
+    #[serde(flatten)]
+    pub component: ComponentSpec,
+    /// How long an idempotency key is remembered, as a duration from 1s to
+    /// 2160h (90 days). A retry with the same key within it returns the
+    /// first result; after it the key is new again.
+    #[serde(default = "default_idempotency_retention")]
+    #[schemars(
+        length(min = 2, max = 32),
+        regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$")
+    )]
+    #[x_kube(validation = Rule::new("duration(self) >= duration('1s') && duration(self) <= duration('2160h')").message("idempotencyRetention must be between 1s and 2160h (90 days)"))]
+    pub idempotency_retention: String,
+    /// Most writes that share one etcd transaction (group commit; each keeps
+    /// its own fence compare and outcome). 1 sends every write alone.
+    #[serde(default = "default_write_batch_max")]
+    #[schemars(range(min = 1, max = 128))]
+    pub write_batch_max: i32,
+    /// Group-commit transactions in flight at once per router. 1 makes the
+    /// largest batches; raise it where commits wait on slow disks.
+    #[serde(default = "default_write_batches_in_flight")]
+    #[schemars(range(min = 1, max = 16))]
+    pub write_batches_in_flight: i32,
+    /// Send requests to the region group's Raft leader instead of through
+    /// any member (which forwards writes to the leader).
+    #[serde(default = "default_true")]
+    pub group_leader_direct: bool,
+}
+
+impl Default for RouterSpec {
+    fn default() -> Self {
+        Self {
+            component: ComponentSpec::default(),
+            idempotency_retention: default_idempotency_retention(),
+            write_batch_max: default_write_batch_max(),
+            write_batches_in_flight: default_write_batches_in_flight(),
+            group_leader_direct: true,
+        }
+    }
+}
+
+fn default_idempotency_retention() -> String {
+    "24h".into()
+}
+fn default_write_batch_max() -> i32 {
+    32
+}
+fn default_write_batches_in_flight() -> i32 {
+    1
+}
+fn default_true() -> bool {
+    true
 }
 
 /// Follow-the-sun policy: an account moves to the region its writes come from.

@@ -94,3 +94,35 @@ async fn migration_account_and_target_are_immutable() {
         "{err}"
     );
 }
+
+/// What the operator puts on a router's and an agent's command line is
+/// accepted by the binaries' own flag parsers, defaults and every router
+/// setting of the schema's extremes alike.
+#[test]
+fn operator_built_command_lines_parse_in_the_binaries() {
+    use clap::Parser;
+    use tern_operator::build::components::{agent_args, router_args};
+    let text = std::fs::read_to_string(repo_root().join("examples/geocluster.yaml")).expect("the example exists");
+    let mut gc: tern_crds::GeoCluster = serde_yaml::from_str(&text).expect("the example parses");
+    gc.metadata.namespace = Some("default".into());
+    let parse_router = |gc: &tern_crds::GeoCluster| {
+        for region in &gc.spec.regions {
+            let args = std::iter::once("tern-router".to_string()).chain(router_args(gc, region));
+            tern_router::Config::try_parse_from(args)
+                .unwrap_or_else(|e| panic!("router flags of {}: {e}", region.name));
+        }
+    };
+    parse_router(&gc);
+    for region in &gc.spec.regions {
+        let args = std::iter::once("tern-agent".to_string()).chain(agent_args(&gc, region));
+        tern_agent::Config::try_parse_from(args).unwrap_or_else(|e| panic!("agent flags of {}: {e}", region.name));
+    }
+    for (retention, batch, in_flight, direct) in [("1s", 1, 1, false), ("2160h", 128, 16, true), ("1h30m", 32, 1, true)]
+    {
+        gc.spec.router.idempotency_retention = retention.into();
+        gc.spec.router.write_batch_max = batch;
+        gc.spec.router.write_batches_in_flight = in_flight;
+        gc.spec.router.group_leader_direct = direct;
+        parse_router(&gc);
+    }
+}

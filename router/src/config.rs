@@ -69,7 +69,7 @@ pub struct Config {
 
     /// How long an idempotency key is remembered: a retry with the same key
     /// within it returns the first result; after it, etcd has deleted the
-    /// record and the key is new again. 1s to 90d, e.g. 24h.
+    /// record and the key is new again. 1s to 2160h (90 days), e.g. 24h.
     #[arg(long, env = "TERN_IDEMPOTENCY_RETENTION", default_value = "24h", value_parser = parse_retention)]
     pub idempotency_retention: Duration,
 
@@ -122,7 +122,7 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 fn parse_retention(s: &str) -> Result<Duration, String> {
     let d = parse_duration(s)?;
     if d < Duration::from_secs(1) || d > Duration::from_secs(90 * 86_400) {
-        return Err(format!("`{s}` is outside 1s..=90d"));
+        return Err(format!("`{s}` is outside 1s..=2160h (90 days)"));
     }
     Ok(d)
 }
@@ -181,7 +181,7 @@ mod tests {
         let e = parse(&["--region=us-east", "--idempotency-retention=500ms"])
             .expect_err("retention below a second")
             .to_string();
-        assert!(e.contains("--idempotency-retention") && e.contains("1s..=90d"), "{e}");
+        assert!(e.contains("--idempotency-retention") && e.contains("1s..=2160h"), "{e}");
         let e = parse(&["--region=us-east", "--write-batches-in-flight=0"])
             .expect_err("no transactions in flight")
             .to_string();

@@ -133,6 +133,7 @@ pub fn router_args(gc: &GeoCluster, region: &RegionSpec) -> Vec<String> {
     // Every directory member by its stable name: the directory is global, and
     // any member can serve (etcd forwards to the leader).
     let directory = directory_client_urls(gc).join(",");
+    let router = &gc.spec.router;
     vec![
         format!("--region={}", region.name),
         format!("--listen=0.0.0.0:{GRPC_PORT}"),
@@ -143,6 +144,10 @@ pub fn router_args(gc: &GeoCluster, region: &RegionSpec) -> Vec<String> {
             "--advertise={}.{namespace}.svc.{domain}:{GRPC_PORT}",
             router_name(&cluster, &region.name)
         ),
+        format!("--idempotency-retention={}", router.idempotency_retention),
+        format!("--write-batch-max={}", router.write_batch_max),
+        format!("--write-batches-in-flight={}", router.write_batches_in_flight),
+        format!("--group-leader-direct={}", router.group_leader_direct),
         "--log-format=json".to_string(),
     ]
 }
@@ -275,6 +280,7 @@ pub fn router_objects(gc: &GeoCluster, region: &RegionSpec, default_image: &str)
     let image = gc
         .spec
         .router
+        .component
         .image
         .clone()
         .unwrap_or_else(|| default_image.to_string());
@@ -287,7 +293,7 @@ pub fn router_objects(gc: &GeoCluster, region: &RegionSpec, default_image: &str)
             image,
             args: router_args(gc, region),
             ports,
-            spec: &gc.spec.router,
+            spec: &gc.spec.router.component,
             service_account: None,
         },
     );
@@ -423,6 +429,33 @@ mod tests {
             "eu-west"
         );
         assert_eq!(service.spec.expect("spec").ports.expect("ports")[0].port, 7400);
+        // The write-path defaults are spelled out in the pod spec.
+        for flag in [
+            "--idempotency-retention=24h",
+            "--write-batch-max=32",
+            "--write-batches-in-flight=1",
+            "--group-leader-direct=true",
+        ] {
+            assert!(args.contains(flag), "{flag} in {args}");
+        }
+    }
+
+    #[test]
+    fn router_write_settings_reach_the_pod() {
+        let mut gc = example();
+        gc.spec.router.idempotency_retention = "72h".into();
+        gc.spec.router.write_batch_max = 8;
+        gc.spec.router.write_batches_in_flight = 2;
+        gc.spec.router.group_leader_direct = false;
+        let args = router_args(&gc, &gc.spec.regions[0]).join(" ");
+        for flag in [
+            "--idempotency-retention=72h",
+            "--write-batch-max=8",
+            "--write-batches-in-flight=2",
+            "--group-leader-direct=false",
+        ] {
+            assert!(args.contains(flag), "{flag} in {args}");
+        }
     }
 }
 
