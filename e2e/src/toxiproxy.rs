@@ -107,6 +107,30 @@ impl Toxiproxy {
         Ok(())
     }
 
+    /// Adds toxic `name` of `kind` (toxiproxy's type: `reset_peer`,
+    /// `limit_data`, ...) to one direction of `proxy`, applied to each
+    /// connection with probability `toxicity`.
+    pub async fn toxic(
+        &self,
+        proxy: &str,
+        name: &str,
+        kind: &str,
+        stream: Stream,
+        toxicity: f64,
+        attributes: Value,
+    ) -> Result<()> {
+        let body = json!({
+            "name": name,
+            "type": kind,
+            "stream": stream.as_str(),
+            "toxicity": toxicity,
+            "attributes": attributes,
+        });
+        self.request("POST", &format!("/proxies/{proxy}/toxics"), Some(body))
+            .await?;
+        Ok(())
+    }
+
     /// Removes a toxic by name (`latency_upstream`, `blackhole_downstream`, ...).
     pub async fn remove_toxic(&self, proxy: &str, toxic: &str) -> Result<()> {
         self.request("DELETE", &format!("/proxies/{proxy}/toxics/{toxic}"), None)

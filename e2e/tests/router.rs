@@ -860,3 +860,223 @@ async fn idempotency_records_expire_after_the_retention() {
         (b"v2".to_vec(), 2)
     );
 }
+
+/// What a client was told about one write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Told {
+    /// Acknowledged: applied exactly once.
+    Applied,
+    /// Refused for good (a compare failed) or refused as "retry"
+    /// (UNAVAILABLE): not applied.
+    NotApplied,
+    /// Outcome unknown (UNKNOWN, DEADLINE_EXCEEDED): applied at most once.
+    Unknown,
+}
+
+fn told(code: Code) -> Told {
+    match code {
+        Code::Ok => Told::Applied,
+        Code::FailedPrecondition | Code::Unavailable => Told::NotApplied,
+        Code::Unknown | Code::DeadlineExceeded | Code::Cancelled => Told::Unknown,
+        other => panic!("unexpected answer {other:?} to a write"),
+    }
+}
+
+/// Every value ever put under `prefix` in `region`'s group, in commit order,
+/// read from etcd's history (nothing is compacted in these tests).
+async fn put_history(d: &LocalDeployment, region: &str, prefix: &str) -> Vec<(String, String)> {
+    let mut c = d.group_client(region).await;
+    // The newest put under the prefix: the history is complete once the
+    // watch has replayed up to it.
+    let last = c
+        .get(prefix, Some(GetOptions::new().with_prefix()))
+        .await
+        .expect("range read")
+        .kvs()
+        .iter()
+        .map(|kv| kv.mod_revision())
+        .max()
+        .unwrap_or(0);
+    let mut stream = c
+        .watch(
+            prefix,
+            Some(etcd_client::WatchOptions::new().with_prefix().with_start_revision(1)),
+        )
+        .await
+        .expect("watch from the first revision");
+    let mut history = Vec::new();
+    let mut seen = 0;
+    while seen < last {
+        let Some(resp) = tokio::time::timeout(Duration::from_secs(10), stream.message())
+            .await
+            .expect("history arrives")
+            .expect("watch")
+        else {
+            break;
+        };
+        for event in resp.events() {
+            if let Some(kv) = event.kv() {
+                seen = seen.max(kv.mod_revision());
+            }
+            if event.event_type() == etcd_client::EventType::Put
+                && let Some(kv) = event.kv()
+            {
+                history.push((
+                    String::from_utf8_lossy(kv.key()).into_owned(),
+                    String::from_utf8_lossy(kv.value()).into_owned(),
+                ));
+            }
+        }
+    }
+    history
+}
+
+/// Writes without an idempotency key go through a cross-region link that
+/// resets connections (toxiproxy `reset_peer`) and cuts them after a few
+/// bytes of answers (`limit_data`), so links fail after the home router
+/// committed. The origin router may retry only what it knows was never
+/// sent: no write is applied twice, nothing told "retry" or "compare
+/// failed" was applied, and every acknowledged write is applied once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_that_fails_after_sending_never_applies_a_write_twice() {
+    let d = start(1).await;
+    create(&d, "us-east", "acct-r", "us-east").await;
+    let link = d.links[&("eu-west".to_string(), "us-east".to_string())].clone();
+
+    let stop_at = Instant::now() + Duration::from_secs(12);
+    let mut writers = Vec::new();
+    for w in 0..4 {
+        let mut c = d.client("eu-west").await;
+        writers.push(tokio::spawn(async move {
+            let key = format!("k{w}");
+            // The value this writer last saw acknowledged: what its
+            // compare-and-set expects.
+            let mut last: Option<String> = None;
+            let mut log: Vec<(String, bool, Told)> = Vec::new();
+            let mut i = 0;
+            while Instant::now() < stop_at {
+                let value = format!("w{w}-{i}");
+                let is_txn = i % 2 == 1;
+                let answer = if is_txn {
+                    let compares = match &last {
+                        Some(v) => vec![pb::Compare {
+                            key: key.clone(),
+                            target: pb::compare::Target::Value as i32,
+                            op: pb::compare::Op::Equal as i32,
+                            value: v.as_bytes().to_vec(),
+                            number: 0,
+                        }],
+                        None => vec![],
+                    };
+                    let mut request = tonic::Request::new(pb::TxnRequest {
+                        account: "acct-r".into(),
+                        compares,
+                        ops: vec![pb::Operation {
+                            op: Some(pb::operation::Op::Put(pb::PutOp {
+                                key: key.clone(),
+                                value: value.as_bytes().to_vec(),
+                            })),
+                        }],
+                        idempotency_key: String::new(),
+                    });
+                    request.set_timeout(Duration::from_secs(3));
+                    c.txn(request).await.map(|_| ())
+                } else {
+                    let mut request = tonic::Request::new(put("acct-r", &key, &value, ""));
+                    request.set_timeout(Duration::from_secs(3));
+                    c.put(request).await.map(|_| ())
+                };
+                let outcome = told(answer.as_ref().err().map(|e| e.code()).unwrap_or(Code::Ok));
+                match outcome {
+                    Told::Applied => last = Some(value.clone()),
+                    // What the key holds now is unknown: ask before the next
+                    // compare-and-set (a read is safe to retry).
+                    Told::Unknown | Told::NotApplied => {
+                        for _ in 0..50 {
+                            let mut request = tonic::Request::new(pb::GetRequest {
+                                account: "acct-r".into(),
+                                key: key.clone(),
+                                read: None,
+                            });
+                            request.set_timeout(Duration::from_secs(3));
+                            if let Ok(r) = c.get(request).await {
+                                let r = r.into_inner();
+                                last = r.found.then(|| String::from_utf8_lossy(&r.value).into_owned());
+                                break;
+                            }
+                        }
+                    }
+                }
+                log.push((value, is_txn, outcome));
+                i += 1;
+            }
+            (key, log)
+        }));
+    }
+
+    // Re-arm the faults every 400 ms: a reset 100 ms into half of the
+    // connections, and a cut after 2 KiB of answers on the others.
+    let mut round = 0;
+    while Instant::now() < stop_at {
+        let (name, kind, attributes) = if round % 2 == 0 {
+            ("reset", "reset_peer", serde_json::json!({"timeout": 100}))
+        } else {
+            ("limit", "limit_data", serde_json::json!({"bytes": 2048}))
+        };
+        d.toxiproxy
+            .toxic(&link, name, kind, Stream::Downstream, 0.5, attributes)
+            .await
+            .expect("arm the fault");
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        d.toxiproxy.remove_toxic(&link, name).await.expect("disarm");
+        round += 1;
+    }
+
+    let mut logs = Vec::new();
+    for w in writers {
+        logs.push(w.await.expect("writer"));
+    }
+    let history = put_history(&d, "us-east", "/tern/a/acct-r/d/").await;
+    let keys = account_keys(&d, "us-east").await;
+    let mut totals = BTreeMap::<Told, usize>::new();
+    let mut failures = Vec::new();
+    for (key, log) in &logs {
+        let full = format!("/tern/a/acct-r/d/{key}");
+        let applied = |value: &str| history.iter().filter(|(k, v)| *k == full && v == value).count();
+        let (mut acked, mut unknown) = (0, 0);
+        for (value, is_txn, outcome) in log {
+            *totals.entry(*outcome).or_default() += 1;
+            let n = applied(value);
+            let op = if *is_txn { "txn" } else { "put" };
+            match outcome {
+                Told::Applied if n != 1 => failures.push(format!("{op} {value} acknowledged, applied {n} times")),
+                Told::NotApplied if n != 0 => {
+                    failures.push(format!("{op} {value} refused (compare failed or retry), applied {n} times"))
+                }
+                Told::Unknown if n > 1 => failures.push(format!("{op} {value} outcome unknown, applied {n} times")),
+                _ => {}
+            }
+            match outcome {
+                Told::Applied => acked += 1,
+                Told::Unknown => unknown += 1,
+                Told::NotApplied => {}
+            }
+        }
+        let version = keys.get(&full).map(|(_, v)| *v).unwrap_or(0);
+        if version < acked || version > acked + unknown {
+            failures.push(format!(
+                "{key}: etcd version {version}, but {acked} writes acknowledged and {unknown} unknown"
+            ));
+        }
+    }
+    eprintln!("outcomes: {totals:?}; {} puts in the history", history.len());
+    assert!(failures.is_empty(), "{} violations:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        totals.get(&Told::Applied).copied().unwrap_or(0) > 20,
+        "writes get through between faults: {totals:?}"
+    );
+    assert!(
+        totals.get(&Told::Unknown).copied().unwrap_or(0) + totals.get(&Told::NotApplied).copied().unwrap_or(0) > 0,
+        "the faults hit some writes: {totals:?}"
+    );
+}
