@@ -84,3 +84,75 @@ impl From<etcd_client::Error> for RouterError {
         Self::Unavailable(format!("etcd: {e}"))
     }
 }
+
+/// What a failed request tells about whether it took effect.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Delivery {
+    /// It never left: the connection could not be established, or the
+    /// server refused the stream before reading it. Safe to send again.
+    NotSent,
+    /// The server answered that it applied nothing and will refuse the same
+    /// request again (too large, a duplicate key, an unknown lease).
+    Refused,
+    /// It may have been applied: the link failed or the answer was lost
+    /// after it left.
+    Unknown,
+}
+
+/// Decides from the error's type chain (never from its text) whether the
+/// request may have taken effect. Only a failure to establish the
+/// connection proves that nothing was sent: a reset, a closed stream or a
+/// timeout after the request left may have lost the answer to a committed
+/// write.
+pub fn classify(err: &(dyn std::error::Error + 'static)) -> Delivery {
+    let mut next = Some(err);
+    while let Some(e) = next {
+        if e.is::<tonic::ConnectError>() {
+            return Delivery::NotSent;
+        }
+        // The server promises it did not process a refused stream (HTTP/2
+        // REFUSED_STREAM, sent for streams above a GOAWAY's last id).
+        if let Some(h2) = e.downcast_ref::<h2::Error>()
+            && h2.reason() == Some(h2::Reason::REFUSED_STREAM)
+        {
+            return Delivery::NotSent;
+        }
+        next = e.source();
+    }
+    Delivery::Unknown
+}
+
+/// `classify` for etcd's client errors: a status etcd itself sent with a
+/// code that means "refused, nothing applied" is a refusal; a request the
+/// client library rejected before sending was never sent.
+pub fn classify_etcd(err: &etcd_client::Error) -> Delivery {
+    match err {
+        etcd_client::Error::GRpcStatus(s) => {
+            if classify(s) == Delivery::NotSent {
+                return Delivery::NotSent;
+            }
+            // No source: the status came from etcd, not from the link.
+            let from_server = std::error::Error::source(s).is_none();
+            match s.code() {
+                Code::InvalidArgument
+                | Code::FailedPrecondition
+                | Code::NotFound
+                | Code::OutOfRange
+                | Code::AlreadyExists
+                | Code::PermissionDenied
+                | Code::Unauthenticated
+                    if from_server =>
+                {
+                    Delivery::Refused
+                }
+                _ => Delivery::Unknown,
+            }
+        }
+        etcd_client::Error::InvalidArgs(_)
+        | etcd_client::Error::InvalidUri(_)
+        | etcd_client::Error::EndpointError(_)
+        | etcd_client::Error::InvalidMetadataValue(_)
+        | etcd_client::Error::EndpointsNotManaged => Delivery::NotSent,
+        other => classify(other),
+    }
+}

@@ -175,13 +175,9 @@ impl Forwarder {
                 // No router produced this status: the link failed. Only a
                 // failure to connect proves the request was never sent.
                 let text = format!("{status}");
-                let source = std::error::Error::source(&status)
-                    .map(|s| format!("{s:?}"))
-                    .unwrap_or_default();
-                if text.contains("connect") || source.contains("ConnectError") || source.contains("Connect") {
-                    Err(ForwardFailure::NotSent(text))
-                } else {
-                    Err(ForwardFailure::Unknown(text))
+                match crate::error::classify(&status) {
+                    crate::error::Delivery::NotSent => Err(ForwardFailure::NotSent(text)),
+                    _ => Err(ForwardFailure::Unknown(text)),
                 }
             }
         }
