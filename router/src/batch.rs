@@ -21,7 +21,6 @@ use prometheus_client::metrics::histogram::Histogram;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use crate::leader::Group;
-use crate::store::txn_on;
 
 /// Bytes of one batch at most: under etcd's default request limit (1.5 MiB)
 /// with room for the keys and framing. A larger write goes alone.
@@ -34,7 +33,27 @@ const BATCH_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// What one write's transaction returned: the commit revision and its own
 /// (possibly nested) response.
-pub type Outcome = std::result::Result<(i64, TxnResponse), String>;
+pub type Outcome = std::result::Result<(i64, TxnResponse), BatchError>;
+
+/// Why a write's shared transaction gave no answer for it.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BatchError {
+    /// etcd (or the link to it) failed the whole transaction; every write
+    /// in it gets the same error, as it would have alone.
+    #[error("etcd: {0}")]
+    Etcd(#[source] Arc<etcd_client::Error>),
+    /// The queue is closed: the router is stopping. Never sent.
+    #[error("the router is shutting down")]
+    ShuttingDown,
+    /// The batch was given up (every caller's deadline passed, or etcd did
+    /// not answer within the backstop timeout) after it may have been sent.
+    #[error("the shared commit was abandoned before etcd answered")]
+    Abandoned,
+    /// etcd answered the batch with something other than one nested
+    /// response per write.
+    #[error("etcd answered a nested transaction with {0}")]
+    Malformed(String),
+}
 
 /// What a write may share a transaction with.
 #[derive(Debug, Clone)]
@@ -75,10 +94,10 @@ impl Batcher {
         let (reply, answer) = oneshot::channel();
         self.queue
             .send(Pending { txn, shape, reply })
-            .map_err(|_| "the router is shutting down".to_string())?;
-        answer
-            .await
-            .map_err(|_| "the batch of this write was dropped".to_string())?
+            .map_err(|_| BatchError::ShuttingDown)?;
+        // A dropped reply means the batch task ended with the write taken:
+        // it may have been sent.
+        answer.await.map_err(|_| BatchError::Abandoned)?
     }
 }
 
@@ -164,10 +183,13 @@ async fn send(group: &Group, batch: Vec<Pending>) {
     // slot for the writes behind. (Their callers were told the outcome is
     // unknown, as with any deadline.)
     let answer = tokio::select! {
-        r = tokio::time::timeout(BATCH_TIMEOUT, txn_on(group, txn)) => match r {
+        r = tokio::time::timeout(BATCH_TIMEOUT, group.txn(txn)) => match r {
             Ok(Ok(resp)) => Ok(resp),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err(format!("etcd did not answer within {BATCH_TIMEOUT:?}")),
+            Ok(Err(e)) => Err(BatchError::Etcd(Arc::new(e))),
+            Err(_) => {
+                tracing::warn!(timeout = ?BATCH_TIMEOUT, "etcd did not answer a shared commit");
+                Err(BatchError::Abandoned)
+            }
         },
         () = all_closed(&mut replies) => return,
     };
@@ -189,7 +211,7 @@ async fn send(group: &Group, batch: Vec<Pending>) {
     for reply in replies {
         let outcome = match responses.next() {
             Some(TxnOpResponse::Txn(t)) => Ok((revision, t)),
-            other => Err(format!("etcd answered a nested transaction with {other:?}")),
+            other => Err(BatchError::Malformed(format!("{other:?}"))),
         };
         let _ = reply.send(outcome);
     }

@@ -44,6 +44,16 @@ pub struct Config {
     #[arg(long = "peer", env = "TERN_ROUTER_PEERS", value_delimiter = ',', value_parser = parse_peer)]
     pub peers: Vec<(RegionName, String)>,
 
+    /// Secret shared by the routers of one GeoCluster (16 to 256 visible
+    /// ASCII characters): sent with every forwarded call, and required of
+    /// calls that claim to be forwarded (`tern-forwarded`,
+    /// `tern-origin-region`); without it such headers are ignored and
+    /// counted, so clients cannot forge them. Unset: no call is trusted as
+    /// forwarded (forwarding still works, the home router serves it as its
+    /// own client's).
+    #[arg(long, env = "TERN_PEER_TOKEN", value_parser = parse_peer_token, hide_env_values = true)]
+    pub peer_token: Option<crate::peer::PeerToken>,
+
     /// DNS server (IP:PORT) for resolving region endpoints; default: the
     /// system's resolver.
     #[arg(long, env = "TERN_DNS_SERVER")]
@@ -113,6 +123,10 @@ fn parse_peer(s: &str) -> Result<(RegionName, String), String> {
     let region = parse_region(region)?;
     crate::dns::split_endpoint(endpoint).map_err(|e| e.to_string())?;
     Ok((region, endpoint.to_string()))
+}
+
+fn parse_peer_token(s: &str) -> Result<crate::peer::PeerToken, String> {
+    crate::peer::PeerToken::new(s)
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -190,6 +204,14 @@ mod tests {
             .expect_err("not a boolean")
             .to_string();
         assert!(e.contains("--group-leader-direct") && e.contains("maybe"), "{e}");
+        let e = parse(&["--region=us-east", "--peer-token=short"])
+            .expect_err("a short token")
+            .to_string();
+        assert!(e.contains("--peer-token") && e.contains("16 to 256"), "{e}");
+        assert!(
+            !e.contains("short\n"),
+            "the value is not echoed beyond clap's own line: {e}"
+        );
         let e = parse(&["--region=us-east", "--trace-sampling-ratio=2"])
             .expect_err("ratio above 1")
             .to_string();

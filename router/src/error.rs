@@ -1,34 +1,83 @@
-//! The router's one error type and how each error becomes a gRPC status that
-//! tells the client what to do: fix the request, retry, or look elsewhere.
+//! The router's one error type, how each error becomes a gRPC status that
+//! tells the client what to do (fix the request, retry, or look elsewhere),
+//! and `classify`: the one place that decides, from an error's type chain,
+//! whether a failed request may have taken effect.
 
-use tern_common::{InvalidInput, RegionName};
+use std::error::Error as StdError;
+
+use tern_common::{AccountId, InvalidInput, RegionName};
 use tonic::{Code, Status};
+
+/// A boxed error kept as the source of a router error.
+pub type BoxError = Box<dyn StdError + Send + Sync + 'static>;
+/// An etcd client error, shared: one failed group commit answers every
+/// write in it.
+pub type EtcdError = std::sync::Arc<etcd_client::Error>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RouterError {
-    /// Fix the request.
+    /// Fix the request: an identifier, key or value broke its rule.
     #[error("invalid request: {0}")]
     Invalid(#[from] InvalidInput),
+    /// Fix the request: a field of it broke a rule (the message names both).
     #[error("invalid request: {0}")]
     BadRequest(String),
+    /// Fix the request: it is larger than the region group accepts.
+    #[error("invalid request: {what} is {size} bytes; the limit is {limit} bytes ({rule})")]
+    TooLarge {
+        what: &'static str,
+        size: usize,
+        limit: usize,
+        rule: &'static str,
+    },
+    /// Fix the request: the idempotency key belongs to another request.
+    #[error("invalid request: idempotency_key was already used for a different request: use a new key for a new write")]
+    KeyReused,
     #[error("account {0} does not exist")]
-    UnknownAccount(String),
+    UnknownAccount(AccountId),
     #[error("account {account} already exists, homed in {home}")]
-    AccountExists { account: String, home: RegionName },
+    AccountExists { account: AccountId, home: RegionName },
+    /// A Txn compare did not hold; nothing was applied.
     #[error("compare failed: {0}")]
     CompareFailed(String),
+    /// etcd refused the request for good (nothing was applied): retrying
+    /// it unchanged fails again.
+    #[error("the region group refused the request, nothing was applied: {0}")]
+    Refused(#[source] EtcdError),
     /// Retry, with the same idempotency key for writes.
-    #[error("region {region} is unreachable: {detail}; retry")]
-    RegionUnreachable { region: RegionName, detail: String },
+    #[error("region {region} is unreachable: {source}; retry")]
+    RegionUnreachable {
+        region: RegionName,
+        #[source]
+        source: BoxError,
+    },
+    /// Retry: the region's own etcd group did not answer (nothing was sent,
+    /// or the request was a read).
+    #[error("the region group is unavailable ({what}): {source}; retry")]
+    GroupUnavailable {
+        what: &'static str,
+        #[source]
+        source: EtcdError,
+    },
+    /// Retry: the directory group did not answer.
+    #[error("the directory is unavailable: {0}; retry")]
+    DirectoryUnavailable(#[source] etcd_client::Error),
+    /// Retry: a transient state (a migration settling, a fence missing).
     #[error("{0}; retry")]
     Unavailable(String),
     /// The write may or may not have been applied.
     #[error(
-        "the outcome of this write is unknown ({0}): it may or may not have been applied; read it back, or retry with an idempotency key"
+        "the outcome of this write is unknown ({detail}): it may or may not have been applied; read it back, or retry with the same idempotency key"
     )]
-    OutcomeUnknown(String),
+    OutcomeUnknown {
+        detail: String,
+        #[source]
+        source: Option<BoxError>,
+    },
+    /// The deadline passed with nothing in flight: not applied.
     #[error("deadline exceeded {0}")]
     Deadline(String),
+    /// A stored record or answer that this router cannot read.
     #[error("internal error: {0}")]
     Internal(String),
     /// This router is not the account's home (a forwarded call met a stale
@@ -38,6 +87,9 @@ pub enum RouterError {
     /// The home region's router answered with this status; passed on as is.
     #[error("{}", .0.message())]
     Remote(Status),
+    /// The router is stopping; another one serves.
+    #[error("the router is shutting down; retry")]
+    ShuttingDown,
 }
 
 pub type Result<T, E = RouterError> = std::result::Result<T, E>;
@@ -45,16 +97,41 @@ pub type Result<T, E = RouterError> = std::result::Result<T, E>;
 impl RouterError {
     pub fn code(&self) -> Code {
         match self {
-            Self::Invalid(_) | Self::BadRequest(_) => Code::InvalidArgument,
+            Self::Invalid(_) | Self::BadRequest(_) | Self::TooLarge { .. } | Self::KeyReused => Code::InvalidArgument,
             Self::UnknownAccount(_) => Code::NotFound,
             Self::AccountExists { .. } => Code::AlreadyExists,
             Self::CompareFailed(_) => Code::FailedPrecondition,
-            Self::RegionUnreachable { .. } | Self::Unavailable(_) => Code::Unavailable,
-            Self::OutcomeUnknown(_) => Code::Unknown,
+            Self::Refused(e) => match &**e {
+                etcd_client::Error::GRpcStatus(s) => s.code(),
+                _ => Code::InvalidArgument,
+            },
+            Self::RegionUnreachable { .. }
+            | Self::GroupUnavailable { .. }
+            | Self::DirectoryUnavailable(_)
+            | Self::Unavailable(_)
+            | Self::NotHome(_)
+            | Self::ShuttingDown => Code::Unavailable,
+            Self::OutcomeUnknown { .. } => Code::Unknown,
             Self::Deadline(_) => Code::DeadlineExceeded,
             Self::Internal(_) => Code::Internal,
-            Self::NotHome(_) => Code::Unavailable,
             Self::Remote(s) => s.code(),
+        }
+    }
+
+    /// The region group did not answer `what`.
+    pub fn group(what: &'static str, source: etcd_client::Error) -> Self {
+        Self::GroupUnavailable {
+            what,
+            source: std::sync::Arc::new(source),
+        }
+    }
+
+    /// An outcome-unknown error for a write whose link or commit failed
+    /// after it may have left.
+    pub fn unknown(detail: impl Into<String>, source: impl Into<BoxError>) -> Self {
+        Self::OutcomeUnknown {
+            detail: detail.into(),
+            source: Some(source.into()),
         }
     }
 }
@@ -65,23 +142,20 @@ pub const SERVED_BY: &str = "tern-served-by";
 
 impl RouterError {
     pub fn into_status(self, region: &RegionName) -> Status {
+        if let Self::Remote(status) = self {
+            return status;
+        }
         let mut status = Status::new(self.code(), self.to_string());
         if let Ok(v) = region.as_str().parse() {
             status.metadata_mut().insert(SERVED_BY, v);
         }
-        if matches!(self, Self::RegionUnreachable { .. } | Self::Unavailable(_))
+        if self.code() == Code::Unavailable
             && let Ok(v) = "100".parse()
         {
             // A hint for clients that honour it: retry after this many ms.
             status.metadata_mut().insert("retry-after-ms", v);
         }
         status
-    }
-}
-
-impl From<etcd_client::Error> for RouterError {
-    fn from(e: etcd_client::Error) -> Self {
-        Self::Unavailable(format!("etcd: {e}"))
     }
 }
 
@@ -104,7 +178,7 @@ pub enum Delivery {
 /// connection proves that nothing was sent: a reset, a closed stream or a
 /// timeout after the request left may have lost the answer to a committed
 /// write.
-pub fn classify(err: &(dyn std::error::Error + 'static)) -> Delivery {
+pub fn classify(err: &(dyn StdError + 'static)) -> Delivery {
     let mut next = Some(err);
     while let Some(e) = next {
         if e.is::<tonic::ConnectError>() {
@@ -132,7 +206,7 @@ pub fn classify_etcd(err: &etcd_client::Error) -> Delivery {
                 return Delivery::NotSent;
             }
             // No source: the status came from etcd, not from the link.
-            let from_server = std::error::Error::source(s).is_none();
+            let from_server = StdError::source(s).is_none();
             match s.code() {
                 Code::InvalidArgument
                 | Code::FailedPrecondition
@@ -154,5 +228,46 @@ pub fn classify_etcd(err: &etcd_client::Error) -> Delivery {
         | etcd_client::Error::InvalidMetadataValue(_)
         | etcd_client::Error::EndpointsNotManaged => Delivery::NotSent,
         other => classify(other),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("wrapper")]
+    struct Wrapper(#[source] BoxError);
+
+    #[test]
+    fn only_a_failed_connect_is_not_sent() {
+        let refused = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "connection refused");
+        let connect = Wrapper(Box::new(tonic::ConnectError(Box::new(refused))));
+        assert_eq!(classify(&connect), Delivery::NotSent);
+
+        // A reset after the request left says "connection" in its text but
+        // is no connect failure.
+        let reset = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "Connect reset by peer");
+        assert_eq!(classify(&Wrapper(Box::new(reset))), Delivery::Unknown);
+        let text_only = Status::unavailable("tcp connect error: Connection refused");
+        assert_eq!(classify(&text_only), Delivery::Unknown);
+    }
+
+    #[test]
+    fn refused_streams_were_not_processed() {
+        let refused: h2::Error = h2::Reason::REFUSED_STREAM.into();
+        assert_eq!(classify(&Wrapper(Box::new(refused))), Delivery::NotSent);
+        let cancel: h2::Error = h2::Reason::CANCEL.into();
+        assert_eq!(classify(&Wrapper(Box::new(cancel))), Delivery::Unknown);
+    }
+
+    #[test]
+    fn etcd_refusals_are_definite_only_when_etcd_sent_them() {
+        let too_large = etcd_client::Error::GRpcStatus(Status::invalid_argument("etcdserver: request is too large"));
+        assert_eq!(classify_etcd(&too_large), Delivery::Refused);
+        let lost = etcd_client::Error::GRpcStatus(Status::unavailable("etcdserver: leader changed"));
+        assert_eq!(classify_etcd(&lost), Delivery::Unknown);
+        let local = etcd_client::Error::InvalidArgs("bad".into());
+        assert_eq!(classify_etcd(&local), Delivery::NotSent);
     }
 }

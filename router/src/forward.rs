@@ -1,26 +1,24 @@
 //! Forwarding to the home region's router: one pooled HTTP/2 channel per
 //! region (gRPC multiplexes every request on it), dialled at the address DNS
 //! gives for the region's endpoint and re-dialled when that address changes.
-//! The call carries the remaining deadline and the origin region.
+//! The request carries the remaining deadline, the trace context, the origin
+//! region and the peer token that makes the home router trust those headers.
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use tern_common::RegionName;
 use tokio::sync::Mutex;
 use tonic::transport::{Channel, Endpoint};
-use tonic::{Request, Response, Status};
+use tonic::{Request, Status};
 
 use crate::dns::Dns;
-use crate::error::{Result, RouterError, SERVED_BY};
+use crate::error::{BoxError, Delivery, Result, RouterError, SERVED_BY, classify};
 use crate::pb::router_client::RouterClient;
+use crate::peer::{PeerToken, mark_forwarded};
 use crate::placement::Directory;
 
-/// Metadata keys of a forwarded call.
-pub const ORIGIN_REGION: &str = "tern-origin-region";
-pub const FORWARDED: &str = "tern-forwarded";
 /// Set by a router that is not the account's home (any more): the caller
 /// should refresh the placement and route again.
 pub const MOVED: &str = "tern-moved";
@@ -39,29 +37,62 @@ pub enum ForwardFailure {
     Answer(Status),
     /// The home router says the account is not homed there: route again.
     Moved,
-    /// The link failed before the request was sent: safe to retry.
-    NotSent(String),
-    /// The link failed and the request may have been applied.
-    Unknown(String),
+    /// The request never left (no connection could be made): safe to send
+    /// again.
+    NotSent(BoxError),
+    /// The link failed after the request may have left: it may have been
+    /// applied.
+    Unknown(BoxError),
     /// The deadline passed while waiting for the home region's answer.
     Deadline,
 }
 
 impl ForwardFailure {
+    /// The metric label of this kind of failure.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Answer(_) => "answer",
+            Self::Moved => "moved",
+            Self::NotSent(_) => "not_sent",
+            Self::Unknown(_) => "unknown",
+            Self::Deadline => "deadline",
+        }
+    }
+
     /// A line for a span's error status.
     pub fn describe(&self) -> String {
         match self {
             Self::Answer(s) => format!("{:?}: {}", s.code(), s.message()),
             Self::Moved => "the account moved".into(),
-            Self::NotSent(d) => format!("not sent: {d}"),
-            Self::Unknown(d) => format!("link failed after sending: {d}"),
+            Self::NotSent(e) => format!("not sent: {e}"),
+            Self::Unknown(e) => format!("link failed after sending: {e}"),
             Self::Deadline => "deadline exceeded".into(),
+        }
+    }
+
+    /// Reads a status that came back instead of an answer.
+    fn from_status(status: Status) -> Self {
+        if status.metadata().get(MOVED).is_some() {
+            return Self::Moved;
+        }
+        if status.metadata().get(SERVED_BY).is_some() {
+            // A router produced it: its answer, whatever the code.
+            return Self::Answer(status);
+        }
+        if matches!(status.code(), tonic::Code::Cancelled | tonic::Code::DeadlineExceeded) {
+            return Self::Deadline;
+        }
+        // No router produced this status: the link failed.
+        match classify(&status) {
+            Delivery::NotSent => Self::NotSent(Box::new(status)),
+            Delivery::Refused | Delivery::Unknown => Self::Unknown(Box::new(status)),
         }
     }
 }
 
 pub struct Forwarder {
     origin: RegionName,
+    token: Option<PeerToken>,
     dns: Dns,
     overrides: HashMap<RegionName, String>,
     directory: Directory,
@@ -69,9 +100,16 @@ pub struct Forwarder {
 }
 
 impl Forwarder {
-    pub fn new(origin: RegionName, dns: Dns, overrides: HashMap<RegionName, String>, directory: Directory) -> Self {
+    pub fn new(
+        origin: RegionName,
+        token: Option<PeerToken>,
+        dns: Dns,
+        overrides: HashMap<RegionName, String>,
+        directory: Directory,
+    ) -> Self {
         Self {
             origin,
+            token,
             dns,
             overrides,
             directory,
@@ -92,7 +130,7 @@ impl Forwarder {
             Some(r) if !r.router_endpoint.is_empty() => Ok(r.router_endpoint),
             _ => Err(RouterError::RegionUnreachable {
                 region: region.clone(),
-                detail: "no router endpoint is registered for it".into(),
+                source: "no router endpoint is registered for it".into(),
             }),
         }
     }
@@ -116,7 +154,10 @@ impl Forwarder {
             return Ok(link.client.clone());
         }
         let channel = Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| RouterError::Internal(format!("endpoint {addr}: {e}")))?
+            .map_err(|e| RouterError::RegionUnreachable {
+                region: region.clone(),
+                source: Box::new(e),
+            })?
             .connect_timeout(Duration::from_secs(2))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10))
@@ -137,49 +178,26 @@ impl Forwarder {
         Ok(client)
     }
 
-    /// Sends `message` to `region`'s router with `call`, within `deadline`.
-    pub async fn call<Req, Resp, F, Fut>(
+    /// Sends `message` to `region`'s router as `R`'s call, within `deadline`.
+    pub async fn send<R: crate::execute::Forwardable>(
         &self,
         region: &RegionName,
         deadline: tokio::time::Instant,
-        message: Req,
+        message: R,
         trace: &opentelemetry::Context,
-        call: F,
-    ) -> std::result::Result<Resp, ForwardFailure>
-    where
-        F: FnOnce(RouterClient<Channel>, Request<Req>) -> Fut,
-        Fut: Future<Output = std::result::Result<Response<Resp>, Status>>,
-    {
+    ) -> std::result::Result<R::Response, ForwardFailure> {
         let client = self
             .client(region)
             .await
-            .map_err(|e| ForwardFailure::NotSent(e.to_string()))?;
+            .map_err(|e| ForwardFailure::NotSent(Box::new(e)))?;
         let mut request = Request::new(message);
         request.set_timeout(deadline.saturating_duration_since(tokio::time::Instant::now()));
         let md = request.metadata_mut();
         crate::telemetry::inject(trace, md);
-        if let Ok(v) = self.origin.as_str().parse() {
-            md.insert(ORIGIN_REGION, v);
-        }
-        md.insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
-        match call(client, request).await {
-            Ok(resp) => Ok(resp.into_inner()),
-            Err(status) if status.metadata().get(MOVED).is_some() => Err(ForwardFailure::Moved),
-            Err(status) if status.metadata().get(SERVED_BY).is_some() => Err(ForwardFailure::Answer(status)),
-            Err(status)
-                if status.code() == tonic::Code::Cancelled || status.code() == tonic::Code::DeadlineExceeded =>
-            {
-                Err(ForwardFailure::Deadline)
-            }
-            Err(status) => {
-                // No router produced this status: the link failed. Only a
-                // failure to connect proves the request was never sent.
-                let text = format!("{status}");
-                match crate::error::classify(&status) {
-                    crate::error::Delivery::NotSent => Err(ForwardFailure::NotSent(text)),
-                    _ => Err(ForwardFailure::Unknown(text)),
-                }
-            }
-        }
+        mark_forwarded(md, &self.origin, self.token.as_ref());
+        R::send(client, request)
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(ForwardFailure::from_status)
     }
 }

@@ -176,6 +176,46 @@ impl Group {
             self.wake.notify_one();
         }
     }
+
+    /// Runs `txn` where requests go now, and notes what the answer (or its
+    /// absence) says about the leader.
+    pub async fn txn(&self, txn: etcd_client::Txn) -> Result<etcd_client::TxnResponse, etcd_client::Error> {
+        /// Tells the group when the request is dropped unanswered.
+        struct Unanswered<'a>(Option<&'a Group>);
+        impl Drop for Unanswered<'_> {
+            fn drop(&mut self) {
+                if let Some(group) = self.0 {
+                    group.suspect();
+                }
+            }
+        }
+        let mut unanswered = Unanswered(Some(self));
+        let answer = self.kv().txn(txn).await;
+        unanswered.0 = None;
+        match answer {
+            Ok(resp) => {
+                self.saw(resp.header());
+                Ok(resp)
+            }
+            Err(e) => {
+                // The member may be gone or no longer lead; a refused
+                // request (too large, bad compare) says nothing about the
+                // leader.
+                let lost = match &e {
+                    etcd_client::Error::GRpcStatus(s) => matches!(
+                        s.code(),
+                        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::DeadlineExceeded
+                    ),
+                    etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
+                    _ => false,
+                };
+                if lost {
+                    self.failed();
+                }
+                Err(e)
+            }
+        }
+    }
 }
 
 /// Why no leader was found.

@@ -3,14 +3,17 @@
 //! other is forwarded to the home region's router over a pooled HTTP/2
 //! channel, one cross-region round trip.
 //!
-//! The request path, in the order a call meets it: `service` (validation,
-//! deadline, routing decision) → `placement` (the watch-fed directory cache)
-//! → `store` (the fenced transaction, idempotency; `batch` lets concurrent
-//! writes share one commit, `leader` sends them to the group's Raft leader,
-//! `retention` ends idempotency records)
-//! or `forward` (the pooled channel to another region, resolved through
-//! `dns`). `counts` records where writes come from; `metrics` and `server`
-//! make it an operable process.
+//! The request path, in the order a call meets it: `service` (the gRPC
+//! adapter) → `ops` (the request validated into an operation) → `execute`
+//! (deadline, spans, metrics, and the one loop every operation takes) →
+//! `placement` (the watch-fed directory cache) → `store` (the fenced
+//! transaction, idempotency; `batch` lets concurrent writes share one
+//! commit, `leader` sends them to the group's Raft leader, `retention` ends
+//! idempotency records) or `forward` (the pooled channel to another region,
+//! resolved through `dns`, trusted by the peer through `peer`). `error`
+//! says what each failure means for the client, and decides whether a
+//! failed request may have taken effect. `counts` records where writes come
+//! from; `metrics` and `server` make it an operable process.
 #![forbid(unsafe_code)]
 
 pub mod batch;
@@ -18,9 +21,12 @@ pub mod config;
 pub mod counts;
 pub mod dns;
 pub mod error;
+pub mod execute;
 pub mod forward;
 pub mod leader;
 pub mod metrics;
+pub mod ops;
+pub mod peer;
 pub mod placement;
 pub mod retention;
 pub mod server;

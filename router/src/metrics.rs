@@ -51,6 +51,8 @@ pub struct Metrics {
     pub forward_failures: Family<ForwardLabels, Counter>,
     pub placement_refreshes: Counter,
     pub retries: Counter,
+    /// Calls that carried forwarding headers without the peer token.
+    pub untrusted_forward_headers: Counter,
     /// Writes per etcd transaction (group commit).
     pub write_batch_size: Histogram,
     /// Whether requests go straight to the region group's leader.
@@ -68,6 +70,7 @@ impl Default for Metrics {
         let forward_failures = Family::<ForwardLabels, Counter>::default();
         let placement_refreshes = Counter::default();
         let retries = Counter::default();
+        let untrusted_forward_headers = Counter::default();
         let write_batch_size = Histogram::new(exponential_buckets(1.0, 2.0, 8));
         registry.register(
             "write_batch_size",
@@ -110,6 +113,11 @@ impl Default for Metrics {
             "Attempts repeated within a request's deadline (stale placement, migration, lost link)",
             retries.clone(),
         );
+        registry.register(
+            "untrusted_forward_headers",
+            "Calls whose forwarding headers (tern-forwarded, tern-origin-region) came without the peer token and were ignored",
+            untrusted_forward_headers.clone(),
+        );
         Self {
             registry,
             requests,
@@ -117,6 +125,7 @@ impl Default for Metrics {
             forward_failures,
             placement_refreshes,
             retries,
+            untrusted_forward_headers,
             write_batch_size,
             group_leader,
         }

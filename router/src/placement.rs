@@ -64,7 +64,12 @@ impl Directory {
 
     /// Reads the placement from the directory (linearizable) and caches it.
     pub async fn refresh(&self, account: &AccountId) -> Result<Placement> {
-        let resp = self.client.clone().get(dir_account_key(account), None).await?;
+        let resp = self
+            .client
+            .clone()
+            .get(dir_account_key(account), None)
+            .await
+            .map_err(RouterError::DirectoryUnavailable)?;
         match resp.kvs().first() {
             Some(kv) => {
                 let p = parse_account(kv.value())?;
@@ -78,7 +83,7 @@ impl Directory {
             }
             None => {
                 self.accounts.write().await.remove(account);
-                Err(RouterError::UnknownAccount(account.to_string()))
+                Err(RouterError::UnknownAccount(account.clone()))
             }
         }
     }
@@ -112,7 +117,10 @@ impl Directory {
     pub async fn register_region(&self, region: &RegionName, endpoint: &str) -> Result<()> {
         let key = dir_region_key(region);
         let mut client = self.client.clone();
-        let current = client.get(key.clone(), None).await?;
+        let current = client
+            .get(key.clone(), None)
+            .await
+            .map_err(RouterError::DirectoryUnavailable)?;
         let mut record = match current.kvs().first() {
             Some(kv) => serde_json::from_slice::<RegionRecord>(kv.value())
                 .map_err(|e| RouterError::Internal(format!("region record {key}: {e}")))?,
@@ -127,7 +135,10 @@ impl Directory {
         };
         if record.router_endpoint != endpoint {
             record.router_endpoint = endpoint.to_string();
-            client.put(key, record.to_json(), None).await?;
+            client
+                .put(key, record.to_json(), None)
+                .await
+                .map_err(RouterError::DirectoryUnavailable)?;
         }
         self.regions
             .write()
@@ -145,7 +156,12 @@ impl Directory {
             .when([Compare::version(key.clone(), CompareOp::Equal, 0)])
             .and_then([TxnOp::put(key.clone(), record.to_json(), None)])
             .or_else([TxnOp::get(key, None)]);
-        let resp = self.client.clone().txn(txn).await?;
+        let resp = self
+            .client
+            .clone()
+            .txn(txn)
+            .await
+            .map_err(RouterError::DirectoryUnavailable)?;
         if resp.succeeded() {
             let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
             upsert(
@@ -191,7 +207,10 @@ impl Directory {
 
     async fn load_and_watch(&self) -> Result<()> {
         let mut client = self.client.clone();
-        let resp = client.get("/tern/dir/", Some(GetOptions::new().with_prefix())).await?;
+        let resp = client
+            .get("/tern/dir/", Some(GetOptions::new().with_prefix()))
+            .await
+            .map_err(RouterError::DirectoryUnavailable)?;
         let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
         let mut accounts = HashMap::new();
         let mut regions = HashMap::new();
@@ -211,8 +230,9 @@ impl Directory {
                         .with_progress_notify(),
                 ),
             )
-            .await?;
-        while let Some(resp) = stream.message().await? {
+            .await
+            .map_err(RouterError::DirectoryUnavailable)?;
+        while let Some(resp) = stream.message().await.map_err(RouterError::DirectoryUnavailable)? {
             if resp.canceled() {
                 return Err(RouterError::Unavailable(format!(
                     "directory watch canceled: {}",

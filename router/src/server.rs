@@ -13,6 +13,7 @@ use crate::Config;
 use crate::counts::WriteCounts;
 use crate::dns::Dns;
 use crate::error::{Result, RouterError};
+use crate::execute::Executor;
 use crate::forward::Forwarder;
 use crate::leader::Group;
 use crate::metrics::Metrics;
@@ -70,7 +71,7 @@ pub async fn run(
     )
     .map_err(RouterError::Internal)?;
     let counts = Arc::new(WriteCounts::new(config.write_count_window, config.write_count_accounts));
-    let service = RouterService {
+    let service = Executor {
         region: config.region.clone(),
         directory: directory.clone(),
         store: HomeStore::new(
@@ -82,6 +83,7 @@ pub async fn run(
         ),
         forwarder: Forwarder::new(
             config.region.clone(),
+            config.peer_token.clone(),
             Dns::new(config.dns_server)?,
             config.peer_map(),
             directory.clone(),
@@ -90,8 +92,9 @@ pub async fn run(
         metrics: metrics.clone(),
         default_deadline: config.default_deadline,
         telemetry,
+        peer_token: config.peer_token.clone(),
     };
-    let service = Arc::new(service);
+    let service = RouterService(Arc::new(service));
 
     let stop = tern_common::process::Stop::on(shutdown);
     let stopped = || stop.stopped();
@@ -128,7 +131,7 @@ pub async fn run(
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let drain = config.drain_timeout;
     let server = tonic::transport::Server::builder()
-        .add_service(RouterServer::from_arc(service.clone()))
+        .add_service(RouterServer::new(service.clone()))
         .serve_with_incoming_shutdown(incoming, stopped());
     tokio::pin!(server);
     let result = tokio::select! {
@@ -144,7 +147,7 @@ pub async fn run(
     watch_task.abort();
     http_task.abort();
     // Export what is still buffered.
-    service.telemetry.shutdown().await;
+    service.0.telemetry.shutdown().await;
     tracing::info!(region = %config.region, "tern-router stopped");
     result.map_err(|e| RouterError::Internal(format!("gRPC server: {e}")))
 }

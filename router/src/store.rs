@@ -5,48 +5,186 @@
 //!   if value(fence) == "E:active" [and version(idem) == 0] [and user compares]
 //!   then <ops> [+ idempotency record]
 //!   else get(fence) [+ get(idempotency record)]
+//!
+//! Callers describe what to do as `Work` in tern's terms (keys of one
+//! account, values, compares); this module alone turns it into etcd
+//! operations, nested transactions and batch shapes, checks the request
+//! against etcd's size limit before sending it, and reads the answer back
+//! into an `Output`.
 
 use std::sync::Arc;
 
-use etcd_client::{Compare, CompareOp, GetOptions, KeyValue, PutOptions, Txn, TxnOp, TxnOpResponse};
-use serde_json::json;
-use tern_common::{AccountId, Epoch, Fence, FenceState, IdempotencyKey, fence_key, idempotency_key};
+use etcd_client::{Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse, TxnResponse};
+use serde::{Deserialize, Serialize};
+use tern_common::{
+    AccountId, Epoch, Fence, FenceState, IdempotencyKey, RegionName, fence_key, idempotency_key, mirror_key,
+};
 
-use crate::batch::{Batchable, Batcher};
-use crate::error::{Result, RouterError};
+use crate::batch::{BatchError, Batchable, Batcher};
+use crate::error::{Delivery, Result, RouterError, classify_etcd};
 use crate::leader::Group;
 use crate::retention::RecordLeases;
 
+/// etcd's default `--max-request-bytes` (1.5 MiB): a larger request is
+/// refused whole. tern's groups run with the default.
+pub const ETCD_MAX_REQUEST_BYTES: usize = 1536 * 1024;
+/// Room kept under that limit for the fence compare, the idempotency record
+/// and gRPC framing.
+const REQUEST_HEADROOM: usize = 16 * 1024;
+/// Bytes a write adds to a transaction besides its keys and values
+/// (compares, operation headers, framing): for the batch size limit.
+const OP_OVERHEAD: usize = 64;
+
+/// A compare of a Txn on one of the account's keys (a full etcd key).
+#[derive(Clone, Debug)]
+pub struct Check {
+    pub key: String,
+    pub relation: Relation,
+    pub target: Target,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Relation {
+    Equal,
+    NotEqual,
+    Greater,
+    Less,
+}
+
+#[derive(Clone, Debug)]
+pub enum Target {
+    Value(Vec<u8>),
+    /// 0: the key does not exist.
+    Version(i64),
+    ModRevision(i64),
+}
+
+/// One operation of a Txn on one of the account's keys.
+#[derive(Clone, Debug)]
+pub enum Step {
+    Put { key: String, value: Vec<u8> },
+    Delete { key: String },
+    Get { key: String },
+}
+
+/// What a request does in the account's keys (full etcd keys, already
+/// validated to lie under the account's prefix).
+#[derive(Clone, Debug)]
+pub enum Work {
+    Put {
+        key: String,
+        value: Vec<u8>,
+    },
+    Delete {
+        key: String,
+    },
+    Get {
+        key: String,
+    },
+    /// Keys in `[start, end)`, at most `limit`.
+    List {
+        start: String,
+        end: Vec<u8>,
+        limit: i64,
+    },
+    Txn {
+        checks: Vec<Check>,
+        steps: Vec<Step>,
+    },
+}
+
+impl Work {
+    /// Whether it changes data (and so may be applied twice if repeated).
+    pub fn writes(&self) -> bool {
+        match self {
+            Self::Put { .. } | Self::Delete { .. } => true,
+            Self::Get { .. } | Self::List { .. } => false,
+            Self::Txn { steps, .. } => steps.iter().any(|s| !matches!(s, Step::Get { .. })),
+        }
+    }
+
+    /// Bytes of keys, values and compares it sends.
+    fn size(&self) -> usize {
+        match self {
+            Self::Put { key, value } => key.len() + value.len() + OP_OVERHEAD,
+            Self::Delete { key } | Self::Get { key } => key.len() + OP_OVERHEAD,
+            Self::List { start, end, .. } => start.len() + end.len() + OP_OVERHEAD,
+            Self::Txn { checks, steps } => {
+                let checks: usize = checks
+                    .iter()
+                    .map(|c| {
+                        c.key.len()
+                            + OP_OVERHEAD
+                            + match &c.target {
+                                Target::Value(v) => v.len(),
+                                _ => 0,
+                            }
+                    })
+                    .sum();
+                let steps: usize = steps
+                    .iter()
+                    .map(|s| match s {
+                        Step::Put { key, value } => key.len() + value.len() + OP_OVERHEAD,
+                        Step::Delete { key } | Step::Get { key } => key.len() + OP_OVERHEAD,
+                    })
+                    .sum();
+                checks + steps
+            }
+        }
+    }
+}
+
+/// One key as read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Item {
+    /// The full etcd key (in the home area).
+    pub key: Vec<u8>,
+    pub value: Vec<u8>,
+    pub mod_revision: i64,
+    pub version: i64,
+}
+
+/// What committed work returned, shaped like the `Work`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Output {
+    Put,
+    Delete {
+        existed: bool,
+    },
+    Get(Option<Item>),
+    List(Vec<Item>),
+    /// One entry per `Step::Get`, in order.
+    Txn {
+        gets: Vec<Option<Item>>,
+    },
+}
+
+/// The idempotency record stored with a write: what the replay of a retry
+/// answers with.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    /// The operation (`put`, `delete`, `txn`).
+    pub op: String,
+    /// The request's fingerprint: a retry must carry the same.
+    pub fp: String,
+    /// Delete: whether the key existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub existed: Option<bool>,
+}
+
 /// What a guarded transaction found.
 #[derive(Debug)]
-pub enum Guarded<T> {
+pub enum Guarded {
     /// Committed at this revision.
-    Done { revision: i64, value: T },
+    Done { revision: i64, output: Output },
     /// The idempotency key was used before: its record and the revision it
     /// committed at.
-    Replayed { record: serde_json::Value, revision: i64 },
+    Replayed { record: Record, revision: i64 },
     /// The fence does not say `E:active`: what it says instead (None: no
     /// fence, the account is not homed in this group).
     Fence(Option<Fence>),
     /// The fence held but a user compare did not.
     CompareFailed,
-}
-
-/// A write or read to run under the fence.
-pub struct Guard<'a> {
-    pub account: &'a AccountId,
-    pub epoch: Epoch,
-    /// The key and the record to store under it. No record: an operation
-    /// of the transaction writes it (a nested transaction), the guard only
-    /// checks that the key is unused.
-    pub idempotency: Option<(&'a IdempotencyKey, Option<serde_json::Value>)>,
-    pub compares: Vec<Compare>,
-    pub ops: Vec<TxnOp>,
-    /// Set for a write that may share an etcd transaction with others (see
-    /// `batch`): the keys its ops write (the idempotency record is added
-    /// here) and its size. Unset: sent alone (reads, whose answers could be
-    /// large, and user transactions).
-    pub batch: Option<Batchable>,
 }
 
 /// The region's own group.
@@ -58,9 +196,8 @@ pub struct HomeStore {
 }
 
 impl HomeStore {
-    /// Writes marked batchable share transactions, up to `max_writes` in
-    /// one (1: never), `in_flight` at a time; idempotency records live for
-    /// `retention`.
+    /// Writes share transactions, up to `max_writes` in one (1: never),
+    /// `in_flight` at a time; idempotency records live for `retention`.
     pub fn new(
         group: Group,
         max_writes: usize,
@@ -78,97 +215,216 @@ impl HomeStore {
 
     /// How to put an idempotency record now (attached to the lease that
     /// ends its retention).
-    pub async fn record_options(&self) -> Result<PutOptions> {
+    async fn record_options(&self) -> Result<PutOptions> {
         self.leases
             .put_options(&self.group)
             .await
-            .map_err(|e| RouterError::Unavailable(format!("cannot get a lease for idempotency records: {e}")))
+            .map_err(|e| RouterError::group("granting the lease of idempotency records", e))
     }
 
-    /// A client of every member, for reads any member may serve.
-    pub fn any_member(&self) -> etcd_client::Client {
-        self.group.any()
-    }
-
-    /// Runs `guard` as one transaction. `extract` turns the then-branch
-    /// responses into the caller's result.
-    pub async fn run<T>(&self, guard: Guard<'_>, extract: impl FnOnce(&[TxnOpResponse]) -> T) -> Result<Guarded<T>> {
-        let fence = fence_key(guard.account);
+    /// Runs `work` for `account` at `epoch` as one transaction guarded by
+    /// the fence and, with a key, by the idempotency record `record`.
+    pub async fn run(
+        &self,
+        account: &AccountId,
+        epoch: Epoch,
+        idempotency: Option<(&IdempotencyKey, Record)>,
+        work: &Work,
+    ) -> Result<Guarded> {
+        let size = work.size() + idempotency.as_ref().map_or(0, |(k, _)| k.as_str().len() + 512);
+        if size > ETCD_MAX_REQUEST_BYTES - REQUEST_HEADROOM {
+            return Err(RouterError::TooLarge {
+                what: "the request's keys, values and compares",
+                size,
+                limit: ETCD_MAX_REQUEST_BYTES - REQUEST_HEADROOM,
+                rule: "one request is one etcd transaction, and etcd refuses transactions over 1.5 MiB",
+            });
+        }
+        let fence = fence_key(account);
         let mut when = vec![Compare::value(
             fence.clone(),
             CompareOp::Equal,
-            Fence::active(guard.epoch).to_string(),
+            Fence::active(epoch).to_string(),
         )];
-        let mut then = guard.ops;
         let mut otherwise = vec![TxnOp::get(fence, None)];
-        let mut batch = guard.batch;
-        if let Some((key, record)) = &guard.idempotency {
-            let idem = idempotency_key(guard.account, key);
-            if let Some(b) = batch.as_mut() {
-                b.keys.push(idem.clone());
+        let mut written: Vec<String> = Vec::new();
+        let idem_key = idempotency.as_ref().map(|(k, _)| idempotency_key(account, k));
+        let options = match &idem_key {
+            Some(_) => Some(self.record_options().await?),
+            None => None,
+        };
+        let mut then = match work {
+            Work::Put { key, value } => {
+                written.push(key.clone());
+                vec![TxnOp::put(key.clone(), value.clone(), None)]
             }
+            Work::Delete { key } => {
+                written.push(key.clone());
+                match (&idempotency, &idem_key, &options) {
+                    // Whether the key existed is decided inside the
+                    // transaction and recorded, so a replay can answer it.
+                    (Some((_, record)), Some(idem), Some(options)) => {
+                        let existed = Record {
+                            existed: Some(true),
+                            ..record.clone()
+                        };
+                        let absent = Record {
+                            existed: Some(false),
+                            ..record.clone()
+                        };
+                        vec![TxnOp::txn(
+                            Txn::new()
+                                .when([Compare::version(key.clone(), CompareOp::Greater, 0)])
+                                .and_then([
+                                    TxnOp::delete(key.clone(), None),
+                                    TxnOp::put(idem.clone(), to_json(&existed), Some(options.clone())),
+                                ])
+                                .or_else([TxnOp::put(idem.clone(), to_json(&absent), Some(options.clone()))]),
+                        )]
+                    }
+                    _ => vec![TxnOp::delete(key.clone(), None)],
+                }
+            }
+            Work::Get { key } => vec![TxnOp::get(key.clone(), None)],
+            Work::List { start, end, limit } => vec![TxnOp::get(
+                start.clone(),
+                Some(GetOptions::new().with_range(end.clone()).with_limit(*limit)),
+            )],
+            Work::Txn { checks, steps } => {
+                when.extend(checks.iter().map(compare));
+                steps
+                    .iter()
+                    .map(|s| match s {
+                        Step::Put { key, value } => TxnOp::put(key.clone(), value.clone(), None),
+                        Step::Delete { key } => TxnOp::delete(key.clone(), None),
+                        Step::Get { key } => TxnOp::get(key.clone(), None),
+                    })
+                    .collect()
+            }
+        };
+        if let (Some((_, record)), Some(idem), Some(options)) = (&idempotency, &idem_key, options) {
             when.push(Compare::version(idem.clone(), CompareOp::Equal, 0));
-            if let Some(record) = record {
-                then.push(TxnOp::put(
-                    idem.clone(),
-                    record.to_string(),
-                    Some(self.record_options().await?),
-                ));
+            // A keyed Delete writes its record in its nested transaction.
+            if !matches!(work, Work::Delete { .. }) {
+                then.push(TxnOp::put(idem.clone(), to_json(record), Some(options)));
             }
-            otherwise.push(TxnOp::get(idem, None));
+            written.push(idem.clone());
+            otherwise.push(TxnOp::get(idem.clone(), None));
         }
-        when.extend(guard.compares);
         let txn = Txn::new().when(when).and_then(then).or_else(otherwise);
-        let sent = match (&self.batcher, batch) {
-            (Some(batcher), Some(shape)) => batcher.submit(txn, shape).await,
+        // Puts and Deletes may share a commit; reads (whose answers could be
+        // large) and user transactions go alone.
+        let batchable = matches!(work, Work::Put { .. } | Work::Delete { .. });
+        let sent = match (&self.batcher, batchable) {
+            (Some(batcher), true) => {
+                batcher
+                    .submit(
+                        txn,
+                        Batchable {
+                            keys: written,
+                            bytes: size,
+                        },
+                    )
+                    .await
+            }
             _ => self
+                .group
                 .txn(txn)
                 .await
                 .map(|resp| (resp.header().map(|h| h.revision()).unwrap_or(0), resp))
-                .map_err(|e| e.to_string()),
+                .map_err(|e| BatchError::Etcd(Arc::new(e))),
         };
         let (revision, resp) = match sent {
             Ok(r) => r,
-            Err(e) => {
-                if e.contains("requested lease not found") {
-                    self.leases.forget().await;
-                }
-                return Err(RouterError::OutcomeUnknown(format!("etcd transaction failed: {e}")));
+            Err(e) => return Err(self.failed(e, work).await),
+        };
+        read_answer(&resp, revision, epoch, idempotency.is_some(), work)
+    }
+
+    /// What a failed transaction means for its caller.
+    async fn failed(&self, e: BatchError, work: &Work) -> RouterError {
+        let etcd = match e {
+            BatchError::ShuttingDown => return RouterError::ShuttingDown,
+            BatchError::Etcd(etcd) => etcd,
+            BatchError::Abandoned | BatchError::Malformed(_) => {
+                return RouterError::unknown("the commit this write shared was not answered", e);
             }
+        };
+        match classify_etcd(&etcd) {
+            Delivery::Refused => {
+                // The only NotFound a transaction can cause: the lease of
+                // the idempotency records is gone (revoked, or the router
+                // was frozen past its TTL). The next record gets a new one.
+                if matches!(&*etcd, etcd_client::Error::GRpcStatus(s) if s.code() == tonic::Code::NotFound) {
+                    self.leases.forget().await;
+                    return RouterError::GroupUnavailable {
+                        what: "the lease of idempotency records expired",
+                        source: etcd,
+                    };
+                }
+                RouterError::Refused(etcd)
+            }
+            Delivery::NotSent => RouterError::GroupUnavailable {
+                what: "the transaction was not sent",
+                source: etcd,
+            },
+            Delivery::Unknown if work.writes() => {
+                RouterError::unknown("the region group's answer to the transaction was lost", etcd)
+            }
+            Delivery::Unknown => RouterError::GroupUnavailable {
+                what: "a read was not answered",
+                source: etcd,
+            },
+        }
+    }
+
+    /// A BOUNDED read from this region's mirror of `home`: `work` on the
+    /// mirrored copies of the account's keys, if the mirror holds the
+    /// account at `epoch` (None: it does not, serve it from the home).
+    pub async fn read_mirror(
+        &self,
+        account: &AccountId,
+        home: &RegionName,
+        epoch: Epoch,
+        work: &Work,
+    ) -> Result<Option<Output>> {
+        let op = match work {
+            Work::Get { key } => TxnOp::get(mirror_key(home, key.as_bytes()), None),
+            Work::List { start, end, limit } => TxnOp::get(
+                mirror_key(home, start.as_bytes()),
+                Some(GetOptions::new().with_range(mirror_key(home, end)).with_limit(*limit)),
+            ),
+            _ => return Ok(None),
+        };
+        let fence = mirror_key(home, fence_key(account).as_bytes());
+        let txn = Txn::new()
+            .when([Compare::value(
+                fence,
+                CompareOp::Equal,
+                Fence::active(epoch).to_string(),
+            )])
+            .and_then([op]);
+        let resp = self
+            .group
+            .any()
+            .txn(txn)
+            .await
+            .map_err(|e| RouterError::group("reading the mirror", e))?;
+        if !resp.succeeded() {
+            // The mirror does not hold the account at this epoch (new, or moving).
+            return Ok(None);
+        }
+        // /tern/r/{home}/tern/a/... → /tern/a/...
+        let strip = mirror_key(home, b"").len();
+        let unmirror = |mut item: Item| {
+            item.key.drain(..strip.min(item.key.len()));
+            item
         };
         let responses = resp.op_responses();
-        if resp.succeeded() {
-            return Ok(Guarded::Done {
-                revision,
-                value: extract(&responses),
-            });
-        }
-        let first_kv = |i: usize| -> Option<KeyValue> {
-            match responses.get(i) {
-                Some(TxnOpResponse::Get(g)) => g.kvs().first().cloned(),
-                _ => None,
-            }
-        };
-        let fence = match first_kv(0) {
-            Some(kv) => Some(Fence::parse(kv.value()).map_err(|e| RouterError::Internal(e.to_string()))?),
-            None => None,
-        };
-        let active = fence
-            .as_ref()
-            .is_some_and(|f| f.epoch == guard.epoch && f.state == FenceState::Active);
-        if !active {
-            return Ok(Guarded::Fence(fence));
-        }
-        if guard.idempotency.is_some()
-            && let Some(kv) = first_kv(1)
-        {
-            let record = serde_json::from_slice(kv.value()).unwrap_or_else(|_| json!({}));
-            return Ok(Guarded::Replayed {
-                record,
-                revision: kv.mod_revision(),
-            });
-        }
-        Ok(Guarded::CompareFailed)
+        Ok(Some(match work {
+            Work::Get { .. } => Output::Get(first_item(responses.first()).map(unmirror)),
+            _ => Output::List(items(responses.first()).into_iter().map(unmirror).collect()),
+        }))
     }
 
     /// Writes `1:active` as the fence of a new account unless it has one.
@@ -179,20 +435,20 @@ impl HomeStore {
             .when([Compare::version(key.clone(), CompareOp::Equal, 0)])
             .and_then([TxnOp::put(key.clone(), Fence::active(epoch).to_string(), None)])
             .or_else([TxnOp::get(key, None)]);
-        let resp = self.txn(txn).await?;
+        let resp = self
+            .group
+            .txn(txn)
+            .await
+            .map_err(|e| RouterError::group("creating the account's fence", e))?;
         if resp.succeeded() {
             return Ok(Fence::active(epoch));
         }
-        for op in resp.op_responses() {
-            if let TxnOpResponse::Get(g) = op
-                && let Some(kv) = g.kvs().first()
-            {
-                return Fence::parse(kv.value()).map_err(|e| RouterError::Internal(e.to_string()));
-            }
+        match first_item(resp.op_responses().first()) {
+            Some(kv) => parse_fence(&kv.value),
+            None => Err(RouterError::Internal(format!(
+                "fence of {account} vanished during creation"
+            ))),
         }
-        Err(RouterError::Internal(format!(
-            "fence of {account} vanished during creation"
-        )))
     }
 
     /// Removes a fence this router created for an account that ended up homed
@@ -202,59 +458,136 @@ impl HomeStore {
         let txn = Txn::new()
             .when([Compare::version(key.clone(), CompareOp::Equal, 1)])
             .and_then([TxnOp::delete(key, None)]);
-        self.txn(txn).await?;
+        self.group
+            .txn(txn)
+            .await
+            .map_err(|e| RouterError::group("removing an unused fence", e))?;
         Ok(())
-    }
-
-    /// One transaction on the group's leader (see `leader`).
-    async fn txn(&self, txn: Txn) -> std::result::Result<etcd_client::TxnResponse, etcd_client::Error> {
-        txn_on(&self.group, txn).await
-    }
-
-    /// A range read under the fence, for List.
-    pub fn range_op(start: &str, end: &[u8], limit: i64) -> TxnOp {
-        TxnOp::get(start, Some(GetOptions::new().with_range(end).with_limit(limit)))
     }
 }
 
-/// Runs `txn` where `group` sends requests now, and tells the group what
-/// the answer says about its leader.
-pub(crate) async fn txn_on(
-    group: &Group,
-    txn: Txn,
-) -> std::result::Result<etcd_client::TxnResponse, etcd_client::Error> {
-    /// Tells the group when the request is dropped unanswered.
-    struct Unanswered<'a>(Option<&'a Group>);
-    impl Drop for Unanswered<'_> {
-        fn drop(&mut self) {
-            if let Some(group) = self.0 {
-                group.suspect();
-            }
-        }
+fn to_json(record: &Record) -> String {
+    serde_json::to_string(record).expect("a record always serialises")
+}
+
+fn compare(c: &Check) -> Compare {
+    let op = match c.relation {
+        Relation::Equal => CompareOp::Equal,
+        Relation::NotEqual => CompareOp::NotEqual,
+        Relation::Greater => CompareOp::Greater,
+        Relation::Less => CompareOp::Less,
+    };
+    match &c.target {
+        Target::Value(v) => Compare::value(c.key.clone(), op, v.clone()),
+        Target::Version(n) => Compare::version(c.key.clone(), op, *n),
+        Target::ModRevision(n) => Compare::mod_revision(c.key.clone(), op, *n),
     }
-    let mut unanswered = Unanswered(Some(group));
-    let answer = group.kv().txn(txn).await;
-    unanswered.0 = None;
-    match answer {
-        Ok(resp) => {
-            group.saw(resp.header());
-            Ok(resp)
-        }
-        Err(e) => {
-            // The member may be gone or no longer lead; a refused request
-            // (too large, bad compare) says nothing about the leader.
-            let lost = match &e {
-                etcd_client::Error::GRpcStatus(s) => matches!(
-                    s.code(),
-                    tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::DeadlineExceeded
-                ),
-                etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
-                _ => false,
-            };
-            if lost {
-                group.failed();
+}
+
+fn parse_fence(value: &[u8]) -> Result<Fence> {
+    Fence::parse(value).map_err(|e| RouterError::Internal(format!("the account's fence is unreadable: {e}")))
+}
+
+fn to_item(kv: &etcd_client::KeyValue) -> Item {
+    Item {
+        key: kv.key().to_vec(),
+        value: kv.value().to_vec(),
+        mod_revision: kv.mod_revision(),
+        version: kv.version(),
+    }
+}
+
+fn first_item(r: Option<&TxnOpResponse>) -> Option<Item> {
+    match r {
+        Some(TxnOpResponse::Get(g)) => g.kvs().first().map(to_item),
+        _ => None,
+    }
+}
+
+fn items(r: Option<&TxnOpResponse>) -> Vec<Item> {
+    match r {
+        Some(TxnOpResponse::Get(g)) => g.kvs().iter().map(to_item).collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// Reads a guarded transaction's answer.
+fn read_answer(resp: &TxnResponse, revision: i64, epoch: Epoch, keyed: bool, work: &Work) -> Result<Guarded> {
+    let responses = resp.op_responses();
+    if resp.succeeded() {
+        let output = match work {
+            Work::Put { .. } => Output::Put,
+            Work::Delete { .. } => Output::Delete {
+                existed: match responses.first() {
+                    Some(TxnOpResponse::Delete(d)) => d.deleted() > 0,
+                    Some(TxnOpResponse::Txn(t)) => t.succeeded(),
+                    _ => false,
+                },
+            },
+            Work::Get { .. } => Output::Get(first_item(responses.first())),
+            Work::List { .. } => Output::List(items(responses.first())),
+            Work::Txn { steps, .. } => Output::Txn {
+                gets: steps
+                    .iter()
+                    .zip(&responses)
+                    .filter(|(s, _)| matches!(s, Step::Get { .. }))
+                    .map(|(_, r)| first_item(Some(r)))
+                    .collect(),
+            },
+        };
+        return Ok(Guarded::Done { revision, output });
+    }
+    let fence = match first_item(responses.first()) {
+        Some(kv) => Some(parse_fence(&kv.value)?),
+        None => None,
+    };
+    let active = fence
+        .as_ref()
+        .is_some_and(|f| f.epoch == epoch && f.state == FenceState::Active);
+    if !active {
+        return Ok(Guarded::Fence(fence));
+    }
+    if keyed && let Some(kv) = first_item(responses.get(1)) {
+        let record = serde_json::from_slice(&kv.value)
+            .map_err(|e| RouterError::Internal(format!("the idempotency record is unreadable: {e}")))?;
+        return Ok(Guarded::Replayed {
+            record,
+            revision: kv.mod_revision,
+        });
+    }
+    Ok(Guarded::CompareFailed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_puts_deletes_and_changing_txns_write() {
+        assert!(
+            Work::Put {
+                key: "k".into(),
+                value: vec![]
             }
-            Err(e)
-        }
+            .writes()
+        );
+        assert!(!Work::Get { key: "k".into() }.writes());
+        let reads_only = Work::Txn {
+            checks: vec![],
+            steps: vec![Step::Get { key: "k".into() }],
+        };
+        assert!(!reads_only.writes());
+    }
+
+    #[test]
+    fn records_keep_their_wire_format() {
+        let r = Record {
+            op: "delete".into(),
+            fp: "ab".into(),
+            existed: Some(true),
+        };
+        assert_eq!(to_json(&r), r#"{"op":"delete","fp":"ab","existed":true}"#);
+        let put: Record = serde_json::from_str(r#"{"op":"put","fp":"cd"}"#).expect("an older record");
+        assert_eq!(put.existed, None);
     }
 }

@@ -1,0 +1,1039 @@
+//! The one request path every data operation takes: parse the request into
+//! a validated `Op`, then `execute` it: a BOUNDED read may be served from
+//! this region's mirror; otherwise route (placement cache) → run it in this
+//! region's group (one fenced transaction) or forward it to the home
+//! region's router → after a fence miss or a moved account, refresh the
+//! placement and go again within the deadline. `serve` wraps it with the
+//! call's deadline, its `router.request` span and its metrics, so every
+//! operation gets the same spans, metrics and retry rules by construction.
+//!
+//! What each retry decision may assume is decided by `decide`, a pure
+//! function tested without etcd: a write that may have left is never sent
+//! again unless it carries an idempotency key, and a write that may have
+//! been applied is never answered with a status that says it was not.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use opentelemetry::KeyValue;
+use opentelemetry::trace::{SpanKind, TraceContextExt};
+use tern_common::{AccountId, AccountRecord, AccountState, Epoch, FenceState, RegionName, user_key_of};
+use tokio::time::Instant;
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status};
+
+use crate::counts::WriteCounts;
+use crate::error::{Result, RouterError};
+use crate::forward::{ForwardFailure, Forwarder, MOVED};
+use crate::metrics::{Metrics, Route};
+use crate::ops::{self, Op};
+use crate::pb::router_client::RouterClient;
+use crate::pb::{self};
+use crate::peer::{Caller, PeerToken};
+use crate::placement::{Directory, Placement};
+use crate::store::{Guarded, HomeStore, Item, Output, Record};
+
+/// Longest deadline a client may ask for.
+const MAX_DEADLINE: Duration = Duration::from_secs(60);
+/// Pause before sending again over a link that failed.
+const LINK_RETRY: Duration = Duration::from_millis(50);
+
+type Sent<T> = Pin<Box<dyn Future<Output = std::result::Result<Response<T>, Status>> + Send>>;
+
+/// A call one router can send to another.
+pub trait Forwardable: Clone + Send + Sync + 'static {
+    type Response: Send + 'static;
+    /// Sends it with `client`.
+    fn send(client: RouterClient<Channel>, request: Request<Self>) -> Sent<Self::Response>;
+    /// Marks an answer as served by another region.
+    fn mark_forwarded(_response: &mut Self::Response) {}
+}
+
+/// A data operation: a request on one account's keys.
+pub trait Rpc: Forwardable {
+    /// Its name in metrics and spans.
+    const NAME: &'static str;
+    /// Validates the request.
+    fn parse(&self) -> Result<Op>;
+    /// The answer to `op`, committed, replayed or read from a mirror.
+    fn answer(&self, op: &Op, answer: Answer) -> Result<Self::Response>;
+}
+
+/// What the answer to a client says about where and how it was served.
+#[derive(Clone, Debug)]
+pub struct Served {
+    pub by: RegionName,
+    pub home: RegionName,
+    pub epoch: Epoch,
+    pub revision: i64,
+    /// From this region's mirror of the home, at most this stale (ms).
+    pub mirror_staleness_ms: Option<u64>,
+}
+
+/// The outcome of an operation that succeeded.
+#[derive(Clone, Debug)]
+pub enum Answer {
+    Done {
+        output: Output,
+        served: Served,
+    },
+    /// A retry of an idempotent write: the first attempt's record.
+    Replayed {
+        record: Record,
+        served: Served,
+    },
+}
+
+impl Served {
+    fn write_meta(&self, replayed: bool) -> pb::WriteMeta {
+        pb::WriteMeta {
+            home_region: self.home.to_string(),
+            epoch: self.epoch.0,
+            revision: self.revision,
+            replayed,
+            forwarded: false,
+        }
+    }
+
+    fn read_meta(&self) -> pb::ReadMeta {
+        pb::ReadMeta {
+            served_by_region: self.by.to_string(),
+            home_region: self.home.to_string(),
+            epoch: self.epoch.0,
+            revision: self.revision,
+            forwarded: false,
+            from_mirror: self.mirror_staleness_ms.is_some(),
+            staleness_ms: self
+                .mirror_staleness_ms
+                .map_or(0, |s| u32::try_from(s).unwrap_or(u32::MAX)),
+        }
+    }
+}
+
+/// Per-call facts: from the request's metadata, and what happened so far.
+pub struct Incoming {
+    op: &'static str,
+    started: Instant,
+    deadline: Instant,
+    /// Region whose client sent the request (this one unless forwarded).
+    origin: RegionName,
+    forwarded: bool,
+    /// The caller's trace context (empty when it sent none).
+    parent: opentelemetry::Context,
+    /// This call's context: its `router.request` span when tracing, else the
+    /// caller's context, which forwarding passes on.
+    cx: opentelemetry::Context,
+    /// What the request span records once known.
+    info: std::sync::Mutex<SpanInfo>,
+    attempts: AtomicU32,
+    /// A write attempt is under way (sent or queued): if the deadline ends
+    /// the call now, the write may still be applied.
+    in_flight: AtomicBool,
+    /// An earlier attempt of this write may have been applied.
+    maybe_applied: AtomicBool,
+}
+
+#[derive(Default)]
+struct SpanInfo {
+    account: String,
+    home: String,
+    epoch: u64,
+}
+
+impl Incoming {
+    fn note(&self, account: &AccountId, p: &Placement) {
+        let mut info = self.info.lock().unwrap_or_else(|e| e.into_inner());
+        info.account = account.to_string();
+        info.home = p.home.to_string();
+        info.epoch = p.epoch.0;
+    }
+
+    fn route(&self) -> Route {
+        if self.forwarded { Route::ProxiedIn } else { Route::Local }
+    }
+
+    /// Runs one attempt of a write (or a read, `writes` false), noting
+    /// while it is in flight.
+    async fn attempt<T>(&self, writes: bool, f: impl Future<Output = T>) -> T {
+        self.in_flight.store(writes, Ordering::Relaxed);
+        let out = f.await;
+        self.in_flight.store(false, Ordering::Relaxed);
+        out
+    }
+
+    /// The answer when the deadline ends the call.
+    fn at_deadline(&self, region: &RegionName) -> RouterError {
+        let waited = self.started.elapsed();
+        if self.in_flight.load(Ordering::Relaxed) || self.maybe_applied.load(Ordering::Relaxed) {
+            RouterError::OutcomeUnknown {
+                detail: format!("the deadline passed after {waited:?} while the write was in flight in {region}"),
+                source: None,
+            }
+        } else {
+            RouterError::Deadline(format!(
+                "after {waited:?} ({} in {region}); nothing was applied",
+                self.op
+            ))
+        }
+    }
+}
+
+/// What to do after an attempt failed.
+#[derive(Debug)]
+pub enum Next {
+    /// Route again now (the placement changed).
+    Reroute,
+    /// Send again after this pause.
+    RetryAfter(Duration),
+    /// Give the client this answer.
+    Fail(RouterError),
+}
+
+/// The decision after a forward to `home` failed. `unkeyed_write`: sending
+/// it again could apply it twice; `writes`: it changes data.
+pub fn decide(
+    failure: ForwardFailure,
+    home: &RegionName,
+    writes: bool,
+    unkeyed_write: bool,
+    time_left: Duration,
+) -> Next {
+    match failure {
+        ForwardFailure::Answer(s) => Next::Fail(RouterError::Remote(s)),
+        ForwardFailure::Moved => Next::Reroute,
+        ForwardFailure::Unknown(source) if unkeyed_write => Next::Fail(RouterError::OutcomeUnknown {
+            detail: format!("the link to {home} failed after the write was sent"),
+            source: Some(source),
+        }),
+        ForwardFailure::Deadline if writes => Next::Fail(RouterError::OutcomeUnknown {
+            detail: format!("the deadline passed waiting for {home}"),
+            source: None,
+        }),
+        ForwardFailure::Deadline => Next::Fail(RouterError::Deadline(format!("waiting for {home}"))),
+        ForwardFailure::Unknown(source) if time_left <= LINK_RETRY => Next::Fail(if writes {
+            RouterError::OutcomeUnknown {
+                detail: format!("the link to {home} failed after the write was sent, and no time is left to retry"),
+                source: Some(source),
+            }
+        } else {
+            RouterError::RegionUnreachable {
+                region: home.clone(),
+                source,
+            }
+        }),
+        ForwardFailure::NotSent(source) if time_left <= LINK_RETRY => Next::Fail(RouterError::RegionUnreachable {
+            region: home.clone(),
+            source,
+        }),
+        // Safe to send again: never sent, a read, or a write whose
+        // idempotency key makes a second delivery a replay.
+        ForwardFailure::NotSent(_) | ForwardFailure::Unknown(_) => Next::RetryAfter(LINK_RETRY),
+    }
+}
+
+/// Everything a call needs; shared by every call.
+pub struct Executor {
+    pub region: RegionName,
+    pub directory: Directory,
+    pub store: HomeStore,
+    pub forwarder: Forwarder,
+    pub counts: Arc<WriteCounts>,
+    pub metrics: Arc<Metrics>,
+    pub default_deadline: Duration,
+    pub telemetry: crate::telemetry::Telemetry,
+    /// Trusts forwarding headers only from routers that show it.
+    pub peer_token: Option<PeerToken>,
+}
+
+impl Executor {
+    /// Reads the call's deadline, origin and trace context.
+    fn incoming<T>(&self, op: &'static str, request: &Request<T>) -> Result<Incoming> {
+        let md = request.metadata();
+        let timeout = match md.get("grpc-timeout").and_then(|v| v.to_str().ok()) {
+            Some(t) => parse_grpc_timeout(t)
+                .ok_or_else(|| RouterError::BadRequest(format!("grpc-timeout `{t}` is malformed")))?,
+            None => self.default_deadline,
+        };
+        let caller = crate::peer::caller(md, self.peer_token.as_ref()).map_err(RouterError::BadRequest)?;
+        let (origin, forwarded) = match caller {
+            Caller::Peer { origin } => (origin, true),
+            Caller::Client { forged } => {
+                if forged {
+                    self.metrics.untrusted_forward_headers.inc();
+                }
+                (self.region.clone(), false)
+            }
+        };
+        let now = Instant::now();
+        // Answer a little before the client gives up, so that it hears
+        // the outcome rather than cancelling blind.
+        let timeout = timeout.min(MAX_DEADLINE);
+        let margin = (timeout / 20).min(Duration::from_millis(50));
+        Ok(Incoming {
+            op,
+            started: now,
+            deadline: now + timeout - margin,
+            origin,
+            forwarded,
+            parent: crate::telemetry::extract(md),
+            cx: opentelemetry::Context::new(),
+            info: std::sync::Mutex::default(),
+            attempts: AtomicU32::new(0),
+            in_flight: AtomicBool::new(false),
+            maybe_applied: AtomicBool::new(false),
+        })
+    }
+
+    /// Serves one data operation.
+    pub async fn serve<R: Rpc>(&self, request: Request<R>) -> Result<Response<R::Response>, Status> {
+        let call = self.incoming(R::NAME, &request);
+        let wire = request.into_inner();
+        self.serve_with(call, async |call| self.execute(call, wire).await).await
+    }
+
+    /// Runs `work` within the call's deadline as a `router.request` span,
+    /// and records its outcome.
+    pub async fn serve_with<T>(
+        &self,
+        call: Result<Incoming>,
+        work: impl AsyncFnOnce(&Incoming) -> Result<(T, Route)>,
+    ) -> Result<Response<T>, Status> {
+        let mut call = call.map_err(|e| e.into_status(&self.region))?;
+        let span = self
+            .telemetry
+            .span("router.request", SpanKind::Server, &call.parent, || {
+                vec![
+                    KeyValue::new("tern.operation", call.op),
+                    KeyValue::new("tern.origin_region", call.origin.to_string()),
+                    KeyValue::new("tern.region", self.region.to_string()),
+                ]
+            });
+        let traced = span.is_some();
+        call.cx = span.unwrap_or_else(|| call.parent.clone());
+        let outcome = match tokio::time::timeout_at(call.deadline, work(&call)).await {
+            Ok(r) => r,
+            Err(_) => Err(call.at_deadline(&self.region)),
+        };
+        let elapsed = call.started.elapsed().as_secs_f64();
+        if traced {
+            let span = call.cx.span();
+            let info = call.info.lock().unwrap_or_else(|e| e.into_inner());
+            span.set_attribute(KeyValue::new("tern.account", info.account.clone()));
+            span.set_attribute(KeyValue::new("tern.home_region", info.home.clone()));
+            span.set_attribute(KeyValue::new("tern.epoch", info.epoch as i64));
+            match &outcome {
+                Ok(_) => span.set_attribute(KeyValue::new("tern.outcome", "OK")),
+                Err(e) => {
+                    let code = e.code();
+                    span.set_attribute(KeyValue::new("tern.outcome", format!("{code:?}")));
+                    span.set_attribute(KeyValue::new("rpc.grpc.status_code", code as i64));
+                    span.set_status(opentelemetry::trace::Status::error(e.to_string()));
+                }
+            }
+            span.end();
+        }
+        match outcome {
+            Ok((value, route)) => {
+                self.metrics.observe(call.op, route, tonic::Code::Ok, elapsed);
+                Ok(Response::new(value))
+            }
+            Err(e) => {
+                let moved = matches!(e, RouterError::NotHome(_));
+                let mut status = e.into_status(&self.region);
+                if moved {
+                    status
+                        .metadata_mut()
+                        .insert(MOVED, tonic::metadata::MetadataValue::from_static("1"));
+                }
+                self.metrics.observe(call.op, call.route(), status.code(), elapsed);
+                Err(status)
+            }
+        }
+    }
+
+    /// The request path of a data operation.
+    async fn execute<R: Rpc>(&self, call: &Incoming, wire: R) -> Result<(R::Response, Route)> {
+        let op = wire.parse()?;
+        let writes = op.work.writes();
+        if let Some(max) = op.bounded_ms
+            && !call.forwarded
+            && let Some(answer) = self.read_mirror(call, &op, max).await?
+        {
+            return Ok((wire.answer(&op, answer)?, Route::Local));
+        }
+        loop {
+            let p = self.route(call, &op.account).await?;
+            if p.home != self.region {
+                let sent = call.attempt(writes, self.forward(call, &p.home, wire.clone())).await;
+                let failure = match sent {
+                    Ok(mut resp) => {
+                        R::mark_forwarded(&mut resp);
+                        return Ok((resp, Route::ProxiedOut));
+                    }
+                    Err(f) => f,
+                };
+                if writes && matches!(failure, ForwardFailure::Unknown(_) | ForwardFailure::Deadline) {
+                    call.maybe_applied.store(true, Ordering::Relaxed);
+                }
+                let time_left = call.deadline.saturating_duration_since(Instant::now());
+                match decide(failure, &p.home, writes, op.unkeyed_write(), time_left) {
+                    Next::Reroute => {
+                        self.metrics.placement_refreshes.inc();
+                        // Not found any more is the next attempt's answer.
+                        let _ = self.directory.refresh(&op.account).await;
+                    }
+                    Next::RetryAfter(pause) => tokio::time::sleep(pause).await,
+                    Next::Fail(e) => return Err(self.truthful(call, e)),
+                }
+                continue;
+            }
+            let outcome = call.attempt(writes, self.run_home(call, &op, &p)).await;
+            let served = |revision| Served {
+                by: self.region.clone(),
+                home: p.home.clone(),
+                epoch: p.epoch,
+                revision,
+                mirror_staleness_ms: None,
+            };
+            match outcome.map_err(|e| self.truthful(call, e))? {
+                Guarded::Done { revision, output } => {
+                    if writes {
+                        self.count_write(&op.account, call);
+                    }
+                    let answer = Answer::Done {
+                        output,
+                        served: served(revision),
+                    };
+                    return Ok((wire.answer(&op, answer)?, call.route()));
+                }
+                Guarded::Replayed { record, revision } => {
+                    op.check_replay(&record)?;
+                    let answer = Answer::Replayed {
+                        record,
+                        served: served(revision),
+                    };
+                    return Ok((wire.answer(&op, answer)?, call.route()));
+                }
+                Guarded::CompareFailed => {
+                    return Err(RouterError::CompareFailed(
+                        "a compare did not hold; nothing was applied".into(),
+                    ));
+                }
+                Guarded::Fence(found) => self.after_fence_miss(&op.account, &p, found).await?,
+            }
+        }
+    }
+
+    /// An error that says "not applied" or "retry" becomes "outcome
+    /// unknown" once an earlier attempt of this write may have been applied.
+    fn truthful(&self, call: &Incoming, e: RouterError) -> RouterError {
+        let silent = matches!(
+            e.code(),
+            tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Internal
+        );
+        if silent && call.maybe_applied.load(Ordering::Relaxed) && !matches!(e, RouterError::Remote(_)) {
+            return RouterError::OutcomeUnknown {
+                detail: format!("an earlier attempt may have been applied, and the last one failed: {e}"),
+                source: Some(Box::new(e)),
+            };
+        }
+        e
+    }
+
+    /// Where the account is served: here, or the home region's router. A
+    /// forwarded call is never forwarded again: if this router is not the
+    /// home, the caller routes again.
+    async fn route(&self, call: &Incoming, account: &AccountId) -> Result<Placement> {
+        let p = self.directory.lookup(account).await?;
+        call.note(account, &p);
+        if p.home == self.region || !call.forwarded {
+            return Ok(p);
+        }
+        self.metrics.placement_refreshes.inc();
+        let p = self.directory.refresh(account).await?;
+        if p.home == self.region {
+            Ok(p)
+        } else {
+            Err(RouterError::NotHome(p.home))
+        }
+    }
+
+    /// After a fence miss: refresh the placement and, during a migration,
+    /// give it a moment. The caller retries within its deadline.
+    async fn after_fence_miss(
+        &self,
+        account: &AccountId,
+        p: &Placement,
+        found: Option<tern_common::Fence>,
+    ) -> Result<()> {
+        self.metrics.retries.inc();
+        self.metrics.placement_refreshes.inc();
+        if matches!(found.as_ref().map(|f| &f.state), Some(FenceState::Fenced)) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let fresh = self.directory.refresh(account).await?;
+        match found {
+            None if fresh.home == p.home && fresh.epoch == p.epoch => Err(RouterError::Unavailable(format!(
+                "account {account} is homed in {} at epoch {} but its fence is missing there",
+                p.home, p.epoch
+            ))),
+            Some(f) if f.state != FenceState::Fenced && fresh == *p => {
+                // The directory has not caught up with the fence yet.
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Forwards `wire` to `home` as a `router.forward` span.
+    async fn forward<R: Forwardable>(
+        &self,
+        call: &Incoming,
+        home: &RegionName,
+        wire: R,
+    ) -> std::result::Result<R::Response, ForwardFailure> {
+        let attempt = call.attempts.fetch_add(1, Ordering::Relaxed) + 1;
+        let span_cx = self.telemetry.span("router.forward", SpanKind::Client, &call.cx, || {
+            vec![
+                KeyValue::new("tern.target_region", home.to_string()),
+                KeyValue::new("tern.attempt", i64::from(attempt)),
+            ]
+        });
+        let forward_cx = span_cx.as_ref().unwrap_or(&call.cx);
+        let result = self.forwarder.send(home, call.deadline, wire, forward_cx).await;
+        if let Some(cx) = &span_cx {
+            let span = cx.span();
+            if let Err(failure) = &result {
+                span.set_status(opentelemetry::trace::Status::error(failure.describe()));
+            }
+            span.end();
+        }
+        if let Err(failure) = &result
+            && !matches!(failure, ForwardFailure::Answer(_))
+        {
+            self.metrics
+                .forward_failures
+                .get_or_create(&crate::metrics::ForwardLabels {
+                    region: home.to_string(),
+                    kind: failure.kind(),
+                })
+                .inc();
+            self.metrics.retries.inc();
+        }
+        result
+    }
+
+    /// Runs `op` in this region's group under the fence, as a `store.txn`
+    /// span.
+    async fn run_home(&self, call: &Incoming, op: &Op, p: &Placement) -> Result<Guarded> {
+        let cx = self.telemetry.span("store.txn", SpanKind::Client, &call.cx, || {
+            vec![
+                KeyValue::new("tern.group", self.region.to_string()),
+                KeyValue::new("tern.epoch", p.epoch.0 as i64),
+            ]
+        });
+        let idempotency = op.idempotency.as_ref().map(|k| (k, op.record.clone()));
+        let result = self.store.run(&op.account, p.epoch, idempotency, &op.work).await;
+        if let Some(cx) = cx {
+            let span = cx.span();
+            match &result {
+                Ok(Guarded::Done { revision, .. }) => {
+                    span.set_attribute(KeyValue::new("tern.revision", *revision));
+                    span.set_attribute(KeyValue::new("tern.guard", "held"));
+                }
+                Ok(Guarded::Replayed { revision, .. }) => {
+                    span.set_attribute(KeyValue::new("tern.revision", *revision));
+                    span.set_attribute(KeyValue::new("tern.guard", "replayed"));
+                }
+                Ok(Guarded::Fence(_)) => span.set_attribute(KeyValue::new("tern.guard", "fence_failed")),
+                Ok(Guarded::CompareFailed) => span.set_attribute(KeyValue::new("tern.guard", "compare_failed")),
+                Err(e) => span.set_status(opentelemetry::trace::Status::error(e.to_string())),
+            }
+            span.end();
+        }
+        result
+    }
+
+    /// A BOUNDED read served from this region's mirror of the account's
+    /// home, when the mirror's measured lag is within the bound and the
+    /// mirror holds the account at its current epoch. None: serve it from
+    /// the home.
+    async fn read_mirror(&self, call: &Incoming, op: &Op, max_staleness_ms: u64) -> Result<Option<Answer>> {
+        let p = self.directory.lookup(&op.account).await?;
+        call.note(&op.account, &p);
+        if p.home == self.region {
+            return Ok(None);
+        }
+        let Some(staleness) = self.directory.mirror_staleness_ms(&self.region, &p.home).await else {
+            return Ok(None);
+        };
+        if staleness > max_staleness_ms {
+            return Ok(None);
+        }
+        let Some(output) = self.store.read_mirror(&op.account, &p.home, p.epoch, &op.work).await? else {
+            return Ok(None);
+        };
+        Ok(Some(Answer::Done {
+            output,
+            served: Served {
+                by: self.region.clone(),
+                home: p.home,
+                epoch: p.epoch,
+                revision: 0,
+                mirror_staleness_ms: Some(staleness),
+            },
+        }))
+    }
+
+    fn count_write(&self, account: &AccountId, call: &Incoming) {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        self.counts.record(account, &call.origin, now);
+    }
+
+    /// CreateAccount: not a data operation (it is routed by the requested
+    /// home, not by a placement), but it is served, forwarded and measured
+    /// the same way.
+    pub async fn create_account(
+        &self,
+        request: Request<pb::CreateAccountRequest>,
+    ) -> Result<Response<pb::CreateAccountResponse>, Status> {
+        let call = self.incoming("create_account", &request);
+        let r = request.into_inner();
+        self.serve_with(call, async |call| self.create(call, r).await).await
+    }
+
+    async fn create(&self, call: &Incoming, r: pb::CreateAccountRequest) -> Result<(pb::CreateAccountResponse, Route)> {
+        let account = AccountId::new(&r.account)?;
+        let home = if r.home_region.is_empty() {
+            self.region.clone()
+        } else {
+            RegionName::new(&r.home_region)?
+        };
+        let allowed = r
+            .allowed_regions
+            .iter()
+            .map(|a| RegionName::new(a.as_str()))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        if !allowed.is_empty() && !allowed.contains(&home) {
+            return Err(RouterError::BadRequest(format!(
+                "home_region {home} is not in allowed_regions"
+            )));
+        }
+        if home != self.region {
+            if call.forwarded {
+                return Err(RouterError::BadRequest(format!(
+                    "a forwarded CreateAccount must be homed in {}",
+                    self.region
+                )));
+            }
+            if !self.forwarder.knows(&home).await {
+                return Err(RouterError::BadRequest(format!(
+                    "home_region {home} is not a region of this cluster"
+                )));
+            }
+            let mut message = r.clone();
+            message.home_region = home.to_string();
+            loop {
+                let failure = match self.forward(call, &home, message.clone()).await {
+                    Ok(resp) => return Ok((resp, Route::ProxiedOut)),
+                    Err(f) => f,
+                };
+                // Creating is idempotent (a second create answers
+                // "created: false"), so it is sent again like a read.
+                let time_left = call.deadline.saturating_duration_since(Instant::now());
+                match decide(failure, &home, false, false, time_left) {
+                    Next::Reroute => {}
+                    Next::RetryAfter(pause) => tokio::time::sleep(pause).await,
+                    Next::Fail(e) => return Err(e),
+                }
+            }
+        }
+        if let Ok(existing) = self.directory.refresh(&account).await {
+            return if existing.home == home {
+                Ok((
+                    pb::CreateAccountResponse {
+                        account: account.to_string(),
+                        home_region: home.to_string(),
+                        epoch: existing.epoch.0,
+                        created: false,
+                    },
+                    call.route(),
+                ))
+            } else {
+                Err(RouterError::AccountExists {
+                    account,
+                    home: existing.home,
+                })
+            };
+        }
+        // The fence first: the account is reachable only once the
+        // directory names this region, and then its fence must exist.
+        let fence = self.store.create_fence(&account, Epoch(1)).await?;
+        let epoch = match fence.state {
+            FenceState::Active => fence.epoch,
+            _ => {
+                return Err(RouterError::Unavailable(format!(
+                    "account {account} has fence `{fence}` in {}; it is being moved",
+                    self.region
+                )));
+            }
+        };
+        let record = AccountRecord {
+            home: home.clone(),
+            epoch,
+            state: AccountState::Active,
+            allowed_regions: allowed,
+        };
+        let (stored, created) = self.directory.create(&account, &record).await?;
+        if stored.home != home {
+            self.store.remove_unused_fence(&account).await?;
+            return Err(RouterError::AccountExists {
+                account,
+                home: stored.home,
+            });
+        }
+        Ok((
+            pb::CreateAccountResponse {
+                account: account.to_string(),
+                home_region: home.to_string(),
+                epoch: stored.epoch.0,
+                created,
+            },
+            call.route(),
+        ))
+    }
+}
+
+/// Parses gRPC's `grpc-timeout` header: digits and a unit (H M S m u n).
+pub fn parse_grpc_timeout(text: &str) -> Option<Duration> {
+    if text.len() < 2 || text.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = text.split_at(text.len() - 1);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.checked_mul(3600)?),
+        "M" => Duration::from_secs(n.checked_mul(60)?),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+fn found(item: Option<Item>) -> (bool, Vec<u8>, i64) {
+    match item {
+        Some(i) => (true, i.value, i.mod_revision),
+        None => (false, Vec::new(), 0),
+    }
+}
+
+/// An answer of the wrong shape: a bug, not a client error.
+fn mismatch(op: &'static str, output: &Output) -> RouterError {
+    RouterError::Internal(format!("{op} got the answer of another operation: {output:?}"))
+}
+
+macro_rules! forwardable {
+    ($req:ty, $resp:ty, $method:ident, $meta:ident) => {
+        impl Forwardable for $req {
+            type Response = $resp;
+            fn send(mut client: RouterClient<Channel>, request: Request<Self>) -> Sent<$resp> {
+                Box::pin(async move { client.$method(request).await })
+            }
+            fn mark_forwarded(response: &mut $resp) {
+                if let Some(m) = response.$meta.as_mut() {
+                    m.forwarded = true;
+                }
+            }
+        }
+    };
+}
+
+forwardable!(pb::PutRequest, pb::PutResponse, put, meta);
+forwardable!(pb::DeleteRequest, pb::DeleteResponse, delete, meta);
+forwardable!(pb::GetRequest, pb::GetResponse, get, meta);
+forwardable!(pb::ListRequest, pb::ListResponse, list, meta);
+forwardable!(pb::TxnRequest, pb::TxnResponse, txn, meta);
+
+impl Forwardable for pb::CreateAccountRequest {
+    type Response = pb::CreateAccountResponse;
+    fn send(mut client: RouterClient<Channel>, request: Request<Self>) -> Sent<pb::CreateAccountResponse> {
+        Box::pin(async move { client.create_account(request).await })
+    }
+}
+
+impl Rpc for pb::PutRequest {
+    const NAME: &'static str = "put";
+    fn parse(&self) -> Result<Op> {
+        ops::put(self)
+    }
+    fn answer(&self, _: &Op, answer: Answer) -> Result<pb::PutResponse> {
+        let meta = match answer {
+            Answer::Done {
+                output: Output::Put,
+                served,
+            } => served.write_meta(false),
+            Answer::Replayed { served, .. } => served.write_meta(true),
+            Answer::Done { output, .. } => return Err(mismatch(Self::NAME, &output)),
+        };
+        Ok(pb::PutResponse { meta: Some(meta) })
+    }
+}
+
+impl Rpc for pb::DeleteRequest {
+    const NAME: &'static str = "delete";
+    fn parse(&self) -> Result<Op> {
+        ops::delete(self)
+    }
+    fn answer(&self, _: &Op, answer: Answer) -> Result<pb::DeleteResponse> {
+        let (meta, existed) = match answer {
+            Answer::Done {
+                output: Output::Delete { existed },
+                served,
+            } => (served.write_meta(false), existed),
+            Answer::Replayed { record, served } => (served.write_meta(true), record.existed.unwrap_or(false)),
+            Answer::Done { output, .. } => return Err(mismatch(Self::NAME, &output)),
+        };
+        Ok(pb::DeleteResponse {
+            meta: Some(meta),
+            existed,
+        })
+    }
+}
+
+impl Rpc for pb::GetRequest {
+    const NAME: &'static str = "get";
+    fn parse(&self) -> Result<Op> {
+        ops::get(self)
+    }
+    fn answer(&self, _: &Op, answer: Answer) -> Result<pb::GetResponse> {
+        match answer {
+            Answer::Done {
+                output: Output::Get(item),
+                served,
+            } => {
+                let (found, value, mod_revision) = found(item);
+                Ok(pb::GetResponse {
+                    found,
+                    value,
+                    mod_revision,
+                    meta: Some(served.read_meta()),
+                })
+            }
+            Answer::Done { output, .. } => Err(mismatch(Self::NAME, &output)),
+            Answer::Replayed { .. } => Err(RouterError::Internal("a read has no idempotency record".into())),
+        }
+    }
+}
+
+impl Rpc for pb::ListRequest {
+    const NAME: &'static str = "list";
+    fn parse(&self) -> Result<Op> {
+        ops::list(self)
+    }
+    fn answer(&self, op: &Op, answer: Answer) -> Result<pb::ListResponse> {
+        let (items, served) = match answer {
+            Answer::Done {
+                output: Output::List(items),
+                served,
+            } => (items, served),
+            Answer::Done { output, .. } => return Err(mismatch(Self::NAME, &output)),
+            Answer::Replayed { .. } => return Err(RouterError::Internal("a read has no idempotency record".into())),
+        };
+        let limit = ops::page_limit(self.limit)? as usize;
+        let mut items: Vec<pb::KeyValue> = items
+            .into_iter()
+            .filter_map(|kv| {
+                Some(pb::KeyValue {
+                    key: user_key_of(&op.account, &kv.key)?,
+                    value: kv.value,
+                    mod_revision: kv.mod_revision,
+                    version: kv.version,
+                })
+            })
+            .collect();
+        // One more than asked was read: it tells whether another page exists.
+        let next_page_token = if items.len() > limit {
+            items.truncate(limit);
+            items.last().map(|kv| kv.key.clone()).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(pb::ListResponse {
+            items,
+            next_page_token,
+            meta: Some(served.read_meta()),
+        })
+    }
+}
+
+impl Rpc for pb::TxnRequest {
+    const NAME: &'static str = "txn";
+    fn parse(&self) -> Result<Op> {
+        ops::txn(self)
+    }
+    fn answer(&self, _: &Op, answer: Answer) -> Result<pb::TxnResponse> {
+        match answer {
+            Answer::Done {
+                output: Output::Txn { gets },
+                served,
+            } => Ok(pb::TxnResponse {
+                meta: Some(served.write_meta(false)),
+                gets: gets
+                    .into_iter()
+                    .map(|item| {
+                        let (found, value, mod_revision) = found(item);
+                        pb::GetResponse {
+                            found,
+                            value,
+                            mod_revision,
+                            meta: None,
+                        }
+                    })
+                    .collect(),
+                reads_not_replayed: false,
+            }),
+            // The first attempt's reads are not stored with its record:
+            // say so instead of answering them empty.
+            Answer::Replayed { served, .. } => Ok(pb::TxnResponse {
+                meta: Some(served.write_meta(true)),
+                gets: vec![],
+                reads_not_replayed: self.ops.iter().any(|o| matches!(o.op, Some(pb::operation::Op::Get(_)))),
+            }),
+            Answer::Done { output, .. } => Err(mismatch(Self::NAME, &output)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn region(name: &str) -> RegionName {
+        RegionName::new(name).expect("valid")
+    }
+
+    fn link_error() -> crate::error::BoxError {
+        "connection reset".into()
+    }
+
+    #[test]
+    fn grpc_timeouts() {
+        assert_eq!(parse_grpc_timeout("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_grpc_timeout("5S"), Some(Duration::from_secs(5)));
+        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_grpc_timeout("x"), None);
+        assert_eq!(parse_grpc_timeout("12q"), None);
+    }
+
+    #[test]
+    fn a_write_without_a_key_is_never_sent_twice_after_the_link_failed_late() {
+        let home = region("us-east");
+        let plenty = Duration::from_secs(5);
+        let next = decide(ForwardFailure::Unknown(link_error()), &home, true, true, plenty);
+        assert!(
+            matches!(&next, Next::Fail(e) if e.code() == tonic::Code::Unknown),
+            "{next:?}"
+        );
+        // With a key a second delivery is a replay; a read is harmless.
+        assert!(matches!(
+            decide(ForwardFailure::Unknown(link_error()), &home, true, false, plenty),
+            Next::RetryAfter(_)
+        ));
+        assert!(matches!(
+            decide(ForwardFailure::Unknown(link_error()), &home, false, false, plenty),
+            Next::RetryAfter(_)
+        ));
+        // Never sent: always safe.
+        assert!(matches!(
+            decide(ForwardFailure::NotSent(link_error()), &home, true, true, plenty),
+            Next::RetryAfter(_)
+        ));
+    }
+
+    #[test]
+    fn out_of_time_a_write_that_may_have_left_is_unknown_not_retry() {
+        let home = region("us-east");
+        let none = Duration::from_millis(10);
+        let next = decide(ForwardFailure::Unknown(link_error()), &home, true, false, none);
+        assert!(
+            matches!(&next, Next::Fail(e) if e.code() == tonic::Code::Unknown),
+            "{next:?}"
+        );
+        let next = decide(ForwardFailure::NotSent(link_error()), &home, true, false, none);
+        assert!(
+            matches!(&next, Next::Fail(e) if e.code() == tonic::Code::Unavailable),
+            "{next:?}"
+        );
+        let next = decide(ForwardFailure::Deadline, &home, true, false, none);
+        assert!(
+            matches!(&next, Next::Fail(e) if e.code() == tonic::Code::Unknown),
+            "{next:?}"
+        );
+        let next = decide(ForwardFailure::Deadline, &home, false, false, none);
+        assert!(
+            matches!(&next, Next::Fail(e) if e.code() == tonic::Code::DeadlineExceeded),
+            "{next:?}"
+        );
+        assert!(matches!(
+            decide(ForwardFailure::Moved, &home, true, true, none),
+            Next::Reroute
+        ));
+    }
+
+    fn incoming() -> Incoming {
+        let now = Instant::now();
+        Incoming {
+            op: "put",
+            started: now,
+            deadline: now + Duration::from_secs(1),
+            origin: region("eu-west"),
+            forwarded: false,
+            parent: opentelemetry::Context::new(),
+            cx: opentelemetry::Context::new(),
+            info: std::sync::Mutex::default(),
+            attempts: AtomicU32::new(0),
+            in_flight: AtomicBool::new(false),
+            maybe_applied: AtomicBool::new(false),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_deadline_says_unknown_only_while_a_write_is_in_flight() {
+        let here = region("us-east");
+        // Between attempts (a fence miss waiting for a migration): nothing
+        // is in flight, so nothing was applied.
+        let call = incoming();
+        let waiting = tokio::time::timeout_at(call.deadline, tokio::time::sleep(Duration::from_secs(2))).await;
+        assert!(waiting.is_err());
+        assert_eq!(call.at_deadline(&here).code(), tonic::Code::DeadlineExceeded);
+
+        // Sent and unanswered when the deadline passes: it may commit later.
+        let call = incoming();
+        let sent = tokio::time::timeout_at(
+            call.deadline,
+            call.attempt(true, tokio::time::sleep(Duration::from_secs(2))),
+        )
+        .await;
+        assert!(sent.is_err());
+        assert_eq!(call.at_deadline(&here).code(), tonic::Code::Unknown);
+
+        // A read in flight is just late.
+        let call = incoming();
+        let read = tokio::time::timeout_at(
+            call.deadline,
+            call.attempt(false, tokio::time::sleep(Duration::from_secs(2))),
+        )
+        .await;
+        assert!(read.is_err());
+        assert_eq!(call.at_deadline(&here).code(), tonic::Code::DeadlineExceeded);
+    }
+}

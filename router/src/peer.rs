@@ -1,0 +1,160 @@
+//! The headers a router sets on a call it forwards (origin region, "already
+//! forwarded") and the shared peer token that makes the home router trust
+//! them. A client that sets those headers itself could make a router skip
+//! its own routing (serve a call as if it came from another region, bypass
+//! the BOUNDED-read mirror rule, or record its writes against another
+//! region); so they count only from a peer that shows the GeoCluster's
+//! token, and are otherwise ignored and counted.
+
+use std::fmt;
+use std::sync::Arc;
+
+use tern_common::RegionName;
+use tonic::metadata::{MetadataMap, MetadataValue};
+
+/// Metadata keys of a forwarded call.
+pub const ORIGIN_REGION: &str = "tern-origin-region";
+pub const FORWARDED: &str = "tern-forwarded";
+pub const PEER_TOKEN: &str = "tern-peer-token";
+
+/// Shortest and longest token accepted.
+const MIN_TOKEN: usize = 16;
+const MAX_TOKEN: usize = 256;
+
+/// The secret the routers of one GeoCluster share. Never printed.
+#[derive(Clone)]
+pub struct PeerToken(Arc<str>);
+
+impl PeerToken {
+    /// A token of 16 to 256 visible ASCII characters (it travels as a gRPC
+    /// metadata value).
+    pub fn new(token: &str) -> Result<Self, String> {
+        if token.len() < MIN_TOKEN || token.len() > MAX_TOKEN {
+            return Err(format!(
+                "the peer token is {} characters; it must have {MIN_TOKEN} to {MAX_TOKEN}",
+                token.len()
+            ));
+        }
+        if !token.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err("the peer token must be visible ASCII characters only (no spaces)".into());
+        }
+        Ok(Self(token.into()))
+    }
+
+    /// Compares in time independent of where the first difference is, so
+    /// the token cannot be guessed byte by byte from response times.
+    fn matches(&self, offered: &[u8]) -> bool {
+        let ours = self.0.as_bytes();
+        if ours.len() != offered.len() {
+            return false;
+        }
+        ours.iter().zip(offered).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+    }
+}
+
+impl fmt::Debug for PeerToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("PeerToken(<redacted>)")
+    }
+}
+
+/// Who sent a call, as far as its headers can be trusted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Caller {
+    /// A client (or a caller whose forwarding headers were not trusted).
+    Client {
+        /// It set forwarding headers without the peer token: they were
+        /// ignored.
+        forged: bool,
+    },
+    /// Another region's router, forwarding for a client of `origin`.
+    Peer { origin: RegionName },
+}
+
+/// Reads the forwarding headers of an incoming call; `token` is this
+/// router's peer token (none: no call is trusted as forwarded).
+pub fn caller(md: &MetadataMap, token: Option<&PeerToken>) -> Result<Caller, String> {
+    let claims = md.get(FORWARDED).is_some() || md.get(ORIGIN_REGION).is_some();
+    if !claims {
+        return Ok(Caller::Client { forged: false });
+    }
+    let trusted = match (token, md.get(PEER_TOKEN)) {
+        (Some(ours), Some(offered)) => ours.matches(offered.as_bytes()),
+        _ => false,
+    };
+    if !trusted {
+        return Ok(Caller::Client { forged: true });
+    }
+    let origin = md
+        .get(ORIGIN_REGION)
+        .ok_or_else(|| format!("a forwarded call lacks the {ORIGIN_REGION} header"))?;
+    let origin = origin
+        .to_str()
+        .map_err(|_| format!("header {ORIGIN_REGION} is not text"))
+        .and_then(|o| RegionName::new(o).map_err(|e| format!("header {ORIGIN_REGION}: {e}")))?;
+    Ok(Caller::Peer { origin })
+}
+
+/// Sets the headers of a call this router forwards for a client of `origin`.
+pub fn mark_forwarded(md: &mut MetadataMap, origin: &RegionName, token: Option<&PeerToken>) {
+    if let Ok(v) = origin.as_str().parse() {
+        md.insert(ORIGIN_REGION, v);
+    }
+    md.insert(FORWARDED, MetadataValue::from_static("1"));
+    if let Some(t) = token
+        && let Ok(v) = t.0.parse()
+    {
+        md.insert(PEER_TOKEN, v);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn token() -> PeerToken {
+        PeerToken::new("0123456789abcdef-peer").expect("valid")
+    }
+
+    fn forwarded(with: Option<&PeerToken>) -> MetadataMap {
+        let mut md = MetadataMap::new();
+        mark_forwarded(&mut md, &RegionName::new("eu-west").expect("valid"), with);
+        md
+    }
+
+    #[test]
+    fn forwarding_headers_count_only_with_the_peer_token() {
+        let ours = token();
+        assert_eq!(
+            caller(&forwarded(Some(&ours)), Some(&ours)),
+            Ok(Caller::Peer {
+                origin: RegionName::new("eu-west").expect("valid")
+            })
+        );
+        // Set by a client: no token, a wrong one, or a router with none.
+        assert_eq!(
+            caller(&forwarded(None), Some(&ours)),
+            Ok(Caller::Client { forged: true })
+        );
+        let other = PeerToken::new("another-token-of-ours").expect("valid");
+        assert_eq!(
+            caller(&forwarded(Some(&other)), Some(&ours)),
+            Ok(Caller::Client { forged: true })
+        );
+        assert_eq!(
+            caller(&forwarded(Some(&ours)), None),
+            Ok(Caller::Client { forged: true })
+        );
+        assert_eq!(
+            caller(&MetadataMap::new(), Some(&ours)),
+            Ok(Caller::Client { forged: false })
+        );
+    }
+
+    #[test]
+    fn tokens_are_long_visible_and_never_printed() {
+        assert!(PeerToken::new("short").is_err());
+        assert!(PeerToken::new("has a space in it ok").is_err());
+        assert_eq!(format!("{:?}", token()), "PeerToken(<redacted>)");
+    }
+}
