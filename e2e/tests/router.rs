@@ -1050,9 +1050,9 @@ async fn a_link_that_fails_after_sending_never_applies_a_write_twice() {
             let op = if *is_txn { "txn" } else { "put" };
             match outcome {
                 Told::Applied if n != 1 => failures.push(format!("{op} {value} acknowledged, applied {n} times")),
-                Told::NotApplied if n != 0 => {
-                    failures.push(format!("{op} {value} refused (compare failed or retry), applied {n} times"))
-                }
+                Told::NotApplied if n != 0 => failures.push(format!(
+                    "{op} {value} refused (compare failed or retry), applied {n} times"
+                )),
                 Told::Unknown if n > 1 => failures.push(format!("{op} {value} outcome unknown, applied {n} times")),
                 _ => {}
             }
@@ -1070,7 +1070,12 @@ async fn a_link_that_fails_after_sending_never_applies_a_write_twice() {
         }
     }
     eprintln!("outcomes: {totals:?}; {} puts in the history", history.len());
-    assert!(failures.is_empty(), "{} violations:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} violations:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
     assert!(
         totals.get(&Told::Applied).copied().unwrap_or(0) > 20,
         "writes get through between faults: {totals:?}"
