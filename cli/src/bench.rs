@@ -499,3 +499,54 @@ fn put(account: &str, key: &str) -> pb::PutRequest {
         idempotency_key: String::new(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::BenchArgs;
+
+    #[derive(Parser)]
+    struct Command {
+        #[command(flatten)]
+        bench: BenchArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<BenchArgs, clap::Error> {
+        Command::try_parse_from(std::iter::once("bench").chain(args.iter().copied())).map(|c| c.bench)
+    }
+
+    #[test]
+    fn telemetry_runs_only_with_both_router_builds() {
+        let none = parse(&[]).expect("no flags parse");
+        assert!(
+            none.router_builds().is_none(),
+            "nothing to compare: the section is skipped"
+        );
+        let both = parse(&["--router-binary", "/a", "--router-binary-without-otlp", "/b"]).expect("both parse");
+        let builds = both.router_builds().expect("both named");
+        assert_eq!(builds.with_otlp, std::path::Path::new("/a"));
+        assert_eq!(builds.without_otlp, std::path::Path::new("/b"));
+        for one in [["--router-binary", "/a"], ["--router-binary-without-otlp", "/b"]] {
+            let err = parse(&one).expect_err("one build alone is refused");
+            assert_eq!(err.kind(), clap::error::ErrorKind::MissingRequiredArgument);
+        }
+    }
+
+    #[test]
+    fn a_named_build_that_is_not_there_is_a_usage_error_naming_its_flag() {
+        let args = parse(&[
+            "--router-binary",
+            "/nonexistent/a",
+            "--router-binary-without-otlp",
+            "/nonexistent/b",
+        ])
+        .expect("both parse");
+        let err = args
+            .router_builds()
+            .expect("both named")
+            .check()
+            .expect_err("no such files");
+        assert!(err.to_string().starts_with("--router-binary /nonexistent/a"), "{err}");
+    }
+}

@@ -13,9 +13,11 @@ use crate::CliError;
 #[derive(Args, Debug)]
 pub struct AssetsArgs {
     /// Directory holding etcd and toxiproxy-server (and jaeger, for
-    /// --jaeger), as e2e/build-tools.sh builds them. Default:
-    /// target/controlplane/bin of the checkout this tern was built in.
-    #[arg(long, env = "TERN_ASSETS", value_name = "DIR")]
+    /// --jaeger), as e2e/build-tools.sh builds them. Default: $TERN_ASSETS,
+    /// else target/controlplane/bin of the checkout this tern was built in.
+    // TERN_ASSETS is read by tern-local, not here: the tests set it too, and
+    // an empty one means unset there, where clap would refuse it.
+    #[arg(long, value_name = "DIR")]
     assets: Option<PathBuf>,
 }
 

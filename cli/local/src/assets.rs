@@ -105,6 +105,20 @@ pub fn retry_port_clash<T, E: std::fmt::Display>(
 #[cfg(test)]
 mod tests {
     #[test]
+    fn a_missing_binary_says_where_it_was_looked_for_and_how_to_name_the_directory() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        super::use_dir(dir.path().to_path_buf());
+        let err = super::binary("etcd").expect_err("an empty directory");
+        assert!(
+            matches!(&err, crate::LocalError::MissingBinary { name, path }
+                if name == "etcd" && path == &dir.path().join("etcd").display().to_string()),
+            "{err:?}"
+        );
+        let text = err.to_string();
+        assert!(text.contains("TERN_ASSETS") && text.contains("--assets"), "{text}");
+    }
+
+    #[test]
     fn ports_are_below_the_ephemeral_range_and_never_repeat() {
         let ports: Vec<u16> = (0..200).map(|_| super::free_port()).collect();
         let unique: std::collections::HashSet<_> = ports.iter().collect();
