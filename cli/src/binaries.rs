@@ -12,8 +12,8 @@ use crate::CliError;
 /// Where the pinned binaries are.
 #[derive(Args, Debug)]
 pub struct AssetsArgs {
-    /// Directory holding etcd and toxiproxy-server (and jaeger, for
-    /// --jaeger), as e2e/build-tools.sh builds them. Default: $TERN_ASSETS,
+    /// Directory holding etcd and toxiproxy-server (and jaeger, for `tern
+    /// demo --jaeger`), as e2e/build-tools.sh builds them. Default: $TERN_ASSETS,
     /// else target/controlplane/bin of the checkout this tern was built in.
     // TERN_ASSETS is read by tern-local, not here: the tests set it too, and
     // an empty one means unset there, where clap would refuse it.
