@@ -12,36 +12,42 @@
 //!    writes/s over an 80 ms link, and the mirror's apply throughput while it
 //!    catches up with a burst.
 //! 4. Telemetry: a router with no OTLP endpoint against one built without
-//!    the `otlp` feature (`bench_telemetry`).
+//!    the `otlp` feature (`telemetry`); the two router binaries are named by
+//!    flags, and without them the section is skipped.
 //!
 //! `--sections` picks some of them.
 
+mod telemetry;
+mod workload;
+
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use clap::Args;
-use tern_e2e::local::{Layout, LocalDeployment};
-use tern_router::pb;
-use tokio::sync::Mutex;
+use tern_api::pb;
+use tern_local::{Layout, LocalDeployment};
 
+use self::telemetry::RouterBuilds;
+use self::workload::{ms, quantile, round, summarize};
 use crate::CliError;
+use crate::binaries::AssetsArgs;
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
     /// Seconds per measuring round (router overhead runs 3 rounds of each,
-    /// the telemetry section 3 of each build).
+    /// the telemetry section 5 of each build).
     #[arg(long, default_value_t = 5)]
-    pub(crate) round_secs: u64,
+    round_secs: u64,
     /// Concurrent writers in the overhead and telemetry benchmarks.
     #[arg(long, default_value_t = 16)]
-    pub(crate) concurrency: usize,
+    concurrency: usize,
     /// Sequential proxied writes per region pair.
     #[arg(long, default_value_t = 50)]
     proxied_writes: usize,
     /// etcd members per region group.
     #[arg(long, default_value_t = 3)]
-    pub(crate) members: usize,
+    members: usize,
     /// Sections to run, comma separated (default: all).
     #[arg(
         long,
@@ -52,7 +58,38 @@ pub struct BenchArgs {
     sections: Vec<Section>,
     /// Where to write the report.
     #[arg(long, default_value = "target/bench/report.md")]
-    report: std::path::PathBuf,
+    report: PathBuf,
+    /// tern-router built with its default features, for the telemetry
+    /// section (with --router-binary-without-otlp; e2e/bench.sh builds both).
+    /// Without the two, that section is skipped.
+    #[arg(
+        long,
+        env = "TERN_BENCH_ROUTER",
+        value_name = "PATH",
+        requires = "router_binary_without_otlp"
+    )]
+    router_binary: Option<PathBuf>,
+    /// tern-router built with `--no-default-features` (no `otlp` feature),
+    /// for the telemetry section.
+    #[arg(
+        long,
+        env = "TERN_BENCH_ROUTER_WITHOUT_OTLP",
+        value_name = "PATH",
+        requires = "router_binary"
+    )]
+    router_binary_without_otlp: Option<PathBuf>,
+    #[command(flatten)]
+    assets: AssetsArgs,
+}
+
+impl BenchArgs {
+    /// The two router builds of the telemetry section, when both are named.
+    fn router_builds(&self) -> Option<RouterBuilds> {
+        Some(RouterBuilds {
+            with_otlp: self.router_binary.clone()?,
+            without_otlp: self.router_binary_without_otlp.clone()?,
+        })
+    }
 }
 
 /// The sections of the report.
@@ -73,76 +110,14 @@ const REGIONS: [&str; 3] = ["us-east", "eu-west", "ap-south"];
 /// Rounds of each path in the overhead section.
 const OVERHEAD_ROUNDS: usize = 3;
 
-pub(crate) fn quantile(sorted: &[Duration], q: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    sorted[((sorted.len() - 1) as f64 * q).round() as usize]
-}
-
-/// A duration in ms.
-pub(crate) fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
-/// Throughput, p50 and p99 over `rounds`.
-pub(crate) fn summarize(rounds: &[Round]) -> (f64, Duration, Duration) {
-    let ops: usize = rounds.iter().map(|r| r.ops).sum();
-    let secs: f64 = rounds.iter().map(|r| r.elapsed.as_secs_f64()).sum();
-    let mut all: Vec<Duration> = rounds.iter().flat_map(|r| r.latencies.iter().copied()).collect();
-    all.sort_unstable();
-    (ops as f64 / secs, quantile(&all, 0.5), quantile(&all, 0.99))
-}
-
-pub(crate) struct Round {
-    pub(crate) ops: usize,
-    pub(crate) elapsed: Duration,
-    pub(crate) latencies: Vec<Duration>,
-}
-
-/// Runs `concurrency` writers calling `op(writer, n)` for `secs`.
-pub(crate) async fn round<F, Fut>(concurrency: usize, secs: u64, op: F) -> Round
-where
-    F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
-    Fut: std::future::Future<Output = bool> + Send,
-{
-    let op = Arc::new(op);
-    let latencies = Arc::new(Mutex::new(Vec::new()));
-    let started = Instant::now();
-    let until = started + Duration::from_secs(secs);
-    let mut tasks = Vec::new();
-    for w in 0..concurrency {
-        let op = op.clone();
-        let latencies = latencies.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut mine = Vec::new();
-            let mut n = 0u64;
-            while Instant::now() < until {
-                let t = Instant::now();
-                if op(w, n).await {
-                    mine.push(t.elapsed());
-                }
-                n += 1;
-            }
-            latencies.lock().await.extend(mine);
-        }));
-    }
-    for t in tasks {
-        let _ = t.await;
-    }
-    let elapsed = started.elapsed();
-    let mut latencies = Arc::try_unwrap(latencies).map(Mutex::into_inner).unwrap_or_default();
-    latencies.sort_unstable();
-    Round {
-        ops: latencies.len(),
-        elapsed,
-        latencies,
-    }
-}
-
 pub async fn run(args: BenchArgs) -> Result<(), CliError> {
-    crate::demo::ensure_binaries()?;
     let wants = |s: Section| args.sections.contains(&s);
+    // Checked first: the telemetry section runs last, after minutes of others.
+    let builds = args.router_builds().filter(|_| wants(Section::Telemetry));
+    if let Some(builds) = &builds {
+        builds.check()?;
+    }
+    args.assets.apply()?;
     let mut report = String::from("# tern bench\n\n");
     report.push_str(&format!(
         "Machine: {} cores; etcd groups of {} members with fsync off, on one machine; {} build.\n\n",
@@ -159,7 +134,10 @@ pub async fn run(args: BenchArgs) -> Result<(), CliError> {
         report.push_str(&mirrors);
     }
     if wants(Section::Telemetry) {
-        let telemetry = crate::bench_telemetry::run(&args).await?;
+        let telemetry = match &builds {
+            Some(builds) => telemetry::run(builds, args.concurrency, args.round_secs).await?,
+            None => telemetry::SKIPPED.to_string(),
+        };
         print!("\n{telemetry}");
         report.push_str(&telemetry);
     }
@@ -280,7 +258,7 @@ async fn overhead(d: &LocalDeployment, args: &BenchArgs) -> Result<String, CliEr
         );
         println!("  overhead round {}: through the router", r + 1);
         let v = value.clone();
-        let client = tern_e2e::local::connect(router_addr).await;
+        let client = tern_api::connect(router_addr).await;
         router_rounds.push(
             round(args.concurrency, args.round_secs, move |w, n| {
                 let mut c = client.clone();
@@ -519,5 +497,56 @@ fn put(account: &str, key: &str) -> pb::PutRequest {
         key: key.into(),
         value: b"v".to_vec(),
         idempotency_key: String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::BenchArgs;
+
+    #[derive(Parser)]
+    struct Command {
+        #[command(flatten)]
+        bench: BenchArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<BenchArgs, clap::Error> {
+        Command::try_parse_from(std::iter::once("bench").chain(args.iter().copied())).map(|c| c.bench)
+    }
+
+    #[test]
+    fn telemetry_runs_only_with_both_router_builds() {
+        let none = parse(&[]).expect("no flags parse");
+        assert!(
+            none.router_builds().is_none(),
+            "nothing to compare: the section is skipped"
+        );
+        let both = parse(&["--router-binary", "/a", "--router-binary-without-otlp", "/b"]).expect("both parse");
+        let builds = both.router_builds().expect("both named");
+        assert_eq!(builds.with_otlp, std::path::Path::new("/a"));
+        assert_eq!(builds.without_otlp, std::path::Path::new("/b"));
+        for one in [["--router-binary", "/a"], ["--router-binary-without-otlp", "/b"]] {
+            let err = parse(&one).expect_err("one build alone is refused");
+            assert_eq!(err.kind(), clap::error::ErrorKind::MissingRequiredArgument);
+        }
+    }
+
+    #[test]
+    fn a_named_build_that_is_not_there_is_a_usage_error_naming_its_flag() {
+        let args = parse(&[
+            "--router-binary",
+            "/nonexistent/a",
+            "--router-binary-without-otlp",
+            "/nonexistent/b",
+        ])
+        .expect("both parse");
+        let err = args
+            .router_builds()
+            .expect("both named")
+            .check()
+            .expect_err("no such files");
+        assert!(err.to_string().starts_with("--router-binary /nonexistent/a"), "{err}");
     }
 }

@@ -11,11 +11,13 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use rand::Rng;
-use tern_e2e::local::{Layout, LocalDeployment};
-use tern_e2e::otlp::{OtlpReceiver, ReceivedSpan};
-use tern_router::pb;
+use tern_api::pb;
+use tern_local::jaeger::Jaeger;
+use tern_local::otlp::{OtlpReceiver, ReceivedSpan};
+use tern_local::{Layout, LocalDeployment};
 
 use crate::CliError;
+use crate::binaries::{AssetsArgs, Tools};
 
 #[derive(Args, Debug)]
 pub struct DemoArgs {
@@ -49,6 +51,8 @@ pub struct DemoArgs {
     /// it and print its query address.
     #[arg(long)]
     jaeger: bool,
+    #[command(flatten)]
+    assets: AssetsArgs,
 }
 
 const REGIONS: [&str; 3] = ["us-east", "eu-west", "ap-south"];
@@ -139,7 +143,7 @@ pub async fn run(args: DemoArgs) -> Result<(), CliError> {
             "--remote-percent is 0-100; --members, --clients and --accounts are at least 1".into(),
         ));
     }
-    ensure_binaries()?;
+    args.assets.apply()?;
     println!(
         "tern demo: starting 3 regions × {} etcd members, a 3-member directory, 3 routers, toxiproxy links",
         args.members
@@ -152,8 +156,8 @@ pub async fn run(args: DemoArgs) -> Result<(), CliError> {
     // its time.
     let jaeger_dir = tempfile::tempdir().map_err(|e| CliError::Setup(format!("temp dir: {e}")))?;
     let jaeger = if args.jaeger {
-        ensure_built("jaeger", &["jaeger"])?;
-        let j = tern_e2e::jaeger::Jaeger::start(jaeger_dir.path())?;
+        crate::binaries::ensure(Tools::Jaeger)?;
+        let j = Jaeger::start(jaeger_dir.path())?;
         println!(
             "  Jaeger: OTLP {}, query API http://{}/api/v3/traces/<trace id>",
             j.otlp_endpoint, j.query
@@ -365,41 +369,6 @@ async fn mirror_lags(d: &LocalDeployment) -> BTreeMap<&'static str, String> {
         out.insert(region, parts.join(" · "));
     }
     out
-}
-
-/// The demo runs the pinned etcd and toxiproxy; build them if they are
-/// missing and the build script is at hand.
-pub fn ensure_binaries() -> Result<(), CliError> {
-    ensure_built("etcd and toxiproxy", &["etcd", "toxiproxy"])
-}
-
-/// Builds the pinned `modules` with e2e/build-tools.sh when their binaries
-/// are missing.
-fn ensure_built(what: &str, modules: &[&str]) -> Result<(), CliError> {
-    let binaries: &[&str] = match modules {
-        ["jaeger"] => &["jaeger"],
-        _ => &["etcd", "toxiproxy-server"],
-    };
-    if binaries.iter().all(|b| tern_e2e::assets::binary(b).is_ok()) {
-        return Ok(());
-    }
-    let script = tern_e2e::repo_root().join("e2e/build-tools.sh");
-    if !script.is_file() {
-        return Err(CliError::Setup(format!(
-            "{what} are not in {} and the build script {} is not here: set TERN_ASSETS",
-            tern_e2e::assets::dir().display(),
-            script.display()
-        )));
-    }
-    println!("tern demo: building the pinned {what} (once)");
-    let status = std::process::Command::new(&script)
-        .args(modules)
-        .status()
-        .map_err(|e| CliError::Setup(format!("running {}: {e}", script.display())))?;
-    if !status.success() {
-        return Err(CliError::Setup(format!("{} failed", script.display())));
-    }
-    Ok(())
 }
 
 /// The trace of the slowest proxied write as a text waterfall: one line per

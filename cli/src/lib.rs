@@ -6,7 +6,7 @@
 #![forbid(unsafe_code)]
 
 mod bench;
-mod bench_telemetry;
+mod binaries;
 mod client;
 mod demo;
 mod status;
@@ -68,6 +68,9 @@ pub async fn main() -> ExitCode {
 pub enum CliError {
     #[error("{0}")]
     Setup(String),
+    /// Starting or driving the local deployment of `tern demo`/`tern bench`.
+    #[error(transparent)]
+    Local(#[from] tern_local::LocalError),
     #[error("the router answered {code:?}: {message}")]
     Rpc { code: tonic::Code, message: String },
     #[error("{0}")]
@@ -80,11 +83,5 @@ impl From<tonic::Status> for CliError {
             code: s.code(),
             message: s.message().to_string(),
         }
-    }
-}
-
-impl From<tern_e2e::HarnessError> for CliError {
-    fn from(e: tern_e2e::HarnessError) -> Self {
-        Self::Setup(e.to_string())
     }
 }

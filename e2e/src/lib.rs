@@ -1,33 +1,31 @@
 //! Test harness for tern: real etcd and kube-apiserver processes started the
 //! way controller-runtime's envtest starts them, several at once when a test
-//! needs several "clusters", and torn down on drop, also when a test panics.
+//! needs several "clusters", and torn down on drop, also when a test panics;
+//! a DNS server the tests control; the operator in-process.
 //!
-//! The binaries come from `e2e/build-tools.sh`, which builds them from the Go
-//! module proxy at pinned versions.
+//! The local multi-region deployment (etcd groups, routers, agents,
+//! toxiproxy, trace receivers) is product code in `tern-local`, which `tern
+//! demo` runs too; its modules are re-exported here so that a test finds
+//! everything under `tern_e2e`. The binaries come from `e2e/build-tools.sh`,
+//! which builds them from the Go module proxy at pinned versions.
 #![forbid(unsafe_code)]
 
-pub mod assets;
 pub mod certs;
 pub mod controlplane;
 pub mod dns;
 pub mod etcd;
-pub mod etcd_cluster;
-pub mod jaeger;
-pub mod local;
 pub mod operator;
-pub mod otlp;
-pub mod process;
-pub mod toxiproxy;
 
 pub use controlplane::ControlPlane;
+pub use tern_local::{assets, etcd_cluster, jaeger, local, otlp, process, toxiproxy};
 
 /// Errors of the harness. Each says what to do about it.
 #[derive(Debug, thiserror::Error)]
 pub enum HarnessError {
-    #[error(
-        "test binary `{name}` not found at {path}: run `e2e/build-tools.sh` first (or point TERN_ASSETS at a directory that has it)"
-    )]
-    MissingBinary { name: String, path: String },
+    /// Finding a binary, starting or driving a process of the local
+    /// deployment.
+    #[error(transparent)]
+    Local(#[from] tern_local::LocalError),
     #[error("could not start {what}: {source}")]
     Spawn {
         what: String,
@@ -36,8 +34,6 @@ pub enum HarnessError {
     },
     #[error("{what} did not become ready within {secs} s; its log follows:\n{log}")]
     NotReady { what: String, secs: u64, log: String },
-    #[error("{what} exited early ({status}); its log follows:\n{log}")]
-    Exited { what: String, status: String, log: String },
     #[error("certificate generation failed: {0}")]
     Certs(#[from] rcgen::Error),
     #[error("i/o error at {path}: {source}")]
@@ -50,8 +46,10 @@ pub enum HarnessError {
     Kube(#[from] kube::Error),
     #[error("kubeconfig error: {0}")]
     Kubeconfig(String),
-    #[error("etcd: {0}")]
-    Etcd(String),
+    #[error("operator flags refused: {0}")]
+    OperatorFlags(#[source] clap::Error),
+    #[error("the in-process operator {0}")]
+    OperatorNotStarted(&'static str),
     #[error("`kubectl {args}` failed: {stderr}")]
     Kubectl { args: String, stderr: String },
 }

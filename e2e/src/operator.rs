@@ -42,8 +42,7 @@ impl OperatorGuard {
             "--log-format=text",
         ];
         args.extend_from_slice(extra_args);
-        let config =
-            tern_operator::Config::try_parse_from(args).map_err(|e| HarnessError::Kubeconfig(e.to_string()))?;
+        let config = tern_operator::Config::try_parse_from(args).map_err(HarnessError::OperatorFlags)?;
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let (addr_tx, addr_rx) = oneshot::channel();
         let task = tokio::spawn(tern_operator::run(
@@ -58,8 +57,8 @@ impl OperatorGuard {
         ));
         let http_addr = tokio::time::timeout(Duration::from_secs(10), addr_rx)
             .await
-            .map_err(|_| HarnessError::Kubeconfig("operator did not start serving within 10 s".into()))?
-            .map_err(|_| HarnessError::Kubeconfig("operator stopped before serving".into()))?;
+            .map_err(|_| HarnessError::OperatorNotStarted("did not start serving within 10 s"))?
+            .map_err(|_| HarnessError::OperatorNotStarted("stopped before serving"))?;
         Ok(Self {
             http_addr,
             stop: Some(stop_tx),
@@ -109,28 +108,9 @@ impl Drop for OperatorGuard {
     }
 }
 
-/// GET over plain HTTP on loopback; the body when the answer is 200.
-pub async fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.ok()?;
-    let (head, body) = response.split_once("\r\n\r\n")?;
-    head.starts_with("HTTP/1.1 200").then(|| body.to_string())
-}
-
-/// The value of the first line of `addr`'s /metrics starting with `prefix`
-/// (a metric name with its labels, as Prometheus prints them).
-pub async fn metric(addr: SocketAddr, prefix: &str) -> Option<f64> {
-    http_get(addr, "/metrics")
-        .await?
-        .lines()
-        .find(|l| l.starts_with(prefix))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
+/// The loopback HTTP helpers of the local deployment, where tests have
+/// always found them.
+pub use tern_local::http::{http_get, metric};
 
 /// Polls `check` every 100 ms until it returns `Some`, or panics with `what`
 /// after `limit`.

@@ -7,8 +7,8 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use etcd_client::GetOptions;
-use tern_e2e::local::{Layout, LocalDeployment};
-use tern_router::pb;
+use tern_api::pb;
+use tern_local::{Layout, LocalDeployment};
 
 /// One-way delay injected on every cross-region link, ms.
 const D: u64 = 150;

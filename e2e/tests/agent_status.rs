@@ -8,8 +8,8 @@ use std::time::Duration;
 use kube::Api;
 use tern_crds::GeoCluster;
 use tern_e2e::ControlPlane;
-use tern_e2e::local::{Layout, LocalDeployment};
 use tern_e2e::operator::{OperatorGuard, eventually};
+use tern_local::{Layout, LocalDeployment};
 
 const GEOCLUSTER: &str = "apiVersion: tern.dev/v1alpha1
 kind: GeoCluster

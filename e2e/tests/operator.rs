@@ -410,7 +410,7 @@ async fn geocluster_lifecycle() {
 async fn invalid_geocluster_is_reported_not_retried() {
     let (cp, client) = setup("invalid").await;
     // The operator traces its reconciles too.
-    let receiver = tern_e2e::otlp::OtlpReceiver::start().await.expect("receiver");
+    let receiver = tern_local::otlp::OtlpReceiver::start().await.expect("receiver");
     let otlp = format!("--otlp-endpoint={}", receiver.endpoint());
     let operator = OperatorGuard::start(&cp, &["--identity=traced", &otlp])
         .await

@@ -6,9 +6,9 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use etcd_client::GetOptions;
-use tern_e2e::local::{Layout, LocalDeployment};
-use tern_e2e::toxiproxy::Stream;
-use tern_router::pb;
+use tern_api::pb;
+use tern_local::toxiproxy::Stream;
+use tern_local::{Layout, LocalDeployment};
 use tonic::Code;
 
 const RTT_MS: u64 = 80;
@@ -501,8 +501,8 @@ async fn acknowledged_writes_survive_a_leader_kill_and_a_router_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn moving_a_region_is_a_dns_change() {
     use tern_e2e::dns::TestDns;
-    use tern_e2e::etcd_cluster::{EtcdCluster, Tuning};
-    use tern_e2e::local::RouterGuard;
+    use tern_local::etcd_cluster::{EtcdCluster, Tuning};
+    use tern_local::local::RouterGuard;
 
     tern_e2e::init_logs();
     let dir = tempfile::tempdir().expect("temp dir");

@@ -5,9 +5,9 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use tern_e2e::local::{Layout, LocalDeployment};
-use tern_e2e::otlp::OtlpReceiver;
-use tern_router::pb;
+use tern_api::pb;
+use tern_local::otlp::OtlpReceiver;
+use tern_local::{Layout, LocalDeployment};
 
 const RTT_MS: u64 = 80;
 
@@ -135,7 +135,7 @@ fn hex(bytes: &[u8]) -> String {
 /// The same kind of write, found through Jaeger's query API by trace id.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_proxied_write_is_found_in_jaeger() {
-    use tern_e2e::jaeger::Jaeger;
+    use tern_local::jaeger::Jaeger;
     if !Jaeger::available() {
         eprintln!("SKIPPED: the Jaeger binary is not built; run e2e/build-tools.sh jaeger (.ci/run does)");
         return;
@@ -190,7 +190,7 @@ async fn agents_trace_heartbeats_and_mirrored_revisions() {
     let mut us = d.client("us-east").await;
     // The first sync of a mirror copies a snapshot; wait until eu-west
     // streams us-east's revisions one by one (it mirrors heartbeats).
-    let streaming = |spans: &[tern_e2e::otlp::ReceivedSpan]| {
+    let streaming = |spans: &[tern_local::otlp::ReceivedSpan]| {
         spans
             .iter()
             .any(|s| s.name == "agent.mirror" && s.instance == "eu-west-agent-a")

@@ -34,11 +34,9 @@ pub mod service;
 pub mod store;
 pub mod telemetry;
 
-/// The generated gRPC types of proto/tern/v1/router.proto.
-pub mod pb {
-    #![allow(clippy::all)]
-    tonic::include_proto!("tern.v1");
-}
+/// The generated gRPC types of the API (router/api/proto/tern/v1/router.proto),
+/// from tern-api, so that `crate::pb` names them as before.
+pub use tern_api::pb;
 
 pub use config::Config;
 pub use error::{Result, RouterError};

@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use crate::process::ChildGuard;
-use crate::{HarnessError, Result, assets};
+use crate::{LocalError, Result, assets};
 
 pub struct Jaeger {
     /// OTLP/gRPC endpoint, `http://127.0.0.1:port`.
@@ -74,7 +74,7 @@ exporters:
 "
         );
         let config_path = dir.join("jaeger.yaml");
-        std::fs::write(&config_path, config).map_err(|source| HarnessError::Io {
+        std::fs::write(&config_path, config).map_err(|source| LocalError::Io {
             path: config_path.display().to_string(),
             source,
         })?;
@@ -82,9 +82,7 @@ exporters:
         cmd.arg(format!("--config={}", config_path.display()));
         let mut process = ChildGuard::spawn("jaeger", cmd, &dir.join("jaeger.log"))?;
         let url = format!("http://127.0.0.1:{query}/api/v3/services");
-        crate::etcd::wait_until(&mut process, "jaeger", Duration::from_secs(60), || {
-            crate::etcd::http_get_ok(&url)
-        })?;
+        process.wait_until(Duration::from_secs(60), || crate::http::get_ok(&url))?;
         Ok(Self {
             otlp_endpoint: format!("http://127.0.0.1:{otlp}"),
             query: SocketAddr::from(([127, 0, 0, 1], query)),
@@ -94,7 +92,7 @@ exporters:
 
     /// The body of `/api/v3/traces/{trace_id}` (hex id), if Jaeger has it.
     pub async fn trace(&self, trace_id: &str) -> Option<String> {
-        crate::operator::http_get(self.query, &format!("/api/v3/traces/{trace_id}")).await
+        crate::http::http_get(self.query, &format!("/api/v3/traces/{trace_id}")).await
     }
 
     pub fn log(&self) -> String {

@@ -14,7 +14,7 @@ use tokio::task::JoinHandle;
 
 use crate::etcd_cluster::{EtcdCluster, Tuning};
 use crate::toxiproxy::Toxiproxy;
-use crate::{HarnessError, Result, assets};
+use crate::{LocalError, Result, assets};
 
 /// A router running in this process.
 pub struct RouterGuard {
@@ -30,7 +30,10 @@ impl RouterGuard {
     pub async fn start(args: &[String]) -> Result<Self> {
         let config =
             tern_router::Config::try_parse_from(std::iter::once("tern-router".to_string()).chain(args.iter().cloned()))
-                .map_err(|e| HarnessError::Kubeconfig(format!("router flags: {e}")))?;
+                .map_err(|source| LocalError::Flags {
+                    component: "router",
+                    source,
+                })?;
         let region = config.region.to_string();
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let (addr_tx, addr_rx) = oneshot::channel();
@@ -50,9 +53,11 @@ impl RouterGuard {
                     Ok(Ok(Err(e))) => e.to_string(),
                     _ => "no answer within 90 s".into(),
                 };
-                return Err(HarnessError::Kubeconfig(format!(
-                    "router {region} did not start: {why}"
-                )));
+                return Err(LocalError::NotStarted {
+                    component: "router",
+                    region,
+                    reason: why,
+                });
             }
         };
         Ok(Self {
@@ -76,11 +81,11 @@ impl RouterGuard {
 
     /// The value of the first metric line starting with `prefix`.
     pub async fn metric(&self, prefix: &str) -> Option<f64> {
-        crate::operator::metric(self.http_addr, prefix).await
+        crate::http::metric(self.http_addr, prefix).await
     }
 
     /// A gRPC client of this router.
-    pub async fn client(&self) -> tern_router::pb::router_client::RouterClient<tonic::transport::Channel> {
+    pub async fn client(&self) -> tern_api::RouterClient {
         connect(self.grpc_addr).await
     }
 }
@@ -93,14 +98,9 @@ impl Drop for RouterGuard {
     }
 }
 
-/// A client of the router at `addr`.
-pub async fn connect(addr: SocketAddr) -> tern_router::pb::router_client::RouterClient<tonic::transport::Channel> {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .expect("a socket address is a valid URI")
-        .tcp_nodelay(true)
-        .connect_lazy();
-    tern_router::pb::router_client::RouterClient::new(channel)
-}
+/// A client of the router at `addr` (tern-api's; also named here, beside the
+/// routers it reaches).
+pub use tern_api::connect;
 
 /// An agent running in this process.
 pub struct AgentGuard {
@@ -116,7 +116,10 @@ impl AgentGuard {
     pub async fn start(args: &[String]) -> Result<Self> {
         let config =
             tern_agent::Config::try_parse_from(std::iter::once("tern-agent".to_string()).chain(args.iter().cloned()))
-                .map_err(|e| HarnessError::Kubeconfig(format!("agent flags: {e}")))?;
+                .map_err(|source| LocalError::Flags {
+                component: "agent",
+                source,
+            })?;
         let region = config.region.to_string();
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let (tx, rx) = oneshot::channel();
@@ -131,7 +134,13 @@ impl AgentGuard {
         ));
         let running = match tokio::time::timeout(Duration::from_secs(90), rx).await {
             Ok(Ok(r)) => r,
-            _ => return Err(HarnessError::Kubeconfig(format!("agent {region} did not start"))),
+            _ => {
+                return Err(LocalError::NotStarted {
+                    component: "agent",
+                    region,
+                    reason: "no answer within 90 s".into(),
+                });
+            }
         };
         Ok(Self {
             region,
@@ -161,7 +170,7 @@ impl AgentGuard {
 
     /// The value of the first metric line starting with `prefix`.
     pub async fn metric(&self, prefix: &str) -> Option<f64> {
-        crate::operator::metric(self.http_addr, prefix).await
+        crate::http::metric(self.http_addr, prefix).await
     }
 }
 
@@ -232,7 +241,7 @@ impl LocalDeployment {
         let dir = tempfile::Builder::new()
             .prefix("tern-local-")
             .tempdir()
-            .map_err(|source| HarnessError::Io {
+            .map_err(|source| LocalError::Io {
                 path: std::env::temp_dir().display().to_string(),
                 source,
             })?;
@@ -269,6 +278,9 @@ impl LocalDeployment {
             }
         }
         let directory_endpoints = directory.endpoints().join(",");
+        // The routers of one deployment share a peer token, as the routers of
+        // one GeoCluster do: only calls that carry it count as forwarded.
+        let peer_token = format!("local-{:032x}", rand::random::<u128>());
         for (i, region) in regions.iter_mut().enumerate() {
             let mut args = vec![
                 format!("--region={}", region.name),
@@ -277,6 +289,7 @@ impl LocalDeployment {
                 format!("--group-endpoints={}", region.group.endpoints().join(",")),
                 format!("--directory-endpoints={directory_endpoints}"),
                 format!("--advertise=127.0.0.1:{}", grpc_ports[i]),
+                format!("--peer-token={peer_token}"),
                 "--log-format=text".to_string(),
             ];
             args.extend(peers[i].iter().cloned());
@@ -400,10 +413,7 @@ impl LocalDeployment {
     }
 
     /// A client of `region`'s router.
-    pub async fn client(
-        &self,
-        region: &str,
-    ) -> tern_router::pb::router_client::RouterClient<tonic::transport::Channel> {
+    pub async fn client(&self, region: &str) -> tern_api::RouterClient {
         self.region(region)
             .router
             .as_ref()

@@ -1,25 +1,46 @@
-//! Finds the pinned binaries (etcd, kube-apiserver, kubectl, ...) that
-//! `e2e/build-tools.sh` builds.
+//! Finds the pinned binaries (etcd, toxiproxy, Jaeger; the tests also
+//! kube-apiserver and kubectl) that `e2e/build-tools.sh` builds, and picks
+//! free loopback ports for the servers started from them.
 
 use std::path::PathBuf;
+use std::sync::OnceLock;
 
-use crate::{HarnessError, Result};
+use crate::{LocalError, Result};
 
-/// Directory of the binaries: `$TERN_ASSETS`, else `target/controlplane/bin`.
-pub fn dir() -> PathBuf {
+/// The directory named at start-up (`tern --assets`), ahead of the
+/// environment: set once, before anything is started.
+static CHOSEN: OnceLock<PathBuf> = OnceLock::new();
+
+/// Names the directory of the binaries for the rest of this process (a
+/// command-line flag); the first call wins.
+pub fn use_dir(dir: PathBuf) {
+    let _ = CHOSEN.set(dir);
+}
+
+/// Directory of the binaries: the one given to [`use_dir`], else
+/// `$TERN_ASSETS`, else `target/controlplane/bin` of the checkout this was
+/// built in, if that checkout is still there.
+pub fn dir() -> Option<PathBuf> {
+    if let Some(dir) = CHOSEN.get() {
+        return Some(dir.clone());
+    }
     match std::env::var_os("TERN_ASSETS") {
-        Some(dir) if !dir.is_empty() => PathBuf::from(dir),
-        _ => crate::repo_root().join("target/controlplane/bin"),
+        Some(dir) if !dir.is_empty() => Some(PathBuf::from(dir)),
+        _ => crate::source_checkout().map(|root| root.join("target/controlplane/bin")),
     }
 }
 
-/// Path of one binary, or an error that names the build script.
+/// Path of one binary, or an error that says where it was looked for and
+/// how to provide it.
 pub fn binary(name: &str) -> Result<PathBuf> {
-    let path = dir().join(name);
+    let Some(dir) = dir() else {
+        return Err(LocalError::NoAssetsDir { name: name.to_string() });
+    };
+    let path = dir.join(name);
     if path.is_file() {
         Ok(path)
     } else {
-        Err(HarnessError::MissingBinary {
+        Err(LocalError::MissingBinary {
             name: name.to_string(),
             path: path.display().to_string(),
         })
@@ -64,8 +85,11 @@ pub fn free_port() -> u16 {
 
 /// Runs `start` again (with fresh ports: it must pick its own) when a
 /// server it started lost a port to another process between `free_port` and
-/// its bind; at most three times.
-pub fn retry_port_clash<T>(mut start: impl FnMut() -> crate::Result<T>) -> crate::Result<T> {
+/// its bind; at most three times. Generic over the error so that the test
+/// harness's own servers retry the same way.
+pub fn retry_port_clash<T, E: std::fmt::Display>(
+    mut start: impl FnMut() -> std::result::Result<T, E>,
+) -> std::result::Result<T, E> {
     let mut attempt = 1;
     loop {
         match start() {
@@ -80,6 +104,20 @@ pub fn retry_port_clash<T>(mut start: impl FnMut() -> crate::Result<T>) -> crate
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_missing_binary_says_where_it_was_looked_for_and_how_to_name_the_directory() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        super::use_dir(dir.path().to_path_buf());
+        let err = super::binary("etcd").expect_err("an empty directory");
+        assert!(
+            matches!(&err, crate::LocalError::MissingBinary { name, path }
+                if name == "etcd" && path == &dir.path().join("etcd").display().to_string()),
+            "{err:?}"
+        );
+        let text = err.to_string();
+        assert!(text.contains("TERN_ASSETS") && text.contains("--assets"), "{text}");
+    }
+
     #[test]
     fn ports_are_below_the_ephemeral_range_and_never_repeat() {
         let ports: Vec<u16> = (0..200).map(|_| super::free_port()).collect();

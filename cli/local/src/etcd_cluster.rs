@@ -9,9 +9,8 @@ use std::time::Duration;
 use tern_crds::ClusterMember;
 use tern_operator::etcd_flags::{ClusterState, MemberConfig, member_args};
 
-use crate::etcd::wait_until;
 use crate::process::ChildGuard;
-use crate::{HarnessError, Result, assets};
+use crate::{LocalError, Result, assets};
 
 /// One member: its name, URLs and process.
 pub struct Member {
@@ -149,9 +148,8 @@ impl EtcdCluster {
     fn wait_member(&mut self, i: usize, limit: Duration) -> Result<()> {
         let m = &mut self.members[i];
         let url = format!("{}/health", m.client_url);
-        let name = format!("etcd {}", m.name);
         let process = m.process.as_mut().expect("started above");
-        wait_until(process, &name, limit, || crate::etcd::http_get_ok(&url))
+        process.wait_until(limit, || crate::http::get_ok(&url))
     }
 
     /// Client URLs of every member.
@@ -196,7 +194,7 @@ impl EtcdCluster {
             .trim_start_matches("http://")
             .parse()
             .expect("client URLs are http://IP:PORT");
-        crate::operator::metric(
+        crate::http::metric(
             addr,
             "grpc_server_handled_total{grpc_code=\"OK\",grpc_method=\"Txn\",grpc_service=\"etcdserverpb.KV\"",
         )
@@ -207,7 +205,11 @@ impl EtcdCluster {
     /// Hands Raft leadership to member `to` (etcd's MoveLeader, sent to the
     /// leader), as an operator would before maintenance on the leader's node.
     pub async fn move_leader(&self, to: usize) -> Result<()> {
-        let failed = |e: String| HarnessError::Etcd(format!("moving the leader of {} to member {to}: {e}", self.name));
+        let failed = |reason: String| LocalError::Etcd {
+            group: self.name.clone(),
+            action: format!("moving the leader to member {to}"),
+            reason,
+        };
         let leader = self.leader().await.ok_or_else(|| failed("no leader".into()))?;
         let mut c = etcd_client::Client::connect([self.members[leader].client_url.as_str()], None)
             .await

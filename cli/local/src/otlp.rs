@@ -1,4 +1,4 @@
-//! An in-test OTLP trace receiver: the real OTLP/gRPC protocol
+//! An in-process OTLP trace receiver: the real OTLP/gRPC protocol
 //! (opentelemetry-proto's tonic server), keeping the spans it receives (the
 //! newest `KEPT`) with their resource, so tests and `tern demo` can rebuild
 //! traces.

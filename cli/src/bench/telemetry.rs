@@ -2,64 +2,60 @@
 //! carrying telemetry. Two router binaries, one built with the default
 //! features and one built without the `otlp` feature (no exporter, no trace
 //! context), run side by side as processes on the same etcd group, and the
-//! same write workload goes to each in alternating rounds.
+//! same write workload goes to each in alternating rounds. The binaries are
+//! given (`--router-binary`, `--router-binary-without-otlp`), not built here.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use tern_e2e::local::{Layout, LocalDeployment};
-use tern_e2e::process::ChildGuard;
-use tern_router::pb;
+use tern_api::pb;
+use tern_local::process::ChildGuard;
+use tern_local::{Layout, LocalDeployment};
 
+use super::workload::{Round, ms, round, summarize};
 use crate::CliError;
-use crate::bench::{BenchArgs, Round, ms, round, summarize};
 
 /// Rounds per build; alternating, so machine noise hits both alike. The
 /// ratio is of the per-round medians: one round that a busy machine slows
 /// by 5% (it happens here) does not decide it.
 const ROUNDS: usize = 5;
 
-/// Builds tern-router with and without the `otlp` feature (same profile as
-/// this binary) and keeps both under target/bench.
-fn build_variants() -> Result<(PathBuf, PathBuf), CliError> {
-    let root = tern_e2e::repo_root();
-    let release = !cfg!(debug_assertions);
-    let profile_dir = root.join("target").join(if release { "release" } else { "debug" });
-    let out = root.join("target/bench");
-    std::fs::create_dir_all(&out).map_err(|e| CliError::Setup(format!("{}: {e}", out.display())))?;
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut built = Vec::new();
-    for (name, features) in [
-        ("tern-router-without-telemetry", &["--no-default-features"][..]),
-        ("tern-router-with-telemetry", &[][..]),
-    ] {
-        println!("  telemetry: building {name}");
-        let mut cmd = Command::new(&cargo);
-        cmd.current_dir(&root)
-            .args(["build", "--quiet", "-p", "tern-router", "--bin", "tern-router"]);
-        if release {
-            cmd.arg("--release");
-        }
-        let status = cmd
-            .args(features)
-            .status()
-            .map_err(|e| CliError::Setup(format!("running {cargo}: {e}")))?;
-        if !status.success() {
-            return Err(CliError::Setup(format!("building {name} failed")));
-        }
-        let to = out.join(name);
-        std::fs::copy(profile_dir.join("tern-router"), &to)
-            .map_err(|e| CliError::Setup(format!("{}: {e}", to.display())))?;
-        built.push(to);
-    }
-    Ok((built[1].clone(), built[0].clone()))
+/// The two router binaries compared, named on the command line: a `tern`
+/// installed without its source benches them as well as one in a checkout.
+pub struct RouterBuilds {
+    /// Built with the default features (telemetry compiled in).
+    pub with_otlp: PathBuf,
+    /// Built with `--no-default-features`.
+    pub without_otlp: PathBuf,
 }
 
-/// A router process serving us-east of `d`; no OTLP variable reaches it.
-fn start_router(binary: &Path, d: &LocalDeployment, log: &Path) -> Result<(ChildGuard, SocketAddr), CliError> {
-    let port = tern_e2e::assets::free_port();
+impl RouterBuilds {
+    /// An error naming the flag whose binary is not there.
+    pub fn check(&self) -> Result<(), CliError> {
+        for (flag, path) in [
+            ("--router-binary", &self.with_otlp),
+            ("--router-binary-without-otlp", &self.without_otlp),
+        ] {
+            if !path.is_file() {
+                return Err(CliError::Usage(format!("{flag} {}: no such file", path.display())));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The section's text when the two builds are not named.
+pub const SKIPPED: &str = "## Telemetry with no endpoint\n\n\
+Skipped: this section compares two router builds, named with `--router-binary PATH` (default features) and \
+`--router-binary-without-otlp PATH` (`cargo build --release -p tern-router --no-default-features`), or \
+TERN_BENCH_ROUTER and TERN_BENCH_ROUTER_WITHOUT_OTLP. In a checkout, `e2e/bench.sh` builds both and passes them.\n";
+
+/// A router process (`name`) serving us-east of `d`; no OTLP variable
+/// reaches it. Its log goes to `name`.log in the deployment's directory.
+fn start_router(name: &str, binary: &Path, d: &LocalDeployment) -> Result<(ChildGuard, SocketAddr), CliError> {
+    let port = tern_local::assets::free_port();
     let mut cmd = Command::new(binary);
     cmd.args([
         "--region=us-east".to_string(),
@@ -72,18 +68,14 @@ fn start_router(binary: &Path, d: &LocalDeployment, log: &Path) -> Result<(Child
     .env("RUST_LOG", "warn")
     .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
     .env_remove("TERN_TRACE_SAMPLING_RATIO");
-    let name = binary
-        .file_name()
-        .map(|n| n.to_string_lossy().to_string())
-        .unwrap_or_default();
-    let child = ChildGuard::spawn(&name, cmd, log)?;
+    let child = ChildGuard::spawn(name, cmd, &d.dir.path().join(format!("{name}.log")))?;
     Ok((child, SocketAddr::from(([127, 0, 0, 1], port))))
 }
 
 async fn wait_serving(addr: SocketAddr, child: &mut ChildGuard) -> Result<(), CliError> {
     for _ in 0..300 {
         child.check_running()?;
-        let mut c = tern_e2e::local::connect(addr).await;
+        let mut c = tern_api::connect(addr).await;
         if c.put(put("ready")).await.is_ok() {
             return Ok(());
         }
@@ -104,18 +96,18 @@ fn put(key: &str) -> pb::PutRequest {
     }
 }
 
-async fn writes(addr: SocketAddr, args: &BenchArgs) -> Round {
-    let client = tern_e2e::local::connect(addr).await;
-    round(args.concurrency, args.round_secs, move |w, n| {
+async fn writes(addr: SocketAddr, concurrency: usize, round_secs: u64) -> Round {
+    let client = tern_api::connect(addr).await;
+    round(concurrency, round_secs, move |w, n| {
         let mut c = client.clone();
         async move { c.put(put(&format!("{w}-{}", n % 64))).await.is_ok() }
     })
     .await
 }
 
-/// Runs section 4 and returns its report.
-pub async fn run(args: &BenchArgs) -> Result<String, CliError> {
-    let (with, without) = build_variants()?;
+/// Runs section 4 with `concurrency` writers and rounds of `round_secs`,
+/// and returns its report.
+pub async fn run(builds: &RouterBuilds, concurrency: usize, round_secs: u64) -> Result<String, CliError> {
     // One etcd member: with three, each router's client may land on the
     // leader or on a follower that forwards its proposals, and that, not the
     // build, would decide which router is faster.
@@ -135,8 +127,8 @@ pub async fn run(args: &BenchArgs) -> Result<String, CliError> {
             allowed_regions: vec![],
         })
         .await?;
-    let (mut with_child, with_addr) = start_router(&with, &d, &d.dir.path().join("router-with.log"))?;
-    let (mut without_child, without_addr) = start_router(&without, &d, &d.dir.path().join("router-without.log"))?;
+    let (mut with_child, with_addr) = start_router("router-with-otlp", &builds.with_otlp, &d)?;
+    let (mut without_child, without_addr) = start_router("router-without-otlp", &builds.without_otlp, &d)?;
     wait_serving(with_addr, &mut with_child).await?;
     wait_serving(without_addr, &mut without_child).await?;
 
@@ -152,7 +144,7 @@ pub async fn run(args: &BenchArgs) -> Result<String, CliError> {
                 (without_addr, &mut without_rounds, "built without telemetry")
             };
             println!("  telemetry round {}: router {what}", r + 1);
-            rounds.push(writes(addr, args).await);
+            rounds.push(writes(addr, concurrency, round_secs).await);
         }
     }
     with_child.check_running()?;
@@ -180,8 +172,8 @@ pub async fn run(args: &BenchArgs) -> Result<String, CliError> {
          | default (telemetry compiled in, no endpoint) | {w_tput:.0} | {:.0} | {:.2} ms | {:.2} ms | {} |\n\n\
          Throughput ratio default/without, median rounds: **{:.3}** (target ≥ 0.98); all rounds: {:.3}. Both are \
          processes on the same one-member etcd group; nothing is exported (no endpoint).\n",
-        args.concurrency,
-        args.round_secs,
+        concurrency,
+        round_secs,
         median(&without_rounds),
         ms(o_p50),
         ms(o_p99),

@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::process::ChildGuard;
-use crate::{HarnessError, Result, assets};
+use crate::{LocalError, Result, assets};
 
 /// A running toxiproxy server.
 pub struct Toxiproxy {
@@ -45,9 +45,7 @@ impl Toxiproxy {
         cmd.args(["-host", "127.0.0.1", "-port", &port.to_string()]);
         let mut process = ChildGuard::spawn("toxiproxy", cmd, &dir.join("toxiproxy.log"))?;
         let url = format!("http://127.0.0.1:{port}/version");
-        crate::etcd::wait_until(&mut process, "toxiproxy", Duration::from_secs(20), || {
-            crate::etcd::http_get_ok(&url)
-        })?;
+        process.wait_until(Duration::from_secs(20), || crate::http::get_ok(&url))?;
         Ok(Self {
             api: SocketAddr::from(([127, 0, 0, 1], port)),
             process,
@@ -61,7 +59,10 @@ impl Toxiproxy {
         answer["listen"]
             .as_str()
             .and_then(|l| l.parse().ok())
-            .ok_or_else(|| HarnessError::Kubeconfig(format!("toxiproxy answered without a listen address: {answer}")))
+            .ok_or_else(|| LocalError::Toxiproxy {
+                request: format!("POST /proxies {name}"),
+                reason: format!("answered without a listen address: {answer}"),
+            })
     }
 
     /// Adds `ms` of latency to one direction of `proxy`.
@@ -139,7 +140,10 @@ impl Toxiproxy {
     }
 
     async fn request(&self, method: &str, path: &str, body: Option<Value>) -> Result<Value> {
-        let err = |what: String| HarnessError::Kubeconfig(format!("toxiproxy {method} {path}: {what}"));
+        let err = |reason: String| LocalError::Toxiproxy {
+            request: format!("{method} {path}"),
+            reason,
+        };
         let body = body.map(|b| b.to_string()).unwrap_or_default();
         let mut stream = tokio::net::TcpStream::connect(self.api)
             .await

@@ -1,5 +1,6 @@
 //! A child process that lives in its own process group and is killed with its
-//! whole group when the guard drops, so a panicking test leaves nothing behind.
+//! whole group when the guard drops, so neither a panicking test nor an
+//! interrupted `tern demo` leaves anything behind.
 
 use std::fs::File;
 use std::os::unix::process::CommandExt;
@@ -10,7 +11,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 
-use crate::{HarnessError, Result};
+use crate::{LocalError, Result};
 
 /// A running child process and the file that captures its output.
 pub struct ChildGuard {
@@ -21,14 +22,14 @@ pub struct ChildGuard {
 
 impl ChildGuard {
     /// Starts `cmd` in a new process group with stdout and stderr sent to `log`.
-    /// On Linux the child also gets SIGKILL if the test process dies without
+    /// On Linux the child also gets SIGKILL if this process dies without
     /// unwinding (`setpriv --pdeathsig`), when setpriv is installed.
     pub fn spawn(name: &str, mut cmd: Command, log: &Path) -> Result<Self> {
-        let out = File::create(log).map_err(|source| HarnessError::Io {
+        let out = File::create(log).map_err(|source| LocalError::Io {
             path: log.display().to_string(),
             source,
         })?;
-        let err = out.try_clone().map_err(|source| HarnessError::Io {
+        let err = out.try_clone().map_err(|source| LocalError::Io {
             path: log.display().to_string(),
             source,
         })?;
@@ -37,7 +38,7 @@ impl ChildGuard {
             .stdout(Stdio::from(out))
             .stderr(Stdio::from(err))
             .process_group(0);
-        let child = cmd.spawn().map_err(|source| HarnessError::Spawn {
+        let child = cmd.spawn().map_err(|source| LocalError::Spawn {
             what: name.to_string(),
             source,
         })?;
@@ -66,13 +67,33 @@ impl ChildGuard {
         if let Some(child) = self.child.as_mut()
             && let Ok(Some(status)) = child.try_wait()
         {
-            return Err(HarnessError::Exited {
+            return Err(LocalError::Exited {
                 what: self.name.clone(),
                 status: status.to_string(),
                 log: self.log_tail(),
             });
         }
         Ok(())
+    }
+
+    /// Polls `ready` every 50 ms until it is true, the process dies, or
+    /// `limit` passes; the error carries the process's log.
+    pub fn wait_until(&mut self, limit: Duration, mut ready: impl FnMut() -> bool) -> Result<()> {
+        let deadline = Instant::now() + limit;
+        loop {
+            self.check_running()?;
+            if ready() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(LocalError::NotReady {
+                    what: self.name.clone(),
+                    secs: limit.as_secs(),
+                    log: self.log_tail(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// Sends a signal to the whole process group.
