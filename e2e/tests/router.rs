@@ -57,10 +57,18 @@ fn put(account: &str, key: &str, value: &str, idem: &str) -> pb::PutRequest {
 /// Every key under /tern/a/ in a group, with its value and version.
 async fn account_keys(d: &LocalDeployment, region: &str) -> BTreeMap<String, (Vec<u8>, i64)> {
     let mut c = d.group_client(region).await;
-    let resp = c
-        .get("/tern/a/", Some(GetOptions::new().with_prefix()))
-        .await
-        .expect("range read");
+    // Tests move the group's leader: a read during the election is retried.
+    let mut tries = 0;
+    let resp = loop {
+        match c.get("/tern/a/", Some(GetOptions::new().with_prefix())).await {
+            Ok(resp) => break resp,
+            Err(etcd_client::Error::GRpcStatus(s)) if s.code() == Code::Unavailable && tries < 50 => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("range read: {e}"),
+        }
+    };
     resp.kvs()
         .iter()
         .map(|kv| {
@@ -253,7 +261,13 @@ async fn stale_placement_is_refused_by_the_fence() {
     let mut request = tonic::Request::new(put("acct-1", "k", "stale", ""));
     request.set_timeout(Duration::from_millis(500));
     let err = eu.put(request).await.expect_err("a write under the old epoch fails");
-    assert_eq!(err.code(), Code::DeadlineExceeded, "{err}");
+    // The origin router cannot know how the home's last attempt ended when
+    // its deadline passes: "outcome unknown", or "deadline exceeded" when
+    // nothing was in flight. Either way the fence refused it.
+    assert!(
+        matches!(err.code(), Code::DeadlineExceeded | Code::Unknown),
+        "{err}"
+    );
     assert_eq!(
         account_keys(&d, "us-east").await["/tern/a/acct-1/d/k"].0,
         b"before",
@@ -521,6 +535,7 @@ async fn moving_a_region_is_a_dns_change() {
             "--http-addr=127.0.0.1:0".to_string(),
             format!("--group-endpoints={}", group.endpoints().join(",")),
             format!("--directory-endpoints={}", directory.endpoints().join(",")),
+            "--peer-token=dns-test-peer-token".to_string(),
             "--log-format=text".to_string(),
         ];
         args.extend_from_slice(extra);
@@ -645,7 +660,13 @@ async fn concurrent_writes_share_transactions_and_keep_their_own_outcomes() {
         for t in tasks {
             let (i, result) = t.await.expect("task");
             match (i % 4, result) {
-                (0, Err(e)) => assert_eq!(e.code(), Code::DeadlineExceeded, "write {i}: {e}"),
+                // Refused by the fence until the deadline; the last attempt
+                // may be in flight then, so "outcome unknown" is the truth
+                // the router can tell. The keys below show none applied.
+                (0, Err(e)) => assert!(
+                    matches!(e.code(), Code::DeadlineExceeded | Code::Unknown),
+                    "write {i}: {e}"
+                ),
                 (0, Ok(_)) => panic!("write {i} under a moved fence was applied"),
                 (_, Ok(resp)) => {
                     let meta = resp.into_inner().meta.expect("meta");
