@@ -264,10 +264,7 @@ async fn stale_placement_is_refused_by_the_fence() {
     // The origin router cannot know how the home's last attempt ended when
     // its deadline passes: "outcome unknown", or "deadline exceeded" when
     // nothing was in flight. Either way the fence refused it.
-    assert!(
-        matches!(err.code(), Code::DeadlineExceeded | Code::Unknown),
-        "{err}"
-    );
+    assert!(matches!(err.code(), Code::DeadlineExceeded | Code::Unknown), "{err}");
     assert_eq!(
         account_keys(&d, "us-east").await["/tern/a/acct-1/d/k"].0,
         b"before",
@@ -1104,5 +1101,100 @@ async fn a_link_that_fails_after_sending_never_applies_a_write_twice() {
     assert!(
         totals.get(&Told::Unknown).copied().unwrap_or(0) + totals.get(&Told::NotApplied).copied().unwrap_or(0) > 0,
         "the faults hit some writes: {totals:?}"
+    );
+}
+
+fn txn_put(key: &str, value: Vec<u8>) -> pb::Operation {
+    pb::Operation {
+        op: Some(pb::operation::Op::Put(pb::PutOp { key: key.into(), value })),
+    }
+}
+
+/// Requests that etcd would refuse whole are refused by the router first,
+/// with INVALID_ARGUMENT naming the limit (not "may have been applied");
+/// a replayed Txn says that its reads are not replayed; and a client cannot
+/// pass its call off as forwarded by another router.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_limits_replayed_reads_and_forged_forwarding_headers() {
+    let d = start(1).await;
+    create(&d, "us-east", "acct-1", "us-east").await;
+    create(&d, "us-east", "acct-eu", "eu-west").await;
+    let before = account_keys(&d, "us-east").await;
+
+    // Two values of 1 MiB each: each within the value limit, together over
+    // etcd's request limit. Local and forwarded alike.
+    for via in ["us-east", "eu-west"] {
+        let mut c = d.client(via).await;
+        let err = c
+            .txn(pb::TxnRequest {
+                account: "acct-1".into(),
+                compares: vec![],
+                ops: vec![txn_put("a", vec![b'x'; 1 << 20]), txn_put("b", vec![b'y'; 1 << 20])],
+                idempotency_key: String::new(),
+            })
+            .await
+            .expect_err("over etcd's request limit");
+        assert_eq!(err.code(), Code::InvalidArgument, "via {via}: {err}");
+        assert!(
+            err.message().contains("limit is") && err.message().contains("1.5 MiB"),
+            "via {via}: {}",
+            err.message()
+        );
+        let err = c
+            .txn(pb::TxnRequest {
+                account: "acct-1".into(),
+                compares: vec![],
+                ops: vec![txn_put("a", b"1".to_vec()), txn_put("a", b"2".to_vec())],
+                idempotency_key: String::new(),
+            })
+            .await
+            .expect_err("a key written twice");
+        assert_eq!(err.code(), Code::InvalidArgument, "via {via}: {err}");
+        assert!(
+            err.message().contains("ops[1]") && err.message().contains("ops[0]"),
+            "via {via}: {}",
+            err.message()
+        );
+    }
+    assert_eq!(before, account_keys(&d, "us-east").await, "nothing applied");
+
+    // A keyed Txn with a read: the replay commits nothing and says it has
+    // no reads to give back.
+    let mut eu = d.client("eu-west").await;
+    let request = pb::TxnRequest {
+        account: "acct-1".into(),
+        compares: vec![],
+        ops: vec![
+            txn_put("c", b"1".to_vec()),
+            pb::Operation {
+                op: Some(pb::operation::Op::Get(pb::GetOp { key: "c".into() })),
+            },
+        ],
+        idempotency_key: "txn-1".into(),
+    };
+    let first = eu.txn(request.clone()).await.expect("first").into_inner();
+    assert!(!first.reads_not_replayed && first.gets.len() == 1 && first.gets[0].found);
+    let again = eu.txn(request).await.expect("replay").into_inner();
+    assert!(again.meta.as_ref().expect("meta").replayed);
+    assert!(again.reads_not_replayed && again.gets.is_empty(), "{again:?}");
+
+    // A client sets the forwarding headers itself, without the peer token:
+    // us-east ignores them, counts them, and routes the call as its own
+    // client's (a trusted forwarded call for an account homed elsewhere
+    // would have been answered "route again").
+    let mut us = d.client("us-east").await;
+    let mut request = tonic::Request::new(put("acct-eu", "k", "v", ""));
+    request
+        .metadata_mut()
+        .insert("tern-forwarded", "1".parse().expect("ascii"));
+    request
+        .metadata_mut()
+        .insert("tern-origin-region", "ap-south".parse().expect("ascii"));
+    let resp = us.put(request).await.expect("served as a client call").into_inner();
+    assert!(resp.meta.expect("meta").forwarded, "us-east forwarded it to eu-west");
+    let router = d.region("us-east").router.as_ref().expect("router");
+    assert_eq!(
+        router.metric("tern_router_untrusted_forward_headers_total").await,
+        Some(1.0)
     );
 }
