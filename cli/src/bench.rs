@@ -142,9 +142,15 @@ pub async fn run(args: BenchArgs) -> Result<(), CliError> {
         report.push_str(&telemetry);
     }
     if let Some(parent) = args.report.parent() {
-        std::fs::create_dir_all(parent).map_err(|e| CliError::Setup(format!("{}: {e}", parent.display())))?;
+        std::fs::create_dir_all(parent).map_err(|source| CliError::Io {
+            path: parent.display().to_string(),
+            source,
+        })?;
     }
-    std::fs::write(&args.report, &report).map_err(|e| CliError::Setup(format!("{}: {e}", args.report.display())))?;
+    std::fs::write(&args.report, &report).map_err(|source| CliError::Io {
+        path: args.report.display().to_string(),
+        source,
+    })?;
     println!("\nreport written to {}", args.report.display());
     Ok(())
 }

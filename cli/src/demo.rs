@@ -154,7 +154,10 @@ pub async fn run(args: DemoArgs) -> Result<(), CliError> {
     // Routers export their traces to Jaeger (--jaeger) or to a receiver in
     // this process, so the demo can show where a cross-region write spends
     // its time.
-    let jaeger_dir = tempfile::tempdir().map_err(|e| CliError::Setup(format!("temp dir: {e}")))?;
+    let jaeger_dir = tempfile::tempdir().map_err(|source| CliError::Io {
+        path: std::env::temp_dir().display().to_string(),
+        source,
+    })?;
     let jaeger = if args.jaeger {
         crate::binaries::ensure(Tools::Jaeger)?;
         let j = Jaeger::start(jaeger_dir.path())?;
@@ -181,7 +184,7 @@ pub async fn run(args: DemoArgs) -> Result<(), CliError> {
     };
     let deployment = tokio::select! {
         d = LocalDeployment::start(layout) => d?,
-        _ = tokio::signal::ctrl_c() => return Err(CliError::Setup("interrupted while starting".into())),
+        _ = tokio::signal::ctrl_c() => return Err(CliError::Interrupted("while starting")),
     };
     let outcome = drive(&deployment, &args).await;
     if let Ok(Some(slowest)) = &outcome {
@@ -340,7 +343,7 @@ async fn drive(d: &LocalDeployment, args: &DemoArgs) -> Result<Option<String>, C
         println!("  injected round trip {a} ↔ {b}: {rtt} ms");
     }
     if interrupted {
-        return Err(CliError::Setup("interrupted".into()));
+        return Err(CliError::Interrupted("while running"));
     }
     let slowest = total
         .values()

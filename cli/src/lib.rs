@@ -68,6 +68,33 @@ pub async fn main() -> ExitCode {
 pub enum CliError {
     #[error("{0}")]
     Setup(String),
+    /// An etcd group could not be reached.
+    #[error(transparent)]
+    Etcd(#[from] tern_common::CommonError),
+    /// A request to an etcd group failed.
+    #[error("{what}: {source}")]
+    EtcdRequest {
+        what: String,
+        #[source]
+        source: etcd_client::Error,
+    },
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The Kubernetes client could not be configured or a call failed.
+    #[error("Kubernetes ({what}): {source}")]
+    Kubernetes {
+        what: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync + 'static>,
+    },
+    /// Ctrl-C.
+    #[error("interrupted {0}")]
+    Interrupted(&'static str),
     /// Starting or driving the local deployment of `tern demo`/`tern bench`.
     #[error(transparent)]
     Local(#[from] tern_local::LocalError),

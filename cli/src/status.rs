@@ -47,23 +47,35 @@ async fn kubernetes(name: &str, namespace: &str, kubeconfig: Option<&std::path::
     use kube::config::{KubeConfigOptions, Kubeconfig};
     let config = match kubeconfig {
         Some(path) => {
-            let text =
-                std::fs::read_to_string(path).map_err(|e| CliError::Setup(format!("{}: {e}", path.display())))?;
-            let kc = Kubeconfig::from_yaml(&text).map_err(|e| CliError::Setup(e.to_string()))?;
+            let text = std::fs::read_to_string(path).map_err(|source| CliError::Io {
+                path: path.display().to_string(),
+                source,
+            })?;
+            let kc = Kubeconfig::from_yaml(&text).map_err(|e| CliError::Kubernetes {
+                what: "reading the kubeconfig".into(),
+                source: Box::new(e),
+            })?;
             kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
                 .await
-                .map_err(|e| CliError::Setup(e.to_string()))?
+                .map_err(|e| CliError::Kubernetes {
+                    what: "reading the kubeconfig".into(),
+                    source: Box::new(e),
+                })?
         }
-        None => kube::Config::infer()
-            .await
-            .map_err(|e| CliError::Setup(e.to_string()))?,
+        None => kube::Config::infer().await.map_err(|e| CliError::Kubernetes {
+            what: "no in-cluster or $KUBECONFIG configuration".into(),
+            source: Box::new(e),
+        })?,
     };
-    let client = kube::Client::try_from(config).map_err(|e| CliError::Setup(e.to_string()))?;
+    let client = kube::Client::try_from(config).map_err(|e| CliError::Kubernetes {
+        what: "building the client".into(),
+        source: Box::new(e),
+    })?;
     let api: kube::Api<tern_crds::GeoCluster> = kube::Api::namespaced(client, namespace);
-    let gc = api
-        .get(name)
-        .await
-        .map_err(|e| CliError::Setup(format!("GeoCluster {namespace}/{name}: {e}")))?;
+    let gc = api.get(name).await.map_err(|e| CliError::Kubernetes {
+        what: format!("reading GeoCluster {namespace}/{name}"),
+        source: Box::new(e),
+    })?;
     print!("{}", render_geocluster(&gc));
     Ok(())
 }
@@ -121,13 +133,15 @@ pub fn render_geocluster(gc: &tern_crds::GeoCluster) -> String {
 
 /// Status of a deployment from its directory's region records.
 async fn directory(args: StatusArgs) -> Result<(), CliError> {
-    let mut client = tern_common::etcd::connect(&args.directory, "directory", std::time::Duration::from_secs(5))
-        .await
-        .map_err(CliError::Setup)?;
+    let mut client =
+        tern_common::etcd::connect(&args.directory, "directory", std::time::Duration::from_secs(5)).await?;
     let resp = client
         .get(DIR_REGIONS, Some(GetOptions::new().with_prefix()))
         .await
-        .map_err(|e| CliError::Setup(format!("reading the region records: {e}")))?;
+        .map_err(|source| CliError::EtcdRequest {
+            what: "reading the region records".into(),
+            source,
+        })?;
     let mut records = Vec::new();
     for kv in resp.kvs() {
         let name = String::from_utf8_lossy(kv.key())

@@ -6,9 +6,11 @@ use std::time::Duration;
 
 use etcd_client::{Client, ConnectOptions};
 
+use crate::CommonError;
+
 /// Connects to `endpoints` and waits until one answers a status call, or
 /// `deadline` passes. `what` names the group in the error.
-pub async fn connect(endpoints: &[String], what: &str, deadline: Duration) -> Result<Client, String> {
+pub async fn connect(endpoints: &[String], what: &str, deadline: Duration) -> Result<Client, CommonError> {
     let options = ConnectOptions::new()
         .with_connect_timeout(Duration::from_secs(2))
         .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
@@ -18,9 +20,17 @@ pub async fn connect(endpoints: &[String], what: &str, deadline: Duration) -> Re
         let error = match Client::connect(endpoints, Some(options.clone())).await {
             Ok(mut c) => match c.status().await {
                 Ok(_) => return Ok(c),
-                Err(e) => format!("{what} etcd at {endpoints:?} does not answer: {e}"),
+                Err(source) => CommonError::EtcdUnanswered {
+                    what: what.to_string(),
+                    endpoints: endpoints.join(","),
+                    source,
+                },
             },
-            Err(e) => format!("cannot connect to {what} etcd at {endpoints:?}: {e}"),
+            Err(source) => CommonError::EtcdConnect {
+                what: what.to_string(),
+                endpoints: endpoints.join(","),
+                source,
+            },
         };
         if tokio::time::Instant::now() > until {
             return Err(error);

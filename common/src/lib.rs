@@ -21,6 +21,35 @@ pub use ids::*;
 pub use keys::*;
 pub use records::*;
 
+/// What can fail in the parts every binary shares: connecting to an etcd
+/// group and setting up trace export. (Refused input is `InvalidInput`.)
+#[derive(Debug, thiserror::Error)]
+pub enum CommonError {
+    /// No connection to any endpoint could be made before the deadline.
+    #[error("cannot connect to the {what} etcd at {endpoints}: {source}")]
+    EtcdConnect {
+        what: String,
+        endpoints: String,
+        #[source]
+        source: etcd_client::Error,
+    },
+    /// Connected, but no member answered a status call before the deadline.
+    #[error("the {what} etcd at {endpoints} does not answer: {source}")]
+    EtcdUnanswered {
+        what: String,
+        endpoints: String,
+        #[source]
+        source: etcd_client::Error,
+    },
+    /// The OTLP exporter could not be built for this endpoint.
+    #[error("cannot export traces to {endpoint}: {source}")]
+    TraceExport {
+        endpoint: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync + 'static>,
+    },
+}
+
 /// Why an identifier, key or value was refused. Each message names the field
 /// and the rule it broke, and is shown to clients as INVALID_ARGUMENT.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

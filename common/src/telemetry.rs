@@ -71,7 +71,7 @@ impl Telemetry {
 
     /// From the flags: exporting when an endpoint is set. Must be called on
     /// a tokio runtime (the exporter's batch task runs there).
-    pub fn from_args(args: &TraceArgs, who: Identity<'_>) -> Result<Self, String> {
+    pub fn from_args(args: &TraceArgs, who: Identity<'_>) -> Result<Self, crate::CommonError> {
         match &args.otlp_endpoint {
             Some(endpoint) => Self::otlp(endpoint, who, args.trace_sampling_ratio),
             None => Ok(Self::disabled()),
@@ -80,7 +80,7 @@ impl Telemetry {
 
     /// Exports to `endpoint` (`http://host:4317`), sampling `ratio` of root
     /// traces; a span with a sampled parent is always sampled.
-    pub fn otlp(endpoint: &str, who: Identity<'_>, ratio: f64) -> Result<Self, String> {
+    pub fn otlp(endpoint: &str, who: Identity<'_>, ratio: f64) -> Result<Self, crate::CommonError> {
         Ok(Self {
             exporter: Some(exporter::Exporter::new(endpoint, who, ratio)?),
         })
@@ -150,13 +150,16 @@ mod exporter {
     }
 
     impl Exporter {
-        pub fn new(endpoint: &str, who: Identity<'_>, ratio: f64) -> Result<Self, String> {
+        pub fn new(endpoint: &str, who: Identity<'_>, ratio: f64) -> Result<Self, crate::CommonError> {
             let exporter = opentelemetry_otlp::SpanExporter::builder()
                 .with_tonic()
                 .with_endpoint(endpoint)
                 .with_timeout(Duration::from_secs(5))
                 .build()
-                .map_err(|e| format!("OTLP exporter for {endpoint}: {e}"))?;
+                .map_err(|e| crate::CommonError::TraceExport {
+                    endpoint: endpoint.to_string(),
+                    source: Box::new(e),
+                })?;
             // The batch processor on the tokio runtime: the tonic exporter
             // needs it. Export every second: a trace shows up while people
             // still look at the request that made it.
@@ -247,10 +250,11 @@ mod exporter {
     pub enum Exporter {}
 
     impl Exporter {
-        pub fn new(endpoint: &str, _who: Identity<'_>, _ratio: f64) -> Result<Self, String> {
-            Err(format!(
-                "--otlp-endpoint {endpoint}: this binary was built without trace export (the `otlp` feature)"
-            ))
+        pub fn new(endpoint: &str, _who: Identity<'_>, _ratio: f64) -> Result<Self, crate::CommonError> {
+            Err(crate::CommonError::TraceExport {
+                endpoint: endpoint.to_string(),
+                source: "this binary was built without trace export (the `otlp` feature); unset --otlp-endpoint".into(),
+            })
         }
 
         pub fn span(&self, _: &'static str, _: SpanKind, _: &Context, _: Vec<KeyValue>) -> Context {

@@ -42,7 +42,7 @@ impl ControlPlane {
         let mut attempt = 1;
         loop {
             match Self::start_once(name).await {
-                Err(e) if attempt < 3 && e.to_string().contains("address already in use") => {
+                Err(e) if attempt < 3 && tern_local::assets::StartFailure::exited_early(&e) => {
                     tracing::warn!(error = %e, attempt, "a port was taken before the server bound it; retrying");
                     attempt += 1;
                 }

@@ -56,6 +56,12 @@ pub enum HarnessError {
 
 pub type Result<T, E = HarnessError> = std::result::Result<T, E>;
 
+impl tern_local::assets::StartFailure for HarnessError {
+    fn exited_early(&self) -> bool {
+        matches!(self, Self::Local(e) if e.exited_early())
+    }
+}
+
 /// The repository root (the workspace that holds this crate).
 pub fn repo_root() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR"))

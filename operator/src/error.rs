@@ -26,6 +26,9 @@ pub enum Error {
     /// Another replica holds the leader lease now.
     #[error("lost leadership: {0}")]
     LostLeadership(String),
+    /// The trace exporter could not be set up.
+    #[error("cannot start: {0}")]
+    Startup(#[from] tern_common::CommonError),
     /// A flag or environment variable is wrong.
     #[error("invalid configuration: {0}")]
     Config(String),
@@ -54,6 +57,7 @@ impl Error {
             Self::Finalizer(_) => "finalizer",
             Self::LostLeadership(_) => "lost_leadership",
             Self::Config(_) => "config",
+            Self::Startup(_) => "startup",
             Self::Http { .. } => "http",
         }
     }

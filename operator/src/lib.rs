@@ -134,8 +134,7 @@ pub async fn run(
             region: None,
             instance: &identity,
         },
-    )
-    .map_err(Error::Config)?;
+    )?;
     let ctx = Arc::new(ctx);
     let controllers = controllers(client, &config.namespace, ctx.clone());
     let outcome = match elector.as_mut() {

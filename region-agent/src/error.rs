@@ -13,10 +13,39 @@ pub enum AgentError {
     NotLeader(String),
     #[error("source {source_region} compacted past revision {revision}; resynchronising from a snapshot")]
     Compacted { source_region: String, revision: i64 },
+    /// A record this agent reads could not be parsed.
     #[error("malformed record {key}: {detail}")]
     Malformed { key: String, detail: String },
-    #[error("{0}")]
-    Config(String),
+    /// The watch of a source ended without compaction (closed by the link
+    /// or the server, or canceled): it is started again from the applied
+    /// record.
+    #[error("the watch of {source_region} ended: {reason}")]
+    WatchEnded { source_region: String, reason: String },
+    /// The mirror's applied record changed under this agent while it still
+    /// leads (a previous leader's last write landed): the stream restarts
+    /// from the record.
+    #[error("the applied record of the mirror of {source_region} changed under this agent")]
+    AppliedRecordMoved { source_region: String },
+    /// Flags that contradict each other.
+    #[error("invalid configuration: {0}")]
+    InvalidConfig(String),
+    /// An etcd group or the trace exporter could not be set up.
+    #[error("cannot start: {0}")]
+    Startup(#[from] tern_common::CommonError),
+    /// The Kubernetes client could not be configured.
+    #[error("Kubernetes client ({what}): {source}")]
+    Kubernetes {
+        what: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync + 'static>,
+    },
+    /// The ops endpoints could not listen.
+    #[error("cannot serve ops endpoints on {addr}: {source}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 pub type Result<T, E = AgentError> = std::result::Result<T, E>;

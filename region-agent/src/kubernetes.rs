@@ -60,18 +60,31 @@ impl Events {
 pub async fn client(kubeconfig: Option<&Path>) -> Result<Client> {
     let config = match kubeconfig {
         Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| AgentError::Config(format!("--kubeconfig {}: {e}", path.display())))?;
-            let kc = Kubeconfig::from_yaml(&text).map_err(|e| AgentError::Config(format!("--kubeconfig: {e}")))?;
+            let what = || format!("--kubeconfig {}", path.display());
+            let text = std::fs::read_to_string(path).map_err(|e| AgentError::Kubernetes {
+                what: what(),
+                source: Box::new(e),
+            })?;
+            let kc = Kubeconfig::from_yaml(&text).map_err(|e| AgentError::Kubernetes {
+                what: what(),
+                source: Box::new(e),
+            })?;
             Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
                 .await
-                .map_err(|e| AgentError::Config(format!("--kubeconfig: {e}")))?
+                .map_err(|e| AgentError::Kubernetes {
+                    what: what(),
+                    source: Box::new(e),
+                })?
         }
-        None => Config::infer()
-            .await
-            .map_err(|e| AgentError::Config(format!("no Kubernetes configuration: {e}")))?,
+        None => Config::infer().await.map_err(|e| AgentError::Kubernetes {
+            what: "no in-cluster or $KUBECONFIG configuration".into(),
+            source: Box::new(e),
+        })?,
     };
-    Client::try_from(config).map_err(|e| AgentError::Config(format!("Kubernetes client: {e}")))
+    Client::try_from(config).map_err(|e| AgentError::Kubernetes {
+        what: "building the client".into(),
+        source: Box::new(e),
+    })
 }
 
 /// Writes this region's lag into the GeoCluster's status every `interval`.

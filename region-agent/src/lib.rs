@@ -52,11 +52,11 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
     on_start: impl FnOnce(Running) + Send,
 ) -> Result<()> {
-    config.validate().map_err(AgentError::Config)?;
+    config.validate().map_err(AgentError::InvalidConfig)?;
     let connect = |endpoints: Vec<String>, what: String| async move {
         tern_common::etcd::connect(&endpoints, &what, Duration::from_secs(60))
             .await
-            .map_err(AgentError::Config)
+            .map_err(AgentError::Startup)
     };
     let group = connect(config.group_endpoints.clone(), "region group".into()).await?;
     let directory = connect(config.directory_endpoints.clone(), "directory".into()).await?;
@@ -78,8 +78,7 @@ pub async fn run(
             region: Some(config.region.as_str()),
             instance: &identity,
         },
-    )
-    .map_err(AgentError::Config)?;
+    )?;
     let shared = Arc::new(Shared {
         region: config.region.clone(),
         identity: config.identity(),
@@ -101,7 +100,10 @@ pub async fn run(
     let ready: tern_common::ops::ReadyFn = Arc::new(|| Ok(()));
     let (http_addr, http_task) = tern_common::ops::serve(config.http_addr, render, ready, stopped())
         .await
-        .map_err(|e| AgentError::Config(format!("cannot serve ops endpoints on {}: {e}", config.http_addr)))?;
+        .map_err(|source| AgentError::Listen {
+            addr: config.http_addr,
+            source,
+        })?;
     on_start(Running {
         http_addr,
         pause: paused.clone(),

@@ -138,21 +138,22 @@ async fn mirror(
             }
         };
         let Some(resp) = resp else {
-            return Err(AgentError::Malformed {
-                key: source.to_string(),
-                detail: "watch stream closed".into(),
+            return Err(AgentError::WatchEnded {
+                source_region: source.to_string(),
+                reason: "the stream closed".into(),
             });
         };
-        if resp.compact_revision() > 0 || (resp.canceled() && resp.cancel_reason().contains("compact")) {
+        // etcd sets the compact revision on a watch canceled by compaction.
+        if resp.compact_revision() > 0 {
             return Err(AgentError::Compacted {
                 source_region: source.to_string(),
                 revision: resp.compact_revision(),
             });
         }
         if resp.canceled() {
-            return Err(AgentError::Malformed {
-                key: source.to_string(),
-                detail: format!("watch canceled: {}", resp.cancel_reason()),
+            return Err(AgentError::WatchEnded {
+                source_region: source.to_string(),
+                reason: format!("canceled by etcd: {}", resp.cancel_reason()),
             });
         }
         let header = resp.header().map(|h| h.revision()).unwrap_or(0);
@@ -287,9 +288,8 @@ async fn lost_or_raced(local: &Client, leadership: &Leadership, source: &RegionN
         .and_then(|r| r.kvs().first().map(|kv| kv.create_revision() == leadership.rev))
         .unwrap_or(false);
     if still {
-        AgentError::Malformed {
-            key: mirror_applied_key(source),
-            detail: "the applied record changed under this agent".into(),
+        AgentError::AppliedRecordMoved {
+            source_region: source.to_string(),
         }
     } else {
         AgentError::NotLeader(format!("a mirror write for {source} was refused"))

@@ -35,17 +35,19 @@ impl Dns {
                     TokioRuntimeProvider::default(),
                 )
             }
-            None => Resolver::builder_tokio()
-                .map_err(|e| RouterError::Internal(format!("system DNS configuration: {e}")))?,
+            None => Resolver::builder_tokio().map_err(|e| RouterError::Dns {
+                what: "reading the system's DNS configuration".into(),
+                source: Box::new(e),
+            })?,
         };
         let mut opts = ResolverOpts::default();
         // A region's endpoint must follow DNS changes within their TTL.
         opts.positive_max_ttl = Some(Duration::from_secs(300));
         opts.negative_max_ttl = Some(Duration::from_secs(5));
-        let resolver = builder
-            .with_options(opts)
-            .build()
-            .map_err(|e| RouterError::Internal(format!("DNS resolver: {e}")))?;
+        let resolver = builder.with_options(opts).build().map_err(|e| RouterError::Dns {
+            what: "building the DNS resolver".into(),
+            source: Box::new(e),
+        })?;
         Ok(Self { resolver })
     }
 
@@ -55,15 +57,14 @@ impl Dns {
         if let Ok(ip) = host.parse::<IpAddr>() {
             return Ok((SocketAddr::new(ip, port), Instant::now() + LITERAL_TTL));
         }
-        let lookup = self
-            .resolver
-            .lookup_ip(host)
-            .await
-            .map_err(|e| RouterError::Unavailable(format!("cannot resolve {host}: {e}")))?;
-        let ip = lookup
-            .iter()
-            .next()
-            .ok_or_else(|| RouterError::Unavailable(format!("{host} has no addresses")))?;
+        let lookup = self.resolver.lookup_ip(host).await.map_err(|e| RouterError::Dns {
+            what: format!("resolving {host}"),
+            source: Box::new(e),
+        })?;
+        let ip = lookup.iter().next().ok_or_else(|| RouterError::Dns {
+            what: format!("resolving {host}"),
+            source: "the name has no addresses".into(),
+        })?;
         Ok((SocketAddr::new(ip, port), lookup.valid_until()))
     }
 }

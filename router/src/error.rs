@@ -62,6 +62,13 @@ pub enum RouterError {
     /// Retry: the directory group did not answer.
     #[error("the directory is unavailable: {0}; retry")]
     DirectoryUnavailable(#[source] etcd_client::Error),
+    /// Retry: a name could not be resolved (nothing was sent).
+    #[error("DNS failed {what}: {source}; retry")]
+    Dns {
+        what: String,
+        #[source]
+        source: BoxError,
+    },
     /// Retry: a transient state (a migration settling, a fence missing).
     #[error("{0}; retry")]
     Unavailable(String),
@@ -87,6 +94,20 @@ pub enum RouterError {
     /// The home region's router answered with this status; passed on as is.
     #[error("{}", .0.message())]
     Remote(Status),
+    /// Start-up: an etcd group or the trace exporter could not be set up.
+    #[error("cannot start: {0}")]
+    Startup(#[from] tern_common::CommonError),
+    /// Start-up: a listening socket could not be opened.
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Listen {
+        what: &'static str,
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The gRPC server failed while serving.
+    #[error("the gRPC server failed: {0}")]
+    Serve(#[source] tonic::transport::Error),
     /// The router is stopping; another one serves.
     #[error("the router is shutting down; retry")]
     ShuttingDown,
@@ -110,7 +131,10 @@ impl RouterError {
             | Self::DirectoryUnavailable(_)
             | Self::Unavailable(_)
             | Self::NotHome(_)
-            | Self::ShuttingDown => Code::Unavailable,
+            | Self::ShuttingDown
+            | Self::Dns { .. }
+            | Self::Startup(_) => Code::Unavailable,
+            Self::Listen { .. } | Self::Serve(_) => Code::Internal,
             Self::OutcomeUnknown { .. } => Code::Unknown,
             Self::Deadline(_) => Code::DeadlineExceeded,
             Self::Internal(_) => Code::Internal,

@@ -32,9 +32,7 @@ pub struct Running {
 /// Connects to etcd, retrying until it answers (a router may start before
 /// its group) or `deadline` passes.
 pub async fn connect_etcd(endpoints: &[String], what: &str, deadline: Duration) -> Result<Client> {
-    tern_common::etcd::connect(endpoints, what, deadline)
-        .await
-        .map_err(RouterError::Unavailable)
+    Ok(tern_common::etcd::connect(endpoints, what, deadline).await?)
 }
 
 /// Runs a router until `shutdown` completes; then stops accepting calls and
@@ -68,8 +66,7 @@ pub async fn run(
             region: Some(config.region.as_str()),
             instance: &instance,
         },
-    )
-    .map_err(RouterError::Internal)?;
+    )?;
     let counts = Arc::new(WriteCounts::new(config.write_count_window, config.write_count_accounts));
     let service = Executor {
         region: config.region.clone(),
@@ -115,13 +112,23 @@ pub async fn run(
     };
     let (http_addr, http_task) = tern_common::ops::serve(config.http_addr, render, ready, stopped())
         .await
-        .map_err(|e| RouterError::Internal(format!("cannot serve ops endpoints on {}: {e}", config.http_addr)))?;
+        .map_err(|source| RouterError::Listen {
+            what: "ops endpoints",
+            addr: config.http_addr,
+            source,
+        })?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
-        .map_err(|e| RouterError::Internal(format!("cannot listen on {}: {e}", config.listen)))?;
-    let grpc_addr = listener
-        .local_addr()
-        .map_err(|e| RouterError::Internal(format!("listener address: {e}")))?;
+        .map_err(|source| RouterError::Listen {
+            what: "gRPC",
+            addr: config.listen,
+            source,
+        })?;
+    let grpc_addr = listener.local_addr().map_err(|source| RouterError::Listen {
+        what: "gRPC",
+        addr: config.listen,
+        source,
+    })?;
     on_start(Running { grpc_addr, http_addr });
     tracing::info!(region = %config.region, %grpc_addr, %http_addr, "tern-router serving");
 
@@ -149,5 +156,5 @@ pub async fn run(
     // Export what is still buffered.
     service.0.telemetry.shutdown().await;
     tracing::info!(region = %config.region, "tern-router stopped");
-    result.map_err(|e| RouterError::Internal(format!("gRPC server: {e}")))
+    result.map_err(RouterError::Serve)
 }

@@ -83,17 +83,32 @@ pub fn free_port() -> u16 {
         .expect("the OS hands out a loopback port")
 }
 
+/// An error of starting a server that may be a lost port.
+pub trait StartFailure: std::fmt::Display {
+    /// The server exited while starting: most often because another
+    /// process took a port between `free_port` and its bind (what it says
+    /// in its log is not parsed; starting again with fresh ports is safe
+    /// either way, and a server that cannot start fails three times).
+    fn exited_early(&self) -> bool;
+}
+
+impl StartFailure for crate::LocalError {
+    fn exited_early(&self) -> bool {
+        matches!(self, Self::Exited { .. })
+    }
+}
+
 /// Runs `start` again (with fresh ports: it must pick its own) when a
-/// server it started lost a port to another process between `free_port` and
-/// its bind; at most three times. Generic over the error so that the test
-/// harness's own servers retry the same way.
-pub fn retry_port_clash<T, E: std::fmt::Display>(
+/// server it started exited while starting; at most three times. Generic
+/// over the error so that the test harness's own servers retry the same
+/// way.
+pub fn retry_port_clash<T, E: StartFailure>(
     mut start: impl FnMut() -> std::result::Result<T, E>,
 ) -> std::result::Result<T, E> {
     let mut attempt = 1;
     loop {
         match start() {
-            Err(e) if attempt < 3 && e.to_string().contains("address already in use") => {
+            Err(e) if attempt < 3 && e.exited_early() => {
                 tracing::warn!(error = %e, attempt, "a port was taken before the server bound it; retrying with new ports");
                 attempt += 1;
             }
