@@ -49,7 +49,7 @@ async fn geocluster_phase(client: &Client, name: &str) -> Option<String> {
         .get_opt(name)
         .await
         .ok()??;
-    gc.status?.phase
+    gc.status?.phase.map(|p| p.as_str().to_string())
 }
 
 fn condition(gc: &GeoCluster, type_: &str) -> Option<(String, String)> {
