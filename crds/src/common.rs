@@ -27,16 +27,25 @@ pub const DNS_SUBDOMAIN_PATTERN: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0
 /// whitespace.
 pub const IMAGE_PATTERN: &str = r"^\S+$";
 
-/// Label keys (an optional DNS-subdomain prefix and `/`, then a name of at
-/// most 63 characters) and label values (at most 63, may be empty), as CEL
-/// regexes (`[.]`, not `\.`, which a CEL string literal would not accept):
-/// node selectors become pod node selectors, which the API server
-/// checks only when the operator applies the workload.
-const LABEL_KEY_RE: &str = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$";
-const LABEL_VALUE_RE: &str = r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$";
+/// A label value (at most 63 characters, may be empty).
+pub const LABEL_VALUE_PATTERN: &str = r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$";
 
 /// Most entries in a node selector.
 pub const MAX_NODE_SELECTOR: usize = 16;
+
+/// Schema of a node selector: at most [`MAX_NODE_SELECTOR`] entries whose
+/// values are label values. Its keys cannot be checked by the schema (map
+/// keys have no length limit, so a CEL rule over them exceeds the API
+/// server's cost budget); the operator checks them (`validate`) and names
+/// the field.
+pub fn node_selector_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "object",
+        "nullable": true,
+        "maxProperties": MAX_NODE_SELECTOR,
+        "additionalProperties": {"type": "string", "maxLength": 63, "pattern": LABEL_VALUE_PATTERN}
+    })
+}
 
 /// CEL rule: a duration string within `range` (and so never zero).
 pub fn duration_rule(field: &str, range: DurationRange) -> Rule {
@@ -51,16 +60,6 @@ pub fn duration_rule(field: &str, range: DurationRange) -> Rule {
     .reason(Reason::FieldValueInvalid)
 }
 
-/// CEL rule for a node selector: every key a label key and every value a
-/// label value.
-pub fn node_selector_rule() -> Rule {
-    Rule::new(format!(
-        "self.all(k, k.size() <= 317 && k.matches('{LABEL_KEY_RE}') && self[k].size() <= 63 && self[k].matches('{LABEL_VALUE_RE}'))"
-    ))
-    .message("nodeSelector keys must be label keys ([prefix/]name, name at most 63 characters) and values label values (at most 63 characters of letters, digits, '-', '_', '.')")
-    .reason(Reason::FieldValueInvalid)
-}
-
 /// CEL rule for a `Quantity` field: a Kubernetes quantity greater than zero.
 /// The built-in schema of a quantity is only "int or string".
 pub fn positive_quantity_rule(field: &str) -> Rule {
@@ -71,21 +70,38 @@ pub fn positive_quantity_rule(field: &str) -> Rule {
         .reason(Reason::FieldValueInvalid)
 }
 
-/// CEL rules for a container's resources: every request and limit a
-/// quantity, and no request above its limit (Kubernetes refuses such a pod
-/// template, but only when the operator applies the workload).
-pub fn resources_rules() -> [Rule; 2] {
-    let quantities = |map: &str| format!("(!has(self.{map}) || self.{map}.all(k, isQuantity(string(self.{map}[k]))))");
-    [
-        Rule::new(format!("{} && {}", quantities("requests"), quantities("limits")))
-            .message("resources: every request and limit must be a Kubernetes quantity, such as 500m or 1Gi")
-            .reason(Reason::FieldValueInvalid),
-        Rule::new(
-            "!has(self.requests) || !has(self.limits) || self.requests.all(k, !(k in self.limits) || !isQuantity(string(self.requests[k])) || !isQuantity(string(self.limits[k])) || quantity(string(self.requests[k])).compareTo(quantity(string(self.limits[k]))) <= 0)",
-        )
-        .message("resources: a request must not exceed its limit")
-        .reason(Reason::FieldValueInvalid),
-    ]
+/// A Kubernetes quantity (`500m`, `1Gi`, `1e3`), the pattern Kubernetes'
+/// own CRD generator puts on quantities.
+pub const QUANTITY_PATTERN: &str = r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$";
+
+/// Schema of a container's `resources`: requests and limits as maps of
+/// quantities with the quantity pattern (the built-in schema of a quantity is
+/// only "int or string", so `cpu: fast` would pass and the workload would be
+/// refused when the operator applies it). A schema rule for "no request above
+/// its limit" would exceed the API server's CEL cost budget on these maps,
+/// so that one stays with the API server's validation of the workload.
+pub fn resources_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    let quantities = |what: &str| {
+        serde_json::json!({
+            "description": format!("{what}, by resource name (cpu, memory, ...), as Kubernetes quantities."),
+            "type": "object",
+            "maxProperties": 16,
+            "additionalProperties": {
+                "anyOf": [{"type": "integer"}, {"type": "string"}],
+                "pattern": QUANTITY_PATTERN,
+                "x-kubernetes-int-or-string": true
+            }
+        })
+    };
+    schemars::json_schema!({
+        "description": "CPU and memory: requests and limits as Kubernetes quantities.",
+        "type": "object",
+        "nullable": true,
+        "properties": {
+            "requests": quantities("Minimum resources"),
+            "limits": quantities("Maximum resources")
+        }
+    })
 }
 
 /// Default etcd image: the release pinned in e2e/controlplane/etcd/go.mod.
@@ -104,10 +120,9 @@ pub struct EtcdSpec {
     #[serde(default = "default_etcd_image")]
     #[schemars(length(min = 1, max = 512), regex(pattern = IMAGE_PATTERN))]
     pub image: String,
-    /// CPU and memory for each etcd member (quantities; no request above
-    /// its limit).
+    /// CPU and memory for each etcd member (quantities).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[x_kube(validation = resources_rules()[0].clone(), validation = resources_rules()[1].clone())]
+    #[schemars(schema_with = "resources_schema")]
     pub resources: Option<ResourceRequirements>,
     /// Persistent storage of each member.
     #[serde(default)]
@@ -163,10 +178,9 @@ pub struct ComponentSpec {
     #[serde(default = "default_component_replicas")]
     #[schemars(range(min = 1, max = 20))]
     pub replicas: i32,
-    /// CPU and memory for each replica (quantities; no request above its
-    /// limit).
+    /// CPU and memory for each replica (quantities).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[x_kube(validation = resources_rules()[0].clone(), validation = resources_rules()[1].clone())]
+    #[schemars(schema_with = "resources_schema")]
     pub resources: Option<ResourceRequirements>,
 }
 

@@ -12,7 +12,7 @@ use tern_common::limits;
 
 use crate::common::{
     CLUSTER_NAME_PATTERN, ComponentSpec, DNS_SUBDOMAIN_PATTERN, DeletionPolicy, EtcdSpec, GroupPhase, MAX_CLUSTER_NAME,
-    MAX_NODE_SELECTOR, MAX_REGION_NAME, REGION_NAME_PATTERN, ZONE_PATTERN, duration_rule, node_selector_rule,
+    MAX_REGION_NAME, REGION_NAME_PATTERN, ZONE_PATTERN, duration_rule,
 };
 
 /// Desired state of a geo-partitioned database.
@@ -110,8 +110,7 @@ pub struct RegionSpec {
     /// `topology.kubernetes.io/region: <name>`. Keys are label keys, values
     /// label values; at most 16 entries.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(extend("maxProperties" = MAX_NODE_SELECTOR))]
-    #[x_kube(validation = node_selector_rule())]
+    #[schemars(schema_with = "crate::common::node_selector_schema")]
     pub node_selector: Option<BTreeMap<String, String>>,
     /// DNS domain of the Kubernetes cluster that runs this region
     /// (`cluster.local` when unset). Peer URLs of directory members are built

@@ -11,7 +11,7 @@ use tern_common::limits;
 
 use crate::common::{
     CLUSTER_NAME_PATTERN, DNS_SUBDOMAIN_PATTERN, DeletionPolicy, EtcdSpec, GroupPhase, MAX_CLUSTER_NAME,
-    MAX_NODE_SELECTOR, MAX_REGION_NAME, REGION_NAME_PATTERN, ZONE_PATTERN, node_selector_rule,
+    MAX_REGION_NAME, REGION_NAME_PATTERN, ZONE_PATTERN,
 };
 
 /// Desired state of one Raft group's members in one region.
@@ -57,8 +57,7 @@ pub struct RegionGroupSpec {
     pub replicas: i32,
     /// Node labels that pin the members to the region.
     #[serde(default)]
-    #[schemars(extend("maxProperties" = MAX_NODE_SELECTOR))]
-    #[x_kube(validation = node_selector_rule())]
+    #[schemars(schema_with = "crate::common::node_selector_schema")]
     pub node_selector: BTreeMap<String, String>,
     /// DNS domain of this region's Kubernetes cluster.
     #[schemars(length(min = 1, max = 253), regex(pattern = DNS_SUBDOMAIN_PATTERN))]
