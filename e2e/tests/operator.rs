@@ -636,3 +636,145 @@ async fn one_operator_per_cluster() {
         assert_eq!(names, vec![region.to_string()], "status covers the managed region only");
     }
 }
+
+/// Status churn costs the operator nothing: on an idle, Ready GeoCluster
+/// whose status an "agent" patches every second for 30 s (status
+/// subresource, the agent's own field manager, as region-agent does), the
+/// operator sends no write request at all, counted from the API server's
+/// audit log. Changes to owned objects still reconcile, and those reconciles
+/// write nothing either when nothing differs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_churn_causes_no_operator_writes() {
+    let (cp, client) = setup("churn").await;
+    // No leader election: renewing the Lease is a write the operator makes
+    // on a timer, unrelated to the GeoCluster.
+    let operator = OperatorGuard::start(&cp, &["--leader-elect=false"])
+        .await
+        .expect("operator starts");
+    cp.kubectl(&["apply", "-f", "examples/geocluster.yaml"])
+        .expect("apply example");
+    let sts_api: Api<StatefulSet> = Api::namespaced(client.clone(), NS);
+    eventually("six StatefulSets", WAIT, || async {
+        (sts_api.list(&ListParams::default()).await.ok()?.items.len() == 6).then_some(())
+    })
+    .await;
+    mark_statefulsets_ready(&client).await;
+    eventually("GeoCluster Ready", WAIT, || async {
+        (geocluster_phase(&client, "payments").await.as_deref() == Some("Ready")).then_some(())
+    })
+    .await;
+    // The Ready event is the last write of the reconcile that made it Ready.
+    eventually("the Ready event", WAIT, || async {
+        let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), NS);
+        let list = events.list(&ListParams::default()).await.ok()?;
+        list.items
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("Ready"))
+            .then_some(())
+    })
+    .await;
+    let operator_writes = || {
+        cp.audited_writes()
+            .expect("audit log readable")
+            .into_iter()
+            .filter(|w| w.user == tern_e2e::operator::OPERATOR_USER)
+            .collect::<Vec<_>>()
+    };
+    let before = operator_writes();
+    assert!(
+        !before.is_empty(),
+        "the audit log shows the operator's writes while provisioning"
+    );
+    let reconciles = |controller: &'static str| {
+        let operator = &operator;
+        async move {
+            operator
+                .metric(&format!(
+                    "tern_operator_reconciles_total{{controller=\"{controller}\"}}"
+                ))
+                .await
+                .unwrap_or_default()
+        }
+    };
+    let (gc_reconciles, rg_reconciles) = (reconciles("geocluster").await, reconciles("regiongroup").await);
+
+    // 30 s of an agent publishing lag every second.
+    let gcs: Api<GeoCluster> = Api::namespaced(client.clone(), NS);
+    for second in 0..30i64 {
+        let patch = json!({
+            "apiVersion": "tern.dev/v1alpha1",
+            "kind": "GeoCluster",
+            "status": {"regions": [{
+                "name": "us-east",
+                "agent": "payments-agent-us-east-0",
+                "mirrors": [{"source": "eu-west", "state": "streaming", "lagMs": 40 + second,
+                             "lagRevisions": second % 3, "skewMs": 1}],
+                "membersBehind": 0,
+                "groupLeader": format!("http://payments-us-east-{}:2379", second % 3),
+            }]}
+        });
+        gcs.patch_status(
+            "payments",
+            &PatchParams::apply("tern-agent-us-east").force(),
+            &Patch::Apply(&patch),
+        )
+        .await
+        .expect("agent status patch");
+        if second == 10 {
+            // Owned objects changing (here: someone else's label) still
+            // trigger reconciles of both controllers; with nothing of the
+            // operator's to put back they must write nothing.
+            let label = json!({"metadata": {"labels": {"example.com/touched": "yes"}}});
+            Api::<Deployment>::namespaced(client.clone(), NS)
+                .patch(
+                    "payments-router-us-east",
+                    &PatchParams::default(),
+                    &Patch::Merge(&label),
+                )
+                .await
+                .expect("label the router Deployment");
+            sts_api
+                .patch("payments-eu-west", &PatchParams::default(), &Patch::Merge(&label))
+                .await
+                .expect("label a StatefulSet");
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+
+    let agent_patches = cp
+        .audited_writes()
+        .expect("audit log readable")
+        .into_iter()
+        .filter(|w| w.resource == "geoclusters" && w.subresource == "status" && w.code == 200)
+        .filter(|w| w.user == "admin")
+        .count();
+    assert!(
+        agent_patches >= 30,
+        "the agent's status patches were audited: {agent_patches}"
+    );
+    eventually("both controllers reconciled the touched objects", WAIT, || async {
+        (reconciles("geocluster").await > gc_reconciles && reconciles("regiongroup").await > rg_reconciles)
+            .then_some(())
+    })
+    .await;
+    let after = operator_writes();
+    let new: Vec<String> = after[before.len()..].iter().map(ToString::to_string).collect();
+    assert!(
+        new.is_empty(),
+        "the operator wrote while only status churned and owned objects were touched:\n{}",
+        new.join("\n")
+    );
+    let gc = gcs.get("payments").await.expect("geocluster");
+    let us_east = gc
+        .status
+        .as_ref()
+        .and_then(|s| s.regions.iter().find(|r| r.name == "us-east"))
+        .expect("us-east status");
+    assert_eq!(
+        us_east.mirrors.first().map(|m| m.lag_ms),
+        Some(69),
+        "the agent's fields stay the agent's"
+    );
+    let result = operator.stop().await;
+    assert!(matches!(result, Some(Ok(()))), "graceful stop: {result:?}");
+}
