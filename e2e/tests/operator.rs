@@ -415,20 +415,20 @@ async fn invalid_geocluster_is_reported_not_retried() {
     let operator = OperatorGuard::start(&cp, &["--identity=traced", &otlp])
         .await
         .expect("operator starts");
-    // Valid for the schema, but the directory would have two members: no
-    // majority survives the loss of one.
+    // Valid for the schema, but a node selector key is not a label key (the
+    // schema cannot check map keys within its CEL cost budget).
     let dir = tempfile::tempdir().expect("temp dir");
-    let path = dir.path().join("even.yaml");
+    let path = dir.path().join("badlabel.yaml");
     std::fs::write(
         &path,
-        "apiVersion: tern.dev/v1alpha1\nkind: GeoCluster\nmetadata:\n  name: even\n  namespace: default\nspec:\n  regions:\n  - {name: us-east, zones: [a]}\n  - {name: eu-west, zones: [a]}\n  directory:\n    members: [{region: us-east}, {region: eu-west}]\n",
+        "apiVersion: tern.dev/v1alpha1\nkind: GeoCluster\nmetadata:\n  name: badlabel\n  namespace: default\nspec:\n  regions:\n  - {name: us-east, zones: [a], nodeSelector: {\"bad key\": x}}\n  - {name: eu-west, zones: [a]}\n  directory:\n    members: [{region: us-east}, {region: eu-west, replicas: 2}]\n",
     )
     .expect("write");
     cp.kubectl(&["apply", "-f", path.to_str().expect("utf-8")])
         .expect("schema accepts it");
     let api: Api<GeoCluster> = Api::namespaced(client.clone(), NS);
     let gc = eventually("status says InvalidSpec", WAIT, || async {
-        let gc = api.get("even").await.ok()?;
+        let gc = api.get("badlabel").await.ok()?;
         (condition(&gc, "Degraded") == Some(("True".into(), "InvalidSpec".into()))).then_some(gc)
     })
     .await;
@@ -442,7 +442,7 @@ async fn invalid_geocluster_is_reported_not_retried() {
         .message
         .clone();
     assert!(
-        message.contains("spec.directory.members") && message.contains("odd"),
+        message.contains("spec.regions[0].nodeSelector") && message.contains("label key"),
         "{message}"
     );
     let events = cp
@@ -480,10 +480,10 @@ async fn invalid_geocluster_is_reported_not_retried() {
     cp.kubectl(&[
         "patch",
         "geocluster",
-        "even",
+        "badlabel",
         "--type=json",
         "-p",
-        r#"[{"op":"replace","path":"/spec/directory/members/1/replicas","value":2}]"#,
+        r#"[{"op":"replace","path":"/spec/regions/0/nodeSelector","value":{"topology.kubernetes.io/region":"us-east"}}]"#,
     ])
     .expect("fix");
     eventually("groups created after the fix", WAIT, || async {
@@ -507,7 +507,7 @@ async fn invalid_geocluster_is_reported_not_retried() {
         .filter(|s| {
             s.name == "operator.reconcile"
                 && s.instance == "traced"
-                && s.attribute("tern.object") == Some("GeoCluster/default/even")
+                && s.attribute("tern.object") == Some("GeoCluster/default/badlabel")
         })
         .collect();
     let outcomes: Vec<_> = reconciles.iter().filter_map(|s| s.attribute("tern.outcome")).collect();
