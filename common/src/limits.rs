@@ -8,10 +8,14 @@ use std::time::Duration;
 
 pub use crate::ids::{MAX_ACCOUNT_ID, MAX_REGION_NAME};
 
-/// A region name: an RFC 1123 DNS label of at most [`MAX_REGION_NAME`]
-/// characters, because it becomes part of object names, DNS names and etcd
-/// member names. [`is_region_name`] is the same rule in Rust.
-pub const REGION_NAME_PATTERN: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$";
+/// An RFC 1123 DNS label (its length limit is the caller's): pod names,
+/// etcd member names.
+pub const DNS_LABEL_PATTERN: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$";
+
+/// A region name: a DNS label of at most [`MAX_REGION_NAME`] characters,
+/// because it becomes part of object names, DNS names and etcd member names.
+/// [`is_region_name`] is the same rule in Rust.
+pub const REGION_NAME_PATTERN: &str = DNS_LABEL_PATTERN;
 
 /// Whether `s` is a region name ([`REGION_NAME_PATTERN`], at most
 /// [`MAX_REGION_NAME`] bytes).

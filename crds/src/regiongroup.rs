@@ -91,7 +91,7 @@ pub enum GroupRole {
 #[serde(rename_all = "camelCase")]
 pub struct ClusterMember {
     /// Member name (the pod name, a DNS label).
-    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    #[schemars(length(min = 1, max = 63), regex(pattern = limits::DNS_LABEL_PATTERN))]
     pub name: String,
     /// URL the other members reach it on (`http://host:port`).
     #[serde(rename = "peerURL")]
