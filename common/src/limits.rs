@@ -61,6 +61,45 @@ pub const ACCOUNT_ID_PATTERN: &str = r"^[A-Za-z0-9][A-Za-z0-9._:@-]*$";
 /// m, h, decimals with digits on both sides of the point, no sign, no spaces.
 pub const DURATION_PATTERN: &str = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$";
 
+/// An OTLP/gRPC endpoint: `http(s)://host[:port][/path]`, the host a name
+/// or a bracketed IPv6 address. [`is_otlp_endpoint`] is the same rule in
+/// Rust; anything else would fail when the exporter is built at start-up.
+pub const OTLP_ENDPOINT_PATTERN: &str = r"^https?://([A-Za-z0-9_.-]+|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?(/[^\s]*)?$";
+
+/// Whether `s` matches [`OTLP_ENDPOINT_PATTERN`].
+pub fn is_otlp_endpoint(s: &str) -> bool {
+    let Some(rest) = s.strip_prefix("http://").or_else(|| s.strip_prefix("https://")) else {
+        return false;
+    };
+    let (authority, path) = rest.find('/').map_or((rest, ""), |i| rest.split_at(i));
+    let (host_ok, port) = match authority.strip_prefix('[') {
+        Some(v6) => {
+            let Some((addr, tail)) = v6.split_once(']') else {
+                return false;
+            };
+            let port = match tail {
+                "" => None,
+                _ => match tail.strip_prefix(':') {
+                    Some(p) => Some(p),
+                    None => return false,
+                },
+            };
+            let addr_ok = !addr.is_empty() && addr.chars().all(|c| c.is_ascii_hexdigit() || c == ':' || c == '.');
+            (addr_ok, port)
+        }
+        None => {
+            let (host, port) = match authority.split_once(':') {
+                Some((h, p)) => (h, Some(p)),
+                None => (authority, None),
+            };
+            let name_ok = !host.is_empty() && host.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+            (name_ok, port)
+        }
+    };
+    let port_ok = port.is_none_or(|p| (1..=5).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit()));
+    host_ok && port_ok && !path.contains(char::is_whitespace)
+}
+
 /// Allowed range of a duration setting, both ends included. The ends are
 /// duration strings so that the same text goes into the CRD's CEL rule.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -159,6 +198,26 @@ mod tests {
             assert!(!is_region_name(bad), "{bad}");
         }
         assert!(is_cluster_name("payments"));
+        for ok in [
+            "http://collector:4317",
+            "https://otel.example.com",
+            "http://[::1]:4317/v1",
+            "http://otel_c",
+        ] {
+            assert!(is_otlp_endpoint(ok), "{ok}");
+        }
+        for bad in [
+            "collector:4317",
+            "http://",
+            "http://a b",
+            "http://[::1",
+            "http://c:port",
+            "http://c:123456",
+            "http://[]:1",
+            "http://[::1]x",
+        ] {
+            assert!(!is_otlp_endpoint(bad), "{bad}");
+        }
         for bad in ["1payments", "pay.ments", "pay-", "", &"p".repeat(25)] {
             assert!(!is_cluster_name(bad), "{bad}");
         }

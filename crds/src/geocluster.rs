@@ -372,7 +372,7 @@ pub struct SuccessorOrder {
 pub struct TelemetrySpec {
     /// OTLP/gRPC endpoint that components export traces to
     /// (`http://collector:4317`).
-    #[schemars(length(min = 1, max = 512), regex(pattern = r"^https?://[^\s]+$"))]
+    #[schemars(length(min = 1, max = 512), regex(pattern = limits::OTLP_ENDPOINT_PATTERN))]
     pub otlp_endpoint: String,
     /// Fraction of root traces sampled, 0 to 1; children follow their parent.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -266,3 +266,30 @@ fn a_region_cannot_take_another_regions_directory_name() {
     let err = validate_cel(&gc).expect_err("refused");
     assert!(format!("{err:?}").contains("dir-<another region>"), "{err:?}");
 }
+
+#[test]
+fn schema_otlp_endpoint_pattern_and_the_rust_rule_agree() {
+    let re = regex::Regex::new(&pattern_of("GeoCluster", &["spec", "telemetry", "otlpEndpoint"])).expect("regex");
+    for text in [
+        "http://collector:4317",
+        "https://otel.example.com",
+        "http://[::1]:4317/v1",
+        "http://otel_c",
+        "collector:4317",
+        "http://",
+        "http://a b",
+        "http://[::1",
+        "http://c:port",
+        "http://c:123456",
+        "http://[]:1",
+        "http://[::1]x",
+        "ftp://c",
+        "http://c/a b",
+    ] {
+        assert_eq!(
+            re.is_match(text),
+            tern_common::limits::is_otlp_endpoint(text),
+            "{text:?}"
+        );
+    }
+}

@@ -8,6 +8,8 @@ use crate::regions::RegionFilter;
 
 /// Why the operator cannot act on `gc`, if it cannot.
 pub fn geocluster(gc: &GeoCluster, managed: &RegionFilter) -> Result<(), String> {
+    // The schema refuses an even total too (CEL); this covers objects stored
+    // before that rule existed.
     let total: i32 = gc.spec.directory.members.iter().map(|m| m.replicas).sum();
     if total % 2 == 0 {
         return Err(format!(
