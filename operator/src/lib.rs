@@ -216,7 +216,14 @@ async fn controllers(client: Client, namespace: &str, ctx: Arc<Context>) {
             ctx.clone(),
         )
         .for_each(|_| futures::future::ready(()));
-    let groups = Controller::new(scoped::<RegionGroup>(client.clone(), namespace), ours.clone())
+    // Likewise a RegionGroup's own status writes do not reconcile it again.
+    let (reader, writer) = reflector::store();
+    let group_changes = watcher(scoped::<RegionGroup>(client.clone(), namespace), ours.clone())
+        .default_backoff()
+        .reflect(writer)
+        .applied_objects()
+        .predicate_filter(predicates::generation, Default::default());
+    let groups = Controller::for_stream(group_changes, reader)
         .owns(scoped::<StatefulSet>(client.clone(), namespace), ours.clone())
         .owns(scoped::<Service>(client.clone(), namespace), ours.clone())
         .owns(scoped::<PodDisruptionBudget>(client.clone(), namespace), ours.clone())
