@@ -77,9 +77,8 @@ pub const QUANTITY_PATTERN: &str = r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([
 /// Schema of a container's `resources`: requests and limits as maps of
 /// quantities with the quantity pattern (the built-in schema of a quantity is
 /// only "int or string", so `cpu: fast` would pass and the workload would be
-/// refused when the operator applies it). A schema rule for "no request above
-/// its limit" would exceed the API server's CEL cost budget on these maps,
-/// so that one stays with the API server's validation of the workload.
+/// refused when the operator applies it), and no request above its limit
+/// (the same: Kubernetes refuses such a pod template).
 pub fn resources_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
     let quantities = |what: &str| {
         serde_json::json!({
@@ -89,6 +88,7 @@ pub fn resources_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
             "additionalProperties": {
                 "anyOf": [{"type": "integer"}, {"type": "string"}],
                 "pattern": QUANTITY_PATTERN,
+                "maxLength": 64,
                 "x-kubernetes-int-or-string": true
             }
         })
@@ -97,6 +97,11 @@ pub fn resources_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
         "description": "CPU and memory: requests and limits as Kubernetes quantities.",
         "type": "object",
         "nullable": true,
+        "x-kubernetes-validations": [{
+            "rule": "!has(self.requests) || !has(self.limits) || self.requests.all(k, !(k in self.limits) || !isQuantity(string(self.requests[k])) || !isQuantity(string(self.limits[k])) || quantity(string(self.requests[k])).compareTo(quantity(string(self.limits[k]))) <= 0)",
+            "message": "resources: a request must not exceed its limit",
+            "reason": "FieldValueInvalid"
+        }],
         "properties": {
             "requests": quantities("Minimum resources"),
             "limits": quantities("Maximum resources")

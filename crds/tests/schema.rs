@@ -245,7 +245,7 @@ fn cluster_names_are_rfc_1035_labels() {
 }
 
 #[test]
-fn storage_size_is_a_positive_quantity() {
+fn storage_size_and_resources_are_checked_quantities() {
     use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
     let mut gc = example();
     gc.spec.etcd.storage.size = Quantity("lots".into());
@@ -253,6 +253,13 @@ fn storage_size_is_a_positive_quantity() {
     let mut gc = example();
     gc.spec.etcd.storage.size = Quantity("0".into());
     refused(&gc, "size must be a Kubernetes quantity greater than zero");
+    let mut gc = example();
+    gc.spec.router.component.resources = Some(k8s_openapi::api::core::v1::ResourceRequirements {
+        requests: Some([("cpu".to_string(), Quantity("2".into()))].into()),
+        limits: Some([("cpu".to_string(), Quantity("500m".into()))].into()),
+        ..Default::default()
+    });
+    refused(&gc, "a request must not exceed its limit");
 }
 
 #[test]
