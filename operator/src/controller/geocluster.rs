@@ -93,7 +93,7 @@ async fn report_invalid(gc: &GeoCluster, ctx: &Context, reason: String, now: &Ti
     }
     Err(Error::InvalidSpec {
         kind: "GeoCluster",
-        name: key(gc),
+        name: format!("{}/{}", gc.namespace().unwrap_or_default(), gc.name_any()),
         reason,
     })
 }
