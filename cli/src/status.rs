@@ -88,7 +88,7 @@ pub fn render_geocluster(gc: &tern_crds::GeoCluster) -> String {
         out,
         "GeoCluster {}: {} (regions ready {})",
         gc.metadata.name.as_deref().unwrap_or("?"),
-        st.phase.as_deref().unwrap_or("Unknown"),
+        st.phase.map_or("Unknown", |p| p.as_str()),
         st.ready_regions.as_deref().unwrap_or("-")
     );
     for c in &st.conditions {

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::InvalidInput;
 
-/// Longest account id, in bytes.
+/// Longest account id, in bytes (also the CRDs' limit, see `limits`).
 pub const MAX_ACCOUNT_ID: usize = 128;
 /// Longest user key, in bytes.
 pub const MAX_USER_KEY: usize = 512;
@@ -16,7 +16,8 @@ pub const MAX_USER_KEY: usize = 512;
 pub const MAX_IDEMPOTENCY_KEY: usize = 128;
 /// Largest value, in bytes (etcd refuses requests over 1.5 MiB).
 pub const MAX_VALUE: usize = 1024 * 1024;
-/// Longest region name (it appears in Kubernetes object names).
+/// Longest region name (it appears in Kubernetes object names; see
+/// `limits::REGION_NAME_PATTERN` for the rest of the rule).
 pub const MAX_REGION_NAME: usize = 20;
 
 /// Rules shared by account ids, user keys and idempotency keys: they become
@@ -161,14 +162,7 @@ impl IdempotencyKey {
 impl RegionName {
     pub fn new(s: impl Into<String>) -> Result<Self, InvalidInput> {
         let s = s.into();
-        let b = s.as_bytes();
-        let valid = !b.is_empty()
-            && b.len() <= MAX_REGION_NAME
-            && b.iter()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
-            && b[0] != b'-'
-            && b[b.len() - 1] != b'-';
-        if valid {
+        if crate::limits::is_region_name(&s) {
             Ok(Self(s))
         } else {
             Err(InvalidInput::Malformed {

@@ -11,6 +11,7 @@ pub mod duration;
 pub mod etcd;
 pub mod ids;
 pub mod keys;
+pub mod limits;
 pub mod ops;
 pub mod process;
 pub mod records;

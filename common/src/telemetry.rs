@@ -30,7 +30,8 @@ pub struct TraceArgs {
 }
 
 fn parse_endpoint(s: &str) -> Result<String, String> {
-    if (s.starts_with("http://") || s.starts_with("https://")) && !s.contains(char::is_whitespace) {
+    // The same rule as the GeoCluster schema's spec.telemetry.otlpEndpoint.
+    if crate::limits::is_otlp_endpoint(s) {
         Ok(s.to_string())
     } else {
         Err(format!(

@@ -8,8 +8,12 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
+use tern_common::limits;
 
-use crate::common::{ComponentSpec, EtcdSpec};
+use crate::common::{
+    CLUSTER_NAME_PATTERN, ComponentSpec, DNS_SUBDOMAIN_PATTERN, DeletionPolicy, EtcdSpec, GroupPhase, MAX_CLUSTER_NAME,
+    MAX_REGION_NAME, REGION_NAME_PATTERN, ZONE_PATTERN, duration_rule,
+};
 
 /// Desired state of a geo-partitioned database.
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -26,7 +30,8 @@ use crate::common::{ComponentSpec, EtcdSpec};
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
     printcolumn = r#"{"name":"Failover","type":"string","priority":1,"jsonPath":".spec.failover.mode"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
-    validation = Rule::new("self.metadata.name.size() <= 24").message("metadata.name must be at most 24 characters: it is part of the names of every child object and DNS name").reason(kube::core::Reason::FieldValueInvalid),
+    validation = Rule::new(format!("self.metadata.name.size() <= {MAX_CLUSTER_NAME}")).message(kube::core::Message::Message(format!("metadata.name must be at most {MAX_CLUSTER_NAME} characters: it is part of the names of every child object and DNS name"))).reason(Reason::FieldValueInvalid),
+    validation = Rule::new(format!("self.metadata.name.matches('{CLUSTER_NAME_PATTERN}')")).message("metadata.name must start with a lower-case letter and contain only lower-case letters, digits and '-' (no dots), ending in a letter or digit: it starts the names of Services, which must be RFC 1035 labels").reason(Reason::FieldValueInvalid),
 )]
 #[serde(rename_all = "camelCase")]
 #[x_kube(
@@ -36,6 +41,9 @@ use crate::common::{ComponentSpec, EtcdSpec};
     validation = Rule::new("!has(self.failover) || self.failover.successors.all(s, self.regions.exists(r, r.name == s.region) && s.order.all(o, self.regions.exists(r, r.name == o)))")
         .message("every region and successor in failover.successors must be one of spec.regions")
         .field_path(".failover.successors"),
+    validation = Rule::new("self.regions.all(r, !self.regions.exists(o, r.name == 'dir-' + o.name))")
+        .message("no region may be named dir-<another region>: its data group would have the name of that region's directory group")
+        .field_path(".regions"),
 )]
 pub struct GeoClusterSpec {
     /// The regions of the database. Each gets its own Raft group (an etcd
@@ -79,7 +87,7 @@ pub struct GeoClusterSpec {
 pub struct RegionSpec {
     /// Region name: a DNS label of at most 20 characters (`us-east`). It names
     /// the region's group, its objects and its etcd members.
-    #[schemars(length(min = 1, max = 20), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    #[schemars(length(min = 1, max = MAX_REGION_NAME), regex(pattern = REGION_NAME_PATTERN))]
     pub name: String,
     /// Availability zones of the region (values of the nodes'
     /// `topology.kubernetes.io/zone` label). Members are spread evenly over them.
@@ -87,7 +95,7 @@ pub struct RegionSpec {
         length(min = 1, max = 8),
         inner(
             length(min = 1, max = 63),
-            regex(pattern = r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
+            regex(pattern = ZONE_PATTERN)
         )
     )]
     #[x_kube(merge_strategy = ListMerge::Set)]
@@ -95,12 +103,14 @@ pub struct RegionSpec {
     /// Members of the region's Raft group: odd, 1 to 7, so that a majority
     /// survives the loss of a minority of zones.
     #[serde(default = "default_replicas")]
-    #[schemars(range(min = 1, max = 7))]
+    #[schemars(range(min = limits::GROUP_REPLICAS.0, max = limits::GROUP_REPLICAS.1))]
     #[x_kube(validation = Rule::new("self % 2 == 1").message("replicas must be odd (1, 3, 5 or 7): an even count adds a member without tolerating one more failure"))]
     pub replicas: i32,
     /// Node labels that pin the region's pods to its nodes. Defaults to
-    /// `topology.kubernetes.io/region: <name>`.
+    /// `topology.kubernetes.io/region: <name>`. Keys are label keys, values
+    /// label values; at most 16 entries.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "crate::common::node_selector_schema")]
     pub node_selector: Option<BTreeMap<String, String>>,
     /// DNS domain of the Kubernetes cluster that runs this region
     /// (`cluster.local` when unset). Peer URLs of directory members are built
@@ -108,7 +118,7 @@ pub struct RegionSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(
         length(min = 1, max = 253),
-        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+        regex(pattern = DNS_SUBDOMAIN_PATTERN)
     )]
     pub cluster_domain: Option<String>,
 }
@@ -123,11 +133,18 @@ fn default_replicas() -> i32 {
 #[x_kube(
     validation = Rule::new("self.electionTimeoutMs >= 10 * self.heartbeatIntervalMs")
         .message("electionTimeoutMs must be at least 10 times heartbeatIntervalMs across regions")
-        .field_path(".electionTimeoutMs")
+        .field_path(".electionTimeoutMs"),
+    validation = Rule::new("self.members.map(m, m.replicas).sum() % 2 == 1")
+        .message("the directory group's members (the sum of members[].replicas) must be odd, so that a majority survives the loss of a minority")
+        .field_path(".members"),
+    validation = Rule::new(format!("self.members.map(m, m.replicas).sum() <= {}", limits::MAX_GROUP_MEMBERS))
+        .message(kube::core::Message::Message(format!("the directory group may have at most {} members in all", limits::MAX_GROUP_MEMBERS)))
+        .field_path(".members"),
 )]
 pub struct DirectorySpec {
-    /// Directory members per region. Spread them over at least three regions
-    /// so that the loss of one region keeps a majority.
+    /// Directory members per region, an odd number in all. Spread them over
+    /// at least three regions so that the loss of one region keeps a
+    /// majority.
     #[schemars(length(min = 1, max = 16))]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["region".into()]))]
     pub members: Vec<DirectoryMembers>,
@@ -156,7 +173,7 @@ fn default_directory_election_ms() -> i32 {
 #[serde(rename_all = "camelCase")]
 pub struct DirectoryMembers {
     /// A region of `spec.regions`.
-    #[schemars(length(min = 1, max = 20), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    #[schemars(length(min = 1, max = MAX_REGION_NAME), regex(pattern = REGION_NAME_PATTERN))]
     pub region: String,
     /// Directory members in that region.
     #[serde(default = "default_directory_replicas")]
@@ -178,21 +195,18 @@ pub struct RouterSpec {
     /// 2160h (90 days). A retry with the same key within it returns the
     /// first result; after it the key is new again.
     #[serde(default = "default_idempotency_retention")]
-    #[schemars(
-        length(min = 2, max = 32),
-        regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$")
-    )]
-    #[x_kube(validation = Rule::new("duration(self) >= duration('1s') && duration(self) <= duration('2160h')").message("idempotencyRetention must be between 1s and 2160h (90 days)"))]
+    #[schemars(length(min = 2, max = 32), regex(pattern = limits::DURATION_PATTERN))]
+    #[x_kube(validation = duration_rule("idempotencyRetention", limits::IDEMPOTENCY_RETENTION))]
     pub idempotency_retention: String,
     /// Most writes that share one etcd transaction (group commit; each keeps
     /// its own fence compare and outcome). 1 sends every write alone.
     #[serde(default = "default_write_batch_max")]
-    #[schemars(range(min = 1, max = 128))]
+    #[schemars(range(min = limits::WRITE_BATCH_MAX.0, max = limits::WRITE_BATCH_MAX.1))]
     pub write_batch_max: i32,
     /// Group-commit transactions in flight at once per router. 1 makes the
     /// largest batches; raise it where commits wait on slow disks.
     #[serde(default = "default_write_batches_in_flight")]
-    #[schemars(range(min = 1, max = 16))]
+    #[schemars(range(min = limits::WRITE_BATCHES_IN_FLIGHT.0, max = limits::WRITE_BATCHES_IN_FLIGHT.1))]
     pub write_batches_in_flight: i32,
     /// Send requests to the region group's Raft leader instead of through
     /// any member (which forwards writes to the leader).
@@ -237,19 +251,17 @@ pub struct FollowTheSunSpec {
     #[serde(default = "default_threshold")]
     #[schemars(range(min = 1, max = 1000000))]
     pub threshold: i32,
-    /// Sliding window over which writes are counted, as a duration (`24h`).
+    /// Sliding window over which writes are counted, as a duration from 1m
+    /// to 2160h (`24h`).
     #[serde(default = "default_window")]
-    #[schemars(
-        length(min = 2, max = 32),
-        regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$")
-    )]
+    #[schemars(length(min = 2, max = 32), regex(pattern = limits::DURATION_PATTERN))]
+    #[x_kube(validation = duration_rule("window", limits::FOLLOW_THE_SUN_WINDOW))]
     pub window: String,
-    /// Minimum time between two moves of the same account, as a duration.
+    /// Minimum time between two moves of the same account, as a duration
+    /// from 1s to 2160h.
     #[serde(default = "default_cooldown")]
-    #[schemars(
-        length(min = 2, max = 32),
-        regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$")
-    )]
+    #[schemars(length(min = 2, max = 32), regex(pattern = limits::DURATION_PATTERN))]
+    #[x_kube(validation = duration_rule("cooldown", limits::FOLLOW_THE_SUN_COOLDOWN))]
     pub cooldown: String,
     /// Only report the moves that would be made, as events and metrics.
     #[serde(default)]
@@ -301,12 +313,11 @@ pub struct FailoverSpec {
     #[x_kube(merge_strategy = ListMerge::Map(vec!["region".into()]))]
     pub successors: Vec<SuccessorOrder>,
     /// Data-loss budget: automatic failover is refused while the last measured
-    /// mirror lag of the lost region at its successor exceeds this duration.
+    /// mirror lag of the lost region at its successor exceeds this duration
+    /// (1ms to 1h).
     #[serde(default = "default_max_data_loss_lag")]
-    #[schemars(
-        length(min = 2, max = 32),
-        regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$")
-    )]
+    #[schemars(length(min = 2, max = 32), regex(pattern = limits::DURATION_PATTERN))]
+    #[x_kube(validation = duration_rule("maxDataLossLag", limits::MAX_DATA_LOSS_LAG))]
     pub max_data_loss_lag: String,
 }
 
@@ -344,22 +355,15 @@ pub enum FailoverMode {
 )]
 pub struct SuccessorOrder {
     /// The region that may be lost.
-    #[schemars(length(min = 1, max = 20), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    #[schemars(length(min = 1, max = MAX_REGION_NAME), regex(pattern = REGION_NAME_PATTERN))]
     pub region: String,
     /// Regions that take its accounts over, in order of preference.
-    #[schemars(length(min = 1, max = 15), inner(length(min = 1, max = 20)))]
+    #[schemars(
+        length(min = 1, max = 15),
+        inner(length(min = 1, max = MAX_REGION_NAME), regex(pattern = REGION_NAME_PATTERN))
+    )]
     #[x_kube(merge_strategy = ListMerge::Set)]
     pub order: Vec<String>,
-}
-
-/// What deleting a GeoCluster does to the volumes.
-#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum DeletionPolicy {
-    /// Keep every PersistentVolumeClaim.
-    #[default]
-    Retain,
-    /// Delete the PersistentVolumeClaims with the workloads.
-    Delete,
 }
 
 /// Trace export settings.
@@ -368,7 +372,7 @@ pub enum DeletionPolicy {
 pub struct TelemetrySpec {
     /// OTLP/gRPC endpoint that components export traces to
     /// (`http://collector:4317`).
-    #[schemars(length(min = 1, max = 512), regex(pattern = r"^https?://[^\s]+$"))]
+    #[schemars(length(min = 1, max = 512), regex(pattern = limits::OTLP_ENDPOINT_PATTERN))]
     pub otlp_endpoint: String,
     /// Fraction of root traces sampled, 0 to 1; children follow their parent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -389,7 +393,7 @@ pub struct GeoClusterStatus {
     pub conditions: Vec<Condition>,
     /// `Ready`, `Progressing` or `Degraded`: the conditions in one word.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub phase: Option<String>,
+    pub phase: Option<ClusterPhase>,
     /// Ready regions out of the regions this operator manages (`2/3`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ready_regions: Option<String>,
@@ -399,6 +403,38 @@ pub struct GeoClusterStatus {
     pub regions: Vec<RegionStatus>,
 }
 
+/// A GeoCluster's state in one word, from its conditions.
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClusterPhase {
+    /// Every managed region's groups are ready.
+    Ready,
+    /// Groups are being created or rolled.
+    Progressing,
+    /// A group lacks members, or the spec cannot be acted on.
+    Degraded,
+}
+
+impl ClusterPhase {
+    /// The phase as it is written in status.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ready => "Ready",
+            Self::Progressing => "Progressing",
+            Self::Degraded => "Degraded",
+        }
+    }
+
+    /// The GeoCluster phase that a group phase (the worst of its regions)
+    /// amounts to.
+    pub fn of(group: GroupPhase) -> Self {
+        match group {
+            GroupPhase::Ready => Self::Ready,
+            GroupPhase::Pending | GroupPhase::Provisioning => Self::Progressing,
+            GroupPhase::Degraded | GroupPhase::Unavailable => Self::Degraded,
+        }
+    }
+}
+
 /// State of one region's groups.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
@@ -406,7 +442,7 @@ pub struct RegionStatus {
     /// Region name.
     pub name: String,
     /// Phase of the region's data group (and its directory members).
-    pub phase: crate::regiongroup::GroupPhase,
+    pub phase: GroupPhase,
     /// Members of the region's data group.
     pub members: i32,
     /// Ready members of the region's data group.

@@ -6,6 +6,10 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
+use crate::common::{
+    ACCOUNT_ID_PATTERN, CLUSTER_NAME_PATTERN, MAX_ACCOUNT_ID, MAX_CLUSTER_NAME, MAX_REGION_NAME, REGION_NAME_PATTERN,
+};
+
 /// A request to move one account's home region.
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
@@ -32,24 +36,24 @@ use serde::{Deserialize, Serialize};
 )]
 pub struct AccountMigrationSpec {
     /// The GeoCluster the account belongs to.
-    #[schemars(length(min = 1, max = 24))]
+    #[schemars(length(min = 1, max = MAX_CLUSTER_NAME), regex(pattern = CLUSTER_NAME_PATTERN))]
     pub geo_cluster: String,
     /// The account to move: letters, digits and `._:@-`, at most 128
     /// characters, no `..`. Immutable.
-    #[schemars(length(min = 1, max = 128), regex(pattern = r"^[A-Za-z0-9][A-Za-z0-9._:@-]*$"))]
+    #[schemars(length(min = 1, max = MAX_ACCOUNT_ID), regex(pattern = ACCOUNT_ID_PATTERN))]
     #[x_kube(
         validation = Rule::new("self == oldSelf").message("account is immutable: create a new AccountMigration"),
         validation = Rule::new("!self.contains('..')").message("account must not contain '..'")
     )]
     pub account: String,
     /// The region the account moves to. Immutable.
-    #[schemars(length(min = 1, max = 20), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    #[schemars(length(min = 1, max = MAX_REGION_NAME), regex(pattern = REGION_NAME_PATTERN))]
     #[x_kube(validation = Rule::new("self == oldSelf").message("targetRegion is immutable: create a new AccountMigration"))]
     pub target_region: String,
     /// Compare-and-swap guard: the move is refused unless the account is homed
     /// in this region when it starts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 20), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    #[schemars(length(min = 1, max = MAX_REGION_NAME), regex(pattern = REGION_NAME_PATTERN))]
     pub expected_source_region: Option<String>,
     /// Why the account moves, for the audit trail (`follow-the-sun`,
     /// `maintenance`, a ticket number).

@@ -7,8 +7,12 @@ use std::collections::BTreeMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
+use tern_common::limits;
 
-use crate::common::EtcdSpec;
+use crate::common::{
+    CLUSTER_NAME_PATTERN, DNS_SUBDOMAIN_PATTERN, DeletionPolicy, EtcdSpec, GroupPhase, MAX_CLUSTER_NAME,
+    MAX_REGION_NAME, REGION_NAME_PATTERN, ZONE_PATTERN,
+};
 
 /// Desired state of one Raft group's members in one region.
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -29,40 +33,48 @@ use crate::common::EtcdSpec;
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("self.initialCluster.size() >= self.replicas")
+        .message("initialCluster must list at least this group's replicas")
+        .field_path(".initialCluster")
+)]
 pub struct RegionGroupSpec {
     /// The GeoCluster this group belongs to.
-    #[schemars(length(min = 1, max = 24))]
+    #[schemars(length(min = 1, max = MAX_CLUSTER_NAME), regex(pattern = CLUSTER_NAME_PATTERN))]
     pub geo_cluster: String,
     /// The region whose nodes run these members.
-    #[schemars(length(min = 1, max = 20), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    #[schemars(length(min = 1, max = MAX_REGION_NAME), regex(pattern = REGION_NAME_PATTERN))]
     pub region: String,
     /// `Data` (the region's own group) or `Directory` (the region's members of
     /// the global directory group).
     pub role: GroupRole,
     /// Zones the members are spread over.
-    #[schemars(length(min = 1, max = 8))]
+    #[schemars(length(min = 1, max = 8), inner(length(min = 1, max = 63), regex(pattern = ZONE_PATTERN)))]
     #[x_kube(merge_strategy = ListMerge::Set)]
     pub zones: Vec<String>,
     /// Members of this group in this region.
-    #[schemars(range(min = 1, max = 7))]
+    #[schemars(range(min = limits::GROUP_REPLICAS.0, max = limits::GROUP_REPLICAS.1))]
     pub replicas: i32,
     /// Node labels that pin the members to the region.
     #[serde(default)]
+    #[schemars(schema_with = "crate::common::node_selector_schema")]
     pub node_selector: BTreeMap<String, String>,
     /// DNS domain of this region's Kubernetes cluster.
+    #[schemars(length(min = 1, max = 253), regex(pattern = DNS_SUBDOMAIN_PATTERN))]
     pub cluster_domain: String,
     /// Every member of the Raft group, including those in other regions (for
     /// the directory group): etcd's initial cluster.
-    #[schemars(length(min = 1, max = 64))]
+    #[schemars(length(min = 1, max = limits::MAX_GROUP_MEMBERS))]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["name".into()]))]
     pub initial_cluster: Vec<ClusterMember>,
     /// Token that keeps members of different groups from joining each other.
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[A-Za-z0-9][-A-Za-z0-9_.]*$"))]
     pub cluster_token: String,
     /// etcd image, resources, storage and Raft tuning.
     pub etcd: EtcdSpec,
     /// Whether deleting the group deletes the members' volumes.
     #[serde(default)]
-    pub deletion_policy: crate::geocluster::DeletionPolicy,
+    pub deletion_policy: DeletionPolicy,
 }
 
 /// The role of a group.
@@ -78,10 +90,12 @@ pub enum GroupRole {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct ClusterMember {
-    /// Member name (the pod name).
+    /// Member name (the pod name, a DNS label).
+    #[schemars(length(min = 1, max = 63), regex(pattern = limits::DNS_LABEL_PATTERN))]
     pub name: String,
-    /// URL the other members reach it on.
+    /// URL the other members reach it on (`http://host:port`).
     #[serde(rename = "peerURL")]
+    #[schemars(length(min = 8, max = 512), regex(pattern = r"^https?://[^\s,/]+$"))]
     pub peer_url: String,
 }
 
@@ -105,34 +119,4 @@ pub struct RegionGroupStatus {
     #[serde(default)]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,
-}
-
-/// Where a group stands.
-#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum GroupPhase {
-    /// Nothing is running yet.
-    #[default]
-    Pending,
-    /// Members are starting or rolling to a new revision; a majority may not be
-    /// up yet.
-    Provisioning,
-    /// Every member is ready and current.
-    Ready,
-    /// A majority is up, but some members are not ready.
-    Degraded,
-    /// Fewer than a majority of members are ready: the group cannot commit.
-    Unavailable,
-}
-
-impl GroupPhase {
-    /// The phase as it is written in status.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Pending => "Pending",
-            Self::Provisioning => "Provisioning",
-            Self::Ready => "Ready",
-            Self::Degraded => "Degraded",
-            Self::Unavailable => "Unavailable",
-        }
-    }
 }

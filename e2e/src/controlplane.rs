@@ -76,6 +76,13 @@ impl ControlPlane {
         write(&sa_key, &sa_private)?;
         write(&sa_pub, &sa_public)?;
 
+        // Every write request is audited (who, what verb, which object), so
+        // tests can count the writes a component makes; reads are not
+        // logged, which keeps the log small.
+        let audit_policy = dir.path().join("audit-policy.yaml");
+        write(&audit_policy, AUDIT_POLICY)?;
+        let audit_log = dir.path().join("audit.log");
+
         let port = assets::free_port();
         let url = format!("https://127.0.0.1:{port}");
         let mut cmd = Command::new(apiserver_bin);
@@ -99,6 +106,12 @@ impl ControlPlane {
             .arg(format!("--service-account-signing-key-file={}", sa_key.display()))
             // Nothing runs behind the `kubernetes` Service here.
             .arg("--endpoint-reconciler-type=none")
+            .arg(format!("--audit-policy-file={}", audit_policy.display()))
+            .arg(format!("--audit-log-path={}", audit_log.display()))
+            .arg("--audit-log-format=json")
+            // Written as they happen, not in batches, so a test sees every
+            // request that was answered before it reads the log.
+            .arg("--audit-log-mode=blocking")
             .arg("-v=1");
         let apiserver = ChildGuard::spawn(
             &format!("kube-apiserver {name}"),
@@ -219,6 +232,39 @@ impl ControlPlane {
         Ok(())
     }
 
+    /// Every write request (create, update, patch, delete) the API server has
+    /// answered so far, oldest first.
+    pub fn audited_writes(&self) -> Result<Vec<AuditedWrite>> {
+        let path = self.dir.path().join("audit.log");
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(source) => {
+                return Err(HarnessError::Io {
+                    path: path.display().to_string(),
+                    source,
+                });
+            }
+        };
+        Ok(text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .map(|e| {
+                let field = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_string();
+                let object = &e["objectRef"];
+                AuditedWrite {
+                    user: field(&e["user"]["username"]),
+                    verb: field(&e["verb"]),
+                    resource: field(&object["resource"]),
+                    subresource: field(&object["subresource"]),
+                    namespace: field(&object["namespace"]),
+                    name: field(&object["name"]),
+                    code: e["responseStatus"]["code"].as_i64().unwrap_or_default(),
+                }
+            })
+            .collect())
+    }
+
     /// The API server's log so far, for diagnosing a failed test.
     pub fn apiserver_log(&self) -> String {
         self.apiserver.log_tail()
@@ -230,6 +276,48 @@ impl Drop for ControlPlane {
         // API server first: it would otherwise log etcd errors while stopping.
         self.apiserver.stop(Duration::from_secs(5));
         self.etcd.stop();
+    }
+}
+
+/// Audit policy of the test API servers: metadata of every write request
+/// once answered, nothing else.
+const AUDIT_POLICY: &str = "apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: [RequestReceived]
+rules:
+  - level: Metadata
+    verbs: [create, update, patch, delete, deletecollection]
+  - level: None
+";
+
+/// One write request from the API server's audit log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuditedWrite {
+    /// Who sent it (`system:serviceaccount:tern-system:tern-operator`).
+    pub user: String,
+    /// create, update, patch, delete or deletecollection.
+    pub verb: String,
+    /// Plural resource (`geoclusters`) and subresource (`status`), if any.
+    pub resource: String,
+    pub subresource: String,
+    pub namespace: String,
+    pub name: String,
+    /// HTTP status of the answer.
+    pub code: i64,
+}
+
+impl std::fmt::Display for AuditedWrite {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let sub = if self.subresource.is_empty() {
+            String::new()
+        } else {
+            format!("/{}", self.subresource)
+        };
+        write!(
+            f,
+            "{} {} {}{sub} {}/{} ({})",
+            self.user, self.verb, self.resource, self.namespace, self.name, self.code
+        )
     }
 }
 

@@ -117,8 +117,24 @@ fn operator_built_command_lines_parse_in_the_binaries() {
         let args = std::iter::once("tern-agent".to_string()).chain(agent_args(&gc, region));
         tern_agent::Config::try_parse_from(args).unwrap_or_else(|e| panic!("agent flags of {}: {e}", region.name));
     }
-    for (retention, batch, in_flight, direct) in [("1s", 1, 1, false), ("2160h", 128, 16, true), ("1h30m", 32, 1, true)]
-    {
+    // The schema's extremes come from the same constants as the schema
+    // (tern_common::limits), so this checks the binaries accept all of it.
+    use tern_common::limits::{IDEMPOTENCY_RETENTION, WRITE_BATCH_MAX, WRITE_BATCHES_IN_FLIGHT};
+    for (retention, batch, in_flight, direct) in [
+        (
+            IDEMPOTENCY_RETENTION.min,
+            WRITE_BATCH_MAX.0,
+            WRITE_BATCHES_IN_FLIGHT.0,
+            false,
+        ),
+        (
+            IDEMPOTENCY_RETENTION.max,
+            WRITE_BATCH_MAX.1,
+            WRITE_BATCHES_IN_FLIGHT.1,
+            true,
+        ),
+        ("1h30m", 32, 1, true),
+    ] {
         gc.spec.router.idempotency_retention = retention.into();
         gc.spec.router.write_batch_max = batch;
         gc.spec.router.write_batches_in_flight = in_flight;

@@ -1,7 +1,7 @@
-//! Server-side apply with the operator's one field manager, reporting whether
-//! the object was created, changed or already as desired (an unchanged apply
-//! does not move the resourceVersion), so events are only sent for real
-//! changes.
+//! Server-side apply with the operator's one field manager, skipped when the
+//! stored object is already as desired (so an idle reconcile writes
+//! nothing), reporting whether the object was created, changed or already as
+//! desired, so events are only sent for real changes.
 
 use std::fmt::Debug;
 
@@ -10,6 +10,7 @@ use kube::core::NamespaceResourceScope;
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use serde_json::Value;
 
 use crate::error::KubeContext;
 use crate::{Result, names};
@@ -22,7 +23,16 @@ pub enum Outcome {
     Unchanged,
 }
 
-/// Applies `obj` in its namespace.
+/// Applies `obj` in its namespace, unless the object already is as desired:
+/// then nothing is written, so a reconcile that changes nothing makes no
+/// write request at all (an unchanged server-side apply would still be one).
+///
+/// "As desired" means the stored object holds every field of `obj` with the
+/// same value (the API server adds defaults, which are not differences) and
+/// carries the hash of `obj` in [`names::ANNOTATION_APPLIED_HASH`]: a field
+/// that `obj` no longer sets changes the hash, so it is applied and server-
+/// side apply removes the field; a field someone else changed fails the
+/// comparison, so it is put back.
 pub async fn apply<K>(client: &Client, obj: &K) -> Result<Outcome>
 where
     K: Resource<Scope = NamespaceResourceScope> + Serialize + DeserializeOwned + Clone + Debug,
@@ -32,16 +42,27 @@ where
     let name = obj.name_any();
     let kind = K::kind(&K::DynamicType::default()).to_string();
     let api: Api<K> = Api::namespaced(client.clone(), &namespace);
-    let before = api
+    let obj = with_applied_hash(obj)?;
+    let existing = api
         .get_opt(&name)
         .await
-        .context(|| format!("reading {kind} {namespace}/{name}"))?
-        .and_then(|o| o.resource_version());
+        .context(|| format!("reading {kind} {namespace}/{name}"))?;
+    let before = match &existing {
+        None => None,
+        Some(existing) => {
+            let have = to_json(existing)?;
+            match first_difference(&have, &to_json(&obj)?, "") {
+                None => return Ok(Outcome::Unchanged),
+                Some(path) => tracing::debug!(%kind, %namespace, %name, %path, "differs from the desired object"),
+            }
+            existing.resource_version()
+        }
+    };
     let after = api
         .patch(
             &name,
             &PatchParams::apply(names::FIELD_MANAGER).force(),
-            &Patch::Apply(obj),
+            &Patch::Apply(&obj),
         )
         .await
         .context(|| format!("applying {kind} {namespace}/{name}"))?;
@@ -50,6 +71,61 @@ where
         Some(rv) if Some(rv.as_str()) != after.resource_version().as_deref() => Outcome::Updated,
         Some(_) => Outcome::Unchanged,
     })
+}
+
+fn to_json<T: Serialize>(value: &T) -> Result<Value> {
+    serde_json::to_value(value).map_err(|e| crate::Error::Serialize(e.to_string()))
+}
+
+/// `obj` with the hash of itself (without that annotation) in
+/// [`names::ANNOTATION_APPLIED_HASH`].
+fn with_applied_hash<K: Resource + Serialize + Clone>(obj: &K) -> Result<K> {
+    let mut obj = obj.clone();
+    let meta = obj.meta_mut();
+    if let Some(a) = meta.annotations.as_mut() {
+        a.remove(names::ANNOTATION_APPLIED_HASH);
+        if a.is_empty() {
+            meta.annotations = None;
+        }
+    }
+    let bytes = serde_json::to_vec(&obj).map_err(|e| crate::Error::Serialize(e.to_string()))?;
+    obj.meta_mut()
+        .annotations
+        .get_or_insert_with(Default::default)
+        .insert(names::ANNOTATION_APPLIED_HASH.to_string(), crate::hash::hex(&bytes));
+    Ok(obj)
+}
+
+/// The path of the first field of `want` that `have` lacks or holds with
+/// another value; `None` when `have` holds all of `want`. An empty value
+/// in `want` (null, "", [], {}) matches a missing field, because the API
+/// server drops empty optional fields.
+pub fn first_difference(have: &Value, want: &Value, path: &str) -> Option<String> {
+    let empty = |v: &Value| match v {
+        Value::Null => true,
+        Value::String(s) => s.is_empty(),
+        Value::Array(a) => a.is_empty(),
+        Value::Object(o) => o.is_empty(),
+        _ => false,
+    };
+    match (have, want) {
+        (_, w) if empty(w) && (have.is_null() || empty(have)) => None,
+        (Value::Object(h), Value::Object(w)) => w.iter().find_map(|(k, wv)| {
+            let here = format!("{path}.{k}");
+            match h.get(k) {
+                Some(hv) => first_difference(hv, wv, &here),
+                None if empty(wv) => None,
+                None => Some(here),
+            }
+        }),
+        (Value::Array(h), Value::Array(w)) if h.len() == w.len() => h
+            .iter()
+            .zip(w)
+            .enumerate()
+            .find_map(|(i, (hv, wv))| first_difference(hv, wv, &format!("{path}[{i}]"))),
+        (Value::Number(h), Value::Number(w)) => (h.as_f64() != w.as_f64()).then(|| path.to_string()),
+        (h, w) => (h != w).then(|| path.to_string()),
+    }
 }
 
 /// Deletes every `K` in `namespace` that matches `selector`; returns their
@@ -80,4 +156,44 @@ where
         }
     }
     Ok(deleted)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn defaults_added_by_the_server_are_no_difference() {
+        let want = json!({"spec": {"replicas": 3, "args": ["a"], "env": [], "note": ""}});
+        let have = json!({"spec": {"replicas": 3, "args": ["a"], "revisionHistoryLimit": 10}});
+        assert_eq!(first_difference(&have, &want, ""), None);
+    }
+
+    #[test]
+    fn a_changed_or_missing_field_is_named() {
+        let want = json!({"spec": {"replicas": 3, "args": ["a", "b"]}});
+        let changed = json!({"spec": {"replicas": 5, "args": ["a", "b"]}});
+        assert_eq!(first_difference(&changed, &want, "").as_deref(), Some(".spec.replicas"));
+        let shorter = json!({"spec": {"replicas": 3, "args": ["a"]}});
+        assert_eq!(first_difference(&shorter, &want, "").as_deref(), Some(".spec.args"));
+        let missing = json!({"spec": {"args": ["a", "b"]}});
+        assert_eq!(first_difference(&missing, &want, "").as_deref(), Some(".spec.replicas"));
+    }
+
+    #[test]
+    fn the_applied_hash_follows_the_object() {
+        use k8s_openapi::api::core::v1::ConfigMap;
+        let mut cm = ConfigMap::default();
+        cm.metadata.name = Some("x".into());
+        let a = with_applied_hash(&cm).expect("serialises");
+        assert_eq!(
+            with_applied_hash(&a).expect("serialises").metadata,
+            a.metadata,
+            "stable"
+        );
+        cm.data = Some([("k".to_string(), "v".to_string())].into());
+        let b = with_applied_hash(&cm).expect("serialises");
+        assert_ne!(a.metadata.annotations, b.metadata.annotations);
+    }
 }

@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::Parser;
+use tern_common::parse_duration;
 
 use crate::regions::RegionFilter;
 use crate::{Error, Result};
@@ -73,17 +74,10 @@ pub struct Config {
     pub logs: tern_common::process::LogArgs,
 }
 
-fn parse_duration(text: &str) -> std::result::Result<Duration, String> {
-    tern_crds::parse_duration(text)
-        .filter(|d| !d.is_zero())
-        .ok_or_else(|| format!("`{text}` is not a positive duration such as 500ms, 15s or 5m"))
-}
-
 impl Config {
     /// Checks what clap cannot, with errors that name the flag.
     pub fn validate(&self) -> Result<()> {
-        let label = regex_lite_dns_label;
-        if let Some(bad) = self.regions.iter().find(|r| !label(r)) {
+        if let Some(bad) = self.regions.iter().find(|r| !tern_common::limits::is_region_name(r)) {
             return Err(Error::Config(format!(
                 "--regions: `{bad}` is not a region name (a DNS label of at most 20 characters: lower-case letters, digits, '-')"
             )));
@@ -109,18 +103,6 @@ impl Config {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_else(|_| "tern-operator".into());
         format!("{}-{}", host.trim(), std::process::id())
     }
-}
-
-/// A region name as the CRD schema admits it.
-fn regex_lite_dns_label(s: &str) -> bool {
-    let bytes = s.as_bytes();
-    !bytes.is_empty()
-        && bytes.len() <= tern_crds::MAX_REGION_NAME
-        && bytes
-            .iter()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
-        && bytes[0] != b'-'
-        && bytes[bytes.len() - 1] != b'-'
 }
 
 #[cfg(test)]

@@ -32,6 +32,10 @@ pub enum Error {
     /// A flag or environment variable is wrong.
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// A desired object could not be turned into JSON (a bug: the builders
+    /// make only serialisable objects).
+    #[error("cannot serialise a desired object: {0}")]
+    Serialize(String),
     /// The metrics and health server could not start.
     #[error("cannot serve HTTP on {addr}: {source}")]
     Http {
@@ -58,6 +62,7 @@ impl Error {
             Self::LostLeadership(_) => "lost_leadership",
             Self::Config(_) => "config",
             Self::Startup(_) => "startup",
+            Self::Serialize(_) => "serialize",
             Self::Http { .. } => "http",
         }
     }

@@ -15,6 +15,7 @@ pub mod context;
 pub mod controller;
 pub mod error;
 pub mod etcd_flags;
+pub mod hash;
 pub mod leader;
 pub mod metrics;
 pub mod names;
@@ -31,7 +32,8 @@ use futures::StreamExt;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use kube::runtime::{Controller, watcher};
+use kube::runtime::utils::Predicate;
+use kube::runtime::{Controller, WatchStreamExt, predicates, reflector, watcher};
 use kube::{Api, Client};
 use tern_crds::{GeoCluster, RegionGroup};
 
@@ -179,26 +181,48 @@ async fn controllers(client: Client, namespace: &str, ctx: Arc<Context>) {
     // Only objects this operator made are watched, so the caches stay small in
     // a busy cluster.
     let ours = watcher::Config::default().labels(&format!("{}={}", names::LABEL_MANAGED_BY, names::MANAGER));
-    let geoclusters = Controller::new(
+    // A GeoCluster is reconciled when its spec (generation) or finalizers
+    // change, not on status-only updates: its region agents patch status
+    // about every second, and each patch would otherwise cost a reconcile
+    // that reads every child. Finalizers pass too, because the finalizer
+    // helper waits for the update that adds ours. Changes of owned objects
+    // still trigger, and `resync` repairs drift in between.
+    let (reader, writer) = reflector::store();
+    let spec_changes = watcher(
         scoped::<GeoCluster>(client.clone(), namespace),
         watcher::Config::default(),
     )
-    .owns(scoped::<RegionGroup>(client.clone(), namespace), ours.clone())
-    .owns(scoped::<Deployment>(client.clone(), namespace), ours.clone())
-    .run(
-        |gc, ctx| {
-            controller::traced(
-                "geocluster",
-                gc.clone(),
-                ctx.clone(),
-                controller::geocluster::reconcile(gc, ctx),
-            )
-        },
-        controller::geocluster::error_policy,
-        ctx.clone(),
-    )
-    .for_each(|_| futures::future::ready(()));
-    let groups = Controller::new(scoped::<RegionGroup>(client.clone(), namespace), ours.clone())
+    .default_backoff()
+    .reflect(writer)
+    .applied_objects()
+    .predicate_filter(
+        predicates::generation.combine(predicates::finalizers),
+        Default::default(),
+    );
+    let geoclusters = Controller::for_stream(spec_changes, reader)
+        .owns(scoped::<RegionGroup>(client.clone(), namespace), ours.clone())
+        .owns(scoped::<Deployment>(client.clone(), namespace), ours.clone())
+        .run(
+            |gc, ctx| {
+                controller::traced(
+                    "geocluster",
+                    gc.clone(),
+                    ctx.clone(),
+                    controller::geocluster::reconcile(gc, ctx),
+                )
+            },
+            controller::geocluster::error_policy,
+            ctx.clone(),
+        )
+        .for_each(|_| futures::future::ready(()));
+    // Likewise a RegionGroup's own status writes do not reconcile it again.
+    let (reader, writer) = reflector::store();
+    let group_changes = watcher(scoped::<RegionGroup>(client.clone(), namespace), ours.clone())
+        .default_backoff()
+        .reflect(writer)
+        .applied_objects()
+        .predicate_filter(predicates::generation, Default::default());
+    let groups = Controller::for_stream(group_changes, reader)
         .owns(scoped::<StatefulSet>(client.clone(), namespace), ours.clone())
         .owns(scoped::<Service>(client.clone(), namespace), ours.clone())
         .owns(scoped::<PodDisruptionBudget>(client.clone(), namespace), ours.clone())

@@ -28,6 +28,10 @@ pub const MANAGER: &str = "tern-operator";
 /// rolls the members.
 pub const ANNOTATION_CONFIG_HASH: &str = "tern.dev/config-hash";
 
+/// Annotation with a hash of what the operator last applied to an object:
+/// an apply is skipped only while it matches (see `apply::apply`).
+pub const ANNOTATION_APPLIED_HASH: &str = "tern.dev/applied-hash";
+
 /// etcd ports inside a pod.
 pub const CLIENT_PORT: i32 = 2379;
 pub const PEER_PORT: i32 = 2380;

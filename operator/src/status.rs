@@ -6,7 +6,7 @@
 
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
-use tern_crds::{GroupPhase, GroupRole, RegionGroup, RegionStatus};
+use tern_crds::{ClusterPhase, GeoCluster, GeoClusterStatus, GroupPhase, GroupRole, RegionGroup, RegionStatus};
 
 use crate::build::regiongroup::quorum;
 
@@ -194,6 +194,41 @@ pub fn region_statuses(regions: &[String], groups: &[RegionGroup]) -> Vec<Region
         .collect()
 }
 
+/// A GeoCluster's status from the groups of its managed `regions`: the
+/// per-region states (keeping the fields the agents own, so that comparing
+/// with the stored status sees only the operator's changes), the worst phase
+/// as conditions and as one word, and how many regions are ready.
+pub fn geocluster_status(gc: &GeoCluster, regions: &[String], groups: &[RegionGroup], now: &Time) -> GeoClusterStatus {
+    let mut region_statuses = region_statuses(regions, groups);
+    let phase = worst(region_statuses.iter().map(|r| r.phase));
+    let ready = region_statuses.iter().filter(|r| r.phase == GroupPhase::Ready).count();
+    let detail = region_statuses
+        .iter()
+        .map(|r| {
+            format!(
+                "{}: {} ({}/{} members)",
+                r.name,
+                r.phase.as_str(),
+                r.ready_members,
+                r.members
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ");
+    let mut st = gc.status.clone().unwrap_or_default();
+    phase_conditions(&mut st.conditions, phase, detail, gc.metadata.generation, now);
+    st.observed_generation = gc.metadata.generation;
+    st.phase = Some(ClusterPhase::of(phase));
+    st.ready_regions = Some(format!("{ready}/{}", regions.len()));
+    for r in region_statuses.iter_mut() {
+        if let Some(old) = st.regions.iter().find(|o| o.name == r.name) {
+            r.keep_agent_fields(old);
+        }
+    }
+    st.regions = region_statuses;
+    st
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -256,5 +291,31 @@ mod tests {
         assert_eq!(worst([GroupPhase::Ready, GroupPhase::Degraded]), GroupPhase::Degraded);
         assert_eq!(worst([GroupPhase::Ready, GroupPhase::Ready]), GroupPhase::Ready);
         assert_eq!(worst([]), GroupPhase::Pending);
+    }
+}
+
+#[cfg(test)]
+mod geocluster_tests {
+    use super::*;
+    use crate::build::geocluster::region_groups;
+    use crate::build::testing::example;
+    use crate::regions::RegionFilter;
+
+    #[test]
+    fn an_unchanged_observation_computes_the_stored_status() {
+        let t0 = Time(k8s_openapi::jiff::Timestamp::from_second(1_000).expect("valid"));
+        let t1 = Time(k8s_openapi::jiff::Timestamp::from_second(2_000).expect("valid"));
+        let mut gc = example();
+        let regions: Vec<String> = gc.spec.regions.iter().map(|r| r.name.clone()).collect();
+        let groups = region_groups(&gc, &RegionFilter::all());
+        let first = geocluster_status(&gc, &regions, &groups, &t0);
+        assert_eq!(first.phase, Some(ClusterPhase::Progressing));
+        assert_eq!(first.ready_regions.as_deref(), Some("0/3"));
+        // What an agent adds to the stored status is carried over, so the
+        // next reconcile compares equal and writes nothing.
+        let mut stored = first.clone();
+        stored.regions[0].group_leader = Some("payments-us-east-0".into());
+        gc.status = Some(stored.clone());
+        assert_eq!(geocluster_status(&gc, &regions, &groups, &t1), stored);
     }
 }

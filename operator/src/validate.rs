@@ -8,11 +8,26 @@ use crate::regions::RegionFilter;
 
 /// Why the operator cannot act on `gc`, if it cannot.
 pub fn geocluster(gc: &GeoCluster, managed: &RegionFilter) -> Result<(), String> {
+    // The schema refuses an even total too (CEL); this covers objects stored
+    // before that rule existed.
     let total: i32 = gc.spec.directory.members.iter().map(|m| m.replicas).sum();
     if total % 2 == 0 {
         return Err(format!(
             "spec.directory.members: the directory group has {total} members in total; use an odd number so that a majority survives the loss of a minority"
         ));
+    }
+    for (i, region) in gc.spec.regions.iter().enumerate() {
+        if let Some(bad) = region
+            .node_selector
+            .iter()
+            .flatten()
+            .map(|(k, _)| k)
+            .find(|k| !is_label_key(k))
+        {
+            return Err(format!(
+                "spec.regions[{i}].nodeSelector: `{bad}` is not a label key ([DNS-subdomain prefix/]name, the name at most 63 letters, digits, '-', '_', '.', starting and ending with a letter or digit)"
+            ));
+        }
     }
     if let Some(named) = managed.named() {
         let unknown: Vec<&str> = named
@@ -27,4 +42,66 @@ pub fn geocluster(gc: &GeoCluster, managed: &RegionFilter) -> Result<(), String>
         }
     }
     Ok(())
+}
+
+/// A Kubernetes label key: an optional DNS-subdomain prefix (at most 253
+/// characters) and `/`, then a name of 1 to 63 characters. The CRD schema
+/// cannot check map keys within the API server's CEL cost budget, so the
+/// operator does, before any workload is applied with it.
+pub fn is_label_key(key: &str) -> bool {
+    let (prefix, name) = match key.split_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, key),
+    };
+    let alnum = |c: char| c.is_ascii_alphanumeric();
+    let name_ok = !name.is_empty()
+        && name.len() <= 63
+        && name.starts_with(alnum)
+        && name.ends_with(alnum)
+        && name.chars().all(|c| alnum(c) || "-_.".contains(c));
+    let prefix_ok = prefix.is_none_or(|p| {
+        !p.is_empty()
+            && p.len() <= 253
+            && p.split('.').all(|l| {
+                !l.is_empty()
+                    && !l.starts_with('-')
+                    && !l.ends_with('-')
+                    && l.chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+            })
+    });
+    name_ok && prefix_ok
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_keys() {
+        for ok in ["zone", "topology.kubernetes.io/region", "a_b.c-d", "x/y"] {
+            assert!(is_label_key(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "bad key",
+            "-x",
+            "x-",
+            "Topology.io/x",
+            "a//b",
+            "/x",
+            "x/",
+            &"k".repeat(64),
+        ] {
+            assert!(!is_label_key(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_bad_node_selector_key_names_the_field() {
+        let mut gc = crate::build::testing::example();
+        gc.spec.regions[1].node_selector = Some([("bad key".to_string(), "x".to_string())].into());
+        let err = geocluster(&gc, &RegionFilter::all()).expect_err("refused");
+        assert!(err.starts_with("spec.regions[1].nodeSelector"), "{err}");
+    }
 }

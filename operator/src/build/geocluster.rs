@@ -3,12 +3,71 @@
 
 use std::collections::BTreeMap;
 
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Service, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::api::ObjectMeta;
 use kube::{Resource, ResourceExt};
 use tern_crds::{ClusterMember, GeoCluster, GroupRole, RegionGroup, RegionGroupSpec, RegionSpec};
 
+use crate::build::components;
 use crate::names;
 use crate::regions::RegionFilter;
+
+/// Everything a GeoCluster reconcile applies, for the regions this operator
+/// manages: a pure function of the spec and the operator's flags.
+#[derive(Clone, Debug)]
+pub struct Desired {
+    /// The managed regions of the spec, in spec order.
+    pub regions: Vec<String>,
+    /// Data groups and directory shares, in region order.
+    pub groups: Vec<RegionGroup>,
+    /// The agents' ServiceAccount, Role and RoleBinding; none when no
+    /// region of the spec is managed here.
+    pub agent_identity: Option<(ServiceAccount, Role, RoleBinding)>,
+    /// Per managed region: router Service, router and agent Deployments.
+    pub components: Vec<RegionComponents>,
+}
+
+/// The tern components of one region.
+#[derive(Clone, Debug)]
+pub struct RegionComponents {
+    pub region: String,
+    pub router_service: Service,
+    pub router: Deployment,
+    pub agent: Deployment,
+}
+
+impl Desired {
+    /// What `gc` asks of an operator managing `managed`, with these default
+    /// images for components whose spec names none.
+    pub fn of(gc: &GeoCluster, managed: &RegionFilter, router_image: &str, agent_image: &str) -> Self {
+        let here: Vec<&RegionSpec> = gc.spec.regions.iter().filter(|r| managed.contains(&r.name)).collect();
+        let components = here
+            .iter()
+            .map(|region| {
+                let (router, router_service) = components::router_objects(gc, region, router_image);
+                RegionComponents {
+                    region: region.name.clone(),
+                    router_service,
+                    router,
+                    agent: components::agent_deployment(gc, region, agent_image),
+                }
+            })
+            .collect();
+        Self {
+            regions: here.iter().map(|r| r.name.clone()).collect(),
+            groups: region_groups(gc, managed),
+            agent_identity: (!here.is_empty()).then(|| components::agent_identity(gc)),
+            components,
+        }
+    }
+
+    /// Whether a managed region's components are wanted.
+    pub fn has_region(&self, region: &str) -> bool {
+        self.regions.iter().any(|r| r == region)
+    }
+}
 
 /// The RegionGroups this operator should run for `gc`, in region order.
 pub fn region_groups(gc: &GeoCluster, managed: &RegionFilter) -> Vec<RegionGroup> {
@@ -163,6 +222,23 @@ pub fn directory_members(gc: &GeoCluster) -> Vec<ClusterMember> {
 mod tests {
     use super::*;
     use crate::build::testing::example;
+
+    #[test]
+    fn desired_covers_only_the_managed_regions() {
+        let gc = example();
+        let d = Desired::of(&gc, &RegionFilter::only(["eu-west"]), "router:1", "agent:1");
+        assert_eq!(d.regions, vec!["eu-west".to_string()]);
+        assert!(d.groups.iter().all(|g| g.spec.region == "eu-west"));
+        assert_eq!(d.components.len(), 1);
+        assert_eq!(
+            d.components[0].router.metadata.name.as_deref(),
+            Some("payments-router-eu-west")
+        );
+        assert!(d.agent_identity.is_some());
+        assert!(d.has_region("eu-west") && !d.has_region("us-east"));
+        let none = Desired::of(&gc, &RegionFilter::only(["mars-1"]), "router:1", "agent:1");
+        assert!(none.groups.is_empty() && none.components.is_empty() && none.agent_identity.is_none());
+    }
 
     #[test]
     fn one_data_group_and_one_directory_share_per_region() {

@@ -365,23 +365,9 @@ fn config_map(rg: &RegionGroup) -> ConfigMap {
     }
 }
 
-/// A stable hash of the member configuration. Rust's default hasher is
-/// seeded per process, so this uses FNV-1a, which gives the same value in
-/// every operator replica and release.
+/// A stable hash of the member configuration (see `crate::hash`).
 fn config_hash(cm: &ConfigMap) -> String {
-    struct Fnv(u64);
-    impl Hasher for Fnv {
-        fn finish(&self) -> u64 {
-            self.0
-        }
-        fn write(&mut self, bytes: &[u8]) {
-            for b in bytes {
-                self.0 ^= u64::from(*b);
-                self.0 = self.0.wrapping_mul(0x100_0000_01b3);
-            }
-        }
-    }
-    let mut h = Fnv(0xcbf2_9ce4_8422_2325);
+    let mut h = crate::hash::Fnv::default();
     cm.data.hash(&mut h);
     format!("{:016x}", h.finish())
 }

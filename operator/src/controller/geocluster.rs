@@ -1,4 +1,5 @@
-//! GeoCluster reconcile: validate → build RegionGroups → apply → prune →
+//! GeoCluster reconcile as named steps: validate → build (`Desired`, a pure
+//! function of the spec) → apply groups → apply components → prune →
 //! status. Deletion goes through a finalizer that removes the workloads in
 //! order and applies `deletionPolicy` to the volumes.
 
@@ -16,12 +17,13 @@ use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{self, Event as FinalizerEvent, finalizer};
 use kube::{Api, ResourceExt};
 use serde_json::json;
-use tern_crds::{DeletionPolicy, GeoCluster, GeoClusterStatus, GroupPhase, RegionGroup};
+use tern_crds::{ClusterPhase, DeletionPolicy, GeoCluster, GeoClusterStatus, RegionGroup};
 
 use crate::apply::{Outcome, apply, delete_matching};
+use crate::build::geocluster::Desired;
 use crate::context::{Context, key};
 use crate::error::KubeContext;
-use crate::{Error, Result, build, names, status, validate};
+use crate::{Error, Result, names, status, validate};
 
 pub const CONTROLLER: &str = "geocluster";
 
@@ -51,65 +53,56 @@ pub fn error_policy(gc: Arc<GeoCluster>, error: &Error, ctx: Arc<Context>) -> Ac
     super::error_policy(CONTROLLER, gc.as_ref(), error, &ctx)
 }
 
+/// The pipeline of a GeoCluster that is not being deleted. Each step is a
+/// function below, in this order: what it depends on is what the steps
+/// before it produced.
 async fn reconcile_apply(gc: &GeoCluster, ctx: &Context) -> Result<Action> {
-    let name = gc.name_any();
-    let namespace = gc.namespace().unwrap_or_default();
     let now = Time(Timestamp::now());
-
-    // 1. Validate what the schema cannot.
     if let Err(reason) = validate::geocluster(gc, &ctx.managed) {
-        let mut st = gc.status.clone().unwrap_or_default();
-        st.observed_generation = gc.metadata.generation;
-        st.phase = Some("Degraded".into());
-        status::set_condition(
-            &mut st.conditions,
-            status::condition(
-                status::READY,
-                false,
-                "InvalidSpec",
-                reason.clone(),
-                gc.metadata.generation,
-                &now,
-            ),
-        );
-        status::set_condition(
-            &mut st.conditions,
-            status::condition(
-                status::PROGRESSING,
-                false,
-                "InvalidSpec",
-                String::new(),
-                gc.metadata.generation,
-                &now,
-            ),
-        );
-        status::set_condition(
-            &mut st.conditions,
-            status::condition(
-                status::DEGRADED,
-                true,
-                "InvalidSpec",
-                reason.clone(),
-                gc.metadata.generation,
-                &now,
-            ),
-        );
-        if write_status(gc, ctx, st).await? {
-            ctx.event(gc, EventType::Warning, "InvalidSpec", "Validate", reason.clone())
-                .await;
-        }
-        return Err(Error::InvalidSpec {
-            kind: "GeoCluster",
-            name: format!("{namespace}/{name}"),
-            reason,
-        });
+        return report_invalid(gc, ctx, reason, &now).await;
     }
+    let desired = Desired::of(gc, &ctx.managed, &ctx.router_image, &ctx.agent_image);
+    apply_groups(gc, ctx, &desired).await?;
+    apply_components(gc, ctx, &desired).await?;
+    prune_components(gc, ctx, &desired).await?;
+    let current = prune_groups(gc, ctx, &desired).await?;
+    update_status(gc, ctx, &desired, &current, &now).await?;
+    Ok(Action::requeue(ctx.resync))
+}
 
-    // 2. Build and apply the desired groups.
-    let desired = build::geocluster::region_groups(gc, &ctx.managed);
-    for group in &desired {
+/// Validate: a spec the schema admits but this operator cannot act on is
+/// reported in status and an event, and left alone until it changes.
+async fn report_invalid(gc: &GeoCluster, ctx: &Context, reason: String, now: &Time) -> Result<Action> {
+    let generation = gc.metadata.generation;
+    let mut st = gc.status.clone().unwrap_or_default();
+    st.observed_generation = generation;
+    st.phase = Some(ClusterPhase::Degraded);
+    for (type_, ok, message) in [
+        (status::READY, false, reason.clone()),
+        (status::PROGRESSING, false, String::new()),
+        (status::DEGRADED, true, reason.clone()),
+    ] {
+        status::set_condition(
+            &mut st.conditions,
+            status::condition(type_, ok, "InvalidSpec", message, generation, now),
+        );
+    }
+    if write_status(gc, ctx, st).await? {
+        ctx.event(gc, EventType::Warning, "InvalidSpec", "Validate", reason.clone())
+            .await;
+    }
+    Err(Error::InvalidSpec {
+        kind: "GeoCluster",
+        name: format!("{}/{}", gc.namespace().unwrap_or_default(), gc.name_any()),
+        reason,
+    })
+}
+
+/// Apply the RegionGroups (the RegionGroup controller runs their members).
+async fn apply_groups(gc: &GeoCluster, ctx: &Context, desired: &Desired) -> Result<()> {
+    for group in &desired.groups {
         let outcome = apply(&ctx.client, group).await?;
-        let verb = match outcome {
+        let reason = match outcome {
             Outcome::Created => "GroupCreated",
             Outcome::Updated => "GroupUpdated",
             Outcome::Unchanged => continue,
@@ -121,36 +114,38 @@ async fn reconcile_apply(gc: &GeoCluster, ctx: &Context) -> Result<Action> {
             group.spec.region,
             group.spec.replicas
         );
-        tracing::info!(geocluster = %name, group = %group.name_any(), ?outcome, "applied RegionGroup");
-        ctx.event(gc, EventType::Normal, verb, "Apply", note).await;
+        tracing::info!(geocluster = %gc.name_any(), group = %group.name_any(), ?outcome, "applied RegionGroup");
+        ctx.event(gc, EventType::Normal, reason, "Apply", note).await;
     }
+    Ok(())
+}
 
-    // 2b. The routers and agents of the managed regions.
-    let regions_here: Vec<&tern_crds::RegionSpec> = gc
-        .spec
-        .regions
-        .iter()
-        .filter(|r| ctx.managed.contains(&r.name))
-        .collect();
-    if !regions_here.is_empty() {
-        let (account, role, binding) = build::components::agent_identity(gc);
-        apply(&ctx.client, &account).await?;
-        apply(&ctx.client, &role).await?;
-        apply(&ctx.client, &binding).await?;
+/// Apply the routers and agents of the managed regions, the agents'
+/// identity first so their pods can start with it.
+async fn apply_components(gc: &GeoCluster, ctx: &Context, desired: &Desired) -> Result<()> {
+    if let Some((account, role, binding)) = &desired.agent_identity {
+        apply(&ctx.client, account).await?;
+        apply(&ctx.client, role).await?;
+        apply(&ctx.client, binding).await?;
     }
-    for region in &regions_here {
-        let (deployment, service) = build::components::router_objects(gc, region, &ctx.router_image);
-        apply(&ctx.client, &service).await?;
-        let agent = build::components::agent_deployment(gc, region, &ctx.agent_image);
-        for d in [deployment, agent] {
-            let outcome = apply(&ctx.client, &d).await?;
+    for region in &desired.components {
+        apply(&ctx.client, &region.router_service).await?;
+        for d in [&region.router, &region.agent] {
+            let outcome = apply(&ctx.client, d).await?;
             if outcome != Outcome::Unchanged {
-                let note = format!("{outcome:?} Deployment {} for region {}", d.name_any(), region.name);
+                let note = format!("{outcome:?} Deployment {} for region {}", d.name_any(), region.region);
                 ctx.event(gc, EventType::Normal, "ComponentApplied", "Apply", note)
                     .await;
             }
         }
     }
+    Ok(())
+}
+
+/// Prune the routers and agents of managed regions that left the spec.
+async fn prune_components(gc: &GeoCluster, ctx: &Context, desired: &Desired) -> Result<()> {
+    let name = gc.name_any();
+    let namespace = gc.namespace().unwrap_or_default();
     let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &namespace);
     for d in deployments
         .list(&ListParams::default().labels(&names::cluster_selector(&name)))
@@ -158,7 +153,7 @@ async fn reconcile_apply(gc: &GeoCluster, ctx: &Context) -> Result<Action> {
         .context(|| format!("listing the Deployments of {namespace}/{name}"))?
     {
         let region = d.labels().get(names::LABEL_REGION).cloned().unwrap_or_default();
-        if ctx.managed.contains(&region) && !regions_here.iter().any(|r| r.name == region) {
+        if ctx.managed.contains(&region) && !desired.has_region(&region) {
             let selector = format!(
                 "{},{}={}",
                 names::cluster_selector(&name),
@@ -172,8 +167,15 @@ async fn reconcile_apply(gc: &GeoCluster, ctx: &Context) -> Result<Action> {
                 .await;
         }
     }
+    Ok(())
+}
 
-    // 3. Prune groups of managed regions that are no longer wanted.
+/// Prune the groups of managed regions that are no longer wanted (with their
+/// members' objects, volumes as `deletionPolicy` says). Returns the groups
+/// that stay, for the status.
+async fn prune_groups(gc: &GeoCluster, ctx: &Context, desired: &Desired) -> Result<Vec<RegionGroup>> {
+    let name = gc.name_any();
+    let namespace = gc.namespace().unwrap_or_default();
     let groups_api: Api<RegionGroup> = Api::namespaced(ctx.client.clone(), &namespace);
     let existing = groups_api
         .list(&ListParams::default().labels(&names::cluster_selector(&name)))
@@ -181,7 +183,7 @@ async fn reconcile_apply(gc: &GeoCluster, ctx: &Context) -> Result<Action> {
         .context(|| format!("listing RegionGroups of {namespace}/{name}"))?;
     let mut current = Vec::new();
     for group in existing {
-        let wanted = desired.iter().any(|d| d.name_any() == group.name_any());
+        let wanted = desired.groups.iter().any(|d| d.name_any() == group.name_any());
         if wanted {
             current.push(group);
         } else if ctx.managed.contains(&group.spec.region) {
@@ -200,52 +202,22 @@ async fn reconcile_apply(gc: &GeoCluster, ctx: &Context) -> Result<Action> {
             ctx.event(gc, EventType::Normal, "GroupDeleted", "Prune", note).await;
         }
     }
+    Ok(current)
+}
 
-    // 4. Status from the groups.
-    let regions: Vec<String> = gc
-        .spec
-        .regions
-        .iter()
-        .filter(|r| ctx.managed.contains(&r.name))
-        .map(|r| r.name.clone())
-        .collect();
-    let region_statuses = status::region_statuses(&regions, &current);
-    let phase = status::worst(region_statuses.iter().map(|r| r.phase));
-    let ready = region_statuses.iter().filter(|r| r.phase == GroupPhase::Ready).count();
-    let detail = region_statuses
-        .iter()
-        .map(|r| {
-            format!(
-                "{}: {} ({}/{} members)",
-                r.name,
-                r.phase.as_str(),
-                r.ready_members,
-                r.members
-            )
-        })
-        .collect::<Vec<_>>()
-        .join("; ");
-    let mut st = gc.status.clone().unwrap_or_default();
-    status::phase_conditions(&mut st.conditions, phase, detail, gc.metadata.generation, &now);
-    st.observed_generation = gc.metadata.generation;
-    st.phase = Some(
-        match phase {
-            GroupPhase::Ready => "Ready",
-            GroupPhase::Pending | GroupPhase::Provisioning => "Progressing",
-            GroupPhase::Degraded | GroupPhase::Unavailable => "Degraded",
-        }
-        .into(),
-    );
-    st.ready_regions = Some(format!("{ready}/{}", regions.len()));
-    let mut region_statuses = region_statuses;
-    for r in region_statuses.iter_mut() {
-        if let Some(old) = st.regions.iter().find(|o| o.name == r.name) {
-            r.keep_agent_fields(old);
-        }
-    }
-    st.regions = region_statuses;
-    let was_ready = gc.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Ready");
-    let is_ready = st.phase.as_deref() == Some("Ready");
+/// Status from the groups: per-region phase and members, the conditions,
+/// and an event when readiness flips. Writes nothing when nothing changed.
+async fn update_status(
+    gc: &GeoCluster,
+    ctx: &Context,
+    desired: &Desired,
+    current: &[RegionGroup],
+    now: &Time,
+) -> Result<()> {
+    let st = status::geocluster_status(gc, &desired.regions, current, now);
+    let was_ready = gc.status.as_ref().and_then(|s| s.phase) == Some(ClusterPhase::Ready);
+    let is_ready = st.phase == Some(ClusterPhase::Ready);
+    let ready_regions = st.ready_regions.clone().unwrap_or_default();
     if write_status(gc, ctx, st).await? && was_ready != is_ready {
         let (type_, reason) = if is_ready {
             (EventType::Normal, "Ready")
@@ -257,11 +229,11 @@ async fn reconcile_apply(gc: &GeoCluster, ctx: &Context) -> Result<Action> {
             type_,
             reason,
             "UpdateStatus",
-            format!("regions ready: {ready}/{}", regions.len()),
+            format!("regions ready: {ready_regions}"),
         )
         .await;
     }
-    Ok(Action::requeue(ctx.resync))
+    Ok(())
 }
 
 /// Writes `status` unless it is what the object already has. Returns whether
