@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::Parser;
-use tern_common::RegionName;
+use tern_common::{RegionName, limits};
 
 /// tern-router: serves requests for accounts homed in its region from the
 /// region's Raft group, and forwards the others to their home region's router.
@@ -74,7 +74,7 @@ pub struct Config {
 
     /// Most writes that share one etcd transaction (group commit: each
     /// keeps its own fence compare and outcome). 1 sends every write alone.
-    #[arg(long, env = "TERN_WRITE_BATCH_MAX", default_value_t = 32, value_parser = clap::value_parser!(u16).range(1..=128))]
+    #[arg(long, env = "TERN_WRITE_BATCH_MAX", default_value_t = 32, value_parser = clap::value_parser!(u16).range(limits::WRITE_BATCH_MAX.0 as i64..=limits::WRITE_BATCH_MAX.1 as i64))]
     pub write_batch_max: u16,
 
     /// How long an idempotency key is remembered: a retry with the same key
@@ -86,7 +86,7 @@ pub struct Config {
     /// Group-commit transactions in flight at once. 1 makes the largest
     /// batches and the most writes per CPU second; raise it where a commit
     /// waits on a slow disk rather than on CPU.
-    #[arg(long, env = "TERN_WRITE_BATCHES_IN_FLIGHT", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=16))]
+    #[arg(long, env = "TERN_WRITE_BATCHES_IN_FLIGHT", default_value_t = 1, value_parser = clap::value_parser!(u8).range(limits::WRITE_BATCHES_IN_FLIGHT.0 as i64..=limits::WRITE_BATCHES_IN_FLIGHT.1 as i64))]
     pub write_batches_in_flight: u8,
 
     /// Send requests to the region group's Raft leader, found through its
@@ -134,11 +134,7 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 fn parse_retention(s: &str) -> Result<Duration, String> {
-    let d = parse_duration(s)?;
-    if d < Duration::from_secs(1) || d > Duration::from_secs(90 * 86_400) {
-        return Err(format!("`{s}` is outside 1s..=2160h (90 days)"));
-    }
-    Ok(d)
+    limits::IDEMPOTENCY_RETENTION.parse(s)
 }
 
 impl Config {
