@@ -212,6 +212,18 @@ pub struct RouterSpec {
     /// any member (which forwards writes to the leader).
     #[serde(default = "default_true")]
     pub group_leader_direct: bool,
+    /// Name of the Secret (key `token`, 16 to 256 visible ASCII characters)
+    /// whose token the routers share: only a call that carries it may claim
+    /// to be forwarded by another region's router. Default
+    /// `<geocluster>-router-peer-token`, created by the operator with a
+    /// random token when missing (never overwritten). In a multi-cluster
+    /// deployment create the same Secret in every cluster first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+    )]
+    pub peer_token_secret: Option<String>,
 }
 
 impl Default for RouterSpec {
@@ -222,7 +234,22 @@ impl Default for RouterSpec {
             write_batch_max: default_write_batch_max(),
             write_batches_in_flight: default_write_batches_in_flight(),
             group_leader_direct: true,
+            peer_token_secret: None,
         }
+    }
+}
+
+/// The key of the peer token in its Secret.
+pub const PEER_TOKEN_KEY: &str = "token";
+
+impl crate::GeoCluster {
+    /// The Secret that holds the routers' peer token.
+    pub fn peer_token_secret(&self) -> String {
+        self.spec
+            .router
+            .peer_token_secret
+            .clone()
+            .unwrap_or_else(|| format!("{}-router-peer-token", kube::ResourceExt::name_any(self)))
     }
 }
 

@@ -206,6 +206,28 @@ async fn geocluster_lifecycle() {
         (list.items.len() == 3).then_some(list.items)
     })
     .await;
+    // The routers share a peer token from a Secret the operator created
+    // (and that no Deployment spells out).
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client.clone(), NS);
+    let secret = secrets
+        .get("payments-router-peer-token")
+        .await
+        .expect("the peer token Secret");
+    let token = secret.data.as_ref().expect("data")["token"].0.len();
+    assert_eq!(token, 64, "32 random bytes in hex");
+    for r in &routers {
+        let pod = r.spec.template.spec.as_ref().expect("pod");
+        let env = pod.containers[0].env.clone().unwrap_or_default();
+        let from = env
+            .iter()
+            .find(|e| e.name == "TERN_PEER_TOKEN")
+            .and_then(|e| e.value_from.as_ref()?.secret_key_ref.as_ref())
+            .expect("TERN_PEER_TOKEN from the Secret");
+        assert_eq!(
+            (from.name.as_str(), from.key.as_str()),
+            ("payments-router-peer-token", "token")
+        );
+    }
     for a in &agents {
         let pod = a.spec.template.spec.as_ref().expect("pod");
         assert_eq!(pod.service_account_name.as_deref(), Some("payments-agent"));

@@ -428,13 +428,16 @@ impl Executor {
     }
 
     /// An error that says "not applied" or "retry" becomes "outcome
-    /// unknown" once an earlier attempt of this write may have been applied.
+    /// unknown" once an earlier attempt of this write may have been applied,
+    /// also when the home router said it: it only knows about the attempt
+    /// it served (a later attempt can meet a moved fence after an earlier
+    /// one committed).
     fn truthful(&self, call: &Incoming, e: RouterError) -> RouterError {
         let silent = matches!(
             e.code(),
             tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Internal
         );
-        if silent && call.maybe_applied.load(Ordering::Relaxed) && !matches!(e, RouterError::Remote(_)) {
+        if silent && call.maybe_applied.load(Ordering::Relaxed) {
             return RouterError::OutcomeUnknown {
                 detail: format!("an earlier attempt may have been applied, and the last one failed: {e}"),
                 source: Some(Box::new(e)),

@@ -8,8 +8,8 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{
-    Container, ContainerPort, EnvVar, HTTPGetAction, PodSpec, PodTemplateSpec, Probe, SecurityContext, Service,
-    ServiceAccount, ServicePort, ServiceSpec, TopologySpreadConstraint,
+    Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, PodSpec, PodTemplateSpec, Probe, Secret,
+    SecretKeySelector, SecurityContext, Service, ServiceAccount, ServicePort, ServiceSpec, TopologySpreadConstraint,
 };
 use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
@@ -70,6 +70,33 @@ fn labels(gc: &GeoCluster, region: &str, component: Component) -> BTreeMap<Strin
         (names::LABEL_CLUSTER.to_string(), cluster),
         (names::LABEL_REGION.to_string(), region.to_string()),
     ])
+}
+
+/// The Secret with the routers' peer token, owned by the GeoCluster. Only
+/// created, never applied over: a token set by hand (or the same token
+/// copied to every cluster of a multi-cluster deployment) stays.
+pub fn peer_token_secret(gc: &GeoCluster, token: String) -> Secret {
+    let cluster = gc.name_any();
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(gc.peer_token_secret()),
+            namespace: gc.namespace(),
+            labels: Some(BTreeMap::from([
+                (names::LABEL_PART_OF.to_string(), "tern".to_string()),
+                (names::LABEL_MANAGED_BY.to_string(), names::MANAGER.to_string()),
+                (names::LABEL_CLUSTER.to_string(), cluster),
+            ])),
+            owner_references: gc.controller_owner_ref(&()).map(|r| vec![r]),
+            ..ObjectMeta::default()
+        },
+        string_data: Some(BTreeMap::from([(tern_crds::PEER_TOKEN_KEY.to_string(), token)])),
+        ..Secret::default()
+    }
+}
+
+/// A new random peer token: 32 random bytes in hex.
+pub fn new_peer_token() -> String {
+    rand::random::<[u8; 32]>().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn selector(gc: &GeoCluster, region: &str, component: Component) -> BTreeMap<String, String> {
@@ -187,6 +214,22 @@ fn deployment(gc: &GeoCluster, region: &RegionSpec, w: Workload<'_>) -> Deployme
         ..Probe::default()
     };
     let mut env = vec![super::pod_name_env()];
+    if component == Component::Router {
+        // The shared secret that makes forwarded calls trusted; from the
+        // Secret, never in the Deployment itself.
+        env.push(EnvVar {
+            name: "TERN_PEER_TOKEN".into(),
+            value_from: Some(EnvVarSource {
+                secret_key_ref: Some(SecretKeySelector {
+                    name: gc.peer_token_secret(),
+                    key: tern_crds::PEER_TOKEN_KEY.into(),
+                    optional: Some(false),
+                }),
+                ..EnvVarSource::default()
+            }),
+            ..EnvVar::default()
+        });
+    }
     if let Some(t) = &gc.spec.telemetry {
         env.push(EnvVar {
             name: "OTEL_EXPORTER_OTLP_ENDPOINT".into(),

@@ -6,12 +6,12 @@
 use std::sync::Arc;
 
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
-use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Secret, Service, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{ListParams, Patch, PatchParams};
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{self, Event as FinalizerEvent, finalizer};
@@ -63,6 +63,7 @@ async fn reconcile_apply(gc: &GeoCluster, ctx: &Context) -> Result<Action> {
     }
     let desired = Desired::of(gc, &ctx.managed, &ctx.router_image, &ctx.agent_image);
     apply_groups(gc, ctx, &desired).await?;
+    ensure_peer_token(gc, ctx).await?;
     apply_components(gc, ctx, &desired).await?;
     prune_components(gc, ctx, &desired).await?;
     let current = prune_groups(gc, ctx, &desired).await?;
@@ -118,6 +119,36 @@ async fn apply_groups(gc: &GeoCluster, ctx: &Context, desired: &Desired) -> Resu
         ctx.event(gc, EventType::Normal, reason, "Apply", note).await;
     }
     Ok(())
+}
+
+/// Ensure the Secret with the routers' peer token exists before routers
+/// that read it start: created once with a random token, never changed.
+async fn ensure_peer_token(gc: &GeoCluster, ctx: &Context) -> Result<()> {
+    let namespace = gc.namespace().unwrap_or_default();
+    let name = gc.peer_token_secret();
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
+    let existing = secrets
+        .get_metadata_opt(&name)
+        .await
+        .context(|| format!("reading Secret {namespace}/{name}"))?;
+    if existing.is_some() {
+        return Ok(());
+    }
+    let secret = crate::build::components::peer_token_secret(gc, crate::build::components::new_peer_token());
+    match secrets.create(&PostParams::default(), &secret).await {
+        Ok(_) => {
+            let note = format!("created Secret {name} with the routers' peer token");
+            ctx.event(gc, EventType::Normal, "PeerTokenCreated", "Apply", note)
+                .await;
+            Ok(())
+        }
+        // Created meanwhile (another replica, or by hand): keep that one.
+        Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
+        Err(source) => Err(Error::Kube {
+            action: format!("creating Secret {namespace}/{name}"),
+            source,
+        }),
+    }
 }
 
 /// Apply the routers and agents of the managed regions, the agents'
