@@ -204,11 +204,37 @@ impl fmt::Display for Epoch {
     }
 }
 
-/// An etcd revision of one group.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+/// An etcd revision of this region's own group.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
 pub struct Revision(pub i64);
 
 impl fmt::Display for Revision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// A revision of another region's group, as its mirror here tracks it. A
+/// type of its own: the two groups count independently, and comparing a
+/// source revision with a local one is always a bug.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct SourceRevision(pub i64);
+
+impl SourceRevision {
+    /// The revision after this one (where a watch resumes).
+    pub fn next(self) -> Self {
+        Self(self.0 + 1)
+    }
+
+    /// How many revisions `self` is ahead of `earlier` (0 when not ahead).
+    pub fn since(self, earlier: Self) -> i64 {
+        (self.0 - earlier.0).max(0)
+    }
+}
+
+impl fmt::Display for SourceRevision {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", self.0)
     }

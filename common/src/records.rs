@@ -43,17 +43,54 @@ pub struct RegionRecord {
     pub members: Vec<MemberStatus>,
 }
 
+/// What a mirror is doing, as its agent publishes it and routers read it
+/// (a BOUNDED read is served from a mirror only while it streams).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MirrorState {
+    /// The agent has not connected to the source yet.
+    #[default]
+    Starting,
+    /// Applying the source's revisions as they come.
+    Streaming,
+    /// Copying a snapshot after the source compacted past the mirror.
+    Resyncing,
+    /// The link to the source is down; the agent reconnects.
+    Disconnected,
+    /// Written by an agent newer than this reader.
+    #[serde(other)]
+    Unknown,
+}
+
+impl MirrorState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Starting => "starting",
+            Self::Streaming => "streaming",
+            Self::Resyncing => "resyncing",
+            Self::Disconnected => "disconnected",
+            Self::Unknown => "unknown",
+        }
+    }
+}
+
+impl std::fmt::Display for MirrorState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // `pad`: tables align it with a width.
+        f.pad(self.as_str())
+    }
+}
+
 /// One mirror's replication lag as its agent measured it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MirrorStatus {
-    /// `streaming`, `resyncing` or `disconnected`.
-    pub state: String,
+    pub state: MirrorState,
     /// How stale the mirror may be, in ms; never negative.
     pub lag_ms: u64,
     /// Source revisions not yet applied.
     pub lag_revisions: i64,
     /// Last source revision applied.
-    pub applied_revision: i64,
+    pub applied_revision: crate::SourceRevision,
     /// Estimated clock offset of the source's agent from this one, in ms
     /// (positive: the source's clock is ahead). Reported, never folded into lag.
     pub skew_ms: i64,
@@ -91,5 +128,21 @@ impl AccountRecord {
 impl RegionRecord {
     pub fn to_json(&self) -> String {
         serde_json::to_string(self).expect("records always serialise")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mirror_states_keep_their_wire_names() {
+        assert_eq!(
+            serde_json::to_string(&MirrorState::Streaming).expect("json"),
+            "\"streaming\""
+        );
+        let newer: MirrorState = serde_json::from_str("\"paused\"").expect("an unknown state reads");
+        assert_eq!(newer, MirrorState::Unknown);
+        assert_eq!(format!("{:<10}|", MirrorState::Resyncing), "resyncing |");
     }
 }

@@ -16,46 +16,6 @@ use tern_crds::GeoCluster;
 use crate::error::{AgentError, Result};
 use crate::state::Shared;
 
-/// Events about the GeoCluster, for what people must hear of (a resync).
-#[derive(Clone)]
-pub struct Events {
-    recorder: kube::runtime::events::Recorder,
-    object: k8s_openapi::api::core::v1::ObjectReference,
-}
-
-impl Events {
-    pub fn new(client: Client, namespace: &str, geocluster: &str, identity: &str) -> Self {
-        let reporter = kube::runtime::events::Reporter {
-            controller: "tern-agent".into(),
-            instance: Some(identity.to_string()),
-        };
-        Self {
-            recorder: kube::runtime::events::Recorder::new(client, reporter),
-            object: k8s_openapi::api::core::v1::ObjectReference {
-                api_version: Some("tern.dev/v1alpha1".into()),
-                kind: Some("GeoCluster".into()),
-                name: Some(geocluster.to_string()),
-                namespace: Some(namespace.to_string()),
-                ..Default::default()
-            },
-        }
-    }
-
-    /// Publishes a Warning; failures are logged, never returned.
-    pub async fn warn(&self, reason: &str, note: String) {
-        let event = kube::runtime::events::Event {
-            type_: kube::runtime::events::EventType::Warning,
-            reason: reason.into(),
-            note: Some(note),
-            action: "Mirror".into(),
-            secondary: None,
-        };
-        if let Err(e) = self.recorder.publish(&event, &self.object).await {
-            tracing::warn!(error = %e, "could not publish an event");
-        }
-    }
-}
-
 /// A client from `kubeconfig`, or the in-cluster / $KUBECONFIG configuration.
 pub async fn client(kubeconfig: Option<&Path>) -> Result<Client> {
     let config = match kubeconfig {

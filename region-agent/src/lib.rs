@@ -18,6 +18,7 @@
 pub mod config;
 pub mod election;
 pub mod error;
+pub mod events;
 pub mod heartbeat;
 pub mod kubernetes;
 pub mod lag;
@@ -69,7 +70,7 @@ pub async fn run(
     let events = kube_client
         .clone()
         .zip(config.geocluster.as_deref())
-        .map(|(c, name)| kubernetes::Events::new(c, &config.namespace, name, &config.identity()));
+        .map(|(c, name)| events::Events::new(c, &config.namespace, name, &config.identity()));
     let identity = config.identity();
     let telemetry = tern_common::telemetry::Telemetry::from_args(
         &config.trace,

@@ -14,8 +14,8 @@ use etcd_client::{Client, Compare, CompareOp, EventType, GetOptions, Txn, TxnOp,
 use opentelemetry::KeyValue;
 use tern_common::telemetry::finish;
 use tern_common::{
-    MIRRORED_END, MIRRORED_START, RegionName, heartbeat_key, is_mirrored, mirror_applied_key, mirror_data_prefix,
-    mirror_key,
+    MIRRORED_END, MIRRORED_START, MirrorState, RegionName, Revision, SourceRevision, heartbeat_key, is_mirrored,
+    mirror_applied_key, mirror_data_prefix, mirror_key,
 };
 use tokio::time::Instant;
 
@@ -56,7 +56,7 @@ pub async fn run(
                 let outcome = resync(&local, &source_client, &source, &leadership, &shared).await;
                 let attributes = match &outcome {
                     Ok(r) => vec![
-                        KeyValue::new("tern.source_revision", r.revision),
+                        KeyValue::new("tern.source_revision", r.revision.0),
                         KeyValue::new("tern.keys", r.keys as i64),
                     ],
                     Err(_) => vec![],
@@ -71,7 +71,7 @@ pub async fn run(
                 }
             }
             Err(e) => {
-                shared.with_mirror(&source, |m| m.state = "disconnected");
+                shared.with_mirror(&source, |m| m.state = MirrorState::Disconnected);
                 tracing::warn!(source = %source, error = %e, "mirror stream broke; resuming from the applied record");
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
@@ -84,7 +84,7 @@ pub async fn run(
 
 /// Reads the applied record: None when the mirror was never synchronised or a
 /// resync did not finish.
-async fn applied(local: &Client, source: &RegionName) -> Result<Option<i64>> {
+async fn applied(local: &Client, source: &RegionName) -> Result<Option<SourceRevision>> {
     let resp = local
         .clone()
         .get(mirror_applied_key(source), None)
@@ -93,7 +93,8 @@ async fn applied(local: &Client, source: &RegionName) -> Result<Option<i64>> {
     Ok(resp
         .kvs()
         .first()
-        .and_then(|kv| std::str::from_utf8(kv.value()).ok()?.parse::<i64>().ok()))
+        .and_then(|kv| std::str::from_utf8(kv.value()).ok()?.parse::<i64>().ok())
+        .map(SourceRevision))
 }
 
 async fn mirror(
@@ -111,7 +112,7 @@ async fn mirror(
     };
     shared.with_mirror(source, |m| {
         m.applied = applied;
-        m.state = "streaming";
+        m.state = MirrorState::Streaming;
     });
     let mut sc = source_client.clone();
     let mut stream = sc
@@ -120,7 +121,7 @@ async fn mirror(
             Some(
                 WatchOptions::new()
                     .with_range(MIRRORED_END)
-                    .with_start_revision(applied + 1)
+                    .with_start_revision(applied.next().0)
                     .with_progress_notify(),
             ),
         )
@@ -156,7 +157,7 @@ async fn mirror(
                 reason: format!("canceled by etcd: {}", resp.cancel_reason()),
             });
         }
-        let header = resp.header().map(|h| h.revision()).unwrap_or(0);
+        let header = SourceRevision(resp.header().map(|h| h.revision()).unwrap_or(0));
         if resp.events().is_empty() {
             shared.with_mirror(source, |m| {
                 m.source_revision = m.source_revision.max(header);
@@ -167,10 +168,13 @@ async fn mirror(
             continue;
         }
         // Events of one source revision are one transaction's effects.
-        let mut by_revision: BTreeMap<i64, Vec<&etcd_client::Event>> = BTreeMap::new();
+        let mut by_revision: BTreeMap<SourceRevision, Vec<&etcd_client::Event>> = BTreeMap::new();
         for event in resp.events() {
             if let Some(kv) = event.kv() {
-                by_revision.entry(kv.mod_revision()).or_default().push(event);
+                by_revision
+                    .entry(SourceRevision(kv.mod_revision()))
+                    .or_default()
+                    .push(event);
             }
         }
         for (revision, events) in by_revision {
@@ -178,14 +182,14 @@ async fn mirror(
                 vec![
                     KeyValue::new("tern.region", shared.region.to_string()),
                     KeyValue::new("tern.source_region", source.to_string()),
-                    KeyValue::new("tern.source_revision", revision),
+                    KeyValue::new("tern.source_revision", revision.0),
                     KeyValue::new("tern.events", events.len() as i64),
                 ]
             });
             let outcome = apply(local, source, leadership, applied, revision, &events).await;
             let attributes = match &outcome {
                 Ok(applied) => vec![
-                    KeyValue::new("tern.revision", applied.revision),
+                    KeyValue::new("tern.revision", applied.revision.0),
                     KeyValue::new("tern.guard", "held"),
                 ],
                 Err(AgentError::NotLeader(_)) => vec![KeyValue::new("tern.guard", "refused")],
@@ -224,7 +228,7 @@ struct Applied {
     /// The source heartbeat it carried.
     heartbeat: Option<Heartbeat>,
     /// The local revision of the mirror transaction.
-    revision: i64,
+    revision: Revision,
 }
 
 /// Applies one source revision.
@@ -232,8 +236,8 @@ async fn apply(
     local: &Client,
     source: &RegionName,
     leadership: &Leadership,
-    previous: i64,
-    revision: i64,
+    previous: SourceRevision,
+    revision: SourceRevision,
     events: &[&etcd_client::Event],
 ) -> Result<Applied> {
     let hb_key = heartbeat_key(source);
@@ -273,7 +277,7 @@ async fn apply(
     }
     Ok(Applied {
         heartbeat: beat,
-        revision: resp.header().map(|h| h.revision()).unwrap_or(0),
+        revision: Revision(resp.header().map(|h| h.revision()).unwrap_or(0)),
     })
 }
 
@@ -319,13 +323,13 @@ async fn resync(
         );
         events.warn("MirrorResync", note).await;
     }
-    shared.with_mirror(source, |m| m.state = "resyncing");
+    shared.with_mirror(source, |m| m.state = MirrorState::Resyncing);
     let snapshot = source_client
         .clone()
         .get(MIRRORED_START, Some(GetOptions::new().with_range(MIRRORED_END)))
         .await
         .during(|| format!("reading a snapshot of {source}"))?;
-    let revision = snapshot.header().map(|h| h.revision()).unwrap_or(0);
+    let revision = SourceRevision(snapshot.header().map(|h| h.revision()).unwrap_or(0));
     let prefix = mirror_data_prefix(source);
     let applied_key = mirror_applied_key(source);
     let guarded = |ops: Vec<TxnOp>| Txn::new().when([leadership.guard()]).and_then(ops);
@@ -366,10 +370,10 @@ async fn resync(
     {
         return Err(AgentError::NotLeader(format!("resync of {source} refused")));
     }
-    tracing::info!(source = %source, revision, keys = kvs.len(), "mirror resynchronised");
+    tracing::info!(source = %source, %revision, keys = kvs.len(), "mirror resynchronised");
     shared.with_mirror(source, |m| {
         m.applied = revision;
-        m.state = "streaming";
+        m.state = MirrorState::Streaming;
     });
     Ok(Resynced {
         revision,
@@ -379,7 +383,7 @@ async fn resync(
 
 /// What a resync copied.
 struct Resynced {
-    revision: i64,
+    revision: SourceRevision,
     keys: usize,
 }
 
@@ -399,7 +403,7 @@ async fn probe_round_trips(client: Client, source: RegionName, shared: Arc<Share
             .await
         {
             let rtt = started.elapsed();
-            let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+            let revision = SourceRevision(resp.header().map(|h| h.revision()).unwrap_or(0));
             shared.with_mirror(&source, |m| {
                 m.lag.round_trip(rtt);
                 m.source_revision = m.source_revision.max(revision);

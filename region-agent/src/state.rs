@@ -5,7 +5,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use tern_common::{MemberStatus, MirrorStatus, RegionName};
+use tern_common::{MemberStatus, MirrorStatus, RegionName, SourceRevision};
 use tokio::time::Instant;
 
 use crate::lag::LagEstimator;
@@ -16,13 +16,13 @@ use crate::metrics::Metrics;
 pub struct MirrorState {
     pub lag: LagEstimator,
     /// Last source revision applied to the mirror.
-    pub applied: i64,
+    pub applied: SourceRevision,
     /// Source revisions confirmed to hold nothing more for the mirror (watch
     /// progress), so the mirror is current up to here.
-    pub confirmed: i64,
+    pub confirmed: SourceRevision,
     /// Newest source revision seen in a response header.
-    pub source_revision: i64,
-    pub state: &'static str,
+    pub source_revision: SourceRevision,
+    pub state: tern_common::MirrorState,
 }
 
 pub struct Shared {
@@ -35,7 +35,7 @@ pub struct Shared {
     /// Test hook: a paused agent does nothing, like a stopped process.
     pub paused: Arc<AtomicBool>,
     /// Kubernetes events on the GeoCluster, when running with --geocluster.
-    pub events: Option<crate::kubernetes::Events>,
+    pub events: Option<crate::events::Events>,
     /// Spans of heartbeats and mirrored revisions, when exporting.
     pub telemetry: tern_common::telemetry::Telemetry,
 }
@@ -67,9 +67,9 @@ impl Shared {
                 (
                     source.to_string(),
                     MirrorStatus {
-                        state: if m.state.is_empty() { "starting" } else { m.state }.to_string(),
+                        state: m.state,
                         lag_ms: m.lag.lag_ms(now).unwrap_or(u64::MAX),
-                        lag_revisions: (m.source_revision - effective).max(0),
+                        lag_revisions: m.source_revision.since(effective),
                         applied_revision: m.applied,
                         skew_ms: m.lag.skew_ms().unwrap_or(0),
                         heartbeat_age_ms: m

@@ -99,7 +99,7 @@ impl Directory {
         let regions = self.regions.read().await;
         let (record, received) = regions.get(local)?;
         let m = record.mirrors.get(source.as_str())?;
-        if m.state != "streaming" {
+        if m.state != tern_common::MirrorState::Streaming {
             return None;
         }
         // The age of the record: since it reached this router, or since the

@@ -1,0 +1,46 @@
+//! Kubernetes events on the agent's GeoCluster, for what people must hear
+//! of (a mirror resynchronised from a snapshot). Its own module so that the
+//! shared state can hold a recorder without depending on the status
+//! publisher (`kubernetes`), which reads that state.
+
+use kube::Client;
+
+/// Events about the GeoCluster, for what people must hear of (a resync).
+#[derive(Clone)]
+pub struct Events {
+    recorder: kube::runtime::events::Recorder,
+    object: k8s_openapi::api::core::v1::ObjectReference,
+}
+
+impl Events {
+    pub fn new(client: Client, namespace: &str, geocluster: &str, identity: &str) -> Self {
+        let reporter = kube::runtime::events::Reporter {
+            controller: "tern-agent".into(),
+            instance: Some(identity.to_string()),
+        };
+        Self {
+            recorder: kube::runtime::events::Recorder::new(client, reporter),
+            object: k8s_openapi::api::core::v1::ObjectReference {
+                api_version: Some("tern.dev/v1alpha1".into()),
+                kind: Some("GeoCluster".into()),
+                name: Some(geocluster.to_string()),
+                namespace: Some(namespace.to_string()),
+                ..Default::default()
+            },
+        }
+    }
+
+    /// Publishes a Warning; failures are logged, never returned.
+    pub async fn warn(&self, reason: &str, note: String) {
+        let event = kube::runtime::events::Event {
+            type_: kube::runtime::events::EventType::Warning,
+            reason: reason.into(),
+            note: Some(note),
+            action: "Mirror".into(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&event, &self.object).await {
+            tracing::warn!(error = %e, "could not publish an event");
+        }
+    }
+}
