@@ -13,7 +13,6 @@
 //! been applied is never answered with a status that says it was not.
 
 use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -22,15 +21,13 @@ use opentelemetry::KeyValue;
 use opentelemetry::trace::{SpanKind, TraceContextExt};
 use tern_common::{AccountId, AccountRecord, AccountState, Epoch, FenceState, RegionName, user_key_of};
 use tokio::time::Instant;
-use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use crate::counts::WriteCounts;
 use crate::error::{Result, RouterError};
-use crate::forward::{ForwardFailure, Forwarder, MOVED};
+use crate::forward::{ForwardFailure, Forwardable, Forwarder, MOVED};
 use crate::metrics::{Metrics, Route};
 use crate::ops::{self, Op};
-use crate::pb::router_client::RouterClient;
 use crate::pb::{self};
 use crate::peer::{Caller, PeerToken};
 use crate::placement::{Directory, Placement};
@@ -40,17 +37,6 @@ use crate::store::{Guarded, HomeStore, Item, Output, Record};
 const MAX_DEADLINE: Duration = Duration::from_secs(60);
 /// Pause before sending again over a link that failed.
 const LINK_RETRY: Duration = Duration::from_millis(50);
-
-type Sent<T> = Pin<Box<dyn Future<Output = std::result::Result<Response<T>, Status>> + Send>>;
-
-/// A call one router can send to another.
-pub trait Forwardable: Clone + Send + Sync + 'static {
-    type Response: Send + 'static;
-    /// Sends it with `client`.
-    fn send(client: RouterClient<Channel>, request: Request<Self>) -> Sent<Self::Response>;
-    /// Marks an answer as served by another region.
-    fn mark_forwarded(_response: &mut Self::Response) {}
-}
 
 /// A data operation: a request on one account's keys.
 pub trait Rpc: Forwardable {
@@ -742,35 +728,6 @@ fn found(item: Option<Item>) -> (bool, Vec<u8>, i64) {
 /// An answer of the wrong shape: a bug, not a client error.
 fn mismatch(op: &'static str, output: &Output) -> RouterError {
     RouterError::Internal(format!("{op} got the answer of another operation: {output:?}"))
-}
-
-macro_rules! forwardable {
-    ($req:ty, $resp:ty, $method:ident, $meta:ident) => {
-        impl Forwardable for $req {
-            type Response = $resp;
-            fn send(mut client: RouterClient<Channel>, request: Request<Self>) -> Sent<$resp> {
-                Box::pin(async move { client.$method(request).await })
-            }
-            fn mark_forwarded(response: &mut $resp) {
-                if let Some(m) = response.$meta.as_mut() {
-                    m.forwarded = true;
-                }
-            }
-        }
-    };
-}
-
-forwardable!(pb::PutRequest, pb::PutResponse, put, meta);
-forwardable!(pb::DeleteRequest, pb::DeleteResponse, delete, meta);
-forwardable!(pb::GetRequest, pb::GetResponse, get, meta);
-forwardable!(pb::ListRequest, pb::ListResponse, list, meta);
-forwardable!(pb::TxnRequest, pb::TxnResponse, txn, meta);
-
-impl Forwardable for pb::CreateAccountRequest {
-    type Response = pb::CreateAccountResponse;
-    fn send(mut client: RouterClient<Channel>, request: Request<Self>) -> Sent<pb::CreateAccountResponse> {
-        Box::pin(async move { client.create_account(request).await })
-    }
 }
 
 impl Rpc for pb::PutRequest {

@@ -5,17 +5,19 @@
 //! region and the peer token that makes the home router trust those headers.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::time::{Duration, Instant};
 
 use tern_common::RegionName;
 use tokio::sync::Mutex;
 use tonic::transport::{Channel, Endpoint};
-use tonic::{Request, Status};
+use tonic::{Request, Response, Status};
 
 use crate::dns::Dns;
 use crate::error::{BoxError, Delivery, Result, RouterError, SERVED_BY, classify};
-use crate::pb::router_client::RouterClient;
+use crate::pb::{self, router_client::RouterClient};
 use crate::peer::{PeerToken, mark_forwarded};
 use crate::placement::Directory;
 
@@ -179,7 +181,7 @@ impl Forwarder {
     }
 
     /// Sends `message` to `region`'s router as `R`'s call, within `deadline`.
-    pub async fn send<R: crate::execute::Forwardable>(
+    pub async fn send<R: Forwardable>(
         &self,
         region: &RegionName,
         deadline: tokio::time::Instant,
@@ -199,5 +201,45 @@ impl Forwarder {
             .await
             .map(tonic::Response::into_inner)
             .map_err(ForwardFailure::from_status)
+    }
+}
+
+type Sent<T> = Pin<Box<dyn Future<Output = std::result::Result<Response<T>, Status>> + Send>>;
+
+/// A call one router can send to another.
+pub trait Forwardable: Clone + Send + Sync + 'static {
+    type Response: Send + 'static;
+    /// Sends it with `client`.
+    fn send(client: RouterClient<Channel>, request: Request<Self>) -> Sent<Self::Response>;
+    /// Marks an answer as served by another region.
+    fn mark_forwarded(_response: &mut Self::Response) {}
+}
+
+macro_rules! forwardable {
+    ($req:ty, $resp:ty, $method:ident, $meta:ident) => {
+        impl Forwardable for $req {
+            type Response = $resp;
+            fn send(mut client: RouterClient<Channel>, request: Request<Self>) -> Sent<$resp> {
+                Box::pin(async move { client.$method(request).await })
+            }
+            fn mark_forwarded(response: &mut $resp) {
+                if let Some(m) = response.$meta.as_mut() {
+                    m.forwarded = true;
+                }
+            }
+        }
+    };
+}
+
+forwardable!(pb::PutRequest, pb::PutResponse, put, meta);
+forwardable!(pb::DeleteRequest, pb::DeleteResponse, delete, meta);
+forwardable!(pb::GetRequest, pb::GetResponse, get, meta);
+forwardable!(pb::ListRequest, pb::ListResponse, list, meta);
+forwardable!(pb::TxnRequest, pb::TxnResponse, txn, meta);
+
+impl Forwardable for pb::CreateAccountRequest {
+    type Response = pb::CreateAccountResponse;
+    fn send(mut client: RouterClient<Channel>, request: Request<Self>) -> Sent<pb::CreateAccountResponse> {
+        Box::pin(async move { client.create_account(request).await })
     }
 }
