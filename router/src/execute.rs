@@ -343,13 +343,21 @@ impl Executor {
     /// The request path of a data operation.
     async fn execute<R: Rpc>(&self, call: &Incoming, wire: R) -> Result<(R::Response, Route)> {
         let op = wire.parse()?;
-        let writes = op.work.writes();
         if let Some(max) = op.bounded_ms
             && !call.forwarded
             && let Some(answer) = self.read_mirror(call, &op, max).await?
         {
             return Ok((wire.answer(&op, answer)?, Route::Local));
         }
+        // Whatever ends the loop, an answer that says "not applied" must
+        // not follow an attempt that may have been.
+        self.attempts(call, &op, wire).await.map_err(|e| self.truthful(call, e))
+    }
+
+    /// Route, run or forward, and go again after a fence miss or a moved
+    /// account, until an answer or the deadline.
+    async fn attempts<R: Rpc>(&self, call: &Incoming, op: &Op, wire: R) -> Result<(R::Response, Route)> {
+        let writes = op.work.writes();
         loop {
             let p = self.route(call, &op.account).await?;
             if p.home != self.region {
@@ -372,11 +380,11 @@ impl Executor {
                         let _ = self.directory.refresh(&op.account).await;
                     }
                     Next::RetryAfter(pause) => tokio::time::sleep(pause).await,
-                    Next::Fail(e) => return Err(self.truthful(call, e)),
+                    Next::Fail(e) => return Err(e),
                 }
                 continue;
             }
-            let outcome = call.attempt(writes, self.run_home(call, &op, &p)).await;
+            let outcome = call.attempt(writes, self.run_home(call, op, &p)).await;
             let served = |revision| Served {
                 by: self.region.clone(),
                 home: p.home.clone(),
@@ -384,7 +392,7 @@ impl Executor {
                 revision,
                 mirror_staleness_ms: None,
             };
-            match outcome.map_err(|e| self.truthful(call, e))? {
+            match outcome? {
                 Guarded::Done { revision, output } => {
                     if writes {
                         self.count_write(&op.account, call);
@@ -393,7 +401,7 @@ impl Executor {
                         output,
                         served: served(revision),
                     };
-                    return Ok((wire.answer(&op, answer)?, call.route()));
+                    return Ok((wire.answer(op, answer)?, call.route()));
                 }
                 Guarded::Replayed { record, revision } => {
                     op.check_replay(&record)?;
@@ -401,7 +409,7 @@ impl Executor {
                         record,
                         served: served(revision),
                     };
-                    return Ok((wire.answer(&op, answer)?, call.route()));
+                    return Ok((wire.answer(op, answer)?, call.route()));
                 }
                 Guarded::CompareFailed => {
                     return Err(RouterError::CompareFailed(
