@@ -52,13 +52,20 @@ impl Op {
         } else {
             Some(IdempotencyKey::new(idempotency)?)
         };
+        // Only a keyed request is ever compared with a record: the others
+        // skip hashing their values.
+        let fp = if idempotency.is_some() {
+            fingerprint(name, fields)
+        } else {
+            String::new()
+        };
         Ok(Self {
             account,
             work,
             idempotency,
             record: Record {
                 op: name.into(),
-                fp: fingerprint(name, fields),
+                fp,
                 existed: None,
             },
             bounded_ms: None,
