@@ -28,7 +28,7 @@ use crate::error::{Result, RouterError};
 use crate::forward::{ForwardFailure, Forwardable, Forwarder, MOVED};
 use crate::metrics::{Metrics, Route};
 use crate::ops::{self, Op};
-use crate::pb::{self};
+use crate::pb;
 use crate::peer::{Caller, PeerToken};
 use crate::placement::{Directory, Placement};
 use crate::store::{Guarded, HomeStore, Item, Output, Record};
