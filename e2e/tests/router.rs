@@ -891,6 +891,29 @@ enum Told {
     Unknown,
 }
 
+/// The outcome as tern-verify records it.
+fn recorded(code: Code) -> tern_verify::Outcome {
+    match code {
+        Code::Ok => tern_verify::Outcome::Ok {
+            value: None,
+            swapped: Some(true),
+            staleness_ms: None,
+        },
+        // The compare was evaluated and did not hold: nothing changed.
+        Code::FailedPrecondition => tern_verify::Outcome::Ok {
+            value: None,
+            swapped: Some(false),
+            staleness_ms: None,
+        },
+        Code::Unavailable => tern_verify::Outcome::Failed {
+            reason: format!("{code:?}"),
+        },
+        _ => tern_verify::Outcome::Indeterminate {
+            reason: format!("{code:?}"),
+        },
+    }
+}
+
 fn told(code: Code) -> Told {
     match code {
         Code::Ok => Told::Applied,
@@ -961,7 +984,9 @@ async fn a_link_that_fails_after_sending_never_applies_a_write_twice() {
     create(&d, "us-east", "acct-r", "us-east").await;
     let link = d.links[&("eu-west".to_string(), "us-east".to_string())].clone();
 
-    let stop_at = Instant::now() + Duration::from_secs(12);
+    let started = Instant::now();
+    let stop_at = started + Duration::from_secs(12);
+    let us = move || started.elapsed().as_micros() as u64;
     let mut writers = Vec::new();
     for w in 0..4 {
         let mut c = d.client("eu-west").await;
@@ -971,10 +996,20 @@ async fn a_link_that_fails_after_sending_never_applies_a_write_twice() {
             // compare-and-set expects.
             let mut last: Option<String> = None;
             let mut log: Vec<(String, bool, Told)> = Vec::new();
+            // The same operations as a history for tern-verify's checkers.
+            let mut records: Vec<tern_verify::Record> = Vec::new();
             let mut i = 0;
             while Instant::now() < stop_at {
                 let value = format!("w{w}-{i}");
                 let is_txn = i % 2 == 1;
+                let request = match (&last, is_txn) {
+                    (Some(expect), true) => tern_verify::Request::Cas {
+                        expect: Some(expect.clone()),
+                        new: Some(value.clone()),
+                    },
+                    _ => tern_verify::Request::Put { value: value.clone() },
+                };
+                let invoke_us = us();
                 let answer = if is_txn {
                     let compares = match &last {
                         Some(v) => vec![pb::Compare {
@@ -1004,7 +1039,17 @@ async fn a_link_that_fails_after_sending_never_applies_a_write_twice() {
                     request.set_timeout(Duration::from_secs(3));
                     c.put(request).await.map(|_| ())
                 };
-                let outcome = told(answer.as_ref().err().map(|e| e.code()).unwrap_or(Code::Ok));
+                let code = answer.as_ref().err().map(|e| e.code()).unwrap_or(Code::Ok);
+                let outcome = told(code);
+                records.push(tern_verify::Record {
+                    client: w,
+                    key: key.clone(),
+                    invoke_us,
+                    complete_us: us(),
+                    request,
+                    outcome: recorded(code),
+                    idempotency_key: None,
+                });
                 match outcome {
                     Told::Applied => last = Some(value.clone()),
                     // What the key holds now is unknown: ask before the next
@@ -1017,9 +1062,23 @@ async fn a_link_that_fails_after_sending_never_applies_a_write_twice() {
                                 read: None,
                             });
                             request.set_timeout(Duration::from_secs(3));
+                            let invoke_us = us();
                             if let Ok(r) = c.get(request).await {
                                 let r = r.into_inner();
                                 last = r.found.then(|| String::from_utf8_lossy(&r.value).into_owned());
+                                records.push(tern_verify::Record {
+                                    client: w,
+                                    key: key.clone(),
+                                    invoke_us,
+                                    complete_us: us(),
+                                    request: tern_verify::Request::Get,
+                                    outcome: tern_verify::Outcome::Ok {
+                                        value: last.clone(),
+                                        swapped: None,
+                                        staleness_ms: None,
+                                    },
+                                    idempotency_key: None,
+                                });
                                 break;
                             }
                         }
@@ -1028,7 +1087,7 @@ async fn a_link_that_fails_after_sending_never_applies_a_write_twice() {
                 log.push((value, is_txn, outcome));
                 i += 1;
             }
-            (key, log)
+            (key, log, records)
         }));
     }
 
@@ -1051,10 +1110,32 @@ async fn a_link_that_fails_after_sending_never_applies_a_write_twice() {
     }
 
     let mut logs = Vec::new();
+    let mut recorded_history = tern_verify::History::default();
     for w in writers {
-        logs.push(w.await.expect("writer"));
+        let (key, log, records) = w.await.expect("writer");
+        recorded_history.records.extend(records);
+        logs.push((key, log));
     }
     let history = put_history(&d, "us-east", "/tern/a/acct-r/d/").await;
+    // The checkers of tern-verify on the same run: linearizability per key
+    // and what etcd applied against what clients were told.
+    let mut applied = tern_verify::applied::Applied::new();
+    for (k, v) in &history {
+        let key = k.trim_start_matches("/tern/a/acct-r/d/").to_string();
+        applied.entry(key).or_default().push(v.clone());
+    }
+    let report = tern_verify::linearizable::check(&recorded_history, Duration::from_secs(20));
+    let mut verdicts = report.violations.clone();
+    verdicts.extend(tern_verify::applied::check(&recorded_history, &applied));
+    if !verdicts.is_empty() || !report.unknown.is_empty() {
+        let path = std::env::temp_dir().join(format!("tern-reset-link-{}.jsonl", std::process::id()));
+        recorded_history.save(&path).expect("save the history");
+        panic!(
+            "tern-verify: {verdicts:#?}; keys unknown: {:?}; history in {}",
+            report.unknown,
+            path.display()
+        );
+    }
     let keys = account_keys(&d, "us-east").await;
     let mut totals = BTreeMap::<Told, usize>::new();
     let mut failures = Vec::new();
