@@ -10,6 +10,7 @@ mod binaries;
 mod client;
 mod demo;
 mod status;
+mod verify;
 
 use std::process::ExitCode;
 
@@ -41,6 +42,10 @@ enum Command {
     /// Measure router overhead against direct etcd and proxied-write latency
     /// against the injected round trip; prints a table and writes a report.
     Bench(bench::BenchArgs),
+    /// Randomized runs of a mixed workload under injected faults, recorded
+    /// as histories and judged by tern-verify's checkers (linearizability,
+    /// nothing lost or applied twice, bounded staleness).
+    Verify(verify::VerifyArgs),
 }
 
 /// Parses the command line and runs the command.
@@ -53,6 +58,7 @@ pub async fn main() -> ExitCode {
         Command::Get(args) => client::get(args).await,
         Command::Bench(args) => bench::run(args).await,
         Command::Status(args) => status::run(args).await,
+        Command::Verify(args) => verify::run(args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

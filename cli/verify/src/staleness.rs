@@ -7,67 +7,90 @@
 use crate::Violation;
 use crate::history::{History, Outcome, Record, Request};
 
-/// The value a write leaves (None: a delete).
-fn leaves(r: &Record) -> Option<Option<&str>> {
-    let applied = match &r.outcome {
-        Outcome::Ok { swapped, .. } => *swapped != Some(false),
-        _ => false,
+/// The value a write may leave (None: a delete), and whether it certainly
+/// did (acknowledged) or only may have (outcome unknown).
+fn leaves(r: &Record) -> Option<(Option<&str>, bool)> {
+    let certain = match &r.outcome {
+        Outcome::Ok { swapped, .. } => {
+            if *swapped == Some(false) {
+                return None;
+            }
+            true
+        }
+        Outcome::Indeterminate { .. } => false,
+        Outcome::Failed { .. } => return None,
     };
-    if !applied {
-        return None;
-    }
-    match &r.request {
-        Request::Put { value } => Some(Some(value.as_str())),
-        Request::Delete => Some(None),
-        Request::Cas { new, .. } => Some(new.as_deref()),
-        _ => None,
-    }
+    let value = match &r.request {
+        Request::Put { value } => Some(value.as_str()),
+        Request::Delete => None,
+        Request::Cas { new, .. } => new.as_deref(),
+        _ => return None,
+    };
+    Some((value, certain))
 }
 
 /// Checks every BOUNDED read of `history` that a mirror served.
 pub fn check(history: &History) -> Vec<Violation> {
     let mut violations = Vec::new();
     for (key, ops) in history.by_key() {
-        let writes: Vec<(&Record, Option<&str>)> = ops.iter().filter_map(|r| Some((*r, leaves(r)?))).collect();
+        let writes: Vec<(&Record, Option<&str>, bool)> = ops
+            .iter()
+            .filter_map(|r| {
+                let (v, certain) = leaves(r)?;
+                Some((*r, v, certain))
+            })
+            .collect();
         for read in &ops {
-            let (
-                Request::GetBounded { max_staleness_ms },
-                Outcome::Ok {
-                    value, staleness_ms, ..
-                },
-            ) = (&read.request, &read.outcome)
+            let (Request::GetBounded { max_staleness_ms }, Outcome::Ok { value, staleness_ms, .. }) =
+                (&read.request, &read.outcome)
             else {
                 continue;
             };
             // Served by the home (no reported staleness): linearizable, and
             // checked there.
             let Some(reported) = staleness_ms else { continue };
-            // When the value read was written: the earliest completion of a
-            // write that leaves it (an absent key: the start of the run).
-            let written = writes
+            let value = value.as_deref();
+            // Every write the value may come from (invoked before the read
+            // answered; an absent key may also be the start of the run).
+            let sources: Vec<&(&Record, Option<&str>, bool)> = writes
                 .iter()
-                .filter(|(_, v)| *v == value.as_deref())
-                .map(|(w, _)| w.complete_us)
-                .min();
-            let Some(written) = written.or(value.is_none().then_some(0)) else {
+                .filter(|(w, v, _)| *v == value && w.invoke_us < read.complete_us)
+                .collect();
+            if sources.is_empty() && value.is_some() {
                 violations.push(Violation {
                     checker: "staleness",
                     key: key.to_string(),
                     detail: format!(
-                        "client {} read {value:?} at {} µs, a value no acknowledged write left",
+                        "client {} read {value:?} at {} µs, a value no write left",
                         read.client, read.invoke_us
                     ),
                 });
                 continue;
+            }
+            // A write whose outcome is unknown may have landed at any time:
+            // the read may be as fresh as it likes.
+            if sources.iter().any(|(_, _, certain)| !certain) {
+                continue;
+            }
+            // For each source, when it was certainly overwritten: the first
+            // acknowledged write of another value invoked after the source
+            // completed and done before the read. The most favourable source
+            // decides (the freshest explanation of the read).
+            let overwritten = |written: u64| {
+                writes
+                    .iter()
+                    .filter(|(w, v, certain)| {
+                        *certain && *v != value && w.invoke_us > written && w.complete_us < read.invoke_us
+                    })
+                    .map(|(w, _, _)| w.complete_us)
+                    .min()
             };
-            // The first acknowledged write certainly after it: from its
-            // completion on, the value read was stale.
-            let Some(superseded) = writes
-                .iter()
-                .filter(|(w, v)| w.invoke_us > written && *v != value.as_deref() && w.complete_us < read.invoke_us)
-                .map(|(w, _)| w.complete_us)
-                .min()
-            else {
+            let mut times: Vec<Option<u64>> = sources.iter().map(|(w, _, _)| overwritten(w.complete_us)).collect();
+            if value.is_none() {
+                times.push(overwritten(0));
+            }
+            // None (never overwritten) beats any time; otherwise the latest.
+            let Some(superseded) = times.into_iter().try_fold(0u64, |latest, t| t.map(|t| latest.max(t))) else {
                 continue;
             };
             let true_ms = (read.invoke_us - superseded) / 1000;
@@ -147,6 +170,26 @@ mod tests {
             v[0].detail.contains("bound of 1000 ms") && v[0].detail.contains("1500 ms"),
             "{v:?}"
         );
+    }
+
+    #[test]
+    fn the_freshest_explanation_counts() {
+        let del = |at| ok(1, "k", at, Request::Delete);
+        let h = History {
+            records: vec![
+                put(1, (0, 1_000), "a"),
+                del((2_000, 3_000)),
+                put(1, (4_000, 5_000), "b"),
+                del((2_000_000, 2_001_000)),
+                // Absent: the second delete explains it, fresh.
+                bounded(2, (2_100_000, 2_101_000), 1_000, None, 0),
+                // Written by a put whose outcome is unknown: it may have
+                // landed just now.
+                unknown(put(3, (2_200_000, 2_300_000), "c")),
+                bounded(2, (2_900_000, 2_901_000), 1_000, Some("c"), 0),
+            ],
+        };
+        assert_eq!(check(&h), vec![]);
     }
 
     #[test]
