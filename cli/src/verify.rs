@@ -487,7 +487,14 @@ async fn inject(d: &LocalDeployment, faults: &[Fault], hold: Duration) -> Result
             Fault::Latency => {
                 for p in &router_links {
                     d.toxiproxy
-                        .toxic(p, "spike", "latency", Stream::Upstream, 1.0, serde_json::json!({"latency": 300}))
+                        .toxic(
+                            p,
+                            "spike",
+                            "latency",
+                            Stream::Upstream,
+                            1.0,
+                            serde_json::json!({"latency": 300}),
+                        )
                         .await?;
                     held.push(Injected {
                         proxy: p.clone(),
@@ -498,7 +505,14 @@ async fn inject(d: &LocalDeployment, faults: &[Fault], hold: Duration) -> Result
             Fault::MirrorDelay => {
                 for p in &mirror_links {
                     d.toxiproxy
-                        .toxic(p, "held", "latency", Stream::Downstream, 1.0, serde_json::json!({"latency": 600}))
+                        .toxic(
+                            p,
+                            "held",
+                            "latency",
+                            Stream::Downstream,
+                            1.0,
+                            serde_json::json!({"latency": 600}),
+                        )
                         .await?;
                     held.push(Injected {
                         proxy: p.clone(),

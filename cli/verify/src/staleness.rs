@@ -41,8 +41,12 @@ pub fn check(history: &History) -> Vec<Violation> {
             })
             .collect();
         for read in &ops {
-            let (Request::GetBounded { max_staleness_ms }, Outcome::Ok { value, staleness_ms, .. }) =
-                (&read.request, &read.outcome)
+            let (
+                Request::GetBounded { max_staleness_ms },
+                Outcome::Ok {
+                    value, staleness_ms, ..
+                },
+            ) = (&read.request, &read.outcome)
             else {
                 continue;
             };
