@@ -74,6 +74,10 @@ pub struct VerifyArgs {
     /// Where histories and reports go.
     #[arg(long, default_value = "target/verify")]
     out: PathBuf,
+    /// Check a saved history again instead of running (HISTORY.jsonl, with
+    /// what etcd applied in HISTORY.applied.json beside it when saved).
+    #[arg(long, value_name = "HISTORY")]
+    check: Option<PathBuf>,
     #[command(flatten)]
     assets: AssetsArgs,
 }
@@ -91,6 +95,9 @@ pub struct RunReport {
 }
 
 pub async fn run(args: VerifyArgs) -> Result<(), CliError> {
+    if let Some(path) = &args.check {
+        return check_saved(path);
+    }
     if args.runs == 0 || args.clients == 0 || args.accounts == 0 || args.rate == 0 || args.duration < 6 {
         return Err(CliError::Usage(
             "--runs, --clients, --accounts and --rate are at least 1, --duration at least 6".into(),
@@ -121,6 +128,61 @@ pub async fn run(args: VerifyArgs) -> Result<(), CliError> {
         )));
     }
     Ok(())
+}
+
+/// Where a history's applied values are saved.
+fn applied_path(history: &std::path::Path) -> PathBuf {
+    history.with_extension("applied.json")
+}
+
+fn save_applied(history: &std::path::Path, applied: &tern_verify::applied::Applied) -> Result<(), CliError> {
+    let path = applied_path(history);
+    let text = serde_json::to_string_pretty(applied).expect("a map of strings serialises");
+    std::fs::write(&path, text).map_err(|source| CliError::Io {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// `--check`: the checkers again on a saved history, offline.
+fn check_saved(path: &std::path::Path) -> Result<(), CliError> {
+    let history = History::load(path).map_err(|e| CliError::Setup(e.to_string()))?;
+    let lin = tern_verify::linearizable::check(&history, Duration::from_secs(60));
+    let mut violations = lin.violations;
+    let applied = applied_path(path);
+    match std::fs::read_to_string(&applied) {
+        Ok(text) => {
+            let applied: tern_verify::applied::Applied =
+                serde_json::from_str(&text).map_err(|e| CliError::Setup(format!("{}: {e}", applied.display())))?;
+            violations.extend(tern_verify::applied::check(&history, &applied));
+        }
+        Err(_) => println!("no {}: the applied checker is skipped", applied.display()),
+    }
+    violations.extend(tern_verify::staleness::check(&history));
+    println!(
+        "{}: {} ops, {} keys, {} violations{}",
+        path.display(),
+        history.records.len(),
+        lin.keys,
+        violations.len(),
+        if lin.unknown.is_empty() {
+            String::new()
+        } else {
+            format!(", keys the checker ran out of time on: {:?}", lin.unknown)
+        }
+    );
+    for v in &violations {
+        println!("  [{}] {}: {}", v.checker, v.key, v.detail);
+    }
+    if violations.is_empty() && lin.unknown.is_empty() {
+        Ok(())
+    } else {
+        Err(CliError::Setup(format!(
+            "{} violations in {}",
+            violations.len(),
+            path.display()
+        )))
+    }
 }
 
 fn print_report(r: &RunReport) {
@@ -235,6 +297,7 @@ pub async fn run_once(args: &VerifyArgs, seed: u64) -> Result<RunReport, CliErro
     violations.extend(tern_verify::staleness::check(&history));
     let path = args.out.join(format!("history-{seed}.jsonl"));
     history.save(&path).map_err(|e| CliError::Setup(e.to_string()))?;
+    save_applied(&path, &applied)?;
     let mut by_outcome = BTreeMap::new();
     for r in &history.records {
         let kind = match r.outcome {
