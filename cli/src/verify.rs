@@ -31,6 +31,8 @@ const REGIONS: [&str; 3] = ["us-east", "eu-west", "ap-south"];
 const KEYS: usize = 2;
 /// Deadline of every request.
 const DEADLINE: Duration = Duration::from_secs(2);
+/// How long the linearizability search may take per key.
+const PER_KEY: Duration = Duration::from_secs(30);
 /// The bound of BOUNDED reads.
 const BOUND_MS: u32 = 1000;
 
@@ -147,18 +149,18 @@ fn save_applied(history: &std::path::Path, applied: &tern_verify::applied::Appli
 /// `--check`: the checkers again on a saved history, offline.
 fn check_saved(path: &std::path::Path) -> Result<(), CliError> {
     let history = History::load(path).map_err(|e| CliError::Setup(e.to_string()))?;
-    let lin = tern_verify::linearizable::check(&history, Duration::from_secs(60));
-    let mut violations = lin.violations;
-    let applied = applied_path(path);
-    match std::fs::read_to_string(&applied) {
+    let applied_file = applied_path(path);
+    let applied: Option<tern_verify::applied::Applied> = match std::fs::read_to_string(&applied_file) {
         Ok(text) => {
-            let applied: tern_verify::applied::Applied =
-                serde_json::from_str(&text).map_err(|e| CliError::Setup(format!("{}: {e}", applied.display())))?;
-            violations.extend(tern_verify::applied::check(&history, &applied));
+            Some(serde_json::from_str(&text).map_err(|e| CliError::Setup(format!("{}: {e}", applied_file.display())))?)
         }
-        Err(_) => println!("no {}: the applied checker is skipped", applied.display()),
-    }
-    violations.extend(tern_verify::staleness::check(&history));
+        Err(_) => {
+            println!("no {}: the applied checker is skipped", applied_file.display());
+            None
+        }
+    };
+    let lin = tern_verify::judge(&history, applied.as_ref(), PER_KEY);
+    let violations = &lin.violations;
     println!(
         "{}: {} ops, {} keys, {} violations{}",
         path.display(),
@@ -171,7 +173,7 @@ fn check_saved(path: &std::path::Path) -> Result<(), CliError> {
             format!(", keys the checker ran out of time on: {:?}", lin.unknown)
         }
     );
-    for v in &violations {
+    for v in violations {
         println!("  [{}] {}: {}", v.checker, v.key, v.detail);
     }
     if violations.is_empty() && lin.unknown.is_empty() {
@@ -291,10 +293,8 @@ pub async fn run_once(args: &VerifyArgs, seed: u64) -> Result<RunReport, CliErro
         });
     }
     let applied = applied(&d, &accounts).await?;
-    let lin = tern_verify::linearizable::check(&history, Duration::from_secs(30));
+    let lin = tern_verify::judge(&history, Some(&applied), PER_KEY);
     violations.extend(lin.violations);
-    violations.extend(tern_verify::applied::check(&history, &applied));
-    violations.extend(tern_verify::staleness::check(&history));
     let path = args.out.join(format!("history-{seed}.jsonl"));
     history.save(&path).map_err(|e| CliError::Setup(e.to_string()))?;
     save_applied(&path, &applied)?;

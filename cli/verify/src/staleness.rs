@@ -53,73 +53,73 @@ pub fn check(history: &History) -> Vec<Violation> {
             // Served by the home (no reported staleness): linearizable, and
             // checked there.
             let Some(reported) = staleness_ms else { continue };
-            let value = value.as_deref();
-            // Every write the value may come from (invoked before the read
-            // answered; an absent key may also be the start of the run).
-            let sources: Vec<&(&Record, Option<&str>, bool)> = writes
-                .iter()
-                .filter(|(w, v, _)| *v == value && w.invoke_us < read.complete_us)
-                .collect();
-            if sources.is_empty() && value.is_some() {
+            let what = problem(read, value.as_deref(), *max_staleness_ms, *reported, &writes);
+            if let Some(what) = what {
                 violations.push(Violation {
                     checker: "staleness",
                     key: key.to_string(),
-                    detail: format!(
-                        "client {} read {value:?} at {} µs, a value no write left",
-                        read.client, read.invoke_us
-                    ),
-                });
-                continue;
-            }
-            // A write whose outcome is unknown may have landed at any time:
-            // the read may be as fresh as it likes.
-            if sources.iter().any(|(_, _, certain)| !certain) {
-                continue;
-            }
-            // For each source, when it was certainly overwritten: the first
-            // acknowledged write of another value invoked after the source
-            // completed and done before the read. The most favourable source
-            // decides (the freshest explanation of the read).
-            let overwritten = |written: u64| {
-                writes
-                    .iter()
-                    .filter(|(w, v, certain)| {
-                        *certain && *v != value && w.invoke_us > written && w.complete_us < read.invoke_us
-                    })
-                    .map(|(w, _, _)| w.complete_us)
-                    .min()
-            };
-            let mut times: Vec<Option<u64>> = sources.iter().map(|(w, _, _)| overwritten(w.complete_us)).collect();
-            if value.is_none() {
-                times.push(overwritten(0));
-            }
-            // None (never overwritten) beats any time; otherwise the latest.
-            let Some(superseded) = times.into_iter().try_fold(0u64, |latest, t| t.map(|t| latest.max(t))) else {
-                continue;
-            };
-            let true_ms = (read.invoke_us - superseded) / 1000;
-            if true_ms > *max_staleness_ms {
-                violations.push(Violation {
-                    checker: "staleness",
-                    key: key.to_string(),
-                    detail: format!(
-                        "client {} read {value:?} at {} µs with a bound of {max_staleness_ms} ms, but it was overwritten {true_ms} ms before",
-                        read.client, read.invoke_us
-                    ),
-                });
-            } else if *reported < true_ms {
-                violations.push(Violation {
-                    checker: "staleness",
-                    key: key.to_string(),
-                    detail: format!(
-                        "client {} read {value:?} at {} µs reported {reported} ms stale, but it was overwritten {true_ms} ms before",
-                        read.client, read.invoke_us
-                    ),
+                    detail: format!("client {} read {value:?} at {} µs {what}", read.client, read.invoke_us),
                 });
             }
         }
     }
     violations
+}
+
+/// What is wrong with a mirror read of `value` that accepted `max_ms` and
+/// reported `reported_ms`, given the key's `writes`; None: nothing.
+fn problem(
+    read: &Record,
+    value: Option<&str>,
+    max_ms: u64,
+    reported_ms: u64,
+    writes: &[(&Record, Option<&str>, bool)],
+) -> Option<String> {
+    // Every write the value may come from (invoked before the read
+    // answered; an absent key may also be the start of the run).
+    let sources: Vec<&(&Record, Option<&str>, bool)> = writes
+        .iter()
+        .filter(|(w, v, _)| *v == value && w.invoke_us < read.complete_us)
+        .collect();
+    if sources.is_empty() && value.is_some() {
+        return Some(", a value no write left".into());
+    }
+    // A write whose outcome is unknown may have landed at any time: the read
+    // may be as fresh as it likes.
+    if sources.iter().any(|(_, _, certain)| !certain) {
+        return None;
+    }
+    // For each source, when it was certainly overwritten: the first
+    // acknowledged write of another value invoked after the source completed
+    // and done before the read. The most favourable source decides (the
+    // freshest explanation of the read).
+    let overwritten = |written: u64| {
+        writes
+            .iter()
+            .filter(|(w, v, certain)| {
+                *certain && *v != value && w.invoke_us > written && w.complete_us < read.invoke_us
+            })
+            .map(|(w, _, _)| w.complete_us)
+            .min()
+    };
+    let mut times: Vec<Option<u64>> = sources.iter().map(|(w, _, _)| overwritten(w.complete_us)).collect();
+    if value.is_none() {
+        times.push(overwritten(0));
+    }
+    // None (never overwritten) beats any time; otherwise the latest.
+    let superseded = times.into_iter().try_fold(0u64, |latest, t| t.map(|t| latest.max(t)))?;
+    let true_ms = (read.invoke_us - superseded) / 1000;
+    if true_ms > max_ms {
+        Some(format!(
+            "with a bound of {max_ms} ms, but it was overwritten {true_ms} ms before"
+        ))
+    } else if reported_ms < true_ms {
+        Some(format!(
+            "reported {reported_ms} ms stale, but it was overwritten {true_ms} ms before"
+        ))
+    } else {
+        None
+    }
 }
 
 #[cfg(test)]
