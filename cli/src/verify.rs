@@ -6,22 +6,26 @@
 //! history as JSON lines next to a report, so a failure can be checked
 //! again offline.
 //!
-//! Faults so far are the ones toxiproxy makes (resets and cuts after send,
-//! latency spikes on router links, a held delay on mirror links); killing
-//! processes needs routers and agents as separate processes (issue 10).
+//! Modules: `workload` (the clients and the final round), `nemesis` (the
+//! faults and their healing), `etcd_history` (what etcd applied, watched
+//! for the whole run).
+
+mod etcd_history;
+mod nemesis;
+mod workload;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use clap::{Args, ValueEnum};
+use clap::Args;
+pub use nemesis::Fault;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tern_api::pb;
-use tern_local::toxiproxy::Stream;
-use tern_local::{Layout, LocalDeployment};
-use tern_verify::{History, Outcome, Record, Request};
+use tern_local::{Binaries, Layout, LocalDeployment};
+use tern_verify::{History, Outcome};
 
 use crate::CliError;
 use crate::binaries::AssetsArgs;
@@ -35,20 +39,6 @@ const DEADLINE: Duration = Duration::from_secs(2);
 const PER_KEY: Duration = Duration::from_secs(30);
 /// The bound of BOUNDED reads.
 const BOUND_MS: u32 = 1000;
-
-/// A fault toxiproxy can inject.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum Fault {
-    /// Connections between routers reset 100 ms in (half of them), re-armed
-    /// every 500 ms: links fail after requests left.
-    Reset,
-    /// Connections between routers cut after 2 KiB of answers.
-    Limit,
-    /// 300 ms more each way between routers.
-    Latency,
-    /// 600 ms more on every mirror link, held: BOUNDED reads must notice.
-    MirrorDelay,
-}
 
 #[derive(Args, Debug)]
 pub struct VerifyArgs {
@@ -70,9 +60,22 @@ pub struct VerifyArgs {
     /// Most operations per second per client.
     #[arg(long, default_value_t = 20)]
     rate: u32,
-    /// Faults to draw from, comma separated; each run injects one or two.
-    #[arg(long, value_delimiter = ',', default_value = "reset,limit,latency")]
+    /// Faults to draw from, comma separated; each run injects one or two:
+    /// run i the (seed + i)-th of the list, so consecutive runs cover them
+    /// all, and half of the runs one more drawn at random.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "reset,limit,latency,mirror-delay,blackhole,partition,kill-router,pause-router,kill-agent,pause-agent,kill-member,kill-leader,pause-leader,compaction,clock-offset"
+    )]
     faults: Vec<Fault>,
+    /// The tern-router binary the deployment runs (as processes, to kill
+    /// and pause); default: beside this `tern`.
+    #[arg(long, value_name = "PATH")]
+    router_binary: Option<PathBuf>,
+    /// The tern-agent binary; default: beside this `tern`.
+    #[arg(long, value_name = "PATH")]
+    agent_binary: Option<PathBuf>,
     /// Where histories and reports go.
     #[arg(long, default_value = "target/verify")]
     out: PathBuf,
@@ -89,7 +92,7 @@ pub struct VerifyArgs {
 pub struct RunReport {
     pub seed: u64,
     pub ops: usize,
-    pub faults: Vec<Fault>,
+    pub faults: Vec<String>,
     pub by_outcome: BTreeMap<&'static str, usize>,
     pub violations: Vec<tern_verify::Violation>,
     pub unknown_keys: Vec<String>,
@@ -108,6 +111,7 @@ pub async fn run(args: VerifyArgs) -> Result<(), CliError> {
     if args.faults.is_empty() {
         return Err(CliError::Usage("--faults names at least one fault".into()));
     }
+    let binaries = binaries(&args)?;
     args.assets.apply()?;
     std::fs::create_dir_all(&args.out).map_err(|source| CliError::Io {
         path: args.out.display().to_string(),
@@ -116,7 +120,7 @@ pub async fn run(args: VerifyArgs) -> Result<(), CliError> {
     let first = args.seed.unwrap_or_else(rand::random);
     let mut failed = 0;
     for i in 0..u64::from(args.runs) {
-        let report = run_once(&args, first.wrapping_add(i)).await?;
+        let report = run_once(&args, &binaries, first.wrapping_add(i)).await?;
         print_report(&report);
         if !report.violations.is_empty() || !report.unknown_keys.is_empty() {
             failed += 1;
@@ -130,6 +134,35 @@ pub async fn run(args: VerifyArgs) -> Result<(), CliError> {
         )));
     }
     Ok(())
+}
+
+/// The router and agent binaries: named, or beside this `tern` (cargo
+/// builds them there with `cargo build` or the test suite).
+fn binaries(args: &VerifyArgs) -> Result<Binaries, CliError> {
+    let here = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(std::path::Path::to_path_buf))
+        .unwrap_or_default();
+    let mut found = match Binaries::in_dir(&here) {
+        Ok(b) => b,
+        Err(e) if args.router_binary.is_none() || args.agent_binary.is_none() => return Err(e.into()),
+        Err(_) => Binaries {
+            router: PathBuf::new(),
+            agent: PathBuf::new(),
+        },
+    };
+    for (flag, given, slot) in [
+        ("--router-binary", &args.router_binary, &mut found.router),
+        ("--agent-binary", &args.agent_binary, &mut found.agent),
+    ] {
+        if let Some(path) = given {
+            if !path.is_file() {
+                return Err(CliError::Usage(format!("{flag} {}: no such file", path.display())));
+            }
+            *slot = path.clone();
+        }
+    }
+    Ok(found)
 }
 
 /// Where a history's applied values are saved.
@@ -208,11 +241,17 @@ fn print_report(r: &RunReport) {
 }
 
 /// One run: a deployment, the workload, the faults, healing, the checks.
-pub async fn run_once(args: &VerifyArgs, seed: u64) -> Result<RunReport, CliError> {
+pub async fn run_once(args: &VerifyArgs, binaries: &Binaries, seed: u64) -> Result<RunReport, CliError> {
     let mut rng = StdRng::seed_from_u64(seed);
+    // us-east's group has three members (member and leader faults hit it),
+    // the others one; the directory has a member per region, reaching its
+    // peers through toxiproxy (partitions and blackholes cut it).
     let layout = Layout {
-        regions: REGIONS.iter().map(|r| (r.to_string(), 1)).collect(),
-        directory_members: 1,
+        regions: REGIONS
+            .iter()
+            .map(|r| (r.to_string(), if *r == nemesis::REPLICATED { 3 } else { 1 }))
+            .collect(),
+        directory_members: REGIONS.len(),
         rtt_ms: BTreeMap::from([
             (("us-east".into(), "eu-west".into()), 40),
             (("us-east".into(), "ap-south".into()), 80),
@@ -221,7 +260,7 @@ pub async fn run_once(args: &VerifyArgs, seed: u64) -> Result<RunReport, CliErro
         agents: true,
         otlp_endpoint: None,
     };
-    let d = LocalDeployment::start(layout).await?;
+    let mut d = LocalDeployment::start_with(layout, Some(binaries.clone())).await?;
     // Accounts: `accounts` homed in each region.
     let mut accounts = Vec::new();
     for home in REGIONS {
@@ -237,8 +276,10 @@ pub async fn run_once(args: &VerifyArgs, seed: u64) -> Result<RunReport, CliErro
             accounts.push((account, home));
         }
     }
-    // One or two faults, drawn with the run's seed.
-    let mut faults = vec![args.faults[rng.random_range(0..args.faults.len())]];
+    let etcd_history = etcd_history::EtcdHistory::start(&d);
+    // The run's first fault walks the list with the seed; half of the runs
+    // add one more, drawn.
+    let mut faults = vec![args.faults[(seed % args.faults.len() as u64) as usize]];
     let second = args.faults[rng.random_range(0..args.faults.len())];
     if rng.random_bool(0.5) && !faults.contains(&second) {
         faults.push(second);
@@ -256,7 +297,7 @@ pub async fn run_once(args: &VerifyArgs, seed: u64) -> Result<RunReport, CliErro
             let records = records.clone();
             let client_seed = rng.random();
             let pause = Duration::from_secs(1) / args.rate;
-            clients.push(tokio::spawn(client(
+            clients.push(tokio::spawn(workload::client(
                 id,
                 c,
                 accounts,
@@ -272,8 +313,12 @@ pub async fn run_once(args: &VerifyArgs, seed: u64) -> Result<RunReport, CliErro
     // The faults hold the middle third of the run, then heal.
     tokio::time::sleep(duration / 3).await;
     let before_faults = records.lock().unwrap_or_else(|e| e.into_inner()).len();
-    let injected = inject(&d, &faults, duration / 3).await?;
-    heal(&d, &injected).await?;
+    let mut nemesis = nemesis::Nemesis::new();
+    for f in &faults {
+        nemesis.inject(&mut d, *f, &mut rng).await?;
+    }
+    nemesis.hold(&d, duration / 3).await?;
+    nemesis.heal(&mut d).await?;
     for c in clients {
         let _ = c.await;
     }
@@ -281,9 +326,11 @@ pub async fn run_once(args: &VerifyArgs, seed: u64) -> Result<RunReport, CliErro
         records: std::mem::take(&mut *records.lock().unwrap_or_else(|e| e.into_inner())),
     };
     // After healing every account takes a write and answers a read.
-    final_round(&d, &accounts, started, &mut history).await?;
+    workload::final_round(&d, &accounts, started, &mut history).await?;
 
     let mut violations = Vec::new();
+    // Like etcd's robustness suite: a run whose workload barely ran before
+    // the faults proves nothing.
     let minimum = args.clients * REGIONS.len() * (args.duration as usize / 3);
     if before_faults < minimum {
         violations.push(tern_verify::Violation {
@@ -292,7 +339,7 @@ pub async fn run_once(args: &VerifyArgs, seed: u64) -> Result<RunReport, CliErro
             detail: format!("only {before_faults} operations before the faults (at least {minimum} expected)"),
         });
     }
-    let applied = applied(&d, &accounts).await?;
+    let applied = etcd_history.finish(&d).await?;
     let lin = tern_verify::judge(&history, Some(&applied), PER_KEY);
     violations.extend(lin.violations);
     let path = args.out.join(format!("history-{seed}.jsonl"));
@@ -310,457 +357,10 @@ pub async fn run_once(args: &VerifyArgs, seed: u64) -> Result<RunReport, CliErro
     Ok(RunReport {
         seed,
         ops: history.records.len(),
-        faults,
+        faults: nemesis.described,
         by_outcome,
         violations,
         unknown_keys: lin.unknown,
         history: path,
     })
-}
-
-/// What a client was told, as the history records it.
-fn outcome(code: tonic::Code, cas: bool) -> Outcome {
-    use tonic::Code::*;
-    match code {
-        Ok => Outcome::Ok {
-            value: None,
-            swapped: cas.then_some(true),
-            staleness_ms: None,
-        },
-        FailedPrecondition if cas => Outcome::Ok {
-            value: None,
-            swapped: Some(false),
-            staleness_ms: None,
-        },
-        Unknown | DeadlineExceeded | Cancelled => Outcome::Indeterminate {
-            reason: format!("{code:?}"),
-        },
-        _ => Outcome::Failed {
-            reason: format!("{code:?}"),
-        },
-    }
-}
-
-fn request<T>(message: T) -> tonic::Request<T> {
-    let mut r = tonic::Request::new(message);
-    r.set_timeout(DEADLINE);
-    r
-}
-
-/// One client: a random mix of operations on every account's keys until
-/// `until`, at most one per `pause`. An idempotent write whose outcome is
-/// unknown is retried with the same key, as a client should.
-#[allow(clippy::too_many_arguments)]
-async fn client(
-    id: u32,
-    mut c: tern_api::RouterClient,
-    accounts: Vec<String>,
-    seed: u64,
-    started: Instant,
-    until: Instant,
-    pause: Duration,
-    records: Arc<Mutex<Vec<Record>>>,
-) {
-    let mut rng = StdRng::seed_from_u64(seed);
-    let us = || started.elapsed().as_micros() as u64;
-    // What this client last knew each key to hold: what a CAS expects.
-    let mut known: BTreeMap<String, Option<String>> = BTreeMap::new();
-    let mut n = 0u64;
-    while Instant::now() < until {
-        let account = &accounts[rng.random_range(0..accounts.len())];
-        let key = format!("k{}", rng.random_range(0..KEYS));
-        let full = format!("{account}/{key}");
-        let value = format!("c{id}-{n}");
-        n += 1;
-        let idem = rng.random_bool(0.5).then(|| format!("c{id}-{n}"));
-        let draw = rng.random_range(0..100);
-        let mut attempts = if idem.is_some() { 3 } else { 1 };
-        loop {
-            attempts -= 1;
-            let invoke_us = us();
-            let (req, out) = match draw {
-                0..30 => {
-                    let r = c
-                        .put(request(pb::PutRequest {
-                            account: account.clone(),
-                            key: key.clone(),
-                            value: value.clone().into_bytes(),
-                            idempotency_key: idem.clone().unwrap_or_default(),
-                        }))
-                        .await;
-                    let code = r.err().map_or(tonic::Code::Ok, |e| e.code());
-                    (Request::Put { value: value.clone() }, outcome(code, false))
-                }
-                30..50 => {
-                    let expect = known.get(&full).cloned().flatten();
-                    let compare = match &expect {
-                        Some(v) => pb::Compare {
-                            key: key.clone(),
-                            target: pb::compare::Target::Value as i32,
-                            op: pb::compare::Op::Equal as i32,
-                            value: v.clone().into_bytes(),
-                            number: 0,
-                        },
-                        None => pb::Compare {
-                            key: key.clone(),
-                            target: pb::compare::Target::Version as i32,
-                            op: pb::compare::Op::Equal as i32,
-                            value: vec![],
-                            number: 0,
-                        },
-                    };
-                    let r = c
-                        .txn(request(pb::TxnRequest {
-                            account: account.clone(),
-                            compares: vec![compare],
-                            ops: vec![pb::Operation {
-                                op: Some(pb::operation::Op::Put(pb::PutOp {
-                                    key: key.clone(),
-                                    value: value.clone().into_bytes(),
-                                })),
-                            }],
-                            idempotency_key: idem.clone().unwrap_or_default(),
-                        }))
-                        .await;
-                    let code = r.err().map_or(tonic::Code::Ok, |e| e.code());
-                    (
-                        Request::Cas {
-                            expect,
-                            new: Some(value.clone()),
-                        },
-                        outcome(code, true),
-                    )
-                }
-                50..60 => {
-                    let r = c
-                        .delete(request(pb::DeleteRequest {
-                            account: account.clone(),
-                            key: key.clone(),
-                            idempotency_key: idem.clone().unwrap_or_default(),
-                        }))
-                        .await;
-                    let code = r.err().map_or(tonic::Code::Ok, |e| e.code());
-                    (Request::Delete, outcome(code, false))
-                }
-                60..80 => {
-                    let r = c
-                        .get(request(pb::GetRequest {
-                            account: account.clone(),
-                            key: key.clone(),
-                            read: None,
-                        }))
-                        .await;
-                    let out = match r {
-                        Ok(r) => {
-                            let r = r.into_inner();
-                            Outcome::Ok {
-                                value: r.found.then(|| String::from_utf8_lossy(&r.value).into_owned()),
-                                swapped: None,
-                                staleness_ms: None,
-                            }
-                        }
-                        Err(e) => Outcome::Failed {
-                            reason: format!("{:?}", e.code()),
-                        },
-                    };
-                    (Request::Get, out)
-                }
-                _ => {
-                    let r = c
-                        .get(request(pb::GetRequest {
-                            account: account.clone(),
-                            key: key.clone(),
-                            read: Some(pb::ReadOptions {
-                                consistency: pb::Consistency::Bounded as i32,
-                                max_staleness_ms: BOUND_MS,
-                            }),
-                        }))
-                        .await;
-                    let out = match r {
-                        Ok(r) => {
-                            let r = r.into_inner();
-                            let meta = r.meta.unwrap_or_default();
-                            Outcome::Ok {
-                                value: r.found.then(|| String::from_utf8_lossy(&r.value).into_owned()),
-                                swapped: None,
-                                staleness_ms: meta.from_mirror.then_some(u64::from(meta.staleness_ms)),
-                            }
-                        }
-                        Err(e) => Outcome::Failed {
-                            reason: format!("{:?}", e.code()),
-                        },
-                    };
-                    (
-                        Request::GetBounded {
-                            max_staleness_ms: u64::from(BOUND_MS),
-                        },
-                        out,
-                    )
-                }
-            };
-            // What the key holds now, as far as this client can tell.
-            match (&req, &out) {
-                (Request::Get, Outcome::Ok { value, .. }) => {
-                    known.insert(full.clone(), value.clone());
-                }
-                (Request::Put { value } | Request::Cas { new: Some(value), .. }, Outcome::Ok { swapped, .. })
-                    if *swapped != Some(false) =>
-                {
-                    known.insert(full.clone(), Some(value.clone()));
-                }
-                (Request::Delete, Outcome::Ok { .. }) => {
-                    known.insert(full.clone(), None);
-                }
-                (_, Outcome::Indeterminate { .. }) => {
-                    known.remove(&full);
-                }
-                _ => {}
-            }
-            let unknown = matches!(out, Outcome::Indeterminate { .. });
-            records.lock().unwrap_or_else(|e| e.into_inner()).push(Record {
-                client: id,
-                key: full.clone(),
-                invoke_us,
-                complete_us: us(),
-                request: req,
-                outcome: out,
-                idempotency_key: idem.clone(),
-            });
-            if !(unknown && attempts > 0 && Instant::now() < until) {
-                break;
-            }
-        }
-        tokio::time::sleep(pause).await;
-    }
-}
-
-/// A toxic in place, to remove when healing.
-struct Injected {
-    proxy: String,
-    toxic: String,
-}
-
-/// Holds `faults` for `hold`, re-arming the one-shot ones.
-async fn inject(d: &LocalDeployment, faults: &[Fault], hold: Duration) -> Result<Vec<Injected>, CliError> {
-    let router_links: Vec<String> = d.links.values().cloned().collect();
-    let mirror_links: Vec<String> = d.mirror_links.values().flatten().cloned().collect();
-    let mut held = Vec::new();
-    for f in faults {
-        match f {
-            Fault::Latency => {
-                for p in &router_links {
-                    d.toxiproxy
-                        .toxic(
-                            p,
-                            "spike",
-                            "latency",
-                            Stream::Upstream,
-                            1.0,
-                            serde_json::json!({"latency": 300}),
-                        )
-                        .await?;
-                    held.push(Injected {
-                        proxy: p.clone(),
-                        toxic: "spike".into(),
-                    });
-                }
-            }
-            Fault::MirrorDelay => {
-                for p in &mirror_links {
-                    d.toxiproxy
-                        .toxic(
-                            p,
-                            "held",
-                            "latency",
-                            Stream::Downstream,
-                            1.0,
-                            serde_json::json!({"latency": 600}),
-                        )
-                        .await?;
-                    held.push(Injected {
-                        proxy: p.clone(),
-                        toxic: "held".into(),
-                    });
-                }
-            }
-            Fault::Reset | Fault::Limit => {}
-        }
-    }
-    let until = Instant::now() + hold;
-    while Instant::now() < until {
-        for f in faults {
-            let (name, kind, attributes) = match f {
-                Fault::Reset => ("reset", "reset_peer", serde_json::json!({"timeout": 100})),
-                Fault::Limit => ("limit", "limit_data", serde_json::json!({"bytes": 2048})),
-                _ => continue,
-            };
-            for p in &router_links {
-                // Re-arm: a fresh toxic starts its timer and byte count again.
-                // toxiproxy's API times out now and then while its links
-                // are busy resetting; a missed re-arm only makes the fault
-                // milder, so the run goes on.
-                let _ = d.toxiproxy.remove_toxic(p, name).await;
-                if let Err(e) = d
-                    .toxiproxy
-                    .toxic(p, name, kind, Stream::Downstream, 0.5, attributes.clone())
-                    .await
-                {
-                    tracing::debug!(proxy = %p, error = %e, "could not re-arm a fault");
-                }
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    for f in faults {
-        let name = match f {
-            Fault::Reset => "reset",
-            Fault::Limit => "limit",
-            _ => continue,
-        };
-        for p in &router_links {
-            held.push(Injected {
-                proxy: p.clone(),
-                toxic: name.into(),
-            });
-        }
-    }
-    Ok(held)
-}
-
-async fn heal(d: &LocalDeployment, injected: &[Injected]) -> Result<(), CliError> {
-    for i in injected {
-        let _ = d.toxiproxy.remove_toxic(&i.proxy, &i.toxic).await;
-    }
-    Ok(())
-}
-
-/// After healing: one write per account through its home region (it must
-/// succeed within 10 s) and a strong read of every key, recorded.
-async fn final_round(
-    d: &LocalDeployment,
-    accounts: &[(String, &str)],
-    started: Instant,
-    history: &mut History,
-) -> Result<(), CliError> {
-    let us = || started.elapsed().as_micros() as u64;
-    for (account, home) in accounts {
-        let mut c = d.client(home).await;
-        let value = format!("final-{account}");
-        let give_up = Instant::now() + Duration::from_secs(10);
-        loop {
-            let invoke_us = us();
-            let r = c
-                .put(request(pb::PutRequest {
-                    account: account.clone(),
-                    key: "k0".into(),
-                    value: value.clone().into_bytes(),
-                    idempotency_key: format!("final-{account}"),
-                }))
-                .await;
-            let code = r.as_ref().err().map_or(tonic::Code::Ok, |e| e.code());
-            history.records.push(Record {
-                client: u32::MAX,
-                key: format!("{account}/k0"),
-                invoke_us,
-                complete_us: us(),
-                request: Request::Put { value: value.clone() },
-                outcome: outcome(code, false),
-                idempotency_key: Some(format!("final-{account}")),
-            });
-            if r.is_ok() {
-                break;
-            }
-            if Instant::now() > give_up {
-                return Err(CliError::Setup(format!(
-                    "the final write to {account} did not succeed after healing: {code:?}"
-                )));
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        for k in 0..KEYS {
-            let key = format!("k{k}");
-            let invoke_us = us();
-            let r = c
-                .get(request(pb::GetRequest {
-                    account: account.clone(),
-                    key: key.clone(),
-                    read: None,
-                }))
-                .await?
-                .into_inner();
-            history.records.push(Record {
-                client: u32::MAX,
-                key: format!("{account}/{key}"),
-                invoke_us,
-                complete_us: us(),
-                request: Request::Get,
-                outcome: Outcome::Ok {
-                    value: r.found.then(|| String::from_utf8_lossy(&r.value).into_owned()),
-                    swapped: None,
-                    staleness_ms: None,
-                },
-                idempotency_key: None,
-            });
-        }
-    }
-    Ok(())
-}
-
-/// The values every key took in its home group, from etcd's own history.
-async fn applied(d: &LocalDeployment, accounts: &[(String, &str)]) -> Result<tern_verify::applied::Applied, CliError> {
-    let mut out = tern_verify::applied::Applied::new();
-    for (account, home) in accounts {
-        let prefix = format!("/tern/a/{account}/d/");
-        let mut c = d.group_client(home).await;
-        let last = c
-            .get(prefix.clone(), Some(etcd_client::GetOptions::new().with_prefix()))
-            .await
-            .map_err(|source| CliError::EtcdRequest {
-                what: format!("reading {prefix}"),
-                source,
-            })?
-            .kvs()
-            .iter()
-            .map(|kv| kv.mod_revision())
-            .max()
-            .unwrap_or(0);
-        if last == 0 {
-            continue;
-        }
-        let mut stream = c
-            .watch(
-                prefix.clone(),
-                Some(etcd_client::WatchOptions::new().with_prefix().with_start_revision(1)),
-            )
-            .await
-            .map_err(|source| CliError::EtcdRequest {
-                what: format!("watching {prefix} from its first revision"),
-                source,
-            })?;
-        let mut seen = 0;
-        while seen < last {
-            let Some(resp) = tokio::time::timeout(Duration::from_secs(10), stream.message())
-                .await
-                .map_err(|_| CliError::Setup(format!("the history of {prefix} did not arrive")))?
-                .map_err(|source| CliError::EtcdRequest {
-                    what: format!("watching {prefix}"),
-                    source,
-                })?
-            else {
-                break;
-            };
-            for event in resp.events() {
-                let Some(kv) = event.kv() else { continue };
-                seen = seen.max(kv.mod_revision());
-                if event.event_type() == etcd_client::EventType::Put {
-                    let key = String::from_utf8_lossy(kv.key());
-                    let user = key.trim_start_matches(&prefix);
-                    out.entry(format!("{account}/{user}"))
-                        .or_default()
-                        .push(String::from_utf8_lossy(kv.value()).into_owned());
-                }
-            }
-        }
-    }
-    Ok(out)
 }

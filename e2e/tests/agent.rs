@@ -320,7 +320,7 @@ async fn one_agent_acts_and_a_paused_leader_is_refused() {
 
     // Pause the leader like SIGSTOP: its lease expires and b takes over
     // within the election TTL (2 s here).
-    a.pause.store(true, std::sync::atomic::Ordering::Relaxed);
+    a.freeze(true);
     let paused_at = Instant::now();
     wait_for("b to lead", Duration::from_secs(8), async || {
         (b.metric("tern_agent_is_leader").await? == 1.0).then_some(())
@@ -330,7 +330,7 @@ async fn one_agent_acts_and_a_paused_leader_is_refused() {
     assert!(takeover < Duration::from_secs(6), "takeover took {takeover:?}");
 
     // The old leader wakes up and tries to go on: refused.
-    a.pause.store(false, std::sync::atomic::Ordering::Relaxed);
+    a.freeze(false);
     wait_for("a's stale write to be refused", Duration::from_secs(5), async || {
         (a.metric("tern_agent_refused_writes_total").await? >= 1.0).then_some(())
     })

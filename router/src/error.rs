@@ -183,42 +183,9 @@ impl RouterError {
     }
 }
 
-/// What a failed request tells about whether it took effect.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Delivery {
-    /// It never left: the connection could not be established, or the
-    /// server refused the stream before reading it. Safe to send again.
-    NotSent,
-    /// The server answered that it applied nothing and will refuse the same
-    /// request again (too large, a duplicate key, an unknown lease).
-    Refused,
-    /// It may have been applied: the link failed or the answer was lost
-    /// after it left.
-    Unknown,
-}
-
-/// Decides from the error's type chain (never from its text) whether the
-/// request may have taken effect. Only a failure to establish the
-/// connection proves that nothing was sent: a reset, a closed stream or a
-/// timeout after the request left may have lost the answer to a committed
-/// write.
-pub fn classify(err: &(dyn StdError + 'static)) -> Delivery {
-    let mut next = Some(err);
-    while let Some(e) = next {
-        if e.is::<tonic::ConnectError>() {
-            return Delivery::NotSent;
-        }
-        // The server promises it did not process a refused stream (HTTP/2
-        // REFUSED_STREAM, sent for streams above a GOAWAY's last id).
-        if let Some(h2) = e.downcast_ref::<h2::Error>()
-            && h2.reason() == Some(h2::Reason::REFUSED_STREAM)
-        {
-            return Delivery::NotSent;
-        }
-        next = e.source();
-    }
-    Delivery::Unknown
-}
+// The rule is the client's as much as the router's (a client of tern
+// decides the same way whether to retry), so it lives in tern-api.
+pub use tern_api::delivery::{Delivery, classify};
 
 /// `classify` for etcd's client errors: a status etcd itself sent with a
 /// code that means "refused, nothing applied" is a refusal; a request the
@@ -258,32 +225,6 @@ pub fn classify_etcd(err: &etcd_client::Error) -> Delivery {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[derive(Debug, thiserror::Error)]
-    #[error("wrapper")]
-    struct Wrapper(#[source] BoxError);
-
-    #[test]
-    fn only_a_failed_connect_is_not_sent() {
-        let refused = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "connection refused");
-        let connect = Wrapper(Box::new(tonic::ConnectError(Box::new(refused))));
-        assert_eq!(classify(&connect), Delivery::NotSent);
-
-        // A reset after the request left says "connection" in its text but
-        // is no connect failure.
-        let reset = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "Connect reset by peer");
-        assert_eq!(classify(&Wrapper(Box::new(reset))), Delivery::Unknown);
-        let text_only = Status::unavailable("tcp connect error: Connection refused");
-        assert_eq!(classify(&text_only), Delivery::Unknown);
-    }
-
-    #[test]
-    fn refused_streams_were_not_processed() {
-        let refused: h2::Error = h2::Reason::REFUSED_STREAM.into();
-        assert_eq!(classify(&Wrapper(Box::new(refused))), Delivery::NotSent);
-        let cancel: h2::Error = h2::Reason::CANCEL.into();
-        assert_eq!(classify(&Wrapper(Box::new(cancel))), Delivery::Unknown);
-    }
 
     #[test]
     fn etcd_refusals_are_definite_only_when_etcd_sent_them() {

@@ -17,7 +17,7 @@ pub mod otlp;
 pub mod process;
 pub mod toxiproxy;
 
-pub use local::{Layout, LocalDeployment};
+pub use local::{Binaries, Layout, LocalDeployment};
 
 /// Errors of a local deployment. Each says which part failed and, where
 /// there is one, what to do about it.

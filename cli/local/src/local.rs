@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Parser;
@@ -13,20 +14,147 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::etcd_cluster::{EtcdCluster, Tuning};
+use crate::process::ChildGuard;
 use crate::toxiproxy::Toxiproxy;
 use crate::{LocalError, Result, assets};
 
-/// A router running in this process.
+/// How a router or agent runs: as a task of this process (quick to start,
+/// what the demo and most tests use), or as a process of its own, which is
+/// what kill -9 and SIGSTOP need (`tern verify`'s faults).
+enum Runner<T> {
+    Task {
+        stop: Option<oneshot::Sender<()>>,
+        task: Option<JoinHandle<T>>,
+    },
+    Process(ChildGuard),
+}
+
+impl<T> Runner<T> {
+    /// Graceful: the shutdown signal (SIGTERM for a process), then waits.
+    async fn stop(&mut self) {
+        match self {
+            Self::Task { stop, task } => {
+                if let Some(stop) = stop.take() {
+                    let _ = stop.send(());
+                }
+                if let Some(task) = task.take() {
+                    let _ = task.await;
+                }
+            }
+            Self::Process(child) => {
+                // The drain takes up to the router's drain timeout; blocking
+                // here is brief and keeps ChildGuard free of a runtime.
+                tokio::task::block_in_place(|| child.stop(Duration::from_secs(15)));
+            }
+        }
+    }
+
+    /// At once, with no step-down or drain (kill -9 for a process).
+    fn kill(&mut self) {
+        match self {
+            Self::Task { task, .. } => {
+                if let Some(task) = task.take() {
+                    task.abort();
+                }
+            }
+            Self::Process(child) => child.kill(),
+        }
+    }
+}
+
+impl<T> Drop for Runner<T> {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Binaries that make routers and agents run as processes of their own.
+#[derive(Clone, Debug)]
+pub struct Binaries {
+    pub router: PathBuf,
+    pub agent: PathBuf,
+}
+
+impl Binaries {
+    /// `tern-router` and `tern-agent` in `dir` (where cargo puts them beside
+    /// `tern`), or an error naming the one missing and how to build it.
+    pub fn in_dir(dir: &Path) -> Result<Self> {
+        let found = |name: &str| {
+            let path = dir.join(name);
+            if path.is_file() {
+                Ok(path)
+            } else {
+                Err(LocalError::MissingBinary {
+                    name: name.to_string(),
+                    path: format!(
+                        "{} (build it with `cargo build -p {}` beside `tern`)",
+                        path.display(),
+                        if name == "tern-agent" {
+                            "tern-agent"
+                        } else {
+                            "tern-router"
+                        }
+                    ),
+                })
+            }
+        };
+        Ok(Self {
+            router: found("tern-router")?,
+            agent: found("tern-agent")?,
+        })
+    }
+}
+
+/// Starts `binary` with `args` as a process of its own, logging (appended,
+/// so a restart keeps the earlier run's lines) to `log`, and waits until
+/// `http_addr`'s `path` answers 200.
+async fn spawn_process(
+    what: &str,
+    binary: &Path,
+    args: &[String],
+    log: &Path,
+    http_addr: SocketAddr,
+    path: &str,
+) -> Result<ChildGuard> {
+    let mut cmd = std::process::Command::new(binary);
+    cmd.args(args).env("RUST_LOG", "info");
+    let mut child = ChildGuard::spawn(what, cmd, log)?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        child.check_running()?;
+        if crate::http::http_get(http_addr, path).await.is_some() {
+            return Ok(child);
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(LocalError::NotReady {
+                what: what.to_string(),
+                secs: 90,
+                log: child.log_tail(),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `args` with `--http-addr` on a port chosen here: a process's port 0
+/// could not be learned.
+fn with_http_port(args: &[String]) -> (Vec<String>, SocketAddr) {
+    let addr = SocketAddr::from(([127, 0, 0, 1], assets::free_port()));
+    let mut out: Vec<String> = args.iter().filter(|a| !a.starts_with("--http-addr")).cloned().collect();
+    out.push(format!("--http-addr={addr}"));
+    (out, addr)
+}
+
+/// A running router.
 pub struct RouterGuard {
     pub region: String,
     pub grpc_addr: SocketAddr,
     pub http_addr: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<tern_router::Result<()>>>,
+    runner: Runner<tern_router::Result<()>>,
 }
 
 impl RouterGuard {
-    /// Starts a router with `args` (flags as on the command line).
+    /// Starts a router in this process with `args` (flags as on the command line).
     pub async fn start(args: &[String]) -> Result<Self> {
         let config =
             tern_router::Config::try_parse_from(std::iter::once("tern-router".to_string()).chain(args.iter().cloned()))
@@ -64,19 +192,47 @@ impl RouterGuard {
             region,
             grpc_addr: running.grpc_addr,
             http_addr: running.http_addr,
-            stop: Some(stop_tx),
-            task: Some(task),
+            runner: Runner::Task {
+                stop: Some(stop_tx),
+                task: Some(task),
+            },
+        })
+    }
+
+    /// Starts `binary` as a router process with `args` (which must name
+    /// `--listen` with a port) and waits until it is ready.
+    pub async fn spawn(binary: &Path, args: &[String], log: &Path) -> Result<Self> {
+        let config =
+            tern_router::Config::try_parse_from(std::iter::once("tern-router".to_string()).chain(args.iter().cloned()))
+                .map_err(|source| LocalError::Flags {
+                    component: "router",
+                    source,
+                })?;
+        let (args, http_addr) = with_http_port(args);
+        let what = format!("router {}", config.region);
+        let child = spawn_process(&what, binary, &args, log, http_addr, "/readyz").await?;
+        Ok(Self {
+            region: config.region.to_string(),
+            grpc_addr: config.listen,
+            http_addr,
+            runner: Runner::Process(child),
         })
     }
 
     /// Stops gracefully, letting in-flight calls finish.
     pub async fn stop(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(task) = self.task.take() {
-            let _ = task.await;
-        }
+        self.runner.stop().await;
+    }
+
+    /// Kills it at once: kill -9 of a process, abort of a task.
+    pub fn kill(mut self) {
+        self.runner.kill();
+    }
+
+    /// Freezes (true) or thaws (false) a router process with SIGSTOP /
+    /// SIGCONT; false if it runs in this process, where that cannot be done.
+    pub fn freeze(&self, frozen: bool) -> bool {
+        freeze(&self.runner, frozen)
     }
 
     /// The value of the first metric line starting with `prefix`.
@@ -90,11 +246,17 @@ impl RouterGuard {
     }
 }
 
-impl Drop for RouterGuard {
-    fn drop(&mut self) {
-        if let Some(task) = self.task.take() {
-            task.abort();
+fn freeze<T>(runner: &Runner<T>, frozen: bool) -> bool {
+    match runner {
+        Runner::Process(child) => {
+            child.signal(if frozen {
+                nix::sys::signal::Signal::SIGSTOP
+            } else {
+                nix::sys::signal::Signal::SIGCONT
+            });
+            true
         }
+        Runner::Task { .. } => false,
     }
 }
 
@@ -102,17 +264,18 @@ impl Drop for RouterGuard {
 /// routers it reaches).
 pub use tern_api::connect;
 
-/// An agent running in this process.
+/// A running agent.
 pub struct AgentGuard {
     pub region: String,
     pub http_addr: SocketAddr,
-    /// Freezes the agent as if its process were stopped (SIGSTOP).
+    /// Freezes an agent task as if its process were stopped (SIGSTOP); an
+    /// agent process is frozen with [`AgentGuard::freeze`].
     pub pause: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<tern_agent::Result<()>>>,
+    runner: Runner<tern_agent::Result<()>>,
 }
 
 impl AgentGuard {
+    /// Starts an agent in this process with `args`.
     pub async fn start(args: &[String]) -> Result<Self> {
         let config =
             tern_agent::Config::try_parse_from(std::iter::once("tern-agent".to_string()).chain(args.iter().cloned()))
@@ -146,39 +309,55 @@ impl AgentGuard {
             region,
             http_addr: running.http_addr,
             pause: running.pause,
-            stop: Some(stop_tx),
-            task: Some(task),
+            runner: Runner::Task {
+                stop: Some(stop_tx),
+                task: Some(task),
+            },
+        })
+    }
+
+    /// Starts `binary` as an agent process with `args` and waits until it
+    /// serves.
+    pub async fn spawn(binary: &Path, args: &[String], log: &Path) -> Result<Self> {
+        let config =
+            tern_agent::Config::try_parse_from(std::iter::once("tern-agent".to_string()).chain(args.iter().cloned()))
+                .map_err(|source| LocalError::Flags {
+                component: "agent",
+                source,
+            })?;
+        let (args, http_addr) = with_http_port(args);
+        let what = format!("agent {}", config.region);
+        // /healthz: only the elected agent of a region is ready.
+        let child = spawn_process(&what, binary, &args, log, http_addr, "/healthz").await?;
+        Ok(Self {
+            region: config.region.to_string(),
+            http_addr,
+            pause: Default::default(),
+            runner: Runner::Process(child),
         })
     }
 
     /// Steps down and stops.
     pub async fn stop(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(task) = self.task.take() {
-            let _ = task.await;
-        }
+        self.runner.stop().await;
     }
 
     /// Kills it without stepping down, like kill -9.
     pub fn kill(mut self) {
-        if let Some(task) = self.task.take() {
-            task.abort();
+        self.runner.kill();
+    }
+
+    /// Freezes (true) or thaws (false) the agent: SIGSTOP / SIGCONT of a
+    /// process, the pause flag of a task.
+    pub fn freeze(&self, frozen: bool) {
+        if !freeze(&self.runner, frozen) {
+            self.pause.store(frozen, std::sync::atomic::Ordering::Relaxed);
         }
     }
 
     /// The value of the first metric line starting with `prefix`.
     pub async fn metric(&self, prefix: &str) -> Option<f64> {
         crate::http::metric(self.http_addr, prefix).await
-    }
-}
-
-impl Drop for AgentGuard {
-    fn drop(&mut self) {
-        if let Some(task) = self.task.take() {
-            task.abort();
-        }
     }
 }
 
@@ -232,12 +411,21 @@ pub struct LocalDeployment {
     /// Proxy names of the mirror link from region a's agent to region b's
     /// group members.
     pub mirror_links: BTreeMap<(String, String), Vec<String>>,
+    /// Set when routers and agents run as processes of their own.
+    pub binaries: Option<Binaries>,
     pub dir: TempDir,
 }
 
 impl LocalDeployment {
-    /// Starts everything and waits until every router serves.
+    /// Starts everything, routers and agents in this process, and waits
+    /// until every router serves.
     pub async fn start(layout: Layout) -> Result<Self> {
+        Self::start_with(layout, None).await
+    }
+
+    /// Like [`LocalDeployment::start`]; with `binaries`, routers and agents
+    /// run as processes of their own (to be killed and paused).
+    pub async fn start_with(layout: Layout, binaries: Option<Binaries>) -> Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("tern-local-")
             .tempdir()
@@ -297,7 +485,7 @@ impl LocalDeployment {
                 args.push(format!("--otlp-endpoint={endpoint}"));
                 args.push(format!("--instance={}-router", region.name));
             }
-            region.router = Some(RouterGuard::start(&args).await?);
+            region.router = Some(launch_router(binaries.as_ref(), dir.path(), &args).await?);
             region.router_args = args;
         }
         let mut mirror_links = BTreeMap::new();
@@ -340,7 +528,7 @@ impl LocalDeployment {
                 if let Some(endpoint) = &layout.otlp_endpoint {
                     args.push(format!("--otlp-endpoint={endpoint}"));
                 }
-                region.agent = Some(AgentGuard::start(&args).await?);
+                region.agent = Some(launch_agent(binaries.as_ref(), dir.path(), &args).await?);
                 region.agent_args = args;
             }
         }
@@ -351,6 +539,7 @@ impl LocalDeployment {
             toxiproxy,
             links,
             mirror_links,
+            binaries,
             dir,
         })
     }
@@ -460,17 +649,48 @@ impl LocalDeployment {
             .cloned()
             .collect();
         args.extend_from_slice(extra);
-        AgentGuard::start(&args).await
+        launch_agent(self.binaries.as_ref(), self.dir.path(), &args).await
     }
 
     /// Stops `region`'s router gracefully and starts it again with the same flags.
     pub async fn restart_router(&mut self, region: &str) -> Result<()> {
-        let r = self.region_mut(region);
-        if let Some(router) = r.router.take() {
+        if let Some(router) = self.region_mut(region).router.take() {
             router.stop().await;
         }
-        let args = r.router_args.clone();
-        r.router = Some(RouterGuard::start(&args).await?);
+        self.start_router(region).await
+    }
+
+    /// Starts `region`'s router (stopped or killed before) with its flags:
+    /// the same gRPC port, so links and peers reach it again.
+    pub async fn start_router(&mut self, region: &str) -> Result<()> {
+        let (binaries, dir) = (self.binaries.clone(), self.dir.path().to_path_buf());
+        let r = self.region_mut(region);
+        r.router = Some(launch_router(binaries.as_ref(), &dir, &r.router_args).await?);
         Ok(())
     }
+}
+
+/// A router: a process when `binaries` are given, else a task here.
+async fn launch_router(binaries: Option<&Binaries>, dir: &Path, args: &[String]) -> Result<RouterGuard> {
+    match binaries {
+        Some(b) => RouterGuard::spawn(&b.router, args, &dir.join(format!("{}.log", log_name("router", args)))).await,
+        None => RouterGuard::start(args).await,
+    }
+}
+
+/// An agent: a process when `binaries` are given, else a task here.
+async fn launch_agent(binaries: Option<&Binaries>, dir: &Path, args: &[String]) -> Result<AgentGuard> {
+    match binaries {
+        Some(b) => AgentGuard::spawn(&b.agent, args, &dir.join(format!("{}.log", log_name("agent", args)))).await,
+        None => AgentGuard::start(args).await,
+    }
+}
+
+/// `REGION-COMPONENT` from the `--region` flag among `args`.
+fn log_name(component: &str, args: &[String]) -> String {
+    let region = args
+        .iter()
+        .find_map(|a| a.strip_prefix("--region="))
+        .unwrap_or("unknown");
+    format!("{region}-{component}")
 }

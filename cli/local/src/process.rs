@@ -21,14 +21,19 @@ pub struct ChildGuard {
 }
 
 impl ChildGuard {
-    /// Starts `cmd` in a new process group with stdout and stderr sent to `log`.
+    /// Starts `cmd` in a new process group with stdout and stderr appended to
+    /// `log` (a restarted server keeps its earlier run's lines).
     /// On Linux the child also gets SIGKILL if this process dies without
     /// unwinding (`setpriv --pdeathsig`), when setpriv is installed.
     pub fn spawn(name: &str, mut cmd: Command, log: &Path) -> Result<Self> {
-        let out = File::create(log).map_err(|source| LocalError::Io {
-            path: log.display().to_string(),
-            source,
-        })?;
+        let out = File::options()
+            .create(true)
+            .append(true)
+            .open(log)
+            .map_err(|source| LocalError::Io {
+                path: log.display().to_string(),
+                source,
+            })?;
         let err = out.try_clone().map_err(|source| LocalError::Io {
             path: log.display().to_string(),
             source,

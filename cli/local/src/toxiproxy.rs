@@ -28,7 +28,7 @@ pub enum Stream {
 }
 
 impl Stream {
-    fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             Self::Upstream => "upstream",
             Self::Downstream => "downstream",

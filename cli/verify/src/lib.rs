@@ -42,14 +42,18 @@ pub enum VerifyError {
 }
 
 /// Every checker on one history: linearizability (each key within
-/// `per_key`), what etcd applied when `applied` is known, and bounded
-/// staleness. The report's `unknown` lists keys the search ran out of time on.
+/// `per_key`; with `applied` known, on the history it resolves), what etcd
+/// applied when `applied` is known, and bounded staleness. The report's
+/// `unknown` lists keys the search ran out of time on.
 pub fn judge(
     history: &History,
     applied: Option<&applied::Applied>,
     per_key: std::time::Duration,
 ) -> linearizable::Report {
-    let mut report = linearizable::check(history, per_key);
+    let mut report = match applied {
+        Some(applied) => linearizable::check(&applied::resolve(history, applied), per_key),
+        None => linearizable::check(history, per_key),
+    };
     if let Some(applied) = applied {
         report.violations.extend(applied::check(history, applied));
     }

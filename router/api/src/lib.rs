@@ -5,6 +5,8 @@
 
 use std::net::SocketAddr;
 
+pub mod delivery;
+
 use tonic::transport::{Channel, Endpoint};
 
 /// The generated gRPC types of proto/tern/v1/router.proto.

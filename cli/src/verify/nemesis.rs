@@ -1,0 +1,421 @@
+//! The nemesis of `tern verify`: the faults a run injects into its local
+//! deployment and how each is healed. Link faults go through toxiproxy;
+//! process faults need routers and agents as processes of their own
+//! (`LocalDeployment::start_with` with binaries), so kill -9 and SIGSTOP hit
+//! a real process the way they would in a pod.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use clap::ValueEnum;
+use rand::Rng;
+use rand::rngs::StdRng;
+use tern_local::LocalDeployment;
+use tern_local::toxiproxy::Stream;
+
+use crate::CliError;
+
+/// The region whose group has three members: member and leader faults hit it.
+pub const REPLICATED: &str = "us-east";
+
+/// A fault the nemesis can inject.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, ValueEnum)]
+pub enum Fault {
+    /// Connections between routers reset 100 ms in (half of them), re-armed
+    /// every 500 ms: links fail after requests left.
+    Reset,
+    /// Connections between routers cut after 2 KiB of answers, re-armed.
+    Limit,
+    /// 300 ms more each way between routers.
+    Latency,
+    /// 600 ms more on every mirror link, held: BOUNDED reads must notice.
+    MirrorDelay,
+    /// Everything sent on one class of links vanishes, connections stay
+    /// open: one region's router links, the mirror links into one region, or
+    /// one directory member's peer link.
+    Blackhole,
+    /// One region cut off from the others: its router links both ways, the
+    /// mirror links both ways, and its directory member's peer link.
+    Partition,
+    /// kill -9 of one region's router; started again when healing.
+    KillRouter,
+    /// SIGSTOP of one region's router; SIGCONT when healing.
+    PauseRouter,
+    /// kill -9 of one region's agent (no step-down); started again.
+    KillAgent,
+    /// SIGSTOP of one region's agent; SIGCONT when healing.
+    PauseAgent,
+    /// kill -9 of a follower of us-east's three-member group; restarted.
+    KillMember,
+    /// kill -9 of us-east's Raft leader; restarted with its data.
+    KillLeader,
+    /// SIGSTOP of us-east's Raft leader (a hung node); SIGCONT.
+    PauseLeader,
+    /// The mirror links into one region cut, the other groups compacted at
+    /// their newest revision half-way, the links restored: the mirror must
+    /// resynchronise from a compacted source.
+    Compaction,
+    /// One region's agent restarted with its clock off by 0.5–1.5 s either
+    /// way; restarted without the offset when healing.
+    ClockOffset,
+}
+
+/// What healing undoes, in order.
+enum Undo {
+    Toxic {
+        proxy: String,
+        toxic: String,
+    },
+    Enable(String),
+    StartRouter(String),
+    ThawRouter(String),
+    StartAgent(String),
+    ThawAgent(String),
+    /// Stop the agent running with a clock offset; start the usual one.
+    ReplaceAgent(String),
+    StartMember(String, usize),
+    ThawMember(String, usize),
+}
+
+/// A toxic re-added every 500 ms while the faults hold: toxiproxy's
+/// `reset_peer` and `limit_data` act once per connection.
+struct Rearm {
+    name: &'static str,
+    kind: &'static str,
+    attributes: serde_json::Value,
+    proxies: Vec<String>,
+}
+
+/// The faults of one run, injected and held, then healed.
+pub struct Nemesis {
+    undo: Vec<Undo>,
+    rearm: Vec<Rearm>,
+    /// Groups to compact half-way through the hold.
+    compact: Vec<String>,
+    /// What was injected, for the report: `kill-router(eu-west)`.
+    pub described: Vec<String>,
+    used_regions: BTreeSet<String>,
+}
+
+impl Nemesis {
+    pub fn new() -> Self {
+        Self {
+            undo: Vec::new(),
+            rearm: Vec::new(),
+            compact: Vec::new(),
+            described: Vec::new(),
+            used_regions: BTreeSet::new(),
+        }
+    }
+
+    /// A region no earlier fault of this run has targeted (two process
+    /// faults on one agent would undo each other).
+    fn pick_region(&mut self, d: &LocalDeployment, rng: &mut StdRng) -> String {
+        let free: Vec<String> = d
+            .regions
+            .iter()
+            .map(|r| r.name.clone())
+            .filter(|r| !self.used_regions.contains(r))
+            .collect();
+        let pool = if free.is_empty() {
+            d.regions.iter().map(|r| r.name.clone()).collect()
+        } else {
+            free
+        };
+        let region = pool[rng.random_range(0..pool.len())].clone();
+        self.used_regions.insert(region.clone());
+        region
+    }
+
+    /// Injects `fault`.
+    pub async fn inject(&mut self, d: &mut LocalDeployment, fault: Fault, rng: &mut StdRng) -> Result<(), CliError> {
+        let name = fault
+            .to_possible_value()
+            .map(|v| v.get_name().to_string())
+            .unwrap_or_default();
+        let router_links: Vec<String> = d.links.values().cloned().collect();
+        let mirror_links: Vec<String> = d.mirror_links.values().flatten().cloned().collect();
+        let detail = match fault {
+            Fault::Reset | Fault::Limit => {
+                let (toxic, kind, attributes) = if fault == Fault::Reset {
+                    ("reset", "reset_peer", serde_json::json!({"timeout": 100}))
+                } else {
+                    ("limit", "limit_data", serde_json::json!({"bytes": 2048}))
+                };
+                for p in &router_links {
+                    self.undo.push(Undo::Toxic {
+                        proxy: p.clone(),
+                        toxic: toxic.into(),
+                    });
+                }
+                self.rearm.push(Rearm {
+                    name: toxic,
+                    kind,
+                    attributes,
+                    proxies: router_links,
+                });
+                String::new()
+            }
+            Fault::Latency => {
+                self.hold_toxic(d, &router_links, "spike", Stream::Upstream, 300)
+                    .await?;
+                String::new()
+            }
+            Fault::MirrorDelay => {
+                self.hold_toxic(d, &mirror_links, "held", Stream::Downstream, 600)
+                    .await?;
+                String::new()
+            }
+            Fault::Blackhole => {
+                let region = self.pick_region(d, rng);
+                let (class, proxies) = match rng.random_range(0..3) {
+                    0 => ("router links from", links_of(&d.links, &region, true, false)),
+                    1 => ("mirror links into", mirror_links_of(d, &region, true, false)),
+                    _ => ("directory peer link of", vec![format!("directory-peer-{region}")]),
+                };
+                for p in &proxies {
+                    d.toxiproxy.blackhole(p, Stream::Upstream).await?;
+                    self.undo.push(Undo::Toxic {
+                        proxy: p.clone(),
+                        toxic: format!("blackhole_{}", Stream::Upstream.as_str()),
+                    });
+                }
+                format!("{class} {region}")
+            }
+            Fault::Partition => {
+                let region = self.pick_region(d, rng);
+                let mut proxies = links_of(&d.links, &region, true, true);
+                proxies.extend(mirror_links_of(d, &region, true, true));
+                proxies.push(format!("directory-peer-{region}"));
+                for p in proxies {
+                    d.toxiproxy.set_enabled(&p, false).await?;
+                    self.undo.push(Undo::Enable(p));
+                }
+                region
+            }
+            Fault::KillRouter | Fault::PauseRouter => {
+                let region = self.pick_region(d, rng);
+                let r = d.region_mut(&region);
+                if fault == Fault::KillRouter {
+                    if let Some(router) = r.router.take() {
+                        router.kill();
+                    }
+                    self.undo.push(Undo::StartRouter(region.clone()));
+                } else {
+                    let router = r.router.as_ref().expect("routers run until a fault stops them");
+                    if !router.freeze(true) {
+                        return Err(CliError::Setup("pause-router needs routers as processes".into()));
+                    }
+                    self.undo.push(Undo::ThawRouter(region.clone()));
+                }
+                region
+            }
+            Fault::KillAgent | Fault::PauseAgent => {
+                let region = self.pick_region(d, rng);
+                let r = d.region_mut(&region);
+                if fault == Fault::KillAgent {
+                    if let Some(agent) = r.agent.take() {
+                        agent.kill();
+                    }
+                    self.undo.push(Undo::StartAgent(region.clone()));
+                } else {
+                    if let Some(agent) = &r.agent {
+                        agent.freeze(true);
+                    }
+                    self.undo.push(Undo::ThawAgent(region.clone()));
+                }
+                region
+            }
+            Fault::KillMember | Fault::KillLeader | Fault::PauseLeader => {
+                let group = &mut d.region_mut(REPLICATED).group;
+                let leader = group
+                    .leader()
+                    .await
+                    .ok_or_else(|| CliError::Setup(format!("{REPLICATED}'s group has no leader to fault")))?;
+                let target = if fault == Fault::KillMember {
+                    (leader + 1) % group.members.len()
+                } else {
+                    leader
+                };
+                if fault == Fault::PauseLeader {
+                    group.pause(target);
+                    self.undo.push(Undo::ThawMember(REPLICATED.into(), target));
+                } else {
+                    group.kill(target);
+                    self.undo.push(Undo::StartMember(REPLICATED.into(), target));
+                }
+                format!("{REPLICATED} member {target}")
+            }
+            Fault::Compaction => {
+                let region = self.pick_region(d, rng);
+                for p in mirror_links_of(d, &region, true, false) {
+                    d.toxiproxy.set_enabled(&p, false).await?;
+                    self.undo.push(Undo::Enable(p));
+                }
+                self.compact = d
+                    .regions
+                    .iter()
+                    .filter(|r| r.name != region)
+                    .map(|r| r.name.clone())
+                    .collect();
+                format!("mirrors into {region}")
+            }
+            Fault::ClockOffset => {
+                let region = self.pick_region(d, rng);
+                let offset = rng.random_range(500..1500) * if rng.random_bool(0.5) { 1 } else { -1 };
+                if let Some(agent) = d.region_mut(&region).agent.take() {
+                    agent.stop().await;
+                }
+                let agent = d.start_agent(&region, &[format!("--clock-offset-ms={offset}")]).await?;
+                d.region_mut(&region).agent = Some(agent);
+                self.undo.push(Undo::ReplaceAgent(region.clone()));
+                format!("{region} {offset:+} ms")
+            }
+        };
+        self.described.push(if detail.is_empty() {
+            name
+        } else {
+            format!("{name}({detail})")
+        });
+        Ok(())
+    }
+
+    /// A latency toxic of `ms` on `proxies`, held until healing.
+    async fn hold_toxic(
+        &mut self,
+        d: &LocalDeployment,
+        proxies: &[String],
+        toxic: &str,
+        stream: Stream,
+        ms: u64,
+    ) -> Result<(), CliError> {
+        for p in proxies {
+            d.toxiproxy
+                .toxic(p, toxic, "latency", stream, 1.0, serde_json::json!({"latency": ms}))
+                .await?;
+            self.undo.push(Undo::Toxic {
+                proxy: p.clone(),
+                toxic: toxic.into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Holds the faults for `hold`: re-arms the one-shot toxics every 500 ms
+    /// and compacts half-way when a compaction was injected.
+    pub async fn hold(&mut self, d: &LocalDeployment, hold: Duration) -> Result<(), CliError> {
+        let start = Instant::now();
+        while start.elapsed() < hold {
+            for r in &self.rearm {
+                for p in &r.proxies {
+                    // A fresh toxic starts its timer and byte count again.
+                    // toxiproxy's API times out now and then while its links
+                    // are busy resetting; a missed re-arm only makes the
+                    // fault milder, so the run goes on.
+                    let _ = d.toxiproxy.remove_toxic(p, r.name).await;
+                    if let Err(e) = d
+                        .toxiproxy
+                        .toxic(p, r.name, r.kind, Stream::Downstream, 0.5, r.attributes.clone())
+                        .await
+                    {
+                        tracing::debug!(proxy = %p, error = %e, "could not re-arm a fault");
+                    }
+                }
+            }
+            if !self.compact.is_empty() && start.elapsed() >= hold / 2 {
+                for region in std::mem::take(&mut self.compact) {
+                    compact(d, &region).await?;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        Ok(())
+    }
+
+    /// Undoes every fault: links back, processes started or thawed.
+    pub async fn heal(&mut self, d: &mut LocalDeployment) -> Result<(), CliError> {
+        for undo in std::mem::take(&mut self.undo) {
+            match undo {
+                Undo::Toxic { proxy, toxic } => {
+                    // Gone already is fine (a re-arm may have failed).
+                    let _ = d.toxiproxy.remove_toxic(&proxy, &toxic).await;
+                }
+                Undo::Enable(proxy) => d.toxiproxy.set_enabled(&proxy, true).await?,
+                Undo::StartRouter(region) => d.start_router(&region).await?,
+                Undo::ThawRouter(region) => {
+                    if let Some(router) = &d.region(&region).router {
+                        router.freeze(false);
+                    }
+                }
+                Undo::StartAgent(region) => {
+                    let agent = d.start_agent(&region, &[]).await?;
+                    d.region_mut(&region).agent = Some(agent);
+                }
+                Undo::ThawAgent(region) => {
+                    if let Some(agent) = &d.region(&region).agent {
+                        agent.freeze(false);
+                    }
+                }
+                Undo::ReplaceAgent(region) => {
+                    if let Some(agent) = d.region_mut(&region).agent.take() {
+                        agent.stop().await;
+                    }
+                    let agent = d.start_agent(&region, &[]).await?;
+                    d.region_mut(&region).agent = Some(agent);
+                }
+                Undo::StartMember(region, i) => {
+                    let group = &mut d.region_mut(&region).group;
+                    tokio::task::block_in_place(|| group.restart(i))?;
+                }
+                Undo::ThawMember(region, i) => d.region(&region).group.resume(i),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Router links from (`from`) and/or to (`to`) `region`.
+fn links_of(
+    links: &std::collections::BTreeMap<(String, String), String>,
+    region: &str,
+    from: bool,
+    to: bool,
+) -> Vec<String> {
+    links
+        .iter()
+        .filter(|((a, b), _)| (from && a == region) || (to && b == region))
+        .map(|(_, p)| p.clone())
+        .collect()
+}
+
+/// Mirror links into `region` (its agent reading the others: `into`) and/or
+/// out of it (the other agents reading its group: `out`).
+fn mirror_links_of(d: &LocalDeployment, region: &str, into: bool, out: bool) -> Vec<String> {
+    d.mirror_links
+        .iter()
+        .filter(|((a, b), _)| (into && a == region) || (out && b == region))
+        .flat_map(|(_, p)| p.iter().cloned())
+        .collect()
+}
+
+/// Compacts `region`'s group at its newest revision.
+async fn compact(d: &LocalDeployment, region: &str) -> Result<(), CliError> {
+    let mut c = d.group_client(region).await;
+    let failed = |source| CliError::EtcdRequest {
+        what: format!("compacting {region}'s group"),
+        source,
+    };
+    let revision = c
+        .status()
+        .await
+        .map_err(failed)?
+        .header()
+        .map(|h| h.revision())
+        .unwrap_or(0);
+    if revision > 1 {
+        c.compact(revision, Some(etcd_client::CompactionOptions::new().with_physical()))
+            .await
+            .map_err(failed)?;
+    }
+    Ok(())
+}
