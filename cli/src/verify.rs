@@ -339,6 +339,7 @@ pub async fn run_once(args: &VerifyArgs, binaries: &Binaries, seed: u64) -> Resu
             detail: format!("only {before_faults} operations before the faults (at least {minimum} expected)"),
         });
     }
+    violations.extend(nemesis.did_not_bite(&d).await);
     let applied = etcd_history.finish(&d).await?;
     let lin = tern_verify::judge(&history, Some(&applied), PER_KEY);
     violations.extend(lin.violations);

@@ -33,6 +33,15 @@ pub enum LocalError {
          name a directory holding etcd and toxiproxy-server with TERN_ASSETS (or `tern demo`/`tern bench --assets DIR`)"
     )]
     NoAssetsDir { name: String },
+    #[error(
+        "`{name}` not found at {path}: build it beside `tern` (`cargo build -p {name}`; e2e/verify.sh does), \
+         or name it (`tern verify --{flag} PATH`)"
+    )]
+    MissingTernBinary {
+        name: &'static str,
+        path: String,
+        flag: &'static str,
+    },
     #[error("could not start {what}: {source}")]
     Spawn {
         what: String,

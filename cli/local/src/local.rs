@@ -42,9 +42,14 @@ impl<T> Runner<T> {
                 }
             }
             Self::Process(child) => {
-                // The drain takes up to the router's drain timeout; blocking
-                // here is brief and keeps ChildGuard free of a runtime.
-                tokio::task::block_in_place(|| child.stop(Duration::from_secs(15)));
+                // SIGTERM starts the binary's graceful shutdown (a router
+                // drains, an agent steps down); after 15 s, SIGKILL.
+                child.signal(nix::sys::signal::Signal::SIGTERM);
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+                while child.check_running().is_ok() && tokio::time::Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                child.kill();
             }
         }
     }
@@ -79,28 +84,21 @@ impl Binaries {
     /// `tern-router` and `tern-agent` in `dir` (where cargo puts them beside
     /// `tern`), or an error naming the one missing and how to build it.
     pub fn in_dir(dir: &Path) -> Result<Self> {
-        let found = |name: &str| {
+        let found = |name: &'static str, flag: &'static str| {
             let path = dir.join(name);
             if path.is_file() {
                 Ok(path)
             } else {
-                Err(LocalError::MissingBinary {
-                    name: name.to_string(),
-                    path: format!(
-                        "{} (build it with `cargo build -p {}` beside `tern`)",
-                        path.display(),
-                        if name == "tern-agent" {
-                            "tern-agent"
-                        } else {
-                            "tern-router"
-                        }
-                    ),
+                Err(LocalError::MissingTernBinary {
+                    name,
+                    path: path.display().to_string(),
+                    flag,
                 })
             }
         };
         Ok(Self {
-            router: found("tern-router")?,
-            agent: found("tern-agent")?,
+            router: found("tern-router", "router-binary")?,
+            agent: found("tern-agent", "agent-binary")?,
         })
     }
 }

@@ -92,6 +92,8 @@ pub struct Nemesis {
     rearm: Vec<Rearm>,
     /// Groups to compact half-way through the hold.
     compact: Vec<String>,
+    /// (region, source): mirrors a compaction must have forced to resync.
+    must_resync: Vec<(String, String)>,
     /// What was injected, for the report: `kill-router(eu-west)`.
     pub described: Vec<String>,
     used_regions: BTreeSet<String>,
@@ -103,6 +105,7 @@ impl Nemesis {
             undo: Vec::new(),
             rearm: Vec::new(),
             compact: Vec::new(),
+            must_resync: Vec::new(),
             described: Vec::new(),
             used_regions: BTreeSet::new(),
         }
@@ -258,6 +261,7 @@ impl Nemesis {
                     .filter(|r| r.name != region)
                     .map(|r| r.name.clone())
                     .collect();
+                self.must_resync = self.compact.iter().map(|s| (region.clone(), s.clone())).collect();
                 format!("mirrors into {region}")
             }
             Fault::ClockOffset => {
@@ -371,6 +375,41 @@ impl Nemesis {
             }
         }
         Ok(())
+    }
+}
+
+impl Nemesis {
+    /// Faults that left no trace where they must have: a fault that did not
+    /// bite proves nothing, and a run that claims it is wrong. Today: the
+    /// mirrors a compaction cut off must have resynchronised from a
+    /// snapshot (within 30 s of healing).
+    pub async fn did_not_bite(&self, d: &LocalDeployment) -> Vec<tern_verify::Violation> {
+        let mut out = Vec::new();
+        for (region, source) in &self.must_resync {
+            let metric = format!("tern_agent_mirror_resyncs_total{{source=\"{source}\"}}");
+            let give_up = Instant::now() + Duration::from_secs(30);
+            loop {
+                let resyncs = match &d.region(region).agent {
+                    Some(agent) => agent.metric(&metric).await.unwrap_or(0.0),
+                    None => 0.0,
+                };
+                if resyncs >= 1.0 {
+                    break;
+                }
+                if Instant::now() > give_up {
+                    out.push(tern_verify::Violation {
+                        checker: "nemesis",
+                        key: String::new(),
+                        detail: format!(
+                            "compaction: {region}'s mirror of {source} never resynchronised from a snapshot"
+                        ),
+                    });
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+        out
     }
 }
 
