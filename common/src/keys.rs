@@ -58,6 +58,17 @@ pub fn mirror_applied_key(source: &RegionName) -> String {
     format!("/tern/r/{source}/applied")
 }
 
+/// The closed-time record of a mirror: a time on this region's clock (Unix
+/// ms, as decimal text) such that the mirror holds every write the source
+/// acknowledged before it. The agent writes it in the transaction that
+/// applies a source heartbeat (the heartbeat's time, corrected by the
+/// measured clock offset and its error bound), so a router that reads it
+/// together with a mirrored value knows how stale that value may be:
+/// `now − closed`, never less than the truth.
+pub fn mirror_closed_key(source: &RegionName) -> String {
+    format!("/tern/r/{source}/closed")
+}
+
 /// Prefix of the mirrored keys of `source` (the applied record is outside it).
 pub fn mirror_data_prefix(source: &RegionName) -> String {
     format!("/tern/r/{source}/tern/")

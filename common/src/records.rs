@@ -85,14 +85,22 @@ impl std::fmt::Display for MirrorState {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MirrorStatus {
     pub state: MirrorState,
-    /// How stale the mirror may be, in ms; never negative.
+    /// How stale the mirror is, in ms (the age of the newest applied source
+    /// heartbeat on the source's clock, corrected by the measured offset);
+    /// never negative.
     pub lag_ms: u64,
+    /// The error bound of `lag_ms` (half the round trip of the offset
+    /// measurement it used, plus drift since): the truth is within
+    /// `lag_ms ± lag_error_ms`. u64::MAX before the first measurement.
+    #[serde(default)]
+    pub lag_error_ms: u64,
     /// Source revisions not yet applied.
     pub lag_revisions: i64,
     /// Last source revision applied.
     pub applied_revision: crate::SourceRevision,
-    /// Estimated clock offset of the source's agent from this one, in ms
-    /// (positive: the source's clock is ahead). Reported, never folded into lag.
+    /// Clock offset of the source's agent from this one, in ms (positive:
+    /// the source's clock is ahead), measured with timestamped round trips
+    /// (never from heartbeat delays), within `lag_error_ms`.
     pub skew_ms: i64,
     /// Time since the last source heartbeat reached the mirror, ms.
     pub heartbeat_age_ms: u64,

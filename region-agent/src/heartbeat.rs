@@ -1,7 +1,11 @@
 //! The heartbeat loop: a sequence number and a timestamp into the region's
 //! own group every interval. Mirrors carry heartbeats to every other region,
-//! so a mirror's lag is measurable even with no user traffic.
+//! so a mirror's lag is measurable even with no user traffic; each heartbeat
+//! also echoes the newest heartbeat of every mirrored region, which makes
+//! two regions' heartbeats a timestamped round trip that measures their
+//! clock offset (`lag.rs`).
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -23,6 +27,17 @@ pub struct Heartbeat {
     /// The writing agent's wall clock, Unix ms.
     pub wall_ms: i64,
     pub agent: String,
+    /// Per mirrored region: its newest heartbeat this agent applied.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub echoes: BTreeMap<String, Echo>,
+}
+
+/// A source heartbeat as the mirroring agent saw it: its time on the
+/// source's clock and when it was applied on the mirroring agent's clock.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Echo {
+    pub sent_ms: i64,
+    pub received_ms: i64,
 }
 
 /// Writes heartbeats until leadership is lost (or an etcd error).
@@ -51,10 +66,12 @@ pub async fn run(client: Client, leadership: Leadership, shared: Arc<Shared>, in
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         seq += 1;
+        let echoes = shared.echoes();
         let beat = Heartbeat {
             seq,
             wall_ms: shared.wall_ms(),
             agent: shared.identity.clone(),
+            echoes,
         };
         let value = serde_json::to_string(&beat).expect("a heartbeat serialises");
         let span = shared.telemetry.root("agent.heartbeat", || {

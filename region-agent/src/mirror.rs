@@ -15,7 +15,7 @@ use opentelemetry::KeyValue;
 use tern_common::telemetry::finish;
 use tern_common::{
     MIRRORED_END, MIRRORED_START, MirrorState, RegionName, Revision, SourceRevision, heartbeat_key, is_mirrored,
-    mirror_applied_key, mirror_data_prefix, mirror_key,
+    mirror_applied_key, mirror_closed_key, mirror_data_prefix, mirror_key,
 };
 use tokio::time::Instant;
 
@@ -37,7 +37,11 @@ pub async fn run(
     leadership: Leadership,
     shared: Arc<Shared>,
 ) -> AgentError {
-    let prober = tokio::spawn(probe_round_trips(source_client.clone(), source.clone(), shared.clone()));
+    let prober = tokio::spawn(probe_source_revision(
+        source_client.clone(),
+        source.clone(),
+        shared.clone(),
+    ));
     let outcome = loop {
         match mirror(&local, &source_client, &source, &leadership, &shared).await {
             Err(AgentError::NotLeader(why)) => break AgentError::NotLeader(why),
@@ -186,7 +190,7 @@ async fn mirror(
                     KeyValue::new("tern.events", events.len() as i64),
                 ]
             });
-            let outcome = apply(local, source, leadership, applied, revision, &events).await;
+            let outcome = apply(local, source, leadership, applied, revision, &events, shared).await;
             let attributes = match &outcome {
                 Ok(applied) => vec![
                     KeyValue::new("tern.revision", applied.revision.0),
@@ -216,7 +220,7 @@ async fn mirror(
                 m.applied = revision;
                 m.source_revision = m.source_revision.max(header);
                 if let Some(b) = &beat {
-                    m.lag.heartbeat(now, wall, b.wall_ms);
+                    m.lag.heartbeat(now, wall, b, &shared.region);
                 }
             });
         }
@@ -231,7 +235,9 @@ struct Applied {
     revision: Revision,
 }
 
-/// Applies one source revision.
+/// Applies one source revision; one that carries a source heartbeat also
+/// moves the mirror's closed time (`mirror_closed_key`), in the same
+/// transaction, when the clock offset to the source is measured.
 async fn apply(
     local: &Client,
     source: &RegionName,
@@ -239,6 +245,7 @@ async fn apply(
     previous: SourceRevision,
     revision: SourceRevision,
     events: &[&etcd_client::Event],
+    shared: &Shared,
 ) -> Result<Applied> {
     let hb_key = heartbeat_key(source);
     let mut beat = None;
@@ -258,6 +265,11 @@ async fn apply(
             }
             EventType::Delete => ops.push(TxnOp::delete(key, None)),
         }
+    }
+    if let Some(b) = &beat
+        && let Some(closed) = shared.with_mirror(source, |m| m.lag.closed_ms(Instant::now(), b.wall_ms))
+    {
+        ops.push(TxnOp::put(mirror_closed_key(source), closed.to_string(), None));
     }
     let applied_key = mirror_applied_key(source);
     ops.push(TxnOp::put(applied_key.clone(), revision.to_string(), None));
@@ -336,6 +348,7 @@ async fn resync(
     let mut c = local.clone();
     let clear = guarded(vec![
         TxnOp::delete(applied_key.clone(), None),
+        TxnOp::delete(mirror_closed_key(source), None),
         TxnOp::delete(prefix.clone(), Some(etcd_client::DeleteOptions::new().with_prefix())),
     ]);
     if !c
@@ -387,14 +400,12 @@ struct Resynced {
     keys: usize,
 }
 
-/// Times a small read on the source every 500 ms: the round trip feeds the
-/// lag estimator (one-way delay ≈ RTT / 2) and the header the source's
-/// current revision.
-async fn probe_round_trips(client: Client, source: RegionName, shared: Arc<Shared>) {
+/// Reads the source's current revision every 500 ms (the header of a small
+/// read), for the lag in revisions.
+async fn probe_source_revision(client: Client, source: RegionName, shared: Arc<Shared>) {
     let key = heartbeat_key(&source);
     let mut c = client;
     loop {
-        let started = Instant::now();
         if let Ok(resp) = c
             .get(
                 key.clone(),
@@ -402,10 +413,8 @@ async fn probe_round_trips(client: Client, source: RegionName, shared: Arc<Share
             )
             .await
         {
-            let rtt = started.elapsed();
             let revision = SourceRevision(resp.header().map(|h| h.revision()).unwrap_or(0));
             shared.with_mirror(&source, |m| {
-                m.lag.round_trip(rtt);
                 m.source_revision = m.source_revision.max(revision);
             });
         }

@@ -50,6 +50,16 @@ impl Shared {
         now + self.clock_offset_ms
     }
 
+    /// What this agent's next heartbeat echoes: per mirrored region, its
+    /// newest heartbeat applied.
+    pub fn echoes(&self) -> BTreeMap<String, crate::heartbeat::Echo> {
+        let mirrors = self.mirrors.lock().unwrap_or_else(|e| e.into_inner());
+        mirrors
+            .iter()
+            .filter_map(|(source, m)| Some((source.to_string(), m.lag.echo()?)))
+            .collect()
+    }
+
     pub fn with_mirror<T>(&self, source: &RegionName, f: impl FnOnce(&mut MirrorState) -> T) -> T {
         let mut mirrors = self.mirrors.lock().unwrap_or_else(|e| e.into_inner());
         f(mirrors.entry(source.clone()).or_default())
@@ -64,14 +74,17 @@ impl Shared {
             .iter()
             .map(|(source, m)| {
                 let effective = m.applied.max(m.confirmed);
+                let lag = m.lag.lag_ms(now);
+                let offset = m.lag.offset(now);
                 (
                     source.to_string(),
                     MirrorStatus {
                         state: m.state,
-                        lag_ms: m.lag.lag_ms(now).unwrap_or(u64::MAX),
+                        lag_ms: lag.map_or(u64::MAX, |(ms, _)| ms),
+                        lag_error_ms: lag.map_or(u64::MAX, |(_, error)| error),
                         lag_revisions: m.source_revision.since(effective),
                         applied_revision: m.applied,
-                        skew_ms: m.lag.skew_ms().unwrap_or(0),
+                        skew_ms: offset.map_or(0, |o| o.ms),
                         heartbeat_age_ms: m
                             .lag
                             .heartbeat_age(now)

@@ -97,6 +97,17 @@ pub struct Config {
     #[arg(long, env = "TERN_GROUP_LEADER_DIRECT", default_value_t = true, action = clap::ArgAction::Set)]
     pub group_leader_direct: bool,
 
+    /// Test hook: add this many ms to the router's wall clock, as the
+    /// agent's flag of the same name does, to model a region whose clocks
+    /// are off together. Leave 0 in production.
+    #[arg(
+        long,
+        env = "TERN_CLOCK_OFFSET_MS",
+        default_value_t = 0,
+        allow_negative_numbers = true
+    )]
+    pub clock_offset_ms: i64,
+
     /// On shutdown, finish in-flight requests for at most this long, e.g. 10s.
     #[arg(long, env = "TERN_DRAIN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub drain_timeout: Duration,

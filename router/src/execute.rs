@@ -232,6 +232,8 @@ pub struct Executor {
     pub telemetry: crate::telemetry::Telemetry,
     /// Trusts forwarding headers only from routers that show it.
     pub peer_token: Option<PeerToken>,
+    /// Added to the wall clock (a test hook; see `Config::clock_offset_ms`).
+    pub clock_offset_ms: i64,
 }
 
 impl Executor {
@@ -556,26 +558,38 @@ impl Executor {
     }
 
     /// A BOUNDED read served from this region's mirror of the account's
-    /// home, when the mirror's measured lag is within the bound and the
-    /// mirror holds the account at its current epoch. None: serve it from
-    /// the home.
+    /// home, when the mirror holds the account at its current epoch and is
+    /// fresh enough. How stale it may be is read with the value, from the
+    /// same snapshot of this region's own group: now minus the mirror's
+    /// closed time, which its agent moves with every applied source
+    /// heartbeat (corrected by the measured clock offset and its error
+    /// bound), so it is never below the truth and needs no directory record
+    /// whose age would have to be added. Routers and agents of one region
+    /// are assumed to share a synchronised clock. None: serve it from the
+    /// home.
     async fn read_mirror(&self, call: &Incoming, op: &Op, max_staleness_ms: u64) -> Result<Option<Answer>> {
         let p = self.directory.lookup(&op.account).await?;
         call.note(&op.account, &p);
         if p.home == self.region {
             return Ok(None);
         }
-        let Some(staleness) = self.directory.mirror_staleness_ms(&self.region, &p.home).await else {
+        let Some(read) = self.store.read_mirror(&op.account, &p.home, p.epoch, &op.work).await? else {
             return Ok(None);
         };
+        let Some(closed_ms) = read.closed_ms else {
+            return Ok(None);
+        };
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0)
+            + self.clock_offset_ms;
+        let staleness = (now_ms - closed_ms).max(0) as u64;
         if staleness > max_staleness_ms {
             return Ok(None);
         }
-        let Some(output) = self.store.read_mirror(&op.account, &p.home, p.epoch, &op.work).await? else {
-            return Ok(None);
-        };
         Ok(Some(Answer::Done {
-            output,
+            output: read.output,
             served: Served {
                 by: self.region.clone(),
                 home: p.home,

@@ -92,27 +92,6 @@ impl Directory {
         self.regions.read().await.get(region).map(|(r, _)| r.clone())
     }
 
-    /// How stale this region's mirror of `source` may be now: the lag its
-    /// agent published plus the age of that record here. None when the
-    /// mirror is not streaming or nothing was published.
-    pub async fn mirror_staleness_ms(&self, local: &RegionName, source: &RegionName) -> Option<u64> {
-        let regions = self.regions.read().await;
-        let (record, received) = regions.get(local)?;
-        let m = record.mirrors.get(source.as_str())?;
-        if m.state != tern_common::MirrorState::Streaming {
-            return None;
-        }
-        // The age of the record: since it reached this router, or since the
-        // agent measured it (a record loaded at start-up may be old), whichever
-        // is larger.
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as i64)
-            .unwrap_or(0);
-        let age = (received.elapsed().as_millis() as u64).max((now_ms - m.measured_unix_ms).max(0) as u64);
-        Some(m.lag_ms.saturating_add(age))
-    }
-
     /// Registers (or updates) this region's router endpoint.
     pub async fn register_region(&self, region: &RegionName, endpoint: &str) -> Result<()> {
         let key = dir_region_key(region);

@@ -90,6 +90,7 @@ pub async fn run(
         default_deadline: config.default_deadline,
         telemetry,
         peer_token: config.peer_token.clone(),
+        clock_offset_ms: config.clock_offset_ms,
     };
     let service = RouterService(Arc::new(service));
 

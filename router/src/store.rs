@@ -17,7 +17,8 @@ use std::sync::Arc;
 use etcd_client::{Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse, TxnResponse};
 use serde::{Deserialize, Serialize};
 use tern_common::{
-    AccountId, Epoch, Fence, FenceState, IdempotencyKey, RegionName, fence_key, idempotency_key, mirror_key,
+    AccountId, Epoch, Fence, FenceState, IdempotencyKey, RegionName, fence_key, idempotency_key, mirror_closed_key,
+    mirror_key,
 };
 
 use crate::batch::{BatchError, Batchable, Batcher};
@@ -142,6 +143,15 @@ pub struct Item {
     pub value: Vec<u8>,
     pub mod_revision: i64,
     pub version: i64,
+}
+
+/// A read of a mirror: what it holds, and its closed time (this region's
+/// clock, Unix ms) from the same snapshot; None when its agent has not
+/// measured the clock offset to the source yet.
+#[derive(Clone, Debug)]
+pub struct MirrorRead {
+    pub output: Output,
+    pub closed_ms: Option<i64>,
 }
 
 /// What committed work returned, shaped like the `Work`.
@@ -387,7 +397,7 @@ impl HomeStore {
         home: &RegionName,
         epoch: Epoch,
         work: &Work,
-    ) -> Result<Option<Output>> {
+    ) -> Result<Option<MirrorRead>> {
         let op = match work {
             Work::Get { key } => TxnOp::get(mirror_key(home, key.as_bytes()), None),
             Work::List { start, end, limit } => TxnOp::get(
@@ -403,7 +413,7 @@ impl HomeStore {
                 CompareOp::Equal,
                 Fence::active(epoch).to_string(),
             )])
-            .and_then([op]);
+            .and_then([op, TxnOp::get(mirror_closed_key(home), None)]);
         let resp = self
             .group
             .any()
@@ -421,10 +431,13 @@ impl HomeStore {
             item
         };
         let responses = resp.op_responses();
-        Ok(Some(match work {
+        let closed_ms =
+            first_item(responses.get(1)).and_then(|kv| std::str::from_utf8(&kv.value).ok()?.parse::<i64>().ok());
+        let output = match work {
             Work::Get { .. } => Output::Get(first_item(responses.first()).map(unmirror)),
             _ => Output::List(items(responses.first()).into_iter().map(unmirror).collect()),
-        }))
+        };
+        Ok(Some(MirrorRead { output, closed_ms }))
     }
 
     /// Writes `1:active` as the fence of a new account unless it has one.

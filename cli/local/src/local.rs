@@ -661,9 +661,17 @@ impl LocalDeployment {
     /// Starts `region`'s router (stopped or killed before) with its flags:
     /// the same gRPC port, so links and peers reach it again.
     pub async fn start_router(&mut self, region: &str) -> Result<()> {
+        self.start_router_with(region, &[]).await
+    }
+
+    /// Like `start_router`, with `extra` flags after the usual ones (a flag
+    /// given twice takes the last value).
+    pub async fn start_router_with(&mut self, region: &str, extra: &[String]) -> Result<()> {
         let (binaries, dir) = (self.binaries.clone(), self.dir.path().to_path_buf());
         let r = self.region_mut(region);
-        r.router = Some(launch_router(binaries.as_ref(), &dir, &r.router_args).await?);
+        let mut args = r.router_args.clone();
+        args.extend_from_slice(extra);
+        r.router = Some(launch_router(binaries.as_ref(), &dir, &args).await?);
         Ok(())
     }
 }

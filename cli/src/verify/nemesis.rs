@@ -73,6 +73,8 @@ enum Undo {
     ThawAgent(String),
     /// Stop the agent running with a clock offset; start the usual one.
     ReplaceAgent(String),
+    /// The same for the router.
+    ReplaceRouter(String),
     StartMember(String, usize),
     ThawMember(String, usize),
 }
@@ -267,12 +269,21 @@ impl Nemesis {
             Fault::ClockOffset => {
                 let region = self.pick_region(d, rng);
                 let offset = rng.random_range(500..1500) * if rng.random_bool(0.5) { 1 } else { -1 };
+                let flag = [format!("--clock-offset-ms={offset}")];
+                // The region's clocks are off together: its agent's and its
+                // router's (which compares the agent's closed time with its
+                // own clock).
                 if let Some(agent) = d.region_mut(&region).agent.take() {
                     agent.stop().await;
                 }
-                let agent = d.start_agent(&region, &[format!("--clock-offset-ms={offset}")]).await?;
+                let agent = d.start_agent(&region, &flag).await?;
                 d.region_mut(&region).agent = Some(agent);
+                if let Some(router) = d.region_mut(&region).router.take() {
+                    router.stop().await;
+                }
+                d.start_router_with(&region, &flag).await?;
                 self.undo.push(Undo::ReplaceAgent(region.clone()));
+                self.undo.push(Undo::ReplaceRouter(region.clone()));
                 format!("{region} {offset:+} ms")
             }
         };
@@ -366,6 +377,12 @@ impl Nemesis {
                     }
                     let agent = d.start_agent(&region, &[]).await?;
                     d.region_mut(&region).agent = Some(agent);
+                }
+                Undo::ReplaceRouter(region) => {
+                    if let Some(router) = d.region_mut(&region).router.take() {
+                        router.stop().await;
+                    }
+                    d.start_router(&region).await?;
                 }
                 Undo::StartMember(region, i) => {
                     let group = &mut d.region_mut(&region).group;
