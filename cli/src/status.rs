@@ -110,16 +110,17 @@ pub fn render_geocluster(gc: &tern_crds::GeoCluster) -> String {
         );
         let _ = writeln!(
             out,
-            "    {:<10} {:<11} {:>9} {:>14} {:>9}",
-            "source", "state", "lag", "lag revisions", "skew"
+            "    {:<10} {:<11} {:>9} {:>9} {:>14} {:>9}",
+            "source", "state", "lag", "± error", "lag revisions", "skew"
         );
         for m in &r.mirrors {
             let _ = writeln!(
                 out,
-                "    {:<10} {:<11} {:>9} {:>14} {:>6} ms",
+                "    {:<10} {:<11} {:>9} {:>9} {:>14} {:>6} ms",
                 m.source,
                 m.state,
                 age(u64::try_from(m.lag_ms).unwrap_or(0)),
+                age(u64::try_from(m.lag_error_ms).unwrap_or(0)),
                 m.lag_revisions,
                 m.skew_ms
             );
@@ -200,16 +201,17 @@ pub fn render(records: &[(String, RegionRecord)]) -> String {
         let _ = writeln!(out, "  Mirrors of other regions");
         let _ = writeln!(
             out,
-            "    {:<10} {:<11} {:>9} {:>14} {:>14} {:>9}",
-            "source", "state", "lag", "lag revisions", "heartbeat age", "skew"
+            "    {:<10} {:<11} {:>9} {:>9} {:>14} {:>14} {:>9}",
+            "source", "state", "lag", "± error", "lag revisions", "heartbeat age", "skew"
         );
         for (source, m) in &r.mirrors {
             let _ = writeln!(
                 out,
-                "    {:<10} {:<11} {:>9} {:>14} {:>14} {:>6} ms",
+                "    {:<10} {:<11} {:>9} {:>9} {:>14} {:>14} {:>6} ms",
                 source,
                 m.state,
                 age(m.lag_ms),
+                age(m.lag_error_ms),
                 m.lag_revisions,
                 age(m.heartbeat_age_ms),
                 m.skew_ms

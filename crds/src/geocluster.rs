@@ -517,10 +517,15 @@ pub struct MirrorLag {
     pub source: String,
     /// `streaming`, `resyncing`, `disconnected` or `starting`.
     pub state: String,
-    /// How stale the mirror may be, ms (never negative).
+    /// How stale the mirror is, ms (never negative).
     pub lag_ms: i64,
+    /// Error bound of `lagMs` and `skewMs`, ms: the truth is within
+    /// `lagMs ± lagErrorMs`.
+    #[serde(default)]
+    pub lag_error_ms: i64,
     /// Source revisions not yet applied.
     pub lag_revisions: i64,
-    /// Estimated clock offset of the source's agent, ms (positive: ahead).
+    /// Clock offset of the source's agent, measured from timestamped round
+    /// trips, ms (positive: ahead).
     pub skew_ms: i64,
 }

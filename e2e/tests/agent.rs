@@ -40,6 +40,34 @@ async fn lag(d: &LocalDeployment) -> Option<f64> {
     agent.metric("tern_agent_mirror_lag_ms{source=\"eu-west\"}").await
 }
 
+/// us-east's lag of its eu-west mirror with its error bound, ms; None while
+/// unknown (published as the largest gauge value).
+async fn lag_and_error(d: &LocalDeployment) -> Option<(f64, f64)> {
+    let agent = d.region("us-east").agent.as_ref()?;
+    let lag = agent.metric("tern_agent_mirror_lag_ms{source=\"eu-west\"}").await?;
+    let error = agent
+        .metric("tern_agent_mirror_lag_error_ms{source=\"eu-west\"}")
+        .await?;
+    (lag < 1e12 && error < 1e12).then_some((lag, error))
+}
+
+/// How stale us-east's mirror of eu-west truly is now: the age of the
+/// newest eu-west heartbeat it holds (one machine, one clock).
+async fn true_lag(d: &LocalDeployment) -> f64 {
+    let mut local = d.group_client("us-east").await;
+    let hb = local
+        .get("/tern/r/eu-west/tern/hb/eu-west", None)
+        .await
+        .expect("mirrored heartbeat");
+    let value: serde_json::Value = serde_json::from_slice(hb.kvs()[0].value()).expect("heartbeat json");
+    let wall = value["wall_ms"].as_i64().expect("wall_ms");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as i64;
+    (now - wall) as f64
+}
+
 async fn wait_for<T>(what: &str, limit: Duration, mut f: impl AsyncFnMut() -> Option<T>) -> T {
     let until = Instant::now() + limit;
     loop {
@@ -298,6 +326,13 @@ async fn clock_skew_is_reported_and_never_makes_lag_negative() {
         .await
         .expect("skew");
     assert!((skew + 5000.0).abs() <= 50.0, "eu-west sees us-east 5 s behind: {skew}");
+    // An offset that large is a warning of its own, on both sides.
+    for (agent, source) in [(us, "eu-west"), (eu, "us-east")] {
+        let warning = agent
+            .metric(&format!("tern_agent_clock_offset_warning{{source=\"{source}\"}}"))
+            .await;
+        assert_eq!(warning, Some(1.0), "offset warning about {source}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -396,4 +431,93 @@ async fn bounded_reads_use_the_mirror_only_within_the_bound() {
         "a mirror cut off for longer than the bound is not used"
     );
     d.set_mirror_link("us-east", "eu-west", true).await.expect("heal");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_delay_is_lag_not_skew() {
+    // The estimator this replaced took the minimum heartbeat delay of the
+    // last 6.4 s for clock skew: under a delay held longer than that, lag
+    // fell back to ~100–200 ms while the truth stayed above 1 s.
+    let _serial = SERIAL.lock().await;
+    let d = start().await;
+    wait_for("a measured lag", Duration::from_secs(15), async || {
+        lag_and_error(&d).await
+    })
+    .await;
+    const EXTRA: u64 = 1000;
+    for name in &d.mirror_links[&("us-east".to_string(), "eu-west".to_string())] {
+        d.toxiproxy
+            .toxic(
+                name,
+                "held",
+                "latency",
+                tern_local::toxiproxy::Stream::Downstream,
+                1.0,
+                serde_json::json!({"latency": EXTRA}),
+            )
+            .await
+            .expect("delay");
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut samples = Vec::new();
+    for _ in 0..27 {
+        let (lag, error) = lag_and_error(&d).await.expect("lag stays measured");
+        samples.push((lag, error));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let truth = (D + EXTRA) as f64;
+    for (lag, error) in &samples {
+        assert!(
+            lag + error >= truth - SLACK as f64 && lag - error <= truth + (HB + SLACK) as f64,
+            "lag {lag} ± {error} with {truth} ms of true delay: {samples:?}"
+        );
+    }
+    let skew = d
+        .region("us-east")
+        .agent
+        .as_ref()
+        .expect("agent")
+        .metric("tern_agent_clock_skew_ms{source=\"eu-west\"}")
+        .await
+        .expect("skew");
+    assert!(skew.abs() <= 20.0, "a held delay is not skew: {skew}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_agent_never_reports_less_lag_than_its_backlog() {
+    let _serial = SERIAL.lock().await;
+    let mut d = start().await;
+    create_eu_account(&d, "acct-1").await;
+    caught_up(&d, true).await;
+    d.region_mut("us-east").agent.take().expect("agent").kill();
+    // 20 s of writes while us-east's agent is dead.
+    write_stream(&d, "acct-1", 400, Duration::from_millis(50)).await;
+    let restarted = d
+        .start_agent("us-east", &["--identity=us-east-agent-b".to_string()])
+        .await
+        .expect("restart");
+    d.region_mut("us-east").agent = Some(restarted);
+    // Until its own heartbeat has been to eu-west and back the lag is
+    // unknown; every number it publishes, with its error bound, covers the
+    // truth measured right after it (less one publishing period).
+    let mut seen = Vec::new();
+    let until = Instant::now() + Duration::from_secs(8);
+    while Instant::now() < until {
+        if let Some((lag, error)) = lag_and_error(&d).await {
+            let truth = true_lag(&d).await;
+            seen.push((lag, error, truth));
+            assert!(
+                lag + error + 500.0 + SLACK as f64 >= truth,
+                "lag {lag} ± {error} below the true {truth}: {seen:?}"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!seen.is_empty(), "a lag was published after the restart");
+    wait_for("lag back to the link delay", Duration::from_secs(15), async || {
+        let (lag, error) = lag_and_error(&d).await?;
+        (lag - error <= (D + HB + SLACK) as f64).then_some(())
+    })
+    .await;
+    caught_up(&d, true).await;
 }

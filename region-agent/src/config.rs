@@ -51,6 +51,12 @@ pub struct Config {
     #[arg(long, env = "POD_NAME", default_value = "")]
     pub identity: String,
 
+    /// A clock offset to a source region larger than this (beyond its error
+    /// bound) is a warning of its own: a metric, a log line and, with
+    /// --geocluster, an event. Lag stays corrected by the offset.
+    #[arg(long, env = "TERN_MAX_CLOCK_OFFSET", default_value = "500ms", value_parser = parse_duration)]
+    pub max_clock_offset: Duration,
+
     /// Test hook: add this many ms to the agent's wall clock, to test clock
     /// skew between regions. Leave 0 in production.
     #[arg(

@@ -61,6 +61,7 @@ pub async fn run(client: Client, namespace: String, geocluster: String, shared: 
                     "source": source,
                     "state": m.state,
                     "lagMs": i64::try_from(m.lag_ms).unwrap_or(i64::MAX),
+                    "lagErrorMs": i64::try_from(m.lag_error_ms).unwrap_or(i64::MAX),
                     "lagRevisions": m.lag_revisions,
                     "skewMs": m.skew_ms,
                 })

@@ -158,7 +158,12 @@ pub async fn run(
                 shared.clone(),
             ));
         }
-        let publisher = tokio::spawn(publish::run(directory.clone(), shared.clone(), config.publish_interval));
+        let publisher = tokio::spawn(publish::run(
+            directory.clone(),
+            shared.clone(),
+            config.publish_interval,
+            config.max_clock_offset,
+        ));
         let status_writer = kube_client
             .clone()
             .zip(config.geocluster.clone())

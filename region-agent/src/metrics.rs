@@ -27,6 +27,8 @@ pub struct Metrics {
     pub lag_ms: Family<SourceLabels, G>,
     pub lag_revisions: Family<SourceLabels, G>,
     pub skew_ms: Family<SourceLabels, G>,
+    pub lag_error_ms: Family<SourceLabels, G>,
+    pub clock_offset_warning: Family<SourceLabels, G>,
     pub heartbeat_age_ms: Family<SourceLabels, G>,
     pub applied_revisions: Family<SourceLabels, Counter>,
     pub resyncs: Family<SourceLabels, Counter>,
@@ -43,6 +45,8 @@ impl Default for Metrics {
             lag_ms: Family::default(),
             lag_revisions: Family::default(),
             skew_ms: Family::default(),
+            lag_error_ms: Family::default(),
+            clock_offset_warning: Family::default(),
             heartbeat_age_ms: Family::default(),
             applied_revisions: Family::default(),
             resyncs: Family::default(),
@@ -64,8 +68,18 @@ impl Default for Metrics {
         );
         registry.register(
             "clock_skew_ms",
-            "Estimated clock offset of the source's agent, ms (positive: ahead)",
+            "Clock offset of the source's agent, measured from timestamped round trips, ms (positive: ahead)",
             m.skew_ms.clone(),
+        );
+        registry.register(
+            "mirror_lag_error_ms",
+            "Error bound of mirror_lag_ms and clock_skew_ms (half the round trip of the offset measurement plus drift), ms",
+            m.lag_error_ms.clone(),
+        );
+        registry.register(
+            "clock_offset_warning",
+            "1 while the source's clock is off by more than --max-clock-offset beyond the error bound",
+            m.clock_offset_warning.clone(),
         );
         registry.register(
             "heartbeat_age_ms",
