@@ -1,8 +1,10 @@
 //! tern-local: a multi-region tern deployment on this machine, out of the
 //! real parts: etcd groups started with the operator's member flags, routers
-//! and agents in this process, toxiproxy on the cross-region links, and an
-//! OTLP receiver (or Jaeger) for their traces. `tern demo` and `tern bench`
-//! run it; the end-to-end tests build on it.
+//! and agents (in this process, or as processes of their own when their
+//! binaries are given, so that they can be killed and paused), toxiproxy on
+//! the cross-region links, and an OTLP receiver (or Jaeger) for their
+//! traces. `tern demo`, `tern bench` and `tern verify` run it; the
+//! end-to-end tests build on it.
 //!
 //! etcd, toxiproxy and Jaeger are external binaries found by [`assets`]: in a
 //! checkout, `e2e/build-tools.sh` builds them at pinned versions.
