@@ -3,10 +3,11 @@
 //!
 //! - `election`: one active agent per region, through the region's own group;
 //! - `heartbeat`: a timestamped sequence number into the group every 100 ms;
-//! - `mirror`: every other region's keys and heartbeats, one source revision
-//!   per transaction, resumed from the applied record, resynced after
-//!   compaction;
-//! - `lag`: replication lag in ms and revisions, apart from clock skew;
+//! - `mirror`: every other region's keys and heartbeats, whole source
+//!   revisions packed into local transactions (`plan`), resumed from the
+//!   applied record, resynced after compaction;
+//! - `lag`: replication lag in ms from heartbeats that echo each other (a
+//!   timestamped round trip measures the clock offset);
 //! - `members`: Raft lag of the region's own members;
 //! - `publish`: metrics and the region's record in the directory;
 //! - `kubernetes`: the region's lag in the GeoCluster status, when asked.
@@ -25,6 +26,7 @@ pub mod lag;
 pub mod members;
 pub mod metrics;
 pub mod mirror;
+pub mod plan;
 pub mod publish;
 pub mod state;
 

@@ -6,7 +6,6 @@
 //! restart the watch resumes from the record; when the source has compacted
 //! past it, the mirror is resynchronised from a snapshot.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,11 +21,8 @@ use tokio::time::Instant;
 use crate::election::Leadership;
 use crate::error::{AgentError, EtcdContext, Result};
 use crate::heartbeat::Heartbeat;
+use crate::plan::{Batch, Change, Limits, Mark, plan};
 use crate::state::Shared;
-
-/// Operations per destination transaction when copying a snapshot (etcd's
-/// limit is --max-txn-ops; tern runs with 1024).
-const SNAPSHOT_CHUNK: usize = 500;
 
 /// Mirrors `source` until leadership is lost; reconnects and resyncs as
 /// needed.
@@ -88,7 +84,7 @@ pub async fn run(
 
 /// Reads the applied record: None when the mirror was never synchronised or a
 /// resync did not finish.
-async fn applied(local: &Client, source: &RegionName) -> Result<Option<SourceRevision>> {
+async fn applied(local: &Client, source: &RegionName) -> Result<Option<Mark>> {
     let resp = local
         .clone()
         .get(mirror_applied_key(source), None)
@@ -97,8 +93,7 @@ async fn applied(local: &Client, source: &RegionName) -> Result<Option<SourceRev
     Ok(resp
         .kvs()
         .first()
-        .and_then(|kv| std::str::from_utf8(kv.value()).ok()?.parse::<i64>().ok())
-        .map(SourceRevision))
+        .and_then(|kv| Mark::parse(std::str::from_utf8(kv.value()).ok()?)))
 }
 
 async fn mirror(
@@ -108,16 +103,18 @@ async fn mirror(
     leadership: &Leadership,
     shared: &Arc<Shared>,
 ) -> Result<()> {
-    let Some(mut applied) = applied(local, source).await? else {
+    let Some(mut mark) = applied(local, source).await? else {
         return Err(AgentError::Compacted {
             source_region: source.to_string(),
             revision: 0,
         });
     };
     shared.with_mirror(source, |m| {
-        m.applied = applied;
+        m.applied = mark.complete();
         m.state = MirrorState::Streaming;
     });
+    let hb_key = heartbeat_key(source);
+    let limits = Limits::for_prefix(mirror_key(source, b"").len());
     let mut sc = source_client.clone();
     let mut stream = sc
         .watch(
@@ -125,7 +122,7 @@ async fn mirror(
             Some(
                 WatchOptions::new()
                     .with_range(MIRRORED_END)
-                    .with_start_revision(applied.next().0)
+                    .with_start_revision(mark.resume().0)
                     .with_progress_notify(),
             ),
         )
@@ -162,64 +159,85 @@ async fn mirror(
             });
         }
         let header = SourceRevision(resp.header().map(|h| h.revision()).unwrap_or(0));
+        if resp.created() {
+            // The answer to creating the watch is event-less too, but its
+            // header is the source's newest revision while the backlog from
+            // `applied + 1` is still to come: it confirms nothing (taking it
+            // for a progress notice showed 0 revisions of lag right after a
+            // restart, whatever the backlog).
+            shared.with_mirror(source, |m| m.source_revision = m.source_revision.max(header));
+            continue;
+        }
         if resp.events().is_empty() {
             shared.with_mirror(source, |m| {
                 m.source_revision = m.source_revision.max(header);
-                if header > m.confirmed && header >= applied {
+                if header > m.confirmed && header >= mark.complete() {
                     m.confirmed = header;
                 }
             });
             continue;
         }
-        // Events of one source revision are one transaction's effects.
-        let mut by_revision: BTreeMap<SourceRevision, Vec<&etcd_client::Event>> = BTreeMap::new();
+        // Events of one source revision are one transaction's effects;
+        // whole revisions share local transactions (`plan.rs`).
+        let mut revisions: Vec<(SourceRevision, Vec<Change>)> = Vec::new();
         for event in resp.events() {
-            if let Some(kv) = event.kv() {
-                by_revision
-                    .entry(SourceRevision(kv.mod_revision()))
-                    .or_default()
-                    .push(event);
+            let Some(kv) = event.kv() else { continue };
+            let revision = SourceRevision(kv.mod_revision());
+            let change = Change {
+                key: kv.key().to_vec(),
+                value: (event.event_type() == EventType::Put).then(|| kv.value().to_vec()),
+                mirrored: is_mirrored(kv.key()),
+            };
+            match revisions.last_mut() {
+                Some((r, changes)) if *r == revision => changes.push(change),
+                _ => revisions.push((revision, vec![change])),
             }
         }
-        for (revision, events) in by_revision {
+        for batch in plan(&revisions, &mark, hb_key.as_bytes(), &limits) {
+            let Some(next) = batch.mark else { continue };
             let span = shared.telemetry.root("agent.mirror", || {
                 vec![
                     KeyValue::new("tern.region", shared.region.to_string()),
                     KeyValue::new("tern.source_region", source.to_string()),
-                    KeyValue::new("tern.source_revision", revision.0),
-                    KeyValue::new("tern.events", events.len() as i64),
+                    KeyValue::new("tern.source_revision", next.revision.0),
+                    KeyValue::new("tern.source_revisions", batch.revisions.len() as i64),
+                    KeyValue::new("tern.events", batch.changes.len() as i64),
                 ]
             });
-            let outcome = apply(local, source, leadership, applied, revision, &events, shared).await;
+            let outcome = apply(local, source, leadership, &mark, &batch, shared).await;
             let attributes = match &outcome {
-                Ok(applied) => vec![
-                    KeyValue::new("tern.revision", applied.revision.0),
+                Ok(revision) => vec![
+                    KeyValue::new("tern.revision", revision.0),
                     KeyValue::new("tern.guard", "held"),
                 ],
                 Err(AgentError::NotLeader(_)) => vec![KeyValue::new("tern.guard", "refused")],
                 Err(_) => vec![],
             };
             finish(span, attributes, outcome.as_ref().map(|_| ()));
-            let beat = match outcome {
-                Err(AgentError::NotLeader(why)) => {
+            if let Err(e) = outcome {
+                if matches!(e, AgentError::NotLeader(_)) {
                     // A write this agent attempted was refused: it no longer leads.
                     shared.metrics.refused_writes.inc();
-                    return Err(AgentError::NotLeader(why));
                 }
-                other => other?.heartbeat,
-            };
-            applied = revision;
+                return Err(e);
+            }
+            mark = next;
             shared
                 .metrics
                 .applied_revisions
                 .get_or_create(&crate::metrics::Metrics::source(source.as_str()))
-                .inc();
+                .inc_by(batch.revisions.len() as u64);
             let now = Instant::now();
             let wall = shared.wall_ms();
+            let beats: Vec<Heartbeat> = batch
+                .heartbeats
+                .iter()
+                .filter_map(|v| serde_json::from_slice(v).ok())
+                .collect();
             shared.with_mirror(source, |m| {
-                m.applied = revision;
+                m.applied = mark.complete();
                 m.source_revision = m.source_revision.max(header);
-                if let Some(b) = &beat {
+                for b in &beats {
                     m.lag.heartbeat(now, wall, b, &shared.region);
                 }
             });
@@ -227,52 +245,42 @@ async fn mirror(
     }
 }
 
-/// One source revision, applied.
-struct Applied {
-    /// The source heartbeat it carried.
-    heartbeat: Option<Heartbeat>,
-    /// The local revision of the mirror transaction.
-    revision: Revision,
-}
-
-/// Applies one source revision; one that carries a source heartbeat also
-/// moves the mirror's closed time (`mirror_closed_key`), in the same
-/// transaction, when the clock offset to the source is measured.
+/// Applies one batch, guarded by leadership and by the applied record still
+/// being `previous` (no revision twice, none skipped). A batch that carries
+/// a source heartbeat also moves the mirror's closed time
+/// (`mirror_closed_key`), in the same transaction, when the clock offset to
+/// the source is measured. Returns the local revision it committed at.
 async fn apply(
     local: &Client,
     source: &RegionName,
     leadership: &Leadership,
-    previous: SourceRevision,
-    revision: SourceRevision,
-    events: &[&etcd_client::Event],
+    previous: &Mark,
+    batch: &Batch,
     shared: &Shared,
-) -> Result<Applied> {
-    let hb_key = heartbeat_key(source);
-    let mut beat = None;
-    let mut ops = Vec::new();
-    for event in events {
-        let Some(kv) = event.kv() else { continue };
-        if !is_mirrored(kv.key()) {
-            continue;
-        }
-        let key = mirror_key(source, kv.key());
-        match event.event_type() {
-            EventType::Put => {
-                if kv.key() == hb_key.as_bytes() {
-                    beat = serde_json::from_slice::<Heartbeat>(kv.value()).ok();
-                }
-                ops.push(TxnOp::put(key, kv.value(), None));
+) -> Result<Revision> {
+    let mut ops: Vec<TxnOp> = batch
+        .changes
+        .iter()
+        .map(|c| {
+            let key = mirror_key(source, &c.key);
+            match &c.value {
+                Some(v) => TxnOp::put(key, v.clone(), None),
+                None => TxnOp::delete(key, None),
             }
-            EventType::Delete => ops.push(TxnOp::delete(key, None)),
-        }
-    }
-    if let Some(b) = &beat
+        })
+        .collect();
+    let newest_beat = batch
+        .heartbeats
+        .last()
+        .and_then(|v| serde_json::from_slice::<Heartbeat>(v).ok());
+    if let Some(b) = &newest_beat
         && let Some(closed) = shared.with_mirror(source, |m| m.lag.closed_ms(Instant::now(), b.wall_ms))
     {
         ops.push(TxnOp::put(mirror_closed_key(source), closed.to_string(), None));
     }
+    let next = batch.mark.unwrap_or(*previous);
     let applied_key = mirror_applied_key(source);
-    ops.push(TxnOp::put(applied_key.clone(), revision.to_string(), None));
+    ops.push(TxnOp::put(applied_key.clone(), next.to_string(), None));
     let txn = Txn::new()
         .when([
             leadership.guard(),
@@ -283,14 +291,11 @@ async fn apply(
         .clone()
         .txn(txn)
         .await
-        .during(|| format!("applying revision {revision} of {source}"))?;
+        .during(|| format!("applying revisions up to {next} of {source}"))?;
     if !resp.succeeded() {
         return Err(lost_or_raced(local, leadership, source).await);
     }
-    Ok(Applied {
-        heartbeat: beat,
-        revision: Revision(resp.header().map(|h| h.revision()).unwrap_or(0)),
-    })
+    Ok(Revision(resp.header().map(|h| h.revision()).unwrap_or(0)))
 }
 
 /// Why a guarded mirror write failed: leadership lost, or another writer
@@ -336,12 +341,6 @@ async fn resync(
         events.warn("MirrorResync", note).await;
     }
     shared.with_mirror(source, |m| m.state = MirrorState::Resyncing);
-    let snapshot = source_client
-        .clone()
-        .get(MIRRORED_START, Some(GetOptions::new().with_range(MIRRORED_END)))
-        .await
-        .during(|| format!("reading a snapshot of {source}"))?;
-    let revision = SourceRevision(snapshot.header().map(|h| h.revision()).unwrap_or(0));
     let prefix = mirror_data_prefix(source);
     let applied_key = mirror_applied_key(source);
     let guarded = |ops: Vec<TxnOp>| Txn::new().when([leadership.guard()]).and_then(ops);
@@ -359,21 +358,71 @@ async fn resync(
     {
         return Err(AgentError::NotLeader(format!("resync of {source} refused")));
     }
-    let kvs: Vec<_> = snapshot.kvs().iter().filter(|kv| is_mirrored(kv.key())).collect();
-    for chunk in kvs.chunks(SNAPSHOT_CHUNK) {
-        let ops = chunk
-            .iter()
-            .map(|kv| TxnOp::put(mirror_key(source, kv.key()), kv.value(), None))
-            .collect();
-        if !c
-            .txn(guarded(ops))
-            .await
-            .during(|| format!("copying a snapshot of {source}"))?
-            .succeeded()
-        {
-            return Err(AgentError::NotLeader(format!("resync of {source} refused")));
+    // The snapshot is read in pages, all at the revision of the first: one
+    // range of a large region would pass gRPC's 4 MiB message limit.
+    let limits = Limits::for_prefix(mirror_key(source, b"").len());
+    let mut page_keys: i64 = 256;
+    let mut from = MIRRORED_START.as_bytes().to_vec();
+    let mut at: Option<i64> = None;
+    let mut keys = 0usize;
+    loop {
+        let mut options = GetOptions::new().with_range(MIRRORED_END).with_limit(page_keys);
+        if let Some(r) = at {
+            options = options.with_revision(r);
         }
+        let page = match source_client.clone().get(from.clone(), Some(options)).await {
+            Ok(page) => page,
+            // A page of large values over the message limit: smaller pages.
+            Err(etcd_client::Error::GRpcStatus(s))
+                if matches!(s.code(), tonic::Code::OutOfRange | tonic::Code::ResourceExhausted) && page_keys > 1 =>
+            {
+                page_keys /= 4;
+                continue;
+            }
+            Err(e) => return Err(e).during(|| format!("reading a snapshot of {source}")),
+        };
+        let revision = *at.get_or_insert(page.header().map(|h| h.revision()).unwrap_or(0));
+        let changes: Vec<Change> = page
+            .kvs()
+            .iter()
+            .filter(|kv| is_mirrored(kv.key()))
+            .map(|kv| Change {
+                key: kv.key().to_vec(),
+                value: Some(kv.value().to_vec()),
+                mirrored: true,
+            })
+            .collect();
+        keys += changes.len();
+        // Cut into transactions within etcd's limits, as the stream is.
+        let batches = plan(
+            &[(SourceRevision(revision), changes)],
+            &Mark::whole(SourceRevision(revision - 1)),
+            b"",
+            &limits,
+        );
+        for batch in batches {
+            let ops = batch
+                .changes
+                .iter()
+                .map(|ch| TxnOp::put(mirror_key(source, &ch.key), ch.value.clone().unwrap_or_default(), None))
+                .collect();
+            if !c
+                .txn(guarded(ops))
+                .await
+                .during(|| format!("copying a snapshot of {source}"))?
+                .succeeded()
+            {
+                return Err(AgentError::NotLeader(format!("resync of {source} refused")));
+            }
+        }
+        let Some(last) = page.kvs().last() else { break };
+        if !page.more() {
+            break;
+        }
+        from = last.key().to_vec();
+        from.push(0);
     }
+    let revision = SourceRevision(at.unwrap_or(0));
     let done = guarded(vec![TxnOp::put(applied_key, revision.to_string(), None)]);
     if !c
         .txn(done)
@@ -383,15 +432,12 @@ async fn resync(
     {
         return Err(AgentError::NotLeader(format!("resync of {source} refused")));
     }
-    tracing::info!(source = %source, %revision, keys = kvs.len(), "mirror resynchronised");
+    tracing::info!(source = %source, %revision, keys, "mirror resynchronised");
     shared.with_mirror(source, |m| {
         m.applied = revision;
         m.state = MirrorState::Streaming;
     });
-    Ok(Resynced {
-        revision,
-        keys: kvs.len(),
-    })
+    Ok(Resynced { revision, keys })
 }
 
 /// What a resync copied.
