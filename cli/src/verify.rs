@@ -60,13 +60,22 @@ pub struct VerifyArgs {
     /// Most operations per second per client.
     #[arg(long, default_value_t = 20)]
     rate: u32,
+    /// Weights of the operations: put, cas (compare-and-set on the value or
+    /// on absence), delete, get (STRONG) and bounded (BOUNDED(1 s) get);
+    /// names left out weigh 0.
+    #[arg(
+        long,
+        default_value = "put=30,cas=20,delete=10,get=20,bounded=20",
+        value_parser = workload::Mix::parse
+    )]
+    mix: workload::Mix,
     /// Faults to draw from, comma separated; each run injects one or two:
     /// run i the (seed + i)-th of the list, so consecutive runs cover them
     /// all, and half of the runs one more drawn at random.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "reset,limit,latency,mirror-delay,blackhole,partition,kill-router,pause-router,kill-agent,pause-agent,kill-member,kill-leader,pause-leader,compaction,clock-offset"
+        default_value = "reset,limit,latency,mirror-delay,blackhole,partition,kill-router,pause-router,kill-agent,pause-agent,kill-member,kill-leader,pause-leader,compaction,clock-offset,bandwidth"
     )]
     faults: Vec<Fault>,
     /// The tern-router binary the deployment runs (as processes, to kill
@@ -221,13 +230,22 @@ fn check_saved(path: &std::path::Path) -> Result<(), CliError> {
 }
 
 fn print_report(r: &RunReport) {
+    let mut by_checker: BTreeMap<&str, usize> = BTreeMap::new();
+    for v in &r.violations {
+        *by_checker.entry(v.checker).or_default() += 1;
+    }
     println!(
-        "run seed {}: {} ops {:?}, faults {:?}, {} violations{}; history {}",
+        "run seed {}: {} ops {:?}, faults {:?}, {} violations{}{}; history {}",
         r.seed,
         r.ops,
         r.by_outcome,
         r.faults,
         r.violations.len(),
+        if by_checker.is_empty() {
+            String::new()
+        } else {
+            format!(" {by_checker:?}")
+        },
         if r.unknown_keys.is_empty() {
             String::new()
         } else {
@@ -305,6 +323,7 @@ pub async fn run_once(args: &VerifyArgs, binaries: &Binaries, seed: u64) -> Resu
                 started,
                 started + duration,
                 pause,
+                args.mix,
                 records,
             )));
             id += 1;

@@ -652,3 +652,69 @@ async fn a_region_larger_than_a_message_resyncs_after_compaction() {
     })
     .await;
 }
+
+/// The creation revision of us-east's election key: one per leadership term.
+async fn election_term(d: &LocalDeployment) -> Option<i64> {
+    let mut c = d.group_client("us-east").await;
+    let keys = c
+        .get("/tern/agent/us-east/leader", Some(GetOptions::new().with_prefix()))
+        .await
+        .ok()?;
+    keys.kvs().first().map(|kv| kv.create_revision())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_of_its_own_group_keeps_the_agent_leading() {
+    // Each member of us-east's three-member group is killed and restarted in
+    // turn, the Raft leader among them. The agent rides over the errors of
+    // its group for as long as its lease can be valid: same leadership term
+    // (its election key's creation revision) at the end, heartbeats going on,
+    // the mirror current.
+    let _serial = SERIAL.lock().await;
+    tern_e2e::init_logs();
+    let mut d = LocalDeployment::start(Layout {
+        regions: vec![("us-east".into(), 3), ("eu-west".into(), 1)],
+        directory_members: 1,
+        rtt_ms: BTreeMap::from([(("us-east".into(), "eu-west".into()), 2 * D)]),
+        agents: true,
+        otlp_endpoint: None,
+    })
+    .await
+    .expect("deployment starts");
+    // A TTL longer than a Raft election (up to 2 s here), as in production
+    // (3 s) rather than the local deployment's 2 s.
+    d.region_mut("us-east").agent.take().expect("agent").stop().await;
+    let agent = d
+        .start_agent("us-east", &["--election-ttl=5".to_string()])
+        .await
+        .expect("agent");
+    d.region_mut("us-east").agent = Some(agent);
+    create_eu_account(&d, "acct-1").await;
+    caught_up(&d, true).await;
+    let before = wait_for("a leader", Duration::from_secs(15), async || election_term(&d).await).await;
+    let agent = d.region("us-east").agent.as_ref().expect("agent");
+    let mut last = agent.metric("tern_agent_heartbeats_total").await.unwrap_or(0.0);
+    for i in 0..3 {
+        let group = &mut d.region_mut("us-east").group;
+        group.kill(i);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        tokio::task::block_in_place(|| group.restart(i)).expect("member restarts");
+        // Writes wait while the group elects a leader (when the member was
+        // it); then heartbeats go on, from the same agent.
+        let agent = d.region("us-east").agent.as_ref().expect("agent");
+        last = wait_for(
+            &format!("heartbeats after member {i} restarted"),
+            Duration::from_secs(10),
+            async || {
+                let now = agent.metric("tern_agent_heartbeats_total").await?;
+                (now > last).then_some(now)
+            },
+        )
+        .await;
+        assert_eq!(agent.metric("tern_agent_is_leader").await, Some(1.0), "still leading");
+    }
+    let after = wait_for("a leader", Duration::from_secs(15), async || election_term(&d).await).await;
+    assert_eq!(before, after, "the same leadership term after the rolling restart");
+    write_stream(&d, "acct-1", 5, Duration::ZERO).await;
+    caught_up(&d, true).await;
+}

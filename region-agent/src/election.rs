@@ -55,34 +55,52 @@ pub async fn campaign(client: &Client, shared: &Arc<Shared>, ttl: i64) -> Result
 }
 
 /// Keeps the lease alive; returns when it cannot, which ends leadership.
-/// While the agent is paused (a test hook standing in for a stopped process)
-/// it sends nothing, so the lease expires as it would for a frozen process.
+/// A failed renewal (an etcd leader change, a member restarting under the
+/// agent's connection) is retried on a fresh keep-alive stream for as long
+/// as the lease can still be valid: leadership ends only when the lease has
+/// expired, or may have (no renewal confirmed for a whole TTL), never on a
+/// transient error. While the agent is paused (a test hook standing in for
+/// a stopped process) it sends nothing, so the lease expires as it would
+/// for a frozen process.
 pub async fn keep_alive(client: Client, lease: i64, ttl: i64, shared: Arc<Shared>) -> AgentError {
-    let mut c = client;
-    let (mut keeper, mut stream) = match c.lease_keep_alive(lease).await {
-        Ok(pair) => pair,
-        Err(source) => {
-            return AgentError::Etcd {
-                what: "keeping the election lease alive".into(),
-                source,
-            };
-        }
-    };
     let period = Duration::from_millis((ttl as u64 * 1000) / 3);
+    let ttl = Duration::from_secs(ttl as u64);
+    let mut c = client;
+    let mut renewed = tokio::time::Instant::now();
+    let mut channel = None;
     loop {
         tokio::time::sleep(period).await;
         if shared.paused.load(Ordering::Relaxed) {
             continue;
         }
-        if let Err(source) = keeper.keep_alive().await {
-            return AgentError::Etcd {
-                what: "keeping the election lease alive".into(),
-                source,
-            };
+        if renewed.elapsed() >= ttl {
+            return AgentError::NotLeader(format!("lease {lease:x} not renewed for a whole TTL"));
         }
-        match stream.message().await {
-            Ok(Some(resp)) if resp.ttl() > 0 => {}
-            _ => return AgentError::NotLeader(format!("lease {lease:x} expired")),
+        if channel.is_none() {
+            match c.lease_keep_alive(lease).await {
+                Ok(pair) => channel = Some(pair),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot open the lease keep-alive; retrying while the lease lasts");
+                    continue;
+                }
+            }
+        }
+        let Some((keeper, stream)) = channel.as_mut() else {
+            continue;
+        };
+        if let Err(e) = keeper.keep_alive().await {
+            tracing::warn!(error = %e, "lease renewal failed; retrying while the lease lasts");
+            channel = None;
+            continue;
+        }
+        match tokio::time::timeout(period, stream.message()).await {
+            Ok(Ok(Some(resp))) if resp.ttl() > 0 => renewed = tokio::time::Instant::now(),
+            // etcd answers TTL 0 for a lease it no longer has.
+            Ok(Ok(Some(_))) => return AgentError::NotLeader(format!("lease {lease:x} expired")),
+            other => {
+                tracing::warn!(answer = ?other.map(|r| r.map(|m| m.is_some())), "no lease renewal; retrying while the lease lasts");
+                channel = None;
+            }
         }
     }
 }

@@ -26,6 +26,10 @@ pub enum AgentError {
     /// from the record.
     #[error("the applied record of the mirror of {source_region} changed under this agent")]
     AppliedRecordMoved { source_region: String },
+    /// A heartbeat write did not answer in time (the group electing a
+    /// leader); the next tick writes again.
+    #[error("a heartbeat write took longer than {0:?}")]
+    HeartbeatTimedOut(std::time::Duration),
     /// Flags that contradict each other.
     #[error("invalid configuration: {0}")]
     InvalidConfig(String),

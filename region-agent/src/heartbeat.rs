@@ -20,6 +20,9 @@ use crate::election::Leadership;
 use crate::error::{AgentError, EtcdContext};
 use crate::state::Shared;
 
+/// How long one heartbeat write may take before the next tick replaces it.
+const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// The value of `/tern/hb/{region}`.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Heartbeat {
@@ -40,7 +43,8 @@ pub struct Echo {
     pub received_ms: i64,
 }
 
-/// Writes heartbeats until leadership is lost (or an etcd error).
+/// Writes heartbeats until leadership is lost (a write refused by the
+/// leadership guard); errors of the group are retried.
 pub async fn run(client: Client, leadership: Leadership, shared: Arc<Shared>, interval: Duration) -> AgentError {
     let key = heartbeat_key(&shared.region);
     let mut c = client;
@@ -83,7 +87,12 @@ pub async fn run(client: Client, leadership: Leadership, shared: Arc<Shared>, in
         let txn = Txn::new()
             .when([leadership.guard()])
             .and_then([TxnOp::put(key.clone(), value, None)]);
-        let outcome = c.txn(txn).await.during(|| "writing a heartbeat".into());
+        // A write stuck behind a Raft election gives up after a second and
+        // the next tick tries again, rather than holding heartbeats back.
+        let outcome = match tokio::time::timeout(HEARTBEAT_TIMEOUT, c.txn(txn)).await {
+            Ok(r) => r.during(|| "writing a heartbeat".into()),
+            Err(_) => Err(AgentError::HeartbeatTimedOut(HEARTBEAT_TIMEOUT)),
+        };
         let revision = |r: &etcd_client::TxnResponse| r.header().map(|h| h.revision()).unwrap_or(0);
         match outcome {
             Ok(resp) if resp.succeeded() => {
@@ -114,8 +123,11 @@ pub async fn run(client: Client, leadership: Leadership, shared: Arc<Shared>, in
                 return e;
             }
             Err(e) => {
+                // A transient error of the group (a leader change, a member
+                // restarting) does not end leadership: the lease does. The
+                // next tick tries again.
                 finish(span, vec![], Err(&e));
-                return e;
+                tracing::warn!(error = %e, seq, "heartbeat failed; retrying");
             }
         };
     }

@@ -55,9 +55,12 @@ pub enum Fault {
     /// their newest revision half-way, the links restored: the mirror must
     /// resynchronise from a compacted source.
     Compaction,
-    /// One region's agent restarted with its clock off by 0.5–1.5 s either
-    /// way; restarted without the offset when healing.
+    /// One region's clocks 0.5–1.5 s off either way: its agent and router
+    /// restarted with the offset; restarted without it when healing.
     ClockOffset,
+    /// Every router↔router and mirror link limited to 32 KB/s each way,
+    /// held: answers and mirror streams queue up.
+    Bandwidth,
 }
 
 /// What healing undoes, in order.
@@ -169,6 +172,22 @@ impl Nemesis {
             Fault::MirrorDelay => {
                 self.hold_toxic(d, &mirror_links, "held", Stream::Downstream, 600)
                     .await?;
+                String::new()
+            }
+            Fault::Bandwidth => {
+                let all: Vec<String> = router_links.iter().chain(&mirror_links).cloned().collect();
+                for stream in [Stream::Upstream, Stream::Downstream] {
+                    let toxic = format!("narrow_{}", stream.as_str());
+                    for p in &all {
+                        d.toxiproxy
+                            .toxic(p, &toxic, "bandwidth", stream, 1.0, serde_json::json!({"rate": 32}))
+                            .await?;
+                        self.undo.push(Undo::Toxic {
+                            proxy: p.clone(),
+                            toxic: toxic.clone(),
+                        });
+                    }
+                }
                 String::new()
             }
             Fault::Blackhole => {

@@ -16,6 +16,81 @@ use tern_verify::{History, Outcome, Record, Request};
 use super::{BOUND_MS, DEADLINE, KEYS};
 use crate::CliError;
 
+/// The operations of the workload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Put,
+    Cas,
+    Delete,
+    Get,
+    Bounded,
+}
+
+/// How often each operation is drawn (weights, `--mix`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Mix {
+    weights: [(Kind, u32); 5],
+}
+
+impl Default for Mix {
+    fn default() -> Self {
+        Self {
+            weights: [
+                (Kind::Put, 30),
+                (Kind::Cas, 20),
+                (Kind::Delete, 10),
+                (Kind::Get, 20),
+                (Kind::Bounded, 20),
+            ],
+        }
+    }
+}
+
+impl Mix {
+    const NAMES: [(&'static str, Kind); 5] = [
+        ("put", Kind::Put),
+        ("cas", Kind::Cas),
+        ("delete", Kind::Delete),
+        ("get", Kind::Get),
+        ("bounded", Kind::Bounded),
+    ];
+
+    /// `put=30,cas=20,...`: names not given weigh 0.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let mut weights = Self::NAMES.map(|(_, k)| (k, 0));
+        for part in text.split(',').filter(|p| !p.is_empty()) {
+            let (name, weight) = part
+                .split_once('=')
+                .ok_or_else(|| format!("`{part}` is not NAME=WEIGHT"))?;
+            let i = Self::NAMES
+                .iter()
+                .position(|(n, _)| *n == name)
+                .ok_or_else(|| format!("`{name}` is no operation; use put, cas, delete, get and bounded"))?;
+            weights[i].1 = weight
+                .parse()
+                .map_err(|_| format!("`{weight}` (weight of {name}) is not a whole number"))?;
+        }
+        if weights.iter().all(|(_, w)| *w == 0) {
+            return Err("the mix weighs nothing: give at least one operation a weight".into());
+        }
+        Ok(Self { weights })
+    }
+
+    fn total(&self) -> u32 {
+        self.weights.iter().map(|(_, w)| w).sum()
+    }
+
+    fn pick(&self, mut draw: u32) -> Kind {
+        for (kind, weight) in self.weights {
+            if draw < weight {
+                return kind;
+            }
+            draw -= weight;
+        }
+        Kind::Get
+    }
+}
+
 /// What a client was told, as the history records it. A status the router
 /// sent says what happened by its code (UNKNOWN: it cannot tell). A status
 /// made by the client's transport (it has a source: the link, the
@@ -76,6 +151,7 @@ pub async fn client(
     started: Instant,
     until: Instant,
     pause: Duration,
+    mix: Mix,
     records: Arc<Mutex<Vec<Record>>>,
 ) {
     let mut rng = StdRng::seed_from_u64(seed);
@@ -90,13 +166,13 @@ pub async fn client(
         let value = format!("c{id}-{n}");
         n += 1;
         let idem = rng.random_bool(0.5).then(|| format!("c{id}-{n}"));
-        let draw = rng.random_range(0..100);
+        let kind = mix.pick(rng.random_range(0..mix.total()));
         let mut attempts = if idem.is_some() { 3 } else { 1 };
         loop {
             attempts -= 1;
             let invoke_us = us();
-            let (req, out) = match draw {
-                0..30 => {
+            let (req, out) = match kind {
+                Kind::Put => {
                     let r = c
                         .put(request(pb::PutRequest {
                             account: account.clone(),
@@ -107,7 +183,7 @@ pub async fn client(
                         .await;
                     (Request::Put { value: value.clone() }, outcome(r.err().as_ref(), false))
                 }
-                30..50 => {
+                Kind::Cas => {
                     let expect = known.get(&full).cloned().flatten();
                     let compare = match &expect {
                         Some(v) => pb::Compare {
@@ -146,7 +222,7 @@ pub async fn client(
                         outcome(r.err().as_ref(), true),
                     )
                 }
-                50..60 => {
+                Kind::Delete => {
                     let r = c
                         .delete(request(pb::DeleteRequest {
                             account: account.clone(),
@@ -156,7 +232,7 @@ pub async fn client(
                         .await;
                     (Request::Delete, outcome(r.err().as_ref(), false))
                 }
-                60..80 => {
+                Kind::Get => {
                     let r = c
                         .get(request(pb::GetRequest {
                             account: account.clone(),
@@ -179,7 +255,7 @@ pub async fn client(
                     };
                     (Request::Get, out)
                 }
-                _ => {
+                Kind::Bounded => {
                     let r = c
                         .get(request(pb::GetRequest {
                             account: account.clone(),
@@ -321,4 +397,28 @@ pub async fn final_round(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mixes_parse_and_pick_by_weight() {
+        let mix = Mix::parse("put=1,bounded=3").expect("valid");
+        assert_eq!(mix.total(), 4);
+        assert_eq!(mix.pick(0), Kind::Put);
+        assert_eq!(mix.pick(1), Kind::Bounded);
+        assert_eq!(mix.pick(3), Kind::Bounded);
+        assert_eq!(Mix::default().total(), 100);
+        for (bad, says) in [
+            ("put", "NAME=WEIGHT"),
+            ("read=3", "`read` is no operation"),
+            ("put=x", "not a whole number"),
+            ("put=0", "weighs nothing"),
+        ] {
+            let e = Mix::parse(bad).expect_err(bad);
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+    }
 }
