@@ -30,6 +30,10 @@ pub struct Heartbeat {
     /// The writing agent's wall clock, Unix ms.
     pub wall_ms: i64,
     pub agent: String,
+    /// The writing agent's start (`Shared::boot`): offsets measured against
+    /// an earlier start say nothing about this one's clock.
+    #[serde(default)]
+    pub boot: u64,
     /// Per mirrored region: its newest heartbeat this agent applied.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub echoes: BTreeMap<String, Echo>,
@@ -75,6 +79,7 @@ pub async fn run(client: Client, leadership: Leadership, shared: Arc<Shared>, in
             seq,
             wall_ms: shared.wall_ms(),
             agent: shared.identity.clone(),
+            boot: shared.boot,
             echoes,
         };
         let value = serde_json::to_string(&beat).expect("a heartbeat serialises");

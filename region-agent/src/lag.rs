@@ -84,18 +84,40 @@ struct Last {
 pub struct LagEstimator {
     samples: VecDeque<Sample>,
     last: Option<Last>,
+    /// The source agent's start the samples were taken against.
+    source_boot: Option<u64>,
 }
 
 impl LagEstimator {
-    /// A source heartbeat `beat` reached the mirror at `now` / `now_wall_ms`
-    /// (this agent's clocks); its echo of `local`'s heartbeats, if any, is a
-    /// sample of the offset.
+    /// A source heartbeat `beat` was applied to the mirror at `now` /
+    /// `now_wall_ms` (this agent's clocks): `sample`, then `applied`.
     pub fn heartbeat(&mut self, now: Instant, now_wall_ms: i64, beat: &Heartbeat, local: &RegionName) {
+        self.sample(now, now_wall_ms, beat, local);
+        self.applied(now, now_wall_ms, beat);
+    }
+
+    /// The mirror now holds `beat`, applied at `now` / `now_wall_ms`.
+    pub fn applied(&mut self, now: Instant, now_wall_ms: i64, beat: &Heartbeat) {
         self.last = Some(Last {
             at: now,
             at_wall_ms: now_wall_ms,
             source_wall_ms: beat.wall_ms,
         });
+    }
+
+    /// `beat` has arrived (it need not be applied yet): its echo of
+    /// `local`'s heartbeats, if any, is a sample of the offset. Fed before
+    /// the closed time of the transaction that applies it is computed, so a
+    /// heartbeat showing that the source's clock changed never gets a closed
+    /// time from the old offset.
+    pub fn sample(&mut self, now: Instant, now_wall_ms: i64, beat: &Heartbeat, local: &RegionName) {
+        // Another start of the source agent may run on another clock (a
+        // failover to another node, a clock stepped while it was down): what
+        // was measured against the previous one no longer holds.
+        if self.source_boot != Some(beat.boot) {
+            self.samples.clear();
+            self.source_boot = Some(beat.boot);
+        }
         let Some(echo) = beat.echoes.get(local.as_str()) else {
             return;
         };
@@ -106,6 +128,13 @@ impl LagEstimator {
             return;
         }
         let offset_ms = ((t1 - t0) + (t2 - t3)).div_euclid(2);
+        // A sample that contradicts the estimate (their error intervals do
+        // not meet) means a clock stepped: the older samples are void.
+        if let Some(best) = self.offset(now)
+            && offset_ms.abs_diff(best.ms) > best.error_ms + (delay_ms as u64).div_ceil(2)
+        {
+            self.samples.clear();
+        }
         while self.samples.len() >= MAX_SAMPLES
             || self
                 .samples
@@ -201,6 +230,7 @@ mod tests {
                 seq: i,
                 wall_ms: b_sent,
                 agent: "b".into(),
+                boot: 1,
                 echoes: BTreeMap::from([(
                     a.to_string(),
                     Echo {
@@ -271,10 +301,38 @@ mod tests {
             seq: 1,
             wall_ms: 5,
             agent: "b".into(),
+            boot: 1,
             echoes: BTreeMap::new(),
         };
         fresh.heartbeat(Instant::now(), 10, &beat, &region("us-east"));
         assert_eq!(fresh.lag_ms(Instant::now()), None);
         assert!(fresh.echo().is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stepped_or_restarted_source_clock_voids_the_old_samples() {
+        let start = Instant::now();
+        let mut e = LagEstimator::default();
+        let at = exchange(&mut e, start, 0, 50, |_| 40, |_| 40);
+        assert!(e.offset(at).expect("measured").ms.abs() <= 1);
+        // The source's clock jumps 1,148 ms ahead (same agent): the first
+        // sample after the jump contradicts the estimate and replaces it.
+        let mut stepped = LagEstimator::default();
+        let jump_at = exchange(&mut stepped, start, 0, 50, |_| 40, |_| 40);
+        let later = exchange(&mut stepped, jump_at, 1148, 2, |_| 40, |_| 40);
+        let offset = stepped.offset(later).expect("measured");
+        assert!(offset.ms.abs_diff(1148) <= offset.error_ms, "{offset:?}");
+        // A heartbeat from another start of the source agent, without an
+        // echo yet: no offset (so no closed time) until one comes back.
+        let beat = Heartbeat {
+            seq: 1,
+            wall_ms: 2_000_000,
+            agent: "b".into(),
+            boot: 2,
+            echoes: BTreeMap::new(),
+        };
+        e.heartbeat(at, 2_000_000, &beat, &region("us-east"));
+        assert_eq!(e.offset(at), None);
+        assert_eq!(e.closed_ms(at, 2_000_000), None);
     }
 }

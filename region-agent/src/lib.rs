@@ -85,6 +85,7 @@ pub async fn run(
     let shared = Arc::new(Shared {
         region: config.region.clone(),
         identity: config.identity(),
+        boot: state::boot_id(),
         clock_offset_ms: config.clock_offset_ms,
         metrics: metrics.clone(),
         mirrors: Default::default(),

@@ -237,8 +237,8 @@ async fn mirror(
             shared.with_mirror(source, |m| {
                 m.applied = mark.complete();
                 m.source_revision = m.source_revision.max(header);
-                for b in &beats {
-                    m.lag.heartbeat(now, wall, b, &shared.region);
+                if let Some(b) = beats.last() {
+                    m.lag.applied(now, wall, b);
                 }
             });
         }
@@ -269,13 +269,19 @@ async fn apply(
             }
         })
         .collect();
-    let newest_beat = batch
+    let beats: Vec<Heartbeat> = batch
         .heartbeats
-        .last()
-        .and_then(|v| serde_json::from_slice::<Heartbeat>(v).ok());
-    if let Some(b) = &newest_beat
-        && let Some(closed) = shared.with_mirror(source, |m| m.lag.closed_ms(Instant::now(), b.wall_ms))
-    {
+        .iter()
+        .filter_map(|v| serde_json::from_slice(v).ok())
+        .collect();
+    let (now, wall) = (Instant::now(), shared.wall_ms());
+    let closed = shared.with_mirror(source, |m| {
+        for b in &beats {
+            m.lag.sample(now, wall, b, &shared.region);
+        }
+        beats.last().and_then(|b| m.lag.closed_ms(now, b.wall_ms))
+    });
+    if let Some(closed) = closed {
         ops.push(TxnOp::put(mirror_closed_key(source), closed.to_string(), None));
     }
     let next = batch.mark.unwrap_or(*previous);

@@ -28,6 +28,9 @@ pub struct MirrorState {
 pub struct Shared {
     pub region: RegionName,
     pub identity: String,
+    /// Differs from one start of the agent to the next: heartbeats carry it,
+    /// so a mirror knows when its source's clock may have changed.
+    pub boot: u64,
     pub clock_offset_ms: i64,
     pub metrics: Arc<Metrics>,
     pub mirrors: Mutex<BTreeMap<RegionName, MirrorState>>,
@@ -38,6 +41,16 @@ pub struct Shared {
     pub events: Option<crate::events::Events>,
     /// Spans of heartbeats and mirrored revisions, when exporting.
     pub telemetry: tern_common::telemetry::Telemetry,
+}
+
+/// An id for this start of the agent: the start time in ns mixed with the
+/// process id.
+pub fn boot_id() -> u64 {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    nanos ^ (u64::from(std::process::id()) << 40)
 }
 
 impl Shared {
