@@ -24,6 +24,9 @@ use crate::heartbeat::Heartbeat;
 use crate::plan::{Batch, Change, Limits, Mark, plan};
 use crate::state::Shared;
 
+/// Most events taken from the watch at once (responses already received).
+const DRAIN_EVENTS: usize = 20_000;
+
 /// Mirrors `source` until leadership is lost; reconnects and resyncs as
 /// needed.
 pub async fn run(
@@ -129,15 +132,21 @@ async fn mirror(
         .await
         .during(|| format!("watching {source}"))?;
     let mut progress = tokio::time::interval(Duration::from_millis(500));
+    // A response read while draining that is not plain events: handled
+    // first on the next turn, after the events before it are applied.
+    let mut pending: Option<etcd_client::WatchResponse> = None;
     loop {
-        let resp = tokio::select! {
-            m = stream.message() => m.during(|| format!("watching {source}"))?,
-            _ = progress.tick() => {
-                // Ask for a progress notice: it proves that nothing more is
-                // pending below the header revision, even when idle.
-                stream.request_progress().await.during(|| format!("watching {source}"))?;
-                continue;
-            }
+        let resp = match pending.take() {
+            Some(r) => Some(r),
+            None => tokio::select! {
+                m = stream.message() => m.during(|| format!("watching {source}"))?,
+                _ = progress.tick() => {
+                    // Ask for a progress notice: it proves that nothing more is
+                    // pending below the header revision, even when idle.
+                    stream.request_progress().await.during(|| format!("watching {source}"))?;
+                    continue;
+                }
+            },
         };
         let Some(resp) = resp else {
             return Err(AgentError::WatchEnded {
@@ -178,9 +187,33 @@ async fn mirror(
             continue;
         }
         // Events of one source revision are one transaction's effects;
-        // whole revisions share local transactions (`plan.rs`).
+        // whole revisions share local transactions (`plan.rs`). etcd sends a
+        // caught-up watch one response per revision, so the responses that
+        // are already here are taken too (without waiting): a mirror that
+        // fell behind then applies many revisions per local commit.
+        let mut responses = vec![resp];
+        let mut events = responses[0].events().len();
+        while events < DRAIN_EVENTS {
+            let Ok(next) = tokio::time::timeout(Duration::ZERO, stream.message()).await else {
+                break;
+            };
+            let Some(next) = next.during(|| format!("watching {source}"))? else {
+                break;
+            };
+            if next.created() || next.canceled() || next.compact_revision() > 0 || next.events().is_empty() {
+                pending = Some(next);
+                break;
+            }
+            events += next.events().len();
+            responses.push(next);
+        }
+        let header = responses
+            .iter()
+            .filter_map(|r| r.header().map(|h| SourceRevision(h.revision())))
+            .max()
+            .unwrap_or(header);
         let mut revisions: Vec<(SourceRevision, Vec<Change>)> = Vec::new();
-        for event in resp.events() {
+        for event in responses.iter().flat_map(|r| r.events()) {
             let Some(kv) = event.kv() else { continue };
             let revision = SourceRevision(kv.mod_revision());
             let change = Change {
