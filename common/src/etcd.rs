@@ -1,10 +1,12 @@
 //! Connecting to an etcd group the same way in every tern process: keep-alives
 //! so a dead member is noticed, and retries at start-up because a process may
-//! start before its group.
+//! start before its group. And reading a large range the same way
+//! everywhere: in pages at one revision, because a single range response
+//! over gRPC's 4 MiB message limit fails whatever the client asks for.
 
 use std::time::Duration;
 
-use etcd_client::{Client, ConnectOptions};
+use etcd_client::{Client, ConnectOptions, GetOptions, GetResponse};
 
 use crate::CommonError;
 
@@ -36,5 +38,88 @@ pub async fn connect(endpoints: &[String], what: &str, deadline: Duration) -> Re
             return Err(error);
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The largest watch response tern's watches accept. etcd batches up to
+/// 1,000 revisions into one response while a watch catches up, and one
+/// revision can be large on its own (a lease expiring a million records),
+/// so gRPC's default 4 MiB would wedge a watch that fell behind: it would
+/// fail on the same response at every retry. Only what arrives is
+/// allocated, so the limit costs nothing until a response is that large.
+pub const WATCH_MESSAGE_LIMIT: usize = 1 << 30;
+
+/// A key range read in pages, every page at the revision of the first, so
+/// the pages together are one consistent snapshot and a watch started at
+/// [`Pages::revision`]` + 1` misses nothing. A page over the message limit
+/// (large values) is asked again with a quarter of the keys.
+pub struct Pages {
+    from: Vec<u8>,
+    end: Vec<u8>,
+    limit: i64,
+    revision: Option<i64>,
+    done: bool,
+}
+
+impl Pages {
+    /// The keys in `[from, end)`, `limit` keys per page at most.
+    pub fn range(from: impl Into<Vec<u8>>, end: impl Into<Vec<u8>>, limit: i64) -> Self {
+        Self {
+            from: from.into(),
+            end: end.into(),
+            limit: limit.max(1),
+            revision: None,
+            done: false,
+        }
+    }
+
+    /// Every key under `prefix`.
+    pub fn prefix(prefix: &str, limit: i64) -> Self {
+        let mut end = prefix.as_bytes().to_vec();
+        // The first key after every key that starts with the prefix (tern's
+        // prefixes end in '/', never in 0xff).
+        if let Some(last) = end.last_mut() {
+            *last += 1;
+        }
+        Self::range(prefix, end, limit)
+    }
+
+    /// The revision every page was read at, once the first page is in.
+    pub fn revision(&self) -> Option<i64> {
+        self.revision
+    }
+
+    /// The next page; `None` after the last.
+    pub async fn next(&mut self, client: &mut Client) -> Result<Option<GetResponse>, etcd_client::Error> {
+        if self.done {
+            return Ok(None);
+        }
+        loop {
+            let mut options = GetOptions::new().with_range(self.end.clone()).with_limit(self.limit);
+            if let Some(r) = self.revision {
+                options = options.with_revision(r);
+            }
+            let page = match client.get(self.from.clone(), Some(options)).await {
+                Ok(page) => page,
+                Err(etcd_client::Error::GRpcStatus(s))
+                    if matches!(s.code(), tonic::Code::OutOfRange | tonic::Code::ResourceExhausted)
+                        && self.limit > 1 =>
+                {
+                    self.limit = (self.limit / 4).max(1);
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            self.revision
+                .get_or_insert(page.header().map(|h| h.revision()).unwrap_or(0));
+            match page.kvs().last() {
+                Some(last) if page.more() => {
+                    self.from = last.key().to_vec();
+                    self.from.push(0);
+                }
+                _ => self.done = true,
+            }
+            return Ok(Some(page));
+        }
     }
 }

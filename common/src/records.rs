@@ -17,7 +17,7 @@ pub struct AccountRecord {
     pub allowed_regions: Vec<RegionName>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum AccountState {
     Active,
@@ -128,6 +128,23 @@ pub enum RegionState {
 }
 
 impl AccountRecord {
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("records always serialise")
+    }
+}
+
+/// Who speaks for a region in the directory: `/tern/dir/leases/{region}`,
+/// bound to a directory lease kept alive by the region's elected agent.
+/// `leadership` is the creation revision of that agent's election key in
+/// its own group; revisions only grow there, so a newer leader can take the
+/// key over from a deposed one at once, and an older one never can.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegionLease {
+    pub agent: String,
+    pub leadership: i64,
+}
+
+impl RegionLease {
     pub fn to_json(&self) -> String {
         serde_json::to_string(self).expect("records always serialise")
     }

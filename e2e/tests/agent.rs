@@ -375,7 +375,98 @@ async fn one_agent_acts_and_a_paused_leader_is_refused() {
     let hb = group.get("/tern/hb/us-east", None).await.expect("heartbeat");
     let value = String::from_utf8_lossy(hb.kvs()[0].value()).to_string();
     assert!(value.contains("us-east-agent-b"), "the heartbeat is b's: {value}");
+    let dir = d.directory_client().await;
+    wait_for(
+        "b to hold the region's directory lease",
+        Duration::from_secs(5),
+        async || {
+            let lease = dir.clone().get("/tern/dir/leases/us-east", None).await.ok()?;
+            let holder = String::from_utf8_lossy(lease.kvs().first()?.value()).to_string();
+            holder.contains("us-east-agent-b").then_some(())
+        },
+    )
+    .await;
     b.stop().await;
+}
+
+/// The directory's record of a region is written only by the agent that
+/// holds the region's lease key: a newer leader takes the key over at once
+/// (while the deposed one's lease still lives), the deposed one's writes
+/// are refused, an older leadership never takes the key back, and a key
+/// whose lease lapsed is free again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deposed_agents_directory_writes_are_refused() {
+    use tern_agent::AgentError;
+    use tern_agent::publish::{claim, write_record};
+
+    let _serial = SERIAL.lock().await;
+    tern_e2e::init_logs();
+    let d = LocalDeployment::start(Layout {
+        regions: vec![("us-east".into(), 1)],
+        directory_members: 1,
+        rtt_ms: BTreeMap::new(),
+        agents: false,
+        otlp_endpoint: None,
+    })
+    .await
+    .expect("deployment starts");
+    let mut dir = d.directory_client().await;
+    let region = tern_common::RegionName::new("us-east").expect("region name");
+    let endpoint = async |dir: &mut etcd_client::Client| {
+        let got = dir
+            .get(tern_common::dir_region_key(&region), None)
+            .await
+            .expect("read the record");
+        let record: tern_common::RegionRecord = serde_json::from_slice(got.kvs()[0].value()).expect("a region record");
+        record.router_endpoint
+    };
+    let lease = async |dir: &mut etcd_client::Client| dir.lease_grant(30, None).await.expect("lease").id();
+
+    let a_lease = lease(&mut dir).await;
+    let a = claim(&mut dir, &region, "agent-a", 10, a_lease)
+        .await
+        .expect("a claims the free key");
+    write_record(&mut dir, &region, &a, |r| r.router_endpoint = "a".into())
+        .await
+        .expect("a writes");
+
+    let b_lease = lease(&mut dir).await;
+    let b = claim(&mut dir, &region, "agent-b", 20, b_lease)
+        .await
+        .expect("b, a newer leader, takes the key over while a's lease lives");
+    let refused = write_record(&mut dir, &region, &a, |r| r.router_endpoint = "stale".into())
+        .await
+        .expect_err("a is deposed");
+    assert!(
+        matches!(&refused, AgentError::DirectoryLeaseLost { holder: Some(h), leadership: 20, .. } if h == "agent-b"),
+        "{refused}"
+    );
+    assert_eq!(endpoint(&mut dir).await, "a", "the refused write left the record alone");
+    write_record(&mut dir, &region, &b, |r| r.router_endpoint = "b".into())
+        .await
+        .expect("b writes");
+    let older = claim(&mut dir, &region, "agent-a", 10, a_lease)
+        .await
+        .expect_err("an older leadership never takes the key back");
+    assert!(matches!(older, AgentError::DirectoryLeaseLost { .. }), "{older}");
+    assert_eq!(endpoint(&mut dir).await, "b");
+
+    // b's lease lapses (revoked here): its writes are refused with nobody
+    // holding the key, and any leadership may claim it (a region group
+    // recreated with its revisions starting again).
+    dir.lease_revoke(b_lease).await.expect("revoke");
+    let lapsed = write_record(&mut dir, &region, &b, |r| r.router_endpoint = "late".into())
+        .await
+        .expect_err("b's key is gone");
+    assert!(
+        matches!(lapsed, AgentError::DirectoryLeaseLost { holder: None, .. }),
+        "{lapsed}"
+    );
+    let c_lease = lease(&mut dir).await;
+    claim(&mut dir, &region, "agent-c", 5, c_lease)
+        .await
+        .expect("a free key is claimed whatever the revision");
+    assert_eq!(endpoint(&mut dir).await, "b");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -592,6 +683,15 @@ async fn revisions_larger_than_a_transaction_do_not_wedge_the_mirror() {
         .txn(etcd_client::Txn::new().and_then(puts))
         .await
         .expect("a 1,024-put transaction");
+    // A transaction near etcd's 1.5 MiB request limit: with the mirror's own
+    // keys and applied record it would not fit in one local transaction.
+    let heavy: Vec<etcd_client::TxnOp> = (0..2)
+        .map(|i| etcd_client::TxnOp::put(format!("/tern/a/acct-1/d/heavy-{i}"), vec![b'h'; 700 * 1024], None))
+        .collect();
+    source
+        .txn(etcd_client::Txn::new().and_then(heavy))
+        .await
+        .expect("a 1.4 MiB transaction");
     let lease = source.lease_grant(600, None).await.expect("lease").id();
     for chunk in 0..10 {
         let ops: Vec<etcd_client::TxnOp> = (0..500)
@@ -617,19 +717,52 @@ async fn revisions_larger_than_a_transaction_do_not_wedge_the_mirror() {
     caught_up(&d, true).await;
 }
 
+/// A region of 50 MiB, far past gRPC's 4 MiB message limit: with its mirror
+/// link cut for 20 s under writes, the backlog (etcd sends a catch-up of up
+/// to 1,000 revisions in one watch response) is applied once the link heals;
+/// compacted while the agent is down, it is resynchronised from a paged
+/// snapshot. Neither needs an operator.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_region_larger_than_a_message_resyncs_after_compaction() {
-    // 6 MiB of account data: one range of it would pass gRPC's 4 MiB
-    // limit, so the snapshot is read in pages.
+async fn a_region_of_50_mib_catches_up_and_resyncs_without_operator_action() {
+    const VALUE: usize = 100 * 1024;
     let _serial = SERIAL.lock().await;
     let mut d = start().await;
     create_eu_account(&d, "acct-1").await;
     caught_up(&d, true).await;
-    d.region_mut("us-east").agent.take().expect("agent").stop().await;
     let mut source = d.group_client("eu-west").await;
-    for i in 0..60 {
+    let same = async |d: &LocalDeployment, at_least: usize| {
+        let (src, mir) = key_versions(d).await;
+        (src.len() >= at_least && src == mir).then_some(())
+    };
+    // 30 MiB while the mirror follows.
+    for i in 0..300 {
         source
-            .put(format!("/tern/a/acct-1/d/big-{i:02}"), vec![b'x'; 100 * 1024], None)
+            .put(format!("/tern/a/acct-1/d/base-{i:03}"), vec![b'b'; VALUE], None)
+            .await
+            .expect("a 100 KiB value");
+    }
+    // 10 MiB more over 20 s with the link cut.
+    d.set_mirror_link("us-east", "eu-west", false).await.expect("cut");
+    for i in 0..100 {
+        source
+            .put(format!("/tern/a/acct-1/d/cut-{i:03}"), vec![b'c'; VALUE], None)
+            .await
+            .expect("a 100 KiB value");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    d.set_mirror_link("us-east", "eu-west", true).await.expect("heal");
+    wait_for(
+        "the mirror to apply a backlog of 10 MiB",
+        Duration::from_secs(60),
+        async || same(&d, 400).await,
+    )
+    .await;
+
+    // 10 MiB more with the agent down, then the source compacts past it.
+    d.region_mut("us-east").agent.take().expect("agent").stop().await;
+    for i in 0..100 {
+        source
+            .put(format!("/tern/a/acct-1/d/down-{i:03}"), vec![b'd'; VALUE], None)
             .await
             .expect("a 100 KiB value");
     }
@@ -646,11 +779,18 @@ async fn a_region_larger_than_a_message_resyncs_after_compaction() {
         .await
         .expect("restart");
     d.region_mut("us-east").agent = Some(agent);
-    wait_for("the mirror to match its source", Duration::from_secs(30), async || {
-        let (src, mir) = key_versions(&d).await;
-        (src.len() > 60 && src.keys().eq(mir.keys())).then_some(())
+    wait_for("the mirror to resync 50 MiB", Duration::from_secs(90), async || {
+        same(&d, 500).await
     })
     .await;
+    let resyncs = d
+        .region("us-east")
+        .agent
+        .as_ref()
+        .expect("agent")
+        .metric("tern_agent_mirror_resyncs_total{source=\"eu-west\"}")
+        .await;
+    assert_eq!(resyncs, Some(1.0), "compaction past the agent is one resync");
 }
 
 /// The creation revision of us-east's election key: one per leadership term.

@@ -289,6 +289,164 @@ async fn stale_placement_is_refused_by_the_fence() {
     assert_eq!(account_keys(&d, "us-east").await["/tern/a/acct-1/d/k"].0, b"after");
 }
 
+/// Writes that meet a fenced account (a migration under way) wait within
+/// their deadline, backing off: all the calls waiting on the account cost
+/// the directory a few reads a second, not one per retry. Once the fence is
+/// active again the next write goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_fence_miss_backs_off_instead_of_polling_the_directory() {
+    let d = start(1).await;
+    create(&d, "us-east", "acct-f", "us-east").await;
+    let router = d.region("us-east").router.as_ref().expect("router running");
+    let mut group = d.group_client("us-east").await;
+    group
+        .put("/tern/a/acct-f/fence", "1:fenced", None)
+        .await
+        .expect("fence the account");
+    let reads = async || router.metric("tern_router_directory_reads_total").await.unwrap_or(0.0);
+    let before = reads().await;
+    let waited = Duration::from_secs(2);
+    let calls = (0..4).map(|i| {
+        let d = &d;
+        async move {
+            let mut request = tonic::Request::new(put("acct-f", "k", &format!("v{i}"), ""));
+            request.set_timeout(waited);
+            d.client("us-east").await.put(request).await
+        }
+    });
+    for result in futures::future::join_all(calls).await {
+        let err = result.expect_err("a fenced account takes no write");
+        assert!(matches!(err.code(), Code::DeadlineExceeded | Code::Unknown), "{err}");
+    }
+    let sent = reads().await - before;
+    // At most 4 reads a second for the account (every 250 ms), plus one per
+    // call at the first miss; retrying every few ms would be hundreds.
+    assert!(
+        sent <= 4.0 * waited.as_secs_f64() + 6.0,
+        "{sent} directory reads in {waited:?}"
+    );
+    assert!(
+        !account_keys(&d, "us-east").await.contains_key("/tern/a/acct-f/d/k"),
+        "nothing written while fenced"
+    );
+
+    group
+        .put("/tern/a/acct-f/fence", "1:active", None)
+        .await
+        .expect("unfence");
+    d.client("us-east")
+        .await
+        .put(put("acct-f", "k", "after", ""))
+        .await
+        .expect("the write goes through once the fence is active");
+}
+
+/// A router loads the directory in pages at one revision and watches from
+/// there: placements written, changed and deleted while the pages come in
+/// all end up in its cache exactly as the directory holds them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paginated_directory_load_misses_no_change_made_during_it() {
+    use tern_router::placement::Directory;
+
+    let d = start(1).await;
+    let mut dir = d.directory_client().await;
+    let record = |home: &str, epoch: u64| format!(r#"{{"home":"{home}","epoch":{epoch},"state":{{"kind":"active"}}}}"#);
+    for chunk in (0..3000).collect::<Vec<_>>().chunks(100) {
+        let ops: Vec<_> = chunk
+            .iter()
+            .map(|i| etcd_client::TxnOp::put(format!("/tern/dir/accounts/acct-{i}"), record("us-east", 1), None))
+            .collect();
+        dir.txn(etcd_client::Txn::new().and_then(ops)).await.expect("preload");
+    }
+
+    // 30 pages of 100; a writer moves, adds and deletes accounts meanwhile.
+    let cache = Directory::new(d.directory_client().await).with_page_size(100);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let mut dir = d.directory_client().await;
+        let stop = stop.clone();
+        let cache = cache.clone();
+        tokio::spawn(async move {
+            let (mut during_load, mut i) = (0u64, 0u64);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let n = (i * 7919) % 3000;
+                match i % 3 {
+                    0 => dir
+                        .put(format!("/tern/dir/accounts/acct-{n}"), record("eu-west", 2 + i), None)
+                        .await
+                        .map(|_| ()),
+                    1 => dir
+                        .put(format!("/tern/dir/accounts/new-{i}"), record("eu-west", 1), None)
+                        .await
+                        .map(|_| ()),
+                    _ => dir
+                        .delete(format!("/tern/dir/accounts/acct-{n}"), None)
+                        .await
+                        .map(|_| ()),
+                }
+                .map(|_| ())
+                .expect("directory write");
+                if !cache.synced() {
+                    during_load += 1;
+                }
+                i += 1;
+            }
+            during_load
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let watch = cache.spawn_watch();
+    let synced_at = Instant::now();
+    while !cache.synced() {
+        assert!(synced_at.elapsed() < Duration::from_secs(20), "the load never finished");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let during_load = writer.await.expect("writer");
+    assert!(during_load > 0, "the writer must overlap the load");
+
+    // The watch catches up with the last write; then cache = directory.
+    let all = dir
+        .get("/tern/dir/accounts/", Some(GetOptions::new().with_prefix()))
+        .await
+        .expect("directory");
+    let want: BTreeMap<String, tern_common::AccountRecord> = all
+        .kvs()
+        .iter()
+        .map(|kv| {
+            let key = String::from_utf8_lossy(kv.key())
+                .trim_start_matches("/tern/dir/accounts/")
+                .to_string();
+            (key, serde_json::from_slice(kv.value()).expect("record"))
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut wrong = Vec::new();
+        for (account, record) in &want {
+            let id = tern_common::AccountId::new(account.clone()).expect("account id");
+            if cache.cached(&id).await.as_ref() != Some(record) {
+                wrong.push(account.clone());
+            }
+        }
+        let extra = cache.cached_accounts().await != want.len();
+        if wrong.is_empty() && !extra {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the cache differs from the directory: {} accounts wrong (e.g. {:?}), {} cached for {} in the directory",
+            wrong.len(),
+            wrong.first(),
+            cache.cached_accounts().await,
+            want.len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    watch.abort();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idempotent_writes_apply_once_even_when_the_answer_is_lost() {
     let d = start(1).await;

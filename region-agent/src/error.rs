@@ -11,6 +11,15 @@ pub enum AgentError {
     /// Another agent of this region leads now; this one must not act.
     #[error("lost leadership of region {0}")]
     NotLeader(String),
+    /// The region's lease key in the directory is not this agent's claim:
+    /// held by a newer leader (this agent is deposed) or expired (`holder`
+    /// None). Directory writes are refused until the agent claims it again.
+    #[error("region {region}'s directory lease is held by {}, leadership revision {leadership}", holder.as_deref().unwrap_or("nobody"))]
+    DirectoryLeaseLost {
+        region: String,
+        holder: Option<String>,
+        leadership: i64,
+    },
     #[error("source {source_region} compacted past revision {revision}; resynchronising from a snapshot")]
     Compacted { source_region: String, revision: i64 },
     /// A record this agent reads could not be parsed.

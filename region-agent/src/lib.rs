@@ -9,7 +9,8 @@
 //! - `lag`: replication lag in ms from heartbeats that echo each other (a
 //!   timestamped round trip measures the clock offset);
 //! - `members`: Raft lag of the region's own members;
-//! - `publish`: metrics and the region's record in the directory;
+//! - `publish`: metrics and the region's record in the directory, guarded
+//!   by the region's lease key there;
 //! - `kubernetes`: the region's lag in the GeoCluster status, when asked.
 //!
 //! Heartbeats and mirrored revisions are traced (`agent.heartbeat`,
@@ -161,9 +162,11 @@ pub async fn run(
                 shared.clone(),
             ));
         }
-        let publisher = tokio::spawn(publish::run(
+        loops.spawn(publish::run(
             directory.clone(),
             shared.clone(),
+            leadership.clone(),
+            config.election_ttl,
             config.publish_interval,
             config.max_clock_offset,
         ));
@@ -192,7 +195,6 @@ pub async fn run(
             _ = stopped() => true,
         };
         loops.abort_all();
-        publisher.abort();
         if let Some(w) = status_writer {
             w.abort();
         }

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use etcd_client::{Client, Compare, CompareOp, EventType, GetOptions, Txn, TxnOp, WatchOptions};
 use opentelemetry::KeyValue;
+use tern_common::etcd::{Pages, WATCH_MESSAGE_LIMIT};
 use tern_common::telemetry::finish;
 use tern_common::{
     MIRRORED_END, MIRRORED_START, MirrorState, RegionName, Revision, SourceRevision, heartbeat_key, is_mirrored,
@@ -118,8 +119,9 @@ async fn mirror(
     });
     let hb_key = heartbeat_key(source);
     let limits = Limits::for_prefix(mirror_key(source, b"").len());
-    let mut sc = source_client.clone();
-    let mut stream = sc
+    let mut stream = source_client
+        .watch_client()
+        .max_decoding_message_size(WATCH_MESSAGE_LIMIT)
         .watch(
             MIRRORED_START,
             Some(
@@ -400,27 +402,14 @@ async fn resync(
     // The snapshot is read in pages, all at the revision of the first: one
     // range of a large region would pass gRPC's 4 MiB message limit.
     let limits = Limits::for_prefix(mirror_key(source, b"").len());
-    let mut page_keys: i64 = 256;
-    let mut from = MIRRORED_START.as_bytes().to_vec();
-    let mut at: Option<i64> = None;
+    let mut pages = Pages::range(MIRRORED_START, MIRRORED_END, 256);
     let mut keys = 0usize;
-    loop {
-        let mut options = GetOptions::new().with_range(MIRRORED_END).with_limit(page_keys);
-        if let Some(r) = at {
-            options = options.with_revision(r);
-        }
-        let page = match source_client.clone().get(from.clone(), Some(options)).await {
-            Ok(page) => page,
-            // A page of large values over the message limit: smaller pages.
-            Err(etcd_client::Error::GRpcStatus(s))
-                if matches!(s.code(), tonic::Code::OutOfRange | tonic::Code::ResourceExhausted) && page_keys > 1 =>
-            {
-                page_keys /= 4;
-                continue;
-            }
-            Err(e) => return Err(e).during(|| format!("reading a snapshot of {source}")),
-        };
-        let revision = *at.get_or_insert(page.header().map(|h| h.revision()).unwrap_or(0));
+    while let Some(page) = pages
+        .next(&mut source_client.clone())
+        .await
+        .during(|| format!("reading a snapshot of {source}"))?
+    {
+        let revision = pages.revision().unwrap_or(0);
         let changes: Vec<Change> = page
             .kvs()
             .iter()
@@ -454,14 +443,8 @@ async fn resync(
                 return Err(AgentError::NotLeader(format!("resync of {source} refused")));
             }
         }
-        let Some(last) = page.kvs().last() else { break };
-        if !page.more() {
-            break;
-        }
-        from = last.key().to_vec();
-        from.push(0);
     }
-    let revision = SourceRevision(at.unwrap_or(0));
+    let revision = SourceRevision(pages.revision().unwrap_or(0));
     let done = guarded(vec![TxnOp::put(applied_key, revision.to_string(), None)]);
     if !c
         .txn(done)

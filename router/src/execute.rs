@@ -30,7 +30,7 @@ use crate::metrics::{Metrics, Route};
 use crate::ops::{self, Op};
 use crate::pb;
 use crate::peer::{Caller, PeerToken};
-use crate::placement::{Directory, Placement};
+use crate::placement::{Directory, Placement, REFRESH_GAP};
 use crate::store::{Guarded, HomeStore, Item, Output, Record};
 
 /// Longest deadline a client may ask for.
@@ -115,6 +115,8 @@ pub struct Incoming {
     /// What the request span records once known.
     info: std::sync::Mutex<SpanInfo>,
     attempts: AtomicU32,
+    /// Fence misses so far: the pause before the next retry grows with them.
+    fence_misses: AtomicU32,
     /// A write attempt is under way (sent or queued): if the deadline ends
     /// the call now, the write may still be applied.
     in_flight: AtomicBool,
@@ -176,6 +178,17 @@ pub enum Next {
     RetryAfter(Duration),
     /// Give the client this answer.
     Fail(RouterError),
+}
+
+/// The pause before the retry that follows fence miss number `misses`
+/// (from 0) of one call: 5 ms doubling up to 250 ms, of which a random half
+/// (`jitter` in [0, 1)) is taken off so that the calls waiting on one
+/// account do not retry in step.
+pub fn fence_miss_pause(misses: u32, jitter: f64) -> Duration {
+    let full = Duration::from_millis(5)
+        .saturating_mul(1u32 << misses.min(16))
+        .min(REFRESH_GAP);
+    full.mul_f64(1.0 - jitter.clamp(0.0, 1.0) / 2.0)
 }
 
 /// The decision after a forward to `home` failed. `unkeyed_write`: sending
@@ -270,6 +283,7 @@ impl Executor {
             cx: opentelemetry::Context::new(),
             info: std::sync::Mutex::default(),
             attempts: AtomicU32::new(0),
+            fence_misses: AtomicU32::new(0),
             in_flight: AtomicBool::new(false),
             maybe_applied: AtomicBool::new(false),
         })
@@ -418,7 +432,7 @@ impl Executor {
                         "a compare did not hold; nothing was applied".into(),
                     ));
                 }
-                Guarded::Fence(found) => self.after_fence_miss(&op.account, &p, found).await?,
+                Guarded::Fence(found) => self.after_fence_miss(call, &op.account, &p, found).await?,
             }
         }
     }
@@ -460,32 +474,36 @@ impl Executor {
         }
     }
 
-    /// After a fence miss: refresh the placement and, during a migration,
-    /// give it a moment. The caller retries within its deadline.
+    /// After a fence miss: pause (jittered, growing with each miss of this
+    /// call), then refresh the placement, at most every [`REFRESH_GAP`] per
+    /// account. The caller retries within its deadline, so a migration is
+    /// latency to the client, and a long one costs the directory a few
+    /// reads a second, not one per retry.
     async fn after_fence_miss(
         &self,
+        call: &Incoming,
         account: &AccountId,
         p: &Placement,
         found: Option<tern_common::Fence>,
     ) -> Result<()> {
         self.metrics.retries.inc();
         self.metrics.placement_refreshes.inc();
-        if matches!(found.as_ref().map(|f| &f.state), Some(FenceState::Fenced)) {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        let fresh = self.directory.refresh(account).await?;
-        match found {
-            None if fresh.home == p.home && fresh.epoch == p.epoch => Err(RouterError::Unavailable(format!(
-                "account {account} is homed in {} at epoch {} but its fence is missing there",
-                p.home, p.epoch
-            ))),
-            Some(f) if f.state != FenceState::Fenced && fresh == *p => {
-                // The directory has not caught up with the fence yet.
-                tokio::time::sleep(Duration::from_millis(5)).await;
-                Ok(())
+        if found.is_none() {
+            // No fence where the placement points: only a linearizable read
+            // can say whether the placement moved or the fence is missing.
+            let fresh = self.directory.refresh(account).await?;
+            if fresh.home == p.home && fresh.epoch == p.epoch {
+                return Err(RouterError::Unavailable(format!(
+                    "account {account} is homed in {} at epoch {} but its fence is missing there",
+                    p.home, p.epoch
+                )));
             }
-            _ => Ok(()),
+            return Ok(());
         }
+        let misses = call.fence_misses.fetch_add(1, Ordering::Relaxed);
+        tokio::time::sleep(fence_miss_pause(misses, rand::random())).await;
+        self.directory.refresh_throttled(account).await?;
+        Ok(())
     }
 
     /// Forwards `wire` to `home` as a `router.forward` span.
@@ -983,6 +1001,7 @@ mod tests {
             cx: opentelemetry::Context::new(),
             info: std::sync::Mutex::default(),
             attempts: AtomicU32::new(0),
+            fence_misses: AtomicU32::new(0),
             in_flight: AtomicBool::new(false),
             maybe_applied: AtomicBool::new(false),
         }
@@ -1017,5 +1036,15 @@ mod tests {
         .await;
         assert!(read.is_err());
         assert_eq!(call.at_deadline(&here).code(), tonic::Code::DeadlineExceeded);
+    }
+
+    #[test]
+    fn fence_miss_pauses_grow_are_jittered_and_capped() {
+        assert_eq!(fence_miss_pause(0, 0.0), Duration::from_millis(5));
+        assert_eq!(fence_miss_pause(0, 0.999_999).as_micros(), 2500);
+        assert_eq!(fence_miss_pause(3, 0.0), Duration::from_millis(40));
+        assert_eq!(fence_miss_pause(6, 0.0), REFRESH_GAP, "capped");
+        assert_eq!(fence_miss_pause(u32::MAX, 0.0), REFRESH_GAP, "no overflow");
+        assert!(fence_miss_pause(30, 0.5) < REFRESH_GAP && fence_miss_pause(30, 0.5) >= REFRESH_GAP / 2);
     }
 }

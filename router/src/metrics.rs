@@ -50,6 +50,8 @@ pub struct Metrics {
     pub latency: Family<RequestLabels, Histogram>,
     pub forward_failures: Family<ForwardLabels, Counter>,
     pub placement_refreshes: Counter,
+    /// Linearizable reads sent to the directory group.
+    pub directory_reads: Counter,
     pub retries: Counter,
     /// Calls that carried forwarding headers without the peer token.
     pub untrusted_forward_headers: Counter,
@@ -69,6 +71,7 @@ impl Default for Metrics {
         });
         let forward_failures = Family::<ForwardLabels, Counter>::default();
         let placement_refreshes = Counter::default();
+        let directory_reads = Counter::default();
         let retries = Counter::default();
         let untrusted_forward_headers = Counter::default();
         let write_batch_size = Histogram::new(exponential_buckets(1.0, 2.0, 8));
@@ -109,6 +112,11 @@ impl Default for Metrics {
             placement_refreshes.clone(),
         );
         registry.register(
+            "directory_reads",
+            "Linearizable reads of a placement sent to the directory group (refreshes within 250 ms of the last one for an account use the watch-fed cache)",
+            directory_reads.clone(),
+        );
+        registry.register(
             "retries",
             "Attempts repeated within a request's deadline (stale placement, migration, lost link)",
             retries.clone(),
@@ -124,6 +132,7 @@ impl Default for Metrics {
             latency,
             forward_failures,
             placement_refreshes,
+            directory_reads,
             retries,
             untrusted_forward_headers,
             write_batch_size,

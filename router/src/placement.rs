@@ -1,13 +1,18 @@
 //! The placement cache: every account's home and epoch, and every region's
 //! record, kept current by a watch on the directory group so that routing a
 //! request costs no round trip. A miss costs one linearizable directory read.
+//! The load reads the directory in pages at one revision and the watch
+//! starts right after it, so a directory of a million accounts loads
+//! within gRPC's message limit and no change made during the load is missed.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use etcd_client::{Client, Compare, CompareOp, EventType, GetOptions, Txn, TxnOp, WatchOptions};
+use etcd_client::{Client, Compare, CompareOp, EventType, Txn, TxnOp, WatchOptions};
+use prometheus_client::metrics::counter::Counter;
+use tern_common::etcd::{Pages, WATCH_MESSAGE_LIMIT};
 use tern_common::{
     AccountId, AccountRecord, DIR_ACCOUNTS, DIR_REGIONS, RegionName, RegionRecord, account_of_dir_key, dir_account_key,
     dir_region_key,
@@ -16,6 +21,9 @@ use tokio::sync::RwLock;
 
 use crate::error::{Result, RouterError};
 
+mod cache;
+use cache::AccountCache;
+
 /// What the router knows about an account.
 pub type Placement = AccountRecord;
 
@@ -23,13 +31,29 @@ pub type Placement = AccountRecord;
 #[derive(Clone)]
 pub struct Directory {
     client: Client,
-    /// Placement and the directory revision it was written at: an older
+    /// Placements and the directory revision each was read at: an older
     /// watch event never overwrites a newer read.
-    accounts: Arc<RwLock<HashMap<AccountId, (Placement, i64)>>>,
+    accounts: Arc<RwLock<AccountCache>>,
     /// Region records and when this router received each.
     regions: Arc<RwLock<HashMap<RegionName, (RegionRecord, std::time::Instant)>>>,
     synced: Arc<AtomicBool>,
+    /// Keys per page of the load.
+    page: i64,
+    /// When each account was last read from the directory, for
+    /// [`Directory::refresh_throttled`].
+    recent: Arc<std::sync::Mutex<HashMap<AccountId, Instant>>>,
+    reads: Counter,
 }
+
+/// The shortest time between two directory reads of one account that a
+/// fence miss may cause: during a long migration or a directory that lags
+/// its fence, a router sends at most four reads a second per account, and
+/// the watch brings the change anyway.
+pub const REFRESH_GAP: Duration = Duration::from_millis(250);
+
+/// Keys per page when loading the directory: placement records are ~100
+/// bytes, so a page stays far below the 4 MiB message limit.
+pub const DIRECTORY_PAGE: i64 = 5_000;
 
 impl Directory {
     pub fn new(client: Client) -> Self {
@@ -38,7 +62,23 @@ impl Directory {
             accounts: Arc::default(),
             regions: Arc::default(),
             synced: Arc::default(),
+            page: DIRECTORY_PAGE,
+            recent: Arc::default(),
+            reads: Counter::default(),
         }
+    }
+
+    /// The same, counting each linearizable directory read in `reads`.
+    pub fn counting_reads(mut self, reads: Counter) -> Self {
+        self.reads = reads;
+        self
+    }
+
+    /// The same with `page` keys per page of the load (tests use small
+    /// pages to load a small directory in many pages).
+    pub fn with_page_size(mut self, page: i64) -> Self {
+        self.page = page;
+        self
     }
 
     /// Whether the caches have been loaded since start.
@@ -47,7 +87,7 @@ impl Directory {
     }
 
     pub async fn cached(&self, account: &AccountId) -> Option<Placement> {
-        self.accounts.read().await.get(account).map(|(p, _)| p.clone())
+        self.accounts.read().await.get(account)
     }
 
     pub async fn cached_accounts(&self) -> usize {
@@ -62,8 +102,36 @@ impl Directory {
         self.refresh(account).await
     }
 
+    /// The placement as [`Directory::refresh`] reads it, unless the account
+    /// was read from the directory less than [`REFRESH_GAP`] ago: then the
+    /// cache, which the watch keeps current. Bounds the directory reads that
+    /// many calls retrying on one fenced account can cause.
+    pub async fn refresh_throttled(&self, account: &AccountId) -> Result<Placement> {
+        let now = Instant::now();
+        let recent = {
+            let recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+            recent
+                .get(account)
+                .is_some_and(|at| now.duration_since(*at) < REFRESH_GAP)
+        };
+        if recent && let Some(p) = self.cached(account).await {
+            return Ok(p);
+        }
+        self.refresh(account).await
+    }
+
     /// Reads the placement from the directory (linearizable) and caches it.
     pub async fn refresh(&self, account: &AccountId) -> Result<Placement> {
+        self.reads.inc();
+        {
+            let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+            let now = Instant::now();
+            // Kept small: only accounts read in the last gap matter.
+            if recent.len() >= 4096 {
+                recent.retain(|_, at| now.duration_since(*at) < REFRESH_GAP);
+            }
+            recent.insert(account.clone(), now);
+        }
         let resp = self
             .client
             .clone()
@@ -73,12 +141,7 @@ impl Directory {
         match resp.kvs().first() {
             Some(kv) => {
                 let p = parse_account(kv.value())?;
-                upsert(
-                    &mut *self.accounts.write().await,
-                    account.clone(),
-                    p.clone(),
-                    kv.mod_revision(),
-                );
+                self.accounts.write().await.upsert(account, &p, kv.mod_revision());
                 Ok(p)
             }
             None => {
@@ -143,12 +206,7 @@ impl Directory {
             .map_err(RouterError::DirectoryUnavailable)?;
         if resp.succeeded() {
             let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
-            upsert(
-                &mut *self.accounts.write().await,
-                account.clone(),
-                record.clone(),
-                revision,
-            );
+            self.accounts.write().await.upsert(account, record, revision);
             return Ok((record.clone(), true));
         }
         for op in resp.op_responses() {
@@ -156,12 +214,10 @@ impl Directory {
                 && let Some(kv) = get.kvs().first()
             {
                 let existing = parse_account(kv.value())?;
-                upsert(
-                    &mut *self.accounts.write().await,
-                    account.clone(),
-                    existing.clone(),
-                    kv.mod_revision(),
-                );
+                self.accounts
+                    .write()
+                    .await
+                    .upsert(account, &existing, kv.mod_revision());
                 return Ok((existing, false));
             }
         }
@@ -186,20 +242,25 @@ impl Directory {
 
     async fn load_and_watch(&self) -> Result<()> {
         let mut client = self.client.clone();
-        let resp = client
-            .get("/tern/dir/", Some(GetOptions::new().with_prefix()))
-            .await
-            .map_err(RouterError::DirectoryUnavailable)?;
-        let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
-        let mut accounts = HashMap::new();
+        let mut pages = Pages::prefix("/tern/dir/", self.page);
+        let mut accounts = AccountCache::default();
         let mut regions = HashMap::new();
-        for kv in resp.kvs() {
-            apply_put(kv.key(), kv.value(), kv.mod_revision(), &mut accounts, &mut regions);
+        while let Some(page) = pages
+            .next(&mut client)
+            .await
+            .map_err(RouterError::DirectoryUnavailable)?
+        {
+            for kv in page.kvs() {
+                apply_put(kv.key(), kv.value(), kv.mod_revision(), &mut accounts, &mut regions);
+            }
         }
+        let revision = pages.revision().unwrap_or(0);
         *self.accounts.write().await = accounts;
         *self.regions.write().await = regions;
         self.synced.store(true, Ordering::Relaxed);
         let mut stream = client
+            .watch_client()
+            .max_decoding_message_size(WATCH_MESSAGE_LIMIT)
             .watch(
                 "/tern/dir/",
                 Some(
@@ -226,9 +287,7 @@ impl Directory {
                     EventType::Put => apply_put(kv.key(), kv.value(), kv.mod_revision(), &mut accounts, &mut regions),
                     EventType::Delete => {
                         if let Some(a) = account_of_dir_key(kv.key()) {
-                            if accounts.get(&a).is_some_and(|(_, r)| *r < kv.mod_revision()) {
-                                accounts.remove(&a);
-                            }
+                            accounts.remove_before(&a, kv.mod_revision());
                         } else if let Some(r) = region_of_key(kv.key()) {
                             regions.remove(&r);
                         }
@@ -249,26 +308,16 @@ fn region_of_key(key: &[u8]) -> Option<RegionName> {
     RegionName::new(key.strip_prefix(DIR_REGIONS)?).ok()
 }
 
-/// Stores `p` unless the cache holds a newer revision of the account.
-fn upsert(accounts: &mut HashMap<AccountId, (Placement, i64)>, account: AccountId, p: Placement, revision: i64) {
-    match accounts.get(&account) {
-        Some((_, newer)) if *newer > revision => {}
-        _ => {
-            accounts.insert(account, (p, revision));
-        }
-    }
-}
-
 fn apply_put(
     key: &[u8],
     value: &[u8],
     revision: i64,
-    accounts: &mut HashMap<AccountId, (Placement, i64)>,
+    accounts: &mut AccountCache,
     regions: &mut HashMap<RegionName, (RegionRecord, std::time::Instant)>,
 ) {
     if key.starts_with(DIR_ACCOUNTS.as_bytes()) {
         match (account_of_dir_key(key), serde_json::from_slice::<AccountRecord>(value)) {
-            (Some(a), Ok(p)) => upsert(accounts, a, p, revision),
+            (Some(a), Ok(p)) => accounts.upsert(&a, &p, revision),
             _ => {
                 tracing::warn!(key = %String::from_utf8_lossy(key), "ignoring a malformed placement record")
             }

@@ -50,7 +50,7 @@ pub async fn run(
         Group::spread(group)
     };
     let directory_client = connect_etcd(&config.directory_endpoints, "directory", Duration::from_secs(60)).await?;
-    let directory = Directory::new(directory_client);
+    let directory = Directory::new(directory_client).counting_reads(metrics.directory_reads.clone());
     let watch_task = directory.spawn_watch();
     if let Some(endpoint) = &config.advertise {
         directory.register_region(&config.region, endpoint).await?;
