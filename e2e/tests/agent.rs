@@ -401,15 +401,9 @@ async fn a_deposed_agents_directory_writes_are_refused() {
 
     let _serial = SERIAL.lock().await;
     tern_e2e::init_logs();
-    let d = LocalDeployment::start(Layout {
-        regions: vec![("us-east".into(), 1)],
-        directory_members: 1,
-        rtt_ms: BTreeMap::new(),
-        agents: false,
-        otlp_endpoint: None,
-    })
-    .await
-    .expect("deployment starts");
+    let d = LocalDeployment::start(Layout::one_region("us-east"))
+        .await
+        .expect("deployment starts");
     let mut dir = d.directory_client().await;
     let region = tern_common::RegionName::new("us-east").expect("region name");
     let endpoint = async |dir: &mut etcd_client::Client| {

@@ -389,6 +389,18 @@ pub struct Layout {
 }
 
 impl Layout {
+    /// One region of one member, a one-member directory, no agents: the
+    /// smallest deployment with a router.
+    pub fn one_region(region: &str) -> Self {
+        Self {
+            regions: vec![(region.to_string(), 1)],
+            directory_members: 1,
+            rtt_ms: BTreeMap::new(),
+            agents: false,
+            otlp_endpoint: None,
+        }
+    }
+
     pub fn rtt(&self, a: &str, b: &str) -> u64 {
         self.rtt_ms
             .get(&(a.to_string(), b.to_string()))

@@ -59,14 +59,7 @@ async fn wait_synced(cache: &Directory, limit: Duration) -> Result<Duration, Cli
 
 pub async fn run(accounts: usize) -> Result<String, CliError> {
     println!("  scale: starting a directory and one region");
-    let mut d = LocalDeployment::start(Layout {
-        regions: vec![("us-east".into(), 1)],
-        directory_members: 1,
-        rtt_ms: Default::default(),
-        agents: false,
-        otlp_endpoint: None,
-    })
-    .await?;
+    let mut d = LocalDeployment::start(Layout::one_region("us-east")).await?;
     let dir = d.directory_client().await;
 
     println!("  scale: writing {accounts} placements");

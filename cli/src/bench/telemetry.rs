@@ -111,14 +111,7 @@ pub async fn run(builds: &RouterBuilds, concurrency: usize, round_secs: u64) -> 
     // One etcd member: with three, each router's client may land on the
     // leader or on a follower that forwards its proposals, and that, not the
     // build, would decide which router is faster.
-    let d = LocalDeployment::start(Layout {
-        regions: vec![("us-east".into(), 1)],
-        directory_members: 1,
-        rtt_ms: Default::default(),
-        agents: false,
-        otlp_endpoint: None,
-    })
-    .await?;
+    let d = LocalDeployment::start(Layout::one_region("us-east")).await?;
     d.client("us-east")
         .await
         .create_account(pb::CreateAccountRequest {
