@@ -7,7 +7,9 @@ use std::fmt::Write as _;
 
 use clap::Args;
 use etcd_client::GetOptions;
-use tern_common::{DIR_REGIONS, RegionRecord};
+use std::collections::BTreeMap;
+
+use tern_common::{DIR_LEASES, DIR_REGIONS, RegionLease, RegionRecord};
 
 use crate::CliError;
 
@@ -155,7 +157,24 @@ async fn directory(args: StatusArgs) -> Result<(), CliError> {
     if records.is_empty() {
         return Err(CliError::Setup("the directory has no region records yet".into()));
     }
-    print!("{}", render(&records));
+    let leases = client
+        .get(DIR_LEASES, Some(GetOptions::new().with_prefix()))
+        .await
+        .map_err(|source| CliError::EtcdRequest {
+            what: "reading the region leases".into(),
+            source,
+        })?;
+    let holders: BTreeMap<String, RegionLease> = leases
+        .kvs()
+        .iter()
+        .filter_map(|kv| {
+            let name = String::from_utf8_lossy(kv.key())
+                .trim_start_matches(DIR_LEASES)
+                .to_string();
+            Some((name, serde_json::from_slice(kv.value()).ok()?))
+        })
+        .collect();
+    print!("{}", render(&records, &holders));
     Ok(())
 }
 
@@ -167,8 +186,9 @@ fn age(ms: u64) -> String {
     }
 }
 
-/// The status tables, one block per region.
-pub fn render(records: &[(String, RegionRecord)]) -> String {
+/// The status tables, one block per region; `holders` are the agents
+/// holding each region's lease in the directory.
+pub fn render(records: &[(String, RegionRecord)], holders: &BTreeMap<String, RegionLease>) -> String {
     let mut out = String::new();
     for (name, r) in records {
         let _ = writeln!(
@@ -181,6 +201,21 @@ pub fn render(records: &[(String, RegionRecord)]) -> String {
                 &r.router_endpoint
             }
         );
+        match holders.get(name) {
+            Some(h) => {
+                let _ = writeln!(
+                    out,
+                    "  Agent {} holds the region's lease (leadership revision {})",
+                    h.agent, h.leadership
+                );
+            }
+            None => {
+                let _ = writeln!(
+                    out,
+                    "  No agent holds the region's lease: none is elected, or it cannot reach the directory; what follows may be stale"
+                );
+            }
+        }
         let _ = writeln!(out, "  Group members");
         let _ = writeln!(
             out,

@@ -76,6 +76,7 @@ fn status_reads_a_running_demo_and_ctrl_c_stops_it() {
     for needle in [
         "Region us-east",
         "Region ap-south",
+        "holds the region's lease",
         "Group members",
         "leader",
         "Mirrors of other regions",

@@ -107,9 +107,12 @@ pub fn dir_region_key(region: &RegionName) -> String {
     format!("{DIR_REGIONS}{region}")
 }
 
-/// Directory: a region's lease key.
+/// Directory: prefix of every region's lease key.
+pub const DIR_LEASES: &str = "/tern/dir/leases/";
+
+/// Directory: a region's lease key (a `RegionLease` on a directory lease).
 pub fn dir_lease_key(region: &RegionName) -> String {
-    format!("/tern/dir/leases/{region}")
+    format!("{DIR_LEASES}{region}")
 }
 
 /// The account id at the end of a directory placement key.
