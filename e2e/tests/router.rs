@@ -359,7 +359,8 @@ async fn a_paginated_directory_load_misses_no_change_made_during_it() {
         dir.txn(etcd_client::Txn::new().and_then(ops)).await.expect("preload");
     }
 
-    // 30 pages of 100; a writer moves, adds and deletes accounts meanwhile.
+    // Pages from 100 keys (100, 200, 400, …); a writer moves, adds and
+    // deletes accounts meanwhile.
     let cache = Directory::new(d.directory_client().await).with_page_size(100);
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writer = {

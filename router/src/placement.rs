@@ -37,7 +37,7 @@ pub struct Directory {
     /// Region records and when this router received each.
     regions: Arc<RwLock<HashMap<RegionName, (RegionRecord, std::time::Instant)>>>,
     synced: Arc<AtomicBool>,
-    /// Keys per page of the load.
+    /// Keys in the first page of the load.
     page: i64,
     /// When each account was last read from the directory, for
     /// [`Directory::refresh_throttled`].
@@ -51,8 +51,8 @@ pub struct Directory {
 /// the watch brings the change anyway.
 pub const REFRESH_GAP: Duration = Duration::from_millis(250);
 
-/// Keys per page when loading the directory: placement records are ~100
-/// bytes, so a page stays far below the 4 MiB message limit.
+/// Keys in the first page of the directory load; later pages grow to about
+/// 4 MiB (`Pages`), ~40,000 placement records.
 pub const DIRECTORY_PAGE: i64 = 5_000;
 
 impl Directory {
@@ -74,8 +74,8 @@ impl Directory {
         self
     }
 
-    /// The same with `page` keys per page of the load (tests use small
-    /// pages to load a small directory in many pages).
+    /// The same with `page` keys in the first page of the load (tests use
+    /// small pages to load a small directory in several pages).
     pub fn with_page_size(mut self, page: i64) -> Self {
         self.page = page;
         self
