@@ -565,7 +565,15 @@ async fn a_held_delay_is_lag_not_skew() {
         .metric("tern_agent_clock_skew_ms{source=\"eu-west\"}")
         .await
         .expect("skew");
-    assert!(skew.abs() <= 20.0, "a held delay is not skew: {skew}");
+    // One machine, one clock: the true offset is 0, and the measured one is
+    // within its error bound of it (a fixed 20 ms failed once on a busy
+    // machine at 23 ms). The estimator this replaced put the whole held
+    // delay, 1,000 ms, into skew.
+    let (_, error) = lag_and_error(&d).await.expect("lag stays measured");
+    assert!(
+        skew.abs() <= error + SLACK as f64,
+        "a held delay is not skew: {skew} ms (error bound {error} ms)"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
