@@ -719,6 +719,59 @@ async fn revisions_larger_than_a_transaction_do_not_wedge_the_mirror() {
     caught_up(&d, true).await;
 }
 
+/// A backlog of thousands of source revisions is caught up by a relay of
+/// watches (one etcd watch catches up at most 1,000 revisions per 100 ms),
+/// and the mirror still ends identical to its source, versions included: no
+/// revision applied twice, none skipped, also when the agent dies while the
+/// relay runs and resumes from its applied record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_backlog_is_caught_up_by_a_relay_of_watches_exactly() {
+    let _serial = SERIAL.lock().await;
+    let mut d = start().await;
+    create_eu_account(&d, "acct-1").await;
+    caught_up(&d, true).await;
+    let relays = async |d: &LocalDeployment| {
+        d.region("us-east")
+            .agent
+            .as_ref()?
+            .metric("tern_agent_mirror_relayed_catchups_total{source=\"eu-west\"}")
+            .await
+    };
+    let mut source = d.group_client("eu-west").await;
+    let backlog = async |source: &mut etcd_client::Client, round: usize| {
+        for i in 0..3_000 {
+            let key = format!("/tern/a/acct-1/d/k{}", i % 50);
+            if i % 17 == 0 {
+                source.delete(key, None).await.expect("delete");
+            } else {
+                source.put(key, format!("{round}-{i}"), None).await.expect("put");
+            }
+        }
+    };
+    d.set_mirror_link("us-east", "eu-west", false).await.expect("cut");
+    backlog(&mut source, 1).await;
+    d.set_mirror_link("us-east", "eu-west", true).await.expect("heal");
+    caught_up(&d, true).await;
+    assert!(relays(&d).await >= Some(1.0), "a relay caught the backlog up");
+
+    // Again, and the agent dies as soon as the relay starts.
+    d.set_mirror_link("us-east", "eu-west", false).await.expect("cut");
+    backlog(&mut source, 2).await;
+    let before = relays(&d).await.unwrap_or(0.0);
+    d.set_mirror_link("us-east", "eu-west", true).await.expect("heal");
+    wait_for("a second relay", Duration::from_secs(20), async || {
+        (relays(&d).await? > before).then_some(())
+    })
+    .await;
+    d.region_mut("us-east").agent.take().expect("agent").kill();
+    let agent = d
+        .start_agent("us-east", &["--identity=us-east-agent-b".to_string()])
+        .await
+        .expect("restart");
+    d.region_mut("us-east").agent = Some(agent);
+    caught_up(&d, true).await;
+}
+
 /// A region of 50 MiB, far past gRPC's 4 MiB message limit: with its mirror
 /// link cut for 20 s under writes, the backlog (etcd sends a catch-up of up
 /// to 1,000 revisions in one watch response) is applied once the link heals;

@@ -5,7 +5,8 @@
 //! - `heartbeat`: a timestamped sequence number into the group every 100 ms;
 //! - `mirror`: every other region's keys and heartbeats, whole source
 //!   revisions packed into local transactions (`plan`), resumed from the
-//!   applied record, resynced after compaction;
+//!   applied record, a large backlog caught up by several watches at once
+//!   (`relay`), resynced after compaction;
 //! - `lag`: replication lag in ms from heartbeats that echo each other (a
 //!   timestamped round trip measures the clock offset);
 //! - `members`: Raft lag of the region's own members;
@@ -29,6 +30,7 @@ pub mod metrics;
 pub mod mirror;
 pub mod plan;
 pub mod publish;
+pub mod relay;
 pub mod state;
 
 use std::future::Future;

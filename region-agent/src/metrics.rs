@@ -32,6 +32,8 @@ pub struct Metrics {
     pub heartbeat_age_ms: Family<SourceLabels, G>,
     pub applied_revisions: Family<SourceLabels, Counter>,
     pub resyncs: Family<SourceLabels, Counter>,
+    /// Backlogs caught up by a relay of several watches.
+    pub relayed_catchups: Family<SourceLabels, Counter>,
     pub member_behind: Family<MemberLabels, G>,
     pub is_leader: G,
     pub refused_writes: Counter,
@@ -50,6 +52,7 @@ impl Default for Metrics {
             heartbeat_age_ms: Family::default(),
             applied_revisions: Family::default(),
             resyncs: Family::default(),
+            relayed_catchups: Family::default(),
             member_behind: Family::default(),
             is_leader: G::default(),
             refused_writes: Counter::default(),
@@ -95,6 +98,11 @@ impl Default for Metrics {
             "mirror_resyncs",
             "Full resynchronisations from a snapshot (the source compacted past the mirror)",
             m.resyncs.clone(),
+        );
+        registry.register(
+            "mirror_relayed_catchups",
+            "Backlogs of at least 2,000 source revisions caught up by several watches at once (relay.rs)",
+            m.relayed_catchups.clone(),
         );
         registry.register(
             "raft_member_behind",

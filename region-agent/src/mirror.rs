@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use etcd_client::{Client, Compare, CompareOp, EventType, GetOptions, Txn, TxnOp, WatchOptions};
 use opentelemetry::KeyValue;
-use tern_common::etcd::{Pages, WATCH_MESSAGE_LIMIT};
+use tern_common::etcd::Pages;
 use tern_common::telemetry::finish;
 use tern_common::{
     MIRRORED_END, MIRRORED_START, MirrorState, RegionName, Revision, SourceRevision, heartbeat_key, is_mirrored,
@@ -23,6 +23,7 @@ use crate::election::Leadership;
 use crate::error::{AgentError, EtcdContext, Result};
 use crate::heartbeat::Heartbeat;
 use crate::plan::{Batch, Change, Limits, Mark, plan};
+use crate::relay::Relay;
 use crate::state::Shared;
 
 /// Most events taken from the watch at once (responses already received).
@@ -119,20 +120,36 @@ async fn mirror(
     });
     let hb_key = heartbeat_key(source);
     let limits = Limits::for_prefix(mirror_key(source, b"").len());
-    let mut stream = source_client
-        .watch_client()
-        .max_decoding_message_size(WATCH_MESSAGE_LIMIT)
-        .watch(
-            MIRRORED_START,
-            Some(
-                WatchOptions::new()
-                    .with_range(MIRRORED_END)
-                    .with_start_revision(mark.resume().0)
-                    .with_progress_notify(),
-            ),
-        )
+    // The source's newest revision sizes the relay: a large backlog is
+    // caught up by several watches at once (`relay.rs`).
+    let newest = source_client
+        .clone()
+        .get(MIRRORED_START, Some(GetOptions::new().with_count_only()))
         .await
-        .during(|| format!("watching {source}"))?;
+        .during(|| format!("reading {source}'s revision"))?
+        .header()
+        .map_or(0, |h| h.revision());
+    let mut stream = Relay::open(
+        source_client,
+        MIRRORED_START.as_bytes(),
+        WatchOptions::new().with_range(MIRRORED_END).with_progress_notify(),
+        mark.resume().0,
+        newest,
+    )
+    .await
+    .during(|| format!("watching {source}"))?;
+    if stream.legs() > 1 {
+        tracing::info!(source = %source, from = %mark.resume(), newest, legs = stream.legs(), "catching up with a relay of watches");
+        shared
+            .metrics
+            .relayed_catchups
+            .get_or_create(&crate::metrics::Metrics::source(source.as_str()))
+            .inc();
+    }
+    // The newest source revision whose events were taken: a relay's leg
+    // that hands over may already have delivered some of its successor's
+    // revisions, which are dropped when they come again.
+    let mut taken = mark.complete();
     let mut progress = tokio::time::interval(Duration::from_millis(500));
     // A response read while draining that is not plain events: handled
     // first on the next turn, after the events before it are applied.
@@ -215,17 +232,25 @@ async fn mirror(
             .max()
             .unwrap_or(header);
         let mut revisions: Vec<(SourceRevision, Vec<Change>)> = Vec::new();
-        for event in responses.iter().flat_map(|r| r.events()) {
-            let Some(kv) = event.kv() else { continue };
-            let revision = SourceRevision(kv.mod_revision());
-            let change = Change {
-                key: kv.key().to_vec(),
-                value: (event.event_type() == EventType::Put).then(|| kv.value().to_vec()),
-                mirrored: is_mirrored(kv.key()),
-            };
-            match revisions.last_mut() {
-                Some((r, changes)) if *r == revision => changes.push(change),
-                _ => revisions.push((revision, vec![change])),
+        for r in &responses {
+            // Each response holds whole revisions in order.
+            let floor = taken;
+            for event in r.events() {
+                let Some(kv) = event.kv() else { continue };
+                let revision = SourceRevision(kv.mod_revision());
+                if revision <= floor {
+                    continue;
+                }
+                taken = taken.max(revision);
+                let change = Change {
+                    key: kv.key().to_vec(),
+                    value: (event.event_type() == EventType::Put).then(|| kv.value().to_vec()),
+                    mirrored: is_mirrored(kv.key()),
+                };
+                match revisions.last_mut() {
+                    Some((r, changes)) if *r == revision => changes.push(change),
+                    _ => revisions.push((revision, vec![change])),
+                }
             }
         }
         for batch in plan(&revisions, &mark, hb_key.as_bytes(), &limits) {
