@@ -151,6 +151,19 @@ impl RegionLease {
 }
 
 impl RegionRecord {
+    /// The record of a region nobody has written yet: active, no router
+    /// endpoint, nothing measured. Whoever writes first starts from it.
+    pub fn unwritten() -> Self {
+        Self {
+            router_endpoint: String::new(),
+            state: RegionState::Active,
+            successor: None,
+            region_epoch: 0,
+            mirrors: BTreeMap::new(),
+            members: Vec::new(),
+        }
+    }
+
     pub fn to_json(&self) -> String {
         serde_json::to_string(self).expect("records always serialise")
     }

@@ -22,7 +22,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use etcd_client::{Client, Compare, CompareOp, PutOptions, Txn, TxnOp, TxnOpResponse};
-use tern_common::{MirrorStatus, RegionLease, RegionName, RegionRecord, RegionState, dir_lease_key, dir_region_key};
+use tern_common::{MirrorStatus, RegionLease, RegionName, RegionRecord, dir_lease_key, dir_region_key};
 
 use crate::election::{self, Leadership};
 use crate::error::{AgentError, EtcdContext, Result};
@@ -201,17 +201,7 @@ pub async fn write_record(
                     detail: e.to_string(),
                 })?,
             ),
-            None => (
-                0,
-                RegionRecord {
-                    router_endpoint: String::new(),
-                    state: RegionState::Active,
-                    successor: None,
-                    region_epoch: 0,
-                    mirrors: Default::default(),
-                    members: Vec::new(),
-                },
-            ),
+            None => (0, RegionRecord::unwritten()),
         };
         update(&mut record);
         let txn = Txn::new()

@@ -166,14 +166,7 @@ impl Directory {
         let mut record = match current.kvs().first() {
             Some(kv) => serde_json::from_slice::<RegionRecord>(kv.value())
                 .map_err(|e| RouterError::Internal(format!("region record {key}: {e}")))?,
-            None => RegionRecord {
-                router_endpoint: String::new(),
-                state: tern_common::RegionState::Active,
-                successor: None,
-                region_epoch: 0,
-                mirrors: Default::default(),
-                members: Vec::new(),
-            },
+            None => RegionRecord::unwritten(),
         };
         if record.router_endpoint != endpoint {
             record.router_endpoint = endpoint.to_string();
