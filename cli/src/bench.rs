@@ -106,7 +106,7 @@ enum Section {
     Overhead,
     /// Proxied write latency over the injected round trip, per region pair.
     Proxied,
-    /// Mirror lag at 1,000 writes/s and catch-up throughput.
+    /// Mirror lag at the router's sustained rate and catch-up throughput next to make-mirror.
     Mirrors,
     /// A router with no OTLP endpoint versus one built without telemetry.
     Telemetry,

@@ -51,6 +51,15 @@ enum Command {
 /// Parses the command line and runs the command.
 pub async fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The demo, bench and verify run routers and agents in this process:
+    // their logs go to stderr when asked for (RUST_LOG=tern_agent=debug),
+    // and stay silent otherwise so the tables are readable.
+    if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_env("RUST_LOG") {
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init();
+    }
     let result = match cli.command {
         Command::Demo(args) => demo::run(args).await,
         Command::CreateAccount(args) => client::create(args).await,

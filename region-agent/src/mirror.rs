@@ -264,7 +264,16 @@ async fn mirror(
                     KeyValue::new("tern.events", batch.changes.len() as i64),
                 ]
             });
+            let started = Instant::now();
             let outcome = apply(local, source, leadership, &mark, &batch, shared).await;
+            tracing::debug!(
+                source = %source,
+                revision = next.revision.0,
+                revisions = batch.revisions.len(),
+                events = batch.changes.len(),
+                apply_ms = started.elapsed().as_millis() as u64,
+                "mirror: applied a batch"
+            );
             let attributes = match &outcome {
                 Ok(revision) => vec![
                     KeyValue::new("tern.revision", revision.0),

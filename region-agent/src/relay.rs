@@ -21,9 +21,14 @@ use tern_common::etcd::WATCH_MESSAGE_LIMIT;
 
 /// A backlog of at least this many revisions is caught up by a relay.
 pub const RELAY_MIN_BACKLOG: i64 = 2_000;
-/// The most legs of one relay.
-const MAX_LEGS: i64 = 4;
-/// Revisions per leg at the least: a leg covers more than one etcd sync.
+/// The most legs of one relay. etcd reads the unsynced range once per sync
+/// for all lagging watches together, so a leg costs the source little; the
+/// first leg's share bounds the catch-up time (measured: 4 legs over 20,000
+/// revisions took 0.91 s, the first leg alone 0.67 s of it; with 16 legs
+/// the relay was bound by applying, ~30,000 revisions/s here).
+const MAX_LEGS: i64 = 32;
+/// Revisions per leg, as far as `MAX_LEGS` allows: what etcd sends a
+/// lagging watch in one sync, so every leg is filled by the first.
 const LEG_REVISIONS: i64 = 1_000;
 
 struct Leg {
@@ -41,7 +46,7 @@ fn starts(from: i64, newest: i64) -> Vec<i64> {
     if backlog < RELAY_MIN_BACKLOG {
         return vec![from];
     }
-    let legs = (backlog / LEG_REVISIONS).clamp(1, MAX_LEGS);
+    let legs = ((backlog + LEG_REVISIONS - 1) / LEG_REVISIONS).clamp(1, MAX_LEGS);
     (0..legs).map(|i| from + i * backlog / legs).collect()
 }
 
@@ -55,16 +60,21 @@ impl Relay {
         from: i64,
         newest: i64,
     ) -> Result<Self, etcd_client::Error> {
-        let mut legs = VecDeque::new();
-        for start in starts(from, newest) {
-            let stream = client
-                .watch_client()
-                .max_decoding_message_size(WATCH_MESSAGE_LIMIT)
-                .watch(key, Some(options.clone().with_start_revision(start)))
-                .await?;
-            legs.push_back(Leg { start, stream });
-        }
-        Ok(Self { legs })
+        // Opened together: each waits for etcd's answer, one round trip
+        // to a source that may be across an ocean.
+        let legs = futures::future::try_join_all(starts(from, newest).into_iter().map(|start| {
+            let options = options.clone().with_start_revision(start);
+            async move {
+                let stream = client
+                    .watch_client()
+                    .max_decoding_message_size(WATCH_MESSAGE_LIMIT)
+                    .watch(key, Some(options))
+                    .await?;
+                Ok::<_, etcd_client::Error>(Leg { start, stream })
+            }
+        }))
+        .await?;
+        Ok(Self { legs: legs.into() })
     }
 
     /// How many legs are left (1: a plain watch).
@@ -94,6 +104,7 @@ impl Relay {
                 None => None,
             };
             if reached.is_some_and(|rev| rev >= next.start - 1) {
+                tracing::debug!(next = next.start, "relay: handing over to the next leg");
                 // Dropping the finished leg's stream ends its watch.
                 self.legs.pop_front();
             }
@@ -119,7 +130,12 @@ mod tests {
         assert_eq!(starts(101, 1_000), vec![101]);
         assert_eq!(starts(1, RELAY_MIN_BACKLOG - 1), vec![1]);
         assert_eq!(starts(1, 2_000), vec![1, 1_001]);
-        assert_eq!(starts(1, 20_000), vec![1, 5_001, 10_001, 15_001]);
+        assert_eq!(starts(1, 2_001), vec![1, 668, 1_335]);
+        assert_eq!(starts(1, 4_000), vec![1, 1_001, 2_001, 3_001]);
+        let many = starts(1, 100_000);
+        assert_eq!(many.len(), MAX_LEGS as usize);
+        assert_eq!(many[1], 1 + 100_000 / MAX_LEGS);
         assert_eq!(starts(500, 500 + 2_999), vec![500, 1_500, 2_500]);
+        assert!(starts(1, 1_000_000).windows(2).all(|w| w[1] > w[0]));
     }
 }
