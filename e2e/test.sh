@@ -29,6 +29,8 @@ step "lints"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 # The router without trace export is what `tern bench` compares against.
 cargo clippy -p tern-router --no-default-features --locked -- -D warnings
+# The agent as it ships, without the failpoints the tests switch on.
+cargo clippy -p tern-agent --locked -- -D warnings
 if command -v shellcheck >/dev/null 2>&1; then
   shellcheck e2e/*.sh .ci/run
 else

@@ -9,6 +9,7 @@ mod bench;
 mod binaries;
 mod client;
 mod demo;
+mod migrate;
 mod status;
 mod verify;
 
@@ -36,6 +37,9 @@ enum Command {
     Put(client::PutArgs),
     /// Read a value (strong read from the home region).
     Get(client::GetArgs),
+    /// Move an account to another region (the migration protocol: fence,
+    /// catch up, copy, switch), as the target region's agent carries it out.
+    Migrate(migrate::MigrateArgs),
     /// Per region: group members and Raft lag, mirror lag from every other
     /// region (revisions and ms), heartbeat age, clock skew.
     Status(status::StatusArgs),
@@ -66,6 +70,7 @@ pub async fn main() -> ExitCode {
         Command::Put(args) => client::put(args).await,
         Command::Get(args) => client::get(args).await,
         Command::Bench(args) => bench::run(args).await,
+        Command::Migrate(args) => migrate::run(args).await,
         Command::Status(args) => status::run(args).await,
         Command::Verify(args) => verify::run(args).await,
     };

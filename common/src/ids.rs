@@ -117,6 +117,29 @@ string_id!(
     /// A region: a DNS label of at most 20 characters.
     RegionName
 );
+string_id!(
+    /// A migration: the name of its intent record in the directory. An
+    /// AccountMigration's is `{namespace}.{name}.{uid}`, so one object is
+    /// carried out once whichever cluster's operator sees it; the command
+    /// line and the follow-the-sun policy choose their own.
+    MigrationId
+);
+
+impl MigrationId {
+    pub fn new(s: impl Into<String>) -> Result<Self, InvalidInput> {
+        let s = s.into();
+        check_segment("migration", &s, MAX_ACCOUNT_ID * 2)?;
+        let ok_char = |c: char| c.is_ascii_alphanumeric() || "._:@-".contains(c);
+        if !s.starts_with(|c: char| c.is_ascii_alphanumeric()) || !s.chars().all(ok_char) {
+            return Err(InvalidInput::Malformed {
+                field: "migration",
+                value: s,
+                rule: "letters, digits and ._:@- only, starting with a letter or digit",
+            });
+        }
+        Ok(Self(s))
+    }
+}
 
 impl AccountId {
     pub fn new(s: impl Into<String>) -> Result<Self, InvalidInput> {

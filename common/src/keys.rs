@@ -4,7 +4,7 @@
 
 use std::fmt;
 
-use crate::{AccountId, Epoch, IdempotencyKey, InvalidInput, RegionName, UserKey};
+use crate::{AccountId, Epoch, IdempotencyKey, InvalidInput, MigrationId, RegionName, UserKey};
 
 /// Prefix of everything tern writes into a region group.
 pub const ROOT: &str = "/tern/";
@@ -115,6 +115,14 @@ pub fn dir_lease_key(region: &RegionName) -> String {
     format!("{DIR_LEASES}{region}")
 }
 
+/// Directory: prefix of every migration's intent record.
+pub const DIR_MIGRATIONS: &str = "/tern/dir/migrations/";
+
+/// Directory: a migration's intent record (a `MigrationRecord`).
+pub fn dir_migration_key(id: &MigrationId) -> String {
+    format!("{DIR_MIGRATIONS}{id}")
+}
+
 /// The account id at the end of a directory placement key.
 pub fn account_of_dir_key(key: &[u8]) -> Option<AccountId> {
     let key = std::str::from_utf8(key).ok()?;
@@ -149,6 +157,20 @@ impl Fence {
         Self {
             epoch,
             state: FenceState::Active,
+        }
+    }
+
+    pub fn fenced(epoch: Epoch) -> Self {
+        Self {
+            epoch,
+            state: FenceState::Fenced,
+        }
+    }
+
+    pub fn moved(epoch: Epoch, to: RegionName) -> Self {
+        Self {
+            epoch,
+            state: FenceState::Moved(to),
         }
     }
 

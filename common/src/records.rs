@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{Epoch, RegionName};
+use crate::{AccountId, Epoch, RegionName};
 
 /// Where an account lives: `/tern/dir/accounts/{account}`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -182,5 +182,111 @@ mod tests {
         let newer: MirrorState = serde_json::from_str("\"paused\"").expect("an unknown state reads");
         assert_eq!(newer, MirrorState::Unknown);
         assert_eq!(format!("{:<10}|", MirrorState::Resyncing), "resyncing |");
+    }
+}
+
+/// A migration's intent record: `/tern/dir/migrations/{id}`. Whoever asks
+/// for a move (`tern migrate`, the operator for an AccountMigration, the
+/// follow-the-sun policy) creates it in phase `requested`; from then on only
+/// the target region's elected agent writes it, at each step of the
+/// protocol (DESIGN.md "Migration protocol"), so it says how far the move
+/// got and an agent that restarts rolls the move forward or back from it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationRecord {
+    pub account: AccountId,
+    pub target: RegionName,
+    /// Compare-and-swap: refused unless the account is homed here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expected_source: Option<RegionName>,
+    /// Why (audit trail): `manual`, `follow-the-sun: …`, a ticket.
+    #[serde(default)]
+    pub reason: String,
+    pub phase: MigrationPhase,
+    /// Unix ms.
+    pub requested_ms: u64,
+    /// Where the account was homed when the move started, and its epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<RegionName>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_epoch: Option<Epoch>,
+    /// The source group's revision of the fence (step 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fenced_revision: Option<i64>,
+    /// Unix ms on the executing agent's clock.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fenced_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub switched_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_ms: Option<u64>,
+    /// Fence to switch: the longest a write to the account waited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unavailable_ms: Option<u64>,
+    /// The last transition, or why the move failed or was rolled back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+impl MigrationRecord {
+    pub fn requested(
+        account: AccountId,
+        target: RegionName,
+        expected_source: Option<RegionName>,
+        reason: String,
+        now_ms: u64,
+    ) -> Self {
+        Self {
+            account,
+            target,
+            expected_source,
+            reason,
+            phase: MigrationPhase::Requested,
+            requested_ms: now_ms,
+            source: None,
+            source_epoch: None,
+            fenced_revision: None,
+            started_ms: None,
+            fenced_ms: None,
+            switched_ms: None,
+            finished_ms: None,
+            unavailable_ms: None,
+            message: None,
+        }
+    }
+}
+
+/// Steps of the migration protocol, in order; `completed`, `rolled_back`
+/// and `refused` are final.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MigrationPhase {
+    /// Asked for; no agent has taken it up.
+    Requested,
+    /// The directory says `migrating`. The target's agent fences the
+    /// source, waits for its mirror to reach the fence, copies the account
+    /// into its home area and switches the directory, without writing the
+    /// intent in between (each of those steps is idempotent and a restart
+    /// does them again; a directory write would lengthen the window in
+    /// which the account takes no writes).
+    Fencing,
+    /// The directory names the target; the source's fence becomes `moved`.
+    Switching,
+    /// Done: homed in the target.
+    Completed,
+    /// Undoing a move that could not finish (the source is unfenced, the
+    /// directory names it again).
+    RollingBack,
+    /// Undone: the account stayed where it was.
+    RolledBack,
+    /// Refused before anything changed (not where expected, not allowed,
+    /// the target's mirror unhealthy).
+    Refused,
+}
+
+impl MigrationPhase {
+    pub fn is_final(self) -> bool {
+        matches!(self, Self::Completed | Self::RolledBack | Self::Refused)
     }
 }

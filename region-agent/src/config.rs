@@ -67,6 +67,29 @@ pub struct Config {
     )]
     pub clock_offset_ms: i64,
 
+    /// Most migrations this agent starts into its region per minute (moves
+    /// of accounts homed elsewhere to here); more wait their turn.
+    #[arg(long, env = "TERN_MIGRATIONS_PER_MINUTE", default_value_t = 60)]
+    pub migrations_per_minute: u32,
+
+    /// A migration is refused unless this region's mirror of the source
+    /// streams with a lag under this, e.g. 5s: the account's writes would
+    /// wait that long for the mirror to catch up.
+    #[arg(long, env = "TERN_MIGRATION_MAX_LAG", default_value = "5s", value_parser = parse_duration)]
+    pub migration_max_lag: Duration,
+
+    /// How long a migration waits for the mirror to reach the fence before
+    /// it is rolled back (the account unfenced where it was).
+    #[arg(long, env = "TERN_MIGRATION_CATCH_UP_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub migration_catch_up_timeout: Duration,
+
+    /// Test hook, only in builds with the `failpoints` feature: stop
+    /// leading (as a crash would) once, on reaching this named step of a
+    /// migration (see `migrate.rs`).
+    #[cfg(feature = "failpoints")]
+    #[arg(long, env = "TERN_FAILPOINT")]
+    pub failpoint: Option<String>,
+
     /// The GeoCluster whose status this agent writes its region's lag into
     /// (own field manager, own fields). Unset: no Kubernetes publishing.
     #[arg(long, env = "TERN_GEOCLUSTER")]

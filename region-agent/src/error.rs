@@ -39,6 +39,14 @@ pub enum AgentError {
     /// leader); the next tick writes again.
     #[error("a heartbeat write took longer than {0:?}")]
     HeartbeatTimedOut(std::time::Duration),
+    /// A migration step could not go on (the source unreachable, a record
+    /// malformed); the intent record keeps the step and it is tried again.
+    #[error("migration {id}: {reason}")]
+    Migration { id: String, reason: String },
+    /// A test build's failpoint was reached: the agent stops leading as if
+    /// it had crashed there.
+    #[error("failpoint {0} reached")]
+    Failpoint(String),
     /// Flags that contradict each other.
     #[error("invalid configuration: {0}")]
     InvalidConfig(String),

@@ -12,6 +12,8 @@
 //! - `members`: Raft lag of the region's own members;
 //! - `publish`: metrics and the region's record in the directory, guarded
 //!   by the region's lease key there;
+//! - `migrate`: moves of accounts into this region, step by step from their
+//!   intent records in the directory (DESIGN.md "Migration protocol");
 //! - `kubernetes`: the region's lag in the GeoCluster status, when asked.
 //!
 //! Heartbeats and mirrored revisions are traced (`agent.heartbeat`,
@@ -27,6 +29,7 @@ pub mod kubernetes;
 pub mod lag;
 pub mod members;
 pub mod metrics;
+pub mod migrate;
 pub mod mirror;
 pub mod plan;
 pub mod publish;
@@ -96,6 +99,9 @@ pub async fn run(
         paused: paused.clone(),
         events,
         telemetry,
+        claim: Default::default(),
+        #[cfg(feature = "failpoints")]
+        failpoint: std::sync::Mutex::new(config.failpoint.clone()),
     });
 
     let stop = tern_common::process::Stop::on(shutdown);
@@ -142,6 +148,8 @@ pub async fn run(
             _ = stopped() => break,
         };
         metrics.is_leader.set(1);
+        // A previous leadership's claim is no guard for this one.
+        *shared.claim.lock().unwrap_or_else(|e| e.into_inner()) = None;
         let mut loops = tokio::task::JoinSet::new();
         loops.spawn(election::keep_alive(
             group.clone(),
@@ -171,6 +179,14 @@ pub async fn run(
             config.election_ttl,
             config.publish_interval,
             config.max_clock_offset,
+        ));
+        loops.spawn(migrate::run(
+            directory.clone(),
+            group.clone(),
+            sources.iter().cloned().collect(),
+            leadership.clone(),
+            shared.clone(),
+            migrate::Settings::from(&config),
         ));
         let status_writer = kube_client
             .clone()

@@ -53,12 +53,14 @@ pub async fn run(
         if held.as_ref().is_some_and(|(_, keeper)| keeper.0.is_finished()) {
             tracing::warn!(region = %shared.region, "the region's directory lease lapsed; claiming it again");
             held = None;
+            *shared.claim.lock().unwrap_or_else(|e| e.into_inner()) = None;
         }
         if held.is_none() {
             match grant_and_claim(&mut c, &shared, &leadership, ttl).await {
                 Ok(claim) => {
                     tracing::info!(region = %shared.region, lease = claim.lease, "holding the region's directory lease");
                     let keeper = tokio::spawn(election::keep_alive(c.clone(), claim.lease, ttl, shared.clone()));
+                    *shared.claim.lock().unwrap_or_else(|e| e.into_inner()) = Some(claim.clone());
                     held = Some((claim, AbortOnDrop(keeper)));
                     waiting = false;
                 }
@@ -92,6 +94,7 @@ pub async fn run(
                 shared.metrics.refused_writes.inc();
                 tracing::warn!(error = %e, "the region's directory lease expired; claiming it again");
                 held = None;
+                *shared.claim.lock().unwrap_or_else(|e| e.into_inner()) = None;
             }
             Err(e) => tracing::warn!(error = %e, "cannot publish the region record"),
         }

@@ -41,6 +41,13 @@ pub struct Shared {
     pub events: Option<crate::events::Events>,
     /// Spans of heartbeats and mirrored revisions, when exporting.
     pub telemetry: tern_common::telemetry::Telemetry,
+    /// This leadership's hold on the region's directory lease key, once
+    /// `publish` has claimed it: every directory write of the agent
+    /// carries its guard.
+    pub claim: Mutex<Option<crate::publish::Claim>>,
+    /// The failpoint this start of the agent stops at (`failpoints` builds).
+    #[cfg(feature = "failpoints")]
+    pub failpoint: Mutex<Option<String>>,
 }
 
 /// An id for this start of the agent: the start time in ns mixed with the
@@ -71,6 +78,30 @@ impl Shared {
             .iter()
             .filter_map(|(source, m)| Some((source.to_string(), m.lag.echo()?)))
             .collect()
+    }
+
+    /// The directory lease claim of the current leadership, if held.
+    pub fn claim(&self) -> Option<crate::publish::Claim> {
+        self.claim.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Whether the named failpoint is the one set (and not yet reached):
+    /// reaching it clears it, so the next leadership goes on. Always false
+    /// in builds without the `failpoints` feature.
+    #[cfg(not(feature = "failpoints"))]
+    pub fn failpoint(&self, _name: &str) -> bool {
+        false
+    }
+
+    #[cfg(feature = "failpoints")]
+    pub fn failpoint(&self, name: &str) -> bool {
+        let mut set = self.failpoint.lock().unwrap_or_else(|e| e.into_inner());
+        if set.as_deref() == Some(name) {
+            *set = None;
+            true
+        } else {
+            false
+        }
     }
 
     pub fn with_mirror<T>(&self, source: &RegionName, f: impl FnOnce(&mut MirrorState) -> T) -> T {

@@ -67,6 +67,7 @@ impl Op {
                 op: name.into(),
                 fp,
                 existed: None,
+                expires_ms: None,
             },
             bounded_ms: None,
         })

@@ -180,6 +180,11 @@ pub struct Record {
     /// Delete: whether the key existed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub existed: Option<bool>,
+    /// When the retention ends (Unix ms, the writing router's clock). The
+    /// record's etcd lease enforces it in this group; a migration copies
+    /// the record into another group with a lease for what is left of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_ms: Option<u64>,
 }
 
 /// What a guarded transaction found.
@@ -250,6 +255,15 @@ impl HomeStore {
                 rule: "one request is one etcd transaction, and etcd refuses transactions over 1.5 MiB",
             });
         }
+        let idempotency = idempotency.map(|(k, r)| {
+            (
+                k,
+                Record {
+                    expires_ms: Some(self.leases.expires_ms()),
+                    ..r
+                },
+            )
+        });
         let fence = fence_key(account);
         let mut when = vec![Compare::value(
             fence.clone(),
@@ -598,9 +612,13 @@ mod tests {
             op: "delete".into(),
             fp: "ab".into(),
             existed: Some(true),
+            expires_ms: Some(1_800_000_000_000),
         };
-        assert_eq!(to_json(&r), r#"{"op":"delete","fp":"ab","existed":true}"#);
+        assert_eq!(
+            to_json(&r),
+            r#"{"op":"delete","fp":"ab","existed":true,"expires_ms":1800000000000}"#
+        );
         let put: Record = serde_json::from_str(r#"{"op":"put","fp":"cd"}"#).expect("an older record");
-        assert_eq!(put.existed, None);
+        assert_eq!((put.existed, put.expires_ms), (None, None));
     }
 }

@@ -15,6 +15,7 @@ pub mod etcd_cluster;
 pub mod http;
 pub mod jaeger;
 pub mod local;
+pub mod migrations;
 pub mod otlp;
 pub mod process;
 pub mod toxiproxy;

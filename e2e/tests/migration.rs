@@ -1,0 +1,377 @@
+//! Moving accounts between regions (DESIGN.md "Migration protocol") on a
+//! local two-region deployment: real etcd groups, routers, agents, toxiproxy
+//! links. Writers keep writing through both regions' routers while the
+//! account moves; every acknowledged write must be in the target afterwards,
+//! the writers see latency and no errors, one fence is active, and a crash
+//! of the agent at any step converges.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use etcd_client::{Client, GetOptions};
+use tern_api::pb;
+use tern_common::{AccountId, MigrationId, MigrationPhase, MigrationRecord, RegionName};
+use tern_local::{Layout, LocalDeployment, migrations};
+
+/// One-way delay between the regions, ms.
+const D: u64 = 40;
+
+/// Each test runs a deployment of its own; one at a time on two cores.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+async fn start() -> LocalDeployment {
+    tern_e2e::init_logs();
+    LocalDeployment::start(Layout {
+        regions: vec![("us-east".into(), 1), ("eu-west".into(), 1)],
+        directory_members: 1,
+        rtt_ms: BTreeMap::from([(("us-east".into(), "eu-west".into()), 2 * D)]),
+        agents: true,
+        otlp_endpoint: None,
+    })
+    .await
+    .expect("deployment starts")
+}
+
+fn id(s: &str) -> MigrationId {
+    MigrationId::new(s).expect("valid id")
+}
+
+fn region(s: &str) -> RegionName {
+    RegionName::new(s).expect("valid region")
+}
+
+async fn create(d: &LocalDeployment, account: &str, home: &str) {
+    d.client(home)
+        .await
+        .create_account(pb::CreateAccountRequest {
+            account: account.into(),
+            home_region: home.into(),
+            allowed_regions: vec![],
+        })
+        .await
+        .expect("account created");
+}
+
+fn put(account: &str, key: &str, value: &str, idem: &str) -> pb::PutRequest {
+    pb::PutRequest {
+        account: account.into(),
+        key: key.into(),
+        value: value.as_bytes().to_vec(),
+        idempotency_key: idem.into(),
+    }
+}
+
+/// Waits until `region`'s agent measures the lag of its mirror of `source`
+/// (a move refuses to start before).
+async fn mirror_measured(d: &LocalDeployment, region: &str, source: &str) {
+    let agent = d.region(region).agent.as_ref().expect("agent");
+    let metric = format!("tern_agent_mirror_lag_ms{{source=\"{source}\"}}");
+    let until = Instant::now() + Duration::from_secs(30);
+    while !agent.metric(&metric).await.is_some_and(|l| l < 1e12) {
+        assert!(
+            Instant::now() < until,
+            "{region}'s mirror of {source} never measured its lag"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Writers through both regions' routers, each writing its own keys in
+/// sequence, until stopped. Returns the keys acknowledged and the errors.
+struct Writers {
+    stop: Arc<AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<(Vec<String>, Vec<String>)>>,
+}
+
+impl Writers {
+    async fn start(d: &LocalDeployment, account: &str) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut tasks = Vec::new();
+        for via in ["us-east", "eu-west"] {
+            let mut client = d.client(via).await;
+            let (stop, account) = (stop.clone(), account.to_string());
+            tasks.push(tokio::spawn(async move {
+                let (mut acked, mut errors) = (Vec::new(), Vec::new());
+                let mut n = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let key = format!("{via}-{n}");
+                    match client.put(put(&account, &key, &n.to_string(), "")).await {
+                        Ok(_) => acked.push(key),
+                        Err(e) => errors.push(format!("{key}: {e}")),
+                    }
+                    n += 1;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                (acked, errors)
+            }));
+        }
+        Self { stop, tasks }
+    }
+
+    async fn stop(self) -> (Vec<String>, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        let (mut acked, mut errors) = (Vec::new(), Vec::new());
+        for t in self.tasks {
+            let (a, e) = t.await.expect("writer");
+            acked.extend(a);
+            errors.extend(e);
+        }
+        (acked, errors)
+    }
+}
+
+/// The account's fence in `region`'s group, if any.
+async fn fence(d: &LocalDeployment, region: &str, account: &str) -> Option<String> {
+    let mut c = d.group_client(region).await;
+    let r = c
+        .get(format!("/tern/a/{account}/fence"), None)
+        .await
+        .expect("read fence");
+    r.kvs()
+        .first()
+        .map(|kv| String::from_utf8_lossy(kv.value()).into_owned())
+}
+
+async fn placement(dir: &Client, account: &str) -> serde_json::Value {
+    let r = dir
+        .clone()
+        .get(format!("/tern/dir/accounts/{account}"), None)
+        .await
+        .expect("read placement");
+    serde_json::from_slice(r.kvs()[0].value()).expect("placement json")
+}
+
+/// Every acknowledged key reads back, STRONG, through `via`.
+async fn all_readable(d: &LocalDeployment, via: &str, account: &str, keys: &[String]) {
+    let mut c = d.client(via).await;
+    let mut missing = Vec::new();
+    for key in keys {
+        let r = c
+            .get(pb::GetRequest {
+                account: account.into(),
+                key: key.clone(),
+                read: None,
+            })
+            .await
+            .expect("strong read")
+            .into_inner();
+        if !r.found {
+            missing.push(key.clone());
+        }
+    }
+    assert!(missing.is_empty(), "acknowledged writes lost: {missing:?}");
+}
+
+async fn migrate(dir: &Client, mid: &str, account: &str, to: &str, from: Option<&str>) -> MigrationRecord {
+    let account = AccountId::new(account).expect("valid account");
+    assert!(
+        migrations::request(dir, &id(mid), &account, &region(to), from.map(region), "test")
+            .await
+            .expect("intent written")
+    );
+    migrations::wait(
+        dir,
+        &id(mid),
+        Duration::from_secs(60),
+        |r| tracing::info!(phase = ?r.phase, message = ?r.message, "migration {mid}"),
+    )
+    .await
+    .expect("migration finishes")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_account_moves_under_writes_and_loses_nothing() {
+    let _serial = SERIAL.lock().await;
+    let d = start().await;
+    let dir = d.directory_client().await;
+    create(&d, "acct-m", "us-east").await;
+    let mut us = d.client("us-east").await;
+    let first = us
+        .put(put("acct-m", "paid", "1", "pay-1"))
+        .await
+        .expect("keyed put")
+        .into_inner();
+    assert!(!first.meta.expect("meta").replayed);
+    mirror_measured(&d, "eu-west", "us-east").await;
+
+    let writers = Writers::start(&d, "acct-m").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let done = migrate(&dir, "m-1", "acct-m", "eu-west", Some("us-east")).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (acked, errors) = writers.stop().await;
+
+    assert_eq!(done.phase, MigrationPhase::Completed, "{:?}", done.message);
+    let unavailable = done.unavailable_ms.expect("unavailability measured");
+    eprintln!(
+        "moved under {} acknowledged writes; writes waited at most {unavailable} ms (RTT {} ms)",
+        acked.len(),
+        2 * D
+    );
+    assert!(errors.is_empty(), "writers saw errors, not latency: {errors:?}");
+    let p = placement(&dir, "acct-m").await;
+    assert_eq!(
+        (p["home"].as_str(), p["epoch"].as_u64()),
+        (Some("eu-west"), Some(2)),
+        "{p}"
+    );
+    assert_eq!(p["state"]["kind"], "active");
+    // One active fence: the target's; the source says where the account went.
+    assert_eq!(fence(&d, "eu-west", "acct-m").await.as_deref(), Some("2:active"));
+    assert_eq!(fence(&d, "us-east", "acct-m").await.as_deref(), Some("1:moved:eu-west"));
+    all_readable(&d, "eu-west", "acct-m", &acked).await;
+    all_readable(&d, "us-east", "acct-m", &acked).await;
+
+    // The idempotency record moved with its retention: a retry across the
+    // move is answered from it, not applied again.
+    let retry = us
+        .put(put("acct-m", "paid", "1", "pay-1"))
+        .await
+        .expect("retry")
+        .into_inner()
+        .meta
+        .expect("meta");
+    assert!(retry.replayed, "a retry across the move was applied again");
+    assert_eq!(retry.home_region, "eu-west");
+    let mut eu = d.group_client("eu-west").await;
+    let record = eu.get("/tern/a/acct-m/idem/pay-1", None).await.expect("record");
+    let lease = record.kvs()[0].lease();
+    assert_ne!(lease, 0, "the copied record has no lease: it would live for ever");
+    let ttl = eu.lease_time_to_live(lease, None).await.expect("ttl").ttl();
+    assert!(
+        (23 * 3600..=24 * 3600 + 120).contains(&ttl),
+        "the copied record keeps what is left of 24 h, not {ttl} s"
+    );
+
+    // A second move with a stale expectation is refused and changes nothing.
+    let refused = migrate(&dir, "m-2", "acct-m", "us-east", Some("ap-south")).await;
+    assert_eq!(refused.phase, MigrationPhase::Refused);
+    assert!(
+        refused.message.as_deref().unwrap_or("").contains("not in ap-south"),
+        "{:?}",
+        refused.message
+    );
+    // Moving back works, at epoch 3.
+    let back = migrate(&dir, "m-3", "acct-m", "us-east", Some("eu-west")).await;
+    assert_eq!(back.phase, MigrationPhase::Completed, "{:?}", back.message);
+    assert_eq!(fence(&d, "us-east", "acct-m").await.as_deref(), Some("3:active"));
+    all_readable(&d, "us-east", "acct-m", &acked).await;
+}
+
+/// The source's fence is not what the directory says (changed behind the
+/// protocol's back): the move is rolled back, the directory names the
+/// source again and nothing stays in the target.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_that_finds_an_unexpected_fence_is_rolled_back() {
+    let _serial = SERIAL.lock().await;
+    let d = start().await;
+    let dir = d.directory_client().await;
+    create(&d, "acct-r", "us-east").await;
+    mirror_measured(&d, "eu-west", "us-east").await;
+    let mut us = d.group_client("us-east").await;
+    us.put("/tern/a/acct-r/fence", "7:active", None)
+        .await
+        .expect("fence changed");
+    let done = migrate(&dir, "r-1", "acct-r", "eu-west", None).await;
+    assert_eq!(done.phase, MigrationPhase::RolledBack, "{:?}", done.message);
+    assert!(
+        done.message
+            .as_deref()
+            .unwrap_or("")
+            .contains("is 7:active, not 1:active"),
+        "{:?}",
+        done.message
+    );
+    let p = placement(&dir, "acct-r").await;
+    assert_eq!(
+        (p["home"].as_str(), p["epoch"].as_u64()),
+        (Some("us-east"), Some(1)),
+        "{p}"
+    );
+    assert_eq!(p["state"]["kind"], "active");
+    assert_eq!(
+        fence(&d, "us-east", "acct-r").await.as_deref(),
+        Some("7:active"),
+        "left as found"
+    );
+    assert_eq!(
+        fence(&d, "eu-west", "acct-r").await,
+        None,
+        "nothing stays in the target"
+    );
+}
+
+/// The agent stops leading (as a crash would) at each named step once; the
+/// next leadership must finish the move, with one active fence and every
+/// acknowledged write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_at_every_step_of_a_move_converges() {
+    let _serial = SERIAL.lock().await;
+    let mut d = start().await;
+    let dir = d.directory_client().await;
+    let steps = [
+        "migrate.after-directory",
+        "migrate.after-fence",
+        "migrate.after-catch-up",
+        "migrate.mid-copy",
+        "migrate.after-copy",
+        "migrate.after-switch",
+        "migrate.after-moved",
+    ];
+    for (n, step) in steps.iter().enumerate() {
+        let account = format!("acct-c{n}");
+        create(&d, &account, "us-east").await;
+        if *step == "migrate.mid-copy" {
+            // More keys than one copy transaction holds.
+            let mut us = d.group_client("us-east").await;
+            for chunk in 0..3 {
+                let ops: Vec<etcd_client::TxnOp> = (0..600)
+                    .map(|i| etcd_client::TxnOp::put(format!("/tern/a/{account}/d/bulk-{chunk}-{i}"), "x", None))
+                    .collect();
+                us.txn(etcd_client::Txn::new().and_then(ops)).await.expect("bulk keys");
+            }
+        }
+        let agent = d.region_mut("eu-west").agent.take().expect("agent");
+        agent.stop().await;
+        let agent = d
+            .start_agent("eu-west", &[format!("--failpoint={step}")])
+            .await
+            .expect("agent restarts with a failpoint");
+        d.region_mut("eu-west").agent = Some(agent);
+        mirror_measured(&d, "eu-west", "us-east").await;
+        let writers = Writers::start(&d, &account).await;
+        let done = migrate(&dir, &format!("c-{n}"), &account, "eu-west", None).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let (acked, errors) = writers.stop().await;
+        assert_eq!(done.phase, MigrationPhase::Completed, "{step}: {:?}", done.message);
+        assert!(errors.is_empty(), "{step}: writers saw errors: {errors:?}");
+        assert_eq!(
+            fence(&d, "eu-west", &account).await.as_deref(),
+            Some("2:active"),
+            "{step}"
+        );
+        assert_eq!(
+            fence(&d, "us-east", &account).await.as_deref(),
+            Some("1:moved:eu-west"),
+            "{step}"
+        );
+        all_readable(&d, "eu-west", &account, &acked).await;
+        if *step == "migrate.mid-copy" {
+            let mut eu = d.group_client("eu-west").await;
+            let bulk = eu
+                .get(
+                    format!("/tern/a/{account}/d/bulk-"),
+                    Some(GetOptions::new().with_prefix().with_count_only()),
+                )
+                .await
+                .expect("count");
+            assert_eq!(bulk.count(), 1800, "{step}: the copy is not whole");
+        }
+        eprintln!(
+            "{step}: converged, {} acknowledged writes, unavailable {:?} ms",
+            acked.len(),
+            done.unavailable_ms
+        );
+    }
+}

@@ -1,0 +1,811 @@
+//! Moving accounts into this region (DESIGN.md "Migration protocol"). A move
+//! is asked for by creating an intent record in the directory
+//! (`/tern/dir/migrations/{id}`, phase `requested`); the elected agent of
+//! the *target* region carries it out, because every step but two is local
+//! to it: it mirrors the source, so it waits on its own mirror and copies
+//! from it into its own group; only the fence and the `moved` marker are
+//! written into the source's group, through the mirror's connection.
+//!
+//! ```text
+//! requested ──► fencing ──────────────────────────────► switching ──► completed
+//!   │ directory: account      fence S: E:active → E:fenced      S: E:fenced → E:moved:T
+//!   │ `migrating`, intent     wait: T's mirror applied ≥ r
+//!   ▼                         copy into T's home area, fence E+1:active last
+//! refused                     directory: {T, E+1, active} + intent `switching`
+//!                               │ (mirror too slow, fence not as expected)
+//!                               ▼
+//!                             rolling_back ──► rolled_back (S unfenced, directory {S, E, active})
+//! ```
+//!
+//! Every step is idempotent, so an agent that restarts (or a new leader)
+//! does again whatever its phase says: in `fencing` the fence CAS finds the
+//! fence already set and takes its revision, the copy deletes what an
+//! earlier attempt left and writes it again, and the directory switch
+//! compares the account's `migrating` record. Nothing is written to the
+//! intent between the fence and the switch, so the window in which the
+//! account takes no writes is one round trip to the source, the mirror's
+//! delay, a local copy and one directory write. Local writes carry the
+//! leadership guard, directory writes the region's lease claim. Named
+//! failpoints (feature `failpoints`) stop the agent at each step.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp, WatchOptions};
+use tern_common::etcd::Pages;
+use tern_common::{
+    AccountRecord, AccountState, DIR_MIGRATIONS, Epoch, Fence, MigrationId, MigrationPhase, MigrationRecord,
+    MirrorState, RegionName, account_prefix, dir_account_key, dir_migration_key, fence_key, mirror_key,
+};
+use tokio::time::Instant;
+
+use crate::election::Leadership;
+use crate::error::{AgentError, EtcdContext, Result};
+use crate::publish::Claim;
+use crate::state::Shared;
+
+/// Operations and bytes per copy transaction (etcd runs with
+/// --max-txn-ops=1024 and --max-request-bytes=1.5 MiB).
+const COPY_OPS: usize = 1000;
+const COPY_BYTES: usize = 1024 * 1024;
+/// Retention given to a copied idempotency record that does not say when
+/// its own ends (written before records carried it): the router's default.
+const DEFAULT_RETENTION: Duration = Duration::from_secs(24 * 3600);
+/// Copied records share leases whose TTLs are rounded up to this.
+const LEASE_STEP_SECS: i64 = 60;
+/// Finished intents kept per target region (the audit trail).
+const KEEP_FINISHED: usize = 1000;
+
+/// Limits of the migration executor, from the agent's flags.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub per_minute: u32,
+    pub max_lag: Duration,
+    pub catch_up_timeout: Duration,
+}
+
+impl From<&crate::Config> for Settings {
+    fn from(c: &crate::Config) -> Self {
+        Self {
+            per_minute: c.migrations_per_minute,
+            max_lag: c.migration_max_lag,
+            catch_up_timeout: c.migration_catch_up_timeout,
+        }
+    }
+}
+
+/// Runs moves into this region until leadership ends.
+pub async fn run(
+    directory: Client,
+    local: Client,
+    sources: BTreeMap<RegionName, Client>,
+    leadership: Leadership,
+    shared: Arc<Shared>,
+    settings: Settings,
+) -> AgentError {
+    let mut m = Migrator {
+        directory,
+        local,
+        sources,
+        leadership,
+        shared,
+        settings,
+        started: VecDeque::new(),
+    };
+    let mut watch = None;
+    loop {
+        match m.round().await {
+            Err(e @ (AgentError::NotLeader(_) | AgentError::Failpoint(_))) => return e,
+            Err(e) => {
+                tracing::warn!(error = %e, "a migration step failed; trying again");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+            Ok(()) => {}
+        }
+        // Wait for a change of the intents (or look again within a second:
+        // a move held back by the rate limit, a watch that broke).
+        if watch.is_none() {
+            watch = m
+                .directory
+                .clone()
+                .watch(DIR_MIGRATIONS, Some(WatchOptions::new().with_prefix()))
+                .await
+                .ok();
+        }
+        if let Some(stream) = watch.as_mut() {
+            match tokio::time::timeout(Duration::from_secs(1), stream.message()).await {
+                Ok(Ok(Some(_))) | Err(_) => {}
+                Ok(_) => watch = None,
+            }
+        } else {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+}
+
+/// What a step decided.
+enum Next {
+    /// The intent moved on: drive it further.
+    Go,
+    /// Not now (rate limit, no directory claim yet): the next round.
+    Later,
+}
+
+struct Migrator {
+    directory: Client,
+    local: Client,
+    sources: BTreeMap<RegionName, Client>,
+    leadership: Leadership,
+    shared: Arc<Shared>,
+    settings: Settings,
+    /// When recent moves started, for the per-minute limit.
+    started: VecDeque<Instant>,
+}
+
+/// An intent record as read, with the revision its next write compares.
+struct Intent {
+    id: MigrationId,
+    record: MigrationRecord,
+    revision: i64,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Migrator {
+    /// One pass over the intents that target this region, oldest first.
+    async fn round(&mut self) -> Result<()> {
+        let Some(claim) = self.shared.claim() else {
+            // `publish` has not claimed the region's directory lease yet.
+            return Ok(());
+        };
+        let resp = self
+            .directory
+            .clone()
+            .get(DIR_MIGRATIONS, Some(GetOptions::new().with_prefix()))
+            .await
+            .during(|| "reading migration intents".into())?;
+        let mut open = Vec::new();
+        let mut finished = Vec::new();
+        for kv in resp.kvs() {
+            let Some(id) = std::str::from_utf8(kv.key())
+                .ok()
+                .and_then(|k| k.strip_prefix(DIR_MIGRATIONS))
+                .and_then(|id| MigrationId::new(id).ok())
+            else {
+                continue;
+            };
+            let record: MigrationRecord = match serde_json::from_slice(kv.value()) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(migration = %id, error = %e, "ignoring a malformed migration intent");
+                    continue;
+                }
+            };
+            if record.target != self.shared.region {
+                continue;
+            }
+            let intent = Intent {
+                id,
+                record,
+                revision: kv.mod_revision(),
+            };
+            if intent.record.phase.is_final() {
+                finished.push(intent);
+            } else {
+                open.push(intent);
+            }
+        }
+        open.sort_by_key(|i| i.record.requested_ms);
+        for mut intent in open {
+            self.drive(&mut intent, &claim).await?;
+        }
+        self.trim(finished, &claim).await
+    }
+
+    /// Takes one intent through its steps until it is final or must wait.
+    async fn drive(&mut self, i: &mut Intent, claim: &Claim) -> Result<()> {
+        loop {
+            let next = match i.record.phase {
+                MigrationPhase::Requested => self.start(i, claim).await?,
+                MigrationPhase::Fencing => self.fence_copy_switch(i, claim).await?,
+                MigrationPhase::Switching => self.mark_moved(i, claim).await?,
+                MigrationPhase::RollingBack => self.roll_back(i, claim).await?,
+                MigrationPhase::Completed | MigrationPhase::RolledBack | MigrationPhase::Refused => return Ok(()),
+            };
+            if matches!(next, Next::Later) {
+                return Ok(());
+            }
+        }
+    }
+
+    fn failpoint(&self, name: &str) -> Result<()> {
+        if self.shared.failpoint(name) {
+            tracing::warn!(failpoint = name, "failpoint reached: stopping as if crashed");
+            return Err(AgentError::Failpoint(name.into()));
+        }
+        Ok(())
+    }
+
+    fn fail(&self, i: &Intent, reason: impl Into<String>) -> AgentError {
+        AgentError::Migration {
+            id: i.id.to_string(),
+            reason: reason.into(),
+        }
+    }
+
+    /// Writes the intent (and `also`) if it is still as read and this agent
+    /// still holds the region's directory lease.
+    async fn save(&mut self, i: &mut Intent, claim: &Claim, extra: Vec<Compare>, also: Vec<TxnOp>) -> Result<bool> {
+        let key = dir_migration_key(&i.id);
+        let value = serde_json::to_string(&i.record).map_err(|e| self.fail(i, e.to_string()))?;
+        let mut when = vec![
+            claim.guard(),
+            Compare::mod_revision(key.clone(), CompareOp::Equal, i.revision),
+        ];
+        when.extend(extra);
+        let mut then = vec![TxnOp::put(key, value, None)];
+        then.extend(also);
+        let resp = self
+            .directory
+            .clone()
+            .txn(Txn::new().when(when).and_then(then))
+            .await
+            .during(|| format!("writing migration {}", i.id))?;
+        if resp.succeeded() {
+            i.revision = resp.header().map_or(0, |h| h.revision());
+        }
+        Ok(resp.succeeded())
+    }
+
+    /// Ends a move before anything changed, saying why.
+    async fn refuse(&mut self, i: &mut Intent, claim: &Claim, why: String) -> Result<Next> {
+        tracing::warn!(migration = %i.id, account = %i.record.account, to = %i.record.target, reason = %why, "migration refused");
+        i.record.phase = MigrationPhase::Refused;
+        i.record.finished_ms = Some(now_ms());
+        i.record.message = Some(why);
+        if !self.save(i, claim, vec![], vec![]).await? {
+            return Err(self.fail(i, "the intent changed under the agent"));
+        }
+        Ok(Next::Go)
+    }
+
+    /// `requested` → `fencing`: checks the move and marks the account
+    /// `migrating` in the same directory transaction as the intent.
+    async fn start(&mut self, i: &mut Intent, claim: &Claim) -> Result<Next> {
+        let account_key = dir_account_key(&i.record.account);
+        let resp = self
+            .directory
+            .clone()
+            .get(account_key.clone(), None)
+            .await
+            .during(|| format!("reading the placement of {}", i.record.account))?;
+        let Some(kv) = resp.kvs().first() else {
+            let why = format!("account {} does not exist", i.record.account);
+            return self.refuse(i, claim, why).await;
+        };
+        let account_revision = kv.mod_revision();
+        let placement: AccountRecord = serde_json::from_slice(kv.value()).map_err(|e| AgentError::Malformed {
+            key: account_key.clone(),
+            detail: e.to_string(),
+        })?;
+        let target = self.shared.region.clone();
+        let home = placement.home.clone();
+        if let AccountState::Migrating { target: other } = &placement.state {
+            let why = format!("account {} is already moving from {home} to {other}", i.record.account);
+            return self.refuse(i, claim, why).await;
+        }
+        if home == target {
+            let why = format!("account {} is already homed in {target}", i.record.account);
+            return self.refuse(i, claim, why).await;
+        }
+        if let Some(expected) = &i.record.expected_source
+            && *expected != home
+        {
+            let why = format!(
+                "account {} is homed in {home}, not in {expected} as the request expects",
+                i.record.account
+            );
+            return self.refuse(i, claim, why).await;
+        }
+        if !placement.allowed_regions.is_empty() && !placement.allowed_regions.contains(&target) {
+            let allowed: Vec<String> = placement.allowed_regions.iter().map(ToString::to_string).collect();
+            let why = format!(
+                "{target} is not among account {}'s allowed regions [{}] (data residency)",
+                i.record.account,
+                allowed.join(", ")
+            );
+            return self.refuse(i, claim, why).await;
+        }
+        if !self.sources.contains_key(&home) {
+            let why = format!("{target} does not mirror {home}");
+            return self.refuse(i, claim, why).await;
+        }
+        let mirror = self.shared.mirror_statuses().remove(home.as_str());
+        let healthy = mirror
+            .as_ref()
+            .is_some_and(|m| m.state == MirrorState::Streaming && m.lag_ms <= self.settings.max_lag.as_millis() as u64);
+        if !healthy {
+            let why = match mirror {
+                Some(m) if m.lag_ms == u64::MAX => {
+                    format!(
+                        "{target}'s mirror of {home} is {:?} and its lag is not measured yet",
+                        m.state
+                    )
+                }
+                Some(m) => format!(
+                    "{target}'s mirror of {home} is {:?} with a lag of {} ms (at most {} ms to start a move)",
+                    m.state,
+                    m.lag_ms,
+                    self.settings.max_lag.as_millis()
+                ),
+                None => format!("{target}'s mirror of {home} has not started"),
+            };
+            return self.refuse(i, claim, why).await;
+        }
+        let window = Duration::from_secs(60);
+        while self.started.front().is_some_and(|t| t.elapsed() > window) {
+            self.started.pop_front();
+        }
+        if self.started.len() >= self.settings.per_minute as usize {
+            tracing::info!(migration = %i.id, account = %i.record.account, "migration waits: {} moves into {target} in the last minute", self.started.len());
+            return Ok(Next::Later);
+        }
+        let migrating = AccountRecord {
+            state: AccountState::Migrating { target: target.clone() },
+            ..placement.clone()
+        };
+        i.record.phase = MigrationPhase::Fencing;
+        i.record.source = Some(home.clone());
+        i.record.source_epoch = Some(placement.epoch);
+        i.record.started_ms = Some(now_ms());
+        i.record.message = Some(format!("moving from {home} at epoch {}", placement.epoch));
+        let account_value = serde_json::to_string(&migrating).map_err(|e| self.fail(i, e.to_string()))?;
+        let saved = self
+            .save(
+                i,
+                claim,
+                vec![Compare::mod_revision(
+                    account_key.clone(),
+                    CompareOp::Equal,
+                    account_revision,
+                )],
+                vec![TxnOp::put(account_key, account_value, None)],
+            )
+            .await?;
+        if !saved {
+            return Err(self.fail(i, "the intent or the account's placement changed under the agent"));
+        }
+        self.started.push_back(Instant::now());
+        tracing::info!(migration = %i.id, account = %i.record.account, from = %home, to = %target, epoch = placement.epoch.0, reason = %i.record.reason, "migration started");
+        self.failpoint("migrate.after-directory")?;
+        Ok(Next::Go)
+    }
+
+    /// The source, its epoch and its client, as the intent names them.
+    fn source(&self, i: &Intent) -> Result<(RegionName, Epoch, Client)> {
+        let (Some(source), Some(epoch)) = (i.record.source.clone(), i.record.source_epoch) else {
+            return Err(self.fail(i, "the intent names no source"));
+        };
+        let client = self
+            .sources
+            .get(&source)
+            .cloned()
+            .ok_or_else(|| self.fail(i, format!("{} does not mirror {source}", self.shared.region)))?;
+        Ok((source, epoch, client))
+    }
+
+    /// `fencing` → `switching` (or `rolling_back`).
+    async fn fence_copy_switch(&mut self, i: &mut Intent, claim: &Claim) -> Result<Next> {
+        let (source, epoch, mut client) = self.source(i)?;
+        let account = i.record.account.clone();
+        let fence = fence_key(&account);
+        let fenced_at = now_ms();
+        // Step 2: fence the source (or find it fenced by an earlier attempt).
+        let resp = client
+            .txn(
+                Txn::new()
+                    .when([Compare::value(
+                        fence.clone(),
+                        CompareOp::Equal,
+                        Fence::active(epoch).to_string(),
+                    )])
+                    .and_then([TxnOp::put(fence.clone(), Fence::fenced(epoch).to_string(), None)])
+                    .or_else([TxnOp::get(fence.clone(), None)]),
+            )
+            .await
+            .during(|| format!("fencing {account} in {source}"))?;
+        let fenced_revision = if resp.succeeded() {
+            resp.header().map_or(0, |h| h.revision())
+        } else {
+            let found = match resp.op_responses().first() {
+                Some(etcd_client::TxnOpResponse::Get(g)) => {
+                    g.kvs().first().map(|kv| (kv.value().to_vec(), kv.mod_revision()))
+                }
+                _ => None,
+            };
+            match found {
+                Some((value, revision)) if value == Fence::fenced(epoch).to_string().as_bytes() => revision,
+                other => {
+                    let shown = other.map_or("absent".to_string(), |(v, _)| String::from_utf8_lossy(&v).into_owned());
+                    let why = format!("{account}'s fence in {source} is {shown}, not {}", Fence::active(epoch));
+                    return self.begin_roll_back(i, claim, why).await;
+                }
+            }
+        };
+        self.failpoint("migrate.after-fence")?;
+        // Step 3: this region's mirror of the source reaches the fence.
+        let deadline = Instant::now() + self.settings.catch_up_timeout;
+        loop {
+            let applied = self.shared.with_mirror(&source, |m| m.applied);
+            if applied.0 >= fenced_revision {
+                break;
+            }
+            if Instant::now() > deadline {
+                let why = format!(
+                    "{}'s mirror of {source} did not reach the fence's revision {fenced_revision} within {:?} (applied {})",
+                    self.shared.region, self.settings.catch_up_timeout, applied
+                );
+                return self.begin_roll_back(i, claim, why).await;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let mirrored_fence = mirror_key(&source, fence.as_bytes());
+        let mirrored = self
+            .local
+            .clone()
+            .get(mirrored_fence, None)
+            .await
+            .during(|| format!("reading the mirrored fence of {account}"))?;
+        let value = mirrored.kvs().first().map(|kv| kv.value().to_vec());
+        if value.as_deref() != Some(Fence::fenced(epoch).to_string().as_bytes()) {
+            let why = format!(
+                "the mirror of {source} holds {account}'s fence as {}, not {}",
+                value.map_or("absent".into(), |v| String::from_utf8_lossy(&v).into_owned()),
+                Fence::fenced(epoch)
+            );
+            return self.begin_roll_back(i, claim, why).await;
+        }
+        self.failpoint("migrate.after-catch-up")?;
+        // Step 4: copy into this region's home area, the fence last.
+        let target_epoch = Epoch(epoch.0 + 1);
+        let keys = self.copy(i, &source, target_epoch).await?;
+        self.failpoint("migrate.after-copy")?;
+        // Step 5: the directory names this region.
+        let account_key = dir_account_key(&account);
+        let current = self
+            .directory
+            .clone()
+            .get(account_key.clone(), None)
+            .await
+            .during(|| format!("reading the placement of {account}"))?;
+        let placement: AccountRecord = match current.kvs().first().map(|kv| serde_json::from_slice(kv.value())) {
+            Some(Ok(p)) => p,
+            _ => return Err(self.fail(i, format!("the placement of {account} vanished"))),
+        };
+        let expected_migrating = AccountRecord {
+            home: source.clone(),
+            epoch,
+            state: AccountState::Migrating {
+                target: self.shared.region.clone(),
+            },
+            allowed_regions: placement.allowed_regions.clone(),
+        };
+        if placement != expected_migrating {
+            return Err(self.fail(
+                i,
+                format!("the placement of {account} is {placement:?}, not migrating from {source}"),
+            ));
+        }
+        let switched = AccountRecord {
+            home: self.shared.region.clone(),
+            epoch: target_epoch,
+            state: AccountState::Active,
+            allowed_regions: placement.allowed_regions.clone(),
+        };
+        let switched_at = now_ms();
+        i.record.phase = MigrationPhase::Switching;
+        i.record.fenced_revision = Some(fenced_revision);
+        i.record.fenced_ms = Some(fenced_at);
+        i.record.switched_ms = Some(switched_at);
+        i.record.unavailable_ms = Some(switched_at.saturating_sub(fenced_at));
+        i.record.message = Some(format!(
+            "{keys} keys copied; homed in {} at epoch {target_epoch}",
+            self.shared.region
+        ));
+        let expected_value = serde_json::to_string(&expected_migrating).map_err(|e| self.fail(i, e.to_string()))?;
+        let switched_value = serde_json::to_string(&switched).map_err(|e| self.fail(i, e.to_string()))?;
+        let saved = self
+            .save(
+                i,
+                claim,
+                vec![Compare::value(account_key.clone(), CompareOp::Equal, expected_value)],
+                vec![TxnOp::put(account_key, switched_value, None)],
+            )
+            .await?;
+        if !saved {
+            return Err(self.fail(i, "the intent or the account's placement changed under the agent"));
+        }
+        tracing::info!(
+            migration = %i.id, account = %account, from = %source, to = %self.shared.region,
+            epoch = target_epoch.0, keys, unavailable_ms = i.record.unavailable_ms.unwrap_or(0),
+            "migration switched the directory"
+        );
+        self.failpoint("migrate.after-switch")?;
+        Ok(Next::Go)
+    }
+
+    /// Copies the account from the mirror area into this region's home
+    /// area: what an earlier attempt left is deleted first, the fence
+    /// `E+1:active` is written in the last transaction. Returns
+    /// the keys copied.
+    async fn copy(&mut self, i: &Intent, source: &RegionName, target_epoch: Epoch) -> Result<usize> {
+        let account = &i.record.account;
+        let home_prefix = account_prefix(account);
+        let mirrored_prefix = String::from_utf8_lossy(&mirror_key(source, home_prefix.as_bytes())).into_owned();
+        let strip = mirror_key(source, b"").len();
+        let fence = fence_key(account);
+        let mut pages = Pages::prefix(&mirrored_prefix, 1000);
+        let mut items: Vec<(String, Vec<u8>)> = Vec::new();
+        let mut local = self.local.clone();
+        while let Some(page) = pages
+            .next(&mut local)
+            .await
+            .during(|| format!("reading the mirrored keys of {account}"))?
+        {
+            for kv in page.kvs() {
+                let key = String::from_utf8_lossy(&kv.key()[strip..]).into_owned();
+                if key != fence {
+                    items.push((key, kv.value().to_vec()));
+                }
+            }
+        }
+        // Idempotency records get leases for what is left of their
+        // retention, shared per minute of TTL.
+        let now = now_ms();
+        let mut leases: BTreeMap<i64, i64> = BTreeMap::new();
+        let mut ops: Vec<(TxnOp, usize)> = Vec::new();
+        let mut copied = 0;
+        for (key, value) in &items {
+            let mut options = None;
+            if key.contains("/idem/") {
+                let expires = serde_json::from_slice::<serde_json::Value>(value)
+                    .ok()
+                    .and_then(|v| v.get("expires_ms")?.as_u64());
+                let left_ms = match expires {
+                    Some(e) if e <= now => continue,
+                    Some(e) => e - now,
+                    None => DEFAULT_RETENTION.as_millis() as u64,
+                };
+                let ttl = (left_ms as i64 / 1000 + 1).div_euclid(LEASE_STEP_SECS) * LEASE_STEP_SECS + LEASE_STEP_SECS;
+                let lease = match leases.get(&ttl) {
+                    Some(l) => *l,
+                    None => {
+                        let l = local
+                            .lease_grant(ttl, None)
+                            .await
+                            .during(|| format!("granting a lease for {account}'s idempotency records"))?
+                            .id();
+                        leases.insert(ttl, l);
+                        l
+                    }
+                };
+                options = Some(etcd_client::PutOptions::new().with_lease(lease));
+            }
+            ops.push((
+                TxnOp::put(key.clone(), value.clone(), options),
+                key.len() + value.len() + 16,
+            ));
+            copied += 1;
+        }
+        let fence_op = TxnOp::put(fence, Fence::active(target_epoch).to_string(), None);
+        // etcd refuses a transaction that deletes a range and puts a key
+        // inside it: the delete goes first, on its own.
+        let mut txns: Vec<Vec<TxnOp>> = vec![
+            vec![TxnOp::delete(
+                home_prefix.clone(),
+                Some(etcd_client::DeleteOptions::new().with_prefix()),
+            )],
+            Vec::new(),
+        ];
+        let mut bytes = 0;
+        for (op, size) in ops {
+            let full = txns
+                .last()
+                .is_some_and(|t| t.len() >= COPY_OPS - 1 || bytes + size > COPY_BYTES);
+            if full {
+                txns.push(Vec::new());
+                bytes = 0;
+            }
+            bytes += size;
+            if let Some(t) = txns.last_mut() {
+                t.push(op);
+            }
+        }
+        // The fence last: with the rest where it fits.
+        match txns.last_mut() {
+            Some(t) if t.len() < COPY_OPS - 1 && bytes + 64 < COPY_BYTES => t.push(fence_op),
+            _ => txns.push(vec![fence_op]),
+        }
+        let count = txns.len();
+        for (n, then) in txns.into_iter().enumerate() {
+            let resp = local
+                .txn(Txn::new().when([self.leadership.guard()]).and_then(then))
+                .await
+                .during(|| format!("copying {account} ({}/{count})", n + 1))?;
+            if !resp.succeeded() {
+                return Err(AgentError::NotLeader(format!(
+                    "a copy of {account} was refused: the election key changed"
+                )));
+            }
+            if n == 1 && count > 2 {
+                self.failpoint("migrate.mid-copy")?;
+            }
+        }
+        Ok(copied)
+    }
+
+    /// `switching` → `completed`: the source's fence says where the account
+    /// went, for routers with a stale placement.
+    async fn mark_moved(&mut self, i: &mut Intent, claim: &Claim) -> Result<Next> {
+        let (source, epoch, mut client) = self.source(i)?;
+        let account = i.record.account.clone();
+        let fence = fence_key(&account);
+        let moved = Fence::moved(epoch, self.shared.region.clone()).to_string();
+        let resp = client
+            .txn(
+                Txn::new()
+                    .when([Compare::value(
+                        fence.clone(),
+                        CompareOp::Equal,
+                        Fence::fenced(epoch).to_string(),
+                    )])
+                    .and_then([TxnOp::put(fence.clone(), moved.clone(), None)])
+                    .or_else([TxnOp::get(fence, None)]),
+            )
+            .await
+            .during(|| format!("marking {account} moved in {source}"))?;
+        if !resp.succeeded() {
+            let found = match resp.op_responses().first() {
+                Some(etcd_client::TxnOpResponse::Get(g)) => g.kvs().first().map(|kv| kv.value().to_vec()),
+                _ => None,
+            };
+            if found.as_deref() != Some(moved.as_bytes()) {
+                tracing::warn!(migration = %i.id, account = %account, found = ?found.map(|v| String::from_utf8_lossy(&v).into_owned()), "the source's fence was neither fenced nor moved; left as it is");
+            }
+        }
+        self.failpoint("migrate.after-moved")?;
+        i.record.phase = MigrationPhase::Completed;
+        i.record.finished_ms = Some(now_ms());
+        if !self.save(i, claim, vec![], vec![]).await? {
+            return Err(self.fail(i, "the intent changed under the agent"));
+        }
+        tracing::info!(migration = %i.id, account = %account, from = %source, to = %self.shared.region, unavailable_ms = i.record.unavailable_ms.unwrap_or(0), "migration completed");
+        Ok(Next::Go)
+    }
+
+    async fn begin_roll_back(&mut self, i: &mut Intent, claim: &Claim, why: String) -> Result<Next> {
+        tracing::warn!(migration = %i.id, account = %i.record.account, reason = %why, "rolling the migration back");
+        i.record.phase = MigrationPhase::RollingBack;
+        i.record.message = Some(why);
+        if !self.save(i, claim, vec![], vec![]).await? {
+            return Err(self.fail(i, "the intent changed under the agent"));
+        }
+        Ok(Next::Go)
+    }
+
+    /// `rolling_back` → `rolled_back`: what the move wrote here goes, the
+    /// source is unfenced, the directory names the source again.
+    async fn roll_back(&mut self, i: &mut Intent, claim: &Claim) -> Result<Next> {
+        let (source, epoch, mut client) = self.source(i)?;
+        let account = i.record.account.clone();
+        let resp = self
+            .local
+            .clone()
+            .txn(Txn::new().when([self.leadership.guard()]).and_then([TxnOp::delete(
+                account_prefix(&account),
+                Some(etcd_client::DeleteOptions::new().with_prefix()),
+            )]))
+            .await
+            .during(|| format!("removing the partial copy of {account}"))?;
+        if !resp.succeeded() {
+            return Err(AgentError::NotLeader(
+                "a rollback was refused: the election key changed".into(),
+            ));
+        }
+        let fence = fence_key(&account);
+        let resp = client
+            .txn(
+                Txn::new()
+                    .when([Compare::value(
+                        fence.clone(),
+                        CompareOp::Equal,
+                        Fence::fenced(epoch).to_string(),
+                    )])
+                    .and_then([TxnOp::put(fence.clone(), Fence::active(epoch).to_string(), None)])
+                    .or_else([TxnOp::get(fence, None)]),
+            )
+            .await
+            .during(|| format!("unfencing {account} in {source}"))?;
+        if !resp.succeeded() {
+            let found = match resp.op_responses().first() {
+                Some(etcd_client::TxnOpResponse::Get(g)) => g.kvs().first().map(|kv| Fence::parse(kv.value())),
+                _ => None,
+            };
+            match found {
+                Some(Ok(f)) if f == Fence::active(epoch) => {}
+                other => {
+                    tracing::warn!(migration = %i.id, account = %account, found = ?other, "the source's fence was not as the rollback expects; left as it is")
+                }
+            }
+        }
+        let account_key = dir_account_key(&account);
+        let current = self
+            .directory
+            .clone()
+            .get(account_key.clone(), None)
+            .await
+            .during(|| format!("reading the placement of {account}"))?;
+        let mut also = Vec::new();
+        let mut extra = Vec::new();
+        if let Some(kv) = current.kvs().first()
+            && let Ok(p) = serde_json::from_slice::<AccountRecord>(kv.value())
+            && p.home == source
+            && p.epoch == epoch
+            && matches!(&p.state, AccountState::Migrating { target } if *target == self.shared.region)
+        {
+            let restored = AccountRecord {
+                state: AccountState::Active,
+                ..p
+            };
+            extra.push(Compare::mod_revision(
+                account_key.clone(),
+                CompareOp::Equal,
+                kv.mod_revision(),
+            ));
+            also.push(TxnOp::put(
+                account_key,
+                serde_json::to_string(&restored).map_err(|e| self.fail(i, e.to_string()))?,
+                None,
+            ));
+        }
+        i.record.phase = MigrationPhase::RolledBack;
+        i.record.finished_ms = Some(now_ms());
+        if !self.save(i, claim, extra, also).await? {
+            return Err(self.fail(i, "the intent or the account's placement changed under the agent"));
+        }
+        tracing::warn!(migration = %i.id, account = %account, source = %source, reason = i.record.message.as_deref().unwrap_or(""), "migration rolled back: the account stays in its source");
+        Ok(Next::Go)
+    }
+
+    /// Deletes the oldest finished intents of this region beyond
+    /// [`KEEP_FINISHED`].
+    async fn trim(&mut self, mut finished: Vec<Intent>, claim: &Claim) -> Result<()> {
+        if finished.len() <= KEEP_FINISHED {
+            return Ok(());
+        }
+        finished.sort_by_key(|i| i.record.finished_ms.unwrap_or(i.record.requested_ms));
+        let excess = finished.len() - KEEP_FINISHED;
+        for i in finished.into_iter().take(excess) {
+            let key = dir_migration_key(&i.id);
+            self.directory
+                .clone()
+                .txn(
+                    Txn::new()
+                        .when([
+                            claim.guard(),
+                            Compare::mod_revision(key.clone(), CompareOp::Equal, i.revision),
+                        ])
+                        .and_then([TxnOp::delete(key, None)]),
+                )
+                .await
+                .during(|| format!("deleting finished migration {}", i.id))?;
+        }
+        Ok(())
+    }
+}
