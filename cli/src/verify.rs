@@ -7,10 +7,11 @@
 //! again offline.
 //!
 //! Modules: `workload` (the clients and the final round), `nemesis` (the
-//! faults and their healing), `etcd_history` (what etcd applied, watched
-//! for the whole run).
+//! faults and their healing), `moves` (accounts migrated during the run),
+//! `etcd_history` (what etcd applied, watched for the whole run).
 
 mod etcd_history;
+mod moves;
 mod nemesis;
 mod workload;
 
@@ -78,6 +79,11 @@ pub struct VerifyArgs {
         default_value = "reset,limit,latency,mirror-delay,blackhole,partition,kill-router,pause-router,kill-agent,pause-agent,kill-member,kill-leader,pause-leader,compaction,clock-offset,bandwidth"
     )]
     faults: Vec<Fault>,
+    /// Accounts moved to another region during each run (the migration
+    /// protocol, asked for one after another over the run, faults or not);
+    /// 0: none.
+    #[arg(long, default_value_t = 3)]
+    moves: usize,
     /// The tern-router binary the deployment runs (as processes, to kill
     /// and pause); default: beside this `tern`.
     #[arg(long, value_name = "PATH")]
@@ -106,6 +112,7 @@ pub struct RunReport {
     pub violations: Vec<tern_verify::Violation>,
     pub unknown_keys: Vec<String>,
     pub history: PathBuf,
+    pub moves: moves::Moves,
 }
 
 pub async fn run(args: VerifyArgs) -> Result<(), CliError> {
@@ -253,6 +260,18 @@ fn print_report(r: &RunReport) {
         },
         r.history.display()
     );
+    let m = &r.moves;
+    if !m.described.is_empty() {
+        println!(
+            "  moves: {} completed (writes waited at most {} ms), {} rolled back, {} refused, {} unfinished: {}",
+            m.completed,
+            m.unavailable_ms.iter().max().copied().unwrap_or(0),
+            m.rolled_back,
+            m.refused,
+            m.unfinished,
+            m.described.join("; ")
+        );
+    }
     for v in &r.violations {
         println!("  [{}] {}: {}", v.checker, v.key, v.detail);
     }
@@ -329,6 +348,14 @@ pub async fn run_once(args: &VerifyArgs, binaries: &Binaries, seed: u64) -> Resu
             id += 1;
         }
     }
+    let mover = tokio::spawn(moves::run(
+        d.directory_client().await,
+        accounts.iter().map(|(a, _)| a.clone()).collect(),
+        REGIONS.iter().map(|r| r.to_string()).collect(),
+        seed,
+        args.moves,
+        started + duration,
+    ));
     // The faults hold the middle third of the run, then heal.
     tokio::time::sleep(duration / 3).await;
     let before_faults = records.lock().unwrap_or_else(|e| e.into_inner()).len();
@@ -341,6 +368,7 @@ pub async fn run_once(args: &VerifyArgs, binaries: &Binaries, seed: u64) -> Resu
     for c in clients {
         let _ = c.await;
     }
+    let moves = mover.await.unwrap_or_default();
     let mut history = History {
         records: std::mem::take(&mut *records.lock().unwrap_or_else(|e| e.into_inner())),
     };
@@ -382,5 +410,6 @@ pub async fn run_once(args: &VerifyArgs, binaries: &Binaries, seed: u64) -> Resu
         violations,
         unknown_keys: lin.unknown,
         history: path,
+        moves,
     })
 }

@@ -86,6 +86,15 @@ pub fn is_mirrored(key: &[u8]) -> bool {
     key.starts_with(b"/tern/a/") || key.starts_with(b"/tern/hb/")
 }
 
+/// Prefix of the write counts the region's routers publish (follow the
+/// sun), in the region's own group; outside the mirrored range.
+pub const COUNTS_PREFIX: &str = "/tern/stats/counts/";
+
+/// One router's write counts: `{COUNTS_PREFIX}{instance}/{chunk}`.
+pub fn counts_key(instance: &str, chunk: usize) -> String {
+    format!("{COUNTS_PREFIX}{instance}/{chunk:04}")
+}
+
 /// Name of the election of a region's agents, in the region's own group.
 pub fn agent_election(region: &RegionName) -> String {
     format!("/tern/agent/{region}/leader")

@@ -15,6 +15,13 @@ pub struct AccountRecord {
     /// Regions the account may be homed in; empty means any.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allowed_regions: Vec<RegionName>,
+    /// When the account last moved (Unix ms, the switching agent's clock):
+    /// the follow-the-sun cooldown counts from it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moved_ms: Option<u64>,
+    /// Never moved by the follow-the-sun policy (manual moves still are).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pinned: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -289,4 +296,20 @@ impl MigrationPhase {
     pub fn is_final(self) -> bool {
         matches!(self, Self::Completed | Self::RolledBack | Self::Refused)
     }
+}
+
+/// Writes per account and origin region in a sliding window, as one router
+/// counted them (`router/src/counts.rs`) and published them into its
+/// region's group (`counts_key`): the evidence the home agent's
+/// follow-the-sun policy sums over every router of the region. Each bucket
+/// is `[bucket number, writes]`, the bucket number being Unix seconds /
+/// `bucket_secs`, so buckets of different routers add up and old ones fall
+/// out of the window wherever they were counted.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WriteCountsRecord {
+    pub bucket_secs: u64,
+    /// When the router published this (Unix ms, its clock).
+    pub published_ms: u64,
+    /// account → origin region → buckets.
+    pub accounts: BTreeMap<String, BTreeMap<String, Vec<(u64, u64)>>>,
 }

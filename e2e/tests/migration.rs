@@ -375,3 +375,146 @@ async fn a_crash_at_every_step_of_a_move_converges() {
         );
     }
 }
+
+/// Routers that publish their write counts every 300 ms and agents whose
+/// follow-the-sun policy looks every 300 ms (`extra` added to the agents).
+async fn sunny(d: &mut LocalDeployment, agent_extra: &[&str]) {
+    for region in ["us-east", "eu-west"] {
+        if let Some(r) = d.region_mut(region).router.take() {
+            r.stop().await;
+        }
+        d.start_router_with(region, &["--write-count-publish-interval=300ms".into()])
+            .await
+            .expect("router restarts");
+        let agent = d.region_mut(region).agent.take().expect("agent");
+        agent.stop().await;
+        let mut extra = vec!["--follow-the-sun".to_string(), "--follow-the-sun-interval=300ms".into()];
+        extra.extend(agent_extra.iter().map(|s| s.to_string()));
+        let agent = d.start_agent(region, &extra).await.expect("agent restarts");
+        d.region_mut(region).agent = Some(agent);
+    }
+    mirror_measured(d, "eu-west", "us-east").await;
+    mirror_measured(d, "us-east", "eu-west").await;
+}
+
+/// Every intent about `account`, oldest first.
+async fn intents_of(dir: &Client, account: &str) -> Vec<MigrationRecord> {
+    let r = dir
+        .clone()
+        .get("/tern/dir/migrations/", Some(GetOptions::new().with_prefix()))
+        .await
+        .expect("intents");
+    let mut all: Vec<MigrationRecord> = r
+        .kvs()
+        .iter()
+        .filter_map(|kv| serde_json::from_slice::<MigrationRecord>(kv.value()).ok())
+        .filter(|m| m.account.as_str() == account)
+        .collect();
+    all.sort_by_key(|m| m.requested_ms);
+    all
+}
+
+async fn writes(d: &LocalDeployment, via: &str, account: &str, n: usize) {
+    let mut c = d.client(via).await;
+    for i in 0..n {
+        c.put(put(account, &format!("{via}-{i}"), "v", ""))
+            .await
+            .expect("write");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accounts_follow_their_writers_with_reasons_and_do_not_ping_pong() {
+    let _serial = SERIAL.lock().await;
+    let mut d = start().await;
+    let dir = d.directory_client().await;
+    sunny(&mut d, &["--follow-the-sun-cooldown=1h"]).await;
+    create(&d, "acct-sun", "us-east").await;
+    create(&d, "acct-even", "us-east").await;
+    d.client("us-east")
+        .await
+        .create_account(pb::CreateAccountRequest {
+            account: "acct-stay".into(),
+            home_region: "us-east".into(),
+            allowed_regions: vec!["us-east".into()],
+        })
+        .await
+        .expect("account created");
+
+    // acct-sun: written only from eu-west. acct-even: from both regions
+    // alike. acct-stay: from eu-west, but may live only in us-east.
+    writes(&d, "eu-west", "acct-sun", 4).await;
+    writes(&d, "eu-west", "acct-stay", 4).await;
+    for _ in 0..4 {
+        writes(&d, "us-east", "acct-even", 1).await;
+        writes(&d, "eu-west", "acct-even", 1).await;
+    }
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        let p = placement(&dir, "acct-sun").await;
+        if p["home"] == "eu-west" {
+            break;
+        }
+        assert!(Instant::now() < until, "acct-sun never followed its writes: {p}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let moved = intents_of(&dir, "acct-sun").await;
+    assert_eq!(moved.len(), 1, "{moved:?}");
+    assert_eq!(
+        moved[0].reason,
+        "acct-sun: 4 writes from eu-west in 24h, 0 from home us-east → moving to eu-west"
+    );
+    // Now written only from us-east: the cooldown holds it in eu-west.
+    writes(&d, "us-east", "acct-sun", 6).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        placement(&dir, "acct-sun").await["home"],
+        "eu-west",
+        "moved back within the cooldown"
+    );
+    assert_eq!(intents_of(&dir, "acct-sun").await.len(), 1);
+    // Even traffic and residency: nothing moves.
+    assert_eq!(placement(&dir, "acct-even").await["home"], "us-east");
+    assert!(intents_of(&dir, "acct-even").await.is_empty());
+    assert_eq!(placement(&dir, "acct-stay").await["home"], "us-east");
+    assert!(intents_of(&dir, "acct-stay").await.is_empty());
+    let skipped = |region: &'static str| {
+        let d = &d;
+        async move {
+            d.region(region)
+                .agent
+                .as_ref()
+                .expect("agent")
+                .metric("tern_agent_follow_the_sun_decisions_total{outcome=\"skipped\"}")
+                .await
+                .unwrap_or(0.0)
+        }
+    };
+    // us-east explained acct-even and acct-stay; eu-west the cooldown.
+    assert!(skipped("us-east").await >= 2.0, "skips not explained");
+    assert!(skipped("eu-west").await >= 1.0, "the cooldown not explained");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dry_run_moves_nothing_and_says_what_it_would_do() {
+    let _serial = SERIAL.lock().await;
+    let mut d = start().await;
+    let dir = d.directory_client().await;
+    sunny(&mut d, &["--follow-the-sun-dry-run"]).await;
+    create(&d, "acct-dry", "us-east").await;
+    writes(&d, "eu-west", "acct-dry", 5).await;
+    let agent = d.region("us-east").agent.as_ref().expect("agent");
+    let until = Instant::now() + Duration::from_secs(20);
+    while agent
+        .metric("tern_agent_follow_the_sun_decisions_total{outcome=\"would_move\"}")
+        .await
+        .unwrap_or(0.0)
+        < 1.0
+    {
+        assert!(Instant::now() < until, "the dry run never said what it would do");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(placement(&dir, "acct-dry").await["home"], "us-east");
+    assert!(intents_of(&dir, "acct-dry").await.is_empty());
+}

@@ -83,6 +83,36 @@ pub struct Config {
     #[arg(long, env = "TERN_MIGRATION_CATCH_UP_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub migration_catch_up_timeout: Duration,
 
+    /// Follow the sun: move accounts homed here to the region their writes
+    /// come from (GeoCluster `spec.followTheSun.enabled`).
+    #[arg(long, env = "TERN_FOLLOW_THE_SUN")]
+    pub follow_the_sun: bool,
+
+    /// Writes from one region within the window before a move is considered.
+    #[arg(long, env = "TERN_FOLLOW_THE_SUN_THRESHOLD", default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
+    pub follow_the_sun_threshold: u64,
+
+    /// The window writes are counted over, e.g. 24h (the routers'
+    /// --write-count-window should match).
+    #[arg(long, env = "TERN_FOLLOW_THE_SUN_WINDOW", default_value = "24h", value_parser = parse_duration)]
+    pub follow_the_sun_window: Duration,
+
+    /// Least time between two moves of one account, e.g. 1h.
+    #[arg(long, env = "TERN_FOLLOW_THE_SUN_COOLDOWN", default_value = "1h", value_parser = parse_duration)]
+    pub follow_the_sun_cooldown: Duration,
+
+    /// Only explain the moves that would be made (logs, events, metrics).
+    #[arg(long, env = "TERN_FOLLOW_THE_SUN_DRY_RUN")]
+    pub follow_the_sun_dry_run: bool,
+
+    /// Most automatic moves out of this region per minute.
+    #[arg(long, env = "TERN_FOLLOW_THE_SUN_MAX_PER_MINUTE", default_value_t = 6)]
+    pub follow_the_sun_max_per_minute: u32,
+
+    /// How often the policy looks at the counts, e.g. 10s.
+    #[arg(long, env = "TERN_FOLLOW_THE_SUN_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    pub follow_the_sun_interval: Duration,
+
     /// Test hook, only in builds with the `failpoints` feature: stop
     /// leading (as a crash would) once, on reaching this named step of a
     /// migration (see `migrate.rs`).

@@ -30,13 +30,25 @@ impl Events {
         }
     }
 
-    /// Publishes a Warning; failures are logged, never returned.
+    /// Publishes a Warning about a mirror; failures are logged, never
+    /// returned.
     pub async fn warn(&self, reason: &str, note: String) {
+        self.publish(kube::runtime::events::EventType::Warning, reason, "Mirror", note)
+            .await;
+    }
+
+    /// Publishes a Normal event (a decision people may want to read).
+    pub async fn normal(&self, reason: &str, action: &str, note: String) {
+        self.publish(kube::runtime::events::EventType::Normal, reason, action, note)
+            .await;
+    }
+
+    async fn publish(&self, type_: kube::runtime::events::EventType, reason: &str, action: &str, note: String) {
         let event = kube::runtime::events::Event {
-            type_: kube::runtime::events::EventType::Warning,
+            type_,
             reason: reason.into(),
             note: Some(note),
-            action: "Mirror".into(),
+            action: action.into(),
             secondary: None,
         };
         if let Err(e) = self.recorder.publish(&event, &self.object).await {

@@ -14,6 +14,8 @@
 //!   by the region's lease key there;
 //! - `migrate`: moves of accounts into this region, step by step from their
 //!   intent records in the directory (DESIGN.md "Migration protocol");
+//! - `sun`: the follow-the-sun policy, asking for moves of accounts homed
+//!   here from the routers' published write counts;
 //! - `kubernetes`: the region's lag in the GeoCluster status, when asked.
 //!
 //! Heartbeats and mirrored revisions are traced (`agent.heartbeat`,
@@ -35,6 +37,7 @@ pub mod plan;
 pub mod publish;
 pub mod relay;
 pub mod state;
+pub mod sun;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -187,6 +190,13 @@ pub async fn run(
             leadership.clone(),
             shared.clone(),
             migrate::Settings::from(&config),
+        ));
+        loops.spawn(sun::run(
+            directory.clone(),
+            group.clone(),
+            leadership.clone(),
+            shared.clone(),
+            sun::Policy::from(&config),
         ));
         let status_writer = kube_client
             .clone()

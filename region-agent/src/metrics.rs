@@ -15,6 +15,12 @@ pub struct SourceLabels {
     pub source: String,
 }
 
+/// A migration's or a follow-the-sun decision's outcome.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct MemberLabels {
     pub member: String,
@@ -35,6 +41,12 @@ pub struct Metrics {
     /// Backlogs caught up by a relay of several watches.
     pub relayed_catchups: Family<SourceLabels, Counter>,
     pub member_behind: Family<MemberLabels, G>,
+    /// Moves into this region that ended, by outcome.
+    pub migrations: Family<OutcomeLabels, Counter>,
+    /// Fence to switch of the last completed move into this region, ms.
+    pub migration_unavailable_ms: G,
+    /// Follow-the-sun decisions about accounts homed here, by outcome.
+    pub sun_decisions: Family<OutcomeLabels, Counter>,
     pub is_leader: G,
     pub refused_writes: Counter,
     pub heartbeats: Counter,
@@ -54,6 +66,9 @@ impl Default for Metrics {
             resyncs: Family::default(),
             relayed_catchups: Family::default(),
             member_behind: Family::default(),
+            migrations: Family::default(),
+            migration_unavailable_ms: G::default(),
+            sun_decisions: Family::default(),
             is_leader: G::default(),
             refused_writes: Counter::default(),
             heartbeats: Counter::default(),
@@ -110,6 +125,21 @@ impl Default for Metrics {
             m.member_behind.clone(),
         );
         registry.register(
+            "migrations",
+            "Moves of accounts into this region that ended: completed, rolled_back, refused",
+            m.migrations.clone(),
+        );
+        registry.register(
+            "migration_unavailable_ms",
+            "Fence to directory switch of the last completed move into this region, ms",
+            m.migration_unavailable_ms.clone(),
+        );
+        registry.register(
+            "follow_the_sun_decisions",
+            "Follow-the-sun decisions about accounts homed here: moved, would_move (dry run), skipped",
+            m.sun_decisions.clone(),
+        );
+        registry.register(
             "is_leader",
             "1 while this agent is the region's active agent",
             m.is_leader.clone(),
@@ -129,6 +159,12 @@ impl Metrics {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         out
+    }
+
+    pub fn outcome(outcome: &str) -> OutcomeLabels {
+        OutcomeLabels {
+            outcome: outcome.to_string(),
+        }
     }
 
     pub fn source(source: &str) -> SourceLabels {

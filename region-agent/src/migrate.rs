@@ -266,6 +266,11 @@ impl Migrator {
     /// Ends a move before anything changed, saying why.
     async fn refuse(&mut self, i: &mut Intent, claim: &Claim, why: String) -> Result<Next> {
         tracing::warn!(migration = %i.id, account = %i.record.account, to = %i.record.target, reason = %why, "migration refused");
+        self.shared
+            .metrics
+            .migrations
+            .get_or_create(&crate::metrics::Metrics::outcome("refused"))
+            .inc();
         i.record.phase = MigrationPhase::Refused;
         i.record.finished_ms = Some(now_ms());
         i.record.message = Some(why);
@@ -494,7 +499,7 @@ impl Migrator {
             state: AccountState::Migrating {
                 target: self.shared.region.clone(),
             },
-            allowed_regions: placement.allowed_regions.clone(),
+            ..placement.clone()
         };
         if placement != expected_migrating {
             return Err(self.fail(
@@ -502,13 +507,14 @@ impl Migrator {
                 format!("the placement of {account} is {placement:?}, not migrating from {source}"),
             ));
         }
+        let switched_at = now_ms();
         let switched = AccountRecord {
             home: self.shared.region.clone(),
             epoch: target_epoch,
             state: AccountState::Active,
-            allowed_regions: placement.allowed_regions.clone(),
+            moved_ms: Some(switched_at),
+            ..placement.clone()
         };
-        let switched_at = now_ms();
         i.record.phase = MigrationPhase::Switching;
         i.record.fenced_revision = Some(fenced_revision);
         i.record.fenced_ms = Some(fenced_at);
@@ -686,6 +692,15 @@ impl Migrator {
             return Err(self.fail(i, "the intent changed under the agent"));
         }
         tracing::info!(migration = %i.id, account = %account, from = %source, to = %self.shared.region, unavailable_ms = i.record.unavailable_ms.unwrap_or(0), "migration completed");
+        self.shared
+            .metrics
+            .migrations
+            .get_or_create(&crate::metrics::Metrics::outcome("completed"))
+            .inc();
+        self.shared
+            .metrics
+            .migration_unavailable_ms
+            .set(i.record.unavailable_ms.unwrap_or(0) as i64);
         Ok(Next::Go)
     }
 
@@ -780,6 +795,11 @@ impl Migrator {
             return Err(self.fail(i, "the intent or the account's placement changed under the agent"));
         }
         tracing::warn!(migration = %i.id, account = %account, source = %source, reason = i.record.message.as_deref().unwrap_or(""), "migration rolled back: the account stays in its source");
+        self.shared
+            .metrics
+            .migrations
+            .get_or_create(&crate::metrics::Metrics::outcome("rolled_back"))
+            .inc();
         Ok(Next::Go)
     }
 

@@ -68,6 +68,11 @@ pub struct Config {
     #[arg(long, env = "TERN_WRITE_COUNT_WINDOW", default_value = "24h", value_parser = parse_duration)]
     pub write_count_window: Duration,
 
+    /// How often the write counts are published into the region's group
+    /// for the agent's follow-the-sun policy, e.g. 10s.
+    #[arg(long, env = "TERN_WRITE_COUNT_PUBLISH_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    pub write_count_publish_interval: Duration,
+
     /// Most accounts whose writes are counted; bounds the memory used.
     #[arg(long, env = "TERN_WRITE_COUNT_ACCOUNTS", default_value_t = 100_000)]
     pub write_count_accounts: usize,

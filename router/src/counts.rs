@@ -2,12 +2,28 @@
 //! home agent uses to move an account where it is used (follow the sun). The
 //! window is split into buckets, so memory per account is bounded, and the
 //! number of accounts tracked is capped.
+//!
+//! Every write to an account homed here passes through a router of this
+//! region (writes from elsewhere are forwarded here, their origin in a
+//! header only a peer router holding the token may set), so the routers of
+//! the home region together see all of them. Each publishes its counts into
+//! the region's group every `--write-count-publish-interval`
+//! (`/tern/stats/counts/{instance}/{chunk}`), where the agent sums them.
+//! A router that restarts loses what it counted since its last publish;
+//! what it published stays until its buckets leave the window (the agent
+//! deletes it then), so counts survive restarts, approximately.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use tern_common::{AccountId, RegionName};
+use tern_common::{AccountId, RegionName, WriteCountsRecord, counts_key};
+
+use crate::leader::Group;
+
+/// Accounts per published record: a record stays far below etcd's request
+/// limit (an account with three origins is ~150 bytes).
+const ACCOUNTS_PER_RECORD: usize = 5_000;
 
 /// Buckets per window: counts age out in steps of window / BUCKETS.
 const BUCKETS: u64 = 24;
@@ -71,6 +87,80 @@ impl WriteCounts {
             .unwrap_or_default()
     }
 
+    /// Everything counted in the window ending at `now_secs`, as records
+    /// of at most `per_record` accounts.
+    pub fn snapshot(&self, now_secs: u64, per_record: usize, published_ms: u64) -> Vec<WriteCountsRecord> {
+        let oldest = (now_secs / self.bucket_secs).saturating_sub(BUCKETS - 1);
+        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let mut records = Vec::new();
+        let mut current = WriteCountsRecord {
+            bucket_secs: self.bucket_secs,
+            published_ms,
+            ..Default::default()
+        };
+        for (account, by_origin) in inner.iter() {
+            let origins: std::collections::BTreeMap<String, Vec<(u64, u64)>> = by_origin
+                .iter()
+                .map(|(r, b)| {
+                    (
+                        r.to_string(),
+                        b.iter().filter(|(b, _)| *b >= oldest).copied().collect::<Vec<_>>(),
+                    )
+                })
+                .filter(|(_, b)| !b.is_empty())
+                .collect();
+            if origins.is_empty() {
+                continue;
+            }
+            current.accounts.insert(account.to_string(), origins);
+            if current.accounts.len() >= per_record.max(1) {
+                let next = WriteCountsRecord {
+                    bucket_secs: self.bucket_secs,
+                    published_ms,
+                    ..Default::default()
+                };
+                records.push(std::mem::replace(&mut current, next));
+            }
+        }
+        if !current.accounts.is_empty() {
+            records.push(current);
+        }
+        records
+    }
+
+    /// Publishes the counts into the region's group every `interval` until
+    /// aborted: one key per record, and the keys of records this router no
+    /// longer has deleted. Failures are logged and tried again next time.
+    pub async fn publish(self: std::sync::Arc<Self>, group: Group, instance: String, interval: Duration) {
+        let mut published = 0usize;
+        loop {
+            tokio::time::sleep(interval).await;
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
+            let records = self.snapshot(now.as_secs(), ACCOUNTS_PER_RECORD, now.as_millis() as u64);
+            let mut client = group.any();
+            let mut failed = false;
+            for (n, record) in records.iter().enumerate() {
+                let Ok(value) = serde_json::to_vec(record) else {
+                    continue;
+                };
+                if let Err(e) = client.put(counts_key(&instance, n), value, None).await {
+                    tracing::warn!(error = %e, "could not publish write counts");
+                    failed = true;
+                    break;
+                }
+            }
+            if failed {
+                continue;
+            }
+            for n in records.len()..published {
+                let _ = client.delete(counts_key(&instance, n), None).await;
+            }
+            published = records.len();
+        }
+    }
+
     pub fn tracked_accounts(&self) -> usize {
         self.inner.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
@@ -101,6 +191,29 @@ mod tests {
         let later = c.window(&a, t0 + 24 * 3600);
         assert_eq!(later.get(&us), None);
         assert_eq!(later.get(&eu), Some(&1));
+    }
+
+    #[test]
+    fn a_snapshot_holds_the_window_in_records_of_bounded_size() {
+        let (a, us, eu) = ids();
+        let c = WriteCounts::new(Duration::from_secs(24 * 3600), 10);
+        let t0 = 1_000_000_000;
+        c.record(&a, &eu, t0);
+        c.record(&a, &eu, t0);
+        c.record(&a, &us, t0 - 2 * 24 * 3600);
+        let b = AccountId::new("b").expect("valid");
+        c.record(&b, &us, t0);
+        let records = c.snapshot(t0, 1, 7);
+        assert_eq!(records.len(), 2, "one account per record");
+        let all: std::collections::BTreeMap<_, _> = records.iter().flat_map(|r| r.accounts.clone()).collect();
+        let bucket = t0 / c.bucket_secs;
+        assert_eq!(all["a"]["eu-west"], vec![(bucket, 2)]);
+        assert!(
+            !all["a"].contains_key("us-east"),
+            "a bucket out of the window is not published"
+        );
+        assert_eq!(all["b"]["us-east"], vec![(bucket, 1)]);
+        assert!(counts_key("r1", 0).starts_with(tern_common::COUNTS_PREFIX));
     }
 
     #[test]

@@ -719,6 +719,8 @@ impl Executor {
             epoch,
             state: AccountState::Active,
             allowed_regions: allowed,
+            moved_ms: None,
+            pinned: false,
         };
         let (stored, created) = self.directory.create(&account, &record).await?;
         if stored.home != home {

@@ -68,6 +68,11 @@ pub async fn run(
         },
     )?;
     let counts = Arc::new(WriteCounts::new(config.write_count_window, config.write_count_accounts));
+    let counts_task = tokio::spawn(counts.clone().publish(
+        group.clone(),
+        instance.clone(),
+        config.write_count_publish_interval,
+    ));
     let service = Executor {
         region: config.region.clone(),
         directory: directory.clone(),
@@ -153,6 +158,7 @@ pub async fn run(
         }
     };
     watch_task.abort();
+    counts_task.abort();
     http_task.abort();
     // Export what is still buffered.
     service.0.telemetry.shutdown().await;

@@ -19,6 +19,11 @@ const PREFIX: &str = "/tern/a/";
 #[derive(Default)]
 struct Seen {
     applied: Applied,
+    /// (group, account) whose fence there is active now. Routers write an
+    /// account's data only under an active fence; a migration's copy into
+    /// a new home is written before that home's fence (`migrate.rs` writes
+    /// it last), so its puts are not writes of their own and are skipped.
+    active: std::collections::BTreeSet<(String, String)>,
     /// Newest revision seen per group.
     revision: BTreeMap<String, i64>,
     /// Why part of the history could not be read, if it could not.
@@ -100,6 +105,11 @@ fn lock(seen: &Mutex<Seen>) -> std::sync::MutexGuard<'_, Seen> {
     seen.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// The account of an account's fence key.
+fn fence_of(key: &str) -> Option<&str> {
+    key.strip_prefix(PREFIX)?.strip_suffix("/fence")
+}
+
 /// `ACCOUNT/KEY` of an account data key.
 fn data_key(key: &str) -> Option<String> {
     let rest = key.strip_prefix(PREFIX)?;
@@ -148,8 +158,22 @@ async fn watch_once(
             let Some(kv) = event.kv() else { continue };
             let revision = seen.revision.entry(region.to_string()).or_default();
             *revision = (*revision).max(kv.mod_revision());
-            if event.event_type() == etcd_client::EventType::Put
-                && let Some(key) = data_key(&String::from_utf8_lossy(kv.key()))
+            let key = String::from_utf8_lossy(kv.key()).into_owned();
+            let put = event.event_type() == etcd_client::EventType::Put;
+            if let Some(account) = fence_of(&key) {
+                let at = (region.to_string(), account.to_string());
+                if put && kv.value().ends_with(b":active") {
+                    seen.active.insert(at);
+                } else {
+                    seen.active.remove(&at);
+                }
+                continue;
+            }
+            if put
+                && let Some(key) = data_key(&key)
+                && key
+                    .split_once('/')
+                    .is_some_and(|(account, _)| seen.active.contains(&(region.to_string(), account.to_string())))
             {
                 seen.applied
                     .entry(key)

@@ -111,12 +111,16 @@ impl AccountCache {
         }
     }
 
+    /// What routing needs of a placement: the follow-the-sun fields
+    /// (`moved_ms`, `pinned`) are the agents' and are not kept.
     fn record(&self, s: &Slot) -> AccountRecord {
         AccountRecord {
             home: self.regions.get(u32::from(s.home)).clone(),
             epoch: Epoch(s.epoch),
             state: self.states.get(u32::from(s.state)).clone(),
             allowed_regions: self.allowed.get(s.allowed).clone(),
+            moved_ms: None,
+            pinned: false,
         }
     }
 }
@@ -131,6 +135,8 @@ mod tests {
             epoch: Epoch(epoch),
             state,
             allowed_regions: allowed.iter().map(|r| RegionName::new(*r).expect("region")).collect(),
+            moved_ms: None,
+            pinned: false,
         }
     }
 
