@@ -175,7 +175,48 @@ async fn directory(args: StatusArgs) -> Result<(), CliError> {
         })
         .collect();
     print!("{}", render(&records, &holders));
+    let intents = client
+        .get(tern_common::DIR_MIGRATIONS, Some(GetOptions::new().with_prefix()))
+        .await
+        .map_err(|source| CliError::EtcdRequest {
+            what: "reading the migrations".into(),
+            source,
+        })?;
+    let migrations: Vec<(String, tern_common::MigrationRecord)> = intents
+        .kvs()
+        .iter()
+        .filter_map(|kv| {
+            let id = String::from_utf8_lossy(kv.key())
+                .trim_start_matches(tern_common::DIR_MIGRATIONS)
+                .to_string();
+            Some((id, serde_json::from_slice(kv.value()).ok()?))
+        })
+        .collect();
+    print!("{}", render_migrations(&migrations, RECENT_MIGRATIONS));
     Ok(())
+}
+
+/// Finished migrations `tern status` lists (the newest).
+const RECENT_MIGRATIONS: usize = 10;
+
+/// Migrations in flight, then the `recent` newest finished ones.
+pub fn render_migrations(all: &[(String, tern_common::MigrationRecord)], recent: usize) -> String {
+    let mut out = String::new();
+    let (mut open, mut done): (Vec<_>, Vec<_>) = all.iter().partition(|(_, m)| !m.phase.is_final());
+    open.sort_by_key(|(_, m)| m.requested_ms);
+    done.sort_by_key(|(_, m)| std::cmp::Reverse(m.finished_ms.unwrap_or(m.requested_ms)));
+    let line = |out: &mut String, id: &str, m: &tern_common::MigrationRecord| {
+        let _ = writeln!(out, "  {id:<28} {:<14} {}", m.account, crate::migrate::describe(m));
+    };
+    let _ = writeln!(out, "Migrations in flight: {}", open.len());
+    for (id, m) in &open {
+        line(&mut out, id, m);
+    }
+    let _ = writeln!(out, "Recent migrations ({} kept in the directory):", done.len());
+    for (id, m) in done.iter().take(recent) {
+        line(&mut out, id, m);
+    }
+    out
 }
 
 fn age(ms: u64) -> String {
@@ -258,4 +299,42 @@ pub fn render(records: &[(String, RegionRecord)], holders: &BTreeMap<String, Reg
         out.push('\n');
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tern_common::{AccountId, MigrationPhase, MigrationRecord, RegionName};
+
+    #[test]
+    fn migrations_in_flight_come_first_then_the_newest_finished() {
+        let m = |account: &str, phase: MigrationPhase, at: u64| {
+            let mut r = MigrationRecord::requested(
+                AccountId::new(account).expect("a"),
+                RegionName::new("eu-west").expect("r"),
+                None,
+                "t".into(),
+                at,
+            );
+            r.phase = phase;
+            r.finished_ms = phase.is_final().then_some(at);
+            r.source = Some(RegionName::new("us-east").expect("r"));
+            r
+        };
+        let all = vec![
+            ("old".to_string(), m("acct-old", MigrationPhase::Completed, 1)),
+            ("new".to_string(), m("acct-new", MigrationPhase::Refused, 3)),
+            ("going".to_string(), m("acct-going", MigrationPhase::Fencing, 2)),
+        ];
+        let text = render_migrations(&all, 1);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], "Migrations in flight: 1");
+        assert!(
+            lines[1].contains("acct-going") && lines[1].contains("us-east → eu-west"),
+            "{text}"
+        );
+        assert!(lines[2].starts_with("Recent migrations (2"), "{text}");
+        assert!(lines[3].contains("acct-new") && lines[3].contains("refused"), "{text}");
+        assert_eq!(lines.len(), 4, "only the newest finished one: {text}");
+    }
 }

@@ -2,7 +2,7 @@
 //! This resource defines the request and its audit trail; the region agent
 //! carries the move out with the migration protocol of DESIGN.md.
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
@@ -69,6 +69,15 @@ pub struct AccountMigrationStatus {
     /// Step of the migration protocol reached.
     #[serde(default)]
     pub phase: MigrationPhase,
+    /// `Succeeded`: True once completed, False once refused or rolled back
+    /// (reason `Refused` or `RolledBack`), Unknown while in flight.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
+    pub conditions: Vec<Condition>,
+    /// The intent record in the directory (`/tern/dir/migrations/{id}`)
+    /// this object was carried out as.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration_id: Option<String>,
     /// Where the account was homed when the migration started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_region: Option<String>,
@@ -111,6 +120,9 @@ pub enum MigrationPhase {
     Switching,
     /// Done: the account is homed in the target region.
     Completed,
-    /// Refused or rolled back; see `message`.
+    /// Undoing a move that could not finish: the source is unfenced and
+    /// the directory names it again.
+    RollingBack,
+    /// Refused or rolled back; see `message` and the `Succeeded` condition.
     Failed,
 }

@@ -518,3 +518,93 @@ async fn a_dry_run_moves_nothing_and_says_what_it_would_do() {
     assert_eq!(placement(&dir, "acct-dry").await["home"], "us-east");
     assert!(intents_of(&dir, "acct-dry").await.is_empty());
 }
+
+/// An AccountMigration applied with kubectl is carried out once, through
+/// the directory, by the target region's agent; its status fills in (the
+/// printer columns From and Phase), and a second object asking for the
+/// same move with a stale expectation fails with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_account_migration_object_is_carried_out_once_and_reports_its_progress() {
+    use kube::api::{Api, PostParams};
+    use tern_crds::{AccountMigration, AccountMigrationSpec, MigrationPhase as Phase};
+    let _serial = SERIAL.lock().await;
+    let d = start().await;
+    let dir = d.directory_client().await;
+    create(&d, "acct-k8s", "us-east").await;
+    mirror_measured(&d, "eu-west", "us-east").await;
+    let cp = tern_e2e::controlplane::ControlPlane::start("migrations")
+        .await
+        .expect("control plane starts");
+    cp.install_crds().expect("CRDs install");
+    let endpoints = format!("--directory-endpoints={}", d.directory.endpoints().join(","));
+    let operator = tern_e2e::operator::OperatorGuard::start(&cp, &[endpoints.as_str()])
+        .await
+        .expect("operator starts");
+    let client = cp.client().await.expect("client");
+    let api: Api<AccountMigration> = Api::namespaced(client, "default");
+    let object = |name: &str, expect: &str| {
+        AccountMigration::new(
+            name,
+            AccountMigrationSpec {
+                geo_cluster: "payments".into(),
+                account: "acct-k8s".into(),
+                target_region: "eu-west".into(),
+                expected_source_region: Some(expect.into()),
+                reason: Some("ticket-42".into()),
+            },
+        )
+    };
+    api.create(&PostParams::default(), &object("move-1", "us-east"))
+        .await
+        .expect("created");
+    let done = tern_e2e::operator::eventually("the migration completes", Duration::from_secs(60), || async {
+        let m = api.get("move-1").await.ok()?;
+        let s = m.status?;
+        (s.phase == Phase::Completed || s.phase == Phase::Failed).then_some(s)
+    })
+    .await;
+    assert_eq!(done.phase, Phase::Completed, "{:?}", done.message);
+    assert_eq!(done.source_region.as_deref(), Some("us-east"));
+    assert_eq!((done.source_epoch, done.target_epoch), (Some(1), Some(2)));
+    assert!(done.unavailable_ms.is_some() && done.finished_at.is_some());
+    let succeeded = done
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Succeeded")
+        .expect("condition");
+    assert_eq!(succeeded.status, "True");
+    assert_eq!(placement(&dir, "acct-k8s").await["home"], "eu-west");
+    let intents = intents_of(&dir, "acct-k8s").await;
+    assert_eq!(intents.len(), 1, "carried out once: {intents:?}");
+    assert_eq!(intents[0].reason, "ticket-42");
+    let table = cp
+        .kubectl(&["get", "accountmigrations", "move-1", "-n", "default"])
+        .expect("kubectl get");
+    assert!(table.contains("us-east") && table.contains("Completed"), "{table}");
+
+    api.create(&PostParams::default(), &object("move-2", "us-east"))
+        .await
+        .expect("created");
+    let failed = tern_e2e::operator::eventually("the stale move fails", Duration::from_secs(60), || async {
+        let s = api.get("move-2").await.ok()?.status?;
+        (s.phase == Phase::Failed).then_some(s)
+    })
+    .await;
+    assert!(
+        failed
+            .message
+            .as_deref()
+            .unwrap_or("")
+            .contains("already homed in eu-west"),
+        "{:?}",
+        failed.message
+    );
+    let reason = &failed
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Succeeded")
+        .expect("condition")
+        .reason;
+    assert_eq!(reason, "Refused");
+    operator.stop().await;
+}

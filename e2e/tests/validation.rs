@@ -117,6 +117,22 @@ fn operator_built_command_lines_parse_in_the_binaries() {
         let args = std::iter::once("tern-agent".to_string()).chain(agent_args(&gc, region));
         tern_agent::Config::try_parse_from(args).unwrap_or_else(|e| panic!("agent flags of {}: {e}", region.name));
     }
+    // Follow the sun switched on, at the schema's extremes.
+    let mut sunny = gc.clone();
+    sunny.spec.follow_the_sun.enabled = true;
+    sunny.spec.follow_the_sun.dry_run = true;
+    for (window, cooldown, threshold, per_minute) in [("1m", "1s", 1, 1), ("2160h", "2160h", 1_000_000, 600)] {
+        sunny.spec.follow_the_sun.window = window.into();
+        sunny.spec.follow_the_sun.cooldown = cooldown.into();
+        sunny.spec.follow_the_sun.threshold = threshold;
+        sunny.spec.follow_the_sun.max_migrations_per_minute = per_minute;
+        let region = &sunny.spec.regions[0];
+        let args = std::iter::once("tern-agent".to_string()).chain(agent_args(&sunny, region));
+        let config = tern_agent::Config::try_parse_from(args).unwrap_or_else(|e| panic!("agent flags, {window}: {e}"));
+        assert!(config.follow_the_sun && config.follow_the_sun_dry_run);
+        assert_eq!(config.follow_the_sun_threshold, threshold as u64);
+        parse_router(&sunny);
+    }
     // The schema's extremes come from the same constants as the schema
     // (tern_common::limits), so this checks the binaries accept all of it.
     use tern_common::limits::{IDEMPOTENCY_RETENTION, WRITE_BATCH_MAX, WRITE_BATCHES_IN_FLIGHT};

@@ -67,6 +67,12 @@ pub struct Config {
     #[arg(long, env = "TERN_AGENT_IMAGE", default_value = crate::build::components::DEFAULT_AGENT_IMAGE)]
     pub agent_image: String,
 
+    /// Client URLs of the directory group, comma separated, for carrying
+    /// out AccountMigrations; default: the GeoCluster's directory Services
+    /// (an operator outside the cluster's network needs this).
+    #[arg(long, env = "TERN_OPERATOR_DIRECTORY_ENDPOINTS", value_delimiter = ',')]
+    pub directory_endpoints: Vec<String>,
+
     #[command(flatten)]
     pub trace: tern_common::telemetry::TraceArgs,
 

@@ -23,6 +23,11 @@ pub struct Context {
     pub agent_image: String,
     /// One `operator.reconcile` span per reconcile, when exporting.
     pub telemetry: tern_common::telemetry::Telemetry,
+    /// `--directory-endpoints`: where AccountMigrations go instead of the
+    /// GeoCluster's directory Services.
+    pub directory_endpoints: Vec<String>,
+    /// Directory clients by endpoints, connected once.
+    pub directories: tokio::sync::Mutex<HashMap<String, etcd_client::Client>>,
     failures: Mutex<HashMap<String, u32>>,
 }
 
@@ -49,6 +54,8 @@ impl Context {
             router_image,
             agent_image,
             telemetry: tern_common::telemetry::Telemetry::disabled(),
+            directory_endpoints: Vec::new(),
+            directories: Default::default(),
             failures: Mutex::default(),
         }
     }

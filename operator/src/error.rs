@@ -36,6 +36,10 @@ pub enum Error {
     /// make only serialisable objects).
     #[error("cannot serialise a desired object: {0}")]
     Serialize(String),
+    /// The directory group (where migrations are asked for) could not be
+    /// reached or answered an error: retried.
+    #[error("directory ({what}): {reason}")]
+    Directory { what: String, reason: String },
     /// The metrics and health server could not start.
     #[error("cannot serve HTTP on {addr}: {source}")]
     Http {
@@ -64,6 +68,7 @@ impl Error {
             Self::Startup(_) => "startup",
             Self::Serialize(_) => "serialize",
             Self::Http { .. } => "http",
+            Self::Directory { .. } => "directory",
         }
     }
 }

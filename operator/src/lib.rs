@@ -137,6 +137,7 @@ pub async fn run(
             instance: &identity,
         },
     )?;
+    ctx.directory_endpoints = config.directory_endpoints.clone();
     let ctx = Arc::new(ctx);
     let controllers = controllers(client, &config.namespace, ctx.clone());
     let outcome = match elector.as_mut() {
@@ -222,6 +223,23 @@ async fn controllers(client: Client, namespace: &str, ctx: Arc<Context>) {
         .reflect(writer)
         .applied_objects()
         .predicate_filter(predicates::generation, Default::default());
+    let migrations = Controller::new(
+        scoped::<tern_crds::AccountMigration>(client.clone(), namespace),
+        watcher::Config::default(),
+    )
+    .run(
+        |m, ctx| {
+            controller::traced(
+                "accountmigration",
+                m.clone(),
+                ctx.clone(),
+                controller::migration::reconcile(m, ctx),
+            )
+        },
+        controller::migration::error_policy,
+        ctx.clone(),
+    )
+    .for_each(|_| futures::future::ready(()));
     let groups = Controller::for_stream(group_changes, reader)
         .owns(scoped::<StatefulSet>(client.clone(), namespace), ours.clone())
         .owns(scoped::<Service>(client.clone(), namespace), ours.clone())
@@ -240,5 +258,5 @@ async fn controllers(client: Client, namespace: &str, ctx: Arc<Context>) {
             ctx,
         )
         .for_each(|_| futures::future::ready(()));
-    futures::join!(geoclusters, groups);
+    futures::join!(geoclusters, groups, migrations);
 }

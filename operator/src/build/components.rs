@@ -140,6 +140,20 @@ pub fn agent_args(gc: &GeoCluster, region: &RegionSpec) -> Vec<String> {
     for other in gc.spec.regions.iter().filter(|r| r.name != region.name) {
         args.push(format!("--source={}={}", other.name, group_url(gc, other)));
     }
+    // spec.followTheSun, as the agent's policy flags (region-agent/src/sun.rs).
+    let sun = &gc.spec.follow_the_sun;
+    if sun.enabled {
+        args.push("--follow-the-sun".into());
+    }
+    if sun.dry_run {
+        args.push("--follow-the-sun-dry-run".into());
+    }
+    args.extend([
+        format!("--follow-the-sun-threshold={}", sun.threshold),
+        format!("--follow-the-sun-window={}", sun.window),
+        format!("--follow-the-sun-cooldown={}", sun.cooldown),
+        format!("--follow-the-sun-max-per-minute={}", sun.max_migrations_per_minute),
+    ]);
     args
 }
 
@@ -175,6 +189,8 @@ pub fn router_args(gc: &GeoCluster, region: &RegionSpec) -> Vec<String> {
         format!("--write-batch-max={}", router.write_batch_max),
         format!("--write-batches-in-flight={}", router.write_batches_in_flight),
         format!("--group-leader-direct={}", router.group_leader_direct),
+        // Counted over the window the agents' follow-the-sun policy judges.
+        format!("--write-count-window={}", gc.spec.follow_the_sun.window),
         "--log-format=json".to_string(),
     ]
 }
@@ -506,6 +522,33 @@ mod tests {
 mod agent_tests {
     use super::*;
     use crate::build::testing::example;
+
+    #[test]
+    fn follow_the_sun_settings_reach_agents_and_routers() {
+        let mut gc = example();
+        gc.spec.follow_the_sun.enabled = false;
+        let args = agent_args(&gc, &gc.spec.regions[0]);
+        assert!(!args.iter().any(|a| a == "--follow-the-sun"), "off: {args:?}");
+        gc.spec.follow_the_sun.enabled = true;
+        gc.spec.follow_the_sun.dry_run = true;
+        gc.spec.follow_the_sun.threshold = 5;
+        gc.spec.follow_the_sun.window = "12h".into();
+        gc.spec.follow_the_sun.cooldown = "30m".into();
+        gc.spec.follow_the_sun.max_migrations_per_minute = 2;
+        let args = agent_args(&gc, &gc.spec.regions[0]);
+        for flag in [
+            "--follow-the-sun",
+            "--follow-the-sun-dry-run",
+            "--follow-the-sun-threshold=5",
+            "--follow-the-sun-window=12h",
+            "--follow-the-sun-cooldown=30m",
+            "--follow-the-sun-max-per-minute=2",
+        ] {
+            assert!(args.iter().any(|a| a == flag), "{flag} in {args:?}");
+        }
+        let router = router_args(&gc, &gc.spec.regions[0]);
+        assert!(router.iter().any(|a| a == "--write-count-window=12h"), "{router:?}");
+    }
 
     #[test]
     fn agent_mirrors_every_other_region() {

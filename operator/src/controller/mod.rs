@@ -1,7 +1,10 @@
-//! The two controllers: GeoCluster → RegionGroups (plus status and the
-//! deletion finalizer), and RegionGroup → the objects that run its members.
+//! The controllers: GeoCluster → RegionGroups (plus status and the
+//! deletion finalizer), RegionGroup → the objects that run its members, and
+//! AccountMigration → an intent record the target region's agent carries
+//! out, its progress copied back into the object's status.
 
 pub mod geocluster;
+pub mod migration;
 pub mod regiongroup;
 
 use std::future::Future;
