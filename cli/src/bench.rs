@@ -19,6 +19,7 @@
 //!
 //! `--sections` picks some of them.
 
+mod migrations;
 mod mirrors;
 mod scale;
 mod telemetry;
@@ -57,12 +58,18 @@ pub struct BenchArgs {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "overhead,proxied,mirrors,telemetry,scale"
+        default_value = "overhead,proxied,mirrors,telemetry,scale,migrations"
     )]
     sections: Vec<Section>,
     /// Accounts in the directory for the scale section.
     #[arg(long, default_value_t = 1_000_000)]
     scale_accounts: usize,
+    /// Moves per ordered region pair in the migrations section.
+    #[arg(long, default_value_t = 10)]
+    migration_moves: usize,
+    /// Accounts moved at once out of one region in the migrations section.
+    #[arg(long, default_value_t = 200)]
+    migration_bulk: usize,
     /// Where to write the report.
     #[arg(long, default_value = "target/bench/report.md")]
     report: PathBuf,
@@ -112,6 +119,8 @@ enum Section {
     Telemetry,
     /// A directory of a million accounts.
     Scale,
+    /// Write unavailability of a move per region pair, and bulk moves.
+    Migrations,
 }
 
 const REGIONS: [&str; 3] = ["us-east", "eu-west", "ap-south"];
@@ -159,6 +168,11 @@ pub async fn run(args: BenchArgs) -> Result<(), CliError> {
         let scale = scale::run(args.scale_accounts).await?;
         print!("\n{scale}");
         report.push_str(&scale);
+    }
+    if wants(Section::Migrations) {
+        let section = migrations::run(args.members, args.migration_moves, args.migration_bulk).await?;
+        print!("\n{section}");
+        report.push_str(&section);
     }
     if let Some(parent) = args.report.parent() {
         std::fs::create_dir_all(parent).map_err(|source| CliError::Io {

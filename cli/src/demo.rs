@@ -109,6 +109,25 @@ fn ms(v: Option<f64>) -> String {
     v.map(|v| format!("{v:.1} ms")).unwrap_or_else(|| "-".into())
 }
 
+/// `text` to print so that, on a terminal (`redraw`), it replaces the
+/// `previous` lines printed before it: the cursor goes up over them and each
+/// line is cleared as it is written.
+fn in_place(text: &str, redraw: bool, previous: usize) -> String {
+    if !redraw {
+        return text.to_string();
+    }
+    let mut out = String::new();
+    if previous > 0 {
+        out.push_str(&format!("\x1b[{previous}A"));
+    }
+    for line in text.lines() {
+        out.push_str("\x1b[2K");
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
 fn table(title: &str, samples: &BTreeMap<&str, Sample>, seconds: f64, lags: &BTreeMap<&str, String>) -> String {
     let mut out = format!(
         "{title}\n  {:<9} {:>7} {:>10} {:>10} {:>12} {:>12} {:>7}  {}\n",
@@ -311,6 +330,10 @@ async fn drive(d: &LocalDeployment, args: &DemoArgs) -> Result<Option<String>, C
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.tick().await;
     let mut last = Instant::now();
+    // On a terminal the table redraws in place, like `top`; piped, each
+    // second's table follows the last as plain lines.
+    let redraw = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let mut drawn_lines = 0usize;
     while started.elapsed() < Duration::from_secs(args.duration) {
         tokio::select! {
             _ = tick.tick() => {}
@@ -326,7 +349,10 @@ async fn drive(d: &LocalDeployment, args: &DemoArgs) -> Result<Option<String>, C
         last = Instant::now();
         let lags = mirror_lags(d).await;
         let title = format!("t={:>3.0}s", started.elapsed().as_secs_f64());
-        print!("{}", table(&title, &interval, secs, &lags));
+        let text = table(&title, &interval, secs, &lags);
+        print!("{}", in_place(&text, redraw, drawn_lines));
+        drawn_lines = text.lines().count();
+        let _ = std::io::Write::flush(&mut std::io::stdout());
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     for w in workers {
@@ -425,4 +451,17 @@ pub fn waterfall(spans: &[ReceivedSpan], trace_id: &str) -> String {
     }
     walk(&mut out, &trace, root, 0, root.start_ns, total);
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::in_place;
+
+    #[test]
+    fn a_terminal_table_redraws_over_the_last_and_a_pipe_gets_plain_lines() {
+        let text = "t=1s\nus-east 10\n";
+        assert_eq!(in_place(text, false, 2), text, "piped: plain lines");
+        assert_eq!(in_place(text, true, 0), "\x1b[2Kt=1s\n\x1b[2Kus-east 10\n");
+        assert!(in_place(text, true, 2).starts_with("\x1b[2A"), "up over the last table");
+    }
 }

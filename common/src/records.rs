@@ -216,6 +216,10 @@ pub struct MigrationRecord {
     pub source: Option<RegionName>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_epoch: Option<Epoch>,
+    /// The account's placement as the start wrote it (`migrating`): the
+    /// switch compares the directory with it instead of reading it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement: Option<AccountRecord>,
     /// The source group's revision of the fence (step 2).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fenced_revision: Option<i64>,
@@ -228,7 +232,8 @@ pub struct MigrationRecord {
     pub switched_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finished_ms: Option<u64>,
-    /// Fence to switch: the longest a write to the account waited.
+    /// Fence sent to switch acknowledged: the longest a write to the
+    /// account waited (unknown when the agent restarted in between).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unavailable_ms: Option<u64>,
     /// The last transition, or why the move failed or was rolled back.
@@ -253,6 +258,7 @@ impl MigrationRecord {
             requested_ms: now_ms,
             source: None,
             source_epoch: None,
+            placement: None,
             fenced_revision: None,
             started_ms: None,
             fenced_ms: None,

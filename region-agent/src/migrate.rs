@@ -54,6 +54,8 @@ const COPY_BYTES: usize = 1024 * 1024;
 const DEFAULT_RETENTION: Duration = Duration::from_secs(24 * 3600);
 /// Copied records share leases whose TTLs are rounded up to this.
 const LEASE_STEP_SECS: i64 = 60;
+/// Moves one agent carries out at once.
+const PARALLEL_MOVES: usize = 16;
 /// Finished intents kept per target region (the audit trail).
 const KEEP_FINISHED: usize = 1000;
 
@@ -84,14 +86,14 @@ pub async fn run(
     shared: Arc<Shared>,
     settings: Settings,
 ) -> AgentError {
-    let mut m = Migrator {
+    let m = Migrator {
         directory,
         local,
         sources,
         leadership,
         shared,
         settings,
-        started: VecDeque::new(),
+        started: std::sync::Mutex::new(VecDeque::new()),
     };
     let mut watch = None;
     loop {
@@ -141,7 +143,7 @@ struct Migrator {
     shared: Arc<Shared>,
     settings: Settings,
     /// When recent moves started, for the per-minute limit.
-    started: VecDeque<Instant>,
+    started: std::sync::Mutex<VecDeque<Instant>>,
 }
 
 /// An intent record as read, with the revision its next write compares.
@@ -159,7 +161,7 @@ fn now_ms() -> u64 {
 
 impl Migrator {
     /// One pass over the intents that target this region, oldest first.
-    async fn round(&mut self) -> Result<()> {
+    async fn round(&self) -> Result<()> {
         let Some(claim) = self.shared.claim() else {
             // `publish` has not claimed the region's directory lease yet.
             return Ok(());
@@ -202,14 +204,25 @@ impl Migrator {
             }
         }
         open.sort_by_key(|i| i.record.requested_ms);
-        for mut intent in open {
-            self.drive(&mut intent, &claim).await?;
+        // Several moves at once: each spends most of its time waiting on
+        // round trips (to the source, to the directory), so a region being
+        // drained is not one round trip chain per account after another.
+        use futures::StreamExt;
+        let mut results = futures::stream::iter(open)
+            .map(|mut intent| {
+                let claim = &claim;
+                async move { self.drive(&mut intent, claim).await }
+            })
+            .buffer_unordered(PARALLEL_MOVES);
+        while let Some(r) = results.next().await {
+            r?;
         }
+        drop(results);
         self.trim(finished, &claim).await
     }
 
     /// Takes one intent through its steps until it is final or must wait.
-    async fn drive(&mut self, i: &mut Intent, claim: &Claim) -> Result<()> {
+    async fn drive(&self, i: &mut Intent, claim: &Claim) -> Result<()> {
         loop {
             let next = match i.record.phase {
                 MigrationPhase::Requested => self.start(i, claim).await?,
@@ -241,7 +254,7 @@ impl Migrator {
 
     /// Writes the intent (and `also`) if it is still as read and this agent
     /// still holds the region's directory lease.
-    async fn save(&mut self, i: &mut Intent, claim: &Claim, extra: Vec<Compare>, also: Vec<TxnOp>) -> Result<bool> {
+    async fn save(&self, i: &mut Intent, claim: &Claim, extra: Vec<Compare>, also: Vec<TxnOp>) -> Result<bool> {
         let key = dir_migration_key(&i.id);
         let value = serde_json::to_string(&i.record).map_err(|e| self.fail(i, e.to_string()))?;
         let mut when = vec![
@@ -264,7 +277,7 @@ impl Migrator {
     }
 
     /// Ends a move before anything changed, saying why.
-    async fn refuse(&mut self, i: &mut Intent, claim: &Claim, why: String) -> Result<Next> {
+    async fn refuse(&self, i: &mut Intent, claim: &Claim, why: String) -> Result<Next> {
         tracing::warn!(migration = %i.id, account = %i.record.account, to = %i.record.target, reason = %why, "migration refused");
         self.shared
             .metrics
@@ -282,7 +295,7 @@ impl Migrator {
 
     /// `requested` → `fencing`: checks the move and marks the account
     /// `migrating` in the same directory transaction as the intent.
-    async fn start(&mut self, i: &mut Intent, claim: &Claim) -> Result<Next> {
+    async fn start(&self, i: &mut Intent, claim: &Claim) -> Result<Next> {
         let account_key = dir_account_key(&i.record.account);
         let resp = self
             .directory
@@ -353,19 +366,25 @@ impl Migrator {
             };
             return self.refuse(i, claim, why).await;
         }
-        let window = Duration::from_secs(60);
-        while self.started.front().is_some_and(|t| t.elapsed() > window) {
-            self.started.pop_front();
-        }
-        if self.started.len() >= self.settings.per_minute as usize {
-            tracing::info!(migration = %i.id, account = %i.record.account, "migration waits: {} moves into {target} in the last minute", self.started.len());
-            return Ok(Next::Later);
+        {
+            let window = Duration::from_secs(60);
+            let mut started = self.started.lock().unwrap_or_else(|e| e.into_inner());
+            while started.front().is_some_and(|t| t.elapsed() > window) {
+                started.pop_front();
+            }
+            if started.len() >= self.settings.per_minute as usize {
+                tracing::info!(migration = %i.id, account = %i.record.account, "migration waits: {} moves into {target} in the last minute", started.len());
+                return Ok(Next::Later);
+            }
+            // Counted now: moves start concurrently.
+            started.push_back(Instant::now());
         }
         let migrating = AccountRecord {
             state: AccountState::Migrating { target: target.clone() },
             ..placement.clone()
         };
         i.record.phase = MigrationPhase::Fencing;
+        i.record.placement = Some(migrating.clone());
         i.record.source = Some(home.clone());
         i.record.source_epoch = Some(placement.epoch);
         i.record.started_ms = Some(now_ms());
@@ -386,7 +405,6 @@ impl Migrator {
         if !saved {
             return Err(self.fail(i, "the intent or the account's placement changed under the agent"));
         }
-        self.started.push_back(Instant::now());
         tracing::info!(migration = %i.id, account = %i.record.account, from = %home, to = %target, epoch = placement.epoch.0, reason = %i.record.reason, "migration started");
         self.failpoint("migrate.after-directory")?;
         Ok(Next::Go)
@@ -406,7 +424,7 @@ impl Migrator {
     }
 
     /// `fencing` → `switching` (or `rolling_back`).
-    async fn fence_copy_switch(&mut self, i: &mut Intent, claim: &Claim) -> Result<Next> {
+    async fn fence_copy_switch(&self, i: &mut Intent, claim: &Claim) -> Result<Next> {
         let (source, epoch, mut client) = self.source(i)?;
         let account = i.record.account.clone();
         let fence = fence_key(&account);
@@ -483,15 +501,22 @@ impl Migrator {
         self.failpoint("migrate.after-copy")?;
         // Step 5: the directory names this region.
         let account_key = dir_account_key(&account);
-        let current = self
-            .directory
-            .clone()
-            .get(account_key.clone(), None)
-            .await
-            .during(|| format!("reading the placement of {account}"))?;
-        let placement: AccountRecord = match current.kvs().first().map(|kv| serde_json::from_slice(kv.value())) {
-            Some(Ok(p)) => p,
-            _ => return Err(self.fail(i, format!("the placement of {account} vanished"))),
+        // The placement as the start wrote it (kept in the intent, so no
+        // directory read lengthens the window); compared by value.
+        let migrating = match i.record.placement.clone() {
+            Some(p) => p,
+            None => {
+                let current = self
+                    .directory
+                    .clone()
+                    .get(account_key.clone(), None)
+                    .await
+                    .during(|| format!("reading the placement of {account}"))?;
+                match current.kvs().first().map(|kv| serde_json::from_slice(kv.value())) {
+                    Some(Ok(p)) => p,
+                    _ => return Err(self.fail(i, format!("the placement of {account} vanished"))),
+                }
+            }
         };
         let expected_migrating = AccountRecord {
             home: source.clone(),
@@ -499,27 +524,24 @@ impl Migrator {
             state: AccountState::Migrating {
                 target: self.shared.region.clone(),
             },
-            ..placement.clone()
+            ..migrating.clone()
         };
-        if placement != expected_migrating {
+        if migrating != expected_migrating {
             return Err(self.fail(
                 i,
-                format!("the placement of {account} is {placement:?}, not migrating from {source}"),
+                format!("the placement of {account} is {migrating:?}, not migrating from {source}"),
             ));
         }
-        let switched_at = now_ms();
         let switched = AccountRecord {
             home: self.shared.region.clone(),
             epoch: target_epoch,
             state: AccountState::Active,
-            moved_ms: Some(switched_at),
-            ..placement.clone()
+            moved_ms: Some(now_ms()),
+            ..migrating.clone()
         };
         i.record.phase = MigrationPhase::Switching;
         i.record.fenced_revision = Some(fenced_revision);
         i.record.fenced_ms = Some(fenced_at);
-        i.record.switched_ms = Some(switched_at);
-        i.record.unavailable_ms = Some(switched_at.saturating_sub(fenced_at));
         i.record.message = Some(format!(
             "{keys} keys copied; homed in {} at epoch {target_epoch}",
             self.shared.region
@@ -537,6 +559,12 @@ impl Migrator {
         if !saved {
             return Err(self.fail(i, "the intent or the account's placement changed under the agent"));
         }
+        // Writes may commit in the target from the switch's acknowledgement
+        // on (routers learn it from their watch a moment later): the
+        // window is measured to here, and saved with the completion.
+        let switched_at = now_ms();
+        i.record.switched_ms = Some(switched_at);
+        i.record.unavailable_ms = Some(switched_at.saturating_sub(fenced_at));
         tracing::info!(
             migration = %i.id, account = %account, from = %source, to = %self.shared.region,
             epoch = target_epoch.0, keys, unavailable_ms = i.record.unavailable_ms.unwrap_or(0),
@@ -550,7 +578,7 @@ impl Migrator {
     /// area: what an earlier attempt left is deleted first, the fence
     /// `E+1:active` is written in the last transaction. Returns
     /// the keys copied.
-    async fn copy(&mut self, i: &Intent, source: &RegionName, target_epoch: Epoch) -> Result<usize> {
+    async fn copy(&self, i: &Intent, source: &RegionName, target_epoch: Epoch) -> Result<usize> {
         let account = &i.record.account;
         let home_prefix = account_prefix(account);
         let mirrored_prefix = String::from_utf8_lossy(&mirror_key(source, home_prefix.as_bytes())).into_owned();
@@ -658,7 +686,7 @@ impl Migrator {
 
     /// `switching` → `completed`: the source's fence says where the account
     /// went, for routers with a stale placement.
-    async fn mark_moved(&mut self, i: &mut Intent, claim: &Claim) -> Result<Next> {
+    async fn mark_moved(&self, i: &mut Intent, claim: &Claim) -> Result<Next> {
         let (source, epoch, mut client) = self.source(i)?;
         let account = i.record.account.clone();
         let fence = fence_key(&account);
@@ -704,7 +732,7 @@ impl Migrator {
         Ok(Next::Go)
     }
 
-    async fn begin_roll_back(&mut self, i: &mut Intent, claim: &Claim, why: String) -> Result<Next> {
+    async fn begin_roll_back(&self, i: &mut Intent, claim: &Claim, why: String) -> Result<Next> {
         tracing::warn!(migration = %i.id, account = %i.record.account, reason = %why, "rolling the migration back");
         i.record.phase = MigrationPhase::RollingBack;
         i.record.message = Some(why);
@@ -716,7 +744,7 @@ impl Migrator {
 
     /// `rolling_back` → `rolled_back`: what the move wrote here goes, the
     /// source is unfenced, the directory names the source again.
-    async fn roll_back(&mut self, i: &mut Intent, claim: &Claim) -> Result<Next> {
+    async fn roll_back(&self, i: &mut Intent, claim: &Claim) -> Result<Next> {
         let (source, epoch, mut client) = self.source(i)?;
         let account = i.record.account.clone();
         let resp = self
@@ -805,7 +833,7 @@ impl Migrator {
 
     /// Deletes the oldest finished intents of this region beyond
     /// [`KEEP_FINISHED`].
-    async fn trim(&mut self, mut finished: Vec<Intent>, claim: &Claim) -> Result<()> {
+    async fn trim(&self, mut finished: Vec<Intent>, claim: &Claim) -> Result<()> {
         if finished.len() <= KEEP_FINISHED {
             return Ok(());
         }
