@@ -127,33 +127,28 @@ string_id!(
 
 impl MigrationId {
     pub fn new(s: impl Into<String>) -> Result<Self, InvalidInput> {
-        let s = s.into();
-        check_segment("migration", &s, MAX_ACCOUNT_ID * 2)?;
-        let ok_char = |c: char| c.is_ascii_alphanumeric() || "._:@-".contains(c);
-        if !s.starts_with(|c: char| c.is_ascii_alphanumeric()) || !s.chars().all(ok_char) {
-            return Err(InvalidInput::Malformed {
-                field: "migration",
-                value: s,
-                rule: "letters, digits and ._:@- only, starting with a letter or digit",
-            });
-        }
-        Ok(Self(s))
+        check_name("migration", s.into(), MAX_ACCOUNT_ID * 2).map(Self)
     }
+}
+
+/// An account id's rules for `field`: a segment of at most `max` bytes of
+/// letters, digits and `._:@-`, starting with a letter or digit.
+fn check_name(field: &'static str, s: String, max: usize) -> Result<String, InvalidInput> {
+    check_segment(field, &s, max)?;
+    let ok_char = |c: char| c.is_ascii_alphanumeric() || "._:@-".contains(c);
+    if !s.starts_with(|c: char| c.is_ascii_alphanumeric()) || !s.chars().all(ok_char) {
+        return Err(InvalidInput::Malformed {
+            field,
+            value: s,
+            rule: "letters, digits and ._:@- only, starting with a letter or digit",
+        });
+    }
+    Ok(s)
 }
 
 impl AccountId {
     pub fn new(s: impl Into<String>) -> Result<Self, InvalidInput> {
-        let s = s.into();
-        check_segment("account", &s, MAX_ACCOUNT_ID)?;
-        let ok_char = |c: char| c.is_ascii_alphanumeric() || "._:@-".contains(c);
-        if !s.starts_with(|c: char| c.is_ascii_alphanumeric()) || !s.chars().all(ok_char) {
-            return Err(InvalidInput::Malformed {
-                field: "account",
-                value: s,
-                rule: "letters, digits and ._:@- only, starting with a letter or digit",
-            });
-        }
-        Ok(Self(s))
+        check_name("account", s.into(), MAX_ACCOUNT_ID).map(Self)
     }
 }
 

@@ -35,7 +35,7 @@ use std::time::Duration;
 use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp, WatchOptions};
 use tern_common::etcd::Pages;
 use tern_common::{
-    AccountRecord, AccountState, DIR_MIGRATIONS, Epoch, Fence, MigrationId, MigrationPhase, MigrationRecord,
+    AccountId, AccountRecord, AccountState, DIR_MIGRATIONS, Epoch, Fence, MigrationId, MigrationPhase, MigrationRecord,
     MirrorState, RegionName, account_prefix, dir_account_key, dir_migration_key, fence_key, mirror_key,
 };
 use tokio::time::Instant;
@@ -151,6 +151,57 @@ struct Intent {
     id: MigrationId,
     record: MigrationRecord,
     revision: i64,
+}
+
+/// What a fence compare-and-swap in the source found.
+enum Swapped {
+    /// It held the expected value and now holds the new one, at this
+    /// revision of the source group.
+    Now(i64),
+    /// It did not: the value it holds (None: no fence) and that value's
+    /// revision.
+    Found(Option<(Vec<u8>, i64)>),
+}
+
+impl Swapped {
+    /// Whether the fence is `want`, by this swap or before it.
+    fn is(&self, want: &Fence) -> bool {
+        match self {
+            Swapped::Now(_) => true,
+            Swapped::Found(found) => found.as_ref().is_some_and(|(v, _)| v == want.to_string().as_bytes()),
+        }
+    }
+
+    fn shown(&self) -> String {
+        match self {
+            Swapped::Now(_) => "as expected".into(),
+            Swapped::Found(None) => "absent".into(),
+            Swapped::Found(Some((v, _))) => String::from_utf8_lossy(v).into_owned(),
+        }
+    }
+}
+
+/// Sets `account`'s fence in a source group from `from` to `to`, or reads
+/// what it is instead: every fence write of a move is this one transaction.
+async fn swap_fence(client: &Client, account: &AccountId, from: &Fence, to: &Fence) -> Result<Swapped> {
+    let fence = fence_key(account);
+    let resp = client
+        .clone()
+        .txn(
+            Txn::new()
+                .when([Compare::value(fence.clone(), CompareOp::Equal, from.to_string())])
+                .and_then([TxnOp::put(fence.clone(), to.to_string(), None)])
+                .or_else([TxnOp::get(fence, None)]),
+        )
+        .await
+        .during(|| format!("setting {account}'s fence from {from} to {to}"))?;
+    if resp.succeeded() {
+        return Ok(Swapped::Now(resp.header().map_or(0, |h| h.revision())));
+    }
+    Ok(Swapped::Found(match resp.op_responses().first() {
+        Some(etcd_client::TxnOpResponse::Get(g)) => g.kvs().first().map(|kv| (kv.value().to_vec(), kv.mod_revision())),
+        _ => None,
+    }))
 }
 
 fn now_ms() -> u64 {
@@ -425,40 +476,21 @@ impl Migrator {
 
     /// `fencing` → `switching` (or `rolling_back`).
     async fn fence_copy_switch(&self, i: &mut Intent, claim: &Claim) -> Result<Next> {
-        let (source, epoch, mut client) = self.source(i)?;
+        let (source, epoch, client) = self.source(i)?;
         let account = i.record.account.clone();
         let fence = fence_key(&account);
         let fenced_at = now_ms();
         // Step 2: fence the source (or find it fenced by an earlier attempt).
-        let resp = client
-            .txn(
-                Txn::new()
-                    .when([Compare::value(
-                        fence.clone(),
-                        CompareOp::Equal,
-                        Fence::active(epoch).to_string(),
-                    )])
-                    .and_then([TxnOp::put(fence.clone(), Fence::fenced(epoch).to_string(), None)])
-                    .or_else([TxnOp::get(fence.clone(), None)]),
-            )
-            .await
-            .during(|| format!("fencing {account} in {source}"))?;
-        let fenced_revision = if resp.succeeded() {
-            resp.header().map_or(0, |h| h.revision())
-        } else {
-            let found = match resp.op_responses().first() {
-                Some(etcd_client::TxnOpResponse::Get(g)) => {
-                    g.kvs().first().map(|kv| (kv.value().to_vec(), kv.mod_revision()))
-                }
-                _ => None,
-            };
-            match found {
-                Some((value, revision)) if value == Fence::fenced(epoch).to_string().as_bytes() => revision,
-                other => {
-                    let shown = other.map_or("absent".to_string(), |(v, _)| String::from_utf8_lossy(&v).into_owned());
-                    let why = format!("{account}'s fence in {source} is {shown}, not {}", Fence::active(epoch));
-                    return self.begin_roll_back(i, claim, why).await;
-                }
+        let fenced_revision = match swap_fence(&client, &account, &Fence::active(epoch), &Fence::fenced(epoch)).await? {
+            Swapped::Now(revision) => revision,
+            Swapped::Found(Some((value, revision))) if value == Fence::fenced(epoch).to_string().as_bytes() => revision,
+            other => {
+                let why = format!(
+                    "{account}'s fence in {source} is {}, not {}",
+                    other.shown(),
+                    Fence::active(epoch)
+                );
+                return self.begin_roll_back(i, claim, why).await;
             }
         };
         self.failpoint("migrate.after-fence")?;
@@ -687,31 +719,12 @@ impl Migrator {
     /// `switching` → `completed`: the source's fence says where the account
     /// went, for routers with a stale placement.
     async fn mark_moved(&self, i: &mut Intent, claim: &Claim) -> Result<Next> {
-        let (source, epoch, mut client) = self.source(i)?;
+        let (source, epoch, client) = self.source(i)?;
         let account = i.record.account.clone();
-        let fence = fence_key(&account);
-        let moved = Fence::moved(epoch, self.shared.region.clone()).to_string();
-        let resp = client
-            .txn(
-                Txn::new()
-                    .when([Compare::value(
-                        fence.clone(),
-                        CompareOp::Equal,
-                        Fence::fenced(epoch).to_string(),
-                    )])
-                    .and_then([TxnOp::put(fence.clone(), moved.clone(), None)])
-                    .or_else([TxnOp::get(fence, None)]),
-            )
-            .await
-            .during(|| format!("marking {account} moved in {source}"))?;
-        if !resp.succeeded() {
-            let found = match resp.op_responses().first() {
-                Some(etcd_client::TxnOpResponse::Get(g)) => g.kvs().first().map(|kv| kv.value().to_vec()),
-                _ => None,
-            };
-            if found.as_deref() != Some(moved.as_bytes()) {
-                tracing::warn!(migration = %i.id, account = %account, found = ?found.map(|v| String::from_utf8_lossy(&v).into_owned()), "the source's fence was neither fenced nor moved; left as it is");
-            }
+        let moved = Fence::moved(epoch, self.shared.region.clone());
+        let swapped = swap_fence(&client, &account, &Fence::fenced(epoch), &moved).await?;
+        if !swapped.is(&moved) {
+            tracing::warn!(migration = %i.id, account = %account, found = %swapped.shown(), "the source's fence was neither fenced nor moved; left as it is");
         }
         self.failpoint("migrate.after-moved")?;
         i.record.phase = MigrationPhase::Completed;
@@ -745,7 +758,7 @@ impl Migrator {
     /// `rolling_back` → `rolled_back`: what the move wrote here goes, the
     /// source is unfenced, the directory names the source again.
     async fn roll_back(&self, i: &mut Intent, claim: &Claim) -> Result<Next> {
-        let (source, epoch, mut client) = self.source(i)?;
+        let (source, epoch, client) = self.source(i)?;
         let account = i.record.account.clone();
         let resp = self
             .local
@@ -761,31 +774,9 @@ impl Migrator {
                 "a rollback was refused: the election key changed".into(),
             ));
         }
-        let fence = fence_key(&account);
-        let resp = client
-            .txn(
-                Txn::new()
-                    .when([Compare::value(
-                        fence.clone(),
-                        CompareOp::Equal,
-                        Fence::fenced(epoch).to_string(),
-                    )])
-                    .and_then([TxnOp::put(fence.clone(), Fence::active(epoch).to_string(), None)])
-                    .or_else([TxnOp::get(fence, None)]),
-            )
-            .await
-            .during(|| format!("unfencing {account} in {source}"))?;
-        if !resp.succeeded() {
-            let found = match resp.op_responses().first() {
-                Some(etcd_client::TxnOpResponse::Get(g)) => g.kvs().first().map(|kv| Fence::parse(kv.value())),
-                _ => None,
-            };
-            match found {
-                Some(Ok(f)) if f == Fence::active(epoch) => {}
-                other => {
-                    tracing::warn!(migration = %i.id, account = %account, found = ?other, "the source's fence was not as the rollback expects; left as it is")
-                }
-            }
+        let swapped = swap_fence(&client, &account, &Fence::fenced(epoch), &Fence::active(epoch)).await?;
+        if !swapped.is(&Fence::active(epoch)) {
+            tracing::warn!(migration = %i.id, account = %account, found = %swapped.shown(), "the source's fence was not as the rollback expects; left as it is");
         }
         let account_key = dir_account_key(&account);
         let current = self

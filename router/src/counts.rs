@@ -8,7 +8,9 @@
 //! header only a peer router holding the token may set), so the routers of
 //! the home region together see all of them. Each publishes its counts into
 //! the region's group every `--write-count-publish-interval`
-//! (`/tern/stats/counts/{instance}/{chunk}`), where the agent sums them.
+//! (`/tern/stats/counts/{instance}/{chunk}`), where the agent sums them;
+//! accounts written only from this region are left out (they cannot
+//! move), which keeps the records small.
 //! A router that restarts loses what it counted since its last publish;
 //! what it published stays until its buckets leave the window (the agent
 //! deletes it then), so counts survive restarts, approximately.
@@ -87,9 +89,16 @@ impl WriteCounts {
             .unwrap_or_default()
     }
 
-    /// Everything counted in the window ending at `now_secs`, as records
-    /// of at most `per_record` accounts.
-    pub fn snapshot(&self, now_secs: u64, per_record: usize, published_ms: u64) -> Vec<WriteCountsRecord> {
+    /// What was counted in the window ending at `now_secs` for accounts
+    /// written from somewhere other than `home` (only those can move), as
+    /// records of at most `per_record` accounts.
+    pub fn snapshot(
+        &self,
+        now_secs: u64,
+        per_record: usize,
+        published_ms: u64,
+        home: &RegionName,
+    ) -> Vec<WriteCountsRecord> {
         let oldest = (now_secs / self.bucket_secs).saturating_sub(BUCKETS - 1);
         let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let mut records = Vec::new();
@@ -109,7 +118,7 @@ impl WriteCounts {
                 })
                 .filter(|(_, b)| !b.is_empty())
                 .collect();
-            if origins.is_empty() {
+            if !origins.keys().any(|origin| origin != home.as_str()) {
                 continue;
             }
             current.accounts.insert(account.to_string(), origins);
@@ -131,14 +140,20 @@ impl WriteCounts {
     /// Publishes the counts into the region's group every `interval` until
     /// aborted: one key per record, and the keys of records this router no
     /// longer has deleted. Failures are logged and tried again next time.
-    pub async fn publish(self: std::sync::Arc<Self>, group: Group, instance: String, interval: Duration) {
+    pub async fn publish(
+        self: std::sync::Arc<Self>,
+        group: Group,
+        region: RegionName,
+        instance: String,
+        interval: Duration,
+    ) {
         let mut published = 0usize;
         loop {
             tokio::time::sleep(interval).await;
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .unwrap_or_default();
-            let records = self.snapshot(now.as_secs(), ACCOUNTS_PER_RECORD, now.as_millis() as u64);
+            let records = self.snapshot(now.as_secs(), ACCOUNTS_PER_RECORD, now.as_millis() as u64, &region);
             let mut client = group.any();
             let mut failed = false;
             for (n, record) in records.iter().enumerate() {
@@ -203,8 +218,11 @@ mod tests {
         c.record(&a, &us, t0 - 2 * 24 * 3600);
         let b = AccountId::new("b").expect("valid");
         c.record(&b, &us, t0);
-        let records = c.snapshot(t0, 1, 7);
-        assert_eq!(records.len(), 2, "one account per record");
+        c.record(&b, &eu, t0);
+        let home_only = AccountId::new("c").expect("valid");
+        c.record(&home_only, &us, t0);
+        let records = c.snapshot(t0, 1, 7, &us);
+        assert_eq!(records.len(), 2, "one account per record, none written only from home");
         let all: std::collections::BTreeMap<_, _> = records.iter().flat_map(|r| r.accounts.clone()).collect();
         let bucket = t0 / c.bucket_secs;
         assert_eq!(all["a"]["eu-west"], vec![(bucket, 2)]);

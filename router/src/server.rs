@@ -70,6 +70,7 @@ pub async fn run(
     let counts = Arc::new(WriteCounts::new(config.write_count_window, config.write_count_accounts));
     let counts_task = tokio::spawn(counts.clone().publish(
         group.clone(),
+        config.region.clone(),
         instance.clone(),
         config.write_count_publish_interval,
     ));
