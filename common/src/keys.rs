@@ -30,6 +30,11 @@ pub fn data_key(account: &AccountId, key: &UserKey) -> String {
     format!("/tern/a/{account}/d/{key}")
 }
 
+/// Prefix of the account's idempotency records.
+pub fn idempotency_prefix(account: &AccountId) -> String {
+    format!("/tern/a/{account}/idem/")
+}
+
 /// The recorded result of an idempotent write.
 pub fn idempotency_key(account: &AccountId, key: &IdempotencyKey) -> String {
     format!("/tern/a/{account}/idem/{key}")

@@ -608,3 +608,55 @@ async fn an_account_migration_object_is_carried_out_once_and_reports_its_progres
     assert_eq!(reason, "Refused");
     operator.stop().await;
 }
+
+/// After a move, the source's copy of the account's data and idempotency
+/// records is deleted (here at once: `--moved-cleanup-delay=1ms`); the
+/// `moved` fence stays and the account still reads and writes from
+/// anywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_moved_accounts_old_copy_is_cleaned_up_and_its_fence_stays() {
+    let _serial = SERIAL.lock().await;
+    let mut d = start().await;
+    let dir = d.directory_client().await;
+    let agent = d.region_mut("us-east").agent.take().expect("agent");
+    agent.stop().await;
+    let agent = d
+        .start_agent("us-east", &["--moved-cleanup-delay=1ms".into()])
+        .await
+        .expect("agent restarts");
+    d.region_mut("us-east").agent = Some(agent);
+    create(&d, "acct-old", "us-east").await;
+    let mut us = d.client("us-east").await;
+    for i in 0..5 {
+        us.put(put("acct-old", &format!("k{i}"), "v", &format!("idem-{i}")))
+            .await
+            .expect("write");
+    }
+    mirror_measured(&d, "eu-west", "us-east").await;
+    let done = migrate(&dir, "old-1", "acct-old", "eu-west", None).await;
+    assert_eq!(done.phase, MigrationPhase::Completed, "{:?}", done.message);
+    let mut group = d.group_client("us-east").await;
+    let until = Instant::now() + Duration::from_secs(20);
+    loop {
+        let left = group
+            .get("/tern/a/acct-old/", Some(GetOptions::new().with_prefix()))
+            .await
+            .expect("read")
+            .kvs()
+            .iter()
+            .map(|kv| String::from_utf8_lossy(kv.key()).into_owned())
+            .collect::<Vec<_>>();
+        if left == vec!["/tern/a/acct-old/fence".to_string()] {
+            break;
+        }
+        assert!(Instant::now() < until, "the old copy stays: {left:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        fence(&d, "us-east", "acct-old").await.as_deref(),
+        Some("1:moved:eu-west")
+    );
+    let keys: Vec<String> = (0..5).map(|i| format!("k{i}")).collect();
+    all_readable(&d, "us-east", "acct-old", &keys).await;
+    us.put(put("acct-old", "after", "v", "")).await.expect("writes go on");
+}

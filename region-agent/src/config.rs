@@ -83,6 +83,12 @@ pub struct Config {
     #[arg(long, env = "TERN_MIGRATION_CATCH_UP_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub migration_catch_up_timeout: Duration,
 
+    /// How long after a move out of this region completed the account's
+    /// data and idempotency records here are deleted (its fence stays, to
+    /// tell stale routers where it went), e.g. 10m.
+    #[arg(long, env = "TERN_MOVED_CLEANUP_DELAY", default_value = "10m", value_parser = parse_duration)]
+    pub moved_cleanup_delay: Duration,
+
     /// Follow the sun: move accounts homed here to the region their writes
     /// come from (GeoCluster `spec.followTheSun.enabled`).
     #[arg(long, env = "TERN_FOLLOW_THE_SUN")]

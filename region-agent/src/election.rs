@@ -13,6 +13,15 @@ use tern_common::agent_election;
 use crate::error::{AgentError, EtcdContext, Result};
 use crate::state::Shared;
 
+/// A spawned task that ends when its handle is dropped.
+pub struct AbortOnDrop<T>(pub tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Proof of leadership: the election key and its creation revision.
 #[derive(Clone, Debug)]
 pub struct Leadership {
@@ -37,11 +46,14 @@ pub async fn campaign(client: &Client, shared: &Arc<Shared>, ttl: i64) -> Result
         .during(|| "granting the election lease".into())?
         .id();
     // Keep the lease alive while campaigning too: a standby can wait long.
-    let keeper = tokio::spawn(keep_alive(client.clone(), lease, ttl, shared.clone()));
+    // Dropped with the campaign: an agent stopped while campaigning must
+    // not keep its lease, and its election key, alive for ever (a successor
+    // with the same identity waited on it).
+    let keeper = AbortOnDrop(tokio::spawn(keep_alive(client.clone(), lease, ttl, shared.clone())));
     let won = c
         .campaign(agent_election(&shared.region), shared.identity.as_bytes(), lease)
         .await;
-    keeper.abort();
+    drop(keeper);
     let resp = won.during(|| "campaigning".into())?;
     let leader = resp
         .leader()

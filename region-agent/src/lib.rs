@@ -14,6 +14,8 @@
 //!   by the region's lease key there;
 //! - `migrate`: moves of accounts into this region, step by step from their
 //!   intent records in the directory (DESIGN.md "Migration protocol");
+//! - `cleanup`: the data of accounts that moved away, deleted a while after
+//!   (their `moved` fence stays);
 //! - `sun`: the follow-the-sun policy, asking for moves of accounts homed
 //!   here from the routers' published write counts;
 //! - `kubernetes`: the region's lag in the GeoCluster status, when asked.
@@ -22,6 +24,7 @@
 //! `agent.mirror`, `agent.mirror.resync`) when an OTLP endpoint is set.
 #![forbid(unsafe_code)]
 
+pub mod cleanup;
 pub mod config;
 pub mod election;
 pub mod error;
@@ -190,6 +193,13 @@ pub async fn run(
             leadership.clone(),
             shared.clone(),
             migrate::Settings::from(&config),
+        ));
+        loops.spawn(cleanup::run(
+            directory.clone(),
+            group.clone(),
+            leadership.clone(),
+            shared.clone(),
+            config.moved_cleanup_delay,
         ));
         loops.spawn(sun::run(
             directory.clone(),

@@ -24,7 +24,7 @@ use std::time::Duration;
 use etcd_client::{Client, Compare, CompareOp, PutOptions, Txn, TxnOp, TxnOpResponse};
 use tern_common::{MirrorStatus, RegionLease, RegionName, RegionRecord, dir_lease_key, dir_region_key};
 
-use crate::election::{self, Leadership};
+use crate::election::{self, AbortOnDrop, Leadership};
 use crate::error::{AgentError, EtcdContext, Result};
 use crate::metrics::Metrics;
 use crate::state::Shared;
@@ -114,15 +114,6 @@ async fn grant_and_claim(c: &mut Client, shared: &Shared, leadership: &Leadershi
         let _ = c.lease_revoke(lease).await;
     }
     claimed
-}
-
-/// A spawned task that ends when its handle is dropped.
-struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
-
-impl<T> Drop for AbortOnDrop<T> {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 /// This agent's hold on the region's lease key in the directory.
