@@ -22,6 +22,20 @@ pub use ids::*;
 pub use keys::*;
 pub use records::*;
 
+/// The wall clock as Unix time (zero before 1970): what records that say
+/// when something happened (`MigrationRecord`, `WriteCountsRecord`,
+/// idempotency records' expiry) are stamped with.
+pub fn unix_now() -> std::time::Duration {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+}
+
+/// [`unix_now`] in ms.
+pub fn unix_ms() -> u64 {
+    unix_now().as_millis() as u64
+}
+
 /// What can fail in the parts every binary shares: connecting to an etcd
 /// group and setting up trace export. (Refused input is `InvalidInput`.)
 #[derive(Debug, thiserror::Error)]

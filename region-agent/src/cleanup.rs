@@ -18,8 +18,12 @@ use crate::election::Leadership;
 use crate::error::{AgentError, EtcdContext, Result};
 use crate::state::Shared;
 
-/// Accounts cleaned up per round at most: the deletes are spread out.
-const PER_ROUND: usize = 20;
+/// How often the intents are looked at: a read of the whole migrations
+/// prefix from the global directory, so not every second.
+const ROUND: Duration = Duration::from_secs(5);
+/// Accounts cleaned up per round at most (20 a second): the deletes are
+/// spread out.
+const PER_ROUND: usize = 100;
 
 pub async fn run(
     directory: Client,
@@ -31,7 +35,7 @@ pub async fn run(
     // Intents already cleaned up (or found clean) by this leadership.
     let mut done: BTreeSet<String> = BTreeSet::new();
     loop {
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        tokio::time::sleep(ROUND).await;
         match round(&directory, &local, &leadership, &shared, delay, &mut done).await {
             Err(e @ AgentError::NotLeader(_)) => return e,
             Err(e) => tracing::warn!(error = %e, "cleaning up moved accounts failed; trying again"),
@@ -48,9 +52,7 @@ async fn round(
     delay: Duration,
     done: &mut BTreeSet<String>,
 ) -> Result<()> {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
+    let now = tern_common::unix_ms();
     let resp = directory
         .clone()
         .get(DIR_MIGRATIONS, Some(GetOptions::new().with_prefix()))

@@ -204,12 +204,6 @@ async fn swap_fence(client: &Client, account: &AccountId, from: &Fence, to: &Fen
     }))
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 impl Migrator {
     /// One pass over the intents that target this region, oldest first.
     async fn round(&self) -> Result<()> {
@@ -336,7 +330,7 @@ impl Migrator {
             .get_or_create(&crate::metrics::Metrics::outcome("refused"))
             .inc();
         i.record.phase = MigrationPhase::Refused;
-        i.record.finished_ms = Some(now_ms());
+        i.record.finished_ms = Some(tern_common::unix_ms());
         i.record.message = Some(why);
         if !self.save(i, claim, vec![], vec![]).await? {
             return Err(self.fail(i, "the intent changed under the agent"));
@@ -438,7 +432,7 @@ impl Migrator {
         i.record.placement = Some(migrating.clone());
         i.record.source = Some(home.clone());
         i.record.source_epoch = Some(placement.epoch);
-        i.record.started_ms = Some(now_ms());
+        i.record.started_ms = Some(tern_common::unix_ms());
         i.record.message = Some(format!("moving from {home} at epoch {}", placement.epoch));
         let account_value = serde_json::to_string(&migrating).map_err(|e| self.fail(i, e.to_string()))?;
         let saved = self
@@ -479,7 +473,7 @@ impl Migrator {
         let (source, epoch, client) = self.source(i)?;
         let account = i.record.account.clone();
         let fence = fence_key(&account);
-        let fenced_at = now_ms();
+        let fenced_at = tern_common::unix_ms();
         // Step 2: fence the source (or find it fenced by an earlier attempt).
         let fenced_revision = match swap_fence(&client, &account, &Fence::active(epoch), &Fence::fenced(epoch)).await? {
             Swapped::Now(revision) => revision,
@@ -568,7 +562,7 @@ impl Migrator {
             home: self.shared.region.clone(),
             epoch: target_epoch,
             state: AccountState::Active,
-            moved_ms: Some(now_ms()),
+            moved_ms: Some(tern_common::unix_ms()),
             ..migrating.clone()
         };
         i.record.phase = MigrationPhase::Switching;
@@ -594,7 +588,7 @@ impl Migrator {
         // Writes may commit in the target from the switch's acknowledgement
         // on (routers learn it from their watch a moment later): the
         // window is measured to here, and saved with the completion.
-        let switched_at = now_ms();
+        let switched_at = tern_common::unix_ms();
         i.record.switched_ms = Some(switched_at);
         i.record.unavailable_ms = Some(switched_at.saturating_sub(fenced_at));
         tracing::info!(
@@ -633,7 +627,7 @@ impl Migrator {
         }
         // Idempotency records get leases for what is left of their
         // retention, shared per minute of TTL.
-        let now = now_ms();
+        let now = tern_common::unix_ms();
         let mut leases: BTreeMap<i64, i64> = BTreeMap::new();
         let mut ops: Vec<(TxnOp, usize)> = Vec::new();
         let mut copied = 0;
@@ -728,7 +722,7 @@ impl Migrator {
         }
         self.failpoint("migrate.after-moved")?;
         i.record.phase = MigrationPhase::Completed;
-        i.record.finished_ms = Some(now_ms());
+        i.record.finished_ms = Some(tern_common::unix_ms());
         if !self.save(i, claim, vec![], vec![]).await? {
             return Err(self.fail(i, "the intent changed under the agent"));
         }
@@ -809,7 +803,7 @@ impl Migrator {
             ));
         }
         i.record.phase = MigrationPhase::RolledBack;
-        i.record.finished_ms = Some(now_ms());
+        i.record.finished_ms = Some(tern_common::unix_ms());
         if !self.save(i, claim, extra, also).await? {
             return Err(self.fail(i, "the intent or the account's placement changed under the agent"));
         }

@@ -175,13 +175,6 @@ pub fn decide(
     })
 }
 
-fn now() -> (u64, u64) {
-    let d = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    (d.as_secs(), d.as_millis() as u64)
-}
-
 /// Runs the policy every `policy.interval` until leadership ends.
 pub async fn run(
     directory: Client,
@@ -225,7 +218,8 @@ async fn round(
     last: &mut BTreeMap<String, Decision>,
     started: &mut VecDeque<Instant>,
 ) -> Result<()> {
-    let (now_secs, now_ms) = now();
+    let now = tern_common::unix_now();
+    let (now_secs, now_ms) = (now.as_secs(), now.as_millis() as u64);
     let resp = local
         .clone()
         .get(COUNTS_PREFIX, Some(GetOptions::new().with_prefix()))

@@ -150,9 +150,7 @@ impl WriteCounts {
         let mut published = 0usize;
         loop {
             tokio::time::sleep(interval).await;
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap_or_default();
+            let now = tern_common::unix_now();
             let records = self.snapshot(now.as_secs(), ACCOUNTS_PER_RECORD, now.as_millis() as u64, &region);
             let mut client = group.any();
             let mut failed = false;

@@ -55,10 +55,7 @@ impl RecordLeases {
     /// When a record written now reaches the end of its retention (Unix
     /// ms): stored in the record, so a migration can give its copy the rest.
     pub fn expires_ms(&self) -> u64 {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
-        now + self.retention.as_millis() as u64
+        tern_common::unix_ms() + self.retention.as_millis() as u64
     }
 
     /// Drops the cached lease after etcd said it does not know it (revoked

@@ -17,13 +17,6 @@ fn etcd(action: impl Into<String>, e: etcd_client::Error) -> LocalError {
     }
 }
 
-/// Unix ms now.
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 /// Creates the intent `id` (phase `requested`) unless it exists: asking
 /// twice with one id moves the account once. Returns whether it was new.
 pub async fn request(
@@ -35,7 +28,13 @@ pub async fn request(
     reason: &str,
 ) -> Result<bool> {
     let key = dir_migration_key(id);
-    let record = MigrationRecord::requested(account.clone(), to.clone(), expect_from, reason.to_string(), now_ms());
+    let record = MigrationRecord::requested(
+        account.clone(),
+        to.clone(),
+        expect_from,
+        reason.to_string(),
+        tern_common::unix_ms(),
+    );
     let value = serde_json::to_string(&record).map_err(|e| LocalError::Etcd {
         group: "directory".into(),
         action: "encoding a migration intent".into(),

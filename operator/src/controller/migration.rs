@@ -172,9 +172,7 @@ pub async fn reconcile(m: Arc<AccountMigration>, ctx: Arc<Context>) -> Result<Ac
     let id = intent_id(&m)?;
     let dir = directory(&m, &ctx).await?;
     let key = dir_migration_key(&id);
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
+    let now_ms = tern_common::unix_ms();
     let reason = m.spec.reason.clone().unwrap_or_else(|| "AccountMigration".into());
     let asked = MigrationRecord::requested(account, target, expected, reason, now_ms);
     let value = serde_json::to_string(&asked).map_err(|e| Error::Serialize(e.to_string()))?;
