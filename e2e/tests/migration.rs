@@ -660,3 +660,150 @@ async fn a_moved_accounts_old_copy_is_cleaned_up_and_its_fence_stays() {
     all_readable(&d, "us-east", "acct-old", &keys).await;
     us.put(put("acct-old", "after", "v", "")).await.expect("writes go on");
 }
+
+/// Sets the account's placement in the directory to `state` (JSON), as a
+/// move would, keeping the rest.
+async fn set_state(dir: &Client, account: &str, state: serde_json::Value) {
+    let mut p = placement(dir, account).await;
+    p["state"] = state;
+    dir.clone()
+        .put(format!("/tern/dir/accounts/{account}"), p.to_string(), None)
+        .await
+        .expect("placement written");
+}
+
+/// Copies the account from eu-west's mirror of us-east into eu-west's home
+/// area with the fence `2:active`, as a move's copy does.
+async fn land_in_eu_west(d: &LocalDeployment, account: &str) {
+    let mut eu = d.group_client("eu-west").await;
+    let source = region("us-east");
+    let prefix = tern_common::mirror_key(&source, format!("/tern/a/{account}/").as_bytes());
+    let strip = tern_common::mirror_key(&source, b"").len();
+    let mirrored = eu
+        .get(prefix, Some(GetOptions::new().with_prefix()))
+        .await
+        .expect("mirrored keys");
+    for kv in mirrored.kvs() {
+        let key = String::from_utf8_lossy(&kv.key()[strip..]).into_owned();
+        if !key.ends_with("/fence") {
+            eu.put(key, kv.value(), None).await.expect("copied");
+        }
+    }
+    eu.put(format!("/tern/a/{account}/fence"), "2:active", None)
+        .await
+        .expect("fence");
+}
+
+/// The routers alone, with a move's steps played by hand (no intent, so no
+/// agent acts): a write that meets the source fenced for a move goes on to
+/// the target and waits there for the copy, so it commits as soon as the
+/// copy lands, before the directory says anything; a router whose placement
+/// is stale follows a `moved` fence; and a move rolled back before its copy
+/// landed sends the waiting writes back to the source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_follow_the_fences_of_a_move_ahead_of_the_directory() {
+    let _serial = SERIAL.lock().await;
+    let d = start().await;
+    let dir = d.directory_client().await;
+    let mut us_group = d.group_client("us-east").await;
+    create(&d, "acct-h", "us-east").await;
+    let mut us = d.client("us-east").await;
+    let mut eu = d.client("eu-west").await;
+    us.put(put("acct-h", "paid", "1", "pay-h")).await.expect("keyed put");
+    mirror_measured(&d, "eu-west", "us-east").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // Migrating, the source fenced, nothing copied yet: writes wait.
+    set_state(&dir, "acct-h", serde_json::json!({"kind": "migrating", "target": "eu-west"})).await;
+    us_group
+        .put("/tern/a/acct-h/fence", "1:fenced", None)
+        .await
+        .expect("fenced");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    let (mut us2, mut eu2) = (us.clone(), eu.clone());
+    let from_us = tokio::spawn(async move { us2.put(put("acct-h", "a", "1", "")).await });
+    let from_eu = tokio::spawn(async move { eu2.put(put("acct-h", "b", "1", "")).await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !from_us.is_finished() && !from_eu.is_finished(),
+        "a write committed while the account was fenced and not copied"
+    );
+    land_in_eu_west(&d, "acct-h").await;
+    for (via, w) in [("us-east", from_us), ("eu-west", from_eu)] {
+        let meta = w
+            .await
+            .expect("writer")
+            .unwrap_or_else(|e| panic!("a write through {via} failed instead of waiting: {e}"))
+            .into_inner()
+            .meta
+            .expect("meta");
+        assert_eq!((meta.home_region.as_str(), meta.epoch), ("eu-west", 2), "through {via}");
+    }
+    eprintln!("writes waited {:?} for the copy", started.elapsed());
+    assert_eq!(
+        placement(&dir, "acct-h").await["state"]["kind"],
+        "migrating",
+        "the directory has not switched: the writes followed the fences"
+    );
+    // The idempotency record came with the copy: a retry is replayed.
+    let retry = us
+        .put(put("acct-h", "paid", "1", "pay-h"))
+        .await
+        .expect("retry")
+        .into_inner()
+        .meta
+        .expect("meta");
+    assert!(retry.replayed && retry.home_region == "eu-west", "{retry:?}");
+
+    // The source says moved while the directory (as if stale) still names
+    // it active: the routers believe the fence.
+    us_group
+        .put("/tern/a/acct-h/fence", "1:moved:eu-west", None)
+        .await
+        .expect("moved");
+    set_state(&dir, "acct-h", serde_json::json!({"kind": "active"})).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for (via, c) in [("us-east", &mut us), ("eu-west", &mut eu)] {
+        let meta = c
+            .put(put("acct-h", &format!("after-moved-{via}"), "1", ""))
+            .await
+            .unwrap_or_else(|e| panic!("through {via}: {e}"))
+            .into_inner()
+            .meta
+            .expect("meta");
+        assert_eq!((meta.home_region.as_str(), meta.epoch), ("eu-west", 2), "through {via}");
+    }
+    all_readable(&d, "eu-west", "acct-h", &["a".into(), "b".into(), "paid".into()]).await;
+
+    // A move rolled back before its copy landed: the waiting writes commit
+    // in the source again.
+    create(&d, "acct-b", "us-east").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    set_state(&dir, "acct-b", serde_json::json!({"kind": "migrating", "target": "eu-west"})).await;
+    us_group
+        .put("/tern/a/acct-b/fence", "1:fenced", None)
+        .await
+        .expect("fenced");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (mut us2, mut eu2) = (us.clone(), eu.clone());
+    let from_us = tokio::spawn(async move { us2.put(put("acct-b", "a", "1", "")).await });
+    let from_eu = tokio::spawn(async move { eu2.put(put("acct-b", "b", "1", "")).await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!from_us.is_finished() && !from_eu.is_finished());
+    us_group
+        .put("/tern/a/acct-b/fence", "1:active", None)
+        .await
+        .expect("unfenced");
+    set_state(&dir, "acct-b", serde_json::json!({"kind": "active"})).await;
+    for (via, w) in [("us-east", from_us), ("eu-west", from_eu)] {
+        let meta = w
+            .await
+            .expect("writer")
+            .unwrap_or_else(|e| panic!("a write through {via} failed after the rollback: {e}"))
+            .into_inner()
+            .meta
+            .expect("meta");
+        assert_eq!((meta.home_region.as_str(), meta.epoch), ("us-east", 1), "through {via}");
+    }
+}

@@ -7,26 +7,34 @@
 //! written into the source's group, through the mirror's connection.
 //!
 //! ```text
-//! requested ──► fencing ──────────────────────────────► switching ──► completed
-//!   │ directory: account      fence S: E:active → E:fenced      S: E:fenced → E:moved:T
+//! requested ──► fencing ───────────────────────────────────────────────► completed
+//!   │ directory: account      fence S: E:active → E:fenced
 //!   │ `migrating`, intent     wait: T's mirror applied ≥ r
-//!   ▼                         copy into T's home area, fence E+1:active last
-//! refused                     directory: {T, E+1, active} + intent `switching`
-//!                               │ (mirror too slow, fence not as expected)
-//!                               ▼
+//!   ▼                         copy into T's home area, fence E+1:active last  ◄─ landed
+//! refused                     S: E:fenced → E:moved:T
+//!                             directory: {T, E+1, active} + intent `completed`
+//!                               │ (before landing only: mirror too slow,
+//!                               ▼  fence not as expected)
 //!                             rolling_back ──► rolled_back (S unfenced, directory {S, E, active})
 //! ```
 //!
+//! Routers follow the fences ahead of the directory (a source fenced for
+//! this move, or marked moved, sends a write on to T at E+1, where it waits
+//! for the copy), so writes commit in T from the moment its fence is
+//! `E+1:active`: that is the point of no return. From there the move only
+//! goes forward, is never copied again and never rolled back, and the
+//! window in which the account takes no writes is one round trip to the
+//! source, the mirror's delay and a local copy; the `moved` marker and the
+//! directory switch follow outside it.
+//!
 //! Every step is idempotent, so an agent that restarts (or a new leader)
-//! does again whatever its phase says: in `fencing` the fence CAS finds the
-//! fence already set and takes its revision, the copy deletes what an
-//! earlier attempt left and writes it again, and the directory switch
-//! compares the account's `migrating` record. Nothing is written to the
-//! intent between the fence and the switch, so the window in which the
-//! account takes no writes is one round trip to the source, the mirror's
-//! delay, a local copy and one directory write. Local writes carry the
-//! leadership guard, directory writes the region's lease claim. Named
-//! failpoints (feature `failpoints`) stop the agent at each step.
+//! does again whatever its phase says: in `fencing` it first looks whether
+//! the copy landed, the fence CAS finds the fence already set and takes its
+//! revision, the copy deletes what an earlier attempt left and writes it
+//! again, and the directory switch compares the account's `migrating`
+//! record. Local writes carry the leadership guard, directory writes the
+//! region's lease claim. Named failpoints (feature `failpoints`) stop the
+//! agent at each step.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
@@ -179,6 +187,14 @@ impl Swapped {
             Swapped::Found(Some((v, _))) => String::from_utf8_lossy(v).into_owned(),
         }
     }
+}
+
+/// What the fence-and-copy steps leave for the switch: the keys copied and
+/// the window (fenced revision, fenced at, landed at, Unix ms), each
+/// unknown when an earlier attempt did that part.
+struct Landed {
+    keys: Option<usize>,
+    window: Option<(i64, u64, u64)>,
 }
 
 /// Sets `account`'s fence in a source group from `from` to `to`, or reads
@@ -468,67 +484,50 @@ impl Migrator {
         Ok((source, epoch, client))
     }
 
-    /// `fencing` → `switching` (or `rolling_back`).
+    /// This region's fence of `account`, as text (None: no fence).
+    async fn local_fence(&self, account: &AccountId) -> Result<Option<Vec<u8>>> {
+        let resp = self
+            .local
+            .clone()
+            .get(fence_key(account), None)
+            .await
+            .during(|| format!("reading {account}'s fence here"))?;
+        Ok(resp.kvs().first().map(|kv| kv.value().to_vec()))
+    }
+
+    /// `fencing` → `completed` (or `rolling_back` before the copy landed).
     async fn fence_copy_switch(&self, i: &mut Intent, claim: &Claim) -> Result<Next> {
         let (source, epoch, client) = self.source(i)?;
         let account = i.record.account.clone();
-        let fence = fence_key(&account);
-        let fenced_at = tern_common::unix_ms();
-        // Step 2: fence the source (or find it fenced by an earlier attempt).
-        let fenced_revision = match swap_fence(&client, &account, &Fence::active(epoch), &Fence::fenced(epoch)).await? {
-            Swapped::Now(revision) => revision,
-            Swapped::Found(Some((value, revision))) if value == Fence::fenced(epoch).to_string().as_bytes() => revision,
-            other => {
-                let why = format!(
-                    "{account}'s fence in {source} is {}, not {}",
-                    other.shown(),
-                    Fence::active(epoch)
-                );
-                return self.begin_roll_back(i, claim, why).await;
+        let target_epoch = epoch.next();
+        let landed =
+            self.local_fence(&account).await?.as_deref() == Some(Fence::active(target_epoch).to_string().as_bytes());
+        let Landed { keys, window } = if landed {
+            // An earlier attempt got past the point of no return; the
+            // window it measured died with it.
+            tracing::info!(migration = %i.id, account = %account, "the copy landed in an earlier attempt: finishing the move");
+            Landed {
+                keys: None,
+                window: None,
+            }
+        } else {
+            match self.fence_and_copy(i, claim, &source, epoch, &client).await? {
+                Ok(done) => done,
+                Err(next) => return Ok(next),
             }
         };
-        self.failpoint("migrate.after-fence")?;
-        // Step 3: this region's mirror of the source reaches the fence.
-        let deadline = Instant::now() + self.settings.catch_up_timeout;
-        loop {
-            let applied = self.shared.with_mirror(&source, |m| m.applied);
-            if applied.0 >= fenced_revision {
-                break;
-            }
-            if Instant::now() > deadline {
-                let why = format!(
-                    "{}'s mirror of {source} did not reach the fence's revision {fenced_revision} within {:?} (applied {})",
-                    self.shared.region, self.settings.catch_up_timeout, applied
-                );
-                return self.begin_roll_back(i, claim, why).await;
-            }
-            tokio::time::sleep(Duration::from_millis(2)).await;
+        // Step 6 before 5: routers that reach the source learn where the
+        // account went for certain, whatever their directory cache says.
+        let moved = Fence::moved(epoch, self.shared.region.clone());
+        let swapped = swap_fence(&client, &account, &Fence::fenced(epoch), &moved).await?;
+        if !swapped.is(&moved) {
+            tracing::warn!(migration = %i.id, account = %account, found = %swapped.shown(), "the source's fence was neither fenced nor moved; left as it is");
         }
-        let mirrored_fence = mirror_key(&source, fence.as_bytes());
-        let mirrored = self
-            .local
-            .clone()
-            .get(mirrored_fence, None)
-            .await
-            .during(|| format!("reading the mirrored fence of {account}"))?;
-        let value = mirrored.kvs().first().map(|kv| kv.value().to_vec());
-        if value.as_deref() != Some(Fence::fenced(epoch).to_string().as_bytes()) {
-            let why = format!(
-                "the mirror of {source} holds {account}'s fence as {}, not {}",
-                value.map_or("absent".into(), |v| String::from_utf8_lossy(&v).into_owned()),
-                Fence::fenced(epoch)
-            );
-            return self.begin_roll_back(i, claim, why).await;
-        }
-        self.failpoint("migrate.after-catch-up")?;
-        // Step 4: copy into this region's home area, the fence last.
-        let target_epoch = Epoch(epoch.0 + 1);
-        let keys = self.copy(i, &source, target_epoch).await?;
-        self.failpoint("migrate.after-copy")?;
+        self.failpoint("migrate.after-moved")?;
         // Step 5: the directory names this region.
         let account_key = dir_account_key(&account);
         // The placement as the start wrote it (kept in the intent, so no
-        // directory read lengthens the window); compared by value.
+        // directory read is needed); compared by value.
         let migrating = match i.record.placement.clone() {
             Some(p) => p,
             None => {
@@ -565,15 +564,24 @@ impl Migrator {
             moved_ms: Some(tern_common::unix_ms()),
             ..migrating.clone()
         };
-        i.record.phase = MigrationPhase::Switching;
-        i.record.fenced_revision = Some(fenced_revision);
-        i.record.fenced_ms = Some(fenced_at);
-        i.record.message = Some(format!(
-            "{keys} keys copied; homed in {} at epoch {target_epoch}",
-            self.shared.region
-        ));
+        i.record.phase = MigrationPhase::Completed;
+        if let Some((fenced_revision, fenced_ms, landed_ms)) = window {
+            i.record.fenced_revision = Some(fenced_revision);
+            i.record.fenced_ms = Some(fenced_ms);
+            i.record.unavailable_ms = Some(landed_ms.saturating_sub(fenced_ms));
+        }
+        i.record.message = Some(match keys {
+            Some(keys) => format!(
+                "{keys} keys copied; homed in {} at epoch {target_epoch}",
+                self.shared.region
+            ),
+            None => format!("homed in {} at epoch {target_epoch}", self.shared.region),
+        });
         let expected_value = serde_json::to_string(&expected_migrating).map_err(|e| self.fail(i, e.to_string()))?;
         let switched_value = serde_json::to_string(&switched).map_err(|e| self.fail(i, e.to_string()))?;
+        let now = tern_common::unix_ms();
+        i.record.switched_ms = Some(now);
+        i.record.finished_ms = Some(now);
         let saved = self
             .save(
                 i,
@@ -585,19 +593,105 @@ impl Migrator {
         if !saved {
             return Err(self.fail(i, "the intent or the account's placement changed under the agent"));
         }
-        // Writes may commit in the target from the switch's acknowledgement
-        // on (routers learn it from their watch a moment later): the
-        // window is measured to here, and saved with the completion.
-        let switched_at = tern_common::unix_ms();
-        i.record.switched_ms = Some(switched_at);
-        i.record.unavailable_ms = Some(switched_at.saturating_sub(fenced_at));
-        tracing::info!(
-            migration = %i.id, account = %account, from = %source, to = %self.shared.region,
-            epoch = target_epoch.0, keys, unavailable_ms = i.record.unavailable_ms.unwrap_or(0),
-            "migration switched the directory"
-        );
+        self.completed(i, &source);
         self.failpoint("migrate.after-switch")?;
         Ok(Next::Go)
+    }
+
+    /// Steps 2–4: fence the source, wait for this region's mirror to reach
+    /// the fence, copy. `Ok(Ok((keys, window)))` once the copy landed, the
+    /// window (fenced revision, fenced at, landed at) only when this attempt
+    /// set the fence; `Ok(Err(next))` when the move is being rolled back
+    /// instead.
+    async fn fence_and_copy(
+        &self,
+        i: &mut Intent,
+        claim: &Claim,
+        source: &RegionName,
+        epoch: Epoch,
+        client: &Client,
+    ) -> Result<std::result::Result<Landed, Next>> {
+        let account = i.record.account.clone();
+        let fence = fence_key(&account);
+        let fenced_at = tern_common::unix_ms();
+        // Step 2: fence the source (or find it fenced by an earlier attempt,
+        // whose start of the window is not known here).
+        let (fenced_revision, fenced_at) =
+            match swap_fence(client, &account, &Fence::active(epoch), &Fence::fenced(epoch)).await? {
+                Swapped::Now(revision) => (revision, Some(fenced_at)),
+                Swapped::Found(Some((value, revision))) if value == Fence::fenced(epoch).to_string().as_bytes() => {
+                    (revision, None)
+                }
+                other => {
+                    let why = format!(
+                        "{account}'s fence in {source} is {}, not {}",
+                        other.shown(),
+                        Fence::active(epoch)
+                    );
+                    return Ok(Err(self.begin_roll_back(i, claim, why).await?));
+                }
+            };
+        self.failpoint("migrate.after-fence")?;
+        // Step 3: this region's mirror of the source reaches the fence.
+        let deadline = Instant::now() + self.settings.catch_up_timeout;
+        loop {
+            let applied = self.shared.with_mirror(source, |m| m.applied);
+            if applied.0 >= fenced_revision {
+                break;
+            }
+            if Instant::now() > deadline {
+                let why = format!(
+                    "{}'s mirror of {source} did not reach the fence's revision {fenced_revision} within {:?} (applied {})",
+                    self.shared.region, self.settings.catch_up_timeout, applied
+                );
+                return Ok(Err(self.begin_roll_back(i, claim, why).await?));
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let mirrored_fence = mirror_key(source, fence.as_bytes());
+        let mirrored = self
+            .local
+            .clone()
+            .get(mirrored_fence, None)
+            .await
+            .during(|| format!("reading the mirrored fence of {account}"))?;
+        let value = mirrored.kvs().first().map(|kv| kv.value().to_vec());
+        if value.as_deref() != Some(Fence::fenced(epoch).to_string().as_bytes()) {
+            let why = format!(
+                "the mirror of {source} holds {account}'s fence as {}, not {}",
+                value.map_or("absent".into(), |v| String::from_utf8_lossy(&v).into_owned()),
+                Fence::fenced(epoch)
+            );
+            return Ok(Err(self.begin_roll_back(i, claim, why).await?));
+        }
+        self.failpoint("migrate.after-catch-up")?;
+        // Step 4: copy into this region's home area, the fence last.
+        let keys = self.copy(i, source, epoch.next()).await?;
+        // Writes commit here from now on: the window ends.
+        let landed_at = tern_common::unix_ms();
+        tracing::info!(
+            migration = %i.id, account = %account, from = %source, to = %self.shared.region,
+            epoch = epoch.next().0, keys, unavailable_ms = ?fenced_at.map(|f| landed_at.saturating_sub(f)),
+            "migration landed: the account takes writes here"
+        );
+        self.failpoint("migrate.after-copy")?;
+        Ok(Ok(Landed {
+            keys: Some(keys),
+            window: fenced_at.map(|f| (fenced_revision, f, landed_at)),
+        }))
+    }
+
+    /// Logs and counts a completed move.
+    fn completed(&self, i: &Intent, source: &RegionName) {
+        tracing::info!(migration = %i.id, account = %i.record.account, from = %source, to = %self.shared.region, unavailable_ms = ?i.record.unavailable_ms, "migration completed");
+        self.shared
+            .metrics
+            .migrations
+            .get_or_create(&crate::metrics::Metrics::outcome("completed"))
+            .inc();
+        if let Some(ms) = i.record.unavailable_ms {
+            self.shared.metrics.migration_unavailable_ms.set(ms as i64);
+        }
     }
 
     /// Copies the account from the mirror area into this region's home
@@ -711,7 +805,9 @@ impl Migrator {
     }
 
     /// `switching` → `completed`: the source's fence says where the account
-    /// went, for routers with a stale placement.
+    /// went. Only intents left by an agent that switched the directory
+    /// before marking the source (before the marker moved ahead of the
+    /// switch) are in this phase.
     async fn mark_moved(&self, i: &mut Intent, claim: &Claim) -> Result<Next> {
         let (source, epoch, client) = self.source(i)?;
         let account = i.record.account.clone();
@@ -726,16 +822,7 @@ impl Migrator {
         if !self.save(i, claim, vec![], vec![]).await? {
             return Err(self.fail(i, "the intent changed under the agent"));
         }
-        tracing::info!(migration = %i.id, account = %account, from = %source, to = %self.shared.region, unavailable_ms = i.record.unavailable_ms.unwrap_or(0), "migration completed");
-        self.shared
-            .metrics
-            .migrations
-            .get_or_create(&crate::metrics::Metrics::outcome("completed"))
-            .inc();
-        self.shared
-            .metrics
-            .migration_unavailable_ms
-            .set(i.record.unavailable_ms.unwrap_or(0) as i64);
+        self.completed(i, &source);
         Ok(Next::Go)
     }
 
@@ -754,6 +841,16 @@ impl Migrator {
     async fn roll_back(&self, i: &mut Intent, claim: &Claim) -> Result<Next> {
         let (source, epoch, client) = self.source(i)?;
         let account = i.record.account.clone();
+        if self.local_fence(&account).await?.as_deref() == Some(Fence::active(epoch.next()).to_string().as_bytes()) {
+            // Past the point of no return (writes may have committed
+            // here): deleting the copy would lose them. Forward instead.
+            tracing::error!(migration = %i.id, account = %account, "a rollback found the copy landed: finishing the move instead");
+            i.record.phase = MigrationPhase::Fencing;
+            if !self.save(i, claim, vec![], vec![]).await? {
+                return Err(self.fail(i, "the intent changed under the agent"));
+            }
+            return Ok(Next::Go);
+        }
         let resp = self
             .local
             .clone()

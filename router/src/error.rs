@@ -89,8 +89,12 @@ pub enum RouterError {
     Internal(String),
     /// This router is not the account's home (a forwarded call met a stale
     /// placement); the caller routes again.
-    #[error("the account is homed in {0}, not here; route again")]
-    NotHome(RegionName),
+    /// `hint`: where a fence here said it went, ahead of the directory.
+    #[error("the account is homed in {home}, not here; route again")]
+    NotHome {
+        home: RegionName,
+        hint: Option<crate::peer::Hint>,
+    },
     /// The home region's router answered with this status; passed on as is.
     #[error("{}", .0.message())]
     Remote(Status),
@@ -130,7 +134,7 @@ impl RouterError {
             | Self::GroupUnavailable { .. }
             | Self::DirectoryUnavailable(_)
             | Self::Unavailable(_)
-            | Self::NotHome(_)
+            | Self::NotHome { .. }
             | Self::ShuttingDown
             | Self::Dns { .. }
             | Self::Startup(_) => Code::Unavailable,

@@ -3,7 +3,11 @@
 //! this region's mirror; otherwise route (placement cache) → run it in this
 //! region's group (one fenced transaction) or forward it to the home
 //! region's router → after a fence miss or a moved account, refresh the
-//! placement and go again within the deadline. `serve` wraps it with the
+//! placement and go again within the deadline. During a move the fences
+//! lead the directory: a source fenced for a move, or marked moved, sends
+//! the call on to the target at the next epoch (a home hint), where it waits
+//! for the copy to land, so a move costs writes about one round trip to
+//! the source and the mirror's delay, not the directory's switch too. `serve` wraps it with the
 //! call's deadline, its `router.request` span and its metrics, so every
 //! operation gets the same spans, metrics and retry rules by construction.
 //!
@@ -29,7 +33,7 @@ use crate::forward::{ForwardFailure, Forwardable, Forwarder, MOVED};
 use crate::metrics::{Metrics, Route};
 use crate::ops::{self, Op};
 use crate::pb;
-use crate::peer::{Caller, PeerToken};
+use crate::peer::{Caller, Hint, PeerToken};
 use crate::placement::{Directory, Placement, REFRESH_GAP};
 use crate::store::{Guarded, HomeStore, Item, Output, Record};
 
@@ -107,6 +111,8 @@ pub struct Incoming {
     /// Region whose client sent the request (this one unless forwarded).
     origin: RegionName,
     forwarded: bool,
+    /// Where the forwarding router was told the account is homed.
+    hint: Option<Hint>,
     /// The caller's trace context (empty when it sent none).
     parent: opentelemetry::Context,
     /// This call's context: its `router.request` span when tracing, else the
@@ -172,8 +178,9 @@ impl Incoming {
 /// What to do after an attempt failed.
 #[derive(Debug)]
 pub enum Next {
-    /// Route again now (the placement changed).
-    Reroute,
+    /// Route again now (the placement changed): to the hint if there is
+    /// one, else after refreshing the placement.
+    Reroute(Option<Hint>),
     /// Send again after this pause.
     RetryAfter(Duration),
     /// Give the client this answer.
@@ -191,6 +198,42 @@ pub fn fence_miss_pause(misses: u32, jitter: f64) -> Duration {
     full.mul_f64(1.0 - jitter.clamp(0.0, 1.0) / 2.0)
 }
 
+/// The pause before looking again for a move's copy to land in this
+/// region (miss number `misses` of one call): 2 ms doubling up to 16 ms,
+/// jittered like [`fence_miss_pause`]. Short, because the copy lands about
+/// one round trip after the source was fenced and every millisecond of it
+/// is the move's unavailability; each look is one local transaction.
+pub fn landing_pause(misses: u32, jitter: f64) -> Duration {
+    let full = Duration::from_millis(2)
+        .saturating_mul(1u32 << misses.min(8))
+        .min(Duration::from_millis(16));
+    full.mul_f64(1.0 - jitter.clamp(0.0, 1.0) / 2.0)
+}
+
+/// Where a fence miss in `here`'s group says to go: to the target of a
+/// move, at the next epoch. A `moved` fence says it for certain; a `fenced`
+/// one when the placement of the attempt says the account is migrating from
+/// here.
+pub fn hint_from_fence(here: &RegionName, p: &Placement, found: Option<&tern_common::Fence>) -> Option<Hint> {
+    let found = found?;
+    match &found.state {
+        FenceState::Moved(to) if to != here => Some(Hint {
+            home: to.clone(),
+            epoch: found.epoch.next(),
+            settled: true,
+        }),
+        FenceState::Fenced if found.epoch == p.epoch && p.home == *here => match &p.state {
+            AccountState::Migrating { target } if target != here => Some(Hint {
+                home: target.clone(),
+                epoch: found.epoch.next(),
+                settled: false,
+            }),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
 /// The decision after a forward to `home` failed. `unkeyed_write`: sending
 /// it again could apply it twice; `writes`: it changes data.
 pub fn decide(
@@ -202,7 +245,7 @@ pub fn decide(
 ) -> Next {
     match failure {
         ForwardFailure::Answer(s) => Next::Fail(RouterError::Remote(s)),
-        ForwardFailure::Moved => Next::Reroute,
+        ForwardFailure::Moved(hint) => Next::Reroute(hint),
         ForwardFailure::Unknown(source) if unkeyed_write => Next::Fail(RouterError::OutcomeUnknown {
             detail: format!("the link to {home} failed after the write was sent"),
             source: Some(source),
@@ -259,13 +302,13 @@ impl Executor {
             None => self.default_deadline,
         };
         let caller = crate::peer::caller(md, self.peer_token.as_ref()).map_err(RouterError::BadRequest)?;
-        let (origin, forwarded) = match caller {
-            Caller::Peer { origin } => (origin, true),
+        let (origin, forwarded, hint) = match caller {
+            Caller::Peer { origin, hint } => (origin, true, hint),
             Caller::Client { forged } => {
                 if forged {
                     self.metrics.untrusted_forward_headers.inc();
                 }
-                (self.region.clone(), false)
+                (self.region.clone(), false, None)
             }
         };
         let now = Instant::now();
@@ -279,6 +322,7 @@ impl Executor {
             deadline: now + timeout - margin,
             origin,
             forwarded,
+            hint,
             parent: crate::telemetry::extract(md),
             cx: opentelemetry::Context::new(),
             info: std::sync::Mutex::default(),
@@ -343,12 +387,17 @@ impl Executor {
                 Ok(Response::new(value))
             }
             Err(e) => {
-                let moved = matches!(e, RouterError::NotHome(_));
+                let moved = match &e {
+                    RouterError::NotHome { hint, .. } => {
+                        Some(hint.as_ref().map_or_else(|| "-".into(), Hint::to_header))
+                    }
+                    _ => None,
+                };
                 let mut status = e.into_status(&self.region);
-                if moved {
-                    status
-                        .metadata_mut()
-                        .insert(MOVED, tonic::metadata::MetadataValue::from_static("1"));
+                if let Some(moved) = moved
+                    && let Ok(v) = moved.parse()
+                {
+                    status.metadata_mut().insert(MOVED, v);
                 }
                 self.metrics.observe(call.op, call.route(), status.code(), elapsed);
                 Err(status)
@@ -374,10 +423,27 @@ impl Executor {
     /// account, until an answer or the deadline.
     async fn attempts<R: Rpc>(&self, call: &Incoming, op: &Op, wire: R) -> Result<(R::Response, Route)> {
         let writes = op.work.writes();
+        // Where a fence said the account went, ahead of the directory.
+        let mut hint = call.hint.clone();
         loop {
-            let p = self.route(call, &op.account).await?;
+            let followed = match &hint {
+                Some(h) => self.follow(&op.account, h).await?,
+                None => None,
+            };
+            let p = match followed {
+                Some(p) => {
+                    call.note(&op.account, &p);
+                    p
+                }
+                None => {
+                    hint = None;
+                    self.route(call, &op.account).await?
+                }
+            };
             if p.home != self.region {
-                let sent = call.attempt(writes, self.forward(call, &p.home, wire.clone())).await;
+                let sent = call
+                    .attempt(writes, self.forward(call, &p.home, wire.clone(), hint.as_ref()))
+                    .await;
                 let failure = match sent {
                     Ok(mut resp) => {
                         R::mark_forwarded(&mut resp);
@@ -390,7 +456,9 @@ impl Executor {
                 }
                 let time_left = call.deadline.saturating_duration_since(Instant::now());
                 match decide(failure, &p.home, writes, op.unkeyed_write(), time_left) {
-                    Next::Reroute => {
+                    Next::Reroute(Some(next)) => hint = Some(next),
+                    Next::Reroute(None) => {
+                        hint = None;
                         self.metrics.placement_refreshes.inc();
                         // Not found any more is the next attempt's answer.
                         let _ = self.directory.refresh(&op.account).await;
@@ -432,9 +500,67 @@ impl Executor {
                         "a compare did not hold; nothing was applied".into(),
                     ));
                 }
-                Guarded::Fence(found) => self.after_fence_miss(call, &op.account, &p, found).await?,
+                Guarded::Fence(found) => {
+                    if let Some(next) = hint_from_fence(&self.region, &p, found.as_ref()) {
+                        // Fenced or moved for a move: on to the target, now.
+                        self.metrics.retries.inc();
+                        if call.forwarded {
+                            return Err(RouterError::NotHome {
+                                home: next.home.clone(),
+                                hint: Some(next),
+                            });
+                        }
+                        hint = Some(next);
+                        continue;
+                    }
+                    if hint.is_some() && found.as_ref().is_none_or(|f| f.epoch < p.epoch) {
+                        // Here is the target and the copy has not landed:
+                        // wait here while the hint stays believable.
+                        self.metrics.retries.inc();
+                        let misses = call.fence_misses.fetch_add(1, Ordering::Relaxed);
+                        tokio::time::sleep(landing_pause(misses, rand::random())).await;
+                        continue;
+                    }
+                    hint = None;
+                    self.after_fence_miss(call, &op.account, &p, found).await?
+                }
             }
         }
+    }
+
+    /// The placement a hint stands for while it is believable: the
+    /// directory (as cached here) is not past it, and a tentative hint
+    /// needs the placement to say the account is migrating to the hinted
+    /// home (read again once, throttled, if the cache does not say so yet).
+    /// None: route by the directory instead.
+    async fn follow(&self, account: &AccountId, h: &Hint) -> Result<Option<Placement>> {
+        let believable = |p: &Placement| {
+            h.settled
+                || p.epoch.next() == h.epoch
+                    && matches!(&p.state, AccountState::Migrating { target } if *target == h.home)
+        };
+        let mut p = self.directory.lookup(account).await?;
+        if p.epoch == h.epoch && p.home == h.home {
+            return Ok(Some(p));
+        }
+        if p.epoch >= h.epoch {
+            return Ok(None);
+        }
+        if !believable(&p) {
+            p = self.directory.refresh_throttled(account).await?;
+            if p.epoch == h.epoch && p.home == h.home {
+                return Ok(Some(p));
+            }
+            if p.epoch >= h.epoch || !believable(&p) {
+                return Ok(None);
+            }
+        }
+        Ok(Some(Placement {
+            home: h.home.clone(),
+            epoch: h.epoch,
+            state: AccountState::Active,
+            ..p
+        }))
     }
 
     /// An error that says "not applied" or "retry" becomes "outcome
@@ -470,7 +596,10 @@ impl Executor {
         if p.home == self.region {
             Ok(p)
         } else {
-            Err(RouterError::NotHome(p.home))
+            Err(RouterError::NotHome {
+                home: p.home,
+                hint: None,
+            })
         }
     }
 
@@ -512,6 +641,7 @@ impl Executor {
         call: &Incoming,
         home: &RegionName,
         wire: R,
+        hint: Option<&Hint>,
     ) -> std::result::Result<R::Response, ForwardFailure> {
         let attempt = call.attempts.fetch_add(1, Ordering::Relaxed) + 1;
         let span_cx = self.telemetry.span("router.forward", SpanKind::Client, &call.cx, || {
@@ -521,7 +651,7 @@ impl Executor {
             ]
         });
         let forward_cx = span_cx.as_ref().unwrap_or(&call.cx);
-        let result = self.forwarder.send(home, call.deadline, wire, forward_cx).await;
+        let result = self.forwarder.send(home, call.deadline, wire, forward_cx, hint).await;
         if let Some(cx) = &span_cx {
             let span = cx.span();
             if let Err(failure) = &result {
@@ -670,7 +800,7 @@ impl Executor {
             let mut message = r.clone();
             message.home_region = home.to_string();
             loop {
-                let failure = match self.forward(call, &home, message.clone()).await {
+                let failure = match self.forward(call, &home, message.clone(), None).await {
                     Ok(resp) => return Ok((resp, Route::ProxiedOut)),
                     Err(f) => f,
                 };
@@ -678,7 +808,7 @@ impl Executor {
                 // "created: false"), so it is sent again like a read.
                 let time_left = call.deadline.saturating_duration_since(Instant::now());
                 match decide(failure, &home, false, false, time_left) {
-                    Next::Reroute => {}
+                    Next::Reroute(_) => {}
                     Next::RetryAfter(pause) => tokio::time::sleep(pause).await,
                     Next::Fail(e) => return Err(e),
                 }
@@ -986,9 +1116,60 @@ mod tests {
             "{next:?}"
         );
         assert!(matches!(
-            decide(ForwardFailure::Moved, &home, true, true, none),
-            Next::Reroute
+            decide(ForwardFailure::Moved(None), &home, true, true, none),
+            Next::Reroute(None)
         ));
+    }
+
+    #[test]
+    fn a_fence_of_a_move_sends_the_call_on_to_the_target() {
+        use tern_common::Fence;
+        let (us, eu) = (region("us-east"), region("eu-west"));
+        let migrating = Placement {
+            home: us.clone(),
+            epoch: Epoch(4),
+            state: AccountState::Migrating { target: eu.clone() },
+            allowed_regions: vec![],
+            moved_ms: None,
+            pinned: false,
+        };
+        let active = Placement {
+            state: AccountState::Active,
+            ..migrating.clone()
+        };
+        let to_eu = |settled| {
+            Some(Hint {
+                home: eu.clone(),
+                epoch: Epoch(5),
+                settled,
+            })
+        };
+        // Moved: for certain, whatever the placement says.
+        assert_eq!(
+            hint_from_fence(&us, &active, Some(&Fence::moved(Epoch(4), eu.clone()))),
+            to_eu(true)
+        );
+        // Fenced: only for the move the placement names.
+        assert_eq!(
+            hint_from_fence(&us, &migrating, Some(&Fence::fenced(Epoch(4)))),
+            to_eu(false)
+        );
+        assert_eq!(hint_from_fence(&us, &active, Some(&Fence::fenced(Epoch(4)))), None);
+        assert_eq!(hint_from_fence(&us, &migrating, Some(&Fence::fenced(Epoch(3)))), None);
+        // No fence, an active one of another epoch: the directory decides.
+        assert_eq!(hint_from_fence(&us, &migrating, None), None);
+        assert_eq!(hint_from_fence(&us, &migrating, Some(&Fence::active(Epoch(6)))), None);
+    }
+
+    #[test]
+    fn landing_pauses_are_short_and_capped() {
+        assert_eq!(landing_pause(0, 0.0), Duration::from_millis(2));
+        assert_eq!(landing_pause(2, 0.0), Duration::from_millis(8));
+        assert_eq!(landing_pause(30, 0.0), Duration::from_millis(16));
+        assert_eq!(
+            landing_pause(30, 0.999),
+            Duration::from_millis(16).mul_f64(1.0 - 0.999 / 2.0)
+        );
     }
 
     fn incoming() -> Incoming {
@@ -999,6 +1180,7 @@ mod tests {
             deadline: now + Duration::from_secs(1),
             origin: region("eu-west"),
             forwarded: false,
+            hint: None,
             parent: opentelemetry::Context::new(),
             cx: opentelemetry::Context::new(),
             info: std::sync::Mutex::default(),

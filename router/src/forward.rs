@@ -18,11 +18,12 @@ use tonic::{Request, Response, Status};
 use crate::dns::Dns;
 use crate::error::{BoxError, Delivery, Result, RouterError, SERVED_BY, classify};
 use crate::pb::{self, router_client::RouterClient};
-use crate::peer::{PeerToken, mark_forwarded};
+use crate::peer::{Hint, PeerToken, mark_forwarded};
 use crate::placement::Directory;
 
 /// Set by a router that is not the account's home (any more): the caller
-/// should refresh the placement and route again.
+/// should route again, to the hint it carries (`Hint::to_header`) or, with
+/// none (`-`), after refreshing the placement.
 pub const MOVED: &str = "tern-moved";
 
 struct Link {
@@ -37,8 +38,9 @@ struct Link {
 pub enum ForwardFailure {
     /// The home router answered with an error: pass it on.
     Answer(Status),
-    /// The home router says the account is not homed there: route again.
-    Moved,
+    /// The home router says the account is not homed there: route again,
+    /// to the hint if it gave one.
+    Moved(Option<Hint>),
     /// The request never left (no connection could be made): safe to send
     /// again.
     NotSent(BoxError),
@@ -54,7 +56,7 @@ impl ForwardFailure {
     pub fn kind(&self) -> &'static str {
         match self {
             Self::Answer(_) => "answer",
-            Self::Moved => "moved",
+            Self::Moved(_) => "moved",
             Self::NotSent(_) => "not_sent",
             Self::Unknown(_) => "unknown",
             Self::Deadline => "deadline",
@@ -65,7 +67,8 @@ impl ForwardFailure {
     pub fn describe(&self) -> String {
         match self {
             Self::Answer(s) => format!("{:?}: {}", s.code(), s.message()),
-            Self::Moved => "the account moved".into(),
+            Self::Moved(None) => "the account moved".into(),
+            Self::Moved(Some(h)) => format!("the account moved to {}", h.to_header()),
             Self::NotSent(e) => format!("not sent: {e}"),
             Self::Unknown(e) => format!("link failed after sending: {e}"),
             Self::Deadline => "deadline exceeded".into(),
@@ -74,8 +77,10 @@ impl ForwardFailure {
 
     /// Reads a status that came back instead of an answer.
     fn from_status(status: Status) -> Self {
-        if status.metadata().get(MOVED).is_some() {
-            return Self::Moved;
+        if let Some(moved) = status.metadata().get(MOVED) {
+            // A hint that does not parse costs a directory read, no more.
+            let hint = moved.to_str().ok().and_then(|h| Hint::from_header(h).ok());
+            return Self::Moved(hint);
         }
         if status.metadata().get(SERVED_BY).is_some() {
             // A router produced it: its answer, whatever the code.
@@ -180,13 +185,15 @@ impl Forwarder {
         Ok(client)
     }
 
-    /// Sends `message` to `region`'s router as `R`'s call, within `deadline`.
+    /// Sends `message` to `region`'s router as `R`'s call, within
+    /// `deadline`, with the home `hint` a fence gave, if any.
     pub async fn send<R: Forwardable>(
         &self,
         region: &RegionName,
         deadline: tokio::time::Instant,
         message: R,
         trace: &opentelemetry::Context,
+        hint: Option<&Hint>,
     ) -> std::result::Result<R::Response, ForwardFailure> {
         let client = self
             .client(region)
@@ -196,7 +203,7 @@ impl Forwarder {
         request.set_timeout(deadline.saturating_duration_since(tokio::time::Instant::now()));
         let md = request.metadata_mut();
         crate::telemetry::inject(trace, md);
-        mark_forwarded(md, &self.origin, self.token.as_ref());
+        mark_forwarded(md, &self.origin, self.token.as_ref(), hint);
         R::send(client, request)
             .await
             .map(tonic::Response::into_inner)

@@ -5,17 +5,61 @@
 //! the BOUNDED-read mirror rule, or record its writes against another
 //! region); so they count only from a peer that shows the GeoCluster's
 //! token, and are otherwise ignored and counted.
+//!
+//! During a migration a forwarded call may also carry a home hint: the
+//! region and epoch a fence told the caller the account is (or is about to
+//! be) homed at, before the directory says so. A hint only says where to
+//! try: the fence of that region's group still decides whether the write
+//! commits there.
 
 use std::fmt;
 use std::sync::Arc;
 
-use tern_common::RegionName;
+use tern_common::{Epoch, RegionName};
 use tonic::metadata::{MetadataMap, MetadataValue};
 
 /// Metadata keys of a forwarded call.
 pub const ORIGIN_REGION: &str = "tern-origin-region";
 pub const FORWARDED: &str = "tern-forwarded";
 pub const PEER_TOKEN: &str = "tern-peer-token";
+pub const HOME_HINT: &str = "tern-home-hint";
+
+/// Where a fence said an account is homed, ahead of the directory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Hint {
+    pub home: RegionName,
+    pub epoch: Epoch,
+    /// From a `moved` fence: the move is done and `home`'s fence is active.
+    /// Otherwise from a `fenced` source whose placement says it is
+    /// migrating to `home`: the copy may not have landed yet.
+    pub settled: bool,
+}
+
+impl Hint {
+    /// `home@epoch`, with `!` when settled: the text of the header.
+    pub fn to_header(&self) -> String {
+        format!("{}@{}{}", self.home, self.epoch.0, if self.settled { "!" } else { "" })
+    }
+
+    pub fn from_header(text: &str) -> Result<Self, String> {
+        let (rest, settled) = match text.strip_suffix('!') {
+            Some(r) => (r, true),
+            None => (text, false),
+        };
+        let (home, epoch) = rest
+            .split_once('@')
+            .ok_or_else(|| format!("header {HOME_HINT} `{text}` is not REGION@EPOCH"))?;
+        let home = RegionName::new(home).map_err(|e| format!("header {HOME_HINT}: {e}"))?;
+        let epoch = epoch
+            .parse::<u64>()
+            .map_err(|_| format!("header {HOME_HINT}: epoch `{epoch}` is not a number"))?;
+        Ok(Self {
+            home,
+            epoch: Epoch(epoch),
+            settled,
+        })
+    }
+}
 
 /// Shortest and longest token accepted.
 const MIN_TOKEN: usize = 16;
@@ -67,8 +111,9 @@ pub enum Caller {
         /// ignored.
         forged: bool,
     },
-    /// Another region's router, forwarding for a client of `origin`.
-    Peer { origin: RegionName },
+    /// Another region's router, forwarding for a client of `origin`, with
+    /// the home a fence told it about, if any.
+    Peer { origin: RegionName, hint: Option<Hint> },
 }
 
 /// Reads the forwarding headers of an incoming call; `token` is this
@@ -92,13 +137,26 @@ pub fn caller(md: &MetadataMap, token: Option<&PeerToken>) -> Result<Caller, Str
         .to_str()
         .map_err(|_| format!("header {ORIGIN_REGION} is not text"))
         .and_then(|o| RegionName::new(o).map_err(|e| format!("header {ORIGIN_REGION}: {e}")))?;
-    Ok(Caller::Peer { origin })
+    let hint = match md.get(HOME_HINT) {
+        Some(h) => Some(
+            h.to_str()
+                .map_err(|_| format!("header {HOME_HINT} is not text"))
+                .and_then(Hint::from_header)?,
+        ),
+        None => None,
+    };
+    Ok(Caller::Peer { origin, hint })
 }
 
 /// Sets the headers of a call this router forwards for a client of `origin`.
-pub fn mark_forwarded(md: &mut MetadataMap, origin: &RegionName, token: Option<&PeerToken>) {
+pub fn mark_forwarded(md: &mut MetadataMap, origin: &RegionName, token: Option<&PeerToken>, hint: Option<&Hint>) {
     if let Ok(v) = origin.as_str().parse() {
         md.insert(ORIGIN_REGION, v);
+    }
+    if let Some(h) = hint
+        && let Ok(v) = h.to_header().parse()
+    {
+        md.insert(HOME_HINT, v);
     }
     md.insert(FORWARDED, MetadataValue::from_static("1"));
     if let Some(t) = token
@@ -118,7 +176,7 @@ mod tests {
 
     fn forwarded(with: Option<&PeerToken>) -> MetadataMap {
         let mut md = MetadataMap::new();
-        mark_forwarded(&mut md, &RegionName::new("eu-west").expect("valid"), with);
+        mark_forwarded(&mut md, &RegionName::new("eu-west").expect("valid"), with, None);
         md
     }
 
@@ -128,7 +186,8 @@ mod tests {
         assert_eq!(
             caller(&forwarded(Some(&ours)), Some(&ours)),
             Ok(Caller::Peer {
-                origin: RegionName::new("eu-west").expect("valid")
+                origin: RegionName::new("eu-west").expect("valid"),
+                hint: None,
             })
         );
         // Set by a client: no token, a wrong one, or a router with none.
@@ -149,6 +208,34 @@ mod tests {
             caller(&MetadataMap::new(), Some(&ours)),
             Ok(Caller::Client { forged: false })
         );
+    }
+
+    #[test]
+    fn a_home_hint_travels_as_a_header_and_bad_ones_are_named() {
+        let hint = Hint {
+            home: RegionName::new("ap-south").expect("valid"),
+            epoch: Epoch(7),
+            settled: true,
+        };
+        let ours = token();
+        let mut md = MetadataMap::new();
+        mark_forwarded(
+            &mut md,
+            &RegionName::new("eu-west").expect("valid"),
+            Some(&ours),
+            Some(&hint),
+        );
+        assert_eq!(md.get(HOME_HINT).and_then(|v| v.to_str().ok()), Some("ap-south@7!"));
+        match caller(&md, Some(&ours)) {
+            Ok(Caller::Peer { hint: Some(h), .. }) => assert_eq!(h, hint),
+            other => panic!("{other:?}"),
+        }
+        let tentative = Hint::from_header("eu-west@2").expect("valid");
+        assert!(!tentative.settled);
+        for bad in ["eu-west", "eu-west@x", "EU/west@2", "@2"] {
+            let e = Hint::from_header(bad).expect_err(bad);
+            assert!(e.contains(HOME_HINT), "{bad}: {e}");
+        }
     }
 
     #[test]
