@@ -4,6 +4,14 @@
 //! from published cloud tables), a workload from clients in every region,
 //! and a live table of what it measures. Ctrl-C, or the end of --duration,
 //! stops every process it started.
+//!
+//! With `--follow-the-sun` the run is a compressed day: it is daytime in
+//! one region after another (ap-south, eu-west, us-east, a third of the run
+//! each), the awake region's clients write every account at full speed
+//! while the others' trickle, and the agents' follow-the-sun policy (a 24 s
+//! window, 1 s buckets) moves the accounts to where the writers are awake.
+//! The live table shows the moves and the unavailability each measured;
+//! the summary lists every move and the reason its agent gave.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -21,9 +29,14 @@ use crate::binaries::{AssetsArgs, Tools};
 
 #[derive(Args, Debug)]
 pub struct DemoArgs {
-    /// How long the workload runs, in seconds.
-    #[arg(long, default_value_t = 30)]
-    duration: u64,
+    /// How long the workload runs, in seconds (default 30; 90 with
+    /// --follow-the-sun, a day of three 30 s shifts).
+    #[arg(long)]
+    duration: Option<u64>,
+    /// A compressed day: one region's clients are busy at a time, and the
+    /// agents move accounts to where they are written (follow the sun).
+    #[arg(long)]
+    follow_the_sun: bool,
     /// Keep the deployment up after the workload and print its endpoints,
     /// until Ctrl-C.
     #[arg(long)]
@@ -56,6 +69,37 @@ pub struct DemoArgs {
 }
 
 const REGIONS: [&str; 3] = ["us-east", "eu-west", "ap-south"];
+/// The order the day passes through the regions (the sun goes west).
+const SUN: [&str; 3] = ["ap-south", "eu-west", "us-east"];
+/// What a client of a region where it is night waits between writes.
+const NIGHT_PAUSE: Duration = Duration::from_millis(500);
+/// The follow-the-sun window of the demo (1 s buckets: routers keep 24 per
+/// window) and how often routers publish and agents look.
+const SUN_WINDOW: &str = "24s";
+const SUN_TICK: &str = "1s";
+
+/// The agent and router flags of the demo's compressed day.
+fn sun_flags(shift: Duration) -> (Vec<String>, Vec<String>) {
+    let agent = vec![
+        "--follow-the-sun".into(),
+        format!("--follow-the-sun-window={SUN_WINDOW}"),
+        format!("--follow-the-sun-interval={SUN_TICK}"),
+        // An account moves once per shift at most.
+        format!("--follow-the-sun-cooldown={}ms", (shift / 2).as_millis()),
+        "--follow-the-sun-max-per-minute=60".into(),
+    ];
+    let router = vec![
+        format!("--write-count-window={SUN_WINDOW}"),
+        format!("--write-count-publish-interval={SUN_TICK}"),
+    ];
+    (agent, router)
+}
+
+/// Which region it is day in, `elapsed` into a day of `day`.
+fn daytime(elapsed: Duration, day: Duration) -> usize {
+    let shift = day.as_secs_f64() / SUN.len() as f64;
+    ((elapsed.as_secs_f64() / shift.max(0.001)) as usize).min(SUN.len() - 1)
+}
 
 /// Latencies and errors of one region's clients.
 #[derive(Default)]
@@ -155,8 +199,14 @@ fn table(title: &str, samples: &BTreeMap<&str, Sample>, seconds: f64, lags: &BTr
     out
 }
 
-pub async fn run(args: DemoArgs) -> Result<(), CliError> {
+pub async fn run(mut args: DemoArgs) -> Result<(), CliError> {
     let rtt = parse_rtt(&args.rtt)?;
+    let duration = *args.duration.get_or_insert(if args.follow_the_sun { 90 } else { 30 });
+    if args.follow_the_sun && duration < 30 {
+        return Err(CliError::Usage(format!(
+            "--duration {duration} is too short for --follow-the-sun: a day needs at least 30 s (three shifts of 10 s)"
+        )));
+    }
     if args.remote_percent > 100 || args.members == 0 || args.clients == 0 || args.accounts == 0 {
         return Err(CliError::Usage(
             "--remote-percent is 0-100; --members, --clients and --accounts are at least 1".into(),
@@ -201,10 +251,25 @@ pub async fn run(args: DemoArgs) -> Result<(), CliError> {
         agents: true,
         otlp_endpoint: Some(otlp),
     };
-    let deployment = tokio::select! {
+    let mut deployment = tokio::select! {
         d = LocalDeployment::start(layout) => d?,
         _ = tokio::signal::ctrl_c() => return Err(CliError::Interrupted("while starting")),
     };
+    if args.follow_the_sun {
+        let (agent, router) = sun_flags(Duration::from_secs(duration) / SUN.len() as u32);
+        println!("  follow the sun: agents {}; routers {}", agent.join(" "), router.join(" "));
+        for region in REGIONS {
+            let r = deployment.region_mut(region);
+            r.router_args.extend(router.iter().cloned());
+            r.agent_args.extend(agent.iter().cloned());
+            deployment.restart_router(region).await?;
+            if let Some(a) = deployment.region_mut(region).agent.take() {
+                a.stop().await;
+            }
+            let a = deployment.start_agent(region, &[]).await?;
+            deployment.region_mut(region).agent = Some(a);
+        }
+    }
     let outcome = drive(&deployment, &args).await;
     if let Ok(Some(slowest)) = &outcome {
         // One export period, so the last writes' spans have arrived.
@@ -260,11 +325,15 @@ async fn drive(d: &LocalDeployment, args: &DemoArgs) -> Result<Option<String>, C
             accounts.push((account, region.to_string()));
         }
     }
+    let duration = Duration::from_secs(args.duration.unwrap_or(30));
     println!(
         "created {} accounts; running the workload for {} s (Ctrl-C stops)\n",
         accounts.len(),
-        args.duration
+        duration.as_secs()
     );
+    // The region where it is day now (an index into SUN), when following the sun.
+    let sun = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let sunny = args.follow_the_sun;
 
     let samples: Arc<BTreeMap<&str, Mutex<Sample>>> =
         Arc::new(REGIONS.iter().map(|r| (*r, Mutex::default())).collect());
@@ -278,12 +347,19 @@ async fn drive(d: &LocalDeployment, args: &DemoArgs) -> Result<Option<String>, C
             let stop = stop.clone();
             let accounts = accounts.clone();
             let remote = args.remote_percent;
+            let sun = sun.clone();
             workers.push(tokio::spawn(async move {
                 let mut n = 0u64;
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    // By day every account is used from here; by night
+                    // the clients trickle, as the plain demo's do.
+                    let day = sunny && SUN[sun.load(std::sync::atomic::Ordering::Relaxed)] == region;
+                    if sunny && !day {
+                        tokio::time::sleep(NIGHT_PAUSE).await;
+                    }
                     let (account, _) = {
                         let mut rng = rand::rng();
-                        let want_remote = rng.random_range(0..100) < remote;
+                        let want_remote = if day { rng.random_range(0..REGIONS.len()) != 0 } else { rng.random_range(0..100) < remote };
                         let pool: Vec<&(String, String)> = accounts
                             .iter()
                             .filter(|(_, home)| (home != region) == want_remote)
@@ -325,6 +401,7 @@ async fn drive(d: &LocalDeployment, args: &DemoArgs) -> Result<Option<String>, C
     }
 
     let started = Instant::now();
+    let started_ms = tern_common::unix_ms();
     let mut total: BTreeMap<&str, Sample> = REGIONS.iter().map(|r| (*r, Sample::default())).collect();
     let mut interrupted = false;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -334,7 +411,9 @@ async fn drive(d: &LocalDeployment, args: &DemoArgs) -> Result<Option<String>, C
     // second's table follows the last as plain lines.
     let redraw = std::io::IsTerminal::is_terminal(&std::io::stdout());
     let mut drawn_lines = 0usize;
-    while started.elapsed() < Duration::from_secs(args.duration) {
+    let directory = d.directory_client().await;
+    let mut moves: Vec<(String, tern_common::MigrationRecord)> = Vec::new();
+    while started.elapsed() < duration {
         tokio::select! {
             _ = tick.tick() => {}
             _ = tokio::signal::ctrl_c() => { interrupted = true; break; }
@@ -348,8 +427,20 @@ async fn drive(d: &LocalDeployment, args: &DemoArgs) -> Result<Option<String>, C
         let secs = last.elapsed().as_secs_f64();
         last = Instant::now();
         let lags = mirror_lags(d).await;
-        let title = format!("t={:>3.0}s", started.elapsed().as_secs_f64());
-        let text = table(&title, &interval, secs, &lags);
+        let mut title = format!("t={:>3.0}s", started.elapsed().as_secs_f64());
+        let mut text = String::new();
+        if sunny {
+            let now = daytime(started.elapsed(), duration);
+            sun.store(now, std::sync::atomic::Ordering::Relaxed);
+            title.push_str(&format!("  day in {} (of ap-south → eu-west → us-east)", SUN[now]));
+            if let Ok(all) = tern_local::migrations::list(&directory).await {
+                moves = automatic(all);
+            }
+        }
+        text.push_str(&table(&title, &interval, secs, &lags));
+        if sunny {
+            text.push_str(&moves_line(&moves));
+        }
         print!("{}", in_place(&text, redraw, drawn_lines));
         drawn_lines = text.lines().count();
         let _ = std::io::Write::flush(&mut std::io::stdout());
@@ -365,6 +456,12 @@ async fn drive(d: &LocalDeployment, args: &DemoArgs) -> Result<Option<String>, C
     let lags = mirror_lags(d).await;
     let title = "summary (whole run; writes are idempotent puts, 2 s deadline)";
     println!("\n{}", table(title, &total, started.elapsed().as_secs_f64(), &lags));
+    if sunny {
+        if let Ok(all) = tern_local::migrations::list(&directory).await {
+            moves = automatic(all);
+        }
+        print!("{}", moves_summary(&moves, started_ms));
+    }
     for ((a, b), rtt) in &d.layout.rtt_ms {
         println!("  injected round trip {a} ↔ {b}: {rtt} ms");
     }
@@ -376,6 +473,55 @@ async fn drive(d: &LocalDeployment, args: &DemoArgs) -> Result<Option<String>, C
         .filter_map(|s| s.slowest.clone())
         .max_by_key(|(us, _)| *us);
     Ok(slowest.map(|(_, id)| id))
+}
+
+/// The moves the follow-the-sun policy asked for (intents `sun-…`), in the
+/// order they were asked for.
+fn automatic(all: Vec<(String, tern_common::MigrationRecord)>) -> Vec<(String, tern_common::MigrationRecord)> {
+    let mut sun: Vec<_> = all.into_iter().filter(|(id, _)| id.starts_with("sun-")).collect();
+    sun.sort_by_key(|(_, m)| m.requested_ms);
+    sun
+}
+
+/// The live table's line about moves: how many, and the last few.
+fn moves_line(moves: &[(String, tern_common::MigrationRecord)]) -> String {
+    let done = moves
+        .iter()
+        .filter(|(_, m)| m.phase == tern_common::MigrationPhase::Completed)
+        .count();
+    let mut out = format!("  moves: {done} completed, {} in flight\n", moves.iter().filter(|(_, m)| !m.phase.is_final()).count());
+    for (_, m) in moves.iter().rev().take(3) {
+        out.push_str(&format!("    {}\n", move_text(m)));
+    }
+    out
+}
+
+/// `acct-x us-east → eu-west completed, 104 ms unavailable`.
+fn move_text(m: &tern_common::MigrationRecord) -> String {
+    let from = m.source.as_ref().map_or("?".to_string(), ToString::to_string);
+    let phase = format!("{:?}", m.phase).to_lowercase();
+    match m.unavailable_ms {
+        Some(ms) => format!("{:<16} {from:>8} → {:<8} {phase}, {ms} ms unavailable", m.account, m.target),
+        None => format!("{:<16} {from:>8} → {:<8} {phase}", m.account, m.target),
+    }
+}
+
+/// The summary of a sunny run: every move, when, and its agent's reason.
+fn moves_summary(moves: &[(String, tern_common::MigrationRecord)], started_ms: u64) -> String {
+    let mut unavailable: Vec<u64> = moves.iter().filter_map(|(_, m)| m.unavailable_ms).collect();
+    unavailable.sort_unstable();
+    let q = |p: f64| unavailable.get(((unavailable.len().max(1) - 1) as f64 * p).round() as usize).copied();
+    let mut out = format!(
+        "\nfollow the sun: {} moves, unavailability p50 {} p99 {}\n",
+        moves.len(),
+        q(0.5).map_or("-".into(), |v| format!("{v} ms")),
+        q(0.99).map_or("-".into(), |v| format!("{v} ms")),
+    );
+    for (_, m) in moves {
+        let at = m.requested_ms.saturating_sub(started_ms) as f64 / 1000.0;
+        out.push_str(&format!("  t={at:>4.0}s {}\n           why: {}\n", move_text(m), m.reason));
+    }
+    out
 }
 
 /// Each region's measured lag of its mirrors, as its agent reports it:

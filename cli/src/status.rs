@@ -175,23 +175,7 @@ async fn directory(args: StatusArgs) -> Result<(), CliError> {
         })
         .collect();
     print!("{}", render(&records, &holders));
-    let intents = client
-        .get(tern_common::DIR_MIGRATIONS, Some(GetOptions::new().with_prefix()))
-        .await
-        .map_err(|source| CliError::EtcdRequest {
-            what: "reading the migrations".into(),
-            source,
-        })?;
-    let migrations: Vec<(String, tern_common::MigrationRecord)> = intents
-        .kvs()
-        .iter()
-        .filter_map(|kv| {
-            let id = String::from_utf8_lossy(kv.key())
-                .trim_start_matches(tern_common::DIR_MIGRATIONS)
-                .to_string();
-            Some((id, serde_json::from_slice(kv.value()).ok()?))
-        })
-        .collect();
+    let migrations = tern_local::migrations::list(&client).await?;
     print!("{}", render_migrations(&migrations, RECENT_MIGRATIONS));
     Ok(())
 }

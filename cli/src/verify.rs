@@ -84,6 +84,13 @@ pub struct VerifyArgs {
     /// 0: none.
     #[arg(long, default_value_t = 3)]
     moves: usize,
+    /// Agents move accounts by themselves too: follow the sun with a 10 s
+    /// window, the default threshold (3 writes), a 5 s cooldown, looking
+    /// every 500 ms (routers publish their counts as often). Every client
+    /// writes every account, so accounts move whenever one region's writes
+    /// happen to dominate.
+    #[arg(long)]
+    follow_the_sun: bool,
     /// The tern-router binary the deployment runs (as processes, to kill
     /// and pause); default: beside this `tern`.
     #[arg(long, value_name = "PATH")]
@@ -298,6 +305,28 @@ pub async fn run_once(args: &VerifyArgs, binaries: &Binaries, seed: u64) -> Resu
         otlp_endpoint: None,
     };
     let mut d = LocalDeployment::start_with(layout, Some(binaries.clone())).await?;
+    if args.follow_the_sun {
+        // Kept in the flags the nemesis restarts them with.
+        for region in REGIONS {
+            let r = d.region_mut(region);
+            r.router_args.push("--write-count-publish-interval=500ms".into());
+            r.agent_args.extend(
+                [
+                    "--follow-the-sun",
+                    "--follow-the-sun-window=10s",
+                    "--follow-the-sun-cooldown=5s",
+                    "--follow-the-sun-interval=500ms",
+                ]
+                .map(String::from),
+            );
+            d.restart_router(region).await?;
+            if let Some(agent) = d.region_mut(region).agent.take() {
+                agent.stop().await;
+            }
+            let agent = d.start_agent(region, &[]).await?;
+            d.region_mut(region).agent = Some(agent);
+        }
+    }
     // Accounts: `accounts` homed in each region.
     let mut accounts = Vec::new();
     for home in REGIONS {
@@ -368,7 +397,10 @@ pub async fn run_once(args: &VerifyArgs, binaries: &Binaries, seed: u64) -> Resu
     for c in clients {
         let _ = c.await;
     }
-    let moves = mover.await.unwrap_or_default();
+    let mut moves = mover.await.unwrap_or_default();
+    if args.follow_the_sun {
+        moves::count_automatic(&d.directory_client().await, &mut moves).await;
+    }
     let mut history = History {
         records: std::mem::take(&mut *records.lock().unwrap_or_else(|e| e.into_inner())),
     };

@@ -65,6 +65,29 @@ pub async fn read(directory: &Client, id: &MigrationId) -> Result<Option<Migrati
         .and_then(|kv| serde_json::from_slice(kv.value()).ok()))
 }
 
+/// Every intent in the directory, with its id (records that do not parse
+/// are left out).
+pub async fn list(directory: &Client) -> Result<Vec<(String, MigrationRecord)>> {
+    let resp = directory
+        .clone()
+        .get(
+            tern_common::DIR_MIGRATIONS,
+            Some(etcd_client::GetOptions::new().with_prefix()),
+        )
+        .await
+        .map_err(|e| etcd("reading the migrations", e))?;
+    Ok(resp
+        .kvs()
+        .iter()
+        .filter_map(|kv| {
+            let id = String::from_utf8_lossy(kv.key())
+                .trim_start_matches(tern_common::DIR_MIGRATIONS)
+                .to_string();
+            Some((id, serde_json::from_slice(kv.value()).ok()?))
+        })
+        .collect())
+}
+
 /// Polls the intent until it is final (completed, rolled back, refused),
 /// calling `on_change` at each new phase; an error past `limit`.
 pub async fn wait(

@@ -104,6 +104,41 @@ pub async fn run(
     moves
 }
 
+/// Adds the moves the agents' follow-the-sun policy made (intents named
+/// `sun-…`), as they stand at the end of the run.
+pub async fn count_automatic(directory: &Client, moves: &mut Moves) {
+    let Ok(all) = migrations::list(directory).await else {
+        moves.described.push("automatic moves: the directory could not be read".into());
+        return;
+    };
+    let mut automatic = 0;
+    for (id, r) in all {
+        if !id.starts_with("sun-") {
+            continue;
+        }
+        automatic += 1;
+        match r.phase {
+            MigrationPhase::Completed => {
+                moves.completed += 1;
+                moves.unavailable_ms.extend(r.unavailable_ms);
+            }
+            MigrationPhase::RolledBack => moves.rolled_back += 1,
+            MigrationPhase::Refused => moves.refused += 1,
+            _ => moves.unfinished += 1,
+        }
+        moves.described.push(format!(
+            "{}: {} → {} (automatic, {:?})",
+            r.account,
+            r.source.as_ref().map_or("?".into(), ToString::to_string),
+            r.target,
+            r.phase
+        ));
+    }
+    if automatic == 0 {
+        moves.described.push("no automatic moves".into());
+    }
+}
+
 async fn home_of(directory: &Client, account: &str) -> Option<String> {
     let r = directory
         .clone()
