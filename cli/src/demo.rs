@@ -8,7 +8,7 @@
 //! With `--follow-the-sun` the run is a compressed day: it is daytime in
 //! one region after another (ap-south, eu-west, us-east, a third of the run
 //! each), the awake region's clients write every account at full speed
-//! while the others' trickle, and the agents' follow-the-sun policy (a 24 s
+//! while the others' write once every 2 s each, and the agents' follow-the-sun policy (a 24 s
 //! window, 1 s buckets) moves the accounts to where the writers are awake.
 //! The live table shows the moves and the unavailability each measured;
 //! the summary lists every move and the reason its agent gave.
@@ -72,7 +72,7 @@ const REGIONS: [&str; 3] = ["us-east", "eu-west", "ap-south"];
 /// The order the day passes through the regions (the sun goes west).
 const SUN: [&str; 3] = ["ap-south", "eu-west", "us-east"];
 /// What a client of a region where it is night waits between writes.
-const NIGHT_PAUSE: Duration = Duration::from_millis(500);
+const NIGHT_PAUSE: Duration = Duration::from_secs(2);
 /// The follow-the-sun window of the demo (1 s buckets: routers keep 24 per
 /// window) and how often routers publish and agents look.
 const SUN_WINDOW: &str = "24s";
@@ -257,7 +257,11 @@ pub async fn run(mut args: DemoArgs) -> Result<(), CliError> {
     };
     if args.follow_the_sun {
         let (agent, router) = sun_flags(Duration::from_secs(duration) / SUN.len() as u32);
-        println!("  follow the sun: agents {}; routers {}", agent.join(" "), router.join(" "));
+        println!(
+            "  follow the sun: agents {}; routers {}",
+            agent.join(" "),
+            router.join(" ")
+        );
         for region in REGIONS {
             let r = deployment.region_mut(region);
             r.router_args.extend(router.iter().cloned());
@@ -359,7 +363,11 @@ async fn drive(d: &LocalDeployment, args: &DemoArgs) -> Result<Option<String>, C
                     }
                     let (account, _) = {
                         let mut rng = rand::rng();
-                        let want_remote = if day { rng.random_range(0..REGIONS.len()) != 0 } else { rng.random_range(0..100) < remote };
+                        let want_remote = if day {
+                            rng.random_range(0..REGIONS.len()) != 0
+                        } else {
+                            rng.random_range(0..100) < remote
+                        };
                         let pool: Vec<&(String, String)> = accounts
                             .iter()
                             .filter(|(_, home)| (home != region) == want_remote)
@@ -489,7 +497,10 @@ fn moves_line(moves: &[(String, tern_common::MigrationRecord)]) -> String {
         .iter()
         .filter(|(_, m)| m.phase == tern_common::MigrationPhase::Completed)
         .count();
-    let mut out = format!("  moves: {done} completed, {} in flight\n", moves.iter().filter(|(_, m)| !m.phase.is_final()).count());
+    let mut out = format!(
+        "  moves: {done} completed, {} in flight\n",
+        moves.iter().filter(|(_, m)| !m.phase.is_final()).count()
+    );
     for (_, m) in moves.iter().rev().take(3) {
         out.push_str(&format!("    {}\n", move_text(m)));
     }
@@ -498,10 +509,17 @@ fn moves_line(moves: &[(String, tern_common::MigrationRecord)]) -> String {
 
 /// `acct-x us-east → eu-west completed, 104 ms unavailable`.
 fn move_text(m: &tern_common::MigrationRecord) -> String {
-    let from = m.source.as_ref().map_or("?".to_string(), ToString::to_string);
+    let from = m
+        .source
+        .as_ref()
+        .or(m.expected_source.as_ref())
+        .map_or("?".to_string(), ToString::to_string);
     let phase = format!("{:?}", m.phase).to_lowercase();
     match m.unavailable_ms {
-        Some(ms) => format!("{:<16} {from:>8} → {:<8} {phase}, {ms} ms unavailable", m.account, m.target),
+        Some(ms) => format!(
+            "{:<16} {from:>8} → {:<8} {phase}, {ms} ms unavailable",
+            m.account, m.target
+        ),
         None => format!("{:<16} {from:>8} → {:<8} {phase}", m.account, m.target),
     }
 }
@@ -510,7 +528,11 @@ fn move_text(m: &tern_common::MigrationRecord) -> String {
 fn moves_summary(moves: &[(String, tern_common::MigrationRecord)], started_ms: u64) -> String {
     let mut unavailable: Vec<u64> = moves.iter().filter_map(|(_, m)| m.unavailable_ms).collect();
     unavailable.sort_unstable();
-    let q = |p: f64| unavailable.get(((unavailable.len().max(1) - 1) as f64 * p).round() as usize).copied();
+    let q = |p: f64| {
+        unavailable
+            .get(((unavailable.len().max(1) - 1) as f64 * p).round() as usize)
+            .copied()
+    };
     let mut out = format!(
         "\nfollow the sun: {} moves, unavailability p50 {} p99 {}\n",
         moves.len(),
@@ -519,7 +541,11 @@ fn moves_summary(moves: &[(String, tern_common::MigrationRecord)], started_ms: u
     );
     for (_, m) in moves {
         let at = m.requested_ms.saturating_sub(started_ms) as f64 / 1000.0;
-        out.push_str(&format!("  t={at:>4.0}s {}\n           why: {}\n", move_text(m), m.reason));
+        out.push_str(&format!(
+            "  t={at:>4.0}s {}\n           why: {}\n",
+            move_text(m),
+            m.reason
+        ));
     }
     out
 }

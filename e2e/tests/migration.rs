@@ -714,7 +714,12 @@ async fn writes_follow_the_fences_of_a_move_ahead_of_the_directory() {
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     // Migrating, the source fenced, nothing copied yet: writes wait.
-    set_state(&dir, "acct-h", serde_json::json!({"kind": "migrating", "target": "eu-west"})).await;
+    set_state(
+        &dir,
+        "acct-h",
+        serde_json::json!({"kind": "migrating", "target": "eu-west"}),
+    )
+    .await;
     us_group
         .put("/tern/a/acct-h/fence", "1:fenced", None)
         .await
@@ -780,7 +785,12 @@ async fn writes_follow_the_fences_of_a_move_ahead_of_the_directory() {
     // in the source again.
     create(&d, "acct-b", "us-east").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    set_state(&dir, "acct-b", serde_json::json!({"kind": "migrating", "target": "eu-west"})).await;
+    set_state(
+        &dir,
+        "acct-b",
+        serde_json::json!({"kind": "migrating", "target": "eu-west"}),
+    )
+    .await;
     us_group
         .put("/tern/a/acct-b/fence", "1:fenced", None)
         .await

@@ -22,8 +22,8 @@ use std::time::Duration;
 
 use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp};
 use tern_common::{
-    AccountId, AccountRecord, AccountState, COUNTS_PREFIX, MigrationId, MigrationRecord, RegionName, WriteCountsRecord,
-    dir_account_key, dir_migration_key,
+    AccountId, AccountRecord, AccountState, COUNTS_PREFIX, DIR_MIGRATIONS, MigrationId, MigrationRecord, RegionName,
+    WriteCountsRecord, dir_account_key, dir_migration_key,
 };
 use tokio::time::Instant;
 
@@ -87,6 +87,26 @@ pub fn sum(records: &[WriteCountsRecord], now_secs: u64, window: Duration) -> BT
         }
     }
     totals
+}
+
+/// Account → id of every intent that is not final.
+async fn open_moves(directory: &Client) -> Result<BTreeMap<String, String>> {
+    let resp = directory
+        .clone()
+        .get(DIR_MIGRATIONS, Some(GetOptions::new().with_prefix()))
+        .await
+        .during(|| "reading the migration intents".into())?;
+    Ok(resp
+        .kvs()
+        .iter()
+        .filter_map(|kv| {
+            let r = serde_json::from_slice::<MigrationRecord>(kv.value()).ok()?;
+            let id = String::from_utf8_lossy(kv.key())
+                .trim_start_matches(DIR_MIGRATIONS)
+                .to_string();
+            (!r.phase.is_final()).then(|| (r.account.to_string(), id))
+        })
+        .collect())
 }
 
 /// Whether a record holds nothing within the window any more.
@@ -246,6 +266,10 @@ async fn round(
     }
     let totals = sum(&records, now_secs, policy.window);
     let home = shared.region.clone();
+    // Accounts with a move asked for and not finished (the placement says
+    // `migrating` only once the target's agent starts it): read once a
+    // round, when some account is a candidate.
+    let mut asked: Option<BTreeMap<String, String>> = None;
     for (account, counts) in &totals {
         // Only accounts with a candidate need their placement.
         let candidate = counts
@@ -272,6 +296,21 @@ async fn round(
         };
         if placement.home != home {
             // Moved away: the counts here are history.
+            continue;
+        }
+        if asked.is_none() {
+            asked = Some(open_moves(directory).await?);
+        }
+        if let Some(id) = asked.as_ref().and_then(|a| a.get(account.as_str())) {
+            explain(
+                shared,
+                last,
+                account,
+                Decision::Skip {
+                    why: format!("{account}: … skipped: a move is asked for already ({id})"),
+                },
+            )
+            .await;
             continue;
         }
         let Some(decision) = decide(account, &home, counts, &placement, policy, now_ms) else {

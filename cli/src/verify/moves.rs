@@ -108,7 +108,9 @@ pub async fn run(
 /// `sun-…`), as they stand at the end of the run.
 pub async fn count_automatic(directory: &Client, moves: &mut Moves) {
     let Ok(all) = migrations::list(directory).await else {
-        moves.described.push("automatic moves: the directory could not be read".into());
+        moves
+            .described
+            .push("automatic moves: the directory could not be read".into());
         return;
     };
     let mut automatic = 0;
