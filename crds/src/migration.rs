@@ -26,6 +26,7 @@ use crate::common::{
     printcolumn = r#"{"name":"To","type":"string","jsonPath":".spec.targetRegion"}"#,
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
     printcolumn = r#"{"name":"Unavailable-ms","type":"integer","priority":1,"jsonPath":".status.unavailableMs"}"#,
+    printcolumn = r#"{"name":"Reason","type":"string","priority":1,"jsonPath":".spec.reason"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
@@ -60,6 +61,15 @@ pub struct AccountMigrationSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 256))]
     pub reason: Option<String>,
+    /// The directory intent this object records instead of asking for a
+    /// move: the operator sets it on the objects it creates for the moves
+    /// the agents decided themselves (follow the sun), the audit trail of
+    /// automatic moves; such an object is never carried out, only reported.
+    /// Immutable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256), regex(pattern = ACCOUNT_ID_PATTERN))]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("recordsIntent is immutable"))]
+    pub records_intent: Option<String>,
 }
 
 /// Progress and outcome of a migration.

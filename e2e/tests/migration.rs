@@ -551,6 +551,7 @@ async fn an_account_migration_object_is_carried_out_once_and_reports_its_progres
                 target_region: "eu-west".into(),
                 expected_source_region: Some(expect.into()),
                 reason: Some("ticket-42".into()),
+                records_intent: None,
             },
         )
     };
@@ -816,4 +817,152 @@ async fn writes_follow_the_fences_of_a_move_ahead_of_the_directory() {
             .expect("meta");
         assert_eq!((meta.home_region.as_str(), meta.epoch), ("us-east", 1), "through {via}");
     }
+}
+
+/// Moves the agents decide are recorded as AccountMigration objects that
+/// report their intent and are never carried out again; the newest
+/// `--automatic-migration-history` are kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn automatic_moves_are_recorded_as_account_migrations_and_trimmed() {
+    use kube::api::{Api, ListParams};
+    use tern_crds::{AccountMigration, MigrationPhase as Phase};
+    let _serial = SERIAL.lock().await;
+    let d = start().await;
+    let dir = d.directory_client().await;
+    let cp = tern_e2e::controlplane::ControlPlane::start("audit")
+        .await
+        .expect("control plane starts");
+    cp.install_crds().expect("CRDs install");
+    // followTheSun is enabled in the example.
+    cp.kubectl(&["apply", "-f", "examples/geocluster.yaml"])
+        .expect("GeoCluster applied");
+    // Three automatic moves as agents leave them (two finished, one
+    // refused), and one into a region the GeoCluster does not have.
+    for (n, (account, to, phase)) in [
+        ("acct-a", "eu-west", MigrationPhase::Completed),
+        ("acct-b", "eu-west", MigrationPhase::Completed),
+        ("Acct_C", "us-east", MigrationPhase::Refused),
+        ("acct-d", "mars", MigrationPhase::Completed),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut r = MigrationRecord::requested(
+            AccountId::new(account).expect("account"),
+            region(to),
+            Some(region("ap-south")),
+            format!("{account}: 4 writes from {to} in 24h, 0 from home ap-south → moving to {to}"),
+            1_800_000_000_000 + n as u64,
+        );
+        r.phase = phase;
+        r.source = Some(region("ap-south"));
+        r.unavailable_ms = Some(100 + n as u64);
+        dir.clone()
+            .put(
+                format!("/tern/dir/migrations/sun-{account}-{}", r.requested_ms),
+                serde_json::to_string(&r).expect("json"),
+                None,
+            )
+            .await
+            .expect("intent");
+    }
+    let endpoints = format!("--directory-endpoints={}", d.directory.endpoints().join(","));
+    let operator =
+        tern_e2e::operator::OperatorGuard::start(&cp, &[endpoints.as_str(), "--automatic-migration-history=2"])
+            .await
+            .expect("operator starts");
+    let api: Api<AccountMigration> = Api::namespaced(cp.client().await.expect("client"), "default");
+    let recorded = tern_e2e::operator::eventually(
+        "the newest two are recorded and reported",
+        Duration::from_secs(60),
+        || async {
+            let list = api
+                .list(&ListParams::default().labels("tern.dev/trigger=follow-the-sun"))
+                .await
+                .ok()?;
+            let done = list.items.len() == 2
+                && list.items.iter().all(|m| {
+                    m.status
+                        .as_ref()
+                        .is_some_and(|s| s.phase == Phase::Completed || s.phase == Phase::Failed)
+                });
+            done.then_some(list.items)
+        },
+    )
+    .await;
+    let mut by_account: Vec<(String, Phase, Option<i64>, String)> = recorded
+        .iter()
+        .map(|m| {
+            let s = m.status.clone().expect("status");
+            (
+                m.spec.account.clone(),
+                s.phase,
+                s.unavailable_ms,
+                m.spec.reason.clone().unwrap_or_default(),
+            )
+        })
+        .collect();
+    by_account.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(
+        by_account
+            .iter()
+            .map(|(a, p, ms, _)| (a.as_str(), *p, *ms))
+            .collect::<Vec<_>>(),
+        vec![
+            ("Acct_C", Phase::Failed, Some(102)),
+            ("acct-b", Phase::Completed, Some(101))
+        ],
+        "{recorded:#?}"
+    );
+    assert!(by_account[1].3.contains("moving to eu-west"), "{:?}", by_account[1].3);
+    for m in &recorded {
+        assert!(
+            m.metadata
+                .owner_references
+                .as_ref()
+                .is_some_and(|o| o.iter().any(|o| o.kind == "GeoCluster" && o.name == "payments")),
+            "owned by its GeoCluster: {:?}",
+            m.metadata.owner_references
+        );
+    }
+    // Reported, never carried out again: the directory holds the four
+    // intents and no more.
+    let all = migrations::list(&dir).await.expect("intents");
+    assert_eq!(all.len(), 4, "{all:?}");
+    let table = cp
+        .kubectl(&["get", "amig", "-n", "default", "-o", "wide"])
+        .expect("kubectl get");
+    assert!(
+        table.contains("Acct_C") && table.contains("moving to eu-west"),
+        "{table}"
+    );
+
+    // A newer move: the oldest record goes.
+    let mut r = MigrationRecord::requested(
+        AccountId::new("acct-e").expect("account"),
+        region("eu-west"),
+        None,
+        "newer".into(),
+        1_800_000_001_000,
+    );
+    r.phase = MigrationPhase::Completed;
+    dir.clone()
+        .put(
+            "/tern/dir/migrations/sun-acct-e-1800000001000",
+            serde_json::to_string(&r).expect("json"),
+            None,
+        )
+        .await
+        .expect("intent");
+    tern_e2e::operator::eventually("the oldest record is deleted", Duration::from_secs(60), || async {
+        let list = api
+            .list(&ListParams::default().labels("tern.dev/trigger=follow-the-sun"))
+            .await
+            .ok()?;
+        let mut accounts: Vec<String> = list.items.iter().map(|m| m.spec.account.clone()).collect();
+        accounts.sort();
+        (accounts == ["Acct_C", "acct-e"]).then_some(())
+    })
+    .await;
+    operator.stop().await;
 }

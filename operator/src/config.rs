@@ -73,6 +73,13 @@ pub struct Config {
     #[arg(long, env = "TERN_OPERATOR_DIRECTORY_ENDPOINTS", value_delimiter = ',')]
     pub directory_endpoints: Vec<String>,
 
+    /// Moves the agents decide themselves (follow the sun) are recorded as
+    /// AccountMigration objects (label tern.dev/trigger=follow-the-sun),
+    /// the newest this many per GeoCluster; 0 records none.
+    #[arg(long, env = "TERN_OPERATOR_AUTOMATIC_MIGRATION_HISTORY", default_value_t = 100,
+          value_parser = clap::value_parser!(u32).range(0..=10_000))]
+    pub automatic_migration_history: u32,
+
     #[command(flatten)]
     pub trace: tern_common::telemetry::TraceArgs,
 

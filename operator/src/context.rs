@@ -26,6 +26,9 @@ pub struct Context {
     /// `--directory-endpoints`: where AccountMigrations go instead of the
     /// GeoCluster's directory Services.
     pub directory_endpoints: Vec<String>,
+    /// Automatic moves recorded as AccountMigration objects per GeoCluster
+    /// (0: none).
+    pub automatic_history: usize,
     /// Directory clients by endpoints, connected once.
     pub directories: tokio::sync::Mutex<HashMap<String, etcd_client::Client>>,
     failures: Mutex<HashMap<String, u32>>,
@@ -56,6 +59,7 @@ impl Context {
             telemetry: tern_common::telemetry::Telemetry::disabled(),
             directory_endpoints: Vec::new(),
             directories: Default::default(),
+            automatic_history: 100,
             failures: Mutex::default(),
         }
     }

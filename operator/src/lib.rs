@@ -138,8 +138,15 @@ pub async fn run(
         },
     )?;
     ctx.directory_endpoints = config.directory_endpoints.clone();
+    ctx.automatic_history = config.automatic_migration_history as usize;
     let ctx = Arc::new(ctx);
-    let controllers = controllers(client, &config.namespace, ctx.clone());
+    let audit = controller::audit::run(client.clone(), config.namespace.clone(), ctx.clone());
+    let controllers = {
+        let (ctx, namespace) = (ctx.clone(), config.namespace.clone());
+        async move {
+            futures::join!(controllers(client, &namespace, ctx), audit);
+        }
+    };
     let outcome = match elector.as_mut() {
         Some(elector) => {
             tokio::select! {

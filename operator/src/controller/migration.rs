@@ -6,7 +6,8 @@
 //! deployment is seen and carried out by that cluster's operator only),
 //! the target region's agent carries it out (`region-agent/src/migrate.rs`),
 //! and the operator copies the intent's progress into the object's status
-//! until it is final.
+//! until it is final. An object with `spec.recordsIntent` (made by
+//! `audit.rs` for a move the agents decided) only reports that intent.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -111,7 +112,10 @@ pub fn status_of(
 
 /// The directory of the object's GeoCluster (or `--directory-endpoints`).
 async fn directory(m: &AccountMigration, ctx: &Context) -> Result<Client> {
-    let endpoints = if ctx.directory_endpoints.is_empty() {
+    if !ctx.directory_endpoints.is_empty() {
+        return connect_directory(ctx, ctx.directory_endpoints.clone()).await;
+    }
+    {
         let namespace = m.namespace().unwrap_or_default();
         let gcs: Api<GeoCluster> = Api::namespaced(ctx.client.clone(), &namespace);
         let gc = gcs
@@ -136,10 +140,12 @@ async fn directory(m: &AccountMigration, ctx: &Context) -> Result<Client> {
                 ),
             ));
         }
-        crate::build::geocluster::directory_client_urls(&gc)
-    } else {
-        ctx.directory_endpoints.clone()
-    };
+        connect_directory(ctx, crate::build::geocluster::directory_client_urls(&gc)).await
+    }
+}
+
+/// A directory client for `endpoints`, connected once and kept.
+pub async fn connect_directory(ctx: &Context, endpoints: Vec<String>) -> Result<Client> {
     let key = endpoints.join(",");
     let mut clients = ctx.directories.lock().await;
     if let Some(c) = clients.get(&key) {
@@ -159,6 +165,39 @@ pub async fn reconcile(m: Arc<AccountMigration>, ctx: Arc<Context>) -> Result<Ac
     let status = m.status.clone().unwrap_or_default();
     if matches!(status.phase, MigrationPhase::Completed | MigrationPhase::Failed) {
         return Ok(Action::await_change());
+    }
+    if let Some(recorded) = &m.spec.records_intent {
+        let id = MigrationId::new(recorded.as_str()).map_err(|e| invalid(&m, e.to_string()))?;
+        let dir = directory(&m, &ctx).await?;
+        let resp = dir
+            .clone()
+            .get(dir_migration_key(&id), None)
+            .await
+            .map_err(directory_error(format!("reading migration {id}")))?;
+        let Some(record) = resp
+            .kvs()
+            .first()
+            .and_then(|kv| serde_json::from_slice::<MigrationRecord>(kv.value()).ok())
+        else {
+            let gone = AccountMigrationStatus {
+                phase: MigrationPhase::Failed,
+                migration_id: Some(id.to_string()),
+                message: Some(format!(
+                    "the intent {id} is no longer in the directory (finished intents are trimmed)"
+                )),
+                ..status
+            };
+            let api: Api<AccountMigration> = Api::namespaced(ctx.client.clone(), &m.namespace().unwrap_or_default());
+            api.patch_status(
+                &m.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(&serde_json::json!({ "status": gone })),
+            )
+            .await
+            .context(|| format!("writing the status of AccountMigration {}", m.name_any()))?;
+            return Ok(Action::await_change());
+        };
+        return report(&m, &ctx, &id, &record, &status).await;
     }
     let account = AccountId::new(&m.spec.account).map_err(|e| invalid(&m, e.to_string()))?;
     let target = RegionName::new(&m.spec.target_region).map_err(|e| invalid(&m, e.to_string()))?;
@@ -216,7 +255,19 @@ pub async fn reconcile(m: Arc<AccountMigration>, ctx: Arc<Context>) -> Result<Ac
             }
         }
     };
-    let new = status_of(&id, &record, m.meta().generation, &status.conditions);
+    report(&m, &ctx, &id, &record, &status).await
+}
+
+/// Copies the intent's progress into the object's status (with an event
+/// when it is final); looks again soon while it is not.
+async fn report(
+    m: &AccountMigration,
+    ctx: &Context,
+    id: &MigrationId,
+    record: &MigrationRecord,
+    status: &AccountMigrationStatus,
+) -> Result<Action> {
+    let new = status_of(id, record, m.meta().generation, &status.conditions);
     if new.phase != status.phase || new.message != status.message || status.migration_id.is_none() {
         let api: Api<AccountMigration> = Api::namespaced(ctx.client.clone(), &m.namespace().unwrap_or_default());
         let patch = serde_json::json!({ "status": new });
@@ -229,14 +280,8 @@ pub async fn reconcile(m: Arc<AccountMigration>, ctx: Arc<Context>) -> Result<Ac
                 Step::RolledBack => (kube::runtime::events::EventType::Warning, "RolledBack"),
                 _ => (kube::runtime::events::EventType::Warning, "Refused"),
             };
-            ctx.event(
-                m.as_ref(),
-                kind,
-                why,
-                "Migrate",
-                record.message.clone().unwrap_or_default(),
-            )
-            .await;
+            ctx.event(m, kind, why, "Migrate", record.message.clone().unwrap_or_default())
+                .await;
         }
     }
     if record.phase.is_final() {

@@ -1,8 +1,10 @@
 //! The controllers: GeoCluster → RegionGroups (plus status and the
 //! deletion finalizer), RegionGroup → the objects that run its members, and
 //! AccountMigration → an intent record the target region's agent carries
-//! out, its progress copied back into the object's status.
+//! out, its progress copied back into the object's status; and the audit
+//! trail of automatic moves as AccountMigration objects.
 
+pub mod audit;
 pub mod geocluster;
 pub mod migration;
 pub mod regiongroup;
