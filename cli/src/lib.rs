@@ -9,7 +9,9 @@ mod bench;
 mod binaries;
 mod client;
 mod demo;
+mod kubernetes;
 mod migrate;
+mod pin;
 mod status;
 mod verify;
 
@@ -40,6 +42,9 @@ enum Command {
     /// Move an account to another region (the migration protocol: fence,
     /// catch up, copy, switch), as the target region's agent carries it out.
     Migrate(migrate::MigrateArgs),
+    /// Keep an account where it is: the follow-the-sun policy skips a
+    /// pinned account (manual moves still move it); --unpin undoes it.
+    Pin(pin::PinArgs),
     /// Per region: group members and Raft lag, mirror lag from every other
     /// region (revisions and ms), heartbeat age, clock skew.
     Status(status::StatusArgs),
@@ -50,6 +55,31 @@ enum Command {
     /// as histories and judged by tern-verify's checkers (linearizability,
     /// nothing lost or applied twice, bounded staleness).
     Verify(verify::VerifyArgs),
+}
+
+/// Parses `args` (the program's name first) and runs the command, as the
+/// command line would; for tests that drive the CLI in-process.
+pub async fn run_args<I, T>(args: I) -> Result<(), CliError>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let cli = Cli::try_parse_from(args).map_err(|e| CliError::Usage(e.to_string()))?;
+    run(cli.command).await
+}
+
+async fn run(command: Command) -> Result<(), CliError> {
+    match command {
+        Command::Demo(args) => demo::run(args).await,
+        Command::CreateAccount(args) => client::create(args).await,
+        Command::Put(args) => client::put(args).await,
+        Command::Get(args) => client::get(args).await,
+        Command::Bench(args) => bench::run(args).await,
+        Command::Migrate(args) => migrate::run(args).await,
+        Command::Pin(args) => pin::run(args).await,
+        Command::Status(args) => status::run(args).await,
+        Command::Verify(args) => verify::run(args).await,
+    }
 }
 
 /// Parses the command line and runs the command.
@@ -64,17 +94,7 @@ pub async fn main() -> ExitCode {
             .with_writer(std::io::stderr)
             .init();
     }
-    let result = match cli.command {
-        Command::Demo(args) => demo::run(args).await,
-        Command::CreateAccount(args) => client::create(args).await,
-        Command::Put(args) => client::put(args).await,
-        Command::Get(args) => client::get(args).await,
-        Command::Bench(args) => bench::run(args).await,
-        Command::Migrate(args) => migrate::run(args).await,
-        Command::Status(args) => status::run(args).await,
-        Command::Verify(args) => verify::run(args).await,
-    };
-    match result {
+    match run(cli.command).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("tern: {e}");

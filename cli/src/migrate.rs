@@ -1,6 +1,10 @@
 //! `tern migrate ACCOUNT --to REGION`: asks the target region's agent to
-//! move an account there (an intent record in the directory, DESIGN.md
-//! "Migration protocol") and, with `--wait`, follows it to the end.
+//! move an account there and, with `--wait`, follows it to the end. Given a
+//! directory (`--directory`, a local deployment), it writes the intent
+//! record itself (DESIGN.md "Migration protocol"); given a GeoCluster in
+//! Kubernetes (`--cluster`, as `kubectl tern migrate`), it creates an
+//! AccountMigration object, which the operator carries out and whose status
+//! it follows.
 
 use std::time::Duration;
 
@@ -36,8 +40,19 @@ pub struct MigrateArgs {
     #[arg(long, default_value = "60s", value_parser = tern_common::parse_duration)]
     timeout: Duration,
     /// Client URLs of the directory group (printed by `tern demo --keep`).
-    #[arg(long, env = "TERN_DIRECTORY_ENDPOINTS", value_delimiter = ',', required = true)]
+    #[arg(long, env = "TERN_DIRECTORY_ENDPOINTS", value_delimiter = ',')]
     directory: Vec<String>,
+    /// Or: the GeoCluster in Kubernetes; the move becomes an
+    /// AccountMigration object (named by --id, default
+    /// `migrate-ACCOUNT-UNIXMS` in lower case) in --namespace.
+    #[arg(long, conflicts_with = "directory")]
+    cluster: Option<String>,
+    /// Namespace of the GeoCluster.
+    #[arg(long, short = 'n', default_value = "default")]
+    namespace: String,
+    /// Kubeconfig; default: $KUBECONFIG or ~/.kube/config.
+    #[arg(long)]
+    kubeconfig: Option<std::path::PathBuf>,
 }
 
 pub async fn run(args: MigrateArgs) -> Result<(), CliError> {
@@ -53,6 +68,15 @@ pub async fn run(args: MigrateArgs) -> Result<(), CliError> {
         return Err(CliError::Usage(format!(
             "--expect-from and --to are both {to}: the account would not move"
         )));
+    }
+    if let Some(cluster) = &args.cluster {
+        return kubernetes(&args, cluster, &account, &to, expect_from.as_ref()).await;
+    }
+    if args.directory.is_empty() {
+        return Err(CliError::Usage(
+            "name a directory (--directory URLS, a local deployment) or a GeoCluster in Kubernetes (--cluster NAME)"
+                .into(),
+        ));
     }
     let id = args
         .id
@@ -77,6 +101,106 @@ pub async fn run(args: MigrateArgs) -> Result<(), CliError> {
             phase_name(done.phase),
             done.message.as_deref().unwrap_or("no reason given")
         ))),
+    }
+}
+
+/// The move as an AccountMigration object, followed through its status.
+async fn kubernetes(
+    args: &MigrateArgs,
+    cluster: &str,
+    account: &AccountId,
+    to: &RegionName,
+    expect_from: Option<&RegionName>,
+) -> Result<(), CliError> {
+    use kube::api::{Api, PostParams};
+    use tern_crds::{AccountMigration, AccountMigrationSpec, MigrationPhase as Phase};
+    let name = match &args.id {
+        Some(id) => id.clone(),
+        None => {
+            let mut base: String = account
+                .as_str()
+                .chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() {
+                        c.to_ascii_lowercase()
+                    } else {
+                        '-'
+                    }
+                })
+                .collect();
+            base.truncate(200);
+            format!("migrate-{}-{}", base.trim_matches('-'), tern_common::unix_ms())
+        }
+    };
+    let client = crate::kubernetes::client(args.kubeconfig.as_deref()).await?;
+    let api: Api<AccountMigration> = Api::namespaced(client, &args.namespace);
+    let object = AccountMigration::new(
+        &name,
+        AccountMigrationSpec {
+            geo_cluster: cluster.to_string(),
+            account: account.to_string(),
+            target_region: to.to_string(),
+            expected_source_region: expect_from.map(ToString::to_string),
+            reason: Some(args.reason.clone()),
+            records_intent: None,
+        },
+    );
+    let ns = &args.namespace;
+    match api.create(&PostParams::default(), &object).await {
+        Ok(_) => println!("AccountMigration {ns}/{name}: {account} to {to} requested"),
+        Err(kube::Error::Api(e)) if e.code == 409 => {
+            println!("AccountMigration {ns}/{name} exists already; following it")
+        }
+        // The API server's schema names the field and the rule.
+        Err(e) => {
+            return Err(CliError::Kubernetes {
+                what: format!("creating AccountMigration {ns}/{name}"),
+                source: Box::new(e),
+            });
+        }
+    }
+    if !args.wait {
+        return Ok(());
+    }
+    let until = std::time::Instant::now() + args.timeout;
+    let mut last = None;
+    loop {
+        let m = api.get(&name).await.map_err(|e| CliError::Kubernetes {
+            what: format!("reading AccountMigration {ns}/{name}"),
+            source: Box::new(e),
+        })?;
+        if let Some(s) = m.status {
+            let shown = (s.phase, s.message.clone());
+            if last.as_ref() != Some(&shown) {
+                let waited = s
+                    .unavailable_ms
+                    .map(|ms| format!(", writes waited at most {ms} ms"))
+                    .unwrap_or_default();
+                println!(
+                    "  {:<12}{waited} {}",
+                    format!("{:?}", s.phase),
+                    s.message.as_deref().map(|m| format!("({m})")).unwrap_or_default()
+                );
+                last = Some(shown);
+            }
+            match s.phase {
+                Phase::Completed => return Ok(()),
+                Phase::Failed => {
+                    return Err(CliError::Setup(format!(
+                        "AccountMigration {ns}/{name} failed: {}",
+                        s.message.as_deref().unwrap_or("no reason given")
+                    )));
+                }
+                _ => {}
+            }
+        }
+        if std::time::Instant::now() > until {
+            return Err(CliError::Setup(format!(
+                "AccountMigration {ns}/{name} did not finish within {:?}",
+                args.timeout
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
 

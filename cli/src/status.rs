@@ -46,33 +46,7 @@ pub async fn run(args: StatusArgs) -> Result<(), CliError> {
 
 /// Status of a GeoCluster from its Kubernetes status.
 async fn kubernetes(name: &str, namespace: &str, kubeconfig: Option<&std::path::Path>) -> Result<(), CliError> {
-    use kube::config::{KubeConfigOptions, Kubeconfig};
-    let config = match kubeconfig {
-        Some(path) => {
-            let text = std::fs::read_to_string(path).map_err(|source| CliError::Io {
-                path: path.display().to_string(),
-                source,
-            })?;
-            let kc = Kubeconfig::from_yaml(&text).map_err(|e| CliError::Kubernetes {
-                what: "reading the kubeconfig".into(),
-                source: Box::new(e),
-            })?;
-            kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
-                .await
-                .map_err(|e| CliError::Kubernetes {
-                    what: "reading the kubeconfig".into(),
-                    source: Box::new(e),
-                })?
-        }
-        None => kube::Config::infer().await.map_err(|e| CliError::Kubernetes {
-            what: "no in-cluster or $KUBECONFIG configuration".into(),
-            source: Box::new(e),
-        })?,
-    };
-    let client = kube::Client::try_from(config).map_err(|e| CliError::Kubernetes {
-        what: "building the client".into(),
-        source: Box::new(e),
-    })?;
+    let client = crate::kubernetes::client(kubeconfig).await?;
     let api: kube::Api<tern_crds::GeoCluster> = kube::Api::namespaced(client, namespace);
     let gc = api.get(name).await.map_err(|e| CliError::Kubernetes {
         what: format!("reading GeoCluster {namespace}/{name}"),

@@ -440,11 +440,23 @@ async fn accounts_follow_their_writers_with_reasons_and_do_not_ping_pong() {
         })
         .await
         .expect("account created");
+    create(&d, "acct-pinned", "us-east").await;
+    let directory = d.directory.endpoints().join(",");
+    tern_cli::run_args(["tern", "pin", "acct-pinned", "--directory", directory.as_str()])
+        .await
+        .expect("tern pin");
+    assert_eq!(placement(&dir, "acct-pinned").await["pinned"], true);
+    let missing = tern_cli::run_args(["tern", "pin", "acct-none", "--directory", directory.as_str()])
+        .await
+        .expect_err("no such account");
+    assert!(missing.to_string().contains("does not exist"), "{missing}");
 
     // acct-sun: written only from eu-west. acct-even: from both regions
     // alike. acct-stay: from eu-west, but may live only in us-east.
+    // acct-pinned: from eu-west, but pinned.
     writes(&d, "eu-west", "acct-sun", 4).await;
     writes(&d, "eu-west", "acct-stay", 4).await;
+    writes(&d, "eu-west", "acct-pinned", 4).await;
     for _ in 0..4 {
         writes(&d, "us-east", "acct-even", 1).await;
         writes(&d, "eu-west", "acct-even", 1).await;
@@ -478,6 +490,8 @@ async fn accounts_follow_their_writers_with_reasons_and_do_not_ping_pong() {
     assert!(intents_of(&dir, "acct-even").await.is_empty());
     assert_eq!(placement(&dir, "acct-stay").await["home"], "us-east");
     assert!(intents_of(&dir, "acct-stay").await.is_empty());
+    assert_eq!(placement(&dir, "acct-pinned").await["home"], "us-east");
+    assert!(intents_of(&dir, "acct-pinned").await.is_empty());
     let skipped = |region: &'static str| {
         let d = &d;
         async move {
@@ -490,8 +504,9 @@ async fn accounts_follow_their_writers_with_reasons_and_do_not_ping_pong() {
                 .unwrap_or(0.0)
         }
     };
-    // us-east explained acct-even and acct-stay; eu-west the cooldown.
-    assert!(skipped("us-east").await >= 2.0, "skips not explained");
+    // us-east explained acct-even, acct-stay and acct-pinned; eu-west the
+    // cooldown.
+    assert!(skipped("us-east").await >= 3.0, "skips not explained");
     assert!(skipped("eu-west").await >= 1.0, "the cooldown not explained");
 }
 
@@ -582,6 +597,63 @@ async fn an_account_migration_object_is_carried_out_once_and_reports_its_progres
         .kubectl(&["get", "accountmigrations", "move-1", "-n", "default"])
         .expect("kubectl get");
     assert!(table.contains("us-east") && table.contains("Completed"), "{table}");
+
+    // `kubectl tern migrate --cluster`: an object of its own, followed.
+    let kubeconfig = cp.kubeconfig().display().to_string();
+    tern_cli::run_args([
+        "tern",
+        "migrate",
+        "acct-k8s",
+        "--to",
+        "us-east",
+        "--expect-from",
+        "eu-west",
+        "--cluster",
+        "payments",
+        "--kubeconfig",
+        kubeconfig.as_str(),
+        "--id",
+        "back-home",
+        "--wait",
+        "--reason",
+        "ticket-43",
+    ])
+    .await
+    .expect("tern migrate --cluster --wait");
+    let back = api.get("back-home").await.expect("object").status.expect("status");
+    assert_eq!(back.phase, Phase::Completed);
+    assert_eq!(placement(&dir, "acct-k8s").await["home"], "us-east");
+    // A bad region is refused before anything is sent, naming the flag.
+    let bad = tern_cli::run_args([
+        "tern",
+        "migrate",
+        "acct-k8s",
+        "--to",
+        "EU WEST",
+        "--cluster",
+        "payments",
+        "--kubeconfig",
+        kubeconfig.as_str(),
+    ])
+    .await
+    .expect_err("bad region");
+    assert!(bad.to_string().contains("--to"), "{bad}");
+    tern_cli::run_args([
+        "tern",
+        "migrate",
+        "acct-k8s",
+        "--to",
+        "eu-west",
+        "--cluster",
+        "payments",
+        "--kubeconfig",
+        kubeconfig.as_str(),
+        "--id",
+        "again",
+        "--wait",
+    ])
+    .await
+    .expect("moved again");
 
     api.create(&PostParams::default(), &object("move-2", "us-east"))
         .await
