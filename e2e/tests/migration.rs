@@ -1038,3 +1038,77 @@ async fn automatic_moves_are_recorded_as_account_migrations_and_trimmed() {
     .await;
     operator.stop().await;
 }
+
+/// A deposed agent's fence, set after its successor rolled the move back,
+/// is undone by the source's agent; a fence of a move still open is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stray_fence_after_a_rollback_is_repaired() {
+    let _serial = SERIAL.lock().await;
+    let d = start().await;
+    let dir = d.directory_client().await;
+    create(&d, "acct-stray", "us-east").await;
+    create(&d, "acct-open", "us-east").await;
+    let mut us_group = d.group_client("us-east").await;
+    let intent = |account: &str, phase, to: &str| {
+        let mut r = MigrationRecord::requested(
+            AccountId::new(account).expect("account"),
+            region(to),
+            None,
+            "test".into(),
+            tern_common::unix_ms(),
+        );
+        r.phase = phase;
+        r.source = Some(region("us-east"));
+        r.source_epoch = Some(tern_common::Epoch(1));
+        r.finished_ms = Some(tern_common::unix_ms());
+        serde_json::to_string(&r).expect("json")
+    };
+    // acct-stray: rolled back, then fenced by the deposed agent.
+    dir.clone()
+        .put(
+            "/tern/dir/migrations/stray-1",
+            intent("acct-stray", MigrationPhase::RolledBack, "eu-west"),
+            None,
+        )
+        .await
+        .expect("intent");
+    // acct-open: an earlier move rolled back, and a new one in flight (to
+    // a region without an agent here, so it stays in flight).
+    dir.clone()
+        .put(
+            "/tern/dir/migrations/open-1",
+            intent("acct-open", MigrationPhase::RolledBack, "eu-west"),
+            None,
+        )
+        .await
+        .expect("intent");
+    dir.clone()
+        .put(
+            "/tern/dir/migrations/open-2",
+            intent("acct-open", MigrationPhase::Fencing, "ap-south"),
+            None,
+        )
+        .await
+        .expect("intent");
+    for account in ["acct-stray", "acct-open"] {
+        us_group
+            .put(format!("/tern/a/{account}/fence"), "1:fenced", None)
+            .await
+            .expect("fenced");
+    }
+    let until = Instant::now() + Duration::from_secs(30);
+    while fence(&d, "us-east", "acct-stray").await.as_deref() != Some("1:active") {
+        assert!(Instant::now() < until, "the stray fence was never repaired");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    d.client("us-east")
+        .await
+        .put(put("acct-stray", "k", "v", ""))
+        .await
+        .expect("the account takes writes again");
+    assert_eq!(
+        fence(&d, "us-east", "acct-open").await.as_deref(),
+        Some("1:fenced"),
+        "a fence with a move in flight is the move's"
+    );
+}

@@ -33,7 +33,12 @@ impl Events {
     /// Publishes a Warning about a mirror; failures are logged, never
     /// returned.
     pub async fn warn(&self, reason: &str, note: String) {
-        self.publish(kube::runtime::events::EventType::Warning, reason, "Mirror", note)
+        self.warning(reason, "Mirror", note).await;
+    }
+
+    /// Publishes a Warning about `action`.
+    pub async fn warning(&self, reason: &str, action: &str, note: String) {
+        self.publish(kube::runtime::events::EventType::Warning, reason, action, note)
             .await;
     }
 
