@@ -111,7 +111,8 @@ pub struct Incoming {
     /// Region whose client sent the request (this one unless forwarded).
     origin: RegionName,
     forwarded: bool,
-    /// Where the forwarding router was told the account is homed.
+    /// Where the forwarding router believes the account is homed (its
+    /// placement, or a fence's word during a move).
     hint: Option<Hint>,
     /// The caller's trace context (empty when it sent none).
     parent: opentelemetry::Context,
@@ -441,8 +442,16 @@ impl Executor {
                 }
             };
             if p.home != self.region {
+                // The home router learns what this one believes: with a
+                // newer placement it answers where to go instead of reading
+                // the directory.
+                let believed = hint.clone().unwrap_or_else(|| Hint {
+                    home: p.home.clone(),
+                    epoch: p.epoch,
+                    settled: p.state == AccountState::Active,
+                });
                 let sent = call
-                    .attempt(writes, self.forward(call, &p.home, wire.clone(), hint.as_ref()))
+                    .attempt(writes, self.forward(call, &p.home, wire.clone(), Some(&believed)))
                     .await;
                 let failure = match sent {
                     Ok(mut resp) => {
@@ -590,6 +599,21 @@ impl Executor {
         call.note(account, &p);
         if p.home == self.region || !call.forwarded {
             return Ok(p);
+        }
+        if let Some(h) = &call.hint
+            && p.epoch > h.epoch
+            && p.state == AccountState::Active
+        {
+            // This router's placement is newer than the caller's: where
+            // to go, without a directory read on either side.
+            return Err(RouterError::NotHome {
+                home: p.home.clone(),
+                hint: Some(Hint {
+                    home: p.home,
+                    epoch: p.epoch,
+                    settled: true,
+                }),
+            });
         }
         self.metrics.placement_refreshes.inc();
         let p = self.directory.refresh(account).await?;

@@ -6,11 +6,11 @@
 //! region); so they count only from a peer that shows the GeoCluster's
 //! token, and are otherwise ignored and counted.
 //!
-//! During a migration a forwarded call may also carry a home hint: the
-//! region and epoch a fence told the caller the account is (or is about to
-//! be) homed at, before the directory says so. A hint only says where to
-//! try: the fence of that region's group still decides whether the write
-//! commits there.
+//! A forwarded call also carries a home hint: where the caller believes
+//! the account is homed and at which epoch, from its placement or, during
+//! a migration, from a fence that told it ahead of the directory. A hint
+//! only says where to try: the fence of that region's group still decides
+//! whether the write commits there.
 
 use std::fmt;
 use std::sync::Arc;
@@ -24,14 +24,16 @@ pub const FORWARDED: &str = "tern-forwarded";
 pub const PEER_TOKEN: &str = "tern-peer-token";
 pub const HOME_HINT: &str = "tern-home-hint";
 
-/// Where a fence said an account is homed, ahead of the directory.
+/// Where a caller believes an account is homed.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Hint {
     pub home: RegionName,
     pub epoch: Epoch,
-    /// From a `moved` fence: the move is done and `home`'s fence is active.
-    /// Otherwise from a `fenced` source whose placement says it is
-    /// migrating to `home`: the copy may not have landed yet.
+    /// The home's fence is active at that epoch: the hint comes from a
+    /// `moved` fence, or from a placement the directory names active.
+    /// Otherwise it comes from a placement that says `migrating`, or from a
+    /// `fenced` source during a move to `home`: the copy may not have
+    /// landed yet.
     pub settled: bool,
 }
 
