@@ -103,34 +103,14 @@ pub async fn run(
         settings,
         started: std::sync::Mutex::new(VecDeque::new()),
     };
-    let mut watch = None;
     loop {
-        match m.round().await {
+        match m.serve().await {
             Err(e @ (AgentError::NotLeader(_) | AgentError::Failpoint(_))) => return e,
             Err(e) => {
-                tracing::warn!(error = %e, "a migration step failed; trying again");
+                tracing::warn!(error = %e, "following the migration intents failed; loading them again");
                 tokio::time::sleep(Duration::from_millis(200)).await;
-                continue;
             }
             Ok(()) => {}
-        }
-        // Wait for a change of the intents (or look again within a second:
-        // a move held back by the rate limit, a watch that broke).
-        if watch.is_none() {
-            watch = m
-                .directory
-                .clone()
-                .watch(DIR_MIGRATIONS, Some(WatchOptions::new().with_prefix()))
-                .await
-                .ok();
-        }
-        if let Some(stream) = watch.as_mut() {
-            match tokio::time::timeout(Duration::from_secs(1), stream.message()).await {
-                Ok(Ok(Some(_))) | Err(_) => {}
-                Ok(_) => watch = None,
-            }
-        } else {
-            tokio::time::sleep(Duration::from_secs(1)).await;
         }
     }
 }
@@ -139,7 +119,7 @@ pub async fn run(
 enum Next {
     /// The intent moved on: drive it further.
     Go,
-    /// Not now (rate limit, no directory claim yet): the next round.
+    /// Not now (rate limit): looked at again within a second.
     Later,
 }
 
@@ -155,6 +135,7 @@ struct Migrator {
 }
 
 /// An intent record as read, with the revision its next write compares.
+#[derive(Clone)]
 struct Intent {
     id: MigrationId,
     record: MigrationRecord,
@@ -221,65 +202,142 @@ async fn swap_fence(client: &Client, account: &AccountId, from: &Fence, to: &Fen
 }
 
 impl Migrator {
-    /// One pass over the intents that target this region, oldest first.
-    async fn round(&self) -> Result<()> {
-        let Some(claim) = self.shared.claim() else {
-            // `publish` has not claimed the region's directory lease yet.
-            return Ok(());
-        };
+    /// Loads the intents that target this region, then follows the
+    /// directory's watch of them (a cache, as routers keep placements:
+    /// no re-read of the whole prefix per change) and carries out the open
+    /// ones, oldest first, up to [`PARALLEL_MOVES`] at a time: a move starts
+    /// as soon as another finishes, not when a whole batch has. Returns
+    /// when the watch ends (the caller loads again).
+    async fn serve(&self) -> Result<()> {
+        use futures::StreamExt;
         let resp = self
             .directory
             .clone()
             .get(DIR_MIGRATIONS, Some(GetOptions::new().with_prefix()))
             .await
             .during(|| "reading migration intents".into())?;
-        let mut open = Vec::new();
-        let mut finished = Vec::new();
+        let loaded_at = resp.header().map_or(0, |h| h.revision());
+        let mut intents: BTreeMap<MigrationId, Intent> = BTreeMap::new();
         for kv in resp.kvs() {
-            let Some(id) = std::str::from_utf8(kv.key())
-                .ok()
-                .and_then(|k| k.strip_prefix(DIR_MIGRATIONS))
-                .and_then(|id| MigrationId::new(id).ok())
-            else {
-                continue;
-            };
-            let record: MigrationRecord = match serde_json::from_slice(kv.value()) {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::warn!(migration = %id, error = %e, "ignoring a malformed migration intent");
-                    continue;
+            self.apply(&mut intents, kv.key(), Some((kv.value(), kv.mod_revision())));
+        }
+        let mut stream = self
+            .directory
+            .clone()
+            .watch(
+                DIR_MIGRATIONS,
+                Some(WatchOptions::new().with_prefix().with_start_revision(loaded_at + 1)),
+            )
+            .await
+            .during(|| "watching migration intents".into())?;
+        let mut running = futures::stream::FuturesUnordered::new();
+        // Intents being driven, and when each may be driven again (a rate
+        // limit, a failed step).
+        let mut busy: std::collections::HashSet<MigrationId> = std::collections::HashSet::new();
+        let mut not_before: BTreeMap<MigrationId, Instant> = BTreeMap::new();
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut trimmed_at = Instant::now();
+        loop {
+            if let Some(claim) = self.shared.claim() {
+                let now = Instant::now();
+                let mut ready: Vec<&Intent> = intents
+                    .values()
+                    .filter(|i| !i.record.phase.is_final() && !busy.contains(&i.id))
+                    .filter(|i| not_before.get(&i.id).is_none_or(|t| *t <= now))
+                    .collect();
+                ready.sort_by_key(|i| i.record.requested_ms);
+                for intent in ready.into_iter().take(PARALLEL_MOVES.saturating_sub(busy.len())) {
+                    busy.insert(intent.id.clone());
+                    let (mut intent, claim) = (intent.clone(), claim.clone());
+                    running.push(async move {
+                        let outcome = self.drive(&mut intent, &claim).await;
+                        (intent, outcome)
+                    });
                 }
-            };
-            if record.target != self.shared.region {
-                continue;
+                if trimmed_at.elapsed() > Duration::from_secs(10) {
+                    trimmed_at = Instant::now();
+                    let finished: Vec<Intent> = intents
+                        .values()
+                        .filter(|i| i.record.phase.is_final())
+                        .cloned()
+                        .collect();
+                    if let Err(e) = self.trim(finished, &claim).await {
+                        tracing::warn!(error = %e, "trimming finished migrations failed; trying again later");
+                    }
+                }
             }
-            let intent = Intent {
-                id,
-                record,
-                revision: kv.mod_revision(),
-            };
-            if intent.record.phase.is_final() {
-                finished.push(intent);
-            } else {
-                open.push(intent);
+            tokio::select! {
+                Some((intent, outcome)) = running.next(), if !running.is_empty() => {
+                    busy.remove(&intent.id);
+                    match outcome {
+                        Err(e @ (AgentError::NotLeader(_) | AgentError::Failpoint(_))) => return Err(e),
+                        Err(e) => {
+                            tracing::warn!(migration = %intent.id, error = %e, "a migration step failed; trying again");
+                            not_before.insert(intent.id.clone(), Instant::now() + Duration::from_millis(200));
+                        }
+                        // Still open: held back (rate limit); looked at
+                        // again within a second.
+                        Ok(()) if !intent.record.phase.is_final() => {
+                            not_before.insert(intent.id.clone(), Instant::now() + Duration::from_secs(1));
+                        }
+                        Ok(()) => {
+                            not_before.remove(&intent.id);
+                        }
+                    }
+                    // What this agent wrote, unless the watch brought newer.
+                    let newer = intents.get(&intent.id).is_none_or(|known| known.revision <= intent.revision);
+                    if newer {
+                        intents.insert(intent.id.clone(), intent);
+                    }
+                }
+                message = stream.message() => {
+                    let Ok(Some(message)) = message else {
+                        return Ok(());
+                    };
+                    for event in message.events() {
+                        let Some(kv) = event.kv() else { continue };
+                        match event.event_type() {
+                            etcd_client::EventType::Put => {
+                                self.apply(&mut intents, kv.key(), Some((kv.value(), kv.mod_revision())));
+                            }
+                            etcd_client::EventType::Delete => self.apply(&mut intents, kv.key(), None),
+                        }
+                    }
+                }
+                _ = tick.tick() => {}
             }
         }
-        open.sort_by_key(|i| i.record.requested_ms);
-        // Several moves at once: each spends most of its time waiting on
-        // round trips (to the source, to the directory), so a region being
-        // drained is not one round trip chain per account after another.
-        use futures::StreamExt;
-        let mut results = futures::stream::iter(open)
-            .map(|mut intent| {
-                let claim = &claim;
-                async move { self.drive(&mut intent, claim).await }
-            })
-            .buffer_unordered(PARALLEL_MOVES);
-        while let Some(r) = results.next().await {
-            r?;
+    }
+
+    /// Folds one intent key (None: deleted) into `intents`, keeping only
+    /// those that target this region and never going back to an older
+    /// revision.
+    fn apply(&self, intents: &mut BTreeMap<MigrationId, Intent>, key: &[u8], value: Option<(&[u8], i64)>) {
+        let Some(id) = std::str::from_utf8(key)
+            .ok()
+            .and_then(|k| k.strip_prefix(DIR_MIGRATIONS))
+            .and_then(|id| MigrationId::new(id).ok())
+        else {
+            return;
+        };
+        let Some((value, revision)) = value else {
+            intents.remove(&id);
+            return;
+        };
+        let record: MigrationRecord = match serde_json::from_slice(value) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(migration = %id, error = %e, "ignoring a malformed migration intent");
+                return;
+            }
+        };
+        if record.target != self.shared.region {
+            return;
         }
-        drop(results);
-        self.trim(finished, &claim).await
+        if intents.get(&id).is_some_and(|known| known.revision > revision) {
+            return;
+        }
+        intents.insert(id.clone(), Intent { id, record, revision });
     }
 
     /// Takes one intent through its steps until it is final or must wait.
