@@ -1064,32 +1064,18 @@ async fn a_stray_fence_after_a_rollback_is_repaired() {
         serde_json::to_string(&r).expect("json")
     };
     // acct-stray: rolled back, then fenced by the deposed agent.
-    dir.clone()
-        .put(
-            "/tern/dir/migrations/stray-1",
-            intent("acct-stray", MigrationPhase::RolledBack, "eu-west"),
-            None,
-        )
-        .await
-        .expect("intent");
     // acct-open: an earlier move rolled back, and a new one in flight (to
     // a region without an agent here, so it stays in flight).
-    dir.clone()
-        .put(
-            "/tern/dir/migrations/open-1",
-            intent("acct-open", MigrationPhase::RolledBack, "eu-west"),
-            None,
-        )
-        .await
-        .expect("intent");
-    dir.clone()
-        .put(
-            "/tern/dir/migrations/open-2",
-            intent("acct-open", MigrationPhase::Fencing, "ap-south"),
-            None,
-        )
-        .await
-        .expect("intent");
+    for (id, account, phase, to) in [
+        ("stray-1", "acct-stray", MigrationPhase::RolledBack, "eu-west"),
+        ("open-1", "acct-open", MigrationPhase::RolledBack, "eu-west"),
+        ("open-2", "acct-open", MigrationPhase::Fencing, "ap-south"),
+    ] {
+        dir.clone()
+            .put(format!("/tern/dir/migrations/{id}"), intent(account, phase, to), None)
+            .await
+            .expect("intent");
+    }
     for account in ["acct-stray", "acct-open"] {
         us_group
             .put(format!("/tern/a/{account}/fence"), "1:fenced", None)
