@@ -44,8 +44,9 @@ pub struct MigrateArgs {
     directory: Vec<String>,
     /// Or: the GeoCluster in Kubernetes; the move becomes an
     /// AccountMigration object (named by --id, default
-    /// `migrate-ACCOUNT-UNIXMS` in lower case) in --namespace.
-    #[arg(long, conflicts_with = "directory")]
+    /// `migrate-ACCOUNT-UNIXMS` in lower case) in --namespace. Takes
+    /// precedence over --directory (and TERN_DIRECTORY_ENDPOINTS).
+    #[arg(long)]
     cluster: Option<String>,
     /// Namespace of the GeoCluster.
     #[arg(long, short = 'n', default_value = "default")]

@@ -170,6 +170,19 @@ impl Swapped {
     }
 }
 
+/// This region's fence of an account as read.
+struct LocalFence {
+    value: Option<Vec<u8>>,
+    /// Holds while the fence stays as read.
+    unchanged: Compare,
+}
+
+impl LocalFence {
+    fn is(&self, want: &Fence) -> bool {
+        self.value.as_deref() == Some(want.to_string().as_bytes())
+    }
+}
+
 /// What the fence-and-copy steps leave for the switch: the keys copied and
 /// the window (fenced revision, fenced at, landed at, Unix ms), each
 /// unknown when an earlier attempt did that part.
@@ -206,30 +219,14 @@ impl Migrator {
     /// directory's watch of them (a cache, as routers keep placements:
     /// no re-read of the whole prefix per change) and carries out the open
     /// ones, oldest first, up to [`PARALLEL_MOVES`] at a time: a move starts
-    /// as soon as another finishes, not when a whole batch has. Returns
-    /// when the watch ends (the caller loads again).
+    /// as soon as another finishes, not when a whole batch has. A watch that
+    /// ends or is cancelled is set up again from a fresh load, while the
+    /// moves under way go on. Returns only on an error that ends the
+    /// leadership's loops.
     async fn serve(&self) -> Result<()> {
         use futures::StreamExt;
-        let resp = self
-            .directory
-            .clone()
-            .get(DIR_MIGRATIONS, Some(GetOptions::new().with_prefix()))
-            .await
-            .during(|| "reading migration intents".into())?;
-        let loaded_at = resp.header().map_or(0, |h| h.revision());
         let mut intents: BTreeMap<MigrationId, Intent> = BTreeMap::new();
-        for kv in resp.kvs() {
-            self.apply(&mut intents, kv.key(), Some((kv.value(), kv.mod_revision())));
-        }
-        let mut stream = self
-            .directory
-            .clone()
-            .watch(
-                DIR_MIGRATIONS,
-                Some(WatchOptions::new().with_prefix().with_start_revision(loaded_at + 1)),
-            )
-            .await
-            .during(|| "watching migration intents".into())?;
+        let mut stream: Option<etcd_client::WatchStream> = None;
         let mut running = futures::stream::FuturesUnordered::new();
         // Intents being driven, and when each may be driven again (a rate
         // limit, a failed step).
@@ -238,7 +235,18 @@ impl Migrator {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let mut trimmed_at = Instant::now();
         loop {
-            if let Some(claim) = self.shared.claim() {
+            if stream.is_none() {
+                match self.load().await {
+                    Ok((loaded, s)) => {
+                        intents = loaded;
+                        stream = Some(s);
+                    }
+                    Err(e) => tracing::warn!(error = %e, "loading the migration intents failed; trying again"),
+                }
+            }
+            if stream.is_some()
+                && let Some(claim) = self.shared.claim()
+            {
                 let now = Instant::now();
                 let mut ready: Vec<&Intent> = intents
                     .values()
@@ -254,7 +262,10 @@ impl Migrator {
                         (intent, outcome)
                     });
                 }
-                if trimmed_at.elapsed() > Duration::from_secs(10) {
+                // Trimming waits for a quiet moment: it is a directory
+                // write per intent, and the moves under way are not polled
+                // while it runs.
+                if running.is_empty() && trimmed_at.elapsed() > Duration::from_secs(10) {
                     trimmed_at = Instant::now();
                     let finished: Vec<Intent> = intents
                         .values()
@@ -266,47 +277,88 @@ impl Migrator {
                     }
                 }
             }
+            let next_event = async {
+                match stream.as_mut() {
+                    Some(s) => s.message().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 Some((intent, outcome)) = running.next(), if !running.is_empty() => {
                     busy.remove(&intent.id);
                     match outcome {
                         Err(e @ (AgentError::NotLeader(_) | AgentError::Failpoint(_))) => return Err(e),
                         Err(e) => {
+                            // The driven copy may hold changes that were
+                            // never saved: it is dropped, and the cache (the
+                            // watch's view) drives the next attempt.
                             tracing::warn!(migration = %intent.id, error = %e, "a migration step failed; trying again");
                             not_before.insert(intent.id.clone(), Instant::now() + Duration::from_millis(200));
                         }
-                        // Still open: held back (rate limit); looked at
-                        // again within a second.
-                        Ok(()) if !intent.record.phase.is_final() => {
-                            not_before.insert(intent.id.clone(), Instant::now() + Duration::from_secs(1));
-                        }
                         Ok(()) => {
-                            not_before.remove(&intent.id);
+                            if intent.record.phase.is_final() {
+                                not_before.remove(&intent.id);
+                            } else {
+                                // Held back (rate limit): again within a second.
+                                not_before.insert(intent.id.clone(), Instant::now() + Duration::from_secs(1));
+                            }
+                            // What this agent saved, unless the watch
+                            // brought newer.
+                            let newer = intents.get(&intent.id).is_none_or(|known| known.revision <= intent.revision);
+                            if newer {
+                                intents.insert(intent.id.clone(), intent);
+                            }
                         }
-                    }
-                    // What this agent wrote, unless the watch brought newer.
-                    let newer = intents.get(&intent.id).is_none_or(|known| known.revision <= intent.revision);
-                    if newer {
-                        intents.insert(intent.id.clone(), intent);
                     }
                 }
-                message = stream.message() => {
-                    let Ok(Some(message)) = message else {
-                        return Ok(());
-                    };
-                    for event in message.events() {
-                        let Some(kv) = event.kv() else { continue };
-                        match event.event_type() {
-                            etcd_client::EventType::Put => {
-                                self.apply(&mut intents, kv.key(), Some((kv.value(), kv.mod_revision())));
+                message = next_event => {
+                    match message {
+                        Ok(Some(message)) if !message.canceled() => {
+                            for event in message.events() {
+                                let Some(kv) = event.kv() else { continue };
+                                let value = match event.event_type() {
+                                    etcd_client::EventType::Put => Some((kv.value(), kv.mod_revision())),
+                                    etcd_client::EventType::Delete => None,
+                                };
+                                self.apply(&mut intents, kv.key(), value);
                             }
-                            etcd_client::EventType::Delete => self.apply(&mut intents, kv.key(), None),
+                        }
+                        // Ended or cancelled (a compaction, say): load again.
+                        _ => {
+                            tracing::info!("the watch of migration intents ended; loading them again");
+                            stream = None;
                         }
                     }
                 }
                 _ = tick.tick() => {}
             }
         }
+    }
+
+    /// Every intent that targets this region, and a watch from just after
+    /// the revision they were read at.
+    async fn load(&self) -> Result<(BTreeMap<MigrationId, Intent>, etcd_client::WatchStream)> {
+        let resp = self
+            .directory
+            .clone()
+            .get(DIR_MIGRATIONS, Some(GetOptions::new().with_prefix()))
+            .await
+            .during(|| "reading migration intents".into())?;
+        let loaded_at = resp.header().map_or(0, |h| h.revision());
+        let mut intents = BTreeMap::new();
+        for kv in resp.kvs() {
+            self.apply(&mut intents, kv.key(), Some((kv.value(), kv.mod_revision())));
+        }
+        let stream = self
+            .directory
+            .clone()
+            .watch(
+                DIR_MIGRATIONS,
+                Some(WatchOptions::new().with_prefix().with_start_revision(loaded_at + 1)),
+            )
+            .await
+            .during(|| "watching migration intents".into())?;
+        Ok((intents, stream))
     }
 
     /// Folds one intent key (None: deleted) into `intents`, keeping only
@@ -542,15 +594,26 @@ impl Migrator {
         Ok((source, epoch, client))
     }
 
-    /// This region's fence of `account`, as text (None: no fence).
-    async fn local_fence(&self, account: &AccountId) -> Result<Option<Vec<u8>>> {
+    /// This region's fence of `account` as read: its value and a compare
+    /// that holds while it stays so (no fence: while there is none).
+    async fn local_fence(&self, account: &AccountId) -> Result<LocalFence> {
+        let key = fence_key(account);
         let resp = self
             .local
             .clone()
-            .get(fence_key(account), None)
+            .get(key.clone(), None)
             .await
             .during(|| format!("reading {account}'s fence here"))?;
-        Ok(resp.kvs().first().map(|kv| kv.value().to_vec()))
+        Ok(match resp.kvs().first() {
+            Some(kv) => LocalFence {
+                value: Some(kv.value().to_vec()),
+                unchanged: Compare::mod_revision(key, CompareOp::Equal, kv.mod_revision()),
+            },
+            None => LocalFence {
+                value: None,
+                unchanged: Compare::version(key, CompareOp::Equal, 0),
+            },
+        })
     }
 
     /// `fencing` → `completed` (or `rolling_back` before the copy landed).
@@ -558,8 +621,8 @@ impl Migrator {
         let (source, epoch, client) = self.source(i)?;
         let account = i.record.account.clone();
         let target_epoch = epoch.next();
-        let landed =
-            self.local_fence(&account).await?.as_deref() == Some(Fence::active(target_epoch).to_string().as_bytes());
+        let here = self.local_fence(&account).await?;
+        let landed = here.is(&Fence::active(target_epoch));
         let Landed { keys, window } = if landed {
             // An earlier attempt got past the point of no return; the
             // window it measured died with it.
@@ -569,7 +632,10 @@ impl Migrator {
                 window: None,
             }
         } else {
-            match self.fence_and_copy(i, claim, &source, epoch, &client).await? {
+            match self
+                .fence_and_copy(i, claim, &source, epoch, &client, here.unchanged)
+                .await?
+            {
                 Ok(done) => done,
                 Err(next) => return Ok(next),
             }
@@ -579,7 +645,27 @@ impl Migrator {
         let moved = Fence::moved(epoch, self.shared.region.clone());
         let swapped = swap_fence(&client, &account, &Fence::fenced(epoch), &moved).await?;
         if !swapped.is(&moved) {
-            tracing::warn!(migration = %i.id, account = %account, found = %swapped.shown(), "the source's fence was neither fenced nor moved; left as it is");
+            // Past the landing the source must not take writes: an active
+            // fence there (unfenced behind the move's back) is closed now,
+            // and what it may have committed since the fence is reported.
+            let reopened =
+                matches!(&swapped, Swapped::Found(Some((v, _))) if v == Fence::active(epoch).to_string().as_bytes());
+            if reopened
+                && swap_fence(&client, &account, &Fence::active(epoch), &moved)
+                    .await?
+                    .is(&moved)
+            {
+                let note = format!(
+                    "{account} was active again in {source} after its move to {} landed; closed now. Writes committed in {source} after the fence may be missing in {}",
+                    self.shared.region, self.shared.region
+                );
+                tracing::error!(migration = %i.id, account = %account, "{note}");
+                if let Some(events) = &self.shared.events {
+                    events.warning("MoveSourceReopened", "Migrate", note).await;
+                }
+            } else {
+                tracing::warn!(migration = %i.id, account = %account, found = %swapped.shown(), "the source's fence was neither fenced nor moved; left as it is");
+            }
         }
         self.failpoint("migrate.after-moved")?;
         // Step 5: the directory names this region.
@@ -668,17 +754,33 @@ impl Migrator {
         source: &RegionName,
         epoch: Epoch,
         client: &Client,
+        here_unchanged: Compare,
     ) -> Result<std::result::Result<Landed, Next>> {
         let account = i.record.account.clone();
         let fence = fence_key(&account);
         let fenced_at = tern_common::unix_ms();
         // Step 2: fence the source (or find it fenced by an earlier attempt,
-        // whose start of the window is not known here).
+        // whose start of the window is not known here). A fence found set
+        // is written again, compared on its revision: the write makes it
+        // this attempt's, so anything that read the old one (a stray-fence
+        // repair) can no longer swap it, and the mirror waits for it.
         let (fenced_revision, fenced_at) =
             match swap_fence(client, &account, &Fence::active(epoch), &Fence::fenced(epoch)).await? {
                 Swapped::Now(revision) => (revision, Some(fenced_at)),
                 Swapped::Found(Some((value, revision))) if value == Fence::fenced(epoch).to_string().as_bytes() => {
-                    (revision, None)
+                    let resp = client
+                        .clone()
+                        .txn(
+                            Txn::new()
+                                .when([Compare::mod_revision(fence.clone(), CompareOp::Equal, revision)])
+                                .and_then([TxnOp::put(fence.clone(), Fence::fenced(epoch).to_string(), None)]),
+                        )
+                        .await
+                        .during(|| format!("taking over {account}'s fence in {source}"))?;
+                    if !resp.succeeded() {
+                        return Err(self.fail(i, format!("{account}'s fence in {source} changed while taken over")));
+                    }
+                    (resp.header().map_or(revision, |h| h.revision()), None)
                 }
                 other => {
                     let why = format!(
@@ -724,7 +826,7 @@ impl Migrator {
         }
         self.failpoint("migrate.after-catch-up")?;
         // Step 4: copy into this region's home area, the fence last.
-        let keys = self.copy(i, source, epoch.next()).await?;
+        let keys = self.copy(i, source, epoch.next(), here_unchanged).await?;
         // Writes commit here from now on: the window ends.
         let landed_at = tern_common::unix_ms();
         tracing::info!(
@@ -754,9 +856,19 @@ impl Migrator {
 
     /// Copies the account from the mirror area into this region's home
     /// area: what an earlier attempt left is deleted first, the fence
-    /// `E+1:active` is written in the last transaction. Returns
-    /// the keys copied.
-    async fn copy(&self, i: &Intent, source: &RegionName, target_epoch: Epoch) -> Result<usize> {
+    /// `E+1:active` is written in the last transaction. The first
+    /// transaction holds only while this region's fence is as the attempt
+    /// read it (`here_unchanged`), the later ones while there is none: a
+    /// landing of an earlier attempt still on its way (a cancelled step)
+    /// makes them fail instead of deleting or overwriting what writes
+    /// committed after it. Returns the keys copied.
+    async fn copy(
+        &self,
+        i: &Intent,
+        source: &RegionName,
+        target_epoch: Epoch,
+        here_unchanged: Compare,
+    ) -> Result<usize> {
         let account = &i.record.account;
         let home_prefix = account_prefix(account);
         let mirrored_prefix = String::from_utf8_lossy(&mirror_key(source, home_prefix.as_bytes())).into_owned();
@@ -815,7 +927,7 @@ impl Migrator {
             ));
             copied += 1;
         }
-        let fence_op = TxnOp::put(fence, Fence::active(target_epoch).to_string(), None);
+        let fence_op = TxnOp::put(fence.clone(), Fence::active(target_epoch).to_string(), None);
         // etcd refuses a transaction that deletes a range and puts a key
         // inside it: the delete goes first, on its own.
         let mut txns: Vec<Vec<TxnOp>> = vec![
@@ -845,16 +957,26 @@ impl Migrator {
             _ => txns.push(vec![fence_op]),
         }
         let count = txns.len();
+        let mut unchanged = here_unchanged;
         for (n, then) in txns.into_iter().enumerate() {
             let resp = local
-                .txn(Txn::new().when([self.leadership.guard()]).and_then(then))
+                .txn(
+                    Txn::new()
+                        .when([self.leadership.guard(), unchanged.clone()])
+                        .and_then(then),
+                )
                 .await
                 .during(|| format!("copying {account} ({}/{count})", n + 1))?;
             if !resp.succeeded() {
-                return Err(AgentError::NotLeader(format!(
-                    "a copy of {account} was refused: the election key changed"
-                )));
+                // The election key or the fence changed: the next attempt
+                // reads the fence again (a lost leadership ends the loops
+                // anyway).
+                return Err(self.fail(
+                    i,
+                    format!("a copy of {account} was refused: the election key or its fence here changed"),
+                ));
             }
+            unchanged = Compare::version(fence.clone(), CompareOp::Equal, 0);
             if n == 1 && count > 2 {
                 self.failpoint("migrate.mid-copy")?;
             }
@@ -872,7 +994,27 @@ impl Migrator {
         let moved = Fence::moved(epoch, self.shared.region.clone());
         let swapped = swap_fence(&client, &account, &Fence::fenced(epoch), &moved).await?;
         if !swapped.is(&moved) {
-            tracing::warn!(migration = %i.id, account = %account, found = %swapped.shown(), "the source's fence was neither fenced nor moved; left as it is");
+            // Past the landing the source must not take writes: an active
+            // fence there (unfenced behind the move's back) is closed now,
+            // and what it may have committed since the fence is reported.
+            let reopened =
+                matches!(&swapped, Swapped::Found(Some((v, _))) if v == Fence::active(epoch).to_string().as_bytes());
+            if reopened
+                && swap_fence(&client, &account, &Fence::active(epoch), &moved)
+                    .await?
+                    .is(&moved)
+            {
+                let note = format!(
+                    "{account} was active again in {source} after its move to {} landed; closed now. Writes committed in {source} after the fence may be missing in {}",
+                    self.shared.region, self.shared.region
+                );
+                tracing::error!(migration = %i.id, account = %account, "{note}");
+                if let Some(events) = &self.shared.events {
+                    events.warning("MoveSourceReopened", "Migrate", note).await;
+                }
+            } else {
+                tracing::warn!(migration = %i.id, account = %account, found = %swapped.shown(), "the source's fence was neither fenced nor moved; left as it is");
+            }
         }
         self.failpoint("migrate.after-moved")?;
         i.record.phase = MigrationPhase::Completed;
@@ -899,7 +1041,8 @@ impl Migrator {
     async fn roll_back(&self, i: &mut Intent, claim: &Claim) -> Result<Next> {
         let (source, epoch, client) = self.source(i)?;
         let account = i.record.account.clone();
-        if self.local_fence(&account).await?.as_deref() == Some(Fence::active(epoch.next()).to_string().as_bytes()) {
+        let here = self.local_fence(&account).await?;
+        if here.is(&Fence::active(epoch.next())) {
             // Past the point of no return (writes may have committed
             // here): deleting the copy would lose them. Forward instead.
             tracing::error!(migration = %i.id, account = %account, "a rollback found the copy landed: finishing the move instead");
@@ -912,16 +1055,18 @@ impl Migrator {
         let resp = self
             .local
             .clone()
-            .txn(Txn::new().when([self.leadership.guard()]).and_then([TxnOp::delete(
-                account_prefix(&account),
-                Some(etcd_client::DeleteOptions::new().with_prefix()),
-            )]))
+            .txn(
+                Txn::new()
+                    .when([self.leadership.guard(), here.unchanged])
+                    .and_then([TxnOp::delete(
+                        account_prefix(&account),
+                        Some(etcd_client::DeleteOptions::new().with_prefix()),
+                    )]),
+            )
             .await
             .during(|| format!("removing the partial copy of {account}"))?;
         if !resp.succeeded() {
-            return Err(AgentError::NotLeader(
-                "a rollback was refused: the election key changed".into(),
-            ));
+            return Err(self.fail(i, "a rollback was refused: the election key or the fence here changed"));
         }
         let swapped = swap_fence(&client, &account, &Fence::fenced(epoch), &Fence::active(epoch)).await?;
         if !swapped.is(&Fence::active(epoch)) {
@@ -978,7 +1123,8 @@ impl Migrator {
             return Ok(());
         }
         finished.sort_by_key(|i| i.record.finished_ms.unwrap_or(i.record.requested_ms));
-        let excess = finished.len() - KEEP_FINISHED;
+        // A few at a time: each is a directory write.
+        let excess = (finished.len() - KEEP_FINISHED).min(20);
         for i in finished.into_iter().take(excess) {
             let key = dir_migration_key(&i.id);
             self.directory

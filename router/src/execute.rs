@@ -212,13 +212,14 @@ pub fn landing_pause(misses: u32, jitter: f64) -> Duration {
 }
 
 /// Where a fence miss in `here`'s group says to go: to the target of a
-/// move, at the next epoch. A `moved` fence says it for certain; a `fenced`
-/// one when the placement of the attempt says the account is migrating from
-/// here.
+/// move, at the next epoch. A `moved` fence says it for certain, unless it
+/// is older than the attempt's epoch (left from an earlier life of the
+/// account here, before it moved back); a `fenced` one when the placement
+/// of the attempt says the account is migrating from here.
 pub fn hint_from_fence(here: &RegionName, p: &Placement, found: Option<&tern_common::Fence>) -> Option<Hint> {
     let found = found?;
     match &found.state {
-        FenceState::Moved(to) if to != here => Some(Hint {
+        FenceState::Moved(to) if to != here && found.epoch >= p.epoch => Some(Hint {
             home: to.clone(),
             epoch: found.epoch.next(),
             settled: true,
@@ -510,6 +511,16 @@ impl Executor {
                     ));
                 }
                 Guarded::Fence(found) => {
+                    let landing = hint.as_ref().is_some_and(|h| !h.settled);
+                    if landing && found.as_ref().is_none_or(|f| f.epoch < p.epoch) {
+                        // Here is the target of a move and its copy has
+                        // not landed (no fence, or one of an earlier life
+                        // here): wait here while the hint stays believable.
+                        self.metrics.retries.inc();
+                        let misses = call.fence_misses.fetch_add(1, Ordering::Relaxed);
+                        tokio::time::sleep(landing_pause(misses, rand::random())).await;
+                        continue;
+                    }
                     if let Some(next) = hint_from_fence(&self.region, &p, found.as_ref()) {
                         // Fenced or moved for a move: on to the target, now.
                         self.metrics.retries.inc();
@@ -520,14 +531,6 @@ impl Executor {
                             });
                         }
                         hint = Some(next);
-                        continue;
-                    }
-                    if hint.is_some() && found.as_ref().is_none_or(|f| f.epoch < p.epoch) {
-                        // Here is the target and the copy has not landed:
-                        // wait here while the hint stays believable.
-                        self.metrics.retries.inc();
-                        let misses = call.fence_misses.fetch_add(1, Ordering::Relaxed);
-                        tokio::time::sleep(landing_pause(misses, rand::random())).await;
                         continue;
                     }
                     hint = None;
@@ -1172,6 +1175,11 @@ mod tests {
         assert_eq!(
             hint_from_fence(&us, &active, Some(&Fence::moved(Epoch(4), eu.clone()))),
             to_eu(true)
+        );
+        // …but not one left from before the account came back here.
+        assert_eq!(
+            hint_from_fence(&us, &active, Some(&Fence::moved(Epoch(2), eu.clone()))),
+            None
         );
         // Fenced: only for the move the placement names.
         assert_eq!(

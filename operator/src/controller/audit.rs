@@ -110,22 +110,46 @@ async fn record(client: &kube::Client, gc: &GeoCluster, ctx: &Context) -> Result
             (regions.contains(r.target.as_str()) && ctx.managed.contains(r.target.as_str())).then_some((id, r))
         })
         .collect();
-    // Only the newest are kept, so only they are recorded.
     intents.sort_by_key(|(_, r)| std::cmp::Reverse(r.requested_ms));
-    intents.truncate(ctx.automatic_history);
     let api: Api<AccountMigration> = Api::namespaced(client.clone(), &namespace);
     let selector = format!("{LABEL_TRIGGER}={TRIGGER},{}={cluster}", names::LABEL_CLUSTER);
     let existing = api
         .list(&ListParams::default().labels(&selector))
         .await
         .context(|| format!("listing the automatic migrations of {cluster}"))?;
-    let recorded: HashSet<String> = existing
-        .items
-        .iter()
-        .filter_map(|m| m.spec.records_intent.clone())
+    // The records to keep: the newest among what is recorded and what could
+    // be (an intent trimmed from the directory keeps its record while it
+    // is among them). Decided over both, so a round never deletes what the
+    // next would create again.
+    let mut universe: BTreeMap<String, u64> = BTreeMap::new();
+    let mut objects: BTreeMap<String, String> = BTreeMap::new();
+    for m in &existing.items {
+        let Some(id) = m.spec.records_intent.clone() else {
+            continue;
+        };
+        let at = m
+            .annotations()
+            .get(ANNOTATION_REQUESTED)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        universe.insert(id.clone(), at);
+        objects.insert(id, m.name_any());
+    }
+    for (id, r) in &intents {
+        universe.entry(id.clone()).or_insert(r.requested_ms);
+    }
+    let mut ranked: Vec<(u64, String)> = universe.into_iter().map(|(id, at)| (at, id)).collect();
+    ranked.sort_by(|a, b| b.cmp(a));
+    let keep: HashSet<String> = ranked
+        .into_iter()
+        .take(ctx.automatic_history)
+        .map(|(_, id)| id)
         .collect();
     let owner = gc.controller_owner_ref(&());
-    for (id, r) in intents.iter().filter(|(id, _)| !recorded.contains(id)) {
+    for (id, r) in intents
+        .iter()
+        .filter(|(id, _)| keep.contains(id) && !objects.contains_key(id))
+    {
         let mut reason = r.reason.clone();
         if reason.len() > 256 {
             let mut cut = 253;
@@ -171,25 +195,9 @@ async fn record(client: &kube::Client, gc: &GeoCluster, ctx: &Context) -> Result
             }
         }
     }
-    // Trim to the newest.
-    let mut all: Vec<(u64, String)> = existing
-        .items
-        .iter()
-        .map(|m| {
-            let at = m
-                .annotations()
-                .get(ANNOTATION_REQUESTED)
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0);
-            (at, m.name_any())
-        })
-        .collect();
-    let created = intents.iter().filter(|(id, _)| !recorded.contains(id)).count();
-    let keep = ctx.automatic_history.saturating_sub(created);
-    all.sort_by_key(|(at, _)| std::cmp::Reverse(*at));
-    for (_, name) in all.into_iter().skip(keep) {
-        match api.delete(&name, &DeleteParams::default()).await {
-            Ok(_) => {}
+    for (id, name) in objects.iter().filter(|(id, _)| !keep.contains(*id)) {
+        match api.delete(name, &DeleteParams::default()).await {
+            Ok(_) => tracing::info!(migration = %id, object = %name, "deleted an old record of an automatic migration"),
             Err(kube::Error::Api(e)) if e.code == 404 => {}
             Err(e) => return Err(e).context(|| format!("deleting old automatic migration {name}")),
         }
