@@ -345,8 +345,12 @@ async fn round(
                 } else {
                     let record =
                         MigrationRecord::requested(id.clone(), to.clone(), Some(home.clone()), why.clone(), now_ms);
-                    let Ok(mid) = MigrationId::new(format!("sun-{account}-{now_ms}")) else {
-                        continue;
+                    let mid = match MigrationId::new(format!("sun-{account}-{now_ms}")) {
+                        Ok(mid) => mid,
+                        Err(e) => {
+                            tracing::warn!(account = %account, error = %e, "no migration id for this account: not moved");
+                            continue;
+                        }
                     };
                     let mkey = dir_migration_key(&mid);
                     let value = serde_json::to_string(&record).map_err(|e| AgentError::Malformed {
