@@ -263,15 +263,7 @@ pub async fn run(mut args: DemoArgs) -> Result<(), CliError> {
             router.join(" ")
         );
         for region in REGIONS {
-            let r = deployment.region_mut(region);
-            r.router_args.extend(router.iter().cloned());
-            r.agent_args.extend(agent.iter().cloned());
-            deployment.restart_router(region).await?;
-            if let Some(a) = deployment.region_mut(region).agent.take() {
-                a.stop().await;
-            }
-            let a = deployment.start_agent(region, &[]).await?;
-            deployment.region_mut(region).agent = Some(a);
+            deployment.restart_with_flags(region, &router, &agent).await?;
         }
     }
     let outcome = drive(&deployment, &args).await;
@@ -486,7 +478,10 @@ async fn drive(d: &LocalDeployment, args: &DemoArgs) -> Result<Option<String>, C
 /// The moves the follow-the-sun policy asked for (intents `sun-…`), in the
 /// order they were asked for.
 fn automatic(all: Vec<(String, tern_common::MigrationRecord)>) -> Vec<(String, tern_common::MigrationRecord)> {
-    let mut sun: Vec<_> = all.into_iter().filter(|(id, _)| id.starts_with("sun-")).collect();
+    let mut sun: Vec<_> = all
+        .into_iter()
+        .filter(|(id, _)| id.starts_with(tern_common::AUTOMATIC_MIGRATION_PREFIX))
+        .collect();
     sun.sort_by_key(|(_, m)| m.requested_ms);
     sun
 }

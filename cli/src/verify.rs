@@ -306,25 +306,16 @@ pub async fn run_once(args: &VerifyArgs, binaries: &Binaries, seed: u64) -> Resu
     };
     let mut d = LocalDeployment::start_with(layout, Some(binaries.clone())).await?;
     if args.follow_the_sun {
-        // Kept in the flags the nemesis restarts them with.
+        let router = ["--write-count-publish-interval=500ms".to_string()];
+        let agent = [
+            "--follow-the-sun",
+            "--follow-the-sun-window=10s",
+            "--follow-the-sun-cooldown=5s",
+            "--follow-the-sun-interval=500ms",
+        ]
+        .map(String::from);
         for region in REGIONS {
-            let r = d.region_mut(region);
-            r.router_args.push("--write-count-publish-interval=500ms".into());
-            r.agent_args.extend(
-                [
-                    "--follow-the-sun",
-                    "--follow-the-sun-window=10s",
-                    "--follow-the-sun-cooldown=5s",
-                    "--follow-the-sun-interval=500ms",
-                ]
-                .map(String::from),
-            );
-            d.restart_router(region).await?;
-            if let Some(agent) = d.region_mut(region).agent.take() {
-                agent.stop().await;
-            }
-            let agent = d.start_agent(region, &[]).await?;
-            d.region_mut(region).agent = Some(agent);
+            d.restart_with_flags(region, &router, &agent).await?;
         }
     }
     // Accounts: `accounts` homed in each region.

@@ -132,6 +132,10 @@ pub fn dir_lease_key(region: &RegionName) -> String {
 /// Directory: prefix of every migration's intent record.
 pub const DIR_MIGRATIONS: &str = "/tern/dir/migrations/";
 
+/// How the ids of the moves the follow-the-sun policy asks for begin
+/// (`sun-{account}-{unix ms}`): what tells an automatic move from another.
+pub const AUTOMATIC_MIGRATION_PREFIX: &str = "sun-";
+
 /// Directory: a migration's intent record (a `MigrationRecord`).
 pub fn dir_migration_key(id: &MigrationId) -> String {
     format!("{DIR_MIGRATIONS}{id}")
@@ -141,6 +145,12 @@ pub fn dir_migration_key(id: &MigrationId) -> String {
 pub fn account_of_dir_key(key: &[u8]) -> Option<AccountId> {
     let key = std::str::from_utf8(key).ok()?;
     AccountId::new(key.strip_prefix(DIR_ACCOUNTS)?).ok()
+}
+
+/// The migration id of a directory intent key.
+pub fn migration_of_dir_key(key: &[u8]) -> Option<MigrationId> {
+    let key = std::str::from_utf8(key).ok()?;
+    MigrationId::new(key.strip_prefix(DIR_MIGRATIONS)?).ok()
 }
 
 /// The user key of a data key of `account`.

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use etcd_client::{Client, GetOptions};
-use tern_api::pb;
+use tern_api::{RouterClient, pb};
 use tern_common::{AccountId, MigrationId, MigrationPhase, MigrationRecord, RegionName};
 use tern_local::{Layout, LocalDeployment, migrations};
 
@@ -767,6 +767,57 @@ async fn land_in_eu_west(d: &LocalDeployment, account: &str) {
         .expect("fence");
 }
 
+/// A move of `account` from us-east to eu-west played by hand up to the
+/// fence: the directory says migrating, us-east's fence `1:fenced`.
+async fn fence_for_move(dir: &Client, us_group: &mut Client, account: &str) {
+    set_state(
+        dir,
+        account,
+        serde_json::json!({"kind": "migrating", "target": "eu-west"}),
+    )
+    .await;
+    us_group
+        .put(format!("/tern/a/{account}/fence"), "1:fenced", None)
+        .await
+        .expect("fenced");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+}
+
+type Waiting = tokio::task::JoinHandle<Result<tonic::Response<pb::PutResponse>, tonic::Status>>;
+
+/// One write to `account` through each of `clients`, started now; checks
+/// that none has finished 500 ms later.
+async fn writes_that_wait(clients: [(&'static str, &RouterClient); 2], account: &str) -> Vec<(&'static str, Waiting)> {
+    let mut waiting = Vec::new();
+    for (via, c) in clients {
+        let (mut c, account) = (c.clone(), account.to_string());
+        waiting.push((
+            via,
+            tokio::spawn(async move { c.put(put(&account, &format!("from-{via}"), "1", "")).await }),
+        ));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        waiting.iter().all(|(_, w)| !w.is_finished()),
+        "a write committed while the account was fenced and not copied"
+    );
+    waiting
+}
+
+/// Each waiting write commits, in `home` at `epoch`.
+async fn committed_in(waiting: Vec<(&'static str, Waiting)>, home: &str, epoch: u64) {
+    for (via, w) in waiting {
+        let meta = w
+            .await
+            .expect("writer")
+            .unwrap_or_else(|e| panic!("a write through {via} failed instead of waiting: {e}"))
+            .into_inner()
+            .meta
+            .expect("meta");
+        assert_eq!((meta.home_region.as_str(), meta.epoch), (home, epoch), "through {via}");
+    }
+}
+
 /// The routers alone, with a move's steps played by hand (no intent, so no
 /// agent acts): a write that meets the source fenced for a move goes on to
 /// the target and waits there for the copy, so it commits as soon as the
@@ -787,37 +838,11 @@ async fn writes_follow_the_fences_of_a_move_ahead_of_the_directory() {
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     // Migrating, the source fenced, nothing copied yet: writes wait.
-    set_state(
-        &dir,
-        "acct-h",
-        serde_json::json!({"kind": "migrating", "target": "eu-west"}),
-    )
-    .await;
-    us_group
-        .put("/tern/a/acct-h/fence", "1:fenced", None)
-        .await
-        .expect("fenced");
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    fence_for_move(&dir, &mut us_group, "acct-h").await;
     let started = Instant::now();
-    let (mut us2, mut eu2) = (us.clone(), eu.clone());
-    let from_us = tokio::spawn(async move { us2.put(put("acct-h", "a", "1", "")).await });
-    let from_eu = tokio::spawn(async move { eu2.put(put("acct-h", "b", "1", "")).await });
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(
-        !from_us.is_finished() && !from_eu.is_finished(),
-        "a write committed while the account was fenced and not copied"
-    );
+    let waiting = writes_that_wait([("us-east", &us), ("eu-west", &eu)], "acct-h").await;
     land_in_eu_west(&d, "acct-h").await;
-    for (via, w) in [("us-east", from_us), ("eu-west", from_eu)] {
-        let meta = w
-            .await
-            .expect("writer")
-            .unwrap_or_else(|e| panic!("a write through {via} failed instead of waiting: {e}"))
-            .into_inner()
-            .meta
-            .expect("meta");
-        assert_eq!((meta.home_region.as_str(), meta.epoch), ("eu-west", 2), "through {via}");
-    }
+    committed_in(waiting, "eu-west", 2).await;
     eprintln!("writes waited {:?} for the copy", started.elapsed());
     assert_eq!(
         placement(&dir, "acct-h").await["state"]["kind"],
@@ -852,43 +877,26 @@ async fn writes_follow_the_fences_of_a_move_ahead_of_the_directory() {
             .expect("meta");
         assert_eq!((meta.home_region.as_str(), meta.epoch), ("eu-west", 2), "through {via}");
     }
-    all_readable(&d, "eu-west", "acct-h", &["a".into(), "b".into(), "paid".into()]).await;
+    all_readable(
+        &d,
+        "eu-west",
+        "acct-h",
+        &["from-us-east".into(), "from-eu-west".into(), "paid".into()],
+    )
+    .await;
 
     // A move rolled back before its copy landed: the waiting writes commit
     // in the source again.
     create(&d, "acct-b", "us-east").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    set_state(
-        &dir,
-        "acct-b",
-        serde_json::json!({"kind": "migrating", "target": "eu-west"}),
-    )
-    .await;
-    us_group
-        .put("/tern/a/acct-b/fence", "1:fenced", None)
-        .await
-        .expect("fenced");
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let (mut us2, mut eu2) = (us.clone(), eu.clone());
-    let from_us = tokio::spawn(async move { us2.put(put("acct-b", "a", "1", "")).await });
-    let from_eu = tokio::spawn(async move { eu2.put(put("acct-b", "b", "1", "")).await });
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(!from_us.is_finished() && !from_eu.is_finished());
+    fence_for_move(&dir, &mut us_group, "acct-b").await;
+    let waiting = writes_that_wait([("us-east", &us), ("eu-west", &eu)], "acct-b").await;
     us_group
         .put("/tern/a/acct-b/fence", "1:active", None)
         .await
         .expect("unfenced");
     set_state(&dir, "acct-b", serde_json::json!({"kind": "active"})).await;
-    for (via, w) in [("us-east", from_us), ("eu-west", from_eu)] {
-        let meta = w
-            .await
-            .expect("writer")
-            .unwrap_or_else(|e| panic!("a write through {via} failed after the rollback: {e}"))
-            .into_inner()
-            .meta
-            .expect("meta");
-        assert_eq!((meta.home_region.as_str(), meta.epoch), ("us-east", 1), "through {via}");
-    }
+    committed_in(waiting, "us-east", 1).await;
 }
 
 /// Moves the agents decide are recorded as AccountMigration objects that

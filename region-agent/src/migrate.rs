@@ -365,11 +365,7 @@ impl Migrator {
     /// those that target this region and never going back to an older
     /// revision.
     fn apply(&self, intents: &mut BTreeMap<MigrationId, Intent>, key: &[u8], value: Option<(&[u8], i64)>) {
-        let Some(id) = std::str::from_utf8(key)
-            .ok()
-            .and_then(|k| k.strip_prefix(DIR_MIGRATIONS))
-            .and_then(|id| MigrationId::new(id).ok())
-        else {
+        let Some(id) = tern_common::migration_of_dir_key(key) else {
             return;
         };
         let Some((value, revision)) = value else {
@@ -642,31 +638,7 @@ impl Migrator {
         };
         // Step 6 before 5: routers that reach the source learn where the
         // account went for certain, whatever their directory cache says.
-        let moved = Fence::moved(epoch, self.shared.region.clone());
-        let swapped = swap_fence(&client, &account, &Fence::fenced(epoch), &moved).await?;
-        if !swapped.is(&moved) {
-            // Past the landing the source must not take writes: an active
-            // fence there (unfenced behind the move's back) is closed now,
-            // and what it may have committed since the fence is reported.
-            let reopened =
-                matches!(&swapped, Swapped::Found(Some((v, _))) if v == Fence::active(epoch).to_string().as_bytes());
-            if reopened
-                && swap_fence(&client, &account, &Fence::active(epoch), &moved)
-                    .await?
-                    .is(&moved)
-            {
-                let note = format!(
-                    "{account} was active again in {source} after its move to {} landed; closed now. Writes committed in {source} after the fence may be missing in {}",
-                    self.shared.region, self.shared.region
-                );
-                tracing::error!(migration = %i.id, account = %account, "{note}");
-                if let Some(events) = &self.shared.events {
-                    events.warning("MoveSourceReopened", "Migrate", note).await;
-                }
-            } else {
-                tracing::warn!(migration = %i.id, account = %account, found = %swapped.shown(), "the source's fence was neither fenced nor moved; left as it is");
-            }
-        }
+        self.mark_source_moved(i, &source, epoch, &client).await?;
         self.failpoint("migrate.after-moved")?;
         // Step 5: the directory names this region.
         let account_key = dir_account_key(&account);
@@ -984,38 +956,45 @@ impl Migrator {
         Ok(copied)
     }
 
+    /// The source's fence: `E:fenced` → `E:moved:T`. Past the landing the
+    /// source must not take writes: an active fence there (unfenced behind
+    /// the move's back) is closed too, and what it may have committed since
+    /// the fence is reported.
+    async fn mark_source_moved(&self, i: &Intent, source: &RegionName, epoch: Epoch, client: &Client) -> Result<()> {
+        let account = &i.record.account;
+        let moved = Fence::moved(epoch, self.shared.region.clone());
+        let swapped = swap_fence(client, account, &Fence::fenced(epoch), &moved).await?;
+        if swapped.is(&moved) {
+            return Ok(());
+        }
+        let reopened =
+            matches!(&swapped, Swapped::Found(Some((v, _))) if v == Fence::active(epoch).to_string().as_bytes());
+        if reopened
+            && swap_fence(client, account, &Fence::active(epoch), &moved)
+                .await?
+                .is(&moved)
+        {
+            let note = format!(
+                "{account} was active again in {source} after its move to {} landed; closed now. Writes committed in {source} after the fence may be missing in {}",
+                self.shared.region, self.shared.region
+            );
+            tracing::error!(migration = %i.id, account = %account, "{note}");
+            if let Some(events) = &self.shared.events {
+                events.warning("MoveSourceReopened", "Migrate", note).await;
+            }
+        } else {
+            tracing::warn!(migration = %i.id, account = %account, found = %swapped.shown(), "the source's fence was neither fenced nor moved; left as it is");
+        }
+        Ok(())
+    }
+
     /// `switching` → `completed`: the source's fence says where the account
     /// went. Only intents left by an agent that switched the directory
     /// before marking the source (before the marker moved ahead of the
     /// switch) are in this phase.
     async fn mark_moved(&self, i: &mut Intent, claim: &Claim) -> Result<Next> {
         let (source, epoch, client) = self.source(i)?;
-        let account = i.record.account.clone();
-        let moved = Fence::moved(epoch, self.shared.region.clone());
-        let swapped = swap_fence(&client, &account, &Fence::fenced(epoch), &moved).await?;
-        if !swapped.is(&moved) {
-            // Past the landing the source must not take writes: an active
-            // fence there (unfenced behind the move's back) is closed now,
-            // and what it may have committed since the fence is reported.
-            let reopened =
-                matches!(&swapped, Swapped::Found(Some((v, _))) if v == Fence::active(epoch).to_string().as_bytes());
-            if reopened
-                && swap_fence(&client, &account, &Fence::active(epoch), &moved)
-                    .await?
-                    .is(&moved)
-            {
-                let note = format!(
-                    "{account} was active again in {source} after its move to {} landed; closed now. Writes committed in {source} after the fence may be missing in {}",
-                    self.shared.region, self.shared.region
-                );
-                tracing::error!(migration = %i.id, account = %account, "{note}");
-                if let Some(events) = &self.shared.events {
-                    events.warning("MoveSourceReopened", "Migrate", note).await;
-                }
-            } else {
-                tracing::warn!(migration = %i.id, account = %account, found = %swapped.shown(), "the source's fence was neither fenced nor moved; left as it is");
-            }
-        }
+        self.mark_source_moved(i, &source, epoch, &client).await?;
         self.failpoint("migrate.after-moved")?;
         i.record.phase = MigrationPhase::Completed;
         i.record.finished_ms = Some(tern_common::unix_ms());

@@ -101,10 +101,8 @@ async fn open_moves(directory: &Client) -> Result<BTreeMap<String, String>> {
         .iter()
         .filter_map(|kv| {
             let r = serde_json::from_slice::<MigrationRecord>(kv.value()).ok()?;
-            let id = String::from_utf8_lossy(kv.key())
-                .trim_start_matches(DIR_MIGRATIONS)
-                .to_string();
-            (!r.phase.is_final()).then(|| (r.account.to_string(), id))
+            let id = tern_common::migration_of_dir_key(kv.key())?;
+            (!r.phase.is_final()).then(|| (r.account.to_string(), id.to_string()))
         })
         .collect())
 }
@@ -345,7 +343,10 @@ async fn round(
                 } else {
                     let record =
                         MigrationRecord::requested(id.clone(), to.clone(), Some(home.clone()), why.clone(), now_ms);
-                    let mid = match MigrationId::new(format!("sun-{account}-{now_ms}")) {
+                    let mid = match MigrationId::new(format!(
+                        "{}{account}-{now_ms}",
+                        tern_common::AUTOMATIC_MIGRATION_PREFIX
+                    )) {
                         Ok(mid) => mid,
                         Err(e) => {
                             tracing::warn!(account = %account, error = %e, "no migration id for this account: not moved");

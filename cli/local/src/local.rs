@@ -662,6 +662,21 @@ impl LocalDeployment {
         launch_agent(self.binaries.as_ref(), self.dir.path(), &args).await
     }
 
+    /// Adds `router` and `agent` to `region`'s usual flags (kept for every
+    /// later restart, a nemesis's too) and restarts both with them.
+    pub async fn restart_with_flags(&mut self, region: &str, router: &[String], agent: &[String]) -> Result<()> {
+        let r = self.region_mut(region);
+        r.router_args.extend_from_slice(router);
+        r.agent_args.extend_from_slice(agent);
+        self.restart_router(region).await?;
+        if let Some(a) = self.region_mut(region).agent.take() {
+            a.stop().await;
+        }
+        let a = self.start_agent(region, &[]).await?;
+        self.region_mut(region).agent = Some(a);
+        Ok(())
+    }
+
     /// Stops `region`'s router gracefully and starts it again with the same flags.
     pub async fn restart_router(&mut self, region: &str) -> Result<()> {
         if let Some(router) = self.region_mut(region).router.take() {

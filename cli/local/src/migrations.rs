@@ -80,9 +80,7 @@ pub async fn list(directory: &Client) -> Result<Vec<(String, MigrationRecord)>> 
         .kvs()
         .iter()
         .filter_map(|kv| {
-            let id = String::from_utf8_lossy(kv.key())
-                .trim_start_matches(tern_common::DIR_MIGRATIONS)
-                .to_string();
+            let id = tern_common::migration_of_dir_key(kv.key())?.to_string();
             Some((id, serde_json::from_slice(kv.value()).ok()?))
         })
         .collect())

@@ -115,7 +115,7 @@ pub async fn count_automatic(directory: &Client, moves: &mut Moves) {
     };
     let mut automatic = 0;
     for (id, r) in all {
-        if !id.starts_with("sun-") {
+        if !id.starts_with(tern_common::AUTOMATIC_MIGRATION_PREFIX) {
             continue;
         }
         automatic += 1;

@@ -89,7 +89,7 @@ async fn record(client: &kube::Client, gc: &GeoCluster, ctx: &Context) -> Result
         ctx.directory_endpoints.clone()
     };
     let dir = super::migration::connect_directory(ctx, endpoints).await?;
-    let prefix = format!("{DIR_MIGRATIONS}sun-");
+    let prefix = format!("{DIR_MIGRATIONS}{}", tern_common::AUTOMATIC_MIGRATION_PREFIX);
     let resp = dir
         .clone()
         .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
@@ -103,9 +103,7 @@ async fn record(client: &kube::Client, gc: &GeoCluster, ctx: &Context) -> Result
         .kvs()
         .iter()
         .filter_map(|kv| {
-            let id = String::from_utf8_lossy(kv.key())
-                .trim_start_matches(DIR_MIGRATIONS)
-                .to_string();
+            let id = tern_common::migration_of_dir_key(kv.key())?.to_string();
             let r: MigrationRecord = serde_json::from_slice(kv.value()).ok()?;
             (regions.contains(r.target.as_str()) && ctx.managed.contains(r.target.as_str())).then_some((id, r))
         })
