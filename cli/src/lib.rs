@@ -9,6 +9,7 @@ mod bench;
 mod binaries;
 mod client;
 mod demo;
+mod failover;
 mod kubernetes;
 mod migrate;
 mod pin;
@@ -45,6 +46,9 @@ enum Command {
     /// Keep an account where it is: the follow-the-sun policy skips a
     /// pinned account (manual moves still move it); --unpin undoes it.
     Pin(pin::PinArgs),
+    /// Fail a lost region over to a successor: shows what may be lost and
+    /// asks first; refused while the region still holds its lease.
+    Failover(failover::FailoverArgs),
     /// Per region: group members and Raft lag, mirror lag from every other
     /// region (revisions and ms), heartbeat age, clock skew.
     Status(status::StatusArgs),
@@ -77,6 +81,7 @@ async fn run(command: Command) -> Result<(), CliError> {
         Command::Bench(args) => bench::run(args).await,
         Command::Migrate(args) => migrate::run(args).await,
         Command::Pin(args) => pin::run(args).await,
+        Command::Failover(args) => failover::run(args).await,
         Command::Status(args) => status::run(args).await,
         Command::Verify(args) => verify::run(args).await,
     }

@@ -105,6 +105,23 @@ pub fn agent_election(region: &RegionName) -> String {
     format!("/tern/agent/{region}/leader")
 }
 
+/// Where the region's elected agent says how to reach it (an
+/// [`AgentEndpoint`](crate::AgentEndpoint)), in the region's own group, on
+/// the agent's election lease: routers read it to ask the agent until when
+/// the region's lease is valid. Outside the mirrored range.
+pub fn agent_endpoint_key(region: &RegionName) -> String {
+    format!("/tern/leader/{region}")
+}
+
+/// The promotion marker of a failover, in the successor's own group: its
+/// value is the failover's region epoch (decimal). Writes to the accounts
+/// of the failed region `source`, served from the successor's mirror area,
+/// are guarded by it, and the mirror of `source` stops applying once it
+/// exists. Outside the mirrored range.
+pub fn promotion_key(source: &RegionName) -> String {
+    format!("/tern/promoted/{source}")
+}
+
 /// Directory: an account's placement.
 pub fn dir_account_key(account: &AccountId) -> String {
     format!("{DIR_ACCOUNTS}{account}")
@@ -242,6 +259,12 @@ mod tests {
         assert_eq!(user_key_of(&a, b"/tern/a/acct-1/d/balance").as_deref(), Some("balance"));
         assert_eq!(account_of_dir_key(b"/tern/dir/accounts/acct-1"), Some(a.clone()));
         assert!(data_key(&a, &k).starts_with(&account_prefix(&a)));
+        // Mirrors never copy it, and watches of the mirrored range skip it.
+        let leader = agent_endpoint_key(&RegionName::new("eu-west").expect("valid"));
+        assert!(!is_mirrored(leader.as_bytes()));
+        assert!(leader.as_str() >= MIRRORED_END);
+        let promoted = promotion_key(&RegionName::new("eu-west").expect("valid"));
+        assert!(!is_mirrored(promoted.as_bytes()) && promoted.as_str() >= MIRRORED_END);
     }
 
     #[test]

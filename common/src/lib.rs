@@ -9,6 +9,7 @@
 
 pub mod duration;
 pub mod etcd;
+pub mod failover;
 pub mod ids;
 pub mod keys;
 pub mod limits;

@@ -31,13 +31,26 @@ pub async fn serve(
     ready: ReadyFn,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    serve_with(addr, metrics, ready, Router::new(), shutdown).await
+}
+
+/// Like [`serve`], with the binary's own routes (`extra`) next to the ops
+/// endpoints.
+pub async fn serve_with(
+    addr: SocketAddr,
+    metrics: MetricsFn,
+    ready: ReadyFn,
+    extra: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     let app = Router::new()
         .route("/metrics", get(render_metrics))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
-        .with_state(Endpoints { metrics, ready });
+        .with_state(Endpoints { metrics, ready })
+        .merge(extra);
     let task = tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
             tracing::error!(error = %e, "ops endpoint server failed");
@@ -61,4 +74,40 @@ async fn readyz(State(e): State<Endpoints>) -> impl IntoResponse {
         Ok(()) => (StatusCode::OK, "ok".to_string()),
         Err(why) => (StatusCode::SERVICE_UNAVAILABLE, why),
     }
+}
+
+/// A plain HTTP/1.1 GET of `path` from `host:port`, within `timeout`: the
+/// status code and the body. Enough for tern's components to ask each other
+/// short questions (a router asking its agent about the region's lease)
+/// without an HTTP client library; the servers are tern's own (axum).
+pub async fn http_get(host: &str, path: &str, timeout: std::time::Duration) -> Result<(u16, String), String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(host)
+            .await
+            .map_err(|e| format!("cannot connect to {host}: {e}"))?;
+        let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+        stream
+            .write_all(request.as_bytes())
+            .await
+            .map_err(|e| format!("cannot send to {host}: {e}"))?;
+        let mut response = Vec::new();
+        stream
+            .read_to_end(&mut response)
+            .await
+            .map_err(|e| format!("cannot read the answer of {host}: {e}"))?;
+        let response = String::from_utf8_lossy(&response);
+        let (head, body) = response
+            .split_once("\r\n\r\n")
+            .ok_or_else(|| format!("{host} answered without HTTP headers"))?;
+        let code = head
+            .split(' ')
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .ok_or_else(|| format!("{host} answered without a status code"))?;
+        Ok((code, body.to_string()))
+    };
+    tokio::time::timeout(timeout, exchange)
+        .await
+        .map_err(|_| format!("{host} did not answer {path} within {timeout:?}"))?
 }

@@ -64,6 +64,9 @@ pub enum MirrorState {
     Resyncing,
     /// The link to the source is down; the agent reconnects.
     Disconnected,
+    /// A failover made this region the source's successor: the mirror
+    /// area serves the source's accounts and no longer follows the source.
+    Promoted,
     /// Written by an agent newer than this reader.
     #[serde(other)]
     Unknown,
@@ -76,6 +79,7 @@ impl MirrorState {
             Self::Streaming => "streaming",
             Self::Resyncing => "resyncing",
             Self::Disconnected => "disconnected",
+            Self::Promoted => "promoted",
             Self::Unknown => "unknown",
         }
     }
@@ -149,12 +153,51 @@ impl AccountRecord {
 pub struct RegionLease {
     pub agent: String,
     pub leadership: i64,
+    /// Set on the tombstone a failover leaves in the key: the region failed
+    /// over to this successor, and no agent of it may claim the key again
+    /// (its `leadership` is the largest there is) until it rejoins.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed_over_to: Option<String>,
 }
 
 impl RegionLease {
+    /// The tombstone of a failover of the region to `successor`.
+    pub fn failed_over(successor: &RegionName, region_epoch: u64) -> Self {
+        Self {
+            agent: format!("failover-{region_epoch}-to-{successor}"),
+            leadership: i64::MAX,
+            failed_over_to: Some(successor.to_string()),
+        }
+    }
+
     pub fn to_json(&self) -> String {
         serde_json::to_string(self).expect("records always serialise")
     }
+}
+
+/// How routers reach their region's elected agent:
+/// [`agent_endpoint_key`](crate::agent_endpoint_key), written by the agent
+/// when it starts leading.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentEndpoint {
+    pub agent: String,
+    /// `host:port` of its HTTP endpoint (`GET /lease`).
+    pub http: String,
+    pub leadership: i64,
+}
+
+/// The agent's answer to `GET /lease`: how long, from the moment it
+/// answered, the region's lease key is certain to exist in the directory,
+/// less the safety margin. A router adds it to the instant it *sent* the
+/// request, on its own monotonic clock, and refuses writes after that.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseAnswer {
+    pub region: String,
+    pub agent: String,
+    pub leadership: i64,
+    pub remaining_ms: u64,
+    /// The lease's TTL: routers ask again every quarter of it.
+    pub ttl_ms: u64,
 }
 
 impl RegionRecord {

@@ -47,6 +47,39 @@ pub struct Config {
     #[arg(long, env = "TERN_AGENT_HTTP_ADDR", default_value = "0.0.0.0:7402")]
     pub http_addr: SocketAddr,
 
+    /// `host:port` at which this agent's HTTP endpoint is reached by the
+    /// region's routers (they ask it until when the region's lease is
+    /// valid). Default: --http-addr, with an unspecified address replaced by
+    /// $POD_IP (Kubernetes) or 127.0.0.1.
+    #[arg(long, env = "TERN_AGENT_ADVERTISE_HTTP")]
+    pub advertise_http: Option<String>,
+
+    /// Safety margin taken off the region's lease validity before routers
+    /// are told it (for clock rate drift and a write in flight), and waited
+    /// by a successor after the lease key disappears before it fails the
+    /// region over. Less than half the --election-ttl.
+    #[arg(long, env = "TERN_LEASE_MARGIN", default_value = "500ms", value_parser = parse_duration)]
+    pub lease_margin: Duration,
+
+    /// `manual` (default): a lost region is failed over only by an
+    /// operator (`tern failover`). `automatic`: this agent fails a lost
+    /// region over when it is that region's first live successor (see
+    /// --failover-order), within the data-loss budget.
+    #[arg(long, env = "TERN_FAILOVER_MODE", default_value = "manual", value_parser = ["manual", "automatic"])]
+    pub failover_mode: String,
+
+    /// Successors of a region, most preferred first: REGION=SUCCESSOR|...,
+    /// repeated or comma-separated. A region without an order is never
+    /// failed over automatically.
+    #[arg(long = "failover-order", env = "TERN_FAILOVER_ORDER", value_delimiter = ',', value_parser = parse_order)]
+    pub failover_order: Vec<(RegionName, Vec<RegionName>)>,
+
+    /// Data-loss budget of automatic failover: refused while the lost
+    /// region's mirror here was last measured further behind than this
+    /// (lag plus its error bound).
+    #[arg(long, env = "TERN_MAX_DATA_LOSS_LAG", default_value = "5s", value_parser = parse_duration)]
+    pub max_data_loss_lag: Duration,
+
     /// Identity in the election; the pod name in Kubernetes.
     #[arg(long, env = "POD_NAME", default_value = "")]
     pub identity: String,
@@ -155,6 +188,25 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     tern_common::parse_duration(s)
 }
 
+fn parse_order(s: &str) -> Result<(RegionName, Vec<RegionName>), String> {
+    let (region, order) = s
+        .split_once('=')
+        .ok_or_else(|| format!("`{s}` is not REGION=SUCCESSOR[|SUCCESSOR...]"))?;
+    let region = parse_region(region)?;
+    let order = order
+        .split('|')
+        .filter(|o| !o.is_empty())
+        .map(parse_region)
+        .collect::<Result<Vec<_>, _>>()?;
+    if order.is_empty() {
+        return Err(format!("`{s}`: name at least one successor"));
+    }
+    if order.contains(&region) {
+        return Err(format!("`{s}`: region {region} cannot be its own successor"));
+    }
+    Ok((region, order))
+}
+
 fn parse_source(s: &str) -> Result<(RegionName, Vec<String>), String> {
     let (region, urls) = s
         .split_once('=')
@@ -171,6 +223,20 @@ fn parse_source(s: &str) -> Result<(RegionName, Vec<String>), String> {
 }
 
 impl Config {
+    /// Where routers reach this agent's HTTP endpoint, bound at `bound`.
+    pub fn advertised_http(&self, bound: SocketAddr) -> String {
+        if let Some(a) = &self.advertise_http {
+            return a.clone();
+        }
+        if !bound.ip().is_unspecified() {
+            return bound.to_string();
+        }
+        match std::env::var("POD_IP") {
+            Ok(ip) if !ip.is_empty() => format!("{ip}:{}", bound.port()),
+            _ => format!("127.0.0.1:{}", bound.port()),
+        }
+    }
+
     pub fn identity(&self) -> String {
         if self.identity.is_empty() {
             format!("{}-agent-{}", self.region, std::process::id())
@@ -185,6 +251,12 @@ impl Config {
         }
         if self.election_ttl < 2 {
             return Err("--election-ttl must be at least 2 seconds".into());
+        }
+        if self.lease_margin.is_zero() || self.lease_margin * 2 >= Duration::from_secs(self.election_ttl as u64) {
+            return Err(format!(
+                "--lease-margin {:?} must be more than 0 and less than half the --election-ttl ({} s)",
+                self.lease_margin, self.election_ttl
+            ));
         }
         Ok(())
     }
@@ -220,5 +292,13 @@ mod tests {
         assert!(e.contains("--source") && e.contains("http://"), "{e}");
         let c = parse(&["--region=us-east", "--source=us-east=http://x:1"]).expect("parses");
         assert!(c.validate().expect_err("self").contains("itself"));
+        let c = parse(&["--region=us-east", "--failover-order=eu-west=us-east|ap-south"]).expect("valid");
+        assert_eq!(c.failover_order[0].1.len(), 2);
+        let e = parse(&["--region=us-east", "--failover-order=eu-west=eu-west"])
+            .expect_err("own successor")
+            .to_string();
+        assert!(e.contains("own successor"), "{e}");
+        let c = parse(&["--region=us-east", "--election-ttl=2", "--lease-margin=1s"]).expect("parses");
+        assert!(c.validate().expect_err("margin").contains("--lease-margin"));
     }
 }

@@ -100,13 +100,17 @@ pub async fn keep_alive(client: Client, lease: i64, ttl: i64, shared: Arc<Shared
         let Some((keeper, stream)) = channel.as_mut() else {
             continue;
         };
+        let sent = tokio::time::Instant::now();
         if let Err(e) = keeper.keep_alive().await {
             tracing::warn!(error = %e, "lease renewal failed; retrying while the lease lasts");
             channel = None;
             continue;
         }
         match tokio::time::timeout(period, stream.message()).await {
-            Ok(Ok(Some(resp))) if resp.ttl() > 0 => renewed = tokio::time::Instant::now(),
+            Ok(Ok(Some(resp))) if resp.ttl() > 0 => {
+                renewed = tokio::time::Instant::now();
+                shared.renewed(lease, sent);
+            }
             // etcd answers TTL 0 for a lease it no longer has.
             Ok(Ok(Some(_))) => return AgentError::NotLeader(format!("lease {lease:x} expired")),
             other => {

@@ -20,6 +20,10 @@ pub enum AgentError {
         holder: Option<String>,
         leadership: i64,
     },
+    /// The region was failed over: its lease key holds the failover's
+    /// tombstone, and no agent of it may speak for it until it rejoins.
+    #[error("region {region} was failed over to {successor}; it serves nothing until it rejoins")]
+    FailedOver { region: String, successor: String },
     #[error("source {source_region} compacted past revision {revision}; resynchronising from a snapshot")]
     Compacted { source_region: String, revision: i64 },
     /// A record this agent reads could not be parsed.

@@ -16,6 +16,10 @@
 //!   intent records in the directory (DESIGN.md "Migration protocol");
 //! - `cleanup`: the data of accounts that moved away, deleted a while after
 //!   (their `moved` fence stays);
+//! - `lease`: tells the region's routers until when the region's lease is
+//!   valid (they refuse writes after it);
+//! - `failover`: promotes this region's mirror of a failed region it
+//!   succeeds, and in Automatic mode fails a lost region over;
 //! - `sun`: the follow-the-sun policy, asking for moves of accounts homed
 //!   here from the routers' published write counts;
 //! - `kubernetes`: the region's lag in the GeoCluster status, when asked.
@@ -29,9 +33,11 @@ pub mod config;
 pub mod election;
 pub mod error;
 pub mod events;
+pub mod failover;
 pub mod heartbeat;
 pub mod kubernetes;
 pub mod lag;
+pub mod lease;
 pub mod members;
 pub mod metrics;
 pub mod migrate;
@@ -106,6 +112,7 @@ pub async fn run(
         events,
         telemetry,
         claim: Default::default(),
+        lease_renewed: Default::default(),
         #[cfg(feature = "failpoints")]
         failpoint: std::sync::Mutex::new(config.failpoint.clone()),
     });
@@ -117,7 +124,12 @@ pub async fn run(
         Arc::new(move || metrics.encode())
     };
     let ready: tern_common::ops::ReadyFn = Arc::new(|| Ok(()));
-    let (http_addr, http_task) = tern_common::ops::serve(config.http_addr, render, ready, stopped())
+    let lease_routes = lease::routes(
+        shared.clone(),
+        Duration::from_secs(config.election_ttl as u64),
+        config.lease_margin,
+    );
+    let (http_addr, http_task) = tern_common::ops::serve_with(config.http_addr, render, ready, lease_routes, stopped())
         .await
         .map_err(|source| AgentError::Listen {
             addr: config.http_addr,
@@ -127,7 +139,8 @@ pub async fn run(
         http_addr,
         pause: paused.clone(),
     });
-    tracing::info!(region = %config.region, identity = %shared.identity, %http_addr, "tern-agent starting");
+    let advertised = config.advertised_http(http_addr);
+    tracing::info!(region = %config.region, identity = %shared.identity, %http_addr, %advertised, "tern-agent starting");
 
     let members_task = tokio::spawn(members::run(
         config.group_endpoints.clone(),
@@ -162,6 +175,12 @@ pub async fn run(
             leadership.lease,
             config.election_ttl,
             shared.clone(),
+        ));
+        loops.spawn(lease::announce(
+            group.clone(),
+            leadership.clone(),
+            shared.clone(),
+            advertised.clone(),
         ));
         loops.spawn(heartbeat::run(
             group.clone(),
@@ -200,6 +219,13 @@ pub async fn run(
             leadership.clone(),
             shared.clone(),
             config.moved_cleanup_delay,
+        ));
+        loops.spawn(failover::run(
+            directory.clone(),
+            group.clone(),
+            leadership.clone(),
+            shared.clone(),
+            failover::Policy::from(&config),
         ));
         loops.spawn(sun::run(
             directory.clone(),

@@ -50,6 +50,8 @@ pub struct Metrics {
     pub is_leader: G,
     pub refused_writes: Counter,
     pub heartbeats: Counter,
+    /// Regions this agent failed over (Automatic mode).
+    pub failovers: Counter,
 }
 
 impl Default for Metrics {
@@ -72,6 +74,7 @@ impl Default for Metrics {
             is_leader: G::default(),
             refused_writes: Counter::default(),
             heartbeats: Counter::default(),
+            failovers: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -150,6 +153,11 @@ impl Default for Metrics {
             m.refused_writes.clone(),
         );
         registry.register("heartbeats", "Heartbeats written", m.heartbeats.clone());
+        registry.register(
+            "failovers",
+            "Lost regions this agent failed over to its own region (automatic failover)",
+            m.failovers.clone(),
+        );
         Self { registry, ..m }
     }
 }

@@ -15,7 +15,7 @@ use tern_common::etcd::Pages;
 use tern_common::telemetry::finish;
 use tern_common::{
     MIRRORED_END, MIRRORED_START, MirrorState, RegionName, Revision, SourceRevision, heartbeat_key, is_mirrored,
-    mirror_applied_key, mirror_closed_key, mirror_data_prefix, mirror_key,
+    mirror_applied_key, mirror_closed_key, mirror_data_prefix, mirror_key, promotion_key,
 };
 use tokio::time::Instant;
 
@@ -44,6 +44,20 @@ pub async fn run(
         shared.clone(),
     ));
     let outcome = loop {
+        match promoted(&local, &source).await {
+            Ok(Some(epoch)) => {
+                // This region took the source's accounts over: the mirror
+                // area is theirs now, and nothing of the source may land in
+                // it again. Mirroring ends here for good; the agent's
+                // other loops go on.
+                prober.abort();
+                shared.with_mirror(&source, |m| m.state = MirrorState::Promoted);
+                tracing::warn!(source = %source, epoch, "the mirror was promoted by a failover: no longer mirroring");
+                return std::future::pending().await;
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(source = %source, error = %e, "cannot read the promotion marker; mirroring on"),
+        }
         match mirror(&local, &source_client, &source, &leadership, &shared).await {
             Err(AgentError::NotLeader(why)) => break AgentError::NotLeader(why),
             Err(AgentError::Compacted {
@@ -85,6 +99,28 @@ pub async fn run(
     };
     prober.abort();
     outcome
+}
+
+/// The region epoch of the failover that promoted this region's mirror of
+/// `source`, if one did.
+pub async fn promoted(local: &Client, source: &RegionName) -> Result<Option<u64>> {
+    let key = promotion_key(source);
+    let found = local
+        .clone()
+        .get(key.clone(), None)
+        .await
+        .during(|| format!("reading {key}"))?;
+    Ok(found
+        .kvs()
+        .first()
+        .map(|kv| String::from_utf8_lossy(kv.value()).parse().unwrap_or(0)))
+}
+
+/// The compare every write into the mirror area of `source` carries: no
+/// failover has promoted it (after that, the area holds the source's
+/// accounts as served here, and a late source revision must not land).
+fn not_promoted(source: &RegionName) -> Compare {
+    Compare::version(promotion_key(source), CompareOp::Equal, 0)
 }
 
 /// Reads the applied record: None when the mirror was never synchronised or a
@@ -359,6 +395,7 @@ async fn apply(
     let txn = Txn::new()
         .when([
             leadership.guard(),
+            not_promoted(source),
             Compare::value(applied_key, CompareOp::Equal, previous.to_string()),
         ])
         .and_then(ops);
@@ -418,7 +455,11 @@ async fn resync(
     shared.with_mirror(source, |m| m.state = MirrorState::Resyncing);
     let prefix = mirror_data_prefix(source);
     let applied_key = mirror_applied_key(source);
-    let guarded = |ops: Vec<TxnOp>| Txn::new().when([leadership.guard()]).and_then(ops);
+    let guarded = |ops: Vec<TxnOp>| {
+        Txn::new()
+            .when([leadership.guard(), not_promoted(source)])
+            .and_then(ops)
+    };
     let mut c = local.clone();
     let clear = guarded(vec![
         TxnOp::delete(applied_key.clone(), None),

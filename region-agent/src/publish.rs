@@ -90,7 +90,7 @@ pub async fn run(
                 shared.metrics.refused_writes.inc();
                 return e;
             }
-            Err(e @ AgentError::DirectoryLeaseLost { holder: None, .. }) => {
+            Err(e @ (AgentError::DirectoryLeaseLost { holder: None, .. } | AgentError::FailedOver { .. })) => {
                 shared.metrics.refused_writes.inc();
                 tracing::warn!(error = %e, "the region's directory lease expired; claiming it again");
                 held = None;
@@ -104,14 +104,18 @@ pub async fn run(
 /// Grants a directory lease and claims the region's lease key with it; the
 /// lease is revoked again when the claim fails.
 async fn grant_and_claim(c: &mut Client, shared: &Shared, leadership: &Leadership, ttl: i64) -> Result<Claim> {
+    let sent = tokio::time::Instant::now();
     let lease = c
         .lease_grant(ttl, None)
         .await
         .during(|| "granting the region's directory lease".into())?
         .id();
     let claimed = claim(c, &shared.region, &shared.identity, leadership.rev, lease).await;
-    if claimed.is_err() {
-        let _ = c.lease_revoke(lease).await;
+    match &claimed {
+        Ok(_) => shared.granted(lease, sent),
+        Err(_) => {
+            let _ = c.lease_revoke(lease).await;
+        }
     }
     claimed
 }
@@ -123,6 +127,8 @@ pub struct Claim {
     value: Vec<u8>,
     /// The directory lease the key is bound to.
     pub lease: i64,
+    /// The election revision of the leadership holding it.
+    pub leadership: i64,
 }
 
 impl Claim {
@@ -143,6 +149,7 @@ pub async fn claim(c: &mut Client, region: &RegionName, agent: &str, leadership:
     let mine = RegionLease {
         agent: agent.to_string(),
         leadership,
+        failed_over_to: None,
     };
     let value = mine.to_json().into_bytes();
     let put = TxnOp::put(key.clone(), value.clone(), Some(PutOptions::new().with_lease(lease)));
@@ -155,6 +162,12 @@ pub async fn claim(c: &mut Client, region: &RegionName, agent: &str, leadership:
                     key: key.clone(),
                     detail: e.to_string(),
                 })?;
+                if let Some(successor) = held.failed_over_to {
+                    return Err(AgentError::FailedOver {
+                        region: region.to_string(),
+                        successor,
+                    });
+                }
                 if held.leadership > leadership || (held.leadership == leadership && held.agent != agent) {
                     return Err(AgentError::DirectoryLeaseLost {
                         region: region.to_string(),
@@ -163,14 +176,24 @@ pub async fn claim(c: &mut Client, region: &RegionName, agent: &str, leadership:
                     });
                 }
                 if held.leadership == leadership && kv.lease() == lease {
-                    return Ok(Claim { key, value, lease });
+                    return Ok(Claim {
+                        key,
+                        value,
+                        lease,
+                        leadership,
+                    });
                 }
                 Compare::mod_revision(key.clone(), CompareOp::Equal, kv.mod_revision())
             }
         };
         let txn = Txn::new().when([guard]).and_then([put.clone()]);
         if c.txn(txn).await.during(|| format!("claiming {key}"))?.succeeded() {
-            return Ok(Claim { key, value, lease });
+            return Ok(Claim {
+                key,
+                value,
+                lease,
+                leadership,
+            });
         }
     }
 }
@@ -214,6 +237,12 @@ pub async fn write_record(
             let holder = held
                 .flatten()
                 .and_then(|v| serde_json::from_slice::<RegionLease>(&v).ok());
+            if let Some(successor) = holder.as_ref().and_then(|h| h.failed_over_to.clone()) {
+                return Err(AgentError::FailedOver {
+                    region: region.to_string(),
+                    successor,
+                });
+            }
             return Err(AgentError::DirectoryLeaseLost {
                 region: region.to_string(),
                 holder: holder.as_ref().map(|h| h.agent.clone()),

@@ -45,6 +45,11 @@ pub struct Shared {
     /// `publish` has claimed it: every directory write of the agent
     /// carries its guard.
     pub claim: Mutex<Option<crate::publish::Claim>>,
+    /// The directory lease whose keep-alive was last answered, and when
+    /// (this agent's monotonic clock) that keep-alive was *sent*: the
+    /// directory extended the lease after that instant, so the lease key
+    /// lives at least until then plus the TTL.
+    pub lease_renewed: Mutex<Option<(i64, Instant)>>,
     /// The failpoint this start of the agent stops at (`failpoints` builds).
     #[cfg(feature = "failpoints")]
     pub failpoint: Mutex<Option<String>>,
@@ -83,6 +88,51 @@ impl Shared {
     /// The directory lease claim of the current leadership, if held.
     pub fn claim(&self) -> Option<crate::publish::Claim> {
         self.claim.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Notes that a renewal of lease `lease` sent at `sent` was answered;
+    /// kept when it is the lease the claim in the directory is bound to
+    /// (the same keep-alive loop renews the election lease too).
+    pub fn renewed(&self, lease: i64, sent: Instant) {
+        if self.claim().is_some_and(|c| c.lease == lease) {
+            self.granted(lease, sent);
+        }
+    }
+
+    /// Notes that the directory lease `lease`, requested at `sent`, was
+    /// granted: its TTL runs from a moment after `sent`.
+    pub fn granted(&self, lease: i64, sent: Instant) {
+        let mut r = self.lease_renewed.lock().unwrap_or_else(|e| e.into_inner());
+        if r.is_none_or(|(l, at)| l != lease || at < sent) {
+            *r = Some((lease, sent));
+        }
+    }
+
+    /// How long the region's lease key is certain to exist in the
+    /// directory from now, less `margin`: zero or more while this agent
+    /// holds the key, else why it cannot say.
+    pub fn lease_remaining(
+        &self,
+        ttl: std::time::Duration,
+        margin: std::time::Duration,
+    ) -> Result<(crate::publish::Claim, std::time::Duration), String> {
+        let claim = self.claim().ok_or_else(|| {
+            format!(
+                "the agent does not hold region {}'s lease in the directory",
+                self.region
+            )
+        })?;
+        let renewed = *self.lease_renewed.lock().unwrap_or_else(|e| e.into_inner());
+        match renewed {
+            Some((lease, sent)) if lease == claim.lease => {
+                let until = sent + ttl.saturating_sub(margin);
+                Ok((claim, until.saturating_duration_since(Instant::now())))
+            }
+            _ => Err(format!(
+                "no renewal of region {}'s directory lease answered yet",
+                self.region
+            )),
+        }
     }
 
     /// Whether the named failpoint is the one set (and not yet reached):

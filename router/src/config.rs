@@ -102,6 +102,13 @@ pub struct Config {
     #[arg(long, env = "TERN_GROUP_LEADER_DIRECT", default_value_t = true, action = clap::ArgAction::Set)]
     pub group_leader_direct: bool,
 
+    /// Refuse writes and STRONG reads unless the region's elected agent has
+    /// confirmed the region's lease in the directory (fail closed: a region
+    /// cut off from the directory stops writing before another may take
+    /// its accounts over). Turn off only for a router run without agents.
+    #[arg(long, env = "TERN_REGION_LEASE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub region_lease: bool,
+
     /// Test hook: add this many ms to the router's wall clock, as the
     /// agent's flag of the same name does, to model a region whose clocks
     /// are off together. Leave 0 in production.

@@ -112,6 +112,12 @@ pub enum RouterError {
     /// The gRPC server failed while serving.
     #[error("the gRPC server failed: {0}")]
     Serve(#[source] tonic::transport::Error),
+    /// Go elsewhere: this region may not write (its lease is not confirmed
+    /// valid), so another region's router, or this one later, must serve.
+    #[error(
+        "region {region} is not serving writes or strong reads: {why}; use another region's router, or retry later"
+    )]
+    NotServing { region: RegionName, why: String },
     /// The router is stopping; another one serves.
     #[error("the router is shutting down; retry")]
     ShuttingDown,
@@ -136,6 +142,7 @@ impl RouterError {
             | Self::Unavailable(_)
             | Self::NotHome { .. }
             | Self::ShuttingDown
+            | Self::NotServing { .. }
             | Self::Dns { .. }
             | Self::Startup(_) => Code::Unavailable,
             Self::Listen { .. } | Self::Serve(_) => Code::Internal,
@@ -168,6 +175,10 @@ impl RouterError {
 /// tell the home router's answer from a failure of the link to it.
 pub const SERVED_BY: &str = "tern-served-by";
 
+/// Names the region that refused a request because it may not write now:
+/// the client should go to another region's router.
+pub const NOT_SERVING: &str = "tern-region-not-serving";
+
 impl RouterError {
     pub fn into_status(self, region: &RegionName) -> Status {
         if let Self::Remote(status) = self {
@@ -176,6 +187,11 @@ impl RouterError {
         let mut status = Status::new(self.code(), self.to_string());
         if let Ok(v) = region.as_str().parse() {
             status.metadata_mut().insert(SERVED_BY, v);
+        }
+        if let Self::NotServing { region, .. } = &self
+            && let Ok(v) = region.as_str().parse()
+        {
+            status.metadata_mut().insert(NOT_SERVING, v);
         }
         if self.code() == Code::Unavailable
             && let Ok(v) = "100".parse()

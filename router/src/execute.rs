@@ -510,6 +510,16 @@ impl Executor {
                         "a compare did not hold; nothing was applied".into(),
                     ));
                 }
+                Guarded::NotPromoted => {
+                    // This region succeeded the account's failed home, and
+                    // its agent has not promoted the mirror yet (or a newer
+                    // failover is on its way here): wait within the
+                    // deadline. Nothing was applied.
+                    self.metrics.retries.inc();
+                    let misses = call.fence_misses.fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(fence_miss_pause(misses, rand::random())).await;
+                    hint = None;
+                }
                 Guarded::Fence(found) => {
                     let landing = hint.as_ref().is_some_and(|h| !h.settled);
                     if landing && found.as_ref().is_none_or(|f| f.epoch < p.epoch) {
@@ -711,7 +721,8 @@ impl Executor {
             ]
         });
         let idempotency = op.idempotency.as_ref().map(|k| (k, op.record.clone()));
-        let result = self.store.run(&op.account, p.epoch, idempotency, &op.work).await;
+        let area = self.directory.area(&op.account, &self.region, p.epoch).await;
+        let result = self.store.run(&op.account, p.epoch, &area, idempotency, &op.work).await;
         if let Some(cx) = cx {
             let span = cx.span();
             match &result {
@@ -725,6 +736,7 @@ impl Executor {
                 }
                 Ok(Guarded::Fence(_)) => span.set_attribute(KeyValue::new("tern.guard", "fence_failed")),
                 Ok(Guarded::CompareFailed) => span.set_attribute(KeyValue::new("tern.guard", "compare_failed")),
+                Ok(Guarded::NotPromoted) => span.set_attribute(KeyValue::new("tern.guard", "not_promoted")),
                 Err(e) => span.set_status(opentelemetry::trace::Status::error(e.to_string())),
             }
             span.end();

@@ -24,6 +24,7 @@ pub mod error;
 pub mod execute;
 pub mod forward;
 pub mod leader;
+pub mod lease;
 pub mod metrics;
 pub mod ops;
 pub mod peer;

@@ -59,6 +59,8 @@ pub struct Metrics {
     pub write_batch_size: Histogram,
     /// Whether requests go straight to the region group's leader.
     pub group_leader: crate::leader::LeaderMetrics,
+    /// The region's lease as the router knows it.
+    pub lease: crate::lease::LeaseMetrics,
 }
 
 impl Default for Metrics {
@@ -90,6 +92,22 @@ impl Default for Metrics {
             "group_leader_changes",
             "Times requests to the region's group were switched to a newly found Raft leader (after a move, a failure or a hang)",
             group_leader.changes.clone(),
+        );
+        let lease = crate::lease::LeaseMetrics::default();
+        registry.register(
+            "region_lease_valid",
+            "1 while the region's agent has confirmed the region's lease and the router accepts writes",
+            lease.valid.clone(),
+        );
+        registry.register(
+            "region_lease_remaining_ms",
+            "Validity of the region's lease left at the agent's last answer, in ms",
+            lease.remaining_ms.clone(),
+        );
+        registry.register(
+            "region_lease_refusals",
+            "Writes and strong reads refused because the region's lease was not confirmed valid",
+            lease.refused.clone(),
         );
         registry.register(
             "requests",
@@ -137,6 +155,7 @@ impl Default for Metrics {
             untrusted_forward_headers,
             write_batch_size,
             group_leader,
+            lease,
         }
     }
 }

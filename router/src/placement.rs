@@ -14,12 +14,13 @@ use etcd_client::{Client, Compare, CompareOp, EventType, Txn, TxnOp, WatchOption
 use prometheus_client::metrics::counter::Counter;
 use tern_common::etcd::{Pages, WATCH_MESSAGE_LIMIT};
 use tern_common::{
-    AccountId, AccountRecord, DIR_ACCOUNTS, DIR_REGIONS, RegionName, RegionRecord, account_of_dir_key, dir_account_key,
-    dir_region_key,
+    AccountId, AccountRecord, AccountState, DIR_ACCOUNTS, DIR_REGIONS, RegionName, RegionRecord, RegionState,
+    account_of_dir_key, dir_account_key, dir_region_key,
 };
 use tokio::sync::RwLock;
 
 use crate::error::{Result, RouterError};
+use crate::store::Area;
 
 mod cache;
 use cache::AccountCache;
@@ -95,11 +96,48 @@ impl Directory {
     }
 
     /// The account's placement: from the cache, or one linearizable read.
+    /// An account homed in a failed region is placed in its successor
+    /// (see [`Directory::area`]).
     pub async fn lookup(&self, account: &AccountId) -> Result<Placement> {
         if let Some(p) = self.cached(account).await {
-            return Ok(p);
+            return Ok(self.serving(p).await);
         }
         self.refresh(account).await
+    }
+
+    /// `p` with the home that serves it: the successor of a failed home
+    /// region, when the account was not moving (a move out of a failed
+    /// region ends where its fences say, DESIGN.md "Failover").
+    async fn serving(&self, mut p: Placement) -> Placement {
+        if p.state != AccountState::Active {
+            return p;
+        }
+        if let Some(record) = self.region(&p.home).await
+            && record.state == RegionState::Failed
+            && let Some(successor) = record.successor
+        {
+            p.home = successor;
+        }
+        p
+    }
+
+    /// Where `here`'s group keeps `account` at `epoch`: its mirror area of
+    /// the failed region the account is homed in, when `here` succeeded
+    /// it; else its home area.
+    pub async fn area(&self, account: &AccountId, here: &RegionName, epoch: tern_common::Epoch) -> Area {
+        let Some(raw) = self.cached(account).await else {
+            return Area::Home;
+        };
+        if raw.home == *here || raw.epoch != epoch || raw.state != AccountState::Active {
+            return Area::Home;
+        }
+        match self.region(&raw.home).await {
+            Some(r) if r.state == RegionState::Failed && r.successor.as_ref() == Some(here) => Area::Promoted {
+                source: raw.home,
+                failover: r.region_epoch,
+            },
+            _ => Area::Home,
+        }
     }
 
     /// The placement as [`Directory::refresh`] reads it, unless the account
@@ -115,7 +153,7 @@ impl Directory {
                 .is_some_and(|at| now.duration_since(*at) < REFRESH_GAP)
         };
         if recent && let Some(p) = self.cached(account).await {
-            return Ok(p);
+            return Ok(self.serving(p).await);
         }
         self.refresh(account).await
     }
@@ -142,7 +180,7 @@ impl Directory {
             Some(kv) => {
                 let p = parse_account(kv.value())?;
                 self.accounts.write().await.upsert(account, &p, kv.mod_revision());
-                Ok(p)
+                Ok(self.serving(p).await)
             }
             None => {
                 self.accounts.write().await.remove(account);

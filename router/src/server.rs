@@ -74,6 +74,12 @@ pub async fn run(
         instance.clone(),
         config.write_count_publish_interval,
     ));
+    let gate = Arc::new(crate::lease::LeaseGate::new(
+        config.region.clone(),
+        config.region_lease,
+        metrics.lease.clone(),
+    ));
+    let lease_task = tokio::spawn(gate.clone().run(group.clone()));
     let service = Executor {
         region: config.region.clone(),
         directory: directory.clone(),
@@ -83,6 +89,7 @@ pub async fn run(
             config.write_batches_in_flight.into(),
             config.idempotency_retention,
             metrics.write_batch_size.clone(),
+            gate,
         ),
         forwarder: Forwarder::new(
             config.region.clone(),
@@ -160,6 +167,7 @@ pub async fn run(
     };
     watch_task.abort();
     counts_task.abort();
+    lease_task.abort();
     http_task.abort();
     // Export what is still buffered.
     service.0.telemetry.shutdown().await;

@@ -18,12 +18,13 @@ use etcd_client::{Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp, TxnOpR
 use serde::{Deserialize, Serialize};
 use tern_common::{
     AccountId, Epoch, Fence, FenceState, IdempotencyKey, RegionName, fence_key, idempotency_key, mirror_closed_key,
-    mirror_key,
+    mirror_key, promotion_key,
 };
 
 use crate::batch::{BatchError, Batchable, Batcher};
 use crate::error::{Delivery, Result, RouterError, classify_etcd};
 use crate::leader::Group;
+use crate::lease::LeaseGate;
 use crate::retention::RecordLeases;
 
 /// etcd's default `--max-request-bytes` (1.5 MiB): a larger request is
@@ -200,6 +201,107 @@ pub enum Guarded {
     Fence(Option<Fence>),
     /// The fence held but a user compare did not.
     CompareFailed,
+    /// The account is served from a promoted mirror area whose promotion
+    /// marker is not (yet) the one expected: the successor's agent has not
+    /// written it, or a newer failover replaced it.
+    NotPromoted,
+}
+
+/// Where in the region's group an account's keys live.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub enum Area {
+    /// Its home area (`/tern/a/...`): the account is homed in this region.
+    #[default]
+    Home,
+    /// The mirror area of a failed region `source` that this region
+    /// succeeded at region epoch `failover` (`/tern/r/{source}/tern/a/...`):
+    /// writes are guarded by the promotion marker as well as by the
+    /// account's fence there (the source's fence as last mirrored).
+    Promoted { source: RegionName, failover: u64 },
+}
+
+impl Area {
+    /// `key` (a home-area key) in this area.
+    pub fn key(&self, key: &str) -> String {
+        match self {
+            Self::Home => key.to_string(),
+            Self::Promoted { source, .. } => String::from_utf8_lossy(&mirror_key(source, key.as_bytes())).into_owned(),
+        }
+    }
+
+    fn end(&self, end: &[u8]) -> Vec<u8> {
+        match self {
+            Self::Home => end.to_vec(),
+            Self::Promoted { source, .. } => mirror_key(source, end),
+        }
+    }
+
+    /// A key read in this area, as the home-area key the client knows.
+    fn home_key(&self, key: &mut Vec<u8>) {
+        if let Self::Promoted { source, .. } = self {
+            unmirror(source, key);
+        }
+    }
+
+    /// `work` with its keys in this area.
+    fn work(&self, work: &Work) -> Work {
+        if *self == Self::Home {
+            return work.clone();
+        }
+        let k = |key: &String| self.key(key);
+        match work {
+            Work::Put { key, value } => Work::Put {
+                key: k(key),
+                value: value.clone(),
+            },
+            Work::Delete { key } => Work::Delete { key: k(key) },
+            Work::Get { key } => Work::Get { key: k(key) },
+            Work::List { start, end, limit } => Work::List {
+                start: k(start),
+                end: self.end(end),
+                limit: *limit,
+            },
+            Work::Txn { checks, steps } => Work::Txn {
+                checks: checks
+                    .iter()
+                    .map(|c| Check {
+                        key: k(&c.key),
+                        ..c.clone()
+                    })
+                    .collect(),
+                steps: steps
+                    .iter()
+                    .map(|s| match s {
+                        Step::Put { key, value } => Step::Put {
+                            key: k(key),
+                            value: value.clone(),
+                        },
+                        Step::Delete { key } => Step::Delete { key: k(key) },
+                        Step::Get { key } => Step::Get { key: k(key) },
+                    })
+                    .collect(),
+            },
+        }
+    }
+
+    /// `output` with its keys as the client knows them.
+    fn output(&self, output: Output) -> Output {
+        if *self == Self::Home {
+            return output;
+        }
+        let item = |mut i: Item| {
+            self.home_key(&mut i.key);
+            i
+        };
+        match output {
+            Output::Get(i) => Output::Get(i.map(item)),
+            Output::List(items) => Output::List(items.into_iter().map(item).collect()),
+            Output::Txn { gets } => Output::Txn {
+                gets: gets.into_iter().map(|g| g.map(item)).collect(),
+            },
+            other => other,
+        }
+    }
 }
 
 /// The region's own group.
@@ -208,6 +310,9 @@ pub struct HomeStore {
     group: Group,
     batcher: Option<Batcher>,
     leases: Arc<RecordLeases>,
+    /// Whether the region may write now: checked before every transaction
+    /// on the home area.
+    gate: Arc<LeaseGate>,
 }
 
 impl HomeStore {
@@ -219,12 +324,14 @@ impl HomeStore {
         in_flight: usize,
         retention: std::time::Duration,
         sizes: prometheus_client::metrics::histogram::Histogram,
+        gate: Arc<LeaseGate>,
     ) -> Self {
         let batcher = (max_writes > 1).then(|| Batcher::start(group.clone(), max_writes, in_flight, sizes));
         Self {
             group,
             batcher,
             leases: Arc::new(RecordLeases::new(retention)),
+            gate,
         }
     }
 
@@ -237,15 +344,25 @@ impl HomeStore {
             .map_err(|e| RouterError::group("granting the lease of idempotency records", e))
     }
 
-    /// Runs `work` for `account` at `epoch` as one transaction guarded by
-    /// the fence and, with a key, by the idempotency record `record`.
+    /// Runs `work` for `account` at `epoch` in `area` as one transaction
+    /// guarded by the fence (and in a promoted area by the promotion
+    /// marker) and, with a key, by the idempotency record `record`.
     pub async fn run(
         &self,
         account: &AccountId,
         epoch: Epoch,
+        area: &Area,
         idempotency: Option<(&IdempotencyKey, Record)>,
         work: &Work,
     ) -> Result<Guarded> {
+        self.gate.check()?;
+        let translated;
+        let work = if *area == Area::Home {
+            work
+        } else {
+            translated = area.work(work);
+            &translated
+        };
         let size = work.size() + idempotency.as_ref().map_or(0, |(k, _)| k.as_str().len() + 512);
         if size > ETCD_MAX_REQUEST_BYTES - REQUEST_HEADROOM {
             return Err(RouterError::TooLarge {
@@ -264,7 +381,7 @@ impl HomeStore {
                 },
             )
         });
-        let fence = fence_key(account);
+        let fence = area.key(&fence_key(account));
         let mut when = vec![Compare::value(
             fence.clone(),
             CompareOp::Equal,
@@ -272,7 +389,9 @@ impl HomeStore {
         )];
         let mut otherwise = vec![TxnOp::get(fence, None)];
         let mut written: Vec<String> = Vec::new();
-        let idem_key = idempotency.as_ref().map(|(k, _)| idempotency_key(account, k));
+        let idem_key = idempotency
+            .as_ref()
+            .map(|(k, _)| area.key(&idempotency_key(account, k)));
         let options = match &idem_key {
             Some(_) => Some(self.record_options().await?),
             None => None,
@@ -335,6 +454,11 @@ impl HomeStore {
             written.push(idem.clone());
             otherwise.push(TxnOp::get(idem.clone(), None));
         }
+        if let Area::Promoted { source, failover } = area {
+            let marker = promotion_key(source);
+            when.push(Compare::value(marker.clone(), CompareOp::Equal, failover.to_string()));
+            otherwise.push(TxnOp::get(marker, None));
+        }
         let txn = Txn::new().when(when).and_then(then).or_else(otherwise);
         // Puts and Deletes may share a commit; reads (whose answers could be
         // large) and user transactions go alone.
@@ -362,7 +486,14 @@ impl HomeStore {
             Ok(r) => r,
             Err(e) => return Err(self.failed(e, work).await),
         };
-        read_answer(&resp, revision, epoch, idempotency.is_some(), work)
+        let guarded = read_answer(&resp, revision, epoch, idempotency.is_some(), work, area)?;
+        Ok(match guarded {
+            Guarded::Done { revision, output } => Guarded::Done {
+                revision,
+                output: area.output(output),
+            },
+            other => other,
+        })
     }
 
     /// What a failed transaction means for its caller.
@@ -438,10 +569,8 @@ impl HomeStore {
             // The mirror does not hold the account at this epoch (new, or moving).
             return Ok(None);
         }
-        // /tern/r/{home}/tern/a/... → /tern/a/...
-        let strip = mirror_key(home, b"").len();
         let unmirror = |mut item: Item| {
-            item.key.drain(..strip.min(item.key.len()));
+            unmirror(home, &mut item.key);
             item
         };
         let responses = resp.op_responses();
@@ -457,6 +586,7 @@ impl HomeStore {
     /// Writes `1:active` as the fence of a new account unless it has one.
     /// Returns the fence the account has afterwards.
     pub async fn create_fence(&self, account: &AccountId, epoch: Epoch) -> Result<Fence> {
+        self.gate.check()?;
         let key = fence_key(account);
         let txn = Txn::new()
             .when([Compare::version(key.clone(), CompareOp::Equal, 0)])
@@ -491,6 +621,12 @@ impl HomeStore {
             .map_err(|e| RouterError::group("removing an unused fence", e))?;
         Ok(())
     }
+}
+
+/// `/tern/r/{source}/tern/a/...` → `/tern/a/...`
+fn unmirror(source: &RegionName, key: &mut Vec<u8>) {
+    let strip = mirror_key(source, b"").len();
+    key.drain(..strip.min(key.len()));
 }
 
 fn to_json(record: &Record) -> String {
@@ -539,7 +675,14 @@ fn items(r: Option<&TxnOpResponse>) -> Vec<Item> {
 }
 
 /// Reads a guarded transaction's answer.
-fn read_answer(resp: &TxnResponse, revision: i64, epoch: Epoch, keyed: bool, work: &Work) -> Result<Guarded> {
+fn read_answer(
+    resp: &TxnResponse,
+    revision: i64,
+    epoch: Epoch,
+    keyed: bool,
+    work: &Work,
+    area: &Area,
+) -> Result<Guarded> {
     let responses = resp.op_responses();
     if resp.succeeded() {
         let output = match work {
@@ -563,6 +706,13 @@ fn read_answer(resp: &TxnResponse, revision: i64, epoch: Epoch, keyed: bool, wor
             },
         };
         return Ok(Guarded::Done { revision, output });
+    }
+    if let Area::Promoted { failover, .. } = area {
+        // The marker's read is the last of the `else` branch.
+        let marker = first_item(responses.last());
+        if marker.is_none_or(|m| m.value != failover.to_string().into_bytes()) {
+            return Ok(Guarded::NotPromoted);
+        }
     }
     let fence = match first_item(responses.first()) {
         Some(kv) => Some(parse_fence(&kv.value)?),

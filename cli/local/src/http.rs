@@ -26,14 +26,10 @@ pub fn get_ok(url: &str) -> bool {
 
 /// GET over plain HTTP on loopback; the body when the answer is 200.
 pub async fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.ok()?;
-    let (head, body) = response.split_once("\r\n\r\n")?;
-    head.starts_with("HTTP/1.1 200").then(|| body.to_string())
+    match tern_common::ops::http_get(&addr.to_string(), path, Duration::from_secs(10)).await {
+        Ok((200, body)) => Some(body),
+        _ => None,
+    }
 }
 
 /// The value of the first line of `addr`'s /metrics starting with `prefix`

@@ -238,6 +238,24 @@ impl RouterGuard {
         crate::http::metric(self.http_addr, prefix).await
     }
 
+    /// Waits until the router accepts writes: its region's agent has
+    /// confirmed the region's lease.
+    pub async fn wait_for_lease(&self, region: &str) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while tokio::time::Instant::now() < deadline {
+            if self.metric("tern_router_region_lease_valid ").await == Some(1.0) {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Err(LocalError::NotReady {
+            what: format!("region {region}'s router (a valid region lease, confirmed by its agent)"),
+            secs: 60,
+            log: "(the router waits for its region's agent to lead and to hold the region's lease in the directory)"
+                .into(),
+        })
+    }
+
     /// A gRPC client of this router.
     pub async fn client(&self) -> tern_api::RouterClient {
         connect(self.grpc_addr).await
@@ -491,6 +509,10 @@ impl LocalDeployment {
                 "--log-format=text".to_string(),
             ];
             args.extend(peers[i].iter().cloned());
+            if !layout.agents {
+                // No agent keeps a region lease: nothing to wait for.
+                args.push("--region-lease=false".to_string());
+            }
             if let Some(endpoint) = &layout.otlp_endpoint {
                 args.push(format!("--otlp-endpoint={endpoint}"));
                 args.push(format!("--instance={}-router", region.name));
@@ -540,6 +562,11 @@ impl LocalDeployment {
                 }
                 region.agent = Some(launch_agent(binaries.as_ref(), dir.path(), &args).await?);
                 region.agent_args = args;
+            }
+            for region in &regions {
+                if let Some(router) = &region.router {
+                    router.wait_for_lease(&region.name).await?;
+                }
             }
         }
         Ok(Self {
@@ -675,6 +702,21 @@ impl LocalDeployment {
         let a = self.start_agent(region, &[]).await?;
         self.region_mut(region).agent = Some(a);
         Ok(())
+    }
+
+    /// Loses `region` whole, as a failed data centre: its router and agent
+    /// killed at once, every member of its group killed (kill -9).
+    pub fn kill_region(&mut self, region: &str) {
+        let r = self.region_mut(region);
+        if let Some(router) = r.router.take() {
+            router.kill();
+        }
+        if let Some(agent) = r.agent.take() {
+            agent.kill();
+        }
+        for i in 0..r.group.members.len() {
+            r.group.kill(i);
+        }
     }
 
     /// Stops `region`'s router gracefully and starts it again with the same flags.

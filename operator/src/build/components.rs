@@ -230,6 +230,9 @@ fn deployment(gc: &GeoCluster, region: &RegionSpec, w: Workload<'_>) -> Deployme
         ..Probe::default()
     };
     let mut env = vec![super::pod_name_env()];
+    if component == Component::Agent {
+        env.push(super::pod_ip_env());
+    }
     if component == Component::Router {
         // The shared secret that makes forwarded calls trusted; from the
         // Secret, never in the Deployment itself.

@@ -9,12 +9,22 @@ pub mod regiongroup;
 /// `POD_NAME` from the downward API: every tern container names itself
 /// with it (election identity, trace instance, event reporter).
 pub(crate) fn pod_name_env() -> k8s_openapi::api::core::v1::EnvVar {
+    downward_env("POD_NAME", "metadata.name")
+}
+
+/// `POD_IP` from the downward API: the agent advertises its HTTP endpoint
+/// at it, for its routers to ask about the region's lease.
+pub(crate) fn pod_ip_env() -> k8s_openapi::api::core::v1::EnvVar {
+    downward_env("POD_IP", "status.podIP")
+}
+
+fn downward_env(name: &str, field_path: &str) -> k8s_openapi::api::core::v1::EnvVar {
     use k8s_openapi::api::core::v1::{EnvVar, EnvVarSource, ObjectFieldSelector};
     EnvVar {
-        name: "POD_NAME".into(),
+        name: name.into(),
         value_from: Some(EnvVarSource {
             field_ref: Some(ObjectFieldSelector {
-                field_path: "metadata.name".into(),
+                field_path: field_path.into(),
                 ..ObjectFieldSelector::default()
             }),
             ..EnvVarSource::default()

@@ -1,0 +1,452 @@
+//! Region failover (DESIGN.md "Failover") on a local deployment: real etcd
+//! groups and directory, routers and agents as processes of this test,
+//! toxiproxy between an agent and the directory.
+//!
+//! Fail closed first: a region cut off from the directory stops accepting
+//! writes before its lease key can expire in the directory, so no successor
+//! can ever take over accounts that the region still writes.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tern_api::pb;
+use tern_common::{RegionName, dir_lease_key};
+use tern_local::toxiproxy::Stream;
+use tern_local::{Layout, LocalDeployment};
+
+/// Each test runs a deployment of its own; one at a time on two cores.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// The agents' lease TTL in these tests (tern-local's agents run with 2 s).
+const TTL: Duration = Duration::from_secs(2);
+
+async fn start() -> LocalDeployment {
+    tern_e2e::init_logs();
+    LocalDeployment::start(Layout {
+        regions: vec![("us-east".into(), 1), ("eu-west".into(), 1)],
+        directory_members: 1,
+        rtt_ms: BTreeMap::from([(("us-east".into(), "eu-west".into()), 40)]),
+        agents: true,
+        otlp_endpoint: None,
+    })
+    .await
+    .expect("deployment starts")
+}
+
+async fn create(d: &LocalDeployment, account: &str, home: &str) {
+    d.client(home)
+        .await
+        .create_account(pb::CreateAccountRequest {
+            account: account.into(),
+            home_region: home.into(),
+            allowed_regions: vec![],
+        })
+        .await
+        .expect("account created");
+}
+
+/// One write as the client saw it: when it was sent, when answered, and
+/// whether it was acknowledged (else the status's code and whether it named
+/// the region as not serving).
+#[derive(Clone, Debug)]
+struct Attempt {
+    sent: Instant,
+    answered: Instant,
+    ok: bool,
+    not_serving: Option<String>,
+}
+
+/// Replaces `region`'s agent with one that reaches the directory only
+/// through toxiproxy links of its own; returns their names.
+async fn agent_behind_proxies(d: &mut LocalDeployment, region: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut urls = Vec::new();
+    for (i, endpoint) in d.directory.endpoints().iter().enumerate() {
+        let name = format!("{region}-agent-directory-{i}");
+        let listen = d
+            .toxiproxy
+            .proxy(&name, endpoint.trim_start_matches("http://"))
+            .await
+            .expect("proxy");
+        urls.push(format!("http://{listen}"));
+        names.push(name);
+    }
+    if let Some(a) = d.region_mut(region).agent.take() {
+        a.stop().await;
+    }
+    let agent = d
+        .start_agent(region, &[format!("--directory-endpoints={}", urls.join(","))])
+        .await
+        .expect("agent starts");
+    d.region_mut(region).agent = Some(agent);
+    d.region(region)
+        .router
+        .as_ref()
+        .expect("router")
+        .wait_for_lease(region)
+        .await
+        .expect("the lease is confirmed again");
+    names
+}
+
+#[tokio::test]
+async fn a_region_cut_off_from_the_directory_stops_writing_before_its_lease_can_expire() {
+    let _serial = SERIAL.lock().await;
+    let mut d = start().await;
+    create(&d, "acct-cut", "us-east").await;
+    let links = agent_behind_proxies(&mut d, "us-east").await;
+
+    // A writer through us-east's router, back to back.
+    let attempts: Arc<Mutex<Vec<Attempt>>> = Arc::default();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let mut client = d.client("us-east").await;
+        let (attempts, stop) = (attempts.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                n += 1;
+                let sent = Instant::now();
+                let r = client
+                    .put(pb::PutRequest {
+                        account: "acct-cut".into(),
+                        key: "k".into(),
+                        value: n.to_string().into_bytes(),
+                        idempotency_key: String::new(),
+                    })
+                    .await;
+                let answered = Instant::now();
+                let not_serving = r.as_ref().err().and_then(|s| {
+                    s.metadata()
+                        .get("tern-region-not-serving")
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_string)
+                });
+                attempts.lock().expect("attempts").push(Attempt {
+                    sent,
+                    answered,
+                    ok: r.is_ok(),
+                    not_serving,
+                });
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // Cut the agent off from the directory: every byte either way is held.
+    let cut = Instant::now();
+    for link in &links {
+        d.toxiproxy.blackhole(link, Stream::Upstream).await.expect("blackhole");
+        d.toxiproxy
+            .blackhole(link, Stream::Downstream)
+            .await
+            .expect("blackhole");
+    }
+    // Watch the lease key from outside: the last moment it was seen, and
+    // the first moment it was gone.
+    let mut dir = d.directory_client().await;
+    let key = dir_lease_key(&RegionName::new("us-east").expect("valid"));
+    let mut last_seen = cut;
+    let gone = loop {
+        let now = Instant::now();
+        let found = dir.get(key.clone(), None).await.expect("directory answers");
+        if found.kvs().is_empty() {
+            break now;
+        }
+        last_seen = now;
+        assert!(
+            now < cut + 4 * TTL,
+            "the lease key did not expire after the agent was cut off"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let during: Vec<Attempt> = attempts.lock().expect("attempts").clone();
+
+    // Every write acknowledged after the cut was *answered* while the key
+    // was still there; writes sent after it were refused, naming the region.
+    let acknowledged_after_cut: Vec<&Attempt> = during.iter().filter(|a| a.ok && a.sent >= cut).collect();
+    let last_ack = acknowledged_after_cut.iter().map(|a| a.answered).max();
+    if let Some(last) = last_ack {
+        assert!(
+            last < last_seen,
+            "a write was acknowledged {:?} after the lease key was last seen",
+            last - last_seen
+        );
+    }
+    let refused: Vec<&Attempt> = during.iter().filter(|a| !a.ok && a.sent >= cut).collect();
+    assert!(!refused.is_empty(), "no write was refused after the cut");
+    assert!(
+        refused.iter().all(|a| a.not_serving.as_deref() == Some("us-east")),
+        "every refusal names the region as not serving: {refused:?}"
+    );
+    let first_refusal = refused.iter().map(|a| a.sent).min().expect("refusals");
+    let stopped_before_expiry = last_seen.saturating_duration_since(first_refusal);
+    eprintln!(
+        "cut → first refusal {:?}; refusals began {:?} before the key was last seen ({:?} before it was seen gone)",
+        first_refusal - cut,
+        stopped_before_expiry,
+        gone - first_refusal
+    );
+    assert!(
+        first_refusal < last_seen,
+        "writes were still accepted when the key expired"
+    );
+
+    // Heal: the agent claims the key again and writes resume.
+    for link in &links {
+        for stream in [Stream::Upstream, Stream::Downstream] {
+            d.toxiproxy
+                .remove_toxic(link, &format!("blackhole_{}", stream.as_str()))
+                .await
+                .expect("heal");
+        }
+    }
+    let healed = Instant::now();
+    loop {
+        let after_heal = attempts
+            .lock()
+            .expect("attempts")
+            .iter()
+            .any(|a| a.ok && a.sent > healed);
+        if after_heal {
+            break;
+        }
+        assert!(
+            healed.elapsed() < Duration::from_secs(20),
+            "writes did not resume after the link healed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.await.expect("writer");
+}
+
+fn put(account: &str, key: &str, value: &str, idem: &str) -> pb::PutRequest {
+    pb::PutRequest {
+        account: account.into(),
+        key: key.into(),
+        value: value.as_bytes().to_vec(),
+        idempotency_key: idem.into(),
+    }
+}
+
+async fn get(d: &LocalDeployment, via: &str, account: &str, key: &str) -> Option<String> {
+    let r = d
+        .client(via)
+        .await
+        .get(pb::GetRequest {
+            account: account.into(),
+            key: key.into(),
+            read: None,
+        })
+        .await
+        .expect("strong read")
+        .into_inner();
+    r.found.then(|| String::from_utf8_lossy(&r.value).into_owned())
+}
+
+/// Waits until `region`'s mirror of `source` holds `value` at the account's
+/// key `key`, and has measured its lag.
+async fn mirrored(d: &LocalDeployment, region: &str, source: &str, account: &str, key: &str, value: &str) {
+    let mut group = d.group_client(region).await;
+    let mirrored_key = format!("/tern/r/{source}/tern/a/{account}/d/{key}");
+    let agent = d.region(region).agent.as_ref().expect("agent");
+    let lag = format!("tern_agent_mirror_lag_ms{{source=\"{source}\"}}");
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        let found = group.get(mirrored_key.clone(), None).await.expect("group answers");
+        let holds = found.kvs().first().is_some_and(|kv| kv.value() == value.as_bytes());
+        if holds && agent.metric(&lag).await.is_some_and(|l| l < 1e12) {
+            return;
+        }
+        assert!(Instant::now() < until, "{region}'s mirror of {source} never caught up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Writes through `via` until one is acknowledged; returns when.
+async fn first_acknowledged(d: &LocalDeployment, via: &str, request: pb::PutRequest, limit: Duration) -> Instant {
+    let mut client = d.client(via).await;
+    let until = Instant::now() + limit;
+    loop {
+        if client.put(request.clone()).await.is_ok() {
+            return Instant::now();
+        }
+        assert!(
+            Instant::now() < until,
+            "no write through {via} was acknowledged within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn region_record(d: &LocalDeployment, region: &str) -> tern_common::RegionRecord {
+    let found = d
+        .directory_client()
+        .await
+        .get(
+            tern_common::dir_region_key(&RegionName::new(region).expect("valid")),
+            None,
+        )
+        .await
+        .expect("directory answers");
+    serde_json::from_slice(found.kvs().first().expect("record").value()).expect("readable record")
+}
+
+#[tokio::test]
+async fn a_lost_region_fails_over_automatically_and_its_successor_serves_its_accounts() {
+    let _serial = SERIAL.lock().await;
+    let mut d = start().await;
+    d.restart_with_flags(
+        "eu-west",
+        &[],
+        &[
+            "--failover-mode=automatic".to_string(),
+            "--failover-order=us-east=eu-west".to_string(),
+        ],
+    )
+    .await
+    .expect("eu-west restarts");
+    let router = d.region("eu-west").router.as_ref().expect("router");
+    router.wait_for_lease("eu-west").await.expect("eu-west serves");
+    create(&d, "acct-lost", "us-east").await;
+    let mut us = d.client("us-east").await;
+    for i in 1..=20 {
+        us.put(put("acct-lost", "k", &format!("v{i}"), &format!("w{i}")))
+            .await
+            .expect("written in us-east");
+    }
+    mirrored(&d, "eu-west", "us-east", "acct-lost", "k", "v20").await;
+
+    // The whole region is lost at once.
+    let killed = Instant::now();
+    d.kill_region("us-east");
+    let acknowledged = first_acknowledged(
+        &d,
+        "eu-west",
+        put("acct-lost", "after", "served by eu-west", "after-1"),
+        Duration::from_secs(30),
+    )
+    .await;
+    eprintln!(
+        "RTO (region killed → first write of one of its accounts acknowledged at the successor): {:?}",
+        acknowledged - killed
+    );
+
+    // What us-east acknowledged and eu-west had mirrored is all there.
+    assert_eq!(get(&d, "eu-west", "acct-lost", "k").await.as_deref(), Some("v20"));
+    assert_eq!(
+        get(&d, "eu-west", "acct-lost", "after").await.as_deref(),
+        Some("served by eu-west")
+    );
+    // A keyed retry of a write acknowledged by us-east is a replay, not a
+    // second write: its record was mirrored with it.
+    let replay = d
+        .client("eu-west")
+        .await
+        .put(put("acct-lost", "k", "v20", "w20"))
+        .await
+        .expect("replayed")
+        .into_inner();
+    assert!(
+        replay.meta.as_ref().is_some_and(|m| m.replayed),
+        "a retry of an acknowledged write is replayed: {replay:?}"
+    );
+
+    let record = region_record(&d, "us-east").await;
+    assert_eq!(record.state, tern_common::RegionState::Failed);
+    assert_eq!(record.successor.as_ref().map(|s| s.as_str()), Some("eu-west"));
+    assert_eq!(record.region_epoch, 1);
+    let marker = d
+        .group_client("eu-west")
+        .await
+        .get("/tern/promoted/us-east", None)
+        .await
+        .expect("group answers");
+    assert_eq!(marker.kvs().first().map(|kv| kv.value().to_vec()), Some(b"1".to_vec()));
+    let agent = d.region("eu-west").agent.as_ref().expect("agent");
+    assert_eq!(agent.metric("tern_agent_failovers_total").await, Some(1.0));
+
+    // us-east comes back: its agent cannot claim the lease (the failover's
+    // tombstone holds it), so its router never writes; what reaches it for
+    // its former accounts goes to eu-west.
+    for i in 0..d.region("us-east").group.members.len() {
+        d.region_mut("us-east").group.restart(i).expect("member restarts");
+    }
+    let agent = d.start_agent("us-east", &[]).await.expect("agent starts");
+    d.region_mut("us-east").agent = Some(agent);
+    d.start_router("us-east").await.expect("router starts");
+    first_acknowledged(
+        &d,
+        "us-east",
+        put("acct-lost", "back", "through us-east", "back-1"),
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(
+        get(&d, "eu-west", "acct-lost", "back").await.as_deref(),
+        Some("through us-east")
+    );
+    tokio::time::sleep(TTL).await;
+    let router = d.region("us-east").router.as_ref().expect("router");
+    assert_eq!(
+        router.metric("tern_router_region_lease_valid ").await,
+        Some(0.0),
+        "a failed-over region's router never holds a valid lease"
+    );
+}
+
+#[tokio::test]
+async fn an_operator_fails_a_lost_region_over_and_is_refused_while_it_holds_its_lease() {
+    let _serial = SERIAL.lock().await;
+    let mut d = start().await;
+    create(&d, "acct-manual", "us-east").await;
+    d.client("us-east")
+        .await
+        .put(put("acct-manual", "k", "before", "m1"))
+        .await
+        .expect("written");
+    mirrored(&d, "eu-west", "us-east", "acct-manual", "k", "before").await;
+    let directory = format!("--directory={}", d.directory.endpoints().join(","));
+    let failover = |extra: &[&str]| {
+        let mut args = vec!["tern", "failover", "us-east", "--to", "eu-west", "--yes"];
+        args.extend_from_slice(extra);
+        args.push(directory.as_str());
+        tern_cli::run_args(args.into_iter().map(str::to_string).collect::<Vec<_>>())
+    };
+    let e = failover(&[]).await.expect_err("us-east is alive").to_string();
+    assert!(e.contains("still holds its lease"), "{e}");
+
+    d.kill_region("us-east");
+    // Manual mode: nobody acts until the operator does.
+    let mut dir = d.directory_client().await;
+    let key = dir_lease_key(&RegionName::new("us-east").expect("valid"));
+    let until = Instant::now() + 4 * TTL;
+    while !dir.get(key.clone(), None).await.expect("directory").kvs().is_empty() {
+        assert!(
+            Instant::now() < until,
+            "the lease key of the killed region never expired"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        region_record(&d, "us-east").await.state,
+        tern_common::RegionState::Active,
+        "manual mode: no failover without an operator"
+    );
+    failover(&[]).await.expect("failed over");
+    let e = failover(&[]).await.expect_err("twice").to_string();
+    assert!(e.contains("already failed over to eu-west"), "{e}");
+    first_acknowledged(
+        &d,
+        "eu-west",
+        put("acct-manual", "k2", "after", "m2"),
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(get(&d, "eu-west", "acct-manual", "k").await.as_deref(), Some("before"));
+}
