@@ -75,13 +75,27 @@ pub async fn campaign(client: &Client, shared: &Arc<Shared>, ttl: i64) -> Result
 /// a stopped process) it sends nothing, so the lease expires as it would
 /// for a frozen process.
 pub async fn keep_alive(client: Client, lease: i64, ttl: i64, shared: Arc<Shared>) -> AgentError {
-    let period = Duration::from_millis((ttl as u64 * 1000) / 3);
+    keep_alive_every(client, lease, ttl, 3, shared).await
+}
+
+/// [`keep_alive`], renewing `per_ttl` times per TTL. The region's
+/// directory lease is renewed more often than the election's: routers may
+/// write until its last renewal's send time plus the TTL less the margin,
+/// so the time between renewals (plus their round trip to a distant
+/// directory) is validity the routers never get.
+pub async fn keep_alive_every(client: Client, lease: i64, ttl: i64, per_ttl: u64, shared: Arc<Shared>) -> AgentError {
+    let period = Duration::from_millis((ttl as u64 * 1000) / per_ttl.max(2));
     let ttl = Duration::from_secs(ttl as u64);
     let mut c = client;
     let mut renewed = tokio::time::Instant::now();
     let mut channel = None;
+    // The first renewal goes at once: a grant or claim that took long has
+    // used part of the lease already.
+    let mut first = true;
     loop {
-        tokio::time::sleep(period).await;
+        if !std::mem::take(&mut first) {
+            tokio::time::sleep(period).await;
+        }
         if shared.paused.load(Ordering::Relaxed) {
             continue;
         }

@@ -29,6 +29,10 @@ use crate::error::{AgentError, EtcdContext, Result};
 use crate::metrics::Metrics;
 use crate::state::Shared;
 
+/// How often per TTL the region's directory lease is renewed (see
+/// `election::keep_alive_every`): with the 3 s default TTL, every 500 ms.
+const RENEWALS_PER_TTL: u64 = 6;
+
 pub async fn run(
     directory: Client,
     shared: Arc<Shared>,
@@ -59,7 +63,13 @@ pub async fn run(
             match grant_and_claim(&mut c, &shared, &leadership, ttl).await {
                 Ok(claim) => {
                     tracing::info!(region = %shared.region, lease = claim.lease, "holding the region's directory lease");
-                    let keeper = tokio::spawn(election::keep_alive(c.clone(), claim.lease, ttl, shared.clone()));
+                    let keeper = tokio::spawn(election::keep_alive_every(
+                        c.clone(),
+                        claim.lease,
+                        ttl,
+                        RENEWALS_PER_TTL,
+                        shared.clone(),
+                    ));
                     *shared.claim.lock().unwrap_or_else(|e| e.into_inner()) = Some(claim.clone());
                     held = Some((claim, AbortOnDrop(keeper)));
                     waiting = false;

@@ -96,6 +96,7 @@ impl LeaseGate {
         }
         self.metrics.valid.set(1);
         self.metrics.remaining_ms.set(answer.remaining_ms as i64);
+        tracing::debug!(region = %self.region, remaining_ms = answer.remaining_ms, asked_ms = sent.elapsed().as_millis() as u64, "the region's lease is confirmed");
     }
 
     fn unknown(&self, why: String) {

@@ -239,11 +239,17 @@ impl RouterGuard {
     }
 
     /// Waits until the router accepts writes: its region's agent has
-    /// confirmed the region's lease.
+    /// confirmed the region's lease, renewed since it was claimed (the
+    /// claim's own validity can be short when the directory is slow).
     pub async fn wait_for_lease(&self, region: &str) -> Result<()> {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         while tokio::time::Instant::now() < deadline {
-            if self.metric("tern_router_region_lease_valid ").await == Some(1.0) {
+            let valid = self.metric("tern_router_region_lease_valid ").await == Some(1.0);
+            let remaining = self
+                .metric("tern_router_region_lease_remaining_ms ")
+                .await
+                .unwrap_or(0.0);
+            if valid && remaining >= 500.0 {
                 return Ok(());
             }
             tokio::time::sleep(Duration::from_millis(50)).await;

@@ -154,6 +154,19 @@ pub fn agent_args(gc: &GeoCluster, region: &RegionSpec) -> Vec<String> {
         format!("--follow-the-sun-cooldown={}", sun.cooldown),
         format!("--follow-the-sun-max-per-minute={}", sun.max_migrations_per_minute),
     ]);
+    // spec.failover, as the agent's failover flags (region-agent/src/failover.rs).
+    let failover = &gc.spec.failover;
+    args.push(format!(
+        "--failover-mode={}",
+        match failover.mode {
+            tern_crds::FailoverMode::Automatic => "automatic",
+            tern_crds::FailoverMode::Manual => "manual",
+        }
+    ));
+    for s in &failover.successors {
+        args.push(format!("--failover-order={}={}", s.region, s.order.join("|")));
+    }
+    args.push(format!("--max-data-loss-lag={}", failover.max_data_loss_lag));
     args
 }
 
@@ -525,6 +538,28 @@ mod tests {
 mod agent_tests {
     use super::*;
     use crate::build::testing::example;
+
+    #[test]
+    fn the_failover_policy_reaches_the_agents() {
+        let mut gc = example();
+        gc.spec.failover.mode = tern_crds::FailoverMode::Automatic;
+        gc.spec.failover.successors = vec![tern_crds::SuccessorOrder {
+            region: "us-east".into(),
+            order: vec!["eu-west".into(), "ap-south".into()],
+        }];
+        gc.spec.failover.max_data_loss_lag = "2s".into();
+        let args = agent_args(&gc, &gc.spec.regions[0]);
+        for flag in [
+            "--failover-mode=automatic",
+            "--failover-order=us-east=eu-west|ap-south",
+            "--max-data-loss-lag=2s",
+        ] {
+            assert!(args.iter().any(|a| a == flag), "{flag} in {args:?}");
+        }
+        gc.spec.failover = Default::default();
+        let args = agent_args(&gc, &gc.spec.regions[0]);
+        assert!(args.iter().any(|a| a == "--failover-mode=manual"), "{args:?}");
+    }
 
     #[test]
     fn follow_the_sun_settings_reach_agents_and_routers() {
