@@ -162,7 +162,18 @@ async fn a_region_cut_off_from_the_directory_stops_writing_before_its_lease_can_
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A write that finds the lease unconfirmed waits a few seconds for it
+    // (an agent taking over) before it is refused: wait for the refusals.
+    let until = Instant::now() + Duration::from_secs(10);
+    while !attempts
+        .lock()
+        .expect("attempts")
+        .iter()
+        .any(|a| a.not_serving.is_some())
+    {
+        assert!(Instant::now() < until, "no write was refused after the cut");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let during: Vec<Attempt> = attempts.lock().expect("attempts").clone();
 
     // Every write acknowledged after the cut was *answered* while the key

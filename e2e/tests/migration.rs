@@ -472,9 +472,13 @@ async fn accounts_follow_their_writers_with_reasons_and_do_not_ping_pong() {
     }
     let moved = intents_of(&dir, "acct-sun").await;
     assert_eq!(moved.len(), 1, "{moved:?}");
-    assert_eq!(
-        moved[0].reason,
-        "acct-sun: 4 writes from eu-west in 24h, 0 from home us-east → moving to eu-west"
+    // The policy may act once the threshold (3) is published, before the
+    // fourth write is.
+    assert!(
+        [3, 4].iter().any(|n| moved[0].reason
+            == format!("acct-sun: {n} writes from eu-west in 24h, 0 from home us-east → moving to eu-west")),
+        "{}",
+        moved[0].reason
     );
     // Now written only from us-east: the cooldown holds it in eu-west.
     writes(&d, "us-east", "acct-sun", 6).await;

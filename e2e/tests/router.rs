@@ -693,6 +693,8 @@ async fn moving_a_region_is_a_dns_change() {
             format!("--directory-endpoints={}", directory.endpoints().join(",")),
             "--peer-token=dns-test-peer-token".to_string(),
             "--log-format=text".to_string(),
+            // No agents here.
+            "--region-lease=false".to_string(),
         ];
         args.extend_from_slice(extra);
         args

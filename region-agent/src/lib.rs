@@ -263,9 +263,13 @@ pub async fn run(
             w.abort();
         }
         metrics.is_leader.set(0);
+        // Step down at once, so a standby (or this agent's next campaign)
+        // need not wait for the lease: the region's routers refuse writes
+        // until a leader speaks for the region again. Nothing of this
+        // leadership runs any more, and a write of it still in flight is
+        // refused once its election key is gone.
+        let _ = group.clone().lease_revoke(leadership.lease).await;
         if stopping {
-            // Step down at once, so a standby need not wait for the lease.
-            let _ = group.clone().lease_revoke(leadership.lease).await;
             break;
         }
         while paused.load(Ordering::Relaxed) {

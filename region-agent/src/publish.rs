@@ -46,8 +46,13 @@ pub async fn run(
     // The claim and the task keeping its directory lease alive.
     let mut held: Option<(Claim, AbortOnDrop<AgentError>)> = None;
     let mut waiting = false;
+    // The first round goes at once: until it claims the key, the region's
+    // routers refuse writes.
+    let mut first = true;
     loop {
-        tokio::time::sleep(interval).await;
+        if !std::mem::take(&mut first) {
+            tokio::time::sleep(interval).await;
+        }
         while shared.paused.load(Ordering::Relaxed) {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }

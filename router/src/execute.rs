@@ -41,6 +41,11 @@ use crate::store::{Guarded, HomeStore, Item, Output, Record};
 const MAX_DEADLINE: Duration = Duration::from_secs(60);
 /// Pause before sending again over a link that failed.
 const LINK_RETRY: Duration = Duration::from_millis(50);
+/// How long a call waits for its region's lease to be confirmed again (an
+/// agent taking over) before it is refused as not serving.
+const LEASE_WAIT: Duration = Duration::from_secs(3);
+/// How often it looks meanwhile.
+const LEASE_LOOK: Duration = Duration::from_millis(50);
 
 /// A data operation: a request on one account's keys.
 pub trait Rpc: Forwardable {
@@ -427,6 +432,9 @@ impl Executor {
         let writes = op.work.writes();
         // Where a fence said the account went, ahead of the directory.
         let mut hint = call.hint.clone();
+        // Since when this region has refused this call for want of a
+        // confirmed lease.
+        let mut not_serving_since: Option<Instant> = None;
         loop {
             let followed = match &hint {
                 Some(h) => self.follow(&op.account, h).await?,
@@ -485,6 +493,20 @@ impl Executor {
                 epoch: p.epoch,
                 revision,
                 mirror_staleness_ms: None,
+            };
+            let outcome = match outcome {
+                // The region's lease is not confirmed: nothing was sent.
+                // A new agent leader confirms it within seconds, so wait
+                // that long (within the deadline) before telling the
+                // client; a region cut off for longer refuses.
+                Err(RouterError::NotServing { .. })
+                    if not_serving_since.get_or_insert_with(Instant::now).elapsed() < LEASE_WAIT
+                        && call.deadline.saturating_duration_since(Instant::now()) > LEASE_LOOK =>
+                {
+                    tokio::time::sleep(LEASE_LOOK).await;
+                    continue;
+                }
+                other => other,
             };
             match outcome? {
                 Guarded::Done { revision, output } => {

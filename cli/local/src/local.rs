@@ -707,6 +707,9 @@ impl LocalDeployment {
         }
         let a = self.start_agent(region, &[]).await?;
         self.region_mut(region).agent = Some(a);
+        if let Some(router) = &self.region(region).router {
+            router.wait_for_lease(region).await?;
+        }
         Ok(())
     }
 

@@ -64,6 +64,8 @@ fn start_router(name: &str, binary: &Path, d: &LocalDeployment) -> Result<(Child
         format!("--group-endpoints={}", d.region("us-east").group.endpoints().join(",")),
         format!("--directory-endpoints={}", d.directory.endpoints().join(",")),
         "--log-format=text".to_string(),
+        // Both builds alike: the section measures trace export only.
+        "--region-lease=false".to_string(),
     ])
     .env("RUST_LOG", "warn")
     .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
