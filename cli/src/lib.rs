@@ -13,6 +13,7 @@ mod failover;
 mod kubernetes;
 mod migrate;
 mod pin;
+mod quarantine;
 mod status;
 mod verify;
 
@@ -49,6 +50,9 @@ enum Command {
     /// Fail a lost region over to a successor: shows what may be lost and
     /// asks first; refused while the region still holds its lease.
     Failover(failover::FailoverArgs),
+    /// Writes a failed region committed that its successor never had
+    /// (listed when the region comes back; never applied by tern).
+    Quarantine(quarantine::QuarantineArgs),
     /// Per region: group members and Raft lag, mirror lag from every other
     /// region (revisions and ms), heartbeat age, clock skew.
     Status(status::StatusArgs),
@@ -82,6 +86,7 @@ async fn run(command: Command) -> Result<(), CliError> {
         Command::Migrate(args) => migrate::run(args).await,
         Command::Pin(args) => pin::run(args).await,
         Command::Failover(args) => failover::run(args).await,
+        Command::Quarantine(args) => quarantine::run(args).await,
         Command::Status(args) => status::run(args).await,
         Command::Verify(args) => verify::run(args).await,
     }

@@ -149,6 +149,28 @@ pub fn dir_lease_key(region: &RegionName) -> String {
 /// Directory: prefix of every migration's intent record.
 pub const DIR_MIGRATIONS: &str = "/tern/dir/migrations/";
 
+/// Directory: prefix of every quarantine (writes a failed region committed
+/// that its successor never had).
+pub const DIR_QUARANTINE: &str = "/tern/dir/quarantine/";
+
+/// Directory: prefix of the quarantine of `region`'s failover at region
+/// epoch `epoch`: its summary and its writes.
+pub fn dir_quarantine_prefix(region: &RegionName, epoch: u64) -> String {
+    format!("{DIR_QUARANTINE}{region}/{epoch}/")
+}
+
+/// Directory: the summary of a quarantine (a `QuarantineSummary`), written
+/// last: while it is missing, the quarantine is incomplete.
+pub fn dir_quarantine_summary(region: &RegionName, epoch: u64) -> String {
+    format!("{}summary", dir_quarantine_prefix(region, epoch))
+}
+
+/// Directory: one quarantined write (a `QuarantinedWrite`), ordered by the
+/// revision it committed at in the failed region's group.
+pub fn dir_quarantine_write(region: &RegionName, epoch: u64, revision: i64, index: usize) -> String {
+    format!("{}w/{revision:020}-{index:06}", dir_quarantine_prefix(region, epoch))
+}
+
 /// How the ids of the moves the follow-the-sun policy asks for begin
 /// (`sun-{account}-{unix ms}`): what tells an automatic move from another.
 pub const AUTOMATIC_MIGRATION_PREFIX: &str = "sun-";

@@ -362,3 +362,46 @@ pub struct WriteCountsRecord {
     /// account → origin region → buckets.
     pub accounts: BTreeMap<String, BTreeMap<String, Vec<(u64, u64)>>>,
 }
+
+/// A write the failed region committed that its successor never had: what
+/// `tern quarantine` lists. Nothing here is ever applied by tern.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuarantinedWrite {
+    pub account: String,
+    pub key: String,
+    /// The value written (UTF-8 text), absent for a delete or a value that
+    /// is not text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
+    /// The value as hex, when it is not UTF-8 text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value_hex: Option<String>,
+    #[serde(default)]
+    pub deleted: bool,
+    /// The revision it committed at in the failed region's group; writes of
+    /// one revision were one transaction.
+    pub revision: i64,
+    /// The failed region's clock (Unix ms) at its last heartbeat before the
+    /// write: it committed after that, within a heartbeat interval.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub committed_after_ms: Option<i64>,
+}
+
+/// What a quarantine holds, written once it is complete.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuarantineSummary {
+    pub region: String,
+    pub successor: String,
+    pub failover_epoch: u64,
+    /// The last revision of the failed region that the successor's mirror
+    /// had applied whole (and how many events of the next one).
+    pub applied: String,
+    /// The failed region's revision when it was compared.
+    pub compared_to_revision: i64,
+    pub writes: u64,
+    pub accounts: u64,
+    /// False when the group's history was compacted past what was needed:
+    /// then each key's latest value is listed, not every write.
+    pub complete_history: bool,
+    pub written_unix_ms: u64,
+}

@@ -461,3 +461,133 @@ async fn an_operator_fails_a_lost_region_over_and_is_refused_while_it_holds_its_
     .await;
     assert_eq!(get(&d, "eu-west", "acct-manual", "k").await.as_deref(), Some("before"));
 }
+
+#[tokio::test]
+async fn writes_the_successor_never_had_are_quarantined_exactly_when_the_region_returns() {
+    let _serial = SERIAL.lock().await;
+    let mut d = start().await;
+    create(&d, "acct-q", "us-east").await;
+    let mut us = d.client("us-east").await;
+    us.put(put("acct-q", "before", "mirrored", "q0"))
+        .await
+        .expect("written");
+    mirrored(&d, "eu-west", "us-east", "acct-q", "before", "mirrored").await;
+
+    // eu-west stops receiving us-east's writes; us-east goes on
+    // acknowledging them, then is lost.
+    d.set_mirror_link("eu-west", "us-east", false).await.expect("cut");
+    let mut lost = Vec::new();
+    for i in 1..=5 {
+        let key = format!("q{i}");
+        us.put(put("acct-q", &key, &format!("value {i}"), &format!("q{i}")))
+            .await
+            .expect("acknowledged by us-east");
+        lost.push(key);
+    }
+    us.delete(pb::DeleteRequest {
+        account: "acct-q".into(),
+        key: "before".into(),
+        idempotency_key: "q-del".into(),
+    })
+    .await
+    .expect("acknowledged by us-east");
+    d.kill_region("us-east");
+    d.set_mirror_link("eu-west", "us-east", true).await.expect("heal");
+
+    // The operator fails it over knowing what may be lost.
+    let directory = format!("--directory={}", d.directory.endpoints().join(","));
+    let mut dir = d.directory_client().await;
+    let key = dir_lease_key(&RegionName::new("us-east").expect("valid"));
+    let until = Instant::now() + 4 * TTL;
+    while !dir.get(key.clone(), None).await.expect("directory").kvs().is_empty() {
+        assert!(
+            Instant::now() < until,
+            "the lease key of the killed region never expired"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tern_cli::run_args([
+        "tern",
+        "failover",
+        "us-east",
+        "--to",
+        "eu-west",
+        "--yes",
+        "--force",
+        directory.as_str(),
+    ])
+    .await
+    .expect("failed over");
+    first_acknowledged(
+        &d,
+        "eu-west",
+        put("acct-q", "after", "x", "q-after"),
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(
+        get(&d, "eu-west", "acct-q", "before").await.as_deref(),
+        Some("mirrored")
+    );
+    assert_eq!(get(&d, "eu-west", "acct-q", "q1").await, None, "never mirrored");
+
+    // us-east returns: its agent quarantines exactly what eu-west lacks.
+    for i in 0..d.region("us-east").group.members.len() {
+        d.region_mut("us-east").group.restart(i).expect("member restarts");
+    }
+    let agent = d.start_agent("us-east", &[]).await.expect("agent starts");
+    d.region_mut("us-east").agent = Some(agent);
+    let summary_key = tern_common::dir_quarantine_summary(&RegionName::new("us-east").expect("valid"), 1);
+    let until = Instant::now() + Duration::from_secs(30);
+    let summary: tern_common::QuarantineSummary = loop {
+        let found = dir.get(summary_key.clone(), None).await.expect("directory");
+        if let Some(kv) = found.kvs().first() {
+            break serde_json::from_slice(kv.value()).expect("readable summary");
+        }
+        assert!(Instant::now() < until, "us-east's agent never wrote its quarantine");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        (summary.writes, summary.accounts, summary.complete_history),
+        (6, 1, true)
+    );
+    let found = dir
+        .get(
+            tern_common::dir_quarantine_prefix(&RegionName::new("us-east").expect("valid"), 1) + "w/",
+            Some(etcd_client::GetOptions::new().with_prefix()),
+        )
+        .await
+        .expect("directory");
+    let writes: Vec<tern_common::QuarantinedWrite> = found
+        .kvs()
+        .iter()
+        .map(|kv| serde_json::from_slice(kv.value()).expect("readable write"))
+        .collect();
+    let puts: Vec<(String, Option<String>)> = writes
+        .iter()
+        .filter(|w| !w.deleted)
+        .map(|w| (w.key.clone(), w.value.clone()))
+        .collect();
+    let expected: Vec<(String, Option<String>)> =
+        (1..=5).map(|i| (format!("q{i}"), Some(format!("value {i}")))).collect();
+    assert_eq!(
+        puts, expected,
+        "exactly the acknowledged writes eu-west never had, in order"
+    );
+    let deletes: Vec<&str> = writes.iter().filter(|w| w.deleted).map(|w| w.key.as_str()).collect();
+    assert_eq!(deletes, ["before"]);
+    assert!(
+        writes
+            .iter()
+            .all(|w| w.account == "acct-q" && w.committed_after_ms.is_some())
+    );
+    // Nothing was applied: eu-west still has what it had.
+    assert_eq!(get(&d, "eu-west", "acct-q", "q1").await, None);
+    assert_eq!(
+        get(&d, "eu-west", "acct-q", "before").await.as_deref(),
+        Some("mirrored")
+    );
+    tern_cli::run_args(["tern", "quarantine", "list", "us-east", directory.as_str()])
+        .await
+        .expect("tern quarantine list");
+}

@@ -20,6 +20,8 @@
 //!   valid (they refuse writes after it);
 //! - `failover`: promotes this region's mirror of a failed region it
 //!   succeeds, and in Automatic mode fails a lost region over;
+//! - `quarantine`: when this region comes back from a failover, the writes
+//!   its successor never had, listed for people and never applied;
 //! - `sun`: the follow-the-sun policy, asking for moves of accounts homed
 //!   here from the routers' published write counts;
 //! - `kubernetes`: the region's lag in the GeoCluster status, when asked.
@@ -44,6 +46,7 @@ pub mod migrate;
 pub mod mirror;
 pub mod plan;
 pub mod publish;
+pub mod quarantine;
 pub mod relay;
 pub mod state;
 pub mod sun;
@@ -226,6 +229,12 @@ pub async fn run(
             leadership.clone(),
             shared.clone(),
             failover::Policy::from(&config),
+        ));
+        loops.spawn(quarantine::run(
+            directory.clone(),
+            group.clone(),
+            sources.iter().cloned().collect(),
+            shared.clone(),
         ));
         loops.spawn(sun::run(
             directory.clone(),

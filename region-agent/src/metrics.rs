@@ -52,6 +52,8 @@ pub struct Metrics {
     pub heartbeats: Counter,
     /// Regions this agent failed over (Automatic mode).
     pub failovers: Counter,
+    /// Writes of this region that its successor never had, quarantined.
+    pub quarantined_writes: Counter,
 }
 
 impl Default for Metrics {
@@ -75,6 +77,7 @@ impl Default for Metrics {
             refused_writes: Counter::default(),
             heartbeats: Counter::default(),
             failovers: Counter::default(),
+            quarantined_writes: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -157,6 +160,11 @@ impl Default for Metrics {
             "failovers",
             "Lost regions this agent failed over to its own region (automatic failover)",
             m.failovers.clone(),
+        );
+        registry.register(
+            "quarantined_writes",
+            "Writes this region committed that its successor never had, written to the quarantine after the region came back from a failover",
+            m.quarantined_writes.clone(),
         );
         Self { registry, ..m }
     }
