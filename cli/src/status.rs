@@ -200,11 +200,25 @@ pub fn render(records: &[(String, RegionRecord)], holders: &BTreeMap<String, Reg
                 &r.router_endpoint
             }
         );
+        if r.state == tern_common::RegionState::Failed {
+            let _ = writeln!(
+                out,
+                "  Failed over to {} at region epoch {}: its accounts are served there; `tern quarantine list {name}` shows what was lost",
+                r.successor.as_ref().map(|s| s.as_str()).unwrap_or("?"),
+                r.region_epoch
+            );
+        }
         match holders.get(name) {
+            Some(h) if h.failed_over_to.is_some() => {
+                let _ = writeln!(
+                    out,
+                    "  The failover's tombstone holds the region's lease: no agent of it may speak for it, its routers refuse writes"
+                );
+            }
             Some(h) => {
                 let _ = writeln!(
                     out,
-                    "  Agent {} holds the region's lease (leadership revision {})",
+                    "  Agent {} holds the region's lease (leadership revision {}); its routers accept writes while it renews it",
                     h.agent, h.leadership
                 );
             }

@@ -11,6 +11,7 @@
 //! `etcd_history` (what etcd applied, watched for the whole run).
 
 mod etcd_history;
+mod lost;
 mod moves;
 mod nemesis;
 mod workload;
@@ -120,6 +121,8 @@ pub struct RunReport {
     pub unknown_keys: Vec<String>,
     pub history: PathBuf,
     pub moves: moves::Moves,
+    /// Writes lost with a region, as its quarantine reported them.
+    pub lost: lost::Lost,
 }
 
 pub async fn run(args: VerifyArgs) -> Result<(), CliError> {
@@ -279,6 +282,17 @@ fn print_report(r: &RunReport) {
             m.described.join("; ")
         );
     }
+    let l = &r.lost;
+    if l.quarantined > 0
+        || r.faults
+            .iter()
+            .any(|f| f.starts_with("kill-region") || f.starts_with("cut-directory"))
+    {
+        println!(
+            "  lost with the region and quarantined: {} writes ({} acknowledged, {} with an unknown outcome); {} earlier reads had returned one of them",
+            l.quarantined, l.acknowledged, l.unknown, l.reads_of_lost
+        );
+    }
     for v in &r.violations {
         println!("  [{}] {}: {}", v.checker, v.key, v.detail);
     }
@@ -338,9 +352,22 @@ pub async fn run_once(args: &VerifyArgs, binaries: &Binaries, seed: u64) -> Resu
     // add one more, drawn.
     let mut faults = vec![args.faults[(seed % args.faults.len() as u64) as usize]];
     let second = args.faults[rng.random_range(0..args.faults.len())];
-    if rng.random_bool(0.5) && !faults.contains(&second) {
+    if rng.random_bool(0.5) && !faults.contains(&second) && !faults[0].loses_a_region() && !second.loses_a_region() {
         faults.push(second);
     }
+    // A run that loses a region has automatic failover on: the successors
+    // in REGIONS order, a budget that lets the failover happen whatever is
+    // lost (the quarantine must then name it), and no deletes (lost writes
+    // are matched to the history by value).
+    let loses_a_region = faults.iter().any(|f| f.loses_a_region());
+    let mix = if loses_a_region {
+        for region in REGIONS {
+            d.restart_with_flags(region, &[], &failover_flags()).await?;
+        }
+        args.mix.without_deletes()
+    } else {
+        args.mix
+    };
 
     let started = Instant::now();
     let duration = Duration::from_secs(args.duration);
@@ -362,7 +389,7 @@ pub async fn run_once(args: &VerifyArgs, binaries: &Binaries, seed: u64) -> Resu
                 started,
                 started + duration,
                 pause,
-                args.mix,
+                mix,
                 records,
             )));
             id += 1;
@@ -410,7 +437,21 @@ pub async fn run_once(args: &VerifyArgs, binaries: &Binaries, seed: u64) -> Resu
         });
     }
     violations.extend(nemesis.did_not_bite(&d).await);
-    let applied = etcd_history.finish(&d).await?;
+    let finished = etcd_history.finish(&d).await?;
+    let mut applied = finished.applied;
+    violations.extend(finished.split_brain.into_iter().map(|detail| tern_verify::Violation {
+        checker: "split-brain",
+        key: String::new(),
+        detail,
+    }));
+    let lost = if nemesis.lost_regions.is_empty() {
+        lost::Lost::default()
+    } else {
+        let quarantined = lost::read_quarantine(&d).await?;
+        let lost = lost::reconcile(&mut history, &mut applied, &quarantined);
+        violations.extend(lost.violations.clone());
+        lost
+    };
     let lin = tern_verify::judge(&history, Some(&applied), PER_KEY);
     violations.extend(lin.violations);
     let path = args.out.join(format!("history-{seed}.jsonl"));
@@ -434,5 +475,20 @@ pub async fn run_once(args: &VerifyArgs, binaries: &Binaries, seed: u64) -> Resu
         unknown_keys: lin.unknown,
         history: path,
         moves,
+        lost,
     })
+}
+
+/// The agents' failover flags for runs that lose a region: automatic, each
+/// region succeeded by the next ones in REGIONS order.
+fn failover_flags() -> Vec<String> {
+    let mut flags = vec![
+        "--failover-mode=automatic".to_string(),
+        "--max-data-loss-lag=1h".to_string(),
+    ];
+    for (i, region) in REGIONS.iter().enumerate() {
+        let order: Vec<&str> = (1..REGIONS.len()).map(|k| REGIONS[(i + k) % REGIONS.len()]).collect();
+        flags.push(format!("--failover-order={region}={}", order.join("|")));
+    }
+    flags
 }

@@ -98,3 +98,44 @@ fn a_short_verify_run_under_faults_finds_no_violation() {
         .expect("pgrep runs");
     assert!(leftovers.stdout.is_empty(), "processes left behind");
 }
+
+#[test]
+fn runs_that_lose_a_region_fail_it_over_without_split_brain_and_account_for_every_lost_write() {
+    let tern = Path::new(env!("CARGO_BIN_EXE_tern"));
+    ensure_binaries(tern);
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let out = Command::new(tern)
+        .args([
+            "verify",
+            "--runs",
+            "2",
+            "--seed",
+            "0",
+            "--duration",
+            "18",
+            "--faults",
+            "kill-region,cut-directory",
+            "--out",
+        ])
+        .arg(tmp.path().join("verify"))
+        .env("TMPDIR", tmp.path())
+        .output()
+        .expect("tern runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "tern verify failed:\n{stdout}\n{stderr}");
+    assert_eq!(stdout.matches(", 0 violations").count(), 2, "{stdout}");
+    for fault in ["kill-region(", "cut-directory("] {
+        assert!(stdout.contains(fault), "no {fault}: {stdout}");
+    }
+    assert_eq!(
+        stdout.matches("lost with the region and quarantined").count(),
+        2,
+        "{stdout}"
+    );
+    let leftovers = Command::new("pgrep")
+        .args(["-f", &tmp.path().to_string_lossy()])
+        .output()
+        .expect("pgrep runs");
+    assert!(leftovers.stdout.is_empty(), "processes left behind");
+}

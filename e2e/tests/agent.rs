@@ -205,13 +205,14 @@ async fn a_cut_link_raises_lag_and_the_mirror_heals_exactly() {
     caught_up(&d, true).await;
 
     let cut = Duration::from_secs(3);
-    d.set_mirror_link("us-east", "eu-west", false).await.expect("cut");
     // A measured lag (not the "unknown" value published before the first
-    // round trip of heartbeats).
-    let before = wait_for("a measured lag", Duration::from_secs(5), async || {
+    // round trip of heartbeats), taken before the cut: once cut, no round
+    // trip can measure it.
+    let before = wait_for("a measured lag", Duration::from_secs(10), async || {
         lag_and_error(&d).await.map(|(l, _)| l)
     })
     .await;
+    d.set_mirror_link("us-east", "eu-west", false).await.expect("cut");
     write_stream(&d, "acct-1", 20, Duration::from_millis(10)).await;
     tokio::time::sleep(cut).await;
     // Publishing runs every 500 ms: allow one period.

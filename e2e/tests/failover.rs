@@ -57,45 +57,12 @@ struct Attempt {
     not_serving: Option<String>,
 }
 
-/// Replaces `region`'s agent with one that reaches the directory only
-/// through toxiproxy links of its own; returns their names.
-async fn agent_behind_proxies(d: &mut LocalDeployment, region: &str) -> Vec<String> {
-    let mut names = Vec::new();
-    let mut urls = Vec::new();
-    for (i, endpoint) in d.directory.endpoints().iter().enumerate() {
-        let name = format!("{region}-agent-directory-{i}");
-        let listen = d
-            .toxiproxy
-            .proxy(&name, endpoint.trim_start_matches("http://"))
-            .await
-            .expect("proxy");
-        urls.push(format!("http://{listen}"));
-        names.push(name);
-    }
-    if let Some(a) = d.region_mut(region).agent.take() {
-        a.stop().await;
-    }
-    let agent = d
-        .start_agent(region, &[format!("--directory-endpoints={}", urls.join(","))])
-        .await
-        .expect("agent starts");
-    d.region_mut(region).agent = Some(agent);
-    d.region(region)
-        .router
-        .as_ref()
-        .expect("router")
-        .wait_for_lease(region)
-        .await
-        .expect("the lease is confirmed again");
-    names
-}
-
 #[tokio::test]
 async fn a_region_cut_off_from_the_directory_stops_writing_before_its_lease_can_expire() {
     let _serial = SERIAL.lock().await;
-    let mut d = start().await;
+    let d = start().await;
     create(&d, "acct-cut", "us-east").await;
-    let links = agent_behind_proxies(&mut d, "us-east").await;
+    let links = d.agent_directory_links["us-east"].clone();
 
     // A writer through us-east's router, back to back.
     let attempts: Arc<Mutex<Vec<Attempt>>> = Arc::default();
@@ -384,9 +351,7 @@ async fn a_lost_region_fails_over_automatically_and_its_successor_serves_its_acc
     // us-east comes back: its agent cannot claim the lease (the failover's
     // tombstone holds it), so its router never writes; what reaches it for
     // its former accounts goes to eu-west.
-    for i in 0..d.region("us-east").group.members.len() {
-        d.region_mut("us-east").group.restart(i).expect("member restarts");
-    }
+    d.region_mut("us-east").group.restart_all().expect("members restart");
     let agent = d.start_agent("us-east", &[]).await.expect("agent starts");
     d.region_mut("us-east").agent = Some(agent);
     d.start_router("us-east").await.expect("router starts");
@@ -532,9 +497,7 @@ async fn writes_the_successor_never_had_are_quarantined_exactly_when_the_region_
     assert_eq!(get(&d, "eu-west", "acct-q", "q1").await, None, "never mirrored");
 
     // us-east returns: its agent quarantines exactly what eu-west lacks.
-    for i in 0..d.region("us-east").group.members.len() {
-        d.region_mut("us-east").group.restart(i).expect("member restarts");
-    }
+    d.region_mut("us-east").group.restart_all().expect("members restart");
     let agent = d.start_agent("us-east", &[]).await.expect("agent starts");
     d.region_mut("us-east").agent = Some(agent);
     let summary_key = tern_common::dir_quarantine_summary(&RegionName::new("us-east").expect("valid"), 1);

@@ -179,6 +179,22 @@ impl EtcdCluster {
         }
     }
 
+    /// Restarts every killed member with its data, all before waiting for
+    /// any (a lone member of a lost group cannot answer without a quorum).
+    pub fn restart_all(&mut self) -> Result<()> {
+        let binary = assets::binary("etcd")?;
+        let killed: Vec<usize> = (0..self.members.len())
+            .filter(|i| self.members[*i].process.is_none())
+            .collect();
+        for i in &killed {
+            self.start_member(*i, &binary)?;
+        }
+        for i in killed {
+            self.wait_member(i, Duration::from_secs(60))?;
+        }
+        Ok(())
+    }
+
     /// Restarts a killed member with its data.
     pub fn restart(&mut self, i: usize) -> Result<()> {
         let binary = assets::binary("etcd")?;

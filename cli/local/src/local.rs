@@ -445,6 +445,8 @@ pub struct LocalDeployment {
     /// Proxy names of the mirror link from region a's agent to region b's
     /// group members.
     pub mirror_links: BTreeMap<(String, String), Vec<String>>,
+    /// Proxy names of region a's agent's links to the directory members.
+    pub agent_directory_links: BTreeMap<String, Vec<String>>,
     /// Set when routers and agents run as processes of their own.
     pub binaries: Option<Binaries>,
     pub dir: TempDir,
@@ -527,6 +529,7 @@ impl LocalDeployment {
             region.router_args = args;
         }
         let mut mirror_links = BTreeMap::new();
+        let mut agent_directory_links = BTreeMap::new();
         if layout.agents {
             let mut sources: Vec<Vec<String>> = vec![Vec::new(); regions.len()];
             for (i, from) in regions.iter().enumerate() {
@@ -552,10 +555,22 @@ impl LocalDeployment {
                 }
             }
             for (i, region) in regions.iter_mut().enumerate() {
+                // The agent reaches the directory through links of its own,
+                // so a test can cut one region's agent off from it (its
+                // routers must then stop writing before its lease expires).
+                let mut names = Vec::new();
+                let mut urls = Vec::new();
+                for (k, endpoint) in directory.endpoints().iter().enumerate() {
+                    let name = format!("{}-agent-directory-{k}", region.name);
+                    let listen = toxiproxy.proxy(&name, endpoint.trim_start_matches("http://")).await?;
+                    urls.push(format!("http://{listen}"));
+                    names.push(name);
+                }
+                agent_directory_links.insert(region.name.clone(), names);
                 let mut args = vec![
                     format!("--region={}", region.name),
                     format!("--group-endpoints={}", region.group.endpoints().join(",")),
-                    format!("--directory-endpoints={directory_endpoints}"),
+                    format!("--directory-endpoints={}", urls.join(",")),
                     "--http-addr=127.0.0.1:0".to_string(),
                     "--publish-interval=500ms".to_string(),
                     "--election-ttl=2".to_string(),
@@ -582,6 +597,7 @@ impl LocalDeployment {
             toxiproxy,
             links,
             mirror_links,
+            agent_directory_links,
             binaries,
             dir,
         })

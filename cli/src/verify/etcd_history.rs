@@ -3,6 +3,12 @@
 //! the end from revision 1 it would miss what a compaction fault removed;
 //! watched from the start it keeps up, and a watch that breaks (a member
 //! killed under it) resumes after the last revision it saw.
+//!
+//! After a failover the successor writes the failed region's accounts in
+//! its mirror area of that region, once its promotion marker is there:
+//! those writes count too (the mirror's own copies before it do not). And
+//! it is where split brain would show: a failed region's group applying a
+//! write to an account after its successor began applying them.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -15,6 +21,12 @@ use crate::CliError;
 
 /// Where account data lives in a group: `/tern/a/ACCOUNT/d/KEY`.
 const PREFIX: &str = "/tern/a/";
+/// Everything tern writes in a group: the watch's range.
+const ALL: &str = "/tern/";
+/// A mirror area: `/tern/r/SOURCE/tern/a/...`.
+const MIRRORS: &str = "/tern/r/";
+/// A promotion marker: `/tern/promoted/SOURCE`.
+const PROMOTED: &str = "/tern/promoted/";
 
 #[derive(Default)]
 struct Seen {
@@ -26,6 +38,14 @@ struct Seen {
     active: std::collections::BTreeSet<(String, String)>,
     /// Newest revision seen per group.
     revision: BTreeMap<String, i64>,
+    /// (group, failed region) whose mirror area the group serves.
+    promoted: std::collections::BTreeSet<(String, String)>,
+    /// When this process last saw a write applied to an account in its own
+    /// group's home area, by (group, account).
+    last_home_write: BTreeMap<(String, String), Instant>,
+    /// When it first saw a successor apply one in its promoted area, by
+    /// (failed region, account): (when, successor).
+    first_promoted_write: BTreeMap<(String, String), (Instant, String)>,
     /// Why part of the history could not be read, if it could not.
     lost: Option<String>,
 }
@@ -47,24 +67,25 @@ impl EtcdHistory {
         Self { seen, tasks }
     }
 
-    /// Waits until every group's watch has seen its newest account write,
-    /// then returns what was applied.
-    pub async fn finish(self, d: &LocalDeployment) -> Result<Applied, CliError> {
+    /// Waits until every group's watch has seen its newest revision (the
+    /// agents' heartbeats keep every group's history moving), then returns
+    /// what was applied, and every write a failed region's group applied
+    /// after its successor had begun applying that account's writes.
+    pub async fn finish(self, d: &LocalDeployment) -> Result<Finished, CliError> {
         for region in &d.regions {
             let mut c = d.group_client(&region.name).await;
             let newest = c
-                .get(PREFIX, Some(etcd_client::GetOptions::new().with_prefix()))
+                .get(
+                    ALL,
+                    Some(etcd_client::GetOptions::new().with_prefix().with_count_only()),
+                )
                 .await
                 .map_err(|source| CliError::EtcdRequest {
-                    what: format!("reading {PREFIX} in {}", region.name),
+                    what: format!("reading {ALL} in {}", region.name),
                     source,
                 })?
-                .kvs()
-                .iter()
-                .filter(|kv| data_key(&String::from_utf8_lossy(kv.key())).is_some())
-                .map(|kv| kv.mod_revision())
-                .max()
-                .unwrap_or(0);
+                .header()
+                .map_or(0, |h| h.revision());
             let give_up = Instant::now() + Duration::from_secs(30);
             loop {
                 let reached = {
@@ -89,8 +110,42 @@ impl EtcdHistory {
         for t in &self.tasks {
             t.abort();
         }
-        Ok(std::mem::take(&mut lock(&self.seen).applied))
+        let mut seen = lock(&self.seen);
+        let split_brain = split_brain(&seen.last_home_write, &seen.first_promoted_write);
+        Ok(Finished {
+            applied: std::mem::take(&mut seen.applied),
+            split_brain,
+        })
     }
+}
+
+/// Accounts a failed region's group wrote after its successor began to:
+/// `last_home` by (region, account), `first_promoted` by (failed region,
+/// account) with the successor.
+fn split_brain(
+    last_home: &BTreeMap<(String, String), Instant>,
+    first_promoted: &BTreeMap<(String, String), (Instant, String)>,
+) -> Vec<String> {
+    first_promoted
+        .iter()
+        .filter_map(|((failed, account), (first, successor))| {
+            let last = last_home.get(&(failed.clone(), account.clone()))?;
+            (last > first).then(|| {
+                format!(
+                    "{failed} applied a write to {account} {:?} after {successor} began serving it",
+                    *last - *first
+                )
+            })
+        })
+        .collect()
+}
+
+/// What the watches saw.
+pub struct Finished {
+    pub applied: Applied,
+    /// Writes a failed region applied to an account after its successor
+    /// had begun to (two regions writing one account at once).
+    pub split_brain: Vec<String>,
 }
 
 impl Drop for EtcdHistory {
@@ -141,11 +196,12 @@ async fn watch_once(
     let mut c = etcd_client::Client::connect(endpoints, None).await?;
     let mut stream = c
         .watch(
-            PREFIX,
+            ALL,
             Some(etcd_client::WatchOptions::new().with_prefix().with_start_revision(from)),
         )
         .await?;
     while let Some(resp) = stream.message().await? {
+        let now = Instant::now();
         let mut seen = lock(seen);
         if resp.compact_revision() > 0 {
             seen.lost = Some(format!(
@@ -158,10 +214,29 @@ async fn watch_once(
             let Some(kv) = event.kv() else { continue };
             let revision = seen.revision.entry(region.to_string()).or_default();
             *revision = (*revision).max(kv.mod_revision());
-            let key = String::from_utf8_lossy(kv.key()).into_owned();
+            let full = String::from_utf8_lossy(kv.key()).into_owned();
             let put = event.event_type() == etcd_client::EventType::Put;
+            if let Some(source) = full.strip_prefix(PROMOTED) {
+                if put {
+                    seen.promoted.insert((region.to_string(), source.to_string()));
+                }
+                continue;
+            }
+            // The area the key is in: this group's home area (`None`), or
+            // its mirror of `source`, with the key as it is at home.
+            let (area, key) = match full.strip_prefix(MIRRORS) {
+                Some(rest) => match rest.split_once('/') {
+                    Some((source, home)) => (Some(source.to_string()), format!("/{home}")),
+                    None => continue,
+                },
+                None => (None, full),
+            };
+            let group = match &area {
+                None => region.to_string(),
+                Some(source) => format!("{region}/{source}"),
+            };
             if let Some(account) = fence_of(&key) {
-                let at = (region.to_string(), account.to_string());
+                let at = (group, account.to_string());
                 if put && kv.value().ends_with(b":active") {
                     seen.active.insert(at);
                 } else {
@@ -169,18 +244,54 @@ async fn watch_once(
                 }
                 continue;
             }
-            if put
-                && let Some(key) = data_key(&key)
-                && key
-                    .split_once('/')
-                    .is_some_and(|(account, _)| seen.active.contains(&(region.to_string(), account.to_string())))
-            {
-                seen.applied
-                    .entry(key)
-                    .or_default()
-                    .push(String::from_utf8_lossy(kv.value()).into_owned());
+            if !put {
+                continue;
             }
+            let Some(key) = data_key(&key) else { continue };
+            let Some((account, _)) = key.split_once('/') else {
+                continue;
+            };
+            let account = account.to_string();
+            if !seen.active.contains(&(group, account.clone())) {
+                continue;
+            }
+            match &area {
+                None => {
+                    seen.last_home_write.insert((region.to_string(), account), now);
+                }
+                // A mirror's own copies are not writes; a promoted area's are.
+                Some(source) if seen.promoted.contains(&(region.to_string(), source.clone())) => {
+                    seen.first_promoted_write
+                        .entry((source.clone(), account))
+                        .or_insert((now, region.to_string()));
+                }
+                Some(_) => continue,
+            }
+            seen.applied
+                .entry(key)
+                .or_default()
+                .push(String::from_utf8_lossy(kv.value()).into_owned());
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_write_in_the_failed_region_after_the_successor_began_is_split_brain() {
+        let t0 = Instant::now();
+        let key = |a: &str| ("us-east".to_string(), a.to_string());
+        let last_home = BTreeMap::from([(key("before"), t0), (key("after"), t0 + Duration::from_millis(300))]);
+        let promoted = BTreeMap::from([
+            (key("before"), (t0 + Duration::from_millis(100), "eu-west".to_string())),
+            (key("after"), (t0 + Duration::from_millis(100), "eu-west".to_string())),
+            (key("never-home"), (t0, "eu-west".to_string())),
+        ]);
+        let found = split_brain(&last_home, &promoted);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(found[0].contains("after") && found[0].contains("200ms"), "{found:?}");
+    }
 }

@@ -61,6 +61,28 @@ pub enum Fault {
     /// Every router↔router and mirror link limited to 32 KB/s each way,
     /// held: answers and mirror streams queue up.
     Bandwidth,
+    /// One region's agent cut off from the directory (every byte held both
+    /// ways): its routers must stop writing before its lease can expire,
+    /// and its successor fails it over (runs with this fault turn
+    /// automatic failover on). Healed: the link back; the region stays
+    /// failed over and quarantines what its successor never had.
+    CutDirectory,
+    /// A whole region lost: the other regions' mirror links from it cut,
+    /// a second later its router, agent and every member of its group
+    /// killed; its successor fails it over (automatic failover on), and
+    /// what the region acknowledged in that second is lost.
+    /// Healed: everything started again; the region stays failed over and
+    /// quarantines what its successor never had.
+    KillRegion,
+}
+
+impl Fault {
+    /// Faults that lose a region: runs with one turn automatic failover on
+    /// and inject nothing else (a killed or paused agent would then be a
+    /// lost region too).
+    pub fn loses_a_region(self) -> bool {
+        matches!(self, Self::CutDirectory | Self::KillRegion)
+    }
 }
 
 /// What healing undoes, in order.
@@ -80,6 +102,8 @@ enum Undo {
     ReplaceRouter(String),
     StartMember(String, usize),
     ThawMember(String, usize),
+    /// Every member of the region's group, then its agent and router.
+    StartRegion(String),
 }
 
 /// A toxic re-added every 500 ms while the faults hold: toxiproxy's
@@ -101,6 +125,9 @@ pub struct Nemesis {
     must_resync: Vec<(String, String)>,
     /// What was injected, for the report: `kill-router(eu-west)`.
     pub described: Vec<String>,
+    /// Regions that must have been failed over (and quarantined after
+    /// healing) by the end of the run.
+    pub lost_regions: Vec<String>,
     used_regions: BTreeSet<String>,
 }
 
@@ -112,6 +139,7 @@ impl Nemesis {
             compact: Vec::new(),
             must_resync: Vec::new(),
             described: Vec::new(),
+            lost_regions: Vec::new(),
             used_regions: BTreeSet::new(),
         }
     }
@@ -285,6 +313,35 @@ impl Nemesis {
                 self.must_resync = self.compact.iter().map(|s| (region.clone(), s.clone())).collect();
                 format!("mirrors into {region}")
             }
+            Fault::CutDirectory => {
+                let region = self.pick_region(d, rng);
+                for p in &d.agent_directory_links[&region] {
+                    for stream in [Stream::Upstream, Stream::Downstream] {
+                        d.toxiproxy.blackhole(p, stream).await?;
+                        self.undo.push(Undo::Toxic {
+                            proxy: p.clone(),
+                            toxic: format!("blackhole_{}", stream.as_str()),
+                        });
+                    }
+                }
+                self.lost_regions.push(region.clone());
+                region
+            }
+            Fault::KillRegion => {
+                let region = self.pick_region(d, rng);
+                // The others stop receiving its writes a second before it
+                // dies (its links go first): what it acknowledged in that
+                // second is lost with it, and must be in its quarantine.
+                for p in mirror_links_of(d, &region, false, true) {
+                    d.toxiproxy.set_enabled(&p, false).await?;
+                    self.undo.push(Undo::Enable(p));
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                d.kill_region(&region);
+                self.undo.push(Undo::StartRegion(region.clone()));
+                self.lost_regions.push(region.clone());
+                region
+            }
             Fault::ClockOffset => {
                 let region = self.pick_region(d, rng);
                 let offset = rng.random_range(500..1500) * if rng.random_bool(0.5) { 1 } else { -1 };
@@ -408,6 +465,13 @@ impl Nemesis {
                     tokio::task::block_in_place(|| group.restart(i))?;
                 }
                 Undo::ThawMember(region, i) => d.region(&region).group.resume(i),
+                Undo::StartRegion(region) => {
+                    let group = &mut d.region_mut(&region).group;
+                    tokio::task::block_in_place(|| group.restart_all())?;
+                    let agent = d.start_agent(&region, &[]).await?;
+                    d.region_mut(&region).agent = Some(agent);
+                    d.start_router(&region).await?;
+                }
             }
         }
         Ok(())
@@ -421,6 +485,47 @@ impl Nemesis {
     /// snapshot (within 30 s of healing).
     pub async fn did_not_bite(&self, d: &LocalDeployment) -> Vec<tern_verify::Violation> {
         let mut out = Vec::new();
+        // A lost region must have been failed over, and must have written
+        // its quarantine once back.
+        for region in &self.lost_regions {
+            let name = tern_common::RegionName::new(region).expect("the deployment's regions are valid");
+            let mut dir = d.directory_client().await;
+            let give_up = Instant::now() + Duration::from_secs(30);
+            let why = loop {
+                let record = dir
+                    .get(tern_common::dir_region_key(&name), None)
+                    .await
+                    .ok()
+                    .and_then(|r| serde_json::from_slice::<tern_common::RegionRecord>(r.kvs().first()?.value()).ok());
+                let summary = match &record {
+                    Some(r) if r.state == tern_common::RegionState::Failed => dir
+                        .get(tern_common::dir_quarantine_summary(&name, r.region_epoch), None)
+                        .await
+                        .ok()
+                        .is_some_and(|found| found.count() > 0),
+                    _ => false,
+                };
+                if summary {
+                    break None;
+                }
+                if Instant::now() > give_up {
+                    break Some(match record {
+                        Some(r) if r.state == tern_common::RegionState::Failed => {
+                            format!("{region} was failed over but never wrote its quarantine after healing")
+                        }
+                        _ => format!("{region} was lost but never failed over"),
+                    });
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            };
+            if let Some(detail) = why {
+                out.push(tern_verify::Violation {
+                    checker: "nemesis",
+                    key: String::new(),
+                    detail,
+                });
+            }
+        }
         for (region, source) in &self.must_resync {
             let metric = format!("tern_agent_mirror_resyncs_total{{source=\"{source}\"}}");
             let give_up = Instant::now() + Duration::from_secs(30);

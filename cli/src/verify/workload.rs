@@ -76,6 +76,22 @@ impl Mix {
         Ok(Self { weights })
     }
 
+    /// The same without deletes: runs that lose a region match the writes
+    /// its successor never had to the history by their values, and a
+    /// delete has none.
+    pub fn without_deletes(&self) -> Self {
+        let mut weights = self.weights;
+        for (k, w) in weights.iter_mut() {
+            if *k == Kind::Delete {
+                *w = 0;
+            }
+        }
+        if weights.iter().all(|(_, w)| *w == 0) {
+            weights[0].1 = 1;
+        }
+        Self { weights }
+    }
+
     fn total(&self) -> u32 {
         self.weights.iter().map(|(_, w)| w).sum()
     }

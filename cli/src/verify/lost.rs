@@ -1,0 +1,214 @@
+//! Writes lost with a region, reconciled with the history before it is
+//! judged. When a run loses a region, the region's successor never had some
+//! of what the region committed, and the region reports exactly those in
+//! its quarantine when it returns (docs/failover.md). So:
+//!
+//! - every acknowledged write missing afterwards must be in the quarantine:
+//!   the checkers see the quarantined writes as not applied (they are gone
+//!   from the successor's lineage), and an acknowledged write missing
+//!   without being quarantined is still a lost write to them;
+//! - every quarantined write must be one a client asked for, and none the
+//!   client was told was *not* applied;
+//! - reads that returned a quarantined value (the failed region served them
+//!   before it was lost) are counted and left out: they saw data that was
+//!   later lost, which is what a failover with data loss means.
+//!
+//! Values are unique per write (`c{client}-{n}`), which is how quarantined
+//! writes are matched to the history; runs that lose a region write no
+//! deletes for that reason.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use etcd_client::GetOptions;
+use tern_common::{DIR_QUARANTINE, QuarantinedWrite};
+use tern_local::LocalDeployment;
+use tern_verify::{History, Outcome, Request, Violation};
+
+use crate::CliError;
+
+/// What a run lost with its region, as reconciled.
+#[derive(Clone, Debug, Default)]
+pub struct Lost {
+    /// Writes in the quarantine.
+    pub quarantined: usize,
+    /// Of those, acknowledged to their client.
+    pub acknowledged: usize,
+    /// Of those, with an outcome the client never learned.
+    pub unknown: usize,
+    /// Reads that had returned a value later lost.
+    pub reads_of_lost: usize,
+    pub violations: Vec<Violation>,
+}
+
+/// Every quarantined write in the directory.
+pub async fn read_quarantine(d: &LocalDeployment) -> Result<Vec<QuarantinedWrite>, CliError> {
+    let found = d
+        .directory_client()
+        .await
+        .get(DIR_QUARANTINE, Some(GetOptions::new().with_prefix()))
+        .await
+        .map_err(|source| CliError::EtcdRequest {
+            what: "reading the quarantine".into(),
+            source,
+        })?;
+    Ok(found
+        .kvs()
+        .iter()
+        .filter(|kv| !kv.key().ends_with(b"/summary"))
+        .filter_map(|kv| serde_json::from_slice(kv.value()).ok())
+        .collect())
+}
+
+/// Marks the quarantined writes in `history` as not applied, removes them
+/// from `applied`, leaves out reads of them, and says what did not match.
+pub fn reconcile(
+    history: &mut History,
+    applied: &mut tern_verify::applied::Applied,
+    quarantined: &[QuarantinedWrite],
+) -> Lost {
+    let mut lost = Lost {
+        quarantined: quarantined.len(),
+        ..Lost::default()
+    };
+    let mut values: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for q in quarantined {
+        let key = format!("{}/{}", q.account, q.key);
+        match &q.value {
+            Some(v) if !q.deleted => {
+                values.entry(key).or_default().insert(v.clone());
+            }
+            _ => lost.violations.push(Violation {
+                checker: "quarantine",
+                key,
+                detail: format!(
+                    "revision {}: a delete or a binary value was quarantined, which this workload never writes",
+                    q.revision
+                ),
+            }),
+        }
+    }
+    let mut asked: BTreeSet<(String, String)> = BTreeSet::new();
+    history.records.retain_mut(|r| {
+        let Some(lost_values) = values.get(&r.key) else {
+            return true;
+        };
+        let written = match &r.request {
+            Request::Put { value } => Some(value),
+            Request::Cas { new: Some(value), .. } => Some(value),
+            _ => None,
+        };
+        if let Some(value) = written.filter(|v| lost_values.contains(*v)) {
+            asked.insert((r.key.clone(), value.clone()));
+            match &r.outcome {
+                Outcome::Ok { .. } => lost.acknowledged += 1,
+                Outcome::Indeterminate { .. } => lost.unknown += 1,
+                Outcome::Failed { reason } => lost.violations.push(Violation {
+                    checker: "quarantine",
+                    key: r.key.clone(),
+                    detail: format!(
+                        "{value} is quarantined (its region committed it) but its client was told it was not applied: {reason}"
+                    ),
+                }),
+            }
+            r.outcome = Outcome::Failed {
+                reason: "lost with its region; listed in its quarantine".into(),
+            };
+            return true;
+        }
+        let read_lost = matches!(&r.request, Request::Get | Request::GetBounded { .. })
+            && matches!(&r.outcome, Outcome::Ok { value: Some(v), .. } if lost_values.contains(v));
+        if read_lost {
+            lost.reads_of_lost += 1;
+        }
+        !read_lost
+    });
+    for (key, vs) in &values {
+        for v in vs {
+            if !asked.contains(&(key.clone(), v.clone())) {
+                lost.violations.push(Violation {
+                    checker: "quarantine",
+                    key: key.clone(),
+                    detail: format!("{v} is quarantined but no client wrote it"),
+                });
+            }
+        }
+        if let Some(list) = applied.get_mut(key) {
+            list.retain(|a| !vs.contains(a));
+        }
+    }
+    lost
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tern_verify::Record;
+
+    fn put(client: u32, value: &str, outcome: Outcome) -> Record {
+        Record {
+            client,
+            key: "a/k".into(),
+            invoke_us: 0,
+            complete_us: 1,
+            request: Request::Put { value: value.into() },
+            outcome,
+            idempotency_key: None,
+        }
+    }
+
+    fn ok() -> Outcome {
+        Outcome::Ok {
+            value: None,
+            swapped: None,
+            staleness_ms: None,
+        }
+    }
+
+    fn q(value: &str) -> QuarantinedWrite {
+        QuarantinedWrite {
+            account: "a".into(),
+            key: "k".into(),
+            value: Some(value.into()),
+            value_hex: None,
+            deleted: false,
+            revision: 9,
+            committed_after_ms: None,
+        }
+    }
+
+    #[test]
+    fn quarantined_writes_become_not_applied_and_mismatches_are_violations() {
+        let mut history = History {
+            records: vec![
+                put(1, "c1-1", ok()),
+                put(1, "c1-2", ok()),
+                put(
+                    2,
+                    "c2-1",
+                    Outcome::Failed {
+                        reason: "refused".into(),
+                    },
+                ),
+                Record {
+                    request: Request::Get,
+                    outcome: Outcome::Ok {
+                        value: Some("c1-2".into()),
+                        swapped: None,
+                        staleness_ms: None,
+                    },
+                    ..put(3, "", ok())
+                },
+            ],
+        };
+        let mut applied = BTreeMap::from([("a/k".to_string(), vec!["c1-1".to_string(), "c1-2".to_string()])]);
+        let lost = reconcile(&mut history, &mut applied, &[q("c1-2"), q("c2-1"), q("c9-9")]);
+        assert_eq!((lost.quarantined, lost.acknowledged, lost.reads_of_lost), (3, 1, 1));
+        assert_eq!(applied["a/k"], ["c1-1"]);
+        assert_eq!(history.records.len(), 3, "the read of a lost value is left out");
+        assert!(matches!(history.records[1].outcome, Outcome::Failed { .. }));
+        let details: Vec<&str> = lost.violations.iter().map(|v| v.detail.as_str()).collect();
+        assert_eq!(details.len(), 2, "{details:?}");
+        assert!(details.iter().any(|d| d.contains("told it was not applied")));
+        assert!(details.iter().any(|d| d.contains("no client wrote it")));
+    }
+}
