@@ -28,6 +28,7 @@ use crate::common::{
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Regions","type":"string","description":"Regions whose groups are ready, of those this operator manages","jsonPath":".status.readyRegions"}"#,
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Failed","type":"string","description":"Regions failed over to a successor","jsonPath":".status.regions[?(@.serving==\"Failed\")].name"}"#,
     printcolumn = r#"{"name":"Failover","type":"string","priority":1,"jsonPath":".spec.failover.mode"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
     validation = Rule::new(format!("self.metadata.name.size() <= {MAX_CLUSTER_NAME}")).message(kube::core::Message::Message(format!("metadata.name must be at most {MAX_CLUSTER_NAME} characters: it is part of the names of every child object and DNS name"))).reason(Reason::FieldValueInvalid),
@@ -496,16 +497,35 @@ pub struct RegionStatus {
     /// Written by the region's agent: the Raft leader of the region's group.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group_leader: Option<String>,
+    /// Written by the operator from the directory (field manager
+    /// `tern-operator-regions`): `Active`, `Draining` or `Failed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serving: Option<String>,
+    /// Failed: the region that serves its accounts now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub successor: Option<String>,
+    /// Failed: the failover's region epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region_epoch: Option<i64>,
+    /// The agent holding the region's lease in the directory (its routers
+    /// accept writes while it renews it), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_holder: Option<String>,
 }
 
 impl RegionStatus {
-    /// Carries over the fields the region's agent owns, so that the operator
+    /// Carries over the fields the region's agent owns, and those the
+    /// operator's directory watcher owns, so that the group reconciler
     /// compares (and writes) only its own.
     pub fn keep_agent_fields(&mut self, from: &RegionStatus) {
         self.agent = from.agent.clone();
         self.mirrors = from.mirrors.clone();
         self.members_behind = from.members_behind;
         self.group_leader = from.group_leader.clone();
+        self.serving = from.serving.clone();
+        self.successor = from.successor.clone();
+        self.region_epoch = from.region_epoch;
+        self.lease_holder = from.lease_holder.clone();
     }
 }
 
@@ -515,7 +535,8 @@ impl RegionStatus {
 pub struct MirrorLag {
     /// The mirrored (source) region.
     pub source: String,
-    /// `streaming`, `resyncing`, `disconnected` or `starting`.
+    /// `streaming`, `resyncing`, `disconnected`, `starting` or `promoted`
+    /// (a failover made this region the source's successor).
     pub state: String,
     /// How stale the mirror is, ms (never negative).
     pub lag_ms: i64,

@@ -554,3 +554,109 @@ async fn writes_the_successor_never_had_are_quarantined_exactly_when_the_region_
         .await
         .expect("tern quarantine list");
 }
+
+#[tokio::test]
+async fn the_geocluster_reports_a_failed_over_region_with_its_successor_an_event_and_a_column() {
+    use kube::api::Api;
+    use tern_common::{RegionLease, RegionRecord, RegionState, dir_region_key};
+    use tern_local::etcd_cluster::{EtcdCluster, Tuning};
+    let _serial = SERIAL.lock().await;
+    tern_e2e::init_logs();
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let directory = EtcdCluster::start(tmp.path(), "directory", 1, Tuning::default()).expect("directory");
+    let mut dir = etcd_client::Client::connect(directory.endpoints(), None)
+        .await
+        .expect("directory client");
+    let eu = RegionName::new("eu-west").expect("valid");
+    let us = RegionName::new("us-east").expect("valid");
+    let mut failed = RegionRecord::unwritten();
+    failed.state = RegionState::Failed;
+    failed.successor = Some(eu.clone());
+    failed.region_epoch = 1;
+    dir.put(dir_region_key(&us), failed.to_json(), None)
+        .await
+        .expect("record");
+    dir.put(dir_lease_key(&us), RegionLease::failed_over(&eu, 1).to_json(), None)
+        .await
+        .expect("tombstone");
+    dir.put(dir_region_key(&eu), RegionRecord::unwritten().to_json(), None)
+        .await
+        .expect("record");
+    let holder = RegionLease {
+        agent: "eu-west-agent-0".into(),
+        leadership: 7,
+        failed_over_to: None,
+    };
+    dir.put(dir_lease_key(&eu), holder.to_json(), None)
+        .await
+        .expect("lease");
+
+    let cp = tern_e2e::controlplane::ControlPlane::start("regions")
+        .await
+        .expect("control plane starts");
+    cp.install_crds().expect("CRDs install");
+    cp.kubectl(&["apply", "-f", "examples/geocluster.yaml"])
+        .expect("GeoCluster applied");
+    let endpoints = format!("--directory-endpoints={}", directory.endpoints().join(","));
+    let _operator = tern_e2e::operator::OperatorGuard::start(&cp, &[endpoints.as_str()])
+        .await
+        .expect("operator starts");
+    let api: Api<tern_crds::GeoCluster> = Api::namespaced(cp.client().await.expect("client"), "default");
+    let status = tern_e2e::operator::eventually("the failover in the status", Duration::from_secs(60), || async {
+        let status = api.get("payments").await.ok()?.status?;
+        let us = status.regions.iter().find(|r| r.name == "us-east")?;
+        (us.serving.as_deref() == Some("Failed")).then_some(status)
+    })
+    .await;
+    let us_status = status.regions.iter().find(|r| r.name == "us-east").expect("us-east");
+    assert_eq!(
+        (
+            us_status.successor.as_deref(),
+            us_status.region_epoch,
+            us_status.lease_holder.as_deref()
+        ),
+        (Some("eu-west"), Some(1), None)
+    );
+    let eu_status = status.regions.iter().find(|r| r.name == "eu-west").expect("eu-west");
+    assert_eq!(
+        (eu_status.serving.as_deref(), eu_status.lease_holder.as_deref()),
+        (Some("Active"), Some("eu-west-agent-0"))
+    );
+    let condition = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "RegionsServing")
+        .expect("the condition");
+    assert_eq!(
+        (condition.status.as_str(), condition.reason.as_str()),
+        ("False", "RegionFailedOver")
+    );
+    assert!(
+        condition.message.contains("us-east failed over to eu-west"),
+        "{}",
+        condition.message
+    );
+    // The group reconciler's own conditions are still there.
+    assert!(
+        status.conditions.iter().any(|c| c.type_ == "Ready"),
+        "{:?}",
+        status.conditions
+    );
+    let table = cp.kubectl(&["get", "geocluster", "payments"]).expect("kubectl get");
+    assert!(table.contains("FAILED") && table.contains("us-east"), "{table}");
+    let events = tern_e2e::operator::eventually("the event", Duration::from_secs(30), || async {
+        let events = cp
+            .kubectl(&[
+                "get",
+                "events.events.k8s.io",
+                "-n",
+                "default",
+                "-o",
+                "custom-columns=REASON:.reason,NOTE:.note",
+            ])
+            .ok()?;
+        events.contains("RegionFailedOver").then_some(events)
+    })
+    .await;
+    assert!(events.contains("failed over to eu-west at region epoch 1"), "{events}");
+}

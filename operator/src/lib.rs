@@ -141,10 +141,11 @@ pub async fn run(
     ctx.automatic_history = config.automatic_migration_history as usize;
     let ctx = Arc::new(ctx);
     let audit = controller::audit::run(client.clone(), config.namespace.clone(), ctx.clone());
+    let regions = controller::regions::run(client.clone(), config.namespace.clone(), ctx.clone());
     let controllers = {
         let (ctx, namespace) = (ctx.clone(), config.namespace.clone());
         async move {
-            futures::join!(controllers(client, &namespace, ctx), audit);
+            futures::join!(controllers(client, &namespace, ctx), audit, regions);
         }
     };
     let outcome = match elector.as_mut() {

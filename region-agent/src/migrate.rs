@@ -44,7 +44,8 @@ use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp, WatchOptio
 use tern_common::etcd::Pages;
 use tern_common::{
     AccountId, AccountRecord, AccountState, DIR_MIGRATIONS, Epoch, Fence, MigrationId, MigrationPhase, MigrationRecord,
-    MirrorState, RegionName, account_prefix, dir_account_key, dir_migration_key, fence_key, mirror_key,
+    MirrorState, RegionLease, RegionName, account_prefix, dir_account_key, dir_lease_key, dir_migration_key, fence_key,
+    mirror_key,
 };
 use tokio::time::Instant;
 
@@ -511,6 +512,33 @@ impl Migrator {
             let why = format!("{target} does not mirror {home}");
             return self.refuse(i, claim, why).await;
         }
+        // A failed-over home no longer holds the account's truth: its
+        // successor writes it, in an area no one mirrors. Until moves out
+        // of a promoted area exist, such an account is not moved (`tern
+        // verify` found a move copying the failed region's stale data over
+        // what the successor had acknowledged). The start compares the
+        // home's lease key as read, so a failover in between (which
+        // requires the key gone and leaves a tombstone) makes it fail.
+        let lease_key = dir_lease_key(&home);
+        let lease = self
+            .directory
+            .clone()
+            .get(lease_key.clone(), None)
+            .await
+            .during(|| format!("reading {lease_key}"))?;
+        let lease_created = lease.kvs().first().map_or(0, |kv| kv.create_revision());
+        if let Some(successor) = lease
+            .kvs()
+            .first()
+            .and_then(|kv| serde_json::from_slice::<RegionLease>(kv.value()).ok())
+            .and_then(|l| l.failed_over_to)
+        {
+            let why = format!(
+                "account {}'s home region {home} failed over to {successor}, which serves it; moving accounts out of a failed-over region is not built yet",
+                i.record.account
+            );
+            return self.refuse(i, claim, why).await;
+        }
         let mirror = self.shared.mirror_statuses().remove(home.as_str());
         let healthy = mirror
             .as_ref()
@@ -561,11 +589,10 @@ impl Migrator {
             .save(
                 i,
                 claim,
-                vec![Compare::mod_revision(
-                    account_key.clone(),
-                    CompareOp::Equal,
-                    account_revision,
-                )],
+                vec![
+                    Compare::mod_revision(account_key.clone(), CompareOp::Equal, account_revision),
+                    Compare::create_revision(lease_key, CompareOp::Equal, lease_created),
+                ],
                 vec![TxnOp::put(account_key, account_value, None)],
             )
             .await?;

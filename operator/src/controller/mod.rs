@@ -8,6 +8,7 @@ pub mod audit;
 pub mod geocluster;
 pub mod migration;
 pub mod regiongroup;
+pub mod regions;
 
 use std::future::Future;
 use std::sync::Arc;
