@@ -19,6 +19,7 @@
 //!
 //! `--sections` picks some of them.
 
+mod failover;
 mod migrations;
 mod mirrors;
 mod scale;
@@ -58,7 +59,7 @@ pub struct BenchArgs {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "overhead,proxied,mirrors,telemetry,scale,migrations"
+        default_value = "overhead,proxied,mirrors,telemetry,scale,migrations,failover"
     )]
     sections: Vec<Section>,
     /// Accounts in the directory for the scale section.
@@ -70,6 +71,10 @@ pub struct BenchArgs {
     /// Accounts moved at once out of one region in the migrations section.
     #[arg(long, default_value_t = 200)]
     migration_bulk: usize,
+    /// Accounts homed in the killed region in the failover section (also
+    /// run with 10, side by side).
+    #[arg(long, default_value_t = 100_000)]
+    failover_accounts: usize,
     /// Where to write the report.
     #[arg(long, default_value = "target/bench/report.md")]
     report: PathBuf,
@@ -121,6 +126,8 @@ enum Section {
     Scale,
     /// Write unavailability of a move per region pair, and bulk moves.
     Migrations,
+    /// Recovery time of a region killed whole, at 10 and at many accounts.
+    Failover,
 }
 
 const REGIONS: [&str; 3] = ["us-east", "eu-west", "ap-south"];
@@ -171,6 +178,11 @@ pub async fn run(args: BenchArgs) -> Result<(), CliError> {
     }
     if wants(Section::Migrations) {
         let section = migrations::run(args.members, args.migration_moves, args.migration_bulk).await?;
+        print!("\n{section}");
+        report.push_str(&section);
+    }
+    if wants(Section::Failover) {
+        let section = failover::run(args.members, args.failover_accounts).await?;
         print!("\n{section}");
         report.push_str(&section);
     }

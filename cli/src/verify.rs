@@ -205,11 +205,16 @@ fn save_applied(history: &std::path::Path, applied: &tern_verify::applied::Appli
     })
 }
 
+/// Where a run's quarantined writes are saved (runs that lose a region).
+fn quarantine_path(history: &std::path::Path) -> PathBuf {
+    history.with_extension("quarantine.json")
+}
+
 /// `--check`: the checkers again on a saved history, offline.
 fn check_saved(path: &std::path::Path) -> Result<(), CliError> {
-    let history = History::load(path).map_err(|e| CliError::Setup(e.to_string()))?;
+    let mut history = History::load(path).map_err(|e| CliError::Setup(e.to_string()))?;
     let applied_file = applied_path(path);
-    let applied: Option<tern_verify::applied::Applied> = match std::fs::read_to_string(&applied_file) {
+    let mut applied: Option<tern_verify::applied::Applied> = match std::fs::read_to_string(&applied_file) {
         Ok(text) => {
             Some(serde_json::from_str(&text).map_err(|e| CliError::Setup(format!("{}: {e}", applied_file.display())))?)
         }
@@ -218,8 +223,17 @@ fn check_saved(path: &std::path::Path) -> Result<(), CliError> {
             None
         }
     };
+    let mut violations = Vec::new();
+    if let Ok(text) = std::fs::read_to_string(quarantine_path(path)) {
+        let quarantined: Vec<tern_common::QuarantinedWrite> = serde_json::from_str(&text)
+            .map_err(|e| CliError::Setup(format!("{}: {e}", quarantine_path(path).display())))?;
+        let mut none = tern_verify::applied::Applied::new();
+        let lost = lost::reconcile(&mut history, applied.as_mut().unwrap_or(&mut none), &quarantined);
+        violations.extend(lost.violations);
+    }
     let lin = tern_verify::judge(&history, applied.as_ref(), PER_KEY);
-    let violations = &lin.violations;
+    violations.extend(lin.violations.iter().cloned());
+    let violations = &violations;
     println!(
         "{}: {} ops, {} keys, {} violations{}",
         path.display(),
@@ -289,7 +303,7 @@ fn print_report(r: &RunReport) {
             .any(|f| f.starts_with("kill-region") || f.starts_with("cut-directory"))
     {
         println!(
-            "  lost with the region and quarantined: {} writes ({} acknowledged, {} with an unknown outcome); {} earlier reads had returned one of them",
+            "  lost with the region and quarantined: {} writes ({} acknowledged, {} with an unknown outcome); {} reads or failed compares may have seen one of them",
             l.quarantined, l.acknowledged, l.unknown, l.reads_of_lost
         );
     }
@@ -444,19 +458,26 @@ pub async fn run_once(args: &VerifyArgs, binaries: &Binaries, seed: u64) -> Resu
         key: String::new(),
         detail,
     }));
+    // Saved as recorded, with what etcd applied and the quarantine: `--check`
+    // reconciles and judges them again.
+    let path = args.out.join(format!("history-{seed}.jsonl"));
+    history.save(&path).map_err(|e| CliError::Setup(e.to_string()))?;
+    save_applied(&path, &applied)?;
     let lost = if nemesis.lost_regions.is_empty() {
         lost::Lost::default()
     } else {
         let quarantined = lost::read_quarantine(&d).await?;
+        let text = serde_json::to_string_pretty(&quarantined).expect("records always serialise");
+        std::fs::write(quarantine_path(&path), text).map_err(|source| CliError::Io {
+            path: quarantine_path(&path).display().to_string(),
+            source,
+        })?;
         let lost = lost::reconcile(&mut history, &mut applied, &quarantined);
         violations.extend(lost.violations.clone());
         lost
     };
     let lin = tern_verify::judge(&history, Some(&applied), PER_KEY);
     violations.extend(lin.violations);
-    let path = args.out.join(format!("history-{seed}.jsonl"));
-    history.save(&path).map_err(|e| CliError::Setup(e.to_string()))?;
-    save_applied(&path, &applied)?;
     let mut by_outcome = BTreeMap::new();
     for r in &history.records {
         let kind = match r.outcome {

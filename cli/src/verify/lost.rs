@@ -11,7 +11,10 @@
 //!   client was told was *not* applied;
 //! - reads that returned a quarantined value (the failed region served them
 //!   before it was lost) are counted and left out: they saw data that was
-//!   later lost, which is what a failover with data loss means.
+//!   later lost, which is what a failover with data loss means. So are
+//!   compare-and-sets whose compare failed on a key with lost writes, from
+//!   the first of them on: a failed compare does not say what it saw, and
+//!   it may have been a lost value (`tern verify` seed 200).
 //!
 //! Values are unique per write (`c{client}-{n}`), which is how quarantined
 //! writes are matched to the history; runs that lose a region write no
@@ -35,7 +38,8 @@ pub struct Lost {
     pub acknowledged: usize,
     /// Of those, with an outcome the client never learned.
     pub unknown: usize,
-    /// Reads that had returned a value later lost.
+    /// Reads that had returned a value later lost, and compare-and-sets
+    /// whose compare failed when one may have been current.
     pub reads_of_lost: usize,
     pub violations: Vec<Violation>,
 }
@@ -87,6 +91,20 @@ pub fn reconcile(
             }),
         }
     }
+    // When the first write later lost was sent, per key.
+    let mut first_lost: BTreeMap<String, u64> = BTreeMap::new();
+    for r in &history.records {
+        let written = match &r.request {
+            Request::Put { value } | Request::Cas { new: Some(value), .. } => Some(value),
+            _ => None,
+        };
+        if let Some(v) = written
+            && values.get(&r.key).is_some_and(|vs| vs.contains(v))
+        {
+            let first = first_lost.entry(r.key.clone()).or_insert(r.invoke_us);
+            *first = (*first).min(r.invoke_us);
+        }
+    }
     let mut asked: BTreeSet<(String, String)> = BTreeSet::new();
     history.records.retain_mut(|r| {
         let Some(lost_values) = values.get(&r.key) else {
@@ -117,6 +135,10 @@ pub fn reconcile(
         }
         let read_lost = matches!(&r.request, Request::Get | Request::GetBounded { .. })
             && matches!(&r.outcome, Outcome::Ok { value: Some(v), .. } if lost_values.contains(v));
+        let compare_failed_after_a_loss = matches!(&r.request, Request::Cas { .. })
+            && matches!(&r.outcome, Outcome::Ok { swapped: Some(false), .. })
+            && first_lost.get(&r.key).is_some_and(|first| r.invoke_us >= *first);
+        let read_lost = read_lost || compare_failed_after_a_loss;
         if read_lost {
             lost.reads_of_lost += 1;
         }
@@ -201,10 +223,29 @@ mod tests {
             ],
         };
         let mut applied = BTreeMap::from([("a/k".to_string(), vec!["c1-1".to_string(), "c1-2".to_string()])]);
+        // A compare that failed once a lost write may have been current.
+        history.records.push(Record {
+            request: Request::Cas {
+                expect: Some("c1-1".into()),
+                new: Some("c4-1".into()),
+            },
+            outcome: Outcome::Ok {
+                value: None,
+                swapped: Some(false),
+                staleness_ms: None,
+            },
+            invoke_us: 5,
+            complete_us: 6,
+            ..put(4, "", ok())
+        });
         let lost = reconcile(&mut history, &mut applied, &[q("c1-2"), q("c2-1"), q("c9-9")]);
-        assert_eq!((lost.quarantined, lost.acknowledged, lost.reads_of_lost), (3, 1, 1));
+        assert_eq!((lost.quarantined, lost.acknowledged, lost.reads_of_lost), (3, 1, 2));
         assert_eq!(applied["a/k"], ["c1-1"]);
-        assert_eq!(history.records.len(), 3, "the read of a lost value is left out");
+        assert_eq!(
+            history.records.len(),
+            3,
+            "the read of a lost value and the failed compare are left out"
+        );
         assert!(matches!(history.records[1].outcome, Outcome::Failed { .. }));
         let details: Vec<&str> = lost.violations.iter().map(|v| v.detail.as_str()).collect();
         assert_eq!(details.len(), 2, "{details:?}");
