@@ -26,8 +26,8 @@ use crate::CliError;
 const FILL_TXN: usize = 1000;
 /// Kills per size.
 const REPEATS: usize = 3;
-/// The agents' lease TTL (seconds) and margin, as the section runs them.
-const TTL_SECS: u64 = 3;
+/// The agents' lease TTL (seconds) and margin, as tern-local runs them.
+const TTL_SECS: u64 = 2;
 const MARGIN: Duration = Duration::from_millis(500);
 
 /// One kill: RTO, and when the failover was committed (from the kill).
@@ -81,16 +81,10 @@ async fn once(members: usize, accounts: usize) -> Result<Kill, CliError> {
         otlp_endpoint: None,
     })
     .await?;
-    let ttl = format!("--election-ttl={TTL_SECS}");
-    let margin = format!("--lease-margin={}ms", MARGIN.as_millis());
-    d.restart_with_flags("us-east", &[], &[ttl.clone(), margin.clone()])
-        .await?;
     d.restart_with_flags(
         "eu-west",
         &[],
         &[
-            ttl,
-            margin,
             "--failover-mode=automatic".into(),
             "--failover-order=us-east=eu-west".into(),
         ],
