@@ -16,6 +16,9 @@
 //!    flags, and without them the section is skipped.
 //! 5. Scale: a directory of a million accounts: router cold start, memory
 //!    per cached account, lookup latency, placement propagation.
+//! 6. Migrations: write unavailability of a move per region pair, bulk moves.
+//! 7. Failover: the recovery time of a region killed whole, at 10 and at
+//!    100,000 accounts side by side.
 //!
 //! `--sections` picks some of them.
 
