@@ -452,12 +452,18 @@ pub async fn run_once(args: &VerifyArgs, binaries: &Binaries, seed: u64) -> Resu
     }
     violations.extend(nemesis.did_not_bite(&d).await);
     let finished = etcd_history.finish(&d).await?;
-    let mut applied = finished.applied;
-    violations.extend(finished.split_brain.into_iter().map(|detail| tern_verify::Violation {
-        checker: "split-brain",
-        key: String::new(),
-        detail,
-    }));
+    let mut applied = finished.applied.clone();
+    violations.extend(
+        finished
+            .split_brain
+            .iter()
+            .cloned()
+            .map(|detail| tern_verify::Violation {
+                checker: "split-brain",
+                key: String::new(),
+                detail,
+            }),
+    );
     // Saved as recorded, with what etcd applied and the quarantine: `--check`
     // reconciles and judges them again.
     let path = args.out.join(format!("history-{seed}.jsonl"));
@@ -472,6 +478,8 @@ pub async fn run_once(args: &VerifyArgs, binaries: &Binaries, seed: u64) -> Resu
             path: quarantine_path(&path).display().to_string(),
             source,
         })?;
+        let stopped = lost::stopped(&d, &nemesis.lost_regions).await?;
+        violations.extend(lost::check_stopped(&finished.home_writes, &stopped, &quarantined));
         let lost = lost::reconcile(&mut history, &mut applied, &quarantined);
         violations.extend(lost.violations.clone());
         lost

@@ -120,7 +120,10 @@ pub async fn keep_alive_every(client: Client, lease: i64, ttl: i64, per_ttl: u64
             channel = None;
             continue;
         }
-        match tokio::time::timeout(period, stream.message()).await {
+        // An answer may take longer than the cadence (a distant directory):
+        // waiting a third of the TTL keeps slow renewals from timing out one
+        // after another while the lease runs down.
+        match tokio::time::timeout(period.max(ttl / 3), stream.message()).await {
             Ok(Ok(Some(resp))) if resp.ttl() > 0 => {
                 renewed = tokio::time::Instant::now();
                 shared.renewed(lease, sent);

@@ -27,7 +27,9 @@ use std::time::Duration;
 
 use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp};
 use tern_common::failover::{self, FailoverRefused};
-use tern_common::{DIR_LEASES, DIR_REGIONS, RegionLease, RegionName, RegionRecord, RegionState, promotion_key};
+use tern_common::{
+    DIR_LEASES, DIR_REGIONS, RegionLease, RegionName, RegionRecord, RegionState, mirror_applied_key, promotion_key,
+};
 use tokio::time::Instant;
 
 use crate::config::Config;
@@ -210,8 +212,28 @@ async fn promote(
     if !found.kvs().is_empty() {
         return Ok(());
     }
+    // A mirror without its applied record is mid-resync: its area holds a
+    // partial copy (an account's fence may be there without its
+    // idempotency records). Serving that would apply keyed retries twice;
+    // the accounts wait until an operator decides (the mirror cannot
+    // finish without its source).
+    let applied = mirror_applied_key(failed);
+    let complete = !c
+        .get(applied.clone(), None)
+        .await
+        .during(|| format!("reading {applied}"))?
+        .kvs()
+        .is_empty();
+    if !complete {
+        tracing::error!(failed = %failed, "the mirror of the failed region is incomplete (a resync was under way): not promoting it");
+        return Ok(());
+    }
     let txn = Txn::new()
-        .when([leadership.guard(), Compare::version(key.clone(), CompareOp::Equal, 0)])
+        .when([
+            leadership.guard(),
+            Compare::version(key.clone(), CompareOp::Equal, 0),
+            Compare::version(applied, CompareOp::Greater, 0),
+        ])
         .and_then([TxnOp::put(key.clone(), epoch.to_string(), None)]);
     let resp = c.txn(txn).await.during(|| format!("writing {key}"))?;
     if !resp.succeeded() {

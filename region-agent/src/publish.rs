@@ -117,7 +117,7 @@ pub async fn run(
 }
 
 /// Grants a directory lease and claims the region's lease key with it; the
-/// lease is revoked again when the claim fails.
+/// lease is revoked again when the claim was refused for sure.
 async fn grant_and_claim(c: &mut Client, shared: &Shared, leadership: &Leadership, ttl: i64) -> Result<Claim> {
     let sent = tokio::time::Instant::now();
     let lease = c
@@ -128,9 +128,17 @@ async fn grant_and_claim(c: &mut Client, shared: &Shared, leadership: &Leadershi
     let claimed = claim(c, &shared.region, &shared.identity, leadership.rev, lease).await;
     match &claimed {
         Ok(_) => shared.granted(lease, sent),
-        Err(_) => {
+        // Refused: the key is bound to someone else's lease.
+        Err(AgentError::DirectoryLeaseLost { .. } | AgentError::FailedOver { .. } | AgentError::Malformed { .. }) => {
             let _ = c.lease_revoke(lease).await;
         }
+        // Perhaps committed (an answer lost): the key may be bound to this
+        // lease now, and revoking it would delete the key while the
+        // region's routers may still write on the previous holder's
+        // renewals; a successor could then fail the region over under
+        // them. It expires on its own, a TTL after its grant, which is
+        // after every renewal the routers' validity came from.
+        Err(_) => {}
     }
     claimed
 }

@@ -220,6 +220,11 @@ async fn history(c: &mut Client, region: &RegionName, mark: &Mark, now: i64) -> 
     let mut writes = Vec::new();
     // Events of the mark's own revision that the mirror already applied.
     let mut skip = mark.events.unwrap_or(0);
+    // Whether each account's fence here said `E:active` at each point:
+    // only writes under an active fence were clients' (a cleanup deleting
+    // a moved account's copy, or a move's copy landing, were not).
+    let mut active: BTreeMap<String, bool> = BTreeMap::new();
+    let mut reader = c.clone();
     loop {
         let resp = match tokio::time::timeout(Duration::from_millis(500), stream.message()).await {
             Ok(m) => m.during(|| "watching the group's history".into())?,
@@ -267,8 +272,25 @@ async fn history(c: &mut Client, region: &RegionName, mark: &Mark, now: i64) -> 
                 continue;
             }
             let deleted = event.event_type() == EventType::Delete;
+            if let Some(account) = std::str::from_utf8(kv.key())
+                .ok()
+                .and_then(|k| k.strip_prefix("/tern/a/")?.strip_suffix("/fence"))
+            {
+                active.insert(account.to_string(), !deleted && kv.value().ends_with(b":active"));
+                continue;
+            }
             if let Some(w) = write(kv.key(), kv.value(), deleted, kv.mod_revision(), heartbeat_ms) {
-                writes.push(w);
+                let fenced_active = match active.get(&w.account) {
+                    Some(a) => *a,
+                    None => {
+                        let a = fence_active_at(&mut reader, &w.account, start - 1).await;
+                        active.insert(w.account.clone(), a);
+                        a
+                    }
+                };
+                if fenced_active {
+                    writes.push(w);
+                }
             }
         }
         if resp
@@ -283,6 +305,17 @@ async fn history(c: &mut Client, region: &RegionName, mark: &Mark, now: i64) -> 
     // Dropping the stream ends the watch.
     drop(stream);
     Ok(writes)
+}
+
+/// Whether `account`'s fence said `E:active` at `revision`; true when that
+/// cannot be read (compacted): listing a write too many is better than
+/// one too few.
+async fn fence_active_at(c: &mut Client, account: &str, revision: i64) -> bool {
+    let key = format!("/tern/a/{account}/fence");
+    match c.get(key, Some(GetOptions::new().with_revision(revision.max(1)))).await {
+        Ok(r) => r.kvs().first().is_some_and(|kv| kv.value().ends_with(b":active")),
+        Err(_) => true,
+    }
 }
 
 /// Each user key changed after `start - 1` with its latest value (deletes

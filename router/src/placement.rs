@@ -197,27 +197,45 @@ impl Directory {
     pub async fn register_region(&self, region: &RegionName, endpoint: &str) -> Result<()> {
         let key = dir_region_key(region);
         let mut client = self.client.clone();
-        let current = client
-            .get(key.clone(), None)
-            .await
-            .map_err(RouterError::DirectoryUnavailable)?;
-        let mut record = match current.kvs().first() {
-            Some(kv) => serde_json::from_slice::<RegionRecord>(kv.value())
-                .map_err(|e| RouterError::Internal(format!("region record {key}: {e}")))?,
-            None => RegionRecord::unwritten(),
-        };
-        if record.router_endpoint != endpoint {
-            record.router_endpoint = endpoint.to_string();
-            client
-                .put(key, record.to_json(), None)
+        // Compare-and-swap on the record's version: the record also carries
+        // what agents publish and a failover's state, which a blind write
+        // read a moment earlier would undo.
+        for _ in 0..10 {
+            let current = client
+                .get(key.clone(), None)
                 .await
                 .map_err(RouterError::DirectoryUnavailable)?;
+            let (version, mut record) = match current.kvs().first() {
+                Some(kv) => (
+                    kv.version(),
+                    serde_json::from_slice::<RegionRecord>(kv.value())
+                        .map_err(|e| RouterError::Internal(format!("region record {key}: {e}")))?,
+                ),
+                None => (0, RegionRecord::unwritten()),
+            };
+            if record.router_endpoint != endpoint {
+                record.router_endpoint = endpoint.to_string();
+                let txn = Txn::new()
+                    .when([Compare::version(key.clone(), CompareOp::Equal, version)])
+                    .and_then([TxnOp::put(key.clone(), record.to_json(), None)]);
+                let written = client
+                    .txn(txn)
+                    .await
+                    .map_err(RouterError::DirectoryUnavailable)?
+                    .succeeded();
+                if !written {
+                    continue;
+                }
+            }
+            self.regions
+                .write()
+                .await
+                .insert(region.clone(), (record, std::time::Instant::now()));
+            return Ok(());
         }
-        self.regions
-            .write()
-            .await
-            .insert(region.clone(), (record, std::time::Instant::now()));
-        Ok(())
+        Err(RouterError::Unavailable(format!(
+            "region record {key} kept changing while this router registered its endpoint"
+        )))
     }
 
     /// Creates the placement record if the account does not exist. Returns

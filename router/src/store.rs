@@ -356,6 +356,18 @@ impl HomeStore {
         work: &Work,
     ) -> Result<Guarded> {
         self.gate.check()?;
+        if let (Area::Promoted { source, .. }, Work::Txn { checks, .. }) = (area, work)
+            && checks
+                .iter()
+                .any(|c| matches!(c.target, Target::ModRevision(_)) || matches!(c.target, Target::Version(n) if n != 0))
+        {
+            // Revisions and versions are the failed region's group's until
+            // the failover and this group's after it (a resync even starts
+            // versions again): such a compare could hold by accident.
+            return Err(RouterError::BadRequest(format!(
+                "compares on mod_revision or version (other than 0, absent) are refused while the account is served by {source}'s successor after a failover: compare values instead"
+            )));
+        }
         let translated;
         let work = if *area == Area::Home {
             work
@@ -460,6 +472,10 @@ impl HomeStore {
             otherwise.push(TxnOp::get(marker, None));
         }
         let txn = Txn::new().when(when).and_then(then).or_else(otherwise);
+        // Checked again right before sending: granting the records' lease
+        // may have taken a while (the time from the check to the commit is
+        // what the lease margin must cover).
+        self.gate.check()?;
         // Puts and Deletes may share a commit; reads (whose answers could be
         // large) and user transactions go alone.
         let batchable = matches!(work, Work::Put { .. } | Work::Delete { .. });

@@ -46,6 +46,10 @@ struct Seen {
     /// When it first saw a successor apply one in its promoted area, by
     /// (failed region, account): (when, successor).
     first_promoted_write: BTreeMap<(String, String), (Instant, String)>,
+    /// Every write applied in a group's home area: (group, key, value,
+    /// revision), for the quarantine's check against where the successor's
+    /// mirror stopped.
+    home_writes: Vec<(String, String, String, i64)>,
     /// Why part of the history could not be read, if it could not.
     lost: Option<String>,
 }
@@ -115,6 +119,7 @@ impl EtcdHistory {
         Ok(Finished {
             applied: std::mem::take(&mut seen.applied),
             split_brain,
+            home_writes: std::mem::take(&mut seen.home_writes),
         })
     }
 }
@@ -146,6 +151,9 @@ pub struct Finished {
     /// Writes a failed region applied to an account after its successor
     /// had begun to (two regions writing one account at once).
     pub split_brain: Vec<String>,
+    /// Every write applied in a group's home area: (group, key, value,
+    /// revision).
+    pub home_writes: Vec<(String, String, String, i64)>,
 }
 
 impl Drop for EtcdHistory {
@@ -258,6 +266,9 @@ async fn watch_once(
             match &area {
                 None => {
                     seen.last_home_write.insert((region.to_string(), account), now);
+                    let value = String::from_utf8_lossy(kv.value()).into_owned();
+                    seen.home_writes
+                        .push((region.to_string(), key.clone(), value, kv.mod_revision()));
                 }
                 // A mirror's own copies are not writes; a promoted area's are.
                 Some(source) if seen.promoted.contains(&(region.to_string(), source.clone())) => {

@@ -3,10 +3,11 @@
 //! of what the region committed, and the region reports exactly those in
 //! its quarantine when it returns (docs/failover.md). So:
 //!
-//! - every acknowledged write missing afterwards must be in the quarantine:
-//!   the checkers see the quarantined writes as not applied (they are gone
-//!   from the successor's lineage), and an acknowledged write missing
-//!   without being quarantined is still a lost write to them;
+//! - the quarantine must hold exactly what the failed region's group
+//!   applied after the successor's mirror stopped, by etcd's own history
+//!   (`check_stopped`: no fewer, no more);
+//! - the checkers then see the quarantined writes as not applied (they are
+//!   gone from the successor's lineage);
 //! - every quarantined write must be one a client asked for, and none the
 //!   client was told was *not* applied;
 //! - reads that returned a quarantined value (the failed region served them
@@ -42,6 +43,101 @@ pub struct Lost {
     /// whose compare failed when one may have been current.
     pub reads_of_lost: usize,
     pub violations: Vec<Violation>,
+}
+
+/// Where a successor's mirror of a failed region stopped: the failed
+/// region's revisions up to `complete` were applied whole, and `partial`
+/// names a revision applied only in part.
+#[derive(Clone, Debug)]
+pub struct Stopped {
+    pub region: String,
+    pub complete: i64,
+    pub partial: Option<i64>,
+}
+
+/// Reads where each of `regions`' successors' mirrors stopped (the
+/// successor from the region's record, the mark from its group).
+pub async fn stopped(d: &LocalDeployment, regions: &[String]) -> Result<Vec<Stopped>, CliError> {
+    let mut out = Vec::new();
+    for region in regions {
+        let name = tern_common::RegionName::new(region).map_err(|e| CliError::Setup(e.to_string()))?;
+        let record = d
+            .directory_client()
+            .await
+            .get(tern_common::dir_region_key(&name), None)
+            .await
+            .ok()
+            .and_then(|r| serde_json::from_slice::<tern_common::RegionRecord>(r.kvs().first()?.value()).ok());
+        let Some(successor) = record.and_then(|r| r.successor) else {
+            continue;
+        };
+        let mark = d
+            .group_client(successor.as_str())
+            .await
+            .get(tern_common::mirror_applied_key(&name), None)
+            .await
+            .ok()
+            .and_then(|r| Some(String::from_utf8_lossy(r.kvs().first()?.value()).into_owned()));
+        let Some(mark) = mark else { continue };
+        let stop = match mark.split_once(':') {
+            None => mark.parse().ok().map(|r: i64| (r, None)),
+            Some((r, _)) => r.parse().ok().map(|r: i64| (r - 1, Some(r))),
+        };
+        if let Some((complete, partial)) = stop {
+            out.push(Stopped {
+                region: region.clone(),
+                complete,
+                partial,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// The quarantine against etcd's own history: every write a failed
+/// region's group applied after its successor's mirror stopped must be in
+/// the quarantine ("no fewer"), and none applied before it ("no more").
+/// Writes of a revision the mirror applied only in part are not judged.
+pub fn check_stopped(
+    home_writes: &[(String, String, String, i64)],
+    stopped: &[Stopped],
+    quarantined: &[QuarantinedWrite],
+) -> Vec<Violation> {
+    let listed: BTreeSet<(String, String)> = quarantined
+        .iter()
+        .filter_map(|q| Some((format!("{}/{}", q.account, q.key), q.value.clone()?)))
+        .collect();
+    let mut out = Vec::new();
+    for s in stopped {
+        for (group, key, value, revision) in home_writes.iter().filter(|w| w.0 == s.region) {
+            if s.partial == Some(*revision) {
+                continue;
+            }
+            let after = *revision > s.complete;
+            let is_listed = listed.contains(&(key.clone(), value.clone()));
+            if after && !is_listed {
+                out.push(Violation {
+                    checker: "quarantine",
+                    key: key.clone(),
+                    detail: format!(
+                        "{group} applied {value} at revision {revision}, after its successor's mirror stopped at {}, and it is not quarantined",
+                        s.complete
+                    ),
+                });
+            }
+            if !after && is_listed {
+                out.push(Violation {
+                    checker: "quarantine",
+                    key: key.clone(),
+                    detail: format!(
+                        "{value} is quarantined, but {group} applied it at revision {revision}, which its successor's mirror had (up to {})",
+                        s.complete
+                    ),
+                });
+            }
+        }
+    }
+    out
 }
 
 /// Every quarantined write in the directory.
@@ -196,6 +292,32 @@ mod tests {
             revision: 9,
             committed_after_ms: None,
         }
+    }
+
+    #[test]
+    fn the_quarantine_must_hold_exactly_what_the_failed_region_applied_after_the_mirror_stopped() {
+        let writes = vec![
+            ("us-east".to_string(), "a/k".to_string(), "c1-1".to_string(), 10),
+            ("us-east".to_string(), "a/k".to_string(), "c1-2".to_string(), 12),
+            ("us-east".to_string(), "a/k".to_string(), "c1-3".to_string(), 13),
+            ("eu-west".to_string(), "a/k".to_string(), "c1-9".to_string(), 99),
+        ];
+        let stopped = [Stopped {
+            region: "us-east".into(),
+            complete: 11,
+            partial: None,
+        }];
+        assert!(check_stopped(&writes, &stopped, &[q("c1-2"), q("c1-3")]).is_empty());
+        let too_few = check_stopped(&writes, &stopped, &[q("c1-2")]);
+        assert!(
+            too_few.len() == 1 && too_few[0].detail.contains("not quarantined"),
+            "{too_few:?}"
+        );
+        let too_many = check_stopped(&writes, &stopped, &[q("c1-1"), q("c1-2"), q("c1-3")]);
+        assert!(
+            too_many.len() == 1 && too_many[0].detail.contains("mirror had"),
+            "{too_many:?}"
+        );
     }
 
     #[test]
