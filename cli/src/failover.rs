@@ -67,6 +67,15 @@ pub async fn run(args: FailoverArgs) -> Result<(), CliError> {
         .get(&successor)
         .and_then(|r| r.mirrors.get(lost.as_str()))
         .cloned();
+    // The successor's agent promotes only a complete mirror.
+    if let Some(m) = &mirror
+        && matches!(m.state, MirrorState::Starting | MirrorState::Resyncing)
+    {
+        return Err(CliError::Usage(format!(
+            "{successor}'s mirror of {lost} is {} (incomplete): it would not be promoted; name another successor with --to",
+            m.state.as_str()
+        )));
+    }
     println!("Failing {lost} over to {successor}.");
     match &view.lease {
         Some(holder) => println!(

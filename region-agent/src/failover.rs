@@ -193,6 +193,14 @@ fn possible_loss(shared: &Shared, lost: &RegionName, gone_for: Duration, margin:
     if status.lag_ms == u64::MAX || status.lag_error_ms == u64::MAX {
         return None;
     }
+    // A mirror still starting or resyncing is incomplete: it would not be
+    // promoted, so failing over to it would only end the region's return.
+    if matches!(
+        status.state,
+        tern_common::MirrorState::Starting | tern_common::MirrorState::Resyncing
+    ) {
+        return None;
+    }
     let behind = Duration::from_millis(status.lag_ms + status.lag_error_ms);
     Some(behind.saturating_sub(gone_for + margin))
 }
