@@ -211,8 +211,8 @@ async fn read_records(
         .kvs()
         .iter()
         .filter_map(|kv| {
-            let name = std::str::from_utf8(kv.key()).ok()?.strip_prefix(DIR_REGIONS)?;
-            Some((RegionName::new(name).ok()?, serde_json::from_slice(kv.value()).ok()?))
+            let name = tern_common::region_of_dir_key(kv.key(), DIR_REGIONS)?;
+            Some((name, serde_json::from_slice(kv.value()).ok()?))
         })
         .collect())
 }

@@ -92,11 +92,7 @@ fn a_short_verify_run_under_faults_finds_no_violation() {
         .expect("tern runs");
     let text = String::from_utf8_lossy(&forged.stdout);
     assert!(!forged.status.success() && text.contains("[linearizable]"), "{text}");
-    let leftovers = Command::new("pgrep")
-        .args(["-f", &tmp.path().to_string_lossy()])
-        .output()
-        .expect("pgrep runs");
-    assert!(leftovers.stdout.is_empty(), "processes left behind");
+    no_processes_left(tmp.path());
 }
 
 #[test]
@@ -133,8 +129,13 @@ fn runs_that_lose_a_region_fail_it_over_without_split_brain_and_account_for_ever
         2,
         "{stdout}"
     );
+    no_processes_left(tmp.path());
+}
+
+/// No process started under `dir` (the run's TMPDIR) is still running.
+fn no_processes_left(dir: &Path) {
     let leftovers = Command::new("pgrep")
-        .args(["-f", &tmp.path().to_string_lossy()])
+        .args(["-f", &dir.to_string_lossy()])
         .output()
         .expect("pgrep runs");
     assert!(leftovers.stdout.is_empty(), "processes left behind");

@@ -192,6 +192,13 @@ pub fn migration_of_dir_key(key: &[u8]) -> Option<MigrationId> {
     MigrationId::new(key.strip_prefix(DIR_MIGRATIONS)?).ok()
 }
 
+/// The region at the end of a directory key under `prefix`
+/// ([`DIR_REGIONS`] or [`DIR_LEASES`]).
+pub fn region_of_dir_key(key: &[u8], prefix: &str) -> Option<RegionName> {
+    let key = std::str::from_utf8(key).ok()?;
+    RegionName::new(key.strip_prefix(prefix)?).ok()
+}
+
 /// The user key of a data key of `account`.
 pub fn user_key_of(account: &AccountId, key: &[u8]) -> Option<String> {
     let key = std::str::from_utf8(key).ok()?;

@@ -261,6 +261,18 @@ async fn first_acknowledged(d: &LocalDeployment, via: &str, request: pb::PutRequ
     }
 }
 
+/// Waits until `region`'s lease key is gone from the directory (its agent
+/// killed, the key expires).
+async fn lease_expired(d: &LocalDeployment, region: &str) {
+    let mut dir = d.directory_client().await;
+    let key = dir_lease_key(&RegionName::new(region).expect("valid"));
+    let until = Instant::now() + 4 * TTL;
+    while !dir.get(key.clone(), None).await.expect("directory").kvs().is_empty() {
+        assert!(Instant::now() < until, "the lease key of {region} never expired");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 async fn region_record(d: &LocalDeployment, region: &str) -> tern_common::RegionRecord {
     let found = d
         .directory_client()
@@ -398,16 +410,7 @@ async fn an_operator_fails_a_lost_region_over_and_is_refused_while_it_holds_its_
 
     d.kill_region("us-east");
     // Manual mode: nobody acts until the operator does.
-    let mut dir = d.directory_client().await;
-    let key = dir_lease_key(&RegionName::new("us-east").expect("valid"));
-    let until = Instant::now() + 4 * TTL;
-    while !dir.get(key.clone(), None).await.expect("directory").kvs().is_empty() {
-        assert!(
-            Instant::now() < until,
-            "the lease key of the killed region never expired"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    lease_expired(&d, "us-east").await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(
         region_record(&d, "us-east").await.state,
@@ -461,16 +464,8 @@ async fn writes_the_successor_never_had_are_quarantined_exactly_when_the_region_
 
     // The operator fails it over knowing what may be lost.
     let directory = format!("--directory={}", d.directory.endpoints().join(","));
+    lease_expired(&d, "us-east").await;
     let mut dir = d.directory_client().await;
-    let key = dir_lease_key(&RegionName::new("us-east").expect("valid"));
-    let until = Instant::now() + 4 * TTL;
-    while !dir.get(key.clone(), None).await.expect("directory").kvs().is_empty() {
-        assert!(
-            Instant::now() < until,
-            "the lease key of the killed region never expired"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
     tern_cli::run_args([
         "tern",
         "failover",

@@ -277,12 +277,7 @@ async fn read(d: &mut Client) -> Result<Seen> {
         .get(DIR_LEASES, Some(prefix))
         .await
         .during(|| "reading region leases".into())?;
-    let name = |key: &[u8], prefix: &str| {
-        std::str::from_utf8(key)
-            .ok()
-            .and_then(|k| k.strip_prefix(prefix))
-            .and_then(|r| RegionName::new(r).ok())
-    };
+    let name = tern_common::region_of_dir_key;
     let mut seen = Seen {
         records: BTreeMap::new(),
         leases: BTreeMap::new(),

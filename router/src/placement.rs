@@ -353,8 +353,7 @@ fn parse_account(value: &[u8]) -> Result<AccountRecord> {
 }
 
 fn region_of_key(key: &[u8]) -> Option<RegionName> {
-    let key = std::str::from_utf8(key).ok()?;
-    RegionName::new(key.strip_prefix(DIR_REGIONS)?).ok()
+    tern_common::region_of_dir_key(key, DIR_REGIONS)
 }
 
 fn apply_put(

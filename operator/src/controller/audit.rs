@@ -45,16 +45,7 @@ pub async fn run(client: kube::Client, namespace: String, ctx: Arc<Context>) {
 }
 
 async fn round(client: &kube::Client, namespace: &str, ctx: &Context) -> Result<()> {
-    let gcs: Api<GeoCluster> = if namespace.is_empty() {
-        Api::all(client.clone())
-    } else {
-        Api::namespaced(client.clone(), namespace)
-    };
-    let list = gcs
-        .list(&ListParams::default())
-        .await
-        .context(|| "listing GeoClusters".into())?;
-    for gc in list.items {
+    for gc in super::migration::list_geoclusters(client, namespace).await? {
         if !gc.spec.follow_the_sun.enabled || gc.meta().deletion_timestamp.is_some() {
             continue;
         }
@@ -83,12 +74,7 @@ pub fn object_name(id: &str) -> String {
 async fn record(client: &kube::Client, gc: &GeoCluster, ctx: &Context) -> Result<()> {
     let namespace = gc.namespace().unwrap_or_default();
     let cluster = gc.name_any();
-    let endpoints = if ctx.directory_endpoints.is_empty() {
-        crate::build::geocluster::directory_client_urls(gc)
-    } else {
-        ctx.directory_endpoints.clone()
-    };
-    let dir = super::migration::connect_directory(ctx, endpoints).await?;
+    let dir = super::migration::geocluster_directory(ctx, gc).await?;
     let prefix = format!("{DIR_MIGRATIONS}{}", tern_common::AUTOMATIC_MIGRATION_PREFIX);
     let resp = dir
         .clone()

@@ -144,6 +144,31 @@ async fn directory(m: &AccountMigration, ctx: &Context) -> Result<Client> {
     }
 }
 
+/// The directory of `gc` (or `--directory-endpoints`), connected once and
+/// kept: what the audit trail and the region report read.
+pub async fn geocluster_directory(ctx: &Context, gc: &GeoCluster) -> Result<Client> {
+    let endpoints = if ctx.directory_endpoints.is_empty() {
+        crate::build::geocluster::directory_client_urls(gc)
+    } else {
+        ctx.directory_endpoints.clone()
+    };
+    connect_directory(ctx, endpoints).await
+}
+
+/// Every GeoCluster the operator watches (`namespace` empty: all).
+pub async fn list_geoclusters(client: &kube::Client, namespace: &str) -> Result<Vec<GeoCluster>> {
+    let gcs: Api<GeoCluster> = if namespace.is_empty() {
+        Api::all(client.clone())
+    } else {
+        Api::namespaced(client.clone(), namespace)
+    };
+    Ok(gcs
+        .list(&kube::api::ListParams::default())
+        .await
+        .context(|| "listing GeoClusters".into())?
+        .items)
+}
+
 /// A directory client for `endpoints`, connected once and kept.
 pub async fn connect_directory(ctx: &Context, endpoints: Vec<String>) -> Result<Client> {
     let key = endpoints.join(",");

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use etcd_client::GetOptions;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
-use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::events::EventType;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
@@ -54,17 +54,8 @@ pub async fn run(client: kube::Client, namespace: String, ctx: Arc<Context>) {
 
 /// Whether every GeoCluster's report went through.
 async fn round(client: &kube::Client, namespace: &str, ctx: &Context) -> Result<bool> {
-    let gcs: Api<GeoCluster> = if namespace.is_empty() {
-        Api::all(client.clone())
-    } else {
-        Api::namespaced(client.clone(), namespace)
-    };
-    let list = gcs
-        .list(&ListParams::default())
-        .await
-        .context(|| "listing GeoClusters".into())?;
     let mut ok = true;
-    for gc in list.items {
+    for gc in super::migration::list_geoclusters(client, namespace).await? {
         // Only once the group reconciler has written the regions' entries:
         // a partial entry alone is refused by the schema.
         if gc.meta().deletion_timestamp.is_some() || gc.status.as_ref().is_none_or(|s| s.regions.is_empty()) {
@@ -162,12 +153,7 @@ pub fn condition(regions: &[Serving], old: Option<&Condition>, generation: Optio
 }
 
 async fn report(client: &kube::Client, gc: &GeoCluster, ctx: &Context) -> Result<()> {
-    let endpoints = if ctx.directory_endpoints.is_empty() {
-        crate::build::geocluster::directory_client_urls(gc)
-    } else {
-        ctx.directory_endpoints.clone()
-    };
-    let dir = super::migration::connect_directory(ctx, endpoints).await?;
+    let dir = super::migration::geocluster_directory(ctx, gc).await?;
     let read = |prefix: &'static str| {
         let mut dir = dir.clone();
         async move {
@@ -179,7 +165,7 @@ async fn report(client: &kube::Client, gc: &GeoCluster, ctx: &Context) -> Result
                 })
         }
     };
-    let name_of = |key: &[u8], prefix: &str| std::str::from_utf8(key).ok()?.strip_prefix(prefix).map(str::to_string);
+    let name_of = |key: &[u8], prefix: &str| tern_common::region_of_dir_key(key, prefix).map(|r| r.to_string());
     let records = read(DIR_REGIONS)
         .await?
         .kvs()
