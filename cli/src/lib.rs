@@ -9,6 +9,7 @@ mod bench;
 mod binaries;
 mod client;
 mod demo;
+mod drain;
 mod failover;
 mod kubernetes;
 mod migrate;
@@ -50,6 +51,13 @@ enum Command {
     /// Fail a lost region over to a successor: shows what may be lost and
     /// asks first; refused while the region still holds its lease.
     Failover(failover::FailoverArgs),
+    /// Planned switchover: move every account out of a region with the
+    /// migration protocol (nothing lost); it takes no new accounts or moves
+    /// in. --wait shows a progress bar.
+    Drain(drain::DrainArgs),
+    /// End a drain: no more moves out start, and the region takes accounts
+    /// again.
+    Undrain(drain::DrainArgs),
     /// Writes a failed region committed that its successor never had
     /// (listed when the region comes back; never applied by tern).
     Quarantine(quarantine::QuarantineArgs),
@@ -86,6 +94,8 @@ async fn run(command: Command) -> Result<(), CliError> {
         Command::Migrate(args) => migrate::run(args).await,
         Command::Pin(args) => pin::run(args).await,
         Command::Failover(args) => failover::run(args).await,
+        Command::Drain(args) => drain::run(args, true).await,
+        Command::Undrain(args) => drain::run(args, false).await,
         Command::Quarantine(args) => quarantine::run(args).await,
         Command::Status(args) => status::run(args).await,
         Command::Verify(args) => verify::run(args).await,

@@ -104,6 +104,9 @@ pub fn render_geocluster(gc: &tern_crds::GeoCluster) -> String {
         if r.mirrors.is_empty() {
             let _ = writeln!(out, "    (no agent has reported mirror lag)");
         }
+        if let Some(d) = &r.drain {
+            let _ = writeln!(out, "    draining: {}", crate::drain::render(&crate::drain::progress(d)));
+        }
     }
     out
 }
@@ -207,6 +210,16 @@ pub fn render(records: &[(String, RegionRecord)], holders: &BTreeMap<String, Reg
                 r.successor.as_ref().map(|s| s.as_str()).unwrap_or("?"),
                 r.region_epoch
             );
+        }
+        if r.state == tern_common::RegionState::Draining {
+            match &r.drain {
+                Some(p) => {
+                    let _ = writeln!(out, "  Draining: {}", crate::drain::render(p));
+                }
+                None => {
+                    let _ = writeln!(out, "  Draining: its agent has not counted its accounts yet");
+                }
+            }
         }
         match holders.get(name) {
             Some(h) if h.failed_over_to.is_some() => {

@@ -175,6 +175,11 @@ pub fn dir_quarantine_write(region: &RegionName, epoch: u64, revision: i64, inde
 /// (`sun-{account}-{unix ms}`): what tells an automatic move from another.
 pub const AUTOMATIC_MIGRATION_PREFIX: &str = "sun-";
 
+/// How the ids of the moves a drain asks for begin (`drain-{account}-{unix
+/// ms}`): they are paced by the drain (at the source), not by the target's
+/// per-minute limit.
+pub const DRAIN_MIGRATION_PREFIX: &str = "drain-";
+
 /// Directory: a migration's intent record (a `MigrationRecord`).
 pub fn dir_migration_key(id: &MigrationId) -> String {
     format!("{DIR_MIGRATIONS}{id}")

@@ -7,6 +7,7 @@
 //! same way.
 #![forbid(unsafe_code)]
 
+pub mod drain;
 pub mod duration;
 pub mod etcd;
 pub mod failover;

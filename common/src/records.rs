@@ -48,6 +48,33 @@ pub struct RegionRecord {
     /// Written by the region's agent: its group's members.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub members: Vec<MemberStatus>,
+    /// Written by the region's agent while the region drains: how far the
+    /// drain got.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain: Option<DrainProgress>,
+}
+
+/// A drain's progress, as the draining region's agent counts it
+/// (`region-agent/src/drain.rs`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DrainProgress {
+    /// Unix ms when this agent started draining.
+    pub started_ms: u64,
+    /// Accounts homed in the region at the last count (moves under way
+    /// included): the drain is done when this is 0.
+    pub homed: u64,
+    /// Moves this drain asked for that are under way.
+    pub moving: u64,
+    /// Moves this drain completed.
+    pub moved: u64,
+    /// Accounts that cannot leave now (no active region among their
+    /// allowed regions, or their last move was refused); tried again.
+    pub blocked: u64,
+    /// Why the first blocked account is blocked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// Unix ms of this count.
+    pub updated_ms: u64,
 }
 
 /// What a mirror is doing, as its agent publishes it and routers read it
@@ -211,6 +238,7 @@ impl RegionRecord {
             region_epoch: 0,
             mirrors: BTreeMap::new(),
             members: Vec::new(),
+            drain: None,
         }
     }
 

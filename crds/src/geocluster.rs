@@ -29,6 +29,7 @@ use crate::common::{
     printcolumn = r#"{"name":"Regions","type":"string","description":"Regions whose groups are ready, of those this operator manages","jsonPath":".status.readyRegions"}"#,
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
     printcolumn = r#"{"name":"Failed","type":"string","description":"Regions failed over to a successor","jsonPath":".status.regions[?(@.serving==\"Failed\")].name"}"#,
+    printcolumn = r#"{"name":"Draining","type":"string","description":"Regions draining (their accounts move out)","jsonPath":".status.regions[?(@.serving==\"Draining\")].name"}"#,
     printcolumn = r#"{"name":"Failover","type":"string","priority":1,"jsonPath":".spec.failover.mode"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
     validation = Rule::new(format!("self.metadata.name.size() <= {MAX_CLUSTER_NAME}")).message(kube::core::Message::Message(format!("metadata.name must be at most {MAX_CLUSTER_NAME} characters: it is part of the names of every child object and DNS name"))).reason(Reason::FieldValueInvalid),
@@ -122,6 +123,13 @@ pub struct RegionSpec {
         regex(pattern = DNS_SUBDOMAIN_PATTERN)
     )]
     pub cluster_domain: Option<String>,
+    /// Planned switchover: move every account homed here to other regions
+    /// with the migration protocol (nothing is lost), take no new accounts
+    /// and no moves in. Setting it back to false undrains the region:
+    /// moves under way finish, and accounts may come back (moved by hand or
+    /// by follow the sun). Progress: `status.regions[].drain`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub drain: bool,
 }
 
 fn default_replicas() -> i32 {
@@ -511,6 +519,28 @@ pub struct RegionStatus {
     /// accept writes while it renews it), if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lease_holder: Option<String>,
+    /// Draining: how far the drain got, as the region's agent counts it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain: Option<DrainStatus>,
+}
+
+/// A drain's progress (the region's agent counts, the operator copies).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct DrainStatus {
+    /// Accounts still homed in the region (moves under way included); the
+    /// drain is done at 0.
+    pub homed: i64,
+    /// Moves out under way.
+    pub moving: i64,
+    /// Moves out completed by this drain.
+    pub moved: i64,
+    /// Accounts that cannot leave now (nowhere allowed to go, or their move
+    /// was refused); tried again.
+    pub blocked: i64,
+    /// Why the first blocked account is blocked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
 }
 
 impl RegionStatus {
@@ -526,6 +556,7 @@ impl RegionStatus {
         self.successor = from.successor.clone();
         self.region_epoch = from.region_epoch;
         self.lease_holder = from.lease_holder.clone();
+        self.drain = from.drain.clone();
     }
 }
 

@@ -105,6 +105,15 @@ pub struct Config {
     #[arg(long, env = "TERN_MIGRATIONS_PER_MINUTE", default_value_t = 60)]
     pub migrations_per_minute: u32,
 
+    /// While this region drains: most moves out of it asked for per minute
+    /// (the targets' --migrations-per-minute does not apply to them).
+    #[arg(long, env = "TERN_DRAIN_MOVES_PER_MINUTE", default_value_t = 600, value_parser = clap::value_parser!(u32).range(1..))]
+    pub drain_moves_per_minute: u32,
+
+    /// While this region drains: most of its moves under way at once.
+    #[arg(long, env = "TERN_DRAIN_PARALLEL", default_value_t = 16, value_parser = parse_parallel)]
+    pub drain_parallel: usize,
+
     /// A migration is refused unless this region's mirror of the source
     /// streams with a lag under this, e.g. 5s: the account's writes would
     /// wait that long for the mirror to catch up.
@@ -182,6 +191,13 @@ pub struct Config {
 
 fn parse_region(s: &str) -> Result<RegionName, String> {
     RegionName::new(s).map_err(|e| e.to_string())
+}
+
+fn parse_parallel(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if (1..=256).contains(&n) => Ok(n),
+        _ => Err(format!("`{s}` is not a number of moves from 1 to 256")),
+    }
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {

@@ -32,6 +32,7 @@
 
 pub mod cleanup;
 pub mod config;
+pub mod drain;
 pub mod election;
 pub mod error;
 pub mod events;
@@ -235,6 +236,12 @@ pub async fn run(
             group.clone(),
             sources.iter().cloned().collect(),
             shared.clone(),
+        ));
+        loops.spawn(drain::run(
+            directory.clone(),
+            group.clone(),
+            shared.clone(),
+            drain::Settings::from(&config),
         ));
         loops.spawn(sun::run(
             directory.clone(),

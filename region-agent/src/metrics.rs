@@ -54,6 +54,10 @@ pub struct Metrics {
     pub failovers: Counter,
     /// Writes of this region that its successor never had, quarantined.
     pub quarantined_writes: Counter,
+    /// While draining: accounts still homed here.
+    pub drain_homed: G,
+    /// Moves out of this region a drain asked for.
+    pub drain_moves: Counter,
 }
 
 impl Default for Metrics {
@@ -78,6 +82,8 @@ impl Default for Metrics {
             heartbeats: Counter::default(),
             failovers: Counter::default(),
             quarantined_writes: Counter::default(),
+            drain_homed: G::default(),
+            drain_moves: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -165,6 +171,16 @@ impl Default for Metrics {
             "quarantined_writes",
             "Writes this region committed that its successor never had, written to the quarantine after the region came back from a failover",
             m.quarantined_writes.clone(),
+        );
+        registry.register(
+            "drain_homed_accounts",
+            "While this region drains: accounts still homed here (0 when drained, or not draining)",
+            m.drain_homed.clone(),
+        );
+        registry.register(
+            "drain_moves",
+            "Moves of accounts out of this region that a drain asked for",
+            m.drain_moves.clone(),
         );
         Self { registry, ..m }
     }

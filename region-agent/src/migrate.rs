@@ -508,6 +508,23 @@ impl Migrator {
             );
             return self.refuse(i, claim, why).await;
         }
+        let here = self
+            .directory
+            .clone()
+            .get(tern_common::dir_region_key(&target), None)
+            .await
+            .during(|| format!("reading the record of {target}"))?;
+        let draining = here
+            .kvs()
+            .first()
+            .and_then(|kv| serde_json::from_slice::<tern_common::RegionRecord>(kv.value()).ok())
+            .is_some_and(|r| r.state != tern_common::RegionState::Active);
+        if draining {
+            let why = format!(
+                "{target} is draining: it takes no accounts until it is undrained (`tern undrain {target}`)"
+            );
+            return self.refuse(i, claim, why).await;
+        }
         if !self.sources.contains_key(&home) {
             let why = format!("{target} does not mirror {home}");
             return self.refuse(i, claim, why).await;
@@ -561,7 +578,8 @@ impl Migrator {
             };
             return self.refuse(i, claim, why).await;
         }
-        {
+        // A drain's moves are paced by the drain, at the source.
+        if !i.id.as_str().starts_with(tern_common::DRAIN_MIGRATION_PREFIX) {
             let window = Duration::from_secs(60);
             let mut started = self.started.lock().unwrap_or_else(|e| e.into_inner());
             while started.front().is_some_and(|t| t.elapsed() > window) {

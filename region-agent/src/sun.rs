@@ -268,6 +268,8 @@ async fn round(
     // `migrating` only once the target's agent starts it): read once a
     // round, when some account is a candidate.
     let mut asked: Option<BTreeMap<String, String>> = None;
+    // Region records, read once a round when some account would move.
+    let mut regions: Option<BTreeMap<RegionName, tern_common::RegionRecord>> = None;
     for (account, counts) in &totals {
         // Only accounts with a candidate need their placement.
         let candidate = counts
@@ -316,6 +318,27 @@ async fn round(
         };
         let decision = match decision {
             Decision::Move { to, why } => {
+                if regions.is_none() {
+                    regions = Some(crate::drain::regions(directory).await?);
+                }
+                let target_state = regions.as_ref().and_then(|r| r.get(&to)).map(|r| r.state);
+                if target_state.is_some_and(|s| s != tern_common::RegionState::Active) {
+                    let state = match target_state {
+                        Some(tern_common::RegionState::Failed) => "failed over",
+                        _ => "draining",
+                    };
+                    let evidence = why.split(" → ").next().unwrap_or(&why).to_string();
+                    explain(
+                        shared,
+                        last,
+                        account,
+                        Decision::Skip {
+                            why: format!("{evidence} … skipped: {to} is {state}"),
+                        },
+                    )
+                    .await;
+                    continue;
+                }
                 while started.front().is_some_and(|t| t.elapsed() > Duration::from_secs(60)) {
                     started.pop_front();
                 }

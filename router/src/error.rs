@@ -118,6 +118,17 @@ pub enum RouterError {
         "region {region} is not serving writes or strong reads: {why}; use another region's router, or retry later"
     )]
     NotServing { region: RegionName, why: String },
+    /// Fix the request: the account's requested home takes no accounts
+    /// (it drains or failed over); name one of `active`.
+    #[error(
+        "home_region {region} is {state} and takes no new accounts: set home_region to an active region ({})",
+        if active.is_empty() { "none is active".to_string() } else { active.join(", ") }
+    )]
+    HomeNotAccepting {
+        region: RegionName,
+        state: &'static str,
+        active: Vec<String>,
+    },
     /// The router is stopping; another one serves.
     #[error("the router is shutting down; retry")]
     ShuttingDown,
@@ -131,7 +142,7 @@ impl RouterError {
             Self::Invalid(_) | Self::BadRequest(_) | Self::TooLarge { .. } | Self::KeyReused => Code::InvalidArgument,
             Self::UnknownAccount(_) => Code::NotFound,
             Self::AccountExists { .. } => Code::AlreadyExists,
-            Self::CompareFailed(_) => Code::FailedPrecondition,
+            Self::CompareFailed(_) | Self::HomeNotAccepting { .. } => Code::FailedPrecondition,
             Self::Refused(e) => match &**e {
                 etcd_client::Error::GRpcStatus(s) => s.code(),
                 _ => Code::InvalidArgument,

@@ -23,7 +23,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use opentelemetry::KeyValue;
 use opentelemetry::trace::{SpanKind, TraceContextExt};
-use tern_common::{AccountId, AccountRecord, AccountState, Epoch, FenceState, RegionName, user_key_of};
+use tern_common::{AccountId, AccountRecord, AccountState, Epoch, FenceState, RegionName, RegionState, user_key_of};
 use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 
@@ -904,6 +904,29 @@ impl Executor {
                     home: existing.home,
                 })
             };
+        }
+        // A region that drains or failed over takes no new accounts (an
+        // existing one was answered above: creating is idempotent).
+        if let Some(record) = self.directory.region(&home).await
+            && record.state != RegionState::Active
+        {
+            let active = self
+                .directory
+                .active_regions()
+                .await
+                .into_iter()
+                .filter(|r| allowed.is_empty() || allowed.contains(r))
+                .map(|r| r.to_string())
+                .collect();
+            return Err(RouterError::HomeNotAccepting {
+                region: home,
+                state: if record.state == RegionState::Failed {
+                    "failed over"
+                } else {
+                    "draining"
+                },
+                active,
+            });
         }
         // The fence first: the account is reachable only once the
         // directory names this region, and then its fence must exist.

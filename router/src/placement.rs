@@ -189,6 +189,21 @@ impl Directory {
         }
     }
 
+    /// Regions whose record says they serve and take accounts (not
+    /// draining, not failed), by name.
+    pub async fn active_regions(&self) -> Vec<RegionName> {
+        let mut active: Vec<RegionName> = self
+            .regions
+            .read()
+            .await
+            .iter()
+            .filter(|(_, (r, _))| r.state == RegionState::Active)
+            .map(|(name, _)| name.clone())
+            .collect();
+        active.sort();
+        active
+    }
+
     pub async fn region(&self, region: &RegionName) -> Option<RegionRecord> {
         self.regions.read().await.get(region).map(|(r, _)| r.clone())
     }

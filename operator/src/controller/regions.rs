@@ -6,6 +6,11 @@
 //! failover`'s (docs/failover.md); this module only reports it, with its
 //! own field manager so the group reconciler's and the agents' fields stay
 //! theirs.
+//!
+//! It also carries `spec.regions[].drain` into the directory (the region's
+//! record `draining` or `active`, `tern_common::drain`): the region's agent
+//! drains it from there, and its progress comes back into
+//! `status.regions[].drain`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,7 +22,7 @@ use kube::runtime::events::EventType;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 use tern_common::{DIR_LEASES, DIR_REGIONS, RegionLease, RegionRecord, RegionState};
-use tern_crds::GeoCluster;
+use tern_crds::{DrainStatus, GeoCluster};
 
 use crate::context::Context;
 use crate::error::KubeContext;
@@ -77,6 +82,7 @@ pub struct Serving {
     pub successor: Option<String>,
     pub region_epoch: Option<i64>,
     pub lease_holder: Option<String>,
+    pub drain: Option<DrainStatus>,
 }
 
 /// What the directory says about each of `regions`.
@@ -106,6 +112,16 @@ pub fn serving(
                     .get(name)
                     .filter(|l| l.failed_over_to.is_none())
                     .map(|l| l.agent.clone()),
+                drain: record
+                    .filter(|r| r.state == RegionState::Draining)
+                    .and_then(|r| r.drain.as_ref())
+                    .map(|d| DrainStatus {
+                        homed: d.homed as i64,
+                        moving: d.moving as i64,
+                        moved: d.moved as i64,
+                        blocked: d.blocked as i64,
+                        message: d.message.clone(),
+                    }),
             }
         })
         .collect()
@@ -166,7 +182,7 @@ async fn report(client: &kube::Client, gc: &GeoCluster, ctx: &Context) -> Result
         }
     };
     let name_of = |key: &[u8], prefix: &str| tern_common::region_of_dir_key(key, prefix).map(|r| r.to_string());
-    let records = read(DIR_REGIONS)
+    let mut records: std::collections::BTreeMap<String, RegionRecord> = read(DIR_REGIONS)
         .await?
         .kvs()
         .iter()
@@ -183,6 +199,7 @@ async fn report(client: &kube::Client, gc: &GeoCluster, ctx: &Context) -> Result
         .iter()
         .filter_map(|kv| Some((name_of(kv.key(), DIR_LEASES)?, serde_json::from_slice(kv.value()).ok()?)))
         .collect();
+    drain(&dir, gc, &mut records).await;
     let names: Vec<String> = gc.spec.regions.iter().map(|r| r.name.clone()).collect();
     let now = serving(&names, &records, &leases);
     let status = gc.status.clone().unwrap_or_default();
@@ -201,6 +218,7 @@ async fn report(client: &kube::Client, gc: &GeoCluster, ctx: &Context) -> Result
                     && o.successor == r.successor
                     && o.region_epoch == r.region_epoch
                     && o.lease_holder == r.lease_holder
+                    && o.drain == r.drain
             })
         });
     if unchanged {
@@ -218,6 +236,7 @@ async fn report(client: &kube::Client, gc: &GeoCluster, ctx: &Context) -> Result
                 "successor": r.successor,
                 "regionEpoch": r.region_epoch,
                 "leaseHolder": r.lease_holder,
+                "drain": r.drain,
             })
         })
         .collect();
@@ -271,6 +290,36 @@ async fn report(client: &kube::Client, gc: &GeoCluster, ctx: &Context) -> Result
     Ok(())
 }
 
+/// Sets each region's record `draining` or `active` as its
+/// `spec.regions[].drain` says (a failed region is left alone: it rejoins
+/// first), and notes the new state in `records`.
+async fn drain(
+    dir: &etcd_client::Client,
+    gc: &GeoCluster,
+    records: &mut std::collections::BTreeMap<String, RegionRecord>,
+) {
+    for spec in &gc.spec.regions {
+        let Some(record) = records.get_mut(&spec.name) else {
+            continue;
+        };
+        let wanted = match (record.state, spec.drain) {
+            (RegionState::Active, true) => true,
+            (RegionState::Draining, false) => false,
+            _ => continue,
+        };
+        let Ok(region) = tern_common::RegionName::new(&spec.name) else {
+            continue;
+        };
+        match tern_common::drain::set_draining(&mut dir.clone(), &region, wanted).await {
+            Ok(changed) => {
+                tracing::info!(geocluster = %gc.name_any(), region = %region, draining = wanted, "region drain state set from the spec");
+                *record = changed.after;
+            }
+            Err(e) => tracing::warn!(geocluster = %gc.name_any(), region = %region, error = %e, "setting the region's drain state failed"),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -307,6 +356,7 @@ mod tests {
                 successor: Some("eu-west".into()),
                 region_epoch: Some(2),
                 lease_holder: None,
+                drain: None,
             }
         );
         assert_eq!(regions[1].state, "Active");
