@@ -131,7 +131,12 @@ async fn kubernetes(args: &DrainArgs, cluster: &str, region: &RegionName, drain:
     let client = crate::kubernetes::client(args.kubeconfig.as_deref()).await?;
     let api: Api<GeoCluster> = Api::namespaced(client, &args.namespace);
     let ns = &args.namespace;
-    let k8s = |what: String| move |e: kube::Error| CliError::Kubernetes { what, source: Box::new(e) };
+    let k8s = |what: String| {
+        move |e: kube::Error| CliError::Kubernetes {
+            what,
+            source: Box::new(e),
+        }
+    };
     let gc = api
         .get(cluster)
         .await
@@ -293,8 +298,14 @@ mod tests {
             ..Default::default()
         };
         let line = render(&p);
-        assert!(line.starts_with(&format!("[{}{}]", "#".repeat(7), "-".repeat(23))), "{line}");
-        assert!(line.contains("10/40 moved · 3 moving · 1 blocked (acct-9: none"), "{line}");
+        assert!(
+            line.starts_with(&format!("[{}{}]", "#".repeat(7), "-".repeat(23))),
+            "{line}"
+        );
+        assert!(
+            line.contains("10/40 moved · 3 moving · 1 blocked (acct-9: none"),
+            "{line}"
+        );
         let done = render(&DrainProgress {
             moved: 40,
             ..Default::default()

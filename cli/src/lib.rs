@@ -12,6 +12,7 @@ mod demo;
 mod drain;
 mod failover;
 mod kubernetes;
+mod leader;
 mod migrate;
 mod pin;
 mod quarantine;
@@ -58,6 +59,10 @@ enum Command {
     /// End a drain: no more moves out start, and the region takes accounts
     /// again.
     Undrain(drain::DrainArgs),
+    /// Hand a region group's Raft leadership to another member before
+    /// maintenance on the leader's (etcd MoveLeader: no election, writes
+    /// keep flowing).
+    MoveLeader(leader::MoveLeaderArgs),
     /// Writes a failed region committed that its successor never had
     /// (listed when the region comes back; never applied by tern).
     Quarantine(quarantine::QuarantineArgs),
@@ -96,6 +101,7 @@ async fn run(command: Command) -> Result<(), CliError> {
         Command::Failover(args) => failover::run(args).await,
         Command::Drain(args) => drain::run(args, true).await,
         Command::Undrain(args) => drain::run(args, false).await,
+        Command::MoveLeader(args) => leader::run(args).await,
         Command::Quarantine(args) => quarantine::run(args).await,
         Command::Status(args) => status::run(args).await,
         Command::Verify(args) => verify::run(args).await,

@@ -105,7 +105,11 @@ pub fn render_geocluster(gc: &tern_crds::GeoCluster) -> String {
             let _ = writeln!(out, "    (no agent has reported mirror lag)");
         }
         if let Some(d) = &r.drain {
-            let _ = writeln!(out, "    draining: {}", crate::drain::render(&crate::drain::progress(d)));
+            let _ = writeln!(
+                out,
+                "    draining: {}",
+                crate::drain::render(&crate::drain::progress(d))
+            );
         }
     }
     out

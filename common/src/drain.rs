@@ -19,9 +19,7 @@ use crate::{RegionName, RegionRecord, RegionState, dir_region_key};
 pub enum DrainRefused {
     #[error("region {region} has no record in the directory: no such region (its routers register it)")]
     UnknownRegion { region: RegionName },
-    #[error(
-        "region {region} failed over to {successor}: it serves nothing to drain or undrain until it rejoins"
-    )]
+    #[error("region {region} failed over to {successor}: it serves nothing to drain or undrain until it rejoins")]
     Failed { region: RegionName, successor: String },
     #[error("{key} is malformed: {detail}")]
     Malformed { key: String, detail: String },
@@ -65,7 +63,11 @@ pub async fn set_draining(c: &mut Client, region: &RegionName, drain: bool) -> R
             key: key.clone(),
             detail: e.to_string(),
         })?;
-        let wanted = if drain { RegionState::Draining } else { RegionState::Active };
+        let wanted = if drain {
+            RegionState::Draining
+        } else {
+            RegionState::Active
+        };
         match before.state {
             RegionState::Failed => {
                 return Err(DrainRefused::Failed {

@@ -520,9 +520,8 @@ impl Migrator {
             .and_then(|kv| serde_json::from_slice::<tern_common::RegionRecord>(kv.value()).ok())
             .is_some_and(|r| r.state != tern_common::RegionState::Active);
         if draining {
-            let why = format!(
-                "{target} is draining: it takes no accounts until it is undrained (`tern undrain {target}`)"
-            );
+            let why =
+                format!("{target} is draining: it takes no accounts until it is undrained (`tern undrain {target}`)");
             return self.refuse(i, claim, why).await;
         }
         if !self.sources.contains_key(&home) {

@@ -315,7 +315,9 @@ async fn drain(
                 tracing::info!(geocluster = %gc.name_any(), region = %region, draining = wanted, "region drain state set from the spec");
                 *record = changed.after;
             }
-            Err(e) => tracing::warn!(geocluster = %gc.name_any(), region = %region, error = %e, "setting the region's drain state failed"),
+            Err(e) => {
+                tracing::warn!(geocluster = %gc.name_any(), region = %region, error = %e, "setting the region's drain state failed")
+            }
         }
     }
 }
