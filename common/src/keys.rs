@@ -180,6 +180,11 @@ pub const AUTOMATIC_MIGRATION_PREFIX: &str = "sun-";
 /// per-minute limit.
 pub const DRAIN_MIGRATION_PREFIX: &str = "drain-";
 
+/// How the ids of the moves a successor asks for begin when it re-homes a
+/// failed region's accounts from its promoted mirror area into its own
+/// (`rehome-{account}-{unix ms}`).
+pub const REHOME_MIGRATION_PREFIX: &str = "rehome-";
+
 /// Directory: a migration's intent record (a `MigrationRecord`).
 pub fn dir_migration_key(id: &MigrationId) -> String {
     format!("{DIR_MIGRATIONS}{id}")

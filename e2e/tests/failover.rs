@@ -360,6 +360,55 @@ async fn a_lost_region_fails_over_automatically_and_its_successor_serves_its_acc
     let agent = d.region("eu-west").agent.as_ref().expect("agent");
     assert_eq!(agent.metric("tern_agent_failovers_total").await, Some(1.0));
 
+    // In the background, eu-west re-homes the account from its mirror area
+    // into its own, at the next epoch; nothing is lost and retries still
+    // replay.
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        let found = d
+            .directory_client()
+            .await
+            .get("/tern/dir/accounts/acct-lost", None)
+            .await
+            .expect("directory answers");
+        let p: tern_common::AccountRecord =
+            serde_json::from_slice(found.kvs().first().expect("placement").value()).expect("readable");
+        if p.home.as_str() == "eu-west" && p.state == tern_common::AccountState::Active {
+            assert_eq!(p.epoch, tern_common::Epoch(2), "re-homed at the next epoch");
+            break;
+        }
+        assert!(Instant::now() < until, "the account was never re-homed: {p:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(get(&d, "eu-west", "acct-lost", "k").await.as_deref(), Some("v20"));
+    assert_eq!(
+        get(&d, "eu-west", "acct-lost", "after").await.as_deref(),
+        Some("served by eu-west")
+    );
+    let replay = d
+        .client("eu-west")
+        .await
+        .put(put("acct-lost", "k", "v20", "w20"))
+        .await
+        .expect("replayed")
+        .into_inner();
+    assert!(replay.meta.as_ref().is_some_and(|m| m.replayed), "{replay:?}");
+    let fence = d
+        .group_client("eu-west")
+        .await
+        .get("/tern/a/acct-lost/fence", None)
+        .await
+        .expect("group answers");
+    assert_eq!(
+        fence.kvs().first().map(|kv| kv.value().to_vec()),
+        Some(b"2:active".to_vec())
+    );
+    let until = Instant::now() + Duration::from_secs(10);
+    while region_record(&d, "us-east").await.drain.is_none_or(|p| p.homed != 0) {
+        assert!(Instant::now() < until, "the re-homing's progress never reached 0");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
     // us-east comes back: its agent cannot claim the lease (the failover's
     // tombstone holds it), so its router never writes; what reaches it for
     // its former accounts goes to eu-west.

@@ -29,8 +29,8 @@ use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp, TxnOpRespo
 use tern_common::etcd::Pages;
 use tern_common::{
     AccountId, AccountRecord, AccountState, COUNTS_PREFIX, DIR_ACCOUNTS, DIR_REGIONS, DRAIN_MIGRATION_PREFIX,
-    DrainProgress, MigrationId, MigrationPhase, MigrationRecord, RegionName, RegionRecord, RegionState,
-    WriteCountsRecord, dir_account_key, dir_migration_key,
+    DrainProgress, MigrationId, MigrationPhase, MigrationRecord, REHOME_MIGRATION_PREFIX, RegionName, RegionRecord,
+    RegionState, WriteCountsRecord, dir_account_key, dir_migration_key, promotion_key,
 };
 use tokio::time::Instant;
 
@@ -175,12 +175,32 @@ impl Drain {
     }
 }
 
-/// Runs drains until leadership ends.
+/// What a job moves out, and where to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    /// This region drains: its accounts go to other active regions.
+    Drain,
+    /// A region that failed over to this one: its accounts, served from
+    /// this group's promoted mirror area, move into this region's home
+    /// area (at the next epoch), so that the failed region can rejoin.
+    Rehome,
+}
+
+impl Kind {
+    fn prefix(self) -> &'static str {
+        match self {
+            Kind::Drain => DRAIN_MIGRATION_PREFIX,
+            Kind::Rehome => REHOME_MIGRATION_PREFIX,
+        }
+    }
+}
+
+/// Runs drains and re-homings until leadership ends.
 pub async fn run(directory: Client, local: Client, shared: Arc<Shared>, settings: Settings) -> AgentError {
-    let mut drain: Option<Drain> = None;
+    let mut jobs: BTreeMap<RegionName, Drain> = BTreeMap::new();
     loop {
         tokio::time::sleep(TICK).await;
-        if let Err(e) = round(&directory, &local, &shared, &settings, &mut drain).await {
+        if let Err(e) = round(&directory, &local, &shared, &settings, &mut jobs).await {
             if matches!(e, AgentError::NotLeader(_)) {
                 return e;
             }
@@ -194,7 +214,7 @@ async fn round(
     local: &Client,
     shared: &Shared,
     settings: &Settings,
-    drain: &mut Option<Drain>,
+    jobs: &mut BTreeMap<RegionName, Drain>,
 ) -> Result<()> {
     let Some(claim) = shared.claim() else {
         return Ok(());
@@ -205,7 +225,7 @@ async fn round(
         return Ok(());
     };
     if mine.state != RegionState::Draining {
-        if let Some(d) = drain.take() {
+        if let Some(d) = jobs.remove(&here) {
             tracing::info!(region = %here, moved = d.moved, homed = d.homed, "undrained: no more moves start; those under way finish");
             if let Some(events) = &shared.events {
                 events
@@ -224,25 +244,75 @@ async fn round(
             let mut c = directory.clone();
             crate::publish::write_record(&mut c, &here, &claim, |r| r.drain = None).await?;
         }
-        return Ok(());
     }
-    let d = drain.get_or_insert_with(|| {
-        tracing::info!(region = %here, "draining: every account homed here moves out");
-        Drain::new()
-    });
-    follow(directory, d).await?;
-    let now = Instant::now();
-    if d.queue.is_empty() && d.moving.is_empty() && d.counted_at.is_none_or(|t| now - t >= RECOUNT) {
-        count(directory, &here, d).await?;
-        d.counted_at = Some(now);
+    // Regions that failed over to this one, once promoted here: their
+    // accounts are re-homed.
+    let mut rehome = Vec::new();
+    for (region, record) in &regions {
+        if record.state != RegionState::Failed || record.successor.as_ref() != Some(&here) {
+            continue;
+        }
+        let marker = local
+            .clone()
+            .get(promotion_key(region), None)
+            .await
+            .during(|| format!("reading the promotion marker of {region}"))?;
+        let promoted = marker
+            .kvs()
+            .first()
+            .is_some_and(|kv| kv.value() == record.region_epoch.to_string().as_bytes());
+        if promoted {
+            rehome.push(region.clone());
+        }
     }
+    jobs.retain(|r, _| *r == here || rehome.contains(r));
     let active: Vec<RegionName> = regions
         .iter()
         .filter(|(r, record)| **r != here && record.state == RegionState::Active)
         .map(|(r, _)| r.clone())
         .collect();
+    let mut work: Vec<(RegionName, Kind)> = rehome.into_iter().map(|r| (r, Kind::Rehome)).collect();
+    if mine.state == RegionState::Draining {
+        work.push((here.clone(), Kind::Drain));
+    }
+    for (from, kind) in work {
+        let d = jobs.entry(from.clone()).or_insert_with(|| {
+            match kind {
+                Kind::Drain => tracing::info!(region = %from, "draining: every account homed here moves out"),
+                Kind::Rehome => {
+                    tracing::info!(region = %from, successor = %here, "re-homing the failed region's accounts here")
+                }
+            }
+            Drain::new()
+        });
+        step(directory, local, shared, settings, &claim, &from, kind, &active, d).await?;
+    }
+    Ok(())
+}
+
+/// One round of one job: follow its moves, count, ask for more, and
+/// publish the progress into `from`'s record.
+#[allow(clippy::too_many_arguments)]
+async fn step(
+    directory: &Client,
+    local: &Client,
+    shared: &Shared,
+    settings: &Settings,
+    claim: &crate::publish::Claim,
+    from: &RegionName,
+    kind: Kind,
+    active: &[RegionName],
+    d: &mut Drain,
+) -> Result<()> {
+    let here = shared.region.clone();
+    follow(directory, d).await?;
+    let now = Instant::now();
+    if d.queue.is_empty() && d.moving.is_empty() && d.counted_at.is_none_or(|t| now - t >= RECOUNT) {
+        count(directory, from, d).await?;
+        d.counted_at = Some(now);
+    }
     if !d.queue.is_empty() {
-        start_moves(directory, local, shared, settings, &claim, &active, d).await?;
+        start_moves(directory, local, shared, settings, claim, from, kind, active, d).await?;
     }
     let progress = d.progress();
     let changed = d.written.as_ref().is_none_or(|w| {
@@ -255,42 +325,65 @@ async fn round(
                 &progress.message,
             )
     });
-    if changed || d.written_at.is_none_or(|t| now - t >= Duration::from_secs(10)) {
-        if d.written.is_none() {
-            if let Some(events) = &shared.events {
-                events
-                    .normal(
-                        "RegionDraining",
-                        "Drain",
-                        format!("{here} drains: {} accounts homed here move out", progress.homed),
-                    )
-                    .await;
-            }
-        }
-        if progress.homed == 0 && d.written.as_ref().is_some_and(|w| w.homed > 0) {
-            tracing::info!(region = %here, moved = progress.moved, "drained: no account is homed here");
-            if let Some(events) = &shared.events {
-                events
-                    .normal(
-                        "RegionDrained",
-                        "Drain",
-                        format!("{here} is drained: {} accounts moved out", progress.moved),
-                    )
-                    .await;
-            }
-        }
-        shared.metrics.drain_homed.set(progress.homed as i64);
-        let mut c = directory.clone();
-        let value = progress.clone();
-        crate::publish::write_record(&mut c, &here, &claim, move |r| {
-            if r.state == RegionState::Draining {
-                r.drain = Some(value.clone());
-            }
-        })
-        .await?;
-        d.written = Some(progress);
-        d.written_at = Some(now);
+    if !changed && d.written_at.is_some_and(|t| now - t < Duration::from_secs(10)) {
+        return Ok(());
     }
+    let (started, ended) = match kind {
+        Kind::Drain => (
+            (
+                "RegionDraining",
+                format!("{from} drains: {} accounts homed here move out", progress.homed),
+            ),
+            (
+                "RegionDrained",
+                format!("{from} is drained: {} accounts moved out", progress.moved),
+            ),
+        ),
+        Kind::Rehome => (
+            (
+                "RegionRehoming",
+                format!(
+                    "{from} failed over to {here}: its {} accounts move from {here}'s mirror area into {here}'s own",
+                    progress.homed
+                ),
+            ),
+            (
+                "RegionRehomed",
+                format!(
+                    "every account of {from} is homed in {here} ({} moved): {from} can rejoin (`tern rejoin {from}`)",
+                    progress.moved
+                ),
+            ),
+        ),
+    };
+    if d.written.is_none()
+        && let Some(events) = &shared.events
+    {
+        events.normal(started.0, "Drain", started.1).await;
+    }
+    if progress.homed == 0 && d.written.as_ref().is_none_or(|w| w.homed > 0) {
+        tracing::info!(region = %from, moved = progress.moved, ?kind, "no account is homed in the region any more");
+        if let Some(events) = &shared.events {
+            events.normal(ended.0, "Drain", ended.1).await;
+        }
+    }
+    if kind == Kind::Drain {
+        shared.metrics.drain_homed.set(progress.homed as i64);
+    }
+    let mut c = directory.clone();
+    let value = progress.clone();
+    let state = match kind {
+        Kind::Drain => RegionState::Draining,
+        Kind::Rehome => RegionState::Failed,
+    };
+    crate::publish::write_record(&mut c, from, claim, move |r| {
+        if r.state == state {
+            r.drain = Some(value.clone());
+        }
+    })
+    .await?;
+    d.written = Some(progress);
+    d.written_at = Some(now);
     Ok(())
 }
 
@@ -374,17 +467,23 @@ async fn count(directory: &Client, here: &RegionName, d: &mut Drain) -> Result<(
 }
 
 /// Asks for moves of queued accounts, within the limits.
+#[allow(clippy::too_many_arguments)]
 async fn start_moves(
     directory: &Client,
     local: &Client,
     shared: &Shared,
     settings: &Settings,
     claim: &crate::publish::Claim,
+    from: &RegionName,
+    kind: Kind,
     active: &[RegionName],
     d: &mut Drain,
 ) -> Result<()> {
     let here = shared.region.clone();
-    let counts = write_counts(local, settings.window).await.unwrap_or_default();
+    let counts = match kind {
+        Kind::Drain => write_counts(local, settings.window).await.unwrap_or_default(),
+        Kind::Rehome => BTreeMap::new(),
+    };
     let now = Instant::now();
     let mut later = VecDeque::new();
     while d.moving.len() < settings.parallel {
@@ -412,26 +511,32 @@ async fn start_moves(
         else {
             continue;
         };
-        if placement.home != here || placement.state != AccountState::Active {
+        if placement.home != *from || placement.state != AccountState::Active {
             continue;
         }
-        let target = match choose(&placement, counts.get(account.as_str()), active, &settings.successors) {
-            Ok(t) => t,
-            Err(why) => {
-                d.blocked.insert(account, (why, now + RETRY_BLOCKED));
-                continue;
-            }
+        let target = match kind {
+            Kind::Rehome => here.clone(),
+            Kind::Drain => match choose(&placement, counts.get(account.as_str()), active, &settings.successors) {
+                Ok(t) => t,
+                Err(why) => {
+                    d.blocked.insert(account, (why, now + RETRY_BLOCKED));
+                    continue;
+                }
+            },
         };
         let now_ms = tern_common::unix_ms();
-        let Ok(id) = MigrationId::new(format!("{DRAIN_MIGRATION_PREFIX}{account}-{now_ms}")) else {
+        let Ok(id) = MigrationId::new(format!("{}{account}-{now_ms}", kind.prefix())) else {
             d.blocked.insert(
                 account.clone(),
                 (format!("no migration id fits account {account}"), now + RETRY_BLOCKED),
             );
             continue;
         };
-        let why = format!("drain of {here}");
-        let record = MigrationRecord::requested(account.clone(), target.clone(), Some(here.clone()), why, now_ms);
+        let why = match kind {
+            Kind::Drain => format!("drain of {from}"),
+            Kind::Rehome => format!("re-homing in {here} after {from} failed over"),
+        };
+        let record = MigrationRecord::requested(account.clone(), target.clone(), Some(from.clone()), why, now_ms);
         let mkey = dir_migration_key(&id);
         let value = serde_json::to_string(&record).map_err(|e| AgentError::Malformed {
             key: mkey.clone(),
@@ -451,8 +556,10 @@ async fn start_moves(
             .during(|| format!("asking for the move of {account}"))?
             .succeeded();
         if asked {
-            tracing::info!(account = %account, to = %target, migration = %id, "draining: move asked for");
-            shared.metrics.drain_moves.inc();
+            tracing::info!(account = %account, to = %target, migration = %id, ?kind, "move asked for");
+            if kind == Kind::Drain {
+                shared.metrics.drain_moves.inc();
+            }
             d.started.push_back(now);
             d.moving.insert(account, id);
         }

@@ -45,7 +45,7 @@ use tern_common::etcd::Pages;
 use tern_common::{
     AccountId, AccountRecord, AccountState, DIR_MIGRATIONS, Epoch, Fence, MigrationId, MigrationPhase, MigrationRecord,
     MirrorState, RegionLease, RegionName, account_prefix, dir_account_key, dir_lease_key, dir_migration_key, fence_key,
-    mirror_key,
+    mirror_key, promotion_key,
 };
 use tokio::time::Instant;
 
@@ -192,15 +192,52 @@ struct Landed {
     window: Option<(i64, u64, u64)>,
 }
 
+/// Where a move's source keeps the account's fence. Usually the source
+/// region's own group, reached through the mirror's connection. When the
+/// source failed over to *this* region (a re-homing), the fence is the one
+/// in this group's promoted mirror area of it, written under the
+/// promotion marker and this agent's leadership: the source's group holds
+/// nothing that counts any more. When it failed over to another region,
+/// its group is not written at all (`failed`).
+#[derive(Clone)]
+struct SourceGroup {
+    client: Client,
+    promoted: Option<(RegionName, u64, Compare)>,
+    failed: bool,
+}
+
+impl SourceGroup {
+    fn fence_key(&self, account: &AccountId) -> Vec<u8> {
+        match &self.promoted {
+            Some((source, _, _)) => mirror_key(source, fence_key(account).as_bytes()),
+            None => fence_key(account).into_bytes(),
+        }
+    }
+
+    /// What every fence write into it must also compare.
+    fn guards(&self) -> Vec<Compare> {
+        match &self.promoted {
+            Some((source, failover, leadership)) => vec![
+                Compare::value(promotion_key(source), CompareOp::Equal, failover.to_string()),
+                leadership.clone(),
+            ],
+            None => Vec::new(),
+        }
+    }
+}
+
 /// Sets `account`'s fence in a source group from `from` to `to`, or reads
 /// what it is instead: every fence write of a move is this one transaction.
-async fn swap_fence(client: &Client, account: &AccountId, from: &Fence, to: &Fence) -> Result<Swapped> {
-    let fence = fence_key(account);
-    let resp = client
+async fn swap_fence(src: &SourceGroup, account: &AccountId, from: &Fence, to: &Fence) -> Result<Swapped> {
+    let fence = src.fence_key(account);
+    let mut when = vec![Compare::value(fence.clone(), CompareOp::Equal, from.to_string())];
+    when.extend(src.guards());
+    let resp = src
+        .client
         .clone()
         .txn(
             Txn::new()
-                .when([Compare::value(fence.clone(), CompareOp::Equal, from.to_string())])
+                .when(when)
                 .and_then([TxnOp::put(fence.clone(), to.to_string(), None)])
                 .or_else([TxnOp::get(fence, None)]),
         )
@@ -499,7 +536,26 @@ impl Migrator {
             );
             return self.refuse(i, claim, why).await;
         }
-        if !placement.allowed_regions.is_empty() && !placement.allowed_regions.contains(&target) {
+        // Where the home's lease key says its accounts are served: a
+        // failed-over home's successor serves them from its mirror area.
+        let lease_key = dir_lease_key(&home);
+        let lease = self
+            .directory
+            .clone()
+            .get(lease_key.clone(), None)
+            .await
+            .during(|| format!("reading {lease_key}"))?;
+        let lease_created = lease.kvs().first().map_or(0, |kv| kv.create_revision());
+        let failed_over_to = lease
+            .kvs()
+            .first()
+            .and_then(|kv| serde_json::from_slice::<RegionLease>(kv.value()).ok())
+            .and_then(|l| l.failed_over_to);
+        // Re-homing: the successor moves the account from its promoted
+        // mirror area into its own home area. The data is here already, so
+        // residency and the mirror's health do not enter into it.
+        let rehoming = failed_over_to.as_deref() == Some(target.as_str());
+        if !rehoming && !placement.allowed_regions.is_empty() && !placement.allowed_regions.contains(&target) {
             let allowed: Vec<String> = placement.allowed_regions.iter().map(ToString::to_string).collect();
             let why = format!(
                 "{target} is not among account {}'s allowed regions [{}] (data residency)",
@@ -529,36 +585,26 @@ impl Migrator {
             return self.refuse(i, claim, why).await;
         }
         // A failed-over home no longer holds the account's truth: its
-        // successor writes it, in an area no one mirrors. Until moves out
-        // of a promoted area exist, such an account is not moved (`tern
-        // verify` found a move copying the failed region's stale data over
-        // what the successor had acknowledged). The start compares the
-        // home's lease key as read, so a failover in between (which
-        // requires the key gone and leaves a tombstone) makes it fail.
-        let lease_key = dir_lease_key(&home);
-        let lease = self
-            .directory
-            .clone()
-            .get(lease_key.clone(), None)
-            .await
-            .during(|| format!("reading {lease_key}"))?;
-        let lease_created = lease.kvs().first().map_or(0, |kv| kv.create_revision());
-        if let Some(successor) = lease
-            .kvs()
-            .first()
-            .and_then(|kv| serde_json::from_slice::<RegionLease>(kv.value()).ok())
-            .and_then(|l| l.failed_over_to)
+        // successor writes it, in an area only the successor has. So only
+        // the successor moves it (`tern verify` found a move copying the
+        // failed region's stale data over what the successor had
+        // acknowledged). The start compares the home's lease key as read,
+        // so a failover in between (which requires the key gone and leaves
+        // a tombstone) makes it fail.
+        if let Some(successor) = &failed_over_to
+            && !rehoming
         {
             let why = format!(
-                "account {}'s home region {home} failed over to {successor}, which serves it; moving accounts out of a failed-over region is not built yet",
+                "account {}'s home region {home} failed over to {successor}, which serves it; only {successor} can take it over (it re-homes such accounts by itself)",
                 i.record.account
             );
             return self.refuse(i, claim, why).await;
         }
         let mirror = self.shared.mirror_statuses().remove(home.as_str());
-        let healthy = mirror
-            .as_ref()
-            .is_some_and(|m| m.state == MirrorState::Streaming && m.lag_ms <= self.settings.max_lag.as_millis() as u64);
+        let healthy = rehoming
+            || mirror.as_ref().is_some_and(|m| {
+                m.state == MirrorState::Streaming && m.lag_ms <= self.settings.max_lag.as_millis() as u64
+            });
         if !healthy {
             let why = match mirror {
                 Some(m) if m.lag_ms == u64::MAX => {
@@ -577,8 +623,9 @@ impl Migrator {
             };
             return self.refuse(i, claim, why).await;
         }
-        // A drain's moves are paced by the drain, at the source.
-        if !i.id.as_str().starts_with(tern_common::DRAIN_MIGRATION_PREFIX) {
+        // A drain's moves are paced by the drain, at the source; a
+        // re-homing is local.
+        if !rehoming && !i.id.as_str().starts_with(tern_common::DRAIN_MIGRATION_PREFIX) {
             let window = Duration::from_secs(60);
             let mut started = self.started.lock().unwrap_or_else(|e| e.into_inner());
             while started.front().is_some_and(|t| t.elapsed() > window) {
@@ -621,17 +668,64 @@ impl Migrator {
         Ok(Next::Go)
     }
 
-    /// The source, its epoch and its client, as the intent names them.
-    fn source(&self, i: &Intent) -> Result<(RegionName, Epoch, Client)> {
+    /// The source, its epoch and where its fence is, as the intent names
+    /// them and the directory says the source is (failed over to here, to
+    /// another region, or not).
+    async fn source(&self, i: &Intent) -> Result<(RegionName, Epoch, SourceGroup)> {
         let (Some(source), Some(epoch)) = (i.record.source.clone(), i.record.source_epoch) else {
             return Err(self.fail(i, "the intent names no source"));
         };
+        let key = tern_common::dir_region_key(&source);
+        let found = self
+            .directory
+            .clone()
+            .get(key.clone(), None)
+            .await
+            .during(|| format!("reading {key}"))?;
+        let record = found
+            .kvs()
+            .first()
+            .and_then(|kv| serde_json::from_slice::<tern_common::RegionRecord>(kv.value()).ok());
+        if let Some(r) = record
+            && r.state == tern_common::RegionState::Failed
+        {
+            if r.successor.as_ref() == Some(&self.shared.region) {
+                return Ok((
+                    source.clone(),
+                    epoch,
+                    SourceGroup {
+                        client: self.local.clone(),
+                        promoted: Some((source, r.region_epoch, self.leadership.guard())),
+                        failed: false,
+                    },
+                ));
+            }
+            if let Some(client) = self.sources.get(&source) {
+                return Ok((
+                    source,
+                    epoch,
+                    SourceGroup {
+                        client: client.clone(),
+                        promoted: None,
+                        failed: true,
+                    },
+                ));
+            }
+        }
         let client = self
             .sources
             .get(&source)
             .cloned()
             .ok_or_else(|| self.fail(i, format!("{} does not mirror {source}", self.shared.region)))?;
-        Ok((source, epoch, client))
+        Ok((
+            source,
+            epoch,
+            SourceGroup {
+                client,
+                promoted: None,
+                failed: false,
+            },
+        ))
     }
 
     /// This region's fence of `account` as read: its value and a compare
@@ -658,7 +752,7 @@ impl Migrator {
 
     /// `fencing` → `completed` (or `rolling_back` before the copy landed).
     async fn fence_copy_switch(&self, i: &mut Intent, claim: &Claim) -> Result<Next> {
-        let (source, epoch, client) = self.source(i)?;
+        let (source, epoch, client) = self.source(i).await?;
         let account = i.record.account.clone();
         let target_epoch = epoch.next();
         let here = self.local_fence(&account).await?;
@@ -769,11 +863,17 @@ impl Migrator {
         claim: &Claim,
         source: &RegionName,
         epoch: Epoch,
-        client: &Client,
+        client: &SourceGroup,
         here_unchanged: Compare,
     ) -> Result<std::result::Result<Landed, Next>> {
         let account = i.record.account.clone();
-        let fence = fence_key(&account);
+        let fence = client.fence_key(&account);
+        if client.failed {
+            // Its successor serves the account now, from a mirror that may
+            // hold less than this one: the move cannot go on from here.
+            let why = format!("{source} failed over before {account}'s copy landed here");
+            return Ok(Err(self.begin_roll_back(i, claim, why).await?));
+        }
         let fenced_at = tern_common::unix_ms();
         // Step 2: fence the source (or find it fenced by an earlier attempt,
         // whose start of the window is not known here). A fence found set
@@ -784,13 +884,16 @@ impl Migrator {
             match swap_fence(client, &account, &Fence::active(epoch), &Fence::fenced(epoch)).await? {
                 Swapped::Now(revision) => (revision, Some(fenced_at)),
                 Swapped::Found(Some((value, revision))) if value == Fence::fenced(epoch).to_string().as_bytes() => {
+                    let mut when = vec![Compare::mod_revision(fence.clone(), CompareOp::Equal, revision)];
+                    when.extend(client.guards());
                     let resp = client
+                        .client
                         .clone()
-                        .txn(
-                            Txn::new()
-                                .when([Compare::mod_revision(fence.clone(), CompareOp::Equal, revision)])
-                                .and_then([TxnOp::put(fence.clone(), Fence::fenced(epoch).to_string(), None)]),
-                        )
+                        .txn(Txn::new().when(when).and_then([TxnOp::put(
+                            fence.clone(),
+                            Fence::fenced(epoch).to_string(),
+                            None,
+                        )]))
                         .await
                         .during(|| format!("taking over {account}'s fence in {source}"))?;
                     if !resp.succeeded() {
@@ -808,9 +911,10 @@ impl Migrator {
                 }
             };
         self.failpoint("migrate.after-fence")?;
-        // Step 3: this region's mirror of the source reaches the fence.
+        // Step 3: this region's mirror of the source reaches the fence
+        // (a promoted area is the fence's own group: nothing to wait for).
         let deadline = Instant::now() + self.settings.catch_up_timeout;
-        loop {
+        while client.promoted.is_none() {
             let applied = self.shared.with_mirror(source, |m| m.applied);
             if applied.0 >= fenced_revision {
                 break;
@@ -824,7 +928,7 @@ impl Migrator {
             }
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
-        let mirrored_fence = mirror_key(source, fence.as_bytes());
+        let mirrored_fence = mirror_key(source, fence_key(&account).as_bytes());
         let mirrored = self
             .local
             .clone()
@@ -1004,8 +1108,20 @@ impl Migrator {
     /// source must not take writes: an active fence there (unfenced behind
     /// the move's back) is closed too, and what it may have committed since
     /// the fence is reported.
-    async fn mark_source_moved(&self, i: &Intent, source: &RegionName, epoch: Epoch, client: &Client) -> Result<()> {
+    async fn mark_source_moved(
+        &self,
+        i: &Intent,
+        source: &RegionName,
+        epoch: Epoch,
+        client: &SourceGroup,
+    ) -> Result<()> {
         let account = &i.record.account;
+        if client.failed {
+            // No router of a failed-over region writes (its lease is a
+            // tombstone); its fences are retired when it rejoins.
+            tracing::info!(migration = %i.id, account = %account, source = %source, "the source failed over: its fence is not marked");
+            return Ok(());
+        }
         let moved = Fence::moved(epoch, self.shared.region.clone());
         let swapped = swap_fence(client, account, &Fence::fenced(epoch), &moved).await?;
         if swapped.is(&moved) {
@@ -1037,7 +1153,7 @@ impl Migrator {
     /// before marking the source (before the marker moved ahead of the
     /// switch) are in this phase.
     async fn mark_moved(&self, i: &mut Intent, claim: &Claim) -> Result<Next> {
-        let (source, epoch, client) = self.source(i)?;
+        let (source, epoch, client) = self.source(i).await?;
         self.mark_source_moved(i, &source, epoch, &client).await?;
         self.failpoint("migrate.after-moved")?;
         i.record.phase = MigrationPhase::Completed;
@@ -1062,7 +1178,7 @@ impl Migrator {
     /// `rolling_back` → `rolled_back`: what the move wrote here goes, the
     /// source is unfenced, the directory names the source again.
     async fn roll_back(&self, i: &mut Intent, claim: &Claim) -> Result<Next> {
-        let (source, epoch, client) = self.source(i)?;
+        let (source, epoch, client) = self.source(i).await?;
         let account = i.record.account.clone();
         let here = self.local_fence(&account).await?;
         if here.is(&Fence::active(epoch.next())) {
@@ -1091,7 +1207,13 @@ impl Migrator {
         if !resp.succeeded() {
             return Err(self.fail(i, "a rollback was refused: the election key or the fence here changed"));
         }
-        let swapped = swap_fence(&client, &account, &Fence::fenced(epoch), &Fence::active(epoch)).await?;
+        // A failed-over source is not written: its successor re-homes the
+        // account, fencing it there again if its mirror holds the fence.
+        let swapped = if client.failed {
+            Swapped::Now(0)
+        } else {
+            swap_fence(&client, &account, &Fence::fenced(epoch), &Fence::active(epoch)).await?
+        };
         if !swapped.is(&Fence::active(epoch)) {
             tracing::warn!(migration = %i.id, account = %account, found = %swapped.shown(), "the source's fence was not as the rollback expects; left as it is");
         }

@@ -106,17 +106,20 @@ impl Directory {
     }
 
     /// `p` with the home that serves it: the successor of a failed home
-    /// region, when the account was not moving (a move out of a failed
-    /// region ends where its fences say, DESIGN.md "Failover").
+    /// region, when the account was not moving or is being re-homed by
+    /// that successor (another move out of a failed region ends where its
+    /// fences say, DESIGN.md "Failover").
     async fn serving(&self, mut p: Placement) -> Placement {
-        if p.state != AccountState::Active {
-            return p;
-        }
         if let Some(record) = self.region(&p.home).await
             && record.state == RegionState::Failed
             && let Some(successor) = record.successor
         {
-            p.home = successor;
+            // A move to the successor is its re-homing: the account is
+            // served there, from the mirror area until the move lands.
+            let rehoming = matches!(&p.state, AccountState::Migrating { target } if *target == successor);
+            if p.state == AccountState::Active || rehoming {
+                p.home = successor;
+            }
         }
         p
     }
@@ -128,7 +131,11 @@ impl Directory {
         let Some(raw) = self.cached(account).await else {
             return Area::Home;
         };
-        if raw.home == *here || raw.epoch != epoch || raw.state != AccountState::Active {
+        let served = match &raw.state {
+            AccountState::Active => true,
+            AccountState::Migrating { target } => target == here,
+        };
+        if raw.home == *here || raw.epoch != epoch || !served {
             return Area::Home;
         }
         match self.region(&raw.home).await {
