@@ -704,3 +704,128 @@ async fn the_geocluster_reports_a_failed_over_region_with_its_successor_an_event
     .await;
     assert!(events.contains("failed over to eu-west at region epoch 1"), "{events}");
 }
+
+/// Leaves a move of `account` from eu-west into us-east as us-east's agent
+/// would if it died after fencing eu-west: the intent in `fencing`, the
+/// placement `migrating`, eu-west's fence `1:fenced`.
+async fn move_into_us_east_in_flight(d: &LocalDeployment, account: &str, id: &str) {
+    use tern_common::{AccountId, AccountRecord, AccountState, Epoch, MigrationPhase, MigrationRecord};
+    let mut dir = d.directory_client().await;
+    let a = AccountId::new(account).expect("valid");
+    let us = RegionName::new("us-east").expect("valid");
+    let eu = RegionName::new("eu-west").expect("valid");
+    let placement = AccountRecord {
+        home: eu.clone(),
+        epoch: Epoch(1),
+        state: AccountState::Migrating { target: us.clone() },
+        allowed_regions: vec![],
+        moved_ms: None,
+        pinned: false,
+    };
+    let mut intent = MigrationRecord::requested(a.clone(), us, Some(eu.clone()), "test".into(), tern_common::unix_ms());
+    intent.phase = MigrationPhase::Fencing;
+    intent.source = Some(eu);
+    intent.source_epoch = Some(Epoch(1));
+    intent.placement = Some(placement.clone());
+    dir.put(tern_common::dir_account_key(&a), placement.to_json(), None)
+        .await
+        .expect("placement");
+    dir.put(
+        format!("/tern/dir/migrations/{id}"),
+        serde_json::to_string(&intent).expect("json"),
+        None,
+    )
+    .await
+    .expect("intent");
+    d.group_client("eu-west")
+        .await
+        .put(tern_common::fence_key(&a), "1:fenced", None)
+        .await
+        .expect("fence");
+}
+
+async fn migration_phase(d: &LocalDeployment, id: &str) -> String {
+    let found = d
+        .directory_client()
+        .await
+        .get(format!("/tern/dir/migrations/{id}"), None)
+        .await
+        .expect("directory answers");
+    let v: serde_json::Value = serde_json::from_slice(found.kvs().first().expect("intent").value()).expect("json");
+    v["phase"].as_str().unwrap_or_default().to_string()
+}
+
+#[tokio::test]
+async fn moves_into_a_lost_region_are_settled_by_its_successor_by_what_its_mirror_holds() {
+    let _serial = SERIAL.lock().await;
+    let mut d = start().await;
+    d.restart_with_flags(
+        "eu-west",
+        &[],
+        &[
+            "--failover-mode=automatic".to_string(),
+            "--failover-order=us-east=eu-west".to_string(),
+        ],
+    )
+    .await
+    .expect("eu-west restarts");
+    d.region("eu-west")
+        .router
+        .as_ref()
+        .expect("router")
+        .wait_for_lease("eu-west")
+        .await
+        .expect("eu-west serves");
+    create(&d, "acct-back", "eu-west").await;
+    create(&d, "acct-fwd", "eu-west").await;
+    let mut eu = d.client("eu-west").await;
+    for account in ["acct-back", "acct-fwd"] {
+        eu.put(put(account, "k", "before", &format!("{account}-1")))
+            .await
+            .expect("written");
+    }
+    // us-east had landed its copy of acct-fwd (fence 2:active and a write
+    // made there after it), and eu-west's mirror has it; acct-back's copy
+    // never reached the mirror.
+    let mut us_group = d.group_client("us-east").await;
+    us_group
+        .txn(etcd_client::Txn::new().and_then([
+            etcd_client::TxnOp::put("/tern/a/acct-fwd/d/k", "written in us-east", None),
+            etcd_client::TxnOp::put("/tern/a/acct-fwd/fence", "2:active", None),
+        ]))
+        .await
+        .expect("landing");
+    mirrored(&d, "eu-west", "us-east", "acct-fwd", "k", "written in us-east").await;
+    d.kill_region("us-east");
+    move_into_us_east_in_flight(&d, "acct-back", "in-back").await;
+    move_into_us_east_in_flight(&d, "acct-fwd", "in-fwd").await;
+
+    // eu-west fails us-east over, then settles both moves.
+    let until = Instant::now() + Duration::from_secs(30);
+    while migration_phase(&d, "in-back").await != "rolled_back" || migration_phase(&d, "in-fwd").await != "completed" {
+        assert!(Instant::now() < until, "the moves into the lost region were never settled");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Rolled back: acct-back is writable in eu-west again, unfenced.
+    first_acknowledged(&d, "eu-west", put("acct-back", "k", "after", "back-2"), Duration::from_secs(10)).await;
+    assert_eq!(get(&d, "eu-west", "acct-back", "k").await.as_deref(), Some("after"));
+    // Finished: acct-fwd is served by eu-west with what us-east wrote
+    // after the landing, and eu-west's old copy is marked moved.
+    assert_eq!(
+        get(&d, "eu-west", "acct-fwd", "k").await.as_deref(),
+        Some("written in us-east")
+    );
+    let fence = d
+        .group_client("eu-west")
+        .await
+        .get("/tern/a/acct-fwd/fence", None)
+        .await
+        .expect("group answers");
+    let fence = fence.kvs().first().map(|kv| String::from_utf8_lossy(kv.value()).into_owned());
+    // Re-homed into eu-west at epoch 3 by now, or still marked moved.
+    assert!(
+        matches!(fence.as_deref(), Some("1:moved:us-east") | Some("3:active")),
+        "{fence:?}"
+    );
+    first_acknowledged(&d, "eu-west", put("acct-fwd", "k2", "after", "fwd-2"), Duration::from_secs(10)).await;
+}

@@ -103,6 +103,7 @@ pub async fn run(
         shared,
         settings,
         started: std::sync::Mutex::new(VecDeque::new()),
+        adopted: std::sync::Mutex::new(std::collections::BTreeSet::new()),
     };
     loop {
         match m.serve().await {
@@ -133,6 +134,9 @@ struct Migrator {
     settings: Settings,
     /// When recent moves started, for the per-minute limit.
     started: std::sync::Mutex<VecDeque<Instant>>,
+    /// Regions that failed over to this one: their agents can no longer
+    /// finish the moves into them, so this agent settles those.
+    adopted: std::sync::Mutex<std::collections::BTreeSet<RegionName>>,
 }
 
 /// An intent record as read, with the revision its next write compares.
@@ -273,6 +277,18 @@ impl Migrator {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let mut trimmed_at = Instant::now();
         loop {
+            // A region newly failed over to this one: load the intents
+            // again, with the moves into it.
+            match self.failed_over_here().await {
+                Ok(now) => {
+                    let mut adopted = self.adopted.lock().unwrap_or_else(|e| e.into_inner());
+                    if *adopted != now {
+                        *adopted = now;
+                        stream = None;
+                    }
+                }
+                Err(e) => tracing::debug!(error = %e, "reading the region records failed"),
+            }
             if stream.is_none() {
                 match self.load().await {
                     Ok((loaded, s)) => {
@@ -417,7 +433,12 @@ impl Migrator {
                 return;
             }
         };
-        if record.target != self.shared.region {
+        let adopted = self
+            .adopted
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&record.target);
+        if record.target != self.shared.region && !adopted {
             return;
         }
         if intents.get(&id).is_some_and(|known| known.revision > revision) {
@@ -426,8 +447,31 @@ impl Migrator {
         intents.insert(id.clone(), Intent { id, record, revision });
     }
 
+    /// Regions whose record says they failed over to this one.
+    async fn failed_over_here(&self) -> Result<std::collections::BTreeSet<RegionName>> {
+        let resp = self
+            .directory
+            .clone()
+            .get(tern_common::DIR_REGIONS, Some(GetOptions::new().with_prefix()))
+            .await
+            .during(|| "reading the region records".into())?;
+        Ok(resp
+            .kvs()
+            .iter()
+            .filter_map(|kv| {
+                let region = tern_common::region_of_dir_key(kv.key(), tern_common::DIR_REGIONS)?;
+                let r = serde_json::from_slice::<tern_common::RegionRecord>(kv.value()).ok()?;
+                (r.state == tern_common::RegionState::Failed && r.successor.as_ref() == Some(&self.shared.region))
+                    .then_some(region)
+            })
+            .collect())
+    }
+
     /// Takes one intent through its steps until it is final or must wait.
     async fn drive(&self, i: &mut Intent, claim: &Claim) -> Result<()> {
+        if i.record.target != self.shared.region {
+            return self.settle_adopted(i, claim).await;
+        }
         loop {
             let next = match i.record.phase {
                 MigrationPhase::Requested => self.start(i, claim).await?,
@@ -1259,6 +1303,125 @@ impl Migrator {
             .get_or_create(&crate::metrics::Metrics::outcome("rolled_back"))
             .inc();
         Ok(Next::Go)
+    }
+
+    /// A move into a region that failed over to this one, left unfinished
+    /// (its executor was the failed region's agent). What this region's
+    /// promoted mirror of the target holds decides: if the copy's landing
+    /// `E+1:active` is there, the move happened as far as anything this
+    /// region serves is concerned, and it is finished (the source marked
+    /// moved, the directory naming the failed target at E+1, served here
+    /// and then re-homed); otherwise it is rolled back (the source
+    /// unfenced, the directory naming it again). Writes the failed target
+    /// committed after the landing that the mirror never had are in its
+    /// quarantine, like any other of its writes this region lacks. A move
+    /// not started yet is refused.
+    async fn settle_adopted(&self, i: &mut Intent, claim: &Claim) -> Result<()> {
+        let target = i.record.target.clone();
+        let account = i.record.account.clone();
+        if i.record.phase == MigrationPhase::Requested {
+            let why = format!(
+                "{target} failed over to {} before the move started",
+                self.shared.region
+            );
+            self.refuse(i, claim, why).await?;
+            return Ok(());
+        }
+        if i.record.phase.is_final() {
+            return Ok(());
+        }
+        let (source, epoch, src) = match (&i.record.source, i.record.source_epoch) {
+            // A move out of this very region: its fence is here.
+            (Some(s), Some(e)) if *s == self.shared.region => (
+                s.clone(),
+                e,
+                SourceGroup {
+                    client: self.local.clone(),
+                    promoted: None,
+                    failed: false,
+                },
+            ),
+            _ => self.source(i).await?,
+        };
+        let mirrored = self
+            .local
+            .clone()
+            .get(mirror_key(&target, fence_key(&account).as_bytes()), None)
+            .await
+            .during(|| format!("reading the mirrored fence of {account} in {target}"))?;
+        let landed = mirrored
+            .kvs()
+            .first()
+            .is_some_and(|kv| kv.value() == Fence::active(epoch.next()).to_string().as_bytes());
+        let account_key = dir_account_key(&account);
+        let current = self
+            .directory
+            .clone()
+            .get(account_key.clone(), None)
+            .await
+            .during(|| format!("reading the placement of {account}"))?;
+        let Some(kv) = current.kvs().first() else {
+            return Err(self.fail(i, format!("the placement of {account} vanished")));
+        };
+        let placement: AccountRecord = serde_json::from_slice(kv.value()).map_err(|e| self.fail(i, e.to_string()))?;
+        let migrating = placement.home == source
+            && placement.epoch == epoch
+            && matches!(&placement.state, AccountState::Migrating { target: t } if *t == target);
+        let mut extra = Vec::new();
+        let mut also = Vec::new();
+        if landed {
+            if !src.failed {
+                let moved = Fence::moved(epoch, target.clone());
+                let swapped = swap_fence(&src, &account, &Fence::fenced(epoch), &moved).await?;
+                if !swapped.is(&moved) {
+                    tracing::warn!(migration = %i.id, account = %account, found = %swapped.shown(), "the source's fence was not fenced for this move; left as it is");
+                }
+            }
+            if migrating {
+                let switched = AccountRecord {
+                    home: target.clone(),
+                    epoch: epoch.next(),
+                    state: AccountState::Active,
+                    moved_ms: Some(tern_common::unix_ms()),
+                    ..placement.clone()
+                };
+                extra.push(Compare::mod_revision(account_key.clone(), CompareOp::Equal, kv.mod_revision()));
+                also.push(TxnOp::put(account_key, switched.to_json(), None));
+            }
+            i.record.phase = MigrationPhase::Completed;
+            i.record.message = Some(format!(
+                "{target} failed over to {} after the copy landed there: finished by {} (homed in {target} at epoch {}, served by its successor)",
+                self.shared.region,
+                self.shared.region,
+                epoch.next()
+            ));
+        } else {
+            if !src.failed {
+                let swapped = swap_fence(&src, &account, &Fence::fenced(epoch), &Fence::active(epoch)).await?;
+                if !swapped.is(&Fence::active(epoch)) {
+                    tracing::warn!(migration = %i.id, account = %account, found = %swapped.shown(), "the source's fence was not fenced for this move; left as it is");
+                }
+            }
+            if migrating {
+                let restored = AccountRecord {
+                    state: AccountState::Active,
+                    ..placement.clone()
+                };
+                extra.push(Compare::mod_revision(account_key.clone(), CompareOp::Equal, kv.mod_revision()));
+                also.push(TxnOp::put(account_key, restored.to_json(), None));
+            }
+            i.record.phase = MigrationPhase::RolledBack;
+            i.record.message = Some(format!(
+                "{target} failed over to {} before its copy of {account} reached it: rolled back by {} ({account} stays in {source})",
+                self.shared.region, self.shared.region
+            ));
+        }
+        i.record.finished_ms = Some(tern_common::unix_ms());
+        if !self.save(i, claim, extra, also).await? {
+            return Err(self.fail(i, "the intent or the account's placement changed under the agent"));
+        }
+        tracing::warn!(migration = %i.id, account = %account, from = %source, to = %target, landed, "a move into a failed-over region was settled by its successor");
+        Ok(())
     }
 
     /// Deletes the oldest finished intents of this region beyond
