@@ -16,6 +16,7 @@ mod leader;
 mod migrate;
 mod pin;
 mod quarantine;
+mod rejoin;
 mod status;
 mod verify;
 
@@ -63,6 +64,9 @@ enum Command {
     /// maintenance on the leader's (etcd MoveLeader: no election, writes
     /// keep flowing).
     MoveLeader(leader::MoveLeaderArgs),
+    /// Let a failed-over region serve again (empty) once it is back, its
+    /// losses are quarantined and its successor has re-homed its accounts.
+    Rejoin(rejoin::RejoinArgs),
     /// Writes a failed region committed that its successor never had
     /// (listed when the region comes back; never applied by tern).
     Quarantine(quarantine::QuarantineArgs),
@@ -102,6 +106,7 @@ async fn run(command: Command) -> Result<(), CliError> {
         Command::Drain(args) => drain::run(args, true).await,
         Command::Undrain(args) => drain::run(args, false).await,
         Command::MoveLeader(args) => leader::run(args).await,
+        Command::Rejoin(args) => rejoin::run(args).await,
         Command::Quarantine(args) => quarantine::run(args).await,
         Command::Status(args) => status::run(args).await,
         Command::Verify(args) => verify::run(args).await,

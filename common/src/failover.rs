@@ -171,3 +171,153 @@ pub async fn declare_failed(
         epoch,
     })
 }
+
+/// Why a failed-over region may not rejoin yet.
+#[derive(Debug, thiserror::Error)]
+pub enum RejoinRefused {
+    #[error("region {region} is not failed over (it is {state}): nothing to rejoin")]
+    NotFailed { region: RegionName, state: String },
+    #[error(
+        "region {region} has not come back yet: its agent compares its writes with {successor}'s (the quarantine) and retires its home area when it returns; start it first"
+    )]
+    NotBack { region: RegionName, successor: String },
+    #[error(
+        "{accounts} accounts are still homed in {region} (served from {successor}'s mirror area); {successor} re-homes them by itself, `tern status` shows how far it got"
+    )]
+    AccountsLeft {
+        region: RegionName,
+        successor: String,
+        accounts: u64,
+    },
+    #[error("{moves} moves into or out of {region} are not finished yet; rejoin once they are")]
+    MovesOpen { region: RegionName, moves: u64 },
+    #[error("{key} is malformed: {detail}")]
+    Malformed { key: String, detail: String },
+    #[error("the directory changed while {region} rejoined (its record or lease key was written); nothing was written")]
+    Raced { region: RegionName },
+    #[error("directory ({what}): {source}")]
+    Etcd {
+        what: String,
+        #[source]
+        source: etcd_client::Error,
+    },
+}
+
+/// What rejoining did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rejoined {
+    pub region: RegionName,
+    pub former_successor: RegionName,
+    pub epoch: u64,
+}
+
+/// Lets a failed-over `region` serve again, as an empty region: once it is
+/// back and has reported what it lost (the quarantine) and retired its
+/// home area (`RetiredHome` for this failover), once its successor has
+/// re-homed every one of its accounts, and no move into or out of it is
+/// open. One transaction, compared on the record and on the tombstone as
+/// read: the record becomes `active` (keeping its region epoch), and the
+/// tombstone is deleted, so the region's agent can claim its lease again.
+/// The successor then stops serving its mirror area (it deletes its
+/// promotion marker) and mirrors the region again from a snapshot.
+pub async fn rejoin(c: &mut Client, region: &RegionName) -> Result<Rejoined, RejoinRefused> {
+    let etcd = |what: String| move |source| RejoinRefused::Etcd { what, source };
+    let key = dir_region_key(region);
+    let found = c.get(key.clone(), None).await.map_err(etcd(format!("reading {key}")))?;
+    let Some(kv) = found.kvs().first() else {
+        return Err(RejoinRefused::NotFailed {
+            region: region.clone(),
+            state: "not in the directory".into(),
+        });
+    };
+    let record_revision = kv.mod_revision();
+    let record: RegionRecord = serde_json::from_slice(kv.value()).map_err(|e| RejoinRefused::Malformed {
+        key: key.clone(),
+        detail: e.to_string(),
+    })?;
+    let (RegionState::Failed, Some(successor)) = (record.state, record.successor.clone()) else {
+        return Err(RejoinRefused::NotFailed {
+            region: region.clone(),
+            state: format!("{:?}", record.state).to_lowercase(),
+        });
+    };
+    let epoch = record.region_epoch;
+    let retired_key = crate::dir_rejoin_key(region);
+    let retired = c
+        .get(retired_key.clone(), None)
+        .await
+        .map_err(etcd(format!("reading {retired_key}")))?;
+    let retired_now = retired
+        .kvs()
+        .first()
+        .and_then(|kv| serde_json::from_slice::<crate::RetiredHome>(kv.value()).ok())
+        .is_some_and(|r| r.failover_epoch == epoch);
+    if !retired_now {
+        return Err(RejoinRefused::NotBack {
+            region: region.clone(),
+            successor: successor.to_string(),
+        });
+    }
+    let mut left = 0;
+    let mut pages = crate::etcd::Pages::prefix(crate::DIR_ACCOUNTS, 5_000);
+    while let Some(page) = pages.next(c).await.map_err(etcd("listing the accounts".into()))? {
+        left += page
+            .kvs()
+            .iter()
+            .filter_map(|kv| serde_json::from_slice::<crate::AccountRecord>(kv.value()).ok())
+            .filter(|a| a.home == *region)
+            .count() as u64;
+    }
+    if left > 0 {
+        return Err(RejoinRefused::AccountsLeft {
+            region: region.clone(),
+            successor: successor.to_string(),
+            accounts: left,
+        });
+    }
+    let intents = c
+        .get(
+            crate::DIR_MIGRATIONS,
+            Some(etcd_client::GetOptions::new().with_prefix()),
+        )
+        .await
+        .map_err(etcd("reading the migration intents".into()))?;
+    let open = intents
+        .kvs()
+        .iter()
+        .filter_map(|kv| serde_json::from_slice::<crate::MigrationRecord>(kv.value()).ok())
+        .filter(|m| !m.phase.is_final() && (m.target == *region || m.source.as_ref() == Some(region)))
+        .count() as u64;
+    if open > 0 {
+        return Err(RejoinRefused::MovesOpen {
+            region: region.clone(),
+            moves: open,
+        });
+    }
+    let lease_key = dir_lease_key(region);
+    let active = RegionRecord {
+        state: RegionState::Active,
+        successor: None,
+        drain: None,
+        ..record
+    };
+    let txn = Txn::new()
+        .when([
+            Compare::mod_revision(key.clone(), CompareOp::Equal, record_revision),
+            Compare::value(
+                lease_key.clone(),
+                CompareOp::Equal,
+                RegionLease::failed_over(&successor, epoch).to_json(),
+            ),
+        ])
+        .and_then([TxnOp::put(key, active.to_json(), None), TxnOp::delete(lease_key, None)]);
+    let resp = c.txn(txn).await.map_err(etcd(format!("rejoining {region}")))?;
+    if !resp.succeeded() {
+        return Err(RejoinRefused::Raced { region: region.clone() });
+    }
+    Ok(Rejoined {
+        region: region.clone(),
+        former_successor: successor,
+        epoch,
+    })
+}

@@ -171,6 +171,15 @@ pub fn dir_quarantine_write(region: &RegionName, epoch: u64, revision: i64, inde
     format!("{}w/{revision:020}-{index:06}", dir_quarantine_prefix(region, epoch))
 }
 
+/// Directory: prefix of what failed-over regions report before they may
+/// rejoin (a `RetiredHome` per region).
+pub const DIR_REJOIN: &str = "/tern/dir/rejoin/";
+
+/// Directory: `region`'s `RetiredHome`.
+pub fn dir_rejoin_key(region: &RegionName) -> String {
+    format!("{DIR_REJOIN}{region}")
+}
+
 /// How the ids of the moves the follow-the-sun policy asks for begin
 /// (`sun-{account}-{unix ms}`): what tells an automatic move from another.
 pub const AUTOMATIC_MIGRATION_PREFIX: &str = "sun-";

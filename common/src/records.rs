@@ -415,6 +415,18 @@ pub struct QuarantinedWrite {
     pub committed_after_ms: Option<i64>,
 }
 
+/// Written by a failed-over region's agent once its quarantine is written
+/// and its home area retired (every account's fence there says where the
+/// account went): `/tern/dir/rejoin/{region}`. The region may rejoin only
+/// once this names its current failover.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RetiredHome {
+    pub failover_epoch: u64,
+    /// Fences set to `moved` by the retirement.
+    pub fences: u64,
+    pub written_unix_ms: u64,
+}
+
 /// What a quarantine holds, written once it is complete.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QuarantineSummary {

@@ -409,6 +409,14 @@ async fn a_lost_region_fails_over_automatically_and_its_successor_serves_its_acc
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
+    // Not before it is back and has reported what it lost.
+    let directory = format!("--directory={}", d.directory.endpoints().join(","));
+    let e = tern_cli::run_args(["tern", "rejoin", "us-east", directory.as_str()])
+        .await
+        .expect_err("not back yet")
+        .to_string();
+    assert!(e.contains("has not come back yet"), "{e}");
+
     // us-east comes back: its agent cannot claim the lease (the failover's
     // tombstone holds it), so its router never writes; what reaches it for
     // its former accounts goes to eu-west.
@@ -433,6 +441,84 @@ async fn a_lost_region_fails_over_automatically_and_its_successor_serves_its_acc
         router.metric("tern_router_region_lease_valid ").await,
         Some(0.0),
         "a failed-over region's router never holds a valid lease"
+    );
+
+    // Once its agent has retired its home area, it rejoins, empty: its
+    // router writes again (a new account), eu-west mirrors it again, and
+    // the account moves back with the migration protocol.
+    let until = Instant::now() + Duration::from_secs(30);
+    let rejoined = loop {
+        match tern_cli::run_args(["tern", "rejoin", "us-east", directory.as_str()]).await {
+            Ok(()) => break Instant::now(),
+            Err(e) => {
+                let e = e.to_string();
+                assert!(e.contains("has not come back yet"), "{e}");
+                assert!(Instant::now() < until, "us-east never became ready to rejoin: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    let fence = d
+        .group_client("us-east")
+        .await
+        .get("/tern/a/acct-lost/fence", None)
+        .await
+        .expect("group answers");
+    assert_eq!(
+        fence.kvs().first().map(|kv| kv.value().to_vec()),
+        Some(b"1:moved:eu-west".to_vec()),
+        "the returning region's fences say where its accounts went"
+    );
+    let router = d.region("us-east").router.as_ref().expect("router");
+    router.wait_for_lease("us-east").await.expect("us-east serves again");
+    eprintln!("rejoin → lease valid in us-east: {:?}", rejoined.elapsed());
+    create(&d, "acct-new", "us-east").await;
+    assert_eq!(
+        region_record(&d, "us-east").await.state,
+        tern_common::RegionState::Active
+    );
+    let agent = d.region("eu-west").agent.as_ref().expect("agent");
+    let until = Instant::now() + Duration::from_secs(30);
+    while agent
+        .metric("tern_agent_mirror_lag_ms{source=\"us-east\"}")
+        .await
+        .is_none_or(|l| l >= 1e12)
+        || region_record(&d, "eu-west")
+            .await
+            .mirrors
+            .get("us-east")
+            .map(|m| m.state)
+            != Some(tern_common::MirrorState::Streaming)
+    {
+        assert!(Instant::now() < until, "eu-west never mirrored us-east again");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let until = Instant::now() + Duration::from_secs(30);
+    while region_record(&d, "us-east")
+        .await
+        .mirrors
+        .get("eu-west")
+        .map(|m| m.state)
+        != Some(tern_common::MirrorState::Streaming)
+    {
+        assert!(Instant::now() < until, "us-east never mirrored eu-west again");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tern_cli::run_args([
+        "tern",
+        "migrate",
+        "acct-lost",
+        "--to",
+        "us-east",
+        "--wait",
+        directory.as_str(),
+    ])
+    .await
+    .expect("moved back");
+    assert_eq!(get(&d, "us-east", "acct-lost", "k").await.as_deref(), Some("v20"));
+    assert_eq!(
+        get(&d, "us-east", "acct-lost", "back").await.as_deref(),
+        Some("through us-east")
     );
 }
 
@@ -803,11 +889,20 @@ async fn moves_into_a_lost_region_are_settled_by_its_successor_by_what_its_mirro
     // eu-west fails us-east over, then settles both moves.
     let until = Instant::now() + Duration::from_secs(30);
     while migration_phase(&d, "in-back").await != "rolled_back" || migration_phase(&d, "in-fwd").await != "completed" {
-        assert!(Instant::now() < until, "the moves into the lost region were never settled");
+        assert!(
+            Instant::now() < until,
+            "the moves into the lost region were never settled"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // Rolled back: acct-back is writable in eu-west again, unfenced.
-    first_acknowledged(&d, "eu-west", put("acct-back", "k", "after", "back-2"), Duration::from_secs(10)).await;
+    first_acknowledged(
+        &d,
+        "eu-west",
+        put("acct-back", "k", "after", "back-2"),
+        Duration::from_secs(10),
+    )
+    .await;
     assert_eq!(get(&d, "eu-west", "acct-back", "k").await.as_deref(), Some("after"));
     // Finished: acct-fwd is served by eu-west with what us-east wrote
     // after the landing, and eu-west's old copy is marked moved.
@@ -821,11 +916,20 @@ async fn moves_into_a_lost_region_are_settled_by_its_successor_by_what_its_mirro
         .get("/tern/a/acct-fwd/fence", None)
         .await
         .expect("group answers");
-    let fence = fence.kvs().first().map(|kv| String::from_utf8_lossy(kv.value()).into_owned());
+    let fence = fence
+        .kvs()
+        .first()
+        .map(|kv| String::from_utf8_lossy(kv.value()).into_owned());
     // Re-homed into eu-west at epoch 3 by now, or still marked moved.
     assert!(
         matches!(fence.as_deref(), Some("1:moved:us-east") | Some("3:active")),
         "{fence:?}"
     );
-    first_acknowledged(&d, "eu-west", put("acct-fwd", "k2", "after", "fwd-2"), Duration::from_secs(10)).await;
+    first_acknowledged(
+        &d,
+        "eu-west",
+        put("acct-fwd", "k2", "after", "fwd-2"),
+        Duration::from_secs(10),
+    )
+    .await;
 }

@@ -97,6 +97,14 @@ pub async fn run(
                     Err(e @ AgentError::NotLeader(_)) => return e,
                     Err(e) => tracing::warn!(failed = %region, error = %e, "cannot promote the mirror; retrying"),
                 }
+            } else if record.state != RegionState::Failed {
+                match unpromote(&group, &leadership, &shared, region).await {
+                    Ok(()) => {}
+                    Err(e @ AgentError::NotLeader(_)) => return e,
+                    Err(e) => {
+                        tracing::warn!(region = %region, error = %e, "cannot end the promotion of the mirror; retrying")
+                    }
+                }
             }
         }
         if !policy.automatic {
@@ -263,6 +271,41 @@ async fn promote(
     tracing::warn!(failed = %failed, epoch, "{note}");
     if let Some(events) = &shared.events {
         events.warning("MirrorPromoted", "Failover", note).await;
+    }
+    Ok(())
+}
+
+/// A region this one succeeded has rejoined (its record is no longer
+/// failed): the promoted mirror area serves nothing any more (every
+/// account was re-homed before the rejoin), so the marker goes, with the
+/// applied record, and the mirror loop resynchronises the area from the
+/// region's snapshot and follows it again.
+async fn unpromote(group: &Client, leadership: &Leadership, shared: &Shared, region: &RegionName) -> Result<()> {
+    let mut c = group.clone();
+    let key = promotion_key(region);
+    let found = c.get(key.clone(), None).await.during(|| format!("reading {key}"))?;
+    let Some(kv) = found.kvs().first() else {
+        return Ok(());
+    };
+    let txn = Txn::new()
+        .when([
+            leadership.guard(),
+            Compare::mod_revision(key.clone(), CompareOp::Equal, kv.mod_revision()),
+        ])
+        .and_then([
+            TxnOp::delete(key.clone(), None),
+            TxnOp::delete(mirror_applied_key(region), None),
+        ]);
+    if !c.txn(txn).await.during(|| format!("deleting {key}"))?.succeeded() {
+        return Ok(());
+    }
+    let note = format!(
+        "region {region} rejoined: {} no longer serves its mirror area and mirrors {region} again from a snapshot",
+        shared.region
+    );
+    tracing::info!(region = %region, "{note}");
+    if let Some(events) = &shared.events {
+        events.normal("MirrorUnpromoted", "Failover", note).await;
     }
     Ok(())
 }

@@ -1320,10 +1320,7 @@ impl Migrator {
         let target = i.record.target.clone();
         let account = i.record.account.clone();
         if i.record.phase == MigrationPhase::Requested {
-            let why = format!(
-                "{target} failed over to {} before the move started",
-                self.shared.region
-            );
+            let why = format!("{target} failed over to {} before the move started", self.shared.region);
             self.refuse(i, claim, why).await?;
             return Ok(());
         }
@@ -1385,7 +1382,11 @@ impl Migrator {
                     moved_ms: Some(tern_common::unix_ms()),
                     ..placement.clone()
                 };
-                extra.push(Compare::mod_revision(account_key.clone(), CompareOp::Equal, kv.mod_revision()));
+                extra.push(Compare::mod_revision(
+                    account_key.clone(),
+                    CompareOp::Equal,
+                    kv.mod_revision(),
+                ));
                 also.push(TxnOp::put(account_key, switched.to_json(), None));
             }
             i.record.phase = MigrationPhase::Completed;
@@ -1407,7 +1408,11 @@ impl Migrator {
                     state: AccountState::Active,
                     ..placement.clone()
                 };
-                extra.push(Compare::mod_revision(account_key.clone(), CompareOp::Equal, kv.mod_revision()));
+                extra.push(Compare::mod_revision(
+                    account_key.clone(),
+                    CompareOp::Equal,
+                    kv.mod_revision(),
+                ));
                 also.push(TxnOp::put(account_key, restored.to_json(), None));
             }
             i.record.phase = MigrationPhase::RolledBack;

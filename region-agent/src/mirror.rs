@@ -48,12 +48,16 @@ pub async fn run(
             Ok(Some(epoch)) => {
                 // This region took the source's accounts over: the mirror
                 // area is theirs now, and nothing of the source may land in
-                // it again. Mirroring ends here for good; the agent's
-                // other loops go on.
-                prober.abort();
+                // it again. Mirroring stops until the source rejoins and
+                // the marker is deleted (`failover::unpromote`, which also
+                // deletes the applied record: the area is resynchronised).
                 shared.with_mirror(&source, |m| m.state = MirrorState::Promoted);
                 tracing::warn!(source = %source, epoch, "the mirror was promoted by a failover: no longer mirroring");
-                return std::future::pending().await;
+                while matches!(promoted(&local, &source).await, Ok(Some(_)) | Err(_)) {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                tracing::info!(source = %source, "the source rejoined: mirroring it again");
+                continue;
             }
             Ok(None) => {}
             Err(e) => tracing::warn!(source = %source, error = %e, "cannot read the promotion marker; mirroring on"),

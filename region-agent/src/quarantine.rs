@@ -19,10 +19,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::{Client, Compare, CompareOp, EventType, GetOptions, Txn, TxnOp, WatchOptions};
+use tern_common::etcd::Pages;
 use tern_common::{
-    MIRRORED_END, MIRRORED_START, QuarantineSummary, QuarantinedWrite, RegionName, RegionRecord, RegionState,
-    SourceRevision, dir_quarantine_summary, dir_quarantine_write, dir_region_key, heartbeat_key, mirror_applied_key,
-    promotion_key,
+    AccountRecord, DIR_ACCOUNTS, MIRRORED_END, MIRRORED_START, QuarantineSummary, QuarantinedWrite, RegionName,
+    RegionRecord, RegionState, RetiredHome, SourceRevision, dir_quarantine_summary, dir_quarantine_write,
+    dir_region_key, dir_rejoin_key, heartbeat_key, mirror_applied_key, promotion_key,
 };
 
 use crate::error::{AgentError, EtcdContext, Result};
@@ -73,7 +74,7 @@ async fn round(d: &mut Client, group: &Client, sources: &BTreeMap<RegionName, Cl
         .count()
         > 0
     {
-        return Ok(());
+        return retire(d, group, region, &successor, epoch).await;
     }
     let Some(successor_group) = sources.get(&successor) else {
         tracing::warn!(%successor, "this agent has no client of its successor's group: cannot quarantine");
@@ -150,6 +151,7 @@ async fn round(d: &mut Client, group: &Client, sources: &BTreeMap<RegionName, Cl
         return Ok(());
     }
     shared.metrics.quarantined_writes.inc_by(writes.len() as u64);
+    let retired = retire(d, group, region, &successor, epoch).await;
     let note = format!(
         "region {region} is back after failing over to {successor} (region epoch {epoch}): {} of its writes ({} accounts) never reached {successor} and are quarantined, not applied{}; `tern quarantine list {region}` shows them",
         writes.len(),
@@ -164,6 +166,100 @@ async fn round(d: &mut Client, group: &Client, sources: &BTreeMap<RegionName, Cl
     if let Some(events) = &shared.events {
         events.warning("WritesQuarantined", "Failover", note).await;
     }
+    retired
+}
+
+/// Once its quarantine is written: every account fence in this region's
+/// home area that does not say `moved` yet is set to `E:moved:H`, H being
+/// where the directory homes the account now (its successor when it does
+/// not say), so that once the region serves again (`tern rejoin`) a router
+/// with a stale placement is sent on instead of writing here. Then the
+/// directory hears that the home area is retired (`RetiredHome`). Each
+/// fence is compared on its revision as read; doing it twice changes
+/// nothing.
+async fn retire(d: &mut Client, group: &Client, region: &RegionName, successor: &RegionName, epoch: u64) -> Result<()> {
+    let rejoin_key = dir_rejoin_key(region);
+    let done = d
+        .get(rejoin_key.clone(), None)
+        .await
+        .during(|| format!("reading {rejoin_key}"))?
+        .kvs()
+        .first()
+        .and_then(|kv| serde_json::from_slice::<RetiredHome>(kv.value()).ok())
+        .is_some_and(|r| r.failover_epoch == epoch);
+    if done {
+        return Ok(());
+    }
+    let mut homes: BTreeMap<String, RegionName> = BTreeMap::new();
+    let mut pages = Pages::prefix(DIR_ACCOUNTS, 5_000);
+    while let Some(page) = pages.next(d).await.during(|| "listing the accounts' homes".into())? {
+        for kv in page.kvs() {
+            if let (Some(account), Ok(record)) = (
+                tern_common::account_of_dir_key(kv.key()),
+                serde_json::from_slice::<AccountRecord>(kv.value()),
+            ) {
+                homes.insert(account.to_string(), record.home);
+            }
+        }
+    }
+    let mut c = group.clone();
+    let mut swaps: Vec<(Compare, TxnOp)> = Vec::new();
+    let mut pages = Pages::prefix("/tern/a/", 5_000);
+    while let Some(page) = pages
+        .next(&mut c)
+        .await
+        .during(|| "listing this region's fences".into())?
+    {
+        for kv in page.kvs() {
+            let Some(account) = std::str::from_utf8(kv.key())
+                .ok()
+                .and_then(|k| k.strip_prefix("/tern/a/")?.strip_suffix("/fence"))
+            else {
+                continue;
+            };
+            let Ok(fence) = std::str::from_utf8(kv.value()) else {
+                continue;
+            };
+            if fence.contains(":moved:") {
+                continue;
+            }
+            let Some(fence_epoch) = fence.split(':').next() else {
+                continue;
+            };
+            let home = homes.get(account).filter(|h| *h != region).unwrap_or(successor);
+            swaps.push((
+                Compare::mod_revision(kv.key(), CompareOp::Equal, kv.mod_revision()),
+                TxnOp::put(kv.key(), format!("{fence_epoch}:moved:{home}"), None),
+            ));
+        }
+    }
+    let fences = swaps.len() as u64;
+    for chunk in swaps.chunks(PER_TXN) {
+        let (when, then): (Vec<Compare>, Vec<TxnOp>) = chunk.iter().cloned().unzip();
+        // A fence that changed since it was read is looked at again in the
+        // next round (the marker below is written only when all held).
+        if !c
+            .txn(Txn::new().when(when).and_then(then))
+            .await
+            .during(|| "retiring this region's fences".into())?
+            .succeeded()
+        {
+            return Ok(());
+        }
+    }
+    let retired = RetiredHome {
+        failover_epoch: epoch,
+        fences,
+        written_unix_ms: tern_common::unix_ms(),
+    };
+    d.put(
+        rejoin_key.clone(),
+        serde_json::to_string(&retired).expect("records always serialise"),
+        None,
+    )
+    .await
+    .during(|| format!("writing {rejoin_key}"))?;
+    tracing::info!(%region, %successor, epoch, fences, "home area retired: every fence here says where its account went; the region may rejoin once its accounts are re-homed");
     Ok(())
 }
 
