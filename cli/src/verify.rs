@@ -77,7 +77,7 @@ pub struct VerifyArgs {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "reset,limit,latency,mirror-delay,blackhole,partition,kill-router,pause-router,kill-agent,pause-agent,kill-member,kill-leader,pause-leader,compaction,clock-offset,bandwidth"
+        default_value = "reset,limit,latency,mirror-delay,blackhole,partition,kill-router,pause-router,kill-agent,pause-agent,kill-member,kill-leader,pause-leader,compaction,clock-offset,bandwidth,drain"
     )]
     faults: Vec<Fault>,
     /// Accounts moved to another region during each run (the migration
@@ -430,9 +430,7 @@ pub async fn run_once(args: &VerifyArgs, binaries: &Binaries, seed: u64) -> Resu
         let _ = c.await;
     }
     let mut moves = mover.await.unwrap_or_default();
-    if args.follow_the_sun {
-        moves::count_automatic(&d.directory_client().await, &mut moves).await;
-    }
+    moves::count_automatic(&d.directory_client().await, &mut moves).await;
     let mut history = History {
         records: std::mem::take(&mut *records.lock().unwrap_or_else(|e| e.into_inner())),
     };

@@ -104,8 +104,9 @@ pub async fn run(
     moves
 }
 
-/// Adds the moves the agents' follow-the-sun policy made (intents named
-/// `sun-…`), as they stand at the end of the run.
+/// Adds the moves the agents made by themselves (intents named `sun-…`
+/// for follow the sun, `drain-…` for a drain, `rehome-…` for re-homing
+/// after a failover), as they stand at the end of the run.
 pub async fn count_automatic(directory: &Client, moves: &mut Moves) {
     let Ok(all) = migrations::list(directory).await else {
         moves
@@ -115,9 +116,16 @@ pub async fn count_automatic(directory: &Client, moves: &mut Moves) {
     };
     let mut automatic = 0;
     for (id, r) in all {
-        if !id.starts_with(tern_common::AUTOMATIC_MIGRATION_PREFIX) {
+        let Some(kind) = [
+            (tern_common::AUTOMATIC_MIGRATION_PREFIX, "follow the sun"),
+            (tern_common::DRAIN_MIGRATION_PREFIX, "drain"),
+            (tern_common::REHOME_MIGRATION_PREFIX, "re-homing"),
+        ]
+        .iter()
+        .find(|(prefix, _)| id.starts_with(prefix))
+        .map(|(_, kind)| *kind) else {
             continue;
-        }
+        };
         automatic += 1;
         match r.phase {
             MigrationPhase::Completed => {
@@ -129,7 +137,7 @@ pub async fn count_automatic(directory: &Client, moves: &mut Moves) {
             _ => moves.unfinished += 1,
         }
         moves.described.push(format!(
-            "{}: {} → {} (automatic, {:?})",
+            "{}: {} → {} ({kind}, {:?})",
             r.account,
             r.source.as_ref().map_or("?".into(), ToString::to_string),
             r.target,

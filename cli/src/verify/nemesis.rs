@@ -74,6 +74,10 @@ pub enum Fault {
     /// Healed: everything started again; the region stays failed over and
     /// quarantines what its successor never had.
     KillRegion,
+    /// One region drained (`tern drain`): its agent moves every account
+    /// homed there out with the migration protocol while the workload
+    /// runs. Healed: undrained. The drain must have moved accounts.
+    Drain,
 }
 
 impl Fault {
@@ -104,6 +108,8 @@ enum Undo {
     ThawMember(String, usize),
     /// Every member of the region's group, then its agent and router.
     StartRegion(String),
+    /// The region's drain ended (its progress noted first).
+    Undrain(String),
 }
 
 /// A toxic re-added every 500 ms while the faults hold: toxiproxy's
@@ -128,6 +134,8 @@ pub struct Nemesis {
     /// Regions that must have been failed over (and quarantined after
     /// healing) by the end of the run.
     pub lost_regions: Vec<String>,
+    /// Drained regions and the moves their drain completed by the heal.
+    pub drained: Vec<(String, u64)>,
     used_regions: BTreeSet<String>,
 }
 
@@ -140,6 +148,7 @@ impl Nemesis {
             must_resync: Vec::new(),
             described: Vec::new(),
             lost_regions: Vec::new(),
+            drained: Vec::new(),
             used_regions: BTreeSet::new(),
         }
     }
@@ -342,6 +351,15 @@ impl Nemesis {
                 self.lost_regions.push(region.clone());
                 region
             }
+            Fault::Drain => {
+                let region = self.pick_region(d, rng);
+                let name = tern_common::RegionName::new(&region).expect("the deployment's regions are valid");
+                tern_common::drain::set_draining(&mut d.directory_client().await, &name, true)
+                    .await
+                    .map_err(|e| CliError::Setup(format!("draining {region}: {e}")))?;
+                self.undo.push(Undo::Undrain(region.clone()));
+                region
+            }
             Fault::ClockOffset => {
                 let region = self.pick_region(d, rng);
                 let offset = rng.random_range(500..1500) * if rng.random_bool(0.5) { 1 } else { -1 };
@@ -465,6 +483,23 @@ impl Nemesis {
                     tokio::task::block_in_place(|| group.restart(i))?;
                 }
                 Undo::ThawMember(region, i) => d.region(&region).group.resume(i),
+                Undo::Undrain(region) => {
+                    let name = tern_common::RegionName::new(&region).expect("the deployment's regions are valid");
+                    let mut dir = d.directory_client().await;
+                    let moved = dir
+                        .get(tern_common::dir_region_key(&name), None)
+                        .await
+                        .ok()
+                        .and_then(|r| {
+                            serde_json::from_slice::<tern_common::RegionRecord>(r.kvs().first()?.value()).ok()
+                        })
+                        .and_then(|r| r.drain)
+                        .map_or(0, |p| p.moved);
+                    self.drained.push((region.clone(), moved));
+                    tern_common::drain::set_draining(&mut dir, &name, false)
+                        .await
+                        .map_err(|e| CliError::Setup(format!("undraining {region}: {e}")))?;
+                }
                 Undo::StartRegion(region) => {
                     let group = &mut d.region_mut(&region).group;
                     tokio::task::block_in_place(|| group.restart_all())?;
@@ -485,6 +520,17 @@ impl Nemesis {
     /// snapshot (within 30 s of healing).
     pub async fn did_not_bite(&self, d: &LocalDeployment) -> Vec<tern_verify::Violation> {
         let mut out = Vec::new();
+        // Only a drain alone must have moved accounts: a second fault (a
+        // partition, a lagging mirror) may rightly hold every move back.
+        for (region, moved) in &self.drained {
+            if *moved == 0 && self.described.len() == 1 {
+                out.push(tern_verify::Violation {
+                    checker: "nemesis",
+                    key: String::new(),
+                    detail: format!("{region} was drained but its drain moved no account out"),
+                });
+            }
+        }
         // A lost region must have been failed over, and must have written
         // its quarantine once back.
         for region in &self.lost_regions {
