@@ -215,6 +215,21 @@ pub fn render(records: &[(String, RegionRecord)], holders: &BTreeMap<String, Reg
                 r.region_epoch
             );
         }
+        if r.state == tern_common::RegionState::Failed
+            && let Some(p) = &r.drain
+        {
+            let _ = writeln!(
+                out,
+                "  Re-homing into {}: {}{}",
+                r.successor.as_ref().map(|s| s.as_str()).unwrap_or("?"),
+                crate::drain::render(p),
+                if p.homed == 0 {
+                    format!(" — every account re-homed; `tern rejoin {name}` once it is back")
+                } else {
+                    String::new()
+                }
+            );
+        }
         if r.state == tern_common::RegionState::Draining {
             match &r.drain {
                 Some(p) => {

@@ -520,6 +520,7 @@ pub struct RegionStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lease_holder: Option<String>,
     /// Draining: how far the drain got, as the region's agent counts it.
+    /// Failed: how far its successor got re-homing its accounts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drain: Option<DrainStatus>,
 }

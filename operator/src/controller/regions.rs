@@ -113,7 +113,7 @@ pub fn serving(
                     .filter(|l| l.failed_over_to.is_none())
                     .map(|l| l.agent.clone()),
                 drain: record
-                    .filter(|r| r.state == RegionState::Draining)
+                    .filter(|r| r.state != RegionState::Active)
                     .and_then(|r| r.drain.as_ref())
                     .map(|d| DrainStatus {
                         homed: d.homed as i64,
