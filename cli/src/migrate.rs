@@ -84,6 +84,7 @@ pub async fn run(args: MigrateArgs) -> Result<(), CliError> {
         .clone()
         .unwrap_or_else(|| format!("cli-{account}-{}", tern_common::unix_ms()));
     let id = MigrationId::new(id).map_err(|e| CliError::Usage(format!("--id: {e}")))?;
+    reserved(&id)?;
     let directory = tern_common::etcd::connect(&args.directory, "directory", Duration::from_secs(10)).await?;
     let created = migrations::request(&directory, &id, &account, &to, expect_from, &args.reason).await?;
     if created {
@@ -203,6 +204,23 @@ async fn kubernetes(
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+}
+
+/// Ids the agents give their own moves (their limits differ): refused
+/// for moves asked for by hand.
+fn reserved(id: &MigrationId) -> Result<(), CliError> {
+    for prefix in [
+        tern_common::AUTOMATIC_MIGRATION_PREFIX,
+        tern_common::DRAIN_MIGRATION_PREFIX,
+        tern_common::REHOME_MIGRATION_PREFIX,
+    ] {
+        if id.as_str().starts_with(prefix) {
+            return Err(CliError::Usage(format!(
+                "--id {id}: ids starting with `{prefix}` are the agents' own (follow the sun, drains, re-homing); choose another"
+            )));
+        }
+    }
+    Ok(())
 }
 
 fn phase_name(p: MigrationPhase) -> &'static str {

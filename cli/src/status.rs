@@ -32,6 +32,10 @@ pub struct StatusArgs {
         conflicts_with = "name"
     )]
     directory: Vec<String>,
+    /// The data-loss budget failover readiness is judged against (the
+    /// GeoCluster's `spec.failover.maxDataLossLag`), e.g. 5s.
+    #[arg(long, default_value = "5s", value_parser = tern_common::parse_duration)]
+    max_data_loss_lag: std::time::Duration,
 }
 
 pub async fn run(args: StatusArgs) -> Result<(), CliError> {
@@ -156,9 +160,110 @@ async fn directory(args: StatusArgs) -> Result<(), CliError> {
         })
         .collect();
     print!("{}", render(&records, &holders));
+    let mut live = BTreeMap::new();
+    for (name, record) in &records {
+        if let Some(answer) = lease_answer(name, record).await {
+            live.insert(name.clone(), answer);
+        }
+    }
+    print!("{}", readiness(&records, &live, args.max_data_loss_lag));
     let migrations = tern_local::migrations::list(&client).await?;
     print!("{}", render_migrations(&migrations, RECENT_MIGRATIONS));
     Ok(())
+}
+
+/// What the region's elected agent says of its lease (`GET /lease`), found
+/// through the announcement in the region's own group, whose members its
+/// record lists. None when any of it cannot be reached.
+async fn lease_answer(region: &str, record: &RegionRecord) -> Option<tern_common::LeaseAnswer> {
+    let name = tern_common::RegionName::new(region).ok()?;
+    let endpoints: Vec<String> = record.members.iter().map(|m| m.endpoint.clone()).collect();
+    if endpoints.is_empty() {
+        return None;
+    }
+    let mut group = tokio::time::timeout(
+        std::time::Duration::from_secs(2),
+        etcd_client::Client::connect(&endpoints, None),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    let found = tokio::time::timeout(
+        std::time::Duration::from_secs(2),
+        group.get(tern_common::agent_endpoint_key(&name), None),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    let agent: tern_common::AgentEndpoint = serde_json::from_slice(found.kvs().first()?.value()).ok()?;
+    let (code, body) = tern_common::ops::http_get(&agent.http, "/lease", std::time::Duration::from_secs(2))
+        .await
+        .ok()?;
+    (code == 200).then(|| serde_json::from_str(&body).ok()).flatten()
+}
+
+/// Per region: how long its lease is certain to stay valid (as its agent
+/// answers), and whether it could be failed over within `budget`: the
+/// successor whose mirror of it is least behind, and by how much.
+pub fn readiness(
+    records: &[(String, RegionRecord)],
+    live: &BTreeMap<String, tern_common::LeaseAnswer>,
+    budget: std::time::Duration,
+) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "Leases and failover readiness (data-loss budget {})",
+        age(budget.as_millis() as u64)
+    );
+    let _ = writeln!(
+        out,
+        "  {:<10} {:<22} {:<28} {:<20} failover",
+        "region", "lease valid for", "least behind mirror of it", "behind (± error)"
+    );
+    for (name, r) in records {
+        let lease = match (r.state, live.get(name)) {
+            (tern_common::RegionState::Failed, _) => "failed over".to_string(),
+            (_, Some(a)) => format!("{} (TTL {})", age(a.remaining_ms), age(a.ttl_ms)),
+            (_, None) => "unknown (no agent answer)".to_string(),
+        };
+        let best = records
+            .iter()
+            .filter(|(other, o)| other != name && o.state == tern_common::RegionState::Active)
+            .filter_map(|(other, o)| o.mirrors.get(name.as_str()).map(|m| (other, m)))
+            .min_by_key(|(_, m)| m.lag_ms.saturating_add(m.lag_error_ms));
+        let (mirror, behind, verdict) = match (r.state, best) {
+            (tern_common::RegionState::Failed, _) => ("-".to_string(), "-".to_string(), "-".to_string()),
+            (_, None) => ("none".into(), "-".into(), "no successor mirrors it".into()),
+            (_, Some((other, m))) => {
+                let incomplete = matches!(
+                    m.state,
+                    tern_common::MirrorState::Starting | tern_common::MirrorState::Resyncing
+                );
+                let bound = m.lag_ms.saturating_add(m.lag_error_ms);
+                let verdict = if incomplete {
+                    format!("not ready: {other}'s mirror is {}", m.state.as_str())
+                } else if m.lag_ms == u64::MAX {
+                    "not ready: lag not measured yet".to_string()
+                } else if u128::from(bound) <= budget.as_millis() {
+                    "ready".to_string()
+                } else {
+                    "over the budget (tern failover --force)".to_string()
+                };
+                (
+                    format!("{other} ({})", m.state.as_str()),
+                    if m.lag_ms == u64::MAX {
+                        "-".into()
+                    } else {
+                        format!("{} ± {}", age(m.lag_ms), age(m.lag_error_ms))
+                    },
+                    verdict,
+                )
+            }
+        };
+        let _ = writeln!(out, "  {name:<10} {lease:<22} {mirror:<28} {behind:<20} {verdict}");
+    }
+    out
 }
 
 /// Finished migrations `tern status` lists (the newest).
@@ -309,6 +414,61 @@ pub fn render(records: &[(String, RegionRecord)], holders: &BTreeMap<String, Reg
 mod tests {
     use super::*;
     use tern_common::{AccountId, MigrationPhase, MigrationRecord, RegionName};
+
+    #[test]
+    fn readiness_names_the_least_behind_successor_and_judges_it_against_the_budget() {
+        let mirror = |lag_ms: u64, state: tern_common::MirrorState| tern_common::MirrorStatus {
+            state,
+            lag_ms,
+            lag_error_ms: 40,
+            lag_revisions: 0,
+            applied_revision: tern_common::SourceRevision(0),
+            skew_ms: 0,
+            heartbeat_age_ms: 0,
+            measured_unix_ms: 0,
+        };
+        let mut us = RegionRecord::unwritten();
+        us.mirrors
+            .insert("eu-west".into(), mirror(9_000, tern_common::MirrorState::Disconnected));
+        let mut eu = RegionRecord::unwritten();
+        eu.mirrors
+            .insert("us-east".into(), mirror(50, tern_common::MirrorState::Streaming));
+        let mut ap = RegionRecord::unwritten();
+        ap.mirrors
+            .insert("us-east".into(), mirror(400, tern_common::MirrorState::Streaming));
+        let records = vec![
+            ("ap-south".to_string(), ap),
+            ("eu-west".to_string(), eu),
+            ("us-east".to_string(), us),
+        ];
+        let live = BTreeMap::from([(
+            "us-east".to_string(),
+            tern_common::LeaseAnswer {
+                region: "us-east".into(),
+                agent: "a".into(),
+                leadership: 1,
+                remaining_ms: 1_600,
+                ttl_ms: 2_000,
+            },
+        )]);
+        let text = readiness(&records, &live, std::time::Duration::from_secs(5));
+        let line = |r: &str| {
+            text.lines()
+                .find(|l| l.trim_start().starts_with(r))
+                .expect("a line")
+                .to_string()
+        };
+        let us_line = line("us-east");
+        assert!(
+            us_line.contains("eu-west (streaming)") && us_line.ends_with("ready"),
+            "{us_line}"
+        );
+        assert!(us_line.contains("(TTL"), "{us_line}");
+        let eu_line = line("eu-west");
+        assert!(eu_line.contains("over the budget"), "{eu_line}");
+        assert!(eu_line.contains("unknown"), "{eu_line}");
+        assert!(line("ap-south").contains("no successor mirrors it"), "{text}");
+    }
 
     #[test]
     fn migrations_in_flight_come_first_then_the_newest_finished() {

@@ -258,23 +258,8 @@ pub async fn rejoin(c: &mut Client, region: &RegionName) -> Result<Rejoined, Rej
             successor: successor.to_string(),
         });
     }
-    let mut left = 0;
-    let mut pages = crate::etcd::Pages::prefix(crate::DIR_ACCOUNTS, 5_000);
-    while let Some(page) = pages.next(c).await.map_err(etcd("listing the accounts".into()))? {
-        left += page
-            .kvs()
-            .iter()
-            .filter_map(|kv| serde_json::from_slice::<crate::AccountRecord>(kv.value()).ok())
-            .filter(|a| a.home == *region)
-            .count() as u64;
-    }
-    if left > 0 {
-        return Err(RejoinRefused::AccountsLeft {
-            region: region.clone(),
-            successor: successor.to_string(),
-            accounts: left,
-        });
-    }
+    // The moves first, then the accounts: a move that lands an account in
+    // the region after this read was open at it, and refuses the rejoin.
     let intents = c
         .get(
             crate::DIR_MIGRATIONS,
@@ -292,6 +277,23 @@ pub async fn rejoin(c: &mut Client, region: &RegionName) -> Result<Rejoined, Rej
         return Err(RejoinRefused::MovesOpen {
             region: region.clone(),
             moves: open,
+        });
+    }
+    let mut left = 0;
+    let mut pages = crate::etcd::Pages::prefix(crate::DIR_ACCOUNTS, 5_000);
+    while let Some(page) = pages.next(c).await.map_err(etcd("listing the accounts".into()))? {
+        left += page
+            .kvs()
+            .iter()
+            .filter_map(|kv| serde_json::from_slice::<crate::AccountRecord>(kv.value()).ok())
+            .filter(|a| a.home == *region)
+            .count() as u64;
+    }
+    if left > 0 {
+        return Err(RejoinRefused::AccountsLeft {
+            region: region.clone(),
+            successor: successor.to_string(),
+            accounts: left,
         });
     }
     let lease_key = dir_lease_key(region);

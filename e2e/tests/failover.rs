@@ -933,3 +933,64 @@ async fn moves_into_a_lost_region_are_settled_by_its_successor_by_what_its_mirro
     )
     .await;
 }
+
+#[tokio::test]
+async fn an_account_the_successor_never_saw_is_rehomed_empty() {
+    let _serial = SERIAL.lock().await;
+    let mut d = start().await;
+    create(&d, "acct-seen", "us-east").await;
+    let mut us = d.client("us-east").await;
+    us.put(put("acct-seen", "k", "mirrored", "s1")).await.expect("written");
+    mirrored(&d, "eu-west", "us-east", "acct-seen", "k", "mirrored").await;
+    // An account created (and written) in us-east that eu-west's mirror
+    // never hears of.
+    d.set_mirror_link("eu-west", "us-east", false).await.expect("cut");
+    create(&d, "acct-late", "us-east").await;
+    us.put(put("acct-late", "k", "lost", "l1")).await.expect("written");
+    d.kill_region("us-east");
+    d.set_mirror_link("eu-west", "us-east", true).await.expect("heal");
+    lease_expired(&d, "us-east").await;
+    let directory = format!("--directory={}", d.directory.endpoints().join(","));
+    tern_cli::run_args([
+        "tern",
+        "failover",
+        "us-east",
+        "--to",
+        "eu-west",
+        "--yes",
+        "--force",
+        directory.as_str(),
+    ])
+    .await
+    .expect("failed over");
+    // Both accounts are re-homed into eu-west: the one it never saw empty,
+    // so that it takes writes again (what it had is for the quarantine).
+    let mut dir = d.directory_client().await;
+    let until = Instant::now() + Duration::from_secs(30);
+    for account in ["acct-seen", "acct-late"] {
+        loop {
+            let found = dir
+                .get(format!("/tern/dir/accounts/{account}"), None)
+                .await
+                .expect("directory answers");
+            let p: tern_common::AccountRecord =
+                serde_json::from_slice(found.kvs().first().expect("placement").value()).expect("readable");
+            if p.home.as_str() == "eu-west" && p.state == tern_common::AccountState::Active {
+                assert_eq!(p.epoch, tern_common::Epoch(2), "{account}");
+                break;
+            }
+            assert!(Instant::now() < until, "{account} was never re-homed: {p:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    assert_eq!(get(&d, "eu-west", "acct-seen", "k").await.as_deref(), Some("mirrored"));
+    assert_eq!(get(&d, "eu-west", "acct-late", "k").await, None);
+    first_acknowledged(
+        &d,
+        "eu-west",
+        put("acct-late", "k", "again", "l2"),
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(get(&d, "eu-west", "acct-late", "k").await.as_deref(), Some("again"));
+}

@@ -43,6 +43,8 @@ const TICK: Duration = Duration::from_secs(1);
 const RETRY_BLOCKED: Duration = Duration::from_secs(5);
 /// The least time between two counts of the accounts homed here.
 const RECOUNT: Duration = Duration::from_secs(2);
+/// The same once none is left.
+const RECOUNT_DONE: Duration = Duration::from_secs(30);
 
 /// The drain's limits, from the agent's flags.
 #[derive(Clone, Debug)]
@@ -139,7 +141,6 @@ struct Drain {
     counted_at: Option<Instant>,
     started: VecDeque<Instant>,
     written: Option<DrainProgress>,
-    written_at: Option<Instant>,
 }
 
 impl Drain {
@@ -154,7 +155,6 @@ impl Drain {
             counted_at: None,
             started: VecDeque::new(),
             written: None,
-            written_at: None,
         }
     }
 
@@ -307,7 +307,14 @@ async fn step(
     let here = shared.region.clone();
     follow(directory, d).await?;
     let now = Instant::now();
-    if d.queue.is_empty() && d.moving.is_empty() && d.counted_at.is_none_or(|t| now - t >= RECOUNT) {
+    // Once nothing is homed there, counting again is only for accounts that
+    // arrive anyway (a move that was under way elsewhere): less often.
+    let every = if d.homed == 0 && d.counted_at.is_some() {
+        RECOUNT_DONE
+    } else {
+        RECOUNT
+    };
+    if d.queue.is_empty() && d.moving.is_empty() && d.counted_at.is_none_or(|t| now - t >= every) {
         count(directory, from, d).await?;
         d.counted_at = Some(now);
     }
@@ -325,7 +332,10 @@ async fn step(
                 &progress.message,
             )
     });
-    if !changed && d.written_at.is_some_and(|t| now - t < Duration::from_secs(10)) {
+    // Written only when it changed: `tern rejoin` compares the failed
+    // region's record, so a re-homing that rewrote it regularly could hold
+    // the rejoin off.
+    if !changed {
         return Ok(());
     }
     let (started, ended) = match kind {
@@ -383,7 +393,6 @@ async fn step(
     })
     .await?;
     d.written = Some(progress);
-    d.written_at = Some(now);
     Ok(())
 }
 
@@ -561,6 +570,7 @@ async fn start_moves(
                 shared.metrics.drain_moves.inc();
             }
             d.started.push_back(now);
+            d.blocked.remove(&account);
             d.moving.insert(account, id);
         }
     }

@@ -122,10 +122,10 @@ pub async fn run(
             }
             // The first successor in the order that is alive acts; a
             // successor ahead of this one that holds its lease will.
+            // A draining region is no successor (it takes no accounts in).
             let first = order.iter().find(|c| {
-                **c == shared.region
-                    || seen.leases.get(*c).is_some_and(|l| l.failed_over_to.is_none())
-                        && seen.records.get(*c).is_some_and(|r| r.state == RegionState::Active)
+                seen.records.get(*c).is_some_and(|r| r.state == RegionState::Active)
+                    && (**c == shared.region || seen.leases.get(*c).is_some_and(|l| l.failed_over_to.is_none()))
             });
             if first != Some(&shared.region) {
                 continue;

@@ -206,27 +206,26 @@ struct Landed {
 #[derive(Clone)]
 struct SourceGroup {
     client: Client,
-    promoted: Option<(RegionName, u64, Compare)>,
+    /// The failed source whose promoted mirror area in this group holds
+    /// the fence.
+    promoted: Option<RegionName>,
     failed: bool,
+    /// What every fence write into it must also compare: the promotion
+    /// marker and this leadership for a promoted area, this leadership
+    /// for this region's own group, nothing for another region's group.
+    guards: Vec<Compare>,
 }
 
 impl SourceGroup {
     fn fence_key(&self, account: &AccountId) -> Vec<u8> {
         match &self.promoted {
-            Some((source, _, _)) => mirror_key(source, fence_key(account).as_bytes()),
+            Some(source) => mirror_key(source, fence_key(account).as_bytes()),
             None => fence_key(account).into_bytes(),
         }
     }
 
-    /// What every fence write into it must also compare.
     fn guards(&self) -> Vec<Compare> {
-        match &self.promoted {
-            Some((source, failover, leadership)) => vec![
-                Compare::value(promotion_key(source), CompareOp::Equal, failover.to_string()),
-                leadership.clone(),
-            ],
-            None => Vec::new(),
-        }
+        self.guards.clone()
     }
 }
 
@@ -739,7 +738,11 @@ impl Migrator {
                     epoch,
                     SourceGroup {
                         client: self.local.clone(),
-                        promoted: Some((source, r.region_epoch, self.leadership.guard())),
+                        guards: vec![
+                            Compare::value(promotion_key(&source), CompareOp::Equal, r.region_epoch.to_string()),
+                            self.leadership.guard(),
+                        ],
+                        promoted: Some(source),
                         failed: false,
                     },
                 ));
@@ -752,6 +755,7 @@ impl Migrator {
                         client: client.clone(),
                         promoted: None,
                         failed: true,
+                        guards: Vec::new(),
                     },
                 ));
             }
@@ -768,6 +772,7 @@ impl Migrator {
                 client,
                 promoted: None,
                 failed: false,
+                guards: Vec::new(),
             },
         ))
     }
@@ -924,36 +929,64 @@ impl Migrator {
         // is written again, compared on its revision: the write makes it
         // this attempt's, so anything that read the old one (a stray-fence
         // repair) can no longer swap it, and the mirror waits for it.
-        let (fenced_revision, fenced_at) =
-            match swap_fence(client, &account, &Fence::active(epoch), &Fence::fenced(epoch)).await? {
-                Swapped::Now(revision) => (revision, Some(fenced_at)),
-                Swapped::Found(Some((value, revision))) if value == Fence::fenced(epoch).to_string().as_bytes() => {
-                    let mut when = vec![Compare::mod_revision(fence.clone(), CompareOp::Equal, revision)];
-                    when.extend(client.guards());
-                    let resp = client
-                        .client
-                        .clone()
-                        .txn(Txn::new().when(when).and_then([TxnOp::put(
-                            fence.clone(),
-                            Fence::fenced(epoch).to_string(),
-                            None,
-                        )]))
-                        .await
-                        .during(|| format!("taking over {account}'s fence in {source}"))?;
-                    if !resp.succeeded() {
-                        return Err(self.fail(i, format!("{account}'s fence in {source} changed while taken over")));
-                    }
-                    (resp.header().map_or(revision, |h| h.revision()), None)
+        let (fenced_revision, fenced_at) = match swap_fence(
+            client,
+            &account,
+            &Fence::active(epoch),
+            &Fence::fenced(epoch),
+        )
+        .await?
+        {
+            Swapped::Now(revision) => (revision, Some(fenced_at)),
+            Swapped::Found(Some((value, revision))) if value == Fence::fenced(epoch).to_string().as_bytes() => {
+                let mut when = vec![Compare::mod_revision(fence.clone(), CompareOp::Equal, revision)];
+                when.extend(client.guards());
+                let resp = client
+                    .client
+                    .clone()
+                    .txn(Txn::new().when(when).and_then([TxnOp::put(
+                        fence.clone(),
+                        Fence::fenced(epoch).to_string(),
+                        None,
+                    )]))
+                    .await
+                    .during(|| format!("taking over {account}'s fence in {source}"))?;
+                if !resp.succeeded() {
+                    return Err(self.fail(i, format!("{account}'s fence in {source} changed while taken over")));
                 }
-                other => {
-                    let why = format!(
-                        "{account}'s fence in {source} is {}, not {}",
-                        other.shown(),
-                        Fence::active(epoch)
-                    );
-                    return Ok(Err(self.begin_roll_back(i, claim, why).await?));
-                }
-            };
+                (resp.header().map_or(revision, |h| h.revision()), None)
+            }
+            // Re-homing an account this region's mirror never held at
+            // E (created in, or moved into, the failed region after the
+            // mirror's last revision): everything it had at E is in the
+            // failed region's quarantine, and no router can write it
+            // here (its guard needs that fence). It is re-homed empty,
+            // so that it takes writes again and the region can rejoin.
+            Swapped::Found(found)
+                if client.promoted.is_some()
+                    && found
+                        .as_ref()
+                        .is_none_or(|(v, _)| Fence::parse(v).is_ok_and(|f| f.epoch < epoch)) =>
+            {
+                tracing::warn!(
+                    migration = %i.id, account = %account, from = %source, epoch = epoch.0,
+                    "this region's mirror never held the account at its epoch: re-homed empty (its writes are in {source}'s quarantine)"
+                );
+                let keys = self.copy(i, source, epoch.next(), here_unchanged, true).await?;
+                return Ok(Ok(Landed {
+                    keys: Some(keys),
+                    window: None,
+                }));
+            }
+            other => {
+                let why = format!(
+                    "{account}'s fence in {source} is {}, not {}",
+                    other.shown(),
+                    Fence::active(epoch)
+                );
+                return Ok(Err(self.begin_roll_back(i, claim, why).await?));
+            }
+        };
         self.failpoint("migrate.after-fence")?;
         // Step 3: this region's mirror of the source reaches the fence
         // (a promoted area is the fence's own group: nothing to wait for).
@@ -990,7 +1023,7 @@ impl Migrator {
         }
         self.failpoint("migrate.after-catch-up")?;
         // Step 4: copy into this region's home area, the fence last.
-        let keys = self.copy(i, source, epoch.next(), here_unchanged).await?;
+        let keys = self.copy(i, source, epoch.next(), here_unchanged, false).await?;
         // Writes commit here from now on: the window ends.
         let landed_at = tern_common::unix_ms();
         tracing::info!(
@@ -1032,6 +1065,7 @@ impl Migrator {
         source: &RegionName,
         target_epoch: Epoch,
         here_unchanged: Compare,
+        empty: bool,
     ) -> Result<usize> {
         let account = &i.record.account;
         let home_prefix = account_prefix(account);
@@ -1048,7 +1082,7 @@ impl Migrator {
         {
             for kv in page.kvs() {
                 let key = String::from_utf8_lossy(&kv.key()[strip..]).into_owned();
-                if key != fence {
+                if key != fence && !empty {
                     items.push((key, kv.value().to_vec()));
                 }
             }
@@ -1327,6 +1361,24 @@ impl Migrator {
         if i.record.phase.is_final() {
             return Ok(());
         }
+        // Only a promoted mirror has stopped for good: before that it could
+        // still apply the landing, and the writes after it, which a
+        // rollback decided now would leave in an area nobody serves.
+        let key = tern_common::dir_region_key(&target);
+        let failover = self
+            .directory
+            .clone()
+            .get(key.clone(), None)
+            .await
+            .during(|| format!("reading {key}"))?
+            .kvs()
+            .first()
+            .and_then(|kv| serde_json::from_slice::<tern_common::RegionRecord>(kv.value()).ok())
+            .map(|r| r.region_epoch);
+        let marker = crate::mirror::promoted(&self.local, &target).await?;
+        if marker.is_none() || marker != failover {
+            return Ok(());
+        }
         let (source, epoch, src) = match (&i.record.source, i.record.source_epoch) {
             // A move out of this very region: its fence is here.
             (Some(s), Some(e)) if *s == self.shared.region => (
@@ -1336,6 +1388,7 @@ impl Migrator {
                     client: self.local.clone(),
                     promoted: None,
                     failed: false,
+                    guards: vec![self.leadership.guard()],
                 },
             ),
             _ => self.source(i).await?,
@@ -1398,9 +1451,27 @@ impl Migrator {
             ));
         } else {
             if !src.failed {
-                let swapped = swap_fence(&src, &account, &Fence::fenced(epoch), &Fence::active(epoch)).await?;
-                if !swapped.is(&Fence::active(epoch)) {
-                    tracing::warn!(migration = %i.id, account = %account, found = %swapped.shown(), "the source's fence was not fenced for this move; left as it is");
+                // Fenced for this move, or already marked moved to the
+                // failed target (which marked it after a landing this
+                // region never saw: what it wrote since is in its
+                // quarantine): the source takes the account back.
+                let active = Fence::active(epoch);
+                let mut swapped = swap_fence(&src, &account, &Fence::fenced(epoch), &active).await?;
+                let moved = Fence::moved(epoch, target.clone());
+                if matches!(&swapped, Swapped::Found(Some((v, _))) if v == moved.to_string().as_bytes()) {
+                    swapped = swap_fence(&src, &account, &moved, &active).await?;
+                }
+                if !swapped.is(&active) {
+                    // Restoring the directory now would name a home that
+                    // refuses the account's writes.
+                    return Err(self.fail(
+                        i,
+                        format!(
+                            "{account}'s fence in {source} is {}, not {} or {moved}: not rolled back",
+                            swapped.shown(),
+                            Fence::fenced(epoch)
+                        ),
+                    ));
                 }
             }
             if migrating {

@@ -496,9 +496,11 @@ impl Nemesis {
                         .and_then(|r| r.drain)
                         .map_or(0, |p| p.moved);
                     self.drained.push((region.clone(), moved));
-                    tern_common::drain::set_draining(&mut dir, &name, false)
-                        .await
-                        .map_err(|e| CliError::Setup(format!("undraining {region}: {e}")))?;
+                    match tern_common::drain::set_draining(&mut dir, &name, false).await {
+                        // Lost meanwhile: a failed region is not undrained.
+                        Ok(_) | Err(tern_common::drain::DrainRefused::Failed { .. }) => {}
+                        Err(e) => return Err(CliError::Setup(format!("undraining {region}: {e}"))),
+                    }
                 }
                 Undo::StartRegion(region) => {
                     let group = &mut d.region_mut(&region).group;

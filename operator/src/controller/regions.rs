@@ -199,7 +199,7 @@ async fn report(client: &kube::Client, gc: &GeoCluster, ctx: &Context) -> Result
         .iter()
         .filter_map(|kv| Some((name_of(kv.key(), DIR_LEASES)?, serde_json::from_slice(kv.value()).ok()?)))
         .collect();
-    drain(&dir, gc, &mut records).await;
+    drain(&dir, gc, &ctx.managed, &mut records).await;
     let names: Vec<String> = gc.spec.regions.iter().map(|r| r.name.clone()).collect();
     let now = serving(&names, &records, &leases);
     let status = gc.status.clone().unwrap_or_default();
@@ -290,15 +290,19 @@ async fn report(client: &kube::Client, gc: &GeoCluster, ctx: &Context) -> Result
     Ok(())
 }
 
-/// Sets each region's record `draining` or `active` as its
+/// Sets each managed region's record `draining` or `active` as its
 /// `spec.regions[].drain` says (a failed region is left alone: it rejoins
 /// first), and notes the new state in `records`.
 async fn drain(
     dir: &etcd_client::Client,
     gc: &GeoCluster,
+    managed: &crate::regions::RegionFilter,
     records: &mut std::collections::BTreeMap<String, RegionRecord>,
 ) {
-    for spec in &gc.spec.regions {
+    // Each cluster of a multi-cluster deployment has its own copy of the
+    // GeoCluster: only the operator that manages a region follows its
+    // `drain` field, so that copies that differ do not flip it.
+    for spec in gc.spec.regions.iter().filter(|r| managed.contains(&r.name)) {
         let Some(record) = records.get_mut(&spec.name) else {
             continue;
         };
