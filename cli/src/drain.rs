@@ -265,7 +265,7 @@ pub fn render(p: &DrainProgress) -> String {
     const WIDTH: u64 = 30;
     // Homed counts the accounts moving; moved ones have left.
     let total = p.moved + p.homed;
-    let filled = if total == 0 { WIDTH } else { p.moved * WIDTH / total };
+    let filled = (p.moved * WIDTH).checked_div(total).unwrap_or(WIDTH);
     let mut line = format!(
         "[{}{}] {:>6}/{} moved · {} moving",
         "#".repeat(filled as usize),

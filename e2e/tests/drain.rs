@@ -98,8 +98,11 @@ async fn mirrors_measured(d: &LocalDeployment, source: &str) {
 /// per account and the errors.
 struct Writers {
     stop: Arc<AtomicBool>,
-    tasks: Vec<tokio::task::JoinHandle<(String, Option<u64>, Vec<String>)>>,
+    tasks: Vec<tokio::task::JoinHandle<Written>>,
 }
+
+/// One writer's account, its last acknowledged number and its errors.
+type Written = (String, Option<u64>, Vec<String>);
 
 impl Writers {
     async fn start(d: &LocalDeployment, via: &str, accounts: &[String]) -> Self {
