@@ -349,3 +349,120 @@ async fn moving_a_region_groups_leader_keeps_writes_flowing() {
     .to_string();
     assert!(e.contains("not an answering follower"), "{e}");
 }
+
+#[tokio::test]
+async fn a_geocluster_drains_a_region_through_its_spec_and_shows_the_progress() {
+    use kube::api::Api;
+    use tern_local::etcd_cluster::{EtcdCluster, Tuning};
+    let _serial = SERIAL.lock().await;
+    tern_e2e::init_logs();
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let directory = EtcdCluster::start(tmp.path(), "directory", 1, Tuning::default()).expect("directory");
+    let mut dir = etcd_client::Client::connect(directory.endpoints(), None)
+        .await
+        .expect("directory client");
+    for region in ["us-east", "eu-west", "ap-south"] {
+        let name = RegionName::new(region).expect("valid");
+        dir.put(dir_region_key(&name), RegionRecord::unwritten().to_json(), None)
+            .await
+            .expect("record");
+    }
+    let cp = tern_e2e::controlplane::ControlPlane::start("drain")
+        .await
+        .expect("control plane starts");
+    cp.install_crds().expect("CRDs install");
+    cp.kubectl(&["apply", "-f", "examples/geocluster.yaml"])
+        .expect("GeoCluster applied");
+    let endpoints = format!("--directory-endpoints={}", directory.endpoints().join(","));
+    let _operator = tern_e2e::operator::OperatorGuard::start(&cp, &[endpoints.as_str()])
+        .await
+        .expect("operator starts");
+    let api: Api<tern_crds::GeoCluster> = Api::namespaced(cp.client().await.expect("client"), "default");
+    tern_e2e::operator::eventually("the regions in the status", Duration::from_secs(60), || async {
+        let status = api.get("payments").await.ok()?.status?;
+        status
+            .regions
+            .iter()
+            .any(|r| r.serving.as_deref() == Some("Active"))
+            .then_some(())
+    })
+    .await;
+
+    // `kubectl tern drain --cluster` sets the spec; the operator carries it
+    // into the directory.
+    let kubeconfig = cp.kubeconfig().display().to_string();
+    let drain = |verb: &'static str| {
+        tern_cli::run_args([
+            "tern",
+            verb,
+            "eu-west",
+            "--cluster",
+            "payments",
+            "--kubeconfig",
+            kubeconfig.as_str(),
+        ])
+    };
+    drain("drain").await.expect("drain --cluster");
+    let gc = api.get("payments").await.expect("GeoCluster");
+    assert!(
+        gc.spec.regions.iter().any(|r| r.name == "eu-west" && r.drain),
+        "{:?}",
+        gc.spec.regions
+    );
+    tern_e2e::operator::eventually("eu-west draining in the directory", Duration::from_secs(30), || async {
+        let found = etcd_client::Client::connect(directory.endpoints(), None)
+            .await
+            .ok()?
+            .get(dir_region_key(&RegionName::new("eu-west").ok()?), None)
+            .await
+            .ok()?;
+        let r: RegionRecord = serde_json::from_slice(found.kvs().first()?.value()).ok()?;
+        (r.state == RegionState::Draining).then_some(())
+    })
+    .await;
+    // The agent's progress (written here as the agent would) reaches the
+    // status, with the printer column.
+    let eu = RegionName::new("eu-west").expect("valid");
+    let found = dir.get(dir_region_key(&eu), None).await.expect("record");
+    let mut record: RegionRecord = serde_json::from_slice(found.kvs().first().expect("record").value()).expect("json");
+    record.drain = Some(tern_common::DrainProgress {
+        homed: 3,
+        moving: 2,
+        moved: 5,
+        ..Default::default()
+    });
+    dir.put(dir_region_key(&eu), record.to_json(), None)
+        .await
+        .expect("progress");
+    let shown = tern_e2e::operator::eventually("the progress in the status", Duration::from_secs(30), || async {
+        let status = api.get("payments").await.ok()?.status?;
+        let r = status.regions.iter().find(|r| r.name == "eu-west")?;
+        (r.serving.as_deref() == Some("Draining")).then_some(r.drain.clone()?)
+    })
+    .await;
+    assert_eq!((shown.homed, shown.moving, shown.moved), (3, 2, 5));
+    let table = cp.kubectl(&["get", "geocluster", "payments"]).expect("kubectl get");
+    assert!(table.contains("DRAINING") && table.contains("eu-west"), "{table}");
+    // A region the spec does not name is refused by the command.
+    let e = tern_cli::run_args([
+        "tern",
+        "drain",
+        "mars",
+        "--cluster",
+        "payments",
+        "--kubeconfig",
+        kubeconfig.as_str(),
+    ])
+    .await
+    .expect_err("no such region")
+    .to_string();
+    assert!(e.contains("has no region mars"), "{e}");
+
+    drain("undrain").await.expect("undrain --cluster");
+    tern_e2e::operator::eventually("eu-west active again", Duration::from_secs(30), || async {
+        let status = api.get("payments").await.ok()?.status?;
+        let r = status.regions.iter().find(|r| r.name == "eu-west")?;
+        (r.serving.as_deref() == Some("Active") && r.drain.is_none()).then_some(())
+    })
+    .await;
+}
