@@ -20,6 +20,12 @@
 //! and tried again later; the progress (`DrainProgress` in the region's
 //! record: homed, moving, moved, blocked and why) is what `tern drain`,
 //! `tern status` and the GeoCluster's status show.
+//!
+//! The same loop re-homes the accounts of a region that failed over to
+//! this one (kind `Rehome`, docs/failover.md §9): once this region's mirror
+//! of it is promoted, each of its accounts moves from the promoted mirror
+//! area into this region's own home area (`rehome-…` intents, carried out
+//! by this agent), with the progress in the failed region's record.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
