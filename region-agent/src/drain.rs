@@ -142,6 +142,8 @@ struct Drain {
     moving: BTreeMap<AccountId, MigrationId>,
     /// Accounts that cannot leave now, why, and when to try again.
     blocked: BTreeMap<AccountId, (String, Instant)>,
+    /// Targets that refused or rolled back an account's last moves.
+    avoid: BTreeMap<AccountId, std::collections::BTreeSet<RegionName>>,
     homed: u64,
     moved: u64,
     counted_at: Option<Instant>,
@@ -156,6 +158,7 @@ impl Drain {
             queue: VecDeque::new(),
             moving: BTreeMap::new(),
             blocked: BTreeMap::new(),
+            avoid: BTreeMap::new(),
             homed: 0,
             moved: 0,
             counted_at: None,
@@ -423,16 +426,19 @@ async fn follow(directory: &Client, d: &mut Drain) -> Result<()> {
             .kvs()
             .first()
             .and_then(|kv| serde_json::from_slice::<MigrationRecord>(kv.value()).ok());
-        match record.map(|r| (r.phase, r.message)) {
-            Some((MigrationPhase::Completed, _)) => {
+        match record.map(|r| (r.phase, r.message, r.target)) {
+            Some((MigrationPhase::Completed, _, _)) => {
                 d.moving.remove(&account);
                 d.blocked.remove(&account);
                 d.moved += 1;
                 d.homed = d.homed.saturating_sub(1);
             }
-            Some((MigrationPhase::Refused | MigrationPhase::RolledBack, message)) => {
+            Some((MigrationPhase::Refused | MigrationPhase::RolledBack, message, target)) => {
                 d.moving.remove(&account);
                 let why = message.unwrap_or_else(|| format!("move {id} did not complete"));
+                // The next attempt tries another region first (this one's
+                // mirror may lag, or it may be cut off).
+                d.avoid.entry(account.clone()).or_default().insert(target);
                 d.blocked.insert(account, (why, Instant::now() + RETRY_BLOCKED));
             }
             // Trimmed before this round saw it: the next count settles it.
@@ -478,6 +484,7 @@ async fn count(directory: &Client, here: &RegionName, d: &mut Drain) -> Result<(
     d.homed = homed;
     d.queue = queue;
     d.blocked.retain(|a, _| still.contains(a));
+    d.avoid.retain(|a, _| still.contains(a));
     Ok(())
 }
 
@@ -531,7 +538,12 @@ async fn start_moves(
         }
         let target = match kind {
             Kind::Rehome => here.clone(),
-            Kind::Drain => match choose(&placement, counts.get(account.as_str()), active, &settings.successors) {
+            Kind::Drain => match choose(
+                &placement,
+                counts.get(account.as_str()),
+                &untried(active, d.avoid.entry(account.clone()).or_default()),
+                &settings.successors,
+            ) {
                 Ok(t) => t,
                 Err(why) => {
                     d.blocked.insert(account, (why, now + RETRY_BLOCKED));
@@ -582,6 +594,17 @@ async fn start_moves(
     }
     d.queue.extend(later);
     Ok(())
+}
+
+/// `active` without the regions in `avoid`, unless that leaves none: then
+/// all of them again (and `avoid` starts over).
+fn untried(active: &[RegionName], avoid: &mut std::collections::BTreeSet<RegionName>) -> Vec<RegionName> {
+    let left: Vec<RegionName> = active.iter().filter(|r| !avoid.contains(*r)).cloned().collect();
+    if left.is_empty() {
+        avoid.clear();
+        return active.to_vec();
+    }
+    left
 }
 
 /// Writes per origin region of every account, as the routers here counted
@@ -635,6 +658,16 @@ mod tests {
             choose(&placement(&["us-east", "eu-west"]), Some(&counts), &active, &[]),
             Ok(r("eu-west"))
         );
+    }
+
+    #[test]
+    fn a_target_that_refused_is_tried_last() {
+        let active = [r("ap-south"), r("eu-west")];
+        let mut avoid: std::collections::BTreeSet<RegionName> = [r("ap-south")].into();
+        assert_eq!(untried(&active, &mut avoid), vec![r("eu-west")]);
+        avoid.insert(r("eu-west"));
+        assert_eq!(untried(&active, &mut avoid), active.to_vec());
+        assert!(avoid.is_empty(), "every region refused once: all of them again");
     }
 
     #[test]
