@@ -16,7 +16,7 @@
 //!    flags, and without them the section is skipped.
 //! 5. Scale: a directory of a million accounts: router cold start, memory
 //!    per cached account, lookup latency, placement propagation.
-//! 6. Migrations: write unavailability of a move per region pair, bulk moves.
+//! 6. Migrations: write unavailability of a move per region pair, bulk moves, a drain.
 //! 7. Failover: the recovery time of a region killed whole, at 10 and at
 //!    100,000 accounts side by side.
 //!
@@ -127,7 +127,8 @@ enum Section {
     Telemetry,
     /// A directory of a million accounts.
     Scale,
-    /// Write unavailability of a move per region pair, and bulk moves.
+    /// Write unavailability of a move per region pair, bulk moves, and how
+    /// fast a drain empties a region.
     Migrations,
     /// Recovery time of a region killed whole, at 10 and at many accounts.
     Failover,

@@ -67,6 +67,17 @@ pub async fn run(args: FailoverArgs) -> Result<(), CliError> {
         .get(&successor)
         .and_then(|r| r.mirrors.get(lost.as_str()))
         .cloned();
+    // A promotion of an earlier failover that was never ended (the
+    // successor's agent was down when the region rejoined): its agent ends
+    // it when it runs again; until then routers would wait on the old
+    // marker.
+    if let Some(m) = &mirror
+        && m.state == MirrorState::Promoted
+    {
+        return Err(CliError::Usage(format!(
+            "{successor}'s mirror of {lost} is still promoted from an earlier failover: {successor}'s agent ends that when it runs; name another successor with --to, or start it first"
+        )));
+    }
     // The successor's agent promotes only a complete mirror.
     if let Some(m) = &mirror
         && matches!(m.state, MirrorState::Starting | MirrorState::Resyncing)

@@ -46,6 +46,8 @@ const LINK_RETRY: Duration = Duration::from_millis(50);
 const LEASE_WAIT: Duration = Duration::from_secs(3);
 /// How often it looks meanwhile.
 const LEASE_LOOK: Duration = Duration::from_millis(50);
+/// The pause before a keyed write whose outcome was unknown is sent again.
+const KEYED_RETRY: Duration = Duration::from_millis(20);
 
 /// A data operation: a request on one account's keys.
 pub trait Rpc: Forwardable {
@@ -504,6 +506,22 @@ impl Executor {
                         && call.deadline.saturating_duration_since(Instant::now()) > LEASE_LOOK =>
                 {
                     tokio::time::sleep(LEASE_LOOK).await;
+                    continue;
+                }
+                // A keyed write whose commit answer was lost (the group's
+                // leader changed under it, a connection reset): sending it
+                // again is safe, since its idempotency record makes a second
+                // commit a replay, so it is retried within the deadline
+                // instead of leaving the client an unknown outcome (a
+                // planned leader hand-over keeps keyed writes flowing).
+                Err(RouterError::OutcomeUnknown { .. })
+                    if writes
+                        && op.idempotency.is_some()
+                        && call.deadline.saturating_duration_since(Instant::now()) > KEYED_RETRY =>
+                {
+                    call.maybe_applied.store(true, Ordering::Relaxed);
+                    self.metrics.retries.inc();
+                    tokio::time::sleep(KEYED_RETRY).await;
                     continue;
                 }
                 other => other,

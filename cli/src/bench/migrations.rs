@@ -61,7 +61,13 @@ pub async fn run(members: usize, per_pair: usize, bulk: usize) -> Result<String,
             a.stop().await;
         }
         let agent = d
-            .start_agent(region, &["--migrations-per-minute=1000000".into()])
+            .start_agent(
+                region,
+                &[
+                    "--migrations-per-minute=1000000".into(),
+                    "--drain-moves-per-minute=1000000".into(),
+                ],
+            )
             .await?;
         d.region_mut(region).agent = Some(agent);
     }
@@ -245,6 +251,7 @@ pub async fn run(members: usize, per_pair: usize, bulk: usize) -> Result<String,
     };
     queued.sort_unstable();
     carried.sort_unstable();
+    let (drained, drain_took) = drain(&d, bulk).await?;
     drop(d);
     Ok(format!(
         "## Migrations (3 regions, the demo's round trips, {members} etcd members each)\n\n\
@@ -259,14 +266,73 @@ pub async fn run(members: usize, per_pair: usize, bulk: usize) -> Result<String,
          Bulk: {bulk} moves us-east → eu-west asked for at once: {completed} completed, the first asked for to the last finished in \
          {:.1} s, **{:.1} accounts/s** (the target's agent carries out up to 16 at once); \
          a move waited p50 {} ms / max {} ms for its turn and took p50 {} ms / p99 {} ms from \
-         its start to its completion.\n",
+         its start to its completion.\n\n         Drain: ap-south drained (`tern drain`) of {drained} accounts in {:.1} s, **{:.1} accounts/s**          into us-east and eu-west (16 moves under way at once, the drain's pace unlimited here;          its default, `--drain-moves-per-minute` 600, is 10/s).\n",
         took.as_secs_f64(),
         completed as f64 / took.as_secs_f64(),
         q(&queued, 0.5),
         queued.last().copied().unwrap_or(0),
         q(&carried, 0.5),
         q(&carried, 0.99),
+        drain_took.as_secs_f64(),
+        drained as f64 / drain_took.as_secs_f64().max(0.001),
     ))
+}
+
+/// Creates `n` accounts in ap-south (a write each), drains the region and
+/// waits until no account is homed there: the accounts moved and how long
+/// it took from setting the drain.
+async fn drain(d: &LocalDeployment, n: usize) -> Result<(u64, Duration), CliError> {
+    println!("  migrations: draining ap-south of {n} accounts (and those moved there)");
+    let mut client = d.client("ap-south").await;
+    for i in 0..n {
+        let account = format!("drain-bench-{i}");
+        client
+            .create_account(pb::CreateAccountRequest {
+                account: account.clone(),
+                home_region: "ap-south".into(),
+                allowed_regions: vec![],
+            })
+            .await?;
+        client
+            .put(pb::PutRequest {
+                account,
+                key: "k".into(),
+                value: vec![7u8; 64],
+                idempotency_key: String::new(),
+            })
+            .await?;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let region = RegionName::new("ap-south").map_err(|e| CliError::Setup(e.to_string()))?;
+    let mut dir = d.directory_client().await;
+    let set_at = tern_common::unix_ms();
+    let started = Instant::now();
+    tern_common::drain::set_draining(&mut dir, &region, true)
+        .await
+        .map_err(|e| CliError::Setup(format!("draining ap-south: {e}")))?;
+    let until = started + Duration::from_secs(600);
+    loop {
+        let found = dir
+            .get(tern_common::dir_region_key(&region), None)
+            .await
+            .map_err(|source| CliError::EtcdRequest {
+                what: "reading ap-south's record".into(),
+                source,
+            })?;
+        let progress = found
+            .kvs()
+            .first()
+            .and_then(|kv| serde_json::from_slice::<tern_common::RegionRecord>(kv.value()).ok())
+            .and_then(|r| r.drain)
+            .filter(|p| p.updated_ms >= set_at);
+        if let Some(p) = progress.filter(|p| p.homed == 0 && p.moving == 0) {
+            return Ok((p.moved, started.elapsed()));
+        }
+        if Instant::now() > until {
+            return Err(CliError::Setup("ap-south was not drained within 600 s".into()));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Writes `account` back to back through `client` until `stop`; returns
