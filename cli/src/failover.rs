@@ -73,6 +73,7 @@ pub async fn run(args: FailoverArgs) -> Result<(), CliError> {
     // marker.
     if let Some(m) = &mirror
         && m.state == MirrorState::Promoted
+        && records.get(&lost).is_none_or(|r| r.state != RegionState::Failed)
     {
         return Err(CliError::Usage(format!(
             "{successor}'s mirror of {lost} is still promoted from an earlier failover: {successor}'s agent ends that when it runs; name another successor with --to, or start it first"

@@ -507,26 +507,42 @@ async fn start_moves(
         Kind::Rehome => BTreeMap::new(),
     };
     let now = Instant::now();
+    while d.started.front().is_some_and(|t| now - *t > Duration::from_secs(60)) {
+        d.started.pop_front();
+    }
+    let room = settings
+        .parallel
+        .saturating_sub(d.moving.len())
+        .min((settings.per_minute as usize).saturating_sub(d.started.len()));
+    // The next accounts whose turn it is (blocked ones wait out their
+    // pause at the back of the queue).
     let mut later = VecDeque::new();
-    while d.moving.len() < settings.parallel {
-        while d.started.front().is_some_and(|t| now - *t > Duration::from_secs(60)) {
-            d.started.pop_front();
-        }
-        if d.started.len() >= settings.per_minute as usize {
-            break;
-        }
+    let mut batch: Vec<AccountId> = Vec::new();
+    while batch.len() < room {
         let Some(account) = d.queue.pop_front() else { break };
         if d.blocked.get(&account).is_some_and(|(_, retry)| *retry > now) {
             later.push_back(account);
-            continue;
+        } else {
+            batch.push(account);
         }
-        let key = dir_account_key(&account);
-        let found = directory
-            .clone()
-            .get(key.clone(), None)
-            .await
-            .during(|| format!("reading the placement of {account}"))?;
-        let Some(placement) = found
+    }
+    d.queue.extend(later);
+    if batch.is_empty() {
+        return Ok(());
+    }
+    // Their placements now, in one round trip (the count may be old).
+    let gets: Vec<TxnOp> = batch.iter().map(|a| TxnOp::get(dir_account_key(a), None)).collect();
+    let found = directory
+        .clone()
+        .txn(Txn::new().and_then(gets))
+        .await
+        .during(|| "reading the placements of the next accounts".into())?;
+    let mut when = vec![claim.guard()];
+    let mut puts = Vec::new();
+    let mut asked: Vec<(AccountId, MigrationId, RegionName)> = Vec::new();
+    for (account, op) in batch.into_iter().zip(found.op_responses()) {
+        let TxnOpResponse::Get(g) = op else { continue };
+        let Some(placement) = g
             .kvs()
             .first()
             .and_then(|kv| serde_json::from_slice::<AccountRecord>(kv.value()).ok())
@@ -569,30 +585,35 @@ async fn start_moves(
             key: mkey.clone(),
             detail: e.to_string(),
         })?;
-        let asked = directory
-            .clone()
-            .txn(
-                Txn::new()
-                    .when([
-                        claim.guard(),
-                        Compare::create_revision(mkey.clone(), CompareOp::Equal, 0),
-                    ])
-                    .and_then([TxnOp::put(mkey, value, None)]),
-            )
-            .await
-            .during(|| format!("asking for the move of {account}"))?
-            .succeeded();
-        if asked {
-            tracing::info!(account = %account, to = %target, migration = %id, ?kind, "move asked for");
-            if kind == Kind::Drain {
-                shared.metrics.drain_moves.inc();
-            }
-            d.started.push_back(now);
-            d.blocked.remove(&account);
-            d.moving.insert(account, id);
-        }
+        when.push(Compare::create_revision(mkey.clone(), CompareOp::Equal, 0));
+        puts.push(TxnOp::put(mkey, value, None));
+        asked.push((account, id, target));
     }
-    d.queue.extend(later);
+    if asked.is_empty() {
+        return Ok(());
+    }
+    // Asked for together, in one transaction guarded by this agent's claim
+    // (ids are new: an id taken already fails it, and the next round asks
+    // again with new ones).
+    let done = directory
+        .clone()
+        .txn(Txn::new().when(when).and_then(puts))
+        .await
+        .during(|| "asking for moves".into())?
+        .succeeded();
+    if !done {
+        d.queue.extend(asked.into_iter().map(|(a, _, _)| a));
+        return Ok(());
+    }
+    for (account, id, target) in asked {
+        tracing::info!(account = %account, to = %target, migration = %id, ?kind, "move asked for");
+        if kind == Kind::Drain {
+            shared.metrics.drain_moves.inc();
+        }
+        d.started.push_back(now);
+        d.blocked.remove(&account);
+        d.moving.insert(account, id);
+    }
     Ok(())
 }
 

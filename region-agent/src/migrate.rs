@@ -275,18 +275,24 @@ impl Migrator {
         let mut not_before: BTreeMap<MigrationId, Instant> = BTreeMap::new();
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let mut trimmed_at = Instant::now();
+        // When the region records were last read for failovers to here.
+        let mut adopted_at: Option<Instant> = None;
         loop {
             // A region newly failed over to this one: load the intents
-            // again, with the moves into it.
-            match self.failed_over_here().await {
-                Ok(now) => {
-                    let mut adopted = self.adopted.lock().unwrap_or_else(|e| e.into_inner());
-                    if *adopted != now {
-                        *adopted = now;
-                        stream = None;
+            // again, with the moves into it. Looked at once a second (this
+            // loop turns on every watch event and finished step).
+            if adopted_at.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                adopted_at = Some(Instant::now());
+                match self.failed_over_here().await {
+                    Ok(now) => {
+                        let mut adopted = self.adopted.lock().unwrap_or_else(|e| e.into_inner());
+                        if *adopted != now {
+                            *adopted = now;
+                            stream = None;
+                        }
                     }
+                    Err(e) => tracing::debug!(error = %e, "reading the region records failed"),
                 }
-                Err(e) => tracing::debug!(error = %e, "reading the region records failed"),
             }
             if stream.is_none() {
                 match self.load().await {
