@@ -104,16 +104,32 @@ pub async fn run(
         settings,
         started: std::sync::Mutex::new(VecDeque::new()),
         adopted: std::sync::Mutex::new(std::collections::BTreeSet::new()),
+        regions: std::sync::Mutex::new(BTreeMap::new()),
+        reload: std::sync::atomic::AtomicBool::new(false),
     };
-    loop {
-        match m.serve().await {
-            Err(e @ (AgentError::NotLeader(_) | AgentError::Failpoint(_))) => return e,
-            Err(e) => {
-                tracing::warn!(error = %e, "following the migration intents failed; loading them again");
-                tokio::time::sleep(Duration::from_millis(200)).await;
+    let serving = async {
+        loop {
+            match m.serve().await {
+                Err(e @ (AgentError::NotLeader(_) | AgentError::Failpoint(_))) => return e,
+                Err(e) => {
+                    tracing::warn!(error = %e, "following the migration intents failed; loading them again");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Ok(()) => {}
             }
-            Ok(()) => {}
         }
+    };
+    // The region records, once a second, beside the moves (never in their
+    // way: a directory round trip per move step was what a bulk move paid).
+    let refreshing = async {
+        loop {
+            m.refresh_regions().await;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    };
+    tokio::select! {
+        e = serving => e,
+        never = refreshing => never,
     }
 }
 
@@ -137,6 +153,10 @@ struct Migrator {
     /// Regions that failed over to this one: their agents can no longer
     /// finish the moves into them, so this agent settles those.
     adopted: std::sync::Mutex<std::collections::BTreeSet<RegionName>>,
+    /// Every region's record as last read (at most a second old).
+    regions: std::sync::Mutex<BTreeMap<RegionName, tern_common::RegionRecord>>,
+    /// Set when `adopted` changed: the intents are loaded again.
+    reload: std::sync::atomic::AtomicBool,
 }
 
 /// An intent record as read, with the revision its next write compares.
@@ -275,24 +295,11 @@ impl Migrator {
         let mut not_before: BTreeMap<MigrationId, Instant> = BTreeMap::new();
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let mut trimmed_at = Instant::now();
-        // When the region records were last read for failovers to here.
-        let mut adopted_at: Option<Instant> = None;
         loop {
             // A region newly failed over to this one: load the intents
-            // again, with the moves into it. Looked at once a second (this
-            // loop turns on every watch event and finished step).
-            if adopted_at.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
-                adopted_at = Some(Instant::now());
-                match self.failed_over_here().await {
-                    Ok(now) => {
-                        let mut adopted = self.adopted.lock().unwrap_or_else(|e| e.into_inner());
-                        if *adopted != now {
-                            *adopted = now;
-                            stream = None;
-                        }
-                    }
-                    Err(e) => tracing::debug!(error = %e, "reading the region records failed"),
-                }
+            // again, with the moves into it.
+            if self.reload.swap(false, std::sync::atomic::Ordering::Relaxed) {
+                stream = None;
             }
             if stream.is_none() {
                 match self.load().await {
@@ -452,24 +459,60 @@ impl Migrator {
         intents.insert(id.clone(), Intent { id, record, revision });
     }
 
-    /// Regions whose record says they failed over to this one.
-    async fn failed_over_here(&self) -> Result<std::collections::BTreeSet<RegionName>> {
-        let resp = self
+    /// Reads every region's record into the cache, and which regions failed
+    /// over to this one (flagging a reload when that changed).
+    async fn refresh_regions(&self) {
+        let resp = match self
             .directory
             .clone()
             .get(tern_common::DIR_REGIONS, Some(GetOptions::new().with_prefix()))
             .await
-            .during(|| "reading the region records".into())?;
-        Ok(resp
+        {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!(error = %e, "reading the region records failed");
+                return;
+            }
+        };
+        let records: BTreeMap<RegionName, tern_common::RegionRecord> = resp
             .kvs()
             .iter()
             .filter_map(|kv| {
                 let region = tern_common::region_of_dir_key(kv.key(), tern_common::DIR_REGIONS)?;
-                let r = serde_json::from_slice::<tern_common::RegionRecord>(kv.value()).ok()?;
-                (r.state == tern_common::RegionState::Failed && r.successor.as_ref() == Some(&self.shared.region))
-                    .then_some(region)
+                Some((region, serde_json::from_slice(kv.value()).ok()?))
             })
-            .collect())
+            .collect();
+        let here: std::collections::BTreeSet<RegionName> = records
+            .iter()
+            .filter(|(_, r)| {
+                r.state == tern_common::RegionState::Failed && r.successor.as_ref() == Some(&self.shared.region)
+            })
+            .map(|(region, _)| region.clone())
+            .collect();
+        *self.regions.lock().unwrap_or_else(|e| e.into_inner()) = records;
+        let mut adopted = self.adopted.lock().unwrap_or_else(|e| e.into_inner());
+        if *adopted != here {
+            *adopted = here;
+            self.reload.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// `region`'s record from the cache, else from the directory.
+    async fn region_record(&self, region: &RegionName) -> Result<Option<tern_common::RegionRecord>> {
+        if let Some(r) = self.regions.lock().unwrap_or_else(|e| e.into_inner()).get(region) {
+            return Ok(Some(r.clone()));
+        }
+        let key = tern_common::dir_region_key(region);
+        let found = self
+            .directory
+            .clone()
+            .get(key.clone(), None)
+            .await
+            .during(|| format!("reading {key}"))?;
+        Ok(found
+            .kvs()
+            .first()
+            .and_then(|kv| serde_json::from_slice(kv.value()).ok()))
     }
 
     /// Takes one intent through its steps until it is final or must wait.
@@ -613,17 +656,25 @@ impl Migrator {
             );
             return self.refuse(i, claim, why).await;
         }
-        let here = self
-            .directory
-            .clone()
-            .get(tern_common::dir_region_key(&target), None)
-            .await
-            .during(|| format!("reading the record of {target}"))?;
-        let draining = here
-            .kvs()
-            .first()
-            .and_then(|kv| serde_json::from_slice::<tern_common::RegionRecord>(kv.value()).ok())
+        // From the cache (a drain set within the last second may let a move
+        // in; the drain moves it out again), confirmed from the directory
+        // before refusing (an undrain a moment ago lets it in).
+        let cached = self
+            .region_record(&target)
+            .await?
             .is_some_and(|r| r.state != tern_common::RegionState::Active);
+        let draining = cached && {
+            let key = tern_common::dir_region_key(&target);
+            self.directory
+                .clone()
+                .get(key.clone(), None)
+                .await
+                .during(|| format!("reading {key}"))?
+                .kvs()
+                .first()
+                .and_then(|kv| serde_json::from_slice::<tern_common::RegionRecord>(kv.value()).ok())
+                .is_some_and(|r| r.state != tern_common::RegionState::Active)
+        };
         if draining {
             let why =
                 format!("{target} is draining: it takes no accounts until it is undrained (`tern undrain {target}`)");
@@ -724,17 +775,9 @@ impl Migrator {
         let (Some(source), Some(epoch)) = (i.record.source.clone(), i.record.source_epoch) else {
             return Err(self.fail(i, "the intent names no source"));
         };
-        let key = tern_common::dir_region_key(&source);
-        let found = self
-            .directory
-            .clone()
-            .get(key.clone(), None)
-            .await
-            .during(|| format!("reading {key}"))?;
-        let record = found
-            .kvs()
-            .first()
-            .and_then(|kv| serde_json::from_slice::<tern_common::RegionRecord>(kv.value()).ok());
+        // From the cache: a failover it has not seen yet makes the step
+        // fail against the lost region and be tried again.
+        let record = self.region_record(&source).await?;
         if let Some(r) = record
             && r.state == tern_common::RegionState::Failed
         {
