@@ -1466,30 +1466,15 @@ impl Migrator {
         let migrating = placement.home == source
             && placement.epoch == epoch
             && matches!(&placement.state, AccountState::Migrating { target: t } if *t == target);
-        let mut extra = Vec::new();
-        let mut also = Vec::new();
-        if landed {
+        // The account's placement afterwards (only while it is still the
+        // move's `migrating` one).
+        let settled = if landed {
             if !src.failed {
                 let moved = Fence::moved(epoch, target.clone());
                 let swapped = swap_fence(&src, &account, &Fence::fenced(epoch), &moved).await?;
                 if !swapped.is(&moved) {
                     tracing::warn!(migration = %i.id, account = %account, found = %swapped.shown(), "the source's fence was not fenced for this move; left as it is");
                 }
-            }
-            if migrating {
-                let switched = AccountRecord {
-                    home: target.clone(),
-                    epoch: epoch.next(),
-                    state: AccountState::Active,
-                    moved_ms: Some(tern_common::unix_ms()),
-                    ..placement.clone()
-                };
-                extra.push(Compare::mod_revision(
-                    account_key.clone(),
-                    CompareOp::Equal,
-                    kv.mod_revision(),
-                ));
-                also.push(TxnOp::put(account_key, switched.to_json(), None));
             }
             i.record.phase = MigrationPhase::Completed;
             i.record.message = Some(format!(
@@ -1498,6 +1483,13 @@ impl Migrator {
                 self.shared.region,
                 epoch.next()
             ));
+            AccountRecord {
+                home: target.clone(),
+                epoch: epoch.next(),
+                state: AccountState::Active,
+                moved_ms: Some(tern_common::unix_ms()),
+                ..placement.clone()
+            }
         } else {
             if !src.failed {
                 // Fenced for this move, or already marked moved to the
@@ -1523,24 +1515,28 @@ impl Migrator {
                     ));
                 }
             }
-            if migrating {
-                let restored = AccountRecord {
-                    state: AccountState::Active,
-                    ..placement.clone()
-                };
-                extra.push(Compare::mod_revision(
-                    account_key.clone(),
-                    CompareOp::Equal,
-                    kv.mod_revision(),
-                ));
-                also.push(TxnOp::put(account_key, restored.to_json(), None));
-            }
             i.record.phase = MigrationPhase::RolledBack;
             i.record.message = Some(format!(
                 "{target} failed over to {} before its copy of {account} reached it: rolled back by {} ({account} stays in {source})",
                 self.shared.region, self.shared.region
             ));
-        }
+            AccountRecord {
+                state: AccountState::Active,
+                ..placement.clone()
+            }
+        };
+        let (extra, also) = if migrating {
+            (
+                vec![Compare::mod_revision(
+                    account_key.clone(),
+                    CompareOp::Equal,
+                    kv.mod_revision(),
+                )],
+                vec![TxnOp::put(account_key, settled.to_json(), None)],
+            )
+        } else {
+            (Vec::new(), Vec::new())
+        };
         i.record.finished_ms = Some(tern_common::unix_ms());
         if !self.save(i, claim, extra, also).await? {
             return Err(self.fail(i, "the intent or the account's placement changed under the agent"));
