@@ -3,11 +3,18 @@
 # module proxy, at the versions pinned by the go.mod files under
 # e2e/controlplane/: kube-apiserver and kubectl (Kubernetes v1.37), etcd and
 # etcdctl (v3.6), toxiproxy-server (v2.5), Jaeger v2 (cmd/jaeger, module
-# v1.76). Each module is built only when its
-# pin changed or a binary is missing, so a warm run costs a few hashes.
+# v1.76). With `node` (the node e2e, TERN_NODE_E2E=1): kubelet,
+# kube-controller-manager, kube-scheduler and kube-proxy (same Kubernetes
+# pin), containerd v2.4 with ctr and its runc shim, runc v1.4 (with
+# seccomp: needs cgo and libseccomp-dev), the CNI plugins v1.10, and the
+# pause binary compiled from the Kubernetes module's own source. Each module
+# is built only when its pin changed or a binary is missing, so a warm run
+# costs a few hashes.
 #
 # Output: $TERN_ASSETS (default: <repo>/target/controlplane/bin).
-# Usage:  e2e/build-tools.sh [module ...]   (default: every module)
+# Usage:  e2e/build-tools.sh [module ...]
+#   (default: etcd toxiproxy kubernetes jaeger; `node` adds the node e2e's
+#   kubernetes-node containerd runc cni pause)
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -22,7 +29,11 @@ binaries_of() {
     etcd) echo "etcd=go.etcd.io/etcd/server/v3 etcdctl=go.etcd.io/etcd/etcdctl/v3" ;;
     toxiproxy) echo "toxiproxy-server=github.com/Shopify/toxiproxy/v2/cmd/server" ;;
     jaeger) echo "jaeger=github.com/jaegertracing/jaeger/cmd/jaeger" ;;
-    *) echo "build-tools.sh: unknown module '$1' (known: kubernetes etcd toxiproxy jaeger)" >&2; return 1 ;;
+    kubernetes-node) echo "kubelet=k8s.io/kubernetes/cmd/kubelet kube-controller-manager=k8s.io/kubernetes/cmd/kube-controller-manager kube-scheduler=k8s.io/kubernetes/cmd/kube-scheduler kube-proxy=k8s.io/kubernetes/cmd/kube-proxy" ;;
+    containerd) echo "containerd=github.com/containerd/containerd/v2/cmd/containerd ctr=github.com/containerd/containerd/v2/cmd/ctr containerd-shim-runc-v2=github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2" ;;
+    runc) echo "runc=github.com/opencontainers/runc" ;;
+    cni) echo "cni/bridge=github.com/containernetworking/plugins/plugins/main/bridge cni/host-local=github.com/containernetworking/plugins/plugins/ipam/host-local cni/loopback=github.com/containernetworking/plugins/plugins/main/loopback" ;;
+    *) echo "build-tools.sh: unknown module '$1' (known: kubernetes etcd toxiproxy jaeger node kubernetes-node containerd runc cni pause)" >&2; return 1 ;;
   esac
 }
 
@@ -32,7 +43,7 @@ binaries_of() {
 version_ldflags() {
   local module=$1 dir=$2 v
   case "$module" in
-    kubernetes)
+    kubernetes|kubernetes-node)
       v=$(cd "$dir" && go list -m -f '{{.Version}}' k8s.io/kubernetes)
       local minor=${v#v1.}; minor=${minor%%.*}
       local flags="" pkg
@@ -49,8 +60,54 @@ if ! command -v go >/dev/null 2>&1; then
   exit 1
 fi
 
+# The Go module directory of a module: the node's Kubernetes binaries share
+# the control plane's pin.
+dir_of() {
+  case "$1" in
+    kubernetes-node) echo "$modules_dir/kubernetes" ;;
+    *) echo "$modules_dir/$1" ;;
+  esac
+}
+
+# How each module is compiled. The node binaries are static (no cgo) except
+# runc, which links libseccomp so that RuntimeDefault seccomp profiles work;
+# containerd leaves out the snapshotters it cannot use here.
+go_env_of() {
+  case "$1" in
+    runc) echo "CGO_ENABLED=1" ;;
+    kubernetes-node|containerd|cni) echo "CGO_ENABLED=0" ;;
+    *) echo "" ;;
+  esac
+}
+tags_of() {
+  case "$1" in
+    runc) echo "seccomp" ;;
+    containerd) echo "no_btrfs no_devmapper no_zfs" ;;
+    *) echo "" ;;
+  esac
+}
+
+# The pause binary every pod sandbox runs, compiled from the pinned
+# Kubernetes module's build/pause source; static, so its image needs nothing
+# else.
+build_pause() {
+  local dir="$modules_dir/kubernetes" src stamp="$out/.pin-pause" want
+  src=$(cd "$dir" && go mod download -json k8s.io/kubernetes | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')/build/pause/linux/pause.c
+  want=$(sha256sum "$src" | cut -d' ' -f1)
+  if [ -x "$out/pause" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+    echo "build-tools: pause up to date in $out"
+    return 0
+  fi
+  command -v gcc >/dev/null 2>&1 || { echo "build-tools.sh: gcc is needed to compile pause.c" >&2; return 1; }
+  gcc -static -O2 -o "$out/pause" "$src"
+  echo "$want" >"$stamp"
+  echo "build-tools: pause built from $src"
+}
+
 build_module() {
-  local module=$1 dir="$modules_dir/$1"
+  local module=$1 dir
+  dir=$(dir_of "$module")
+  if [ "$module" = pause ]; then build_pause; return; fi
   local stamp="$out/.pin-$module"
   local want
   want=$(cat "$dir/go.mod" "$dir/go.sum" | sha256sum | cut -d' ' -f1)
@@ -64,16 +121,26 @@ build_module() {
   fi
   echo "build-tools: building $module (pinned in $dir/go.mod) into $out"
   local start=$SECONDS
-  local ldflags
+  local ldflags go_env tags
   ldflags="-s -w $(version_ldflags "$module" "$dir")"
+  go_env=$(go_env_of "$module")
+  tags=$(tags_of "$module")
   for pair in $(binaries_of "$module"); do
+    mkdir -p "$(dirname "$out/${pair%%=*}")"
     # -trimpath and stripped symbols: smaller binaries, faster links, and the
     # same output wherever the checkout lives.
-    (cd "$dir" && go build -mod=readonly -trimpath -ldflags="$ldflags" -o "$out/${pair%%=*}" "${pair#*=}")
+    # shellcheck disable=SC2086 # go_env is empty or one VAR=value word
+    (cd "$dir" && env $go_env go build -mod=readonly -trimpath -tags="$tags" -ldflags="$ldflags" -o "$out/${pair%%=*}" "${pair#*=}")
   done
   echo "$want" >"$stamp"
   echo "build-tools: $module built in $((SECONDS - start)) s"
 }
 
 if [ $# -eq 0 ]; then set -- etcd toxiproxy kubernetes jaeger; fi
-for m in "$@"; do build_module "$m"; done
+for m in "$@"; do
+  if [ "$m" = node ]; then
+    for n in kubernetes-node containerd runc cni pause; do build_module "$n"; done
+  else
+    build_module "$m"
+  fi
+done

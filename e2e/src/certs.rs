@@ -43,7 +43,21 @@ impl Authority {
 
     /// A serving certificate for `localhost` and 127.0.0.1.
     pub fn serving_cert(&self) -> Result<CertPair> {
-        let mut params = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])?;
+        self.serving_cert_for(&[])
+    }
+
+    /// A serving certificate for `localhost`, 127.0.0.1 and `extra` names
+    /// or addresses (a node-reachable address, the `kubernetes` Service's IP
+    /// and names).
+    pub fn serving_cert_for(&self, extra: &[String]) -> Result<CertPair> {
+        let mut names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+        names.extend(extra.iter().filter(|n| !names.contains(n)).cloned().collect::<Vec<_>>());
+        names.extend(
+            ["kubernetes", "kubernetes.default", "kubernetes.default.svc"]
+                .iter()
+                .map(|n| n.to_string()),
+        );
+        let mut params = CertificateParams::new(names)?;
         params.distinguished_name.push(DnType::CommonName, "localhost");
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         self.sign(params)

@@ -2,6 +2,9 @@
 //! certificates, RBAC and a kubeconfig, started the way controller-runtime's
 //! envtest does it. There is no controller-manager, scheduler or kubelet: tests
 //! assert on API objects and play the kubelet by patching status subresources.
+//! The node e2e (`crate::node`) starts it with [`ApiOptions::for_nodes`]:
+//! reachable from the nodes' network namespaces, with service accounts and
+//! the `kubernetes` Service, so that real pods can use it.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -26,22 +29,54 @@ use crate::{HarnessError, Result, assets};
 pub struct ControlPlane {
     name: String,
     pub url: String,
+    /// The serving CA's certificate (the nodes' kubeconfigs trust it).
+    pub serving_ca_pem: String,
+    cert_dir: PathBuf,
     client_ca: Authority,
-    serving_ca_pem: String,
     admin_kubeconfig: PathBuf,
     apiserver: ChildGuard,
     etcd: EtcdServer,
     dir: TempDir,
 }
 
+/// How a test API server is reached and what it runs.
+#[derive(Clone, Debug, Default)]
+pub struct ApiOptions {
+    /// Address it listens on and advertises; loopback when unset.
+    pub bind: Option<std::net::Ipv4Addr>,
+    /// Service IP range; 10.0.0.0/24 when unset.
+    pub service_cidr: Option<String>,
+    /// Service-account admission and the `kubernetes` Service's endpoint:
+    /// what pods on real nodes need. Off for the API-only tests, which
+    /// play the controllers themselves.
+    pub for_pods: bool,
+}
+
+impl ApiOptions {
+    /// An API server for real nodes: listening on `bind`, with its own
+    /// service range.
+    pub fn for_nodes(bind: std::net::Ipv4Addr, service_cidr: &str) -> Self {
+        Self {
+            bind: Some(bind),
+            service_cidr: Some(service_cidr.to_string()),
+            for_pods: true,
+        }
+    }
+}
+
 impl ControlPlane {
     /// Starts etcd and kube-apiserver, waits until the server is ready and the
     /// `default` namespace exists.
     pub async fn start(name: &str) -> Result<Self> {
+        Self::start_with(name, &ApiOptions::default()).await
+    }
+
+    /// As [`ControlPlane::start`], with options.
+    pub async fn start_with(name: &str, options: &ApiOptions) -> Result<Self> {
         // As `assets::retry_port_clash`, for this async start.
         let mut attempt = 1;
         loop {
-            match Self::start_once(name).await {
+            match Self::start_once(name, options).await {
                 Err(e) if attempt < 3 && tern_local::assets::StartFailure::exited_early(&e) => {
                     tracing::warn!(error = %e, attempt, "a port was taken before the server bound it; retrying");
                     attempt += 1;
@@ -51,7 +86,7 @@ impl ControlPlane {
         }
     }
 
-    async fn start_once(name: &str) -> Result<Self> {
+    async fn start_once(name: &str, options: &ApiOptions) -> Result<Self> {
         let apiserver_bin = assets::binary("kube-apiserver")?;
         assets::binary("kubectl")?;
         let dir = tempfile::Builder::new()
@@ -65,7 +100,12 @@ impl ControlPlane {
 
         let serving_ca = Authority::new(&format!("{name}-serving-ca"))?;
         let client_ca = Authority::new(&format!("{name}-client-ca"))?;
-        let serving = serving_ca.serving_cert()?;
+        let bind = options.bind.unwrap_or(std::net::Ipv4Addr::LOCALHOST);
+        let service_cidr = options.service_cidr.clone().unwrap_or_else(|| "10.0.0.0/24".into());
+        // Pods reach the server through the first address of the service
+        // range (the `kubernetes` Service).
+        let service_ip = first_service_ip(&service_cidr);
+        let serving = serving_ca.serving_cert_for(&[bind.to_string(), service_ip])?;
         let cert_dir = dir.path().join("certs");
         write(&cert_dir.join("apiserver.crt"), &serving.cert_pem)?;
         write(&cert_dir.join("apiserver.key"), &serving.key_pem)?;
@@ -84,7 +124,7 @@ impl ControlPlane {
         let audit_log = dir.path().join("audit.log");
 
         let port = assets::free_port();
-        let url = format!("https://127.0.0.1:{port}");
+        let url = format!("https://{bind}:{port}");
         let mut cmd = Command::new(apiserver_bin);
         cmd.arg(format!("--etcd-servers={}", etcd.client_url))
             .arg(format!("--cert-dir={}", cert_dir.display()))
@@ -95,18 +135,29 @@ impl ControlPlane {
             ))
             .arg(format!("--client-ca-file={}", cert_dir.join("client-ca.crt").display()))
             .arg(format!("--secure-port={port}"))
-            .arg("--bind-address=127.0.0.1")
-            .arg("--advertise-address=127.0.0.1")
-            .arg("--service-cluster-ip-range=10.0.0.0/24")
+            .arg(format!("--bind-address={bind}"))
+            .arg(format!("--advertise-address={bind}"))
+            .arg(format!("--service-cluster-ip-range={service_cidr}"))
             .arg("--allow-privileged=true")
-            .arg("--disable-admission-plugins=ServiceAccount")
             .arg("--authorization-mode=RBAC")
             .arg(format!("--service-account-issuer={url}/"))
             .arg(format!("--service-account-key-file={}", sa_pub.display()))
             .arg(format!("--service-account-signing-key-file={}", sa_key.display()))
-            // Nothing runs behind the `kubernetes` Service here.
-            .arg("--endpoint-reconciler-type=none")
-            .arg(format!("--audit-policy-file={}", audit_policy.display()))
+            // Logs, exec and port-forward reach a kubelet at its node IP
+            // (the node names do not resolve on the host).
+            .arg("--kubelet-preferred-address-types=InternalIP");
+        if options.for_pods {
+            // Pods get service-account tokens; the `kubernetes` Service
+            // points at this server (the lease reconciler's default).
+            cmd.arg("--enable-admission-plugins=ServiceAccount");
+        } else {
+            // Without a controller-manager no token controller creates the
+            // `default` service accounts, and nothing runs behind the
+            // `kubernetes` Service.
+            cmd.arg("--disable-admission-plugins=ServiceAccount")
+                .arg("--endpoint-reconciler-type=none");
+        }
+        cmd.arg(format!("--audit-policy-file={}", audit_policy.display()))
             .arg(format!("--audit-log-path={}", audit_log.display()))
             .arg("--audit-log-format=json")
             // Written as they happen, not in batches, so a test sees every
@@ -130,6 +181,7 @@ impl ControlPlane {
             url,
             client_ca,
             serving_ca_pem: serving_ca.cert_pem(),
+            cert_dir,
             admin_kubeconfig,
             apiserver,
             etcd,
@@ -166,6 +218,17 @@ impl ControlPlane {
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+    }
+
+    /// The directory of the server's keys: `sa.key` (the controller-manager
+    /// signs with it) and `client-ca.crt`.
+    pub fn cert_dir(&self) -> &Path {
+        &self.cert_dir
+    }
+
+    /// The test's directory for this cluster (removed when it drops).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
     }
 
     /// Name given at start.
@@ -344,7 +407,16 @@ fn kubeconfig_yaml(cluster: &str, url: &str, ca_pem: &str, user: &str, pair: &Ce
     )
 }
 
-fn write(path: &Path, contents: &str) -> Result<()> {
+/// The first host address of an IPv4 CIDR ("10.96.1.0/24" → "10.96.1.1").
+fn first_service_ip(cidr: &str) -> String {
+    let base = cidr.split('/').next().unwrap_or(cidr);
+    match base.parse::<std::net::Ipv4Addr>() {
+        Ok(ip) => std::net::Ipv4Addr::from(u32::from(ip) + 1).to_string(),
+        Err(_) => base.to_string(),
+    }
+}
+
+pub(crate) fn write(path: &Path, contents: &str) -> Result<()> {
     let io = |source| HarnessError::Io {
         path: path.display().to_string(),
         source,

@@ -33,7 +33,13 @@ struct Answers {
 impl TestDns {
     /// Serves UDP on a free loopback port.
     pub async fn start() -> Result<Self> {
-        let socket = tokio::net::UdpSocket::bind("127.0.0.1:0")
+        Self::start_on("127.0.0.1:0".parse().expect("static address")).await
+    }
+
+    /// Serves UDP on `addr` (the node e2e's cluster DNS: port 53 on the
+    /// nodes' gateway).
+    pub async fn start_on(addr: SocketAddr) -> Result<Self> {
+        let socket = tokio::net::UdpSocket::bind(addr)
             .await
             .map_err(|source| HarnessError::Spawn {
                 what: "test DNS server".into(),
@@ -58,8 +64,33 @@ impl TestDns {
         );
     }
 
+    /// A handle on the table that a background task can keep.
+    pub fn clone_handle(&self) -> DnsTable {
+        DnsTable(self.table.clone())
+    }
+
     pub async fn stop(mut self) {
         let _ = self.server.shutdown_gracefully().await;
+    }
+}
+
+/// The table of a [`TestDns`], shared.
+#[derive(Clone)]
+pub struct DnsTable(Table);
+
+impl DnsTable {
+    /// Replaces the whole table (names without the trailing dot).
+    pub fn replace(&self, names: HashMap<String, Ipv4Addr>, ttl: u32) {
+        let new: HashMap<_, _> = names
+            .into_iter()
+            .map(|(name, ip)| {
+                (
+                    format!("{}.", name.trim_end_matches('.').to_ascii_lowercase()),
+                    (ip, ttl),
+                )
+            })
+            .collect();
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = new;
     }
 }
 

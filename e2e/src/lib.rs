@@ -14,7 +14,9 @@ pub mod certs;
 pub mod controlplane;
 pub mod dns;
 pub mod etcd;
+pub mod node;
 pub mod operator;
+pub mod scenarios;
 
 pub use controlplane::ControlPlane;
 pub use tern_local::{assets, etcd_cluster, jaeger, local, otlp, process, toxiproxy};
@@ -52,6 +54,11 @@ pub enum HarnessError {
     OperatorNotStarted(&'static str),
     #[error("`kubectl {args}` failed: {stderr}")]
     Kubectl { args: String, stderr: String },
+    #[error("`{command}` failed: {stderr}")]
+    Command { command: String, stderr: String },
+    /// A multi-cluster scenario did not see what it expects.
+    #[error("scenario failed: {0}")]
+    Scenario(String),
 }
 
 pub type Result<T, E = HarnessError> = std::result::Result<T, E>;

@@ -1,5 +1,5 @@
 //! Runs tern-operator in-process against a test API server, with the
-//! credentials of its service account (bound only to operator/deploy/rbac.yaml),
+//! credentials of its service account (bound only to operator/deploy/base/rbac.yaml),
 //! and stops it when the guard drops.
 
 use std::net::SocketAddr;
@@ -23,11 +23,11 @@ pub struct OperatorGuard {
 }
 
 impl OperatorGuard {
-    /// Applies operator/deploy/rbac.yaml (idempotent) and starts an operator
+    /// Applies operator/deploy/base/rbac.yaml (idempotent) and starts an operator
     /// with `extra_args` as that service account. Fast lease timings keep
     /// takeover tests short.
     pub async fn start(cp: &ControlPlane, extra_args: &[&str]) -> Result<Self> {
-        cp.kubectl(&["apply", "-f", "operator/deploy/rbac.yaml"])?;
+        cp.kubectl(&["apply", "-f", "operator/deploy/base/rbac.yaml"])?;
         let kubeconfig = cp.user_kubeconfig(
             OPERATOR_USER,
             &["system:serviceaccounts", "system:serviceaccounts:tern-system"],

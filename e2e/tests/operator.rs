@@ -1,5 +1,5 @@
 //! tern-operator against a real API server, running as its service account
-//! bound only to operator/deploy/rbac.yaml: provisioning, status, rolling an
+//! bound only to operator/deploy/base/rbac.yaml: provisioning, status, rolling an
 //! edit, no-op reconciles, no writes under status churn (counted in the API
 //! server's audit log), invalid specs, deletion with Retain, leader
 //! election, and the multi-cluster layout.

@@ -17,10 +17,49 @@ async fn schema_refuses_invalid_examples_and_accepts_valid_ones() {
     }
     // rbac.yaml creates the namespace its other objects live in, so it is
     // applied for real; the Deployment then goes into that namespace.
-    cp.kubectl(&["apply", "-f", "operator/deploy/rbac.yaml"])
+    cp.kubectl(&["apply", "-f", "operator/deploy/base/rbac.yaml"])
         .expect("rbac applies");
-    cp.kubectl(&["apply", "--dry-run=server", "-f", "operator/deploy/deployment.yaml"])
-        .expect("deployment is accepted");
+    cp.kubectl(&[
+        "apply",
+        "--dry-run=server",
+        "-f",
+        "operator/deploy/base/deployment.yaml",
+    ])
+    .expect("deployment is accepted");
+    // The install bundle: every overlay renders with kubectl's kustomize and
+    // every object it renders is accepted.
+    let overlays = repo_root().join("operator/deploy/overlays");
+    for dir in [
+        "single-cluster",
+        "multicluster/us-east",
+        "multicluster/eu-west",
+        "multicluster/ap-south",
+    ] {
+        let path = overlays.join(dir);
+        assert!(
+            path.join("kustomization.yaml").is_file(),
+            "{} is missing",
+            path.display()
+        );
+        cp.kubectl(&["apply", "--dry-run=server", "-k", &path.display().to_string()])
+            .unwrap_or_else(|e| panic!("overlay {dir} must be accepted: {e}"));
+    }
+    // The multi-cluster overlays differ in the region their operator runs.
+    let us_east = cp
+        .kubectl(&[
+            "kustomize",
+            &overlays.join("multicluster/us-east").display().to_string(),
+        ])
+        .expect("renders");
+    assert!(
+        us_east.contains("name: TERN_OPERATOR_REGIONS\n          value: us-east"),
+        "the us-east overlay must set the operator's region:\n{us_east}"
+    );
+    // The kind e2e's own manifests (Jaeger, the DNS forwarding) too.
+    for file in ["e2e/kind/manifests/jaeger.yaml"] {
+        cp.kubectl(&["apply", "--dry-run=server", "-f", file])
+            .unwrap_or_else(|e| panic!("{file} must be accepted: {e}"));
+    }
 
     let dir = repo_root().join("examples/invalid");
     let mut files: Vec<_> = std::fs::read_dir(&dir)

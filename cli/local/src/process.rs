@@ -54,6 +54,11 @@ impl ChildGuard {
         })
     }
 
+    /// The name it was started under.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     /// The captured output so far (the last 8 KiB), for error messages.
     pub fn log_tail(&self) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();

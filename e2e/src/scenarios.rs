@@ -1,0 +1,547 @@
+//! The multi-cluster scenarios, one cluster per region, shared by the kind
+//! e2e (`e2e/kind/run.sh`, through the `tern-e2e-scenarios` binary) and the
+//! node e2e (`e2e/tests/nodes.rs`): only the set-up of the clusters differs.
+//! Everything here goes through kubectl and the routers' public API, as a
+//! person would: install the bundle, apply the GeoCluster, wait for the
+//! pods, a local and a proxied write, a migration by `kubectl apply` of an
+//! AccountMigration, the trace of a cross-region write in Jaeger, and a
+//! region lost with its node and failed over.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tern_api::pb;
+
+use crate::{HarnessError, Result, repo_root};
+
+/// The namespace and name of the scenarios' GeoCluster
+/// (e2e/kind/manifests/geocluster.yaml).
+pub const NAMESPACE: &str = "default";
+pub const GEOCLUSTER: &str = "payments";
+/// The region whose cluster runs Jaeger.
+pub const TRACE_REGION: &str = "us-east";
+
+/// One region's cluster, as kubectl reaches it.
+#[derive(Clone, Debug)]
+pub struct RegionCluster {
+    pub region: String,
+    pub kubeconfig: PathBuf,
+}
+
+/// The scenarios over a set of clusters.
+pub struct Scenarios {
+    pub clusters: Vec<RegionCluster>,
+    kubectl: PathBuf,
+    /// What each step took, for the report.
+    pub timings: Vec<(String, Duration)>,
+}
+
+/// How long the pods may take to become ready (images are local; etcd
+/// members must find each other across the cluster DNS).
+const READY_LIMIT: Duration = Duration::from_secs(240);
+
+impl Scenarios {
+    pub fn new(clusters: Vec<RegionCluster>, kubectl: PathBuf) -> Self {
+        Self {
+            clusters,
+            kubectl,
+            timings: Vec::new(),
+        }
+    }
+
+    fn cluster(&self, region: &str) -> &RegionCluster {
+        self.clusters
+            .iter()
+            .find(|c| c.region == region)
+            .unwrap_or_else(|| panic!("no cluster for region {region}"))
+    }
+
+    /// Runs kubectl against `region`'s cluster from the repository root.
+    pub fn kubectl(&self, region: &str, args: &[&str]) -> Result<String> {
+        let c = self.cluster(region);
+        let output = Command::new(&self.kubectl)
+            .arg(format!("--kubeconfig={}", c.kubeconfig.display()))
+            .args(args)
+            .current_dir(repo_root())
+            .output()
+            .map_err(|source| HarnessError::Spawn {
+                what: "kubectl".into(),
+                source,
+            })?;
+        if output.status.success() {
+            Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+        } else {
+            Err(HarnessError::Kubectl {
+                args: format!("(region {region}) {}", args.join(" ")),
+                stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+            })
+        }
+    }
+
+    fn timed(&mut self, what: &str, start: Instant) {
+        let took = start.elapsed();
+        eprintln!("scenario: {what} in {:.1} s", took.as_secs_f64());
+        self.timings.push((what.to_string(), took));
+    }
+
+    /// Installs tern in every cluster as the README says (the bundle's
+    /// multi-cluster overlay for its region), then Jaeger in the trace
+    /// region, then the GeoCluster everywhere; waits until every region's
+    /// members, router and agent are ready.
+    pub async fn install(&mut self) -> Result<()> {
+        let start = Instant::now();
+        let regions: Vec<String> = self.clusters.iter().map(|c| c.region.clone()).collect();
+        for r in &regions {
+            self.kubectl(
+                r,
+                &["apply", "-k", &format!("operator/deploy/overlays/multicluster/{r}")],
+            )?;
+            self.kubectl(
+                r,
+                &["wait", "--for=condition=Established", "crd", "--all", "--timeout=60s"],
+            )?;
+        }
+        self.kubectl(TRACE_REGION, &["apply", "-f", "e2e/kind/manifests/jaeger.yaml"])?;
+        for r in &regions {
+            self.kubectl(r, &["apply", "-f", "e2e/kind/manifests/geocluster.yaml"])?;
+        }
+        for r in &regions {
+            self.wait_rollout(r, "tern-system", "deployment/tern-operator")?;
+        }
+        self.wait_rollout(TRACE_REGION, NAMESPACE, "deployment/jaeger")?;
+        for r in &regions {
+            self.wait_region(r).await?;
+        }
+        self.timed("install and every region ready", start);
+        Ok(())
+    }
+
+    fn wait_rollout(&self, region: &str, namespace: &str, what: &str) -> Result<()> {
+        let timeout = format!("--timeout={}s", READY_LIMIT.as_secs());
+        self.kubectl(region, &["rollout", "status", "-n", namespace, what, &timeout])
+            .map(|_| ())
+    }
+
+    /// The region's StatefulSets (its group, its directory member) have all
+    /// their members ready, and its router and agent are available.
+    async fn wait_region(&self, region: &str) -> Result<()> {
+        let deadline = Instant::now() + READY_LIMIT;
+        let selector = format!("tern.dev/geocluster={GEOCLUSTER}");
+        // The operator creates the objects after the GeoCluster is seen.
+        loop {
+            let sets = self.kubectl(
+                region,
+                &["get", "statefulsets", "-n", NAMESPACE, "-l", &selector, "-o", "name"],
+            )?;
+            let deployments = self.kubectl(
+                region,
+                &["get", "deployments", "-n", NAMESPACE, "-l", &selector, "-o", "name"],
+            )?;
+            if sets.lines().count() >= 2 && deployments.lines().count() >= 2 {
+                for name in sets.lines().chain(deployments.lines()) {
+                    self.wait_rollout(region, NAMESPACE, name.trim())?;
+                }
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(HarnessError::NotReady {
+                    what: format!("the {region} objects of GeoCluster {GEOCLUSTER}"),
+                    secs: READY_LIMIT.as_secs(),
+                    log: format!("statefulsets: {sets}\ndeployments: {deployments}"),
+                });
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
+    /// A port-forward to `service`'s `port` in `region`'s cluster.
+    pub fn forward(&self, region: &str, service: &str, port: u16) -> Result<PortForward> {
+        PortForward::start(
+            &self.kubectl,
+            &self.cluster(region).kubeconfig,
+            NAMESPACE,
+            service,
+            port,
+        )
+    }
+
+    /// A port-forward to `region`'s router.
+    pub fn router(&self, region: &str) -> Result<PortForward> {
+        self.forward(region, &format!("{GEOCLUSTER}-router-{region}"), 7400)
+    }
+
+    /// Creates `account` homed in `home` through `home`'s router, writes
+    /// there (a local write), and reads it back.
+    pub async fn local_write(&mut self, home: &str, account: &str) -> Result<()> {
+        let start = Instant::now();
+        let fwd = self.router(home)?;
+        let mut c = tern_api::connect(fwd.addr).await;
+        retry(Duration::from_secs(60), || {
+            let mut c = c.clone();
+            let account = account.to_string();
+            let home = home.to_string();
+            async move {
+                c.create_account(pb::CreateAccountRequest {
+                    account,
+                    home_region: home,
+                    allowed_regions: vec![],
+                })
+                .await
+            }
+        })
+        .await?;
+        let meta = put(&mut c, account, "k", "local").await?;
+        check(
+            !meta.forwarded,
+            format!("a write to {account} in its home {home} was forwarded"),
+        )?;
+        check(
+            meta.home_region == home,
+            format!("{account} committed in {} instead of {home}", meta.home_region),
+        )?;
+        check(
+            get(&mut c, account, "k").await? == "local",
+            format!("{account}: read back differs"),
+        )?;
+        self.timed(&format!("local write in {home}"), start);
+        Ok(())
+    }
+
+    /// Writes `account` (homed in `home`) through `via`'s router: forwarded
+    /// once, committed in `home`, read back in `home`. Sends its own trace
+    /// id, returned for the trace scenario.
+    pub async fn proxied_write(&mut self, via: &str, home: &str, account: &str) -> Result<String> {
+        let start = Instant::now();
+        let trace_id = format!("{:032x}", rand_u128());
+        let fwd = self.router(via)?;
+        let mut c = tern_api::connect(fwd.addr).await;
+        let mut request = tonic::Request::new(pb::PutRequest {
+            account: account.into(),
+            key: "k".into(),
+            value: b"proxied".to_vec(),
+            idempotency_key: format!("proxied-{trace_id}"),
+        });
+        request.metadata_mut().insert(
+            "traceparent",
+            format!("00-{trace_id}-b7ad6b7169203331-01")
+                .parse()
+                .expect("a traceparent is ASCII"),
+        );
+        let meta = c
+            .put(request)
+            .await
+            .map_err(|s| failed(format!("proxied put through {via}: {s}")))?
+            .into_inner()
+            .meta
+            .unwrap_or_default();
+        check(
+            meta.forwarded,
+            format!("a write to {account} through {via} was not forwarded"),
+        )?;
+        check(
+            meta.home_region == home,
+            format!("{account} committed in {} instead of {home}", meta.home_region),
+        )?;
+        let home_fwd = self.router(home)?;
+        let mut h = tern_api::connect(home_fwd.addr).await;
+        check(
+            get(&mut h, account, "k").await? == "proxied",
+            format!("{account}: the proxied write is not read back in {home}"),
+        )?;
+        self.timed(&format!("proxied write {via} -> {home}"), start);
+        Ok(trace_id)
+    }
+
+    /// Moves `account` to `to` by applying an AccountMigration in `to`'s
+    /// cluster, waits for it to complete, then writes there locally.
+    pub async fn migration(&mut self, account: &str, to: &str) -> Result<()> {
+        let start = Instant::now();
+        let name = format!("move-{account}-to-{to}");
+        let manifest = format!(
+            "apiVersion: tern.dev/v1alpha1\nkind: AccountMigration\nmetadata:\n  name: {name}\n  namespace: {NAMESPACE}\nspec:\n  geoCluster: {GEOCLUSTER}\n  account: {account}\n  targetRegion: {to}\n"
+        );
+        let file = std::env::temp_dir().join(format!("tern-{name}-{}.yaml", std::process::id()));
+        std::fs::write(&file, manifest).map_err(|source| HarnessError::Io {
+            path: file.display().to_string(),
+            source,
+        })?;
+        let applied = self.kubectl(to, &["apply", "-f", &file.display().to_string()]);
+        let _ = std::fs::remove_file(&file);
+        applied?;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let phase = self.kubectl(
+                to,
+                &[
+                    "get",
+                    "accountmigration",
+                    &name,
+                    "-n",
+                    NAMESPACE,
+                    "-o",
+                    "jsonpath={.status.phase}",
+                ],
+            )?;
+            match phase.trim() {
+                "Completed" => break,
+                "Failed" => {
+                    let status =
+                        self.kubectl(to, &["get", "accountmigration", &name, "-n", NAMESPACE, "-o", "yaml"])?;
+                    return Err(failed(format!("AccountMigration {name} failed:\n{status}")));
+                }
+                _ if Instant::now() > deadline => {
+                    return Err(failed(format!("AccountMigration {name} still {phase:?} after 120 s")));
+                }
+                _ => tokio::time::sleep(Duration::from_millis(500)).await,
+            }
+        }
+        let fwd = self.router(to)?;
+        let mut c = tern_api::connect(fwd.addr).await;
+        let meta = put(&mut c, account, "after-move", "here").await?;
+        check(
+            !meta.forwarded && meta.home_region == to,
+            format!(
+                "after the move {account} is served from {} (forwarded: {})",
+                meta.home_region, meta.forwarded
+            ),
+        )?;
+        check(
+            get(&mut c, account, "k").await? == "proxied",
+            format!("{account}: what was written before the move is not in {to}"),
+        )?;
+        self.timed(&format!("migration of {account} to {to}"), start);
+        Ok(())
+    }
+
+    /// Jaeger in the trace region holds `trace_id` with spans of both
+    /// regions' routers and the forward between them.
+    pub async fn trace(&mut self, trace_id: &str, via: &str, home: &str) -> Result<()> {
+        let start = Instant::now();
+        let fwd = self.forward(TRACE_REGION, "jaeger", 16686)?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut last = String::new();
+        while Instant::now() < deadline {
+            // The routers export in batches (every few seconds).
+            if let Some(body) = tern_local::http::http_get(fwd.addr, &format!("/api/v3/traces/{trace_id}")).await {
+                if body.contains("router.forward") && body.contains(via) && body.contains(home) {
+                    self.timed("trace of the proxied write in Jaeger", start);
+                    return Ok(());
+                }
+                last = body;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        Err(failed(format!(
+            "Jaeger in {TRACE_REGION} has no trace {trace_id} with both regions' routers; last answer: {}",
+            &last[..last.len().min(2000)]
+        )))
+    }
+
+    /// `lost`'s node has been stopped: its successor takes its accounts
+    /// over. Waits until `account` (homed in `lost`, last written with
+    /// "before") is written through `successor`'s router and committed
+    /// there, and its last value before the loss is read there.
+    pub async fn failover(&mut self, lost: &str, successor: &str, account: &str) -> Result<()> {
+        let start = Instant::now();
+        let fwd = self.router(successor)?;
+        let mut c = tern_api::connect(fwd.addr).await;
+        let deadline = Instant::now() + Duration::from_secs(180);
+        let mut last_error;
+        loop {
+            match c
+                .put(pb::PutRequest {
+                    account: account.into(),
+                    key: "after-failover".into(),
+                    value: b"served".to_vec(),
+                    idempotency_key: String::new(),
+                })
+                .await
+            {
+                Ok(resp) => {
+                    let meta = resp.into_inner().meta.unwrap_or_default();
+                    if meta.home_region == successor {
+                        break;
+                    }
+                    last_error = format!("committed in {}", meta.home_region);
+                }
+                Err(status) => last_error = status.to_string(),
+            }
+            if Instant::now() > deadline {
+                return Err(failed(format!(
+                    "{account} of lost region {lost} was not taken over by {successor} within 180 s; last: {last_error}"
+                )));
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        check(
+            get(&mut c, account, "k").await? == "before",
+            format!("{account}: its last acknowledged value before the loss is not served by {successor}"),
+        )?;
+        self.timed(&format!("failover of {lost} to {successor}"), start);
+        Ok(())
+    }
+
+    /// Writes `value` to `account`'s key "k" through `region`'s router.
+    pub async fn write(&self, region: &str, account: &str, value: &str) -> Result<()> {
+        let fwd = self.router(region)?;
+        let mut c = tern_api::connect(fwd.addr).await;
+        put(&mut c, account, "k", value).await.map(|_| ())
+    }
+
+    /// Every scenario in order, over clusters for us-east, eu-west and
+    /// ap-south. `stop_node` stops every node of a region's cluster (kind:
+    /// `docker stop`; the node e2e: kills the node's processes).
+    pub async fn run_all(&mut self, mut stop_node: impl FnMut(&str) -> Result<()>) -> Result<()> {
+        self.install().await?;
+        self.local_write("us-east", "acct-us").await?;
+        self.local_write("ap-south", "acct-ap").await?;
+        let trace_id = self.proxied_write("eu-west", "us-east", "acct-us").await?;
+        self.trace(&trace_id, "eu-west", "us-east").await?;
+        self.migration("acct-us", "eu-west").await?;
+        // The last write before the loss; the successor's mirror has it
+        // within milliseconds, waited for generously.
+        self.write("ap-south", "acct-ap", "before").await?;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let start = Instant::now();
+        stop_node("ap-south")?;
+        self.timed("ap-south's node stopped", start);
+        self.failover("ap-south", "eu-west", "acct-ap").await?;
+        Ok(())
+    }
+
+    /// The report: one line per step.
+    pub fn report(&self) -> String {
+        self.timings
+            .iter()
+            .map(|(what, took)| format!("{:>8.1} s  {what}\n", took.as_secs_f64()))
+            .collect()
+    }
+}
+
+/// `kubectl port-forward` to a Service, on a local port kubectl picks;
+/// stopped on drop.
+pub struct PortForward {
+    pub addr: SocketAddr,
+    child: Child,
+}
+
+impl PortForward {
+    fn start(kubectl: &Path, kubeconfig: &Path, namespace: &str, service: &str, port: u16) -> Result<Self> {
+        let mut child = Command::new(kubectl)
+            .arg(format!("--kubeconfig={}", kubeconfig.display()))
+            .args(["port-forward", "-n", namespace, "--address=127.0.0.1"])
+            .arg(format!("svc/{service}"))
+            .arg(format!(":{port}"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|source| HarnessError::Spawn {
+                what: "kubectl port-forward".into(),
+                source,
+            })?;
+        // "Forwarding from 127.0.0.1:40123 -> 7400"
+        let mut stdout = BufReader::new(child.stdout.take().expect("piped"));
+        let mut line = String::new();
+        let read = stdout.read_line(&mut line);
+        let addr = line
+            .split_whitespace()
+            .nth(2)
+            .and_then(|a| a.parse::<SocketAddr>().ok());
+        match (read, addr) {
+            (Ok(_), Some(addr)) => {
+                // kubectl writes a line per connection: keep reading, or it
+                // fails writing into a closed pipe.
+                std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
+                if let Some(mut stderr) = child.stderr.take() {
+                    std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+                }
+                Ok(Self { addr, child })
+            }
+            _ => {
+                let _ = child.kill();
+                let output = child.wait_with_output().ok();
+                let stderr = output
+                    .map(|o| String::from_utf8_lossy(&o.stderr).into_owned())
+                    .unwrap_or_default();
+                Err(HarnessError::Kubectl {
+                    args: format!("port-forward svc/{service} :{port}"),
+                    stderr: format!("{line}{stderr}"),
+                })
+            }
+        }
+    }
+}
+
+impl Drop for PortForward {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn put(c: &mut tern_api::RouterClient, account: &str, key: &str, value: &str) -> Result<pb::WriteMeta> {
+    retry(Duration::from_secs(30), || {
+        let mut c = c.clone();
+        let request = pb::PutRequest {
+            account: account.into(),
+            key: key.into(),
+            value: value.as_bytes().to_vec(),
+            // Retried after an unknown outcome: the key makes it safe.
+            idempotency_key: format!("scenario-{account}-{key}-{value}"),
+        };
+        async move { c.put(request).await }
+    })
+    .await
+    .map(|r| r.meta.unwrap_or_default())
+}
+
+async fn get(c: &mut tern_api::RouterClient, account: &str, key: &str) -> Result<String> {
+    let resp = retry(Duration::from_secs(30), || {
+        let mut c = c.clone();
+        let request = pb::GetRequest {
+            account: account.into(),
+            key: key.into(),
+            read: None,
+        };
+        async move { c.get(request).await }
+    })
+    .await?;
+    Ok(String::from_utf8_lossy(&resp.value).into_owned())
+}
+
+/// Retries a call while it fails with a status that says to retry
+/// (UNAVAILABLE: a router or group still starting, a port-forward warming
+/// up), until `limit`.
+async fn retry<T, F, Fut>(limit: Duration, mut call: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        match call().await {
+            Ok(r) => return Ok(r.into_inner()),
+            Err(s)
+                if Instant::now() < deadline && matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown) =>
+            {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(s) => return Err(failed(format!("{}: {}", s.code(), s.message()))),
+        }
+    }
+}
+
+fn rand_u128() -> u128 {
+    rand::random()
+}
+
+fn check(ok: bool, what: String) -> Result<()> {
+    if ok { Ok(()) } else { Err(failed(what)) }
+}
+
+fn failed(what: String) -> HarnessError {
+    HarnessError::Scenario(what)
+}
