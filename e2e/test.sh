@@ -3,10 +3,31 @@
 # start real etcd and kube-apiserver processes. Builds the pinned test
 # binaries first (e2e/build-tools.sh; skipped when they are up to date).
 #
+# The node e2e (e2e/tests/nodes.rs: three clusters with a real node each,
+# the multi-cluster scenarios on real pods) runs when this runs as root on
+# Linux; TERN_NODE_E2E=0 leaves it out, TERN_NODE_E2E=1 insists on it.
+#
 # Usage: e2e/test.sh [extra cargo test arguments]
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
+
+node_e2e=${TERN_NODE_E2E:-auto}
+if [ "$node_e2e" = auto ]; then
+  if [ "$(id -u)" = 0 ] && [ "$(uname -s)" = Linux ]; then node_e2e=1; else node_e2e=0; fi
+fi
+export TERN_NODE_E2E=$node_e2e
+
+# What a node e2e killed before its clean-up leaves (containers, their
+# shims): every process in a tern-node cgroup. Also run on exit.
+sweep_nodes() {
+  local d
+  for d in /sys/fs/cgroup/pids/tern-node-*; do
+    [ -d "$d" ] || continue
+    find "$d" -name cgroup.procs -print0 | xargs -0 cat 2>/dev/null | xargs -r kill -9 2>/dev/null || true
+  done
+}
+if [ "$node_e2e" = 1 ]; then trap sweep_nodes EXIT; fi
 
 need() {
   command -v "$1" >/dev/null 2>&1 || { echo "test.sh: $1 is required: $2" >&2; exit 1; }
@@ -14,13 +35,19 @@ need() {
 need cargo "install Rust (rustup) 1.89 or newer"
 need go "install Go 1.26 or newer (it builds the pinned etcd and kube-apiserver)"
 
-e2e/install-deps.sh
+if [ "$node_e2e" = 1 ]; then e2e/install-deps.sh --node; else e2e/install-deps.sh; fi
 
 start=$SECONDS
 step() { echo; echo "== $* ($((SECONDS - start)) s)"; }
 
 step "building pinned test binaries"
 e2e/build-tools.sh
+if [ "$node_e2e" = 1 ]; then
+  step "building the node e2e's binaries (kubelet, containerd, runc, CNI) and tern's"
+  e2e/build-tools.sh node
+  # The images the node e2e's pods run are made from these.
+  cargo build -p tern-router -p tern-agent -p tern-operator --locked
+fi
 
 step "formatting"
 cargo fmt --all -- --check
@@ -32,7 +59,7 @@ cargo clippy -p tern-router --no-default-features --locked -- -D warnings
 # The agent as it ships, without the failpoints the tests switch on.
 cargo clippy -p tern-agent --locked -- -D warnings
 if command -v shellcheck >/dev/null 2>&1; then
-  shellcheck e2e/*.sh .ci/run
+  shellcheck e2e/*.sh e2e/kind/*.sh operator/deploy/images/*.sh .ci/run
 else
   echo "test.sh: shellcheck not installed; scripts not linted"
 fi

@@ -11,7 +11,11 @@ async fn schema_refuses_invalid_examples_and_accepts_valid_ones() {
     cp.install_crds().expect("CRDs install");
 
     // Every manifest we ship passes a server-side dry run.
-    for valid in ["examples/geocluster.yaml", "examples/multicluster.yaml"] {
+    for valid in [
+        "examples/geocluster.yaml",
+        "examples/multicluster.yaml",
+        "e2e/kind/manifests/geocluster.yaml",
+    ] {
         cp.kubectl(&["apply", "--dry-run=server", "-f", valid])
             .unwrap_or_else(|e| panic!("{valid} must be accepted: {e}"));
     }
@@ -55,11 +59,9 @@ async fn schema_refuses_invalid_examples_and_accepts_valid_ones() {
         us_east.contains("name: TERN_OPERATOR_REGIONS\n          value: us-east"),
         "the us-east overlay must set the operator's region:\n{us_east}"
     );
-    // The kind e2e's own manifests (Jaeger, the DNS forwarding) too.
-    for file in ["e2e/kind/manifests/jaeger.yaml"] {
-        cp.kubectl(&["apply", "--dry-run=server", "-f", file])
-            .unwrap_or_else(|e| panic!("{file} must be accepted: {e}"));
-    }
+    // The kind e2e's Jaeger too (its GeoCluster is among the examples).
+    cp.kubectl(&["apply", "--dry-run=server", "-f", "e2e/kind/manifests/jaeger.yaml"])
+        .unwrap_or_else(|e| panic!("e2e/kind/manifests/jaeger.yaml must be accepted: {e}"));
 
     let dir = repo_root().join("examples/invalid");
     let mut files: Vec<_> = std::fs::read_dir(&dir)
@@ -195,5 +197,58 @@ fn operator_built_command_lines_parse_in_the_binaries() {
         gc.spec.router.write_batches_in_flight = in_flight;
         gc.spec.router.group_leader_direct = direct;
         parse_router(&gc);
+    }
+}
+
+/// The kind e2e's cluster configs fit its GeoCluster (kind itself cannot run
+/// here: no Docker engine): every region has a cluster whose domain is the
+/// region's clusterDomain and whose node carries the region's label and one
+/// of its zones, and no two clusters share a pod or service range (they are
+/// routed to each other).
+#[test]
+fn kind_clusters_fit_the_scenarios_geocluster() {
+    let read = |path: &str| -> serde_yaml::Value {
+        serde_yaml::from_str(&std::fs::read_to_string(repo_root().join(path)).expect("readable")).expect("YAML")
+    };
+    let gc = read("e2e/kind/manifests/geocluster.yaml");
+    let mut ranges = Vec::new();
+    let regions = gc["spec"]["regions"].as_sequence().expect("regions");
+    assert_eq!(regions.len(), 3, "the scenarios use three regions");
+    for region in regions {
+        let name = region["name"].as_str().expect("name");
+        let cluster = read(&format!("e2e/kind/cluster-{name}.yaml"));
+        assert_eq!(cluster["name"].as_str(), Some(format!("tern-{name}").as_str()));
+        let node = &cluster["nodes"][0];
+        assert_eq!(node["labels"]["topology.kubernetes.io/region"].as_str(), Some(name));
+        let zone = node["labels"]["topology.kubernetes.io/zone"]
+            .as_str()
+            .expect("zone label");
+        let zones: Vec<&str> = region["zones"]
+            .as_sequence()
+            .expect("zones")
+            .iter()
+            .filter_map(|z| z.as_str())
+            .collect();
+        assert!(
+            zones.contains(&zone),
+            "{name}: node zone {zone} is not one of {zones:?}"
+        );
+        let domain = region["clusterDomain"].as_str().expect("clusterDomain");
+        let patches: Vec<&str> = cluster["kubeadmConfigPatches"]
+            .as_sequence()
+            .expect("patches")
+            .iter()
+            .filter_map(|p| p.as_str())
+            .collect();
+        assert!(
+            patches.iter().any(|p| p.contains(&format!("dnsDomain: {domain}")))
+                && patches.iter().any(|p| p.contains(&format!("clusterDomain: {domain}"))),
+            "{name}: the kind cluster's domain must be {domain}"
+        );
+        for key in ["podSubnet", "serviceSubnet"] {
+            let range = cluster["networking"][key].as_str().expect("range").to_string();
+            assert!(!ranges.contains(&range), "{name}: {key} {range} is used twice");
+            ranges.push(range);
+        }
     }
 }

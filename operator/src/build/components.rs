@@ -25,8 +25,11 @@ use crate::names;
 pub const GRPC_PORT: i32 = 7400;
 pub const HTTP_PORT: i32 = 7401;
 
-/// Default router image when neither the spec nor `--router-image` names one.
-pub const DEFAULT_IMAGE: &str = "ghcr.io/tern-dev/tern-router:0.1.0";
+/// Default router image when neither the spec nor `--router-image` names one:
+/// the release's own (the tag is the workspace version, as in
+/// operator/deploy/images/build.sh and the install bundle; operator/tests/
+/// images.rs checks that they agree).
+pub const DEFAULT_IMAGE: &str = concat!("ghcr.io/tern-dev/tern-router:", env!("CARGO_PKG_VERSION"));
 
 /// Name of a region's router Deployment and Service.
 pub fn router_name(cluster: &str, region: &str) -> String {
@@ -55,7 +58,7 @@ impl Component {
 }
 
 /// Default agent image when neither the spec nor `--agent-image` names one.
-pub const DEFAULT_AGENT_IMAGE: &str = "ghcr.io/tern-dev/tern-agent:0.1.0";
+pub const DEFAULT_AGENT_IMAGE: &str = concat!("ghcr.io/tern-dev/tern-agent:", env!("CARGO_PKG_VERSION"));
 /// The agent's ops port.
 pub const AGENT_HTTP_PORT: i32 = 7402;
 
