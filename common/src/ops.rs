@@ -76,10 +76,33 @@ async fn readyz(State(e): State<Endpoints>) -> impl IntoResponse {
     }
 }
 
+/// The body of a `Transfer-Encoding: chunked` answer: each chunk is its size
+/// in hex, CRLF, the bytes, CRLF; a size of 0 ends it. What cannot be parsed
+/// ends it too (the caller sees a short body, not garbage).
+fn dechunk(mut raw: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(line_end) = raw.windows(2).position(|w| w == b"\r\n") {
+        let size_field = String::from_utf8_lossy(&raw[..line_end]);
+        // A size may carry extensions after ';'.
+        let size = size_field.split(';').next().unwrap_or_default().trim();
+        let Ok(size) = usize::from_str_radix(size, 16) else {
+            break;
+        };
+        let start = line_end + 2;
+        if size == 0 || raw.len() < start + size {
+            break;
+        }
+        out.extend_from_slice(&raw[start..start + size]);
+        raw = raw.get(start + size + 2..).unwrap_or_default();
+    }
+    out
+}
+
 /// A plain HTTP/1.1 GET of `path` from `host:port`, within `timeout`: the
 /// status code and the body. Enough for tern's components to ask each other
 /// short questions (a router asking its agent about the region's lease)
-/// without an HTTP client library; the servers are tern's own (axum).
+/// without an HTTP client library; the servers are tern's own (axum),
+/// and Jaeger's query API, which answers in chunks.
 pub async fn http_get(host: &str, path: &str, timeout: std::time::Duration) -> Result<(u16, String), String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let exchange = async {
@@ -96,18 +119,42 @@ pub async fn http_get(host: &str, path: &str, timeout: std::time::Duration) -> R
             .read_to_end(&mut response)
             .await
             .map_err(|e| format!("cannot read the answer of {host}: {e}"))?;
-        let response = String::from_utf8_lossy(&response);
-        let (head, body) = response
-            .split_once("\r\n\r\n")
+        let split = response
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
             .ok_or_else(|| format!("{host} answered without HTTP headers"))?;
+        let head = String::from_utf8_lossy(&response[..split]);
+        let body = &response[split + 4..];
         let code = head
             .split(' ')
             .nth(1)
             .and_then(|c| c.parse().ok())
             .ok_or_else(|| format!("{host} answered without a status code"))?;
-        Ok((code, body.to_string()))
+        // Go's servers (Jaeger's query API) send a large answer in chunks.
+        let chunked = head
+            .lines()
+            .any(|l| l.to_ascii_lowercase().replace(' ', "") == "transfer-encoding:chunked");
+        let body = if chunked { dechunk(body) } else { body.to_vec() };
+        Ok((code, String::from_utf8_lossy(&body).into_owned()))
     };
     tokio::time::timeout(timeout, exchange)
         .await
         .map_err(|_| format!("{host} did not answer {path} within {timeout:?}"))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::dechunk;
+
+    #[test]
+    fn chunked_bodies_are_joined() {
+        let raw = b"5\r\nhello\r\n7;ext=1\r\n, world\r\n0\r\n\r\n";
+        assert_eq!(dechunk(raw), b"hello, world");
+    }
+
+    #[test]
+    fn a_truncated_or_garbled_chunk_ends_the_body() {
+        assert_eq!(dechunk(b"5\r\nhel"), b"");
+        assert_eq!(dechunk(b"3\r\nabc\r\nzz\r\nxyz\r\n"), b"abc");
+    }
 }

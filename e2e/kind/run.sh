@@ -69,6 +69,14 @@ node_ip() { "$docker" inspect -f '{{.NetworkSettings.Networks.kind.IPAddress}}' 
 range_of() { sed -n "s/^  $2: \(.*\)$/\1/p" "e2e/kind/cluster-$1.yaml"; }
 
 echo "== clusters"
+# Clusters kept by an earlier --keep run are not this run's to delete.
+for r in "${regions[@]}"; do
+  if "$kind" get clusters 2>/dev/null | grep -qx "tern-$r"; then
+    trap - EXIT
+    echo "run.sh: a kind cluster tern-$r exists already; delete it first: $kind delete cluster --name tern-$r" >&2
+    exit 1
+  fi
+done
 node_image=()
 if [ -n "${KIND_NODE_IMAGE:-}" ]; then node_image=(--image "$KIND_NODE_IMAGE"); fi
 for r in "${regions[@]}"; do
@@ -107,7 +115,8 @@ if [ "$skip_images" = 0 ]; then
   echo "== images"
   operator/deploy/images/build.sh --engine "$docker"
 fi
-for image in $(operator/deploy/images/build.sh --print-names | grep tern-dev); do
+# Every name but the last (etcd's, which the nodes pull themselves).
+for image in $(operator/deploy/images/build.sh --print-names | sed '$d'); do
   for r in "${regions[@]}"; do
     "$kind" load docker-image "$image" --name "tern-$r"
   done

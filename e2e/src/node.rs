@@ -65,15 +65,63 @@ pub struct NodeCluster {
 }
 
 /// The host side of the node network: the bridge, and the routes to every
-/// node's pods and services. Removed on drop.
+/// node's pods and services. Removed on drop, with the host's kernel
+/// settings put back. Holds the machine's node-e2e lock: one at a time.
 pub struct NodeNetwork {
     routes: Vec<String>,
+    _lock: std::fs::File,
 }
 
+/// Where the lock lives, and the host kernel settings saved before a run
+/// (kubelet rewrites some host-wide: `setupKernelTunables`), so that a run
+/// killed before its drop is undone by the next one's sweep.
+const LOCK: &str = "/run/tern-node-e2e.lock";
+const SAVED_SYSCTLS: &str = "/run/tern-node-e2e.sysctls";
+/// What kubelet (protectKernelDefaults: false) and the node network change.
+const SYSCTLS: [&str; 7] = [
+    "kernel/panic",
+    "kernel/panic_on_oops",
+    "vm/overcommit_memory",
+    "vm/panic_on_oom",
+    "kernel/keys/root_maxkeys",
+    "kernel/keys/root_maxbytes",
+    "net/ipv4/ip_forward",
+];
+
 impl NodeNetwork {
-    /// Sweeps what an earlier run left and creates the bridge.
+    /// Takes the lock (another node e2e running is an error, not a sweep),
+    /// sweeps what an earlier run left, saves the host's kernel settings and
+    /// creates the bridge.
     pub fn create() -> Result<Self> {
+        let lock = std::fs::File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(LOCK)
+            .map_err(|source| HarnessError::Io {
+                path: LOCK.into(),
+                source,
+            })?;
+        if lock.try_lock().is_err() {
+            return Err(HarnessError::Command {
+                command: format!("lock {LOCK}"),
+                stderr: "another node e2e holds the lock on this machine; wait for it to finish".into(),
+            });
+        }
         sweep();
+        let saved: String = SYSCTLS
+            .iter()
+            .filter_map(|k| {
+                std::fs::read_to_string(format!("/proc/sys/{k}"))
+                    .ok()
+                    .map(|v| format!("{k}={}\n", v.trim()))
+            })
+            .collect();
+        write(Path::new(SAVED_SYSCTLS), &saved)?;
+        let net = Self {
+            routes: Vec::new(),
+            _lock: lock,
+        };
         run("ip", &["link", "add", BRIDGE, "type", "bridge"])?;
         run("ip", &["addr", "add", &format!("{GATEWAY}/24"), "dev", BRIDGE])?;
         run("ip", &["link", "set", BRIDGE, "up"])?;
@@ -81,7 +129,7 @@ impl NodeNetwork {
             path: "/proc/sys/net/ipv4/ip_forward".into(),
             source,
         })?;
-        Ok(Self { routes: Vec::new() })
+        Ok(net)
     }
 
     /// The address where host services the pods use listen (DNS, API).
@@ -90,7 +138,15 @@ impl NodeNetwork {
     }
 
     fn route(&mut self, cidr: &str, via: Ipv4Addr) -> Result<()> {
-        run("ip", &["route", "replace", cidr, "via", &via.to_string()])?;
+        // Never take over a route the host already has.
+        let out = Command::new("ip").args(["route", "show", "exact", cidr]).output();
+        if out.is_ok_and(|o| !o.stdout.is_empty()) {
+            return Err(HarnessError::Command {
+                command: format!("ip route add {cidr}"),
+                stderr: format!("this host already routes {cidr}; the node e2e needs that range"),
+            });
+        }
+        run("ip", &["route", "add", cidr, "via", &via.to_string()])?;
         self.routes.push(cidr.to_string());
         Ok(())
     }
@@ -102,6 +158,61 @@ impl Drop for NodeNetwork {
             let _ = run("ip", &["route", "del", cidr]);
         }
         let _ = run("ip", &["link", "del", BRIDGE]);
+        restore_sysctls();
+        clean_host_leftovers();
+    }
+}
+
+/// Puts back the kernel settings saved at the start of a run.
+fn restore_sysctls() {
+    let Ok(saved) = std::fs::read_to_string(SAVED_SYSCTLS) else {
+        return;
+    };
+    for line in saved.lines() {
+        if let Some((key, value)) = line.split_once('=')
+            && SYSCTLS.contains(&key)
+        {
+            let _ = std::fs::write(format!("/proc/sys/{key}"), value);
+        }
+    }
+    let _ = std::fs::remove_file(SAVED_SYSCTLS);
+}
+
+/// What the nodes leave in host-wide places whatever their configuration:
+/// libcni's result cache (fixed at /var/lib/cni), shim sockets nobody
+/// listens on any more (/run/containerd/s), kubelet's device-plugin socket
+/// (a fixed path) and the links in /var/log/containers to pod logs that
+/// are gone. Only what is dead or ours is removed.
+fn clean_host_leftovers() {
+    let dead_socket = |p: &Path| std::os::unix::net::UnixStream::connect(p).is_err();
+    for dir in ["/run/containerd/s", "/var/lib/kubelet/device-plugins"] {
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for e in entries.flatten() {
+                if dead_socket(&e.path()) {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+    }
+    if let Ok(entries) = std::fs::read_dir("/var/lib/cni/results") {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            // <network>-<sandbox id>-<interface>: ours are "tern-node", and
+            // the loopback entries of sandboxes that no longer exist.
+            if name.starts_with("tern-node-") || name.starts_with("cni-loopback-") {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+    if let Ok(entries) = std::fs::read_dir("/var/log/containers") {
+        for e in entries.flatten() {
+            if std::fs::metadata(e.path()).is_err() {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+    for dir in ["/var/lib/kubelet/device-plugins", "/var/lib/kubelet"] {
+        let _ = std::fs::remove_dir(dir);
     }
 }
 
@@ -168,9 +279,14 @@ impl NodeCluster {
             domain: spec.domain.clone(),
             zone: spec.zone.clone(),
             region: spec.name.clone(),
+            index,
             images,
         })
         .await?;
+        let mut controllers = controllers;
+        let mut scheduler = scheduler;
+        controllers.check_running()?;
+        scheduler.check_running()?;
         net.route(&pod_cidr, node_ip)?;
         net.route(&service_cidr, node_ip)?;
         let cluster = Self {
@@ -253,6 +369,7 @@ struct NodeConfig<'a> {
     domain: String,
     zone: String,
     region: String,
+    index: u8,
     images: &'a Path,
 }
 
@@ -278,7 +395,7 @@ impl Node {
             dir: dir.clone(),
             daemons: Vec::new(),
         };
-        node.network(config.ip)?;
+        node.network(config.ip, config.index)?;
         node.cgroups()?;
 
         // containerd: its state, sockets, runc's state, the pods' network
@@ -370,8 +487,8 @@ impl Node {
     }
 
     /// The node's namespace, with a veth to the host bridge.
-    fn network(&self, ip: Ipv4Addr) -> Result<()> {
-        let host_end = format!("tn-{}", &self.netns[self.netns.len().saturating_sub(10)..]);
+    fn network(&self, ip: Ipv4Addr, index: u8) -> Result<()> {
+        let host_end = format!("{PREFIX}-{index}");
         run("ip", &["netns", "add", &self.netns])?;
         run(
             "ip",
@@ -435,7 +552,8 @@ impl Node {
             .collect();
         let mut cmd = Command::new("sh");
         cmd.arg("-c")
-            .arg(r#"for d in $TERN_NODE_CGROUPS; do echo $$ > "$d/cgroup.procs"; done; exec nsenter --net="$TERN_NODE_NETNS" -- "$@""#)
+            // A daemon that failed to join the cgroup would escape the kill.
+            .arg(r#"set -e; for d in $TERN_NODE_CGROUPS; do echo $$ > "$d/cgroup.procs"; done; exec nsenter --net="$TERN_NODE_NETNS" -- "$@""#)
             .arg("tern-node")
             .arg(binary)
             .args(args)
@@ -458,7 +576,7 @@ impl Node {
             }
             let out = Command::new(ctr)
                 .arg(format!("--address={}", sock.display()))
-                .args(["--namespace=k8s.io", "images", "import", "--platform=linux/amd64"])
+                .args(["--namespace=k8s.io", "images", "import"])
                 .arg(&path)
                 .output()
                 .map_err(|source| HarnessError::Spawn {
@@ -594,6 +712,8 @@ fn kubelet_config(config: &NodeConfig<'_>, cgroup: &str, sock: &Path) -> String 
         "serializeImagePulls": false,
         "localStorageCapacityIsolation": false,
         "maxPods": 50,
+        // The pods' logs under the node's directory, not /var/log/pods.
+        "podLogsDir": config.cluster.dir().join("node/pod-logs").display().to_string(),
     })
     .to_string()
 }
@@ -728,6 +848,8 @@ fn sweep() {
         }
     }
     let _ = Command::new("ip").args(["link", "del", BRIDGE]).output();
+    restore_sysctls();
+    clean_host_leftovers();
 }
 
 fn path_with(dir: Option<&Path>) -> String {

@@ -179,7 +179,9 @@ impl Scenarios {
         let start = Instant::now();
         let fwd = self.router(home)?;
         let mut c = tern_api::connect(fwd.addr).await;
-        retry(Duration::from_secs(60), || {
+        // A retry after an unknown outcome may find the account created by
+        // the first attempt: that is success if it is homed where asked.
+        let created = retry(Duration::from_secs(60), || {
             let mut c = c.clone();
             let account = account.to_string();
             let home = home.to_string();
@@ -192,7 +194,15 @@ impl Scenarios {
                 .await
             }
         })
-        .await?;
+        .await;
+        match created {
+            Ok(resp) => check(
+                resp.home_region == home,
+                format!("{account} was created in {} instead of {home}", resp.home_region),
+            )?,
+            Err(HarnessError::Scenario(m)) if m.starts_with("AlreadyExists") => {}
+            Err(e) => return Err(e),
+        }
         let meta = put(&mut c, account, "k", "local").await?;
         check(
             !meta.forwarded,
@@ -217,26 +227,28 @@ impl Scenarios {
         let start = Instant::now();
         let trace_id = format!("{:032x}", rand_u128());
         let fwd = self.router(via)?;
-        let mut c = tern_api::connect(fwd.addr).await;
-        let mut request = tonic::Request::new(pb::PutRequest {
-            account: account.into(),
-            key: "k".into(),
-            value: b"proxied".to_vec(),
-            idempotency_key: format!("proxied-{trace_id}"),
-        });
-        request.metadata_mut().insert(
-            "traceparent",
-            format!("00-{trace_id}-b7ad6b7169203331-01")
-                .parse()
-                .expect("a traceparent is ASCII"),
-        );
-        let meta = c
-            .put(request)
-            .await
-            .map_err(|s| failed(format!("proxied put through {via}: {s}")))?
-            .into_inner()
-            .meta
-            .unwrap_or_default();
+        let c = tern_api::connect(fwd.addr).await;
+        // Idempotent, so retried safely (a cold path across clusters may
+        // answer UNAVAILABLE once); every attempt carries the same trace.
+        let meta = retry(Duration::from_secs(30), || {
+            let mut c = c.clone();
+            let mut request = tonic::Request::new(pb::PutRequest {
+                account: account.into(),
+                key: "k".into(),
+                value: b"proxied".to_vec(),
+                idempotency_key: format!("proxied-{trace_id}"),
+            });
+            request.metadata_mut().insert(
+                "traceparent",
+                format!("00-{trace_id}-b7ad6b7169203331-01")
+                    .parse()
+                    .expect("a traceparent is ASCII"),
+            );
+            async move { c.put(request).await }
+        })
+        .await?
+        .meta
+        .unwrap_or_default();
         check(
             meta.forwarded,
             format!("a write to {account} through {via} was not forwarded"),
@@ -326,7 +338,17 @@ impl Scenarios {
         while Instant::now() < deadline {
             // The routers export in batches (every few seconds).
             if let Some(body) = tern_local::http::http_get(fwd.addr, &format!("/api/v3/traces/{trace_id}")).await {
-                if body.contains("router.forward") && body.contains(via) && body.contains(home) {
+                // Both routers' own spans: the forward out of `via`, and the
+                // request the home region served for it (its context came
+                // across the forward).
+                let spans = tern_local::jaeger::parse_trace(&body);
+                let forwarded = spans
+                    .iter()
+                    .any(|s| s.name == "router.forward" && s.attribute("tern.target_region") == Some(home));
+                let served = spans
+                    .iter()
+                    .any(|s| s.name == "router.request" && s.attribute("tern.origin_region") == Some(via));
+                if forwarded && served {
                     self.timed("trace of the proxied write in Jaeger", start);
                     return Ok(());
                 }
@@ -529,7 +551,7 @@ where
             {
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
-            Err(s) => return Err(failed(format!("{}: {}", s.code(), s.message()))),
+            Err(s) => return Err(failed(format!("{:?}: {}", s.code(), s.message()))),
         }
     }
 }

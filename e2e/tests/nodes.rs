@@ -152,6 +152,14 @@ async fn scenarios_run_on_real_nodes_one_cluster_per_region() {
                     tail.into_iter().rev().collect::<Vec<_>>().join("\n")
                 );
             }
+            if c.node.is_some() {
+                for component in ["agent", "router"] {
+                    let what = format!("deployment/payments-{component}-{}", c.spec.name);
+                    if let Ok(logs) = c.cp.kubectl(&["logs", &what, "--tail=80"]) {
+                        eprintln!("--- {what}\n{logs}");
+                    }
+                }
+            }
             eprintln!("{}", c.logs());
         }
         // TERN_NODE_E2E_HOLD=SECS keeps everything up that long for a look

@@ -89,6 +89,16 @@ build_with_engine() {
 }
 
 # --- From binaries, as OCI archives -----------------------------------------
+# The scratch directories of the archive being made; removed on exit, also
+# on failure.
+scratch=()
+trap 'rm -rf ${scratch[@]+"${scratch[@]}"}' EXIT
+# The platform of the binaries: this machine's.
+case "$(uname -m)" in
+  x86_64) arch=amd64 ;;
+  aarch64|arm64) arch=arm64 ;;
+  *) arch=$(uname -m) ;;
+esac
 # sha256 of a file, hex.
 digest() { sha256sum "$1" | cut -d' ' -f1; }
 size() { stat -c %s "$1"; }
@@ -98,14 +108,15 @@ oci_archive() {
   local name=$1 rootfs=$2 entrypoint=$3 user=$4 out=$5
   local work
   work=$(mktemp -d)
+  scratch+=("$work")
   mkdir -p "$work/blobs/sha256"
   # Reproducible: sorted, owned by root, no timestamps.
   tar --sort=name --owner=0 --group=0 --numeric-owner --mtime=@0 -C "$rootfs" -cf "$work/layer.tar" .
   local layer layer_size
   layer=$(digest "$work/layer.tar"); layer_size=$(size "$work/layer.tar")
   mv "$work/layer.tar" "$work/blobs/sha256/$layer"
-  printf '{"architecture":"amd64","os":"linux","config":{"User":"%s","Entrypoint":["%s"],"Env":["PATH=/usr/local/bin:/usr/bin:/bin"]},"rootfs":{"type":"layers","diff_ids":["sha256:%s"]}}' \
-    "$user" "$entrypoint" "$layer" >"$work/config.json"
+  printf '{"architecture":"%s","os":"linux","config":{"User":"%s","Entrypoint":["%s"],"Env":["PATH=/usr/local/bin:/usr/bin:/bin"]},"rootfs":{"type":"layers","diff_ids":["sha256:%s"]}}' \
+    "$arch" "$user" "$entrypoint" "$layer" >"$work/config.json"
   local config config_size
   config=$(digest "$work/config.json"); config_size=$(size "$work/config.json")
   mv "$work/config.json" "$work/blobs/sha256/$config"
@@ -115,8 +126,8 @@ oci_archive() {
   manifest=$(digest "$work/manifest.json"); manifest_size=$(size "$work/manifest.json")
   mv "$work/manifest.json" "$work/blobs/sha256/$manifest"
   printf '{"imageLayoutVersion":"1.0.0"}' >"$work/oci-layout"
-  printf '{"schemaVersion":2,"manifests":[{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:%s","size":%s,"platform":{"architecture":"amd64","os":"linux"},"annotations":{"io.containerd.image.name":"%s","org.opencontainers.image.ref.name":"%s"}}]}' \
-    "$manifest" "$manifest_size" "$name" "${name##*:}" >"$work/index.json"
+  printf '{"schemaVersion":2,"manifests":[{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:%s","size":%s,"platform":{"architecture":"%s","os":"linux"},"annotations":{"io.containerd.image.name":"%s","org.opencontainers.image.ref.name":"%s"}}]}' \
+    "$manifest" "$manifest_size" "$arch" "$name" "${name##*:}" >"$work/index.json"
   tar --sort=name --owner=0 --group=0 --numeric-owner --mtime=@0 -C "$work" -cf "$out" oci-layout index.json blobs
   rm -rf "$work"
 }
@@ -144,14 +155,14 @@ build_archives() {
     bin="$bin_dir/$(binary_of "$c")"
     [ -x "$bin" ] || { echo "build.sh: $bin is missing; build it first: cargo build --release -p tern-$c" >&2; exit 1; }
     image="$registry/tern-$c:$tag"
-    rootfs=$(mktemp -d)
+    rootfs=$(mktemp -d); scratch+=("$rootfs")
     rootfs_for "$bin" "$(binary_of "$c")" "$rootfs"
     oci_archive "$image" "$rootfs" "/usr/local/bin/$(binary_of "$c")" 65532:65532 "$oci_dir/tern-$c.tar"
     rm -rf "$rootfs"
     echo "build.sh: $image -> $oci_dir/tern-$c.tar"
   done
   if [ -n "$etcd_bin" ]; then
-    rootfs=$(mktemp -d)
+    rootfs=$(mktemp -d); scratch+=("$rootfs")
     # As the upstream image: etcd on the PATH, run as root (the pods name
     # the command `etcd`; the data volume belongs to root).
     rootfs_for "$etcd_bin" etcd "$rootfs"
@@ -164,7 +175,7 @@ build_archives() {
     name=${spec%%=*}; bin=${spec#*=}
     [ -x "$bin" ] || { echo "build.sh: --add-image $spec: $bin is not an executable" >&2; exit 1; }
     file=$(basename "${name%%:*}").tar
-    rootfs=$(mktemp -d)
+    rootfs=$(mktemp -d); scratch+=("$rootfs")
     rootfs_for "$bin" "$(basename "$bin")" "$rootfs"
     oci_archive "$name" "$rootfs" "/usr/local/bin/$(basename "$bin")" 0:0 "$oci_dir/$file"
     rm -rf "$rootfs"
