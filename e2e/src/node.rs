@@ -4,7 +4,7 @@
 //! API server a kube-controller-manager and a kube-scheduler. Images come
 //! from OCI archives imported into containerd (no registry); the cluster DNS
 //! is the harness's DNS server on the bridge, fed from every cluster's
-//! Services and EndpointSlices (`cluster_dns`), so names resolve across
+//! Services and EndpointSlices ([`ClusterDns`]), so names resolve across
 //! clusters as the multi-cluster example needs.
 //!
 //! Everything a node starts (its daemons, the shims, the containers) lives
@@ -12,10 +12,12 @@
 //! scenario) or dropping it kills exactly that, also what containerd
 //! started; leftovers of a test killed outright are swept at the next start.
 //!
-//! Two things this machine needs that a normal node does not: CAP_SYS_RESOURCE
-//! is not granted here, so containerd clamps OOM score adjustments to its own
-//! (`restrict_oom_score_adj`), and the host is cgroup v1, which kubelet 1.37
-//! runs only with `failCgroupV1: false`.
+//! What this machine needs that a normal node does not (docs/kubernetes.md
+//! has the table): CAP_SYS_RESOURCE is not granted here, so containerd
+//! clamps OOM score adjustments to its own (`restrict_oom_score_adj`); the
+//! host is cgroup v1, which kubelet 1.37 runs only with `failCgroupV1:
+//! false`; the daemons enter the node's network namespace with `nsenter`,
+//! because `ip netns exec` remounts /sys and kubelet then finds no cgroups.
 
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
