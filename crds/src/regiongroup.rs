@@ -52,8 +52,10 @@ pub struct RegionGroupSpec {
     #[schemars(length(min = 1, max = 8), inner(length(min = 1, max = 63), regex(pattern = ZONE_PATTERN)))]
     #[x_kube(merge_strategy = ListMerge::Set)]
     pub zones: Vec<String>,
-    /// Members of this group in this region.
+    /// Members of this group in this region. Fixed once created (no Raft
+    /// membership changes yet).
     #[schemars(range(min = limits::GROUP_REPLICAS.0, max = limits::GROUP_REPLICAS.1))]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("replicas cannot be changed yet: resizing a Raft group is a membership change, which tern does not carry out yet"))]
     pub replicas: i32,
     /// Node labels that pin the members to the region.
     #[serde(default)]

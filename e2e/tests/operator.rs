@@ -319,24 +319,65 @@ async fn geocluster_lifecycle() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(before, versions(&client).await, "a no-op reconcile changed objects");
 
-    // Editing replicas rolls through: spec, budget, then status.
+    // Resizing a group is refused by the schema, with the reason: tern does
+    // not carry out Raft membership changes yet, and a resized StatefulSet
+    // would start members that never join (or keep removed ones as voters).
+    let refused = cp
+        .kubectl(&[
+            "patch",
+            "geocluster",
+            "payments",
+            "--type=json",
+            "-p",
+            r#"[{"op":"replace","path":"/spec/regions/0/replicas","value":5}]"#,
+        ])
+        .expect_err("a replica change is refused");
+    assert!(
+        refused.to_string().contains("spec.regions[0].replicas") && refused.to_string().contains("membership change"),
+        "the refusal names the field and the reason: {refused}"
+    );
+    let refused = cp
+        .kubectl(&[
+            "patch",
+            "regiongroup",
+            "payments-us-east",
+            "--type=merge",
+            "-p",
+            r#"{"spec":{"replicas":5}}"#,
+        ])
+        .expect_err("a RegionGroup's replica change is refused too");
+    assert!(refused.to_string().contains("membership change"), "{refused}");
+
+    // Editing the members' resources rolls them through: spec, then status.
     cp.kubectl(&[
         "patch",
         "geocluster",
         "payments",
-        "--type=json",
+        "--type=merge",
         "-p",
-        r#"[{"op":"replace","path":"/spec/regions/0/replicas","value":5}]"#,
+        r#"{"spec":{"etcd":{"resources":{"requests":{"cpu":"100m"}}}}}"#,
     ])
-    .expect("edit replicas");
-    eventually("StatefulSet scaled to 5 and budget raised to 3", WAIT, || async {
-        let sts = sts_api.get("payments-us-east").await.ok()?;
-        let pdb = Api::<PodDisruptionBudget>::namespaced(client.clone(), NS)
-            .get("payments-us-east")
-            .await
-            .ok()?;
-        (sts.spec.replicas == Some(5) && pdb.spec?.min_available == Some(IntOrString::Int(3))).then_some(())
-    })
+    .expect("edit resources");
+    eventually(
+        "StatefulSet template has the new requests; replicas and budget unchanged",
+        WAIT,
+        || async {
+            let sts = sts_api.get("payments-us-east").await.ok()?;
+            let pdb = Api::<PodDisruptionBudget>::namespaced(client.clone(), NS)
+                .get("payments-us-east")
+                .await
+                .ok()?;
+            let requests = sts.spec.template.spec.as_ref()?.containers[0]
+                .resources
+                .as_ref()?
+                .requests
+                .clone()?;
+            (sts.spec.replicas == Some(3)
+                && requests.get("cpu").map(|q| q.0.as_str()) == Some("100m")
+                && pdb.spec?.min_available == Some(IntOrString::Int(2)))
+            .then_some(())
+        },
+    )
     .await;
     eventually("GeoCluster no longer Ready while rolling", WAIT, || async {
         (geocluster_phase(&client, "payments").await.as_deref() != Some("Ready")).then_some(())
