@@ -266,7 +266,10 @@ pub async fn run(members: usize, per_pair: usize, bulk: usize) -> Result<String,
          Bulk: {bulk} moves us-east → eu-west asked for at once: {completed} completed, the first asked for to the last finished in \
          {:.1} s, **{:.1} accounts/s** (the target's agent carries out up to 16 at once); \
          a move waited p50 {} ms / max {} ms for its turn and took p50 {} ms / p99 {} ms from \
-         its start to its completion.\n\n         Drain: ap-south drained (`tern drain`) of {drained} accounts in {:.1} s, **{:.1} accounts/s**          into us-east and eu-west (16 moves under way at once, the drain's pace unlimited here;          its default, `--drain-moves-per-minute` 600, is 10/s).\n",
+         its start to its completion.\n\n\
+         Drain: ap-south drained (`tern drain`) of {drained} accounts in {:.1} s, **{:.1} accounts/s** \
+         into us-east and eu-west (16 moves under way at once, the drain's pace unlimited here; \
+         its default, `--drain-moves-per-minute` 600, is 10/s).\n",
         took.as_secs_f64(),
         completed as f64 / took.as_secs_f64(),
         q(&queued, 0.5),
