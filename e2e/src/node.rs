@@ -196,12 +196,12 @@ fn clean_host_leftovers() {
             }
         }
     }
+    // <network>-<sandbox id>-<interface>: the bridge's entries are named
+    // after our network; the loopback ones go with their sandboxes
+    // (`forget_cni_results`).
     if let Ok(entries) = std::fs::read_dir("/var/lib/cni/results") {
         for e in entries.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            // <network>-<sandbox id>-<interface>: ours are "tern-node", and
-            // the loopback entries of sandboxes that no longer exist.
-            if name.starts_with("tern-node-") || name.starts_with("cni-loopback-") {
+            if e.file_name().to_string_lossy().starts_with("tern-node-") {
                 let _ = std::fs::remove_file(e.path());
             }
         }
@@ -247,8 +247,8 @@ impl NodeCluster {
             "--bind-address=127.0.0.1".into(),
             // The nodes' pod ranges are fixed by the harness, not allocated.
             "--controllers=*,-node-ipam-controller".into(),
-            // Pods on a stopped node are marked for deletion after 20 s, not
-            // five minutes: the failover scenario stops a node.
+            // A stopped node is NotReady after 20 s rather than 40: the
+            // failover scenario stops one.
             "--node-monitor-grace-period=20s".into(),
         ]);
         let controllers = ChildGuard::spawn(
@@ -610,6 +610,7 @@ impl Node {
             d.kill();
         }
         unmount_under(&self.dir);
+        forget_cni_results(&self.dir);
         remove_cgroup(&self.cgroup);
         let _ = run("ip", &["netns", "del", &self.netns]);
     }
@@ -785,6 +786,31 @@ fn remove_cgroup(cgroup: &str) {
     remove(&Path::new("/sys/fs/cgroup/unified").join(cgroup));
 }
 
+/// Removes libcni's cached results (fixed at /var/lib/cni/results) of the
+/// pod sandboxes a node's containerd made: those named in its state under
+/// `node_dir`.
+fn forget_cni_results(node_dir: &Path) {
+    let sandboxes = node_dir.join("containerd/root/io.containerd.grpc.v1.cri/sandboxes");
+    let ids: Vec<String> = std::fs::read_dir(&sandboxes)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    if ids.is_empty() {
+        return;
+    }
+    if let Ok(entries) = std::fs::read_dir("/var/lib/cni/results") {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if ids.iter().any(|id| name.contains(&format!("-{id}-"))) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+}
+
 /// Lazily unmounts every mount point below `dir` (container root
 /// filesystems, the pods' namespaces and volumes), deepest first.
 fn unmount_under(dir: &Path) {
@@ -837,6 +863,7 @@ fn sweep() {
             let stale_cluster =
                 e.file_name().to_string_lossy().starts_with("tern-cp-") && e.path().join("node").is_dir();
             if stale_cluster && !cgroups.is_empty() {
+                forget_cni_results(&e.path().join("node"));
                 let _ = std::fs::remove_dir_all(e.path());
             }
         }
