@@ -269,23 +269,7 @@ impl ControlPlane {
 
     /// Runs kubectl with another kubeconfig.
     pub fn kubectl_as(&self, kubeconfig: &Path, args: &[&str]) -> Result<String> {
-        let output = Command::new(assets::binary("kubectl")?)
-            .arg(format!("--kubeconfig={}", kubeconfig.display()))
-            .args(args)
-            .current_dir(crate::repo_root())
-            .output()
-            .map_err(|source| HarnessError::Spawn {
-                what: "kubectl".into(),
-                source,
-            })?;
-        if output.status.success() {
-            Ok(String::from_utf8_lossy(&output.stdout).into_owned())
-        } else {
-            Err(HarnessError::Kubectl {
-                args: args.join(" "),
-                stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-            })
-        }
+        run_kubectl(&assets::binary("kubectl")?, kubeconfig, args)
     }
 
     /// Applies `crds/manifests/` and waits until every CRD is Established.
@@ -381,6 +365,28 @@ impl std::fmt::Display for AuditedWrite {
             "{} {} {}{sub} {}/{} ({})",
             self.user, self.verb, self.resource, self.namespace, self.name, self.code
         )
+    }
+}
+
+/// Runs `kubectl` with `kubeconfig` from the repository root; returns
+/// stdout, or an error with stderr when kubectl fails.
+pub fn run_kubectl(kubectl: &Path, kubeconfig: &Path, args: &[&str]) -> Result<String> {
+    let output = Command::new(kubectl)
+        .arg(format!("--kubeconfig={}", kubeconfig.display()))
+        .args(args)
+        .current_dir(crate::repo_root())
+        .output()
+        .map_err(|source| HarnessError::Spawn {
+            what: "kubectl".into(),
+            source,
+        })?;
+    if output.status.success() {
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    } else {
+        Err(HarnessError::Kubectl {
+            args: args.join(" "),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        })
     }
 }
 

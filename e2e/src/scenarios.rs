@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use tern_api::pb;
 
-use crate::{HarnessError, Result, repo_root};
+use crate::{HarnessError, Result};
 
 /// The namespace and name of the scenarios' GeoCluster
 /// (e2e/kind/manifests/geocluster.yaml).
@@ -61,24 +61,13 @@ impl Scenarios {
 
     /// Runs kubectl against `region`'s cluster from the repository root.
     pub fn kubectl(&self, region: &str, args: &[&str]) -> Result<String> {
-        let c = self.cluster(region);
-        let output = Command::new(&self.kubectl)
-            .arg(format!("--kubeconfig={}", c.kubeconfig.display()))
-            .args(args)
-            .current_dir(repo_root())
-            .output()
-            .map_err(|source| HarnessError::Spawn {
-                what: "kubectl".into(),
-                source,
-            })?;
-        if output.status.success() {
-            Ok(String::from_utf8_lossy(&output.stdout).into_owned())
-        } else {
-            Err(HarnessError::Kubectl {
-                args: format!("(region {region}) {}", args.join(" ")),
-                stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-            })
-        }
+        crate::controlplane::run_kubectl(&self.kubectl, &self.cluster(region).kubeconfig, args).map_err(|e| match e {
+            HarnessError::Kubectl { args, stderr } => HarnessError::Kubectl {
+                args: format!("(region {region}) {args}"),
+                stderr,
+            },
+            other => other,
+        })
     }
 
     fn timed(&mut self, what: &str, start: Instant) {
