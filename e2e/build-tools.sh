@@ -136,6 +136,21 @@ build_module() {
   echo "build-tools: $module built in $((SECONDS - start)) s"
 }
 
+# Go's build cache holds about 9 GB after a cold build of these modules and
+# is of no use once the binaries are here (a warm run builds nothing, and a
+# pin change rebuilds that module). It lives in a directory of this run and
+# goes with it, unless TERN_GO_CACHE names one the caller removes
+# (e2e/test.sh shares one between its two calls, so the node's Kubernetes
+# binaries reuse the control plane's packages). Downloaded modules stay in
+# Go's usual module cache, for the next pin change.
+if [ -n "${TERN_GO_CACHE:-}" ]; then
+  export GOCACHE="$TERN_GO_CACHE"
+else
+  GOCACHE=$(mktemp -d "${TMPDIR:-/tmp}/tern-go-build.XXXXXX")
+  export GOCACHE
+  trap 'rm -rf "$GOCACHE"' EXIT
+fi
+
 if [ $# -eq 0 ]; then set -- etcd toxiproxy kubernetes jaeger; fi
 for m in "$@"; do
   if [ "$m" = node ]; then

@@ -27,7 +27,12 @@ sweep_nodes() {
     find "$d" -name cgroup.procs -print0 | xargs -0 cat 2>/dev/null | xargs -r kill -9 2>/dev/null || true
   done
 }
-if [ "$node_e2e" = 1 ]; then trap sweep_nodes EXIT; fi
+go_cache=""
+on_exit() {
+  if [ -n "$go_cache" ]; then rm -rf "$go_cache"; fi
+  if [ "$node_e2e" = 1 ]; then sweep_nodes; fi
+}
+trap on_exit EXIT
 
 need() {
   command -v "$1" >/dev/null 2>&1 || { echo "test.sh: $1 is required: $2" >&2; exit 1; }
@@ -37,14 +42,28 @@ need go "install Go 1.26 or newer (it builds the pinned etcd and kube-apiserver)
 
 if [ "$node_e2e" = 1 ]; then e2e/install-deps.sh --node; else e2e/install-deps.sh; fi
 
+# Incremental compilation state is a third of a debug target (gigabytes)
+# and grows with every commit a warm CI checkout builds; a test run builds
+# each crate once, so it gains nothing from it.
+export CARGO_INCREMENTAL=0
+
 start=$SECONDS
 step() { echo; echo "== $* ($((SECONDS - start)) s)"; }
 
 step "building pinned test binaries"
+# One Go build cache for both calls, removed once they are done (see
+# build-tools.sh: it is gigabytes, and useless once the binaries exist).
+go_cache=$(mktemp -d "${TMPDIR:-/tmp}/tern-go-build.XXXXXX")
+export TERN_GO_CACHE=$go_cache
 e2e/build-tools.sh
 if [ "$node_e2e" = 1 ]; then
   step "building the node e2e's binaries (kubelet, containerd, runc, CNI) and tern's"
   e2e/build-tools.sh node
+fi
+rm -rf "$go_cache"
+go_cache=""
+unset TERN_GO_CACHE
+if [ "$node_e2e" = 1 ]; then
   # The images the node e2e's pods run are made from these.
   cargo build -p tern-router -p tern-agent -p tern-operator --locked
 fi

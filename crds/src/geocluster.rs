@@ -103,13 +103,13 @@ pub struct RegionSpec {
     #[x_kube(merge_strategy = ListMerge::Set)]
     pub zones: Vec<String>,
     /// Members of the region's Raft group: odd, 1 to 7, so that a majority
-    /// survives the loss of a minority of zones. Fixed once the region
-    /// exists: tern does not carry out Raft membership changes yet.
+    /// survives the loss of a minority of zones. May change: the operator
+    /// grows or shrinks the group one member at a time as a Raft
+    /// membership change (the RegionGroup's status.membershipChange).
     #[serde(default = "default_replicas")]
     #[schemars(range(min = limits::GROUP_REPLICAS.0, max = limits::GROUP_REPLICAS.1))]
     #[x_kube(
-        validation = Rule::new("self % 2 == 1").message("replicas must be odd (1, 3, 5 or 7): an even count adds a member without tolerating one more failure"),
-        validation = Rule::new("self == oldSelf").message("replicas cannot be changed yet: resizing a Raft group is a membership change, which tern does not carry out yet (a new member would start as a new cluster and never join; a removed one would stay a voter and cost the group its fault tolerance); keep the size, or build a new GeoCluster with the size you need")
+        validation = Rule::new("self % 2 == 1").message("replicas must be odd (1, 3, 5 or 7): an even count adds a member without tolerating one more failure")
     )]
     pub replicas: i32,
     /// Node labels that pin the region's pods to its nodes. Defaults to
@@ -188,11 +188,12 @@ pub struct DirectoryMembers {
     /// A region of `spec.regions`.
     #[schemars(length(min = 1, max = MAX_REGION_NAME), regex(pattern = REGION_NAME_PATTERN))]
     pub region: String,
-    /// Directory members in that region. Fixed once created, like a
-    /// region's replicas: the directory is one Raft group.
+    /// Directory members in that region. Fixed once created: the directory
+    /// is one Raft group across regions, and tern changes the membership
+    /// only of a region's own data group.
     #[serde(default = "default_directory_replicas")]
     #[schemars(range(min = 1, max = 5))]
-    #[x_kube(validation = Rule::new("self == oldSelf").message("replicas cannot be changed yet: resizing a Raft group is a membership change, which tern does not carry out yet (a new member would start as a new cluster and never join; a removed one would stay a voter and cost the group its fault tolerance); keep the size, or build a new GeoCluster with the directory you need"))]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("directory replicas cannot be changed: the directory is one Raft group across regions, and tern changes the membership only of a region's own data group (a new member would start as a new cluster and never join; a removed one would stay a voter); keep the size, or build a new GeoCluster with the directory you need"))]
     pub replicas: i32,
 }
 

@@ -36,7 +36,10 @@ use crate::common::{
 #[x_kube(
     validation = Rule::new("self.initialCluster.size() >= self.replicas")
         .message("initialCluster must list at least this group's replicas")
-        .field_path(".initialCluster")
+        .field_path(".initialCluster"),
+    validation = Rule::new("self.role == 'Data' || self.replicas == oldSelf.replicas")
+        .message("a directory group's replicas cannot be changed: its members span regions, and tern changes the membership only of a region's own data group")
+        .field_path(".replicas")
 )]
 pub struct RegionGroupSpec {
     /// The GeoCluster this group belongs to.
@@ -52,10 +55,11 @@ pub struct RegionGroupSpec {
     #[schemars(length(min = 1, max = 8), inner(length(min = 1, max = 63), regex(pattern = ZONE_PATTERN)))]
     #[x_kube(merge_strategy = ListMerge::Set)]
     pub zones: Vec<String>,
-    /// Members of this group in this region. Fixed once created (no Raft
-    /// membership changes yet).
+    /// Members of this group in this region. A data group's size may
+    /// change: the operator adds or removes one member at a time as a Raft
+    /// membership change (status.membershipChange shows the step). A
+    /// directory group's members span regions and are fixed.
     #[schemars(range(min = limits::GROUP_REPLICAS.0, max = limits::GROUP_REPLICAS.1))]
-    #[x_kube(validation = Rule::new("self == oldSelf").message("replicas cannot be changed yet: resizing a Raft group is a membership change, which tern does not carry out yet"))]
     pub replicas: i32,
     /// Node labels that pin the members to the region.
     #[serde(default)]
@@ -121,4 +125,13 @@ pub struct RegionGroupStatus {
     #[serde(default)]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,
+    /// The group's Raft members as the operator last read them from etcd,
+    /// once it has changed the group's size (empty before): what a member
+    /// that joins is told.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub raft_members: Vec<ClusterMember>,
+    /// The membership change in progress: the step it is at, or why it
+    /// waits. Absent when the group has the members its spec asks for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub membership_change: Option<String>,
 }

@@ -3,9 +3,10 @@
 //! node e2e (`e2e/tests/nodes.rs`): only the set-up of the clusters differs.
 //! Everything here goes through kubectl and the routers' public API, as a
 //! person would: install the bundle, apply the GeoCluster, wait for the
-//! pods, a local and a proxied write, a migration by `kubectl apply` of an
-//! AccountMigration, the trace of a cross-region write in Jaeger, and a
-//! region lost with its node and failed over.
+//! pods, a local and a proxied write, a region's group resized from one
+//! member to three (Raft membership changes by the operator), a migration
+//! by `kubectl apply` of an AccountMigration, the trace of a cross-region
+//! write in Jaeger, and a region lost with its node and failed over.
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -144,6 +145,72 @@ impl Scenarios {
             }
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
+    }
+
+    /// Resizes `region`'s group to `to` members by editing the GeoCluster
+    /// in every cluster (they share one spec), and waits until its
+    /// operator has carried out the Raft membership change: etcd lists `to`
+    /// voters, every member's pod is ready, and no change is in progress.
+    pub async fn resize(&mut self, region: &str, to: i32) -> Result<()> {
+        let start = Instant::now();
+        let names = self.kubectl(
+            region,
+            &[
+                "get",
+                "geocluster",
+                GEOCLUSTER,
+                "-n",
+                NAMESPACE,
+                "-o",
+                "jsonpath={.spec.regions[*].name}",
+            ],
+        )?;
+        let index = names
+            .split_whitespace()
+            .position(|n| n == region)
+            .ok_or_else(|| failed(format!("{region} is not among the GeoCluster's regions: {names}")))?;
+        let patch = format!(r#"[{{"op":"replace","path":"/spec/regions/{index}/replicas","value":{to}}}]"#);
+        let regions: Vec<String> = self.clusters.iter().map(|c| c.region.clone()).collect();
+        for r in &regions {
+            self.kubectl(
+                r,
+                &[
+                    "patch",
+                    "geocluster",
+                    GEOCLUSTER,
+                    "-n",
+                    NAMESPACE,
+                    "--type=json",
+                    "-p",
+                    &patch,
+                ],
+            )?;
+        }
+        let group = format!("{GEOCLUSTER}-{region}");
+        let deadline = Instant::now() + READY_LIMIT;
+        loop {
+            let json = self.kubectl(region, &["get", "regiongroup", &group, "-n", NAMESPACE, "-o", "json"])?;
+            let rg: serde_json::Value =
+                serde_json::from_str(&json).map_err(|e| failed(format!("RegionGroup {group}: {e}")))?;
+            let status = &rg["status"];
+            let raft = status["raftMembers"].as_array().map_or(0, Vec::len);
+            let ready = status["readyMembers"].as_i64().unwrap_or(0);
+            let change = status["membershipChange"].as_str();
+            if raft == to as usize && ready == i64::from(to) && change.is_none() {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(HarnessError::NotReady {
+                    what: format!("{region}'s group resized to {to} members"),
+                    secs: READY_LIMIT.as_secs(),
+                    log: format!("RegionGroup status: {status}"),
+                });
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        self.wait_rollout(region, NAMESPACE, &format!("statefulset/{group}"))?;
+        self.timed(&format!("{region}'s group resized to {to} members"), start);
+        Ok(())
     }
 
     /// A port-forward to `service`'s `port` in `region`'s cluster.
@@ -409,6 +476,11 @@ impl Scenarios {
         self.install().await?;
         self.local_write("us-east", "acct-us").await?;
         self.local_write("ap-south", "acct-ap").await?;
+        // eu-west grows from one member to three (two Raft membership
+        // changes) and then serves a local write; it is the successor of
+        // the region lost below.
+        self.resize("eu-west", 3).await?;
+        self.local_write("eu-west", "acct-eu").await?;
         let trace_id = self.proxied_write("eu-west", "us-east", "acct-us").await?;
         self.trace(&trace_id, "eu-west", "us-east").await?;
         self.migration("acct-us", "eu-west").await?;

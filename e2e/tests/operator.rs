@@ -137,7 +137,21 @@ async fn geocluster_lifecycle() {
                 .any(|c| c.topology_key == "topology.kubernetes.io/zone" && c.when_unsatisfiable == "DoNotSchedule")
         );
         let args = pod.containers[0].args.clone().unwrap_or_default().join(" ");
-        assert!(args.contains(&format!("--initial-cluster=payments-{region}-0=http://payments-{region}-0.payments-{region}-peer.default.svc.cluster.local:2380")), "{args}");
+        // The initial cluster comes from the ConfigMap when a member
+        // starts (a membership change rewrites it without a roll).
+        assert!(args.contains("--initial-cluster=$(TERN_INITIAL_CLUSTER)"), "{args}");
+        let config = Api::<ConfigMap>::namespaced(client.clone(), NS)
+            .get(&format!("payments-{region}-config"))
+            .await
+            .expect("config map");
+        let data = config.data.expect("data");
+        assert!(
+            data["initial-cluster"].starts_with(&format!(
+                "payments-{region}-0=http://payments-{region}-0.payments-{region}-peer.default.svc.cluster.local:2380"
+            )),
+            "{data:?}"
+        );
+        assert_eq!(data["initial-cluster-state"], "new");
         assert!(
             args.contains("--heartbeat-interval=100") && args.contains("--election-timeout=1000"),
             "{args}"
@@ -319,9 +333,48 @@ async fn geocluster_lifecycle() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(before, versions(&client).await, "a no-op reconcile changed objects");
 
-    // Resizing a group is refused by the schema, with the reason: tern does
-    // not carry out Raft membership changes yet, and a resized StatefulSet
-    // would start members that never join (or keep removed ones as voters).
+    // A region's resize is a Raft membership change: the operator asks
+    // etcd first, and no pod starts before etcd has the new member. Here
+    // no member runs (no kubelet), so the change waits and says why; the
+    // StatefulSet and its budget stay as they are. (The steps themselves
+    // run against real etcd in tests/membership.rs.)
+    cp.kubectl(&[
+        "patch",
+        "geocluster",
+        "payments",
+        "--type=json",
+        "-p",
+        r#"[{"op":"replace","path":"/spec/regions/0/replicas","value":5}]"#,
+    ])
+    .expect("a region's replica change is accepted");
+    let rg_api = Api::<RegionGroup>::namespaced(client.clone(), NS);
+    let waiting = eventually("the resize waits for etcd and says so", WAIT, || async {
+        let rg = rg_api.get("payments-us-east").await.ok()?;
+        let change = rg.status?.membership_change?;
+        (rg.spec.replicas == 5).then_some(change)
+    })
+    .await;
+    assert!(
+        waiting.contains("5 members wanted, 3 running") && waiting.contains("cannot"),
+        "{waiting}"
+    );
+    let sts = sts_api.get("payments-us-east").await.expect("statefulset");
+    assert_eq!(sts.spec.replicas, Some(3), "no pod before Raft");
+    cp.kubectl(&[
+        "patch",
+        "geocluster",
+        "payments",
+        "--type=json",
+        "-p",
+        r#"[{"op":"replace","path":"/spec/regions/0/replicas","value":3}]"#,
+    ])
+    .expect("the resize is taken back");
+    eventually("a change that never began is gone", WAIT, || async {
+        let rg = rg_api.get("payments-us-east").await.ok()?;
+        (rg.spec.replicas == 3 && rg.status?.membership_change.is_none()).then_some(())
+    })
+    .await;
+    // The directory is one group across regions: its size is fixed.
     let refused = cp
         .kubectl(&[
             "patch",
@@ -329,24 +382,14 @@ async fn geocluster_lifecycle() {
             "payments",
             "--type=json",
             "-p",
-            r#"[{"op":"replace","path":"/spec/regions/0/replicas","value":5}]"#,
+            r#"[{"op":"replace","path":"/spec/directory/members/0/replicas","value":3}]"#,
         ])
-        .expect_err("a replica change is refused");
+        .expect_err("a directory replica change is refused");
     assert!(
-        refused.to_string().contains("spec.regions[0].replicas") && refused.to_string().contains("membership change"),
+        refused.to_string().contains("spec.directory.members[0].replicas")
+            && refused.to_string().contains("directory replicas cannot be changed"),
         "the refusal names the field and the reason: {refused}"
     );
-    let refused = cp
-        .kubectl(&[
-            "patch",
-            "regiongroup",
-            "payments-us-east",
-            "--type=merge",
-            "-p",
-            r#"{"spec":{"replicas":5}}"#,
-        ])
-        .expect_err("a RegionGroup's replica change is refused too");
-    assert!(refused.to_string().contains("membership change"), "{refused}");
 
     // Editing the members' resources rolls them through: spec, then status.
     cp.kubectl(&[
@@ -378,6 +421,25 @@ async fn geocluster_lifecycle() {
             .then_some(())
         },
     )
+    .await;
+    // Every group rolls, not only us-east's: mark them ready only once
+    // each has the new template, or a late one stays unobserved.
+    eventually("every StatefulSet has the new requests", WAIT, || async {
+        let all = sts_api.list(&ListParams::default()).await.ok()?.items;
+        all.iter()
+            .all(|sts| {
+                sts.spec
+                    .template
+                    .spec
+                    .as_ref()
+                    .and_then(|p| p.containers[0].resources.as_ref())
+                    .and_then(|r| r.requests.as_ref())
+                    .and_then(|r| r.get("cpu"))
+                    .map(|q| q.0.as_str())
+                    == Some("100m")
+            })
+            .then_some(())
+    })
     .await;
     eventually("GeoCluster no longer Ready while rolling", WAIT, || async {
         (geocluster_phase(&client, "payments").await.as_deref() != Some("Ready")).then_some(())

@@ -40,6 +40,11 @@ pub enum Error {
     /// reached or answered an error: retried.
     #[error("directory ({what}): {reason}")]
     Directory { what: String, reason: String },
+    /// A Raft membership change cannot take its next step now: the group
+    /// is unreachable, a member is down, or etcd refused. Retried; the
+    /// reason is in the RegionGroup's status.
+    #[error("membership change: {reason}")]
+    Membership { reason: String },
     /// The metrics and health server could not start.
     #[error("cannot serve HTTP on {addr}: {source}")]
     Http {
@@ -69,6 +74,7 @@ impl Error {
             Self::Serialize(_) => "serialize",
             Self::Http { .. } => "http",
             Self::Directory { .. } => "directory",
+            Self::Membership { .. } => "membership",
         }
     }
 }

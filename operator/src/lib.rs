@@ -17,6 +17,7 @@ pub mod error;
 pub mod etcd_flags;
 pub mod hash;
 pub mod leader;
+pub mod membership;
 pub mod metrics;
 pub mod names;
 pub mod regions;

@@ -26,6 +26,9 @@ pub struct Member {
 pub struct EtcdCluster {
     pub name: String,
     pub members: Vec<Member>,
+    /// Where the members' data and logs are.
+    dir: PathBuf,
+    tuning: Tuning,
 }
 
 /// Raft timing of a cluster.
@@ -127,6 +130,8 @@ impl EtcdCluster {
         let mut cluster = Self {
             name: name.to_string(),
             members,
+            dir: dir.to_path_buf(),
+            tuning,
         };
         for i in 0..size {
             cluster.start_member(i, &binary)?;
@@ -150,6 +155,64 @@ impl EtcdCluster {
         let url = format!("{}/health", m.client_url);
         let process = m.process.as_mut().expect("started above");
         process.wait_until(limit, || crate::http::get_ok(&url))
+    }
+
+    /// Picks the ports of a member that is not in the group yet (the next
+    /// one a grow adds, `NAME-i`) and returns its index; `join` starts it.
+    pub fn reserve_member(&mut self) -> usize {
+        let i = self.members.len();
+        let name = format!("{}-{i}", self.name);
+        self.members.push(Member {
+            client_url: format!("http://127.0.0.1:{}", assets::free_port()),
+            peer_url: format!("http://127.0.0.1:{}", assets::free_port()),
+            args: Vec::new(),
+            log: self.dir.join(format!("{name}.log")),
+            process: None,
+            name,
+        });
+        i
+    }
+
+    /// Starts member `i`, already added to the group (as a learner), so
+    /// that it joins it: `initial-cluster-state=existing`, with `members`
+    /// the group's membership including itself, as etcd requires. Waits
+    /// until it is live (a learner does not answer /health).
+    pub fn join(&mut self, i: usize, members: &[ClusterMember]) -> Result<()> {
+        let binary = assets::binary("etcd")?;
+        let data_dir = self.data_dir(i);
+        let m = &mut self.members[i];
+        let data_dir = data_dir.to_string_lossy();
+        m.args = member_args(&MemberConfig {
+            name: &m.name,
+            data_dir: &data_dir,
+            listen_client_urls: &m.client_url,
+            listen_peer_urls: &m.peer_url,
+            listen_metrics_urls: None,
+            advertise_client_urls: &m.client_url,
+            advertise_peer_urls: &m.peer_url,
+            initial_cluster: members,
+            cluster_token: &self.name,
+            state: ClusterState::Existing,
+            heartbeat_interval_ms: self.tuning.heartbeat_ms,
+            election_timeout_ms: self.tuning.election_ms,
+            unsafe_no_fsync: true,
+        });
+        self.start_member(i, &binary)?;
+        let m = &mut self.members[i];
+        let url = format!("{}/livez", m.client_url);
+        let process = m.process.as_mut().expect("started above");
+        process.wait_until(Duration::from_secs(60), || crate::http::get_ok(&url))
+    }
+
+    /// Stops member `i` for good and deletes its data, as a StatefulSet
+    /// scale-down with `whenScaled: Delete` does to a removed member.
+    pub fn retire(&mut self, i: usize) {
+        self.kill(i);
+        let _ = std::fs::remove_dir_all(self.data_dir(i));
+    }
+
+    fn data_dir(&self, i: usize) -> PathBuf {
+        self.dir.join(format!("{}.data", self.members[i].name))
     }
 
     /// Client URLs of every member.

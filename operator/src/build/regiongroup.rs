@@ -9,17 +9,17 @@ use k8s_openapi::api::apps::v1::{
     StatefulSet, StatefulSetPersistentVolumeClaimRetentionPolicy, StatefulSetSpec, StatefulSetUpdateStrategy,
 };
 use k8s_openapi::api::core::v1::{
-    Affinity, ConfigMap, Container, ContainerPort, HTTPGetAction, NodeAffinity, NodeSelector, NodeSelectorRequirement,
-    NodeSelectorTerm, PersistentVolumeClaim, PersistentVolumeClaimSpec, PodSpec, PodTemplateSpec, Probe,
-    SecurityContext, Service, ServicePort, ServiceSpec, TopologySpreadConstraint, VolumeMount,
-    VolumeResourceRequirements,
+    Affinity, ConfigMap, ConfigMapKeySelector, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction,
+    NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm, PersistentVolumeClaim,
+    PersistentVolumeClaimSpec, PodSpec, PodTemplateSpec, Probe, SecurityContext, Service, ServicePort, ServiceSpec,
+    TopologySpreadConstraint, VolumeMount, VolumeResourceRequirements,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::ObjectMeta;
 use kube::{Resource, ResourceExt};
-use tern_crds::{DeletionPolicy, RegionGroup};
+use tern_crds::{ClusterMember, DeletionPolicy, RegionGroup};
 
 use crate::etcd_flags::{ClusterState, MemberConfig, member_args};
 use crate::names;
@@ -41,17 +41,55 @@ pub fn quorum(replicas: i32) -> i32 {
 
 const DATA_DIR: &str = "/var/lib/etcd";
 
-/// The objects of one group.
+/// Who the group's members are now, for the objects that depend on it
+/// (see `crate::membership`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Members {
+    /// Pods the StatefulSet runs.
+    pub pods: i32,
+    /// What a member that starts without data is told: the Raft membership
+    /// it joins (`Existing`), or, until the group's membership has changed,
+    /// the bootstrap list (`New`). Members with data ignore both.
+    pub initial_cluster: Vec<ClusterMember>,
+    pub state: ClusterState,
+}
+
+impl Members {
+    /// A group as the GeoCluster created it: `spec.replicas` members that
+    /// bootstrap together.
+    pub fn bootstrap(rg: &RegionGroup) -> Self {
+        Self {
+            pods: rg.spec.replicas,
+            initial_cluster: rg.spec.initial_cluster.clone(),
+            state: ClusterState::New,
+        }
+    }
+}
+
+/// The objects of a group that has never changed its membership.
 pub fn group_objects(rg: &RegionGroup) -> GroupObjects {
-    let config_map = config_map(rg);
+    group_objects_with(rg, &Members::bootstrap(rg))
+}
+
+/// The objects of one group with `members`.
+pub fn group_objects_with(rg: &RegionGroup, members: &Members) -> GroupObjects {
+    let config_map = config_map(rg, members);
     GroupObjects {
-        stateful_set: stateful_set(rg, &config_hash(&config_map)),
+        stateful_set: stateful_set(rg, members.pods, &config_hash(&config_map)),
         peer_service: peer_service(rg),
         client_service: client_service(rg),
-        pdb: pdb(rg),
+        pdb: pdb(rg, members.pods),
         config_map,
     }
 }
+
+/// The ConfigMap keys a member reads when its container starts (through
+/// `ENV_INITIAL_CLUSTER*`), and only then: a membership change rewrites
+/// them without rolling the members that already run.
+const KEY_INITIAL_CLUSTER: &str = "initial-cluster";
+const KEY_INITIAL_CLUSTER_STATE: &str = "initial-cluster-state";
+const ENV_INITIAL_CLUSTER: &str = "TERN_INITIAL_CLUSTER";
+const ENV_INITIAL_CLUSTER_STATE: &str = "TERN_INITIAL_CLUSTER_STATE";
 
 fn meta(rg: &RegionGroup, name: String) -> ObjectMeta {
     let group = rg.name_any();
@@ -80,7 +118,10 @@ fn own_host(rg: &RegionGroup) -> String {
     )
 }
 
-/// The etcd arguments of every member of the group.
+/// The etcd arguments of every member of the group. The initial cluster
+/// and its state come from the environment, which the ConfigMap fills when
+/// a container starts: a member that joins a grown group needs today's
+/// membership, and a template change would restart every member instead.
 pub fn container_args(rg: &RegionGroup) -> Vec<String> {
     let host = own_host(rg);
     let advertise_client = format!("http://{host}:{}", names::CLIENT_PORT);
@@ -97,16 +138,43 @@ pub fn container_args(rg: &RegionGroup) -> Vec<String> {
         listen_metrics_urls: Some(&listen_metrics),
         advertise_client_urls: &advertise_client,
         advertise_peer_urls: &advertise_peer,
-        initial_cluster: &rg.spec.initial_cluster,
+        initial_cluster: &[],
         cluster_token: &rg.spec.cluster_token,
         state: ClusterState::New,
         heartbeat_interval_ms: rg.spec.etcd.heartbeat_interval_ms,
         election_timeout_ms: rg.spec.etcd.election_timeout_ms,
         unsafe_no_fsync: false,
     })
+    .into_iter()
+    .map(|arg| {
+        if arg.starts_with("--initial-cluster=") {
+            format!("--initial-cluster=$({ENV_INITIAL_CLUSTER})")
+        } else if arg.starts_with("--initial-cluster-state=") {
+            format!("--initial-cluster-state=$({ENV_INITIAL_CLUSTER_STATE})")
+        } else {
+            arg
+        }
+    })
+    .collect()
 }
 
-fn stateful_set(rg: &RegionGroup, config_hash: &str) -> StatefulSet {
+/// `NAME` from key `key` of the group's ConfigMap.
+fn config_env(rg: &RegionGroup, name: &str, key: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value_from: Some(EnvVarSource {
+            config_map_key_ref: Some(ConfigMapKeySelector {
+                name: names::config_map(&rg.name_any()),
+                key: key.into(),
+                optional: Some(false),
+            }),
+            ..EnvVarSource::default()
+        }),
+        ..EnvVar::default()
+    }
+}
+
+fn stateful_set(rg: &RegionGroup, pods: i32, config_hash: &str) -> StatefulSet {
     let group = rg.name_any();
     let selector = names::selector_labels(&group);
     let labels = names::group_labels(&rg.spec.geo_cluster, &rg.spec.region, rg.spec.role, &group);
@@ -130,7 +198,11 @@ fn stateful_set(rg: &RegionGroup, config_hash: &str) -> StatefulSet {
         image: Some(rg.spec.etcd.image.clone()),
         command: Some(vec!["etcd".into()]),
         args: Some(container_args(rg)),
-        env: Some(vec![super::pod_name_env()]),
+        env: Some(vec![
+            super::pod_name_env(),
+            config_env(rg, ENV_INITIAL_CLUSTER, KEY_INITIAL_CLUSTER),
+            config_env(rg, ENV_INITIAL_CLUSTER_STATE, KEY_INITIAL_CLUSTER_STATE),
+        ]),
         ports: Some(vec![
             port("client", names::CLIENT_PORT),
             port("peer", names::PEER_PORT),
@@ -168,7 +240,9 @@ fn stateful_set(rg: &RegionGroup, config_hash: &str) -> StatefulSet {
     StatefulSet {
         metadata: meta(rg, group.clone()),
         spec: StatefulSetSpec {
-            replicas: Some(rg.spec.replicas),
+            // Not `spec.replicas`: pods start and stop one membership
+            // step at a time (`crate::membership`).
+            replicas: Some(pods),
             service_name: Some(names::peer_service(&group)),
             // Members must all start to elect a leader; OrderedReady would wait
             // for member 0 to be ready, which needs a quorum first.
@@ -183,7 +257,11 @@ fn stateful_set(rg: &RegionGroup, config_hash: &str) -> StatefulSet {
             },
             persistent_volume_claim_retention_policy: Some(StatefulSetPersistentVolumeClaimRetentionPolicy {
                 when_deleted: Some(retention.into()),
-                when_scaled: Some("Retain".into()),
+                // A pod stops on a scale-down only after its member was
+                // removed from Raft; its data can never rejoin, and left
+                // behind it would make a later grow's member at the same
+                // ordinal start as the removed one.
+                when_scaled: Some("Delete".into()),
             }),
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
@@ -305,13 +383,14 @@ fn client_service(rg: &RegionGroup) -> Service {
     }
 }
 
-fn pdb(rg: &RegionGroup) -> PodDisruptionBudget {
+fn pdb(rg: &RegionGroup, pods: i32) -> PodDisruptionBudget {
     let group = rg.name_any();
     PodDisruptionBudget {
         metadata: meta(rg, group.clone()),
         spec: Some(PodDisruptionBudgetSpec {
             // A drain may take members down only while a majority stays up.
-            min_available: Some(IntOrString::Int(quorum(rg.spec.replicas))),
+            // During a grow, of the members that run, not of the size to be.
+            min_available: Some(IntOrString::Int(quorum(pods))),
             selector: Some(LabelSelector {
                 match_labels: Some(names::selector_labels(&group)),
                 ..LabelSelector::default()
@@ -322,7 +401,7 @@ fn pdb(rg: &RegionGroup) -> PodDisruptionBudget {
     }
 }
 
-fn config_map(rg: &RegionGroup) -> ConfigMap {
+fn config_map(rg: &RegionGroup, members: &Members) -> ConfigMap {
     let group = rg.name_any();
     let namespace = rg.namespace().unwrap_or_default();
     let client_endpoints = (0..rg.spec.replicas)
@@ -336,8 +415,7 @@ fn config_map(rg: &RegionGroup) -> ConfigMap {
         })
         .collect::<Vec<_>>()
         .join(",");
-    let initial_cluster = rg
-        .spec
+    let initial_cluster = members
         .initial_cluster
         .iter()
         .map(|m| format!("{}={}", m.name, m.peer_url))
@@ -348,7 +426,15 @@ fn config_map(rg: &RegionGroup) -> ConfigMap {
         data: Some(BTreeMap::from([
             ("role".to_string(), names::role_label(rg.spec.role).to_string()),
             ("region".to_string(), rg.spec.region.clone()),
-            ("initial-cluster".to_string(), initial_cluster),
+            (KEY_INITIAL_CLUSTER.to_string(), initial_cluster),
+            (
+                KEY_INITIAL_CLUSTER_STATE.to_string(),
+                match members.state {
+                    ClusterState::New => "new",
+                    ClusterState::Existing => "existing",
+                }
+                .to_string(),
+            ),
             ("initial-cluster-token".to_string(), rg.spec.cluster_token.clone()),
             (
                 "heartbeat-interval-ms".to_string(),
@@ -365,10 +451,15 @@ fn config_map(rg: &RegionGroup) -> ConfigMap {
     }
 }
 
-/// A stable hash of the member configuration (see `crate::hash`).
+/// A stable hash of the member configuration (see `crate::hash`), without
+/// what only a starting member reads: changing the membership must not
+/// restart the members.
 fn config_hash(cm: &ConfigMap) -> String {
+    let mut data = cm.data.clone().unwrap_or_default();
+    data.remove(KEY_INITIAL_CLUSTER);
+    data.remove(KEY_INITIAL_CLUSTER_STATE);
     let mut h = crate::hash::Fnv::default();
-    cm.data.hash(&mut h);
+    data.hash(&mut h);
     format!("{:016x}", h.finish())
 }
 
@@ -469,6 +560,52 @@ mod tests {
         changed.spec.etcd.heartbeat_interval_ms = 150;
         assert_eq!(hash(&rg), hash(&rg.clone()), "the hash is stable");
         assert_ne!(hash(&rg), hash(&changed));
+    }
+
+    #[test]
+    fn a_membership_change_rewrites_what_joining_members_read_without_rolling_the_others() {
+        let rg = first_group();
+        let boot = group_objects(&rg);
+        let data = boot.config_map.data.as_ref().expect("data");
+        assert_eq!(data[KEY_INITIAL_CLUSTER_STATE], "new");
+        assert_eq!(data[KEY_INITIAL_CLUSTER].split(',').count(), 3);
+
+        let mut joining = Members::bootstrap(&rg);
+        joining.pods = 4;
+        joining.state = ClusterState::Existing;
+        joining.initial_cluster.push(ClusterMember {
+            name: "payments-us-east-3".into(),
+            peer_url: "http://payments-us-east-3.payments-us-east-peer.tern.svc.cluster.local:2380".into(),
+        });
+        let grown = group_objects_with(&rg, &joining);
+        assert_eq!(grown.stateful_set.spec.replicas, Some(4));
+        let data = grown.config_map.data.as_ref().expect("data");
+        assert_eq!(data[KEY_INITIAL_CLUSTER_STATE], "existing");
+        assert!(data[KEY_INITIAL_CLUSTER].ends_with(
+            ",payments-us-east-3=http://payments-us-east-3.payments-us-east-peer.tern.svc.cluster.local:2380"
+        ));
+        // Same template, same config hash: the running members stay up.
+        assert_eq!(boot.stateful_set.spec.template, grown.stateful_set.spec.template);
+        let pod = grown.stateful_set.spec.template.spec.as_ref().expect("pod");
+        let args = pod.containers[0].args.as_ref().expect("args");
+        assert!(
+            args.contains(&"--initial-cluster=$(TERN_INITIAL_CLUSTER)".to_string()),
+            "{args:?}"
+        );
+        assert!(args.contains(&"--initial-cluster-state=$(TERN_INITIAL_CLUSTER_STATE)".to_string()));
+        let env = pod.containers[0].env.as_ref().expect("env");
+        assert!(env.iter().any(|e| e.name == ENV_INITIAL_CLUSTER));
+        // The budget follows the members that run.
+        assert_eq!(
+            grown.pdb.spec.as_ref().and_then(|s| s.min_available.clone()),
+            Some(IntOrString::Int(3))
+        );
+        let retention = grown
+            .stateful_set
+            .spec
+            .persistent_volume_claim_retention_policy
+            .expect("policy");
+        assert_eq!(retention.when_scaled.as_deref(), Some("Delete"));
     }
 
     #[test]

@@ -1,0 +1,332 @@
+//! Raft membership changes against real etcd: a region's group grows from
+//! three members to five and shrinks back to three, one member at a time,
+//! while clients keep reading and writing; the history checker judges what
+//! they saw against what etcd applied.
+//!
+//! The operator's own planner and executor (`tern_operator::membership`)
+//! take the steps; the test plays the StatefulSet, starting a member's
+//! process when the plan says its pod starts and stopping it (data and
+//! all) when the plan says its pod goes. Every step is taken by a fresh
+//! "operator" that knows only what etcd reports, which is what an operator
+//! killed in the middle of a change, or its standby taking over, sees.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp, WatchOptions};
+use tern_local::etcd_cluster::{EtcdCluster, Tuning};
+use tern_operator::membership::{self, Progress, Step};
+use tern_verify::{History, Outcome, Record, Request};
+
+const GROUP: &str = "members";
+const KEYS: [&str; 8] = ["/m/k0", "/m/k1", "/m/k2", "/m/k3", "/m/k4", "/m/k5", "/m/k6", "/m/k7"];
+
+/// What the "StatefulSet" runs: members `0..pods`.
+struct Pods {
+    etcd: EtcdCluster,
+    pods: i32,
+}
+
+impl Pods {
+    fn peer_url(&self) -> impl Fn(i32) -> String + '_ {
+        |o| {
+            self.etcd
+                .members
+                .get(o as usize)
+                .map(|m| m.peer_url.clone())
+                .unwrap_or_default()
+        }
+    }
+
+    fn endpoints(&self) -> Vec<String> {
+        self.etcd.endpoints()[..self.pods as usize].to_vec()
+    }
+}
+
+/// Takes steps until the group is steady at `desired` members; returns
+/// them (a promote that had to wait shows once).
+async fn resize(p: &mut Pods, desired: i32) -> Vec<Step> {
+    resize_at_most(p, desired, usize::MAX).await
+}
+
+/// Like `resize`, but stops after `limit` steps have been carried out, as
+/// an operator killed there would.
+async fn resize_at_most(p: &mut Pods, desired: i32, limit: usize) -> Vec<Step> {
+    let mut taken = Vec::new();
+    let give_up = Instant::now() + Duration::from_secs(120);
+    let mut done = 0;
+    while done < limit {
+        assert!(Instant::now() < give_up, "no steady group after {taken:?}");
+        let observed = membership::observe(&p.endpoints()).await.expect("the group answers");
+        let step = membership::plan(&observed, p.pods, desired, p.peer_url()).expect("a plan");
+        if taken.last() != Some(&step) {
+            taken.push(step.clone());
+        }
+        match &step {
+            Step::Steady => return taken,
+            Step::StartPod { replicas } => {
+                let members = membership::initial_cluster(&observed, |o| format!("{GROUP}-{o}"), p.peer_url());
+                let i = (*replicas - 1) as usize;
+                tokio::task::block_in_place(|| p.etcd.join(i, &members)).expect("the new member starts");
+                p.pods = *replicas;
+                done += 1;
+            }
+            Step::StopPod { replicas } => {
+                for i in *replicas..p.pods {
+                    p.etcd.retire(i as usize);
+                }
+                p.pods = *replicas;
+                done += 1;
+            }
+            _ => match membership::execute(&step, &observed).await {
+                Ok(Progress::Done) => done += 1,
+                Ok(Progress::Waiting(_)) => tokio::time::sleep(Duration::from_millis(200)).await,
+                Err(e) => panic!("{step:?} failed: {e}"),
+            },
+        }
+    }
+    taken
+}
+
+/// A client that reads and writes `KEYS` until `stop`, recording every
+/// operation. Values are unique (`c<client>-<n>`), so a value names its
+/// write.
+async fn client(id: u32, endpoints: Vec<String>, start: Instant, stop: Arc<AtomicBool>) -> Vec<Record> {
+    let options = etcd_client::ConnectOptions::new()
+        .with_connect_timeout(Duration::from_secs(2))
+        .with_timeout(Duration::from_secs(5));
+    let mut c = Client::connect(&endpoints, Some(options))
+        .await
+        .expect("client connects");
+    let mut records = Vec::new();
+    let mut last: BTreeMap<&str, Option<String>> = BTreeMap::new();
+    let mut n = 0u32;
+    while !stop.load(Ordering::Relaxed) {
+        n += 1;
+        let key = KEYS[(n as usize * 7 + id as usize) % KEYS.len()];
+        let value = format!("c{id}-{n}");
+        let invoke_us = start.elapsed().as_micros() as u64;
+        let (request, outcome) = match n % 5 {
+            0 | 1 => {
+                let r = c.put(key, value.clone(), None).await;
+                (Request::Put { value: value.clone() }, write_outcome(r.map(|_| None)))
+            }
+            2 | 3 => {
+                let r = c.get(key, None).await;
+                let outcome = match r {
+                    Ok(resp) => {
+                        let read = resp
+                            .kvs()
+                            .first()
+                            .map(|kv| String::from_utf8_lossy(kv.value()).into_owned());
+                        last.insert(key, read.clone());
+                        Outcome::Ok {
+                            value: read,
+                            swapped: None,
+                            staleness_ms: None,
+                        }
+                    }
+                    Err(e) => Outcome::Failed { reason: e.to_string() },
+                };
+                (Request::Get, outcome)
+            }
+            _ => {
+                let expect = last.get(key).cloned().flatten();
+                let compare = match &expect {
+                    Some(v) => Compare::value(key, CompareOp::Equal, v.as_str()),
+                    None => Compare::version(key, CompareOp::Equal, 0),
+                };
+                let txn = Txn::new()
+                    .when([compare])
+                    .and_then([TxnOp::put(key, value.clone(), None)]);
+                let r = c.txn(txn).await.map(|resp| Some(resp.succeeded()));
+                (
+                    Request::Cas {
+                        expect,
+                        new: Some(value.clone()),
+                    },
+                    write_outcome(r),
+                )
+            }
+        };
+        records.push(Record {
+            client: id,
+            key: key.to_string(),
+            invoke_us,
+            complete_us: start.elapsed().as_micros() as u64,
+            request,
+            outcome,
+            idempotency_key: None,
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    records
+}
+
+/// A write that failed may still have been applied: its outcome is unknown.
+fn write_outcome(r: Result<Option<bool>, etcd_client::Error>) -> Outcome {
+    match r {
+        Ok(swapped) => Outcome::Ok {
+            value: None,
+            swapped,
+            staleness_ms: None,
+        },
+        Err(e) => Outcome::Indeterminate { reason: e.to_string() },
+    }
+}
+
+/// Every value each key took, in commit order, from etcd's own history.
+async fn applied(endpoints: &[String]) -> tern_verify::applied::Applied {
+    let mut c = Client::connect(endpoints, None).await.expect("connect");
+    let newest = c
+        .get("/m/", Some(GetOptions::new().with_prefix()))
+        .await
+        .expect("read the keys")
+        .kvs()
+        .iter()
+        .map(|kv| kv.mod_revision())
+        .max()
+        .unwrap_or(0);
+    let mut stream = c
+        .watch("/m/", Some(WatchOptions::new().with_prefix().with_start_revision(1)))
+        .await
+        .expect("watch");
+    let mut applied = tern_verify::applied::Applied::new();
+    let mut seen = 0;
+    while seen < newest {
+        let resp = tokio::time::timeout(Duration::from_secs(10), stream.message())
+            .await
+            .expect("the watch keeps up")
+            .expect("watch message")
+            .expect("watch open");
+        for event in resp.events() {
+            let Some(kv) = event.kv() else { continue };
+            seen = seen.max(kv.mod_revision());
+            applied
+                .entry(String::from_utf8_lossy(kv.key()).into_owned())
+                .or_default()
+                .push(String::from_utf8_lossy(kv.value()).into_owned());
+        }
+    }
+    applied
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_grows_to_five_and_shrinks_to_three_without_losing_a_write() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut etcd = EtcdCluster::start(dir.path(), GROUP, 3, Tuning::default()).expect("etcd starts");
+    // The two members a grow adds: their addresses, nothing started yet.
+    etcd.reserve_member();
+    etcd.reserve_member();
+    let mut p = Pods { etcd, pods: 3 };
+
+    // Clients use the three members that stay throughout.
+    let start = Instant::now();
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..3)
+        .map(|id| tokio::spawn(client(id, p.endpoints(), start, stop.clone())))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // An operator killed right after adding a learner, and the spec taken
+    // back to three meanwhile: the next one removes the learner, whose pod
+    // never started.
+    let interrupted = resize_at_most(&mut p, 5, 1).await;
+    assert!(
+        matches!(interrupted[..], [Step::AddLearner { ordinal: 3, .. }]),
+        "{interrupted:?}"
+    );
+    let back = resize(&mut p, 3).await;
+    assert!(
+        matches!(back[..], [Step::Remove { ordinal: 3, .. }, Step::Steady]),
+        "{back:?}"
+    );
+
+    let grow = resize(&mut p, 5).await;
+    let started = |o| Step::StartPod { replicas: o + 1 };
+    let adds: Vec<_> = grow
+        .iter()
+        .filter(|s| {
+            matches!(
+                s,
+                Step::AddLearner { .. } | Step::StartPod { .. } | Step::Promote { .. }
+            )
+        })
+        .cloned()
+        .collect();
+    assert_eq!(adds.len(), 6, "add, start, promote twice: {grow:?}");
+    assert!(matches!(adds[0], Step::AddLearner { ordinal: 3, .. }), "{grow:?}");
+    assert_eq!(adds[1], started(3));
+    assert!(matches!(adds[2], Step::Promote { ordinal: 3, .. }), "{grow:?}");
+    assert!(matches!(adds[3], Step::AddLearner { ordinal: 4, .. }), "{grow:?}");
+    assert_eq!(adds[4], started(4));
+    let five = membership::observe(&p.endpoints()).await.expect("observe");
+    assert_eq!(five.members.len(), 5);
+    assert!(five.members.iter().all(|m| !m.learner), "{five:?}");
+
+    // The member to be removed first leads: the shrink hands leadership
+    // away before it removes it.
+    p.etcd.move_leader(4).await.expect("leadership moves to member 4");
+    let shrink = resize(&mut p, 3).await;
+    assert!(matches!(shrink[0], Step::MoveLeader { .. }), "{shrink:?}");
+    let removes: Vec<_> = shrink
+        .iter()
+        .filter(|s| matches!(s, Step::Remove { .. } | Step::StopPod { .. }))
+        .cloned()
+        .collect();
+    assert!(matches!(removes[0], Step::Remove { ordinal: 4, .. }), "{shrink:?}");
+    assert_eq!(removes[1], Step::StopPod { replicas: 4 });
+    assert!(matches!(removes[2], Step::Remove { ordinal: 3, .. }), "{shrink:?}");
+    assert_eq!(removes[3], Step::StopPod { replicas: 3 });
+    let three = membership::observe(&p.endpoints()).await.expect("observe");
+    assert_eq!(three.members.len(), 3, "{three:?}");
+
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut history = History::default();
+    for c in clients {
+        history.records.extend(c.await.expect("client task"));
+    }
+    let acknowledged = history
+        .records
+        .iter()
+        .filter(|r| r.request.writes() && matches!(r.outcome, Outcome::Ok { .. }))
+        .count();
+    assert!(
+        acknowledged > 50,
+        "too few acknowledged writes to judge: {acknowledged}"
+    );
+    let applied = applied(&p.endpoints()).await;
+    let report = tern_verify::judge(&history, Some(&applied), Duration::from_secs(20));
+    assert!(report.violations.is_empty(), "{:#?}", report.violations);
+    assert!(
+        report.unknown.is_empty(),
+        "the checker ran out of time on {:?}",
+        report.unknown
+    );
+    // The checker is not blind to this history: one acknowledged write
+    // missing from what etcd applied is reported.
+    let acked = history
+        .records
+        .iter()
+        .find_map(|r| match (&r.request, &r.outcome) {
+            (Request::Put { value }, Outcome::Ok { .. }) => Some((r.key.clone(), value.clone())),
+            _ => None,
+        })
+        .expect("an acknowledged put");
+    let mut lost = applied.clone();
+    lost.get_mut(&acked.0).expect("its key").retain(|v| *v != acked.1);
+    let blind = tern_verify::judge(&history, Some(&lost), Duration::from_secs(20));
+    assert!(
+        blind.violations.iter().any(|v| v.key == acked.0),
+        "a lost write went unnoticed: {:#?}",
+        blind.violations
+    );
+    eprintln!(
+        "membership: grow {grow:?}\n shrink {shrink:?}\n {} operations, {acknowledged} acknowledged writes, {} keys linearizable",
+        history.records.len(),
+        report.keys
+    );
+}
