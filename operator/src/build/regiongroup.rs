@@ -88,6 +88,9 @@ pub fn group_objects_with(rg: &RegionGroup, members: &Members) -> GroupObjects {
 /// them without rolling the members that already run.
 const KEY_INITIAL_CLUSTER: &str = "initial-cluster";
 const KEY_INITIAL_CLUSTER_STATE: &str = "initial-cluster-state";
+/// The members' client URLs, for people and tools (nothing in a member
+/// reads it).
+const KEY_CLIENT_ENDPOINTS: &str = "client-endpoints";
 const ENV_INITIAL_CLUSTER: &str = "TERN_INITIAL_CLUSTER";
 const ENV_INITIAL_CLUSTER_STATE: &str = "TERN_INITIAL_CLUSTER_STATE";
 
@@ -257,11 +260,11 @@ fn stateful_set(rg: &RegionGroup, pods: i32, config_hash: &str) -> StatefulSet {
             },
             persistent_volume_claim_retention_policy: Some(StatefulSetPersistentVolumeClaimRetentionPolicy {
                 when_deleted: Some(retention.into()),
-                // A pod stops on a scale-down only after its member was
-                // removed from Raft; its data can never rejoin, and left
-                // behind it would make a later grow's member at the same
-                // ordinal start as the removed one.
-                when_scaled: Some("Delete".into()),
+                // Kept on a scale-down: a scale-down by anyone but the
+                // operator must not destroy a voter's data. The operator
+                // deletes a removed member's volume itself, once the
+                // member has left Raft (`controller::regiongroup`).
+                when_scaled: Some("Retain".into()),
             }),
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
@@ -404,7 +407,7 @@ fn pdb(rg: &RegionGroup, pods: i32) -> PodDisruptionBudget {
 fn config_map(rg: &RegionGroup, members: &Members) -> ConfigMap {
     let group = rg.name_any();
     let namespace = rg.namespace().unwrap_or_default();
-    let client_endpoints = (0..rg.spec.replicas)
+    let client_endpoints = (0..members.pods)
         .map(|i| {
             let member = names::member_name(&group, i);
             format!(
@@ -444,7 +447,7 @@ fn config_map(rg: &RegionGroup, members: &Members) -> ConfigMap {
                 "election-timeout-ms".to_string(),
                 rg.spec.etcd.election_timeout_ms.to_string(),
             ),
-            ("client-endpoints".to_string(), client_endpoints),
+            (KEY_CLIENT_ENDPOINTS.to_string(), client_endpoints),
             ("etcd-args".to_string(), container_args(rg).join("\n")),
         ])),
         ..ConfigMap::default()
@@ -452,12 +455,14 @@ fn config_map(rg: &RegionGroup, members: &Members) -> ConfigMap {
 }
 
 /// A stable hash of the member configuration (see `crate::hash`), without
-/// what only a starting member reads: changing the membership must not
+/// what changes with the membership (what only a starting member reads,
+/// and the list of members for people): changing the membership must not
 /// restart the members.
 fn config_hash(cm: &ConfigMap) -> String {
     let mut data = cm.data.clone().unwrap_or_default();
     data.remove(KEY_INITIAL_CLUSTER);
     data.remove(KEY_INITIAL_CLUSTER_STATE);
+    data.remove(KEY_CLIENT_ENDPOINTS);
     let mut h = crate::hash::Fnv::default();
     data.hash(&mut h);
     format!("{:016x}", h.finish())
@@ -605,7 +610,14 @@ mod tests {
             .spec
             .persistent_volume_claim_retention_policy
             .expect("policy");
-        assert_eq!(retention.when_scaled.as_deref(), Some("Delete"));
+        assert_eq!(retention.when_scaled.as_deref(), Some("Retain"));
+        assert_eq!(data[KEY_CLIENT_ENDPOINTS].split(',').count(), 4);
+
+        // A new size in the spec alone changes nothing the members run.
+        let mut resized = rg.clone();
+        resized.spec.replicas = 5;
+        let resized = group_objects_with(&resized, &Members::bootstrap(&rg));
+        assert_eq!(boot.stateful_set.spec, resized.stateful_set.spec);
     }
 
     #[test]

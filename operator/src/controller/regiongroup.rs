@@ -5,9 +5,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Patch, PatchParams};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::{Api, ResourceExt};
@@ -127,11 +128,21 @@ async fn membership_change(
         },
     };
     let Some(pods) = running else {
-        // A new group bootstraps with its full size.
-        st.membership_change = None;
+        if st.raft_members.is_empty() {
+            // A new group bootstraps with its full size.
+            st.membership_change = None;
+            return Change {
+                members: Members::bootstrap(rg),
+                in_progress: false,
+            };
+        }
+        // A StatefulSet deleted after the group's membership changed: it
+        // comes back as the members etcd last had, all joining what runs
+        // (members with data ignore it). Bootstrapping `spec.replicas`
+        // as `new` could start a second cluster beside the first.
         return Change {
-            members: Members::bootstrap(rg),
-            in_progress: false,
+            members: known(st, st.raft_members.len() as i32),
+            in_progress: true,
         };
     };
     // A change counts as begun once etcd has answered; one that never got
@@ -179,6 +190,13 @@ async fn membership_change(
     let what = step.describe(&group);
     let pods = match &step {
         Step::Steady => {
+            // The volumes of members removed by this change (kept on the
+            // scale-down, see the StatefulSet's retention policy).
+            for o in pods..pods + MAX_REMOVED {
+                if let Some(why) = clear_volume(ctx, &namespace, &group, o).await {
+                    return waiting(st, why);
+                }
+            }
             if st.membership_change.take().is_some() {
                 let note = format!("{group} has {desired} members");
                 ctx.event(rg, EventType::Normal, "MembershipChanged", "Resize", note)
@@ -190,15 +208,30 @@ async fn membership_change(
             };
         }
         Step::StartPod { replicas } | Step::StopPod { replicas } => *replicas,
-        _ => match membership::execute(&step, &observed).await {
-            Ok(Progress::Done) => {
-                ctx.event(rg, EventType::Normal, "MembershipStep", "Resize", what.clone())
-                    .await;
-                pods
+        _ => {
+            if let Step::AddLearner { ordinal, .. } = &step
+                && let Some(why) = clear_volume(ctx, &namespace, &group, *ordinal).await
+            {
+                return waiting(st, why);
             }
-            Ok(Progress::Waiting(why)) => return waiting(st, why),
-            Err(e) => return waiting(st, membership::reason(e)),
-        },
+            // Recorded before etcd is changed: an operator that dies right
+            // after the step still knows a change is unfinished, even if
+            // the spec goes back to the size that runs.
+            let mut before = st.clone();
+            before.membership_change = Some(format!("{desired} members wanted: {what}"));
+            if let Err(e) = write_status(rg, ctx, before).await {
+                return waiting(st, format!("cannot record the step before taking it: {e}"));
+            }
+            match membership::execute(&step, &observed).await {
+                Ok(Progress::Done) => {
+                    ctx.event(rg, EventType::Normal, "MembershipStep", "Resize", what.clone())
+                        .await;
+                    pods
+                }
+                Ok(Progress::Waiting(why)) => return waiting(st, why),
+                Err(e) => return waiting(st, membership::reason(e)),
+            }
+        }
     };
     tracing::info!(group = %group, step = %what, "membership change");
     st.membership_change = Some(format!("{desired} members wanted: {what}"));
@@ -206,6 +239,37 @@ async fn membership_change(
         members: known(st, pods),
         in_progress: true,
     }
+}
+
+/// How many ordinals above the group's size are looked at for a removed
+/// member's volume when a change ends (a group shrinks by at most six).
+const MAX_REMOVED: i32 = 8;
+
+/// Deletes the volume of ordinal `ordinal`, which is not a member, and
+/// says what it waits for, if anything: a member added at that ordinal must
+/// start empty (a removed member's data cannot rejoin), and a shrink leaves
+/// the removed member's volume behind. A volume still used by a pod that is
+/// stopping is deleted once the pod has gone (Kubernetes' PVC protection).
+async fn clear_volume(ctx: &Context, namespace: &str, group: &str, ordinal: i32) -> Option<String> {
+    let name = format!("data-{}", names::member_name(group, ordinal));
+    let api = Api::<PersistentVolumeClaim>::namespaced(ctx.client.clone(), namespace);
+    let found = match api
+        .list(&ListParams::default().fields(&format!("metadata.name={name}")))
+        .await
+    {
+        Ok(list) => list.items.into_iter().next(),
+        Err(e) => return Some(format!("cannot look for volume {name}: {e}")),
+    };
+    let pvc = found?;
+    if pvc.metadata.deletion_timestamp.is_none() {
+        if let Err(e) = api.delete(&name, &DeleteParams::default()).await {
+            return Some(format!("cannot delete volume {name} of a removed member: {e}"));
+        }
+        tracing::info!(%group, volume = %name, ordinal, "deleted the volume of an ordinal that is not a member");
+    }
+    Some(format!(
+        "volume {name} of a removed member is being deleted (a member at ordinal {ordinal} must start empty)"
+    ))
 }
 
 pub fn error_policy(rg: Arc<RegionGroup>, error: &Error, ctx: Arc<Context>) -> Action {
