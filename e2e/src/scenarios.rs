@@ -148,9 +148,10 @@ impl Scenarios {
     }
 
     /// Resizes `region`'s group to `to` members by editing the GeoCluster
-    /// in every cluster (they share one spec), and waits until its
-    /// operator has carried out the Raft membership change: etcd lists `to`
-    /// voters, every member's pod is ready, and no change is in progress.
+    /// in every cluster (they share one spec), replaces the region's
+    /// operator pods once the change has begun, and waits until the
+    /// operator has carried it out: etcd lists `to` voters, every member's
+    /// pod is ready, and no change is in progress.
     pub async fn resize(&mut self, region: &str, to: i32) -> Result<()> {
         let start = Instant::now();
         let names = self.kubectl(
@@ -188,6 +189,7 @@ impl Scenarios {
         }
         let group = format!("{GEOCLUSTER}-{region}");
         let deadline = Instant::now() + READY_LIMIT;
+        let mut restarted = false;
         loop {
             let json = self.kubectl(region, &["get", "regiongroup", &group, "-n", NAMESPACE, "-o", "json"])?;
             let rg: serde_json::Value =
@@ -199,6 +201,27 @@ impl Scenarios {
             if raft == to as usize && ready == i64::from(to) && change.is_none() {
                 break;
             }
+            if let Some(step) = change
+                && !restarted
+            {
+                // The operator's pods are replaced in the middle of the
+                // change, as a rolling upgrade of the operator would: the
+                // new leader finishes it from what etcd reports.
+                eprintln!("scenario: {region}'s operator replaced during \"{step}\"");
+                self.kubectl(
+                    region,
+                    &[
+                        "delete",
+                        "pod",
+                        "-n",
+                        "tern-system",
+                        "-l",
+                        "app.kubernetes.io/name=tern-operator",
+                        "--timeout=60s",
+                    ],
+                )?;
+                restarted = true;
+            }
             if Instant::now() > deadline {
                 return Err(HarnessError::NotReady {
                     what: format!("{region}'s group resized to {to} members"),
@@ -208,7 +231,10 @@ impl Scenarios {
             }
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
-        self.wait_rollout(region, NAMESPACE, &format!("statefulset/{group}"))?;
+        // The region's router and agent list the group's members: they
+        // roll to the new list, and a port-forward opened while the old
+        // pods terminate would fail.
+        self.wait_region(region).await?;
         self.timed(&format!("{region}'s group resized to {to} members"), start);
         Ok(())
     }
