@@ -49,3 +49,51 @@ impl EtcdServer {
         self.process.kill();
     }
 }
+
+/// Every value ever put under `prefix`, as (key, value) in commit order,
+/// read from etcd's own history with a watch from the first revision
+/// (nothing is compacted in the tests that use it). Complete once the
+/// watch has replayed up to the newest put under the prefix.
+pub async fn put_history(c: &mut etcd_client::Client, prefix: &str) -> Vec<(String, String)> {
+    let last = c
+        .get(prefix, Some(etcd_client::GetOptions::new().with_prefix()))
+        .await
+        .expect("range read")
+        .kvs()
+        .iter()
+        .map(|kv| kv.mod_revision())
+        .max()
+        .unwrap_or(0);
+    let mut stream = c
+        .watch(
+            prefix,
+            Some(etcd_client::WatchOptions::new().with_prefix().with_start_revision(1)),
+        )
+        .await
+        .expect("watch from the first revision");
+    let mut history = Vec::new();
+    let mut seen = 0;
+    while seen < last {
+        let Some(resp) = tokio::time::timeout(Duration::from_secs(10), stream.message())
+            .await
+            .expect("history arrives")
+            .expect("watch")
+        else {
+            break;
+        };
+        for event in resp.events() {
+            if let Some(kv) = event.kv() {
+                seen = seen.max(kv.mod_revision());
+            }
+            if event.event_type() == etcd_client::EventType::Put
+                && let Some(kv) = event.kv()
+            {
+                history.push((
+                    String::from_utf8_lossy(kv.key()).into_owned(),
+                    String::from_utf8_lossy(kv.value()).into_owned(),
+                ));
+            }
+        }
+    }
+    history
+}

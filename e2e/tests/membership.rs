@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp, WatchOptions};
+use etcd_client::{Client, Compare, CompareOp, Txn, TxnOp};
 use tern_local::etcd_cluster::{EtcdCluster, Tuning};
 use tern_operator::membership::{self, Progress, Step};
 use tern_verify::{History, Outcome, Record, Request};
@@ -180,35 +180,9 @@ fn write_outcome(r: Result<Option<bool>, etcd_client::Error>) -> Outcome {
 /// Every value each key took, in commit order, from etcd's own history.
 async fn applied(endpoints: &[String]) -> tern_verify::applied::Applied {
     let mut c = Client::connect(endpoints, None).await.expect("connect");
-    let newest = c
-        .get("/m/", Some(GetOptions::new().with_prefix()))
-        .await
-        .expect("read the keys")
-        .kvs()
-        .iter()
-        .map(|kv| kv.mod_revision())
-        .max()
-        .unwrap_or(0);
-    let mut stream = c
-        .watch("/m/", Some(WatchOptions::new().with_prefix().with_start_revision(1)))
-        .await
-        .expect("watch");
     let mut applied = tern_verify::applied::Applied::new();
-    let mut seen = 0;
-    while seen < newest {
-        let resp = tokio::time::timeout(Duration::from_secs(10), stream.message())
-            .await
-            .expect("the watch keeps up")
-            .expect("watch message")
-            .expect("watch open");
-        for event in resp.events() {
-            let Some(kv) = event.kv() else { continue };
-            seen = seen.max(kv.mod_revision());
-            applied
-                .entry(String::from_utf8_lossy(kv.key()).into_owned())
-                .or_default()
-                .push(String::from_utf8_lossy(kv.value()).into_owned());
-        }
+    for (key, value) in tern_e2e::etcd::put_history(&mut c, "/m/").await {
+        applied.entry(key).or_default().push(value);
     }
     applied
 }

@@ -175,10 +175,6 @@ async fn geocluster_lifecycle() {
             .get(&format!("payments-{region}-client"))
             .await
             .expect("client service");
-        Api::<ConfigMap>::namespaced(client.clone(), NS)
-            .get(&format!("payments-{region}-config"))
-            .await
-            .expect("config map");
 
         // The directory share: its initial cluster spans all three regions,
         // with cross-region Raft timing.

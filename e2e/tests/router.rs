@@ -1084,53 +1084,9 @@ fn told(code: Code) -> Told {
     }
 }
 
-/// Every value ever put under `prefix` in `region`'s group, in commit order,
-/// read from etcd's history (nothing is compacted in these tests).
+/// Every value ever put under `prefix` in `region`'s group, in commit order.
 async fn put_history(d: &LocalDeployment, region: &str, prefix: &str) -> Vec<(String, String)> {
-    let mut c = d.group_client(region).await;
-    // The newest put under the prefix: the history is complete once the
-    // watch has replayed up to it.
-    let last = c
-        .get(prefix, Some(GetOptions::new().with_prefix()))
-        .await
-        .expect("range read")
-        .kvs()
-        .iter()
-        .map(|kv| kv.mod_revision())
-        .max()
-        .unwrap_or(0);
-    let mut stream = c
-        .watch(
-            prefix,
-            Some(etcd_client::WatchOptions::new().with_prefix().with_start_revision(1)),
-        )
-        .await
-        .expect("watch from the first revision");
-    let mut history = Vec::new();
-    let mut seen = 0;
-    while seen < last {
-        let Some(resp) = tokio::time::timeout(Duration::from_secs(10), stream.message())
-            .await
-            .expect("history arrives")
-            .expect("watch")
-        else {
-            break;
-        };
-        for event in resp.events() {
-            if let Some(kv) = event.kv() {
-                seen = seen.max(kv.mod_revision());
-            }
-            if event.event_type() == etcd_client::EventType::Put
-                && let Some(kv) = event.kv()
-            {
-                history.push((
-                    String::from_utf8_lossy(kv.key()).into_owned(),
-                    String::from_utf8_lossy(kv.value()).into_owned(),
-                ));
-            }
-        }
-    }
-    history
+    tern_e2e::etcd::put_history(&mut d.group_client(region).await, prefix).await
 }
 
 /// Writes without an idempotency key go through a cross-region link that

@@ -48,6 +48,41 @@ impl Default for Tuning {
     }
 }
 
+/// Where member `name` keeps its data.
+fn data_dir(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!("{name}.data"))
+}
+
+/// The command line of local member `m` (the operator's member flags, on
+/// loopback, without fsync): others reach it at `advertise_peer`, and it
+/// bootstraps or joins `initial` as `state` says.
+fn local_args(
+    m: &Member,
+    dir: &Path,
+    advertise_peer: &str,
+    initial: &[ClusterMember],
+    token: &str,
+    state: ClusterState,
+    tuning: Tuning,
+) -> Vec<String> {
+    let data_dir = data_dir(dir, &m.name);
+    member_args(&MemberConfig {
+        name: &m.name,
+        data_dir: &data_dir.to_string_lossy(),
+        listen_client_urls: &m.client_url,
+        listen_peer_urls: &m.peer_url,
+        listen_metrics_urls: None,
+        advertise_client_urls: &m.client_url,
+        advertise_peer_urls: advertise_peer,
+        initial_cluster: initial,
+        cluster_token: token,
+        state,
+        heartbeat_interval_ms: tuning.heartbeat_ms,
+        election_timeout_ms: tuning.election_ms,
+        unsafe_no_fsync: true,
+    })
+}
+
 impl EtcdCluster {
     /// Starts `size` members with data under `dir` and waits until the group
     /// has a leader.
@@ -70,7 +105,7 @@ impl EtcdCluster {
             // A failed attempt's members are killed (dropped) and their data
             // removed, so the next one starts a fresh cluster.
             for i in 0..size {
-                let _ = std::fs::remove_dir_all(dir.join(format!("{name}-{i}.data")));
+                let _ = std::fs::remove_dir_all(data_dir(dir, &format!("{name}-{i}")));
             }
             Self::start_once(dir, name, size, tuning, peer_ports, &advertise)
         })
@@ -109,23 +144,7 @@ impl EtcdCluster {
             })
             .collect();
         for (i, m) in members.iter_mut().enumerate() {
-            let data_dir = dir.join(format!("{}.data", m.name));
-            let data_dir = data_dir.to_string_lossy();
-            m.args = member_args(&MemberConfig {
-                name: &m.name,
-                data_dir: &data_dir,
-                listen_client_urls: &m.client_url,
-                listen_peer_urls: &m.peer_url,
-                listen_metrics_urls: None,
-                advertise_client_urls: &m.client_url,
-                advertise_peer_urls: &initial[i].peer_url,
-                initial_cluster: &initial,
-                cluster_token: name,
-                state: ClusterState::New,
-                heartbeat_interval_ms: tuning.heartbeat_ms,
-                election_timeout_ms: tuning.election_ms,
-                unsafe_no_fsync: true,
-            });
+            m.args = local_args(m, dir, &initial[i].peer_url, &initial, name, ClusterState::New, tuning);
         }
         let mut cluster = Self {
             name: name.to_string(),
@@ -179,24 +198,16 @@ impl EtcdCluster {
     /// until it is live (a learner does not answer /health).
     pub fn join(&mut self, i: usize, members: &[ClusterMember]) -> Result<()> {
         let binary = assets::binary("etcd")?;
-        let data_dir = self.data_dir(i);
         let m = &mut self.members[i];
-        let data_dir = data_dir.to_string_lossy();
-        m.args = member_args(&MemberConfig {
-            name: &m.name,
-            data_dir: &data_dir,
-            listen_client_urls: &m.client_url,
-            listen_peer_urls: &m.peer_url,
-            listen_metrics_urls: None,
-            advertise_client_urls: &m.client_url,
-            advertise_peer_urls: &m.peer_url,
-            initial_cluster: members,
-            cluster_token: &self.name,
-            state: ClusterState::Existing,
-            heartbeat_interval_ms: self.tuning.heartbeat_ms,
-            election_timeout_ms: self.tuning.election_ms,
-            unsafe_no_fsync: true,
-        });
+        m.args = local_args(
+            m,
+            &self.dir,
+            &m.peer_url,
+            members,
+            &self.name,
+            ClusterState::Existing,
+            self.tuning,
+        );
         self.start_member(i, &binary)?;
         let m = &mut self.members[i];
         let url = format!("{}/livez", m.client_url);
@@ -212,7 +223,7 @@ impl EtcdCluster {
     }
 
     fn data_dir(&self, i: usize) -> PathBuf {
-        self.dir.join(format!("{}.data", self.members[i].name))
+        data_dir(&self.dir, &self.members[i].name)
     }
 
     /// Client URLs of every member.
