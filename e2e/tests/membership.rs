@@ -45,8 +45,9 @@ impl Pods {
     }
 }
 
-/// Takes steps until the group is steady at `desired` members; returns
-/// them (a promote that had to wait shows once).
+/// Takes steps until the group is steady at `desired` members, retrying
+/// what fails as the operator's next reconcile would; returns the steps
+/// (a promote that had to wait shows once).
 async fn resize(p: &mut Pods, desired: i32) -> Vec<Step> {
     resize_at_most(p, desired, usize::MAX).await
 }
@@ -57,9 +58,22 @@ async fn resize_at_most(p: &mut Pods, desired: i32, limit: usize) -> Vec<Step> {
     let mut taken = Vec::new();
     let give_up = Instant::now() + Duration::from_secs(120);
     let mut done = 0;
+    // What the operator would retry (its next reconcile, 2 s later): a
+    // member slow to answer on a busy machine, a refusal etcd lifts.
+    let mut retried = Vec::new();
     while done < limit {
-        assert!(Instant::now() < give_up, "no steady group after {taken:?}");
-        let observed = membership::observe(&p.endpoints()).await.expect("the group answers");
+        assert!(
+            Instant::now() < give_up,
+            "no steady group after {taken:?}; errors retried: {retried:#?}"
+        );
+        let observed = match membership::observe(&p.endpoints()).await {
+            Ok(m) => m,
+            Err(e) => {
+                retried.push(format!("observing: {e}"));
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        };
         let step = membership::plan(&observed, p.pods, desired, p.peer_url()).expect("a plan");
         if taken.last() != Some(&step) {
             taken.push(step.clone());
@@ -83,7 +97,11 @@ async fn resize_at_most(p: &mut Pods, desired: i32, limit: usize) -> Vec<Step> {
             _ => match membership::execute(&step, &observed).await {
                 Ok(Progress::Done) => done += 1,
                 Ok(Progress::Waiting(_)) => tokio::time::sleep(Duration::from_millis(200)).await,
-                Err(e) => panic!("{step:?} failed: {e}"),
+                Err(e) => {
+                    eprintln!("membership: {step:?} failed, retried: {e}");
+                    retried.push(format!("{step:?}: {e}"));
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
             },
         }
     }
