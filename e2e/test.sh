@@ -28,8 +28,13 @@ sweep_nodes() {
   done
 }
 go_cache=""
+go_pid=""
+go_log=""
 on_exit() {
+  # A Go build still running (this run failed early): its whole session.
+  if [ -n "$go_pid" ]; then kill -- -"$go_pid" 2>/dev/null || true; wait "$go_pid" 2>/dev/null || true; fi
   if [ -n "$go_cache" ]; then rm -rf "$go_cache"; fi
+  if [ -n "$go_log" ]; then rm -f "$go_log"; fi
   if [ "$node_e2e" = 1 ]; then sweep_nodes; fi
 }
 trap on_exit EXIT
@@ -50,19 +55,23 @@ export CARGO_INCREMENTAL=0
 start=$SECONDS
 step() { echo; echo "== $* ($((SECONDS - start)) s)"; }
 
-step "building pinned test binaries"
-# One Go build cache for both calls, removed once they are done (see
-# build-tools.sh: it is gigabytes, and useless once the binaries exist).
+step "building pinned test binaries, in the background while Rust compiles"
+# On a cold checkout the Go builds take about 20 minutes and the Rust
+# builds about 15; each leaves a core idle part of the time (links, the
+# last crates), so they run side by side and the tests wait for both. One
+# Go build cache serves both calls (the node's Kubernetes binaries reuse
+# the control plane's packages) and is removed once they are done: it is
+# gigabytes, and useless once the binaries exist. setsid: on failure the
+# exit trap stops the whole build, go's compilers included.
 go_cache=$(mktemp -d "${TMPDIR:-/tmp}/tern-go-build.XXXXXX")
-export TERN_GO_CACHE=$go_cache
-e2e/build-tools.sh
-if [ "$node_e2e" = 1 ]; then
-  step "building the node e2e's binaries (kubelet, containerd, runc, CNI) and tern's"
-  e2e/build-tools.sh node
-fi
-rm -rf "$go_cache"
-go_cache=""
-unset TERN_GO_CACHE
+go_log=$(mktemp "${TMPDIR:-/tmp}/tern-go-build-log.XXXXXX")
+# shellcheck disable=SC2016 # the script is expanded by the inner bash
+TERN_GO_CACHE=$go_cache setsid bash -c '
+  set -e
+  e2e/build-tools.sh
+  if [ "$1" = 1 ]; then e2e/build-tools.sh node; fi
+' build-tools "$node_e2e" >"$go_log" 2>&1 &
+go_pid=$!
 if [ "$node_e2e" = 1 ]; then
   # The images the node e2e's pods run are made from these.
   cargo build -p tern-router -p tern-agent -p tern-operator --locked
@@ -81,6 +90,22 @@ if command -v shellcheck >/dev/null 2>&1; then
   shellcheck e2e/*.sh e2e/kind/*.sh operator/deploy/images/*.sh .ci/run
 else
   echo "test.sh: shellcheck not installed; scripts not linted"
+fi
+
+step "compiling the tests"
+cargo test --workspace --locked --no-run "$@"
+
+step "waiting for the pinned test binaries"
+go_status=0
+wait "$go_pid" || go_status=$?
+go_pid=""
+cat "$go_log"
+rm -rf "$go_cache" "$go_log"
+go_cache=""
+go_log=""
+if [ "$go_status" != 0 ]; then
+  echo "test.sh: building the pinned test binaries failed (exit $go_status); its output is above" >&2
+  exit 1
 fi
 
 step "tests"
