@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Builds the real components that tern's tests and local demo run, from the Go
 # module proxy, at the versions pinned by the go.mod files under
-# e2e/controlplane/: kube-apiserver and kubectl (Kubernetes v1.37), etcd and
-# etcdctl (v3.6), toxiproxy-server (v2.5), Jaeger v2 (cmd/jaeger, module
+# e2e/controlplane/: kube-apiserver and kubectl (Kubernetes v1.37), etcd,
+# etcdctl and etcdutl (v3.6; etcdutl restores backups), toxiproxy-server (v2.5), Jaeger v2 (cmd/jaeger, module
 # v1.76). With `node` (the node e2e, TERN_NODE_E2E=1): kubelet,
 # kube-controller-manager, kube-scheduler and kube-proxy (same Kubernetes
 # pin), containerd v2.4 with ctr and its runc shim, runc v1.4 (with
@@ -26,7 +26,7 @@ mkdir -p "$out"
 binaries_of() {
   case "$1" in
     kubernetes) echo "kube-apiserver=k8s.io/kubernetes/cmd/kube-apiserver kubectl=k8s.io/kubernetes/cmd/kubectl" ;;
-    etcd) echo "etcd=go.etcd.io/etcd/server/v3 etcdctl=go.etcd.io/etcd/etcdctl/v3" ;;
+    etcd) echo "etcd=go.etcd.io/etcd/server/v3 etcdctl=go.etcd.io/etcd/etcdctl/v3 etcdutl=go.etcd.io/etcd/etcdutl/v3" ;;
     toxiproxy) echo "toxiproxy-server=github.com/Shopify/toxiproxy/v2/cmd/server" ;;
     jaeger) echo "jaeger=github.com/jaegertracing/jaeger/cmd/jaeger" ;;
     kubernetes-node) echo "kubelet=k8s.io/kubernetes/cmd/kubelet kube-controller-manager=k8s.io/kubernetes/cmd/kube-controller-manager kube-scheduler=k8s.io/kubernetes/cmd/kube-scheduler kube-proxy=k8s.io/kubernetes/cmd/kube-proxy" ;;

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use etcd_client::Client;
-use tern_common::{RegionName, RegionRecord, dir_region_key};
+use tern_common::RegionName;
 
 use crate::CliError;
 
@@ -61,26 +61,7 @@ async fn members(endpoints: &[String]) -> Vec<Member> {
 
 pub async fn run(args: MoveLeaderArgs) -> Result<(), CliError> {
     let region = RegionName::new(&args.region).map_err(|e| CliError::Usage(format!("REGION: {e}")))?;
-    let endpoints = if !args.group.is_empty() {
-        args.group.clone()
-    } else if !args.directory.is_empty() {
-        let mut d = tern_common::etcd::connect(&args.directory, "directory", Duration::from_secs(10)).await?;
-        let key = dir_region_key(&region);
-        let found = d.get(key.clone(), None).await.map_err(|source| CliError::EtcdRequest {
-            what: format!("reading {key}"),
-            source,
-        })?;
-        let record: RegionRecord = found
-            .kvs()
-            .first()
-            .and_then(|kv| serde_json::from_slice(kv.value()).ok())
-            .ok_or_else(|| CliError::Usage(format!("REGION: no region {region} in the directory")))?;
-        record.members.into_iter().map(|m| m.endpoint).collect()
-    } else {
-        return Err(CliError::Usage(
-            "name the region's group (--group URLS) or the directory (--directory URLS)".into(),
-        ));
-    };
+    let endpoints = crate::group_endpoints(region.as_str(), &args.group, &args.directory).await?;
     let seen = members(&endpoints).await;
     let Some(leader) = seen.iter().find(|m| m.id == m.leader) else {
         return Err(CliError::Setup(format!(

@@ -5,6 +5,7 @@
 //! [`main`].
 #![forbid(unsafe_code)]
 
+mod backup;
 mod bench;
 mod binaries;
 mod client;
@@ -70,6 +71,13 @@ enum Command {
     /// Writes a failed region committed that its successor never had
     /// (listed when the region comes back; never applied by tern).
     Quarantine(quarantine::QuarantineArgs),
+    /// Backups of a region's group or the directory's: `now` takes one
+    /// (an etcd snapshot and its manifest in a directory), `list` shows them.
+    Backup(backup::BackupArgs),
+    /// Rebuild one member of a lost group from a backup (etcdutl snapshot
+    /// restore, with revisions bumped past the lost group's); says what
+    /// the backup lacks.
+    Restore(backup::RestoreArgs),
     /// Per region: group members and Raft lag, mirror lag from every other
     /// region (revisions and ms), heartbeat age, clock skew.
     Status(status::StatusArgs),
@@ -80,6 +88,40 @@ enum Command {
     /// as histories and judged by tern-verify's checkers (linearizability,
     /// nothing lost or applied twice, bounded staleness).
     Verify(verify::VerifyArgs),
+}
+
+/// Client URLs of a group's members: `explicit` when given; for
+/// `directory`, the directory's own; else the region's members as its agent
+/// published them in the directory.
+pub(crate) async fn group_endpoints(
+    group: &str,
+    explicit: &[String],
+    directory: &[String],
+) -> Result<Vec<String>, CliError> {
+    if !explicit.is_empty() {
+        return Ok(explicit.to_vec());
+    }
+    if directory.is_empty() {
+        return Err(CliError::Usage(format!(
+            "name {group}'s group (--group URLS) or the directory (--directory URLS)"
+        )));
+    }
+    if group == "directory" {
+        return Ok(directory.to_vec());
+    }
+    let region = tern_common::RegionName::new(group).map_err(|e| CliError::Usage(format!("REGION: {e}")))?;
+    let mut d = tern_common::etcd::connect(directory, "directory", std::time::Duration::from_secs(10)).await?;
+    let key = tern_common::dir_region_key(&region);
+    let found = d.get(key.clone(), None).await.map_err(|source| CliError::EtcdRequest {
+        what: format!("reading {key}"),
+        source,
+    })?;
+    let record: tern_common::RegionRecord = found
+        .kvs()
+        .first()
+        .and_then(|kv| serde_json::from_slice(kv.value()).ok())
+        .ok_or_else(|| CliError::Usage(format!("REGION: no region {region} in the directory")))?;
+    Ok(record.members.into_iter().map(|m| m.endpoint).collect())
 }
 
 /// Parses `args` (the program's name first) and runs the command, as the
@@ -109,6 +151,8 @@ async fn run(command: Command) -> Result<(), CliError> {
         Command::Rejoin(args) => rejoin::run(args).await,
         Command::Quarantine(args) => quarantine::run(args).await,
         Command::Status(args) => status::run(args).await,
+        Command::Backup(args) => backup::run(args).await,
+        Command::Restore(args) => backup::restore(args).await,
         Command::Verify(args) => verify::run(args).await,
     }
 }

@@ -7,6 +7,7 @@
 //! same way.
 #![forbid(unsafe_code)]
 
+pub mod backup;
 pub mod drain;
 pub mod duration;
 pub mod etcd;
@@ -58,6 +59,26 @@ pub enum CommonError {
         #[source]
         source: etcd_client::Error,
     },
+    /// A backup's file could not be written, read or deleted.
+    #[error("{what}: {path}: {source}")]
+    BackupIo {
+        what: String,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The member a backup streams from refused or broke off.
+    #[error("backing up the {group} group from {member}: {what}: {source}")]
+    BackupEtcd {
+        group: String,
+        member: String,
+        what: String,
+        #[source]
+        source: etcd_client::Error,
+    },
+    /// A backup is damaged, incomplete or of an unknown format.
+    #[error("{0}")]
+    Backup(String),
     /// The OTLP exporter could not be built for this endpoint.
     #[error("cannot export traces to {endpoint}: {source}")]
     TraceExport {

@@ -1,8 +1,16 @@
-//! A single-member etcd for a test API server.
+//! etcd in the tests: a single-member etcd for a test API server, what a
+//! group really applied (its watch history), and a recording client whose
+//! history the checker judges.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use etcd_client::{Client, Compare, CompareOp, Txn, TxnOp};
+use tern_verify::{Outcome, Record, Request};
 
 use tern_local::process::ChildGuard;
 
@@ -55,6 +63,15 @@ impl EtcdServer {
 /// (nothing is compacted in the tests that use it). Complete once the
 /// watch has replayed up to the newest put under the prefix.
 pub async fn put_history(c: &mut etcd_client::Client, prefix: &str) -> Vec<(String, String)> {
+    put_history_at(c, prefix)
+        .await
+        .into_iter()
+        .map(|(key, value, _)| (key, value))
+        .collect()
+}
+
+/// [`put_history`] with each put's revision: (key, value, revision).
+pub async fn put_history_at(c: &mut etcd_client::Client, prefix: &str) -> Vec<(String, String, i64)> {
     let last = c
         .get(prefix, Some(etcd_client::GetOptions::new().with_prefix()))
         .await
@@ -91,9 +108,104 @@ pub async fn put_history(c: &mut etcd_client::Client, prefix: &str) -> Vec<(Stri
                 history.push((
                     String::from_utf8_lossy(kv.key()).into_owned(),
                     String::from_utf8_lossy(kv.value()).into_owned(),
+                    kv.mod_revision(),
                 ));
             }
         }
     }
     history
+}
+
+/// A client that reads, writes and compare-and-sets `keys` of the group at
+/// `endpoints` until `stop`, recording every operation for the history
+/// checker. Values are unique (`c<client>-<n>`), so a value names its
+/// write.
+pub async fn register_client(
+    id: u32,
+    endpoints: Vec<String>,
+    keys: &[&'static str],
+    start: Instant,
+    stop: Arc<AtomicBool>,
+) -> Vec<Record> {
+    let options = etcd_client::ConnectOptions::new()
+        .with_connect_timeout(Duration::from_secs(2))
+        .with_timeout(Duration::from_secs(5));
+    let mut c = Client::connect(&endpoints, Some(options))
+        .await
+        .expect("client connects");
+    let mut records = Vec::new();
+    let mut last: BTreeMap<&str, Option<String>> = BTreeMap::new();
+    let mut n = 0u32;
+    while !stop.load(Ordering::Relaxed) {
+        n += 1;
+        let key = keys[(n as usize * 7 + id as usize) % keys.len()];
+        let value = format!("c{id}-{n}");
+        let invoke_us = start.elapsed().as_micros() as u64;
+        let (request, outcome) = match n % 5 {
+            0 | 1 => {
+                let r = c.put(key, value.clone(), None).await;
+                (Request::Put { value: value.clone() }, write_outcome(r.map(|_| None)))
+            }
+            2 | 3 => {
+                let r = c.get(key, None).await;
+                let outcome = match r {
+                    Ok(resp) => {
+                        let read = resp
+                            .kvs()
+                            .first()
+                            .map(|kv| String::from_utf8_lossy(kv.value()).into_owned());
+                        last.insert(key, read.clone());
+                        Outcome::Ok {
+                            value: read,
+                            swapped: None,
+                            staleness_ms: None,
+                        }
+                    }
+                    Err(e) => Outcome::Failed { reason: e.to_string() },
+                };
+                (Request::Get, outcome)
+            }
+            _ => {
+                let expect = last.get(key).cloned().flatten();
+                let compare = match &expect {
+                    Some(v) => Compare::value(key, CompareOp::Equal, v.as_str()),
+                    None => Compare::version(key, CompareOp::Equal, 0),
+                };
+                let txn = Txn::new()
+                    .when([compare])
+                    .and_then([TxnOp::put(key, value.clone(), None)]);
+                let r = c.txn(txn).await.map(|resp| Some(resp.succeeded()));
+                (
+                    Request::Cas {
+                        expect,
+                        new: Some(value.clone()),
+                    },
+                    write_outcome(r),
+                )
+            }
+        };
+        records.push(Record {
+            client: id,
+            key: key.to_string(),
+            invoke_us,
+            complete_us: start.elapsed().as_micros() as u64,
+            request,
+            outcome,
+            idempotency_key: None,
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    records
+}
+
+/// A write that failed may still have been applied: its outcome is unknown.
+fn write_outcome(r: Result<Option<bool>, etcd_client::Error>) -> Outcome {
+    match r {
+        Ok(swapped) => Outcome::Ok {
+            value: None,
+            swapped,
+            staleness_ms: None,
+        },
+        Err(e) => Outcome::Indeterminate { reason: e.to_string() },
+    }
 }

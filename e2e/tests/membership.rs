@@ -10,15 +10,15 @@
 //! "operator" that knows only what etcd reports, which is what an operator
 //! killed in the middle of a change, or its standby taking over, sees.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use etcd_client::{Client, Compare, CompareOp, Txn, TxnOp};
+use etcd_client::Client;
+use tern_e2e::etcd::register_client;
 use tern_local::etcd_cluster::{EtcdCluster, Tuning};
 use tern_operator::membership::{self, Progress, Step};
-use tern_verify::{History, Outcome, Record, Request};
+use tern_verify::{History, Outcome, Request};
 
 const GROUP: &str = "members";
 const KEYS: [&str; 8] = ["/m/k0", "/m/k1", "/m/k2", "/m/k3", "/m/k4", "/m/k5", "/m/k6", "/m/k7"];
@@ -108,93 +108,6 @@ async fn resize_at_most(p: &mut Pods, desired: i32, limit: usize) -> Vec<Step> {
     taken
 }
 
-/// A client that reads and writes `KEYS` until `stop`, recording every
-/// operation. Values are unique (`c<client>-<n>`), so a value names its
-/// write.
-async fn client(id: u32, endpoints: Vec<String>, start: Instant, stop: Arc<AtomicBool>) -> Vec<Record> {
-    let options = etcd_client::ConnectOptions::new()
-        .with_connect_timeout(Duration::from_secs(2))
-        .with_timeout(Duration::from_secs(5));
-    let mut c = Client::connect(&endpoints, Some(options))
-        .await
-        .expect("client connects");
-    let mut records = Vec::new();
-    let mut last: BTreeMap<&str, Option<String>> = BTreeMap::new();
-    let mut n = 0u32;
-    while !stop.load(Ordering::Relaxed) {
-        n += 1;
-        let key = KEYS[(n as usize * 7 + id as usize) % KEYS.len()];
-        let value = format!("c{id}-{n}");
-        let invoke_us = start.elapsed().as_micros() as u64;
-        let (request, outcome) = match n % 5 {
-            0 | 1 => {
-                let r = c.put(key, value.clone(), None).await;
-                (Request::Put { value: value.clone() }, write_outcome(r.map(|_| None)))
-            }
-            2 | 3 => {
-                let r = c.get(key, None).await;
-                let outcome = match r {
-                    Ok(resp) => {
-                        let read = resp
-                            .kvs()
-                            .first()
-                            .map(|kv| String::from_utf8_lossy(kv.value()).into_owned());
-                        last.insert(key, read.clone());
-                        Outcome::Ok {
-                            value: read,
-                            swapped: None,
-                            staleness_ms: None,
-                        }
-                    }
-                    Err(e) => Outcome::Failed { reason: e.to_string() },
-                };
-                (Request::Get, outcome)
-            }
-            _ => {
-                let expect = last.get(key).cloned().flatten();
-                let compare = match &expect {
-                    Some(v) => Compare::value(key, CompareOp::Equal, v.as_str()),
-                    None => Compare::version(key, CompareOp::Equal, 0),
-                };
-                let txn = Txn::new()
-                    .when([compare])
-                    .and_then([TxnOp::put(key, value.clone(), None)]);
-                let r = c.txn(txn).await.map(|resp| Some(resp.succeeded()));
-                (
-                    Request::Cas {
-                        expect,
-                        new: Some(value.clone()),
-                    },
-                    write_outcome(r),
-                )
-            }
-        };
-        records.push(Record {
-            client: id,
-            key: key.to_string(),
-            invoke_us,
-            complete_us: start.elapsed().as_micros() as u64,
-            request,
-            outcome,
-            idempotency_key: None,
-        });
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    records
-}
-
-/// A write that failed may still have been applied: its outcome is unknown.
-fn write_outcome(r: Result<Option<bool>, etcd_client::Error>) -> Outcome {
-    match r {
-        Ok(swapped) => Outcome::Ok {
-            value: None,
-            swapped,
-            staleness_ms: None,
-        },
-        Err(e) => Outcome::Indeterminate { reason: e.to_string() },
-    }
-}
-
 /// Every value each key took, in commit order, from etcd's own history.
 async fn applied(endpoints: &[String]) -> tern_verify::applied::Applied {
     let mut c = Client::connect(endpoints, None).await.expect("connect");
@@ -218,7 +131,7 @@ async fn a_group_grows_to_five_and_shrinks_to_three_without_losing_a_write() {
     let start = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
     let clients: Vec<_> = (0..3)
-        .map(|id| tokio::spawn(client(id, p.endpoints(), start, stop.clone())))
+        .map(|id| tokio::spawn(register_client(id, p.endpoints(), &KEYS, start, stop.clone())))
         .collect();
     tokio::time::sleep(Duration::from_millis(500)).await;
 

@@ -222,7 +222,8 @@ impl EtcdCluster {
         let _ = std::fs::remove_dir_all(self.data_dir(i));
     }
 
-    fn data_dir(&self, i: usize) -> PathBuf {
+    /// Where member `i` keeps its data.
+    pub fn data_dir(&self, i: usize) -> PathBuf {
         data_dir(&self.dir, &self.members[i].name)
     }
 

@@ -9,6 +9,10 @@
 //! - `applied`: against the values etcd really applied (its watch history),
 //!   nothing acknowledged is lost, nothing is applied twice, and nothing
 //!   answered "not applied" was applied;
+//! - `restore`: a group restored from a backup holds exactly the lost
+//!   group's state at the backup's revision, with every write acknowledged
+//!   before the backup began, and the later acknowledged writes listed as
+//!   the known loss;
 //! - `staleness`: a BOUNDED read is at least as new as its bound says, and
 //!   its reported staleness is not below the truth.
 //!
@@ -19,6 +23,7 @@
 pub mod applied;
 pub mod history;
 pub mod linearizable;
+pub mod restore;
 pub mod staleness;
 
 pub use history::{History, Outcome, Record, Request};
