@@ -264,3 +264,82 @@ async fn a_group_restored_from_a_backup_holds_everything_acknowledged_before_it(
         report.lost.len()
     );
 }
+
+/// The region agent's schedule: while it leads, a backup of its group (and
+/// of the directory's, when asked) every `--backup-every`, the newest
+/// `--backup-keep` kept, in the format `tern backup list` and `tern
+/// restore` read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_backs_up_on_schedule_and_keeps_the_newest() {
+    use tern_local::{Layout, LocalDeployment};
+    tern_e2e::init_logs();
+    let backups = tempfile::tempdir().expect("tempdir");
+    let mut d = LocalDeployment::start(Layout {
+        agents: true,
+        ..Layout::one_region("us-east")
+    })
+    .await
+    .expect("deployment starts");
+    d.restart_with_flags(
+        "us-east",
+        &[],
+        &[
+            format!("--backup-dir={}", backups.path().display()),
+            "--backup-every=1s".into(),
+            "--backup-keep=2".into(),
+            "--backup-directory-group".into(),
+        ],
+    )
+    .await
+    .expect("the agent restarts with a backup schedule");
+    let list = |group: &str| tern_common::backup::list(backups.path(), group).expect("list");
+    let until = Instant::now() + Duration::from_secs(60);
+    let first = loop {
+        if let Some(m) = list("us-east").first() {
+            break m.id.clone();
+        }
+        assert!(Instant::now() < until, "no backup of us-east within 60 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let agent = d.region("us-east").agent.as_ref().expect("an agent");
+    let taken = async || {
+        tern_local::http::metric(
+            agent.http_addr,
+            "tern_agent_backups_total{group=\"us-east\",outcome=\"ok\"}",
+        )
+        .await
+        .unwrap_or(0.0)
+    };
+    // Backups keep coming, and the oldest go.
+    loop {
+        let ids: Vec<String> = list("us-east").into_iter().map(|m| m.id).collect();
+        if taken().await >= 4.0 && !ids.contains(&first) {
+            // Between a backup and its pruning there may be one more.
+            assert!(ids.len() == 2 || ids.len() == 3, "{ids:?}");
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "within 60 s: {} backups taken, {ids:?} kept (the first was {first})",
+            taken().await
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let directory = list("directory");
+    assert!(!directory.is_empty(), "the directory group is backed up too");
+    for m in list("us-east").iter().chain(&directory) {
+        tern_common::backup::verify(backups.path(), m).expect("every kept backup is whole");
+    }
+    assert!(
+        tern_local::http::metric(
+            agent.http_addr,
+            "tern_agent_last_backup_timestamp_seconds{group=\"us-east\"}"
+        )
+        .await
+        .is_some_and(|s| s > 1.7e9),
+        "the newest backup's time is exported"
+    );
+    tern(&["backup", "list", "--to", &backups.path().display().to_string()])
+        .await
+        .expect("tern backup list reads what the schedule wrote");
+}

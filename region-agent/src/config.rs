@@ -161,6 +161,25 @@ pub struct Config {
     #[arg(long, env = "TERN_FOLLOW_THE_SUN_INTERVAL", default_value = "10s", value_parser = parse_duration)]
     pub follow_the_sun_interval: Duration,
 
+    /// Scheduled backups: while this agent leads, a backup (etcd snapshot
+    /// and manifest, as `tern backup now` writes) of the region's group
+    /// goes into DIR/<region>/ every --backup-every. Unset: none.
+    #[arg(long, env = "TERN_BACKUP_DIR", value_name = "DIR")]
+    pub backup_dir: Option<std::path::PathBuf>,
+
+    /// Time between two scheduled backups, e.g. 1h (at least 1s).
+    #[arg(long, env = "TERN_BACKUP_EVERY", default_value = "1h", value_parser = parse_backup_every)]
+    pub backup_every: Duration,
+
+    /// Scheduled backups kept per group; older ones are deleted.
+    #[arg(long, env = "TERN_BACKUP_KEEP", default_value_t = 24, value_parser = clap::value_parser!(u32).range(1..))]
+    pub backup_keep: u32,
+
+    /// Back up the directory group as well (into DIR/directory/): one
+    /// region's agent should (the operator picks the first region listed).
+    #[arg(long, env = "TERN_BACKUP_DIRECTORY_GROUP", requires = "backup_dir")]
+    pub backup_directory_group: bool,
+
     /// Test hook, only in builds with the `failpoints` feature: stop
     /// leading (as a crash would) once, on reaching this named step of a
     /// migration (see `migrate.rs`).
@@ -191,6 +210,14 @@ pub struct Config {
 
 fn parse_region(s: &str) -> Result<RegionName, String> {
     RegionName::new(s).map_err(|e| e.to_string())
+}
+
+fn parse_backup_every(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d < Duration::from_secs(1) {
+        return Err(format!("`{s}` is less than 1s between backups"));
+    }
+    Ok(d)
 }
 
 fn parse_parallel(s: &str) -> Result<usize, String> {

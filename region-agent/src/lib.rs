@@ -24,12 +24,15 @@
 //!   its successor never had, listed for people and never applied;
 //! - `sun`: the follow-the-sun policy, asking for moves of accounts homed
 //!   here from the routers' published write counts;
+//! - `backup`: scheduled backups of the region's group (and, when asked,
+//!   the directory's) into a directory, the newest N kept;
 //! - `kubernetes`: the region's lag in the GeoCluster status, when asked.
 //!
 //! Heartbeats and mirrored revisions are traced (`agent.heartbeat`,
 //! `agent.mirror`, `agent.mirror.resync`) when an OTLP endpoint is set.
 #![forbid(unsafe_code)]
 
+pub mod backup;
 pub mod cleanup;
 pub mod config;
 pub mod drain;
@@ -250,6 +253,21 @@ pub async fn run(
             shared.clone(),
             sun::Policy::from(&config),
         ));
+        if let Some(dir) = &config.backup_dir {
+            let mut groups = vec![(config.region.to_string(), config.group_endpoints.clone())];
+            if config.backup_directory_group {
+                groups.push(("directory".to_string(), config.directory_endpoints.clone()));
+            }
+            loops.spawn(backup::run(
+                backup::Settings {
+                    dir: dir.clone(),
+                    every: config.backup_every,
+                    keep: config.backup_keep as usize,
+                    groups,
+                },
+                shared.clone(),
+            ));
+        }
         let status_writer = kube_client
             .clone()
             .zip(config.geocluster.clone())

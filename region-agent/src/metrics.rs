@@ -26,6 +26,18 @@ pub struct MemberLabels {
     pub member: String,
 }
 
+/// A scheduled backup's group (the region's or `directory`) and outcome.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackupLabels {
+    pub group: String,
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GroupLabels {
+    pub group: String,
+}
+
 type G = Gauge<i64, AtomicI64>;
 
 pub struct Metrics {
@@ -58,6 +70,10 @@ pub struct Metrics {
     pub drain_homed: G,
     /// Moves out of this region a drain asked for.
     pub drain_moves: Counter,
+    /// Scheduled backups taken, by group and outcome.
+    pub backups: Family<BackupLabels, Counter>,
+    /// When the newest backup of a group began (Unix seconds).
+    pub last_backup_seconds: Family<GroupLabels, G>,
 }
 
 impl Default for Metrics {
@@ -84,6 +100,8 @@ impl Default for Metrics {
             quarantined_writes: Counter::default(),
             drain_homed: G::default(),
             drain_moves: Counter::default(),
+            backups: Family::default(),
+            last_backup_seconds: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -181,6 +199,16 @@ impl Default for Metrics {
             "drain_moves",
             "Moves of accounts out of this region that a drain asked for",
             m.drain_moves.clone(),
+        );
+        registry.register(
+            "backups",
+            "Scheduled backups (etcd snapshots) taken by this agent, by group and outcome (ok, failed)",
+            m.backups.clone(),
+        );
+        registry.register(
+            "last_backup_timestamp_seconds",
+            "When the newest complete backup of a group began, Unix seconds (alert when it is older than the schedule allows)",
+            m.last_backup_seconds.clone(),
         );
         Self { registry, ..m }
     }

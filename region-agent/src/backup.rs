@@ -1,0 +1,111 @@
+//! Scheduled backups: while it leads, the agent takes a backup of its
+//! region's group every `--backup-every` into `--backup-dir` (and, with
+//! `--backup-directory-group`, of the directory group too), keeping the
+//! newest `--backup-keep`. The format is `tern backup now`'s
+//! (`tern_common::backup`), so `tern backup list` and `tern restore` read
+//! what the schedule wrote.
+//!
+//! The schedule is kept by the backups themselves: the next one is due
+//! `--backup-every` after the newest one in the directory began. A new
+//! leader (after a restart or a failover of the agent) does not take an
+//! extra backup, and one that took over late takes the missed one at once.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tern_common::backup;
+
+use crate::error::AgentError;
+use crate::metrics::{BackupLabels, GroupLabels};
+use crate::state::Shared;
+
+/// A failed backup is tried again after this (or `every`, if shorter).
+const RETRY: Duration = Duration::from_secs(60);
+
+/// What to back up, where and how often.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub dir: PathBuf,
+    pub every: Duration,
+    pub keep: usize,
+    /// Group name and its members' client URLs.
+    pub groups: Vec<(String, Vec<String>)>,
+}
+
+/// How long until `group`'s next backup is due, from the newest one in
+/// the directory (due now when there is none, or it cannot be read).
+fn due_in(settings: &Settings, group: &str) -> Duration {
+    let newest = backup::list(&settings.dir, group)
+        .ok()
+        .and_then(|all| all.last().map(|m| m.taken_at_ms));
+    let Some(newest) = newest else {
+        return Duration::ZERO;
+    };
+    let due = newest.saturating_add(settings.every.as_millis() as u64);
+    Duration::from_millis(due.saturating_sub(tern_common::unix_ms()))
+}
+
+pub async fn run(settings: Settings, shared: Arc<Shared>) -> AgentError {
+    let metrics = &shared.metrics;
+    let mut retry_at: Vec<Option<tokio::time::Instant>> = vec![None; settings.groups.len()];
+    loop {
+        for (i, (group, endpoints)) in settings.groups.iter().enumerate() {
+            if retry_at[i].is_some_and(|t| tokio::time::Instant::now() < t) || !due_in(&settings, group).is_zero() {
+                continue;
+            }
+            let labels = |outcome: &str| BackupLabels {
+                group: group.clone(),
+                outcome: outcome.to_string(),
+            };
+            match backup::take(endpoints, group, &settings.dir).await {
+                Ok(m) => {
+                    retry_at[i] = None;
+                    metrics.backups.get_or_create(&labels("ok")).inc();
+                    metrics
+                        .last_backup_seconds
+                        .get_or_create(&GroupLabels { group: group.clone() })
+                        .set((m.taken_at_ms / 1000) as i64);
+                    tracing::info!(
+                        group = %group,
+                        backup = %m.id,
+                        bytes = m.size_bytes,
+                        revision_min = m.revision_min,
+                        revision_max = m.revision_max,
+                        member = %m.member,
+                        "backup taken"
+                    );
+                    match backup::prune(&settings.dir, group, settings.keep) {
+                        Ok(gone) => {
+                            for g in gone {
+                                tracing::info!(group = %group, backup = %g.id, keep = settings.keep, "old backup deleted");
+                            }
+                        }
+                        Err(e) => tracing::warn!(group = %group, error = %e, "deleting old backups failed"),
+                    }
+                }
+                Err(e) => {
+                    metrics.backups.get_or_create(&labels("failed")).inc();
+                    retry_at[i] = Some(tokio::time::Instant::now() + RETRY.min(settings.every));
+                    tracing::warn!(group = %group, error = %e, "backup failed; trying again");
+                }
+            }
+        }
+        // Wake for the earliest due backup (a failed one: its retry), at
+        // most a minute from now (a backup written by a previous leader may
+        // move the schedule).
+        let now = tokio::time::Instant::now();
+        let next = settings
+            .groups
+            .iter()
+            .zip(&retry_at)
+            .map(|((g, _), retry)| {
+                let retry = retry.map(|t| t.saturating_duration_since(now)).unwrap_or_default();
+                due_in(&settings, g).max(retry)
+            })
+            .min()
+            .unwrap_or(RETRY)
+            .clamp(Duration::from_millis(100), RETRY);
+        tokio::time::sleep(next).await;
+    }
+}
