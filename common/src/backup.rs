@@ -162,6 +162,9 @@ pub async fn take(endpoints: &[String], group: &str, dir: &Path) -> Result<Backu
         .map_err(etcd("reading its revision before the snapshot"))?;
     let header = before.header();
     let revision_min = header.map(|h| h.revision()).unwrap_or(0);
+    // The member that answered (through a Service, not necessarily the one
+    // whose status was read).
+    let member_id = header.map(|h| h.member_id()).unwrap_or(member.id);
     let cluster_id = format!("{:016x}", header.map(|h| h.cluster_id()).unwrap_or(0));
 
     let gdir = group_dir(dir, group);
@@ -195,7 +198,7 @@ pub async fn take(endpoints: &[String], group: &str, dir: &Path) -> Result<Backu
         file,
         taken_at_ms,
         member: member.endpoint.clone(),
-        member_id: format!("{:016x}", member.id),
+        member_id: format!("{member_id:016x}"),
         cluster_id,
         revision_min,
         revision_max,

@@ -136,6 +136,12 @@ pub const IDEMPOTENCY_RETENTION: DurationRange = DurationRange {
     max: "2160h",
 };
 
+/// Time between two scheduled backups (GeoCluster `spec.backup.every`).
+pub const BACKUP_EVERY: DurationRange = DurationRange { min: "1m", max: "720h" };
+
+/// Scheduled backups kept per group, at most.
+pub const MAX_BACKUPS_KEPT: u32 = 1000;
+
 /// Follow-the-sun counting window (`spec.followTheSun.window`).
 pub const FOLLOW_THE_SUN_WINDOW: DurationRange = DurationRange {
     min: "1m",

@@ -81,6 +81,10 @@ pub struct GeoClusterSpec {
     /// Where components send OpenTelemetry traces.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub telemetry: Option<TelemetrySpec>,
+    /// Scheduled backups of the region groups (and the directory's), taken
+    /// by the region agents. Unset: none (`tern backup now` still works).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup: Option<BackupSpec>,
 }
 
 /// One region and its Raft group.
@@ -421,6 +425,38 @@ pub struct TelemetrySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0.0, max = 1.0))]
     pub sampling_ratio: Option<f64>,
+}
+
+/// Scheduled backups: while it leads, each region's agent writes an etcd
+/// snapshot of its group and a manifest into the volume, as `tern backup
+/// now` does; the first region listed also backs up the directory group.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct BackupSpec {
+    /// A PersistentVolumeClaim in the GeoCluster's namespace, created by
+    /// you, that every agent pod of this cluster mounts at
+    /// `/var/lib/tern/backups`. With more than one agent replica it must be
+    /// ReadWriteMany (the standby mounts it too); keep it off the region's
+    /// own storage, so that losing the region does not lose its backups.
+    #[schemars(length(min = 1, max = 253), regex(pattern = crate::common::DNS_SUBDOMAIN_PATTERN))]
+    pub claim_name: String,
+    /// Time between two backups of a group, as a duration from 1m to 720h.
+    #[serde(default = "default_backup_every")]
+    #[schemars(length(min = 2, max = 32), regex(pattern = limits::DURATION_PATTERN))]
+    #[x_kube(validation = duration_rule("every", limits::BACKUP_EVERY))]
+    pub every: String,
+    /// Backups kept per group; older ones are deleted.
+    #[serde(default = "default_backup_keep")]
+    #[schemars(range(min = 1, max = limits::MAX_BACKUPS_KEPT))]
+    pub keep: u32,
+}
+
+fn default_backup_every() -> String {
+    "1h".into()
+}
+
+fn default_backup_keep() -> u32 {
+    24
 }
 
 /// Observed state of a GeoCluster, written by the operator.

@@ -8,8 +8,9 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{
-    Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, PodSpec, PodTemplateSpec, Probe, Secret,
-    SecretKeySelector, SecurityContext, Service, ServiceAccount, ServicePort, ServiceSpec, TopologySpreadConstraint,
+    Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, PersistentVolumeClaimVolumeSource,
+    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, Secret, SecretKeySelector, SecurityContext, Service,
+    ServiceAccount, ServicePort, ServiceSpec, TopologySpreadConstraint, Volume, VolumeMount,
 };
 use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
@@ -170,8 +171,28 @@ pub fn agent_args(gc: &GeoCluster, region: &RegionSpec) -> Vec<String> {
         args.push(format!("--failover-order={}={}", s.region, s.order.join("|")));
     }
     args.push(format!("--max-data-loss-lag={}", failover.max_data_loss_lag));
+    // spec.backup, as the agent's schedule (region-agent/src/backup.rs),
+    // into the claim mounted at BACKUP_MOUNT.
+    if let Some(b) = &gc.spec.backup {
+        args.extend([
+            format!("--backup-dir={BACKUP_MOUNT}"),
+            format!("--backup-every={}", b.every),
+            format!("--backup-keep={}", b.keep),
+        ]);
+        // One agent backs the directory up: the first region's.
+        if gc.spec.regions.first().is_some_and(|r| r.name == region.name) {
+            args.push("--backup-directory-group".into());
+        }
+    }
     args
 }
+
+/// Where an agent's pod mounts `spec.backup.claimName`.
+pub const BACKUP_MOUNT: &str = "/var/lib/tern/backups";
+
+/// The non-root user of tern's images (operator/deploy/images), and the
+/// group that owns a mounted backup volume so that it may write there.
+const TERN_UID: i64 = 65532;
 
 /// The router flags for `region`.
 pub fn router_args(gc: &GeoCluster, region: &RegionSpec) -> Vec<String> {
@@ -461,7 +482,7 @@ pub fn agent_identity(gc: &GeoCluster) -> (ServiceAccount, Role, RoleBinding) {
 /// The Deployment of `region`'s agents (one active, the others on standby).
 pub fn agent_deployment(gc: &GeoCluster, region: &RegionSpec, default_image: &str) -> Deployment {
     let image = gc.spec.agent.image.clone().unwrap_or_else(|| default_image.to_string());
-    deployment(
+    let mut d = deployment(
         gc,
         region,
         Workload {
@@ -472,7 +493,31 @@ pub fn agent_deployment(gc: &GeoCluster, region: &RegionSpec, default_image: &st
             spec: &gc.spec.agent,
             service_account: Some(agent_account_name(&gc.name_any())),
         },
-    )
+    );
+    if let Some(b) = &gc.spec.backup
+        && let Some(pod) = d.spec.template.spec.as_mut()
+    {
+        pod.volumes = Some(vec![Volume {
+            name: "backups".into(),
+            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                claim_name: b.claim_name.clone(),
+                read_only: Some(false),
+            }),
+            ..Volume::default()
+        }]);
+        pod.security_context = Some(PodSecurityContext {
+            fs_group: Some(TERN_UID),
+            ..PodSecurityContext::default()
+        });
+        for c in &mut pod.containers {
+            c.volume_mounts = Some(vec![VolumeMount {
+                name: "backups".into(),
+                mount_path: BACKUP_MOUNT.into(),
+                ..VolumeMount::default()
+            }]);
+        }
+    }
+    d
 }
 
 #[cfg(test)]
@@ -611,6 +656,64 @@ mod agent_tests {
             ["geoclusters/status"]
         );
         assert_eq!(binding.subjects.expect("subjects")[0].name, "payments-agent");
+    }
+
+    #[test]
+    fn backup_settings_reach_the_agents_and_the_first_region_backs_up_the_directory() {
+        let mut gc = example();
+        gc.spec.backup = Some(tern_crds::BackupSpec {
+            claim_name: "tern-backups".into(),
+            every: "30m".into(),
+            keep: 48,
+        });
+        for (i, region) in gc.spec.regions.iter().enumerate() {
+            let pod = agent_deployment(&gc, region, DEFAULT_AGENT_IMAGE)
+                .spec
+                .template
+                .spec
+                .expect("pod");
+            let args = pod.containers[0].args.clone().expect("args");
+            for want in [
+                format!("--backup-dir={BACKUP_MOUNT}"),
+                "--backup-every=30m".into(),
+                "--backup-keep=48".into(),
+            ] {
+                assert!(args.contains(&want), "{want} in {args:?}");
+            }
+            assert_eq!(
+                args.contains(&"--backup-directory-group".to_string()),
+                i == 0,
+                "{args:?}"
+            );
+            let volumes = pod.volumes.expect("volumes");
+            assert_eq!(
+                volumes[0]
+                    .persistent_volume_claim
+                    .as_ref()
+                    .map(|c| c.claim_name.as_str()),
+                Some("tern-backups")
+            );
+            let mounts = pod.containers[0].volume_mounts.clone().expect("mounts");
+            assert_eq!(mounts[0].mount_path, BACKUP_MOUNT);
+            // The non-root agent may write to the volume.
+            assert_eq!(pod.security_context.and_then(|s| s.fs_group), Some(TERN_UID));
+        }
+        // Without spec.backup: no flags, no volume.
+        gc.spec.backup = None;
+        let pod = agent_deployment(&gc, &gc.spec.regions[0], DEFAULT_AGENT_IMAGE)
+            .spec
+            .template
+            .spec
+            .expect("pod");
+        assert!(pod.volumes.is_none());
+        assert!(
+            !pod.containers[0]
+                .args
+                .clone()
+                .expect("args")
+                .iter()
+                .any(|a| a.starts_with("--backup"))
+        );
     }
 
     #[test]
