@@ -44,6 +44,7 @@ need() {
 }
 need cargo "install Rust (rustup) 1.89 or newer"
 need go "install Go 1.26 or newer (it builds the pinned etcd and kube-apiserver)"
+need setsid "install util-linux (the pinned Go builds run in their own session)"
 
 if [ "$node_e2e" = 1 ]; then e2e/install-deps.sh --node; else e2e/install-deps.sh; fi
 

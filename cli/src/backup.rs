@@ -244,8 +244,15 @@ pub async fn restore(a: RestoreArgs) -> Result<(), CliError> {
         )));
     }
     let m = chosen(&a.from, &a.group, a.backup.as_deref())?;
+    if m.group != a.group {
+        return Err(CliError::Usage(format!(
+            "--backup {}: a backup of the {} group, found under {}'s backups; restore it as {}",
+            m.id, m.group, a.group, m.group
+        )));
+    }
     backup::verify(&a.from, &m)?;
-    let file = m.snapshot_path(&backup::group_dir(&a.from, &a.group));
+    // The file verify just checked.
+    let file = m.snapshot_path(&backup::group_dir(&a.from, &m.group));
     let bin = etcdutl(a.etcdutl);
     let status: SnapshotStatus = serde_json::from_str(&run_etcdutl(
         &bin,
@@ -259,9 +266,6 @@ pub async fn restore(a: RestoreArgs) -> Result<(), CliError> {
         "snapshot status",
     )?)
     .map_err(|e| CliError::Setup(format!("etcdutl snapshot status of {}: {e}", file.display())))?;
-    // The data dir may exist empty (a volume's mount point); etcdutl wants
-    // to create it.
-    let _ = std::fs::remove_dir(&a.data_dir);
     run_etcdutl(
         &bin,
         &[

@@ -11,8 +11,9 @@
 //! restored.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
-use etcd_client::{Client, GetOptions};
+use etcd_client::{Client, ConnectOptions, GetOptions};
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt;
 
@@ -102,46 +103,75 @@ pub fn utc_stamp(ms: u64) -> String {
 /// One member as its status says.
 struct Candidate {
     endpoint: String,
-    id: u64,
     leader: bool,
     applied: u64,
 }
 
-/// The member to stream from: the most caught-up follower, so that the
-/// leader's disk and network keep serving writes; the leader when no
-/// follower answers.
-async fn pick_member(endpoints: &[String]) -> Option<Candidate> {
+/// How long a member may take to answer the read before the snapshot, or
+/// to send the snapshot's next chunk: a member cut off mid-stream fails
+/// the backup instead of holding it (and a schedule) forever.
+const STALL: Duration = Duration::from_secs(30);
+
+fn options() -> ConnectOptions {
+    ConnectOptions::new()
+        .with_connect_timeout(Duration::from_secs(2))
+        .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
+        .with_keep_alive_while_idle(true)
+}
+
+/// The members to stream from, best first: the followers, most caught up
+/// first, so that the leader's disk and network keep serving writes; the
+/// leader last. Members are found in the group's member list, so that a
+/// Service address in `endpoints` still names each member. Learners (they
+/// refuse linearizable reads) and members that know no leader (cut off:
+/// their read would wait) are left out.
+async fn candidates(endpoints: &[String]) -> Vec<Candidate> {
+    let mut urls = Vec::new();
+    if let Ok(mut c) = Client::connect(endpoints, Some(options())).await
+        && let Ok(Ok(list)) = tokio::time::timeout(Duration::from_secs(2), c.member_list()).await
+    {
+        for m in list.members().iter().filter(|m| !m.is_learner()) {
+            if let Some(url) = m.client_urls().first() {
+                urls.push(url.clone());
+            }
+        }
+    }
+    if urls.is_empty() {
+        urls = endpoints.to_vec();
+    }
     let mut seen = Vec::new();
-    for e in endpoints {
-        let Ok(mut c) = Client::connect([e.as_str()], None).await else {
+    for url in urls {
+        let Ok(mut c) = Client::connect([url.as_str()], Some(options())).await else {
             continue;
         };
-        if let Ok(Ok(s)) = tokio::time::timeout(std::time::Duration::from_secs(2), c.status()).await {
+        if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_secs(2), c.status()).await
+            && s.leader() != 0
+        {
             let id = s.header().map(|h| h.member_id()).unwrap_or(0);
             seen.push(Candidate {
-                endpoint: e.clone(),
-                id,
+                endpoint: url,
                 leader: s.leader() == id,
                 applied: s.raft_applied_index(),
             });
         }
     }
-    seen.sort_by_key(|c| (!c.leader, c.applied));
-    seen.pop()
+    seen.sort_by_key(|c| (c.leader, std::cmp::Reverse(c.applied)));
+    seen
 }
 
 /// Streams a snapshot of `group` (members at `endpoints`) into
 /// `DIR/<group>/` and writes its manifest. Everything the group
 /// acknowledged before this was called is in it.
 pub async fn take(endpoints: &[String], group: &str, dir: &Path) -> Result<BackupManifest, CommonError> {
-    let member = pick_member(endpoints).await.ok_or_else(|| {
-        CommonError::Backup(format!(
-            "no member of the {group} group answers at {}",
+    let found = candidates(endpoints).await;
+    if found.is_empty() {
+        return Err(CommonError::Backup(format!(
+            "no voting member of the {group} group with a leader answers at {}",
             endpoints.join(", ")
-        ))
-    })?;
-    let etcd = |what: &str| {
-        let (group, member, what) = (group.to_string(), member.endpoint.clone(), what.to_string());
+        )));
+    }
+    let etcd = |member: &str, what: &str| {
+        let (group, member, what) = (group.to_string(), member.to_string(), what.to_string());
         move |source| CommonError::BackupEtcd {
             group,
             member,
@@ -149,22 +179,37 @@ pub async fn take(endpoints: &[String], group: &str, dir: &Path) -> Result<Backu
             source,
         }
     };
-    let mut c = Client::connect([member.endpoint.as_str()], None)
-        .await
-        .map_err(etcd("connecting"))?;
-    let taken_at_ms = crate::unix_ms();
-    // A linearizable read served by this member returns only once it has
+    // A linearizable read served by a member returns only once it has
     // applied everything the leader had committed when the read began: the
-    // snapshot after it holds every write acknowledged before now.
-    let before = c
-        .get("\0tern-backup", None)
-        .await
-        .map_err(etcd("reading its revision before the snapshot"))?;
+    // snapshot after it, from the same member, holds every write
+    // acknowledged before now. A member that cannot serve it is passed over.
+    let mut last_error = None;
+    let mut chosen = None;
+    for candidate in &found {
+        let read = async {
+            let mut c = Client::connect([candidate.endpoint.as_str()], Some(options())).await?;
+            let before = c.get("\0tern-backup", None).await?;
+            Ok::<_, etcd_client::Error>((c, before))
+        };
+        match tokio::time::timeout(STALL, read).await {
+            Ok(Ok(done)) => {
+                chosen = Some((candidate, done));
+                break;
+            }
+            Ok(Err(e)) => last_error = Some(format!("{}: {e}", candidate.endpoint)),
+            Err(_) => last_error = Some(format!("{}: no answer within {STALL:?}", candidate.endpoint)),
+        }
+    }
+    let Some((member, (mut c, before))) = chosen else {
+        return Err(CommonError::Backup(format!(
+            "no member of the {group} group served a linearizable read before the snapshot (last: {})",
+            last_error.unwrap_or_default()
+        )));
+    };
+    let taken_at_ms = crate::unix_ms();
     let header = before.header();
     let revision_min = header.map(|h| h.revision()).unwrap_or(0);
-    // The member that answered (through a Service, not necessarily the one
-    // whose status was read).
-    let member_id = header.map(|h| h.member_id()).unwrap_or(member.id);
+    let member_id = header.map(|h| h.member_id()).unwrap_or(0);
     let cluster_id = format!("{:016x}", header.map(|h| h.cluster_id()).unwrap_or(0));
 
     let gdir = group_dir(dir, group);
@@ -176,18 +221,36 @@ pub async fn take(endpoints: &[String], group: &str, dir: &Path) -> Result<Backu
     let path = gdir.join(&file);
     let partial = gdir.join(format!("{file}.partial"));
     let streamed = stream_snapshot(&mut c, &partial, group, &member.endpoint).await;
-    let (size_bytes, sha256, storage_version) = match streamed {
+    let streamed = match streamed {
+        Ok(s) => {
+            // The same member must have served the read, the snapshot and
+            // this read: one that answered after a reconnection elsewhere
+            // would void the claim above.
+            match c
+                .get("\0tern-backup", Some(GetOptions::new().with_serializable()))
+                .await
+                .map_err(etcd(&member.endpoint, "reading its revision after the snapshot"))
+            {
+                Ok(after) if after.header().map(|h| h.member_id()) == Some(member_id) => {
+                    Ok((s, after.header().map(|h| h.revision()).unwrap_or(revision_min)))
+                }
+                Ok(after) => Err(CommonError::Backup(format!(
+                    "the {group} group's snapshot from {} was served by another member ({:016x}, not {member_id:016x}) after a reconnection: not kept",
+                    member.endpoint,
+                    after.header().map(|h| h.member_id()).unwrap_or(0)
+                ))),
+                Err(e) => Err(e),
+            }
+        }
+        Err(e) => Err(e),
+    };
+    let ((size_bytes, sha256, storage_version), revision_max) = match streamed {
         Ok(s) => s,
         Err(e) => {
             let _ = tokio::fs::remove_file(&partial).await;
             return Err(e);
         }
     };
-    let after = c
-        .get("\0tern-backup", Some(GetOptions::new().with_serializable()))
-        .await
-        .map_err(etcd("reading its revision after the snapshot"))?;
-    let revision_max = after.header().map(|h| h.revision()).unwrap_or(revision_min);
     tokio::fs::rename(&partial, &path)
         .await
         .map_err(io_error(&path, "renaming the finished snapshot"))?;
@@ -228,7 +291,12 @@ async fn stream_snapshot(
             source,
         }
     };
-    let mut out = tokio::fs::File::create(path)
+    // create_new: two backups of one group in the same millisecond must not
+    // write into one file.
+    let mut out = tokio::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
         .await
         .map_err(io_error(path, "creating the snapshot file"))?;
     let mut stream = c.snapshot().await.map_err(etcd("starting the snapshot"))?;
@@ -239,7 +307,15 @@ async fn stream_snapshot(
     // etcd's last message is the SHA-256 of the database before it; every
     // message is written, the last one checked first.
     let mut pending: Option<Vec<u8>> = None;
-    while let Some(msg) = stream.message().await.map_err(etcd("streaming the snapshot"))? {
+    loop {
+        let next = tokio::time::timeout(STALL, stream.message()).await.map_err(|_| {
+            CommonError::Backup(format!(
+                "the snapshot of the {group} group from {member} stalled: no data for {STALL:?} ({size} bytes received)"
+            ))
+        })?;
+        let Some(msg) = next.map_err(etcd("streaming the snapshot"))? else {
+            break;
+        };
         if version.is_empty() {
             version = msg.version().to_string();
         }
@@ -305,7 +381,12 @@ pub fn list(dir: &Path, group: &str) -> Result<Vec<BackupManifest>, CommonError>
         if path.extension().is_none_or(|e| e != "json") {
             continue;
         }
-        let body = std::fs::read(&path).map_err(io_error(&path, "reading the manifest"))?;
+        let body = match std::fs::read(&path) {
+            Ok(b) => b,
+            // Deleted since the directory was read (a prune): not a backup.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(io_error(&path, "reading the manifest")(e)),
+        };
         let m: BackupManifest = serde_json::from_slice(&body)
             .map_err(|e| CommonError::Backup(format!("{}: not a tern backup manifest: {e}", path.display())))?;
         if m.format != FORMAT {
@@ -335,7 +416,7 @@ pub fn groups(dir: &Path) -> Result<Vec<String>, CommonError> {
 }
 
 /// Deletes the oldest backups of `group` until `keep` remain (the manifest
-/// first, so a half-deleted backup is never listed), and snapshot files an
+/// first, so a half-deleted backup is never listed), and the files an
 /// interrupted backup left more than an hour ago; returns those deleted.
 pub fn prune(dir: &Path, group: &str, keep: usize) -> Result<Vec<BackupManifest>, CommonError> {
     let gdir = group_dir(dir, group);
@@ -343,16 +424,20 @@ pub fn prune(dir: &Path, group: &str, keep: usize) -> Result<Vec<BackupManifest>
     let excess = all.len().saturating_sub(keep.max(1));
     let mut gone = Vec::new();
     for m in all.into_iter().take(excess) {
-        let manifest = gdir.join(format!("{}.json", m.id));
-        std::fs::remove_file(&manifest).map_err(io_error(&manifest, "deleting an old backup"))?;
-        let snapshot = m.snapshot_path(&gdir);
-        match std::fs::remove_file(&snapshot) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io_error(&snapshot, "deleting an old backup")(e)),
+        // Another pruner (an agent that led a moment ago) may have been
+        // first: what is gone already is not an error.
+        for path in [gdir.join(format!("{}.json", m.id)), m.snapshot_path(&gdir)] {
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_error(&path, "deleting an old backup")(e)),
+            }
         }
         gone.push(m);
     }
+    // Left by an interrupted backup, more than an hour ago: a `.partial`
+    // snapshot, or a snapshot whose manifest was never written.
+    let listed: std::collections::BTreeSet<String> = list(dir, group)?.into_iter().map(|m| m.file).collect();
     if let Ok(entries) = std::fs::read_dir(&gdir) {
         for entry in entries.flatten() {
             let stale = entry
@@ -361,7 +446,8 @@ pub fn prune(dir: &Path, group: &str, keep: usize) -> Result<Vec<BackupManifest>
                 .ok()
                 .and_then(|t| t.elapsed().ok())
                 .is_some_and(|age| age.as_secs() > 3600);
-            if stale && entry.file_name().to_string_lossy().ends_with(".partial") {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if stale && (name.ends_with(".partial") || (name.ends_with(".db") && !listed.contains(&name))) {
                 let _ = std::fs::remove_file(entry.path());
             }
         }
@@ -372,30 +458,39 @@ pub fn prune(dir: &Path, group: &str, keep: usize) -> Result<Vec<BackupManifest>
 /// Checks a backup's snapshot against its manifest (size and SHA-256) and
 /// against the checksum etcd appended, before anything is restored from it.
 pub fn verify(dir: &Path, m: &BackupManifest) -> Result<(), CommonError> {
+    use std::io::Read;
     let path = m.snapshot_path(&group_dir(dir, &m.group));
-    let body = std::fs::read(&path).map_err(io_error(&path, "reading the snapshot"))?;
-    if body.len() as u64 != m.size_bytes {
-        return Err(CommonError::Backup(format!(
-            "{}: {} bytes, the manifest says {}: the backup is damaged",
-            path.display(),
-            body.len(),
-            m.size_bytes
-        )));
+    let damaged = |why: String| CommonError::Backup(format!("{}: {why}: the backup is damaged", path.display()));
+    let mut f = std::fs::File::open(&path).map_err(io_error(&path, "reading the snapshot"))?;
+    let len = f.metadata().map_err(io_error(&path, "reading the snapshot"))?.len();
+    if len != m.size_bytes || len < 32 {
+        return Err(damaged(format!("{len} bytes, the manifest says {}", m.size_bytes)));
     }
-    let sha = hex(ring::digest::digest(&ring::digest::SHA256, &body).as_ref());
+    // Streamed, not read whole: a snapshot can be gigabytes.
+    let db_len = len - 32;
+    let mut whole = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut data = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut appended = Vec::with_capacity(32);
+    let mut buf = vec![0u8; 1 << 20];
+    let mut read = 0u64;
+    loop {
+        let n = f.read(&mut buf).map_err(io_error(&path, "reading the snapshot"))?;
+        if n == 0 {
+            break;
+        }
+        let chunk = &buf[..n];
+        whole.update(chunk);
+        let in_db = (db_len.saturating_sub(read)).min(n as u64) as usize;
+        data.update(&chunk[..in_db]);
+        appended.extend_from_slice(&chunk[in_db..]);
+        read += n as u64;
+    }
+    let sha = hex(whole.finish().as_ref());
     if sha != m.sha256 {
-        return Err(CommonError::Backup(format!(
-            "{}: SHA-256 {sha}, the manifest says {}: the backup is damaged",
-            path.display(),
-            m.sha256
-        )));
+        return Err(damaged(format!("SHA-256 {sha}, the manifest says {}", m.sha256)));
     }
-    let (db, appended) = body.split_at(body.len().saturating_sub(32));
-    if ring::digest::digest(&ring::digest::SHA256, db).as_ref() != appended {
-        return Err(CommonError::Backup(format!(
-            "{}: the database does not match the checksum etcd appended: the backup is damaged",
-            path.display()
-        )));
+    if data.finish().as_ref() != appended.as_slice() {
+        return Err(damaged("the database does not match the checksum etcd appended".into()));
     }
     Ok(())
 }

@@ -435,9 +435,11 @@ pub struct TelemetrySpec {
 pub struct BackupSpec {
     /// A PersistentVolumeClaim in the GeoCluster's namespace, created by
     /// you, that every agent pod of this cluster mounts at
-    /// `/var/lib/tern/backups`. With more than one agent replica it must be
-    /// ReadWriteMany (the standby mounts it too); keep it off the region's
-    /// own storage, so that losing the region does not lose its backups.
+    /// `/var/lib/tern/backups`: one claim for all the regions this cluster
+    /// runs, so it must be ReadWriteMany and reachable from each of them
+    /// (agents have standbys, and a rollout starts a new pod before the old
+    /// one goes). Keep it off the regions' own storage, so that losing a
+    /// region does not lose its backups.
     #[schemars(length(min = 1, max = 253), regex(pattern = crate::common::DNS_SUBDOMAIN_PATTERN))]
     pub claim_name: String,
     /// Time between two backups of a group, as a duration from 1m to 720h.

@@ -50,13 +50,25 @@ async fn a_group_restored_from_a_backup_holds_everything_acknowledged_before_it(
     let clients: Vec<_> = (0..3)
         .map(|id| tokio::spawn(register_client(id, endpoints.clone(), &KEYS, start, stop.clone())))
         .collect();
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Enough writes before the backup to judge, and after it to lose:
+    // counted in revisions (each write is one), not in time.
+    let mut probe = Client::connect(&endpoints, None).await.expect("connect");
+    let at_least = async |c: &mut Client, n: i64| {
+        let until = Instant::now() + Duration::from_secs(60);
+        while revision(c).await < n {
+            assert!(Instant::now() < until, "the clients did not reach revision {n} in 60 s");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    at_least(&mut probe, 40).await;
     let began_us = start.elapsed().as_micros() as u64;
     tern(&["backup", "now", GROUP, "--group", &group_arg, "--to", &backups_arg])
         .await
         .expect("tern backup now");
     // What the clients write from here on is what the restore loses.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after_backup = revision(&mut probe).await;
+    at_least(&mut probe, after_backup + 20).await;
+    drop(probe);
     stop.store(true, Ordering::Relaxed);
     let mut history = History::default();
     for c in clients {
@@ -301,14 +313,11 @@ async fn the_agent_backs_up_on_schedule_and_keeps_the_newest() {
         assert!(Instant::now() < until, "no backup of us-east within 60 s");
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    let agent = d.region("us-east").agent.as_ref().expect("an agent");
+    let agent = d.region("us-east").agent.as_ref().expect("an agent").http_addr;
     let taken = async || {
-        tern_local::http::metric(
-            agent.http_addr,
-            "tern_agent_backups_total{group=\"us-east\",outcome=\"ok\"}",
-        )
-        .await
-        .unwrap_or(0.0)
+        tern_local::http::metric(agent, "tern_agent_backups_total{group=\"us-east\",outcome=\"ok\"}")
+            .await
+            .unwrap_or(0.0)
     };
     // Backups keep coming, and the oldest go.
     loop {
@@ -325,20 +334,21 @@ async fn the_agent_backs_up_on_schedule_and_keeps_the_newest() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    assert!(
+        tern_local::http::metric(agent, "tern_agent_last_backup_timestamp_seconds{group=\"us-east\"}")
+            .await
+            .is_some_and(|s| s > 1.7e9),
+        "the newest backup's time is exported"
+    );
+    // Stopped, so that nothing is pruned while the kept backups are read.
+    if let Some(a) = d.region_mut("us-east").agent.take() {
+        a.stop().await;
+    }
     let directory = list("directory");
     assert!(!directory.is_empty(), "the directory group is backed up too");
     for m in list("us-east").iter().chain(&directory) {
         tern_common::backup::verify(backups.path(), m).expect("every kept backup is whole");
     }
-    assert!(
-        tern_local::http::metric(
-            agent.http_addr,
-            "tern_agent_last_backup_timestamp_seconds{group=\"us-east\"}"
-        )
-        .await
-        .is_some_and(|s| s > 1.7e9),
-        "the newest backup's time is exported"
-    );
     tern(&["backup", "list", "--to", &backups.path().display().to_string()])
         .await
         .expect("tern backup list reads what the schedule wrote");

@@ -34,16 +34,17 @@ pub struct Settings {
 }
 
 /// How long until `group`'s next backup is due, from the newest one in
-/// the directory (due now when there is none, or it cannot be read).
-fn due_in(settings: &Settings, group: &str) -> Duration {
-    let newest = backup::list(&settings.dir, group)
-        .ok()
-        .and_then(|all| all.last().map(|m| m.taken_at_ms));
+/// the directory (due now when there is none), and when that one began.
+fn due_in(settings: &Settings, group: &str) -> Result<(Duration, Option<u64>), tern_common::CommonError> {
+    let newest = backup::list(&settings.dir, group)?.last().map(|m| m.taken_at_ms);
     let Some(newest) = newest else {
-        return Duration::ZERO;
+        return Ok((Duration::ZERO, None));
     };
     let due = newest.saturating_add(settings.every.as_millis() as u64);
-    Duration::from_millis(due.saturating_sub(tern_common::unix_ms()))
+    Ok((
+        Duration::from_millis(due.saturating_sub(tern_common::unix_ms())),
+        Some(newest),
+    ))
 }
 
 pub async fn run(settings: Settings, shared: Arc<Shared>) -> AgentError {
@@ -51,13 +52,35 @@ pub async fn run(settings: Settings, shared: Arc<Shared>) -> AgentError {
     let mut retry_at: Vec<Option<tokio::time::Instant>> = vec![None; settings.groups.len()];
     loop {
         for (i, (group, endpoints)) in settings.groups.iter().enumerate() {
-            if retry_at[i].is_some_and(|t| tokio::time::Instant::now() < t) || !due_in(&settings, group).is_zero() {
+            if retry_at[i].is_some_and(|t| tokio::time::Instant::now() < t) {
                 continue;
             }
             let labels = |outcome: &str| BackupLabels {
                 group: group.clone(),
                 outcome: outcome.to_string(),
             };
+            // A directory that cannot be read (a damaged manifest, a
+            // manifest of a newer format) stops the schedule, loudly: backing
+            // up "because none is there" would fill the disk.
+            match due_in(&settings, group) {
+                Ok((due, newest)) => {
+                    if let Some(ms) = newest {
+                        metrics
+                            .last_backup_seconds
+                            .get_or_create(&GroupLabels { group: group.clone() })
+                            .set((ms / 1000) as i64);
+                    }
+                    if !due.is_zero() {
+                        continue;
+                    }
+                }
+                Err(e) => {
+                    metrics.backups.get_or_create(&labels("failed")).inc();
+                    retry_at[i] = Some(tokio::time::Instant::now() + RETRY);
+                    tracing::warn!(group = %group, error = %e, "cannot read the backups; no backup until it can");
+                    continue;
+                }
+            }
             match backup::take(endpoints, group, &settings.dir).await {
                 Ok(m) => {
                     retry_at[i] = None;
@@ -81,7 +104,10 @@ pub async fn run(settings: Settings, shared: Arc<Shared>) -> AgentError {
                                 tracing::info!(group = %group, backup = %g.id, keep = settings.keep, "old backup deleted");
                             }
                         }
-                        Err(e) => tracing::warn!(group = %group, error = %e, "deleting old backups failed"),
+                        Err(e) => {
+                            metrics.backups.get_or_create(&labels("prune_failed")).inc();
+                            tracing::warn!(group = %group, error = %e, "deleting old backups failed")
+                        }
                     }
                 }
                 Err(e) => {
@@ -101,7 +127,7 @@ pub async fn run(settings: Settings, shared: Arc<Shared>) -> AgentError {
             .zip(&retry_at)
             .map(|((g, _), retry)| {
                 let retry = retry.map(|t| t.saturating_duration_since(now)).unwrap_or_default();
-                due_in(&settings, g).max(retry)
+                due_in(&settings, g).map(|(d, _)| d).unwrap_or(RETRY).max(retry)
             })
             .min()
             .unwrap_or(RETRY)

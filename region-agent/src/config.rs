@@ -164,20 +164,20 @@ pub struct Config {
     /// Scheduled backups: while this agent leads, a backup (etcd snapshot
     /// and manifest, as `tern backup now` writes) of the region's group
     /// goes into DIR/<region>/ every --backup-every. Unset: none.
-    #[arg(long, env = "TERN_BACKUP_DIR", value_name = "DIR")]
+    #[arg(long, env = "TERN_AGENT_BACKUP_DIR", value_name = "DIR")]
     pub backup_dir: Option<std::path::PathBuf>,
 
     /// Time between two scheduled backups, e.g. 1h (at least 1s).
-    #[arg(long, env = "TERN_BACKUP_EVERY", default_value = "1h", value_parser = parse_backup_every)]
+    #[arg(long, env = "TERN_AGENT_BACKUP_EVERY", default_value = "1h", value_parser = parse_backup_every)]
     pub backup_every: Duration,
 
     /// Scheduled backups kept per group; older ones are deleted.
-    #[arg(long, env = "TERN_BACKUP_KEEP", default_value_t = 24, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, env = "TERN_AGENT_BACKUP_KEEP", default_value_t = 24, value_parser = clap::value_parser!(u32).range(1..))]
     pub backup_keep: u32,
 
     /// Back up the directory group as well (into DIR/directory/): one
     /// region's agent should (the operator picks the first region listed).
-    #[arg(long, env = "TERN_BACKUP_DIRECTORY_GROUP", requires = "backup_dir")]
+    #[arg(long, env = "TERN_AGENT_BACKUP_DIRECTORY_GROUP", requires = "backup_dir")]
     pub backup_directory_group: bool,
 
     /// Test hook, only in builds with the `failpoints` feature: stop

@@ -297,6 +297,8 @@ pub async fn run(
             w.abort();
         }
         metrics.is_leader.set(0);
+        // Only the leader speaks for the backups.
+        metrics.last_backup_seconds.clear();
         // Step down at once, so a standby (or this agent's next campaign)
         // need not wait for the lease: the region's routers refuse writes
         // until a leader speaks for the region again. Nothing of this

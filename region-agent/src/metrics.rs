@@ -202,12 +202,12 @@ impl Default for Metrics {
         );
         registry.register(
             "backups",
-            "Scheduled backups (etcd snapshots) taken by this agent, by group and outcome (ok, failed)",
+            "Scheduled backups (etcd snapshots) taken by this agent, by group and outcome (ok; failed: not taken, or the backups could not be read; prune_failed: taken, old ones not deleted)",
             m.backups.clone(),
         );
         registry.register(
             "last_backup_timestamp_seconds",
-            "When the newest complete backup of a group began, Unix seconds (alert when it is older than the schedule allows)",
+            "When the newest complete backup of a group began, Unix seconds, exported by the leading agent only (alert when it is older than the schedule allows)",
             m.last_backup_seconds.clone(),
         );
         Self { registry, ..m }

@@ -4,6 +4,9 @@
 //! below it, and nothing else), and every write acknowledged before the
 //! backup began must be at or below that revision. The writes acknowledged
 //! after it are the restore's data loss: listed, so that it is known.
+//!
+//! It compares puts: a key deleted before the backup and back after the
+//! restore would pass. The workloads that use it delete nothing.
 
 use std::collections::BTreeMap;
 

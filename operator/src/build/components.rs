@@ -8,9 +8,9 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{
-    Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, PersistentVolumeClaimVolumeSource,
-    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, Secret, SecretKeySelector, SecurityContext, Service,
-    ServiceAccount, ServicePort, ServiceSpec, TopologySpreadConstraint, Volume, VolumeMount,
+    Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, PersistentVolumeClaimVolumeSource, PodSpec,
+    PodTemplateSpec, Probe, Secret, SecretKeySelector, SecurityContext, Service, ServiceAccount, ServicePort,
+    ServiceSpec, TopologySpreadConstraint, Volume, VolumeMount,
 };
 use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
@@ -497,24 +497,24 @@ pub fn agent_deployment(gc: &GeoCluster, region: &RegionSpec, default_image: &st
     if let Some(b) = &gc.spec.backup
         && let Some(pod) = d.spec.template.spec.as_mut()
     {
-        pod.volumes = Some(vec![Volume {
+        pod.volumes.get_or_insert_default().push(Volume {
             name: "backups".into(),
             persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
                 claim_name: b.claim_name.clone(),
                 read_only: Some(false),
             }),
             ..Volume::default()
-        }]);
-        pod.security_context = Some(PodSecurityContext {
-            fs_group: Some(TERN_UID),
-            ..PodSecurityContext::default()
         });
+        let security = pod.security_context.get_or_insert_default();
+        security.fs_group = Some(TERN_UID);
+        // Ownership is fixed once, not walked on every pod start.
+        security.fs_group_change_policy = Some("OnRootMismatch".into());
         for c in &mut pod.containers {
-            c.volume_mounts = Some(vec![VolumeMount {
+            c.volume_mounts.get_or_insert_default().push(VolumeMount {
                 name: "backups".into(),
                 mount_path: BACKUP_MOUNT.into(),
                 ..VolumeMount::default()
-            }]);
+            });
         }
     }
     d
