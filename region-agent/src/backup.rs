@@ -135,3 +135,33 @@ pub async fn run(settings: Settings, shared: Arc<Shared>) -> AgentError {
         tokio::time::sleep(next).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(dir: &std::path::Path) -> Settings {
+        Settings {
+            dir: dir.to_path_buf(),
+            every: Duration::from_secs(3600),
+            keep: 2,
+            groups: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn no_backup_is_due_now_and_an_unreadable_directory_is_an_error_not_due() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = settings(dir.path());
+        assert_eq!(
+            due_in(&s, "eu-west").expect("empty is readable"),
+            (Duration::ZERO, None)
+        );
+        // A manifest that cannot be read must not read as "no backup yet":
+        // that would take one every round until the disk is full.
+        let gdir = backup::group_dir(dir.path(), "eu-west");
+        std::fs::create_dir_all(&gdir).expect("mkdir");
+        std::fs::write(gdir.join("x.json"), b"{").expect("write");
+        assert!(due_in(&s, "eu-west").is_err());
+    }
+}
