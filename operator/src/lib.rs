@@ -22,6 +22,7 @@ pub mod metrics;
 pub mod names;
 pub mod regions;
 pub mod status;
+pub mod upgrade;
 pub mod validate;
 
 use std::future::Future;

@@ -1,0 +1,305 @@
+//! Rolling etcd upgrades of a group, one member at a time: followers first
+//! (highest ordinal first, as a StatefulSet goes), the leader last, after
+//! handing its leadership to an upgraded follower that has caught up. A
+//! member restarts only while every member answers and has applied within
+//! [`MAX_APPLY_GAP`] entries of the leader, so a restart never costs more
+//! than the one member it stops; and etcd's version-skew rule (one minor
+//! version at a time, no downgrade without etcd's downgrade API) is checked
+//! before the first.
+//!
+//! `plan` is a pure function of what `observe` reads from the members, so
+//! an operator that restarts mid-upgrade takes the same next step. The
+//! StatefulSet side (an `OnDelete` strategy, the operator deleting the pod
+//! `plan` names) is not wired yet: docs/upgrades.md.
+
+use std::time::Duration;
+
+/// A member may be this many Raft entries behind the leader and still count
+/// as caught up: a few heartbeats' worth of writes in flight.
+pub const MAX_APPLY_GAP: u64 = 1_000;
+
+/// One member, as its own status answered (or did not).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MemberState {
+    pub ordinal: i32,
+    /// 0 when it did not answer.
+    pub id: u64,
+    /// The etcd server version it runs (`3.6.16`), empty when it did not
+    /// answer.
+    pub version: String,
+    pub applied: u64,
+    /// The leader it knows (0: none).
+    pub leader: u64,
+    /// Whether its pod already runs the target image.
+    pub current: bool,
+}
+
+impl MemberState {
+    fn answered(&self) -> bool {
+        self.id != 0
+    }
+}
+
+/// The next thing to do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Every member runs the target: nothing to do.
+    Steady,
+    /// Not now; the reason says what is awaited.
+    Wait { reason: String },
+    /// Hand leadership from the last outdated member to an upgraded one.
+    MoveLeader { from: u64, to: u64 },
+    /// Restart this member's pod on the target image.
+    Restart { ordinal: i32 },
+}
+
+/// A `MAJOR.MINOR.PATCH` version, from an image tag (`…:v3.6.16`) or
+/// etcd's status (`3.6.16`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Version {
+    pub major: u32,
+    pub minor: u32,
+    pub patch: u32,
+}
+
+impl Version {
+    /// Parses `3.6.16`, `v3.6.16` or `3.6.16-rc.0` (the suffix ignored).
+    pub fn parse(s: &str) -> Option<Self> {
+        let s = s.strip_prefix('v').unwrap_or(s);
+        let core = s.split(['-', '+']).next()?;
+        let mut parts = core.split('.').map(|p| p.parse::<u32>().ok());
+        let (major, minor, patch) = (parts.next()??, parts.next()??, parts.next()??);
+        parts.next().is_none().then_some(Self { major, minor, patch })
+    }
+
+    /// The version an image reference's tag names (`registry/etcd:v3.6.16`).
+    pub fn of_image(image: &str) -> Option<Self> {
+        let name = image.split('@').next()?;
+        let (_, tag) = name.rsplit_once(':')?;
+        // A registry port (`host:5000/etcd`) is not a tag.
+        if tag.contains('/') {
+            return None;
+        }
+        Self::parse(tag)
+    }
+}
+
+impl std::fmt::Display for Version {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}.{}", self.major, self.minor, self.patch)
+    }
+}
+
+/// etcd's skew rule for a rolling upgrade from the group's `running`
+/// versions to `target`: the same major version, and at most one minor
+/// version up from the oldest member. A downgrade across minor versions
+/// needs etcd's downgrade API and is refused; a patch downgrade is allowed.
+pub fn check_skew(running: &[Version], target: Version) -> Result<(), String> {
+    let Some(oldest) = running.iter().min().copied() else {
+        return Err("no member reported its version".into());
+    };
+    let newest = running.iter().max().copied().unwrap_or(oldest);
+    if target.major != oldest.major {
+        return Err(format!(
+            "etcd {target} is another major version than the group's {oldest}: not an upgrade etcd supports"
+        ));
+    }
+    if target.minor > oldest.minor + 1 {
+        return Err(format!(
+            "etcd {target} skips a minor version from the group's oldest member ({oldest}): upgrade to {}.{}.x first",
+            oldest.major,
+            oldest.minor + 1
+        ));
+    }
+    if target.minor < newest.minor {
+        return Err(format!(
+            "etcd {target} is older than a member's {newest}: a downgrade across minor versions needs etcd's downgrade API, which tern does not drive"
+        ));
+    }
+    Ok(())
+}
+
+/// The next step of the upgrade, from the members' states.
+pub fn plan(members: &[MemberState]) -> Step {
+    if members.iter().all(|m| m.current) {
+        return Step::Steady;
+    }
+    if let Some(m) = members.iter().find(|m| !m.answered()) {
+        return Step::Wait {
+            reason: format!("member {} does not answer", m.ordinal),
+        };
+    }
+    let leader_id = members.iter().map(|m| m.leader).find(|l| *l != 0).unwrap_or(0);
+    let Some(leader) = members.iter().find(|m| m.id == leader_id) else {
+        return Step::Wait {
+            reason: "the group has no leader".into(),
+        };
+    };
+    if let Some(m) = members.iter().find(|m| m.leader != leader_id) {
+        return Step::Wait {
+            reason: format!("member {} does not follow the leader yet", m.ordinal),
+        };
+    }
+    if let Some(m) = members
+        .iter()
+        .find(|m| leader.applied.saturating_sub(m.applied) > MAX_APPLY_GAP)
+    {
+        return Step::Wait {
+            reason: format!(
+                "member {} is {} entries behind the leader",
+                m.ordinal,
+                leader.applied - m.applied
+            ),
+        };
+    }
+    if let Some(m) = members
+        .iter()
+        .filter(|m| !m.current && m.id != leader.id)
+        .max_by_key(|m| m.ordinal)
+    {
+        return Step::Restart { ordinal: m.ordinal };
+    }
+    // Only the leader is left: leadership goes to the upgraded follower
+    // that has applied the most. A group of one has no one to hand it to,
+    // and restarts it (its clients wait out the restart).
+    match members.iter().filter(|m| m.id != leader.id).max_by_key(|m| m.applied) {
+        Some(to) => Step::MoveLeader {
+            from: leader.id,
+            to: to.id,
+        },
+        None => Step::Restart {
+            ordinal: leader.ordinal,
+        },
+    }
+}
+
+/// Reads each member's status at its client URL (`(ordinal, url)`);
+/// `current` says whether a member's pod runs the target image. A member
+/// that does not answer within 2 s is returned unanswered.
+pub async fn observe(members: &[(i32, String)], current: impl Fn(i32) -> bool) -> Vec<MemberState> {
+    let mut out = Vec::new();
+    for (ordinal, url) in members {
+        let mut state = MemberState {
+            ordinal: *ordinal,
+            id: 0,
+            version: String::new(),
+            applied: 0,
+            leader: 0,
+            current: current(*ordinal),
+        };
+        if let Ok(Ok(Ok(status))) = tokio::time::timeout(Duration::from_secs(2), async {
+            let mut c = etcd_client::Client::connect([url.as_str()], None).await?;
+            c.status().await.map(Ok::<_, etcd_client::Error>)
+        })
+        .await
+        {
+            state.id = status.header().map(|h| h.member_id()).unwrap_or(0);
+            state.version = status.version().to_string();
+            state.applied = status.raft_applied_index();
+            state.leader = status.leader();
+        }
+        out.push(state);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v(s: &str) -> Version {
+        Version::parse(s).expect("a version")
+    }
+
+    fn member(ordinal: i32, leader: u64, applied: u64, current: bool) -> MemberState {
+        MemberState {
+            ordinal,
+            id: ordinal as u64 + 1,
+            version: "3.6.16".into(),
+            applied,
+            leader,
+            current,
+        }
+    }
+
+    #[test]
+    fn versions_come_from_tags_and_status() {
+        assert_eq!(
+            Version::of_image("gcr.io/etcd-development/etcd:v3.6.16"),
+            Some(v("3.6.16"))
+        );
+        assert_eq!(Version::of_image("localhost:5000/etcd:3.7.0-rc.1"), Some(v("3.7.0")));
+        assert_eq!(Version::of_image("localhost:5000/etcd"), None);
+        assert_eq!(Version::of_image("etcd:latest"), None);
+        assert_eq!(Version::of_image("etcd@sha256:abc"), None);
+        assert_eq!(Version::parse("3.6"), None);
+    }
+
+    #[test]
+    fn skew_allows_one_minor_up_and_patch_changes_only() {
+        let group = [v("3.5.17"), v("3.5.17")];
+        assert!(check_skew(&group, v("3.5.21")).is_ok());
+        assert!(check_skew(&group, v("3.6.16")).is_ok());
+        let e = check_skew(&group, v("3.7.0")).expect_err("a skipped minor");
+        assert!(e.contains("skips a minor version") && e.contains("3.6.x"), "{e}");
+        let e = check_skew(&[v("3.6.16")], v("3.5.21")).expect_err("a downgrade");
+        assert!(e.contains("downgrade"), "{e}");
+        assert!(
+            check_skew(&[v("3.6.16")], v("3.6.15")).is_ok(),
+            "patch downgrades are fine"
+        );
+        assert!(check_skew(&[v("3.6.16")], v("4.0.0")).is_err());
+        // Mid-upgrade, the oldest member decides.
+        assert!(check_skew(&[v("3.5.17"), v("3.6.16")], v("3.6.16")).is_ok());
+    }
+
+    #[test]
+    fn followers_go_first_highest_ordinal_first_and_the_leader_last() {
+        // Member 1 (id 2) leads.
+        let mut g = vec![
+            member(0, 2, 100, false),
+            member(1, 2, 100, false),
+            member(2, 2, 100, false),
+        ];
+        assert_eq!(plan(&g), Step::Restart { ordinal: 2 });
+        g[2].current = true;
+        assert_eq!(plan(&g), Step::Restart { ordinal: 0 });
+        g[0].current = true;
+        g[0].applied = 99;
+        // Only the leader is left: leadership goes to the follower that has
+        // applied the most, then the old leader restarts.
+        assert_eq!(plan(&g), Step::MoveLeader { from: 2, to: 3 });
+        for m in &mut g {
+            m.leader = 3;
+        }
+        assert_eq!(plan(&g), Step::Restart { ordinal: 1 });
+        g[1].current = true;
+        assert_eq!(plan(&g), Step::Steady);
+    }
+
+    #[test]
+    fn nothing_restarts_while_a_member_is_down_behind_or_leaderless() {
+        let mut g = vec![
+            member(0, 1, 5_000, false),
+            member(1, 1, 5_000, true),
+            member(2, 1, 5_000, false),
+        ];
+        g[1].id = 0;
+        assert!(matches!(plan(&g), Step::Wait { reason } if reason.contains("member 1 does not answer")));
+        g[1].id = 2;
+        g[1].applied = 5_000 - MAX_APPLY_GAP - 1;
+        assert!(matches!(plan(&g), Step::Wait { reason } if reason.contains("member 1 is 1001 entries behind")));
+        g[1].applied = 5_000;
+        g[2].leader = 0;
+        assert!(matches!(plan(&g), Step::Wait { reason } if reason.contains("member 2 does not follow")));
+        for m in &mut g {
+            m.leader = 0;
+        }
+        assert!(matches!(plan(&g), Step::Wait { reason } if reason.contains("no leader")));
+    }
+
+    #[test]
+    fn a_group_of_one_restarts_its_only_member() {
+        assert_eq!(plan(&[member(0, 1, 10, false)]), Step::Restart { ordinal: 0 });
+    }
+}
