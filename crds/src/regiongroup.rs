@@ -134,4 +134,9 @@ pub struct RegionGroupStatus {
     /// waits. Absent when the group has the members its spec asks for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub membership_change: Option<String>,
+    /// Why the members still run their etcd image rather than the one the
+    /// spec names (an upgrade etcd's version-skew rule forbids). Absent
+    /// when the spec's image is the one deployed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upgrade_refused: Option<String>,
 }

@@ -119,6 +119,24 @@ pub fn check_skew(running: &[Version], target: Version) -> Result<(), String> {
     Ok(())
 }
 
+/// Whether the members may go from image `deployed` to image `wanted`:
+/// both tags must name versions (`…:v3.6.16`) that etcd's skew rule allows
+/// between (a tag without a version cannot be checked, and is refused: the
+/// operator would otherwise roll a payments database onto an unknown etcd).
+pub fn image_change(deployed: &str, wanted: &str) -> Result<(), String> {
+    if deployed == wanted {
+        return Ok(());
+    }
+    let version = |image: &str| {
+        Version::of_image(image).ok_or_else(|| {
+            format!(
+                "the etcd image {image} has no vMAJOR.MINOR.PATCH tag, so the upgrade's version skew cannot be checked"
+            )
+        })
+    };
+    check_skew(&[version(deployed)?], version(wanted)?)
+}
+
 /// The next step of the upgrade, from the members' states.
 pub fn plan(members: &[MemberState]) -> Step {
     if members.iter().all(|m| m.current) {
@@ -251,6 +269,17 @@ mod tests {
         assert!(check_skew(&[v("3.6.16")], v("4.0.0")).is_err());
         // Mid-upgrade, the oldest member decides.
         assert!(check_skew(&[v("3.5.17"), v("3.6.16")], v("3.6.16")).is_ok());
+    }
+
+    #[test]
+    fn an_image_change_is_checked_by_its_tags() {
+        let base = "gcr.io/etcd-development/etcd";
+        assert!(image_change(&format!("{base}:v3.6.16"), &format!("{base}:v3.6.16")).is_ok());
+        assert!(image_change(&format!("{base}:v3.5.21"), &format!("{base}:v3.6.16")).is_ok());
+        let e = image_change(&format!("{base}:v3.5.21"), &format!("{base}:v3.7.0")).expect_err("skips 3.6");
+        assert!(e.contains("skips a minor version"), "{e}");
+        let e = image_change(&format!("{base}:v3.6.16"), "my/etcd:latest").expect_err("no version");
+        assert!(e.contains("my/etcd:latest") && e.contains("cannot be checked"), "{e}");
     }
 
     #[test]

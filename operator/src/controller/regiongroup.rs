@@ -34,14 +34,15 @@ pub async fn reconcile(rg: Arc<RegionGroup>, ctx: Arc<Context>) -> Result<Action
     let name = rg.name_any();
     let namespace = rg.namespace().unwrap_or_default();
     let sts_api = Api::<StatefulSet>::namespaced(ctx.client.clone(), &namespace);
-    let running = sts_api
+    let existing = sts_api
         .get_opt(&name)
         .await
-        .context(|| format!("reading StatefulSet {namespace}/{name}"))?
-        .and_then(|s| s.spec.replicas);
+        .context(|| format!("reading StatefulSet {namespace}/{name}"))?;
+    let running = existing.as_ref().and_then(|s| s.spec.replicas);
     let mut st = rg.status.clone().unwrap_or_default();
     let change = membership_change(&rg, &ctx, running, &mut st).await;
-    let objects = build::regiongroup::group_objects_with(&rg, &change.members);
+    let mut objects = build::regiongroup::group_objects_with(&rg, &change.members);
+    hold_refused_upgrade(&rg, &ctx, existing.as_ref(), &mut objects.stateful_set, &mut st).await;
 
     // Configuration and network identity before the members that use them.
     apply(&ctx.client, &objects.config_map).await?;
@@ -88,6 +89,51 @@ pub async fn reconcile(rg: Arc<RegionGroup>, ctx: Arc<Context>) -> Result<Action
     } else {
         ctx.resync
     }))
+}
+
+/// Keeps the members on their deployed etcd image when the spec's would
+/// break etcd's version-skew rule (`crate::upgrade::image_change`): the rest
+/// of the template still follows the spec, and the status and an event say
+/// why.
+async fn hold_refused_upgrade(
+    rg: &RegionGroup,
+    ctx: &Context,
+    existing: Option<&StatefulSet>,
+    desired: &mut StatefulSet,
+    st: &mut RegionGroupStatus,
+) {
+    let image_of = |s: &StatefulSet| {
+        s.spec
+            .template
+            .spec
+            .as_ref()
+            .and_then(|p| p.containers.first())
+            .and_then(|c| c.image.clone())
+    };
+    let (Some(deployed), Some(wanted)) = (existing.and_then(image_of), image_of(desired)) else {
+        st.upgrade_refused = None;
+        return;
+    };
+    match crate::upgrade::image_change(&deployed, &wanted) {
+        Ok(()) => st.upgrade_refused = None,
+        Err(why) => {
+            if let Some(c) = desired
+                .spec
+                .template
+                .spec
+                .as_mut()
+                .and_then(|p| p.containers.first_mut())
+            {
+                c.image = Some(deployed.clone());
+            }
+            let note = format!("the members stay on {deployed}: {why}");
+            if st.upgrade_refused.as_deref() != Some(note.as_str()) {
+                ctx.event(rg, EventType::Warning, "UpgradeRefused", "Upgrade", note.clone())
+                    .await;
+            }
+            st.upgrade_refused = Some(note);
+        }
+    }
 }
 
 /// How often a membership change in progress is looked at again: a
