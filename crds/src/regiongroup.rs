@@ -139,4 +139,9 @@ pub struct RegionGroupStatus {
     /// when the spec's image is the one deployed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upgrade_refused: Option<String>,
+    /// The rolling update in progress (members restarted one at a time on
+    /// a new template, the leader last): the step, or why it waits. Absent
+    /// when every member runs the current template.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rolling_update: Option<String>,
 }

@@ -111,6 +111,24 @@ impl Scenarios {
 
     fn wait_rollout(&self, region: &str, namespace: &str, what: &str) -> Result<()> {
         let timeout = format!("--timeout={}s", READY_LIMIT.as_secs());
+        // A data group's StatefulSet is rolled by the operator (OnDelete),
+        // which `rollout status` does not follow: its RegionGroup's Ready
+        // condition says when every member is ready.
+        if let Some(name) = what.strip_prefix("statefulset.apps/") {
+            return self
+                .kubectl(
+                    region,
+                    &[
+                        "wait",
+                        "-n",
+                        namespace,
+                        "--for=condition=Ready",
+                        &format!("regiongroup/{name}"),
+                        &timeout,
+                    ],
+                )
+                .map(|_| ());
+        }
         self.kubectl(region, &["rollout", "status", "-n", namespace, what, &timeout])
             .map(|_| ())
     }
@@ -236,6 +254,109 @@ impl Scenarios {
         // pods terminate would fail.
         self.wait_region(region).await?;
         self.timed(&format!("{region}'s group resized to {to} members"), start);
+        Ok(())
+    }
+
+    /// Changes the etcd members' template (their CPU request) in every
+    /// cluster and waits until each region's data group has rolled onto it:
+    /// the operator restarts one member at a time, the leader last after
+    /// handing its leadership over (an event says so in a group of more
+    /// than one), and every member is ready on the new revision.
+    pub async fn rolling_update(&mut self, cpu: &str) -> Result<()> {
+        let start = Instant::now();
+        let patch = format!(r#"{{"spec":{{"etcd":{{"resources":{{"requests":{{"cpu":"{cpu}"}}}}}}}}}}"#);
+        let regions: Vec<String> = self.clusters.iter().map(|c| c.region.clone()).collect();
+        for r in &regions {
+            self.kubectl(
+                r,
+                &[
+                    "patch",
+                    "geocluster",
+                    GEOCLUSTER,
+                    "-n",
+                    NAMESPACE,
+                    "--type=merge",
+                    "-p",
+                    &patch,
+                ],
+            )?;
+        }
+        let deadline = Instant::now() + READY_LIMIT;
+        for r in &regions {
+            let group = format!("{GEOCLUSTER}-{r}");
+            loop {
+                let json = self.kubectl(r, &["get", "statefulset", &group, "-n", NAMESPACE, "-o", "json"])?;
+                let sts: serde_json::Value =
+                    serde_json::from_str(&json).map_err(|e| failed(format!("StatefulSet {group}: {e}")))?;
+                let cpu_now = sts["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"]["cpu"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string();
+                let revision = sts["status"]["updateRevision"].as_str().unwrap_or_default().to_string();
+                let pods = self.kubectl(
+                    r,
+                    &[
+                        "get",
+                        "pods",
+                        "-n",
+                        NAMESPACE,
+                        "-l",
+                        &format!("app.kubernetes.io/name=etcd,app.kubernetes.io/instance={group}"),
+                        "-o",
+                        r#"jsonpath={range .items[*]}{.metadata.labels.controller-revision-hash} {.status.containerStatuses[0].ready}{"\n"}{end}"#,
+                    ],
+                )?;
+                let replicas = sts["spec"]["replicas"].as_u64().unwrap_or(0) as usize;
+                let rolled = pods.lines().filter(|l| *l == format!("{revision} true")).count();
+                let status = self.kubectl(
+                    r,
+                    &[
+                        "get",
+                        "regiongroup",
+                        &group,
+                        "-n",
+                        NAMESPACE,
+                        "-o",
+                        "jsonpath={.status.rollingUpdate}",
+                    ],
+                )?;
+                if cpu_now == cpu && !revision.is_empty() && rolled == replicas && status.trim().is_empty() {
+                    if replicas > 1 {
+                        let handed = self.kubectl(
+                            r,
+                            &[
+                                "get",
+                                "events",
+                                "-n",
+                                NAMESPACE,
+                                "--field-selector",
+                                &format!("reason=LeaderHandedOver,involvedObject.name={group}"),
+                                "-o",
+                                "name",
+                            ],
+                        )?;
+                        if handed.trim().is_empty() {
+                            return Err(failed(format!(
+                                "{group} rolled without handing its leadership over first"
+                            )));
+                        }
+                    }
+                    break;
+                }
+                if Instant::now() > deadline {
+                    return Err(HarnessError::NotReady {
+                        what: format!("{group} rolled onto a CPU request of {cpu}"),
+                        secs: READY_LIMIT.as_secs(),
+                        log: format!("pods (revision ready), want {revision}:\n{pods}\nrolling update: {status}"),
+                    });
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+        self.timed(
+            "every data group rolled onto a new member template, leaders last",
+            start,
+        );
         Ok(())
     }
 
@@ -507,6 +628,10 @@ impl Scenarios {
         // the region lost below.
         self.resize("eu-west", 3).await?;
         self.local_write("eu-west", "acct-eu").await?;
+        // A change of the members' template rolls every data group, one
+        // member at a time and the leader last; the groups serve after it.
+        self.rolling_update("50m").await?;
+        self.local_write("us-east", "acct-us-rolled").await?;
         let trace_id = self.proxied_write("eu-west", "us-east", "acct-us").await?;
         self.trace(&trace_id, "eu-west", "us-east").await?;
         self.migration("acct-us", "eu-west").await?;

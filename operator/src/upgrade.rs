@@ -8,9 +8,11 @@
 //! before the first.
 //!
 //! `plan` is a pure function of what `observe` reads from the members, so
-//! an operator that restarts mid-upgrade takes the same next step. The
-//! StatefulSet side (an `OnDelete` strategy, the operator deleting the pod
-//! `plan` names) is not wired yet: docs/upgrades.md.
+//! an operator that restarts mid-upgrade takes the same next step. A data
+//! group's StatefulSet uses the `OnDelete` strategy, and the RegionGroup
+//! controller deletes the pod `plan` names (`controller/regiongroup.rs`,
+//! `rolling_update`): every template change, an image or a setting, rolls
+//! this way.
 
 use std::time::Duration;
 
@@ -141,6 +143,16 @@ pub fn image_change(deployed: &str, wanted: &str) -> Result<(), String> {
 pub fn plan(members: &[MemberState]) -> Step {
     if members.iter().all(|m| m.current) {
         return Step::Steady;
+    }
+    // A member that is down already costs the group nothing more when its
+    // pod is replaced, and the new template may be its fix (a crash-looping
+    // configuration): it goes first.
+    if let Some(m) = members
+        .iter()
+        .filter(|m| !m.answered() && !m.current)
+        .max_by_key(|m| m.ordinal)
+    {
+        return Step::Restart { ordinal: m.ordinal };
     }
     if let Some(m) = members.iter().find(|m| !m.answered()) {
         return Step::Wait {
@@ -315,6 +327,10 @@ mod tests {
         ];
         g[1].id = 0;
         assert!(matches!(plan(&g), Step::Wait { reason } if reason.contains("member 1 does not answer")));
+        // Down and outdated: replaced first, whoever leads.
+        g[1].current = false;
+        assert_eq!(plan(&g), Step::Restart { ordinal: 1 });
+        g[1].current = true;
         g[1].id = 2;
         g[1].applied = 5_000 - MAX_APPLY_GAP - 1;
         assert!(matches!(plan(&g), Step::Wait { reason } if reason.contains("member 1 is 1001 entries behind")));

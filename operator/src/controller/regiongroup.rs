@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::PersistentVolumeClaim;
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
@@ -70,6 +70,12 @@ pub async fn reconcile(rg: Arc<RegionGroup>, ctx: Arc<Context>) -> Result<Action
         .get_opt(&name)
         .await
         .context(|| format!("reading StatefulSet {namespace}/{name}"))?;
+    let rolling = if change.in_progress {
+        // One change of the members at a time: a resize first.
+        false
+    } else {
+        rolling_update(&rg, &ctx, sts.as_ref(), &mut st).await
+    };
     let counts = MemberCounts::of(sts.as_ref());
     let phase = counts.phase();
     let detail = format!(
@@ -84,7 +90,7 @@ pub async fn reconcile(rg: Arc<RegionGroup>, ctx: Arc<Context>) -> Result<Action
     st.updated_members = counts.updated;
     write_status(&rg, &ctx, st).await?;
     ctx.succeeded(&key(rg.as_ref()));
-    Ok(Action::requeue(if change.in_progress {
+    Ok(Action::requeue(if change.in_progress || rolling {
         MEMBERSHIP_POLL
     } else {
         ctx.resync
@@ -134,6 +140,119 @@ async fn hold_refused_upgrade(
             st.upgrade_refused = Some(note);
         }
     }
+}
+
+/// Takes the next step of a rolling update of a data group's members (its
+/// StatefulSet's strategy is `OnDelete`): when some member's pod runs an
+/// older template revision, `crate::upgrade::plan` names the pod to delete
+/// or the leadership to hand over, from what the members report. Returns
+/// whether an update is under way; records it in `st.rolling_update`.
+async fn rolling_update(
+    rg: &RegionGroup,
+    ctx: &Context,
+    sts: Option<&StatefulSet>,
+    st: &mut RegionGroupStatus,
+) -> bool {
+    let Some(sts) = sts.filter(|_| rg.spec.role == GroupRole::Data) else {
+        st.rolling_update = None;
+        return false;
+    };
+    let Some(revision) = sts.status.as_ref().and_then(|s| s.update_revision.clone()) else {
+        return false;
+    };
+    let group = rg.name_any();
+    let namespace = rg.namespace().unwrap_or_default();
+    let pods_api = Api::<Pod>::namespaced(ctx.client.clone(), &namespace);
+    let selector = sts
+        .spec
+        .selector
+        .match_labels
+        .iter()
+        .flatten()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let pods = match pods_api.list(&ListParams::default().labels(&selector)).await {
+        Ok(list) => list.items,
+        Err(e) => {
+            st.rolling_update = Some(format!("waiting: cannot list the members' pods: {e}"));
+            return true;
+        }
+    };
+    let replicas = sts.spec.replicas.unwrap_or(0);
+    // A pod not there yet is made from the newest revision.
+    let current = |o: i32| {
+        let name = names::member_name(&group, o);
+        pods.iter()
+            .find(|p| p.metadata.name.as_deref() == Some(name.as_str()))
+            .is_none_or(|p| p.labels().get("controller-revision-hash").map(String::as_str) == Some(revision.as_str()))
+    };
+    if (0..replicas).all(current) {
+        if st.rolling_update.take().is_some() {
+            let note = format!("every member of {group} runs the current template");
+            ctx.event(rg, EventType::Normal, "RollingUpdateDone", "RollingUpdate", note)
+                .await;
+        }
+        return false;
+    }
+    let members: Vec<(i32, String)> = (0..replicas)
+        .map(|o| {
+            let host = names::member_host(
+                &group,
+                &names::member_name(&group, o),
+                &namespace,
+                &rg.spec.cluster_domain,
+            );
+            (o, format!("http://{host}:{}", names::CLIENT_PORT))
+        })
+        .collect();
+    let states = crate::upgrade::observe(&members, current).await;
+    let updated = (0..replicas).filter(|o| current(*o)).count();
+    let progress = format!("{updated}/{replicas} members on the current template");
+    let step = crate::upgrade::plan(&states);
+    let note = match &step {
+        crate::upgrade::Step::Steady => return false,
+        crate::upgrade::Step::Wait { reason } => format!("{progress}: waiting: {reason}"),
+        crate::upgrade::Step::Restart { ordinal } => {
+            let pod = names::member_name(&group, *ordinal);
+            match pods_api.delete(&pod, &DeleteParams::default()).await {
+                Ok(_) => {
+                    let note = format!("{progress}: restarting {pod} on the current template");
+                    ctx.event(rg, EventType::Normal, "MemberRestarted", "RollingUpdate", note.clone())
+                        .await;
+                    note
+                }
+                Err(kube::Error::Api(e)) if e.code == 404 => format!("{progress}: {pod} is being replaced"),
+                Err(e) => format!("{progress}: waiting: deleting {pod}: {e}"),
+            }
+        }
+        crate::upgrade::Step::MoveLeader { from, to } => {
+            let leader = states.iter().find(|m| m.id == *from);
+            let moved = match leader {
+                Some(l) => {
+                    let url = &members[l.ordinal as usize].1;
+                    match etcd_client::Client::connect([url.as_str()], None).await {
+                        Ok(mut c) => c.move_leader(*to).await.map(|_| ()).map_err(|e| e.to_string()),
+                        Err(e) => Err(e.to_string()),
+                    }
+                }
+                None => Err("the leader is gone".into()),
+            };
+            match moved {
+                Ok(()) => {
+                    let note =
+                        format!("{progress}: leadership handed from {from:x} to {to:x} before the leader restarts");
+                    ctx.event(rg, EventType::Normal, "LeaderHandedOver", "RollingUpdate", note.clone())
+                        .await;
+                    note
+                }
+                Err(e) => format!("{progress}: waiting: handing leadership over: {e}"),
+            }
+        }
+    };
+    tracing::info!(group = %group, step = %note, "rolling update");
+    st.rolling_update = Some(note);
+    true
 }
 
 /// How often a membership change in progress is looked at again: a
