@@ -266,6 +266,25 @@ impl Scenarios {
         let start = Instant::now();
         let patch = format!(r#"{{"spec":{{"etcd":{{"resources":{{"requests":{{"cpu":"{cpu}"}}}}}}}}}}"#);
         let regions: Vec<String> = self.clusters.iter().map(|c| c.region.clone()).collect();
+        // Each group's revision before: the roll must end on another one
+        // (right after the patch, the StatefulSet still names the old one).
+        let mut before = std::collections::BTreeMap::new();
+        for r in &regions {
+            let group = format!("{GEOCLUSTER}-{r}");
+            let revision = self.kubectl(
+                r,
+                &[
+                    "get",
+                    "statefulset",
+                    &group,
+                    "-n",
+                    NAMESPACE,
+                    "-o",
+                    "jsonpath={.status.updateRevision}",
+                ],
+            )?;
+            before.insert(r.clone(), revision.trim().to_string());
+        }
         for r in &regions {
             self.kubectl(
                 r,
@@ -293,6 +312,8 @@ impl Scenarios {
                     .unwrap_or_default()
                     .to_string();
                 let revision = sts["status"]["updateRevision"].as_str().unwrap_or_default().to_string();
+                let seen = sts["status"]["observedGeneration"].as_i64() >= sts["metadata"]["generation"].as_i64();
+                let new_revision = seen && !revision.is_empty() && before.get(r) != Some(&revision);
                 let pods = self.kubectl(
                     r,
                     &[
@@ -320,26 +341,45 @@ impl Scenarios {
                         "jsonpath={.status.rollingUpdate}",
                     ],
                 )?;
-                if cpu_now == cpu && !revision.is_empty() && rolled == replicas && status.trim().is_empty() {
-                    if replicas > 1 {
-                        let handed = self.kubectl(
-                            r,
-                            &[
-                                "get",
-                                "events",
-                                "-n",
-                                NAMESPACE,
-                                "--field-selector",
-                                &format!("reason=LeaderHandedOver,involvedObject.name={group}"),
-                                "-o",
-                                "name",
-                            ],
-                        )?;
-                        if handed.trim().is_empty() {
-                            return Err(failed(format!(
-                                "{group} rolled without handing its leadership over first"
-                            )));
+                if cpu_now == cpu && new_revision && rolled == replicas && status.trim().is_empty() {
+                    // The operator's account: one restart per member, and
+                    // in a group of more than one the lead handed over
+                    // before the last restart (the old leader's). Repeats
+                    // of an event are one object with a series.
+                    let events = self.kubectl(
+                        r,
+                        &[
+                            "get",
+                            "events.v1.events.k8s.io",
+                            "-n",
+                            NAMESPACE,
+                            "--field-selector",
+                            &format!("regarding.name={group}"),
+                            "-o",
+                            r#"jsonpath={range .items[*]}{.reason} {.eventTime} {.series.count} {.series.lastObservedTime}{"\n"}{end}"#,
+                        ],
+                    )?;
+                    let (mut restarts, mut last_restart, mut handed) = (0, String::new(), String::new());
+                    for line in events.lines() {
+                        let f: Vec<&str> = line.split_whitespace().collect();
+                        let (Some(reason), Some(at)) = (f.first(), f.get(1)) else {
+                            continue;
+                        };
+                        let count = f.get(2).and_then(|c| c.parse::<usize>().ok()).unwrap_or(1);
+                        let last = f.get(3).copied().unwrap_or(at).to_string();
+                        match *reason {
+                            "MemberRestarted" => {
+                                restarts += count;
+                                last_restart = last_restart.max(last);
+                            }
+                            "LeaderHandedOver" => handed = handed.max(last),
+                            _ => {}
                         }
+                    }
+                    if restarts != replicas || (replicas > 1 && (handed.is_empty() || handed > last_restart)) {
+                        return Err(failed(format!(
+                            "{group}: {restarts} restarts for {replicas} members; the last at {last_restart}, the hand-over at {handed:?}; events:\n{events}"
+                        )));
                     }
                     break;
                 }

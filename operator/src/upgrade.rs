@@ -34,6 +34,26 @@ pub struct MemberState {
     pub leader: u64,
     /// Whether its pod already runs the target image.
     pub current: bool,
+    /// What Kubernetes says of its pod: Ready, and not being deleted.
+    pub pod: PodState,
+}
+
+/// A member's pod as Kubernetes reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PodState {
+    /// The pod exists and its Ready condition is true.
+    pub ready: bool,
+    /// The pod is being deleted (a drain, an eviction, this roll's own
+    /// restart still terminating).
+    pub terminating: bool,
+}
+
+impl PodState {
+    /// A pod that runs and is ready: what a process in a test is.
+    pub const READY: Self = Self {
+        ready: true,
+        terminating: false,
+    };
 }
 
 impl MemberState {
@@ -144,44 +164,43 @@ pub fn plan(members: &[MemberState]) -> Step {
     if members.iter().all(|m| m.current) {
         return Step::Steady;
     }
-    // A member that is down already costs the group nothing more when its
-    // pod is replaced, and the new template may be its fix (a crash-looping
-    // configuration): it goes first.
-    if let Some(m) = members
-        .iter()
-        .filter(|m| !m.answered() && !m.current)
-        .max_by_key(|m| m.ordinal)
+    // A pod on its way out (this roll's last restart, or a drain) is a
+    // member down already: nothing else goes until it is back.
+    if let Some(m) = members.iter().find(|m| m.pod.terminating) {
+        return Step::Wait {
+            reason: format!("member {}'s pod is terminating", m.ordinal),
+        };
+    }
+    let down: Vec<&MemberState> = members.iter().filter(|m| !m.answered() || !m.pod.ready).collect();
+    if let [m] = down[..]
+        && !m.answered()
+        && !m.pod.ready
+        && !m.current
     {
-        return Step::Restart { ordinal: m.ordinal };
-    }
-    if let Some(m) = members.iter().find(|m| !m.answered()) {
-        return Step::Wait {
-            reason: format!("member {} does not answer", m.ordinal),
+        // One member down, on the old template, and the rest healthy: its
+        // pod is replaced first. It costs the group nothing more, and the
+        // new template may be its fix (a crash-looping configuration).
+        // Never while a member on the new template is down: that template
+        // may be what brings members down.
+        let others: Vec<MemberState> = members.iter().filter(|o| o.ordinal != m.ordinal).cloned().collect();
+        return match healthy(&others) {
+            Ok(_) => Step::Restart { ordinal: m.ordinal },
+            Err(reason) => Step::Wait { reason },
         };
     }
-    let leader_id = members.iter().map(|m| m.leader).find(|l| *l != 0).unwrap_or(0);
-    let Some(leader) = members.iter().find(|m| m.id == leader_id) else {
+    if let Some(m) = down.first() {
         return Step::Wait {
-            reason: "the group has no leader".into(),
+            reason: if m.answered() {
+                format!("member {}'s pod is not ready", m.ordinal)
+            } else {
+                format!("member {} does not answer", m.ordinal)
+            },
         };
+    }
+    let leader = match healthy(members) {
+        Ok(leader) => leader,
+        Err(reason) => return Step::Wait { reason },
     };
-    if let Some(m) = members.iter().find(|m| m.leader != leader_id) {
-        return Step::Wait {
-            reason: format!("member {} does not follow the leader yet", m.ordinal),
-        };
-    }
-    if let Some(m) = members
-        .iter()
-        .find(|m| leader.applied.saturating_sub(m.applied) > MAX_APPLY_GAP)
-    {
-        return Step::Wait {
-            reason: format!(
-                "member {} is {} entries behind the leader",
-                m.ordinal,
-                leader.applied - m.applied
-            ),
-        };
-    }
     if let Some(m) = members
         .iter()
         .filter(|m| !m.current && m.id != leader.id)
@@ -203,19 +222,43 @@ pub fn plan(members: &[MemberState]) -> Step {
     }
 }
 
+/// The leader, when every member in `members` answers, follows it and has
+/// applied within [`MAX_APPLY_GAP`] of it; else what is awaited.
+fn healthy(members: &[MemberState]) -> Result<&MemberState, String> {
+    if let Some(m) = members.iter().find(|m| !m.answered()) {
+        return Err(format!("member {} does not answer", m.ordinal));
+    }
+    let leader_id = members.iter().map(|m| m.leader).find(|l| *l != 0).unwrap_or(0);
+    let Some(leader) = members.iter().find(|m| m.id == leader_id) else {
+        return Err("the group has no leader".into());
+    };
+    if let Some(m) = members.iter().find(|m| m.leader != leader_id) {
+        return Err(format!("member {} does not follow the leader yet", m.ordinal));
+    }
+    if let Some(m) = members
+        .iter()
+        .find(|m| leader.applied.saturating_sub(m.applied) > MAX_APPLY_GAP)
+    {
+        return Err(format!("member {} is behind the leader", m.ordinal));
+    }
+    Ok(leader)
+}
+
 /// Reads each member's status at its client URL (`(ordinal, url)`);
-/// `current` says whether a member's pod runs the target image. A member
-/// that does not answer within 2 s is returned unanswered.
-pub async fn observe(members: &[(i32, String)], current: impl Fn(i32) -> bool) -> Vec<MemberState> {
+/// `pod` says whether a member's pod runs the target image, and its state.
+/// A member that does not answer within 2 s is returned unanswered.
+pub async fn observe(members: &[(i32, String)], pod: impl Fn(i32) -> (bool, PodState)) -> Vec<MemberState> {
     let mut out = Vec::new();
     for (ordinal, url) in members {
+        let (current, pod) = pod(*ordinal);
         let mut state = MemberState {
             ordinal: *ordinal,
             id: 0,
             version: String::new(),
             applied: 0,
             leader: 0,
-            current: current(*ordinal),
+            current,
+            pod,
         };
         if let Ok(Ok(Ok(status))) = tokio::time::timeout(Duration::from_secs(2), async {
             let mut c = etcd_client::Client::connect([url.as_str()], None).await?;
@@ -249,6 +292,7 @@ mod tests {
             applied,
             leader,
             current,
+            pod: PodState::READY,
         }
     }
 
@@ -325,15 +369,31 @@ mod tests {
             member(1, 1, 5_000, true),
             member(2, 1, 5_000, false),
         ];
+        // Down on the new template: waited for, never "fixed" by
+        // restarting more members onto it.
         g[1].id = 0;
+        g[1].pod.ready = false;
         assert!(matches!(plan(&g), Step::Wait { reason } if reason.contains("member 1 does not answer")));
-        // Down and outdated: replaced first, whoever leads.
+        // Down on the old template, the rest healthy: replaced first,
+        // whoever leads.
         g[1].current = false;
         assert_eq!(plan(&g), Step::Restart { ordinal: 1 });
-        g[1].current = true;
+        // Two down: nothing is touched.
+        g[2].id = 0;
+        g[2].pod.ready = false;
+        assert!(matches!(plan(&g), Step::Wait { .. }));
+        // One unanswered status call of a Ready pod is not "down".
         g[1].id = 2;
+        g[1].pod.ready = true;
+        g[2].pod.ready = true;
+        assert!(matches!(plan(&g), Step::Wait { reason } if reason.contains("member 2 does not answer")));
+        g[2].id = 3;
+        // A terminating pod (a drain, or the last restart) holds everything.
+        g[0].pod.terminating = true;
+        assert!(matches!(plan(&g), Step::Wait { reason } if reason.contains("member 0's pod is terminating")));
+        g[0].pod.terminating = false;
         g[1].applied = 5_000 - MAX_APPLY_GAP - 1;
-        assert!(matches!(plan(&g), Step::Wait { reason } if reason.contains("member 1 is 1001 entries behind")));
+        assert!(matches!(plan(&g), Step::Wait { reason } if reason.contains("member 1 is behind")));
         g[1].applied = 5_000;
         g[2].leader = 0;
         assert!(matches!(plan(&g), Step::Wait { reason } if reason.contains("member 2 does not follow")));

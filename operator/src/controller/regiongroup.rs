@@ -8,7 +8,7 @@ use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{DeleteParams, EvictParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::{Api, ResourceExt};
@@ -97,10 +97,29 @@ pub async fn reconcile(rg: Arc<RegionGroup>, ctx: Arc<Context>) -> Result<Action
     }))
 }
 
+/// The pods of a group's members.
+async fn member_pods(ctx: &Context, namespace: &str, group: &str) -> std::result::Result<Vec<Pod>, kube::Error> {
+    let selector = names::selector_labels(group)
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    Api::<Pod>::namespaced(ctx.client.clone(), namespace)
+        .list(&ListParams::default().labels(&selector))
+        .await
+        .map(|l| l.items)
+}
+
+fn first_image(pod: Option<&k8s_openapi::api::core::v1::PodSpec>) -> Option<String> {
+    pod.and_then(|p| p.containers.first()).and_then(|c| c.image.clone())
+}
+
 /// Keeps the members on their deployed etcd image when the spec's would
-/// break etcd's version-skew rule (`crate::upgrade::image_change`): the rest
-/// of the template still follows the spec, and the status and an event say
-/// why.
+/// break etcd's version-skew rule (`crate::upgrade::image_change`), judged
+/// against every image a member's pod runs (under `OnDelete` the template
+/// changes at once and the pods later, so the template alone is not what
+/// runs), or the StatefulSet's when no pod runs. The rest of the template
+/// still follows the spec, and the status and an event say why.
 async fn hold_refused_upgrade(
     rg: &RegionGroup,
     ctx: &Context,
@@ -108,21 +127,29 @@ async fn hold_refused_upgrade(
     desired: &mut StatefulSet,
     st: &mut RegionGroupStatus,
 ) {
-    let image_of = |s: &StatefulSet| {
-        s.spec
-            .template
-            .spec
-            .as_ref()
-            .and_then(|p| p.containers.first())
-            .and_then(|c| c.image.clone())
-    };
-    let (Some(deployed), Some(wanted)) = (existing.and_then(image_of), image_of(desired)) else {
+    let template = existing.and_then(|s| first_image(s.spec.template.spec.as_ref()));
+    let (Some(template), Some(wanted)) = (template, first_image(desired.spec.template.spec.as_ref())) else {
         st.upgrade_refused = None;
         return;
     };
-    match crate::upgrade::image_change(&deployed, &wanted) {
-        Ok(()) => st.upgrade_refused = None,
-        Err(why) => {
+    let namespace = rg.namespace().unwrap_or_default();
+    let mut running: Vec<String> = member_pods(ctx, &namespace, &rg.name_any())
+        .await
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|p| first_image(p.spec.as_ref()))
+        .collect();
+    if running.is_empty() {
+        running.push(template.clone());
+    }
+    running.sort();
+    running.dedup();
+    let refused = running
+        .iter()
+        .find_map(|deployed| crate::upgrade::image_change(deployed, &wanted).err());
+    match refused {
+        None => st.upgrade_refused = None,
+        Some(why) => {
             if let Some(c) = desired
                 .spec
                 .template
@@ -130,9 +157,12 @@ async fn hold_refused_upgrade(
                 .as_mut()
                 .and_then(|p| p.containers.first_mut())
             {
-                c.image = Some(deployed.clone());
+                c.image = Some(template.clone());
             }
-            let note = format!("the members stay on {deployed}: {why}");
+            let note = format!(
+                "the template stays on {template} (members run {}): {why}",
+                running.join(", ")
+            );
             if st.upgrade_refused.as_deref() != Some(note.as_str()) {
                 ctx.event(rg, EventType::Warning, "UpgradeRefused", "Upgrade", note.clone())
                     .await;
@@ -144,9 +174,10 @@ async fn hold_refused_upgrade(
 
 /// Takes the next step of a rolling update of a data group's members (its
 /// StatefulSet's strategy is `OnDelete`): when some member's pod runs an
-/// older template revision, `crate::upgrade::plan` names the pod to delete
-/// or the leadership to hand over, from what the members report. Returns
-/// whether an update is under way; records it in `st.rolling_update`.
+/// older template revision, `crate::upgrade::plan` names the pod to evict
+/// or the leadership to hand over, from what the members and their pods
+/// report. Returns whether an update is under way; records it in
+/// `st.rolling_update`.
 async fn rolling_update(
     rg: &RegionGroup,
     ctx: &Context,
@@ -158,36 +189,54 @@ async fn rolling_update(
         return false;
     };
     let Some(revision) = sts.status.as_ref().and_then(|s| s.update_revision.clone()) else {
+        // No StatefulSet controller has looked at it (a test API server).
+        st.rolling_update = None;
         return false;
     };
     let group = rg.name_any();
     let namespace = rg.namespace().unwrap_or_default();
-    let pods_api = Api::<Pod>::namespaced(ctx.client.clone(), &namespace);
-    let selector = sts
-        .spec
-        .selector
-        .match_labels
-        .iter()
-        .flatten()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join(",");
-    let pods = match pods_api.list(&ListParams::default().labels(&selector)).await {
-        Ok(list) => list.items,
-        Err(e) => {
-            st.rolling_update = Some(format!("waiting: cannot list the members' pods: {e}"));
-            return true;
-        }
-    };
     let replicas = sts.spec.replicas.unwrap_or(0);
-    // A pod not there yet is made from the newest revision.
-    let current = |o: i32| {
-        let name = names::member_name(&group, o);
-        pods.iter()
-            .find(|p| p.metadata.name.as_deref() == Some(name.as_str()))
-            .is_none_or(|p| p.labels().get("controller-revision-hash").map(String::as_str) == Some(revision.as_str()))
+    let updated = |st: &mut RegionGroupStatus, note: String| {
+        tracing::info!(group = %group, step = %note, "rolling update");
+        st.rolling_update = Some(note);
+        true
     };
-    if (0..replicas).all(current) {
+    // Just applied: until the StatefulSet controller has seen the new
+    // template, its updateRevision is the old one and every pod looks
+    // current.
+    let seen = sts.status.as_ref().and_then(|s| s.observed_generation);
+    if seen < sts.metadata.generation {
+        if st.rolling_update.is_some() {
+            return updated(
+                st,
+                "waiting: the StatefulSet controller has not seen the template yet".into(),
+            );
+        }
+        return true;
+    }
+    let pods = match member_pods(ctx, &namespace, &group).await {
+        Ok(pods) => pods,
+        Err(e) => return updated(st, format!("waiting: cannot list the members' pods: {e}")),
+    };
+    let pod_of = |o: i32| {
+        let name = names::member_name(&group, o);
+        let pod = pods.iter().find(|p| p.metadata.name.as_deref() == Some(name.as_str()));
+        // A pod not there yet is made from the newest revision, and is not
+        // ready.
+        let current = pod
+            .is_none_or(|p| p.labels().get("controller-revision-hash").map(String::as_str) == Some(revision.as_str()));
+        let state = crate::upgrade::PodState {
+            ready: pod.is_some_and(|p| {
+                p.status
+                    .as_ref()
+                    .and_then(|s| s.conditions.as_ref())
+                    .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+            }),
+            terminating: pod.is_some_and(|p| p.metadata.deletion_timestamp.is_some()),
+        };
+        (current, state)
+    };
+    if (0..replicas).all(|o| pod_of(o).0) {
         if st.rolling_update.take().is_some() {
             let note = format!("every member of {group} runs the current template");
             ctx.event(rg, EventType::Normal, "RollingUpdateDone", "RollingUpdate", note)
@@ -206,33 +255,45 @@ async fn rolling_update(
             (o, format!("http://{host}:{}", names::CLIENT_PORT))
         })
         .collect();
-    let states = crate::upgrade::observe(&members, current).await;
-    let updated = (0..replicas).filter(|o| current(*o)).count();
-    let progress = format!("{updated}/{replicas} members on the current template");
-    let step = crate::upgrade::plan(&states);
-    let note = match &step {
+    let states = crate::upgrade::observe(&members, pod_of).await;
+    let on_current = (0..replicas).filter(|o| pod_of(*o).0).count();
+    let progress = format!("{on_current}/{replicas} members on the current template");
+    let note = match crate::upgrade::plan(&states) {
         crate::upgrade::Step::Steady => return false,
         crate::upgrade::Step::Wait { reason } => format!("{progress}: waiting: {reason}"),
         crate::upgrade::Step::Restart { ordinal } => {
-            let pod = names::member_name(&group, *ordinal);
-            match pods_api.delete(&pod, &DeleteParams::default()).await {
+            let pod = names::member_name(&group, ordinal);
+            // An eviction, not a delete: the PodDisruptionBudget arbitrates
+            // against a node drain happening at the same time. A group of
+            // one is deleted: its budget (a quorum of one) never allows it,
+            // and its restart is the outage the plan accepts.
+            let pods_api = Api::<Pod>::namespaced(ctx.client.clone(), &namespace);
+            let restarted = if replicas > 1 {
+                pods_api.evict(&pod, &EvictParams::default()).await.map(|_| ())
+            } else {
+                pods_api.delete(&pod, &DeleteParams::default()).await.map(|_| ())
+            };
+            match restarted {
                 Ok(_) => {
                     let note = format!("{progress}: restarting {pod} on the current template");
                     ctx.event(rg, EventType::Normal, "MemberRestarted", "RollingUpdate", note.clone())
                         .await;
                     note
                 }
+                Err(kube::Error::Api(e)) if e.code == 429 => {
+                    format!("{progress}: waiting: the PodDisruptionBudget allows no disruption of {pod} now")
+                }
                 Err(kube::Error::Api(e)) if e.code == 404 => format!("{progress}: {pod} is being replaced"),
-                Err(e) => format!("{progress}: waiting: deleting {pod}: {e}"),
+                Err(e) => format!("{progress}: waiting: evicting {pod}: {e}"),
             }
         }
         crate::upgrade::Step::MoveLeader { from, to } => {
-            let leader = states.iter().find(|m| m.id == *from);
+            let leader = states.iter().find(|m| m.id == from);
             let moved = match leader {
                 Some(l) => {
                     let url = &members[l.ordinal as usize].1;
                     match etcd_client::Client::connect([url.as_str()], None).await {
-                        Ok(mut c) => c.move_leader(*to).await.map(|_| ()).map_err(|e| e.to_string()),
+                        Ok(mut c) => c.move_leader(to).await.map(|_| ()).map_err(|e| e.to_string()),
                         Err(e) => Err(e.to_string()),
                     }
                 }
@@ -250,9 +311,7 @@ async fn rolling_update(
             }
         }
     };
-    tracing::info!(group = %group, step = %note, "rolling update");
-    st.rolling_update = Some(note);
-    true
+    updated(st, note)
 }
 
 /// How often a membership change in progress is looked at again: a
