@@ -72,6 +72,17 @@ fn io_error(path: &Path, what: &str) -> impl FnOnce(std::io::Error) -> CommonErr
     move |source| CommonError::BackupIo { what, path, source }
 }
 
+/// What a failed etcd call of a backup of `group` from `member` becomes.
+fn etcd_error(group: &str, member: &str, what: &str) -> impl FnOnce(etcd_client::Error) -> CommonError + use<> {
+    let (group, member, what) = (group.to_string(), member.to_string(), what.to_string());
+    move |source| CommonError::BackupEtcd {
+        group,
+        member,
+        what,
+        source,
+    }
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -170,15 +181,7 @@ pub async fn take(endpoints: &[String], group: &str, dir: &Path) -> Result<Backu
             endpoints.join(", ")
         )));
     }
-    let etcd = |member: &str, what: &str| {
-        let (group, member, what) = (group.to_string(), member.to_string(), what.to_string());
-        move |source| CommonError::BackupEtcd {
-            group,
-            member,
-            what,
-            source,
-        }
-    };
+    let etcd = |member: &str, what: &str| etcd_error(group, member, what);
     // A linearizable read served by a member returns only once it has
     // applied everything the leader had committed when the read began: the
     // snapshot after it, from the same member, holds every write
@@ -282,15 +285,7 @@ async fn stream_snapshot(
     group: &str,
     member: &str,
 ) -> Result<(u64, String, String), CommonError> {
-    let etcd = |what: &str| {
-        let (group, member, what) = (group.to_string(), member.to_string(), what.to_string());
-        move |source| CommonError::BackupEtcd {
-            group,
-            member,
-            what,
-            source,
-        }
-    };
+    let etcd = |what: &str| etcd_error(group, member, what);
     // create_new: two backups of one group in the same millisecond must not
     // write into one file.
     let mut out = tokio::fs::OpenOptions::new()

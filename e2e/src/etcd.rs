@@ -70,6 +70,17 @@ pub async fn put_history(c: &mut etcd_client::Client, prefix: &str) -> Vec<(Stri
         .collect()
 }
 
+/// Every value each key under `prefix` took, in commit order, from the
+/// group's own history: what the history checker judges against.
+pub async fn applied(endpoints: &[String], prefix: &str) -> tern_verify::applied::Applied {
+    let mut c = Client::connect(endpoints, None).await.expect("connect");
+    let mut applied = tern_verify::applied::Applied::new();
+    for (key, value) in put_history(&mut c, prefix).await {
+        applied.entry(key).or_default().push(value);
+    }
+    applied
+}
+
 /// [`put_history`] with each put's revision: (key, value, revision).
 pub async fn put_history_at(c: &mut etcd_client::Client, prefix: &str) -> Vec<(String, String, i64)> {
     let last = c

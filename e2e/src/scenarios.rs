@@ -189,22 +189,7 @@ impl Scenarios {
             .position(|n| n == region)
             .ok_or_else(|| failed(format!("{region} is not among the GeoCluster's regions: {names}")))?;
         let patch = format!(r#"[{{"op":"replace","path":"/spec/regions/{index}/replicas","value":{to}}}]"#);
-        let regions: Vec<String> = self.clusters.iter().map(|c| c.region.clone()).collect();
-        for r in &regions {
-            self.kubectl(
-                r,
-                &[
-                    "patch",
-                    "geocluster",
-                    GEOCLUSTER,
-                    "-n",
-                    NAMESPACE,
-                    "--type=json",
-                    "-p",
-                    &patch,
-                ],
-            )?;
-        }
+        self.patch_geocluster("json", &patch)?;
         let group = format!("{GEOCLUSTER}-{region}");
         let deadline = Instant::now() + READY_LIMIT;
         let mut restarted = false;
@@ -257,6 +242,27 @@ impl Scenarios {
         Ok(())
     }
 
+    /// Patches the GeoCluster in every cluster (they share one spec);
+    /// `kind` is kubectl's patch type (`json`, `merge`).
+    fn patch_geocluster(&self, kind: &str, patch: &str) -> Result<()> {
+        for c in &self.clusters {
+            self.kubectl(
+                &c.region,
+                &[
+                    "patch",
+                    "geocluster",
+                    GEOCLUSTER,
+                    "-n",
+                    NAMESPACE,
+                    &format!("--type={kind}"),
+                    "-p",
+                    patch,
+                ],
+            )?;
+        }
+        Ok(())
+    }
+
     /// Changes the etcd members' template (their CPU request) in every
     /// cluster and waits until each region's data group has rolled onto it:
     /// the operator restarts one member at a time, the leader last after
@@ -285,21 +291,7 @@ impl Scenarios {
             )?;
             before.insert(r.clone(), revision.trim().to_string());
         }
-        for r in &regions {
-            self.kubectl(
-                r,
-                &[
-                    "patch",
-                    "geocluster",
-                    GEOCLUSTER,
-                    "-n",
-                    NAMESPACE,
-                    "--type=merge",
-                    "-p",
-                    &patch,
-                ],
-            )?;
-        }
+        self.patch_geocluster("merge", &patch)?;
         let deadline = Instant::now() + READY_LIMIT;
         for r in &regions {
             let group = format!("{GEOCLUSTER}-{r}");

@@ -111,76 +111,44 @@ async fn a_group_restored_from_a_backup_holds_everything_acknowledged_before_it(
     // Refusals first: a name not in the cluster, an unknown backup, a data
     // directory in use.
     let data0 = etcd.data_dir(0).display().to_string();
-    let e = tern(&[
-        "restore",
-        GROUP,
-        "--from",
-        &backups_arg,
-        "--name",
-        "stranger",
-        "--data-dir",
-        &data0,
-        "--initial-cluster",
-        &initial,
-    ])
-    .await
-    .expect_err("a stranger is refused");
+    let restore = async |name: &str, data: &str, backup: Option<&str>| {
+        let mut args = vec![
+            "restore",
+            GROUP,
+            "--from",
+            &backups_arg,
+            "--name",
+            name,
+            "--data-dir",
+            data,
+            "--initial-cluster",
+            &initial,
+        ];
+        if let Some(id) = backup {
+            args.extend(["--backup", id]);
+        }
+        tern(&args).await
+    };
+    let e = restore("stranger", &data0, None)
+        .await
+        .expect_err("a stranger is refused");
     assert!(e.contains("--name stranger") && e.contains("not a member"), "{e}");
-    let e = tern(&[
-        "restore",
-        GROUP,
-        "--from",
-        &backups_arg,
-        "--backup",
-        "eu-west-nope",
-        "--name",
-        "eu-west-0",
-        "--data-dir",
-        &data0,
-        "--initial-cluster",
-        &initial,
-    ])
-    .await
-    .expect_err("an unknown backup is refused");
+    let e = restore("eu-west-0", &data0, Some("eu-west-nope"))
+        .await
+        .expect_err("an unknown backup is refused");
     assert!(e.contains("eu-west-nope") && e.contains(&backup.id), "{e}");
     std::fs::create_dir_all(etcd.data_dir(0)).expect("mkdir");
     std::fs::write(etcd.data_dir(0).join("stray"), b"x").expect("a stray file");
-    let e = tern(&[
-        "restore",
-        GROUP,
-        "--from",
-        &backups_arg,
-        "--name",
-        "eu-west-0",
-        "--data-dir",
-        &data0,
-        "--initial-cluster",
-        &initial,
-    ])
-    .await
-    .expect_err("a used data directory is refused");
+    let e = restore("eu-west-0", &data0, None)
+        .await
+        .expect_err("a used data directory is refused");
     assert!(e.contains("--data-dir") && e.contains("not empty"), "{e}");
     std::fs::remove_dir_all(etcd.data_dir(0)).expect("cleared");
 
     for i in 0..3 {
         let name = etcd.members[i].name.clone();
         let data = etcd.data_dir(i).display().to_string();
-        tern(&[
-            "restore",
-            GROUP,
-            "--from",
-            &backups_arg,
-            "--backup",
-            &backup.id,
-            "--name",
-            &name,
-            "--data-dir",
-            &data,
-            "--initial-cluster",
-            &initial,
-        ])
-        .await
-        .expect("tern restore");
+        restore(&name, &data, Some(&backup.id)).await.expect("tern restore");
     }
     etcd.restart_all().expect("the restored members start");
 

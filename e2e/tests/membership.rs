@@ -14,7 +14,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use etcd_client::Client;
 use tern_e2e::etcd::register_client;
 use tern_local::etcd_cluster::{EtcdCluster, Tuning};
 use tern_operator::membership::{self, Progress, Step};
@@ -108,16 +107,6 @@ async fn resize_at_most(p: &mut Pods, desired: i32, limit: usize) -> Vec<Step> {
     taken
 }
 
-/// Every value each key took, in commit order, from etcd's own history.
-async fn applied(endpoints: &[String]) -> tern_verify::applied::Applied {
-    let mut c = Client::connect(endpoints, None).await.expect("connect");
-    let mut applied = tern_verify::applied::Applied::new();
-    for (key, value) in tern_e2e::etcd::put_history(&mut c, "/m/").await {
-        applied.entry(key).or_default().push(value);
-    }
-    applied
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_group_grows_to_five_and_shrinks_to_three_without_losing_a_write() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -203,7 +192,7 @@ async fn a_group_grows_to_five_and_shrinks_to_three_without_losing_a_write() {
         acknowledged > 50,
         "too few acknowledged writes to judge: {acknowledged}"
     );
-    let applied = applied(&p.endpoints()).await;
+    let applied = tern_e2e::etcd::applied(&p.endpoints(), "/m/").await;
     let report = tern_verify::judge(&history, Some(&applied), Duration::from_secs(20));
     assert!(report.violations.is_empty(), "{:#?}", report.violations);
     assert!(

@@ -391,16 +391,17 @@ async fn geocluster_lifecycle() {
     // stay on the image they run, and the status and an event say why.
     // (The default is v3.6.16; v3.8.0 skips 3.7.)
     let deployed_image = tern_crds::DEFAULT_ETCD_IMAGE;
-    let etcd_image = |image: &str| format!(r#"{{"spec":{{"etcd":{{"image":"{image}"}}}}}}"#);
-    cp.kubectl(&[
-        "patch",
-        "geocluster",
-        "payments",
-        "--type=merge",
-        "-p",
-        &etcd_image("gcr.io/etcd-development/etcd:v3.8.0"),
-    ])
-    .expect("the schema takes any image");
+    let etcd_image = |image: &str| {
+        cp.kubectl(&[
+            "patch",
+            "geocluster",
+            "payments",
+            "--type=merge",
+            "-p",
+            &format!(r#"{{"spec":{{"etcd":{{"image":"{image}"}}}}}}"#),
+        ])
+    };
+    etcd_image("gcr.io/etcd-development/etcd:v3.8.0").expect("the schema takes any image");
     let held = eventually("an upgrade that skips a minor is refused", WAIT, || async {
         rg_api.get("payments-us-east").await.ok()?.status?.upgrade_refused
     })
@@ -421,15 +422,7 @@ async fn geocluster_lifecycle() {
         Some(deployed_image),
         "the members stay on their image"
     );
-    cp.kubectl(&[
-        "patch",
-        "geocluster",
-        "payments",
-        "--type=merge",
-        "-p",
-        &etcd_image(deployed_image),
-    ])
-    .expect("back to the deployed image");
+    etcd_image(deployed_image).expect("back to the deployed image");
     eventually("nothing held once the spec names the deployed image", WAIT, || async {
         let rg = rg_api.get("payments-us-east").await.ok()?;
         rg.status?.upgrade_refused.is_none().then_some(())

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use etcd_client::Client;
-use tern_e2e::etcd::{put_history, register_client};
+use tern_e2e::etcd::register_client;
 use tern_local::etcd_cluster::{EtcdCluster, Tuning};
 use tern_operator::upgrade::{self, PodState, Step, Version};
 use tern_verify::History;
@@ -119,11 +119,7 @@ async fn a_rolling_upgrade_restarts_followers_first_and_the_leader_last_without_
     for c in clients {
         history.records.extend(c.await.expect("client task"));
     }
-    let mut c = Client::connect(&endpoints, None).await.expect("connect");
-    let mut applied = tern_verify::applied::Applied::new();
-    for (key, value) in put_history(&mut c, "/u/").await {
-        applied.entry(key).or_default().push(value);
-    }
+    let applied = tern_e2e::etcd::applied(&endpoints, "/u/").await;
     let report = tern_verify::judge(&history, Some(&applied), Duration::from_secs(20));
     assert!(report.violations.is_empty(), "{:#?}", report.violations);
     assert!(

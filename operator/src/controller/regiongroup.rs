@@ -132,6 +132,12 @@ async fn hold_refused_upgrade(
         st.upgrade_refused = None;
         return;
     };
+    // No change asked for (every reconcile but one): the template's image
+    // was judged when it was set, and no pod needs listing.
+    if template == wanted {
+        st.upgrade_refused = None;
+        return;
+    }
     let namespace = rg.namespace().unwrap_or_default();
     let mut running: Vec<String> = member_pods(ctx, &namespace, &rg.name_any())
         .await
@@ -213,6 +219,12 @@ async fn rolling_update(
             );
         }
         return true;
+    }
+    // Every pod on the newest revision, as the StatefulSet counts them:
+    // nothing to roll, and no pod to list.
+    let counted = sts.status.as_ref().map(|s| s.updated_replicas.unwrap_or(0));
+    if counted == Some(replicas) && st.rolling_update.is_none() {
+        return false;
     }
     let pods = match member_pods(ctx, &namespace, &group).await {
         Ok(pods) => pods,
