@@ -121,7 +121,7 @@ fn group_name(group: &str) -> Result<(), CliError> {
 async fn now(a: NowArgs) -> Result<(), CliError> {
     group_name(&a.group)?;
     let endpoints = crate::group_endpoints(&a.group, &a.members, &a.directory).await?;
-    let m = backup::take(&endpoints, &a.group, &a.to).await?;
+    let m = backup::take(&endpoints, crate::tls(), &a.group, &a.to).await?;
     println!(
         "backup {} of the {} group: {} bytes from {}, revisions {}..={} (every write acknowledged before it began is in it)",
         m.id, m.group, m.size_bytes, m.member, m.revision_min, m.revision_max

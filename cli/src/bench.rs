@@ -219,6 +219,7 @@ async fn data_plane(args: &BenchArgs) -> Result<(String, Option<f64>), CliError>
         rtt_ms: rtt.clone(),
         agents: false,
         otlp_endpoint: None,
+        tls: false,
     };
     println!(
         "tern bench: starting 3 regions × {} etcd members, routers, toxiproxy",

@@ -56,7 +56,7 @@ fn request<T>(target: &Target, message: T) -> tonic::Request<T> {
 }
 
 pub async fn create(args: CreateArgs) -> Result<(), CliError> {
-    let mut c = tern_api::connect(args.target.router).await;
+    let mut c = crate::router(args.target.router).await?;
     let resp = c
         .create_account(request(
             &args.target,
@@ -79,7 +79,7 @@ pub async fn create(args: CreateArgs) -> Result<(), CliError> {
 }
 
 pub async fn put(args: PutArgs) -> Result<(), CliError> {
-    let mut c = tern_api::connect(args.target.router).await;
+    let mut c = crate::router(args.target.router).await?;
     let resp = c
         .put(request(
             &args.target,
@@ -105,7 +105,7 @@ pub async fn put(args: PutArgs) -> Result<(), CliError> {
 }
 
 pub async fn get(args: GetArgs) -> Result<(), CliError> {
-    let mut c = tern_api::connect(args.target.router).await;
+    let mut c = crate::router(args.target.router).await?;
     let resp = c
         .get(request(
             &args.target,

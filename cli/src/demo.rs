@@ -250,6 +250,7 @@ pub async fn run(mut args: DemoArgs) -> Result<(), CliError> {
         rtt_ms: rtt,
         agents: true,
         otlp_endpoint: Some(otlp),
+        tls: false,
     };
     let mut deployment = tokio::select! {
         d = LocalDeployment::start(layout) => d?,

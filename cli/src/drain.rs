@@ -59,7 +59,7 @@ pub async fn run(args: DrainArgs, drain: bool) -> Result<(), CliError> {
             "name a directory (--directory URLS, a local deployment) or a GeoCluster in Kubernetes (--cluster NAME) to {verb} {region}"
         )));
     }
-    let mut d = tern_common::etcd::connect(&args.directory, "directory", Duration::from_secs(10)).await?;
+    let mut d = crate::etcd(&args.directory, "directory", Duration::from_secs(10)).await?;
     let changed = set_draining(&mut d, &region, drain)
         .await
         .map_err(|e| CliError::Setup(format!("{verb} {region}: {e}")))?;

@@ -48,7 +48,7 @@ fn region(what: &str, s: &str) -> Result<RegionName, CliError> {
 
 pub async fn run(args: FailoverArgs) -> Result<(), CliError> {
     let lost = region("REGION", &args.region)?;
-    let mut d = tern_common::etcd::connect(&args.directory, "directory", Duration::from_secs(10)).await?;
+    let mut d = crate::etcd(&args.directory, "directory", Duration::from_secs(10)).await?;
     let records = read_records(&mut d).await?;
     let view = failover::view(&mut d, &lost).await.map_err(refused)?;
     let successor = match &args.to {

@@ -11,7 +11,6 @@
 use std::time::{Duration, Instant};
 
 use clap::Args;
-use etcd_client::Client;
 use tern_common::RegionName;
 
 use crate::CliError;
@@ -44,7 +43,7 @@ struct Member {
 async fn members(endpoints: &[String]) -> Vec<Member> {
     let mut out = Vec::new();
     for e in endpoints {
-        let Ok(mut c) = Client::connect([e.as_str()], None).await else {
+        let Ok(mut c) = tern_common::etcd::client(&[e.as_str()], crate::tls(), None).await else {
             continue;
         };
         if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_secs(2), c.status()).await {
@@ -92,7 +91,7 @@ pub async fn run(args: MoveLeaderArgs) -> Result<(), CliError> {
             })?,
         };
     // MoveLeader is served by the leader only.
-    let mut c = Client::connect([leader.endpoint.as_str()], None)
+    let mut c = tern_common::etcd::client(&[leader.endpoint.as_str()], crate::tls(), None)
         .await
         .map_err(|source| CliError::EtcdRequest {
             what: format!("connecting to the leader {}", leader.endpoint),

@@ -31,6 +31,38 @@ use clap::{Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// A directory holding ca.crt, tls.crt and tls.key: talk to routers and
+    /// etcd groups over TLS with this certificate (a deployment whose etcd
+    /// requires client certificates, routers that require them of clients).
+    #[arg(long, global = true, env = "TERN_TLS_DIR")]
+    tls_dir: Option<std::path::PathBuf>,
+}
+
+/// The certificate of this run, from --tls-dir (the command is one
+/// short-lived process: every connection it makes uses the same one).
+static TLS: std::sync::OnceLock<Option<tern_common::tls::Tls>> = std::sync::OnceLock::new();
+
+/// This run's TLS material, if --tls-dir was given.
+pub(crate) fn tls() -> Option<&'static tern_common::tls::Tls> {
+    TLS.get().and_then(Option::as_ref)
+}
+
+/// Connects to an etcd group as every command does: over TLS when
+/// --tls-dir is given.
+pub(crate) async fn etcd(
+    endpoints: &[String],
+    what: &str,
+    deadline: std::time::Duration,
+) -> Result<etcd_client::Client, tern_common::CommonError> {
+    tern_common::etcd::connect_tls(endpoints, tls(), what, deadline).await
+}
+
+/// A client of the router at `addr`: over TLS when --tls-dir is given.
+pub(crate) async fn router(addr: std::net::SocketAddr) -> Result<tern_api::RouterClient, CliError> {
+    match tls() {
+        Some(t) => Ok(tern_api::RouterClient::new(t.channel(&addr.to_string())?)),
+        None => Ok(tern_api::connect(addr).await),
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -110,7 +142,7 @@ pub(crate) async fn group_endpoints(
         return Ok(directory.to_vec());
     }
     let region = tern_common::RegionName::new(group).map_err(|e| CliError::Usage(format!("REGION: {e}")))?;
-    let mut d = tern_common::etcd::connect(directory, "directory", std::time::Duration::from_secs(10)).await?;
+    let mut d = etcd(directory, "directory", std::time::Duration::from_secs(10)).await?;
     let key = tern_common::dir_region_key(&region);
     let found = d.get(key.clone(), None).await.map_err(|source| CliError::EtcdRequest {
         what: format!("reading {key}"),
@@ -169,6 +201,17 @@ pub async fn main() -> ExitCode {
             .with_writer(std::io::stderr)
             .init();
     }
+    let tls = match &cli.tls_dir {
+        Some(dir) => match tern_common::tls::Tls::load(dir, tern_common::tls::ClientAuth::Required) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                eprintln!("tern: --tls-dir: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        None => None,
+    };
+    let _ = TLS.set(tls);
     match run(cli.command).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -85,7 +85,7 @@ pub async fn run(args: MigrateArgs) -> Result<(), CliError> {
         .unwrap_or_else(|| format!("cli-{account}-{}", tern_common::unix_ms()));
     let id = MigrationId::new(id).map_err(|e| CliError::Usage(format!("--id: {e}")))?;
     reserved(&id)?;
-    let directory = tern_common::etcd::connect(&args.directory, "directory", Duration::from_secs(10)).await?;
+    let directory = crate::etcd(&args.directory, "directory", Duration::from_secs(10)).await?;
     let created = migrations::request(&directory, &id, &account, &to, expect_from, &args.reason).await?;
     if created {
         println!("migration {id}: {account} to {to} requested");

@@ -26,7 +26,7 @@ pub struct PinArgs {
 
 pub async fn run(args: PinArgs) -> Result<(), CliError> {
     let account = AccountId::new(&args.account).map_err(|e| CliError::Usage(format!("ACCOUNT: {e}")))?;
-    let directory = tern_common::etcd::connect(&args.directory, "directory", Duration::from_secs(10)).await?;
+    let directory = crate::etcd(&args.directory, "directory", Duration::from_secs(10)).await?;
     let key = dir_account_key(&account);
     let want = !args.unpin;
     // A few tries: a placement that changes between the read and the

@@ -121,7 +121,7 @@ fn list(q: &Quarantine) -> String {
 /// Every quarantine in the directory (of `t.region` only, if given),
 /// oldest failover first.
 async fn read(t: &Target) -> Result<Vec<Quarantine>, CliError> {
-    let directory = tern_common::etcd::connect(&t.directory, "directory", Duration::from_secs(10)).await?;
+    let directory = crate::etcd(&t.directory, "directory", Duration::from_secs(10)).await?;
     let prefix = match &t.region {
         Some(r) => {
             let r = tern_common::RegionName::new(r).map_err(|e| CliError::Usage(format!("REGION: {e}")))?;

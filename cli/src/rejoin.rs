@@ -23,7 +23,7 @@ pub struct RejoinArgs {
 
 pub async fn run(args: RejoinArgs) -> Result<(), CliError> {
     let region = RegionName::new(&args.region).map_err(|e| CliError::Usage(format!("REGION: {e}")))?;
-    let mut d = tern_common::etcd::connect(&args.directory, "directory", Duration::from_secs(10)).await?;
+    let mut d = crate::etcd(&args.directory, "directory", Duration::from_secs(10)).await?;
     let done = tern_common::failover::rejoin(&mut d, &region)
         .await
         .map_err(|e| CliError::Setup(format!("rejoin {region}: {e}")))?;

@@ -122,7 +122,7 @@ pub fn render_geocluster(gc: &tern_crds::GeoCluster) -> String {
 /// Status of a deployment from its directory's region records.
 async fn directory(args: StatusArgs) -> Result<(), CliError> {
     let mut client =
-        tern_common::etcd::connect(&args.directory, "directory", std::time::Duration::from_secs(5)).await?;
+        crate::etcd(&args.directory, "directory", std::time::Duration::from_secs(5)).await?;
     let resp = client
         .get(DIR_REGIONS, Some(GetOptions::new().with_prefix()))
         .await
@@ -183,7 +183,7 @@ async fn lease_answer(region: &str, record: &RegionRecord) -> Option<tern_common
     }
     let mut group = tokio::time::timeout(
         std::time::Duration::from_secs(2),
-        etcd_client::Client::connect(&endpoints, None),
+        tern_common::etcd::client(&endpoints, crate::tls(), None),
     )
     .await
     .ok()?

@@ -92,6 +92,10 @@ pub struct VerifyArgs {
     /// happen to dominate.
     #[arg(long)]
     follow_the_sun: bool,
+    /// Run the deployment with TLS on every link (certificates from a CA
+    /// made for the run; etcd and routers require client certificates).
+    #[arg(long)]
+    tls: bool,
     /// The tern-router binary the deployment runs (as processes, to kill
     /// and pause); default: beside this `tern`.
     #[arg(long, value_name = "PATH")]
@@ -331,6 +335,7 @@ pub async fn run_once(args: &VerifyArgs, binaries: &Binaries, seed: u64) -> Resu
         ]),
         agents: true,
         otlp_endpoint: None,
+        tls: args.tls,
     };
     let mut d = LocalDeployment::start_with(layout, Some(binaries.clone())).await?;
     if args.follow_the_sun {

@@ -14,6 +14,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use etcd_client::{Client, ConnectOptions, GetOptions};
+
+use crate::etcd;
+use crate::tls::Tls;
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt;
 
@@ -136,9 +139,9 @@ fn options() -> ConnectOptions {
 /// Service address in `endpoints` still names each member. Learners (they
 /// refuse linearizable reads) and members that know no leader (cut off:
 /// their read would wait) are left out.
-async fn candidates(endpoints: &[String]) -> Vec<Candidate> {
+async fn candidates(endpoints: &[String], tls: Option<&Tls>) -> Vec<Candidate> {
     let mut urls = Vec::new();
-    if let Ok(mut c) = Client::connect(endpoints, Some(options())).await
+    if let Ok(mut c) = etcd::client(endpoints, tls, Some(options())).await
         && let Ok(Ok(list)) = tokio::time::timeout(Duration::from_secs(2), c.member_list()).await
     {
         for m in list.members().iter().filter(|m| !m.is_learner()) {
@@ -152,7 +155,7 @@ async fn candidates(endpoints: &[String]) -> Vec<Candidate> {
     }
     let mut seen = Vec::new();
     for url in urls {
-        let Ok(mut c) = Client::connect([url.as_str()], Some(options())).await else {
+        let Ok(mut c) = etcd::client(&[url.as_str()], tls, Some(options())).await else {
             continue;
         };
         if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_secs(2), c.status()).await
@@ -173,8 +176,13 @@ async fn candidates(endpoints: &[String]) -> Vec<Candidate> {
 /// Streams a snapshot of `group` (members at `endpoints`) into
 /// `DIR/<group>/` and writes its manifest. Everything the group
 /// acknowledged before this was called is in it.
-pub async fn take(endpoints: &[String], group: &str, dir: &Path) -> Result<BackupManifest, CommonError> {
-    let found = candidates(endpoints).await;
+pub async fn take(
+    endpoints: &[String],
+    tls: Option<&Tls>,
+    group: &str,
+    dir: &Path,
+) -> Result<BackupManifest, CommonError> {
+    let found = candidates(endpoints, tls).await;
     if found.is_empty() {
         return Err(CommonError::Backup(format!(
             "no voting member of the {group} group with a leader answers at {}",
@@ -190,7 +198,7 @@ pub async fn take(endpoints: &[String], group: &str, dir: &Path) -> Result<Backu
     let mut chosen = None;
     for candidate in &found {
         let read = async {
-            let mut c = Client::connect([candidate.endpoint.as_str()], Some(options())).await?;
+            let mut c = etcd::client(&[candidate.endpoint.as_str()], tls, Some(options())).await?;
             let before = c.get("\0tern-backup", None).await?;
             Ok::<_, etcd_client::Error>((c, before))
         };

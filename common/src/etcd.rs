@@ -10,16 +10,45 @@ use etcd_client::{Client, ConnectOptions, GetOptions, GetResponse};
 
 use crate::CommonError;
 
+/// A client of the etcd members at `endpoints`: over TLS with `tls`'s
+/// certificate (which etcd's `--client-cert-auth` requires) when given,
+/// plain otherwise. Every tern process dials etcd through here, so that a
+/// TLS deployment has no plain-text link left over.
+pub async fn client(
+    endpoints: &[impl AsRef<str>],
+    tls: Option<&crate::tls::Tls>,
+    options: Option<ConnectOptions>,
+) -> Result<Client, etcd_client::Error> {
+    match tls {
+        None => Client::connect(endpoints, options).await,
+        Some(tls) => {
+            let urls: Vec<String> = endpoints.iter().map(|e| e.as_ref().to_string()).collect();
+            let channel = crate::tls::etcd_channel(&urls, tls).map_err(|e| etcd_client::Error::InvalidArgs(e.to_string()))?;
+            Client::from_channel(channel, options).await
+        }
+    }
+}
+
 /// Connects to `endpoints` and waits until one answers a status call, or
 /// `deadline` passes. `what` names the group in the error.
 pub async fn connect(endpoints: &[String], what: &str, deadline: Duration) -> Result<Client, CommonError> {
+    connect_tls(endpoints, None, what, deadline).await
+}
+
+/// [`connect`], over TLS when `tls` is given.
+pub async fn connect_tls(
+    endpoints: &[String],
+    tls: Option<&crate::tls::Tls>,
+    what: &str,
+    deadline: Duration,
+) -> Result<Client, CommonError> {
     let options = ConnectOptions::new()
         .with_connect_timeout(Duration::from_secs(2))
         .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
         .with_keep_alive_while_idle(true);
     let until = tokio::time::Instant::now() + deadline;
     loop {
-        let error = match Client::connect(endpoints, Some(options.clone())).await {
+        let error = match client(endpoints, tls, Some(options.clone())).await {
             Ok(mut c) => match c.status().await {
                 Ok(_) => return Ok(c),
                 Err(source) => CommonError::EtcdUnanswered {

@@ -19,6 +19,7 @@ pub mod ops;
 pub mod process;
 pub mod records;
 pub mod telemetry;
+pub mod tls;
 
 pub use duration::parse_duration;
 pub use ids::*;
@@ -79,6 +80,10 @@ pub enum CommonError {
     /// A backup is damaged, incomplete or of an unknown format.
     #[error("{0}")]
     Backup(String),
+    /// A TLS directory's files are missing, malformed or do not go
+    /// together (names the file and what is wrong).
+    #[error("TLS: {0}")]
+    Tls(String),
     /// The OTLP exporter could not be built for this endpoint.
     #[error("cannot export traces to {endpoint}: {source}")]
     TraceExport {

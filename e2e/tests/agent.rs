@@ -31,6 +31,7 @@ async fn start() -> LocalDeployment {
         rtt_ms: BTreeMap::from([(("us-east".into(), "eu-west".into()), 2 * D)]),
         agents: true,
         otlp_endpoint: None,
+        tls: false,
     })
     .await
     .expect("deployment starts")
@@ -888,6 +889,7 @@ async fn a_rolling_restart_of_its_own_group_keeps_the_agent_leading() {
         rtt_ms: BTreeMap::from([(("us-east".into(), "eu-west".into()), 2 * D)]),
         agents: true,
         otlp_endpoint: None,
+        tls: false,
     })
     .await
     .expect("deployment starts");

@@ -55,6 +55,7 @@ async fn agent_lag_lands_in_the_geocluster_status() {
         rtt_ms: BTreeMap::from([(("us-east".into(), "eu-west".into()), 60)]),
         agents: true,
         otlp_endpoint: None,
+        tls: false,
     })
     .await
     .expect("deployment");

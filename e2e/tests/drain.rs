@@ -34,6 +34,7 @@ async fn start(regions: Vec<(String, usize)>) -> LocalDeployment {
         rtt_ms,
         agents: true,
         otlp_endpoint: None,
+        tls: false,
     })
     .await
     .expect("deployment starts")

@@ -29,6 +29,7 @@ async fn start() -> LocalDeployment {
         rtt_ms: BTreeMap::from([(("us-east".into(), "eu-west".into()), 2 * D)]),
         agents: true,
         otlp_endpoint: None,
+        tls: false,
     })
     .await
     .expect("deployment starts")

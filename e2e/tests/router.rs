@@ -20,6 +20,7 @@ fn layout(us_east_members: usize) -> Layout {
         rtt_ms: BTreeMap::from([(("us-east".into(), "eu-west".into()), RTT_MS)]),
         agents: false,
         otlp_endpoint: None,
+        tls: false,
     }
 }
 

@@ -19,6 +19,7 @@ async fn start(agents: bool, otlp: String) -> LocalDeployment {
         rtt_ms: BTreeMap::from([(("us-east".into(), "eu-west".into()), RTT_MS)]),
         agents,
         otlp_endpoint: Some(otlp),
+        tls: false,
     })
     .await
     .expect("deployment");

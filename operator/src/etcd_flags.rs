@@ -35,6 +35,11 @@ pub struct MemberConfig<'a> {
     pub election_timeout_ms: i32,
     /// Tests and the local demo only: skip fsync.
     pub unsafe_no_fsync: bool,
+    /// A directory with `ca.crt`, `tls.crt` and `tls.key` (a mounted
+    /// cert-manager Secret): clients and peers then speak TLS and must show
+    /// a certificate from that CA, so nothing but tern's components reach
+    /// the group. The URLs above must then be https://.
+    pub tls_dir: Option<&'a str>,
 }
 
 /// Most operations in one transaction. A migration copies an account's keys
@@ -82,6 +87,16 @@ pub fn member_args(m: &MemberConfig<'_>) -> Vec<String> {
     if m.unsafe_no_fsync {
         args.push("--unsafe-no-fsync".to_string());
     }
+    if let Some(dir) = m.tls_dir {
+        // etcd reads the files at every handshake: a rotated Secret takes
+        // effect without a restart.
+        for side in ["", "peer-"] {
+            args.push(format!("--{side}cert-file={dir}/tls.crt"));
+            args.push(format!("--{side}key-file={dir}/tls.key"));
+            args.push(format!("--{side}trusted-ca-file={dir}/ca.crt"));
+            args.push(format!("--{side}client-cert-auth"));
+        }
+    }
     args
 }
 
@@ -115,6 +130,7 @@ mod tests {
             heartbeat_interval_ms: 100,
             election_timeout_ms: 1000,
             unsafe_no_fsync: false,
+            tls_dir: None,
         });
         assert!(args.contains(&"--initial-cluster=a=http://a:2380,b=http://b:2380".to_string()));
         assert!(args.contains(&"--heartbeat-interval=100".to_string()));

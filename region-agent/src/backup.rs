@@ -31,6 +31,8 @@ pub struct Settings {
     pub keep: usize,
     /// Group name and its members' client URLs.
     pub groups: Vec<(String, Vec<String>)>,
+    /// Dial the groups over TLS with this certificate.
+    pub tls: Option<tern_common::tls::Tls>,
 }
 
 /// How long until `group`'s next backup is due, from the newest one in
@@ -81,7 +83,7 @@ pub async fn run(settings: Settings, shared: Arc<Shared>) -> AgentError {
                     continue;
                 }
             }
-            match backup::take(endpoints, group, &settings.dir).await {
+            match backup::take(endpoints, settings.tls.as_ref(), group, &settings.dir).await {
                 Ok(m) => {
                     retry_at[i] = None;
                     metrics.backups.get_or_create(&labels("ok")).inc();
@@ -146,6 +148,7 @@ mod tests {
             every: Duration::from_secs(3600),
             keep: 2,
             groups: Vec::new(),
+            tls: None,
         }
     }
 

@@ -25,6 +25,15 @@ pub struct Config {
     #[arg(long, env = "TERN_DIRECTORY_ENDPOINTS", value_delimiter = ',', required = true)]
     pub directory_endpoints: Vec<String>,
 
+    /// A directory holding ca.crt, tls.crt and tls.key (a mounted
+    /// cert-manager or kubernetes.io/tls Secret). Set: the agent dials every
+    /// etcd group (its own, the directory, the regions it mirrors) over TLS
+    /// with this certificate and checks theirs against ca.crt; the files
+    /// are read again every few seconds, so a rotated certificate needs no
+    /// restart. Unset: plain TCP.
+    #[arg(long, env = "TERN_TLS_DIR")]
+    pub tls_dir: Option<std::path::PathBuf>,
+
     /// REGION=URL[|URL...]: a region to mirror and its group's client URLs.
     /// Repeat for every other region.
     #[arg(long = "source", env = "TERN_AGENT_SOURCES", value_delimiter = ',', value_parser = parse_source)]

@@ -81,10 +81,17 @@ pub async fn run(
     on_start: impl FnOnce(Running) + Send,
 ) -> Result<()> {
     config.validate().map_err(AgentError::InvalidConfig)?;
-    let connect = |endpoints: Vec<String>, what: String| async move {
-        tern_common::etcd::connect(&endpoints, &what, Duration::from_secs(60))
-            .await
-            .map_err(AgentError::Startup)
+    let tls = match &config.tls_dir {
+        Some(dir) => Some(tern_common::tls::Tls::load(dir, tern_common::tls::ClientAuth::Required)?),
+        None => None,
+    };
+    let connect = |endpoints: Vec<String>, what: String| {
+        let tls = tls.clone();
+        async move {
+            tern_common::etcd::connect_tls(&endpoints, tls.as_ref(), &what, Duration::from_secs(60))
+                .await
+                .map_err(AgentError::Startup)
+        }
     };
     let group = connect(config.group_endpoints.clone(), "region group".into()).await?;
     let directory = connect(config.directory_endpoints.clone(), "directory".into()).await?;
@@ -151,6 +158,7 @@ pub async fn run(
 
     let members_task = tokio::spawn(members::run(
         config.group_endpoints.clone(),
+        tls.clone(),
         shared.clone(),
         config.publish_interval,
     ));
@@ -264,6 +272,7 @@ pub async fn run(
                     every: config.backup_every,
                     keep: config.backup_keep as usize,
                     groups,
+                    tls: tls.clone(),
                 },
                 shared.clone(),
             ));

@@ -6,18 +6,19 @@ use std::time::Duration;
 
 use etcd_client::Client;
 use tern_common::MemberStatus;
+use tern_common::tls::Tls;
 
 use crate::metrics::MemberLabels;
 use crate::state::Shared;
 
 /// Polls every member every `interval`, forever.
-pub async fn run(endpoints: Vec<String>, shared: Arc<Shared>, interval: Duration) {
+pub async fn run(endpoints: Vec<String>, tls: Option<Tls>, shared: Arc<Shared>, interval: Duration) {
     let mut clients: Vec<(String, Option<Client>)> = endpoints.into_iter().map(|e| (e, None)).collect();
     loop {
         let mut seen = Vec::new();
         for (endpoint, client) in clients.iter_mut() {
             if client.is_none() {
-                *client = Client::connect([endpoint.as_str()], None).await.ok();
+                *client = tern_common::etcd::client(&[endpoint.as_str()], tls.as_ref(), None).await.ok();
             }
             let Some(c) = client.as_mut() else { continue };
             match tokio::time::timeout(interval, c.status()).await {

@@ -54,6 +54,22 @@ pub struct Config {
     #[arg(long, env = "TERN_PEER_TOKEN", value_parser = parse_peer_token, hide_env_values = true)]
     pub peer_token: Option<crate::peer::PeerToken>,
 
+    /// A directory holding ca.crt, tls.crt and tls.key (a mounted
+    /// cert-manager or kubernetes.io/tls Secret). Set: the gRPC API serves
+    /// TLS, and the router dials etcd and other regions' routers with this
+    /// certificate, checking theirs against ca.crt. The files are read again
+    /// every few seconds, so a rotated certificate needs no restart. A
+    /// forwarded call is trusted from a client certificate naming
+    /// spiffe://tern/router/<origin region>. Unset: plain TCP everywhere.
+    #[arg(long, env = "TERN_TLS_DIR")]
+    pub tls_dir: Option<std::path::PathBuf>,
+
+    /// With --tls-dir: `required` refuses, in the handshake, every client of
+    /// the gRPC API without a certificate from ca.crt (the API's
+    /// authentication); `optional` lets such clients in.
+    #[arg(long, env = "TERN_TLS_CLIENT_AUTH", default_value = "required", value_parser = parse_client_auth)]
+    pub tls_client_auth: tern_common::tls::ClientAuth,
+
     /// DNS server (IP:PORT) for resolving region endpoints; default: the
     /// system's resolver.
     #[arg(long, env = "TERN_DNS_SERVER")]
@@ -150,6 +166,14 @@ fn parse_peer(s: &str) -> Result<(RegionName, String), String> {
 
 fn parse_peer_token(s: &str) -> Result<crate::peer::PeerToken, String> {
     crate::peer::PeerToken::new(s)
+}
+
+fn parse_client_auth(s: &str) -> Result<tern_common::tls::ClientAuth, String> {
+    match s {
+        "required" => Ok(tern_common::tls::ClientAuth::Required),
+        "optional" => Ok(tern_common::tls::ClientAuth::Optional),
+        other => Err(format!("`{other}` is neither `required` nor `optional`")),
+    }
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {

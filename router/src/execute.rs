@@ -310,7 +310,8 @@ impl Executor {
                 .ok_or_else(|| RouterError::BadRequest(format!("grpc-timeout `{t}` is malformed")))?,
             None => self.default_deadline,
         };
-        let caller = crate::peer::caller(md, self.peer_token.as_ref()).map_err(RouterError::BadRequest)?;
+        let peer = request.extensions().get::<tern_common::tls::PeerInfo>();
+        let caller = crate::peer::caller(md, self.peer_token.as_ref(), peer).map_err(RouterError::BadRequest)?;
         let (origin, forwarded, hint) = match caller {
             Caller::Peer { origin, hint } => (origin, true, hint),
             Caller::Client { forged } => {

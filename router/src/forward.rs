@@ -19,6 +19,7 @@ use crate::dns::Dns;
 use crate::error::{BoxError, Delivery, Result, RouterError, SERVED_BY, classify};
 use crate::pb::{self, router_client::RouterClient};
 use crate::peer::{Hint, PeerToken, mark_forwarded};
+use tern_common::tls::Tls;
 use crate::placement::Directory;
 
 /// Set by a router that is not the account's home (any more): the caller
@@ -103,6 +104,8 @@ pub struct Forwarder {
     dns: Dns,
     overrides: HashMap<RegionName, String>,
     directory: Directory,
+    /// Dial other routers over TLS with this certificate.
+    tls: Option<Tls>,
     links: Mutex<HashMap<RegionName, Link>>,
 }
 
@@ -113,6 +116,7 @@ impl Forwarder {
         dns: Dns,
         overrides: HashMap<RegionName, String>,
         directory: Directory,
+        tls: Option<Tls>,
     ) -> Self {
         Self {
             origin,
@@ -120,6 +124,7 @@ impl Forwarder {
             dns,
             overrides,
             directory,
+            tls,
             links: Mutex::default(),
         }
     }
@@ -160,17 +165,28 @@ impl Forwarder {
             link.valid_until = valid_until;
             return Ok(link.client.clone());
         }
-        let channel = Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| RouterError::RegionUnreachable {
-                region: region.clone(),
-                source: Box::new(e),
-            })?
-            .connect_timeout(Duration::from_secs(2))
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(5))
-            .keep_alive_while_idle(true)
-            .connect_lazy();
+        let unreachable = |e: Box<dyn std::error::Error + Send + Sync>| RouterError::RegionUnreachable {
+            region: region.clone(),
+            source: e,
+        };
+        let channel = match &self.tls {
+            // The certificate is checked for the endpoint's host name, the
+            // name its region record (or --peer) gives, not the address
+            // it resolved to.
+            Some(tls) => {
+                let host = crate::dns::split_endpoint(&endpoint).map_err(|e| unreachable(Box::new(e)))?.0;
+                tls.channel_to(&addr.to_string(), &host)
+                    .map_err(|e| unreachable(Box::new(e)))?
+            }
+            None => Endpoint::from_shared(format!("http://{addr}"))
+                .map_err(|e| unreachable(Box::new(e)))?
+                .connect_timeout(Duration::from_secs(2))
+                .tcp_nodelay(true)
+                .http2_keep_alive_interval(Duration::from_secs(10))
+                .keep_alive_timeout(Duration::from_secs(5))
+                .keep_alive_while_idle(true)
+                .connect_lazy(),
+        };
         tracing::info!(%region, %endpoint, %addr, "dialling region");
         let client = RouterClient::new(channel);
         links.insert(

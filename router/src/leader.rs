@@ -21,6 +21,7 @@ use std::time::Duration;
 use etcd_client::{Client, KvClient, ResponseHeader};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
+use tern_common::tls::Tls;
 use tokio::sync::Notify;
 
 /// How often a known leader is confirmed.
@@ -70,7 +71,7 @@ impl Group {
 
     /// Starts following the leader of the group behind `any` on the current
     /// runtime. The task ends when every clone of the group is dropped.
-    pub fn follow_leader(any: Client, metrics: LeaderMetrics) -> Self {
+    pub fn follow_leader(any: Client, tls: Option<Tls>, metrics: LeaderMetrics) -> Self {
         let group = Self::spread(any);
         let weak = Arc::downgrade(&group.leader);
         let (any, wake) = (group.any.clone(), group.wake.clone());
@@ -79,7 +80,7 @@ impl Group {
             loop {
                 let Some(leader) = weak.upgrade() else { return };
                 let current = leader.read().expect("leader lock").clone();
-                let found = find(&any, current.as_ref()).await;
+                let found = find(&any, tls.as_ref(), current.as_ref()).await;
                 let wait = match &found {
                     Ok(_) => CONFIRM_EVERY,
                     Err(Lookup::Election) => RETRY_EVERY,
@@ -229,7 +230,7 @@ enum Lookup {
 
 /// The leader now, confirmed on its own connection; `current` is reused
 /// when it still leads.
-async fn find(any: &Client, current: Option<&Leader>) -> Result<Leader, Lookup> {
+async fn find(any: &Client, tls: Option<&Tls>, current: Option<&Leader>) -> Result<Leader, Lookup> {
     async fn status(client: &Client) -> Option<(u64, u64, u64)> {
         let s = tokio::time::timeout(CALL_TIMEOUT, client.clone().status())
             .await
@@ -261,7 +262,7 @@ async fn find(any: &Client, current: Option<&Leader>) -> Result<Leader, Lookup> 
         .and_then(|m| m.client_urls().first())
         .ok_or(Lookup::Unreachable)?
         .clone();
-    let client = tern_common::etcd::connect(std::slice::from_ref(&url), "region group leader", CALL_TIMEOUT)
+    let client = tern_common::etcd::connect_tls(std::slice::from_ref(&url), tls, "region group leader", CALL_TIMEOUT)
         .await
         .map_err(|e| {
             tracing::warn!(%url, error = %e, "cannot reach the region group's leader at its advertised URL");

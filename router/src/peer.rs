@@ -15,6 +15,7 @@
 use std::fmt;
 use std::sync::Arc;
 
+use tern_common::tls::{PeerInfo, Role, identity};
 use tern_common::{Epoch, RegionName};
 use tonic::metadata::{MetadataMap, MetadataValue};
 
@@ -118,18 +119,25 @@ pub enum Caller {
     Peer { origin: RegionName, hint: Option<Hint> },
 }
 
-/// Reads the forwarding headers of an incoming call; `token` is this
-/// router's peer token (none: no call is trusted as forwarded).
-pub fn caller(md: &MetadataMap, token: Option<&PeerToken>) -> Result<Caller, String> {
+/// Reads the forwarding headers of an incoming call. They are trusted when
+/// the caller shows this router's peer `token`, or when it connected with
+/// a verified client certificate that names a router of the origin region
+/// it claims (`peer`, from the TLS handshake): a router of one region
+/// cannot speak for another's clients.
+pub fn caller(md: &MetadataMap, token: Option<&PeerToken>, peer: Option<&PeerInfo>) -> Result<Caller, String> {
     let claims = md.get(FORWARDED).is_some() || md.get(ORIGIN_REGION).is_some();
     if !claims {
         return Ok(Caller::Client { forged: false });
     }
-    let trusted = match (token, md.get(PEER_TOKEN)) {
+    let by_token = match (token, md.get(PEER_TOKEN)) {
         (Some(ours), Some(offered)) => ours.matches(offered.as_bytes()),
         _ => false,
     };
-    if !trusted {
+    let by_certificate = match (peer, md.get(ORIGIN_REGION).and_then(|o| o.to_str().ok())) {
+        (Some(peer), Some(origin)) => peer.is(&identity(Role::Router, origin)),
+        _ => false,
+    };
+    if !(by_token || by_certificate) {
         return Ok(Caller::Client { forged: true });
     }
     let origin = md
@@ -186,7 +194,7 @@ mod tests {
     fn forwarding_headers_count_only_with_the_peer_token() {
         let ours = token();
         assert_eq!(
-            caller(&forwarded(Some(&ours)), Some(&ours)),
+            caller(&forwarded(Some(&ours)), Some(&ours), None),
             Ok(Caller::Peer {
                 origin: RegionName::new("eu-west").expect("valid"),
                 hint: None,
@@ -194,22 +202,44 @@ mod tests {
         );
         // Set by a client: no token, a wrong one, or a router with none.
         assert_eq!(
-            caller(&forwarded(None), Some(&ours)),
+            caller(&forwarded(None), Some(&ours), None),
             Ok(Caller::Client { forged: true })
         );
         let other = PeerToken::new("another-token-of-ours").expect("valid");
         assert_eq!(
-            caller(&forwarded(Some(&other)), Some(&ours)),
+            caller(&forwarded(Some(&other)), Some(&ours), None),
             Ok(Caller::Client { forged: true })
         );
         assert_eq!(
-            caller(&forwarded(Some(&ours)), None),
+            caller(&forwarded(Some(&ours)), None, None),
             Ok(Caller::Client { forged: true })
         );
         assert_eq!(
-            caller(&MetadataMap::new(), Some(&ours)),
+            caller(&MetadataMap::new(), Some(&ours), None),
             Ok(Caller::Client { forged: false })
         );
+    }
+
+    #[test]
+    fn a_router_certificate_vouches_only_for_its_own_region() {
+        let peer = |identities: &[&str]| PeerInfo {
+            remote: "127.0.0.1:1".parse().expect("valid"),
+            identities: identities.iter().map(|i| i.to_string()).collect::<Vec<_>>().into(),
+        };
+        let eu_router = peer(&["spiffe://tern/router/eu-west"]);
+        let us_router = peer(&["spiffe://tern/router/us-east"]);
+        let eu_agent = peer(&["spiffe://tern/agent/eu-west"]);
+        assert!(matches!(
+            caller(&forwarded(None), None, Some(&eu_router)),
+            Ok(Caller::Peer { .. })
+        ));
+        for other in [&us_router, &eu_agent, &peer(&[])] {
+            assert_eq!(
+                caller(&forwarded(None), None, Some(other)),
+                Ok(Caller::Client { forged: true }),
+                "{other:?}"
+            );
+        }
     }
 
     #[test]
@@ -228,7 +258,7 @@ mod tests {
             Some(&hint),
         );
         assert_eq!(md.get(HOME_HINT).and_then(|v| v.to_str().ok()), Some("ap-south@7!"));
-        match caller(&md, Some(&ours)) {
+        match caller(&md, Some(&ours), None) {
             Ok(Caller::Peer { hint: Some(h), .. }) => assert_eq!(h, hint),
             other => panic!("{other:?}"),
         }

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::Client;
+use tern_common::tls::Tls;
 
 use crate::Config;
 use crate::counts::WriteCounts;
@@ -31,8 +32,13 @@ pub struct Running {
 
 /// Connects to etcd, retrying until it answers (a router may start before
 /// its group) or `deadline` passes.
-pub async fn connect_etcd(endpoints: &[String], what: &str, deadline: Duration) -> Result<Client> {
-    Ok(tern_common::etcd::connect(endpoints, what, deadline).await?)
+pub async fn connect_etcd(
+    endpoints: &[String],
+    tls: Option<&Tls>,
+    what: &str,
+    deadline: Duration,
+) -> Result<Client> {
+    Ok(tern_common::etcd::connect_tls(endpoints, tls, what, deadline).await?)
 }
 
 /// Runs a router until `shutdown` completes; then stops accepting calls and
@@ -42,14 +48,30 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
     on_start: impl FnOnce(Running) + Send,
 ) -> Result<()> {
-    let group = connect_etcd(&config.group_endpoints, "region group", Duration::from_secs(60)).await?;
+    let tls = match &config.tls_dir {
+        Some(dir) => Some(Tls::load(dir, config.tls_client_auth)?),
+        None => None,
+    };
+    let group = connect_etcd(
+        &config.group_endpoints,
+        tls.as_ref(),
+        "region group",
+        Duration::from_secs(60),
+    )
+    .await?;
     let metrics = Arc::new(Metrics::default());
     let group = if config.group_leader_direct {
-        Group::follow_leader(group, metrics.group_leader.clone())
+        Group::follow_leader(group, tls.clone(), metrics.group_leader.clone())
     } else {
         Group::spread(group)
     };
-    let directory_client = connect_etcd(&config.directory_endpoints, "directory", Duration::from_secs(60)).await?;
+    let directory_client = connect_etcd(
+        &config.directory_endpoints,
+        tls.as_ref(),
+        "directory",
+        Duration::from_secs(60),
+    )
+    .await?;
     let directory = Directory::new(directory_client).counting_reads(metrics.directory_reads.clone());
     let watch_task = directory.spawn_watch();
     if let Some(endpoint) = &config.advertise {
@@ -97,6 +119,7 @@ pub async fn run(
             Dns::new(config.dns_server)?,
             config.peer_map(),
             directory.clone(),
+            tls.clone(),
         ),
         counts,
         metrics: metrics.clone(),
@@ -144,12 +167,12 @@ pub async fn run(
         source,
     })?;
     on_start(Running { grpc_addr, http_addr });
-    tracing::info!(region = %config.region, %grpc_addr, %http_addr, "tern-router serving");
+    tracing::info!(region = %config.region, %grpc_addr, %http_addr, tls = tls.is_some(), "tern-router serving");
 
-    // The builder's tcp_nodelay does not apply to a listener of our own: set
-    // it on the incoming connections, or Nagle's algorithm holds small
+    // TCP_NODELAY is set on every accepted connection (the builder's does
+    // not apply to a listener of our own), or Nagle's algorithm holds small
     // responses back until the client's delayed ACK (~40 ms at p99).
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let incoming = tern_common::tls::incoming(listener, tls.clone());
     let drain = config.drain_timeout;
     let server = tonic::transport::Server::builder()
         .add_service(RouterServer::new(service.clone()))

@@ -17,6 +17,9 @@ pub struct Member {
     pub name: String,
     pub client_url: String,
     pub peer_url: String,
+    /// Plain-HTTP metrics and health endpoint, with TLS (the client URL
+    /// then wants a client certificate).
+    metrics_url: Option<String>,
     args: Vec<String>,
     log: PathBuf,
     process: Option<ChildGuard>,
@@ -29,6 +32,17 @@ pub struct EtcdCluster {
     /// Where the members' data and logs are.
     dir: PathBuf,
     tuning: Tuning,
+    tls: Option<EtcdTls>,
+}
+
+/// A group that speaks TLS to clients and peers and requires their
+/// certificates (`--client-cert-auth`).
+#[derive(Clone)]
+pub struct EtcdTls {
+    /// The members' certificate directory (ca.crt, tls.crt, tls.key).
+    pub server_dir: PathBuf,
+    /// What this harness dials the members with.
+    pub client: tern_common::tls::Tls,
 }
 
 /// Raft timing of a cluster.
@@ -48,6 +62,22 @@ impl Default for Tuning {
     }
 }
 
+fn scheme(tls: Option<&EtcdTls>) -> &'static str {
+    if tls.is_some() { "https" } else { "http" }
+}
+
+/// With TLS, health and metrics on a plain-HTTP port of their own.
+fn metrics_url(tls: Option<&EtcdTls>) -> Option<String> {
+    tls.map(|_| format!("http://127.0.0.1:{}", assets::free_port()))
+}
+
+impl Member {
+    /// Where /health, /livez and /metrics answer without a certificate.
+    fn health_base(&self) -> &str {
+        self.metrics_url.as_deref().unwrap_or(&self.client_url)
+    }
+}
+
 /// Where member `name` keeps its data.
 fn data_dir(dir: &Path, name: &str) -> PathBuf {
     dir.join(format!("{name}.data"))
@@ -56,6 +86,7 @@ fn data_dir(dir: &Path, name: &str) -> PathBuf {
 /// The command line of local member `m` (the operator's member flags, on
 /// loopback, without fsync): others reach it at `advertise_peer`, and it
 /// bootstraps or joins `initial` as `state` says.
+#[allow(clippy::too_many_arguments)]
 fn local_args(
     m: &Member,
     dir: &Path,
@@ -64,14 +95,16 @@ fn local_args(
     token: &str,
     state: ClusterState,
     tuning: Tuning,
+    tls: Option<&EtcdTls>,
 ) -> Vec<String> {
     let data_dir = data_dir(dir, &m.name);
+    let tls_dir = tls.map(|t| t.server_dir.to_string_lossy().into_owned());
     member_args(&MemberConfig {
         name: &m.name,
         data_dir: &data_dir.to_string_lossy(),
         listen_client_urls: &m.client_url,
         listen_peer_urls: &m.peer_url,
-        listen_metrics_urls: None,
+        listen_metrics_urls: m.metrics_url.as_deref(),
         advertise_client_urls: &m.client_url,
         advertise_peer_urls: advertise_peer,
         initial_cluster: initial,
@@ -80,6 +113,7 @@ fn local_args(
         heartbeat_interval_ms: tuning.heartbeat_ms,
         election_timeout_ms: tuning.election_ms,
         unsafe_no_fsync: true,
+        tls_dir: tls_dir.as_deref(),
     })
 }
 
@@ -87,7 +121,12 @@ impl EtcdCluster {
     /// Starts `size` members with data under `dir` and waits until the group
     /// has a leader.
     pub fn start(dir: &Path, name: &str, size: usize, tuning: Tuning) -> Result<Self> {
-        Self::start_with_peer_urls(dir, name, size, tuning, None, |_, url| url.to_string())
+        Self::start_with_peer_urls(dir, name, size, tuning, None, None, |_, url| url.to_string())
+    }
+
+    /// Like `start`, over TLS with `tls`'s certificates.
+    pub fn start_tls(dir: &Path, name: &str, size: usize, tuning: Tuning, tls: EtcdTls) -> Result<Self> {
+        Self::start_with_peer_urls(dir, name, size, tuning, None, Some(tls), |_, url| url.to_string())
     }
 
     /// Like `start`, but the URL that others use to reach member `i` is
@@ -99,6 +138,7 @@ impl EtcdCluster {
         size: usize,
         tuning: Tuning,
         peer_ports: Option<&[u16]>,
+        tls: Option<EtcdTls>,
         advertise: impl Fn(usize, &str) -> String,
     ) -> Result<Self> {
         assets::retry_port_clash(|| {
@@ -107,7 +147,7 @@ impl EtcdCluster {
             for i in 0..size {
                 let _ = std::fs::remove_dir_all(data_dir(dir, &format!("{name}-{i}")));
             }
-            Self::start_once(dir, name, size, tuning, peer_ports, &advertise)
+            Self::start_once(dir, name, size, tuning, peer_ports, tls.clone(), &advertise)
         })
     }
 
@@ -117,19 +157,22 @@ impl EtcdCluster {
         size: usize,
         tuning: Tuning,
         peer_ports: Option<&[u16]>,
+        tls: Option<EtcdTls>,
         advertise: &impl Fn(usize, &str) -> String,
     ) -> Result<Self> {
         let binary = assets::binary("etcd")?;
+        let scheme = scheme(tls.as_ref());
         let mut members: Vec<Member> = (0..size)
             .map(|i| Member {
                 name: format!("{name}-{i}"),
-                client_url: format!("http://127.0.0.1:{}", assets::free_port()),
+                client_url: format!("{scheme}://127.0.0.1:{}", assets::free_port()),
                 peer_url: format!(
-                    "http://127.0.0.1:{}",
+                    "{scheme}://127.0.0.1:{}",
                     peer_ports
                         .and_then(|p| p.get(i).copied())
                         .unwrap_or_else(assets::free_port)
                 ),
+                metrics_url: metrics_url(tls.as_ref()),
                 args: Vec::new(),
                 log: dir.join(format!("{name}-{i}.log")),
                 process: None,
@@ -144,13 +187,23 @@ impl EtcdCluster {
             })
             .collect();
         for (i, m) in members.iter_mut().enumerate() {
-            m.args = local_args(m, dir, &initial[i].peer_url, &initial, name, ClusterState::New, tuning);
+            m.args = local_args(
+                m,
+                dir,
+                &initial[i].peer_url,
+                &initial,
+                name,
+                ClusterState::New,
+                tuning,
+                tls.as_ref(),
+            );
         }
         let mut cluster = Self {
             name: name.to_string(),
             members,
             dir: dir.to_path_buf(),
             tuning,
+            tls,
         };
         for i in 0..size {
             cluster.start_member(i, &binary)?;
@@ -171,7 +224,7 @@ impl EtcdCluster {
 
     fn wait_member(&mut self, i: usize, limit: Duration) -> Result<()> {
         let m = &mut self.members[i];
-        let url = format!("{}/health", m.client_url);
+        let url = format!("{}/health", m.health_base());
         let process = m.process.as_mut().expect("started above");
         process.wait_until(limit, || crate::http::get_ok(&url))
     }
@@ -181,9 +234,11 @@ impl EtcdCluster {
     pub fn reserve_member(&mut self) -> usize {
         let i = self.members.len();
         let name = format!("{}-{i}", self.name);
+        let scheme = scheme(self.tls.as_ref());
         self.members.push(Member {
-            client_url: format!("http://127.0.0.1:{}", assets::free_port()),
-            peer_url: format!("http://127.0.0.1:{}", assets::free_port()),
+            client_url: format!("{scheme}://127.0.0.1:{}", assets::free_port()),
+            peer_url: format!("{scheme}://127.0.0.1:{}", assets::free_port()),
+            metrics_url: metrics_url(self.tls.as_ref()),
             args: Vec::new(),
             log: self.dir.join(format!("{name}.log")),
             process: None,
@@ -207,10 +262,11 @@ impl EtcdCluster {
             &self.name,
             ClusterState::Existing,
             self.tuning,
+            self.tls.as_ref(),
         );
         self.start_member(i, &binary)?;
         let m = &mut self.members[i];
-        let url = format!("{}/livez", m.client_url);
+        let url = format!("{}/livez", m.health_base());
         let process = m.process.as_mut().expect("started above");
         process.wait_until(Duration::from_secs(60), || crate::http::get_ok(&url))
     }
@@ -225,6 +281,24 @@ impl EtcdCluster {
     /// Where member `i` keeps its data.
     pub fn data_dir(&self, i: usize) -> PathBuf {
         data_dir(&self.dir, &self.members[i].name)
+    }
+
+    /// A client of `endpoints` of this group, with the harness's
+    /// certificate when the group speaks TLS.
+    pub async fn client(&self, endpoints: &[&str]) -> std::result::Result<etcd_client::Client, etcd_client::Error> {
+        tern_common::etcd::client(endpoints, self.tls.as_ref().map(|t| &t.client), None).await
+    }
+
+    /// A client of every member.
+    pub async fn connect(&self) -> std::result::Result<etcd_client::Client, etcd_client::Error> {
+        let endpoints = self.endpoints();
+        let endpoints: Vec<&str> = endpoints.iter().map(String::as_str).collect();
+        self.client(&endpoints).await
+    }
+
+    /// The group's TLS set-up, if it speaks TLS.
+    pub fn tls(&self) -> Option<&EtcdTls> {
+        self.tls.as_ref()
     }
 
     /// Client URLs of every member.
@@ -281,10 +355,10 @@ impl EtcdCluster {
     /// gRPC server metrics).
     pub async fn txns_served(&self, i: usize) -> f64 {
         let addr = self.members[i]
-            .client_url
+            .health_base()
             .trim_start_matches("http://")
             .parse()
-            .expect("client URLs are http://IP:PORT");
+            .expect("health URLs are http://IP:PORT");
         crate::http::metric(
             addr,
             "grpc_server_handled_total{grpc_code=\"OK\",grpc_method=\"Txn\",grpc_service=\"etcdserverpb.KV\"",
@@ -302,7 +376,8 @@ impl EtcdCluster {
             reason,
         };
         let leader = self.leader().await.ok_or_else(|| failed("no leader".into()))?;
-        let mut c = etcd_client::Client::connect([self.members[leader].client_url.as_str()], None)
+        let mut c = self
+            .client(&[self.members[leader].client_url.as_str()])
             .await
             .map_err(|e| failed(e.to_string()))?;
         let members = c.member_list().await.map_err(|e| failed(e.to_string()))?;
@@ -322,7 +397,7 @@ impl EtcdCluster {
             if m.process.is_none() {
                 continue;
             }
-            let Ok(mut c) = etcd_client::Client::connect([m.client_url.as_str()], None).await else {
+            let Ok(mut c) = self.client(&[m.client_url.as_str()]).await else {
                 continue;
             };
             if let Ok(status) = c.status().await

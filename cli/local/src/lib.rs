@@ -17,6 +17,7 @@ pub mod jaeger;
 pub mod local;
 pub mod migrations;
 pub mod otlp;
+pub mod pki;
 pub mod process;
 pub mod toxiproxy;
 

@@ -13,7 +13,10 @@ use tempfile::TempDir;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use crate::etcd_cluster::{EtcdCluster, Tuning};
+use tern_common::tls::{self, ClientAuth, Role, Tls};
+
+use crate::etcd_cluster::{EtcdCluster, EtcdTls, Tuning};
+use crate::pki::LocalPki;
 use crate::process::ChildGuard;
 use crate::toxiproxy::Toxiproxy;
 use crate::{LocalError, Result, assets};
@@ -410,6 +413,11 @@ pub struct Layout {
     /// Routers and agents export traces here (OTLP/gRPC), each as its own
     /// instance.
     pub otlp_endpoint: Option<String>,
+    /// TLS on every link, with certificates from a CA made for the
+    /// deployment (see [`crate::pki`]): etcd requires client certificates,
+    /// routers require them of their clients and trust forwarded calls by
+    /// the peer router's certificate.
+    pub tls: bool,
 }
 
 impl Layout {
@@ -422,6 +430,7 @@ impl Layout {
             rtt_ms: BTreeMap::new(),
             agents: false,
             otlp_endpoint: None,
+            tls: false,
         }
     }
 
@@ -449,6 +458,10 @@ pub struct LocalDeployment {
     pub agent_directory_links: BTreeMap<String, Vec<String>>,
     /// Set when routers and agents run as processes of their own.
     pub binaries: Option<Binaries>,
+    /// With `layout.tls`: the CA, and the certificate this harness (and
+    /// a test's clients) use.
+    pub pki: Option<LocalPki>,
+    pub client_tls: Option<Tls>,
     pub dir: TempDir,
 }
 
@@ -470,12 +483,30 @@ impl LocalDeployment {
                 source,
             })?;
         let toxiproxy = Toxiproxy::start(dir.path())?;
-        let directory = Self::start_directory(&layout, dir.path(), &toxiproxy).await?;
+        let (pki, etcd_tls) = if layout.tls {
+            let pki = LocalPki::new(&dir.path().join("pki"))?;
+            let server_dir = pki.issue("etcd", &tls::identity(Role::Etcd, "local"))?;
+            let client_dir = pki.issue("client", &tls::identity(Role::Client, "local"))?;
+            let client = Tls::load(&client_dir, ClientAuth::Required).map_err(|e| LocalError::NotStarted {
+                component: "certificates",
+                region: "local".into(),
+                reason: e.to_string(),
+            })?;
+            (Some(pki), Some(EtcdTls { server_dir, client }))
+        } else {
+            (None, None)
+        };
+        let scheme = if layout.tls { "https" } else { "http" };
+        let directory = Self::start_directory(&layout, dir.path(), &toxiproxy, etcd_tls.clone()).await?;
         let mut regions = Vec::new();
         for (name, members) in &layout.regions {
+            let group = match &etcd_tls {
+                Some(t) => EtcdCluster::start_tls(dir.path(), name, *members, Tuning::default(), t.clone())?,
+                None => EtcdCluster::start(dir.path(), name, *members, Tuning::default())?,
+            };
             regions.push(LocalRegion {
                 name: name.clone(),
-                group: EtcdCluster::start(dir.path(), name, *members, Tuning::default())?,
+                group,
                 router: None,
                 router_args: Vec::new(),
                 agent: None,
@@ -516,6 +547,13 @@ impl LocalDeployment {
                 format!("--peer-token={peer_token}"),
                 "--log-format=text".to_string(),
             ];
+            if let Some(pki) = &pki {
+                let certs = pki.issue(
+                    &format!("router-{}", region.name),
+                    &tls::identity(Role::Router, &region.name),
+                )?;
+                args.push(format!("--tls-dir={}", certs.display()));
+            }
             args.extend(peers[i].iter().cloned());
             if !layout.agents {
                 // No agent keeps a region lease: nothing to wait for.
@@ -541,13 +579,12 @@ impl LocalDeployment {
                     let mut urls = Vec::new();
                     for (k, endpoint) in to.group.endpoints().iter().enumerate() {
                         let name = format!("{}-mirror-{}-{k}", from.name, to.name);
-                        let upstream = endpoint.trim_start_matches("http://");
-                        let listen = toxiproxy.proxy(&name, upstream).await?;
+                        let listen = toxiproxy.proxy(&name, authority(endpoint)).await?;
                         let rtt = layout.rtt(&from.name, &to.name);
                         if rtt > 0 {
                             toxiproxy.round_trip(&name, rtt).await?;
                         }
-                        urls.push(format!("http://{listen}"));
+                        urls.push(format!("{scheme}://{listen}"));
                         names.push(name);
                     }
                     sources[i].push(format!("--source={}={}", to.name, urls.join("|")));
@@ -562,8 +599,8 @@ impl LocalDeployment {
                 let mut urls = Vec::new();
                 for (k, endpoint) in directory.endpoints().iter().enumerate() {
                     let name = format!("{}-agent-directory-{k}", region.name);
-                    let listen = toxiproxy.proxy(&name, endpoint.trim_start_matches("http://")).await?;
-                    urls.push(format!("http://{listen}"));
+                    let listen = toxiproxy.proxy(&name, authority(endpoint)).await?;
+                    urls.push(format!("{scheme}://{listen}"));
                     names.push(name);
                 }
                 agent_directory_links.insert(region.name.clone(), names);
@@ -577,6 +614,13 @@ impl LocalDeployment {
                     "--log-format=text".to_string(),
                     format!("--identity={}-agent-a", region.name),
                 ];
+                if let Some(pki) = &pki {
+                    let certs = pki.issue(
+                        &format!("agent-{}", region.name),
+                        &tls::identity(Role::Agent, &region.name),
+                    )?;
+                    args.push(format!("--tls-dir={}", certs.display()));
+                }
                 args.extend(sources[i].iter().cloned());
                 if let Some(endpoint) = &layout.otlp_endpoint {
                     args.push(format!("--otlp-endpoint={endpoint}"));
@@ -599,6 +643,8 @@ impl LocalDeployment {
             mirror_links,
             agent_directory_links,
             binaries,
+            client_tls: etcd_tls.map(|t| t.client),
+            pki,
             dir,
         })
     }
@@ -609,11 +655,20 @@ impl LocalDeployment {
     /// from its region to the others (etcd gives a member one peer URL for
     /// all, so per-pair delays cannot be modelled), and the group runs the
     /// cross-region Raft timing the operator gives directory groups.
-    async fn start_directory(layout: &Layout, dir: &std::path::Path, toxiproxy: &Toxiproxy) -> Result<EtcdCluster> {
+    async fn start_directory(
+        layout: &Layout,
+        dir: &std::path::Path,
+        toxiproxy: &Toxiproxy,
+        tls: Option<EtcdTls>,
+    ) -> Result<EtcdCluster> {
         let spread = layout.directory_members == layout.regions.len() && !layout.rtt_ms.is_empty();
         if !spread {
-            return EtcdCluster::start(dir, "directory", layout.directory_members, Tuning::default());
+            return match tls {
+                Some(t) => EtcdCluster::start_tls(dir, "directory", layout.directory_members, Tuning::default(), t),
+                None => EtcdCluster::start(dir, "directory", layout.directory_members, Tuning::default()),
+            };
         }
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let ports: Vec<u16> = (0..layout.directory_members).map(|_| assets::free_port()).collect();
         let mut advertised = Vec::new();
         for (i, (region, _)) in layout.regions.iter().enumerate() {
@@ -629,7 +684,7 @@ impl LocalDeployment {
             if mean > 0 {
                 toxiproxy.round_trip(&name, mean).await?;
             }
-            advertised.push(format!("http://{listen}"));
+            advertised.push(format!("{scheme}://{listen}"));
         }
         let max_rtt = layout.rtt_ms.values().copied().max().unwrap_or(100) as i32;
         let tuning = Tuning {
@@ -642,6 +697,7 @@ impl LocalDeployment {
             layout.directory_members,
             tuning,
             Some(&ports),
+            tls,
             |i, _| advertised[i].clone(),
         )
     }
@@ -660,28 +716,27 @@ impl LocalDeployment {
             .expect("a region of the layout")
     }
 
-    /// A client of `region`'s router.
+    /// A client of `region`'s router (with the harness's certificate when
+    /// the deployment runs TLS).
     pub async fn client(&self, region: &str) -> tern_api::RouterClient {
-        self.region(region)
-            .router
-            .as_ref()
-            .expect("router running")
-            .client()
-            .await
+        let router = self.region(region).router.as_ref().expect("router running");
+        match &self.client_tls {
+            Some(tls) => tern_api::RouterClient::new(
+                tls.channel(&router.grpc_addr.to_string())
+                    .expect("a socket address is host:port"),
+            ),
+            None => router.client().await,
+        }
     }
 
     /// An etcd client of `region`'s group.
     pub async fn group_client(&self, region: &str) -> etcd_client::Client {
-        etcd_client::Client::connect(self.region(region).group.endpoints(), None)
-            .await
-            .expect("the group answers")
+        self.region(region).group.connect().await.expect("the group answers")
     }
 
     /// An etcd client of the directory.
     pub async fn directory_client(&self) -> etcd_client::Client {
-        etcd_client::Client::connect(self.directory.endpoints(), None)
-            .await
-            .expect("the directory answers")
+        self.directory.connect().await.expect("the directory answers")
     }
 
     /// Cuts (false) or restores (true) every mirror link from `from` to `to`.
@@ -784,6 +839,11 @@ async fn launch_agent(binaries: Option<&Binaries>, dir: &Path, args: &[String]) 
         Some(b) => AgentGuard::spawn(&b.agent, args, &dir.join(format!("{}.log", log_name("agent", args)))).await,
         None => AgentGuard::start(args).await,
     }
+}
+
+/// `host:port` of an endpoint URL.
+fn authority(url: &str) -> &str {
+    url.trim_start_matches("https://").trim_start_matches("http://")
 }
 
 /// `REGION-COMPONENT` from the `--region` flag among `args`.

@@ -79,6 +79,7 @@ async fn once(members: usize, accounts: usize) -> Result<Kill, CliError> {
         rtt_ms: BTreeMap::from([(("us-east".into(), "eu-west".into()), 80)]),
         agents: true,
         otlp_endpoint: None,
+        tls: false,
     })
     .await?;
     d.restart_with_flags(

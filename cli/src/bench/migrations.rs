@@ -53,6 +53,7 @@ pub async fn run(members: usize, per_pair: usize, bulk: usize) -> Result<String,
         rtt_ms: rtt.clone(),
         agents: true,
         otlp_endpoint: None,
+        tls: false,
     })
     .await?;
     // No per-minute limit: the bulk phase measures the executor, not it.

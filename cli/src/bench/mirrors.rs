@@ -36,6 +36,7 @@ pub async fn run(members: usize, round_secs: u64, router_rate: Option<f64>) -> R
         rtt_ms: [(("us-east".into(), "eu-west".into()), 2 * ONE_WAY_MS)].into(),
         agents: true,
         otlp_endpoint: None,
+        tls: false,
     })
     .await?;
     let source = d.group_client("eu-west").await;

@@ -66,7 +66,7 @@ impl EtcdHistory {
         let tasks = d
             .regions
             .iter()
-            .map(|r| tokio::spawn(watch(r.name.clone(), r.group.endpoints(), seen.clone())))
+            .map(|r| tokio::spawn(watch(r.name.clone(), r.group.endpoints(), d.client_tls.clone(), seen.clone())))
             .collect();
         Self { seen, tasks }
     }
@@ -182,10 +182,15 @@ fn data_key(key: &str) -> Option<String> {
 }
 
 /// Watches `region`'s group until aborted, resuming after breaks.
-async fn watch(region: String, endpoints: Vec<String>, seen: Arc<Mutex<Seen>>) {
+async fn watch(
+    region: String,
+    endpoints: Vec<String>,
+    tls: Option<tern_common::tls::Tls>,
+    seen: Arc<Mutex<Seen>>,
+) {
     loop {
         let next = lock(&seen).revision.get(&region).copied().unwrap_or(0) + 1;
-        if let Err(e) = watch_once(&region, &endpoints, next, &seen).await {
+        if let Err(e) = watch_once(&region, &endpoints, tls.as_ref(), next, &seen).await {
             tracing::debug!(%region, error = %e, "history watch broke; resuming");
         }
         if lock(&seen).lost.is_some() {
@@ -198,10 +203,11 @@ async fn watch(region: String, endpoints: Vec<String>, seen: Arc<Mutex<Seen>>) {
 async fn watch_once(
     region: &str,
     endpoints: &[String],
+    tls: Option<&tern_common::tls::Tls>,
     from: i64,
     seen: &Mutex<Seen>,
 ) -> Result<(), etcd_client::Error> {
-    let mut c = etcd_client::Client::connect(endpoints, None).await?;
+    let mut c = tern_common::etcd::client(endpoints, tls, None).await?;
     let mut stream = c
         .watch(
             ALL,

@@ -147,6 +147,7 @@ pub fn container_args(rg: &RegionGroup) -> Vec<String> {
         heartbeat_interval_ms: rg.spec.etcd.heartbeat_interval_ms,
         election_timeout_ms: rg.spec.etcd.election_timeout_ms,
         unsafe_no_fsync: false,
+        tls_dir: None,
     })
     .into_iter()
     .map(|arg| {

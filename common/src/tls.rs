@@ -1,0 +1,573 @@
+//! TLS on tern's links: router↔router, router and agent↔etcd, and clients
+//! to a router, all with mutual authentication against one CA.
+//!
+//! A process reads its material from a directory laid out as a
+//! cert-manager (or `kubernetes.io/tls`) Secret is mounted: `ca.crt`,
+//! `tls.crt`, `tls.key`. The files are read again every
+//! [`RELOAD_EVERY`]; a changed, consistent set replaces the old one for
+//! every handshake after it, so certificates rotate without a restart
+//! (established connections keep the session they have). A set that does
+//! not load (a Secret caught half-updated, a key that does not match its
+//! certificate) is logged and the old one stays in use.
+//!
+//! Identity: a tern certificate names its holder with a SPIFFE URI
+//! (`spiffe://tern/<role>/<region>`, see [`identity`]); the router trusts
+//! forwarding headers only from a peer whose verified client certificate
+//! names a router of the origin region it claims.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, RwLock, Weak};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::CommonError;
+
+/// The files of a TLS directory: cert-manager's Secret keys.
+pub const CA_FILE: &str = "ca.crt";
+pub const CERT_FILE: &str = "tls.crt";
+pub const KEY_FILE: &str = "tls.key";
+
+/// How often the files are read again for a rotated certificate. A
+/// kubelet refreshes a mounted Secret within about a minute; this adds
+/// little to that.
+pub const RELOAD_EVERY: Duration = Duration::from_secs(2);
+
+/// How long a client has to finish its TLS handshake before the server
+/// drops the connection (a slow or silent client must not hold a slot).
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The SPIFFE trust domain of tern's certificates.
+pub const TRUST_DOMAIN: &str = "tern";
+
+/// What a certificate's holder is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    Router,
+    Agent,
+    Operator,
+    Etcd,
+    /// A person or program using the `tern` command.
+    Client,
+}
+
+impl Role {
+    fn as_str(self) -> &'static str {
+        match self {
+            Role::Router => "router",
+            Role::Agent => "agent",
+            Role::Operator => "operator",
+            Role::Etcd => "etcd",
+            Role::Client => "client",
+        }
+    }
+}
+
+/// The SPIFFE URI a certificate of `role` in `scope` (a region, or
+/// `global`) carries as a subject alternative name.
+pub fn identity(role: Role, scope: &str) -> String {
+    format!("spiffe://{TRUST_DOMAIN}/{}/{scope}", role.as_str())
+}
+
+/// Whether the server asks every client for a certificate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClientAuth {
+    /// A client without a certificate from the CA is refused in the
+    /// handshake.
+    Required,
+    /// A client may connect without one (it then has no identity; the
+    /// server authenticates it some other way or not at all).
+    Optional,
+}
+
+/// What a loaded certificate says, for logs and status.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CertSummary {
+    /// The serial number in hex.
+    pub serial: String,
+    /// Unix seconds after which the certificate is no longer valid.
+    pub not_after: i64,
+    /// Its SPIFFE (URI) identities.
+    pub identities: Vec<String>,
+}
+
+/// One consistent set of files, made into configurations.
+struct Material {
+    files: [Vec<u8>; 3],
+    server: Arc<ServerConfig>,
+    client: Arc<ClientConfig>,
+    summary: CertSummary,
+}
+
+struct Inner {
+    dir: PathBuf,
+    client_auth: ClientAuth,
+    current: RwLock<Arc<Material>>,
+}
+
+/// A process's TLS material, reloaded from its directory. Cheap to clone;
+/// the reload task stops when the last clone is dropped.
+#[derive(Clone)]
+pub struct Tls(Arc<Inner>);
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Paths and the public certificate only; never key material.
+        f.debug_struct("Tls")
+            .field("dir", &self.0.dir)
+            .field("client_auth", &self.0.client_auth)
+            .field("serial", &self.summary().serial)
+            .finish()
+    }
+}
+
+fn tls_error(path: &Path, what: impl std::fmt::Display) -> CommonError {
+    CommonError::Tls(format!("{}: {what}", path.display()))
+}
+
+fn read_files(dir: &Path) -> Result<[Vec<u8>; 3], CommonError> {
+    let read = |name: &str| {
+        let path = dir.join(name);
+        std::fs::read(&path).map_err(|e| tls_error(&path, e))
+    };
+    Ok([read(CA_FILE)?, read(CERT_FILE)?, read(KEY_FILE)?])
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// What a certificate (DER) says: serial, expiry, URI identities.
+pub fn summarize(der: &[u8]) -> Result<CertSummary, String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| format!("not an X.509 certificate: {e}"))?;
+    let identities = match cert.subject_alternative_name() {
+        Ok(Some(san)) => san
+            .value
+            .general_names
+            .iter()
+            .filter_map(|n| match n {
+                x509_parser::extensions::GeneralName::URI(u) => Some(u.to_string()),
+                _ => None,
+            })
+            .collect(),
+        Ok(None) => Vec::new(),
+        Err(e) => return Err(format!("unreadable subject alternative names: {e}")),
+    };
+    Ok(CertSummary {
+        serial: cert.raw_serial_as_string().replace(':', ""),
+        not_after: cert.validity().not_after.timestamp(),
+        identities,
+    })
+}
+
+/// [`summarize`] of the first certificate of a PEM file.
+pub fn summarize_pem(pem: &[u8]) -> Result<CertSummary, String> {
+    let first = CertificateDer::pem_slice_iter(pem)
+        .next()
+        .ok_or("no certificate in it")?
+        .map_err(|e| format!("not PEM: {e}"))?;
+    summarize(&first)
+}
+
+fn build(dir: &Path, files: [Vec<u8>; 3], client_auth: ClientAuth) -> Result<Material, CommonError> {
+    let [ca, cert, key] = &files;
+    let ca_path = dir.join(CA_FILE);
+    let cert_path = dir.join(CERT_FILE);
+    let key_path = dir.join(KEY_FILE);
+    let mut roots = RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(ca) {
+        let c = c.map_err(|e| tls_error(&ca_path, format!("not PEM certificates: {e}")))?;
+        roots
+            .add(c)
+            .map_err(|e| tls_error(&ca_path, format!("not a usable CA certificate: {e}")))?;
+    }
+    if roots.is_empty() {
+        return Err(tls_error(&ca_path, "holds no certificate"));
+    }
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert)
+        .collect::<Result<_, _>>()
+        .map_err(|e| tls_error(&cert_path, format!("not PEM certificates: {e}")))?;
+    let Some(leaf) = chain.first() else {
+        return Err(tls_error(&cert_path, "holds no certificate"));
+    };
+    let summary = summarize(leaf).map_err(|e| tls_error(&cert_path, e))?;
+    let key = PrivateKeyDer::from_pem_slice(key).map_err(|e| tls_error(&key_path, format!("not a PEM private key: {e}")))?;
+    let roots = Arc::new(roots);
+    let verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider());
+    let verifier = match client_auth {
+        ClientAuth::Required => verifier.build(),
+        ClientAuth::Optional => verifier.allow_unauthenticated().build(),
+    }
+    .map_err(|e| tls_error(&ca_path, format!("cannot verify clients with it: {e}")))?;
+    let mismatch = |e: rustls::Error| tls_error(&key_path, format!("does not go with {}: {e}", cert_path.display()));
+    let mut server = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| tls_error(dir, e))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain.clone(), key.clone_key())
+        .map_err(mismatch)?;
+    // gRPC runs over HTTP/2, which TLS negotiates with ALPN (grpc-go, and
+    // so etcd, refuses a connection without it).
+    server.alpn_protocols = vec![b"h2".to_vec()];
+    let mut client = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| tls_error(dir, e))?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .map_err(mismatch)?;
+    client.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Material {
+        files,
+        server: Arc::new(server),
+        client: Arc::new(client),
+        summary,
+    })
+}
+
+impl Tls {
+    /// Loads `dir` (ca.crt, tls.crt, tls.key) and starts reloading it
+    /// every [`RELOAD_EVERY`] (inside a Tokio runtime; outside one the
+    /// material stays as loaded).
+    pub fn load(dir: &Path, client_auth: ClientAuth) -> Result<Self, CommonError> {
+        let material = build(dir, read_files(dir)?, client_auth)?;
+        let tls = Tls(Arc::new(Inner {
+            dir: dir.to_path_buf(),
+            client_auth,
+            current: RwLock::new(Arc::new(material)),
+        }));
+        tracing::info!(dir = %dir.display(), serial = %tls.summary().serial, not_after = tls.summary().not_after, "TLS certificate loaded");
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            let weak = Arc::downgrade(&tls.0);
+            handle.spawn(reload_loop(weak));
+        }
+        Ok(tls)
+    }
+
+    fn current(&self) -> Arc<Material> {
+        self.0.current.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Reads the files again; true when they changed and now serve.
+    pub fn reload(&self) -> Result<bool, CommonError> {
+        let files = read_files(&self.0.dir)?;
+        if files == self.current().files {
+            return Ok(false);
+        }
+        let material = build(&self.0.dir, files, self.0.client_auth)?;
+        let summary = material.summary.clone();
+        *self.0.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(material);
+        tracing::info!(dir = %self.0.dir.display(), serial = %summary.serial, not_after = summary.not_after, "TLS certificate rotated");
+        Ok(true)
+    }
+
+    /// The certificate now in use.
+    pub fn summary(&self) -> CertSummary {
+        self.current().summary.clone()
+    }
+
+    /// The server side of a handshake, as of now.
+    pub fn server_config(&self) -> Arc<ServerConfig> {
+        self.current().server.clone()
+    }
+
+    /// The client side of a handshake, as of now.
+    pub fn client_config(&self) -> Arc<ClientConfig> {
+        self.current().client.clone()
+    }
+
+    /// Dials `addr` and completes a handshake that checks the server's
+    /// certificate against `server_name` (a DNS name or an IP address).
+    pub async fn connect(
+        &self,
+        addr: &str,
+        server_name: &str,
+    ) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+        let name = ServerName::try_from(server_name.to_string())
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("`{server_name}`: {e}")))?;
+        let tcp = TcpStream::connect(addr).await?;
+        // Small gRPC frames must not wait for a delayed ACK.
+        tcp.set_nodelay(true)?;
+        tokio_rustls::TlsConnector::from(self.client_config())
+            .connect(name, tcp)
+            .await
+    }
+
+    /// A gRPC channel to `url` (http://, https:// or host:port) over TLS,
+    /// with the certificate checked for the URL's host. It connects on
+    /// first use and again after a failure, with the material current then.
+    pub fn channel(&self, url: &str) -> Result<tonic::transport::Channel, CommonError> {
+        let (authority, host) = authority_of(url)?;
+        self.channel_to(&authority, &host)
+    }
+
+    /// A gRPC channel that dials `addr` (host:port) and checks the server's
+    /// certificate for `server_name`.
+    pub fn channel_to(&self, addr: &str, server_name: &str) -> Result<tonic::transport::Channel, CommonError> {
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| CommonError::Tls(format!("`{addr}` is not a host:port: {e}")))?
+            .connect_timeout(Duration::from_secs(2))
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .keep_alive_while_idle(true);
+        let tls = self.clone();
+        let addr = addr.to_string();
+        let name = server_name.to_string();
+        let connector = tower::service_fn(move |_: http::Uri| {
+            let (tls, addr, name) = (tls.clone(), addr.clone(), name.clone());
+            async move { tls.connect(&addr, &name).await.map(hyper_util::rt::TokioIo::new) }
+        });
+        Ok(endpoint.connect_with_connector_lazy(connector))
+    }
+}
+
+/// `host:port` and the host of an endpoint URL.
+fn authority_of(url: &str) -> Result<(String, String), CommonError> {
+    let rest = url
+        .strip_prefix("https://")
+        .or_else(|| url.strip_prefix("http://"))
+        .unwrap_or(url);
+    let authority = rest.split('/').next().unwrap_or(rest).to_string();
+    let host = match authority.rsplit_once(':') {
+        Some((h, p)) if p.parse::<u16>().is_ok() => h.trim_start_matches('[').trim_end_matches(']').to_string(),
+        _ => return Err(CommonError::Tls(format!("endpoint `{url}` has no port"))),
+    };
+    Ok((authority, host))
+}
+
+async fn reload_loop(weak: Weak<Inner>) {
+    let mut failing = false;
+    loop {
+        tokio::time::sleep(RELOAD_EVERY).await;
+        let Some(inner) = weak.upgrade() else { return };
+        match Tls(inner).reload() {
+            Ok(_) => failing = false,
+            Err(e) => {
+                // Once per bad spell: a Secret is often caught mid-update.
+                if !failing {
+                    tracing::warn!(error = %e, "TLS files changed but do not load; the previous certificate stays in use");
+                }
+                failing = true;
+            }
+        }
+    }
+}
+
+/// Who is on the other end of an accepted connection: tonic puts it in
+/// every request's extensions.
+#[derive(Clone, Debug)]
+pub struct PeerInfo {
+    pub remote: SocketAddr,
+    /// The SPIFFE identities of the client's verified certificate; empty
+    /// without TLS or without a client certificate.
+    pub identities: Arc<[String]>,
+}
+
+impl PeerInfo {
+    /// Whether the client proved to be `identity`.
+    pub fn is(&self, identity: &str) -> bool {
+        self.identities.iter().any(|i| i == identity)
+    }
+}
+
+/// An accepted connection, plain or TLS.
+pub enum Conn {
+    Plain(TcpStream, PeerInfo),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>, PeerInfo),
+}
+
+impl tonic::transport::server::Connected for Conn {
+    type ConnectInfo = PeerInfo;
+    fn connect_info(&self) -> PeerInfo {
+        match self {
+            Conn::Plain(_, p) | Conn::Tls(_, p) => p.clone(),
+        }
+    }
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s, _) => Pin::new(s).poll_read(cx, buf),
+            Conn::Tls(s, _) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Plain(s, _) => Pin::new(s).poll_write(cx, buf),
+            Conn::Tls(s, _) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s, _) => Pin::new(s).poll_flush(cx),
+            Conn::Tls(s, _) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s, _) => Pin::new(s).poll_shutdown(cx),
+            Conn::Tls(s, _) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+type Accepted = std::io::Result<Conn>;
+
+/// The connections `listener` accepts, with TLS when `tls` is given. Each
+/// handshake runs on its own task (a slow client does not hold up the
+/// others); a failed one is logged and never reaches the server. The
+/// accept loop ends when the stream is dropped.
+pub fn incoming(listener: TcpListener, tls: Option<Tls>) -> impl tokio_stream::Stream<Item = Accepted> + Send {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Accepted>(64);
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                _ = tx.closed() => return,
+                a = listener.accept() => a,
+            };
+            let (tcp, remote) = match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of descriptors, or a connection reset before
+                    // accept: try again shortly rather than spin.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            let plain = PeerInfo {
+                remote,
+                identities: Arc::from(Vec::new()),
+            };
+            let Some(tls) = &tls else {
+                if tx.send(Ok(Conn::Plain(tcp, plain))).await.is_err() {
+                    return;
+                }
+                continue;
+            };
+            let acceptor = tokio_rustls::TlsAcceptor::from(tls.server_config());
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        tracing::info!(%remote, error = %e, "TLS handshake refused");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::info!(%remote, "TLS handshake timed out");
+                        return;
+                    }
+                };
+                let identities = stream
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .and_then(|leaf| summarize(leaf).ok())
+                    .map(|s| s.identities)
+                    .unwrap_or_default();
+                let info = PeerInfo {
+                    remote,
+                    identities: Arc::from(identities),
+                };
+                let _ = tx.send(Ok(Conn::Tls(Box::new(stream), info))).await;
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+/// An etcd channel over TLS to every endpoint, balanced between them as
+/// etcd-client balances its own (each endpoint reconnects on its own).
+pub(crate) fn etcd_channel(endpoints: &[String], tls: &Tls) -> Result<etcd_client::Channel, CommonError> {
+    let mut channels = Vec::with_capacity(endpoints.len());
+    for e in endpoints {
+        channels.push(tower::load::Constant::new(tls.channel(e)?, 1usize));
+    }
+    if channels.is_empty() {
+        return Err(CommonError::Tls("no etcd endpoint given".into()));
+    }
+    let balance = tower::balance::p2c::Balance::new(tower::discover::ServiceList::new(channels));
+    let buffered = tower::buffer::Buffer::new(balance, 1024);
+    Ok(etcd_client::Channel::Custom(tower::util::BoxCloneSyncService::new(buffered)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair, SanType};
+
+    struct Ca(CertifiedIssuer<'static, KeyPair>);
+
+    impl Ca {
+        fn new() -> Self {
+            let mut p = CertificateParams::new(Vec::<String>::new()).expect("params");
+            p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            Ca(CertifiedIssuer::self_signed(p, KeyPair::generate().expect("key")).expect("ca"))
+        }
+        fn write(&self, dir: &Path, uri: &str) {
+            let mut p = CertificateParams::new(vec!["127.0.0.1".to_string()]).expect("params");
+            p.subject_alt_names.push(SanType::URI(uri.try_into().expect("uri")));
+            let key = KeyPair::generate().expect("key");
+            let cert = p.signed_by(&key, &self.0).expect("signed");
+            std::fs::write(dir.join(CA_FILE), self.0.pem()).expect("write");
+            std::fs::write(dir.join(CERT_FILE), cert.pem()).expect("write");
+            std::fs::write(dir.join(KEY_FILE), key.serialize_pem()).expect("write");
+        }
+    }
+
+    #[test]
+    fn identity_is_read_and_a_rotation_is_picked_up_only_when_consistent() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = Ca::new();
+        ca.write(dir.path(), &identity(Role::Router, "us-east"));
+        let tls = Tls::load(dir.path(), ClientAuth::Required).expect("loads");
+        let first = tls.summary();
+        assert_eq!(first.identities, vec!["spiffe://tern/router/us-east".to_string()]);
+        assert!(!tls.reload().expect("same files"));
+
+        // Half a rotation (a new certificate, the old key) is refused and
+        // the old material stays.
+        let key = std::fs::read(dir.path().join(KEY_FILE)).expect("read");
+        ca.write(dir.path(), &identity(Role::Router, "eu-west"));
+        let new_key = std::fs::read(dir.path().join(KEY_FILE)).expect("read");
+        std::fs::write(dir.path().join(KEY_FILE), &key).expect("write");
+        let e = tls.reload().expect_err("mismatched key").to_string();
+        assert!(e.contains("tls.key") && e.contains("does not go with"), "{e}");
+        assert_eq!(tls.summary(), first);
+
+        std::fs::write(dir.path().join(KEY_FILE), new_key).expect("write");
+        assert!(tls.reload().expect("complete rotation"));
+        assert_eq!(tls.summary().identities, vec![identity(Role::Router, "eu-west")]);
+        assert_ne!(tls.summary().serial, first.serial);
+    }
+
+    #[test]
+    fn bad_files_are_named() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let e = Tls::load(dir.path(), ClientAuth::Required).expect_err("empty dir").to_string();
+        assert!(e.contains("ca.crt"), "{e}");
+        Ca::new().write(dir.path(), "spiffe://tern/client/global");
+        std::fs::write(dir.path().join(CA_FILE), "not pem").expect("write");
+        let e = Tls::load(dir.path(), ClientAuth::Required).expect_err("bad ca").to_string();
+        assert!(e.contains("ca.crt") && e.contains("no certificate"), "{e}");
+        assert!(authority_of("http://127.0.0.1").is_err());
+        assert_eq!(
+            authority_of("https://etcd-0.us-east:2379").expect("valid"),
+            ("etcd-0.us-east:2379".to_string(), "etcd-0.us-east".to_string())
+        );
+    }
+}
