@@ -73,9 +73,12 @@ TERN_GO_CACHE=$go_cache setsid bash -c '
   if [ "$1" = 1 ]; then e2e/build-tools.sh node; fi
 ' build-tools "$node_e2e" >"$go_log" 2>&1 &
 go_pid=$!
+# The TLS test runs routers and agents as processes (their logs are
+# scanned for secrets); the node e2e's images are made from these too.
 if [ "$node_e2e" = 1 ]; then
-  # The images the node e2e's pods run are made from these.
   cargo build -p tern-router -p tern-agent -p tern-operator --locked
+else
+  cargo build -p tern-router -p tern-agent --locked
 fi
 
 step "formatting"

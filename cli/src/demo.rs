@@ -64,6 +64,12 @@ pub struct DemoArgs {
     /// it and print its query address.
     #[arg(long)]
     jaeger: bool,
+    /// Plain TCP on every link. By default the demo makes a CA of its own
+    /// and runs TLS everywhere, as a production deployment would: etcd and
+    /// the routers require client certificates, routers trust each other
+    /// by certificate.
+    #[arg(long)]
+    plain: bool,
     #[command(flatten)]
     assets: AssetsArgs,
 }
@@ -250,7 +256,7 @@ pub async fn run(mut args: DemoArgs) -> Result<(), CliError> {
         rtt_ms: rtt,
         agents: true,
         otlp_endpoint: Some(otlp),
-        tls: false,
+        tls: !args.plain,
     };
     let mut deployment = tokio::select! {
         d = LocalDeployment::start(layout) => d?,
@@ -292,11 +298,21 @@ pub async fn run(mut args: DemoArgs) -> Result<(), CliError> {
             .as_ref()
             .map(|r| r.grpc_addr.to_string())
             .unwrap_or_default();
+        // With TLS every command needs the client certificate made for
+        // the run.
+        let tls = deployment
+            .pki
+            .as_ref()
+            .map(|p| format!(" --tls-dir {}", p.dir("client").display()))
+            .unwrap_or_default();
         println!(
-            "Try: tern put --router {example} acct-us-east-0 greeting hello && tern get --router {example} acct-us-east-0 greeting"
+            "Try: tern put{tls} --router {example} acct-us-east-0 greeting hello && tern get{tls} --router {example} acct-us-east-0 greeting"
         );
         let directory = deployment.directory.endpoints().join(",");
-        println!("     tern status --directory {directory}");
+        println!("     tern status{tls} --directory {directory}");
+        if let Some(p) = &deployment.pki {
+            println!("Client certificate: {}", p.dir("client").display());
+        }
         println!("Directory: {directory}");
         let _ = tokio::signal::ctrl_c().await;
     }

@@ -121,8 +121,7 @@ pub fn render_geocluster(gc: &tern_crds::GeoCluster) -> String {
 
 /// Status of a deployment from its directory's region records.
 async fn directory(args: StatusArgs) -> Result<(), CliError> {
-    let mut client =
-        crate::etcd(&args.directory, "directory", std::time::Duration::from_secs(5)).await?;
+    let mut client = crate::etcd(&args.directory, "directory", std::time::Duration::from_secs(5)).await?;
     let resp = client
         .get(DIR_REGIONS, Some(GetOptions::new().with_prefix()))
         .await

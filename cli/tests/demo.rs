@@ -56,13 +56,23 @@ fn status_reads_a_running_demo_and_ctrl_c_stops_it() {
         .spawn()
         .expect("tern demo starts");
     let stdout = demo.stdout.take().expect("piped");
+    // The demo runs TLS by default: status needs the client certificate
+    // it prints before the directory's endpoints.
+    let mut certificate = None;
     let directory = BufReader::new(stdout)
         .lines()
         .map_while(Result::ok)
-        .find_map(|l| l.strip_prefix("Directory: ").map(str::to_string))
+        .find_map(|l| {
+            if let Some(dir) = l.strip_prefix("Client certificate: ") {
+                certificate = Some(dir.to_string());
+            }
+            l.strip_prefix("Directory: ").map(str::to_string)
+        })
         .expect("the demo prints the directory endpoints");
+    let certificate = certificate.expect("the demo prints its client certificate");
+    assert!(directory.starts_with("https://"), "{directory}");
     let status = Command::new(env!("CARGO_BIN_EXE_tern"))
-        .args(["status", "--directory", &directory])
+        .args(["status", "--tls-dir", &certificate, "--directory", &directory])
         .output()
         .expect("tern status runs");
     let text = String::from_utf8_lossy(&status.stdout);

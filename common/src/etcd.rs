@@ -23,7 +23,8 @@ pub async fn client(
         None => Client::connect(endpoints, options).await,
         Some(tls) => {
             let urls: Vec<String> = endpoints.iter().map(|e| e.as_ref().to_string()).collect();
-            let channel = crate::tls::etcd_channel(&urls, tls).map_err(|e| etcd_client::Error::InvalidArgs(e.to_string()))?;
+            let channel =
+                crate::tls::etcd_channel(&urls, tls).map_err(|e| etcd_client::Error::InvalidArgs(e.to_string()))?;
             Client::from_channel(channel, options).await
         }
     }

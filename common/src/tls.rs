@@ -199,7 +199,8 @@ fn build(dir: &Path, files: [Vec<u8>; 3], client_auth: ClientAuth) -> Result<Mat
         return Err(tls_error(&cert_path, "holds no certificate"));
     };
     let summary = summarize(leaf).map_err(|e| tls_error(&cert_path, e))?;
-    let key = PrivateKeyDer::from_pem_slice(key).map_err(|e| tls_error(&key_path, format!("not a PEM private key: {e}")))?;
+    let key =
+        PrivateKeyDer::from_pem_slice(key).map_err(|e| tls_error(&key_path, format!("not a PEM private key: {e}")))?;
     let roots = Arc::new(roots);
     let verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider());
     let verifier = match client_auth {
@@ -502,7 +503,9 @@ pub(crate) fn etcd_channel(endpoints: &[String], tls: &Tls) -> Result<etcd_clien
     }
     let balance = tower::balance::p2c::Balance::new(tower::discover::ServiceList::new(channels));
     let buffered = tower::buffer::Buffer::new(balance, 1024);
-    Ok(etcd_client::Channel::Custom(tower::util::BoxCloneSyncService::new(buffered)))
+    Ok(etcd_client::Channel::Custom(tower::util::BoxCloneSyncService::new(
+        buffered,
+    )))
 }
 
 #[cfg(test)]
@@ -558,11 +561,15 @@ mod tests {
     #[test]
     fn bad_files_are_named() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let e = Tls::load(dir.path(), ClientAuth::Required).expect_err("empty dir").to_string();
+        let e = Tls::load(dir.path(), ClientAuth::Required)
+            .expect_err("empty dir")
+            .to_string();
         assert!(e.contains("ca.crt"), "{e}");
         Ca::new().write(dir.path(), "spiffe://tern/client/global");
         std::fs::write(dir.path().join(CA_FILE), "not pem").expect("write");
-        let e = Tls::load(dir.path(), ClientAuth::Required).expect_err("bad ca").to_string();
+        let e = Tls::load(dir.path(), ClientAuth::Required)
+            .expect_err("bad ca")
+            .to_string();
         assert!(e.contains("ca.crt") && e.contains("no certificate"), "{e}");
         assert!(authority_of("http://127.0.0.1").is_err());
         assert_eq!(

@@ -192,12 +192,18 @@ async fn every_link_is_tls_strangers_are_refused_and_certificates_rotate_live() 
         if now != before {
             break now;
         }
-        assert!(tokio::time::Instant::now() < deadline, "the rotated certificate was never served");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the rotated certificate was never served"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     let written = std::fs::read(pki.dir("router-us-east").join(tls::CERT_FILE)).expect("read");
     assert_eq!(tls::summarize_pem(&written).expect("readable").serial, after);
-    eu_client.put(put("acct-tls", "k", "v2")).await.expect("the old connection still works");
+    eu_client
+        .put(put("acct-tls", "k", "v2"))
+        .await
+        .expect("the old connection still works");
     d.client("eu-west")
         .await
         .put(put("acct-tls", "k", "v3"))
@@ -206,16 +212,28 @@ async fn every_link_is_tls_strangers_are_refused_and_certificates_rotate_live() 
 
     // Nothing secret in any log of the run: not the routers' peer token,
     // not a line of any private key.
-    let token = d.region("us-east")
+    let token = d
+        .region("us-east")
         .router_args
         .iter()
         .find_map(|a| a.strip_prefix("--peer-token="))
         .expect("a peer token")
         .to_string();
     let mut secrets = vec![token];
-    for name in ["etcd", "client", "router-us-east", "router-eu-west", "agent-us-east", "agent-eu-west"] {
+    for name in [
+        "etcd",
+        "client",
+        "router-us-east",
+        "router-eu-west",
+        "agent-us-east",
+        "agent-eu-west",
+    ] {
         let key = std::fs::read_to_string(pki.dir(name).join(tls::KEY_FILE)).expect("key");
-        secrets.extend(key.lines().filter(|l| !l.starts_with("-----") && l.len() > 20).map(str::to_string));
+        secrets.extend(
+            key.lines()
+                .filter(|l| !l.starts_with("-----") && l.len() > 20)
+                .map(str::to_string),
+        );
     }
     let mut logs = 0;
     let mut served = false;

@@ -82,7 +82,10 @@ pub async fn run(
 ) -> Result<()> {
     config.validate().map_err(AgentError::InvalidConfig)?;
     let tls = match &config.tls_dir {
-        Some(dir) => Some(tern_common::tls::Tls::load(dir, tern_common::tls::ClientAuth::Required)?),
+        Some(dir) => Some(tern_common::tls::Tls::load(
+            dir,
+            tern_common::tls::ClientAuth::Required,
+        )?),
         None => None,
     };
     let connect = |endpoints: Vec<String>, what: String| {

@@ -18,7 +18,9 @@ pub async fn run(endpoints: Vec<String>, tls: Option<Tls>, shared: Arc<Shared>, 
         let mut seen = Vec::new();
         for (endpoint, client) in clients.iter_mut() {
             if client.is_none() {
-                *client = tern_common::etcd::client(&[endpoint.as_str()], tls.as_ref(), None).await.ok();
+                *client = tern_common::etcd::client(&[endpoint.as_str()], tls.as_ref(), None)
+                    .await
+                    .ok();
             }
             let Some(c) = client.as_mut() else { continue };
             match tokio::time::timeout(interval, c.status()).await {

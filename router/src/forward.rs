@@ -19,8 +19,8 @@ use crate::dns::Dns;
 use crate::error::{BoxError, Delivery, Result, RouterError, SERVED_BY, classify};
 use crate::pb::{self, router_client::RouterClient};
 use crate::peer::{Hint, PeerToken, mark_forwarded};
-use tern_common::tls::Tls;
 use crate::placement::Directory;
+use tern_common::tls::Tls;
 
 /// Set by a router that is not the account's home (any more): the caller
 /// should route again, to the hint it carries (`Hint::to_header`) or, with
@@ -174,7 +174,9 @@ impl Forwarder {
             // name its region record (or --peer) gives, not the address
             // it resolved to.
             Some(tls) => {
-                let host = crate::dns::split_endpoint(&endpoint).map_err(|e| unreachable(Box::new(e)))?.0;
+                let host = crate::dns::split_endpoint(&endpoint)
+                    .map_err(|e| unreachable(Box::new(e)))?
+                    .0;
                 tls.channel_to(&addr.to_string(), &host)
                     .map_err(|e| unreachable(Box::new(e)))?
             }

@@ -32,12 +32,7 @@ pub struct Running {
 
 /// Connects to etcd, retrying until it answers (a router may start before
 /// its group) or `deadline` passes.
-pub async fn connect_etcd(
-    endpoints: &[String],
-    tls: Option<&Tls>,
-    what: &str,
-    deadline: Duration,
-) -> Result<Client> {
+pub async fn connect_etcd(endpoints: &[String], tls: Option<&Tls>, what: &str, deadline: Duration) -> Result<Client> {
     Ok(tern_common::etcd::connect_tls(endpoints, tls, what, deadline).await?)
 }
 

@@ -31,8 +31,8 @@ fn pki_error(what: &str, e: impl std::fmt::Display) -> LocalError {
 }
 
 fn write(path: &Path, contents: &str, mode: u32) -> Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
     use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     let io = |source| LocalError::Io {
         path: path.display().to_string(),
         source,
@@ -83,9 +83,9 @@ impl LocalPki {
         let mut params = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
             .map_err(|e| pki_error("leaf parameters", e))?;
         params.distinguished_name.push(DnType::CommonName, name);
-        params.subject_alt_names.push(SanType::URI(
-            identity.try_into().map_err(|e| pki_error("identity", e))?,
-        ));
+        params
+            .subject_alt_names
+            .push(SanType::URI(identity.try_into().map_err(|e| pki_error("identity", e))?));
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         let key = KeyPair::generate().map_err(|e| pki_error("leaf key", e))?;

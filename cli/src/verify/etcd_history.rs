@@ -66,7 +66,14 @@ impl EtcdHistory {
         let tasks = d
             .regions
             .iter()
-            .map(|r| tokio::spawn(watch(r.name.clone(), r.group.endpoints(), d.client_tls.clone(), seen.clone())))
+            .map(|r| {
+                tokio::spawn(watch(
+                    r.name.clone(),
+                    r.group.endpoints(),
+                    d.client_tls.clone(),
+                    seen.clone(),
+                ))
+            })
             .collect();
         Self { seen, tasks }
     }
@@ -182,12 +189,7 @@ fn data_key(key: &str) -> Option<String> {
 }
 
 /// Watches `region`'s group until aborted, resuming after breaks.
-async fn watch(
-    region: String,
-    endpoints: Vec<String>,
-    tls: Option<tern_common::tls::Tls>,
-    seen: Arc<Mutex<Seen>>,
-) {
+async fn watch(region: String, endpoints: Vec<String>, tls: Option<tern_common::tls::Tls>, seen: Arc<Mutex<Seen>>) {
     loop {
         let next = lock(&seen).revision.get(&region).copied().unwrap_or(0) + 1;
         if let Err(e) = watch_once(&region, &endpoints, tls.as_ref(), next, &seen).await {
