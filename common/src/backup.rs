@@ -13,7 +13,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use etcd_client::{Client, ConnectOptions, GetOptions};
+use etcd_client::{Client, GetOptions};
 
 use crate::etcd;
 use crate::tls::Tls;
@@ -126,13 +126,6 @@ struct Candidate {
 /// the backup instead of holding it (and a schedule) forever.
 const STALL: Duration = Duration::from_secs(30);
 
-fn options() -> ConnectOptions {
-    ConnectOptions::new()
-        .with_connect_timeout(Duration::from_secs(2))
-        .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
-        .with_keep_alive_while_idle(true)
-}
-
 /// The members to stream from, best first: the followers, most caught up
 /// first, so that the leader's disk and network keep serving writes; the
 /// leader last. Members are found in the group's member list, so that a
@@ -141,7 +134,7 @@ fn options() -> ConnectOptions {
 /// their read would wait) are left out.
 async fn candidates(endpoints: &[String], tls: Option<&Tls>) -> Vec<Candidate> {
     let mut urls = Vec::new();
-    if let Ok(mut c) = etcd::client(endpoints, tls, Some(options())).await
+    if let Ok(mut c) = etcd::client(endpoints, tls, None).await
         && let Ok(Ok(list)) = tokio::time::timeout(Duration::from_secs(2), c.member_list()).await
     {
         for m in list.members().iter().filter(|m| !m.is_learner()) {
@@ -155,7 +148,7 @@ async fn candidates(endpoints: &[String], tls: Option<&Tls>) -> Vec<Candidate> {
     }
     let mut seen = Vec::new();
     for url in urls {
-        let Ok(mut c) = etcd::client(&[url.as_str()], tls, Some(options())).await else {
+        let Ok(mut c) = etcd::client(&[url.as_str()], tls, None).await else {
             continue;
         };
         if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_secs(2), c.status()).await
@@ -198,7 +191,7 @@ pub async fn take(
     let mut chosen = None;
     for candidate in &found {
         let read = async {
-            let mut c = etcd::client(&[candidate.endpoint.as_str()], tls, Some(options())).await?;
+            let mut c = etcd::client(&[candidate.endpoint.as_str()], tls, None).await?;
             let before = c.get("\0tern-backup", None).await?;
             Ok::<_, etcd_client::Error>((c, before))
         };

@@ -13,19 +13,28 @@ use crate::CommonError;
 /// A client of the etcd members at `endpoints`: over TLS with `tls`'s
 /// certificate (which etcd's `--client-cert-auth` requires) when given,
 /// plain otherwise. Every tern process dials etcd through here, so that a
-/// TLS deployment has no plain-text link left over.
+/// TLS deployment has no plain-text link left over. Connect timeout and
+/// keep-alives are tern's usual ones (2 s; 10 s and 5 s) either way;
+/// `call_timeout` bounds every call.
 pub async fn client(
     endpoints: &[impl AsRef<str>],
     tls: Option<&crate::tls::Tls>,
-    options: Option<ConnectOptions>,
+    call_timeout: Option<Duration>,
 ) -> Result<Client, etcd_client::Error> {
+    let mut options = ConnectOptions::new()
+        .with_connect_timeout(Duration::from_secs(2))
+        .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
+        .with_keep_alive_while_idle(true);
+    if let Some(t) = call_timeout {
+        options = options.with_timeout(t);
+    }
     match tls {
-        None => Client::connect(endpoints, options).await,
+        None => Client::connect(endpoints, Some(options)).await,
         Some(tls) => {
             let urls: Vec<String> = endpoints.iter().map(|e| e.as_ref().to_string()).collect();
-            let channel =
-                crate::tls::etcd_channel(&urls, tls).map_err(|e| etcd_client::Error::InvalidArgs(e.to_string()))?;
-            Client::from_channel(channel, options).await
+            let channel = crate::tls::etcd_channel(&urls, tls, call_timeout)
+                .map_err(|e| etcd_client::Error::InvalidArgs(e.to_string()))?;
+            Client::from_channel(channel, Some(options)).await
         }
     }
 }
@@ -43,13 +52,9 @@ pub async fn connect_tls(
     what: &str,
     deadline: Duration,
 ) -> Result<Client, CommonError> {
-    let options = ConnectOptions::new()
-        .with_connect_timeout(Duration::from_secs(2))
-        .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
-        .with_keep_alive_while_idle(true);
     let until = tokio::time::Instant::now() + deadline;
     loop {
-        let error = match client(endpoints, tls, Some(options.clone())).await {
+        let error = match client(endpoints, tls, None).await {
             Ok(mut c) => match c.status().await {
                 Ok(_) => return Ok(c),
                 Err(source) => CommonError::EtcdUnanswered {

@@ -43,7 +43,12 @@ pub const RELOAD_EVERY: Duration = Duration::from_secs(2);
 
 /// How long a client has to finish its TLS handshake before the server
 /// drops the connection (a slow or silent client must not hold a slot).
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Handshakes under way at once; a connection beyond them is closed at
+/// once, so that clients without a certificate cannot hold a server's
+/// descriptors.
+const HANDSHAKES_MAX: usize = 256;
 
 /// The SPIFFE trust domain of tern's certificates.
 pub const TRUST_DOMAIN: &str = "tern";
@@ -252,6 +257,25 @@ impl Tls {
         Ok(tls)
     }
 
+    /// Material given as PEM text rather than files, e.g. a Secret read
+    /// through the Kubernetes API; `source` names it in errors. It is not
+    /// reloaded: the caller builds a new one when the source changes.
+    pub fn from_pem(
+        source: &str,
+        ca: &[u8],
+        cert: &[u8],
+        key: &[u8],
+        client_auth: ClientAuth,
+    ) -> Result<Self, CommonError> {
+        let dir = PathBuf::from(source);
+        let material = build(&dir, [ca.to_vec(), cert.to_vec(), key.to_vec()], client_auth)?;
+        Ok(Tls(Arc::new(Inner {
+            dir,
+            client_auth,
+            current: RwLock::new(Arc::new(material)),
+        })))
+    }
+
     fn current(&self) -> Arc<Material> {
         self.0.current.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
@@ -309,15 +333,35 @@ impl Tls {
         self.channel_to(&authority, &host)
     }
 
+    /// [`Tls::channel`] to an etcd member, each call bounded by `timeout`.
+    fn etcd_endpoint(&self, url: &str, timeout: Option<Duration>) -> Result<tonic::transport::Channel, CommonError> {
+        let (authority, host) = authority_of(url)?;
+        self.dial(&authority, &host, timeout)
+    }
+
     /// A gRPC channel that dials `addr` (host:port) and checks the server's
     /// certificate for `server_name`.
     pub fn channel_to(&self, addr: &str, server_name: &str) -> Result<tonic::transport::Channel, CommonError> {
-        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        self.dial(addr, server_name, None)
+    }
+
+    /// The connect timeout and keep-alives are those of every tern link
+    /// (a dead peer is noticed within 15 s); `timeout` bounds each call.
+    fn dial(
+        &self,
+        addr: &str,
+        server_name: &str,
+        timeout: Option<Duration>,
+    ) -> Result<tonic::transport::Channel, CommonError> {
+        let mut endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
             .map_err(|e| CommonError::Tls(format!("`{addr}` is not a host:port: {e}")))?
             .connect_timeout(Duration::from_secs(2))
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(5))
             .keep_alive_while_idle(true);
+        if let Some(t) = timeout {
+            endpoint = endpoint.timeout(t);
+        }
         let tls = self.clone();
         let addr = addr.to_string();
         let name = server_name.to_string();
@@ -409,6 +453,22 @@ impl AsyncWrite for Conn {
             Conn::Tls(s, _) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
     }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Plain(s, _) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Conn::Tls(s, _) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Conn::Plain(s, _) => s.is_write_vectored(),
+            Conn::Tls(s, _) => s.is_write_vectored(),
+        }
+    }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
             Conn::Plain(s, _) => Pin::new(s).poll_flush(cx),
@@ -431,6 +491,7 @@ type Accepted = std::io::Result<Conn>;
 /// accept loop ends when the stream is dropped.
 pub fn incoming(listener: TcpListener, tls: Option<Tls>) -> impl tokio_stream::Stream<Item = Accepted> + Send {
     let (tx, rx) = tokio::sync::mpsc::channel::<Accepted>(64);
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(HANDSHAKES_MAX));
     tokio::spawn(async move {
         loop {
             let accepted = tokio::select! {
@@ -458,17 +519,23 @@ pub fn incoming(listener: TcpListener, tls: Option<Tls>) -> impl tokio_stream::S
                 }
                 continue;
             };
+            let Ok(slot) = handshakes.clone().try_acquire_owned() else {
+                tracing::debug!(%remote, "too many TLS handshakes under way; connection closed");
+                continue;
+            };
             let acceptor = tokio_rustls::TlsAcceptor::from(tls.server_config());
             let tx = tx.clone();
             tokio::spawn(async move {
+                let _slot = slot;
                 let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(s)) => s,
                     Ok(Err(e)) => {
-                        tracing::info!(%remote, error = %e, "TLS handshake refused");
+                        // Debug: a load balancer's TCP checks would fill the log.
+                        tracing::debug!(%remote, error = %e, "TLS handshake refused");
                         return;
                     }
                     Err(_) => {
-                        tracing::info!(%remote, "TLS handshake timed out");
+                        tracing::debug!(%remote, "TLS handshake timed out");
                         return;
                     }
                 };
@@ -491,20 +558,90 @@ pub fn incoming(listener: TcpListener, tls: Option<Tls>) -> impl tokio_stream::S
     tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
-/// An etcd channel over TLS to every endpoint, balanced between them as
-/// etcd-client balances its own (each endpoint reconnects on its own).
-pub(crate) fn etcd_channel(endpoints: &[String], tls: &Tls) -> Result<etcd_client::Channel, CommonError> {
+/// How long an etcd endpoint whose connection failed is passed over.
+const ENDPOINT_DOWN_FOR: Duration = Duration::from_secs(5);
+
+/// etcd endpoints over TLS, each a channel of its own: calls go round the
+/// endpoints, and one whose call failed at the transport (refused, reset,
+/// connect timeout: a member down or cut off) is passed over for
+/// [`ENDPOINT_DOWN_FOR`], so that a lost member costs one failed call, not
+/// a share of all of them. (Every endpoint of a lazy channel looks ready
+/// to a load balancer; only a failure tells a dead one apart.) When every
+/// endpoint is down the one down longest is tried.
+#[derive(Clone)]
+struct Endpoints {
+    channels: Arc<[tonic::transport::Channel]>,
+    down_until: Arc<[std::sync::Mutex<Option<tokio::time::Instant>>]>,
+    next: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Endpoints {
+    fn pick(&self) -> usize {
+        let n = self.channels.len();
+        let start = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let now = tokio::time::Instant::now();
+        let down = |i: usize| *self.down_until[i].lock().unwrap_or_else(|e| e.into_inner());
+        (0..n)
+            .map(|k| (start + k) % n)
+            .find(|&i| down(i).is_none_or(|until| until <= now))
+            .unwrap_or_else(|| (0..n).min_by_key(|&i| down(i)).unwrap_or(0))
+    }
+}
+
+type EtcdRequest = http::Request<tonic::body::Body>;
+type EtcdResponse = http::Response<tonic::body::Body>;
+
+impl tower::Service<EtcdRequest> for Endpoints {
+    type Response = EtcdResponse;
+    type Error = tower::BoxError;
+    type Future = Pin<Box<dyn std::future::Future<Output = Result<EtcdResponse, tower::BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        // Each channel buffers its own calls.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: EtcdRequest) -> Self::Future {
+        use tower::ServiceExt;
+        let i = self.pick();
+        let channel = self.channels[i].clone();
+        let this = self.clone();
+        Box::pin(async move {
+            let result = channel.oneshot(request).await;
+            // gRPC errors arrive as responses; an error here is the
+            // transport's.
+            let mut down = this.down_until[i].lock().unwrap_or_else(|e| e.into_inner());
+            *down = match result {
+                Ok(_) => None,
+                Err(_) => Some(tokio::time::Instant::now() + ENDPOINT_DOWN_FOR),
+            };
+            drop(down);
+            result.map_err(Into::into)
+        })
+    }
+}
+
+/// An etcd channel over TLS to every endpoint (see [`Endpoints`]); each
+/// call times out after `timeout` when given.
+pub(crate) fn etcd_channel(
+    endpoints: &[String],
+    tls: &Tls,
+    timeout: Option<Duration>,
+) -> Result<etcd_client::Channel, CommonError> {
     let mut channels = Vec::with_capacity(endpoints.len());
     for e in endpoints {
-        channels.push(tower::load::Constant::new(tls.channel(e)?, 1usize));
+        channels.push(tls.etcd_endpoint(e, timeout)?);
     }
     if channels.is_empty() {
         return Err(CommonError::Tls("no etcd endpoint given".into()));
     }
-    let balance = tower::balance::p2c::Balance::new(tower::discover::ServiceList::new(channels));
-    let buffered = tower::buffer::Buffer::new(balance, 1024);
+    let down_until = channels.iter().map(|_| std::sync::Mutex::new(None)).collect();
     Ok(etcd_client::Channel::Custom(tower::util::BoxCloneSyncService::new(
-        buffered,
+        Endpoints {
+            channels: channels.into(),
+            down_until,
+            next: Arc::default(),
+        },
     )))
 }
 

@@ -43,6 +43,9 @@ use crate::common::{
     validation = Rule::new("!has(self.failover) || self.failover.successors.all(s, self.regions.exists(r, r.name == s.region) && s.order.all(o, self.regions.exists(r, r.name == o)))")
         .message("every region and successor in failover.successors must be one of spec.regions")
         .field_path(".failover.successors"),
+    validation = Rule::new("has(self.tls) == has(oldSelf.tls)")
+        .message("tls cannot be turned on or off on a running GeoCluster: every member's peer and client URLs would change scheme at once, which etcd cannot do in place; build a new GeoCluster and restore a backup into it")
+        .field_path(".tls"),
     validation = Rule::new("self.regions.all(r, !self.regions.exists(o, r.name == 'dir-' + o.name))")
         .message("no region may be named dir-<another region>: its data group would have the name of that region's directory group")
         .field_path(".regions"),
@@ -85,6 +88,47 @@ pub struct GeoClusterSpec {
     /// by the region agents. Unset: none (`tern backup now` still works).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backup: Option<BackupSpec>,
+    /// Mutual TLS on every link: etcd clients and peers, routers and their
+    /// clients, router to router, agents. Unset: plain TCP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsSpec>,
+}
+
+/// Where the certificates come from: Secrets in the GeoCluster's namespace,
+/// each with `ca.crt`, `tls.crt` and `tls.key` (what a cert-manager
+/// Certificate writes), named after one prefix:
+/// `<prefix>-etcd` (every member of every group: serving and peer, with
+/// the members' and client Services' names), `<prefix>-router-<region>`
+/// (URI SAN `spiffe://tern/router/<region>`, DNS the router Service's
+/// name), `<prefix>-agent-<region>`, and `<prefix>-operator` (what the
+/// operator dials etcd with). Every certificate must chain to the same CA;
+/// etcd then refuses every client without one. A renewed Secret is picked
+/// up without restarts.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TlsSpec {
+    /// The Secrets' common prefix.
+    #[schemars(length(min = 1, max = 180), regex(pattern = crate::common::DNS_SUBDOMAIN_PATTERN))]
+    pub secret_prefix: String,
+}
+
+impl TlsSpec {
+    /// The Secret of every etcd member.
+    pub fn etcd_secret(&self) -> String {
+        format!("{}-etcd", self.secret_prefix)
+    }
+    /// The Secret the operator dials etcd with.
+    pub fn operator_secret(&self) -> String {
+        format!("{}-operator", self.secret_prefix)
+    }
+    /// The Secret of `region`'s routers.
+    pub fn router_secret(&self, region: &str) -> String {
+        format!("{}-router-{region}", self.secret_prefix)
+    }
+    /// The Secret of `region`'s agents.
+    pub fn agent_secret(&self, region: &str) -> String {
+        format!("{}-agent-{region}", self.secret_prefix)
+    }
 }
 
 /// One region and its Raft group.

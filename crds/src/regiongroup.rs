@@ -81,6 +81,22 @@ pub struct RegionGroupSpec {
     /// Whether deleting the group deletes the members' volumes.
     #[serde(default)]
     pub deletion_policy: DeletionPolicy,
+    /// TLS for clients and peers (from the GeoCluster's spec.tls). Unset:
+    /// plain TCP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<GroupTlsSpec>,
+}
+
+/// A group's certificates: Secrets with `ca.crt`, `tls.crt`, `tls.key`.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct GroupTlsSpec {
+    /// Mounted into every member: its serving and peer certificate.
+    #[schemars(length(min = 1, max = 253), regex(pattern = DNS_SUBDOMAIN_PATTERN))]
+    pub member_secret: String,
+    /// What the operator dials the members with (read through the API).
+    #[schemars(length(min = 1, max = 253), regex(pattern = DNS_SUBDOMAIN_PATTERN))]
+    pub client_secret: String,
 }
 
 /// The role of a group.

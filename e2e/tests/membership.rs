@@ -65,7 +65,7 @@ async fn resize_at_most(p: &mut Pods, desired: i32, limit: usize) -> Vec<Step> {
             Instant::now() < give_up,
             "no steady group after {taken:?}; errors retried: {retried:#?}"
         );
-        let observed = match membership::observe(&p.endpoints()).await {
+        let observed = match membership::observe(&p.endpoints(), None).await {
             Ok(m) => m,
             Err(e) => {
                 retried.push(format!("observing: {e}"));
@@ -93,7 +93,7 @@ async fn resize_at_most(p: &mut Pods, desired: i32, limit: usize) -> Vec<Step> {
                 p.pods = *replicas;
                 done += 1;
             }
-            _ => match membership::execute(&step, &observed).await {
+            _ => match membership::execute(&step, &observed, None).await {
                 Ok(Progress::Done) => done += 1,
                 Ok(Progress::Waiting(_)) => tokio::time::sleep(Duration::from_millis(200)).await,
                 Err(e) => {
@@ -156,7 +156,7 @@ async fn a_group_grows_to_five_and_shrinks_to_three_without_losing_a_write() {
     assert!(matches!(adds[2], Step::Promote { ordinal: 3, .. }), "{grow:?}");
     assert!(matches!(adds[3], Step::AddLearner { ordinal: 4, .. }), "{grow:?}");
     assert_eq!(adds[4], started(4));
-    let five = membership::observe(&p.endpoints()).await.expect("observe");
+    let five = membership::observe(&p.endpoints(), None).await.expect("observe");
     assert_eq!(five.members.len(), 5);
     assert!(five.members.iter().all(|m| !m.learner), "{five:?}");
 
@@ -174,7 +174,7 @@ async fn a_group_grows_to_five_and_shrinks_to_three_without_losing_a_write() {
     assert_eq!(removes[1], Step::StopPod { replicas: 4 });
     assert!(matches!(removes[2], Step::Remove { ordinal: 3, .. }), "{shrink:?}");
     assert_eq!(removes[3], Step::StopPod { replicas: 3 });
-    let three = membership::observe(&p.endpoints()).await.expect("observe");
+    let three = membership::observe(&p.endpoints(), None).await.expect("observe");
     assert_eq!(three.members.len(), 3, "{three:?}");
 
     tokio::time::sleep(Duration::from_millis(500)).await;

@@ -46,7 +46,7 @@ async fn a_rolling_upgrade_restarts_followers_first_and_the_leader_last_without_
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     // The skew check on what the members report.
-    let before = upgrade::observe(&members, |_| (false, PodState::READY)).await;
+    let before = upgrade::observe(&members, None, |_| (false, PodState::READY)).await;
     let running: Vec<Version> = before
         .iter()
         .map(|m| Version::parse(&m.version).expect("etcd reports its version"))
@@ -63,7 +63,7 @@ async fn a_rolling_upgrade_restarts_followers_first_and_the_leader_last_without_
     let give_up = Instant::now() + Duration::from_secs(120);
     loop {
         assert!(Instant::now() < give_up, "no steady state within 120 s: {steps:?}");
-        let states = upgrade::observe(&members, |o| (upgraded.contains(&o), PodState::READY)).await;
+        let states = upgrade::observe(&members, None, |o| (upgraded.contains(&o), PodState::READY)).await;
         let step = upgrade::plan(&states);
         match &step {
             Step::Steady => break,

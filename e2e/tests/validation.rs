@@ -14,6 +14,7 @@ async fn schema_refuses_invalid_examples_and_accepts_valid_ones() {
     for valid in [
         "examples/geocluster.yaml",
         "examples/multicluster.yaml",
+        "examples/geocluster-tls.yaml",
         "e2e/kind/manifests/geocluster.yaml",
     ] {
         cp.kubectl(&["apply", "--dry-run=server", "-f", valid])
@@ -100,6 +101,27 @@ async fn schema_refuses_invalid_examples_and_accepts_valid_ones() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+
+    // TLS is chosen when a GeoCluster is made: turning it on (or off) in
+    // place is refused, naming the field.
+    cp.kubectl(&["apply", "-f", "examples/geocluster.yaml"])
+        .expect("the example applies");
+    let err = cp
+        .kubectl(&[
+            "patch",
+            "geocluster",
+            "payments",
+            "-n",
+            "default",
+            "--type=merge",
+            "-p",
+            r#"{"spec":{"tls":{"secretPrefix":"payments-tls"}}}"#,
+        ])
+        .expect_err("turning TLS on in place is refused");
+    assert!(
+        err.to_string().contains("spec.tls") && err.to_string().contains("cannot be turned on or off"),
+        "{err}"
+    );
 }
 
 #[tokio::test]

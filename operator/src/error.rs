@@ -29,6 +29,9 @@ pub enum Error {
     /// The trace exporter could not be set up.
     #[error("cannot start: {0}")]
     Startup(#[from] tern_common::CommonError),
+    /// A certificate Secret that spec.tls names is missing or unusable.
+    #[error("TLS Secret {secret}: {reason}")]
+    Tls { secret: String, reason: String },
     /// A flag or environment variable is wrong.
     #[error("invalid configuration: {0}")]
     Config(String),
@@ -73,6 +76,7 @@ impl Error {
             Self::Startup(_) => "startup",
             Self::Serialize(_) => "serialize",
             Self::Http { .. } => "http",
+            Self::Tls { .. } => "tls",
             Self::Directory { .. } => "directory",
             Self::Membership { .. } => "membership",
         }

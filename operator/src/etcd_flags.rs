@@ -88,8 +88,9 @@ pub fn member_args(m: &MemberConfig<'_>) -> Vec<String> {
         args.push("--unsafe-no-fsync".to_string());
     }
     if let Some(dir) = m.tls_dir {
-        // etcd reads the files at every handshake: a rotated Secret takes
-        // effect without a restart.
+        // etcd reads the certificate and key at every handshake: a renewed
+        // Secret takes effect without a restart. It reads the CA file once,
+        // at start: a new CA needs the members restarted (docs/security.md).
         for side in ["", "peer-"] {
             args.push(format!("--{side}cert-file={dir}/tls.crt"));
             args.push(format!("--{side}key-file={dir}/tls.key"));

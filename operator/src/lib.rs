@@ -10,6 +10,7 @@
 
 pub mod apply;
 pub mod build;
+pub mod certs;
 pub mod config;
 pub mod context;
 pub mod controller;

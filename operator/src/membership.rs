@@ -20,7 +20,8 @@
 
 use std::time::Duration;
 
-use etcd_client::{Client, ConnectOptions, MemberAddOptions};
+use etcd_client::{Client, MemberAddOptions};
+use tern_common::tls::Tls;
 
 use crate::{Error, Result};
 
@@ -221,30 +222,27 @@ pub enum Progress {
     Waiting(String),
 }
 
-async fn connect(endpoints: &[String]) -> Result<Client> {
+async fn connect(endpoints: &[String], tls: Option<&Tls>) -> Result<Client> {
     if endpoints.is_empty() {
         return Err(refused("no member to ask: none has a client URL".into()));
     }
-    let options = ConnectOptions::new()
-        .with_connect_timeout(Duration::from_secs(2))
-        .with_timeout(CALL_TIMEOUT);
-    Client::connect(endpoints, Some(options))
+    tern_common::etcd::client(endpoints, tls, Some(CALL_TIMEOUT))
         .await
         .map_err(|e| refused(format!("cannot reach the group at {endpoints:?}: {e}")))
 }
 
 /// The group's membership and leader, asked of the first of `endpoints`
 /// that answers. One at a time: a learner among them refuses most calls.
-pub async fn observe(endpoints: &[String]) -> Result<Membership> {
+pub async fn observe(endpoints: &[String], tls: Option<&Tls>) -> Result<Membership> {
     let mut why = Vec::new();
     for endpoint in endpoints {
-        match observe_one(endpoint).await {
+        match observe_one(endpoint, tls).await {
             Ok((m, answered_by)) => {
                 // A follower's list can lag the leader's for a moment (a
                 // step just taken not applied there yet): ask the leader.
                 let leader = m.members.iter().find(|l| l.id == m.leader && l.id != answered_by);
                 if let Some(url) = leader.and_then(|l| l.client_urls.first())
-                    && let Ok((fresh, _)) = observe_one(url).await
+                    && let Ok((fresh, _)) = observe_one(url, tls).await
                 {
                     return Ok(fresh);
                 }
@@ -257,8 +255,8 @@ pub async fn observe(endpoints: &[String]) -> Result<Membership> {
 }
 
 /// The membership as `endpoint` sees it, and that member's id.
-async fn observe_one(endpoint: &str) -> Result<(Membership, u64)> {
-    let mut client = connect(&[endpoint.to_string()]).await?;
+async fn observe_one(endpoint: &str, tls: Option<&Tls>) -> Result<(Membership, u64)> {
+    let mut client = connect(&[endpoint.to_string()], tls).await?;
     let list = client.member_list().await.map_err(|e| refused(e.to_string()))?;
     let status = client.status().await.map_err(|e| refused(e.to_string()))?;
     let members = list
@@ -296,7 +294,7 @@ fn voter_endpoints(membership: &Membership) -> Vec<String> {
 /// Every voter answers. A change begins only then: adding or removing a
 /// member while another is down is how a group loses quorum. (Learners do
 /// not count towards quorum; one not started yet has no address.)
-pub async fn check_healthy(membership: &Membership) -> Result<()> {
+pub async fn check_healthy(membership: &Membership, tls: Option<&Tls>) -> Result<()> {
     for m in membership.members.iter().filter(|m| !m.learner) {
         let name = &m.name;
         let url = m.client_urls.first().ok_or_else(|| {
@@ -309,7 +307,7 @@ pub async fn check_healthy(membership: &Membership) -> Result<()> {
                 "member {name} at {url} does not answer: a change waits until every member is healthy ({e})"
             ))
         };
-        let mut c = connect(std::slice::from_ref(url)).await.map_err(unhealthy)?;
+        let mut c = connect(std::slice::from_ref(url), tls).await.map_err(unhealthy)?;
         c.status().await.map_err(|e| unhealthy(refused(e.to_string())))?;
     }
     Ok(())
@@ -318,15 +316,15 @@ pub async fn check_healthy(membership: &Membership) -> Result<()> {
 /// Carries out the etcd side of `step` (pod steps have none: the caller
 /// scales the StatefulSet), through the voters of `membership`; a leader
 /// move is sent to the leader itself, as etcd requires.
-pub async fn execute(step: &Step, membership: &Membership) -> Result<Progress> {
+pub async fn execute(step: &Step, membership: &Membership, tls: Option<&Tls>) -> Result<Progress> {
     let endpoints = voter_endpoints(membership);
     let endpoints = endpoints.as_slice();
     let failed = |action: String| move |e: etcd_client::Error| refused(format!("{action}: {e}"));
     match step {
         Step::Steady | Step::StartPod { .. } | Step::StopPod { .. } => Ok(Progress::Done),
         Step::AddLearner { peer_url, ordinal } => {
-            check_healthy(membership).await?;
-            let mut c = connect(endpoints).await?;
+            check_healthy(membership, tls).await?;
+            let mut c = connect(endpoints, tls).await?;
             let r = c
                 .member_add([peer_url.clone()], Some(MemberAddOptions::new().with_is_learner()))
                 .await;
@@ -341,7 +339,7 @@ pub async fn execute(step: &Step, membership: &Membership) -> Result<Progress> {
             }
         }
         Step::Promote { id, ordinal } => {
-            let mut c = connect(endpoints).await?;
+            let mut c = connect(endpoints, tls).await?;
             match c.member_promote(*id).await {
                 Ok(_) => Ok(Progress::Done),
                 // etcd refuses until the learner's log is close to the
@@ -353,14 +351,14 @@ pub async fn execute(step: &Step, membership: &Membership) -> Result<Progress> {
             }
         }
         Step::MoveLeader { from, to } => {
-            check_healthy(membership).await?;
+            check_healthy(membership, tls).await?;
             let leader = membership
                 .members
                 .iter()
                 .find(|m| m.id == *from)
                 .map(|m| m.client_urls.clone())
                 .unwrap_or_default();
-            let mut c = connect(&leader).await?;
+            let mut c = connect(&leader, tls).await?;
             c.move_leader(*to)
                 .await
                 .map(|_| Progress::Done)
@@ -371,9 +369,9 @@ pub async fn execute(step: &Step, membership: &Membership) -> Result<Progress> {
             // voter down. A voter's removal waits until all answer.
             let learner = membership.members.iter().any(|m| m.id == *id && m.learner);
             if !learner {
-                check_healthy(membership).await?;
+                check_healthy(membership, tls).await?;
             }
-            let mut c = connect(endpoints).await?;
+            let mut c = connect(endpoints, tls).await?;
             match c.member_remove(*id).await {
                 // Removed already (a step repeated after a crash).
                 Err(e) if e.to_string().contains("member not found") => Ok(Progress::Done),

@@ -37,6 +37,14 @@ pub const CLIENT_PORT: i32 = 2379;
 pub const PEER_PORT: i32 = 2380;
 pub const METRICS_PORT: i32 = 2381;
 
+/// The scheme of etcd URLs: TLS or not.
+pub fn scheme(tls: bool) -> &'static str {
+    if tls { "https" } else { "http" }
+}
+
+/// Where a component's pod mounts its certificate Secret.
+pub const TLS_MOUNT: &str = "/etc/tern/tls";
+
 /// Default DNS domain of a Kubernetes cluster.
 pub const DEFAULT_CLUSTER_DOMAIN: &str = "cluster.local";
 

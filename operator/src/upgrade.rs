@@ -247,7 +247,11 @@ fn healthy(members: &[MemberState]) -> Result<&MemberState, String> {
 /// Reads each member's status at its client URL (`(ordinal, url)`);
 /// `pod` says whether a member's pod runs the target image, and its state.
 /// A member that does not answer within 2 s is returned unanswered.
-pub async fn observe(members: &[(i32, String)], pod: impl Fn(i32) -> (bool, PodState)) -> Vec<MemberState> {
+pub async fn observe(
+    members: &[(i32, String)],
+    tls: Option<&tern_common::tls::Tls>,
+    pod: impl Fn(i32) -> (bool, PodState),
+) -> Vec<MemberState> {
     let mut out = Vec::new();
     for (ordinal, url) in members {
         let (current, pod) = pod(*ordinal);
@@ -261,7 +265,7 @@ pub async fn observe(members: &[(i32, String)], pod: impl Fn(i32) -> (bool, PodS
             pod,
         };
         if let Ok(Ok(Ok(status))) = tokio::time::timeout(Duration::from_secs(2), async {
-            let mut c = etcd_client::Client::connect([url.as_str()], None).await?;
+            let mut c = tern_common::etcd::client(&[url.as_str()], tls, None).await?;
             c.status().await.map(Ok::<_, etcd_client::Error>)
         })
         .await

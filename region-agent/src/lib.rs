@@ -82,10 +82,14 @@ pub async fn run(
 ) -> Result<()> {
     config.validate().map_err(AgentError::InvalidConfig)?;
     let tls = match &config.tls_dir {
-        Some(dir) => Some(tern_common::tls::Tls::load(
-            dir,
-            tern_common::tls::ClientAuth::Required,
-        )?),
+        Some(dir) => Some(
+            tern_common::tls::Tls::load(dir, tern_common::tls::ClientAuth::Required).map_err(|e| {
+                AgentError::InvalidConfig(format!(
+                    "--tls-dir (TERN_TLS_DIR): {}",
+                    e.to_string().trim_start_matches("TLS: ")
+                ))
+            })?,
+        ),
         None => None,
     };
     let connect = |endpoints: Vec<String>, what: String| {

@@ -67,7 +67,7 @@ pub struct Config {
     /// With --tls-dir: `required` refuses, in the handshake, every client of
     /// the gRPC API without a certificate from ca.crt (the API's
     /// authentication); `optional` lets such clients in.
-    #[arg(long, env = "TERN_TLS_CLIENT_AUTH", default_value = "required", value_parser = parse_client_auth)]
+    #[arg(long, env = "TERN_TLS_CLIENT_AUTH", default_value = "required", value_parser = parse_client_auth, requires = "tls_dir")]
     pub tls_client_auth: tern_common::tls::ClientAuth,
 
     /// DNS server (IP:PORT) for resolving region endpoints; default: the
@@ -217,6 +217,20 @@ mod tests {
             "127.0.0.1:9000"
         );
         assert_eq!(c.default_deadline, Duration::from_millis(250));
+    }
+
+    #[test]
+    fn client_auth_needs_a_tls_dir() {
+        let c = parse(&["--region=us-east"]).expect("the default needs no --tls-dir");
+        assert!(c.tls_dir.is_none());
+        let e = parse(&["--region=us-east", "--tls-client-auth=optional"])
+            .expect_err("client auth without TLS")
+            .to_string();
+        assert!(e.contains("--tls-dir"), "{e}");
+        let e = parse(&["--region=us-east", "--tls-dir=/t", "--tls-client-auth=maybe"])
+            .expect_err("unknown mode")
+            .to_string();
+        assert!(e.contains("maybe") && e.contains("required"), "{e}");
     }
 
     #[test]

@@ -177,7 +177,7 @@ impl Forwarder {
                 let host = crate::dns::split_endpoint(&endpoint)
                     .map_err(|e| unreachable(Box::new(e)))?
                     .0;
-                tls.channel_to(&addr.to_string(), &host)
+                tls.channel_to(&addr.to_string(), host)
                     .map_err(|e| unreachable(Box::new(e)))?
             }
             None => Endpoint::from_shared(format!("http://{addr}"))

@@ -44,7 +44,12 @@ pub async fn run(
     on_start: impl FnOnce(Running) + Send,
 ) -> Result<()> {
     let tls = match &config.tls_dir {
-        Some(dir) => Some(Tls::load(dir, config.tls_client_auth)?),
+        Some(dir) => Some(Tls::load(dir, config.tls_client_auth).map_err(|e| {
+            tern_common::CommonError::Tls(format!(
+                "--tls-dir (TERN_TLS_DIR): {}",
+                e.to_string().trim_start_matches("TLS: ")
+            ))
+        })?),
         None => None,
     };
     let group = connect_etcd(

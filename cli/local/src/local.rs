@@ -486,7 +486,7 @@ impl LocalDeployment {
         let (pki, etcd_tls) = if layout.tls {
             let pki = LocalPki::new(&dir.path().join("pki"))?;
             let server_dir = pki.issue("etcd", &tls::identity(Role::Etcd, "local"))?;
-            let client_dir = pki.issue("client", &tls::identity(Role::Client, "local"))?;
+            let client_dir = pki.issue_client("client", &tls::identity(Role::Client, "local"))?;
             let client = Tls::load(&client_dir, ClientAuth::Required).map_err(|e| LocalError::NotStarted {
                 component: "certificates",
                 region: "local".into(),
@@ -533,9 +533,11 @@ impl LocalDeployment {
             }
         }
         let directory_endpoints = directory.endpoints().join(",");
-        // The routers of one deployment share a peer token, as the routers of
-        // one GeoCluster do: only calls that carry it count as forwarded.
-        let peer_token = format!("local-{:032x}", rand::random::<u128>());
+        // Without TLS, the routers of one deployment share a peer token, as
+        // the routers of one GeoCluster do: only calls that carry it count
+        // as forwarded. With TLS they trust each other by certificate
+        // alone, which is what the TLS tests exercise.
+        let peer_token = (!layout.tls).then(|| format!("local-{:032x}", rand::random::<u128>()));
         for (i, region) in regions.iter_mut().enumerate() {
             let mut args = vec![
                 format!("--region={}", region.name),
@@ -544,9 +546,11 @@ impl LocalDeployment {
                 format!("--group-endpoints={}", region.group.endpoints().join(",")),
                 format!("--directory-endpoints={directory_endpoints}"),
                 format!("--advertise=127.0.0.1:{}", grpc_ports[i]),
-                format!("--peer-token={peer_token}"),
                 "--log-format=text".to_string(),
             ];
+            if let Some(token) = &peer_token {
+                args.push(format!("--peer-token={token}"));
+            }
             if let Some(pki) = &pki {
                 let certs = pki.issue(
                     &format!("router-{}", region.name),

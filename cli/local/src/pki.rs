@@ -32,14 +32,17 @@ fn pki_error(what: &str, e: impl std::fmt::Display) -> LocalError {
 
 fn write(path: &Path, contents: &str, mode: u32) -> Result<()> {
     use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let io = |source| LocalError::Io {
         path: path.display().to_string(),
         source,
     };
     // Written beside and renamed over: a reader sees the old file or the
-    // new one, never half of one.
-    let tmp = path.with_extension("tmp");
+    // new one, never half of one. The mode is set explicitly too: a file
+    // left over by an interrupted run keeps the mode it was made with.
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
@@ -47,6 +50,7 @@ fn write(path: &Path, contents: &str, mode: u32) -> Result<()> {
         .mode(mode)
         .open(&tmp)
         .map_err(io)?;
+    f.set_permissions(std::fs::Permissions::from_mode(mode)).map_err(io)?;
     f.write_all(contents.as_bytes()).map_err(io)?;
     std::fs::rename(&tmp, path).map_err(io)
 }
@@ -77,17 +81,35 @@ impl LocalPki {
 
     /// Writes (again, for a rotation) a certificate for `name` that names
     /// `identity` and is valid for localhost and 127.0.0.1, as a server and
-    /// as a client (an etcd member is both to its peers); returns its
-    /// directory.
+    /// as a client (an etcd member is both to its peers; a router serves
+    /// and dials its peers); returns its directory.
     pub fn issue(&self, name: &str, identity: &str) -> Result<PathBuf> {
-        let mut params = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
-            .map_err(|e| pki_error("leaf parameters", e))?;
+        self.issue_as(name, identity, true)
+    }
+
+    /// Like [`LocalPki::issue`], for a client only: no host names and no
+    /// server use, so that it cannot pose as a router or an etcd member.
+    pub fn issue_client(&self, name: &str, identity: &str) -> Result<PathBuf> {
+        self.issue_as(name, identity, false)
+    }
+
+    fn issue_as(&self, name: &str, identity: &str, server: bool) -> Result<PathBuf> {
+        let hosts = if server {
+            vec!["localhost".to_string(), "127.0.0.1".to_string()]
+        } else {
+            Vec::new()
+        };
+        let mut params = CertificateParams::new(hosts).map_err(|e| pki_error("leaf parameters", e))?;
         params.distinguished_name.push(DnType::CommonName, name);
         params
             .subject_alt_names
             .push(SanType::URI(identity.try_into().map_err(|e| pki_error("identity", e))?));
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        params.extended_key_usages = if server {
+            vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth]
+        } else {
+            vec![ExtendedKeyUsagePurpose::ClientAuth]
+        };
         let key = KeyPair::generate().map_err(|e| pki_error("leaf key", e))?;
         let cert = params
             .signed_by(&key, &self.ca)

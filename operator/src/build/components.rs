@@ -122,7 +122,8 @@ fn group_url(gc: &GeoCluster, region: &RegionSpec) -> String {
         .unwrap_or(names::DEFAULT_CLUSTER_DOMAIN);
     let group = names::group_name(&gc.name_any(), &region.name, GroupRole::Data);
     format!(
-        "http://{}.{namespace}.svc.{domain}:{}",
+        "{}://{}.{namespace}.svc.{domain}:{}",
+        names::scheme(gc.spec.tls.is_some()),
         names::client_service(&group),
         names::CLIENT_PORT
     )
@@ -171,6 +172,9 @@ pub fn agent_args(gc: &GeoCluster, region: &RegionSpec) -> Vec<String> {
         args.push(format!("--failover-order={}={}", s.region, s.order.join("|")));
     }
     args.push(format!("--max-data-loss-lag={}", failover.max_data_loss_lag));
+    if gc.spec.tls.is_some() {
+        args.push(format!("--tls-dir={}", names::TLS_MOUNT));
+    }
     // spec.backup, as the agent's schedule (region-agent/src/backup.rs),
     // into the claim mounted at BACKUP_MOUNT.
     if let Some(b) = &gc.spec.backup {
@@ -202,17 +206,12 @@ pub fn router_args(gc: &GeoCluster, region: &RegionSpec) -> Vec<String> {
         .cluster_domain
         .as_deref()
         .unwrap_or(names::DEFAULT_CLUSTER_DOMAIN);
-    let group = names::group_name(&cluster, &region.name, GroupRole::Data);
-    let group_endpoint = format!(
-        "http://{}.{namespace}.svc.{domain}:{}",
-        names::client_service(&group),
-        names::CLIENT_PORT
-    );
+    let group_endpoint = group_url(gc, region);
     // Every directory member by its stable name: the directory is global, and
     // any member can serve (etcd forwards to the leader).
     let directory = directory_client_urls(gc).join(",");
     let router = &gc.spec.router;
-    vec![
+    let mut args = vec![
         format!("--region={}", region.name),
         format!("--listen=0.0.0.0:{GRPC_PORT}"),
         format!("--http-addr=0.0.0.0:{HTTP_PORT}"),
@@ -229,7 +228,11 @@ pub fn router_args(gc: &GeoCluster, region: &RegionSpec) -> Vec<String> {
         // Counted over the window the agents' follow-the-sun policy judges.
         format!("--write-count-window={}", gc.spec.follow_the_sun.window),
         "--log-format=json".to_string(),
-    ]
+    ];
+    if gc.spec.tls.is_some() {
+        args.push(format!("--tls-dir={}", names::TLS_MOUNT));
+    }
+    args
 }
 
 /// What differs between the components' Deployments.
@@ -326,6 +329,31 @@ fn deployment(gc: &GeoCluster, region: &RegionSpec, w: Workload<'_>) -> Deployme
         }),
         ..Container::default()
     };
+    let mut pod = PodSpec {
+        containers: vec![container],
+        service_account_name: service_account,
+        node_selector: Some(node_selector(region)),
+        topology_spread_constraints: Some(vec![TopologySpreadConstraint {
+            max_skew: 1,
+            topology_key: "topology.kubernetes.io/zone".into(),
+            when_unsatisfiable: "ScheduleAnyway".into(),
+            label_selector: Some(LabelSelector {
+                match_labels: Some(selector(gc, &region.name, component)),
+                ..LabelSelector::default()
+            }),
+            ..TopologySpreadConstraint::default()
+        }]),
+        // In-flight work drains within the component's own timeout.
+        termination_grace_period_seconds: Some(15),
+        ..PodSpec::default()
+    };
+    if let Some(tls) = &gc.spec.tls {
+        let secret = match component {
+            Component::Router => tls.router_secret(&region.name),
+            Component::Agent => tls.agent_secret(&region.name),
+        };
+        super::mount_tls(&mut pod, &secret);
+    }
     Deployment {
         metadata: meta(gc, name, labels(gc, &region.name, component)),
         spec: DeploymentSpec {
@@ -339,24 +367,7 @@ fn deployment(gc: &GeoCluster, region: &RegionSpec, w: Workload<'_>) -> Deployme
                     labels: Some(labels(gc, &region.name, component)),
                     ..ObjectMeta::default()
                 }),
-                spec: Some(PodSpec {
-                    containers: vec![container],
-                    service_account_name: service_account,
-                    node_selector: Some(node_selector(region)),
-                    topology_spread_constraints: Some(vec![TopologySpreadConstraint {
-                        max_skew: 1,
-                        topology_key: "topology.kubernetes.io/zone".into(),
-                        when_unsatisfiable: "ScheduleAnyway".into(),
-                        label_selector: Some(LabelSelector {
-                            match_labels: Some(selector(gc, &region.name, component)),
-                            ..LabelSelector::default()
-                        }),
-                        ..TopologySpreadConstraint::default()
-                    }]),
-                    // In-flight work drains within the component's own timeout.
-                    termination_grace_period_seconds: Some(15),
-                    ..PodSpec::default()
-                }),
+                spec: Some(pod),
             },
             ..DeploymentSpec::default()
         },
@@ -714,6 +725,42 @@ mod agent_tests {
                 .iter()
                 .any(|a| a.starts_with("--backup"))
         );
+    }
+
+    #[test]
+    fn tls_mounts_each_components_secret_and_dials_etcd_over_https() {
+        let mut gc = example();
+        gc.spec.tls = Some(tern_crds::TlsSpec {
+            secret_prefix: "payments-tls".into(),
+        });
+        let region = &gc.spec.regions[0];
+        let (router, _) = router_objects(&gc, region, DEFAULT_IMAGE);
+        let agent = agent_deployment(&gc, region, DEFAULT_AGENT_IMAGE);
+        for (d, secret) in [
+            (router, format!("payments-tls-router-{}", region.name)),
+            (agent, format!("payments-tls-agent-{}", region.name)),
+        ] {
+            let pod = d.spec.template.spec.expect("pod");
+            let volume = &pod.volumes.as_ref().expect("volumes")[0];
+            assert_eq!(
+                volume.secret.as_ref().and_then(|s| s.secret_name.as_deref()),
+                Some(secret.as_str())
+            );
+            let c = &pod.containers[0];
+            let mount = &c.volume_mounts.as_ref().expect("mounts")[0];
+            assert_eq!(
+                (mount.mount_path.as_str(), mount.read_only),
+                (names::TLS_MOUNT, Some(true))
+            );
+            let args = c.args.clone().expect("args");
+            assert!(args.contains(&format!("--tls-dir={}", names::TLS_MOUNT)), "{args:?}");
+            let endpoints: Vec<&String> = args
+                .iter()
+                .filter(|a| a.starts_with("--group-endpoints=") || a.starts_with("--directory-endpoints="))
+                .collect();
+            assert_eq!(endpoints.len(), 2, "{args:?}");
+            assert!(endpoints.iter().all(|a| a.contains("=https://")), "{endpoints:?}");
+        }
     }
 
     #[test]

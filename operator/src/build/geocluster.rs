@@ -134,6 +134,10 @@ fn group(
             cluster_token: cluster_token(gc, region, role),
             etcd,
             deletion_policy: gc.spec.deletion_policy,
+            tls: gc.spec.tls.as_ref().map(|t| tern_crds::GroupTlsSpec {
+                member_secret: t.etcd_secret(),
+                client_secret: t.operator_secret(),
+            }),
         },
         status: None,
     }
@@ -183,7 +187,7 @@ fn peers(gc: &GeoCluster, region: &RegionSpec, role: GroupRole, count: i32) -> V
     member_hosts(gc, region, role, count)
         .into_iter()
         .map(|(name, host)| ClusterMember {
-            peer_url: format!("http://{host}:{}", names::PEER_PORT),
+            peer_url: format!("{}://{host}:{}", names::scheme(gc.spec.tls.is_some()), names::PEER_PORT),
             name,
         })
         .collect()
@@ -193,7 +197,13 @@ fn peers(gc: &GeoCluster, region: &RegionSpec, role: GroupRole, count: i32) -> V
 pub fn directory_client_urls(gc: &GeoCluster) -> Vec<String> {
     directory_regions(gc)
         .flat_map(|(region, count)| member_hosts(gc, region, GroupRole::Directory, count))
-        .map(|(_, host)| format!("http://{host}:{}", names::CLIENT_PORT))
+        .map(|(_, host)| {
+            format!(
+                "{}://{host}:{}",
+                names::scheme(gc.spec.tls.is_some()),
+                names::CLIENT_PORT
+            )
+        })
         .collect()
 }
 

@@ -33,6 +33,31 @@ fn downward_env(name: &str, field_path: &str) -> k8s_openapi::api::core::v1::Env
     }
 }
 
+/// Mounts certificate Secret `secret` (ca.crt, tls.crt, tls.key) read-only
+/// at [`crate::names::TLS_MOUNT`] in every container of `pod`. The kubelet
+/// refreshes a mounted Secret in place when cert-manager renews it, and
+/// tern's processes (and etcd) read the files again: no restart.
+pub(crate) fn mount_tls(pod: &mut k8s_openapi::api::core::v1::PodSpec, secret: &str) {
+    use k8s_openapi::api::core::v1::{SecretVolumeSource, Volume, VolumeMount};
+    pod.volumes.get_or_insert_default().push(Volume {
+        name: "tls".into(),
+        secret: Some(SecretVolumeSource {
+            secret_name: Some(secret.to_string()),
+            optional: Some(false),
+            ..SecretVolumeSource::default()
+        }),
+        ..Volume::default()
+    });
+    for c in &mut pod.containers {
+        c.volume_mounts.get_or_insert_default().push(VolumeMount {
+            name: "tls".into(),
+            mount_path: crate::names::TLS_MOUNT.into(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        });
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod testing {
     use tern_crds::GeoCluster;

@@ -127,10 +127,13 @@ fn own_host(rg: &RegionGroup) -> String {
 /// membership, and a template change would restart every member instead.
 pub fn container_args(rg: &RegionGroup) -> Vec<String> {
     let host = own_host(rg);
-    let advertise_client = format!("http://{host}:{}", names::CLIENT_PORT);
-    let advertise_peer = format!("http://{host}:{}", names::PEER_PORT);
-    let listen_client = format!("http://0.0.0.0:{}", names::CLIENT_PORT);
-    let listen_peer = format!("http://0.0.0.0:{}", names::PEER_PORT);
+    let scheme = names::scheme(rg.spec.tls.is_some());
+    let advertise_client = format!("{scheme}://{host}:{}", names::CLIENT_PORT);
+    let advertise_peer = format!("{scheme}://{host}:{}", names::PEER_PORT);
+    let listen_client = format!("{scheme}://0.0.0.0:{}", names::CLIENT_PORT);
+    let listen_peer = format!("{scheme}://0.0.0.0:{}", names::PEER_PORT);
+    // Metrics and probes stay plain HTTP on their own port: the kubelet
+    // has no client certificate.
     let listen_metrics = format!("http://0.0.0.0:{}", names::METRICS_PORT);
     let data_dir = format!("{DATA_DIR}/data");
     member_args(&MemberConfig {
@@ -147,7 +150,7 @@ pub fn container_args(rg: &RegionGroup) -> Vec<String> {
         heartbeat_interval_ms: rg.spec.etcd.heartbeat_interval_ms,
         election_timeout_ms: rg.spec.etcd.election_timeout_ms,
         unsafe_no_fsync: false,
-        tls_dir: None,
+        tls_dir: rg.spec.tls.as_ref().map(|_| names::TLS_MOUNT),
     })
     .into_iter()
     .map(|arg| {
@@ -241,7 +244,7 @@ fn stateful_set(rg: &RegionGroup, pods: i32, config_hash: &str) -> StatefulSet {
         }),
         ..TopologySpreadConstraint::default()
     };
-    StatefulSet {
+    let mut sts = StatefulSet {
         metadata: meta(rg, group.clone()),
         spec: StatefulSetSpec {
             // Not `spec.replicas`: pods start and stop one membership
@@ -323,7 +326,13 @@ fn stateful_set(rg: &RegionGroup, pods: i32, config_hash: &str) -> StatefulSet {
             ..StatefulSetSpec::default()
         },
         status: None,
+    };
+    if let Some(tls) = &rg.spec.tls
+        && let Some(pod) = sts.spec.template.spec.as_mut()
+    {
+        super::mount_tls(pod, &tls.member_secret);
     }
+    sts
 }
 
 fn zone_affinity(zones: &[String]) -> Affinity {
@@ -423,7 +432,8 @@ fn config_map(rg: &RegionGroup, members: &Members) -> ConfigMap {
         .map(|i| {
             let member = names::member_name(&group, i);
             format!(
-                "http://{}:{}",
+                "{}://{}:{}",
+                names::scheme(rg.spec.tls.is_some()),
                 names::member_host(&group, &member, &namespace, &rg.spec.cluster_domain),
                 names::CLIENT_PORT
             )
@@ -491,6 +501,58 @@ mod tests {
         let mut rg = region_groups(&example(), &RegionFilter::all()).remove(0);
         rg.metadata.uid = Some("rg-uid".into());
         rg
+    }
+
+    #[test]
+    fn tls_members_speak_https_require_certificates_and_mount_the_secret() {
+        let mut gc = example();
+        gc.spec.tls = Some(tern_crds::TlsSpec {
+            secret_prefix: "payments-tls".into(),
+        });
+        let mut rg = region_groups(&gc, &RegionFilter::all()).remove(0);
+        rg.metadata.uid = Some("rg-uid".into());
+        let tls = rg.spec.tls.clone().expect("the group inherits spec.tls");
+        assert_eq!(
+            (tls.member_secret.as_str(), tls.client_secret.as_str()),
+            ("payments-tls-etcd", "payments-tls-operator")
+        );
+        assert!(
+            rg.spec
+                .initial_cluster
+                .iter()
+                .all(|m| m.peer_url.starts_with("https://"))
+        );
+        let o = group_objects(&rg);
+        let pod = o.stateful_set.spec.template.spec.expect("pod");
+        let args = pod.containers[0].args.clone().expect("args");
+        for want in [
+            "--client-cert-auth".to_string(),
+            "--peer-client-cert-auth".to_string(),
+            format!("--trusted-ca-file={}/ca.crt", names::TLS_MOUNT),
+            format!("--cert-file={}/tls.crt", names::TLS_MOUNT),
+        ] {
+            assert!(args.contains(&want), "{want} in {args:?}");
+        }
+        for prefix in [
+            "--listen-client-urls=",
+            "--listen-peer-urls=",
+            "--advertise-client-urls=",
+        ] {
+            let a = args.iter().find(|a| a.starts_with(prefix)).expect(prefix);
+            assert!(a.contains("=https://"), "{a}");
+        }
+        // Probes and metrics stay on plain HTTP: the kubelet has no
+        // client certificate.
+        assert!(args.iter().any(|a| a.starts_with("--listen-metrics-urls=http://")));
+        assert_eq!(
+            pod.volumes.as_ref().expect("volumes")[0]
+                .secret
+                .as_ref()
+                .and_then(|s| s.secret_name.as_deref()),
+            Some("payments-tls-etcd")
+        );
+        let endpoints = o.config_map.data.expect("data");
+        assert!(endpoints.values().any(|v| v.contains("https://")), "{endpoints:?}");
     }
 
     #[test]

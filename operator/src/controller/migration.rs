@@ -113,7 +113,9 @@ pub fn status_of(
 /// The directory of the object's GeoCluster (or `--directory-endpoints`).
 async fn directory(m: &AccountMigration, ctx: &Context) -> Result<Client> {
     if !ctx.directory_endpoints.is_empty() {
-        return connect_directory(ctx, ctx.directory_endpoints.clone()).await;
+        // An explicit directory (tests, an operator outside the cluster)
+        // is dialled as given, in plain text.
+        return connect_directory(ctx, ctx.directory_endpoints.clone(), None).await;
     }
     {
         let namespace = m.namespace().unwrap_or_default();
@@ -140,19 +142,32 @@ async fn directory(m: &AccountMigration, ctx: &Context) -> Result<Client> {
                 ),
             ));
         }
-        connect_directory(ctx, crate::build::geocluster::directory_client_urls(&gc)).await
+        let tls = geocluster_tls(ctx, &gc).await?;
+        connect_directory(ctx, crate::build::geocluster::directory_client_urls(&gc), tls).await
+    }
+}
+
+/// The operator's certificate for `gc`'s etcd groups, when it runs TLS.
+async fn geocluster_tls(ctx: &Context, gc: &GeoCluster) -> Result<Option<tern_common::tls::Tls>> {
+    match &gc.spec.tls {
+        Some(t) => {
+            let namespace = gc.namespace().unwrap_or_default();
+            Ok(Some(
+                crate::certs::client_tls(&ctx.client, &namespace, &t.operator_secret()).await?,
+            ))
+        }
+        None => Ok(None),
     }
 }
 
 /// The directory of `gc` (or `--directory-endpoints`), connected once and
 /// kept: what the audit trail and the region report read.
 pub async fn geocluster_directory(ctx: &Context, gc: &GeoCluster) -> Result<Client> {
-    let endpoints = if ctx.directory_endpoints.is_empty() {
-        crate::build::geocluster::directory_client_urls(gc)
-    } else {
-        ctx.directory_endpoints.clone()
-    };
-    connect_directory(ctx, endpoints).await
+    if !ctx.directory_endpoints.is_empty() {
+        return connect_directory(ctx, ctx.directory_endpoints.clone(), None).await;
+    }
+    let tls = geocluster_tls(ctx, gc).await?;
+    connect_directory(ctx, crate::build::geocluster::directory_client_urls(gc), tls).await
 }
 
 /// Every GeoCluster the operator watches (`namespace` empty: all).
@@ -169,19 +184,30 @@ pub async fn list_geoclusters(client: &kube::Client, namespace: &str) -> Result<
         .items)
 }
 
-/// A directory client for `endpoints`, connected once and kept.
-pub async fn connect_directory(ctx: &Context, endpoints: Vec<String>) -> Result<Client> {
-    let key = endpoints.join(",");
+/// A directory client for `endpoints`, connected once and kept, per
+/// certificate: a renewed one (another serial) makes a new client.
+pub async fn connect_directory(
+    ctx: &Context,
+    endpoints: Vec<String>,
+    tls: Option<tern_common::tls::Tls>,
+) -> Result<Client> {
+    let key = match &tls {
+        Some(t) => format!("{} with certificate {}", endpoints.join(","), t.summary().serial),
+        None => endpoints.join(","),
+    };
     let mut clients = ctx.directories.lock().await;
     if let Some(c) = clients.get(&key) {
         return Ok(c.clone());
     }
-    let c = tern_common::etcd::connect(&endpoints, "directory", Duration::from_secs(10))
+    let c = tern_common::etcd::connect_tls(&endpoints, tls.as_ref(), "directory", Duration::from_secs(10))
         .await
         .map_err(|e| Error::Directory {
             what: format!("connecting to {key}"),
             reason: e.to_string(),
         })?;
+    // A client made with a certificate since renewed is of no more use.
+    let plain = endpoints.join(",");
+    clients.retain(|k, _| k != &plain && !k.starts_with(&format!("{plain} with certificate ")));
     clients.insert(key, c.clone());
     Ok(c)
 }

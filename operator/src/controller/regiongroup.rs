@@ -40,7 +40,13 @@ pub async fn reconcile(rg: Arc<RegionGroup>, ctx: Arc<Context>) -> Result<Action
         .context(|| format!("reading StatefulSet {namespace}/{name}"))?;
     let running = existing.as_ref().and_then(|s| s.spec.replicas);
     let mut st = rg.status.clone().unwrap_or_default();
-    let change = membership_change(&rg, &ctx, running, &mut st).await;
+    // With TLS the members take no client without a certificate: every
+    // call the operator makes below is made with its own.
+    let tls = match &rg.spec.tls {
+        Some(t) => Some(crate::certs::client_tls(&ctx.client, &namespace, &t.client_secret).await?),
+        None => None,
+    };
+    let change = membership_change(&rg, &ctx, tls.as_ref(), running, &mut st).await;
     let mut objects = build::regiongroup::group_objects_with(&rg, &change.members);
     hold_refused_upgrade(&rg, &ctx, existing.as_ref(), &mut objects.stateful_set, &mut st).await;
 
@@ -74,7 +80,7 @@ pub async fn reconcile(rg: Arc<RegionGroup>, ctx: Arc<Context>) -> Result<Action
         // One change of the members at a time: a resize first.
         false
     } else {
-        rolling_update(&rg, &ctx, sts.as_ref(), &mut st).await
+        rolling_update(&rg, &ctx, tls.as_ref(), sts.as_ref(), &mut st).await
     };
     let counts = MemberCounts::of(sts.as_ref());
     let phase = counts.phase();
@@ -187,6 +193,7 @@ async fn hold_refused_upgrade(
 async fn rolling_update(
     rg: &RegionGroup,
     ctx: &Context,
+    tls: Option<&tern_common::tls::Tls>,
     sts: Option<&StatefulSet>,
     st: &mut RegionGroupStatus,
 ) -> bool {
@@ -264,10 +271,13 @@ async fn rolling_update(
                 &namespace,
                 &rg.spec.cluster_domain,
             );
-            (o, format!("http://{host}:{}", names::CLIENT_PORT))
+            (
+                o,
+                format!("{}://{host}:{}", names::scheme(tls.is_some()), names::CLIENT_PORT),
+            )
         })
         .collect();
-    let states = crate::upgrade::observe(&members, pod_of).await;
+    let states = crate::upgrade::observe(&members, tls, pod_of).await;
     let on_current = (0..replicas).filter(|o| pod_of(*o).0).count();
     let progress = format!("{on_current}/{replicas} members on the current template");
     let note = match crate::upgrade::plan(&states) {
@@ -304,7 +314,7 @@ async fn rolling_update(
             let moved = match leader {
                 Some(l) => {
                     let url = &members[l.ordinal as usize].1;
-                    match etcd_client::Client::connect([url.as_str()], None).await {
+                    match tern_common::etcd::client(&[url.as_str()], tls, None).await {
                         Ok(mut c) => c.move_leader(to).await.map(|_| ()).map_err(|e| e.to_string()),
                         Err(e) => Err(e.to_string()),
                     }
@@ -344,6 +354,7 @@ struct Change {
 async fn membership_change(
     rg: &RegionGroup,
     ctx: &Context,
+    tls: Option<&tern_common::tls::Tls>,
     running: Option<i32>,
     st: &mut RegionGroupStatus,
 ) -> Change {
@@ -402,9 +413,10 @@ async fn membership_change(
             &rg.spec.cluster_domain,
         )
     };
-    let peer_url = |o: i32| format!("http://{}:{}", host(o), names::PEER_PORT);
+    let scheme = names::scheme(rg.spec.tls.is_some());
+    let peer_url = |o: i32| format!("{scheme}://{}:{}", host(o), names::PEER_PORT);
     let endpoints: Vec<String> = (0..pods)
-        .map(|o| format!("http://{}:{}", host(o), names::CLIENT_PORT))
+        .map(|o| format!("{scheme}://{}:{}", host(o), names::CLIENT_PORT))
         .collect();
     let waiting = |st: &mut RegionGroupStatus, why: String| {
         tracing::info!(group = %group, %why, "membership change waits");
@@ -414,7 +426,7 @@ async fn membership_change(
             in_progress: true,
         }
     };
-    let observed = match membership::observe(&endpoints).await {
+    let observed = match membership::observe(&endpoints, tls).await {
         Ok(m) => m,
         Err(e) => return waiting(st, membership::reason(e)),
     };
@@ -458,7 +470,7 @@ async fn membership_change(
             if let Err(e) = write_status(rg, ctx, before).await {
                 return waiting(st, format!("cannot record the step before taking it: {e}"));
             }
-            match membership::execute(&step, &observed).await {
+            match membership::execute(&step, &observed, tls).await {
                 Ok(Progress::Done) => {
                     ctx.event(rg, EventType::Normal, "MembershipStep", "Resize", what.clone())
                         .await;
