@@ -25,6 +25,22 @@ pub const GEOCLUSTER: &str = "payments";
 /// The region whose cluster runs Jaeger.
 pub const TRACE_REGION: &str = "us-east";
 
+/// The GeoCluster the scenarios apply, before spec.tls is added.
+const MANIFEST: &str = "e2e/kind/manifests/geocluster.yaml";
+/// spec.tls.secretPrefix of the scenarios' GeoCluster.
+pub const TLS_PREFIX: &str = "payments-tls";
+
+/// The scenarios run with mutual TLS on every link, as a payments
+/// deployment would: a CA made for the run, the Secrets spec.tls names in
+/// every cluster, and the harness's own client certificate for the routers.
+struct ScenarioTls {
+    /// Holds the certificates' files until the run ends.
+    _dir: tempfile::TempDir,
+    client: tern_common::tls::Tls,
+    /// Every region's cluster DNS domain, from the manifest.
+    domains: std::collections::BTreeMap<String, String>,
+}
+
 /// One region's cluster, as kubectl reaches it.
 #[derive(Clone, Debug)]
 pub struct RegionCluster {
@@ -38,6 +54,7 @@ pub struct Scenarios {
     kubectl: PathBuf,
     /// What each step took, for the report.
     pub timings: Vec<(String, Duration)>,
+    tls: Option<ScenarioTls>,
 }
 
 /// How long the pods may take to become ready (images are local; etcd
@@ -50,7 +67,113 @@ impl Scenarios {
             clusters,
             kubectl,
             timings: Vec::new(),
+            tls: None,
         }
+    }
+
+    /// Makes the run's CA and certificates, and creates the Secrets that
+    /// spec.tls names in every cluster: one for every etcd member (valid
+    /// for the members' and client Services' names in every region), the
+    /// operator's, and each region's router's and agent's. Returns the
+    /// GeoCluster manifest with spec.tls, to apply.
+    fn make_tls(&mut self) -> Result<PathBuf> {
+        use tern_common::tls::{ClientAuth, Role, Tls, identity};
+        use tern_crds::GroupRole;
+        use tern_operator::names;
+        let text = std::fs::read_to_string(crate::repo_root().join(MANIFEST)).map_err(|source| HarnessError::Io {
+            path: MANIFEST.into(),
+            source,
+        })?;
+        let gc: tern_crds::GeoCluster =
+            serde_yaml::from_str(&text).map_err(|e| HarnessError::Scenario(format!("{MANIFEST}: {e}")))?;
+        let dir = tempfile::Builder::new()
+            .prefix("tern-scenarios-tls-")
+            .tempdir()
+            .map_err(|source| HarnessError::Io {
+                path: std::env::temp_dir().display().to_string(),
+                source,
+            })?;
+        let pki = tern_local::pki::LocalPki::new(&dir.path().join("pki"))?;
+        let domains: std::collections::BTreeMap<String, String> = gc
+            .spec
+            .regions
+            .iter()
+            .map(|r| {
+                let domain = r
+                    .cluster_domain
+                    .clone()
+                    .unwrap_or_else(|| names::DEFAULT_CLUSTER_DOMAIN.into());
+                (r.name.clone(), domain)
+            })
+            .collect();
+        let mut etcd_hosts = Vec::new();
+        for (region, domain) in &domains {
+            for role in [GroupRole::Data, GroupRole::Directory] {
+                let group = names::group_name(GEOCLUSTER, region, role);
+                etcd_hosts.push(format!("*.{}.{NAMESPACE}.svc.{domain}", names::peer_service(&group)));
+                etcd_hosts.push(format!("{}.{NAMESPACE}.svc.{domain}", names::client_service(&group)));
+            }
+        }
+        let mut secrets = vec![
+            (
+                format!("{TLS_PREFIX}-etcd"),
+                pki.issue_for("etcd", &identity(Role::Etcd, "global"), &etcd_hosts)?,
+            ),
+            (
+                format!("{TLS_PREFIX}-operator"),
+                pki.issue_client("operator", &identity(Role::Operator, "global"))?,
+            ),
+        ];
+        for (region, domain) in &domains {
+            let router = format!("{}.{NAMESPACE}.svc.{domain}", router_service(region));
+            secrets.push((
+                format!("{TLS_PREFIX}-router-{region}"),
+                pki.issue_for(&format!("router-{region}"), &identity(Role::Router, region), &[router])?,
+            ));
+            secrets.push((
+                format!("{TLS_PREFIX}-agent-{region}"),
+                pki.issue_client(&format!("agent-{region}"), &identity(Role::Agent, region))?,
+            ));
+        }
+        let client_dir = pki.issue_client("client", &identity(Role::Client, "global"))?;
+        let client = Tls::load(&client_dir, ClientAuth::Required)
+            .map_err(|e| HarnessError::Scenario(format!("the harness's certificate: {e}")))?;
+        let regions: Vec<String> = self.clusters.iter().map(|c| c.region.clone()).collect();
+        for r in &regions {
+            for (name, files) in &secrets {
+                // A cluster reused from an earlier run (kind) may have them.
+                self.kubectl(r, &["delete", "secret", name, "-n", NAMESPACE, "--ignore-not-found"])?;
+                let from = |key: &str| format!("--from-file={key}={}", files.join(key).display());
+                self.kubectl(
+                    r,
+                    &[
+                        "create",
+                        "secret",
+                        "generic",
+                        name,
+                        "-n",
+                        NAMESPACE,
+                        &from(tern_common::tls::CA_FILE),
+                        &from(tern_common::tls::CERT_FILE),
+                        &from(tern_common::tls::KEY_FILE),
+                    ],
+                )?;
+            }
+        }
+        // The manifest's last block is in spec: spec.tls goes after it.
+        let manifest = dir.path().join("geocluster.yaml");
+        std::fs::write(&manifest, format!("{text}  tls:\n    secretPrefix: {TLS_PREFIX}\n")).map_err(|source| {
+            HarnessError::Io {
+                path: manifest.display().to_string(),
+                source,
+            }
+        })?;
+        self.tls = Some(ScenarioTls {
+            _dir: dir,
+            client,
+            domains,
+        });
+        Ok(manifest)
     }
 
     fn cluster(&self, region: &str) -> &RegionCluster {
@@ -95,8 +218,10 @@ impl Scenarios {
             )?;
         }
         self.kubectl(TRACE_REGION, &["apply", "-f", "e2e/kind/manifests/jaeger.yaml"])?;
+        let manifest = self.make_tls()?;
+        let manifest = manifest.display().to_string();
         for r in &regions {
-            self.kubectl(r, &["apply", "-f", "e2e/kind/manifests/geocluster.yaml"])?;
+            self.kubectl(r, &["apply", "-f", &manifest])?;
         }
         for r in &regions {
             self.wait_rollout(r, "tern-system", "deployment/tern-operator")?;
@@ -405,15 +530,37 @@ impl Scenarios {
 
     /// A port-forward to `region`'s router.
     pub fn router(&self, region: &str) -> Result<PortForward> {
-        self.forward(region, &format!("{GEOCLUSTER}-router-{region}"), 7400)
+        self.forward(region, &router_service(region), 7400)
+    }
+
+    /// A port-forward to `region`'s router and a client over it: TLS with
+    /// the harness's certificate, the router's checked for its Service's
+    /// name (the forward's address is loopback).
+    pub async fn router_client(&self, region: &str) -> Result<(PortForward, tern_api::RouterClient)> {
+        let fwd = self.router(region)?;
+        let client = match &self.tls {
+            Some(t) => {
+                let domain = t
+                    .domains
+                    .get(region)
+                    .map_or(tern_operator::names::DEFAULT_CLUSTER_DOMAIN, String::as_str);
+                let name = format!("{}.{NAMESPACE}.svc.{domain}", router_service(region));
+                let channel = t
+                    .client
+                    .channel_to(&fwd.addr.to_string(), &name)
+                    .map_err(|e| HarnessError::Scenario(format!("a TLS channel to {region}'s router: {e}")))?;
+                tern_api::RouterClient::new(channel)
+            }
+            None => tern_api::connect(fwd.addr).await,
+        };
+        Ok((fwd, client))
     }
 
     /// Creates `account` homed in `home` through `home`'s router, writes
     /// there (a local write), and reads it back.
     pub async fn local_write(&mut self, home: &str, account: &str) -> Result<()> {
         let start = Instant::now();
-        let fwd = self.router(home)?;
-        let mut c = tern_api::connect(fwd.addr).await;
+        let (_fwd, mut c) = self.router_client(home).await?;
         // A retry after an unknown outcome may find the account created by
         // the first attempt: that is success if it is homed where asked.
         let created = retry(Duration::from_secs(60), || {
@@ -461,8 +608,7 @@ impl Scenarios {
     pub async fn proxied_write(&mut self, via: &str, home: &str, account: &str) -> Result<String> {
         let start = Instant::now();
         let trace_id = format!("{:032x}", rand_u128());
-        let fwd = self.router(via)?;
-        let c = tern_api::connect(fwd.addr).await;
+        let (_fwd, c) = self.router_client(via).await?;
         // Idempotent, so retried safely (a cold path across clusters may
         // answer UNAVAILABLE once); every attempt carries the same trace.
         let meta = retry(Duration::from_secs(30), || {
@@ -492,8 +638,7 @@ impl Scenarios {
             meta.home_region == home,
             format!("{account} committed in {} instead of {home}", meta.home_region),
         )?;
-        let home_fwd = self.router(home)?;
-        let mut h = tern_api::connect(home_fwd.addr).await;
+        let (_home_fwd, mut h) = self.router_client(home).await?;
         check(
             get(&mut h, account, "k").await? == "proxied",
             format!("{account}: the proxied write is not read back in {home}"),
@@ -545,8 +690,7 @@ impl Scenarios {
                 _ => tokio::time::sleep(Duration::from_millis(500)).await,
             }
         }
-        let fwd = self.router(to)?;
-        let mut c = tern_api::connect(fwd.addr).await;
+        let (_fwd, mut c) = self.router_client(to).await?;
         let meta = put(&mut c, account, "after-move", "here").await?;
         check(
             !meta.forwarded && meta.home_region == to,
@@ -603,8 +747,7 @@ impl Scenarios {
     /// there, and its last value before the loss is read there.
     pub async fn failover(&mut self, lost: &str, successor: &str, account: &str) -> Result<()> {
         let start = Instant::now();
-        let fwd = self.router(successor)?;
-        let mut c = tern_api::connect(fwd.addr).await;
+        let (_fwd, mut c) = self.router_client(successor).await?;
         let deadline = Instant::now() + Duration::from_secs(180);
         let mut last_error;
         loop {
@@ -643,8 +786,7 @@ impl Scenarios {
 
     /// Writes `value` to `account`'s key "k" through `region`'s router.
     pub async fn write(&self, region: &str, account: &str, value: &str) -> Result<()> {
-        let fwd = self.router(region)?;
-        let mut c = tern_api::connect(fwd.addr).await;
+        let (_fwd, mut c) = self.router_client(region).await?;
         put(&mut c, account, "k", value).await.map(|_| ())
     }
 
@@ -685,6 +827,11 @@ impl Scenarios {
             .map(|(what, took)| format!("{:>8.1} s  {what}\n", took.as_secs_f64()))
             .collect()
     }
+}
+
+/// The Service of `region`'s routers.
+fn router_service(region: &str) -> String {
+    tern_operator::build::components::router_name(GEOCLUSTER, region)
 }
 
 /// `kubectl port-forward` to a Service, on a local port kubectl picks;

@@ -84,22 +84,27 @@ impl LocalPki {
     /// as a client (an etcd member is both to its peers; a router serves
     /// and dials its peers); returns its directory.
     pub fn issue(&self, name: &str, identity: &str) -> Result<PathBuf> {
-        self.issue_as(name, identity, true)
+        self.issue_for(name, identity, &["localhost".to_string(), "127.0.0.1".to_string()])
+    }
+
+    /// Like [`LocalPki::issue`], valid for `hosts` (DNS names, `*.`
+    /// wildcards or IP addresses): a server in Kubernetes, named by its
+    /// Services.
+    pub fn issue_for(&self, name: &str, identity: &str, hosts: &[String]) -> Result<PathBuf> {
+        self.issue_as(name, identity, Some(hosts))
     }
 
     /// Like [`LocalPki::issue`], for a client only: no host names and no
     /// server use, so that it cannot pose as a router or an etcd member.
     pub fn issue_client(&self, name: &str, identity: &str) -> Result<PathBuf> {
-        self.issue_as(name, identity, false)
+        self.issue_as(name, identity, None)
     }
 
-    fn issue_as(&self, name: &str, identity: &str, server: bool) -> Result<PathBuf> {
-        let hosts = if server {
-            vec!["localhost".to_string(), "127.0.0.1".to_string()]
-        } else {
-            Vec::new()
-        };
-        let mut params = CertificateParams::new(hosts).map_err(|e| pki_error("leaf parameters", e))?;
+    /// `hosts`: a server's names; none: a client only.
+    fn issue_as(&self, name: &str, identity: &str, hosts: Option<&[String]>) -> Result<PathBuf> {
+        let server = hosts.is_some();
+        let mut params =
+            CertificateParams::new(hosts.unwrap_or_default().to_vec()).map_err(|e| pki_error("leaf parameters", e))?;
         params.distinguished_name.push(DnType::CommonName, name);
         params
             .subject_alt_names
