@@ -37,6 +37,8 @@ fn a_short_verify_run_under_faults_finds_no_violation() {
     let out = Command::new(tern)
         .args([
             "verify",
+            // Checked as deployed: TLS on every link.
+            "--tls",
             "--runs",
             "3",
             "--seed",
