@@ -107,6 +107,7 @@ pub struct CertSummary {
 /// One consistent set of files, made into configurations.
 struct Material {
     files: [Vec<u8>; 3],
+    roots: Arc<RootCertStore>,
     server: Arc<ServerConfig>,
     client: Arc<ClientConfig>,
     summary: CertSummary,
@@ -207,6 +208,20 @@ fn build(dir: &Path, files: [Vec<u8>; 3], client_auth: ClientAuth) -> Result<Mat
     let key =
         PrivateKeyDer::from_pem_slice(key).map_err(|e| tls_error(&key_path, format!("not a PEM private key: {e}")))?;
     let roots = Arc::new(roots);
+    // Every tern certificate is a client's too (a router dials its peers,
+    // an etcd member its peers): one that does not chain to ca.crt, has
+    // expired or may not authenticate a client would be refused by every
+    // peer, so it is refused here and the previous one stays in use.
+    WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
+        .build()
+        .map_err(|e| tls_error(&ca_path, format!("cannot verify certificates with it: {e}")))?
+        .verify_client_cert(leaf, &chain[1..], rustls::pki_types::UnixTime::now())
+        .map_err(|e| {
+            tls_error(
+                &cert_path,
+                format!("is not a valid client certificate under {}: {e}", ca_path.display()),
+            )
+        })?;
     let verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider());
     let verifier = match client_auth {
         ClientAuth::Required => verifier.build(),
@@ -226,12 +241,13 @@ fn build(dir: &Path, files: [Vec<u8>; 3], client_auth: ClientAuth) -> Result<Mat
     let mut client = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| tls_error(dir, e))?
-        .with_root_certificates(roots)
+        .with_root_certificates(roots.clone())
         .with_client_auth_cert(chain, key)
         .map_err(mismatch)?;
     client.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Material {
         files,
+        roots,
         server: Arc::new(server),
         client: Arc::new(client),
         summary,
@@ -315,14 +331,41 @@ impl Tls {
         addr: &str,
         server_name: &str,
     ) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+        self.connect_to(addr, server_name, None).await
+    }
+
+    /// [`Tls::connect`]; with `expect`, the server's certificate must also
+    /// name that identity (a router dials another region's router and
+    /// sends it its clients' writes: a certificate of the right name from
+    /// the CA is not enough, it must be that region's router).
+    async fn connect_to(
+        &self,
+        addr: &str,
+        server_name: &str,
+        expect: Option<&str>,
+    ) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
         let name = ServerName::try_from(server_name.to_string())
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("`{server_name}`: {e}")))?;
+        let config = match expect {
+            None => self.client_config(),
+            Some(identity) => {
+                let material = self.current();
+                let inner =
+                    rustls::client::WebPkiServerVerifier::builder_with_provider(material.roots.clone(), provider())
+                        .build()
+                        .map_err(std::io::Error::other)?;
+                let mut config = (*material.client).clone();
+                config.dangerous().set_certificate_verifier(Arc::new(ExpectIdentity {
+                    inner,
+                    expect: identity.to_string(),
+                }));
+                Arc::new(config)
+            }
+        };
         let tcp = TcpStream::connect(addr).await?;
         // Small gRPC frames must not wait for a delayed ACK.
         tcp.set_nodelay(true)?;
-        tokio_rustls::TlsConnector::from(self.client_config())
-            .connect(name, tcp)
-            .await
+        tokio_rustls::TlsConnector::from(config).connect(name, tcp).await
     }
 
     /// A gRPC channel to `url` (http://, https:// or host:port) over TLS,
@@ -336,13 +379,24 @@ impl Tls {
     /// [`Tls::channel`] to an etcd member, each call bounded by `timeout`.
     fn etcd_endpoint(&self, url: &str, timeout: Option<Duration>) -> Result<tonic::transport::Channel, CommonError> {
         let (authority, host) = authority_of(url)?;
-        self.dial(&authority, &host, timeout)
+        self.dial(&authority, &host, timeout, None)
     }
 
     /// A gRPC channel that dials `addr` (host:port) and checks the server's
     /// certificate for `server_name`.
     pub fn channel_to(&self, addr: &str, server_name: &str) -> Result<tonic::transport::Channel, CommonError> {
-        self.dial(addr, server_name, None)
+        self.dial(addr, server_name, None, None)
+    }
+
+    /// [`Tls::channel_to`] a server whose certificate must also name
+    /// `identity` (see [`identity`]).
+    pub fn channel_to_identity(
+        &self,
+        addr: &str,
+        server_name: &str,
+        identity: &str,
+    ) -> Result<tonic::transport::Channel, CommonError> {
+        self.dial(addr, server_name, None, Some(identity))
     }
 
     /// The connect timeout and keep-alives are those of every tern link
@@ -352,6 +406,7 @@ impl Tls {
         addr: &str,
         server_name: &str,
         timeout: Option<Duration>,
+        expect: Option<&str>,
     ) -> Result<tonic::transport::Channel, CommonError> {
         let mut endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
             .map_err(|e| CommonError::Tls(format!("`{addr}` is not a host:port: {e}")))?
@@ -365,11 +420,70 @@ impl Tls {
         let tls = self.clone();
         let addr = addr.to_string();
         let name = server_name.to_string();
+        let expect = expect.map(str::to_string);
         let connector = tower::service_fn(move |_: http::Uri| {
-            let (tls, addr, name) = (tls.clone(), addr.clone(), name.clone());
-            async move { tls.connect(&addr, &name).await.map(hyper_util::rt::TokioIo::new) }
+            let (tls, addr, name, expect) = (tls.clone(), addr.clone(), name.clone(), expect.clone());
+            async move {
+                tls.connect_to(&addr, &name, expect.as_deref())
+                    .await
+                    .map(hyper_util::rt::TokioIo::new)
+            }
         });
         Ok(endpoint.connect_with_connector_lazy(connector))
+    }
+}
+
+/// The usual server checks (chain to the CA, name, validity), then that the
+/// certificate names `expect`.
+#[derive(Debug)]
+struct ExpectIdentity {
+    inner: Arc<rustls::client::WebPkiServerVerifier>,
+    expect: String,
+}
+
+impl rustls::client::danger::ServerCertVerifier for ExpectIdentity {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let verified = self
+            .inner
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)?;
+        let identities = summarize(end_entity).map(|s| s.identities).unwrap_or_default();
+        if identities.contains(&self.expect) {
+            Ok(verified)
+        } else {
+            Err(rustls::Error::General(format!(
+                "the server's certificate names {identities:?}, not {}",
+                self.expect
+            )))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
     }
 }
 
@@ -693,6 +807,61 @@ mod tests {
         assert!(tls.reload().expect("complete rotation"));
         assert_eq!(tls.summary().identities, vec![identity(Role::Router, "eu-west")]);
         assert_ne!(tls.summary().serial, first.serial);
+    }
+
+    #[tokio::test]
+    async fn a_peer_must_name_the_identity_asked_for() {
+        let ca = Ca::new();
+        let server_dir = tempfile::tempdir().expect("tempdir");
+        ca.write(server_dir.path(), &identity(Role::Router, "us-east"));
+        let client_dir = tempfile::tempdir().expect("tempdir");
+        ca.write(client_dir.path(), &identity(Role::Router, "eu-west"));
+        let server = Tls::load(server_dir.path(), ClientAuth::Required).expect("loads");
+        let client = Tls::load(client_dir.path(), ClientAuth::Required).expect("loads");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let accepted = incoming(listener, Some(server));
+        let us_east = identity(Role::Router, "us-east");
+        client
+            .connect_to(&addr, "127.0.0.1", Some(&us_east))
+            .await
+            .expect("the us-east router is who it was asked for");
+        let e = client
+            .connect_to(&addr, "127.0.0.1", Some(&identity(Role::Router, "ap-south")))
+            .await
+            .expect_err("not ap-south's router")
+            .to_string();
+        assert!(e.contains("ap-south"), "{e}");
+        drop(accepted);
+    }
+
+    #[test]
+    fn an_expired_or_foreign_certificate_is_not_loaded() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = Ca::new();
+        ca.write(dir.path(), "spiffe://tern/client/global");
+        // The same leaf under another CA's ca.crt.
+        std::fs::write(dir.path().join(CA_FILE), Ca::new().0.pem()).expect("write");
+        let e = Tls::load(dir.path(), ClientAuth::Required)
+            .expect_err("foreign")
+            .to_string();
+        assert!(
+            e.contains("tls.crt") && e.contains("not a valid client certificate"),
+            "{e}"
+        );
+        // Expired yesterday.
+        let mut p = CertificateParams::new(Vec::<String>::new()).expect("params");
+        p.not_before = rcgen::date_time_ymd(2000, 1, 1);
+        p.not_after = rcgen::date_time_ymd(2001, 1, 1);
+        let key = KeyPair::generate().expect("key");
+        let cert = p.signed_by(&key, &ca.0).expect("signed");
+        std::fs::write(dir.path().join(CA_FILE), ca.0.pem()).expect("write");
+        std::fs::write(dir.path().join(CERT_FILE), cert.pem()).expect("write");
+        std::fs::write(dir.path().join(KEY_FILE), key.serialize_pem()).expect("write");
+        let e = Tls::load(dir.path(), ClientAuth::Required)
+            .expect_err("expired")
+            .to_string();
+        assert!(e.contains("tls.crt") && e.to_lowercase().contains("expired"), "{e}");
     }
 
     #[test]

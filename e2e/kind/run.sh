@@ -7,7 +7,9 @@
 # and loaded; then the scenarios of tern_e2e::scenarios (the same code the
 # node e2e runs here on nodes it starts itself, e2e/tests/nodes.rs):
 #   install the bundle (kubectl apply -k operator/deploy/overlays/multicluster/REGION),
-#   apply e2e/kind/manifests/geocluster.yaml and jaeger.yaml,
+#   apply e2e/kind/manifests/geocluster.yaml (with spec.tls: the scenarios
+#   make a CA and create the certificate Secrets in every cluster first) and
+#   jaeger.yaml,
 #   a local write, a proxied write, a migration by applying an AccountMigration,
 #   the trace of the cross-region write in Jaeger (us-east),
 #   ap-south's node stopped (docker stop) and failed over to eu-west.

@@ -177,7 +177,10 @@ impl Forwarder {
                 let host = crate::dns::split_endpoint(&endpoint)
                     .map_err(|e| unreachable(Box::new(e)))?
                     .0;
-                tls.channel_to(&addr.to_string(), host)
+                // And it must be that region's router: it will be sent
+                // this region's clients' writes.
+                let expect = tern_common::tls::identity(tern_common::tls::Role::Router, region.as_str());
+                tls.channel_to_identity(&addr.to_string(), host, &expect)
                     .map_err(|e| unreachable(Box::new(e)))?
             }
             None => Endpoint::from_shared(format!("http://{addr}"))
