@@ -19,6 +19,8 @@
 //! 6. Migrations: write unavailability of a move per region pair, bulk moves, a drain.
 //! 7. Failover: the recovery time of a region killed whole, at 10 and at
 //!    100,000 accounts side by side.
+//! 8. TLS: router writes in a plain deployment and in one with TLS on every
+//!    link, alternating rounds.
 //!
 //! `--sections` picks some of them.
 
@@ -27,6 +29,7 @@ mod migrations;
 mod mirrors;
 mod scale;
 mod telemetry;
+mod tls;
 mod workload;
 
 use std::collections::BTreeMap;
@@ -62,7 +65,7 @@ pub struct BenchArgs {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "overhead,proxied,mirrors,telemetry,scale,migrations,failover"
+        default_value = "overhead,proxied,mirrors,telemetry,scale,migrations,failover,tls"
     )]
     sections: Vec<Section>,
     /// Accounts in the directory for the scale section.
@@ -132,6 +135,8 @@ enum Section {
     Migrations,
     /// Recovery time of a region killed whole, at 10 and at many accounts.
     Failover,
+    /// Router writes with TLS on every link versus plain TCP.
+    Tls,
 }
 
 const REGIONS: [&str; 3] = ["us-east", "eu-west", "ap-south"];
@@ -187,6 +192,11 @@ pub async fn run(args: BenchArgs) -> Result<(), CliError> {
     }
     if wants(Section::Failover) {
         let section = failover::run(args.members, args.failover_accounts).await?;
+        print!("\n{section}");
+        report.push_str(&section);
+    }
+    if wants(Section::Tls) {
+        let section = tls::run(&args).await?;
         print!("\n{section}");
         report.push_str(&section);
     }
