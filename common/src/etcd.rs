@@ -39,13 +39,9 @@ pub async fn client(
     }
 }
 
-/// Connects to `endpoints` and waits until one answers a status call, or
-/// `deadline` passes. `what` names the group in the error.
-pub async fn connect(endpoints: &[String], what: &str, deadline: Duration) -> Result<Client, CommonError> {
-    connect_tls(endpoints, None, what, deadline).await
-}
-
-/// [`connect`], over TLS when `tls` is given.
+/// Connects to `endpoints` (over TLS when `tls` is given) and waits until
+/// one answers a status call, or `deadline` passes. `what` names the group
+/// in the error.
 pub async fn connect_tls(
     endpoints: &[String],
     tls: Option<&crate::tls::Tls>,

@@ -65,7 +65,8 @@ pub enum Role {
 }
 
 impl Role {
-    fn as_str(self) -> &'static str {
+    /// The role's name in identities and file names.
+    pub fn as_str(self) -> &'static str {
         match self {
             Role::Router => "router",
             Role::Agent => "agent",

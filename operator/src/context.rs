@@ -30,7 +30,9 @@ pub struct Context {
     /// (0: none).
     pub automatic_history: usize,
     /// Directory clients by endpoints, connected once.
-    pub directories: tokio::sync::Mutex<HashMap<String, etcd_client::Client>>,
+    /// Directory clients by endpoints, with the serial of the certificate
+    /// each was made with (none: plain).
+    pub directories: tokio::sync::Mutex<HashMap<String, (Option<String>, etcd_client::Client)>>,
     failures: Mutex<HashMap<String, u32>>,
 }
 

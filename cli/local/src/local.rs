@@ -551,13 +551,7 @@ impl LocalDeployment {
             if let Some(token) = &peer_token {
                 args.push(format!("--peer-token={token}"));
             }
-            if let Some(pki) = &pki {
-                let certs = pki.issue(
-                    &format!("router-{}", region.name),
-                    &tls::identity(Role::Router, &region.name),
-                )?;
-                args.push(format!("--tls-dir={}", certs.display()));
-            }
+            args.extend(tls_flag(pki.as_ref(), Role::Router, &region.name)?);
             args.extend(peers[i].iter().cloned());
             if !layout.agents {
                 // No agent keeps a region lease: nothing to wait for.
@@ -618,13 +612,7 @@ impl LocalDeployment {
                     "--log-format=text".to_string(),
                     format!("--identity={}-agent-a", region.name),
                 ];
-                if let Some(pki) = &pki {
-                    let certs = pki.issue(
-                        &format!("agent-{}", region.name),
-                        &tls::identity(Role::Agent, &region.name),
-                    )?;
-                    args.push(format!("--tls-dir={}", certs.display()));
-                }
+                args.extend(tls_flag(pki.as_ref(), Role::Agent, &region.name)?);
                 args.extend(sources[i].iter().cloned());
                 if let Some(endpoint) = &layout.otlp_endpoint {
                     args.push(format!("--otlp-endpoint={endpoint}"));
@@ -843,6 +831,14 @@ async fn launch_agent(binaries: Option<&Binaries>, dir: &Path, args: &[String]) 
         Some(b) => AgentGuard::spawn(&b.agent, args, &dir.join(format!("{}.log", log_name("agent", args)))).await,
         None => AgentGuard::start(args).await,
     }
+}
+
+/// With a CA: a certificate for `role` in `region` (directory
+/// `<role>-<region>`) and the `--tls-dir` flag naming it.
+fn tls_flag(pki: Option<&LocalPki>, role: Role, region: &str) -> Result<Option<String>> {
+    let Some(pki) = pki else { return Ok(None) };
+    let certs = pki.issue(&format!("{}-{region}", role.as_str()), &tls::identity(role, region))?;
+    Ok(Some(format!("--tls-dir={}", certs.display())))
 }
 
 /// `host:port` of an endpoint URL.

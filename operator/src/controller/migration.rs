@@ -191,12 +191,13 @@ pub async fn connect_directory(
     endpoints: Vec<String>,
     tls: Option<tern_common::tls::Tls>,
 ) -> Result<Client> {
-    let key = match &tls {
-        Some(t) => format!("{} with certificate {}", endpoints.join(","), t.summary().serial),
-        None => endpoints.join(","),
-    };
+    let key = endpoints.join(",");
+    let serial = tls.as_ref().map(|t| t.summary().serial);
     let mut clients = ctx.directories.lock().await;
-    if let Some(c) = clients.get(&key) {
+    // A client made with a certificate since renewed is replaced.
+    if let Some((made_with, c)) = clients.get(&key)
+        && *made_with == serial
+    {
         return Ok(c.clone());
     }
     let c = tern_common::etcd::connect_tls(&endpoints, tls.as_ref(), "directory", Duration::from_secs(10))
@@ -205,10 +206,7 @@ pub async fn connect_directory(
             what: format!("connecting to {key}"),
             reason: e.to_string(),
         })?;
-    // A client made with a certificate since renewed is of no more use.
-    let plain = endpoints.join(",");
-    clients.retain(|k, _| k != &plain && !k.starts_with(&format!("{plain} with certificate ")));
-    clients.insert(key, c.clone());
+    clients.insert(key, (serial, c.clone()));
     Ok(c)
 }
 
