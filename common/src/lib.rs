@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 pub mod backup;
+pub mod backup_request;
 pub mod drain;
 pub mod duration;
 pub mod etcd;

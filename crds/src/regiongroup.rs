@@ -85,6 +85,12 @@ pub struct RegionGroupSpec {
     /// plain TCP.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<GroupTlsSpec>,
+    /// Before the members roll onto another etcd image, the operator asks
+    /// the region's agent for a backup of the group and waits until it is
+    /// taken (status.preUpgradeBackup). Set from the GeoCluster's
+    /// spec.backup: the agent is what holds the backup volume.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pre_upgrade_backup: bool,
 }
 
 /// A group's certificates: Secrets with `ca.crt`, `tls.crt`, `tls.key`.
@@ -160,4 +166,23 @@ pub struct RegionGroupStatus {
     /// when every member runs the current template.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rolling_update: Option<String>,
+    /// The backup taken before the members last rolled onto another etcd
+    /// image (spec.preUpgradeBackup), or the one asked for and awaited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pre_upgrade_backup: Option<PreUpgradeBackup>,
+}
+
+/// A backup asked of the region's agent before an etcd image roll.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct PreUpgradeBackup {
+    /// The image the members roll onto.
+    pub image: String,
+    /// The group's revision when the backup was asked for: the backup holds
+    /// every write acknowledged before it.
+    pub requested_revision: i64,
+    /// The backup's id (`tern backup list`, `tern restore --backup`), once
+    /// taken. The roll restarts no member before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup: Option<String>,
 }

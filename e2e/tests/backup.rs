@@ -321,3 +321,111 @@ async fn the_agent_backs_up_on_schedule_and_keeps_the_newest() {
         .await
         .expect("tern backup list reads what the schedule wrote");
 }
+
+/// The operator's pre-upgrade backup, against a real agent and its group:
+/// a backup asked for through the group (`tern_common::backup_request`) is
+/// taken at once although the schedule has none due, it read after the
+/// request (so it holds every write acknowledged before), it is recorded
+/// in the group for whoever asked, and a request answered is not answered
+/// again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_takes_a_backup_asked_for_through_its_group() {
+    use tern_common::backup_request::{self, Request};
+    use tern_local::{Layout, LocalDeployment};
+    tern_e2e::init_logs();
+    let backups = tempfile::tempdir().expect("tempdir");
+    let mut d = LocalDeployment::start(Layout {
+        agents: true,
+        ..Layout::one_region("us-east")
+    })
+    .await
+    .expect("deployment starts");
+    d.restart_with_flags(
+        "us-east",
+        &[],
+        &[
+            format!("--backup-dir={}", backups.path().display()),
+            // Only the first backup is due on schedule during the test.
+            "--backup-every=1h".into(),
+            "--backup-keep=5".into(),
+        ],
+    )
+    .await
+    .expect("the agent restarts with a backup schedule");
+    let list = || tern_common::backup::list(backups.path(), "us-east").expect("list");
+    let mut group = d.region("us-east").group.connect().await.expect("the group");
+
+    // The scheduled backup is recorded in the group too.
+    let until = Instant::now() + Duration::from_secs(60);
+    let first = loop {
+        if let Ok((_, Some(last))) = backup_request::read(&mut group).await {
+            break last;
+        }
+        assert!(Instant::now() < until, "no backup recorded within 60 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        list().iter().map(|m| m.id.clone()).collect::<Vec<_>>(),
+        vec![first.id.clone()]
+    );
+    assert_eq!(
+        backup_request::answer(&mut group, first.revision_min + 1)
+            .await
+            .expect("read"),
+        None,
+        "a backup read before a request does not answer it"
+    );
+
+    let written = group
+        .put("/b/before-the-request", "acknowledged", None)
+        .await
+        .expect("a write")
+        .header()
+        .map(|h| h.revision())
+        .expect("a header");
+    let asked = backup_request::ask(
+        &mut group,
+        &Request {
+            by: "the test".into(),
+            reason: "an upgrade".into(),
+        },
+    )
+    .await
+    .expect("asked");
+    assert!(asked > written);
+    let until = Instant::now() + Duration::from_secs(30);
+    let taken = loop {
+        if let Some(t) = backup_request::answer(&mut group, asked).await.expect("read") {
+            break t;
+        }
+        assert!(
+            Instant::now() < until,
+            "the backup asked at revision {asked} was not taken within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_ne!(taken.id, first.id);
+    assert!(
+        taken.revision_min >= asked,
+        "the answer read after the request: {taken:?}, asked at {asked}"
+    );
+    let kept = list();
+    let m = kept
+        .iter()
+        .find(|m| m.id == taken.id)
+        .unwrap_or_else(|| panic!("the backup recorded is in the directory: {kept:?}"));
+    assert_eq!(
+        (m.revision_min, m.revision_max),
+        (taken.revision_min, taken.revision_max)
+    );
+    tern_common::backup::verify(backups.path(), m).expect("the backup asked for is whole");
+
+    // Answered: no more backups until the schedule's next (an hour away).
+    tokio::time::sleep(tern_agent::backup::ASKED_POLL * 3).await;
+    assert_eq!(
+        list().len(),
+        2,
+        "one backup on schedule and one asked for: {:?}",
+        list()
+    );
+}

@@ -9,19 +9,29 @@
 //! `--backup-every` after the newest one in the directory began. A new
 //! leader (after a restart or a failover of the agent) does not take an
 //! extra backup, and one that took over late takes the missed one at once.
+//!
+//! A backup of the region's group is also taken when one is asked for
+//! through the group (`tern_common::backup_request`: the operator does,
+//! before it rolls the members onto another etcd image), within
+//! [`ASKED_POLL`]; every backup of the group is then recorded there, so
+//! that whoever asked sees when it is answered.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tern_common::backup;
+use etcd_client::Client;
+use tern_common::{backup, backup_request};
 
+use crate::election::Leadership;
 use crate::error::AgentError;
 use crate::metrics::{BackupLabels, GroupLabels};
 use crate::state::Shared;
 
 /// A failed backup is tried again after this (or `every`, if shorter).
 const RETRY: Duration = Duration::from_secs(60);
+/// How often the group is read for a backup asked for.
+pub const ASKED_POLL: Duration = Duration::from_secs(2);
 
 /// What to back up, where and how often.
 #[derive(Clone, Debug)]
@@ -29,7 +39,8 @@ pub struct Settings {
     pub dir: PathBuf,
     pub every: Duration,
     pub keep: usize,
-    /// Group name and its members' client URLs.
+    /// Group name and its members' client URLs; the region's own group
+    /// first (the one backups are asked for through).
     pub groups: Vec<(String, Vec<String>)>,
     /// Dial the groups over TLS with this certificate.
     pub tls: Option<tern_common::tls::Tls>,
@@ -49,12 +60,28 @@ fn due_in(settings: &Settings, group: &str) -> Result<(Duration, Option<u64>), t
     ))
 }
 
-pub async fn run(settings: Settings, shared: Arc<Shared>) -> AgentError {
+/// Whether a backup of the region's group is asked for and not yet taken.
+/// A group that cannot be read asks for nothing (the next round reads it
+/// again).
+async fn asked(client: &mut Client, region: &str) -> bool {
+    match backup_request::read(client).await {
+        Ok((request, last)) => backup_request::pending(request, last.as_ref()),
+        Err(e) => {
+            tracing::debug!(group = %region, error = %e, "cannot read the backup request");
+            false
+        }
+    }
+}
+
+pub async fn run(settings: Settings, mut client: Client, leadership: Leadership, shared: Arc<Shared>) -> AgentError {
     let metrics = &shared.metrics;
     let mut retry_at: Vec<Option<tokio::time::Instant>> = vec![None; settings.groups.len()];
     loop {
         for (i, (group, endpoints)) in settings.groups.iter().enumerate() {
-            if retry_at[i].is_some_and(|t| tokio::time::Instant::now() < t) {
+            // Asked for counts even before a failed backup's retry is due:
+            // whoever asked is waiting.
+            let asked = i == 0 && asked(&mut client, group).await;
+            if !asked && retry_at[i].is_some_and(|t| tokio::time::Instant::now() < t) {
                 continue;
             }
             let labels = |outcome: &str| BackupLabels {
@@ -72,7 +99,7 @@ pub async fn run(settings: Settings, shared: Arc<Shared>) -> AgentError {
                             .get_or_create(&GroupLabels { group: group.clone() })
                             .set((ms / 1000) as i64);
                     }
-                    if !due.is_zero() {
+                    if !due.is_zero() && !asked {
                         continue;
                     }
                 }
@@ -98,8 +125,26 @@ pub async fn run(settings: Settings, shared: Arc<Shared>) -> AgentError {
                         revision_min = m.revision_min,
                         revision_max = m.revision_max,
                         member = %m.member,
+                        asked,
                         "backup taken"
                     );
+                    if i == 0 {
+                        let taken = backup_request::Taken {
+                            id: m.id.clone(),
+                            revision_min: m.revision_min,
+                            revision_max: m.revision_max,
+                            taken_at_ms: m.taken_at_ms,
+                        };
+                        match backup_request::record(&mut client, &taken, leadership.guard()).await {
+                            Ok(true) => {}
+                            Ok(false) => return AgentError::NotLeader(shared.region.to_string()),
+                            // Recorded with the next backup; whoever asked
+                            // waits until then, and the backup is kept.
+                            Err(e) => {
+                                tracing::warn!(group = %group, error = %e, "cannot record the backup in the group")
+                            }
+                        }
+                    }
                     match backup::prune(&settings.dir, group, settings.keep) {
                         Ok(gone) => {
                             for g in gone {
@@ -121,7 +166,7 @@ pub async fn run(settings: Settings, shared: Arc<Shared>) -> AgentError {
         }
         // Wake for the earliest due backup (a failed one: its retry), at
         // most a minute from now (a backup written by a previous leader may
-        // move the schedule).
+        // move the schedule), or for a backup asked for.
         let now = tokio::time::Instant::now();
         let next = settings
             .groups
@@ -134,7 +179,20 @@ pub async fn run(settings: Settings, shared: Arc<Shared>) -> AgentError {
             .min()
             .unwrap_or(RETRY)
             .clamp(Duration::from_millis(100), RETRY);
-        tokio::time::sleep(next).await;
+        let wake_at = now + next;
+        let own = settings.groups.first().map(|(g, _)| g.as_str()).unwrap_or_default();
+        loop {
+            let step = wake_at
+                .saturating_duration_since(tokio::time::Instant::now())
+                .min(ASKED_POLL);
+            if step.is_zero() {
+                break;
+            }
+            tokio::time::sleep(step).await;
+            if asked(&mut client, own).await {
+                break;
+            }
+        }
     }
 }
 

@@ -25,7 +25,8 @@
 //! - `sun`: the follow-the-sun policy, asking for moves of accounts homed
 //!   here from the routers' published write counts;
 //! - `backup`: scheduled backups of the region's group (and, when asked,
-//!   the directory's) into a directory, the newest N kept;
+//!   the directory's) into a directory, the newest N kept, and backups
+//!   asked for through the group (the operator's before an etcd upgrade);
 //! - `kubernetes`: the region's lag in the GeoCluster status, when asked.
 //!
 //! Heartbeats and mirrored revisions are traced (`agent.heartbeat`,
@@ -281,6 +282,8 @@ pub async fn run(
                     groups,
                     tls: tls.clone(),
                 },
+                group.clone(),
+                leadership.clone(),
                 shared.clone(),
             ));
         }

@@ -138,6 +138,8 @@ fn group(
                 member_secret: t.etcd_secret(),
                 client_secret: t.operator_secret(),
             }),
+            // The directory's members are never rolled by the operator.
+            pre_upgrade_backup: gc.spec.backup.is_some() && role == GroupRole::Data,
         },
         status: None,
     }
@@ -275,6 +277,25 @@ mod tests {
                 ("GeoCluster", "payments", Some(true))
             );
         }
+    }
+
+    #[test]
+    fn data_groups_ask_for_a_pre_upgrade_backup_when_the_cluster_backs_up() {
+        let mut gc = example();
+        let asks = |gc: &GeoCluster| -> Vec<(GroupRole, bool)> {
+            region_groups(gc, &RegionFilter::all())
+                .iter()
+                .map(|g| (g.spec.role, g.spec.pre_upgrade_backup))
+                .collect()
+        };
+        assert!(asks(&gc).iter().all(|(_, ask)| !ask), "no backup volume, nobody to ask");
+        gc.spec.backup = Some(tern_crds::BackupSpec {
+            claim_name: "tern-backups".into(),
+            every: "1h".into(),
+            keep: 24,
+        });
+        // The directory's members are not rolled by the operator.
+        assert!(asks(&gc).iter().all(|(role, ask)| *ask == (*role == GroupRole::Data)));
     }
 
     #[test]

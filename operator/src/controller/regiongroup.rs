@@ -13,7 +13,8 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::{Api, ResourceExt};
 use serde_json::json;
-use tern_crds::{GroupRole, RegionGroup, RegionGroupStatus};
+use tern_common::backup_request;
+use tern_crds::{GroupRole, PreUpgradeBackup, RegionGroup, RegionGroupStatus};
 
 use crate::apply::{Outcome, apply};
 use crate::build::regiongroup::Members;
@@ -277,9 +278,19 @@ async fn rolling_update(
             )
         })
         .collect();
-    let states = crate::upgrade::observe(&members, tls, pod_of).await;
     let on_current = (0..replicas).filter(|o| pod_of(*o).0).count();
     let progress = format!("{on_current}/{replicas} members on the current template");
+    // A roll onto another etcd image: some member's pod runs another one.
+    let new_image = first_image(sts.spec.template.spec.as_ref()).filter(|image| {
+        pods.iter()
+            .any(|p| first_image(p.spec.as_ref()).as_ref() != Some(image))
+    });
+    if let Some(image) = new_image.filter(|_| rg.spec.pre_upgrade_backup)
+        && let Some(reason) = pre_upgrade_backup(rg, ctx, tls, &members, &image, st).await
+    {
+        return updated(st, format!("{progress}: waiting: {reason}"));
+    }
+    let states = crate::upgrade::observe(&members, tls, pod_of).await;
     let note = match crate::upgrade::plan(&states) {
         crate::upgrade::Step::Steady => return false,
         crate::upgrade::Step::Wait { reason } => format!("{progress}: waiting: {reason}"),
@@ -336,9 +347,89 @@ async fn rolling_update(
     updated(st, note)
 }
 
+/// Before the first member restarts on another etcd image: a backup of
+/// the group asked of the region's agent through the group
+/// (`tern_common::backup_request`) and taken after the roll began, so that
+/// an upgrade that goes wrong can be undone by a restore that loses
+/// nothing acknowledged before it. Returns why the roll waits, or `None`
+/// once the backup is taken (recorded in `st.pre_upgrade_backup`).
+async fn pre_upgrade_backup(
+    rg: &RegionGroup,
+    ctx: &Context,
+    tls: Option<&tern_common::tls::Tls>,
+    members: &[(i32, String)],
+    image: &str,
+    st: &mut RegionGroupStatus,
+) -> Option<String> {
+    let this_roll = st.pre_upgrade_backup.as_ref().filter(|b| b.image == image);
+    if this_roll.is_some_and(|b| b.backup.is_some()) {
+        return None;
+    }
+    let asked = this_roll.map(|b| b.requested_revision);
+    let urls: Vec<&str> = members.iter().map(|(_, u)| u.as_str()).collect();
+    let mut client = match tern_common::etcd::client(&urls, tls, Some(BACKUP_CALL_TIMEOUT)).await {
+        Ok(c) => c,
+        Err(e) => return Some(format!("cannot reach the group for the pre-upgrade backup: {e}")),
+    };
+    let group = rg.name_any();
+    let Some(revision) = asked else {
+        let request = backup_request::Request {
+            by: "tern-operator".into(),
+            reason: format!("before rolling {group} onto {image}"),
+        };
+        return Some(match backup_request::ask(&mut client, &request).await {
+            Ok(revision) => {
+                st.pre_upgrade_backup = Some(PreUpgradeBackup {
+                    image: image.to_string(),
+                    requested_revision: revision,
+                    backup: None,
+                });
+                let note = format!(
+                    "asked {}'s agent for a backup of {group} at revision {revision}, before the first member restarts on {image}",
+                    rg.spec.region
+                );
+                ctx.event(
+                    rg,
+                    EventType::Normal,
+                    "PreUpgradeBackupAsked",
+                    "RollingUpdate",
+                    note.clone(),
+                )
+                .await;
+                note
+            }
+            Err(e) => format!("asking for the pre-upgrade backup: {e}"),
+        });
+    };
+    match backup_request::answer(&mut client, revision).await {
+        Ok(Some(taken)) => {
+            let note = format!(
+                "backup {} of {group} taken (revisions {}..{}), holding every write acknowledged before revision {revision}; rolling onto {image}",
+                taken.id, taken.revision_min, taken.revision_max
+            );
+            ctx.event(rg, EventType::Normal, "PreUpgradeBackupTaken", "RollingUpdate", note)
+                .await;
+            if let Some(b) = st.pre_upgrade_backup.as_mut() {
+                b.backup = Some(taken.id);
+            }
+            None
+        }
+        // No backup volume, an agent that is down or a backup that keeps
+        // failing: the roll waits, and says where to look.
+        Ok(None) => Some(format!(
+            "the pre-upgrade backup asked at revision {revision} is not taken yet (by {}'s agent: its log and tern_agent_backups_total say why)",
+            rg.spec.region
+        )),
+        Err(e) => Some(format!("reading whether the pre-upgrade backup is taken: {e}")),
+    }
+}
+
 /// How often a membership change in progress is looked at again: a
 /// learner catching up, a pod starting.
 const MEMBERSHIP_POLL: Duration = Duration::from_secs(2);
+
+/// A call of the pre-upgrade backup's request to the group.
+const BACKUP_CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The members the group's objects are built with, after this reconcile's
 /// membership step.
