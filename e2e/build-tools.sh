@@ -69,13 +69,17 @@ dir_of() {
   esac
 }
 
-# How each module is compiled. The node binaries are static (no cgo) except
-# runc, which links libseccomp so that RuntimeDefault seccomp profiles work;
-# containerd leaves out the snapshotters it cannot use here.
+# How each module is compiled. The Kubernetes binaries are static (no cgo),
+# as Kubernetes releases them, and the control plane's and the node's alike:
+# cgo changes the net package, and with it every package above it, so a
+# control plane built with cgo would leave the node's build (kubelet and the
+# rest) nothing to reuse from the shared cache. runc links libseccomp so
+# that RuntimeDefault seccomp profiles work; containerd leaves out the
+# snapshotters it cannot use here.
 go_env_of() {
   case "$1" in
     runc) echo "CGO_ENABLED=1" ;;
-    kubernetes-node|containerd|cni) echo "CGO_ENABLED=0" ;;
+    kubernetes|kubernetes-node|containerd|cni) echo "CGO_ENABLED=0" ;;
     *) echo "" ;;
   esac
 }
@@ -109,8 +113,11 @@ build_module() {
   dir=$(dir_of "$module")
   if [ "$module" = pause ]; then build_pause; return; fi
   local stamp="$out/.pin-$module"
-  local want
-  want=$(cat "$dir/go.mod" "$dir/go.sum" | sha256sum | cut -d' ' -f1)
+  local want go_env tags
+  go_env=$(go_env_of "$module")
+  tags=$(tags_of "$module")
+  # The pin and how it is compiled: a change to either rebuilds.
+  want=$( (cat "$dir/go.mod" "$dir/go.sum"; echo "env=$go_env tags=$tags") | sha256sum | cut -d' ' -f1)
   local missing=0 pair
   for pair in $(binaries_of "$module"); do
     [ -x "$out/${pair%%=*}" ] || missing=1
@@ -121,10 +128,8 @@ build_module() {
   fi
   echo "build-tools: building $module (pinned in $dir/go.mod) into $out"
   local start=$SECONDS
-  local ldflags go_env tags
+  local ldflags
   ldflags="-s -w $(version_ldflags "$module" "$dir")"
-  go_env=$(go_env_of "$module")
-  tags=$(tags_of "$module")
   for pair in $(binaries_of "$module"); do
     mkdir -p "$(dirname "$out/${pair%%=*}")"
     # -trimpath and stripped symbols: smaller binaries, faster links, and the
