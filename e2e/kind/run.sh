@@ -123,6 +123,15 @@ for image in $(operator/deploy/images/build.sh --print-names | sed '$d'); do
     "$kind" load docker-image "$image" --name "tern-$r"
   done
 done
+# The image the rolling update moves the members onto: the same etcd under
+# another name (tern_e2e::scenarios::retagged_etcd_image).
+etcd_image=$(operator/deploy/images/build.sh --print-names | tail -n1)
+retagged="localhost/tern-e2e/etcd-retagged:${etcd_image##*:}-retagged"
+"$docker" pull "$etcd_image"
+"$docker" tag "$etcd_image" "$retagged"
+for r in "${regions[@]}"; do
+  "$kind" load docker-image "$retagged" --name "tern-$r"
+done
 
 echo "== scenarios"
 cargo build -p tern-e2e --bin tern-e2e-scenarios --locked

@@ -316,6 +316,15 @@ impl NodeCluster {
                 path: path.display().to_string(),
                 source,
             })?;
+            // As local-path makes its directories: writable by every pod's
+            // user (the agents run as 65532, and a hostPath volume ignores
+            // fsGroup).
+            std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o777)).map_err(|source| {
+                HarnessError::Io {
+                    path: path.display().to_string(),
+                    source,
+                }
+            })?;
             let pv: PersistentVolume = serde_json::from_value(serde_json::json!({
                 "apiVersion": "v1",
                 "kind": "PersistentVolume",

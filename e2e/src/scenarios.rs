@@ -30,6 +30,18 @@ const MANIFEST: &str = "e2e/kind/manifests/geocluster.yaml";
 /// spec.tls.secretPrefix of the scenarios' GeoCluster.
 pub const TLS_PREFIX: &str = "payments-tls";
 
+/// The etcd image the rolling update moves the members onto: the default
+/// image's etcd under another name, whose tag names the same version (a
+/// version etcd's skew rule allows). The node e2e builds it
+/// (e2e/tests/nodes.rs), the kind e2e tags it (e2e/kind/run.sh).
+pub fn retagged_etcd_image() -> String {
+    let tag = tern_crds::DEFAULT_ETCD_IMAGE
+        .rsplit_once(':')
+        .map(|(_, t)| t)
+        .unwrap_or("latest");
+    format!("localhost/tern-e2e/etcd-retagged:{tag}-retagged")
+}
+
 /// The scenarios run with mutual TLS on every link, as a payments
 /// deployment would: a CA made for the run, the Secrets spec.tls names in
 /// every cluster, and the harness's own client certificate for the routers.
@@ -218,6 +230,10 @@ impl Scenarios {
             )?;
         }
         self.kubectl(TRACE_REGION, &["apply", "-f", "e2e/kind/manifests/jaeger.yaml"])?;
+        // The claim the GeoCluster's spec.backup names.
+        for r in &regions {
+            self.kubectl(r, &["apply", "-f", "e2e/kind/manifests/backups.yaml"])?;
+        }
         let manifest = self.make_tls()?;
         let manifest = manifest.display().to_string();
         for r in &regions {
@@ -388,14 +404,18 @@ impl Scenarios {
         Ok(())
     }
 
-    /// Changes the etcd members' template (their CPU request) in every
-    /// cluster and waits until each region's data group has rolled onto it:
-    /// the operator restarts one member at a time, the leader last after
-    /// handing its leadership over (an event says so in a group of more
-    /// than one), and every member is ready on the new revision.
+    /// Changes the etcd members' template (their CPU request and their
+    /// image, [`retagged_etcd_image`]) in every cluster and waits until each
+    /// region's data group has rolled onto it: the operator has the region's
+    /// agent take a backup first (spec.backup), then restarts one member at
+    /// a time, the leader last after handing its leadership over (an event
+    /// says so in a group of more than one), and every member is ready on
+    /// the new revision.
     pub async fn rolling_update(&mut self, cpu: &str) -> Result<()> {
         let start = Instant::now();
-        let patch = format!(r#"{{"spec":{{"etcd":{{"resources":{{"requests":{{"cpu":"{cpu}"}}}}}}}}}}"#);
+        let image = retagged_etcd_image();
+        let patch =
+            format!(r#"{{"spec":{{"etcd":{{"image":"{image}","resources":{{"requests":{{"cpu":"{cpu}"}}}}}}}}}}"#);
         let regions: Vec<String> = self.clusters.iter().map(|c| c.region.clone()).collect();
         // Each group's revision before: the roll must end on another one
         // (right after the patch, the StatefulSet still names the old one).
@@ -424,10 +444,12 @@ impl Scenarios {
                 let json = self.kubectl(r, &["get", "statefulset", &group, "-n", NAMESPACE, "-o", "json"])?;
                 let sts: serde_json::Value =
                     serde_json::from_str(&json).map_err(|e| failed(format!("StatefulSet {group}: {e}")))?;
-                let cpu_now = sts["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"]["cpu"]
+                let container = &sts["spec"]["template"]["spec"]["containers"][0];
+                let cpu_now = container["resources"]["requests"]["cpu"]
                     .as_str()
                     .unwrap_or_default()
                     .to_string();
+                let image_now = container["image"].as_str().unwrap_or_default().to_string();
                 let revision = sts["status"]["updateRevision"].as_str().unwrap_or_default().to_string();
                 let seen = sts["status"]["observedGeneration"].as_i64() >= sts["metadata"]["generation"].as_i64();
                 let new_revision = seen && !revision.is_empty() && before.get(r) != Some(&revision);
@@ -458,7 +480,12 @@ impl Scenarios {
                         "jsonpath={.status.rollingUpdate}",
                     ],
                 )?;
-                if cpu_now == cpu && new_revision && rolled == replicas && status.trim().is_empty() {
+                if cpu_now == cpu
+                    && image_now == image
+                    && new_revision
+                    && rolled == replicas
+                    && status.trim().is_empty()
+                {
                     // The operator's account: one restart per member, and
                     // in a group of more than one the lead handed over
                     // before the last restart (the old leader's). Repeats
@@ -477,6 +504,7 @@ impl Scenarios {
                         ],
                     )?;
                     let (mut restarts, mut last_restart, mut handed) = (0, String::new(), String::new());
+                    let (mut first_restart, mut backed_up) = (None::<String>, None::<String>);
                     for line in events.lines() {
                         let f: Vec<&str> = line.split_whitespace().collect();
                         let (Some(reason), Some(at)) = (f.first(), f.get(1)) else {
@@ -488,8 +516,12 @@ impl Scenarios {
                             "MemberRestarted" => {
                                 restarts += count;
                                 last_restart = last_restart.max(last);
+                                if first_restart.as_deref().is_none_or(|f| *at < f) {
+                                    first_restart = Some(at.to_string());
+                                }
                             }
                             "LeaderHandedOver" => handed = handed.max(last),
+                            "PreUpgradeBackupTaken" => backed_up = backed_up.max(Some(last)),
                             _ => {}
                         }
                     }
@@ -498,11 +530,34 @@ impl Scenarios {
                             "{group}: {restarts} restarts for {replicas} members; the last at {last_restart}, the hand-over at {handed:?}; events:\n{events}"
                         )));
                     }
+                    // The image changed: the agent's backup came before the
+                    // first restart, and the status names it.
+                    let backup = self.kubectl(
+                        r,
+                        &[
+                            "get",
+                            "regiongroup",
+                            &group,
+                            "-n",
+                            NAMESPACE,
+                            "-o",
+                            "jsonpath={.status.preUpgradeBackup.backup}",
+                        ],
+                    )?;
+                    if backup.trim().is_empty() || backed_up.is_none() || backed_up > first_restart {
+                        return Err(failed(format!(
+                            "{group}: the pre-upgrade backup {backup:?} (taken at {backed_up:?}) must come before the first restart ({first_restart:?}); events:\n{events}"
+                        )));
+                    }
+                    eprintln!(
+                        "scenario: {group} backed up as {} before its first restart onto {image}",
+                        backup.trim()
+                    );
                     break;
                 }
                 if Instant::now() > deadline {
                     return Err(HarnessError::NotReady {
-                        what: format!("{group} rolled onto a CPU request of {cpu}"),
+                        what: format!("{group} rolled onto {image} with a CPU request of {cpu}"),
                         secs: READY_LIMIT.as_secs(),
                         log: format!("pods (revision ready), want {revision}:\n{pods}\nrolling update: {status}"),
                     });
@@ -511,7 +566,7 @@ impl Scenarios {
             }
         }
         self.timed(
-            "every data group rolled onto a new member template, leaders last",
+            "every data group backed up, then rolled onto a new etcd image, leaders last",
             start,
         );
         Ok(())

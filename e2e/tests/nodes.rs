@@ -60,8 +60,8 @@ fn nix_is_root() -> bool {
 }
 
 /// The images the pods run, as OCI archives: tern's three from the
-/// binaries cargo built, etcd under the name the CRDs default to, the pause
-/// image, and Jaeger.
+/// binaries cargo built, etcd under the name the CRDs default to and under
+/// the name the rolling update moves to, the pause image, and Jaeger.
 fn build_images(dir: &std::path::Path) {
     let asset = |name: &str| assets::binary(name).expect("built").display().to_string();
     let status = Command::new(tern_e2e::repo_root().join("operator/deploy/images/build.sh"))
@@ -71,6 +71,10 @@ fn build_images(dir: &std::path::Path) {
         .arg(profile_dir())
         .args(["--etcd", &asset("etcd")])
         .args(["--add-image", &format!("{PAUSE_IMAGE}={}", asset("pause"))])
+        .args([
+            "--add-image",
+            &format!("{}={}", tern_e2e::scenarios::retagged_etcd_image(), asset("etcd")),
+        ])
         .args([
             "--add-image",
             &format!("docker.io/jaegertracing/jaeger:2.13.0={}", asset("jaeger")),

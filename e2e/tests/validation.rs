@@ -60,9 +60,12 @@ async fn schema_refuses_invalid_examples_and_accepts_valid_ones() {
         us_east.contains("name: TERN_OPERATOR_REGIONS\n          value: us-east"),
         "the us-east overlay must set the operator's region:\n{us_east}"
     );
-    // The kind e2e's Jaeger too (its GeoCluster is among the examples).
-    cp.kubectl(&["apply", "--dry-run=server", "-f", "e2e/kind/manifests/jaeger.yaml"])
-        .unwrap_or_else(|e| panic!("e2e/kind/manifests/jaeger.yaml must be accepted: {e}"));
+    // The kind e2e's Jaeger and backup claim too (its GeoCluster is among
+    // the examples).
+    for manifest in ["e2e/kind/manifests/jaeger.yaml", "e2e/kind/manifests/backups.yaml"] {
+        cp.kubectl(&["apply", "--dry-run=server", "-f", manifest])
+            .unwrap_or_else(|e| panic!("{manifest} must be accepted: {e}"));
+    }
 
     let dir = repo_root().join("examples/invalid");
     let mut files: Vec<_> = std::fs::read_dir(&dir)
