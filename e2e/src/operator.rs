@@ -1,6 +1,6 @@
 //! Runs tern-operator in-process against a test API server, with the
-//! credentials of its service account (bound only to operator/deploy/base/rbac.yaml),
-//! and stops it when the guard drops.
+//! credentials of its service account (bound only to operator/deploy/base/rbac.yaml,
+//! or to an overlay's RBAC), and stops it when the guard drops.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -28,6 +28,12 @@ impl OperatorGuard {
     /// takeover tests short.
     pub async fn start(cp: &ControlPlane, extra_args: &[&str]) -> Result<Self> {
         cp.kubectl(&["apply", "-f", "operator/deploy/base/rbac.yaml"])?;
+        Self::start_installed(cp, extra_args).await
+    }
+
+    /// Starts an operator as its service account, bound to whatever RBAC
+    /// the caller installed (an overlay of the bundle).
+    pub async fn start_installed(cp: &ControlPlane, extra_args: &[&str]) -> Result<Self> {
         let kubeconfig = cp.user_kubeconfig(
             OPERATOR_USER,
             &["system:serviceaccounts", "system:serviceaccounts:tern-system"],

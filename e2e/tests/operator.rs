@@ -955,3 +955,107 @@ async fn status_churn_causes_no_operator_writes() {
     let result = operator.stop().await;
     assert!(matches!(result, Some(Ok(()))), "graceful stop: {result:?}");
 }
+
+/// The namespaced install (operator/deploy/overlays/namespaced): the
+/// operator's service account is granted the ClusterRole's rules by a
+/// RoleBinding in `default` only. It provisions and deletes a GeoCluster
+/// there with no request refused, cannot read GeoClusters anywhere else, and
+/// leaves another namespace's GeoCluster alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_namespaced_operator_works_in_its_namespace_and_sees_nothing_else() {
+    let (cp, client) = setup("namespaced").await;
+    cp.kubectl(&["apply", "-k", "operator/deploy/overlays/namespaced"])
+        .expect("the namespaced bundle applies");
+    let rendered = cp
+        .kubectl(&["kustomize", "operator/deploy/overlays/namespaced"])
+        .expect("renders");
+    assert!(!rendered.contains("kind: ClusterRoleBinding"), "{rendered}");
+    assert!(
+        rendered.contains("name: TERN_OPERATOR_NAMESPACE\n          value: default"),
+        "the Deployment watches the namespace the RoleBinding grants:\n{rendered}"
+    );
+    let can = |verb: &str, scope: &str| {
+        cp.kubectl(&[
+            "auth",
+            "can-i",
+            verb,
+            "geoclusters.tern.dev",
+            scope,
+            "--as",
+            tern_e2e::operator::OPERATOR_USER,
+        ])
+        // "no" is an exit status of 1; the "yes" below shows kubectl works.
+        .is_ok_and(|out| out.trim() == "yes")
+    };
+    assert!(can("list", "--namespace=default"));
+    assert!(can("patch", "--namespace=default"));
+    assert!(!can("list", "--all-namespaces"));
+    assert!(!can("list", "--namespace=elsewhere"));
+
+    // The operator as the bundle runs it: its namespace from the same value.
+    let operator = OperatorGuard::start_installed(&cp, &["--namespace=default"])
+        .await
+        .expect("operator starts");
+    cp.kubectl(&["create", "namespace", "elsewhere"]).expect("namespace");
+    let other = std::fs::read_to_string(tern_e2e::repo_root().join("examples/geocluster.yaml"))
+        .expect("example")
+        .replace("namespace: default", "namespace: elsewhere");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let other_path = dir.path().join("elsewhere.yaml");
+    std::fs::write(&other_path, other).expect("write");
+    cp.kubectl(&["apply", "-f", other_path.to_str().expect("utf-8")])
+        .expect("a GeoCluster elsewhere");
+    cp.kubectl(&["apply", "-f", "examples/geocluster.yaml"])
+        .expect("apply example");
+
+    let groups: Api<RegionGroup> = Api::namespaced(client.clone(), NS);
+    let sts_api: Api<StatefulSet> = Api::namespaced(client.clone(), NS);
+    eventually("six RegionGroups and StatefulSets in default", WAIT, || async {
+        let g = groups.list(&ListParams::default()).await.ok()?.items.len();
+        let s = sts_api.list(&ListParams::default()).await.ok()?.items.len();
+        (g == 6 && s == 6).then_some(())
+    })
+    .await;
+    mark_statefulsets_ready(&client).await;
+    eventually("the GeoCluster's status is written", WAIT, || async {
+        geocluster_phase(&client, "payments").await.filter(|p| p != "Pending")
+    })
+    .await;
+    cp.kubectl(&["delete", "geocluster", "payments", "--wait=true", "--timeout=30s"])
+        .expect("the finalizer is removed and the GeoCluster goes");
+
+    // Nothing was made in the other namespace, and nothing written there.
+    let elsewhere: Api<RegionGroup> = Api::namespaced(client.clone(), "elsewhere");
+    assert!(
+        elsewhere
+            .list(&ListParams::default())
+            .await
+            .expect("list")
+            .items
+            .is_empty()
+    );
+    let gc = Api::<GeoCluster>::namespaced(client.clone(), "elsewhere")
+        .get("payments")
+        .await
+        .expect("still there");
+    assert!(gc.status.is_none() && gc.finalizers().is_empty(), "{gc:?}");
+    let writes: Vec<_> = cp
+        .audited_writes()
+        .expect("audit log readable")
+        .into_iter()
+        .filter(|w| w.user == tern_e2e::operator::OPERATOR_USER)
+        .collect();
+    assert!(!writes.is_empty());
+    let refused: Vec<String> = writes.iter().filter(|w| w.code == 403).map(|w| w.to_string()).collect();
+    assert!(refused.is_empty(), "refused writes: {refused:?}");
+    assert!(
+        writes.iter().all(|w| w.namespace == NS || w.namespace == "tern-system"),
+        "writes outside the namespace: {:?}",
+        writes
+            .iter()
+            .filter(|w| w.namespace != NS)
+            .map(|w| w.to_string())
+            .collect::<Vec<_>>()
+    );
+    drop(operator);
+}

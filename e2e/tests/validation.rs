@@ -36,6 +36,7 @@ async fn schema_refuses_invalid_examples_and_accepts_valid_ones() {
     let overlays = repo_root().join("operator/deploy/overlays");
     for dir in [
         "single-cluster",
+        "namespaced",
         "multicluster/us-east",
         "multicluster/eu-west",
         "multicluster/ap-south",
