@@ -92,6 +92,59 @@ pub struct GeoClusterSpec {
     /// clients, router to router, agents. Unset: plain TCP.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<TlsSpec>,
+    /// NetworkPolicies for this cluster's regions: the etcd members take
+    /// client and peer connections only from tern's own pods, the
+    /// operator and `peerCidrs`; the routers' API only from `clients`,
+    /// tern's pods and `peerCidrs`. Ops ports (metrics, probes) stay open.
+    /// Unset: no policies (every pod may connect to every port).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network_policy: Option<NetworkPolicySpec>,
+}
+
+/// Who may reach a GeoCluster's pods, for the NetworkPolicies the operator
+/// makes per managed region.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkPolicySpec {
+    /// Who may call the routers' API (port 7400), besides tern's own pods.
+    /// Empty: anyone that reaches the pods (with spec.tls, only holders of
+    /// a client certificate get past the handshake).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub clients: Vec<NetworkPeer>,
+    /// Address ranges that the other regions' clusters connect from: their
+    /// pod networks, or their nodes' addresses where those clusters
+    /// masquerade. Cross-region traffic comes from there: forwarded writes
+    /// to the routers, mirrors and the directory to the etcd members.
+    /// Needed whenever regions of this GeoCluster run in other clusters
+    /// (the operator refuses the spec otherwise); empty for one cluster.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32), inner(length(max = 64)))]
+    #[x_kube(validation = Rule::new("self.all(c, isCIDR(c))").message("every peerCidrs entry must be a CIDR, such as 10.245.0.0/16"))]
+    pub peer_cidrs: Vec<String>,
+}
+
+/// One allowed source: pods by labels (in namespaces by labels, or in the
+/// GeoCluster's namespace), or an address range.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("has(self.cidr) != (has(self.namespaceSelector) || has(self.podSelector))")
+        .message("a client is either a cidr or selectors (namespaceSelector, podSelector): not both, not neither")
+)]
+pub struct NetworkPeer {
+    /// Namespaces whose labels match all of these (`{}`: every namespace).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace_selector: Option<BTreeMap<String, String>>,
+    /// Pods whose labels match all of these (`{}`: every pod); in the
+    /// GeoCluster's namespace unless namespaceSelector is given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_selector: Option<BTreeMap<String, String>>,
+    /// An address range, such as 10.0.0.0/8.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
+    #[x_kube(validation = Rule::new("isCIDR(self)").message("cidr must be a CIDR, such as 10.0.0.0/8"))]
+    pub cidr: Option<String>,
 }
 
 /// Where the certificates come from: Secrets in the GeoCluster's namespace,

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
@@ -959,8 +960,9 @@ async fn status_churn_causes_no_operator_writes() {
 /// The namespaced install (operator/deploy/overlays/namespaced): the
 /// operator's service account is granted the ClusterRole's rules by a
 /// RoleBinding in `default` only. It provisions and deletes a GeoCluster
-/// there with no request refused, cannot read GeoClusters anywhere else, and
-/// leaves another namespace's GeoCluster alone.
+/// there with no request refused (NetworkPolicies made and pruned on the
+/// way), cannot read GeoClusters anywhere else, and leaves another
+/// namespace's GeoCluster alone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_namespaced_operator_works_in_its_namespace_and_sees_nothing_else() {
     let (cp, client) = setup("namespaced").await;
@@ -1021,6 +1023,63 @@ async fn a_namespaced_operator_works_in_its_namespace_and_sees_nothing_else() {
         geocluster_phase(&client, "payments").await.filter(|p| p != "Pending")
     })
     .await;
+
+    // spec.networkPolicy: three NetworkPolicies per region, accepted by the
+    // API server; gone again when the field is.
+    let policies: Api<NetworkPolicy> = Api::namespaced(client.clone(), NS);
+    let policy_names = || async {
+        let mut names: Vec<String> = policies
+            .list(&ListParams::default())
+            .await
+            .ok()?
+            .items
+            .iter()
+            .map(|p| p.name_any())
+            .collect();
+        names.sort();
+        Some(names)
+    };
+    cp.kubectl(&[
+        "patch",
+        "geocluster",
+        "payments",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"networkPolicy":{"clients":[{"namespaceSelector":{"team":"payments"},"podSelector":{}}]}}}"#,
+    ])
+    .expect("networkPolicy set");
+    eventually("nine NetworkPolicies", WAIT, || async {
+        policy_names().await.filter(|n| n.len() == 9)
+    })
+    .await;
+    let etcd = policies.get("payments-etcd-eu-west").await.expect("etcd policy");
+    let from = etcd.spec.and_then(|s| s.ingress).expect("ingress")[0]
+        .from
+        .clone()
+        .expect("from");
+    assert_eq!(
+        from[1]
+            .namespace_selector
+            .clone()
+            .and_then(|s| s.match_labels)
+            .map(|l| l["kubernetes.io/metadata.name"].clone()),
+        Some("tern-system".to_string()),
+        "the operator's pods reach the members"
+    );
+    cp.kubectl(&[
+        "patch",
+        "geocluster",
+        "payments",
+        "--type=json",
+        "-p",
+        r#"[{"op":"remove","path":"/spec/networkPolicy"}]"#,
+    ])
+    .expect("networkPolicy removed");
+    eventually("the NetworkPolicies pruned", WAIT, || async {
+        policy_names().await.filter(|n| n.is_empty())
+    })
+    .await;
+
     cp.kubectl(&["delete", "geocluster", "payments", "--wait=true", "--timeout=30s"])
         .expect("the finalizer is removed and the GeoCluster goes");
 

@@ -29,6 +29,9 @@ pub struct Context {
     /// Automatic moves recorded as AccountMigration objects per GeoCluster
     /// (0: none).
     pub automatic_history: usize,
+    /// The namespace the operator's pods run in (`POD_NAMESPACE`): the
+    /// NetworkPolicies let them reach the etcd members.
+    pub operator_namespace: String,
     /// Directory clients by endpoints, connected once.
     /// Directory clients by endpoints, with the serial of the certificate
     /// each was made with (none: plain).
@@ -62,6 +65,7 @@ impl Context {
             directory_endpoints: Vec::new(),
             directories: Default::default(),
             automatic_history: 100,
+            operator_namespace: "tern-system".into(),
             failures: Mutex::default(),
         }
     }

@@ -142,6 +142,7 @@ pub async fn run(
     )?;
     ctx.directory_endpoints = config.directory_endpoints.clone();
     ctx.automatic_history = config.automatic_migration_history as usize;
+    ctx.operator_namespace = config.leader_election_namespace.clone();
     let ctx = Arc::new(ctx);
     let audit = controller::audit::run(client.clone(), config.namespace.clone(), ctx.clone());
     let regions = controller::regions::run(client.clone(), config.namespace.clone(), ctx.clone());

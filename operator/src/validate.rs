@@ -29,6 +29,9 @@ pub fn geocluster(gc: &GeoCluster, managed: &RegionFilter) -> Result<(), String>
             ));
         }
     }
+    if let Some(policy) = &gc.spec.network_policy {
+        network_policy(policy, gc, managed)?;
+    }
     if let Some(named) = managed.named() {
         let unknown: Vec<&str> = named
             .iter()
@@ -42,6 +45,59 @@ pub fn geocluster(gc: &GeoCluster, managed: &RegionFilter) -> Result<(), String>
         }
     }
     Ok(())
+}
+
+/// spec.networkPolicy: label selectors the API server would refuse in a
+/// NetworkPolicy, and a multi-cluster GeoCluster whose cross-region calls
+/// the policies would refuse.
+fn network_policy(
+    policy: &tern_crds::NetworkPolicySpec,
+    gc: &GeoCluster,
+    managed: &RegionFilter,
+) -> Result<(), String> {
+    for (i, c) in policy.clients.iter().enumerate() {
+        for (field, labels) in [
+            ("namespaceSelector", &c.namespace_selector),
+            ("podSelector", &c.pod_selector),
+        ] {
+            for (k, v) in labels.iter().flatten() {
+                if !is_label_key(k) {
+                    return Err(format!(
+                        "spec.networkPolicy.clients[{i}].{field}: `{k}` is not a label key ([DNS-subdomain prefix/]name)"
+                    ));
+                }
+                if !is_label_value(v) {
+                    return Err(format!(
+                        "spec.networkPolicy.clients[{i}].{field}: `{v}` is not a label value (at most 63 letters, digits, '-', '_', '.', starting and ending with a letter or digit)"
+                    ));
+                }
+            }
+        }
+    }
+    let elsewhere: Vec<&str> = gc
+        .spec
+        .regions
+        .iter()
+        .filter(|r| !managed.contains(&r.name))
+        .map(|r| r.name.as_str())
+        .collect();
+    if policy.peer_cidrs.is_empty() && !elsewhere.is_empty() {
+        return Err(format!(
+            "spec.networkPolicy.peerCidrs is empty, but regions {elsewhere:?} run in other clusters: the policies would refuse their forwarded writes, mirrors and directory traffic; list those clusters' pod (or node) address ranges"
+        ));
+    }
+    Ok(())
+}
+
+/// A Kubernetes label value: empty, or at most 63 letters, digits, `-`,
+/// `_` and `.`, starting and ending with a letter or digit.
+pub fn is_label_value(value: &str) -> bool {
+    let alnum = |c: char| c.is_ascii_alphanumeric();
+    value.is_empty()
+        || (value.len() <= 63
+            && value.starts_with(alnum)
+            && value.ends_with(alnum)
+            && value.chars().all(|c| alnum(c) || "-_.".contains(c)))
 }
 
 /// A Kubernetes label key: an optional DNS-subdomain prefix (at most 253
@@ -103,5 +159,44 @@ mod tests {
         gc.spec.regions[1].node_selector = Some([("bad key".to_string(), "x".to_string())].into());
         let err = geocluster(&gc, &RegionFilter::all()).expect_err("refused");
         assert!(err.starts_with("spec.regions[1].nodeSelector"), "{err}");
+    }
+
+    #[test]
+    fn network_policies_need_the_other_clusters_ranges_and_valid_selectors() {
+        let mut gc = crate::build::testing::example();
+        gc.spec.network_policy = Some(tern_crds::NetworkPolicySpec::default());
+        // One cluster runs every region: nothing comes from elsewhere.
+        geocluster(&gc, &RegionFilter::all()).expect("one cluster");
+        let err = geocluster(&gc, &RegionFilter::only(["eu-west"])).expect_err("refused");
+        assert!(
+            err.starts_with("spec.networkPolicy.peerCidrs is empty") && err.contains("us-east"),
+            "{err}"
+        );
+        let mut policy = tern_crds::NetworkPolicySpec {
+            peer_cidrs: vec!["10.245.0.0/16".into()],
+            ..Default::default()
+        };
+        gc.spec.network_policy = Some(policy.clone());
+        geocluster(&gc, &RegionFilter::only(["eu-west"])).expect("ranges given");
+        policy.clients = vec![tern_crds::NetworkPeer {
+            pod_selector: Some([("app".to_string(), "-bad".to_string())].into()),
+            ..Default::default()
+        }];
+        gc.spec.network_policy = Some(policy);
+        let err = geocluster(&gc, &RegionFilter::all()).expect_err("refused");
+        assert!(
+            err.starts_with("spec.networkPolicy.clients[0].podSelector: `-bad`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn label_values() {
+        for ok in ["", "payments", "a.b_c-d", &"v".repeat(63)] {
+            assert!(is_label_value(ok), "{ok}");
+        }
+        for bad in ["-x", "x-", "a b", "a/b", &"v".repeat(64)] {
+            assert!(!is_label_value(bad), "{bad}");
+        }
     }
 }

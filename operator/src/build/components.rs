@@ -103,7 +103,7 @@ pub fn new_peer_token() -> String {
     rand::random::<[u8; 32]>().iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn selector(gc: &GeoCluster, region: &str, component: Component) -> BTreeMap<String, String> {
+pub(crate) fn selector(gc: &GeoCluster, region: &str, component: Component) -> BTreeMap<String, String> {
     BTreeMap::from([
         (names::LABEL_NAME.to_string(), format!("tern-{}", component.as_str())),
         (
@@ -375,7 +375,7 @@ fn deployment(gc: &GeoCluster, region: &RegionSpec, w: Workload<'_>) -> Deployme
     }
 }
 
-fn meta(gc: &GeoCluster, name: String, labels: BTreeMap<String, String>) -> ObjectMeta {
+pub(crate) fn meta(gc: &GeoCluster, name: String, labels: BTreeMap<String, String>) -> ObjectMeta {
     ObjectMeta {
         name: Some(name),
         namespace: gc.namespace(),

@@ -5,12 +5,13 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::api::ObjectMeta;
 use kube::{Resource, ResourceExt};
 use tern_crds::{ClusterMember, GeoCluster, GroupRole, RegionGroup, RegionGroupSpec, RegionSpec};
 
-use crate::build::components;
+use crate::build::{components, network};
 use crate::names;
 use crate::regions::RegionFilter;
 
@@ -27,6 +28,8 @@ pub struct Desired {
     pub agent_identity: Option<(ServiceAccount, Role, RoleBinding)>,
     /// Per managed region: router Service, router and agent Deployments.
     pub components: Vec<RegionComponents>,
+    /// Per managed region, its NetworkPolicies (spec.networkPolicy).
+    pub network_policies: Vec<NetworkPolicy>,
 }
 
 /// The tern components of one region.
@@ -40,8 +43,15 @@ pub struct RegionComponents {
 
 impl Desired {
     /// What `gc` asks of an operator managing `managed`, with these default
-    /// images for components whose spec names none.
-    pub fn of(gc: &GeoCluster, managed: &RegionFilter, router_image: &str, agent_image: &str) -> Self {
+    /// images for components whose spec names none; the operator's pods run
+    /// in `operator_namespace`.
+    pub fn of(
+        gc: &GeoCluster,
+        managed: &RegionFilter,
+        router_image: &str,
+        agent_image: &str,
+        operator_namespace: &str,
+    ) -> Self {
         let here: Vec<&RegionSpec> = gc.spec.regions.iter().filter(|r| managed.contains(&r.name)).collect();
         let components = here
             .iter()
@@ -60,6 +70,10 @@ impl Desired {
             groups: region_groups(gc, managed),
             agent_identity: (!here.is_empty()).then(|| components::agent_identity(gc)),
             components,
+            network_policies: here
+                .iter()
+                .flat_map(|r| network::policies(gc, &r.name, operator_namespace))
+                .collect(),
         }
     }
 
@@ -238,7 +252,13 @@ mod tests {
     #[test]
     fn desired_covers_only_the_managed_regions() {
         let gc = example();
-        let d = Desired::of(&gc, &RegionFilter::only(["eu-west"]), "router:1", "agent:1");
+        let d = Desired::of(
+            &gc,
+            &RegionFilter::only(["eu-west"]),
+            "router:1",
+            "agent:1",
+            "tern-system",
+        );
         assert_eq!(d.regions, vec!["eu-west".to_string()]);
         assert!(d.groups.iter().all(|g| g.spec.region == "eu-west"));
         assert_eq!(d.components.len(), 1);
@@ -248,7 +268,13 @@ mod tests {
         );
         assert!(d.agent_identity.is_some());
         assert!(d.has_region("eu-west") && !d.has_region("us-east"));
-        let none = Desired::of(&gc, &RegionFilter::only(["mars-1"]), "router:1", "agent:1");
+        let none = Desired::of(
+            &gc,
+            &RegionFilter::only(["mars-1"]),
+            "router:1",
+            "agent:1",
+            "tern-system",
+        );
         assert!(none.groups.is_empty() && none.components.is_empty() && none.agent_identity.is_none());
     }
 

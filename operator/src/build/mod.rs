@@ -4,6 +4,7 @@
 
 pub mod components;
 pub mod geocluster;
+pub mod network;
 pub mod regiongroup;
 
 /// `POD_NAME` from the downward API: every tern container names itself

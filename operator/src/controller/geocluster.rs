@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Secret, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -61,7 +62,13 @@ async fn reconcile_apply(gc: &GeoCluster, ctx: &Context) -> Result<Action> {
     if let Err(reason) = validate::geocluster(gc, &ctx.managed) {
         return report_invalid(gc, ctx, reason, &now).await;
     }
-    let desired = Desired::of(gc, &ctx.managed, &ctx.router_image, &ctx.agent_image);
+    let desired = Desired::of(
+        gc,
+        &ctx.managed,
+        &ctx.router_image,
+        &ctx.agent_image,
+        &ctx.operator_namespace,
+    );
     apply_groups(gc, ctx, &desired).await?;
     ensure_peer_token(gc, ctx).await?;
     apply_components(gc, ctx, &desired).await?;
@@ -170,6 +177,9 @@ async fn apply_components(gc: &GeoCluster, ctx: &Context, desired: &Desired) -> 
             }
         }
     }
+    for policy in &desired.network_policies {
+        apply(&ctx.client, policy).await?;
+    }
     Ok(())
 }
 
@@ -196,6 +206,38 @@ async fn prune_components(gc: &GeoCluster, ctx: &Context, desired: &Desired) -> 
             let note = format!("deleted Deployment {} of region {region}", d.name_any());
             ctx.event(gc, EventType::Normal, "ComponentDeleted", "Prune", note)
                 .await;
+        }
+    }
+    // NetworkPolicies of a region that left, or of a spec.networkPolicy
+    // removed.
+    let policies: Api<NetworkPolicy> = Api::namespaced(ctx.client.clone(), &namespace);
+    let selector = format!(
+        "{},{}={}",
+        names::cluster_selector(&name),
+        names::LABEL_COMPONENT,
+        crate::build::network::COMPONENT
+    );
+    for p in policies
+        .list(&ListParams::default().labels(&selector))
+        .await
+        .context(|| format!("listing the NetworkPolicies of {namespace}/{name}"))?
+    {
+        let region = p.labels().get(names::LABEL_REGION).cloned().unwrap_or_default();
+        let wanted = desired
+            .network_policies
+            .iter()
+            .any(|w| w.metadata.name == p.metadata.name);
+        if ctx.managed.contains(&region) && !wanted {
+            let policy = p.name_any();
+            match policies.delete(&policy, &Default::default()).await {
+                Ok(_) => {
+                    let note = format!("deleted NetworkPolicy {policy} of region {region}");
+                    ctx.event(gc, EventType::Normal, "ComponentDeleted", "Prune", note)
+                        .await;
+                }
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Err(e) => return Err(e).context(|| format!("deleting NetworkPolicy {namespace}/{policy}")),
+            }
         }
     }
     Ok(())
@@ -310,6 +352,7 @@ async fn cleanup(gc: &GeoCluster, ctx: &Context) -> Result<Action> {
     delete_matching::<ServiceAccount>(&ctx.client, &namespace, &identity).await?;
     let groups = delete_matching::<RegionGroup>(&ctx.client, &namespace, &selector).await?;
     let volumes = delete_group_objects(ctx, &namespace, &selector, gc.spec.deletion_policy).await?;
+    delete_matching::<NetworkPolicy>(&ctx.client, &namespace, &selector).await?;
     let note = match gc.spec.deletion_policy {
         DeletionPolicy::Retain => format!(
             "deleted {} RegionGroups and their workloads; kept {volumes} PersistentVolumeClaims (deletionPolicy Retain)",
