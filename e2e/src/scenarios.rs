@@ -524,10 +524,8 @@ impl Scenarios {
                             "LeaderHandedOver" => handed = handed.max(last),
                             // Its first report: a reconcile that read a
                             // status a moment old may report it again.
-                            "PreUpgradeBackupTaken" => {
-                                if backed_up.as_deref().is_none_or(|b| *at < b) {
-                                    backed_up = Some(at.to_string());
-                                }
+                            "PreUpgradeBackupTaken" if backed_up.as_deref().is_none_or(|b| *at < b) => {
+                                backed_up = Some(at.to_string());
                             }
                             _ => {}
                         }
