@@ -36,11 +36,18 @@ struct Cli {
     /// requires client certificates, routers that require them of clients).
     #[arg(long, global = true, env = "TERN_TLS_DIR")]
     tls_dir: Option<std::path::PathBuf>,
+    /// The name the router's certificate must carry, when --router is an
+    /// address that is not it: a `kubectl port-forward` to the router's
+    /// Service (give the Service's DNS name). Default: the --router host.
+    #[arg(long, global = true, env = "TERN_TLS_SERVER_NAME", requires = "tls_dir")]
+    tls_server_name: Option<String>,
 }
 
 /// The certificate of this run, from --tls-dir (the command is one
-/// short-lived process: every connection it makes uses the same one).
+/// short-lived process: every connection it makes uses the same one), and
+/// --tls-server-name.
 static TLS: std::sync::OnceLock<Option<tern_common::tls::Tls>> = std::sync::OnceLock::new();
+static SERVER_NAME: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
 
 /// This run's TLS material, if --tls-dir was given.
 pub(crate) fn tls() -> Option<&'static tern_common::tls::Tls> {
@@ -57,11 +64,15 @@ pub(crate) async fn etcd(
     tern_common::etcd::connect_tls(endpoints, tls(), what, deadline).await
 }
 
-/// A client of the router at `addr`: over TLS when --tls-dir is given.
+/// A client of the router at `addr`: over TLS when --tls-dir is given,
+/// checking its certificate for --tls-server-name or else the host of
+/// `addr`.
 pub(crate) async fn router(addr: std::net::SocketAddr) -> Result<tern_api::RouterClient, CliError> {
-    match tls() {
-        Some(t) => Ok(tern_api::RouterClient::new(t.channel(&addr.to_string())?)),
-        None => Ok(tern_api::connect(addr).await),
+    let name = SERVER_NAME.get().and_then(Option::as_deref);
+    match (tls(), name) {
+        (Some(t), Some(name)) => Ok(tern_api::RouterClient::new(t.channel_to(&addr.to_string(), name)?)),
+        (Some(t), None) => Ok(tern_api::RouterClient::new(t.channel(&addr.to_string())?)),
+        (None, _) => Ok(tern_api::connect(addr).await),
     }
 }
 
@@ -211,7 +222,14 @@ pub async fn main() -> ExitCode {
         },
         None => None,
     };
+    if let Some(name) = &cli.tls_server_name
+        && let Err(e) = tern_common::tls::check_server_name(name)
+    {
+        eprintln!("tern: --tls-server-name: {e}");
+        return ExitCode::FAILURE;
+    }
     let _ = TLS.set(tls);
+    let _ = SERVER_NAME.set(cli.tls_server_name);
     match run(cli.command).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

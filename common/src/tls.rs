@@ -489,6 +489,14 @@ impl rustls::client::danger::ServerCertVerifier for ExpectIdentity {
 }
 
 /// `host:port` and the host of an endpoint URL.
+/// Checks that `name` can name a server to check a certificate against (a
+/// DNS name or an IP address), for a flag that gives one.
+pub fn check_server_name(name: &str) -> Result<(), CommonError> {
+    ServerName::try_from(name.to_string())
+        .map(|_| ())
+        .map_err(|e| CommonError::Tls(format!("`{name}` is not a DNS name or IP address: {e}")))
+}
+
 fn authority_of(url: &str) -> Result<(String, String), CommonError> {
     let rest = url
         .strip_prefix("https://")
