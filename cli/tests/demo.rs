@@ -105,7 +105,16 @@ fn status_reads_a_running_demo_and_ctrl_c_stops_it() {
     };
     let named = put("localhost");
     let stranger = put("router.elsewhere.example");
-    let bare = tern(&["put", "--tls-server-name", "localhost", "--router", &router, "a", "k", "v"]);
+    let bare = tern(&[
+        "put",
+        "--tls-server-name",
+        "localhost",
+        "--router",
+        &router,
+        "a",
+        "k",
+        "v",
+    ]);
     let _ = Command::new("kill").args(["-INT", &demo.id().to_string()]).status();
     assert!(
         named.status.success(),

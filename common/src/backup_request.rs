@@ -28,10 +28,15 @@ const PREFIX: &str = "/tern/ops/backup-";
 
 /// The value of [`REQUEST_KEY`]: who asked, and why (for people reading
 /// the key; the agent acts on the revision alone).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Request {
     pub by: String,
     pub reason: String,
+    /// What the request is for, so that whoever asked finds its own
+    /// request again rather than asking twice (the operator: the image it
+    /// rolls onto).
+    #[serde(default)]
+    pub tag: String,
 }
 
 /// The value of [`LAST_KEY`]: the newest backup the agent took of its group.
@@ -49,8 +54,9 @@ fn etcd_error(what: &str, e: etcd_client::Error) -> CommonError {
 }
 
 /// The request and the last backup, as the group holds them now:
-/// `(revision of the request, if any, the last backup, if any)`.
-pub async fn read(client: &mut Client) -> Result<(Option<i64>, Option<Taken>), CommonError> {
+/// `(the request and its revision, if any, the last backup, if any)`. A
+/// request whose value cannot be read still counts, with an empty one.
+pub async fn read(client: &mut Client) -> Result<(Option<(i64, Request)>, Option<Taken>), CommonError> {
     let resp = client
         .get(PREFIX, Some(GetOptions::new().with_prefix()))
         .await
@@ -59,7 +65,10 @@ pub async fn read(client: &mut Client) -> Result<(Option<i64>, Option<Taken>), C
     let mut last = None;
     for kv in resp.kvs() {
         if kv.key() == REQUEST_KEY.as_bytes() {
-            request = Some(kv.mod_revision());
+            request = Some((
+                kv.mod_revision(),
+                serde_json::from_slice(kv.value()).unwrap_or_default(),
+            ));
         } else if kv.key() == LAST_KEY.as_bytes() {
             last = Some(
                 serde_json::from_slice::<Taken>(kv.value())

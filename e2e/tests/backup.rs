@@ -388,11 +388,15 @@ async fn the_agent_takes_a_backup_asked_for_through_its_group() {
         &Request {
             by: "the test".into(),
             reason: "an upgrade".into(),
+            tag: "v2".into(),
         },
     )
     .await
     .expect("asked");
     assert!(asked > written);
+    // Whoever asked finds its request again by its tag.
+    let (request, _) = backup_request::read(&mut group).await.expect("read");
+    assert_eq!(request.map(|(r, q)| (r, q.tag)), Some((asked, "v2".to_string())));
     let until = Instant::now() + Duration::from_secs(30);
     let taken = loop {
         if let Some(t) = backup_request::answer(&mut group, asked).await.expect("read") {

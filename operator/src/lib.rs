@@ -198,7 +198,9 @@ async fn controllers(client: Client, namespace: &str, ctx: Arc<Context>) {
     // change, not on status-only updates: its region agents patch status
     // about every second, and each patch would otherwise cost a reconcile
     // that reads every child. Finalizers pass too, because the finalizer
-    // helper waits for the update that adds ours. Changes of owned objects
+    // helper waits for the update that adds ours, and annotations (one
+    // steers the operator: names::ANNOTATION_SKIP_PRE_UPGRADE_BACKUP).
+    // Changes of owned objects
     // still trigger, and `resync` repairs drift in between.
     let (reader, writer) = reflector::store();
     let spec_changes = watcher(
@@ -209,7 +211,9 @@ async fn controllers(client: Client, namespace: &str, ctx: Arc<Context>) {
     .reflect(writer)
     .applied_objects()
     .predicate_filter(
-        predicates::generation.combine(predicates::finalizers),
+        predicates::generation
+            .combine(predicates::finalizers)
+            .combine(predicates::annotations),
         Default::default(),
     );
     let geoclusters = Controller::for_stream(spec_changes, reader)

@@ -27,6 +27,10 @@ pub const MANAGER: &str = "tern-operator";
 /// Annotation with a hash of the member configuration, so that a change to it
 /// rolls the members.
 pub const ANNOTATION_CONFIG_HASH: &str = "tern.dev/config-hash";
+/// On a GeoCluster, `"true"`: its groups roll onto another etcd image
+/// without waiting for a backup (spec.backup set, but no backup can be
+/// taken: a group without quorum, whose new image is its fix).
+pub const ANNOTATION_SKIP_PRE_UPGRADE_BACKUP: &str = "tern.dev/skip-pre-upgrade-backup";
 
 /// Annotation with a hash of what the operator last applied to an object:
 /// an apply is skipped only while it matches (see `apply::apply`).

@@ -60,12 +60,16 @@ fn due_in(settings: &Settings, group: &str) -> Result<(Duration, Option<u64>), t
     ))
 }
 
-/// Whether a backup of the region's group is asked for and not yet taken.
-/// A group that cannot be read asks for nothing (the next round reads it
-/// again).
-async fn asked(client: &mut Client, region: &str) -> bool {
+/// Whether a backup of the region's group is asked for and not yet taken:
+/// neither recorded in the group nor `unrecorded` (taken, its record not
+/// yet written). A group that cannot be read asks for nothing (the next
+/// round reads it again).
+async fn asked(client: &mut Client, region: &str, unrecorded: Option<&backup_request::Taken>) -> bool {
     match backup_request::read(client).await {
-        Ok((request, last)) => backup_request::pending(request, last.as_ref()),
+        Ok((request, last)) => {
+            let request = request.map(|(revision, _)| revision);
+            backup_request::pending(request, last.as_ref()) && backup_request::pending(request, unrecorded)
+        }
         Err(e) => {
             tracing::debug!(group = %region, error = %e, "cannot read the backup request");
             false
@@ -76,14 +80,26 @@ async fn asked(client: &mut Client, region: &str) -> bool {
 pub async fn run(settings: Settings, mut client: Client, leadership: Leadership, shared: Arc<Shared>) -> AgentError {
     let metrics = &shared.metrics;
     let mut retry_at: Vec<Option<tokio::time::Instant>> = vec![None; settings.groups.len()];
+    // The region's last backup when its record could not be written: the
+    // record is tried again, not the backup (another backup per round
+    // would prune the older ones away).
+    let mut unrecorded: Option<backup_request::Taken> = None;
     loop {
+        if let Some(taken) = &unrecorded {
+            match backup_request::record(&mut client, taken, leadership.guard()).await {
+                Ok(true) => unrecorded = None,
+                Ok(false) => return AgentError::NotLeader(shared.region.to_string()),
+                Err(e) => tracing::debug!(backup = %taken.id, error = %e, "still cannot record the backup"),
+            }
+        }
         for (i, (group, endpoints)) in settings.groups.iter().enumerate() {
-            // Asked for counts even before a failed backup's retry is due:
-            // whoever asked is waiting.
-            let asked = i == 0 && asked(&mut client, group).await;
-            if !asked && retry_at[i].is_some_and(|t| tokio::time::Instant::now() < t) {
+            // A failed backup waits for its retry even when asked for: a
+            // volume that is full or a member that stalls is not tried
+            // again every round.
+            if retry_at[i].is_some_and(|t| tokio::time::Instant::now() < t) {
                 continue;
             }
+            let asked = i == 0 && asked(&mut client, group, unrecorded.as_ref()).await;
             let labels = |outcome: &str| BackupLabels {
                 group: group.clone(),
                 outcome: outcome.to_string(),
@@ -138,10 +154,11 @@ pub async fn run(settings: Settings, mut client: Client, leadership: Leadership,
                         match backup_request::record(&mut client, &taken, leadership.guard()).await {
                             Ok(true) => {}
                             Ok(false) => return AgentError::NotLeader(shared.region.to_string()),
-                            // Recorded with the next backup; whoever asked
-                            // waits until then, and the backup is kept.
+                            // Whoever asked waits until the record is
+                            // written: tried again every round.
                             Err(e) => {
-                                tracing::warn!(group = %group, error = %e, "cannot record the backup in the group")
+                                tracing::warn!(group = %group, error = %e, "cannot record the backup in the group");
+                                unrecorded = Some(taken);
                             }
                         }
                     }
@@ -189,7 +206,7 @@ pub async fn run(settings: Settings, mut client: Client, leadership: Leadership,
                 break;
             }
             tokio::time::sleep(step).await;
-            if asked(&mut client, own).await {
+            if unrecorded.is_some() || asked(&mut client, own, None).await {
                 break;
             }
         }

@@ -153,7 +153,13 @@ fn group(
                 client_secret: t.operator_secret(),
             }),
             // The directory's members are never rolled by the operator.
-            pre_upgrade_backup: gc.spec.backup.is_some() && role == GroupRole::Data,
+            pre_upgrade_backup: gc.spec.backup.is_some()
+                && role == GroupRole::Data
+                && gc
+                    .annotations()
+                    .get(names::ANNOTATION_SKIP_PRE_UPGRADE_BACKUP)
+                    .map(String::as_str)
+                    != Some("true"),
         },
         status: None,
     }
@@ -322,6 +328,10 @@ mod tests {
         });
         // The directory's members are not rolled by the operator.
         assert!(asks(&gc).iter().all(|(role, ask)| *ask == (*role == GroupRole::Data)));
+        // The way past a backup that cannot be taken.
+        gc.annotations_mut()
+            .insert(names::ANNOTATION_SKIP_PRE_UPGRADE_BACKUP.into(), "true".into());
+        assert!(asks(&gc).iter().all(|(_, ask)| !ask));
     }
 
     #[test]

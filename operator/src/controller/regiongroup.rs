@@ -50,6 +50,15 @@ pub async fn reconcile(rg: Arc<RegionGroup>, ctx: Arc<Context>) -> Result<Action
     let change = membership_change(&rg, &ctx, tls.as_ref(), running, &mut st).await;
     let mut objects = build::regiongroup::group_objects_with(&rg, &change.members);
     hold_refused_upgrade(&rg, &ctx, existing.as_ref(), &mut objects.stateful_set, &mut st).await;
+    let held = hold_for_backup(
+        &rg,
+        &ctx,
+        tls.as_ref(),
+        existing.as_ref(),
+        &mut objects.stateful_set,
+        &mut st,
+    )
+    .await;
 
     // Configuration and network identity before the members that use them.
     apply(&ctx.client, &objects.config_map).await?;
@@ -83,6 +92,11 @@ pub async fn reconcile(rg: Arc<RegionGroup>, ctx: Arc<Context>) -> Result<Action
     } else {
         rolling_update(&rg, &ctx, tls.as_ref(), sts.as_ref(), &mut st).await
     };
+    // Said where a roll's progress is, and looked at again as often.
+    if let Some(why) = &held {
+        st.rolling_update = Some(why.clone());
+    }
+    let rolling = rolling || held.is_some();
     let counts = MemberCounts::of(sts.as_ref());
     let phase = counts.phase();
     let detail = format!(
@@ -264,32 +278,9 @@ async fn rolling_update(
         }
         return false;
     }
-    let members: Vec<(i32, String)> = (0..replicas)
-        .map(|o| {
-            let host = names::member_host(
-                &group,
-                &names::member_name(&group, o),
-                &namespace,
-                &rg.spec.cluster_domain,
-            );
-            (
-                o,
-                format!("{}://{host}:{}", names::scheme(tls.is_some()), names::CLIENT_PORT),
-            )
-        })
-        .collect();
+    let members = member_urls(rg, replicas, tls.is_some());
     let on_current = (0..replicas).filter(|o| pod_of(*o).0).count();
     let progress = format!("{on_current}/{replicas} members on the current template");
-    // A roll onto another etcd image: some member's pod runs another one.
-    let new_image = first_image(sts.spec.template.spec.as_ref()).filter(|image| {
-        pods.iter()
-            .any(|p| first_image(p.spec.as_ref()).as_ref() != Some(image))
-    });
-    if let Some(image) = new_image.filter(|_| rg.spec.pre_upgrade_backup)
-        && let Some(reason) = pre_upgrade_backup(rg, ctx, tls, &members, &image, st).await
-    {
-        return updated(st, format!("{progress}: waiting: {reason}"));
-    }
     let states = crate::upgrade::observe(&members, tls, pod_of).await;
     let note = match crate::upgrade::plan(&states) {
         crate::upgrade::Step::Steady => return false,
@@ -347,6 +338,57 @@ async fn rolling_update(
     updated(st, note)
 }
 
+/// Each member's client URL, by ordinal.
+fn member_urls(rg: &RegionGroup, replicas: i32, tls: bool) -> Vec<(i32, String)> {
+    let group = rg.name_any();
+    let namespace = rg.namespace().unwrap_or_default();
+    (0..replicas)
+        .map(|o| {
+            let host = names::member_host(
+                &group,
+                &names::member_name(&group, o),
+                &namespace,
+                &rg.spec.cluster_domain,
+            );
+            (o, format!("{}://{host}:{}", names::scheme(tls), names::CLIENT_PORT))
+        })
+        .collect()
+}
+
+/// Keeps a data group's member template as its StatefulSet has it until
+/// the pre-upgrade backup of a change of etcd image is taken
+/// (spec.preUpgradeBackup): no member runs the new image before it, not
+/// even one whose pod a node drain or a crash restarts while the roll
+/// waits. The whole template waits, not only the image, so that a change
+/// of image and settings together rolls once, after the backup. Returns
+/// why it holds.
+async fn hold_for_backup(
+    rg: &RegionGroup,
+    ctx: &Context,
+    tls: Option<&tern_common::tls::Tls>,
+    existing: Option<&StatefulSet>,
+    desired: &mut StatefulSet,
+    st: &mut RegionGroupStatus,
+) -> Option<String> {
+    if !rg.spec.pre_upgrade_backup || rg.spec.role != GroupRole::Data {
+        return None;
+    }
+    let deployed = existing.and_then(|s| first_image(s.spec.template.spec.as_ref()))?;
+    let wanted = first_image(desired.spec.template.spec.as_ref())?;
+    if deployed == wanted {
+        return None;
+    }
+    let replicas = existing.and_then(|s| s.spec.replicas).unwrap_or(0);
+    let members = member_urls(rg, replicas, tls.is_some());
+    let reason = pre_upgrade_backup(rg, ctx, tls, &members, &wanted, st).await?;
+    if let Some(existing) = existing {
+        desired.spec.template = existing.spec.template.clone();
+    }
+    Some(format!(
+        "waiting: the members' template stays on {deployed} until a backup is taken before {wanted}: {reason}"
+    ))
+}
+
 /// Before the first member restarts on another etcd image: a backup of
 /// the group asked of the region's agent through the group
 /// (`tern_common::backup_request`) and taken after the roll began, so that
@@ -372,10 +414,29 @@ async fn pre_upgrade_backup(
         Err(e) => return Some(format!("cannot reach the group for the pre-upgrade backup: {e}")),
     };
     let group = rg.name_any();
+    // A request of this roll already in the group (the status that named
+    // it was not written, or was read a moment old) is answered by the same
+    // backup: it is not asked again.
+    let asked = match asked {
+        Some(r) => Some(r),
+        None => match backup_request::read(&mut client).await {
+            Ok((Some((r, request)), _)) if request.tag == image => {
+                st.pre_upgrade_backup = Some(PreUpgradeBackup {
+                    image: image.to_string(),
+                    requested_revision: r,
+                    backup: None,
+                });
+                Some(r)
+            }
+            Ok(_) => None,
+            Err(e) => return Some(format!("reading the group's backup request: {e}")),
+        },
+    };
     let Some(revision) = asked else {
         let request = backup_request::Request {
             by: "tern-operator".into(),
             reason: format!("before rolling {group} onto {image}"),
+            tag: image.to_string(),
         };
         return Some(match backup_request::ask(&mut client, &request).await {
             Ok(revision) => {
