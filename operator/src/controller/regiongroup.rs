@@ -414,13 +414,16 @@ async fn pre_upgrade_backup(
         Err(e) => return Some(format!("cannot reach the group for the pre-upgrade backup: {e}")),
     };
     let group = rg.name_any();
-    // A request of this roll already in the group (the status that named
-    // it was not written, or was read a moment old) is answered by the same
-    // backup: it is not asked again.
+    // A request of this roll still waiting in the group (the status that
+    // named it was not written, or was read a moment old) is answered by
+    // the same backup: it is not asked again. One already answered may be
+    // of an earlier roll onto the same image, whose backup is too old.
     let asked = match asked {
         Some(r) => Some(r),
         None => match backup_request::read(&mut client).await {
-            Ok((Some((r, request)), _)) if request.tag == image => {
+            Ok((Some((r, request)), last))
+                if request.tag == image && backup_request::pending(Some(r), last.as_ref()) =>
+            {
                 st.pre_upgrade_backup = Some(PreUpgradeBackup {
                     image: image.to_string(),
                     requested_revision: r,
