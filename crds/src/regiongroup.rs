@@ -157,8 +157,9 @@ pub struct RegionGroupStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub membership_change: Option<String>,
     /// Why the members still run their etcd image rather than the one the
-    /// spec names (an upgrade etcd's version-skew rule forbids). Absent
-    /// when the spec's image is the one deployed.
+    /// spec names: an upgrade etcd's version-skew rule forbids, or one
+    /// waiting for its pre-upgrade backup. Absent when the spec's image is
+    /// the one deployed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upgrade_refused: Option<String>,
     /// The rolling update in progress (members restarted one at a time on

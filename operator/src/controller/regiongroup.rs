@@ -40,6 +40,18 @@ pub async fn reconcile(rg: Arc<RegionGroup>, ctx: Arc<Context>) -> Result<Action
         .await
         .context(|| format!("reading StatefulSet {namespace}/{name}"))?;
     let running = existing.as_ref().and_then(|s| s.spec.replicas);
+    // The group as it is stored now, status and all: the cache can lag
+    // this operator's own last status write by a moment, and a status
+    // computed from it would write older values back over newer ones (the
+    // pre-upgrade backup's id, a step of a membership change).
+    let fresh = Api::<RegionGroup>::namespaced(ctx.client.clone(), &namespace)
+        .get_opt(&name)
+        .await
+        .context(|| format!("reading RegionGroup {namespace}/{name}"))?;
+    let Some(fresh) = fresh else {
+        return Ok(Action::await_change());
+    };
+    let rg = Arc::new(fresh);
     let mut st = rg.status.clone().unwrap_or_default();
     // With TLS the members take no client without a certificate: every
     // call the operator makes below is made with its own.
@@ -92,9 +104,10 @@ pub async fn reconcile(rg: Arc<RegionGroup>, ctx: Arc<Context>) -> Result<Action
     } else {
         rolling_update(&rg, &ctx, tls.as_ref(), sts.as_ref(), &mut st).await
     };
-    // Said where a roll's progress is, and looked at again as often.
+    // Why the members still run the image they run, and looked at again
+    // as often as a roll.
     if let Some(why) = &held {
-        st.rolling_update = Some(why.clone());
+        st.upgrade_refused = Some(why.clone());
     }
     let rolling = rolling || held.is_some();
     let counts = MemberCounts::of(sts.as_ref());
@@ -385,7 +398,7 @@ async fn hold_for_backup(
         desired.spec.template = existing.spec.template.clone();
     }
     Some(format!(
-        "waiting: the members' template stays on {deployed} until a backup is taken before {wanted}: {reason}"
+        "the members' template stays on {deployed} until a backup is taken before {wanted}: {reason}"
     ))
 }
 
