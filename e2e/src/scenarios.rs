@@ -469,18 +469,7 @@ impl Scenarios {
                 )?;
                 let replicas = sts["spec"]["replicas"].as_u64().unwrap_or(0) as usize;
                 let rolled = pods.lines().filter(|l| *l == format!("{revision} true")).count();
-                let status = self.kubectl(
-                    r,
-                    &[
-                        "get",
-                        "regiongroup",
-                        &group,
-                        "-n",
-                        NAMESPACE,
-                        "-o",
-                        "jsonpath={.status.rollingUpdate}",
-                    ],
-                )?;
+                let status = self.group_status(r, &group, "rollingUpdate")?;
                 if cpu_now == cpu
                     && image_now == image
                     && new_revision
@@ -537,18 +526,7 @@ impl Scenarios {
                     }
                     // The image changed: the agent's backup came before the
                     // first restart, and the status names it.
-                    let backup = self.kubectl(
-                        r,
-                        &[
-                            "get",
-                            "regiongroup",
-                            &group,
-                            "-n",
-                            NAMESPACE,
-                            "-o",
-                            "jsonpath={.status.preUpgradeBackup.backup}",
-                        ],
-                    )?;
+                    let backup = self.group_status(r, &group, "preUpgradeBackup.backup")?;
                     if backup.trim().is_empty() || backed_up.is_none() || backed_up > first_restart {
                         return Err(failed(format!(
                             "{group}: the pre-upgrade backup {backup:?} (taken at {backed_up:?}) must come before the first restart ({first_restart:?}); events:\n{events}"
@@ -575,6 +553,23 @@ impl Scenarios {
             start,
         );
         Ok(())
+    }
+
+    /// One field of a RegionGroup's status (`path` under `.status`), as
+    /// kubectl prints it.
+    fn group_status(&self, region: &str, group: &str, path: &str) -> Result<String> {
+        self.kubectl(
+            region,
+            &[
+                "get",
+                "regiongroup",
+                group,
+                "-n",
+                NAMESPACE,
+                "-o",
+                &format!("jsonpath={{.status.{path}}}"),
+            ],
+        )
     }
 
     /// A port-forward to `service`'s `port` in `region`'s cluster.

@@ -36,6 +36,25 @@ async fn revision(c: &mut Client) -> i64 {
         .expect("a header")
 }
 
+/// One region with its agent, restarted to back up into `dir` with these
+/// schedule flags.
+async fn backing_up(dir: &std::path::Path, flags: &[&str]) -> tern_local::LocalDeployment {
+    use tern_local::{Layout, LocalDeployment};
+    tern_e2e::init_logs();
+    let mut d = LocalDeployment::start(Layout {
+        agents: true,
+        ..Layout::one_region("us-east")
+    })
+    .await
+    .expect("deployment starts");
+    let mut agent_flags = vec![format!("--backup-dir={}", dir.display())];
+    agent_flags.extend(flags.iter().map(|f| f.to_string()));
+    d.restart_with_flags("us-east", &[], &agent_flags)
+        .await
+        .expect("the agent restarts with a backup schedule");
+    d
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_group_restored_from_a_backup_holds_everything_acknowledged_before_it() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -251,27 +270,12 @@ async fn a_group_restored_from_a_backup_holds_everything_acknowledged_before_it(
 /// restore` read.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_agent_backs_up_on_schedule_and_keeps_the_newest() {
-    use tern_local::{Layout, LocalDeployment};
-    tern_e2e::init_logs();
     let backups = tempfile::tempdir().expect("tempdir");
-    let mut d = LocalDeployment::start(Layout {
-        agents: true,
-        ..Layout::one_region("us-east")
-    })
-    .await
-    .expect("deployment starts");
-    d.restart_with_flags(
-        "us-east",
-        &[],
-        &[
-            format!("--backup-dir={}", backups.path().display()),
-            "--backup-every=1s".into(),
-            "--backup-keep=2".into(),
-            "--backup-directory-group".into(),
-        ],
+    let mut d = backing_up(
+        backups.path(),
+        &["--backup-every=1s", "--backup-keep=2", "--backup-directory-group"],
     )
-    .await
-    .expect("the agent restarts with a backup schedule");
+    .await;
     let list = |group: &str| tern_common::backup::list(backups.path(), group).expect("list");
     let until = Instant::now() + Duration::from_secs(60);
     let first = loop {
@@ -331,27 +335,9 @@ async fn the_agent_backs_up_on_schedule_and_keeps_the_newest() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_agent_takes_a_backup_asked_for_through_its_group() {
     use tern_common::backup_request::{self, Request};
-    use tern_local::{Layout, LocalDeployment};
-    tern_e2e::init_logs();
     let backups = tempfile::tempdir().expect("tempdir");
-    let mut d = LocalDeployment::start(Layout {
-        agents: true,
-        ..Layout::one_region("us-east")
-    })
-    .await
-    .expect("deployment starts");
-    d.restart_with_flags(
-        "us-east",
-        &[],
-        &[
-            format!("--backup-dir={}", backups.path().display()),
-            // Only the first backup is due on schedule during the test.
-            "--backup-every=1h".into(),
-            "--backup-keep=5".into(),
-        ],
-    )
-    .await
-    .expect("the agent restarts with a backup schedule");
+    // Only the first backup is due on schedule during the test.
+    let d = backing_up(backups.path(), &["--backup-every=1h", "--backup-keep=5"]).await;
     let list = || tern_common::backup::list(backups.path(), "us-east").expect("list");
     let mut group = d.region("us-east").group.connect().await.expect("the group");
 

@@ -89,15 +89,20 @@ fn network_policy(
     Ok(())
 }
 
-/// A Kubernetes label value: empty, or at most 63 letters, digits, `-`,
-/// `_` and `.`, starting and ending with a letter or digit.
+/// A Kubernetes label value: empty, or a label key's name part.
 pub fn is_label_value(value: &str) -> bool {
+    value.is_empty() || is_label_name(value)
+}
+
+/// 1 to 63 letters, digits, `-`, `_` and `.`, starting and ending with a
+/// letter or digit: a label key's name, and a non-empty label value.
+fn is_label_name(name: &str) -> bool {
     let alnum = |c: char| c.is_ascii_alphanumeric();
-    value.is_empty()
-        || (value.len() <= 63
-            && value.starts_with(alnum)
-            && value.ends_with(alnum)
-            && value.chars().all(|c| alnum(c) || "-_.".contains(c)))
+    !name.is_empty()
+        && name.len() <= 63
+        && name.starts_with(alnum)
+        && name.ends_with(alnum)
+        && name.chars().all(|c| alnum(c) || "-_.".contains(c))
 }
 
 /// A Kubernetes label key: an optional DNS-subdomain prefix (at most 253
@@ -109,12 +114,7 @@ pub fn is_label_key(key: &str) -> bool {
         Some((p, n)) => (Some(p), n),
         None => (None, key),
     };
-    let alnum = |c: char| c.is_ascii_alphanumeric();
-    let name_ok = !name.is_empty()
-        && name.len() <= 63
-        && name.starts_with(alnum)
-        && name.ends_with(alnum)
-        && name.chars().all(|c| alnum(c) || "-_.".contains(c));
+    let name_ok = is_label_name(name);
     let prefix_ok = prefix.is_none_or(|p| {
         !p.is_empty()
             && p.len() <= 253
