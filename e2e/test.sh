@@ -30,11 +30,13 @@ sweep_nodes() {
 go_cache=""
 go_pid=""
 go_log=""
+listing=""
 on_exit() {
   # A Go build still running (this run failed early): its whole session.
   if [ -n "$go_pid" ]; then kill -- -"$go_pid" 2>/dev/null || true; wait "$go_pid" 2>/dev/null || true; fi
   if [ -n "$go_cache" ]; then rm -rf "$go_cache"; fi
   if [ -n "$go_log" ]; then rm -f "$go_log"; fi
+  if [ -n "$listing" ]; then rm -f "$listing"; fi
   if [ "$node_e2e" = 1 ]; then sweep_nodes; fi
 }
 trap on_exit EXIT
@@ -97,7 +99,9 @@ else
 fi
 
 step "compiling the tests"
-cargo test --workspace --locked --no-run "$@"
+# The listing names every test binary and its package, for run-tests.sh.
+listing=$(mktemp "${TMPDIR:-/tmp}/tern-test-listing.XXXXXX")
+cargo test --workspace --locked --no-run --message-format=json-render-diagnostics "$@" >"$listing"
 
 step "waiting for the pinned test binaries"
 go_status=0
@@ -113,8 +117,16 @@ if [ "$go_status" != 0 ]; then
 fi
 
 step "tests"
-# Two test threads on a two-core machine: each control-plane test starts
-# etcd and kube-apiserver processes of its own.
-cargo test --workspace --locked "$@" -- --test-threads=2
+# Two test threads per binary on a two-core machine: each control-plane
+# test starts etcd and kube-apiserver processes of its own.
+if [ $# -eq 0 ]; then
+  # Two binaries at a time, the node e2e and the agent's lag tests alone
+  # (run-tests.sh says why); the doc tests first, through cargo.
+  cargo test --workspace --locked --doc
+  e2e/run-tests.sh "$listing"
+else
+  # Extra arguments (a package, a filter): cargo runs what they select.
+  cargo test --workspace --locked "$@" -- --test-threads=2
+fi
 
 step "done"
