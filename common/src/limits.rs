@@ -17,6 +17,10 @@ pub const DNS_LABEL_PATTERN: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$";
 /// [`is_region_name`] is the same rule in Rust.
 pub const REGION_NAME_PATTERN: &str = DNS_LABEL_PATTERN;
 
+/// A backup's id (`crate::backup`): its group's name, a '-', and the UTC
+/// time it began, to the millisecond (`eu-west-20261202T162810.805Z`).
+pub const BACKUP_ID_PATTERN: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?-[0-9]{8}T[0-9]{6}\.[0-9]{3}Z$";
+
 /// Whether `s` is a region name ([`REGION_NAME_PATTERN`], at most
 /// [`MAX_REGION_NAME`] bytes).
 pub fn is_region_name(s: &str) -> bool {

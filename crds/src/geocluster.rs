@@ -49,6 +49,9 @@ use crate::common::{
     validation = Rule::new("self.regions.all(r, !self.regions.exists(o, r.name == 'dir-' + o.name))")
         .message("no region may be named dir-<another region>: its data group would have the name of that region's directory group")
         .field_path(".regions"),
+    validation = Rule::new("has(self.backup) || !self.regions.exists(r, has(r.restoreFrom))")
+        .message("regions[].restoreFrom needs spec.backup: a restore reads the backup from spec.backup's claim")
+        .field_path(".regions"),
 )]
 pub struct GeoClusterSpec {
     /// The regions of the database. Each gets its own Raft group (an etcd
@@ -187,6 +190,11 @@ impl TlsSpec {
 /// One region and its Raft group.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("!has(self.restoreFrom) || self.restoreFrom.startsWith(self.name + '-')")
+        .message("restoreFrom must be a backup of this region: its id starts with the region's name and a '-' (tern backup list shows them)")
+        .field_path(".restoreFrom")
+)]
 pub struct RegionSpec {
     /// Region name: a DNS label of at most 20 characters (`us-east`). It names
     /// the region's group, its objects and its etcd members.
@@ -235,6 +243,16 @@ pub struct RegionSpec {
     /// by follow the sun). Progress: `status.regions[].drain`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub drain: bool,
+    /// Start the region's group from this backup instead of empty: the id
+    /// of a backup of this region in spec.backup's claim (`tern backup
+    /// list`), e.g. `us-east-20261203T113457.236Z`. Read only when the
+    /// group has no members: when it is created, or after its StatefulSet
+    /// and volumes were deleted (a region group lost). A group is restored
+    /// from a given backup once (the RegionGroup's status.restore). Writes
+    /// the group acknowledged after the backup began are lost.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 22, max = 80), regex(pattern = limits::BACKUP_ID_PATTERN))]
+    pub restore_from: Option<String>,
 }
 
 fn default_replicas() -> i32 {

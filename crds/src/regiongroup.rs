@@ -91,6 +91,23 @@ pub struct RegionGroupSpec {
     /// spec.backup: the agent is what holds the backup volume.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub pre_upgrade_backup: bool,
+    /// The backup the members start from when the group has no members
+    /// (from the GeoCluster's regions[].restoreFrom). Data groups only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore: Option<GroupRestore>,
+}
+
+/// Where a group's members are restored from.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct GroupRestore {
+    /// The PersistentVolumeClaim that holds the backups (the GeoCluster's
+    /// spec.backup.claimName).
+    #[schemars(length(min = 1, max = 253), regex(pattern = DNS_SUBDOMAIN_PATTERN))]
+    pub claim_name: String,
+    /// The backup's id; it starts with the name of the group it is of.
+    #[schemars(length(min = 22, max = 80), regex(pattern = limits::BACKUP_ID_PATTERN))]
+    pub backup: String,
 }
 
 /// A group's certificates: Secrets with `ca.crt`, `tls.crt`, `tls.key`.
@@ -171,6 +188,24 @@ pub struct RegionGroupStatus {
     /// image (spec.preUpgradeBackup), or the one asked for and awaited.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pre_upgrade_backup: Option<PreUpgradeBackup>,
+    /// The restore of the members from spec.restore's backup: under way,
+    /// failed, or done (then the group is not restored from that backup
+    /// again).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore: Option<RestoreStatus>,
+}
+
+/// How a group's restore from a backup went.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct RestoreStatus {
+    /// The backup's id.
+    pub backup: String,
+    /// Every member's volume holds the backup; the members run from it.
+    pub done: bool,
+    /// The step under way, what failed and where to look, or (once done)
+    /// what the group holds and lost.
+    pub message: String,
 }
 
 /// A backup asked of the region's agent before an etcd image roll.

@@ -73,7 +73,12 @@ fn build_images(dir: &std::path::Path) {
         .args(["--add-image", &format!("{PAUSE_IMAGE}={}", asset("pause"))])
         .args([
             "--add-image",
-            &format!("{}={}", tern_e2e::scenarios::retagged_etcd_image(), asset("etcd")),
+            &format!(
+                "{}={},{}",
+                tern_e2e::scenarios::retagged_etcd_image(),
+                asset("etcd"),
+                asset("etcdutl")
+            ),
         ])
         .args([
             "--add-image",

@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
@@ -1117,4 +1118,183 @@ async fn a_namespaced_operator_works_in_its_namespace_and_sees_nothing_else() {
             .collect::<Vec<_>>()
     );
     drop(operator);
+}
+
+/// Plays the Job controller: Job `name`'s one pod ended as `outcome`
+/// (`succeeded` or `failed`).
+async fn finish_job(client: &Client, name: &str, outcome: &str) {
+    let api: Api<Job> = Api::namespaced(client.clone(), NS);
+    let now = k8s_openapi::jiff::Timestamp::now().to_string();
+    let status = json!({"status": {"startTime": now, outcome: 1}});
+    api.patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .unwrap_or_else(|e| panic!("patch the status of Job {name}: {e}"));
+}
+
+/// regions[].restoreFrom: the operator makes the members' claims and a Job
+/// per member that restores the backup into one with etcdutl, and makes
+/// the StatefulSet only once every Job has succeeded. A failed Job is
+/// reported with what to do. A group whose member volume exists already is
+/// never restored over: it starts on its volume and says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restored_group_starts_only_after_its_restore_jobs() {
+    let (cp, client) = setup("restore").await;
+    let _operator = OperatorGuard::start(&cp, &[]).await.expect("operator starts");
+    // eu-west's member has a volume already.
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), NS);
+    let existing: PersistentVolumeClaim = serde_json::from_value(json!({
+        "metadata": {"name": "data-restored-eu-west-0"},
+        "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}},
+    }))
+    .expect("claim");
+    claims
+        .create(&PostParams::default(), &existing)
+        .await
+        .expect("claim created");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("restored.yaml");
+    std::fs::write(
+        &path,
+        "apiVersion: tern.dev/v1alpha1\nkind: GeoCluster\nmetadata:\n  name: restored\n  namespace: default\nspec:\n  regions:\n  - {name: us-east, zones: [a, b, c], restoreFrom: us-east-20261203T113457.236Z}\n  - {name: eu-west, zones: [a], replicas: 1, restoreFrom: eu-west-20261203T113457.236Z}\n  directory:\n    members: [{region: us-east}, {region: eu-west, replicas: 2}]\n  backup: {claimName: tern-backups}\n",
+    )
+    .expect("write");
+    cp.kubectl(&["apply", "-f", path.to_str().expect("utf-8")])
+        .expect("the GeoCluster applies");
+
+    let jobs: Api<Job> = Api::namespaced(client.clone(), NS);
+    let sets: Api<StatefulSet> = Api::namespaced(client.clone(), NS);
+    let groups: Api<RegionGroup> = Api::namespaced(client.clone(), NS);
+    let names: Vec<String> = (0..3).map(|o| format!("restored-us-east-{o}-restore")).collect();
+    for name in &names {
+        eventually(&format!("Job {name}"), WAIT, || async {
+            jobs.get_opt(name).await.ok()?
+        })
+        .await;
+    }
+    let job = jobs.get(&names[1]).await.expect("job");
+    let pod = job.spec.expect("spec").template.spec.expect("pod");
+    let container = &pod.containers[0];
+    assert_eq!(container.command.as_deref(), Some(&["etcdutl".to_string()][..]));
+    assert_eq!(container.image.as_deref(), Some(tern_crds::DEFAULT_ETCD_IMAGE));
+    let args = container.args.clone().expect("args");
+    for want in [
+        "/var/lib/tern/backups/us-east/us-east-20261203T113457.236Z.db",
+        "--name=restored-us-east-1",
+        "--data-dir=/var/lib/etcd/data",
+        "--mark-compacted",
+    ] {
+        assert!(args.iter().any(|a| a == want), "{want} in {args:?}");
+    }
+    let volumes: Vec<String> = pod
+        .volumes
+        .expect("volumes")
+        .iter()
+        .filter_map(|v| v.persistent_volume_claim.as_ref().map(|c| c.claim_name.clone()))
+        .collect();
+    assert_eq!(volumes, ["data-restored-us-east-1", "tern-backups"]);
+    for o in 0..3 {
+        let claim = claims
+            .get(&format!("data-restored-us-east-{o}"))
+            .await
+            .expect("the member's claim is made before its StatefulSet");
+        assert_eq!(
+            claim.labels().get("tern.dev/restore-backup").map(String::as_str),
+            Some("us-east-20261203T113457.236Z")
+        );
+    }
+
+    // eu-west's volume is not restored over: its members start on it.
+    eventually("eu-west's StatefulSet", WAIT, || async {
+        sets.get_opt("restored-eu-west").await.ok()?
+    })
+    .await;
+    let eu = groups.get("restored-eu-west").await.expect("group");
+    let refused = eu.status.and_then(|s| s.restore).expect("status.restore");
+    assert!(!refused.done);
+    assert!(
+        refused.message.contains("data-restored-eu-west-0") && refused.message.contains("never writes over"),
+        "{}",
+        refused.message
+    );
+    assert!(
+        jobs.get_opt("restored-eu-west-0-restore").await.expect("get").is_none(),
+        "no restore Job for a group with a volume"
+    );
+
+    // Until every Job has succeeded, us-east has no members.
+    finish_job(&client, &names[0], "succeeded").await;
+    finish_job(&client, &names[1], "failed").await;
+    let message = eventually("the failure is reported", WAIT, || async {
+        let s = groups.get("restored-us-east").await.ok()?.status?.restore?;
+        s.message.contains("failed").then_some(s.message)
+    })
+    .await;
+    assert!(
+        message.contains("kubectl logs job/restored-us-east-1-restore") && message.contains("data-restored-us-east-1"),
+        "{message}"
+    );
+    assert!(sets.get_opt("restored-us-east").await.expect("get").is_none());
+    // Trying again: the Job is deleted, and the operator makes it anew.
+    jobs.delete(&names[1], &kube::api::DeleteParams::background())
+        .await
+        .expect("delete");
+    eventually("a new Job", WAIT, || async {
+        let j = jobs.get_opt(&names[1]).await.ok()??;
+        j.status.is_none_or(|s| s.failed.is_none()).then_some(())
+    })
+    .await;
+    finish_job(&client, &names[1], "succeeded").await;
+    finish_job(&client, &names[2], "succeeded").await;
+    let sts = eventually("us-east's StatefulSet once restored", WAIT, || async {
+        sets.get_opt("restored-us-east").await.ok()?
+    })
+    .await;
+    assert_eq!(sts.spec.replicas, Some(3));
+    let status = groups
+        .get("restored-us-east")
+        .await
+        .expect("group")
+        .status
+        .expect("status");
+    let restore = status.restore.expect("status.restore");
+    assert!(restore.done, "{restore:?}");
+    assert!(restore.message.contains("lost"), "{}", restore.message);
+    // The restored members are a cluster of their own: a member that joins
+    // later is told this membership.
+    assert_eq!(status.raft_members.len(), 3);
+    let config = Api::<ConfigMap>::namespaced(client.clone(), NS)
+        .get("restored-us-east-config")
+        .await
+        .expect("config map");
+    assert_eq!(
+        config
+            .data
+            .expect("data")
+            .get("initial-cluster-state")
+            .map(String::as_str),
+        Some("existing")
+    );
+    // Deleting the StatefulSet does not restore the group again.
+    sets.delete("restored-us-east", &Default::default())
+        .await
+        .expect("delete");
+    eventually("the StatefulSet made again", WAIT, || async {
+        let s = sets.get_opt("restored-us-east").await.ok()??;
+        s.metadata.deletion_timestamp.is_none().then_some(())
+    })
+    .await;
+    let events = cp
+        .kubectl(&[
+            "get",
+            "events.events.k8s.io",
+            "-n",
+            NS,
+            "-o",
+            "custom-columns=REASON:.reason",
+        ])
+        .expect("events");
+    for reason in ["RestoreStarted", "RestoreFailed", "Restored", "RestoreRefused"] {
+        assert!(events.contains(reason), "{reason} in {events}");
+    }
+    assert_eq!(events.matches("RestoreStarted").count(), 1, "{events}");
 }

@@ -11,11 +11,12 @@
 # layer FROM scratch: the binary, the shared libraries it links (found with
 # ldd), and an /etc/passwd naming user 65532. --etcd adds the pinned etcd
 # under the name the operator's manifests reference, so the image the
-# RegionGroup names is the etcd the tests run:
+# RegionGroup names is the etcd the tests run; like etcd's own image, it
+# carries the etcdutl beside it (a restore Job runs it):
 #   operator/deploy/images/build.sh --oci-archives DIR [--bin-dir target/release] \
-#     [--etcd target/controlplane/bin/etcd] [--add-image NAME=BINARY ...]
-# (--add-image: any other single-binary image, e.g. the node e2e's pause
-# image, run as root with the binary as its entrypoint.)
+#     [--etcd target/controlplane/bin/etcd] [--add-image NAME=BINARY[,BINARY...] ...]
+# (--add-image: any other image of a few binaries, e.g. the node e2e's pause
+# image, run as root with the first binary as its entrypoint.)
 #
 # Names: REGISTRY/tern-<component>:TAG. REGISTRY defaults to ghcr.io/tern-dev
 # and TAG to the workspace version; the operator's default images, the
@@ -163,21 +164,30 @@ build_archives() {
   done
   if [ -n "$etcd_bin" ]; then
     rootfs=$(mktemp -d); scratch+=("$rootfs")
-    # As the upstream image: etcd on the PATH, run as root (the pods name
-    # the command `etcd`; the data volume belongs to root).
+    # As the upstream image: etcd and etcdutl on the PATH, run as root (the
+    # pods name the command `etcd`, a restore Job `etcdutl`; the data
+    # volume belongs to root).
+    local etcdutl
+    etcdutl="$(dirname "$etcd_bin")/etcdutl"
+    [ -x "$etcdutl" ] || { echo "build.sh: $etcdutl is missing: the etcd image carries etcdutl beside etcd (e2e/build-tools.sh etcd builds both)" >&2; exit 1; }
     rootfs_for "$etcd_bin" etcd "$rootfs"
+    rootfs_for "$etcdutl" etcdutl "$rootfs"
     oci_archive "$etcd_image" "$rootfs" /usr/local/bin/etcd 0:0 "$oci_dir/etcd.tar"
     rm -rf "$rootfs"
     echo "build.sh: $etcd_image -> $oci_dir/etcd.tar"
   fi
-  local spec name bin file
+  local spec name bin file bins first
   for spec in ${extra_images[@]+"${extra_images[@]}"}; do
-    name=${spec%%=*}; bin=${spec#*=}
-    [ -x "$bin" ] || { echo "build.sh: --add-image $spec: $bin is not an executable" >&2; exit 1; }
+    name=${spec%%=*}
+    IFS=, read -r -a bins <<<"${spec#*=}"
     file=$(basename "${name%%:*}").tar
     rootfs=$(mktemp -d); scratch+=("$rootfs")
-    rootfs_for "$bin" "$(basename "$bin")" "$rootfs"
-    oci_archive "$name" "$rootfs" "/usr/local/bin/$(basename "$bin")" 0:0 "$oci_dir/$file"
+    for bin in "${bins[@]}"; do
+      [ -x "$bin" ] || { echo "build.sh: --add-image $spec: $bin is not an executable" >&2; exit 1; }
+      rootfs_for "$bin" "$(basename "$bin")" "$rootfs"
+    done
+    first=$(basename "${bins[0]}")
+    oci_archive "$name" "$rootfs" "/usr/local/bin/$first" 0:0 "$oci_dir/$file"
     rm -rf "$rootfs"
     echo "build.sh: $name -> $oci_dir/$file"
   done

@@ -160,6 +160,15 @@ fn group(
                     .get(names::ANNOTATION_SKIP_PRE_UPGRADE_BACKUP)
                     .map(String::as_str)
                     != Some("true"),
+            // The directory's members span regions and clusters: restoring
+            // them takes every share at once, which is not built.
+            restore: match (&gc.spec.backup, &region.restore_from) {
+                (Some(b), Some(backup)) if role == GroupRole::Data => Some(tern_crds::GroupRestore {
+                    claim_name: b.claim_name.clone(),
+                    backup: backup.clone(),
+                }),
+                _ => None,
+            },
         },
         status: None,
     }
@@ -332,6 +341,29 @@ mod tests {
         gc.annotations_mut()
             .insert(names::ANNOTATION_SKIP_PRE_UPGRADE_BACKUP.into(), "true".into());
         assert!(asks(&gc).iter().all(|(_, ask)| !ask));
+    }
+
+    #[test]
+    fn only_the_named_regions_data_group_is_restored() {
+        let mut gc = example();
+        gc.spec.backup = Some(tern_crds::BackupSpec {
+            claim_name: "tern-backups".into(),
+            every: "1h".into(),
+            keep: 24,
+        });
+        gc.spec.regions[0].restore_from = Some(format!("{}-20261203T113457.236Z", gc.spec.regions[0].name));
+        let restored: Vec<_> = region_groups(&gc, &RegionFilter::all())
+            .into_iter()
+            .filter_map(|g| g.spec.restore.map(|r| (g.spec.region, g.spec.role, r)))
+            .collect();
+        assert_eq!(restored.len(), 1, "{restored:?}");
+        let (region, role, restore) = &restored[0];
+        assert_eq!((region, *role), (&gc.spec.regions[0].name, GroupRole::Data));
+        assert_eq!(restore.claim_name, "tern-backups");
+        assert_eq!(
+            restore.backup,
+            gc.spec.regions[0].restore_from.clone().expect("set above")
+        );
     }
 
     #[test]

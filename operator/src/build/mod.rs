@@ -6,6 +6,7 @@ pub mod components;
 pub mod geocluster;
 pub mod network;
 pub mod regiongroup;
+pub mod restore;
 
 /// `POD_NAME` from the downward API: every tern container names itself
 /// with it (election identity, trace instance, event reporter).

@@ -39,7 +39,40 @@ pub fn quorum(replicas: i32) -> i32 {
     replicas / 2 + 1
 }
 
-const DATA_DIR: &str = "/var/lib/etcd";
+/// Where a member's volume is mounted; etcd's data directory is
+/// [`member_data_dir`] inside it.
+pub(crate) const DATA_DIR: &str = "/var/lib/etcd";
+
+/// A member's etcd data directory: a directory in the volume, not its
+/// root, which may hold a filesystem's own entries (`lost+found`).
+pub(crate) fn member_data_dir() -> String {
+    format!("{DATA_DIR}/data")
+}
+
+/// The name of the volume claim template, and so the first part of every
+/// member's claim (`data-<member>`).
+const CLAIM_TEMPLATE: &str = "data";
+
+/// The claim of member `member` (its pod name), as the StatefulSet names it.
+pub(crate) fn member_claim_name(member: &str) -> String {
+    format!("{CLAIM_TEMPLATE}-{member}")
+}
+
+/// What every member's volume claim asks for.
+pub(crate) fn data_claim_spec(rg: &RegionGroup) -> PersistentVolumeClaimSpec {
+    PersistentVolumeClaimSpec {
+        access_modes: Some(vec!["ReadWriteOnce".into()]),
+        storage_class_name: rg.spec.etcd.storage.storage_class_name.clone(),
+        resources: Some(VolumeResourceRequirements {
+            requests: Some(BTreeMap::from([(
+                "storage".to_string(),
+                rg.spec.etcd.storage.size.clone(),
+            )])),
+            ..VolumeResourceRequirements::default()
+        }),
+        ..PersistentVolumeClaimSpec::default()
+    }
+}
 
 /// Who the group's members are now, for the objects that depend on it
 /// (see `crate::membership`).
@@ -94,7 +127,7 @@ const KEY_CLIENT_ENDPOINTS: &str = "client-endpoints";
 const ENV_INITIAL_CLUSTER: &str = "TERN_INITIAL_CLUSTER";
 const ENV_INITIAL_CLUSTER_STATE: &str = "TERN_INITIAL_CLUSTER_STATE";
 
-fn meta(rg: &RegionGroup, name: String) -> ObjectMeta {
+pub(crate) fn meta(rg: &RegionGroup, name: String) -> ObjectMeta {
     let group = rg.name_any();
     ObjectMeta {
         name: Some(name),
@@ -135,7 +168,7 @@ pub fn container_args(rg: &RegionGroup) -> Vec<String> {
     // Metrics and probes stay plain HTTP on their own port: the kubelet
     // has no client certificate.
     let listen_metrics = format!("http://0.0.0.0:{}", names::METRICS_PORT);
-    let data_dir = format!("{DATA_DIR}/data");
+    let data_dir = member_data_dir();
     member_args(&MemberConfig {
         name: "$(POD_NAME)",
         data_dir: &data_dir,
@@ -223,7 +256,7 @@ fn stateful_set(rg: &RegionGroup, pods: i32, config_hash: &str) -> StatefulSet {
         startup_probe: Some(probe("/livez", 5, 60)),
         resources: rg.spec.etcd.resources.clone(),
         volume_mounts: Some(vec![VolumeMount {
-            name: "data".into(),
+            name: CLAIM_TEMPLATE.into(),
             mount_path: DATA_DIR.into(),
             ..VolumeMount::default()
         }]),
@@ -305,22 +338,11 @@ fn stateful_set(rg: &RegionGroup, pods: i32, config_hash: &str) -> StatefulSet {
             },
             volume_claim_templates: Some(vec![PersistentVolumeClaim {
                 metadata: ObjectMeta {
-                    name: Some("data".into()),
+                    name: Some(CLAIM_TEMPLATE.into()),
                     labels: Some(labels),
                     ..ObjectMeta::default()
                 },
-                spec: Some(PersistentVolumeClaimSpec {
-                    access_modes: Some(vec!["ReadWriteOnce".into()]),
-                    storage_class_name: rg.spec.etcd.storage.storage_class_name.clone(),
-                    resources: Some(VolumeResourceRequirements {
-                        requests: Some(BTreeMap::from([(
-                            "storage".to_string(),
-                            rg.spec.etcd.storage.size.clone(),
-                        )])),
-                        ..VolumeResourceRequirements::default()
-                    }),
-                    ..PersistentVolumeClaimSpec::default()
-                }),
+                spec: Some(data_claim_spec(rg)),
                 ..PersistentVolumeClaim::default()
             }]),
             ..StatefulSetSpec::default()
@@ -335,7 +357,7 @@ fn stateful_set(rg: &RegionGroup, pods: i32, config_hash: &str) -> StatefulSet {
     sts
 }
 
-fn zone_affinity(zones: &[String]) -> Affinity {
+pub(crate) fn zone_affinity(zones: &[String]) -> Affinity {
     Affinity {
         node_affinity: Some(NodeAffinity {
             required_during_scheduling_ignored_during_execution: Some(NodeSelector {

@@ -25,6 +25,8 @@ use crate::membership::{self, Progress, Step};
 use crate::status::MemberCounts;
 use crate::{Error, Result, build, names, status};
 
+mod restore;
+
 pub const CONTROLLER: &str = "regiongroup";
 
 pub async fn reconcile(rg: Arc<RegionGroup>, ctx: Arc<Context>) -> Result<Action> {
@@ -77,6 +79,21 @@ pub async fn reconcile(rg: Arc<RegionGroup>, ctx: Arc<Context>) -> Result<Action
     apply(&ctx.client, &objects.peer_service).await?;
     apply(&ctx.client, &objects.client_service).await?;
     apply(&ctx.client, &objects.pdb).await?;
+    if existing.is_none() {
+        match restore::step(&rg, &ctx, &mut st).await? {
+            restore::Step::Proceed => {}
+            restore::Step::Wait => {
+                write_status(&rg, &ctx, st).await?;
+                return Ok(Action::requeue(MEMBERSHIP_POLL));
+            }
+            // The group's Raft membership is now the restored one: the
+            // next reconcile makes the StatefulSet from it.
+            restore::Step::Restored => {
+                write_status(&rg, &ctx, st).await?;
+                return Ok(Action::requeue(Duration::ZERO));
+            }
+        }
+    }
     match apply(&ctx.client, &objects.stateful_set).await? {
         Outcome::Created => {
             let note = format!("created StatefulSet {name} with {} members", change.members.pods);
@@ -667,7 +684,7 @@ const MAX_REMOVED: i32 = 8;
 /// the removed member's volume behind. A volume still used by a pod that is
 /// stopping is deleted once the pod has gone (Kubernetes' PVC protection).
 async fn clear_volume(ctx: &Context, namespace: &str, group: &str, ordinal: i32) -> Option<String> {
-    let name = format!("data-{}", names::member_name(group, ordinal));
+    let name = build::regiongroup::member_claim_name(&names::member_name(group, ordinal));
     let api = Api::<PersistentVolumeClaim>::namespaced(ctx.client.clone(), namespace);
     let found = match api
         .list(&ListParams::default().fields(&format!("metadata.name={name}")))

@@ -1,0 +1,219 @@
+//! The restore of a group's members from a backup (spec.restore), taken one
+//! reconcile at a time while the group has no StatefulSet: the members'
+//! claims, a Job per member (`build::restore`), and, once every Job has
+//! succeeded, the restored Raft membership in status. Progress and failures
+//! go to status.restore and to events.
+//!
+//! A restore never writes over a member's data: it runs only when no
+//! member's claim exists but the ones it made itself (labelled with the
+//! backup), and etcdutl refuses a data directory that is not empty.
+
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::PersistentVolumeClaim;
+use kube::api::{DeleteParams, ListParams, PostParams};
+use kube::runtime::events::EventType;
+use kube::{Api, ResourceExt};
+use tern_crds::{RegionGroup, RegionGroupStatus, RestoreStatus};
+
+use crate::Result;
+use crate::build::regiongroup::member_claim_name;
+use crate::build::restore::{
+    BUMP_REVISION, LABEL_RESTORE, job_name, member_claim, restore_job, restored_members, snapshot_path,
+};
+use crate::context::Context;
+use crate::error::KubeContext;
+
+/// What the reconcile does after a restore step.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Nothing to restore (or refused): make the StatefulSet.
+    Proceed,
+    /// Jobs are running or failed: no StatefulSet yet.
+    Wait,
+    /// Every member's volume holds the backup; status has the membership.
+    Restored,
+}
+
+/// One step of the restore of a group that has no StatefulSet.
+pub async fn step(rg: &RegionGroup, ctx: &Context, st: &mut RegionGroupStatus) -> Result<Step> {
+    let Some(restore) = &rg.spec.restore else {
+        return Ok(Step::Proceed);
+    };
+    if st
+        .restore
+        .as_ref()
+        .is_some_and(|r| r.backup == restore.backup && r.done)
+    {
+        // Restored from this backup once already: a StatefulSet deleted
+        // since comes back on the volumes it left.
+        return Ok(Step::Proceed);
+    }
+    let namespace = rg.namespace().unwrap_or_default();
+    let group = rg.name_any();
+    let backup = &restore.backup;
+    let members = restored_members(rg, &namespace);
+    let claims = Api::<PersistentVolumeClaim>::namespaced(ctx.client.clone(), &namespace);
+    let jobs = Api::<Job>::namespaced(ctx.client.clone(), &namespace);
+
+    // The members' claims: made here, or a refusal if any holds data the
+    // restore did not put there.
+    let mut foreign = Vec::new();
+    let mut missing = Vec::new();
+    let mut going = Vec::new();
+    for m in &members {
+        let name = member_claim_name(&m.name);
+        let found = claims
+            .list(&ListParams::default().fields(&format!("metadata.name={name}")))
+            .await
+            .context(|| format!("looking for volume {namespace}/{name}"))?
+            .items
+            .into_iter()
+            .next();
+        match found {
+            None => missing.push(m),
+            // A lost member's claim deleted with the StatefulSet: it goes
+            // once its pod has gone, and the restore waits for it.
+            Some(c) if c.metadata.deletion_timestamp.is_some() => going.push(name),
+            Some(c) if c.labels().get(LABEL_RESTORE) == Some(backup) => {}
+            Some(_) => foreign.push(name),
+        }
+    }
+    if !foreign.is_empty() {
+        let message = format!(
+            "not restored from backup {backup}: the group has member volumes already ({}), and a restore never writes over a member's data; the members start on them. To restore, delete the StatefulSet {group} and these claims",
+            foreign.join(", ")
+        );
+        if st.restore.as_ref().map(|r| &r.message) != Some(&message) {
+            tracing::warn!(%group, %backup, "restore refused: member volumes exist");
+            ctx.event(rg, EventType::Warning, "RestoreRefused", "Restore", message.clone())
+                .await;
+        }
+        st.restore = Some(RestoreStatus {
+            backup: backup.clone(),
+            done: false,
+            message,
+        });
+        return Ok(Step::Proceed);
+    }
+    if !going.is_empty() {
+        st.restore = Some(RestoreStatus {
+            backup: backup.clone(),
+            done: false,
+            message: format!(
+                "restoring from backup {backup}: waiting for volumes {} to be deleted",
+                going.join(", ")
+            ),
+        });
+        return Ok(Step::Wait);
+    }
+    for m in missing {
+        let mut claim = member_claim(rg, &m.name);
+        claim.labels_mut().insert(LABEL_RESTORE.into(), backup.clone());
+        create(&claims, &claim, &namespace).await?;
+    }
+
+    let mut restored = 0;
+    let mut failed = Vec::new();
+    for (o, m) in members.iter().enumerate() {
+        let name = job_name(&m.name);
+        let found = jobs
+            .get_opt(&name)
+            .await
+            .context(|| format!("reading Job {namespace}/{name}"))?;
+        let Some(job) = found else {
+            create(&jobs, &restore_job(rg, restore, o, &members), &namespace).await?;
+            if o == 0 {
+                let note = format!(
+                    "restoring {} members from backup {backup} ({} in claim {})",
+                    members.len(),
+                    snapshot_path(backup),
+                    restore.claim_name
+                );
+                ctx.event(rg, EventType::Normal, "RestoreStarted", "Restore", note)
+                    .await;
+            }
+            continue;
+        };
+        if job.labels().get(LABEL_RESTORE) != Some(backup) {
+            // Left by a restore from another backup that never finished.
+            jobs.delete(&name, &DeleteParams::background())
+                .await
+                .context(|| format!("deleting Job {namespace}/{name} of another backup"))?;
+            continue;
+        }
+        if job.metadata.deletion_timestamp.is_some() {
+            // Deleted to be tried again: made anew once it has gone.
+            continue;
+        }
+        let status = job.status.unwrap_or_default();
+        let finished_as = |kind: &str| {
+            status
+                .conditions
+                .iter()
+                .flatten()
+                .any(|c| c.type_ == kind && c.status == "True")
+        };
+        if status.succeeded.unwrap_or(0) >= 1 || finished_as("Complete") {
+            restored += 1;
+        } else if status.failed.unwrap_or(0) >= 1 || finished_as("Failed") {
+            failed.push((name, member_claim_name(&m.name)));
+        }
+    }
+
+    if restored == members.len() {
+        let message = format!(
+            "restored {} members from backup {backup}: the group holds what it had when the backup was taken (tern backup list shows its revisions); writes it acknowledged after the backup began are lost; revisions now start {BUMP_REVISION} higher",
+            members.len()
+        );
+        tracing::info!(%group, %backup, "members restored");
+        ctx.event(rg, EventType::Normal, "Restored", "Restore", message.clone())
+            .await;
+        st.restore = Some(RestoreStatus {
+            backup: backup.clone(),
+            done: true,
+            message,
+        });
+        // The restored group is a new cluster of these members, whatever
+        // the lost one had.
+        st.raft_members = members;
+        st.membership_change = None;
+        return Ok(Step::Restored);
+    }
+    let message = if failed.is_empty() {
+        format!(
+            "restoring from backup {backup}: {restored} of {} members' volumes restored",
+            members.len()
+        )
+    } else {
+        let (job, claim) = &failed[0];
+        format!(
+            "restore from backup {backup} failed: Job {job} did not succeed (kubectl logs job/{job} says why: a backup missing from claim {} at {}, or a volume that is not empty). To try again, delete the Job and claim {claim}",
+            restore.claim_name,
+            snapshot_path(backup)
+        )
+    };
+    if !failed.is_empty() && st.restore.as_ref().map(|r| &r.message) != Some(&message) {
+        tracing::warn!(%group, %backup, "restore failed");
+        ctx.event(rg, EventType::Warning, "RestoreFailed", "Restore", message.clone())
+            .await;
+    }
+    st.restore = Some(RestoreStatus {
+        backup: backup.clone(),
+        done: false,
+        message,
+    });
+    Ok(Step::Wait)
+}
+
+/// Creates `object`; one that exists already (another reconcile made it)
+/// is fine.
+async fn create<K>(api: &Api<K>, object: &K, namespace: &str) -> Result<()>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + serde::Serialize + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    match api.create(&PostParams::default(), object).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+        Err(e) => Err(e).context(|| format!("creating {} {namespace}/{}", K::kind(&()), object.name_any())),
+    }
+}
