@@ -206,6 +206,11 @@ pub struct RestoreStatus {
     /// The step under way, what failed and where to look, or (once done)
     /// what the group holds and lost.
     pub message: String,
+    /// Once the restored members serve: how the accounts' fences in the
+    /// group were made to agree with the directory, which has moved on
+    /// since the backup (accounts created or moved since; docs/backup.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fences: Option<String>,
 }
 
 /// A backup asked of the region's agent before an etcd image roll.

@@ -419,3 +419,104 @@ async fn the_agent_takes_a_backup_asked_for_through_its_group() {
         list()
     );
 }
+
+/// After a restore under a live directory, the operator makes the restored
+/// group's fences agree with the directory (`tern_operator::fences`),
+/// against real etcd: an account created since the backup is made writable
+/// again, one that moved away since is fenced as moved (a router with the
+/// old placement can no longer commit there), one whose fence predates its
+/// latest stay is left for a person, one in a migration is left to it;
+/// a second pass finds nothing to do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restored_groups_fences_are_made_to_agree_with_the_directory() {
+    use tern_common::{AccountId, AccountRecord, AccountState, Epoch, Fence, RegionName, dir_account_key, fence_key};
+    tern_e2e::init_logs();
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Both in one directory: the harness names each member's files by its
+    // group.
+    let directory = EtcdCluster::start(dir.path(), "directory", 1, Tuning::default()).expect("etcd starts");
+    let group = EtcdCluster::start(dir.path(), GROUP, 1, Tuning::default()).expect("etcd starts");
+    let mut d = Client::connect(directory.endpoints(), None).await.expect("connect");
+    let mut g = Client::connect(group.endpoints(), None).await.expect("connect");
+    let region = |s: &str| RegionName::new(s).expect("region");
+    let account = |s: &str| AccountId::new(s).expect("account");
+    let home = |r: &str, epoch: u64, state: AccountState| AccountRecord {
+        home: region(r),
+        epoch: Epoch(epoch),
+        state,
+        allowed_regions: vec![],
+        moved_ms: None,
+        pinned: false,
+    };
+    // The directory now, and the group as the backup left it.
+    let accounts = [
+        (
+            "kept",
+            home(GROUP, 1, AccountState::Active),
+            Some(Fence::active(Epoch(1))),
+        ),
+        ("created-since", home(GROUP, 1, AccountState::Active), None),
+        (
+            "left-since",
+            home("us-east", 2, AccountState::Active),
+            Some(Fence::active(Epoch(1))),
+        ),
+        (
+            "here-since",
+            home(GROUP, 3, AccountState::Active),
+            Some(Fence::moved(Epoch(2), region("us-east"))),
+        ),
+        (
+            "moving",
+            home(
+                GROUP,
+                1,
+                AccountState::Migrating {
+                    target: region("us-east"),
+                },
+            ),
+            Some(Fence::fenced(Epoch(1))),
+        ),
+    ];
+    for (name, record, fence) in &accounts {
+        let a = account(name);
+        d.put(dir_account_key(&a), serde_json::to_vec(record).expect("json"), None)
+            .await
+            .expect("directory put");
+        if let Some(f) = fence {
+            g.put(fence_key(&a), f.to_string(), None).await.expect("group put");
+        }
+    }
+    let plan = tern_operator::fences::reconcile(&region(GROUP), &mut d, &mut g)
+        .await
+        .expect("reconcile");
+    let fence = async |g: &mut Client, name: &str| -> Option<String> {
+        let r = g.get(fence_key(&account(name)), None).await.expect("read");
+        r.kvs().first().map(|kv| kv.value_str().expect("utf-8").to_string())
+    };
+    assert_eq!(fence(&mut g, "kept").await.as_deref(), Some("1:active"));
+    assert_eq!(fence(&mut g, "created-since").await.as_deref(), Some("1:active"));
+    assert_eq!(fence(&mut g, "left-since").await.as_deref(), Some("1:moved:us-east"));
+    assert_eq!(fence(&mut g, "here-since").await.as_deref(), Some("2:moved:us-east"));
+    assert_eq!(fence(&mut g, "moving").await.as_deref(), Some("1:fenced"));
+    let text = tern_operator::fences::describe(&plan);
+    for name in ["created-since", "left-since", "here-since", "moving"] {
+        assert!(text.contains(name), "{name} in {text}");
+    }
+    assert!(!text.contains("kept"), "{text}");
+    // A router that still places left-since here at epoch 1 cannot commit:
+    // its transaction compares the fence with "1:active".
+    let stale = etcd_client::Txn::new()
+        .when(vec![etcd_client::Compare::value(
+            fence_key(&account("left-since")),
+            etcd_client::CompareOp::Equal,
+            "1:active",
+        )])
+        .and_then(vec![etcd_client::TxnOp::put("/tern/a/left-since/d/k", "stale", None)]);
+    assert!(!g.txn(stale).await.expect("txn").succeeded());
+    // Nothing left to do.
+    let again = tern_operator::fences::reconcile(&region(GROUP), &mut d, &mut g)
+        .await
+        .expect("reconcile");
+    assert!(again.repairs.is_empty(), "{again:?}");
+}

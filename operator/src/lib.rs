@@ -16,6 +16,7 @@ pub mod context;
 pub mod controller;
 pub mod error;
 pub mod etcd_flags;
+pub mod fences;
 pub mod hash;
 pub mod leader;
 pub mod membership;

@@ -128,6 +128,12 @@ pub async fn reconcile(rg: Arc<RegionGroup>, ctx: Arc<Context>) -> Result<Action
     }
     let rolling = rolling || held.is_some();
     let counts = MemberCounts::of(sts.as_ref());
+    // A restored group's fences, once its members all serve.
+    let fences_pending = counts.desired > 0
+        && counts.ready == counts.desired
+        && restore::agree_fences(&rg, &ctx, tls.as_ref(), &endpoints(&rg, counts.desired), &mut st).await
+            == restore::Pending::Yes;
+    let rolling = rolling || fences_pending;
     let phase = counts.phase();
     let detail = format!(
         "{}/{} members ready, {} current",
@@ -369,6 +375,14 @@ async fn rolling_update(
 }
 
 /// Each member's client URL, by ordinal.
+/// The client URLs of a group's first `members` members.
+fn endpoints(rg: &RegionGroup, members: i32) -> Vec<String> {
+    member_urls(rg, members, rg.spec.tls.is_some())
+        .into_iter()
+        .map(|(_, url)| url)
+        .collect()
+}
+
 fn member_urls(rg: &RegionGroup, replicas: i32, tls: bool) -> Vec<(i32, String)> {
     let group = rg.name_any();
     let namespace = rg.namespace().unwrap_or_default();

@@ -92,6 +92,7 @@ pub async fn step(rg: &RegionGroup, ctx: &Context, st: &mut RegionGroupStatus) -
             backup: backup.clone(),
             done: false,
             message,
+            fences: None,
         });
         return Ok(Step::Proceed);
     }
@@ -103,6 +104,7 @@ pub async fn step(rg: &RegionGroup, ctx: &Context, st: &mut RegionGroupStatus) -
                 "restoring from backup {backup}: waiting for volumes {} to be deleted",
                 going.join(", ")
             ),
+            fences: None,
         });
         return Ok(Step::Wait);
     }
@@ -172,6 +174,7 @@ pub async fn step(rg: &RegionGroup, ctx: &Context, st: &mut RegionGroupStatus) -
             backup: backup.clone(),
             done: true,
             message,
+            fences: None,
         });
         // The restored group is a new cluster of these members, whatever
         // the lost one had.
@@ -201,8 +204,80 @@ pub async fn step(rg: &RegionGroup, ctx: &Context, st: &mut RegionGroupStatus) -
         backup: backup.clone(),
         done: false,
         message,
+        fences: None,
     });
     Ok(Step::Wait)
+}
+
+/// Once a restored group's members are all ready: its accounts' fences made
+/// to agree with the directory (`crate::fences`), once, recorded in
+/// status.restore.fences with an event. Until it is done the reconcile
+/// comes back as often as during a membership change.
+pub async fn agree_fences(
+    rg: &RegionGroup,
+    ctx: &Context,
+    tls: Option<&tern_common::tls::Tls>,
+    endpoints: &[String],
+    st: &mut RegionGroupStatus,
+) -> Pending {
+    let Some(restore) = st.restore.as_mut().filter(|r| r.done && r.fences.is_none()) else {
+        return Pending::No;
+    };
+    let group = rg.name_any();
+    let region = match tern_common::RegionName::new(&rg.spec.region) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(%group, error = %e, "a region name the schema should have refused");
+            return Pending::No;
+        }
+    };
+    let namespace = rg.namespace().unwrap_or_default();
+    let gc = match Api::<tern_crds::GeoCluster>::namespaced(ctx.client.clone(), &namespace)
+        .get(&rg.spec.geo_cluster)
+        .await
+    {
+        Ok(gc) => gc,
+        Err(e) => {
+            tracing::warn!(%group, error = %e, "cannot read the GeoCluster for its directory; fences wait");
+            return Pending::Yes;
+        }
+    };
+    let mut directory = match crate::controller::migration::geocluster_directory(ctx, &gc).await {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::warn!(%group, error = %e, "cannot reach the directory; fences wait");
+            return Pending::Yes;
+        }
+    };
+    let mut client =
+        match tern_common::etcd::connect_tls(endpoints, tls, "group", std::time::Duration::from_secs(10)).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(%group, error = %e, "cannot reach the restored group; fences wait");
+                return Pending::Yes;
+            }
+        };
+    match crate::fences::reconcile(&region, &mut directory, &mut client).await {
+        Ok(plan) => {
+            let note = crate::fences::describe(&plan);
+            tracing::info!(%group, fences = %note, "restored group's fences agree with the directory");
+            ctx.event(rg, EventType::Normal, "RestoreFences", "Restore", note.clone())
+                .await;
+            restore.fences = Some(note);
+            Pending::No
+        }
+        Err(e) => {
+            tracing::warn!(%group, error = %e, "cannot make the restored group's fences agree; retrying");
+            Pending::Yes
+        }
+    }
+}
+
+/// Whether work of the restore remains for a later reconcile.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Pending {
+    Yes,
+    No,
 }
 
 /// Creates `object`; one that exists already (another reconcile made it)
