@@ -63,8 +63,14 @@ declare -A running=() # pid -> "index started"
 jobs_of=()
 failed=()
 on_exit() {
-  local pid
-  for pid in "${!running[@]}"; do kill -- -"$pid" 2>/dev/null || true; done
+  local pid i
+  for pid in "${!running[@]}"; do
+    kill -- -"$pid" 2>/dev/null || true
+    # Stopped before its end (a CI timeout, ^C): what it printed so far.
+    read -r i _ <<<"${running[$pid]}"
+    echo "---- ${jobs_of[i]#* } (stopped)"
+    cat "$logs/$i.log" 2>/dev/null || true
+  done
   rm -rf "$logs"
 }
 trap on_exit EXIT
@@ -72,7 +78,9 @@ trap on_exit EXIT
 start() {
   local i=$1 dir=${2% *} exe=${2#* }
   # Its own session: a binary stopped by the trap above goes with whatever
-  # it started that did not leave the group.
+  # it started that did not leave the group. setsid does not fork here (a
+  # script's background job is not a group leader without job control),
+  # so $! is the session's leader and its group's id.
   (
     cd "$dir"
     export CARGO_MANIFEST_DIR="$dir"

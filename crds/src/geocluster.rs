@@ -191,8 +191,8 @@ impl TlsSpec {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(
-    validation = Rule::new("!has(self.restoreFrom) || self.restoreFrom.startsWith(self.name + '-')")
-        .message("restoreFrom must be a backup of this region: its id starts with the region's name and a '-' (tern backup list shows them)")
+    validation = Rule::new("!has(self.restoreFrom) || self.restoreFrom.matches('^' + self.name + '-[0-9]{8}T[0-9]{6}[.][0-9]{3}Z$')")
+        .message("restoreFrom must be a backup of this region: the region's name, '-' and the time the backup began (tern backup list shows them)")
         .field_path(".restoreFrom")
 )]
 pub struct RegionSpec {

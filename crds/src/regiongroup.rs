@@ -37,6 +37,9 @@ use crate::common::{
     validation = Rule::new("self.initialCluster.size() >= self.replicas")
         .message("initialCluster must list at least this group's replicas")
         .field_path(".initialCluster"),
+    validation = Rule::new("!has(self.restore) || (self.role == 'Data' && self.restore.backup.matches('^' + self.region + '-[0-9]{8}T[0-9]{6}[.][0-9]{3}Z$'))")
+        .message("restore must name a backup of this region's data group: the region's name, '-' and the time the backup began")
+        .field_path(".restore"),
     validation = Rule::new("self.role == 'Data' || self.replicas == oldSelf.replicas")
         .message("a directory group's replicas cannot be changed: its members span regions, and tern changes the membership only of a region's own data group")
         .field_path(".replicas")
@@ -206,6 +209,11 @@ pub struct RestoreStatus {
     /// The step under way, what failed and where to look, or (once done)
     /// what the group holds and lost.
     pub message: String,
+    /// The members the group is restored with, fixed when the restore
+    /// begins: a change of replicas meanwhile is carried out after it, as a
+    /// membership change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub members: Option<i32>,
     /// Once the restored members serve: how the accounts' fences in the
     /// group were made to agree with the directory, which has moved on
     /// since the backup (accounts created or moved since; docs/backup.md).

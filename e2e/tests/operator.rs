@@ -1155,7 +1155,7 @@ async fn a_restored_group_starts_only_after_its_restore_jobs() {
     let path = dir.path().join("restored.yaml");
     std::fs::write(
         &path,
-        "apiVersion: tern.dev/v1alpha1\nkind: GeoCluster\nmetadata:\n  name: restored\n  namespace: default\nspec:\n  regions:\n  - {name: us-east, zones: [a, b, c], restoreFrom: us-east-20261203T113457.236Z}\n  - {name: eu-west, zones: [a], replicas: 1, restoreFrom: eu-west-20261203T113457.236Z}\n  directory:\n    members: [{region: us-east}, {region: eu-west, replicas: 2}]\n  backup: {claimName: tern-backups}\n",
+        "apiVersion: tern.dev/v1alpha1\nkind: GeoCluster\nmetadata:\n  name: restored\n  namespace: default\nspec:\n  regions:\n  - {name: us-east, zones: [a, b, c], restoreFrom: us-east-20261203T113457.236Z}\n  - {name: eu-west, zones: [a], replicas: 1, restoreFrom: eu-west-20261203T113457.236Z}\n  - {name: ap-south, zones: [a], replicas: 1, restoreFrom: ap-south-20261203T113457.236Z}\n  directory:\n    members: [{region: us-east}, {region: eu-west, replicas: 2}]\n  backup: {claimName: tern-backups}\n",
     )
     .expect("write");
     cp.kubectl(&["apply", "-f", path.to_str().expect("utf-8")])
@@ -1274,6 +1274,15 @@ async fn a_restored_group_starts_only_after_its_restore_jobs() {
             .map(String::as_str),
         Some("existing")
     );
+    // Its claims are no longer marked as a restore's own.
+    for o in 0..3 {
+        let claim = claims.get(&format!("data-restored-us-east-{o}")).await.expect("claim");
+        assert!(
+            !claim.labels().contains_key("tern.dev/restore-backup"),
+            "{:?}",
+            claim.labels()
+        );
+    }
     // Deleting the StatefulSet does not restore the group again.
     sets.delete("restored-us-east", &Default::default())
         .await
@@ -1283,6 +1292,32 @@ async fn a_restored_group_starts_only_after_its_restore_jobs() {
         s.metadata.deletion_timestamp.is_none().then_some(())
     })
     .await;
+    // ap-south's restore is switched to another backup midway: its claim
+    // holds part of the first, and nothing starts on it.
+    eventually("ap-south's restore Job", WAIT, || async {
+        jobs.get_opt("restored-ap-south-0-restore").await.ok()?
+    })
+    .await;
+    cp.kubectl(&[
+        "patch",
+        "geocluster",
+        "restored",
+        "--type=json",
+        "-p",
+        r#"[{"op":"replace","path":"/spec/regions/2/restoreFrom","value":"ap-south-20261203T120000.000Z"}]"#,
+    ])
+    .expect("another backup");
+    let message = eventually("the unfinished restore is reported", WAIT, || async {
+        let s = groups.get("restored-ap-south").await.ok()?.status?.restore?;
+        s.message.contains("unfinished").then_some(s.message)
+    })
+    .await;
+    assert!(
+        message.contains("data-restored-ap-south-0") && message.contains("ap-south-20261203T113457.236Z"),
+        "{message}"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(sets.get_opt("restored-ap-south").await.expect("get").is_none());
     let events = cp
         .kubectl(&[
             "get",
@@ -1296,5 +1331,6 @@ async fn a_restored_group_starts_only_after_its_restore_jobs() {
     for reason in ["RestoreStarted", "RestoreFailed", "Restored", "RestoreRefused"] {
         assert!(events.contains(reason), "{reason} in {events}");
     }
-    assert_eq!(events.matches("RestoreStarted").count(), 1, "{events}");
+    // us-east's and ap-south's.
+    assert_eq!(events.matches("RestoreStarted").count(), 2, "{events}");
 }

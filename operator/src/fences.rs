@@ -112,19 +112,24 @@ pub async fn reconcile(
     // One read per account: the group's own keys hold every value of
     // every account homed here, and only the fences matter.
     let mut fences = BTreeMap::new();
+    // Each fence's revision as read: a repair compares it, not the value,
+    // so that a fence changed and changed back meanwhile is not taken for
+    // the one read.
+    let mut read_at = BTreeMap::new();
     for account in accounts.keys() {
         let resp = group.get(fence_key(account), None).await?;
-        if let Some(kv) = resp.kvs().first()
-            && let Ok(f) = Fence::parse(kv.value())
-        {
-            fences.insert(account.clone(), f);
+        if let Some(kv) = resp.kvs().first() {
+            read_at.insert(account.clone(), kv.mod_revision());
+            if let Ok(f) = Fence::parse(kv.value()) {
+                fences.insert(account.clone(), f);
+            }
         }
     }
     let plan = plan(region, &accounts, &fences);
     for r in &plan.repairs {
         let key = fence_key(&r.account);
-        let unchanged = match &r.was {
-            Some(f) => Compare::value(key.clone(), CompareOp::Equal, f.to_string()),
+        let unchanged = match read_at.get(&r.account) {
+            Some(rev) => Compare::mod_revision(key.clone(), CompareOp::Equal, *rev),
             None => Compare::create_revision(key.clone(), CompareOp::Equal, 0),
         };
         // A fence changed since it was read (a router, a migration) is

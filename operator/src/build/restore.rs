@@ -30,6 +30,9 @@ use crate::names;
 /// must not be handed out again to other writes.
 pub const BUMP_REVISION: u64 = 1_000_000_000;
 
+/// How long a restore Job may take, from its start.
+pub const RESTORE_DEADLINE_SECS: i64 = 3600;
+
 /// Label on a restore Job: the backup it restores.
 pub const LABEL_RESTORE: &str = "tern.dev/restore-backup";
 
@@ -127,6 +130,11 @@ pub fn restore_job(rg: &RegionGroup, restore: &GroupRestore, ordinal: usize, mem
             // so a second try after a partial restore would only fail again
             // with a less useful message. status.restore says what to do.
             backoff_limit: Some(0),
+            // A Job that cannot start (no room in its zone, a volume bound
+            // elsewhere, the backups' claim attached elsewhere) fails after
+            // an hour rather than waiting unseen; etcdutl restores
+            // gigabytes in minutes.
+            active_deadline_seconds: Some(RESTORE_DEADLINE_SECS),
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
                     labels: Some(BTreeMap::from([(LABEL_RESTORE.to_string(), restore.backup.clone())])),
@@ -158,13 +166,13 @@ pub fn restore_job(rg: &RegionGroup, restore: &GroupRestore, ordinal: usize, mem
     }
 }
 
-/// The Raft members of a restored group: `replicas` members with the
-/// group's own peer URLs. A restore starts a new cluster, whatever the
-/// members of the group that was lost.
-pub fn restored_members(rg: &RegionGroup, namespace: &str) -> Vec<ClusterMember> {
+/// The Raft members of a restored group: `count` members with the group's
+/// own peer URLs. A restore starts a new cluster, whatever the members of
+/// the group that was lost.
+pub fn restored_members(rg: &RegionGroup, namespace: &str, count: i32) -> Vec<ClusterMember> {
     let group = kube::ResourceExt::name_any(rg);
     let scheme = names::scheme(rg.spec.tls.is_some());
-    (0..rg.spec.replicas)
+    (0..count)
         .map(|o| {
             let name = names::member_name(&group, o);
             let host = names::member_host(&group, &name, namespace, &rg.spec.cluster_domain);
@@ -216,7 +224,7 @@ mod tests {
     fn each_member_is_restored_into_the_claim_its_pod_will_mount() {
         let (rg, restore) = restored_group();
         let namespace = rg.metadata.namespace.clone().unwrap_or_default();
-        let members = restored_members(&rg, &namespace);
+        let members = restored_members(&rg, &namespace, rg.spec.replicas);
         assert_eq!(members.len(), rg.spec.replicas as usize);
         let sts = crate::build::regiongroup::group_objects(&rg).stateful_set;
         let template = &sts.spec.volume_claim_templates.as_ref().expect("claims")[0];
@@ -258,7 +266,7 @@ mod tests {
     #[test]
     fn restore_jobs_spread_over_the_zones_like_the_members() {
         let (rg, restore) = restored_group();
-        let members = restored_members(&rg, "default");
+        let members = restored_members(&rg, "default", rg.spec.replicas);
         let zones: Vec<String> = (0..members.len())
             .map(|o| {
                 let job = restore_job(&rg, &restore, o, &members);

@@ -128,9 +128,9 @@ pub async fn reconcile(rg: Arc<RegionGroup>, ctx: Arc<Context>) -> Result<Action
     }
     let rolling = rolling || held.is_some();
     let counts = MemberCounts::of(sts.as_ref());
-    // A restored group's fences, once its members all serve.
+    // A restored group's fences, once a quorum of its members serves.
     let fences_pending = counts.desired > 0
-        && counts.ready == counts.desired
+        && counts.ready >= build::regiongroup::quorum(counts.desired)
         && restore::agree_fences(&rg, &ctx, tls.as_ref(), &endpoints(&rg, counts.desired), &mut st).await
             == restore::Pending::Yes;
     let rolling = rolling || fences_pending;

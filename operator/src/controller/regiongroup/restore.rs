@@ -10,7 +10,7 @@
 
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::PersistentVolumeClaim;
-use kube::api::{DeleteParams, ListParams, PostParams};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::events::EventType;
 use kube::{Api, ResourceExt};
 use tern_crds::{RegionGroup, RegionGroupStatus, RestoreStatus};
@@ -22,6 +22,8 @@ use crate::build::restore::{
 };
 use crate::context::Context;
 use crate::error::KubeContext;
+use crate::names;
+use serde_json::json;
 
 /// What the reconcile does after a restore step.
 #[derive(Debug, PartialEq, Eq)]
@@ -36,24 +38,73 @@ pub enum Step {
 
 /// One step of the restore of a group that has no StatefulSet.
 pub async fn step(rg: &RegionGroup, ctx: &Context, st: &mut RegionGroupStatus) -> Result<Step> {
+    let namespace = rg.namespace().unwrap_or_default();
+    let group = rg.name_any();
+    let claims = Api::<PersistentVolumeClaim>::namespaced(ctx.client.clone(), &namespace);
+    let jobs = Api::<Job>::namespaced(ctx.client.clone(), &namespace);
+    let done = |st: &RegionGroupStatus, backup: &str| st.restore.as_ref().is_some_and(|r| r.backup == backup && r.done);
+
+    // Claims made by a restore of this group, of any backup. Until that
+    // restore is done they hold partial data: no member may start on them.
+    let labelled = claims
+        .list(&ListParams::default().labels(&format!("{}={group},{LABEL_RESTORE}", names::LABEL_INSTANCE)))
+        .await
+        .context(|| format!("listing the restore's volumes of {namespace}/{group}"))?
+        .items;
+    let unfinished: Vec<(String, String)> = labelled
+        .iter()
+        .filter_map(|c| {
+            let b = c.labels().get(LABEL_RESTORE)?;
+            (!done(st, b)).then(|| (c.name_any(), b.clone()))
+        })
+        .filter(|(_, b)| rg.spec.restore.as_ref().is_none_or(|r| &r.backup != b))
+        .collect();
+    if let Some((_, other)) = unfinished.first() {
+        let names: Vec<&str> = unfinished.iter().map(|(n, _)| n.as_str()).collect();
+        let now = match &rg.spec.restore {
+            Some(r) => format!("restoreFrom now names backup {}", r.backup),
+            None => "restoreFrom no longer names it".to_string(),
+        };
+        st.restore = Some(RestoreStatus {
+            backup: other.clone(),
+            done: false,
+            message: format!(
+                "waiting: volumes {} hold an unfinished restore from backup {other}, and {now}; no member starts on them. Set restoreFrom back to {other}, or delete these claims and the restore Jobs of {group} (kubectl delete job -l {}={group}) to go on",
+                names.join(", "),
+                names::LABEL_INSTANCE
+            ),
+            members: None,
+            fences: None,
+        });
+        return Ok(Step::Wait);
+    }
     let Some(restore) = &rg.spec.restore else {
         return Ok(Step::Proceed);
     };
-    if st
-        .restore
-        .as_ref()
-        .is_some_and(|r| r.backup == restore.backup && r.done)
-    {
+    let backup = &restore.backup;
+    if done(st, backup) {
         // Restored from this backup once already: a StatefulSet deleted
-        // since comes back on the volumes it left.
+        // since comes back on the volumes it left. Their label goes, so
+        // that they are never taken for a restore's own again (a status
+        // lost with its RegionGroup, a GeoCluster applied again).
+        for c in &labelled {
+            let unlabel = json!({"metadata": {"labels": {LABEL_RESTORE: null}}});
+            claims
+                .patch(&c.name_any(), &PatchParams::default(), &Patch::Merge(&unlabel))
+                .await
+                .context(|| format!("unlabelling restored volume {namespace}/{}", c.name_any()))?;
+        }
         return Ok(Step::Proceed);
     }
-    let namespace = rg.namespace().unwrap_or_default();
-    let group = rg.name_any();
-    let backup = &restore.backup;
-    let members = restored_members(rg, &namespace);
-    let claims = Api::<PersistentVolumeClaim>::namespaced(ctx.client.clone(), &namespace);
-    let jobs = Api::<Job>::namespaced(ctx.client.clone(), &namespace);
+    // The members as the restore began: a change of replicas during it
+    // comes after it, as a membership change.
+    let count = st
+        .restore
+        .as_ref()
+        .filter(|r| &r.backup == backup)
+        .and_then(|r| r.members)
+        .unwrap_or(rg.spec.replicas);
+    let members = restored_members(rg, &namespace, count);
 
     // The members' claims: made here, or a refusal if any holds data the
     // restore did not put there.
@@ -92,6 +143,7 @@ pub async fn step(rg: &RegionGroup, ctx: &Context, st: &mut RegionGroupStatus) -
             backup: backup.clone(),
             done: false,
             message,
+            members: None,
             fences: None,
         });
         return Ok(Step::Proceed);
@@ -104,6 +156,7 @@ pub async fn step(rg: &RegionGroup, ctx: &Context, st: &mut RegionGroupStatus) -
                 "restoring from backup {backup}: waiting for volumes {} to be deleted",
                 going.join(", ")
             ),
+            members: Some(count),
             fences: None,
         });
         return Ok(Step::Wait);
@@ -116,6 +169,7 @@ pub async fn step(rg: &RegionGroup, ctx: &Context, st: &mut RegionGroupStatus) -
 
     let mut restored = 0;
     let mut failed = Vec::new();
+    let mut running = Vec::new();
     for (o, m) in members.iter().enumerate() {
         let name = job_name(&m.name);
         let found = jobs
@@ -159,6 +213,8 @@ pub async fn step(rg: &RegionGroup, ctx: &Context, st: &mut RegionGroupStatus) -
             restored += 1;
         } else if status.failed.unwrap_or(0) >= 1 || finished_as("Failed") {
             failed.push((name, member_claim_name(&m.name)));
+        } else {
+            running.push(name);
         }
     }
 
@@ -174,6 +230,7 @@ pub async fn step(rg: &RegionGroup, ctx: &Context, st: &mut RegionGroupStatus) -
             backup: backup.clone(),
             done: true,
             message,
+            members: Some(count),
             fences: None,
         });
         // The restored group is a new cluster of these members, whatever
@@ -184,8 +241,13 @@ pub async fn step(rg: &RegionGroup, ctx: &Context, st: &mut RegionGroupStatus) -
     }
     let message = if failed.is_empty() {
         format!(
-            "restoring from backup {backup}: {restored} of {} members' volumes restored",
-            members.len()
+            "restoring from backup {backup}: {restored} of {} members' volumes restored; running: {} (kubectl describe job says why one waits)",
+            members.len(),
+            if running.is_empty() {
+                "none yet".to_string()
+            } else {
+                running.join(", ")
+            }
         )
     } else {
         let (job, claim) = &failed[0];
@@ -204,6 +266,7 @@ pub async fn step(rg: &RegionGroup, ctx: &Context, st: &mut RegionGroupStatus) -
         backup: backup.clone(),
         done: false,
         message,
+        members: Some(count),
         fences: None,
     });
     Ok(Step::Wait)
