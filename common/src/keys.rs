@@ -146,6 +146,17 @@ pub fn dir_lease_key(region: &RegionName) -> String {
     format!("{DIR_LEASES}{region}")
 }
 
+/// Directory: prefix of the holds on regions.
+pub const DIR_HOLDS: &str = "/tern/dir/holds/";
+
+/// Directory: a hold on a region (a `RegionHold`). While it exists the
+/// region's agent claims no lease, so its routers commit nothing: the
+/// operator holds a region restored from a backup until the restored
+/// group's fences agree with the directory (docs/backup.md).
+pub fn dir_hold_key(region: &RegionName) -> String {
+    format!("{DIR_HOLDS}{region}")
+}
+
 /// Directory: prefix of every migration's intent record.
 pub const DIR_MIGRATIONS: &str = "/tern/dir/migrations/";
 

@@ -171,6 +171,16 @@ impl AccountRecord {
     }
 }
 
+/// A hold on a region (`keys::dir_hold_key`): who holds it and why. The
+/// agent names them when it refuses to claim the region's lease.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegionHold {
+    pub by: String,
+    pub reason: String,
+    /// When it was put (Unix ms, the holder's clock), for people.
+    pub since_ms: u64,
+}
+
 /// Who speaks for a region in the directory: `/tern/dir/leases/{region}`,
 /// bound to a directory lease kept alive by the region's elected agent.
 /// `leadership` is the creation revision of that agent's election key in

@@ -249,7 +249,9 @@ pub struct RegionSpec {
     /// group has no members: when it is created, or after its StatefulSet
     /// and volumes were deleted (a region group lost). A group is restored
     /// from a given backup once (the RegionGroup's status.restore). Writes
-    /// the group acknowledged after the backup began are lost.
+    /// the group acknowledged after the backup began are lost. Its accounts
+    /// are reached through the directory: restore a lost group of a running
+    /// GeoCluster (restoring the directory is not built).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 22, max = 80), regex(pattern = limits::BACKUP_ID_PATTERN))]
     pub restore_from: Option<String>,

@@ -520,3 +520,93 @@ async fn a_restored_groups_fences_are_made_to_agree_with_the_directory() {
         .expect("reconcile");
     assert!(again.repairs.is_empty(), "{again:?}");
 }
+
+/// A held region (`/tern/dir/holds/{region}`: the operator holds a region
+/// restored from a backup until its fences agree with the directory)
+/// commits nothing: a new leader of its agents claims no lease, so its
+/// router refuses every write as retryable. Once the hold is lifted, the
+/// agent claims the lease and writes commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_region_commits_nothing_until_the_hold_is_lifted() {
+    use tern_api::pb;
+    use tern_local::{Layout, LocalDeployment};
+    tern_e2e::init_logs();
+    let mut d = LocalDeployment::start(Layout {
+        agents: true,
+        ..Layout::one_region("us-east")
+    })
+    .await
+    .expect("deployment starts");
+    let mut c = d.client("us-east").await;
+    c.create_account(pb::CreateAccountRequest {
+        account: "held".into(),
+        home_region: "us-east".into(),
+        allowed_regions: vec![],
+    })
+    .await
+    .expect("account");
+    let put = |v: &str| pb::PutRequest {
+        account: "held".into(),
+        key: "k".into(),
+        value: v.as_bytes().to_vec(),
+        idempotency_key: String::new(),
+    };
+    c.put(put("before")).await.expect("a write before the hold");
+
+    // The hold, then a new leader of the region's agents, as after a
+    // restore (the old one's lease ran out with its group).
+    let mut dir = d.directory_client().await;
+    let hold = tern_common::RegionHold {
+        by: "the test".into(),
+        reason: "restoring".into(),
+        since_ms: tern_common::unix_ms(),
+    };
+    dir.put(
+        "/tern/dir/holds/us-east",
+        serde_json::to_vec(&hold).expect("json"),
+        None,
+    )
+    .await
+    .expect("hold");
+    d.region_mut("us-east").agent.take().expect("agent").stop().await;
+    let agent = d
+        .start_agent("us-east", &["--identity=us-east-agent-held".to_string()])
+        .await
+        .expect("agent");
+    d.region_mut("us-east").agent = Some(agent);
+    // The old leader's lease runs out; from then on nothing commits.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match c.put(put("while-held")).await {
+            Err(s) if s.code() == tonic::Code::Unavailable => break,
+            other => assert!(
+                Instant::now() < deadline,
+                "writes still commit in a held region: {other:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let until = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < until {
+        match c.put(put("while-held")).await {
+            Ok(_) => panic!("a write committed in a held region after its lease ran out"),
+            Err(s) => assert_eq!(s.code(), tonic::Code::Unavailable, "{s}"),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
+    dir.delete("/tern/dir/holds/us-east", None)
+        .await
+        .expect("lift the hold");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match c.put(put("after")).await {
+            Ok(_) => break,
+            Err(s) => assert!(
+                Instant::now() < deadline,
+                "no write commits after the hold is lifted: {s}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

@@ -1139,7 +1139,18 @@ async fn finish_job(client: &Client, name: &str, outcome: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restored_group_starts_only_after_its_restore_jobs() {
     let (cp, client) = setup("restore").await;
-    let _operator = OperatorGuard::start(&cp, &[]).await.expect("operator starts");
+    // A directory, where the operator holds a restored region until its
+    // fences agree with it.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let directory = tern_local::etcd_cluster::EtcdCluster::start(
+        dir.path(),
+        "directory",
+        1,
+        tern_local::etcd_cluster::Tuning::default(),
+    )
+    .expect("directory starts");
+    let endpoints = format!("--directory-endpoints={}", directory.endpoints().join(","));
+    let _operator = OperatorGuard::start(&cp, &[&endpoints]).await.expect("operator starts");
     // eu-west's member has a volume already.
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), NS);
     let existing: PersistentVolumeClaim = serde_json::from_value(json!({
@@ -1151,7 +1162,6 @@ async fn a_restored_group_starts_only_after_its_restore_jobs() {
         .create(&PostParams::default(), &existing)
         .await
         .expect("claim created");
-    let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("restored.yaml");
     std::fs::write(
         &path,
@@ -1259,6 +1269,20 @@ async fn a_restored_group_starts_only_after_its_restore_jobs() {
     let restore = status.restore.expect("status.restore");
     assert!(restore.done, "{restore:?}");
     assert!(restore.message.contains("lost"), "{}", restore.message);
+    // us-east is held in the directory before its members start: its
+    // agent claims no lease until the fences agree (no members serve here).
+    let mut d = etcd_client::Client::connect(directory.endpoints(), None)
+        .await
+        .expect("directory client");
+    let hold = d.get("/tern/dir/holds/us-east", None).await.expect("read");
+    let hold = hold.kvs().first().expect("us-east is held");
+    assert!(
+        hold.value_str()
+            .expect("utf-8")
+            .contains("restored-us-east restored from backup"),
+        "{:?}",
+        hold.value_str()
+    );
     // The restored members are a cluster of their own: a member that joins
     // later is told this membership.
     assert_eq!(status.raft_members.len(), 3);

@@ -24,6 +24,10 @@ pub enum AgentError {
     /// tombstone, and no agent of it may speak for it until it rejoins.
     #[error("region {region} was failed over to {successor}; it serves nothing until it rejoins")]
     FailedOver { region: String, successor: String },
+    /// The region is held (`/tern/dir/holds/{region}`): its agent claims
+    /// no lease, and its routers commit nothing, until the hold goes.
+    #[error("region {region} is held by {by} ({reason}); it serves nothing until the hold is lifted")]
+    Held { region: String, by: String, reason: String },
     #[error("source {source_region} compacted past revision {revision}; resynchronising from a snapshot")]
     Compacted { source_region: String, revision: i64 },
     /// A record this agent reads could not be parsed.

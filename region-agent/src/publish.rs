@@ -22,7 +22,9 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use etcd_client::{Client, Compare, CompareOp, PutOptions, Txn, TxnOp, TxnOpResponse};
-use tern_common::{MirrorStatus, RegionLease, RegionName, RegionRecord, dir_lease_key, dir_region_key};
+use tern_common::{
+    MirrorStatus, RegionHold, RegionLease, RegionName, RegionRecord, dir_hold_key, dir_lease_key, dir_region_key,
+};
 
 use crate::election::{self, AbortOnDrop, Leadership};
 use crate::error::{AgentError, EtcdContext, Result};
@@ -129,7 +131,12 @@ async fn grant_and_claim(c: &mut Client, shared: &Shared, leadership: &Leadershi
     match &claimed {
         Ok(_) => shared.granted(lease, sent),
         // Refused: the key is bound to someone else's lease.
-        Err(AgentError::DirectoryLeaseLost { .. } | AgentError::FailedOver { .. } | AgentError::Malformed { .. }) => {
+        Err(
+            AgentError::DirectoryLeaseLost { .. }
+            | AgentError::FailedOver { .. }
+            | AgentError::Held { .. }
+            | AgentError::Malformed { .. },
+        ) => {
             let _ = c.lease_revoke(lease).await;
         }
         // Perhaps committed (an answer lost): the key may be bound to this
@@ -176,7 +183,24 @@ pub async fn claim(c: &mut Client, region: &RegionName, agent: &str, leadership:
     };
     let value = mine.to_json().into_bytes();
     let put = TxnOp::put(key.clone(), value.clone(), Some(PutOptions::new().with_lease(lease)));
+    let hold_key = dir_hold_key(region);
     loop {
+        // A held region claims nothing, not even a lease it held before.
+        let hold = c
+            .get(hold_key.clone(), None)
+            .await
+            .during(|| format!("reading {hold_key}"))?;
+        if let Some(kv) = hold.kvs().first() {
+            let hold: RegionHold = serde_json::from_slice(kv.value()).map_err(|e| AgentError::Malformed {
+                key: hold_key.clone(),
+                detail: e.to_string(),
+            })?;
+            return Err(AgentError::Held {
+                region: region.to_string(),
+                by: hold.by,
+                reason: hold.reason,
+            });
+        }
         let current = c.get(key.clone(), None).await.during(|| format!("reading {key}"))?;
         let guard = match current.kvs().first() {
             None => Compare::create_revision(key.clone(), CompareOp::Equal, 0),
@@ -209,7 +233,9 @@ pub async fn claim(c: &mut Client, region: &RegionName, agent: &str, leadership:
                 Compare::mod_revision(key.clone(), CompareOp::Equal, kv.mod_revision())
             }
         };
-        let txn = Txn::new().when([guard]).and_then([put.clone()]);
+        // A hold put since it was read wins: the next round returns it.
+        let unheld = Compare::create_revision(hold_key.clone(), CompareOp::Equal, 0);
+        let txn = Txn::new().when([guard, unheld]).and_then([put.clone()]);
         if c.txn(txn).await.during(|| format!("claiming {key}"))?.succeeded() {
             return Ok(Claim {
                 key,

@@ -24,6 +24,7 @@ use crate::context::Context;
 use crate::error::KubeContext;
 use crate::names;
 use serde_json::json;
+use tern_common::dir_hold_key;
 
 /// What the reconcile does after a restore step.
 #[derive(Debug, PartialEq, Eq)]
@@ -219,6 +220,22 @@ pub async fn step(rg: &RegionGroup, ctx: &Context, st: &mut RegionGroupStatus) -
     }
 
     if restored == members.len() {
+        // The region is held before any member starts: until the fences
+        // agree with the directory (`agree_fences`), its agent claims no
+        // lease and its routers commit nothing.
+        if let Err(why) = hold(rg, ctx, backup).await {
+            st.restore = Some(RestoreStatus {
+                backup: backup.clone(),
+                done: false,
+                message: format!(
+                    "every member's volume holds backup {backup}; waiting to hold region {} in the directory before the members start: {why}",
+                    rg.spec.region
+                ),
+                members: Some(count),
+                fences: None,
+            });
+            return Ok(Step::Wait);
+        }
         let message = format!(
             "restored {} members from backup {backup}: the group holds what it had when the backup was taken (tern backup list shows its revisions); writes it acknowledged after the backup began are lost; revisions now start {BUMP_REVISION} higher",
             members.len()
@@ -294,18 +311,7 @@ pub async fn agree_fences(
             return Pending::No;
         }
     };
-    let namespace = rg.namespace().unwrap_or_default();
-    let gc = match Api::<tern_crds::GeoCluster>::namespaced(ctx.client.clone(), &namespace)
-        .get(&rg.spec.geo_cluster)
-        .await
-    {
-        Ok(gc) => gc,
-        Err(e) => {
-            tracing::warn!(%group, error = %e, "cannot read the GeoCluster for its directory; fences wait");
-            return Pending::Yes;
-        }
-    };
-    let mut directory = match crate::controller::migration::geocluster_directory(ctx, &gc).await {
+    let mut directory = match directory_of(rg, ctx).await {
         Ok(d) => d,
         Err(e) => {
             tracing::warn!(%group, error = %e, "cannot reach the directory; fences wait");
@@ -320,9 +326,14 @@ pub async fn agree_fences(
                 return Pending::Yes;
             }
         };
-    match crate::fences::reconcile(&region, &mut directory, &mut client).await {
+    let agreed = match crate::fences::reconcile(&region, &mut directory, &mut client).await {
+        // Then the hold goes, and the agent may claim the region's lease.
+        Ok(plan) => directory.delete(dir_hold_key(&region), None).await.map(|_| plan),
+        Err(e) => Err(e),
+    };
+    match agreed {
         Ok(plan) => {
-            let note = crate::fences::describe(&plan);
+            let note = format!("{}; the region's hold is lifted", crate::fences::describe(&plan));
             tracing::info!(%group, fences = %note, "restored group's fences agree with the directory");
             ctx.event(rg, EventType::Normal, "RestoreFences", "Restore", note.clone())
                 .await;
@@ -334,6 +345,48 @@ pub async fn agree_fences(
             Pending::Yes
         }
     }
+}
+
+/// The directory of the group's GeoCluster.
+async fn directory_of(rg: &RegionGroup, ctx: &Context) -> std::result::Result<etcd_client::Client, String> {
+    let namespace = rg.namespace().unwrap_or_default();
+    let gc = Api::<tern_crds::GeoCluster>::namespaced(ctx.client.clone(), &namespace)
+        .get(&rg.spec.geo_cluster)
+        .await
+        .map_err(|e| format!("reading GeoCluster {namespace}/{}: {e}", rg.spec.geo_cluster))?;
+    crate::controller::migration::geocluster_directory(ctx, &gc)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// Holds the group's region in the directory (`/tern/dir/holds/{region}`),
+/// unless it is held already.
+async fn hold(rg: &RegionGroup, ctx: &Context, backup: &str) -> std::result::Result<(), String> {
+    let region = tern_common::RegionName::new(&rg.spec.region).map_err(|e| e.to_string())?;
+    let mut directory = directory_of(rg, ctx).await?;
+    let key = dir_hold_key(&region);
+    let record = tern_common::RegionHold {
+        by: "tern-operator".into(),
+        reason: format!(
+            "{} restored from backup {backup}; its fences are made to agree with the directory first",
+            rg.name_any()
+        ),
+        since_ms: tern_common::unix_ms(),
+    };
+    let value = serde_json::to_vec(&record).map_err(|e| e.to_string())?;
+    directory
+        .txn(
+            etcd_client::Txn::new()
+                .when([etcd_client::Compare::create_revision(
+                    key.clone(),
+                    etcd_client::CompareOp::Equal,
+                    0,
+                )])
+                .and_then([etcd_client::TxnOp::put(key.clone(), value, None)]),
+        )
+        .await
+        .map_err(|e| format!("putting {key}: {e}"))?;
+    Ok(())
 }
 
 /// Whether work of the restore remains for a later reconcile.
