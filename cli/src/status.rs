@@ -9,7 +9,7 @@ use clap::Args;
 use etcd_client::GetOptions;
 use std::collections::BTreeMap;
 
-use tern_common::{DIR_LEASES, DIR_REGIONS, RegionLease, RegionRecord};
+use tern_common::{DIR_HOLDS, DIR_LEASES, DIR_REGIONS, RegionHold, RegionLease, RegionRecord};
 
 use crate::CliError;
 
@@ -158,7 +158,24 @@ async fn directory(args: StatusArgs) -> Result<(), CliError> {
             Some((name, serde_json::from_slice(kv.value()).ok()?))
         })
         .collect();
-    print!("{}", render(&records, &holders));
+    let holds = client
+        .get(DIR_HOLDS, Some(GetOptions::new().with_prefix()))
+        .await
+        .map_err(|source| CliError::EtcdRequest {
+            what: "reading the holds on regions".into(),
+            source,
+        })?;
+    let holds: BTreeMap<String, RegionHold> = holds
+        .kvs()
+        .iter()
+        .filter_map(|kv| {
+            let name = String::from_utf8_lossy(kv.key())
+                .trim_start_matches(DIR_HOLDS)
+                .to_string();
+            Some((name, serde_json::from_slice(kv.value()).ok()?))
+        })
+        .collect();
+    print!("{}", render(&records, &holders, &holds));
     let mut live = BTreeMap::new();
     for (name, record) in &records {
         if let Some(answer) = lease_answer(name, record).await {
@@ -297,8 +314,13 @@ fn age(ms: u64) -> String {
 }
 
 /// The status tables, one block per region; `holders` are the agents
-/// holding each region's lease in the directory.
-pub fn render(records: &[(String, RegionRecord)], holders: &BTreeMap<String, RegionLease>) -> String {
+/// holding each region's lease in the directory, `holds` the holds on
+/// regions (a region restored from a backup, until its fences agree).
+pub fn render(
+    records: &[(String, RegionRecord)],
+    holders: &BTreeMap<String, RegionLease>,
+    holds: &BTreeMap<String, RegionHold>,
+) -> String {
     let mut out = String::new();
     for (name, r) in records {
         let _ = writeln!(
@@ -343,6 +365,13 @@ pub fn render(records: &[(String, RegionRecord)], holders: &BTreeMap<String, Reg
                     let _ = writeln!(out, "  Draining: its agent has not counted its accounts yet");
                 }
             }
+        }
+        if let Some(h) = holds.get(name) {
+            let _ = writeln!(
+                out,
+                "  Held by {}: {}. No agent of it claims the region's lease, and its routers refuse writes, until the hold is lifted (docs/backup.md)",
+                h.by, h.reason
+            );
         }
         match holders.get(name) {
             Some(h) if h.failed_over_to.is_some() => {
@@ -413,6 +442,29 @@ pub fn render(records: &[(String, RegionRecord)], holders: &BTreeMap<String, Reg
 mod tests {
     use super::*;
     use tern_common::{AccountId, MigrationPhase, MigrationRecord, RegionName};
+
+    #[test]
+    fn a_held_region_says_who_holds_it_and_why() {
+        let records = vec![
+            ("us-east".to_string(), RegionRecord::unwritten()),
+            ("eu-west".to_string(), RegionRecord::unwritten()),
+        ];
+        let holds = BTreeMap::from([(
+            "us-east".to_string(),
+            RegionHold {
+                by: "tern-operator".into(),
+                reason: "payments-us-east restored from backup us-east-20261203T113457.236Z".into(),
+                since_ms: 0,
+            },
+        )]);
+        let out = render(&records, &BTreeMap::new(), &holds);
+        let us = out.split("Region eu-west").next().expect("us-east's block");
+        assert!(
+            us.contains("Held by tern-operator: payments-us-east restored from backup us-east-20261203T113457.236Z"),
+            "{out}"
+        );
+        assert_eq!(out.matches("Held by").count(), 1, "{out}");
+    }
 
     #[test]
     fn readiness_names_the_least_behind_successor_and_judges_it_against_the_budget() {
