@@ -404,6 +404,19 @@ impl Scenarios {
         let index = self.region_index(region)?;
         let patch = format!(r#"[{{"op":"add","path":"/spec/regions/{index}/restoreFrom","value":"{backup}"}}]"#);
         self.patch_geocluster("json", &patch)?;
+        // The GeoCluster's restoreFrom reaches the region's RegionGroup
+        // first, as docs/backup.md asks.
+        self.kubectl(
+            region,
+            &[
+                "wait",
+                "-n",
+                NAMESPACE,
+                &format!("--for=jsonpath={{.spec.restore.backup}}={backup}"),
+                &format!("regiongroup/{group}"),
+                "--timeout=60s",
+            ],
+        )?;
         // The claims first: they stay while their pods run, so that the
         // operator, which makes a deleted StatefulSet again, finds them
         // going and waits, rather than starting members on them.

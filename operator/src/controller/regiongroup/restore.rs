@@ -45,13 +45,43 @@ pub async fn step(rg: &RegionGroup, ctx: &Context, st: &mut RegionGroupStatus) -
     let jobs = Api::<Job>::namespaced(ctx.client.clone(), &namespace);
     let done = |st: &RegionGroupStatus, backup: &str| st.restore.as_ref().is_some_and(|r| r.backup == backup && r.done);
 
+    let all = claims
+        .list(&ListParams::default().labels(&format!("{}={group}", names::LABEL_INSTANCE)))
+        .await
+        .context(|| format!("listing the volumes of {namespace}/{group}"))?
+        .items;
+    // Claims being deleted (a lost group's, deleted with its StatefulSet):
+    // a StatefulSet made now would start its members on them, or on new
+    // empty ones once they have gone. Wait until they have, whether or not
+    // the group is to be restored: its spec may not say so yet (the
+    // GeoCluster's restoreFrom reaches it a moment later).
+    let going: Vec<String> = all
+        .iter()
+        .filter(|c| c.metadata.deletion_timestamp.is_some())
+        .map(|c| c.name_any())
+        .collect();
+    if !going.is_empty() {
+        let why = format!(
+            "waiting for volumes {} to be deleted before the members start",
+            going.join(", ")
+        );
+        tracing::info!(%group, %why, "no StatefulSet yet");
+        if let Some(r) = &rg.spec.restore
+            && !done(st, &r.backup)
+        {
+            st.restore = Some(RestoreStatus {
+                backup: r.backup.clone(),
+                done: false,
+                message: why,
+                members: None,
+                fences: None,
+            });
+        }
+        return Ok(Step::Wait);
+    }
     // Claims made by a restore of this group, of any backup. Until that
     // restore is done they hold partial data: no member may start on them.
-    let labelled = claims
-        .list(&ListParams::default().labels(&format!("{}={group},{LABEL_RESTORE}", names::LABEL_INSTANCE)))
-        .await
-        .context(|| format!("listing the restore's volumes of {namespace}/{group}"))?
-        .items;
+    let labelled: Vec<&PersistentVolumeClaim> = all.iter().filter(|c| c.labels().contains_key(LABEL_RESTORE)).collect();
     let unfinished: Vec<(String, String)> = labelled
         .iter()
         .filter_map(|c| {
@@ -88,7 +118,7 @@ pub async fn step(rg: &RegionGroup, ctx: &Context, st: &mut RegionGroupStatus) -
         // since comes back on the volumes it left. Their label goes, so
         // that they are never taken for a restore's own again (a status
         // lost with its RegionGroup, a GeoCluster applied again).
-        for c in &labelled {
+        for c in labelled {
             let unlabel = json!({"metadata": {"labels": {LABEL_RESTORE: null}}});
             claims
                 .patch(&c.name_any(), &PatchParams::default(), &Patch::Merge(&unlabel))
