@@ -141,40 +141,8 @@ async fn directory(args: StatusArgs) -> Result<(), CliError> {
     if records.is_empty() {
         return Err(CliError::Setup("the directory has no region records yet".into()));
     }
-    let leases = client
-        .get(DIR_LEASES, Some(GetOptions::new().with_prefix()))
-        .await
-        .map_err(|source| CliError::EtcdRequest {
-            what: "reading the region leases".into(),
-            source,
-        })?;
-    let holders: BTreeMap<String, RegionLease> = leases
-        .kvs()
-        .iter()
-        .filter_map(|kv| {
-            let name = String::from_utf8_lossy(kv.key())
-                .trim_start_matches(DIR_LEASES)
-                .to_string();
-            Some((name, serde_json::from_slice(kv.value()).ok()?))
-        })
-        .collect();
-    let holds = client
-        .get(DIR_HOLDS, Some(GetOptions::new().with_prefix()))
-        .await
-        .map_err(|source| CliError::EtcdRequest {
-            what: "reading the holds on regions".into(),
-            source,
-        })?;
-    let holds: BTreeMap<String, RegionHold> = holds
-        .kvs()
-        .iter()
-        .filter_map(|kv| {
-            let name = String::from_utf8_lossy(kv.key())
-                .trim_start_matches(DIR_HOLDS)
-                .to_string();
-            Some((name, serde_json::from_slice(kv.value()).ok()?))
-        })
-        .collect();
+    let holders: BTreeMap<String, RegionLease> = by_region(&mut client, DIR_LEASES, "the region leases").await?;
+    let holds: BTreeMap<String, RegionHold> = by_region(&mut client, DIR_HOLDS, "the holds on regions").await?;
     print!("{}", render(&records, &holders, &holds));
     let mut live = BTreeMap::new();
     for (name, record) in &records {
@@ -186,6 +154,30 @@ async fn directory(args: StatusArgs) -> Result<(), CliError> {
     let migrations = tern_local::migrations::list(&client).await?;
     print!("{}", render_migrations(&migrations, RECENT_MIGRATIONS));
     Ok(())
+}
+
+/// The records under `prefix`, one per region, by region name (one that
+/// cannot be parsed is left out).
+async fn by_region<T: serde::de::DeserializeOwned>(
+    client: &mut etcd_client::Client,
+    prefix: &str,
+    what: &str,
+) -> Result<BTreeMap<String, T>, CliError> {
+    let resp = client
+        .get(prefix, Some(GetOptions::new().with_prefix()))
+        .await
+        .map_err(|source| CliError::EtcdRequest {
+            what: format!("reading {what}"),
+            source,
+        })?;
+    Ok(resp
+        .kvs()
+        .iter()
+        .filter_map(|kv| {
+            let name = String::from_utf8_lossy(kv.key()).trim_start_matches(prefix).to_string();
+            Some((name, serde_json::from_slice(kv.value()).ok()?))
+        })
+        .collect())
 }
 
 /// What the region's elected agent says of its lease (`GET /lease`), found
