@@ -1358,3 +1358,62 @@ async fn a_restored_group_starts_only_after_its_restore_jobs() {
     // us-east's and ap-south's.
     assert_eq!(events.matches("RestoreStarted").count(), 2, "{events}");
 }
+
+/// The apply used for a data group's StatefulSet never makes the object
+/// again once it has been deleted: the API server refuses a server-side
+/// apply that names the uid of an object that has gone (or been replaced),
+/// and `apply_existing` reports the object gone rather than creating it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_update_only_apply_never_makes_a_deleted_object_again() {
+    use tern_operator::apply::{Outcome, apply, apply_existing, apply_to};
+    let (_cp, client) = setup("apply-existing").await;
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), NS);
+    let config = |value: &str| {
+        let mut cm = ConfigMap::default();
+        cm.metadata.name = Some("members".into());
+        cm.metadata.namespace = Some(NS.into());
+        cm.data = Some([("k".to_string(), value.to_string())].into());
+        cm
+    };
+    let value = |cm: ConfigMap| cm.data.and_then(|d| d.get("k").cloned());
+    let absent = apply_existing(&client, &config("a")).await.expect("apply");
+    assert_eq!(absent, None, "an absent object is reported gone");
+    assert!(api.get_opt("members").await.expect("get").is_none(), "and not made");
+
+    assert_eq!(apply(&client, &config("a")).await.expect("apply"), Outcome::Created);
+    let first = api.get("members").await.expect("get").uid().expect("uid");
+    assert_eq!(
+        apply_existing(&client, &config("b")).await.expect("apply"),
+        Some(Outcome::Updated)
+    );
+    assert_eq!(
+        apply_existing(&client, &config("b")).await.expect("apply"),
+        Some(Outcome::Unchanged)
+    );
+
+    // To an object deleted since it was read: refused, not made again.
+    api.delete("members", &Default::default()).await.expect("delete");
+    match apply_to(&api, &config("c"), &first).await {
+        Err(kube::Error::Api(e)) => assert_eq!(e.code, 409, "a conflict: {e:?}"),
+        other => panic!("an apply to a deleted object made it again: {other:?}"),
+    }
+    assert!(
+        api.get_opt("members").await.expect("get").is_none(),
+        "the deleted object was made again"
+    );
+    assert_eq!(apply_existing(&client, &config("c")).await.expect("apply"), None);
+
+    // To an object replaced by another of its name: refused, not written.
+    assert_eq!(apply(&client, &config("d")).await.expect("apply"), Outcome::Created);
+    match apply_to(&api, &config("e"), &first).await {
+        Err(kube::Error::Api(e)) => assert_eq!(e.code, 422, "the uid is immutable: {e:?}"),
+        other => panic!("an apply to a replaced object wrote the new one: {other:?}"),
+    }
+    assert_eq!(value(api.get("members").await.expect("get")).as_deref(), Some("d"));
+    // apply_existing reads again and writes the object there now.
+    assert_eq!(
+        apply_existing(&client, &config("e")).await.expect("apply"),
+        Some(Outcome::Updated)
+    );
+    assert_eq!(value(api.get("members").await.expect("get")).as_deref(), Some("e"));
+}

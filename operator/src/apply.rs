@@ -38,26 +38,27 @@ where
     K: Resource<Scope = NamespaceResourceScope> + Serialize + DeserializeOwned + Clone + Debug,
     K::DynamicType: Default,
 {
-    let namespace = obj.namespace().unwrap_or_default();
+    let (api, obj, kind) = prepare(client, obj)?;
     let name = obj.name_any();
-    let kind = K::kind(&K::DynamicType::default()).to_string();
-    let api: Api<K> = Api::namespaced(client.clone(), &namespace);
-    let obj = with_applied_hash(obj)?;
+    let namespace = obj.namespace().unwrap_or_default();
     let existing = api
         .get_opt(&name)
         .await
         .context(|| format!("reading {kind} {namespace}/{name}"))?;
-    let before = match &existing {
-        None => None,
-        Some(existing) => {
-            let have = to_json(existing)?;
-            match first_difference(&have, &to_json(&obj)?, "") {
-                None => return Ok(Outcome::Unchanged),
-                Some(path) => tracing::debug!(%kind, %namespace, %name, %path, "differs from the desired object"),
-            }
-            existing.resource_version()
-        }
+    let Some(existing) = existing else {
+        api.patch(
+            &name,
+            &PatchParams::apply(names::FIELD_MANAGER).force(),
+            &Patch::Apply(&obj),
+        )
+        .await
+        .context(|| format!("applying {kind} {namespace}/{name}"))?;
+        return Ok(Outcome::Created);
     };
+    if as_desired(&existing, &obj, &kind)? {
+        return Ok(Outcome::Unchanged);
+    }
+    let rv = existing.resource_version();
     let after = api
         .patch(
             &name,
@@ -66,11 +67,113 @@ where
         )
         .await
         .context(|| format!("applying {kind} {namespace}/{name}"))?;
-    Ok(match before {
-        None => Outcome::Created,
-        Some(rv) if Some(rv.as_str()) != after.resource_version().as_deref() => Outcome::Updated,
-        Some(_) => Outcome::Unchanged,
+    Ok(if rv != after.resource_version() {
+        Outcome::Updated
+    } else {
+        Outcome::Unchanged
     })
+}
+
+/// Like [`apply`], but only to an object that exists: `None`, and nothing
+/// written, once it has gone. For an object whose absence the caller acts
+/// on, such as a data group's StatefulSet: a reconcile that found it, and
+/// applies it after someone deleted it, would otherwise make it again,
+/// past the checks made only when it is absent (a restore's).
+///
+/// Each write names the object it was read as ([`apply_to`]), so a delete
+/// between the read and the write cannot turn it into a create.
+pub async fn apply_existing<K>(client: &Client, obj: &K) -> Result<Option<Outcome>>
+where
+    K: Resource<Scope = NamespaceResourceScope> + Serialize + DeserializeOwned + Clone + Debug,
+    K::DynamicType: Default,
+{
+    // Another object of the same name made between a read and a write
+    // (someone deleted and made it again) is read and written in turn.
+    const ATTEMPTS: usize = 3;
+    let (api, obj, kind) = prepare(client, obj)?;
+    let name = obj.name_any();
+    let namespace = obj.namespace().unwrap_or_default();
+    let read = || async {
+        api.get_opt(&name)
+            .await
+            .context(|| format!("reading {kind} {namespace}/{name}"))
+    };
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let Some(existing) = read().await? else {
+            return Ok(None);
+        };
+        if as_desired(&existing, &obj, &kind)? {
+            return Ok(Some(Outcome::Unchanged));
+        }
+        let uid = existing.uid().unwrap_or_default();
+        match apply_to(&api, &obj, &uid).await {
+            Ok(after) => {
+                return Ok(Some(if after.resource_version() != existing.resource_version() {
+                    Outcome::Updated
+                } else {
+                    Outcome::Unchanged
+                }));
+            }
+            Err(e) => match read().await? {
+                None => return Ok(None),
+                Some(now) if now.uid().as_deref() != Some(uid.as_str()) && attempt < ATTEMPTS => {
+                    tracing::debug!(%kind, %namespace, %name, "made again while applied; applying to the new one");
+                }
+                Some(_) => {
+                    return Err(crate::Error::Kube {
+                        action: format!("applying {kind} {namespace}/{name} (uid {uid})"),
+                        source: e,
+                    });
+                }
+            },
+        }
+    }
+}
+
+/// Server-side applies `obj` only to the stored object with this `uid`:
+/// refused (409 Conflict) when no object of its name exists, rather than
+/// made, and refused (422, uid immutable) when another object has taken
+/// the name since.
+pub async fn apply_to<K>(api: &Api<K>, obj: &K, uid: &str) -> kube::Result<K>
+where
+    K: Resource + Serialize + DeserializeOwned + Clone + Debug,
+{
+    let mut obj = obj.clone();
+    obj.meta_mut().uid = Some(uid.to_string());
+    api.patch(
+        &obj.name_any(),
+        &PatchParams::apply(names::FIELD_MANAGER).force(),
+        &Patch::Apply(&obj),
+    )
+    .await
+}
+
+/// The API for `obj`, `obj` with its applied hash, and its kind.
+fn prepare<K>(client: &Client, obj: &K) -> Result<(Api<K>, K, String)>
+where
+    K: Resource<Scope = NamespaceResourceScope> + Serialize + Clone,
+    K::DynamicType: Default,
+{
+    let namespace = obj.namespace().unwrap_or_default();
+    let kind = K::kind(&K::DynamicType::default()).to_string();
+    Ok((
+        Api::namespaced(client.clone(), &namespace),
+        with_applied_hash(obj)?,
+        kind,
+    ))
+}
+
+/// Whether the stored object already holds every field of `want`.
+fn as_desired<K: Resource + Serialize>(existing: &K, want: &K, kind: &str) -> Result<bool> {
+    match first_difference(&to_json(existing)?, &to_json(want)?, "") {
+        None => Ok(true),
+        Some(path) => {
+            tracing::debug!(%kind, name = %existing.meta().name.as_deref().unwrap_or_default(), %path, "differs from the desired object");
+            Ok(false)
+        }
+    }
 }
 
 fn to_json<T: Serialize>(value: &T) -> Result<Value> {

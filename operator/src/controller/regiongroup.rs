@@ -16,7 +16,7 @@ use serde_json::json;
 use tern_common::backup_request;
 use tern_crds::{GroupRole, PreUpgradeBackup, RegionGroup, RegionGroupStatus};
 
-use crate::apply::{Outcome, apply};
+use crate::apply::{Outcome, apply, apply_existing};
 use crate::build::regiongroup::Members;
 use crate::context::{Context, key};
 use crate::error::KubeContext;
@@ -94,7 +94,20 @@ pub async fn reconcile(rg: Arc<RegionGroup>, ctx: Arc<Context>) -> Result<Action
             }
         }
     }
-    match apply(&ctx.client, &objects.stateful_set).await? {
+    // Found at the start of this reconcile, the StatefulSet is only
+    // updated: deleted since (a lost group, to be restored), it is made
+    // again by the next reconcile, after the checks above.
+    let outcome = match &existing {
+        None => apply(&ctx.client, &objects.stateful_set).await?,
+        Some(_) => match apply_existing(&ctx.client, &objects.stateful_set).await? {
+            Some(outcome) => outcome,
+            None => {
+                tracing::info!(group = %name, "StatefulSet deleted during the reconcile; the next one makes it");
+                return Ok(Action::requeue(Duration::ZERO));
+            }
+        },
+    };
+    match outcome {
         Outcome::Created => {
             let note = format!("created StatefulSet {name} with {} members", change.members.pods);
             ctx.event(rg.as_ref(), EventType::Normal, "MembersCreated", "Apply", note)
