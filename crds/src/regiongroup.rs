@@ -196,6 +196,37 @@ pub struct RegionGroupStatus {
     /// again).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restore: Option<RestoreStatus>,
+    /// Each member's volume as the operator last saw every member ready on
+    /// its own: the uid of its claim, by member name. A member whose claim
+    /// has another uid since lost its data, and is replaced
+    /// (memberReplacement).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub member_volumes: BTreeMap<String, String>,
+    /// The replacement of a member whose volume was lost: removed from the
+    /// Raft group, added back as a learner that starts empty and catches
+    /// up, then promoted. Absent when no member is being replaced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub member_replacement: Option<MemberReplacement>,
+}
+
+/// A member being replaced because its volume was lost.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct MemberReplacement {
+    /// The member (its pod's name).
+    pub member: String,
+    /// The uid of its new, empty claim.
+    pub claim_uid: String,
+    /// The Raft member id (hex) it had, once its removal is under way: a
+    /// member at its address with another id is its replacement.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub removed_id: Option<String>,
+    /// Its pod has been restarted since it was added back, so that it
+    /// starts with the group's current membership.
+    #[serde(default)]
+    pub restarted: bool,
+    /// The step under way, or why it waits.
+    pub message: String,
 }
 
 /// How a group's restore from a backup went.

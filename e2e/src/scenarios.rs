@@ -320,9 +320,7 @@ impl Scenarios {
         let deadline = Instant::now() + READY_LIMIT;
         let mut restarted = false;
         loop {
-            let json = self.kubectl(region, &["get", "regiongroup", &group, "-n", NAMESPACE, "-o", "json"])?;
-            let rg: serde_json::Value =
-                serde_json::from_str(&json).map_err(|e| failed(format!("RegionGroup {group}: {e}")))?;
+            let rg = self.regiongroup(region, &group)?;
             let status = &rg["status"];
             let raft = status["raftMembers"].as_array().map_or(0, Vec::len);
             let ready = status["readyMembers"].as_i64().unwrap_or(0);
@@ -428,9 +426,7 @@ impl Scenarios {
         self.kubectl(region, &["delete", "statefulset", &group, "-n", NAMESPACE])?;
         let deadline = Instant::now() + READY_LIMIT;
         loop {
-            let json = self.kubectl(region, &["get", "regiongroup", &group, "-n", NAMESPACE, "-o", "json"])?;
-            let rg: serde_json::Value =
-                serde_json::from_str(&json).map_err(|e| failed(format!("RegionGroup {group}: {e}")))?;
+            let rg = self.regiongroup(region, &group)?;
             let restore = &rg["status"]["restore"];
             let ready = rg["status"]["readyMembers"].as_i64().unwrap_or(0);
             let done = restore["done"].as_bool() == Some(true) && restore["backup"].as_str() == Some(backup.as_str());
@@ -489,6 +485,68 @@ impl Scenarios {
             "scenario: {group} restored from {backup}: {kept} kept; {lost}'s later write lost, the account writable again"
         );
         self.timed(&format!("{region}'s lost group restored from its backup"), start);
+        Ok(())
+    }
+
+    /// Loses the volume of `region`'s member at `ordinal` (its claim and
+    /// pod deleted, as after a node lost with its local volume): the
+    /// StatefulSet makes the claim again, empty, and the member cannot
+    /// start on it. The operator replaces the member (removed from Raft,
+    /// added back as a learner, promoted once caught up), and the group
+    /// serves what it held: `account`'s value reads back and takes a
+    /// write.
+    pub async fn replace_lost_member(&mut self, region: &str, ordinal: i32, account: &str) -> Result<()> {
+        let start = Instant::now();
+        let group = format!("{GEOCLUSTER}-{region}");
+        let member = format!("{group}-{ordinal}");
+        let claim = format!("data-{member}");
+        // The operator knows the member's volume once every member has been
+        // ready on its own.
+        let deadline = Instant::now() + READY_LIMIT;
+        let recorded = loop {
+            let rg = self.regiongroup(region, &group)?;
+            if let Some(uid) = rg["status"]["memberVolumes"][&member].as_str() {
+                break uid.to_string();
+            }
+            if Instant::now() > deadline {
+                return Err(failed(format!("{group} never recorded the volume of {member}")));
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        };
+        let before = {
+            let (_fwd, mut c) = self.router_client(region).await?;
+            get(&mut c, account, "k").await?
+        };
+        self.kubectl(region, &["delete", "pvc", &claim, "-n", NAMESPACE, "--wait=false"])?;
+        self.kubectl(region, &["delete", "pod", &member, "-n", NAMESPACE])?;
+        let deadline = Instant::now() + READY_LIMIT;
+        loop {
+            let rg = self.regiongroup(region, &group)?;
+            let st = &rg["status"];
+            let now = st["memberVolumes"][&member].as_str().unwrap_or_default();
+            let ready = st["readyMembers"].as_i64().unwrap_or(0);
+            if !now.is_empty() && now != recorded && st["memberReplacement"].is_null() && ready == 3 {
+                break;
+            }
+            if Instant::now() > deadline {
+                let pods = self.kubectl(region, &["get", "pods,pvc", "-n", NAMESPACE, "-o", "wide"])?;
+                return Err(HarnessError::NotReady {
+                    what: format!("{member} replaced after its volume was lost"),
+                    secs: READY_LIMIT.as_secs(),
+                    log: format!("status: {st}\n{pods}"),
+                });
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        let (_fwd, mut c) = self.router_client(region).await?;
+        let after = get(&mut c, account, "k").await?;
+        check(
+            after == before,
+            format!("{account} read {before:?} before {member}'s volume was lost and {after:?} after its replacement"),
+        )?;
+        put(&mut c, account, "k", "after-replacement").await?;
+        eprintln!("scenario: {member}'s lost volume: the member replaced, {account} kept and writable");
+        self.timed(&format!("{member}'s lost volume replaced"), start);
         Ok(())
     }
 
@@ -702,6 +760,12 @@ impl Scenarios {
             start,
         );
         Ok(())
+    }
+
+    /// A RegionGroup as JSON.
+    fn regiongroup(&self, region: &str, group: &str) -> Result<serde_json::Value> {
+        let json = self.kubectl(region, &["get", "regiongroup", group, "-n", NAMESPACE, "-o", "json"])?;
+        serde_json::from_str(&json).map_err(|e| failed(format!("RegionGroup {group}: {e}")))
     }
 
     /// One field of a RegionGroup's status (`path` under `.status`), as
@@ -1006,6 +1070,9 @@ impl Scenarios {
         // the region lost below.
         self.resize("eu-west", 3).await?;
         self.local_write("eu-west", "acct-eu").await?;
+        // A member of eu-west loses its volume and is replaced: removed
+        // from Raft and added back empty, it catches up from the others.
+        self.replace_lost_member("eu-west", 1, "acct-eu").await?;
         // A change of the members' template rolls every data group, one
         // member at a time and the leader last; the groups serve after it.
         self.rolling_update("50m").await?;

@@ -107,6 +107,49 @@ async fn resize_at_most(p: &mut Pods, desired: i32, limit: usize) -> Vec<Step> {
     taken
 }
 
+/// Judges the clients' history against what etcd applied (no violation,
+/// nothing left unknown), and checks that the checker is not blind to it:
+/// one acknowledged write missing from what etcd applied is reported.
+/// Returns the acknowledged writes and the keys judged.
+async fn judged(history: &History, endpoints: &[String]) -> (usize, usize) {
+    let acknowledged = history
+        .records
+        .iter()
+        .filter(|r| r.request.writes() && matches!(r.outcome, Outcome::Ok { .. }))
+        .count();
+    assert!(
+        acknowledged > 50,
+        "too few acknowledged writes to judge: {acknowledged}"
+    );
+    let applied = tern_e2e::etcd::applied(endpoints, "/m/").await;
+    let report = tern_verify::judge(history, Some(&applied), Duration::from_secs(20));
+    assert!(report.violations.is_empty(), "{:#?}", report.violations);
+    assert!(
+        report.unknown.is_empty(),
+        "the checker ran out of time on {:?}",
+        report.unknown
+    );
+    // The checker is not blind to this history: one acknowledged write
+    // missing from what etcd applied is reported.
+    let acked = history
+        .records
+        .iter()
+        .find_map(|r| match (&r.request, &r.outcome) {
+            (Request::Put { value }, Outcome::Ok { .. }) => Some((r.key.clone(), value.clone())),
+            _ => None,
+        })
+        .expect("an acknowledged put");
+    let mut lost = applied.clone();
+    lost.get_mut(&acked.0).expect("its key").retain(|v| *v != acked.1);
+    let blind = tern_verify::judge(history, Some(&lost), Duration::from_secs(20));
+    assert!(
+        blind.violations.iter().any(|v| v.key == acked.0),
+        "a lost write went unnoticed: {:#?}",
+        blind.violations
+    );
+    (acknowledged, report.keys)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_group_grows_to_five_and_shrinks_to_three_without_losing_a_write() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -183,44 +226,130 @@ async fn a_group_grows_to_five_and_shrinks_to_three_without_losing_a_write() {
     for c in clients {
         history.records.extend(c.await.expect("client task"));
     }
-    let acknowledged = history
-        .records
-        .iter()
-        .filter(|r| r.request.writes() && matches!(r.outcome, Outcome::Ok { .. }))
-        .count();
-    assert!(
-        acknowledged > 50,
-        "too few acknowledged writes to judge: {acknowledged}"
-    );
-    let applied = tern_e2e::etcd::applied(&p.endpoints(), "/m/").await;
-    let report = tern_verify::judge(&history, Some(&applied), Duration::from_secs(20));
-    assert!(report.violations.is_empty(), "{:#?}", report.violations);
-    assert!(
-        report.unknown.is_empty(),
-        "the checker ran out of time on {:?}",
-        report.unknown
-    );
-    // The checker is not blind to this history: one acknowledged write
-    // missing from what etcd applied is reported.
-    let acked = history
-        .records
-        .iter()
-        .find_map(|r| match (&r.request, &r.outcome) {
-            (Request::Put { value }, Outcome::Ok { .. }) => Some((r.key.clone(), value.clone())),
-            _ => None,
-        })
-        .expect("an acknowledged put");
-    let mut lost = applied.clone();
-    lost.get_mut(&acked.0).expect("its key").retain(|v| *v != acked.1);
-    let blind = tern_verify::judge(&history, Some(&lost), Duration::from_secs(20));
-    assert!(
-        blind.violations.iter().any(|v| v.key == acked.0),
-        "a lost write went unnoticed: {:#?}",
-        blind.violations
-    );
+    let (acknowledged, keys) = judged(&history, &p.endpoints()).await;
     eprintln!(
         "membership: grow {grow:?}\n shrink {shrink:?}\n {} operations, {acknowledged} acknowledged writes, {} keys linearizable",
         history.records.len(),
-        report.keys
+        keys
+    );
+}
+
+/// A member whose volume is lost (its process killed, its data deleted)
+/// cannot start again on an empty volume while etcd counts it. The
+/// operator's replacement steps (`membership::plan_replacement`) remove it
+/// from Raft, add it back at its address as a learner, restart it to join,
+/// and promote it once caught up, while clients keep writing through the
+/// two members that stay; the checker judges their history against what
+/// the replaced member serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_whose_volume_is_lost_is_replaced_without_losing_a_write() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let etcd = EtcdCluster::start(dir.path(), GROUP, 3, Tuning::default()).expect("etcd starts");
+    let p = Pods { etcd, pods: 3 };
+    let stay: Vec<String> = [0, 2].iter().map(|i| p.etcd.endpoints()[*i].clone()).collect();
+    let start = Instant::now();
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..3)
+        .map(|id| tokio::spawn(register_client(id, stay.clone(), &KEYS, start, stop.clone())))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = membership::observe(&stay, None).await.expect("observe");
+    let old_id = before
+        .members
+        .iter()
+        .find(|m| m.name == format!("{GROUP}-1"))
+        .expect("member 1")
+        .id;
+
+    // Member 1, the leader, and its volume are lost: the replacement
+    // waits for the others to elect another.
+    let mut p = p;
+    p.etcd.move_leader(1).await.expect("leadership moves to member 1");
+    p.etcd.retire(1);
+    let mut removed: Option<u64> = None;
+    let mut restarted = false;
+    let mut taken: Vec<Step> = Vec::new();
+    let give_up = Instant::now() + Duration::from_secs(120);
+    loop {
+        assert!(Instant::now() < give_up, "not replaced after {taken:?}");
+        let observed = match membership::observe(&stay, None).await {
+            Ok(m) => m,
+            Err(e) => {
+                eprintln!("membership: observing: {e}");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        };
+        let step = match membership::plan_replacement(&observed, 1, removed, restarted, p.peer_url()) {
+            Ok(step) => step,
+            // The others still name the lost member their leader.
+            Err(e) => {
+                eprintln!("membership: replacement waits: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        };
+        if taken.last() != Some(&step) {
+            taken.push(step.clone());
+        }
+        match &step {
+            Step::Steady => break,
+            Step::RestartPod { ordinal } => {
+                let members = membership::initial_cluster(&observed, |o| format!("{GROUP}-{o}"), p.peer_url());
+                tokio::task::block_in_place(|| p.etcd.join(*ordinal as usize, &members))
+                    .expect("the replaced member starts");
+                restarted = true;
+            }
+            _ => {
+                // What the operator records before it changes etcd.
+                match &step {
+                    Step::Remove { id, .. } => removed = Some(*id),
+                    Step::AddLearner { .. } => _ = removed.get_or_insert(0),
+                    _ => {}
+                }
+                match membership::execute(&step, &observed, None).await {
+                    Ok(Progress::Done) => {}
+                    Ok(Progress::Waiting(_)) => tokio::time::sleep(Duration::from_millis(200)).await,
+                    Err(e) => {
+                        eprintln!("membership: {step:?} failed, retried: {e}");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                }
+            }
+        }
+    }
+    let kinds: Vec<&str> = taken
+        .iter()
+        .map(|s| match s {
+            Step::Remove { .. } => "remove",
+            Step::AddLearner { .. } => "add",
+            Step::RestartPod { .. } => "restart",
+            Step::Promote { .. } => "promote",
+            Step::Steady => "steady",
+            _ => "other",
+        })
+        .collect();
+    assert_eq!(kinds, ["remove", "add", "restart", "promote", "steady"], "{taken:?}");
+    let after = membership::observe(&p.etcd.endpoints(), None).await.expect("observe");
+    let replaced = after
+        .members
+        .iter()
+        .find(|m| m.name == format!("{GROUP}-1"))
+        .expect("member 1 is back");
+    assert!(!replaced.learner && replaced.id != old_id, "{after:?}");
+    assert_eq!(after.members.iter().filter(|m| !m.learner).count(), 3, "{after:?}");
+
+    // Writes on the group of three again, enough to judge.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut history = History::default();
+    for c in clients {
+        history.records.extend(c.await.expect("client task"));
+    }
+    // Judged through the replaced member too: it holds what was applied.
+    let (acknowledged, keys) = judged(&history, &p.etcd.endpoints()[1..2]).await;
+    eprintln!(
+        "membership: replaced member 1 by {taken:?}; {} operations, {acknowledged} acknowledged writes, {keys} keys linearizable",
+        history.records.len()
     );
 }

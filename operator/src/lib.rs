@@ -34,11 +34,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
-use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::runtime::reflector::ObjectRef;
 use kube::runtime::utils::Predicate;
 use kube::runtime::{Controller, WatchStreamExt, predicates, reflector, watcher};
-use kube::{Api, Client};
+use kube::{Api, Client, ResourceExt};
 use tern_crds::{GeoCluster, RegionGroup};
 
 pub use config::Config;
@@ -261,7 +262,14 @@ async fn controllers(client: Client, namespace: &str, ctx: Arc<Context>) {
         .owns(scoped::<StatefulSet>(client.clone(), namespace), ours.clone())
         .owns(scoped::<Service>(client.clone(), namespace), ours.clone())
         .owns(scoped::<PodDisruptionBudget>(client.clone(), namespace), ours.clone())
-        .owns(scoped::<ConfigMap>(client, namespace), ours)
+        .owns(scoped::<ConfigMap>(client.clone(), namespace), ours.clone())
+        // The members' claims belong to the StatefulSet, not the group: a
+        // claim made again (a member's lost volume, replaced) is mapped to
+        // its group by label.
+        .watches(scoped::<PersistentVolumeClaim>(client, namespace), ours, |claim| {
+            let group = claim.labels().get(names::LABEL_INSTANCE)?;
+            Some(ObjectRef::<RegionGroup>::new(group).within(&claim.namespace()?))
+        })
         .run(
             |rg, ctx| {
                 controller::traced(

@@ -67,6 +67,10 @@ pub enum Step {
     Remove { ordinal: i32, id: u64 },
     /// Run `replicas` pods: the removed member's pod stops.
     StopPod { replicas: i32 },
+    /// Restart the pod of the member at `ordinal` (a replaced member added
+    /// back: its pod, failing on an empty volume, starts again with the
+    /// membership it joins).
+    RestartPod { ordinal: i32 },
 }
 
 impl Step {
@@ -80,6 +84,7 @@ impl Step {
             Self::MoveLeader { .. } => "moving leadership off the member to be removed".to_string(),
             Self::Remove { ordinal, .. } => format!("removing {group}-{ordinal} from the Raft group"),
             Self::StopPod { replicas } => format!("stopping the pod of removed member {group}-{replicas}"),
+            Self::RestartPod { ordinal } => format!("restarting the pod of {group}-{ordinal} to join as a learner"),
         }
     }
 }
@@ -165,6 +170,79 @@ pub fn plan(membership: &Membership, pods: i32, desired: i32, peer_url: impl Fn(
         });
     }
     Ok(Step::Steady)
+}
+
+/// The next step of replacing the member at `ordinal`, whose volume was
+/// lost: etcd still counts it, but it cannot start on an empty volume
+/// (etcd refuses a member that has already been bootstrapped). It is
+/// removed from Raft, added back at its address as a learner, its pod
+/// restarted to join, and promoted once caught up; `Steady` once a voter
+/// with a new id is at its address. `removed` is the id it had, once its
+/// removal is recorded; `restarted`, whether its pod has been restarted
+/// since it was added back.
+///
+/// Only a group that keeps a quorum without the member can do this: with
+/// fewer than three members, a lost volume is a lost group, restored from
+/// a backup.
+pub fn plan_replacement(
+    membership: &Membership,
+    ordinal: i32,
+    removed: Option<u64>,
+    restarted: bool,
+    peer_url: impl Fn(i32) -> String,
+) -> Result<Step> {
+    let mut at = None;
+    let mut others = Vec::new();
+    for m in &membership.members {
+        match ordinal_of(m, &peer_url) {
+            Some(o) if o == ordinal => at = Some(m),
+            Some(_) if !m.learner => others.push(m.id),
+            Some(_) => {
+                return Err(refused(format!(
+                    "a learner ({:?}) is in the group: one change of the members at a time; the replacement of ordinal {ordinal} waits until it is promoted or removed",
+                    m.name
+                )));
+            }
+            None => {
+                return Err(refused(format!(
+                    "member {:?} (peer URLs {:?}) is not one of this group's pods; tern replaces members only of groups it alone manages: remove it with etcdctl first",
+                    m.name, m.peer_urls
+                )));
+            }
+        }
+    }
+    if others.len() < 2 {
+        return Err(refused(format!(
+            "the group has {} other voters: without the member at ordinal {ordinal} it has no quorum, so the member cannot be replaced; restore the group from a backup (docs/backup.md)",
+            others.len()
+        )));
+    }
+    Ok(match at {
+        // The member as it was: its data is gone, so it goes.
+        Some(m) if removed.is_none_or(|id| id == m.id) => {
+            // It cannot lead: it has not run since its volume went. The
+            // others have not noticed yet, and elect another leader within
+            // an election timeout.
+            if m.id == membership.leader {
+                return Err(refused(format!(
+                    "the others still name ordinal {ordinal} their leader: waiting for them to elect another"
+                )));
+            }
+            Step::Remove { ordinal, id: m.id }
+        }
+        Some(m) if m.learner => {
+            if m.name.is_empty() && !restarted {
+                Step::RestartPod { ordinal }
+            } else {
+                Step::Promote { ordinal, id: m.id }
+            }
+        }
+        Some(_) => Step::Steady,
+        None => Step::AddLearner {
+            ordinal,
+            peer_url: peer_url(ordinal),
+        },
+    })
 }
 
 /// The ordinal of a member, by its peer URL.
@@ -295,7 +373,12 @@ fn voter_endpoints(membership: &Membership) -> Vec<String> {
 /// member while another is down is how a group loses quorum. (Learners do
 /// not count towards quorum; one not started yet has no address.)
 pub async fn check_healthy(membership: &Membership, tls: Option<&Tls>) -> Result<()> {
-    for m in membership.members.iter().filter(|m| !m.learner) {
+    check_healthy_except(membership, None, tls).await
+}
+
+/// Every voter but `except` answers.
+async fn check_healthy_except(membership: &Membership, except: Option<u64>, tls: Option<&Tls>) -> Result<()> {
+    for m in membership.members.iter().filter(|m| !m.learner && Some(m.id) != except) {
         let name = &m.name;
         let url = m.client_urls.first().ok_or_else(|| {
             refused(format!(
@@ -321,7 +404,7 @@ pub async fn execute(step: &Step, membership: &Membership, tls: Option<&Tls>) ->
     let endpoints = endpoints.as_slice();
     let failed = |action: String| move |e: etcd_client::Error| refused(format!("{action}: {e}"));
     match step {
-        Step::Steady | Step::StartPod { .. } | Step::StopPod { .. } => Ok(Progress::Done),
+        Step::Steady | Step::StartPod { .. } | Step::StopPod { .. } | Step::RestartPod { .. } => Ok(Progress::Done),
         Step::AddLearner { peer_url, ordinal } => {
             check_healthy(membership, tls).await?;
             let mut c = connect(endpoints, tls).await?;
@@ -366,12 +449,21 @@ pub async fn execute(step: &Step, membership: &Membership, tls: Option<&Tls>) ->
         }
         Step::Remove { id, ordinal } => {
             // A learner does not vote: taking one back is safe with a
-            // voter down. A voter's removal waits until all answer.
+            // voter down. A voter's removal waits until all the others
+            // answer: they are the group after it, and a quorum of the
+            // group before it (the member removed may be one that lost
+            // its volume and cannot answer).
             let learner = membership.members.iter().any(|m| m.id == *id && m.learner);
             if !learner {
-                check_healthy(membership, tls).await?;
+                check_healthy_except(membership, Some(*id), tls).await?;
             }
-            let mut c = connect(endpoints, tls).await?;
+            let others: Vec<String> = membership
+                .members
+                .iter()
+                .filter(|m| !m.learner && m.id != *id)
+                .flat_map(|m| m.client_urls.iter().cloned())
+                .collect();
+            let mut c = connect(if others.is_empty() { endpoints } else { &others }, tls).await?;
             match c.member_remove(*id).await {
                 // Removed already (a step repeated after a crash).
                 Err(e) if e.to_string().contains("member not found") => Ok(Progress::Done),
@@ -433,6 +525,69 @@ mod tests {
             Ok(s) => panic!("planned {s:?}"),
             Err(e) => e.to_string(),
         }
+    }
+
+    #[test]
+    fn a_member_with_a_lost_volume_is_removed_added_back_restarted_and_promoted() {
+        let replace = |g: &Membership, removed: Option<u64>, restarted: bool| {
+            plan_replacement(g, 1, removed, restarted, url).expect("a plan")
+        };
+        // As it was: removed (its id recorded by the caller first).
+        assert_eq!(
+            replace(&group(3, None, 0), None, false),
+            Step::Remove { ordinal: 1, id: 101 }
+        );
+        assert_eq!(
+            replace(&group(3, None, 0), Some(101), false),
+            Step::Remove { ordinal: 1, id: 101 }
+        );
+        // Gone: added back at its address.
+        let mut without = group(3, None, 0);
+        without.members.retain(|m| m.id != 101);
+        assert_eq!(
+            replace(&without, Some(101), false),
+            Step::AddLearner {
+                ordinal: 1,
+                peer_url: url(1)
+            }
+        );
+        // Back as a learner that has not started: its pod restarts, once.
+        let mut learner = without.clone();
+        learner.members.push(RaftMember {
+            id: 201,
+            name: String::new(),
+            client_urls: vec![],
+            ..member(1, true)
+        });
+        assert_eq!(replace(&learner, Some(101), false), Step::RestartPod { ordinal: 1 });
+        assert_eq!(
+            replace(&learner, Some(101), true),
+            Step::Promote { ordinal: 1, id: 201 }
+        );
+        learner.members[2].name = "g-1".into();
+        assert_eq!(
+            replace(&learner, Some(101), true),
+            Step::Promote { ordinal: 1, id: 201 }
+        );
+        // A voter with a new id at its address: replaced.
+        learner.members[2].learner = false;
+        assert_eq!(replace(&learner, Some(101), true), Step::Steady);
+    }
+
+    #[test]
+    fn a_member_is_replaced_only_where_the_others_keep_a_quorum() {
+        let leading = group(3, None, 1);
+        let e = plan_replacement(&leading, 1, None, false, url).expect_err("it cannot lead");
+        assert!(e.to_string().contains("elect another"), "{e}");
+        let two = group(2, None, 0);
+        let e = plan_replacement(&two, 1, None, false, url).expect_err("two members cannot");
+        assert!(
+            e.to_string().contains("no quorum") && e.to_string().contains("restore"),
+            "{e}"
+        );
+        let growing = group(3, Some(3), 0);
+        let e = plan_replacement(&growing, 1, None, false, url).expect_err("one change at a time");
+        assert!(e.to_string().contains("learner"), "{e}");
     }
 
     #[test]

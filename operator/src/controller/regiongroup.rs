@@ -25,6 +25,7 @@ use crate::membership::{self, Progress, Step};
 use crate::status::MemberCounts;
 use crate::{Error, Result, build, names, status};
 
+mod replace;
 mod restore;
 
 pub const CONTROLLER: &str = "regiongroup";
@@ -61,7 +62,12 @@ pub async fn reconcile(rg: Arc<RegionGroup>, ctx: Arc<Context>) -> Result<Action
         Some(t) => Some(crate::certs::client_tls(&ctx.client, &namespace, &t.client_secret).await?),
         None => None,
     };
-    let change = membership_change(&rg, &ctx, tls.as_ref(), running, &mut st).await;
+    let ready = existing
+        .as_ref()
+        .and_then(|s| s.status.as_ref())
+        .and_then(|s| s.ready_replicas)
+        .unwrap_or(0);
+    let change = membership_change(&rg, &ctx, tls.as_ref(), running, ready, &mut st).await;
     let mut objects = build::regiongroup::group_objects_with(&rg, &change.members);
     hold_refused_upgrade(&rg, &ctx, existing.as_ref(), &mut objects.stateful_set, &mut st).await;
     let held = hold_for_backup(
@@ -568,6 +574,7 @@ async fn membership_change(
     ctx: &Context,
     tls: Option<&tern_common::tls::Tls>,
     running: Option<i32>,
+    ready: i32,
     st: &mut RegionGroupStatus,
 ) -> Change {
     let desired = rg.spec.replicas;
@@ -604,6 +611,13 @@ async fn membership_change(
             in_progress: true,
         };
     };
+    // A member whose volume was lost is replaced before anything else.
+    if replace::step(rg, ctx, tls, pods, ready, st).await {
+        return Change {
+            members: known(st, pods),
+            in_progress: true,
+        };
+    }
     // A change counts as begun once etcd has answered; one that never got
     // that far (etcd unreachable, then the spec reverted) is simply gone.
     let unfinished = st.membership_change.is_some() && !st.raft_members.is_empty();

@@ -284,6 +284,11 @@ pub async fn step(rg: &RegionGroup, ctx: &Context, st: &mut RegionGroupStatus) -
         // the lost one had.
         st.raft_members = members;
         st.membership_change = None;
+        // Every claim is new, and no member lost anything: the volumes of
+        // the lost group are forgotten, and the restored ones recorded once
+        // the members are ready.
+        st.member_volumes.clear();
+        st.member_replacement = None;
         return Ok(Step::Restored);
     }
     let message = if failed.is_empty() {
