@@ -196,10 +196,10 @@ pub struct RegionGroupStatus {
     /// again).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restore: Option<RestoreStatus>,
-    /// Each member's volume as the operator last saw every member ready on
-    /// its own: the uid of its claim, by member name. A member whose claim
-    /// has another uid since lost its data, and is replaced
-    /// (memberReplacement).
+    /// Each member's volume: the uid of its claim, by member name,
+    /// recorded the first time every member is ready and changed only by
+    /// the member's replacement. A member whose claim has another uid lost
+    /// its data, and is replaced (memberReplacement).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub member_volumes: BTreeMap<String, String>,
     /// The replacement of a member whose volume was lost: removed from the

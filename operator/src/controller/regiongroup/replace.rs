@@ -11,6 +11,8 @@
 //! The volumes recorded are forgotten when the group is restored from a
 //! backup (every claim is new then, and no member lost anything).
 
+use std::collections::BTreeMap;
+
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
 use kube::api::{DeleteParams, ListParams};
 use kube::runtime::events::EventType;
@@ -67,21 +69,21 @@ pub async fn step(
     };
 
     if st.member_replacement.is_none() {
-        // One change of the members at a time.
-        if st.membership_change.is_some() || pods != rg.spec.replicas {
+        if pods != rg.spec.replicas {
             return false;
         }
-        let lost = (0..pods).find_map(|o| {
-            let recorded = st.member_volumes.get(&member(o))?;
-            let uid = claim_uid(o)?;
-            (uid != *recorded).then(|| (o, uid, recorded.clone()))
-        });
+        let claims: Vec<(String, Option<String>)> = (0..pods).map(|o| (member(o), claim_uid(o))).collect();
+        let lost = notice(&mut st.member_volumes, &claims, ready == pods);
+        // One change of the members at a time: a replacement waits for the
+        // end of a resize (volumes are recorded during one: a new member's
+        // is its own).
+        if st.membership_change.is_some() {
+            return false;
+        }
         let Some((o, uid, was)) = lost else {
-            if ready == pods {
-                st.member_volumes = (0..pods).filter_map(|o| Some((member(o), claim_uid(o)?))).collect();
-            }
             return false;
         };
+        let o = o as i32;
         let name = member(o);
         let note = format!(
             "the volume of {name} is new (claim {} is {uid}, was {was}): its data is gone, and etcd still counts it as a member that cannot start on an empty volume; replacing it (removed from the Raft group, added back as a learner, promoted once caught up)",
@@ -195,6 +197,35 @@ pub async fn step(
     true
 }
 
+/// The first member (its index in `claims`, its claim's uid and the one
+/// recorded) whose claim is not the one recorded for it: its volume was
+/// lost. Without one, the volumes of members not recorded yet are recorded
+/// when every member is ready. `claims` holds each member's name and the
+/// uid of its claim in use (`None`: missing, or being deleted).
+///
+/// A member's volume is recorded once and changed only by its
+/// replacement: the ready count lags a pod deleted a moment ago, and a
+/// claim made again meanwhile must not be taken for the member's own.
+fn notice(
+    recorded: &mut BTreeMap<String, String>,
+    claims: &[(String, Option<String>)],
+    all_ready: bool,
+) -> Option<(usize, String, String)> {
+    let lost = claims.iter().enumerate().find_map(|(i, (name, uid))| {
+        let was = recorded.get(name)?;
+        let uid = uid.as_ref()?;
+        (uid != was).then(|| (i, uid.clone(), was.clone()))
+    });
+    if lost.is_none() && all_ready {
+        for (name, uid) in claims {
+            if let Some(uid) = uid {
+                recorded.entry(name.clone()).or_insert_with(|| uid.clone());
+            }
+        }
+    }
+    lost
+}
+
 /// The replacement under way waits: why goes to its status.
 fn waiting(st: &mut RegionGroupStatus, group: &str, why: String) -> bool {
     tracing::info!(%group, %why, "member replacement waits");
@@ -204,5 +235,55 @@ fn waiting(st: &mut RegionGroupStatus, group: &str, why: String) -> bool {
             true
         }
         None => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claims(uids: &[Option<&str>]) -> Vec<(String, Option<String>)> {
+        uids.iter()
+            .enumerate()
+            .map(|(i, u)| (format!("g-{i}"), u.map(str::to_string)))
+            .collect()
+    }
+
+    #[test]
+    fn volumes_are_recorded_once_every_member_is_ready() {
+        let mut recorded = BTreeMap::new();
+        assert_eq!(
+            notice(&mut recorded, &claims(&[Some("a"), Some("b"), Some("c")]), false),
+            None
+        );
+        assert!(recorded.is_empty(), "not before every member is ready");
+        assert_eq!(
+            notice(&mut recorded, &claims(&[Some("a"), Some("b"), Some("c")]), true),
+            None
+        );
+        assert_eq!(recorded.len(), 3);
+    }
+
+    #[test]
+    fn a_claim_made_again_is_a_lost_volume_even_while_the_ready_count_lags() {
+        let mut recorded = BTreeMap::new();
+        notice(&mut recorded, &claims(&[Some("a"), Some("b"), Some("c")]), true);
+        // Its claim being deleted, the pod gone a moment ago but still
+        // counted ready: nothing lost yet, and the record kept.
+        assert_eq!(
+            notice(&mut recorded, &claims(&[Some("a"), None, Some("c")]), true),
+            None
+        );
+        assert_eq!(recorded.get("g-1").map(String::as_str), Some("b"));
+        // The claim made again: lost, even if counted ready.
+        assert_eq!(
+            notice(&mut recorded, &claims(&[Some("a"), Some("b2"), Some("c")]), true),
+            Some((1, "b2".to_string(), "b".to_string()))
+        );
+        assert_eq!(
+            recorded.get("g-1").map(String::as_str),
+            Some("b"),
+            "changed only by the replacement"
+        );
     }
 }
