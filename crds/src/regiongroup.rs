@@ -215,8 +215,14 @@ pub struct RegionGroupStatus {
 pub struct MemberReplacement {
     /// The member (its pod's name).
     pub member: String,
-    /// The uid of its new, empty claim.
+    /// The uid of the claim found when its volume was lost; once the
+    /// member is out of Raft, of the claim deleted to clear its volume (a
+    /// pod may have started on it as the old member).
     pub claim_uid: String,
+    /// Its volume has been cleared since it left Raft: a claim other than
+    /// `claimUid` is new and empty, and it is added back on that.
+    #[serde(default)]
+    pub cleared: bool,
     /// The Raft member id (hex) it had, once its removal is under way: a
     /// member at its address with another id is its replacement.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -235,10 +235,11 @@ async fn a_group_grows_to_five_and_shrinks_to_three_without_losing_a_write() {
 }
 
 /// A member whose volume is lost (its process killed, its data deleted)
-/// cannot start again on an empty volume while etcd counts it. The
+/// cannot come back on an empty volume while etcd counts it. The
 /// operator's replacement steps (`membership::plan_replacement`) remove it
-/// from Raft, add it back at its address as a learner, restart it to join,
-/// and promote it once caught up, while clients keep writing through the
+/// from Raft, clear its volume (it started on it as the old member), add
+/// it back at its address as a learner, restart it to join, and promote it
+/// once caught up, while clients keep writing through the
 /// two members that stay; the checker judges their history against what
 /// the replaced member serves.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -262,11 +263,19 @@ async fn a_member_whose_volume_is_lost_is_replaced_without_losing_a_write() {
         .id;
 
     // Member 1, the leader, and its volume are lost: the replacement
-    // waits for the others to elect another.
+    // waits for the others to elect another. Its pod starts again on the
+    // empty volume before the operator acts, told `existing`: etcd takes
+    // the old id with an empty log and writes it to the volume (then the
+    // leader's next append makes it give up, or it catches up: either way
+    // it is removed, and its volume cleared before it is added back).
     let mut p = p;
     p.etcd.move_leader(1).await.expect("leadership moves to member 1");
     p.etcd.retire(1);
+    let members = membership::initial_cluster(&before, |o| format!("{GROUP}-{o}"), p.peer_url());
+    let early = tokio::task::block_in_place(|| p.etcd.join(1, &members));
+    eprintln!("membership: member 1 started on its empty volume as the old member: {early:?}");
     let mut removed: Option<u64> = None;
+    let mut cleared = false;
     let mut restarted = false;
     let mut taken: Vec<Step> = Vec::new();
     let give_up = Instant::now() + Duration::from_secs(120);
@@ -280,7 +289,7 @@ async fn a_member_whose_volume_is_lost_is_replaced_without_losing_a_write() {
                 continue;
             }
         };
-        let step = match membership::plan_replacement(&observed, 1, removed, restarted, p.peer_url()) {
+        let step = match membership::plan_replacement(&observed, 1, removed, cleared, restarted, p.peer_url()) {
             Ok(step) => step,
             // The others still name the lost member their leader.
             Err(e) => {
@@ -294,6 +303,21 @@ async fn a_member_whose_volume_is_lost_is_replaced_without_losing_a_write() {
         }
         match &step {
             Step::Steady => break,
+            Step::ClearVolume { ordinal } => {
+                let i = *ordinal as usize;
+                p.etcd.retire(i);
+                // A pod that starts on the new volume before the member is
+                // added back, told the membership with itself, writes
+                // nothing: etcd stops at the unequal membership.
+                let early = tokio::task::block_in_place(|| p.etcd.join(i, &members));
+                assert!(early.is_err(), "a removed member started: {early:?}");
+                assert!(
+                    !p.etcd.data_dir(i).join("member").join("wal").exists(),
+                    "a removed member's start wrote a log to its new volume"
+                );
+                p.etcd.retire(i);
+                cleared = true;
+            }
             Step::RestartPod { ordinal } => {
                 let members = membership::initial_cluster(&observed, |o| format!("{GROUP}-{o}"), p.peer_url());
                 tokio::task::block_in_place(|| p.etcd.join(*ordinal as usize, &members))
@@ -322,6 +346,7 @@ async fn a_member_whose_volume_is_lost_is_replaced_without_losing_a_write() {
         .iter()
         .map(|s| match s {
             Step::Remove { .. } => "remove",
+            Step::ClearVolume { .. } => "clear",
             Step::AddLearner { .. } => "add",
             Step::RestartPod { .. } => "restart",
             Step::Promote { .. } => "promote",
@@ -329,7 +354,11 @@ async fn a_member_whose_volume_is_lost_is_replaced_without_losing_a_write() {
             _ => "other",
         })
         .collect();
-    assert_eq!(kinds, ["remove", "add", "restart", "promote", "steady"], "{taken:?}");
+    assert_eq!(
+        kinds,
+        ["remove", "clear", "add", "restart", "promote", "steady"],
+        "{taken:?}"
+    );
     let after = membership::observe(&p.etcd.endpoints(), None).await.expect("observe");
     let replaced = after
         .members
@@ -338,6 +367,11 @@ async fn a_member_whose_volume_is_lost_is_replaced_without_losing_a_write() {
         .expect("member 1 is back");
     assert!(!replaced.learner && replaced.id != old_id, "{after:?}");
     assert_eq!(after.members.iter().filter(|m| !m.learner).count(), 3, "{after:?}");
+    // The operator keeps a member whose claim is new if it serves, caught
+    // up, as itself: the replaced member does, as its new id only.
+    let url = p.etcd.endpoints()[1].clone();
+    assert!(membership::serves(&url, replaced.id, &stay, None).await);
+    assert!(!membership::serves(&url, old_id, &stay, None).await);
 
     // Writes on the group of three again, enough to judge.
     tokio::time::sleep(Duration::from_secs(3)).await;

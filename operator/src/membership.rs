@@ -67,6 +67,11 @@ pub enum Step {
     Remove { ordinal: i32, id: u64 },
     /// Run `replicas` pods: the removed member's pod stops.
     StopPod { replicas: i32 },
+    /// Delete the volume of the member at `ordinal`, removed from Raft to be
+    /// replaced: its pod may have started on it while etcd still counted
+    /// the member, and written a log under the old id that the member
+    /// added back could never start from.
+    ClearVolume { ordinal: i32 },
     /// Restart the pod of the member at `ordinal` (a replaced member added
     /// back: its pod, failing on an empty volume, starts again with the
     /// membership it joins).
@@ -85,6 +90,9 @@ impl Step {
             Self::Remove { ordinal, .. } => format!("removing {group}-{ordinal} from the Raft group"),
             Self::StopPod { replicas } => format!("stopping the pod of removed member {group}-{replicas}"),
             Self::RestartPod { ordinal } => format!("restarting the pod of {group}-{ordinal} to join as a learner"),
+            Self::ClearVolume { ordinal } => {
+                format!("deleting the volume of {group}-{ordinal} so that it joins on an empty one")
+            }
         }
     }
 }
@@ -173,13 +181,16 @@ pub fn plan(membership: &Membership, pods: i32, desired: i32, peer_url: impl Fn(
 }
 
 /// The next step of replacing the member at `ordinal`, whose volume was
-/// lost: etcd still counts it, but it cannot start on an empty volume
-/// (etcd refuses a member that has already been bootstrapped). It is
-/// removed from Raft, added back at its address as a learner, its pod
-/// restarted to join, and promoted once caught up; `Steady` once a voter
-/// with a new id is at its address. `removed` is the id it had, once its
-/// removal is recorded; `restarted`, whether its pod has been restarted
-/// since it was added back.
+/// lost: etcd still counts it, and it cannot come back on an empty volume
+/// (started with `new`, etcd refuses a member already bootstrapped; with
+/// `existing`, it takes the old id with an empty log, which the leader's
+/// next append makes it abandon). It is removed from Raft, its volume
+/// cleared unless `fresh` (made since the removal: no pod can have
+/// written to it as the old member), added back at its address as a
+/// learner, its pod restarted to join, and promoted once caught up;
+/// `Steady` once a voter with a new id is at its address. `removed` is the
+/// id it had, once its removal is recorded; `restarted`, whether its pod
+/// has been restarted since it was added back.
 ///
 /// Only a group that keeps a quorum without the member can do this: with
 /// fewer than three members, a lost volume is a lost group, restored from
@@ -188,6 +199,7 @@ pub fn plan_replacement(
     membership: &Membership,
     ordinal: i32,
     removed: Option<u64>,
+    fresh: bool,
     restarted: bool,
     peer_url: impl Fn(i32) -> String,
 ) -> Result<Step> {
@@ -238,6 +250,7 @@ pub fn plan_replacement(
             }
         }
         Some(_) => Step::Steady,
+        None if !fresh => Step::ClearVolume { ordinal },
         None => Step::AddLearner {
             ordinal,
             peer_url: peer_url(ordinal),
@@ -358,6 +371,25 @@ async fn observe_one(endpoint: &str, tls: Option<&Tls>) -> Result<(Membership, u
     ))
 }
 
+/// Whether the member at `url` answers as member `id` and has applied at
+/// least nine tenths of what a member at one of `others` has (etcd's own
+/// bar for promoting a learner): a member that serves with its data, not
+/// one that lost it, whatever its volume's claim says.
+pub async fn serves(url: &str, id: u64, others: &[String], tls: Option<&Tls>) -> bool {
+    let applied = async |urls: &[String]| -> Option<(u64, u64)> {
+        let mut c = connect(urls, tls).await.ok()?;
+        let s = c.status().await.ok()?;
+        Some((s.header().map_or(0, |h| h.member_id()), s.raft_applied_index()))
+    };
+    let Some((answered_by, mine)) = applied(&[url.to_string()]).await else {
+        return false;
+    };
+    let Some((_, theirs)) = applied(others).await else {
+        return false;
+    };
+    answered_by == id && mine > 0 && mine.saturating_mul(10) >= theirs.saturating_mul(9)
+}
+
 /// The client URLs of the voters: where membership calls go (a learner
 /// refuses them).
 fn voter_endpoints(membership: &Membership) -> Vec<String> {
@@ -404,7 +436,11 @@ pub async fn execute(step: &Step, membership: &Membership, tls: Option<&Tls>) ->
     let endpoints = endpoints.as_slice();
     let failed = |action: String| move |e: etcd_client::Error| refused(format!("{action}: {e}"));
     match step {
-        Step::Steady | Step::StartPod { .. } | Step::StopPod { .. } | Step::RestartPod { .. } => Ok(Progress::Done),
+        Step::Steady
+        | Step::StartPod { .. }
+        | Step::StopPod { .. }
+        | Step::RestartPod { .. }
+        | Step::ClearVolume { .. } => Ok(Progress::Done),
         Step::AddLearner { peer_url, ordinal } => {
             check_healthy(membership, tls).await?;
             let mut c = connect(endpoints, tls).await?;
@@ -530,7 +566,7 @@ mod tests {
     #[test]
     fn a_member_with_a_lost_volume_is_removed_added_back_restarted_and_promoted() {
         let replace = |g: &Membership, removed: Option<u64>, restarted: bool| {
-            plan_replacement(g, 1, removed, restarted, url).expect("a plan")
+            plan_replacement(g, 1, removed, true, restarted, url).expect("a plan")
         };
         // As it was: removed (its id recorded by the caller first).
         assert_eq!(
@@ -541,9 +577,14 @@ mod tests {
             replace(&group(3, None, 0), Some(101), false),
             Step::Remove { ordinal: 1, id: 101 }
         );
-        // Gone: added back at its address.
+        // Gone: its volume cleared, unless made since, then added back at
+        // its address.
         let mut without = group(3, None, 0);
         without.members.retain(|m| m.id != 101);
+        assert_eq!(
+            plan_replacement(&without, 1, Some(101), false, false, url).expect("a plan"),
+            Step::ClearVolume { ordinal: 1 }
+        );
         assert_eq!(
             replace(&without, Some(101), false),
             Step::AddLearner {
@@ -577,16 +618,16 @@ mod tests {
     #[test]
     fn a_member_is_replaced_only_where_the_others_keep_a_quorum() {
         let leading = group(3, None, 1);
-        let e = plan_replacement(&leading, 1, None, false, url).expect_err("it cannot lead");
+        let e = plan_replacement(&leading, 1, None, false, false, url).expect_err("it cannot lead");
         assert!(e.to_string().contains("elect another"), "{e}");
         let two = group(2, None, 0);
-        let e = plan_replacement(&two, 1, None, false, url).expect_err("two members cannot");
+        let e = plan_replacement(&two, 1, None, false, false, url).expect_err("two members cannot");
         assert!(
             e.to_string().contains("no quorum") && e.to_string().contains("restore"),
             "{e}"
         );
         let growing = group(3, Some(3), 0);
-        let e = plan_replacement(&growing, 1, None, false, url).expect_err("one change at a time");
+        let e = plan_replacement(&growing, 1, None, false, false, url).expect_err("one change at a time");
         assert!(e.to_string().contains("learner"), "{e}");
     }
 

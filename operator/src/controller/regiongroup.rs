@@ -594,6 +594,13 @@ async fn membership_change(
         },
     };
     let Some(pods) = running else {
+        // Without a StatefulSet, its claims may go too (deletionPolicy
+        // Delete, a restore, by hand): the members' volumes are recorded
+        // again once they run, rather than new claims taken for lost
+        // volumes. A replacement under way keeps its own.
+        if st.member_replacement.is_none() {
+            st.member_volumes.clear();
+        }
         if st.raft_members.is_empty() {
             // A new group bootstraps with its full size.
             st.membership_change = None;

@@ -85,6 +85,19 @@ pub async fn step(
         };
         let o = o as i32;
         let name = member(o);
+        if pods < 3 {
+            // Without it, the others have no quorum: the group's data is
+            // gone with its volume, or held by one member that cannot
+            // change the membership alone.
+            let note = format!(
+                "the volume of {name} is new (claim {} is {uid}, was {was}): its data is gone, and a group of {pods} cannot replace a member (the others have no quorum without it); restore the group from a backup (docs/backup.md)",
+                member_claim_name(&name)
+            );
+            tracing::warn!(%group, member = %name, "a member's volume was lost in a group too small to replace it");
+            ctx.event(rg, EventType::Warning, "MemberVolumeLost", "Replace", note)
+                .await;
+            return false;
+        }
         let note = format!(
             "the volume of {name} is new (claim {} is {uid}, was {was}): its data is gone, and etcd still counts it as a member that cannot start on an empty volume; replacing it (removed from the Raft group, added back as a learner, promoted once caught up)",
             member_claim_name(&name)
@@ -96,6 +109,7 @@ pub async fn step(
             member: name,
             claim_uid: uid,
             removed_id: None,
+            cleared: false,
             restarted: false,
             message: note,
         });
@@ -118,76 +132,100 @@ pub async fn step(
         Ok(m) => m,
         Err(e) => return waiting(st, &group, membership::reason(e)),
     };
-    // What a member that starts empty is told: the membership, with the
-    // member at its address (the same name and address before its removal
-    // and after it is added back), and `existing`.
-    if observed
-        .members
-        .iter()
-        .any(|m| m.peer_urls.contains(&peer_url(ordinal)))
-    {
-        st.raft_members = membership::initial_cluster(&observed, member, peer_url);
+    // What a member that starts empty is told, from this reconcile on:
+    // `existing`, and the membership with the member at its address (the
+    // same name and address before its removal and after it is added
+    // back). A pod restarted before the ConfigMap says so would start with
+    // what it said before (`new`, for a group never resized) and write a
+    // log of its own to its volume.
+    let mut raft_members = membership::initial_cluster(&observed, member, peer_url);
+    if !raft_members.iter().any(|m| m.name == r.member) {
+        raft_members.push(tern_crds::ClusterMember {
+            name: r.member.clone(),
+            peer_url: peer_url(ordinal),
+        });
+        raft_members.sort_by_key(|m| (0..MAX_ORDINALS).find(|o| member(*o) == m.name));
     }
+    st.raft_members = raft_members;
+    let config_ready = rg.status.as_ref().is_some_and(|s| s.raft_members == st.raft_members);
     let removed = r.removed_id.as_deref().and_then(|h| u64::from_str_radix(h, 16).ok());
-    let step = match membership::plan_replacement(&observed, ordinal, removed, r.restarted, peer_url) {
+    // A volume made since the member left Raft and its claim was cleared:
+    // no pod can have written to it as the old member.
+    let live = claim_uid(ordinal);
+    let fresh = r.cleared && live.as_ref().is_some_and(|u| *u != r.claim_uid);
+    let step = match membership::plan_replacement(&observed, ordinal, removed, fresh, r.restarted, peer_url) {
         Ok(step) => step,
         Err(e) => return waiting(st, &group, membership::reason(e)),
     };
     let what = step.describe(&group);
+    let pods_api = Api::<Pod>::namespaced(ctx.client.clone(), &namespace);
     match &step {
         Step::Steady => {
+            let Some(uid) = live else {
+                return waiting(st, &group, format!("{} has no claim in use", r.member));
+            };
             let note = format!("{} replaced: a voter again, on its new volume", r.member);
             tracing::info!(%group, member = %r.member, "member replaced");
             ctx.event(rg, EventType::Normal, "MemberReplaced", "Replace", note)
                 .await;
-            st.member_volumes.insert(r.member.clone(), r.claim_uid.clone());
+            st.member_volumes.insert(r.member.clone(), uid);
             st.member_replacement = None;
             return false;
         }
+        Step::RestartPod { .. } | Step::ClearVolume { .. } if !config_ready => {
+            return waiting(
+                st,
+                &group,
+                "the ConfigMap is told the membership a member that starts empty joins".into(),
+            );
+        }
         Step::RestartPod { .. } => {
             // Deleted, the pod is made again at once by the StatefulSet
-            // and reads the membership written to the config by the
-            // reconcile that added it back; failing, it would wait out
-            // its crash back-off.
-            let pods_api = Api::<Pod>::namespaced(ctx.client.clone(), &namespace);
-            match pods_api.delete(&r.member, &DeleteParams::default()).await {
-                Ok(_) => {}
-                Err(kube::Error::Api(e)) if e.code == 404 => {}
-                Err(e) => return waiting(st, &group, format!("cannot restart pod {}: {e}", r.member)),
+            // and reads the membership in the ConfigMap; failing, it would
+            // wait out its crash back-off.
+            if let Err(e) = delete_pod(&pods_api, &r.member).await {
+                return waiting(st, &group, format!("cannot restart pod {}: {e}", r.member));
             }
             r.restarted = true;
         }
-        _ => {
-            // Recorded before etcd is changed: a member at the address
-            // with another id is then known for the replacement, even if
-            // this operator dies right after the step.
-            if matches!(step, Step::Remove { .. } | Step::AddLearner { .. }) && r.removed_id.is_none() {
-                let id = match &step {
-                    Step::Remove { id, .. } => *id,
-                    // Removed by someone else: no member has id 0.
-                    _ => 0,
-                };
-                r.removed_id = Some(format!("{id:x}"));
-                r.message = format!("replacing {}: {what}", r.member);
-                let mut before = st.clone();
-                before.member_replacement = Some(r.clone());
-                if let Err(e) = super::write_status(rg, ctx, before).await {
-                    return waiting(st, &group, format!("cannot record the step before taking it: {e}"));
+        Step::ClearVolume { .. } => {
+            match clear(&api, &pods_api, &claims, &r).await {
+                Ok(deleted) => {
+                    if let Some(uid) = deleted {
+                        r.claim_uid = uid;
+                    }
+                    r.cleared = true;
                 }
+                Err(e) => return waiting(st, &group, format!("cannot delete the volume of {}: {e}", r.member)),
             }
-            match membership::execute(&step, &observed, tls).await {
-                Ok(Progress::Done) => {
-                    ctx.event(rg, EventType::Normal, "MemberReplacement", "Replace", what.clone())
-                        .await;
+            st.member_replacement = Some(r.clone());
+            return waiting(st, &group, format!("{what}: waiting for its new, empty claim"));
+        }
+        Step::Remove { id, .. } if removed.is_none() => {
+            // Its claim is new, but a member that answers as itself, caught
+            // up, did not lose its data (a claim made again some other
+            // way): it stays, and its claim is recorded.
+            let url = format!("{scheme}://{}:{}", host(ordinal), names::CLIENT_PORT);
+            if membership::serves(&url, *id, &endpoints, tls).await {
+                let note = format!(
+                    "{}'s claim is new, but the member serves, caught up, as itself: not replaced; its new claim is recorded",
+                    r.member
+                );
+                tracing::info!(%group, member = %r.member, "member serves: not replaced");
+                ctx.event(rg, EventType::Normal, "MemberKept", "Replace", note).await;
+                if let Some(uid) = live {
+                    st.member_volumes.insert(r.member.clone(), uid);
                 }
-                Ok(Progress::Waiting(why)) => {
-                    st.member_replacement = Some(r);
-                    return waiting(st, &group, why);
-                }
-                Err(e) => {
-                    st.member_replacement = Some(r);
-                    return waiting(st, &group, membership::reason(e));
-                }
+                st.member_replacement = None;
+                return false;
+            }
+            if let Some(done) = take(rg, ctx, tls, st, &mut r, &step, &observed).await {
+                return done;
+            }
+        }
+        _ => {
+            if let Some(done) = take(rg, ctx, tls, st, &mut r, &step, &observed).await {
+                return done;
             }
         }
     }
@@ -195,6 +233,106 @@ pub async fn step(
     r.message = format!("replacing {}: {what}", r.member);
     st.member_replacement = Some(r);
     true
+}
+
+/// Takes a Raft step of the replacement: `None` once done, or what `step`
+/// returns while it waits.
+async fn take(
+    rg: &RegionGroup,
+    ctx: &Context,
+    tls: Option<&tern_common::tls::Tls>,
+    st: &mut RegionGroupStatus,
+    r: &mut MemberReplacement,
+    step: &Step,
+    observed: &membership::Membership,
+) -> Option<bool> {
+    let group = rg.name_any();
+    let what = step.describe(&group);
+    // Recorded before etcd is changed: a member at the address with
+    // another id is then known for the replacement, even if this operator
+    // dies right after the step.
+    if matches!(step, Step::Remove { .. } | Step::AddLearner { .. }) && r.removed_id.is_none() {
+        let id = match step {
+            Step::Remove { id, .. } => *id,
+            // Removed by someone else: no member has id 0.
+            _ => 0,
+        };
+        r.removed_id = Some(format!("{id:x}"));
+        r.message = format!("replacing {}: {what}", r.member);
+        let mut before = st.clone();
+        before.member_replacement = Some(r.clone());
+        if let Err(e) = super::write_status(rg, ctx, before).await {
+            st.member_replacement = Some(r.clone());
+            return Some(waiting(
+                st,
+                &group,
+                format!("cannot record the step before taking it: {e}"),
+            ));
+        }
+    }
+    match membership::execute(step, observed, tls).await {
+        Ok(Progress::Done) => {
+            ctx.event(rg, EventType::Normal, "MemberReplacement", "Replace", what)
+                .await;
+            None
+        }
+        Ok(Progress::Waiting(why)) => {
+            st.member_replacement = Some(r.clone());
+            Some(waiting(st, &group, why))
+        }
+        Err(e) => {
+            st.member_replacement = Some(r.clone());
+            Some(waiting(st, &group, membership::reason(e)))
+        }
+    }
+}
+
+/// Deletes a member's pod; one already gone is no error.
+async fn delete_pod(pods: &Api<Pod>, name: &str) -> Result<(), kube::Error> {
+    match pods.delete(name, &DeleteParams::default()).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Clears the volume of a member removed from Raft: its claim (which a
+/// pod may have written to as the old member) is deleted, and its pod,
+/// which holds it until it goes. The StatefulSet makes both again, the
+/// claim empty. Returns the uid of the claim deleted, if one was.
+async fn clear(
+    claims_api: &Api<PersistentVolumeClaim>,
+    pods: &Api<Pod>,
+    claims: &[PersistentVolumeClaim],
+    r: &MemberReplacement,
+) -> Result<Option<String>, kube::Error> {
+    let name = member_claim_name(&r.member);
+    let Some(claim) = claims.iter().find(|c| c.name_any() == name) else {
+        // Gone: the StatefulSet makes it with the pod.
+        return Ok(None);
+    };
+    match &claim.metadata.deletion_timestamp {
+        None => {
+            match claims_api.delete(&name, &DeleteParams::background()).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Err(e) => return Err(e),
+            }
+            delete_pod(pods, &r.member).await?;
+            Ok(claim.uid())
+        }
+        // Being deleted: held by a pod that started on it before the
+        // delete; a pod made since waits unscheduled and holds nothing.
+        Some(since) => match pods.get_opt(&r.member).await? {
+            Some(pod)
+                if pod.spec.as_ref().is_some_and(|s| s.node_name.is_some())
+                    && pod.metadata.creation_timestamp.as_ref().is_some_and(|t| t.0 < since.0) =>
+            {
+                delete_pod(pods, &r.member).await.map(|()| claim.uid())
+            }
+            _ => Ok(claim.uid()),
+        },
+    }
 }
 
 /// The first member (its index in `claims`, its claim's uid and the one
