@@ -331,7 +331,7 @@ async fn a_member_whose_volume_is_lost_is_replaced_without_losing_a_write() {
                     Step::AddLearner { .. } => _ = removed.get_or_insert(0),
                     _ => {}
                 }
-                match membership::execute(&step, &observed, None).await {
+                match membership::execute_replacement(&step, &observed, None).await {
                     Ok(Progress::Done) => {}
                     Ok(Progress::Waiting(_)) => tokio::time::sleep(Duration::from_millis(200)).await,
                     Err(e) => {

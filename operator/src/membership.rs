@@ -405,12 +405,7 @@ fn voter_endpoints(membership: &Membership) -> Vec<String> {
 /// member while another is down is how a group loses quorum. (Learners do
 /// not count towards quorum; one not started yet has no address.)
 pub async fn check_healthy(membership: &Membership, tls: Option<&Tls>) -> Result<()> {
-    check_healthy_except(membership, None, tls).await
-}
-
-/// Every voter but `except` answers.
-async fn check_healthy_except(membership: &Membership, except: Option<u64>, tls: Option<&Tls>) -> Result<()> {
-    for m in membership.members.iter().filter(|m| !m.learner && Some(m.id) != except) {
+    for m in membership.members.iter().filter(|m| !m.learner) {
         let name = &m.name;
         let url = m.client_urls.first().ok_or_else(|| {
             refused(format!(
@@ -485,27 +480,80 @@ pub async fn execute(step: &Step, membership: &Membership, tls: Option<&Tls>) ->
         }
         Step::Remove { id, ordinal } => {
             // A learner does not vote: taking one back is safe with a
-            // voter down. A voter's removal waits until all the others
-            // answer: they are the group after it, and a quorum of the
-            // group before it (the member removed may be one that lost
-            // its volume and cannot answer).
+            // voter down. A voter's removal waits until all answer.
             let learner = membership.members.iter().any(|m| m.id == *id && m.learner);
             if !learner {
-                check_healthy_except(membership, Some(*id), tls).await?;
+                check_healthy(membership, tls).await?;
             }
-            let others: Vec<String> = membership
-                .members
-                .iter()
-                .filter(|m| !m.learner && m.id != *id)
-                .flat_map(|m| m.client_urls.iter().cloned())
-                .collect();
-            let mut c = connect(if others.is_empty() { endpoints } else { &others }, tls).await?;
+            let mut c = connect(endpoints, tls).await?;
             match c.member_remove(*id).await {
                 // Removed already (a step repeated after a crash).
                 Err(e) if e.to_string().contains("member not found") => Ok(Progress::Done),
                 r => settle(r, format!("removing ordinal {ordinal}")),
             }
         }
+    }
+}
+
+/// Carries out a Raft step of a member's replacement
+/// ([`plan_replacement`]). Unlike a resize, it does not wait for every
+/// voter to answer: a group that lost one member's volume may have lost
+/// another's, which is replaced next, and waiting for it would wait
+/// forever. A removal waits until the voters that answer, without the
+/// member removed, are a quorum of the group before it (then also of the
+/// group after it); a learner is added and promoted through the voters
+/// that answer (a learner does not vote, and etcd refuses a promotion
+/// that would leave too few started voters).
+pub async fn execute_replacement(step: &Step, membership: &Membership, tls: Option<&Tls>) -> Result<Progress> {
+    let except = match step {
+        Step::Remove { id, .. } => Some(*id),
+        _ => None,
+    };
+    let voters: Vec<&RaftMember> = membership.members.iter().filter(|m| !m.learner).collect();
+    let mut answering = Vec::new();
+    for m in voters.iter().filter(|m| Some(m.id) != except) {
+        let Some(url) = m.client_urls.first() else { continue };
+        if let Ok(mut c) = connect(std::slice::from_ref(url), tls).await
+            && c.status().await.is_ok()
+        {
+            answering.push(url.clone());
+        }
+    }
+    let quorum = voters.len() / 2 + 1;
+    if answering.len() < quorum {
+        return Err(refused(format!(
+            "{} of the group's {} voters answer, fewer than a quorum ({quorum}): the replacement waits",
+            answering.len(),
+            voters.len()
+        )));
+    }
+    let mut c = connect(&answering, tls).await?;
+    match step {
+        Step::Remove { id, ordinal } => match c.member_remove(*id).await {
+            // Removed already (a step repeated after a crash).
+            Err(e) if e.to_string().contains("member not found") => Ok(Progress::Done),
+            r => settle(r, format!("removing ordinal {ordinal}")),
+        },
+        Step::AddLearner { peer_url, ordinal } => {
+            let r = c
+                .member_add([peer_url.clone()], Some(MemberAddOptions::new().with_is_learner()))
+                .await;
+            match r {
+                // As for a grow: an address removed within the same second.
+                Err(e) if e.to_string().contains("member not found") => Ok(Progress::Waiting(format!(
+                    "adding ordinal {ordinal}: its address was removed a moment ago ({e})"
+                ))),
+                r => settle(r, format!("adding ordinal {ordinal} as a learner")),
+            }
+        }
+        Step::Promote { id, ordinal } => match c.member_promote(*id).await {
+            Ok(_) => Ok(Progress::Done),
+            Err(e) if e.to_string().contains("in sync with leader") => Ok(Progress::Waiting(format!(
+                "ordinal {ordinal} has not caught up with the leader yet"
+            ))),
+            Err(e) => Err(refused(format!("promoting ordinal {ordinal}: {e}"))),
+        },
+        _ => execute(step, membership, tls).await,
     }
 }
 

@@ -12,8 +12,10 @@
 //! backup (every claim is new then, and no member lost anything).
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
+use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, ListParams};
 use kube::runtime::events::EventType;
 use kube::{Api, ResourceExt};
@@ -153,12 +155,50 @@ pub async fn step(
     // no pod can have written to it as the old member.
     let live = claim_uid(ordinal);
     let fresh = r.cleared && live.as_ref().is_some_and(|u| *u != r.claim_uid);
+    let pods_api = Api::<Pod>::namespaced(ctx.client.clone(), &namespace);
+    // While the old member is still in Raft: its claim is new, but a
+    // member that answers as itself, caught up, did not lose its data (a
+    // claim made again some other way, a volume bound again). It stays,
+    // leader or not, and its claim is recorded. Asked on every reconcile
+    // until it is removed, and given a moment on a new claim first.
+    let old = observed
+        .members
+        .iter()
+        .find(|m| m.peer_urls.contains(&peer_url(ordinal)) && removed.is_none_or(|id| id == m.id));
+    if let Some(old) = old {
+        let url = format!("{scheme}://{}:{}", host(ordinal), names::CLIENT_PORT);
+        if membership::serves(&url, old.id, &endpoints, tls).await {
+            let note = format!(
+                "{}'s claim is new, but the member serves, caught up, as itself: not replaced; its new claim is recorded",
+                r.member
+            );
+            tracing::info!(%group, member = %r.member, "member serves: not replaced");
+            ctx.event(rg, EventType::Normal, "MemberKept", "Replace", note).await;
+            if let Some(uid) = live {
+                st.member_volumes.insert(r.member.clone(), uid);
+            }
+            st.member_replacement = None;
+            return false;
+        }
+        if removed.is_none()
+            && let Some(wait) = starting(&claims, &pods_api, &r.member).await
+        {
+            return waiting(
+                st,
+                &group,
+                format!(
+                    "{} may still start on its new claim as itself (another {} s)",
+                    r.member,
+                    wait.as_secs()
+                ),
+            );
+        }
+    }
     let step = match membership::plan_replacement(&observed, ordinal, removed, fresh, r.restarted, peer_url) {
         Ok(step) => step,
         Err(e) => return waiting(st, &group, membership::reason(e)),
     };
     let what = step.describe(&group);
-    let pods_api = Api::<Pod>::namespaced(ctx.client.clone(), &namespace);
     match &step {
         Step::Steady => {
             let Some(uid) = live else {
@@ -200,28 +240,6 @@ pub async fn step(
             }
             st.member_replacement = Some(r.clone());
             return waiting(st, &group, format!("{what}: waiting for its new, empty claim"));
-        }
-        Step::Remove { id, .. } if removed.is_none() => {
-            // Its claim is new, but a member that answers as itself, caught
-            // up, did not lose its data (a claim made again some other
-            // way): it stays, and its claim is recorded.
-            let url = format!("{scheme}://{}:{}", host(ordinal), names::CLIENT_PORT);
-            if membership::serves(&url, *id, &endpoints, tls).await {
-                let note = format!(
-                    "{}'s claim is new, but the member serves, caught up, as itself: not replaced; its new claim is recorded",
-                    r.member
-                );
-                tracing::info!(%group, member = %r.member, "member serves: not replaced");
-                ctx.event(rg, EventType::Normal, "MemberKept", "Replace", note).await;
-                if let Some(uid) = live {
-                    st.member_volumes.insert(r.member.clone(), uid);
-                }
-                st.member_replacement = None;
-                return false;
-            }
-            if let Some(done) = take(rg, ctx, tls, st, &mut r, &step, &observed).await {
-                return done;
-            }
         }
         _ => {
             if let Some(done) = take(rg, ctx, tls, st, &mut r, &step, &observed).await {
@@ -270,7 +288,7 @@ async fn take(
             ));
         }
     }
-    match membership::execute(step, observed, tls).await {
+    match membership::execute_replacement(step, observed, tls).await {
         Ok(Progress::Done) => {
             ctx.event(rg, EventType::Normal, "MemberReplacement", "Replace", what)
                 .await;
@@ -285,6 +303,30 @@ async fn take(
             Some(waiting(st, &group, membership::reason(e)))
         }
     }
+}
+
+/// How long a member on a new claim is given to start on it and answer
+/// as itself before it is removed.
+const START_GRACE: Duration = Duration::from_secs(20);
+
+/// How much longer to wait before removing `member`: its pod is not ready,
+/// and its claim was made less than [`START_GRACE`] ago.
+async fn starting(claims: &[PersistentVolumeClaim], pods: &Api<Pod>, member: &str) -> Option<Duration> {
+    let name = member_claim_name(member);
+    let made = claims
+        .iter()
+        .find(|c| c.name_any() == name)?
+        .metadata
+        .creation_timestamp
+        .clone()?;
+    let age = Duration::try_from(Timestamp::now().duration_since(made.0)).unwrap_or_default();
+    let left = START_GRACE.checked_sub(age)?;
+    let ready = pods.get_opt(member).await.ok().flatten().is_some_and(|p| {
+        p.status
+            .and_then(|s| s.conditions)
+            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+    });
+    (!ready).then_some(left)
 }
 
 /// Deletes a member's pod; one already gone is no error.
@@ -308,7 +350,15 @@ async fn clear(
 ) -> Result<Option<String>, kube::Error> {
     let name = member_claim_name(&r.member);
     let Some(claim) = claims.iter().find(|c| c.name_any() == name) else {
-        // Gone: the StatefulSet makes it with the pod.
+        // Gone: the StatefulSet makes it with the pod. A pod it made while
+        // the claim was being deleted waits unscheduled, and a StatefulSet
+        // controller that makes the claims of new pods only would leave it
+        // so: deleted, it comes back with its claim.
+        if let Some(pod) = pods.get_opt(&r.member).await?
+            && pod.spec.as_ref().is_none_or(|s| s.node_name.is_none())
+        {
+            delete_pod(pods, &r.member).await?;
+        }
         return Ok(None);
     };
     match &claim.metadata.deletion_timestamp {
