@@ -322,10 +322,8 @@ fn deployment(gc: &GeoCluster, region: &RegionSpec, w: Workload<'_>) -> Deployme
         readiness_probe: Some(probe("/readyz")),
         resources: spec.resources.clone(),
         security_context: Some(SecurityContext {
-            allow_privilege_escalation: Some(false),
-            read_only_root_filesystem: Some(true),
             run_as_non_root: Some(true),
-            ..SecurityContext::default()
+            ..super::locked_down()
         }),
         ..Container::default()
     };

@@ -8,6 +8,16 @@ pub mod network;
 pub mod regiongroup;
 pub mod restore;
 
+/// What every container tern runs may not do: gain privileges, or write
+/// anywhere but its volumes.
+pub(crate) fn locked_down() -> k8s_openapi::api::core::v1::SecurityContext {
+    k8s_openapi::api::core::v1::SecurityContext {
+        allow_privilege_escalation: Some(false),
+        read_only_root_filesystem: Some(true),
+        ..Default::default()
+    }
+}
+
 /// `POD_NAME` from the downward API: every tern container names itself
 /// with it (election identity, trace instance, event reporter).
 pub(crate) fn pod_name_env() -> k8s_openapi::api::core::v1::EnvVar {

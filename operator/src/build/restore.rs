@@ -14,8 +14,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{
-    Container, PersistentVolumeClaim, PersistentVolumeClaimVolumeSource, PodSpec, PodTemplateSpec, SecurityContext,
-    Volume, VolumeMount,
+    Container, PersistentVolumeClaim, PersistentVolumeClaimVolumeSource, PodSpec, PodTemplateSpec, Volume, VolumeMount,
 };
 use kube::api::ObjectMeta;
 use tern_crds::{ClusterMember, GroupRestore, RegionGroup};
@@ -112,11 +111,7 @@ pub fn restore_job(rg: &RegionGroup, restore: &GroupRestore, ordinal: usize, mem
                 ..VolumeMount::default()
             },
         ]),
-        security_context: Some(SecurityContext {
-            allow_privilege_escalation: Some(false),
-            read_only_root_filesystem: Some(true),
-            ..SecurityContext::default()
-        }),
+        security_context: Some(super::locked_down()),
         ..Container::default()
     };
     let claim = |name: &str, read_only: bool| PersistentVolumeClaimVolumeSource {
