@@ -49,6 +49,37 @@ pub struct GetArgs {
     key: String,
 }
 
+/// Creates `account` homed in `home` through router client `c`, retrying
+/// for up to `patience` what the router says to retry: UNAVAILABLE, which
+/// a region answers for a moment while its agent claims (or re-claims)
+/// its lease, as right after a deployment starts. An account found to
+/// exist (a retry after a lost answer) counts as created.
+pub async fn create_account_retrying(
+    c: &mut tern_api::RouterClient,
+    account: &str,
+    home: &str,
+    patience: Duration,
+) -> Result<(), tonic::Status> {
+    let deadline = tokio::time::Instant::now() + patience;
+    loop {
+        let created = c
+            .create_account(pb::CreateAccountRequest {
+                account: account.to_string(),
+                home_region: home.to_string(),
+                allowed_regions: vec![],
+            })
+            .await;
+        match created {
+            Ok(_) => return Ok(()),
+            Err(s) if s.code() == tonic::Code::AlreadyExists => return Ok(()),
+            Err(s) if s.code() == tonic::Code::Unavailable && tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(s) => return Err(s),
+        }
+    }
+}
+
 fn request<T>(target: &Target, message: T) -> tonic::Request<T> {
     let mut r = tonic::Request::new(message);
     r.set_timeout(Duration::from_millis(target.timeout_ms));

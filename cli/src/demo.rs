@@ -329,12 +329,9 @@ async fn drive(d: &LocalDeployment, args: &DemoArgs) -> Result<Option<String>, C
         let mut c = d.client(region).await;
         for i in 0..args.accounts {
             let account = format!("acct-{region}-{i}");
-            c.create_account(pb::CreateAccountRequest {
-                account: account.clone(),
-                home_region: region.to_string(),
-                allowed_regions: vec![],
-            })
-            .await?;
+            // A region refuses for a moment until its agent has claimed
+            // its lease, which may be just after the deployment is up.
+            crate::client::create_account_retrying(&mut c, &account, region, Duration::from_secs(30)).await?;
             accounts.push((account, region.to_string()));
         }
     }

@@ -25,7 +25,6 @@ use clap::Args;
 pub use nemesis::Fault;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use tern_api::pb;
 use tern_local::{Binaries, Layout, LocalDeployment};
 use tern_verify::{History, Outcome};
 
@@ -357,27 +356,9 @@ pub async fn run_once(args: &VerifyArgs, binaries: &Binaries, seed: u64) -> Resu
         let mut c = d.client(home).await;
         for a in 0..args.accounts {
             let account = format!("v-{home}-{a}");
-            // UNAVAILABLE says to retry: a region whose agent re-claims
-            // its lease (a renewal late on a busy machine) refuses for a
-            // moment. A retry after a lost answer may find the account.
-            let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
-            loop {
-                let created = c
-                    .create_account(pb::CreateAccountRequest {
-                        account: account.clone(),
-                        home_region: home.into(),
-                        allowed_regions: vec![],
-                    })
-                    .await;
-                match created {
-                    Ok(_) => break,
-                    Err(s) if s.code() == tonic::Code::AlreadyExists => break,
-                    Err(s) if s.code() == tonic::Code::Unavailable && tokio::time::Instant::now() < deadline => {
-                        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-                    }
-                    Err(s) => return Err(s.into()),
-                }
-            }
+            // A region whose agent re-claims its lease (a renewal late on
+            // a busy machine) refuses for a moment.
+            crate::client::create_account_retrying(&mut c, &account, home, Duration::from_secs(30)).await?;
             accounts.push((account, home));
         }
     }
