@@ -438,32 +438,9 @@ pub async fn execute(step: &Step, membership: &Membership, tls: Option<&Tls>) ->
         | Step::ClearVolume { .. } => Ok(Progress::Done),
         Step::AddLearner { peer_url, ordinal } => {
             check_healthy(membership, tls).await?;
-            let mut c = connect(endpoints, tls).await?;
-            let r = c
-                .member_add([peer_url.clone()], Some(MemberAddOptions::new().with_is_learner()))
-                .await;
-            match r {
-                // etcd derives a new member's id from its address and the
-                // current second: re-adding an address removed within the
-                // same second hits the removed id. A second later it works.
-                Err(e) if e.to_string().contains("member not found") => Ok(Progress::Waiting(format!(
-                    "adding ordinal {ordinal}: its address was removed a moment ago ({e})"
-                ))),
-                r => settle(r, format!("adding ordinal {ordinal} as a learner")),
-            }
+            add_learner(&mut connect(endpoints, tls).await?, peer_url, *ordinal).await
         }
-        Step::Promote { id, ordinal } => {
-            let mut c = connect(endpoints, tls).await?;
-            match c.member_promote(*id).await {
-                Ok(_) => Ok(Progress::Done),
-                // etcd refuses until the learner's log is close to the
-                // leader's: wait, do not fail.
-                Err(e) if e.to_string().contains("in sync with leader") => Ok(Progress::Waiting(format!(
-                    "ordinal {ordinal} has not caught up with the leader yet"
-                ))),
-                Err(e) => Err(failed(format!("promoting ordinal {ordinal}"))(e)),
-            }
-        }
+        Step::Promote { id, ordinal } => promote(&mut connect(endpoints, tls).await?, *id, *ordinal).await,
         Step::MoveLeader { from, to } => {
             check_healthy(membership, tls).await?;
             let leader = membership
@@ -485,12 +462,7 @@ pub async fn execute(step: &Step, membership: &Membership, tls: Option<&Tls>) ->
             if !learner {
                 check_healthy(membership, tls).await?;
             }
-            let mut c = connect(endpoints, tls).await?;
-            match c.member_remove(*id).await {
-                // Removed already (a step repeated after a crash).
-                Err(e) if e.to_string().contains("member not found") => Ok(Progress::Done),
-                r => settle(r, format!("removing ordinal {ordinal}")),
-            }
+            remove(&mut connect(endpoints, tls).await?, *id, *ordinal).await
         }
     }
 }
@@ -529,31 +501,48 @@ pub async fn execute_replacement(step: &Step, membership: &Membership, tls: Opti
     }
     let mut c = connect(&answering, tls).await?;
     match step {
-        Step::Remove { id, ordinal } => match c.member_remove(*id).await {
-            // Removed already (a step repeated after a crash).
-            Err(e) if e.to_string().contains("member not found") => Ok(Progress::Done),
-            r => settle(r, format!("removing ordinal {ordinal}")),
-        },
-        Step::AddLearner { peer_url, ordinal } => {
-            let r = c
-                .member_add([peer_url.clone()], Some(MemberAddOptions::new().with_is_learner()))
-                .await;
-            match r {
-                // As for a grow: an address removed within the same second.
-                Err(e) if e.to_string().contains("member not found") => Ok(Progress::Waiting(format!(
-                    "adding ordinal {ordinal}: its address was removed a moment ago ({e})"
-                ))),
-                r => settle(r, format!("adding ordinal {ordinal} as a learner")),
-            }
-        }
-        Step::Promote { id, ordinal } => match c.member_promote(*id).await {
-            Ok(_) => Ok(Progress::Done),
-            Err(e) if e.to_string().contains("in sync with leader") => Ok(Progress::Waiting(format!(
-                "ordinal {ordinal} has not caught up with the leader yet"
-            ))),
-            Err(e) => Err(refused(format!("promoting ordinal {ordinal}: {e}"))),
-        },
+        Step::Remove { id, ordinal } => remove(&mut c, *id, *ordinal).await,
+        Step::AddLearner { peer_url, ordinal } => add_learner(&mut c, peer_url, *ordinal).await,
+        Step::Promote { id, ordinal } => promote(&mut c, *id, *ordinal).await,
         _ => execute(step, membership, tls).await,
+    }
+}
+
+/// Adds a learner at `peer_url` (ordinal `ordinal`).
+async fn add_learner(c: &mut Client, peer_url: &str, ordinal: i32) -> Result<Progress> {
+    let r = c
+        .member_add([peer_url.to_string()], Some(MemberAddOptions::new().with_is_learner()))
+        .await;
+    match r {
+        // etcd derives a new member's id from its address and the current
+        // second: re-adding an address removed within the same second hits
+        // the removed id. A second later it works.
+        Err(e) if e.to_string().contains("member not found") => Ok(Progress::Waiting(format!(
+            "adding ordinal {ordinal}: its address was removed a moment ago ({e})"
+        ))),
+        r => settle(r, format!("adding ordinal {ordinal} as a learner")),
+    }
+}
+
+/// Promotes learner `id` (ordinal `ordinal`).
+async fn promote(c: &mut Client, id: u64, ordinal: i32) -> Result<Progress> {
+    match c.member_promote(id).await {
+        Ok(_) => Ok(Progress::Done),
+        // etcd refuses until the learner's log is close to the leader's:
+        // wait, do not fail.
+        Err(e) if e.to_string().contains("in sync with leader") => Ok(Progress::Waiting(format!(
+            "ordinal {ordinal} has not caught up with the leader yet"
+        ))),
+        Err(e) => Err(refused(format!("promoting ordinal {ordinal}: {e}"))),
+    }
+}
+
+/// Removes member `id` (ordinal `ordinal`).
+async fn remove(c: &mut Client, id: u64, ordinal: i32) -> Result<Progress> {
+    match c.member_remove(id).await {
+        // Removed already (a step repeated after a crash).
+        Err(e) if e.to_string().contains("member not found") => Ok(Progress::Done),
+        r => settle(r, format!("removing ordinal {ordinal}")),
     }
 }
 
