@@ -231,6 +231,10 @@ pub struct MemberReplacement {
     /// starts with the group's current membership.
     #[serde(default)]
     pub restarted: bool,
+    /// The group's region is held in the directory because of this loss
+    /// (a group of one member: its data is gone with the volume).
+    #[serde(default)]
+    pub held: bool,
     /// The step under way, or why it waits.
     pub message: String,
 }

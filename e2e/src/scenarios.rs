@@ -550,6 +550,91 @@ impl Scenarios {
         Ok(())
     }
 
+    /// The only member of `region`'s group loses its volume (its claim and
+    /// pod deleted, as a node lost with its local disk): the group's data is
+    /// gone. The operator must hold the region in the directory
+    /// (status.memberReplacement.held), and the member, told to join the
+    /// cluster it had, must not start a new, empty one: its pod stays
+    /// unready. `restore_lost_group` brings it back.
+    pub async fn lose_only_member_volume(&mut self, region: &str) -> Result<()> {
+        let start = Instant::now();
+        let group = format!("{GEOCLUSTER}-{region}");
+        let member = format!("{group}-0");
+        let deadline = Instant::now() + READY_LIMIT;
+        loop {
+            let rg = self.regiongroup(region, &group)?;
+            let st = &rg["status"];
+            let one = rg["spec"]["replicas"].as_i64() == Some(1);
+            if one
+                && st["memberVolumes"][&member].is_string()
+                && st["raftMembers"].as_array().is_some_and(|m| m.len() == 1)
+            {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(failed(format!(
+                    "{group} never recorded the volume and membership of its only member: {st}"
+                )));
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        self.kubectl(
+            region,
+            &[
+                "delete",
+                "pvc",
+                &format!("data-{member}"),
+                "-n",
+                NAMESPACE,
+                "--wait=false",
+            ],
+        )?;
+        self.kubectl(region, &["delete", "pod", &member, "-n", NAMESPACE])?;
+        let deadline = Instant::now() + READY_LIMIT;
+        let message = loop {
+            let rg = self.regiongroup(region, &group)?;
+            let r = &rg["status"]["memberReplacement"];
+            if r["held"].as_bool() == Some(true) {
+                break r["message"].as_str().unwrap_or_default().to_string();
+            }
+            if Instant::now() > deadline {
+                let pods = self.kubectl(region, &["get", "pods,pvc", "-n", NAMESPACE, "-o", "wide"])?;
+                return Err(HarnessError::NotReady {
+                    what: format!("region {region} held after {member} lost its volume"),
+                    secs: READY_LIMIT.as_secs(),
+                    log: format!("status: {}\n{pods}", rg["status"]),
+                });
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        };
+        eprintln!("scenario: {group}: {message}");
+        // Long enough for an empty member to have started and become
+        // ready, had it bootstrapped a cluster of its own.
+        let watch_until = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < watch_until {
+            let ready = self.kubectl(
+                region,
+                &[
+                    "get",
+                    "pod",
+                    &member,
+                    "-n",
+                    NAMESPACE,
+                    "--ignore-not-found",
+                    "-o",
+                    "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}",
+                ],
+            )?;
+            check(
+                ready.trim() != "True",
+                format!("{member} became ready on an empty volume: it started a new cluster of its own"),
+            )?;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        self.timed(&format!("{member}'s lost volume: region {region} held"), start);
+        Ok(())
+    }
+
     /// Sets spec.failover.mode in every cluster and waits until every
     /// region's agents run with it (a flag: they roll).
     pub async fn set_failover_mode(&mut self, mode: &str) -> Result<()> {
@@ -1081,10 +1166,13 @@ impl Scenarios {
         // serves after it.
         self.resize("us-east", 1).await?;
         self.local_write("us-east", "acct-us-rolled").await?;
-        // us-east's group is lost, volumes and all, and restored from the
-        // backup taken before the roll: acct-us's write (before it) is
-        // back, acct-us-rolled's (after it) is lost. The scenarios after
-        // run on the restored group.
+        // us-east's only member loses its volume: the operator holds the
+        // region, and the member does not start an empty cluster. The
+        // group is restored from the backup taken before the roll:
+        // acct-us's write (before it) is back, acct-us-rolled's (after it)
+        // is lost, and the hold is lifted. The scenarios after run on the
+        // restored group.
+        self.lose_only_member_volume("us-east").await?;
         self.restore_lost_group("us-east", "acct-us", "acct-us-rolled").await?;
         // Failover has been Manual so far: with it Automatic, eu-west would
         // have taken over us-east's accounts while its group was lost.

@@ -387,3 +387,41 @@ async fn a_member_whose_volume_is_lost_is_replaced_without_losing_a_write() {
         history.records.len()
     );
 }
+
+/// A group of one whose volume is lost: once the operator has recorded
+/// the group's membership, the ConfigMap tells a member that starts empty
+/// to join the cluster it had (`existing`). etcd then refuses to start it
+/// (no other member to fetch the cluster from), so the group fails closed
+/// rather than bootstrapping a second, empty cluster under its name and
+/// serving it; `replace::too_small` holds the region meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_of_one_that_loses_its_volume_does_not_start_empty() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let etcd = EtcdCluster::start(dir.path(), GROUP, 1, Tuning::default()).expect("etcd starts");
+    let mut p = Pods { etcd, pods: 1 };
+    let mut c = p.etcd.connect().await.expect("client");
+    c.put("/m/k0", "acknowledged", None).await.expect("put");
+    let observed = membership::observe(&p.endpoints(), None).await.expect("observe");
+    let members = membership::initial_cluster(&observed, |o| format!("{GROUP}-{o}"), p.peer_url());
+    assert_eq!(members.len(), 1, "{members:?}");
+
+    p.etcd.retire(0);
+    let started = tokio::task::block_in_place(|| p.etcd.join(0, &members));
+    let why = format!(
+        "{:?}",
+        started.expect_err("an empty member told `existing` must not start")
+    );
+    assert!(
+        why.contains("could not retrieve cluster information") || why.contains("cannot fetch cluster info"),
+        "etcd refused for another reason: {why}"
+    );
+    // Nothing answers under the group's name.
+    let answered = tokio::time::timeout(Duration::from_secs(3), async {
+        let mut c = p.etcd.connect().await.ok()?;
+        c.get("/m/k0", None).await.ok()
+    })
+    .await
+    .ok()
+    .flatten();
+    assert!(answered.is_none(), "an empty group answered: {answered:?}");
+}

@@ -82,43 +82,44 @@ pub async fn step(
         if st.membership_change.is_some() {
             return false;
         }
+        if lost.is_none() && ready == pods && st.raft_members.is_empty() {
+            record_membership(rg, tls, pods, st).await;
+        }
         let Some((o, uid, was)) = lost else {
             return false;
         };
         let o = o as i32;
         let name = member(o);
-        if pods < 3 {
-            // Without it, the others have no quorum: the group's data is
-            // gone with its volume, or held by one member that cannot
-            // change the membership alone.
-            let note = format!(
-                "the volume of {name} is new (claim {} is {uid}, was {was}): its data is gone, and a group of {pods} cannot replace a member (the others have no quorum without it); restore the group from a backup (docs/backup.md)",
-                member_claim_name(&name)
-            );
-            tracing::warn!(%group, member = %name, "a member's volume was lost in a group too small to replace it");
-            ctx.event(rg, EventType::Warning, "MemberVolumeLost", "Replace", note)
-                .await;
-            return false;
-        }
+        // A group of one or two cannot replace it: without it, the others
+        // have no quorum (`too_small`).
+        let what = match pods {
+            1 => "the group's only copy of its data is gone with it",
+            2 => "its data is gone, and a group of two cannot replace a member (the other has no quorum without it)",
+            _ => {
+                "its data is gone, and etcd still counts it as a member that cannot start on an empty volume; replacing it (removed from the Raft group, added back as a learner, promoted once caught up)"
+            }
+        };
         let note = format!(
-            "the volume of {name} is new (claim {} is {uid}, was {was}): its data is gone, and etcd still counts it as a member that cannot start on an empty volume; replacing it (removed from the Raft group, added back as a learner, promoted once caught up)",
+            "the volume of {name} is new (claim {} is {uid}, was {was}): {what}",
             member_claim_name(&name)
         );
-        tracing::warn!(%group, member = %name, "a member's volume was lost; replacing the member");
+        tracing::warn!(%group, member = %name, "a member's volume was lost");
         ctx.event(rg, EventType::Warning, "MemberVolumeLost", "Replace", note.clone())
             .await;
         st.member_replacement = Some(MemberReplacement {
             member: name,
             claim_uid: uid,
-            removed_id: None,
-            cleared: false,
-            restarted: false,
             message: note,
+            ..MemberReplacement::default()
         });
     }
     let Some(mut r) = st.member_replacement.clone() else {
         return false;
     };
+    if pods < 3 {
+        let live = (0..pods).find(|o| member(*o) == r.member).and_then(&claim_uid);
+        return too_small(rg, ctx, pods, live, st, r).await;
+    }
     let Some(ordinal) = (0..MAX_ORDINALS).find(|o| member(*o) == r.member) else {
         return waiting(st, &group, format!("{} is not a member name of {group}", r.member));
     };
@@ -305,6 +306,142 @@ async fn take(
     }
 }
 
+/// Records the group's Raft membership in status once its members have
+/// all been ready, so that the ConfigMap tells a member that starts without
+/// data to join the cluster it had (`existing`) rather than to bootstrap one
+/// (`new`): a member whose volume was lost then cannot start a second,
+/// empty cluster under the group's name. That matters most for a group of
+/// one, whose lost volume held the only copy of its data. Tried again on
+/// the next reconcile if etcd does not answer.
+async fn record_membership(
+    rg: &RegionGroup,
+    tls: Option<&tern_common::tls::Tls>,
+    pods: i32,
+    st: &mut RegionGroupStatus,
+) {
+    let group = rg.name_any();
+    let namespace = rg.namespace().unwrap_or_default();
+    let member = |o: i32| names::member_name(&group, o);
+    let host = |o: i32| names::member_host(&group, &member(o), &namespace, &rg.spec.cluster_domain);
+    let scheme = names::scheme(rg.spec.tls.is_some());
+    let endpoints: Vec<String> = (0..pods)
+        .map(|o| format!("{scheme}://{}:{}", host(o), names::CLIENT_PORT))
+        .collect();
+    match membership::observe(&endpoints, tls).await {
+        Ok(observed) => {
+            st.raft_members = membership::initial_cluster(&observed, member, |o| {
+                format!("{scheme}://{}:{}", host(o), names::PEER_PORT)
+            });
+            tracing::info!(%group, members = st.raft_members.len(), "Raft membership recorded");
+        }
+        Err(e) => {
+            tracing::info!(%group, error = %membership::reason(e), "Raft membership not recorded yet");
+        }
+    }
+}
+
+/// The hold put on the region of a group of one that lost its volume.
+fn hold_reason(group: &str, r: &MemberReplacement) -> String {
+    format!(
+        "{} of {group} lost its volume (its claim is now {}), and with it the group's only copy of its data: restore the group from a backup (docs/backup.md)",
+        r.member, r.claim_uid
+    )
+}
+
+/// A member of a group of one or two lost its volume: it cannot be
+/// replaced, since without it the others have no quorum. It is kept if it
+/// serves on its new claim after all (a claim bound again to its volume);
+/// told to join the cluster it had, a member that starts empty cannot, and
+/// in a group of two, ready means both serve. Otherwise the group waits
+/// for a restore from a backup, and a group of one has its region held in
+/// the directory meanwhile: no agent claims its lease, so its routers
+/// commit nothing, even on an empty group made again under its name.
+/// True until the member is kept.
+async fn too_small(
+    rg: &RegionGroup,
+    ctx: &Context,
+    pods: i32,
+    live: Option<String>,
+    st: &mut RegionGroupStatus,
+    mut r: MemberReplacement,
+) -> bool {
+    let group = rg.name_any();
+    let namespace = rg.namespace().unwrap_or_default();
+    let pods_api = Api::<Pod>::namespaced(ctx.client.clone(), &namespace);
+    let reason = hold_reason(&group, &r);
+    // Told `existing` by the ConfigMap in effect: a member that is ready
+    // started with data.
+    let told_existing = rg.status.as_ref().is_some_and(|s| !s.raft_members.is_empty());
+    if told_existing
+        && let Some(uid) = live
+        && pod_ready(&pods_api, &r.member).await
+    {
+        if r.held
+            && let Err(why) = super::restore::lift_hold(rg, ctx, &reason).await
+        {
+            st.member_replacement = Some(r);
+            return waiting(
+                st,
+                &group,
+                format!("cannot lift the hold of region {}: {why}", rg.spec.region),
+            );
+        }
+        let note = format!(
+            "{}'s claim is new, but the member serves on it: its data was not lost; its new claim is recorded{}",
+            r.member,
+            if r.held { ", and the region's hold lifted" } else { "" }
+        );
+        tracing::info!(%group, member = %r.member, "member serves: kept");
+        ctx.event(rg, EventType::Normal, "MemberKept", "Replace", note).await;
+        st.member_volumes.insert(r.member.clone(), uid);
+        st.member_replacement = None;
+        return false;
+    }
+    if pods == 1 && !r.held {
+        match super::restore::hold(rg, ctx, reason).await {
+            Ok(()) => {
+                r.held = true;
+                let note = format!(
+                    "region {} held in the directory: {} lost the group's only copy of its data",
+                    rg.spec.region, r.member
+                );
+                tracing::warn!(%group, member = %r.member, "region held");
+                ctx.event(rg, EventType::Warning, "RegionHeld", "Replace", note).await;
+            }
+            Err(why) => {
+                st.member_replacement = Some(r);
+                return waiting(
+                    st,
+                    &group,
+                    format!("cannot hold region {} in the directory: {why}", rg.spec.region),
+                );
+            }
+        }
+    }
+    r.message = if pods == 1 {
+        format!(
+            "{} lost its volume, and with it the group's only copy of its data: region {} is held in the directory (its agent claims no lease, its routers refuse writes), and the member, told to join the cluster it had, does not start empty. Restore the group from a backup (restoreFrom, docs/backup.md). To accept an empty region instead, delete this RegionGroup and lift the hold by hand (etcdctl del /tern/dir/holds/{})",
+            r.member, rg.spec.region, rg.spec.region
+        )
+    } else {
+        format!(
+            "{} lost its volume, and a group of {pods} cannot replace a member (the others have no quorum without it): the group serves again once the member does, or once it is restored from a backup (restoreFrom, docs/backup.md)",
+            r.member
+        )
+    };
+    st.member_replacement = Some(r);
+    true
+}
+
+/// Whether `member`'s pod is ready.
+async fn pod_ready(pods: &Api<Pod>, member: &str) -> bool {
+    pods.get_opt(member).await.ok().flatten().is_some_and(|p| {
+        p.status
+            .and_then(|s| s.conditions)
+            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+    })
+}
+
 /// How long a member on a new claim is given to start on it and answer
 /// as itself before it is removed.
 const START_GRACE: Duration = Duration::from_secs(20);
@@ -321,12 +458,7 @@ async fn starting(claims: &[PersistentVolumeClaim], pods: &Api<Pod>, member: &st
         .clone()?;
     let age = Duration::try_from(Timestamp::now().duration_since(made.0)).unwrap_or_default();
     let left = START_GRACE.checked_sub(age)?;
-    let ready = pods.get_opt(member).await.ok().flatten().is_some_and(|p| {
-        p.status
-            .and_then(|s| s.conditions)
-            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-    });
-    (!ready).then_some(left)
+    (!pod_ready(pods, member).await).then_some(left)
 }
 
 /// Deletes a member's pod; one already gone is no error.

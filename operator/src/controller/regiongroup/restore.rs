@@ -253,7 +253,9 @@ pub async fn step(rg: &RegionGroup, ctx: &Context, st: &mut RegionGroupStatus) -
         // The region is held before any member starts: until the fences
         // agree with the directory (`agree_fences`), its agent claims no
         // lease and its routers commit nothing.
-        if let Err(why) = hold(rg, ctx, backup).await {
+        let reason =
+            format!("{group} restored from backup {backup}; its fences are made to agree with the directory first");
+        if let Err(why) = hold(rg, ctx, reason).await {
             st.restore = Some(RestoreStatus {
                 backup: backup.clone(),
                 done: false,
@@ -394,18 +396,15 @@ async fn directory_of(rg: &RegionGroup, ctx: &Context) -> std::result::Result<et
         .map_err(|e| e.to_string())
 }
 
-/// Holds the group's region in the directory (`/tern/dir/holds/{region}`),
-/// unless it is held already.
-async fn hold(rg: &RegionGroup, ctx: &Context, backup: &str) -> std::result::Result<(), String> {
+/// Holds the group's region in the directory (`/tern/dir/holds/{region}`)
+/// for `reason`, unless it is held already (the first reason stays).
+pub(super) async fn hold(rg: &RegionGroup, ctx: &Context, reason: String) -> std::result::Result<(), String> {
     let region = tern_common::RegionName::new(&rg.spec.region).map_err(|e| e.to_string())?;
     let mut directory = directory_of(rg, ctx).await?;
     let key = dir_hold_key(&region);
     let record = tern_common::RegionHold {
         by: "tern-operator".into(),
-        reason: format!(
-            "{} restored from backup {backup}; its fences are made to agree with the directory first",
-            rg.name_any()
-        ),
+        reason,
         since_ms: tern_common::unix_ms(),
     };
     let value = serde_json::to_vec(&record).map_err(|e| e.to_string())?;
@@ -421,6 +420,40 @@ async fn hold(rg: &RegionGroup, ctx: &Context, backup: &str) -> std::result::Res
         )
         .await
         .map_err(|e| format!("putting {key}: {e}"))?;
+    Ok(())
+}
+
+/// Lifts the hold of the group's region if it is the operator's own for
+/// `reason`; a hold put for anything else (by a person, for a restore)
+/// stays.
+pub(super) async fn lift_hold(rg: &RegionGroup, ctx: &Context, reason: &str) -> std::result::Result<(), String> {
+    let region = tern_common::RegionName::new(&rg.spec.region).map_err(|e| e.to_string())?;
+    let mut directory = directory_of(rg, ctx).await?;
+    let key = dir_hold_key(&region);
+    let found = directory
+        .get(key.clone(), None)
+        .await
+        .map_err(|e| format!("reading {key}: {e}"))?;
+    let Some(kv) = found.kvs().first() else {
+        return Ok(());
+    };
+    let ours = serde_json::from_slice::<tern_common::RegionHold>(kv.value())
+        .is_ok_and(|h| h.by == "tern-operator" && h.reason == reason);
+    if ours {
+        // Only the hold read: one put again since stays.
+        directory
+            .txn(
+                etcd_client::Txn::new()
+                    .when([etcd_client::Compare::mod_revision(
+                        key.clone(),
+                        etcd_client::CompareOp::Equal,
+                        kv.mod_revision(),
+                    )])
+                    .and_then([etcd_client::TxnOp::delete(key.clone(), None)]),
+            )
+            .await
+            .map_err(|e| format!("deleting {key}: {e}"))?;
+    }
     Ok(())
 }
 
