@@ -167,9 +167,10 @@ pub struct RegionGroupStatus {
     #[serde(default)]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,
-    /// The group's Raft members as the operator last read them from etcd,
-    /// once it has changed the group's size (empty before): what a member
-    /// that joins is told.
+    /// The group's Raft members as the operator last read them from etcd:
+    /// what a member that starts without data is told to join. Read the
+    /// first time every member of a data group is ready, and at each change
+    /// of its members; empty before (its members then bootstrap).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub raft_members: Vec<ClusterMember>,
     /// The membership change in progress: the step it is at, or why it

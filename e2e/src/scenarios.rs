@@ -550,6 +550,43 @@ impl Scenarios {
         Ok(())
     }
 
+    /// Waits until `region`'s group has its Raft membership in status
+    /// (`spec.replicas` members) and its ConfigMap tells a member that
+    /// starts without data to join it (`existing`), not to bootstrap.
+    pub async fn membership_recorded(&mut self, region: &str) -> Result<()> {
+        let start = Instant::now();
+        let group = format!("{GEOCLUSTER}-{region}");
+        let deadline = Instant::now() + READY_LIMIT;
+        loop {
+            let rg = self.regiongroup(region, &group)?;
+            let want = rg["spec"]["replicas"].as_i64().unwrap_or(-1);
+            let raft = rg["status"]["raftMembers"].as_array().map_or(0, Vec::len);
+            let state = self.kubectl(
+                region,
+                &[
+                    "get",
+                    "configmap",
+                    &tern_operator::names::config_map(&group),
+                    "-n",
+                    NAMESPACE,
+                    "-o",
+                    "jsonpath={.data.initial-cluster-state}",
+                ],
+            )?;
+            if i64::try_from(raft).ok() == Some(want) && state.trim() == "existing" {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(failed(format!(
+                    "{group}'s membership never recorded: {raft} raftMembers of {want}, initial-cluster-state {state:?}"
+                )));
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        self.timed(&format!("{group}'s membership recorded"), start);
+        Ok(())
+    }
+
     /// The only member of `region`'s group loses its volume (its claim and
     /// pod deleted, as a node lost with its local disk): the group's data is
     /// gone. The operator must hold the region in the directory
@@ -1150,6 +1187,9 @@ impl Scenarios {
         self.install().await?;
         self.local_write("us-east", "acct-us").await?;
         self.local_write("ap-south", "acct-ap").await?;
+        // ap-south's group, never resized, has its membership recorded
+        // once it has run: a member that starts empty is told to join it.
+        self.membership_recorded("ap-south").await?;
         // eu-west grows from one member to three (two Raft membership
         // changes) and then serves a local write; it is the successor of
         // the region lost below.

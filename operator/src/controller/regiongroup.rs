@@ -567,8 +567,9 @@ struct Change {
 
 /// Takes the next step of a Raft membership change, if the group's size
 /// differs from its spec or a change is unfinished (see
-/// `crate::membership`), and records it in `st`. A group that has never
-/// changed is not asked anything: etcd is contacted only for a change.
+/// `crate::membership`), and records it in `st`. etcd is contacted only
+/// for a change, and once to record a running group's membership
+/// (`replace::record_membership`).
 async fn membership_change(
     rg: &RegionGroup,
     ctx: &Context,

@@ -82,7 +82,13 @@ pub async fn step(
         if st.membership_change.is_some() {
             return false;
         }
-        if lost.is_none() && ready == pods && st.raft_members.is_empty() {
+        // Only while every member runs on the claim recorded for it: a
+        // claim on its way out or made again may have a member behind it
+        // that bootstraps a cluster of its own with `new`.
+        let on_recorded = claims
+            .iter()
+            .all(|(name, uid)| uid.is_some() && st.member_volumes.get(name) == uid.as_ref());
+        if lost.is_none() && ready == pods && on_recorded && st.raft_members.is_empty() {
             record_membership(rg, tls, pods, st).await;
         }
         let Some((o, uid, was)) = lost else {
@@ -376,20 +382,31 @@ async fn too_small(
         && let Some(uid) = live
         && pod_ready(&pods_api, &r.member).await
     {
-        if r.held
-            && let Err(why) = super::restore::lift_hold(rg, ctx, &reason).await
-        {
-            st.member_replacement = Some(r);
-            return waiting(
-                st,
-                &group,
-                format!("cannot lift the hold of region {}: {why}", rg.spec.region),
-            );
-        }
+        // Asked whether or not `held` says so: the hold may have been put
+        // by a reconcile whose status was then not written.
+        let lifted = if pods == 1 {
+            match super::restore::lift_hold(rg, ctx, &reason).await {
+                Ok(lifted) => lifted,
+                Err(why) => {
+                    st.member_replacement = Some(r);
+                    return waiting(
+                        st,
+                        &group,
+                        format!("cannot lift the hold of region {}: {why}", rg.spec.region),
+                    );
+                }
+            }
+        } else {
+            false
+        };
         let note = format!(
             "{}'s claim is new, but the member serves on it: its data was not lost; its new claim is recorded{}",
             r.member,
-            if r.held { ", and the region's hold lifted" } else { "" }
+            if lifted {
+                ", and the operator's hold of the region lifted"
+            } else {
+                ""
+            }
         );
         tracing::info!(%group, member = %r.member, "member serves: kept");
         ctx.event(rg, EventType::Normal, "MemberKept", "Replace", note).await;
@@ -401,6 +418,10 @@ async fn too_small(
         match super::restore::hold(rg, ctx, reason).await {
             Ok(()) => {
                 r.held = true;
+                // The last restore no longer describes the group: a
+                // restoreFrom that still names its backup restores it
+                // again, rather than being taken as done.
+                st.restore = None;
                 let note = format!(
                     "region {} held in the directory: {} lost the group's only copy of its data",
                     rg.spec.region, r.member

@@ -425,8 +425,8 @@ pub(super) async fn hold(rg: &RegionGroup, ctx: &Context, reason: String) -> std
 
 /// Lifts the hold of the group's region if it is the operator's own for
 /// `reason`; a hold put for anything else (by a person, for a restore)
-/// stays.
-pub(super) async fn lift_hold(rg: &RegionGroup, ctx: &Context, reason: &str) -> std::result::Result<(), String> {
+/// stays. True if it was lifted.
+pub(super) async fn lift_hold(rg: &RegionGroup, ctx: &Context, reason: &str) -> std::result::Result<bool, String> {
     let region = tern_common::RegionName::new(&rg.spec.region).map_err(|e| e.to_string())?;
     let mut directory = directory_of(rg, ctx).await?;
     let key = dir_hold_key(&region);
@@ -435,7 +435,7 @@ pub(super) async fn lift_hold(rg: &RegionGroup, ctx: &Context, reason: &str) -> 
         .await
         .map_err(|e| format!("reading {key}: {e}"))?;
     let Some(kv) = found.kvs().first() else {
-        return Ok(());
+        return Ok(false);
     };
     let ours = serde_json::from_slice::<tern_common::RegionHold>(kv.value())
         .is_ok_and(|h| h.by == "tern-operator" && h.reason == reason);
@@ -452,9 +452,11 @@ pub(super) async fn lift_hold(rg: &RegionGroup, ctx: &Context, reason: &str) -> 
                     .and_then([etcd_client::TxnOp::delete(key.clone(), None)]),
             )
             .await
-            .map_err(|e| format!("deleting {key}: {e}"))?;
+            .map_err(|e| format!("deleting {key}: {e}"))
+            .map(|t| t.succeeded())
+    } else {
+        Ok(false)
     }
-    Ok(())
 }
 
 /// Whether work of the restore remains for a later reconcile.
