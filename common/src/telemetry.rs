@@ -19,7 +19,9 @@ use opentelemetry::{Context, KeyValue};
 #[derive(clap::Args, Clone, Debug, Default, PartialEq)]
 pub struct TraceArgs {
     /// OTLP/gRPC endpoint for traces, e.g. http://127.0.0.1:4317. Unset: no
-    /// traces are exported and no spans are created.
+    /// traces are exported and no spans are created. https:// exports over
+    /// mutual TLS with the component's own certificate (--tls-dir): the
+    /// collector's certificate must chain to that CA and name the URL's host.
     #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", value_parser = parse_endpoint)]
     pub otlp_endpoint: Option<String>,
 
@@ -70,20 +72,48 @@ impl Telemetry {
         Self { exporter: None }
     }
 
-    /// From the flags: exporting when an endpoint is set. Must be called on
-    /// a tokio runtime (the exporter's batch task runs there).
-    pub fn from_args(args: &TraceArgs, who: Identity<'_>) -> Result<Self, crate::CommonError> {
+    /// From the flags: exporting when an endpoint is set, over `tls` (the
+    /// component's own certificate and CA) when it is https://. Must be
+    /// called on a tokio runtime (the exporter's batch task runs there).
+    pub fn from_args(
+        args: &TraceArgs,
+        who: Identity<'_>,
+        tls: Option<&crate::tls::Tls>,
+    ) -> Result<Self, crate::CommonError> {
         match &args.otlp_endpoint {
-            Some(endpoint) => Self::otlp(endpoint, who, args.trace_sampling_ratio),
+            Some(endpoint) => Self::otlp(endpoint, who, args.trace_sampling_ratio, tls),
             None => Ok(Self::disabled()),
         }
     }
 
-    /// Exports to `endpoint` (`http://host:4317`), sampling `ratio` of root
-    /// traces; a span with a sampled parent is always sampled.
-    pub fn otlp(endpoint: &str, who: Identity<'_>, ratio: f64) -> Result<Self, crate::CommonError> {
+    /// Exports to `endpoint` (`http://host:4317`, or `https://` over `tls`),
+    /// sampling `ratio` of root traces; a span with a sampled parent is
+    /// always sampled. An https:// endpoint without `tls` is refused: spans
+    /// name accounts and regions, and they would otherwise go in plain text
+    /// or not at all.
+    pub fn otlp(
+        endpoint: &str,
+        who: Identity<'_>,
+        ratio: f64,
+        tls: Option<&crate::tls::Tls>,
+    ) -> Result<Self, crate::CommonError> {
+        let tls = match (endpoint.starts_with("https://"), tls) {
+            (true, None) => {
+                return Err(crate::CommonError::TraceExport {
+                    endpoint: endpoint.to_string(),
+                    source: format!(
+                        "an https:// endpoint needs {}'s TLS certificate (--tls-dir), which it presents to the collector and whose CA checks the collector's; give --tls-dir, or use http://",
+                        who.component
+                    )
+                    .into(),
+                });
+            }
+            (true, Some(tls)) => Some(tls),
+            // http://: plain, as asked, even where the component has TLS.
+            (false, _) => None,
+        };
         Ok(Self {
-            exporter: Some(exporter::Exporter::new(endpoint, who, ratio)?),
+            exporter: Some(exporter::Exporter::new(endpoint, who, ratio, tls)?),
         })
     }
 
@@ -139,11 +169,15 @@ mod exporter {
 
     use opentelemetry::trace::{SpanKind, TraceContextExt, Tracer, TracerProvider as _};
     use opentelemetry::{Context, KeyValue};
-    use opentelemetry_otlp::WithExportConfig;
+    use opentelemetry_otlp::{WithExportConfig, WithTonicConfig};
     use opentelemetry_sdk::Resource;
     use opentelemetry_sdk::trace::{Sampler, SdkTracer, SdkTracerProvider};
 
     use super::Identity;
+
+    /// How long one export may take, the channel's too (as
+    /// opentelemetry-otlp asks of a channel given to it).
+    const EXPORT_TIMEOUT: Duration = Duration::from_secs(5);
 
     pub struct Exporter {
         provider: Option<SdkTracerProvider>,
@@ -151,16 +185,26 @@ mod exporter {
     }
 
     impl Exporter {
-        pub fn new(endpoint: &str, who: Identity<'_>, ratio: f64) -> Result<Self, crate::CommonError> {
-            let exporter = opentelemetry_otlp::SpanExporter::builder()
+        pub fn new(
+            endpoint: &str,
+            who: Identity<'_>,
+            ratio: f64,
+            tls: Option<&crate::tls::Tls>,
+        ) -> Result<Self, crate::CommonError> {
+            let mut builder = opentelemetry_otlp::SpanExporter::builder()
                 .with_tonic()
                 .with_endpoint(endpoint)
-                .with_timeout(Duration::from_secs(5))
-                .build()
-                .map_err(|e| crate::CommonError::TraceExport {
-                    endpoint: endpoint.to_string(),
-                    source: Box::new(e),
-                })?;
+                .with_timeout(EXPORT_TIMEOUT);
+            if let Some(tls) = tls {
+                // tern's own TLS connector: the certificate presented is
+                // the one on disk at each connection, so a rotated one is
+                // used without a restart, as on every other link.
+                builder = builder.with_channel(tls.channel_with_timeout(endpoint, Some(EXPORT_TIMEOUT))?);
+            }
+            let exporter = builder.build().map_err(|e| crate::CommonError::TraceExport {
+                endpoint: endpoint.to_string(),
+                source: Box::new(e),
+            })?;
             // The batch processor on the tokio runtime: the tonic exporter
             // needs it. Export every second: a trace shows up while people
             // still look at the request that made it.
@@ -251,7 +295,12 @@ mod exporter {
     pub enum Exporter {}
 
     impl Exporter {
-        pub fn new(endpoint: &str, _who: Identity<'_>, _ratio: f64) -> Result<Self, crate::CommonError> {
+        pub fn new(
+            endpoint: &str,
+            _who: Identity<'_>,
+            _ratio: f64,
+            _tls: Option<&crate::tls::Tls>,
+        ) -> Result<Self, crate::CommonError> {
             Err(crate::CommonError::TraceExport {
                 endpoint: endpoint.to_string(),
                 source: "this binary was built without trace export (the `otlp` feature); unset --otlp-endpoint".into(),
@@ -295,6 +344,20 @@ mod tests {
         let ok = Flags::try_parse_from(["x", "--otlp-endpoint=http://c:4317", "--trace-sampling-ratio=0.25"])
             .expect("valid");
         assert_eq!(ok.trace.trace_sampling_ratio, 0.25);
+    }
+
+    #[tokio::test]
+    async fn an_https_endpoint_without_tls_is_refused_naming_the_flag() {
+        let who = Identity {
+            component: "router",
+            region: Some("us-east"),
+            instance: "r1",
+        };
+        let e = match Telemetry::otlp("https://collector:4317", who, 1.0, None) {
+            Ok(_) => panic!("an https:// endpoint without a certificate must be refused"),
+            Err(e) => e.to_string(),
+        };
+        assert!(e.contains("https://collector:4317") && e.contains("--tls-dir"), "{e}");
     }
 
     #[test]

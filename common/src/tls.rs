@@ -377,8 +377,13 @@ impl Tls {
         self.channel_to(&authority, &host)
     }
 
-    /// [`Tls::channel`] to an etcd member, each call bounded by `timeout`.
-    fn etcd_endpoint(&self, url: &str, timeout: Option<Duration>) -> Result<tonic::transport::Channel, CommonError> {
+    /// [`Tls::channel`] with each call bounded by `timeout` (an etcd
+    /// member's, an OTLP collector's).
+    pub fn channel_with_timeout(
+        &self,
+        url: &str,
+        timeout: Option<Duration>,
+    ) -> Result<tonic::transport::Channel, CommonError> {
         let (authority, host) = authority_of(url)?;
         self.dial(&authority, &host, timeout, None)
     }
@@ -753,7 +758,7 @@ pub(crate) fn etcd_channel(
 ) -> Result<etcd_client::Channel, CommonError> {
     let mut channels = Vec::with_capacity(endpoints.len());
     for e in endpoints {
-        channels.push(tls.etcd_endpoint(e, timeout)?);
+        channels.push(tls.channel_with_timeout(e, timeout)?);
     }
     if channels.is_empty() {
         return Err(CommonError::Tls("no etcd endpoint given".into()));

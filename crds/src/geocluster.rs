@@ -49,6 +49,9 @@ use crate::common::{
     validation = Rule::new("self.regions.all(r, !self.regions.exists(o, r.name == 'dir-' + o.name))")
         .message("no region may be named dir-<another region>: its data group would have the name of that region's directory group")
         .field_path(".regions"),
+    validation = Rule::new("!has(self.telemetry) || !self.telemetry.otlpEndpoint.startsWith('https://') || has(self.tls)")
+        .message("an https:// telemetry.otlpEndpoint needs spec.tls: the routers and agents present their certificates to the collector and check its certificate against spec.tls's CA")
+        .field_path(".telemetry.otlpEndpoint"),
     validation = Rule::new("has(self.backup) || !self.regions.exists(r, has(r.restoreFrom))")
         .message("regions[].restoreFrom needs spec.backup: a restore reads the backup from spec.backup's claim")
         .field_path(".regions"),
@@ -535,7 +538,9 @@ pub struct SuccessorOrder {
 #[serde(rename_all = "camelCase")]
 pub struct TelemetrySpec {
     /// OTLP/gRPC endpoint that components export traces to
-    /// (`http://collector:4317`).
+    /// (`http://collector:4317`). `https://` needs spec.tls: routers and
+    /// agents then export over mutual TLS, and the collector's certificate
+    /// must chain to spec.tls's CA and name the endpoint's host.
     #[schemars(length(min = 1, max = 512), regex(pattern = limits::OTLP_ENDPOINT_PATTERN))]
     pub otlp_endpoint: String,
     /// Fraction of root traces sampled, 0 to 1; children follow their parent.

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use tern_api::pb;
+use tern_common::tls::{ClientAuth, Role, Tls, identity};
 use tern_local::otlp::OtlpReceiver;
 use tern_local::{Layout, LocalDeployment};
 
@@ -13,13 +14,18 @@ const RTT_MS: u64 = 80;
 
 /// us-east and eu-west, exporting to `otlp`, with `acct-1` homed in us-east.
 async fn start(agents: bool, otlp: String) -> LocalDeployment {
+    start_with(agents, otlp, false).await
+}
+
+/// [`start`], with TLS on every link when `tls`.
+async fn start_with(agents: bool, otlp: String, tls: bool) -> LocalDeployment {
     let d = LocalDeployment::start(Layout {
         regions: vec![("us-east".into(), 1), ("eu-west".into(), 1)],
         directory_members: 1,
         rtt_ms: BTreeMap::from([(("us-east".into(), "eu-west".into()), RTT_MS)]),
         agents,
         otlp_endpoint: Some(otlp),
-        tls: false,
+        tls,
     })
     .await
     .expect("deployment");
@@ -127,6 +133,59 @@ async fn a_proxied_write_is_one_trace_across_both_regions() {
         continued.contains(&"eu-west-router") && continued.contains(&"us-east-router"),
         "{continued:?}"
     );
+}
+
+/// An https:// endpoint: the routers export over mutual TLS with their own
+/// certificates (the collector sees each router's identity), and check the
+/// collector's against the deployment's CA. The collector's certificate is
+/// made once the deployment's CA exists, on a port handed out before; the
+/// exports that find it not yet serving are retried by the next batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routers_export_to_an_https_collector_over_mutual_tls() {
+    tern_e2e::init_logs();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let endpoint = format!("https://127.0.0.1:{}", listener.local_addr().expect("addr").port());
+    let mut d = start_with(false, endpoint, true).await;
+    let pki = d.pki.as_ref().expect("a deployment with TLS has a CA");
+    let dir = pki
+        .issue("collector", &identity(Role::Client, "collector"))
+        .expect("collector certificate");
+    let tls = Tls::load(&dir, ClientAuth::Required).expect("collector TLS");
+    let receiver = OtlpReceiver::start_tls(listener, tls).expect("receiver");
+    assert!(receiver.endpoint().starts_with("https://"));
+
+    let mut eu = d.client("eu-west").await;
+    let resp = eu
+        .put(pb::PutRequest {
+            account: "acct-1".into(),
+            key: "traced".into(),
+            value: b"v".to_vec(),
+            idempotency_key: String::new(),
+        })
+        .await
+        .expect("proxied put")
+        .into_inner();
+    assert!(resp.meta.expect("meta").forwarded);
+    for r in ["us-east", "eu-west"] {
+        if let Some(router) = d.region_mut(r).router.take() {
+            router.stop().await;
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let spans = receiver.spans();
+    for (region, instance) in [("us-east", "us-east-router"), ("eu-west", "eu-west-router")] {
+        let theirs: Vec<_> = spans.iter().filter(|s| s.instance == instance).collect();
+        assert!(
+            theirs.iter().any(|s| s.name == "router.request"),
+            "no request span from {instance} over TLS: {:?}",
+            spans.iter().map(|s| (&s.name, &s.instance)).collect::<Vec<_>>()
+        );
+        let router = identity(Role::Router, region);
+        assert!(
+            theirs.iter().all(|s| s.exporter_identities.contains(&router)),
+            "{instance}'s spans did not come with its certificate ({router})"
+        );
+    }
 }
 
 fn hex(bytes: &[u8]) -> String {

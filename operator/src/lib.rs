@@ -141,6 +141,9 @@ pub async fn run(
             region: None,
             instance: &identity,
         },
+        // The operator has no certificate of its own (it reads each
+        // GeoCluster's from its Secret): it exports over http:// only.
+        None,
     )?;
     ctx.directory_endpoints = config.directory_endpoints.clone();
     ctx.automatic_history = config.automatic_migration_history as usize;

@@ -121,6 +121,7 @@ pub async fn run(
             region: Some(config.region.as_str()),
             instance: &identity,
         },
+        tls.as_ref(),
     )?;
     let shared = Arc::new(Shared {
         region: config.region.clone(),

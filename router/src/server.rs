@@ -88,6 +88,7 @@ pub async fn run(
             region: Some(config.region.as_str()),
             instance: &instance,
         },
+        tls.as_ref(),
     )?;
     let counts = Arc::new(WriteCounts::new(config.write_count_window, config.write_count_accounts));
     let counts_task = tokio::spawn(counts.clone().publish(

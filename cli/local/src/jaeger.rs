@@ -148,6 +148,8 @@ pub fn parse_trace(body: &str) -> Vec<crate::otlp::ReceivedSpan> {
                     start_ns: nanos(&s["startTimeUnixNano"]),
                     end_ns: nanos(&s["endTimeUnixNano"]),
                     instance: instance.clone(),
+                    // Jaeger does not say who exported a span.
+                    exporter_identities: Vec::new(),
                     attributes: s["attributes"]
                         .as_array()
                         .unwrap_or(&empty)

@@ -23,6 +23,9 @@ pub struct ReceivedSpan {
     pub end_ns: u64,
     /// `service.instance.id` of the resource that sent it.
     pub instance: String,
+    /// The SPIFFE identities of the exporter's client certificate (a
+    /// receiver started with TLS); empty otherwise.
+    pub exporter_identities: Vec<String>,
     pub attributes: Vec<(String, String)>,
 }
 
@@ -67,6 +70,11 @@ impl TraceService for Collector {
         &self,
         request: Request<ExportTraceServiceRequest>,
     ) -> Result<Response<ExportTraceServiceResponse>, Status> {
+        let exporter_identities: Vec<String> = request
+            .extensions()
+            .get::<tern_common::tls::PeerInfo>()
+            .map(|p| p.identities.to_vec())
+            .unwrap_or_default();
         let request = request.into_inner();
         if let Some(client) = &self.forward_to {
             let mut client = client.clone();
@@ -93,6 +101,7 @@ impl TraceService for Collector {
                         start_ns: s.start_time_unix_nano,
                         end_ns: s.end_time_unix_nano,
                         instance: instance.clone(),
+                        exporter_identities: exporter_identities.clone(),
                         attributes: s.attributes.iter().map(|a| (a.key.clone(), text(&a.value))).collect(),
                     });
                 }
@@ -109,11 +118,38 @@ pub struct OtlpReceiver {
     pub addr: SocketAddr,
     collector: Collector,
     stop: Option<oneshot::Sender<()>>,
+    tls: bool,
 }
 
 impl OtlpReceiver {
     pub async fn start() -> std::io::Result<Self> {
         Self::start_forwarding(None).await
+    }
+
+    /// A receiver on `listener` (bound beforehand, so that its address can
+    /// be handed out before its certificate exists) that speaks TLS with
+    /// `tls`, requiring a client certificate when `tls` was loaded so: a
+    /// collector as a deployment with TLS would run it.
+    pub fn start_tls(listener: tokio::net::TcpListener, tls: tern_common::tls::Tls) -> std::io::Result<Self> {
+        let addr = listener.local_addr()?;
+        let collector = Collector::default();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let service = TraceServiceServer::new(collector.clone());
+        let incoming = tern_common::tls::incoming(listener, Some(tls));
+        tokio::spawn(async move {
+            let _ = tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming_shutdown(incoming, async {
+                    let _ = stopped.await;
+                })
+                .await;
+        });
+        Ok(Self {
+            addr,
+            collector,
+            stop: Some(stop),
+            tls: true,
+        })
     }
 
     /// A receiver that also passes every export on to `forward_to`
@@ -152,11 +188,13 @@ impl OtlpReceiver {
             addr,
             collector,
             stop: Some(stop),
+            tls: false,
         })
     }
 
     pub fn endpoint(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     pub fn spans(&self) -> Vec<ReceivedSpan> {
