@@ -208,6 +208,22 @@ pub struct RegionGroupStatus {
     /// up, then promoted. Absent when no member is being replaced.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub member_replacement: Option<MemberReplacement>,
+    /// Every member's volume of a group that has run is gone, and no
+    /// restore is asked for: no member is started, and the region is held.
+    /// Absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_lost: Option<DataLost>,
+}
+
+/// Why a group's members are not started: its data is gone.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct DataLost {
+    /// What was found, and the ways out.
+    pub message: String,
+    /// The group's region is held in the directory because of it.
+    #[serde(default)]
+    pub held: bool,
 }
 
 /// A member being replaced because its volume was lost.

@@ -1316,6 +1316,67 @@ async fn a_restored_group_starts_only_after_its_restore_jobs() {
         s.metadata.deletion_timestamp.is_none().then_some(())
     })
     .await;
+    // Then every volume of us-east is lost, and no restore is asked for
+    // (restoreFrom names the backup restored above): no member is started
+    // on empty volumes, and the region is held. The restore's hold is
+    // lifted first, as the fences would (no member serves here).
+    d.delete("/tern/dir/holds/us-east", None).await.expect("lift");
+    for o in 0..3 {
+        let name = format!("data-restored-us-east-{o}");
+        claims.delete(&name, &Default::default()).await.expect("delete claim");
+        // No controller here removes the protection finalizer.
+        claims
+            .patch(
+                &name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+            )
+            .await
+            .ok();
+    }
+    eventually("us-east's claims gone", WAIT, || async {
+        let left = claims
+            .list(&ListParams::default().labels("app.kubernetes.io/instance=restored-us-east"))
+            .await
+            .ok()?;
+        left.items.is_empty().then_some(())
+    })
+    .await;
+    sets.delete("restored-us-east", &Default::default())
+        .await
+        .expect("delete");
+    let lost = eventually("us-east's data reported lost", WAIT, || async {
+        groups
+            .get("restored-us-east")
+            .await
+            .ok()?
+            .status?
+            .data_lost
+            .filter(|d| d.held)
+    })
+    .await;
+    assert!(
+        lost.message.contains("its data is gone")
+            && lost
+                .message
+                .contains("restoreFrom still names backup us-east-20261203T113457.236Z"),
+        "{}",
+        lost.message
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        sets.get_opt("restored-us-east").await.expect("get").is_none(),
+        "no member starts on empty volumes"
+    );
+    let hold = d.get("/tern/dir/holds/us-east", None).await.expect("read");
+    let hold = hold.kvs().first().expect("us-east is held again");
+    assert!(
+        hold.value_str()
+            .expect("utf-8")
+            .contains("every member's volume of restored-us-east is gone"),
+        "{:?}",
+        hold.value_str()
+    );
     // ap-south's restore is switched to another backup midway: its claim
     // holds part of the first, and nothing starts on it.
     eventually("ap-south's restore Job", WAIT, || async {
@@ -1352,7 +1413,13 @@ async fn a_restored_group_starts_only_after_its_restore_jobs() {
             "custom-columns=REASON:.reason",
         ])
         .expect("events");
-    for reason in ["RestoreStarted", "RestoreFailed", "Restored", "RestoreRefused"] {
+    for reason in [
+        "RestoreStarted",
+        "RestoreFailed",
+        "Restored",
+        "RestoreRefused",
+        "GroupDataLost",
+    ] {
         assert!(events.contains(reason), "{reason} in {events}");
     }
     // us-east's and ap-south's.

@@ -418,10 +418,13 @@ async fn too_small(
         match super::restore::hold(rg, ctx, reason).await {
             Ok(()) => {
                 r.held = true;
-                // The last restore no longer describes the group: a
-                // restoreFrom that still names its backup restores it
-                // again, rather than being taken as done.
-                st.restore = None;
+                // The last restore no longer describes the group: setting
+                // restoreFrom to its backup restores it again. (One that
+                // still names it is not taken as asking: see
+                // `restore::lost`.)
+                if rg.spec.restore.is_none() {
+                    st.restore = None;
+                }
                 let note = format!(
                     "region {} held in the directory: {} lost the group's only copy of its data",
                     rg.spec.region, r.member

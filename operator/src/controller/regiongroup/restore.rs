@@ -109,6 +109,14 @@ pub async fn step(rg: &RegionGroup, ctx: &Context, st: &mut RegionGroupStatus) -
         });
         return Ok(Step::Wait);
     }
+    // A group that has run (its Raft membership is recorded) with no claim
+    // left, and no restore to run: its data is gone.
+    let restoring = rg.spec.restore.as_ref().is_some_and(|r| !done(st, &r.backup));
+    if all.is_empty() && !st.raft_members.is_empty() && !restoring {
+        lost(rg, ctx, st).await;
+        return Ok(Step::Wait);
+    }
+    st.data_lost = None;
     let Some(restore) = &rg.spec.restore else {
         return Ok(Step::Proceed);
     };
@@ -291,6 +299,7 @@ pub async fn step(rg: &RegionGroup, ctx: &Context, st: &mut RegionGroupStatus) -
         // the members are ready.
         st.member_volumes.clear();
         st.member_replacement = None;
+        st.data_lost = None;
         return Ok(Step::Restored);
     }
     let message = if failed.is_empty() {
@@ -324,6 +333,54 @@ pub async fn step(rg: &RegionGroup, ctx: &Context, st: &mut RegionGroupStatus) -
         fences: None,
     });
     Ok(Step::Wait)
+}
+
+/// A group that has run lost every member's volume (a StatefulSet deleted
+/// with its claims, every node lost with its disks) and no restore is
+/// asked for. Its members are not started: on empty volumes, told to join
+/// the cluster they had, they cannot, and a new cluster under the group's
+/// name would serve an empty region. The region is held in the directory,
+/// so that nothing of it commits a write even if a person starts one.
+///
+/// Without restoreFrom, the last restore is forgotten, so that setting
+/// restoreFrom to its backup restores it again. A restoreFrom that still
+/// names the backup restored last is not taken as asking for it again: the
+/// loss may come long after, with newer backups, and which one to restore
+/// is a person's choice.
+async fn lost(rg: &RegionGroup, ctx: &Context, st: &mut RegionGroupStatus) {
+    let group = rg.name_any();
+    let region = &rg.spec.region;
+    let mut held = st.data_lost.as_ref().is_some_and(|d| d.held);
+    let mut why_not = String::new();
+    if !held {
+        let reason = format!(
+            "every member's volume of {group} is gone, and with them the group's data: restore it from a backup (docs/backup.md)"
+        );
+        match hold(rg, ctx, reason).await {
+            Ok(()) => held = true,
+            Err(e) => why_not = format!(" (not held yet: {e})"),
+        }
+    }
+    let restore = match &rg.spec.restore {
+        None => {
+            st.restore = None;
+            "Restore the group from a backup (restoreFrom, docs/backup.md)".to_string()
+        }
+        Some(r) => format!(
+            "restoreFrom still names backup {}, restored before: set it to the backup to restore (to restore {} again, remove restoreFrom first, then set it back)",
+            r.backup, r.backup
+        ),
+    };
+    let message = format!(
+        "every member's volume of {group} is gone (no claim left) and the group has run ({} Raft members recorded): its data is gone. No member is started: on empty volumes they cannot join the cluster they had, and a new one would serve an empty region. Region {region} is held in the directory{why_not}. {restore}; to start it empty instead, delete this RegionGroup and lift the hold by hand (etcdctl del /tern/dir/holds/{region})",
+        st.raft_members.len()
+    );
+    if st.data_lost.as_ref().is_none_or(|d| d.held != held) {
+        tracing::warn!(%group, held, "every member's volume is gone");
+        ctx.event(rg, EventType::Warning, "GroupDataLost", "Restore", message.clone())
+            .await;
+    }
+    st.data_lost = Some(tern_crds::DataLost { message, held });
 }
 
 /// Once a restored group's members are all ready: its accounts' fences made
