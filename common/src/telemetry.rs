@@ -199,7 +199,7 @@ mod exporter {
                 // tern's own TLS connector: the certificate presented is
                 // the one on disk at each connection, so a rotated one is
                 // used without a restart, as on every other link.
-                builder = builder.with_channel(tls.channel_with_timeout(endpoint, Some(EXPORT_TIMEOUT))?);
+                builder = builder.with_channel(tls.channel_to_collector(endpoint, EXPORT_TIMEOUT)?);
             }
             let exporter = builder.build().map_err(|e| crate::CommonError::TraceExport {
                 endpoint: endpoint.to_string(),

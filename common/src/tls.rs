@@ -385,13 +385,13 @@ impl Tls {
         timeout: Option<Duration>,
     ) -> Result<tonic::transport::Channel, CommonError> {
         let (authority, host) = authority_of(url)?;
-        self.dial(&authority, &host, timeout, None)
+        self.dial(&authority, &host, timeout, None, true)
     }
 
     /// A gRPC channel that dials `addr` (host:port) and checks the server's
     /// certificate for `server_name`.
     pub fn channel_to(&self, addr: &str, server_name: &str) -> Result<tonic::transport::Channel, CommonError> {
-        self.dial(addr, server_name, None, None)
+        self.dial(addr, server_name, None, None, true)
     }
 
     /// [`Tls::channel_to`] a server whose certificate must also name
@@ -402,24 +402,39 @@ impl Tls {
         server_name: &str,
         identity: &str,
     ) -> Result<tonic::transport::Channel, CommonError> {
-        self.dial(addr, server_name, None, Some(identity))
+        self.dial(addr, server_name, None, Some(identity), true)
     }
 
-    /// The connect timeout and keep-alives are those of every tern link
-    /// (a dead peer is noticed within 15 s); `timeout` bounds each call.
+    /// [`Tls::channel_with_timeout`] to an OTLP collector: without the
+    /// keep-alive pings of tern's own links. gRPC servers in Go (the
+    /// OpenTelemetry Collector, Jaeger) by default close a connection that
+    /// pings more often than every five minutes ("too_many_pings"), and an
+    /// export that finds its connection gone simply dials again.
+    pub fn channel_to_collector(&self, url: &str, timeout: Duration) -> Result<tonic::transport::Channel, CommonError> {
+        let (authority, host) = authority_of(url)?;
+        self.dial(&authority, &host, Some(timeout), None, false)
+    }
+
+    /// The connect timeout and keep-alives (`keep_alive`) are those of
+    /// every tern link (a dead peer is noticed within 15 s); `timeout`
+    /// bounds each call.
     fn dial(
         &self,
         addr: &str,
         server_name: &str,
         timeout: Option<Duration>,
         expect: Option<&str>,
+        keep_alive: bool,
     ) -> Result<tonic::transport::Channel, CommonError> {
         let mut endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
             .map_err(|e| CommonError::Tls(format!("`{addr}` is not a host:port: {e}")))?
-            .connect_timeout(Duration::from_secs(2))
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(5))
-            .keep_alive_while_idle(true);
+            .connect_timeout(Duration::from_secs(2));
+        if keep_alive {
+            endpoint = endpoint
+                .http2_keep_alive_interval(Duration::from_secs(10))
+                .keep_alive_timeout(Duration::from_secs(5))
+                .keep_alive_while_idle(true);
+        }
         if let Some(t) = timeout {
             endpoint = endpoint.timeout(t);
         }
@@ -508,11 +523,18 @@ fn authority_of(url: &str) -> Result<(String, String), CommonError> {
         .or_else(|| url.strip_prefix("http://"))
         .unwrap_or(url);
     let authority = rest.split('/').next().unwrap_or(rest).to_string();
-    let host = match authority.rsplit_once(':') {
-        Some((h, p)) if p.parse::<u16>().is_ok() => h.trim_start_matches('[').trim_end_matches(']').to_string(),
-        _ => return Err(CommonError::Tls(format!("endpoint `{url}` has no port"))),
-    };
-    Ok((authority, host))
+    let unbracket = |h: &str| h.trim_start_matches('[').trim_end_matches(']').to_string();
+    match authority.rsplit_once(':') {
+        Some((h, p)) if p.parse::<u16>().is_ok() && (!h.contains(':') || h.ends_with(']')) => {
+            let host = unbracket(h);
+            Ok((authority, host))
+        }
+        // An https:// URL without a port has https's (a collector behind
+        // a load balancer); this dialer speaks TLS, so no other default
+        // would be right.
+        _ if url.starts_with("https://") => Ok((format!("{authority}:443"), unbracket(&authority))),
+        _ => Err(CommonError::Tls(format!("endpoint `{url}` has no port"))),
+    }
 }
 
 async fn reload_loop(weak: Weak<Inner>) {
@@ -892,6 +914,17 @@ mod tests {
             .to_string();
         assert!(e.contains("ca.crt") && e.contains("no certificate"), "{e}");
         assert!(authority_of("http://127.0.0.1").is_err());
+        assert_eq!(
+            authority_of("https://collector.observability").expect("https's port"),
+            (
+                "collector.observability:443".to_string(),
+                "collector.observability".to_string()
+            )
+        );
+        assert_eq!(
+            authority_of("https://[::1]:4317/").expect("valid"),
+            ("[::1]:4317".to_string(), "::1".to_string())
+        );
         assert_eq!(
             authority_of("https://etcd-0.us-east:2379").expect("valid"),
             ("etcd-0.us-east:2379".to_string(), "etcd-0.us-east".to_string())
