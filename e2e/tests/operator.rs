@@ -1484,3 +1484,53 @@ async fn an_update_only_apply_never_makes_a_deleted_object_again() {
     );
     assert_eq!(value(api.get("members").await.expect("get")).as_deref(), Some("e"));
 }
+
+/// A region taken out of the spec goes with its RegionGroup, not only with
+/// the RegionGroup's objects: a RegionGroup left behind would make its
+/// StatefulSet again on its next reconcile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_region_removed_from_the_spec_goes_with_its_regiongroup() {
+    let (cp, client) = setup("prune").await;
+    let _operator = OperatorGuard::start(&cp, &[]).await.expect("operator starts");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("prune.yaml");
+    let write = |regions: &str| {
+        std::fs::write(
+            &path,
+            format!(
+                "apiVersion: tern.dev/v1alpha1\nkind: GeoCluster\nmetadata:\n  name: prune\n  namespace: default\nspec:\n  regions:\n{regions}  directory:\n    members: [{{region: us-east}}]\n"
+            ),
+        )
+        .expect("write");
+    };
+    write("  - {name: us-east, zones: [a], replicas: 1}\n  - {name: eu-west, zones: [a], replicas: 1}\n");
+    cp.kubectl(&["apply", "-f", path.to_str().expect("utf-8")])
+        .expect("the GeoCluster applies");
+    let groups: Api<RegionGroup> = Api::namespaced(client.clone(), NS);
+    let sets: Api<StatefulSet> = Api::namespaced(client.clone(), NS);
+    eventually("eu-west's StatefulSet", WAIT, || async {
+        sets.get_opt("prune-eu-west").await.ok()?
+    })
+    .await;
+
+    write("  - {name: us-east, zones: [a], replicas: 1}\n");
+    cp.kubectl(&["apply", "-f", path.to_str().expect("utf-8")])
+        .expect("eu-west leaves the spec");
+    eventually("eu-west's RegionGroup and StatefulSet gone", WAIT, || async {
+        let group = groups.get_opt("prune-eu-west").await.ok()?;
+        let set = sets.get_opt("prune-eu-west").await.ok()?;
+        (group.is_none() && set.is_none_or(|s| s.metadata.deletion_timestamp.is_some())).then_some(())
+    })
+    .await;
+    // Nothing makes it again.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(groups.get_opt("prune-eu-west").await.expect("get").is_none());
+    assert!(
+        sets.get_opt("prune-eu-west")
+            .await
+            .expect("get")
+            .is_none_or(|s| s.metadata.deletion_timestamp.is_some()),
+        "eu-west's StatefulSet was made again"
+    );
+    assert!(groups.get_opt("prune-us-east").await.expect("get").is_some());
+}

@@ -12,7 +12,7 @@ use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{ListParams, Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{self, Event as FinalizerEvent, finalizer};
@@ -266,6 +266,15 @@ async fn prune_groups(gc: &GeoCluster, ctx: &Context, desired: &Desired) -> Resu
                 names::LABEL_INSTANCE,
                 group.name_any()
             );
+            // The RegionGroup first: left behind, its own reconcile would
+            // make the objects deleted below again.
+            match groups_api.delete(&group.name_any(), &DeleteParams::background()).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Err(e) => {
+                    return Err(e).context(|| format!("deleting RegionGroup {namespace}/{}", group.name_any()));
+                }
+            }
             delete_group_objects(ctx, &namespace, &selector, gc.spec.deletion_policy).await?;
             let note = format!(
                 "deleted RegionGroup {}: region {} or its directory members left the spec",

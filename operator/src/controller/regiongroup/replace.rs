@@ -444,7 +444,7 @@ async fn too_small(
     }
     r.message = if pods == 1 {
         format!(
-            "{} lost its volume, and with it the group's only copy of its data: region {} is held in the directory (its agent claims no lease, its routers refuse writes), and the member, told to join the cluster it had, does not start empty. Restore the group from a backup (restoreFrom, docs/backup.md). To accept an empty region instead, delete this RegionGroup and lift the hold by hand (etcdctl del /tern/dir/holds/{})",
+            "{} lost its volume, and with it the group's only copy of its data: region {} is held in the directory (its agent claims no lease, its routers refuse writes), and the member, told to join the cluster it had, does not start empty. Restore the group from a backup (restoreFrom, docs/backup.md). To accept an empty region instead, remove restoreFrom if set, delete this RegionGroup (the GeoCluster makes it again, new) and lift the hold by hand (etcdctl del /tern/dir/holds/{})",
             r.member, rg.spec.region, rg.spec.region
         )
     } else {

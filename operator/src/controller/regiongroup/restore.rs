@@ -116,7 +116,21 @@ pub async fn step(rg: &RegionGroup, ctx: &Context, st: &mut RegionGroupStatus) -
         lost(rg, ctx, st).await;
         return Ok(Step::Wait);
     }
-    st.data_lost = None;
+    if let Some(was) = st.data_lost.take()
+        && was.held
+        && !restoring
+    {
+        // Claims back without a restore (bound again by hand to the
+        // volumes that held the data): the members start on them, and the
+        // hold put for the loss goes. A restore lifts it itself, once the
+        // fences agree.
+        if let Err(e) = lift_hold(rg, ctx, &lost_reason(&group)).await {
+            tracing::warn!(%group, error = %e, "cannot lift the hold put when the volumes were lost");
+            st.data_lost = Some(was);
+            return Ok(Step::Wait);
+        }
+        tracing::info!(%group, "claims are back: the hold put when the volumes were lost is lifted");
+    }
     let Some(restore) = &rg.spec.restore else {
         return Ok(Step::Proceed);
     };
@@ -335,6 +349,13 @@ pub async fn step(rg: &RegionGroup, ctx: &Context, st: &mut RegionGroupStatus) -
     Ok(Step::Wait)
 }
 
+/// The hold put on the region of a group that lost every volume.
+fn lost_reason(group: &str) -> String {
+    format!(
+        "every member's volume of {group} is gone, and with them the group's data: restore it from a backup (docs/backup.md)"
+    )
+}
+
 /// A group that has run lost every member's volume (a StatefulSet deleted
 /// with its claims, every node lost with its disks) and no restore is
 /// asked for. Its members are not started: on empty volumes, told to join
@@ -353,10 +374,7 @@ async fn lost(rg: &RegionGroup, ctx: &Context, st: &mut RegionGroupStatus) {
     let mut held = st.data_lost.as_ref().is_some_and(|d| d.held);
     let mut why_not = String::new();
     if !held {
-        let reason = format!(
-            "every member's volume of {group} is gone, and with them the group's data: restore it from a backup (docs/backup.md)"
-        );
-        match hold(rg, ctx, reason).await {
+        match hold(rg, ctx, lost_reason(&group)).await {
             Ok(()) => held = true,
             Err(e) => why_not = format!(" (not held yet: {e})"),
         }
@@ -367,12 +385,12 @@ async fn lost(rg: &RegionGroup, ctx: &Context, st: &mut RegionGroupStatus) {
             "Restore the group from a backup (restoreFrom, docs/backup.md)".to_string()
         }
         Some(r) => format!(
-            "restoreFrom still names backup {}, restored before: set it to the backup to restore (to restore {} again, remove restoreFrom first, then set it back)",
+            "restoreFrom still names backup {}, restored before: set it to the backup to restore (to restore {} again, remove restoreFrom, wait until status.restore is gone, then set it back)",
             r.backup, r.backup
         ),
     };
     let message = format!(
-        "every member's volume of {group} is gone (no claim left) and the group has run ({} Raft members recorded): its data is gone. No member is started: on empty volumes they cannot join the cluster they had, and a new one would serve an empty region. Region {region} is held in the directory{why_not}. {restore}; to start it empty instead, delete this RegionGroup and lift the hold by hand (etcdctl del /tern/dir/holds/{region})",
+        "every member's volume of {group} is gone (no claim left) and the group has run ({} Raft members recorded): its data is gone. No member is started: on empty volumes they cannot join the cluster they had, and a new one would serve an empty region. Region {region} is held in the directory{why_not}. {restore}. To start it empty instead, remove restoreFrom if set, delete this RegionGroup (the GeoCluster makes it again, new) and lift the hold by hand (etcdctl del /tern/dir/holds/{region})",
         st.raft_members.len()
     );
     if st.data_lost.as_ref().is_none_or(|d| d.held != held) {
