@@ -114,11 +114,18 @@ pub fn pending(request: Option<i64>, last: Option<&Taken>) -> bool {
 }
 
 /// Records a backup of the group as its last, if `guard` (the agent's
-/// leadership) still holds. Returns whether it held.
-pub async fn record(client: &mut Client, taken: &Taken, guard: Compare) -> Result<bool, CommonError> {
+/// leadership, in its own group) still holds. Returns whether it held.
+/// The directory's record has no guard: the agent's leadership lives in
+/// its own group, and a record written by an agent deposed a moment ago is
+/// still of a backup that was taken.
+pub async fn record(client: &mut Client, taken: &Taken, guard: Option<Compare>) -> Result<bool, CommonError> {
     let value = serde_json::to_vec(taken).map_err(|e| CommonError::Backup(e.to_string()))?;
     let resp = client
-        .txn(Txn::new().when([guard]).and_then([TxnOp::put(LAST_KEY, value, None)]))
+        .txn(
+            Txn::new()
+                .when(guard.into_iter().collect::<Vec<_>>())
+                .and_then([TxnOp::put(LAST_KEY, value, None)]),
+        )
         .await
         .map_err(|e| etcd_error("recording the backup taken", e))?;
     Ok(resp.succeeded())

@@ -157,6 +157,12 @@ pub fn dir_hold_key(region: &RegionName) -> String {
     format!("{DIR_HOLDS}{region}")
 }
 
+/// Directory: the roll lock of the directory's members (a JSON record of
+/// the region and member, on a lease): the operators of the directory's
+/// shares, each in its own cluster, restart one directory member at a time
+/// (operator/src/controller/regiongroup/directory_roll.rs).
+pub const DIR_ROLL_LOCK: &str = "/tern/dir/ops/roll";
+
 /// Directory: prefix of every migration's intent record.
 pub const DIR_MIGRATIONS: &str = "/tern/dir/migrations/";
 

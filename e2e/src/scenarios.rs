@@ -877,8 +877,93 @@ impl Scenarios {
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
         }
+        // The directory's shares, one per cluster, roll too: by their
+        // operators (OnDelete), one directory member at a time, after a
+        // backup of the directory.
+        for r in &regions {
+            let group = format!("{GEOCLUSTER}-dir-{r}");
+            loop {
+                let json = self.kubectl(r, &["get", "statefulset", &group, "-n", NAMESPACE, "-o", "json"])?;
+                let sts: serde_json::Value =
+                    serde_json::from_str(&json).map_err(|e| failed(format!("StatefulSet {group}: {e}")))?;
+                let strategy = sts["spec"]["updateStrategy"]["type"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string();
+                let image_now = sts["spec"]["template"]["spec"]["containers"][0]["image"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string();
+                let revision = sts["status"]["updateRevision"].as_str().unwrap_or_default().to_string();
+                let replicas = sts["spec"]["replicas"].as_u64().unwrap_or(0) as usize;
+                let pods = self.kubectl(
+                    r,
+                    &[
+                        "get",
+                        "pods",
+                        "-n",
+                        NAMESPACE,
+                        "-l",
+                        &format!("app.kubernetes.io/name=etcd,app.kubernetes.io/instance={group}"),
+                        "-o",
+                        r#"jsonpath={range .items[*]}{.metadata.labels.controller-revision-hash} {.status.containerStatuses[0].ready}{"\n"}{end}"#,
+                    ],
+                )?;
+                let rolled = pods.lines().filter(|l| *l == format!("{revision} true")).count();
+                let status = self.group_status(r, &group, "rollingUpdate")?;
+                if image_now == image && rolled == replicas && status.trim().is_empty() {
+                    check(
+                        strategy == "OnDelete",
+                        format!("{group}'s StatefulSet rolls by {strategy:?}, not by its operator (OnDelete)"),
+                    )?;
+                    let events = self.kubectl(
+                        r,
+                        &[
+                            "get",
+                            "events.v1.events.k8s.io",
+                            "-n",
+                            NAMESPACE,
+                            "--field-selector",
+                            &format!("regarding.name={group}"),
+                            "-o",
+                            r#"jsonpath={range .items[*]}{.reason} {.series.count}{"\n"}{end}"#,
+                        ],
+                    )?;
+                    // Repeats of an event are one object with a series.
+                    let restarts: usize = events
+                        .lines()
+                        .filter_map(|l| l.strip_prefix("MemberRestarted"))
+                        .map(|c| c.trim().parse::<usize>().unwrap_or(1))
+                        .sum();
+                    check(
+                        restarts == replicas,
+                        format!("{group}: {restarts} restarts by the operator for {replicas} members"),
+                    )?;
+                    // The template waited for a backup of the directory,
+                    // asked through the directory.
+                    let backup = self.group_status(r, &group, "preUpgradeBackup.backup")?;
+                    check(
+                        !backup.trim().is_empty(),
+                        format!("{group} rolled onto {image} without a pre-upgrade backup of the directory"),
+                    )?;
+                    eprintln!(
+                        "scenario: {group} rolled by its operator after directory backup {}",
+                        backup.trim()
+                    );
+                    break;
+                }
+                if Instant::now() > deadline {
+                    return Err(HarnessError::NotReady {
+                        what: format!("directory share {group} rolled onto {image}"),
+                        secs: READY_LIMIT.as_secs(),
+                        log: format!("pods (revision ready), want {revision}:\n{pods}\nrolling update: {status}"),
+                    });
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
         self.timed(
-            "every data group backed up, then rolled onto a new etcd image, leaders last",
+            "every data group backed up, then rolled onto a new etcd image, leaders last; the directory one member at a time",
             start,
         );
         Ok(())

@@ -420,6 +420,63 @@ async fn the_agent_takes_a_backup_asked_for_through_its_group() {
     );
 }
 
+/// The directory's pre-upgrade backup, against a real agent: asked for
+/// through the directory itself, taken by the agent that backs the
+/// directory up (`--backup-directory-group`) at once although its schedule
+/// has none due, read after the request, and recorded in the directory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_takes_a_directory_backup_asked_for_through_the_directory() {
+    use tern_common::backup_request::{self, Request};
+    let backups = tempfile::tempdir().expect("tempdir");
+    let d = backing_up(
+        backups.path(),
+        &["--backup-every=1h", "--backup-keep=5", "--backup-directory-group"],
+    )
+    .await;
+    let list = || tern_common::backup::list(backups.path(), "directory").expect("list");
+    let mut directory = d.directory_client().await;
+    // The scheduled backup of the directory is recorded in the directory.
+    let until = Instant::now() + Duration::from_secs(60);
+    let first = loop {
+        if let Ok((_, Some(last))) = backup_request::read(&mut directory).await {
+            break last;
+        }
+        assert!(Instant::now() < until, "no directory backup recorded within 60 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(list().iter().any(|m| m.id == first.id), "{:?}", list());
+
+    let asked = backup_request::ask(
+        &mut directory,
+        &Request {
+            by: "the test".into(),
+            reason: "an upgrade of the directory".into(),
+            tag: "v2".into(),
+        },
+    )
+    .await
+    .expect("asked");
+    let until = Instant::now() + Duration::from_secs(30);
+    let taken = loop {
+        if let Some(t) = backup_request::answer(&mut directory, asked).await.expect("read") {
+            break t;
+        }
+        assert!(
+            Instant::now() < until,
+            "the directory backup asked at revision {asked} was not taken within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_ne!(taken.id, first.id);
+    assert!(taken.revision_min >= asked, "{taken:?}, asked at {asked}");
+    let kept = list();
+    let m = kept
+        .iter()
+        .find(|m| m.id == taken.id)
+        .unwrap_or_else(|| panic!("the directory backup recorded is kept: {kept:?}"));
+    tern_common::backup::verify(backups.path(), m).expect("the backup asked for is whole");
+}
+
 /// After a restore under a live directory, the operator makes the restored
 /// group's fences agree with the directory (`tern_operator::fences`),
 /// against real etcd: an account created since the backup is made writable

@@ -24,6 +24,8 @@ pub const MAX_APPLY_GAP: u64 = 1_000;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MemberState {
     pub ordinal: i32,
+    /// What the reasons call it (its pod's name).
+    pub name: String,
     /// 0 when it did not answer.
     pub id: u64,
     /// The etcd server version it runs (`3.6.16`), empty when it did not
@@ -168,7 +170,7 @@ pub fn plan(members: &[MemberState]) -> Step {
     // member down already: nothing else goes until it is back.
     if let Some(m) = members.iter().find(|m| m.pod.terminating) {
         return Step::Wait {
-            reason: format!("member {}'s pod is terminating", m.ordinal),
+            reason: format!("{}'s pod is terminating", m.name),
         };
     }
     let down: Vec<&MemberState> = members.iter().filter(|m| !m.answered() || !m.pod.ready).collect();
@@ -191,9 +193,9 @@ pub fn plan(members: &[MemberState]) -> Step {
     if let Some(m) = down.first() {
         return Step::Wait {
             reason: if m.answered() {
-                format!("member {}'s pod is not ready", m.ordinal)
+                format!("{}'s pod is not ready", m.name)
             } else {
-                format!("member {} does not answer", m.ordinal)
+                format!("{} does not answer", m.name)
             },
         };
     }
@@ -226,37 +228,52 @@ pub fn plan(members: &[MemberState]) -> Step {
 /// applied within [`MAX_APPLY_GAP`] of it; else what is awaited.
 fn healthy(members: &[MemberState]) -> Result<&MemberState, String> {
     if let Some(m) = members.iter().find(|m| !m.answered()) {
-        return Err(format!("member {} does not answer", m.ordinal));
+        return Err(format!("{} does not answer", m.name));
     }
     let leader_id = members.iter().map(|m| m.leader).find(|l| *l != 0).unwrap_or(0);
     let Some(leader) = members.iter().find(|m| m.id == leader_id) else {
         return Err("the group has no leader".into());
     };
     if let Some(m) = members.iter().find(|m| m.leader != leader_id) {
-        return Err(format!("member {} does not follow the leader yet", m.ordinal));
+        return Err(format!("{} does not follow the leader yet", m.name));
     }
     if let Some(m) = members
         .iter()
         .find(|m| leader.applied.saturating_sub(m.applied) > MAX_APPLY_GAP)
     {
-        return Err(format!("member {} is behind the leader", m.ordinal));
+        return Err(format!("{} is behind the leader", m.name));
     }
     Ok(leader)
 }
 
-/// Reads each member's status at its client URL (`(ordinal, url)`);
-/// `pod` says whether a member's pod runs the target image, and its state.
-/// A member that does not answer within 2 s is returned unanswered.
+/// Reads each member's status at its client URL (`(ordinal, url)`), named
+/// `member <ordinal>`; see [`observe_named`].
 pub async fn observe(
     members: &[(i32, String)],
     tls: Option<&tern_common::tls::Tls>,
     pod: impl Fn(i32) -> (bool, PodState),
 ) -> Vec<MemberState> {
+    let named: Vec<(i32, String, String)> = members
+        .iter()
+        .map(|(o, url)| (*o, format!("member {o}"), url.clone()))
+        .collect();
+    observe_named(&named, tls, pod).await
+}
+
+/// Reads each member's status at its client URL (`(ordinal, name, url)`);
+/// `pod` says whether a member's pod runs the target image, and its state.
+/// A member that does not answer within 2 s is returned unanswered.
+pub async fn observe_named(
+    members: &[(i32, String, String)],
+    tls: Option<&tern_common::tls::Tls>,
+    pod: impl Fn(i32) -> (bool, PodState),
+) -> Vec<MemberState> {
     let mut out = Vec::new();
-    for (ordinal, url) in members {
+    for (ordinal, name, url) in members {
         let (current, pod) = pod(*ordinal);
         let mut state = MemberState {
             ordinal: *ordinal,
+            name: name.clone(),
             id: 0,
             version: String::new(),
             applied: 0,
@@ -291,6 +308,7 @@ mod tests {
     fn member(ordinal: i32, leader: u64, applied: u64, current: bool) -> MemberState {
         MemberState {
             ordinal,
+            name: format!("member {ordinal}"),
             id: ordinal as u64 + 1,
             version: "3.6.16".into(),
             applied,

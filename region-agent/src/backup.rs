@@ -14,7 +14,8 @@
 //! through the group (`tern_common::backup_request`: the operator does,
 //! before it rolls the members onto another etcd image), within
 //! [`ASKED_POLL`]; every backup of the group is then recorded there, so
-//! that whoever asked sees when it is answered.
+//! that whoever asked sees when it is answered. The same holds for the
+//! directory, asked through the directory, when this agent backs it up.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -60,34 +61,46 @@ fn due_in(settings: &Settings, group: &str) -> Result<(Duration, Option<u64>), t
     ))
 }
 
-/// Whether a backup of the region's group is asked for and not yet taken:
-/// neither recorded in the group nor `unrecorded` (taken, its record not
-/// yet written). A group that cannot be read asks for nothing (the next
-/// round reads it again).
-async fn asked(client: &mut Client, region: &str, unrecorded: Option<&backup_request::Taken>) -> bool {
+/// Whether a backup of a group (the region's, or the directory) is asked
+/// for and not yet taken: neither recorded in the group nor `unrecorded`
+/// (taken, its record not yet written). A group that cannot be read asks
+/// for nothing (the next round reads it again).
+async fn asked(client: &mut Client, group: &str, unrecorded: Option<&backup_request::Taken>) -> bool {
     match backup_request::read(client).await {
         Ok((request, last)) => {
             let request = request.map(|(revision, _)| revision);
             backup_request::pending(request, last.as_ref()) && backup_request::pending(request, unrecorded)
         }
         Err(e) => {
-            tracing::debug!(group = %region, error = %e, "cannot read the backup request");
+            tracing::debug!(%group, error = %e, "cannot read the backup request");
             false
         }
     }
 }
 
-pub async fn run(settings: Settings, mut client: Client, leadership: Leadership, shared: Arc<Shared>) -> AgentError {
+/// `clients[i]` reaches `settings.groups[i]` (the region's group, then
+/// the directory when it is backed up here): the group a backup of it is
+/// asked for and recorded through.
+pub async fn run(
+    settings: Settings,
+    mut clients: Vec<Client>,
+    leadership: Leadership,
+    shared: Arc<Shared>,
+) -> AgentError {
     let metrics = &shared.metrics;
     let mut retry_at: Vec<Option<tokio::time::Instant>> = vec![None; settings.groups.len()];
-    // The region's last backup when its record could not be written: the
+    // A group's last backup when its record could not be written: the
     // record is tried again, not the backup (another backup per round
     // would prune the older ones away).
-    let mut unrecorded: Option<backup_request::Taken> = None;
+    let mut unrecorded: Vec<Option<backup_request::Taken>> = vec![None; settings.groups.len()];
+    // The region's own record is guarded by the agent's leadership there;
+    // the directory's cannot be (see `backup_request::record`).
+    let guard = |i: usize| (i == 0).then(|| leadership.guard());
     loop {
-        if let Some(taken) = &unrecorded {
-            match backup_request::record(&mut client, taken, leadership.guard()).await {
-                Ok(true) => unrecorded = None,
+        for (i, client) in clients.iter_mut().enumerate() {
+            let Some(taken) = &unrecorded[i] else { continue };
+            match backup_request::record(client, taken, guard(i)).await {
+                Ok(true) => unrecorded[i] = None,
                 Ok(false) => return AgentError::NotLeader(shared.region.to_string()),
                 Err(e) => tracing::debug!(backup = %taken.id, error = %e, "still cannot record the backup"),
             }
@@ -99,7 +112,10 @@ pub async fn run(settings: Settings, mut client: Client, leadership: Leadership,
             if retry_at[i].is_some_and(|t| tokio::time::Instant::now() < t) {
                 continue;
             }
-            let asked = i == 0 && asked(&mut client, group, unrecorded.as_ref()).await;
+            let asked = match clients.get_mut(i) {
+                Some(client) => asked(client, group, unrecorded[i].as_ref()).await,
+                None => false,
+            };
             let labels = |outcome: &str| BackupLabels {
                 group: group.clone(),
                 outcome: outcome.to_string(),
@@ -144,21 +160,21 @@ pub async fn run(settings: Settings, mut client: Client, leadership: Leadership,
                         asked,
                         "backup taken"
                     );
-                    if i == 0 {
+                    if let Some(client) = clients.get_mut(i) {
                         let taken = backup_request::Taken {
                             id: m.id.clone(),
                             revision_min: m.revision_min,
                             revision_max: m.revision_max,
                             taken_at_ms: m.taken_at_ms,
                         };
-                        match backup_request::record(&mut client, &taken, leadership.guard()).await {
+                        match backup_request::record(client, &taken, guard(i)).await {
                             Ok(true) => {}
                             Ok(false) => return AgentError::NotLeader(shared.region.to_string()),
                             // Whoever asked waits until the record is
                             // written: tried again every round.
                             Err(e) => {
                                 tracing::warn!(group = %group, error = %e, "cannot record the backup in the group");
-                                unrecorded = Some(taken);
+                                unrecorded[i] = Some(taken);
                             }
                         }
                     }
@@ -197,8 +213,7 @@ pub async fn run(settings: Settings, mut client: Client, leadership: Leadership,
             .unwrap_or(RETRY)
             .clamp(Duration::from_millis(100), RETRY);
         let wake_at = now + next;
-        let own = settings.groups.first().map(|(g, _)| g.as_str()).unwrap_or_default();
-        loop {
+        'sleep: loop {
             let step = wake_at
                 .saturating_duration_since(tokio::time::Instant::now())
                 .min(ASKED_POLL);
@@ -206,8 +221,13 @@ pub async fn run(settings: Settings, mut client: Client, leadership: Leadership,
                 break;
             }
             tokio::time::sleep(step).await;
-            if unrecorded.is_some() || asked(&mut client, own, None).await {
+            if unrecorded.iter().any(Option::is_some) {
                 break;
+            }
+            for (client, (group, _)) in clients.iter_mut().zip(&settings.groups) {
+                if asked(client, group, None).await {
+                    break 'sleep;
+                }
             }
         }
     }

@@ -272,8 +272,10 @@ pub async fn run(
         ));
         if let Some(dir) = &config.backup_dir {
             let mut groups = vec![(config.region.to_string(), config.group_endpoints.clone())];
+            let mut clients = vec![group.clone()];
             if config.backup_directory_group {
                 groups.push(("directory".to_string(), config.directory_endpoints.clone()));
+                clients.push(directory.clone());
             }
             loops.spawn(backup::run(
                 backup::Settings {
@@ -283,7 +285,7 @@ pub async fn run(
                     groups,
                     tls: tls.clone(),
                 },
-                group.clone(),
+                clients,
                 leadership.clone(),
                 shared.clone(),
             ));

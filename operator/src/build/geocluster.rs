@@ -152,9 +152,9 @@ fn group(
                 member_secret: t.etcd_secret(),
                 client_secret: t.operator_secret(),
             }),
-            // The directory's members are never rolled by the operator.
+            // The directory is backed up by the first region's agent
+            // (`components::agent_args`), asked through the directory.
             pre_upgrade_backup: gc.spec.backup.is_some()
-                && role == GroupRole::Data
                 && gc
                     .annotations()
                     .get(names::ANNOTATION_SKIP_PRE_UPGRADE_BACKUP)
@@ -321,7 +321,7 @@ mod tests {
     }
 
     #[test]
-    fn data_groups_ask_for_a_pre_upgrade_backup_when_the_cluster_backs_up() {
+    fn every_group_asks_for_a_pre_upgrade_backup_when_the_cluster_backs_up() {
         let mut gc = example();
         let asks = |gc: &GeoCluster| -> Vec<(GroupRole, bool)> {
             region_groups(gc, &RegionFilter::all())
@@ -335,8 +335,10 @@ mod tests {
             every: "1h".into(),
             keep: 24,
         });
-        // The directory's members are not rolled by the operator.
-        assert!(asks(&gc).iter().all(|(role, ask)| *ask == (*role == GroupRole::Data)));
+        // The directory's shares too: the first region's agent backs the
+        // directory up, asked through the directory.
+        assert!(asks(&gc).iter().all(|(_, ask)| *ask));
+        assert!(asks(&gc).iter().any(|(role, _)| *role == GroupRole::Directory));
         // The way past a backup that cannot be taken.
         gc.annotations_mut()
             .insert(names::ANNOTATION_SKIP_PRE_UPGRADE_BACKUP.into(), "true".into());

@@ -19,7 +19,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::ObjectMeta;
 use kube::{Resource, ResourceExt};
-use tern_crds::{ClusterMember, DeletionPolicy, GroupRole, RegionGroup};
+use tern_crds::{ClusterMember, DeletionPolicy, RegionGroup};
 
 use crate::etcd_flags::{ClusterState, MemberConfig, member_args};
 use crate::names;
@@ -283,19 +283,12 @@ fn stateful_set(rg: &RegionGroup, pods: i32, config_hash: &str) -> StatefulSet {
             // Members must all start to elect a leader; OrderedReady would wait
             // for member 0 to be ready, which needs a quorum first.
             pod_management_policy: Some("Parallel".into()),
-            // A data group's members are restarted by the operator, one at
-            // a time and the leader last (`crate::upgrade`). A directory
-            // share's leader may be in another cluster, and its operator
-            // cannot see the others' steps: Kubernetes rolls it.
+            // Members are restarted by the operator, one at a time and the
+            // leader last (`crate::upgrade`); a directory share's, one
+            // directory member at a time across clusters
+            // (`controller/regiongroup/directory_roll.rs`).
             update_strategy: Some(StatefulSetUpdateStrategy {
-                type_: Some(
-                    if rg.spec.role == GroupRole::Data {
-                        "OnDelete"
-                    } else {
-                        "RollingUpdate"
-                    }
-                    .into(),
-                ),
+                type_: Some("OnDelete".into()),
                 ..StatefulSetUpdateStrategy::default()
             }),
             selector: LabelSelector {

@@ -25,6 +25,7 @@ use crate::membership::{self, Progress, Step};
 use crate::status::MemberCounts;
 use crate::{Error, Result, build, names, status};
 
+mod directory_roll;
 mod replace;
 mod restore;
 
@@ -267,7 +268,7 @@ async fn rolling_update(
     sts: Option<&StatefulSet>,
     st: &mut RegionGroupStatus,
 ) -> bool {
-    let Some(sts) = sts.filter(|_| rg.spec.role == GroupRole::Data) else {
+    let Some(sts) = sts else {
         st.rolling_update = None;
         return false;
     };
@@ -325,7 +326,30 @@ async fn rolling_update(
         };
         (current, state)
     };
+    let directory = rg.spec.role == GroupRole::Directory;
+    let mut members: Vec<(i32, String, String)> = member_urls(rg, replicas, tls.is_some())
+        .into_iter()
+        .map(|(o, url)| (o, names::member_name(&group, o), url))
+        .collect();
+    if directory {
+        members.extend(directory_roll::other_members(rg, replicas));
+    }
+    let directory_client = async || {
+        let urls: Vec<&str> = members.iter().map(|(_, _, u)| u.as_str()).collect();
+        tern_common::etcd::client(&urls, tls, Some(BACKUP_CALL_TIMEOUT))
+            .await
+            .map_err(|e| format!("cannot reach the directory: {e}"))
+    };
     if (0..replicas).all(|o| pod_of(o).0) {
+        if directory
+            && st.rolling_update.is_some()
+            && let Err(e) = match directory_client().await {
+                Ok(mut c) => directory_roll::unlock(&mut c, &rg.spec.region).await,
+                Err(e) => Err(e),
+            }
+        {
+            return updated(st, format!("every member runs the current template; waiting: {e}"));
+        }
         if st.rolling_update.take().is_some() {
             let note = format!("every member of {group} runs the current template");
             ctx.event(rg, EventType::Normal, "RollingUpdateDone", "RollingUpdate", note)
@@ -333,15 +357,32 @@ async fn rolling_update(
         }
         return false;
     }
-    let members = member_urls(rg, replicas, tls.is_some());
     let on_current = (0..replicas).filter(|o| pod_of(*o).0).count();
     let progress = format!("{on_current}/{replicas} members on the current template");
-    let states = crate::upgrade::observe(&members, tls, pod_of).await;
+    // The other shares' members count for the directory's health and
+    // leadership; they are not this operator's to restart.
+    let states = crate::upgrade::observe_named(&members, tls, |o| {
+        if o >= directory_roll::OTHERS_FROM {
+            (true, crate::upgrade::PodState::READY)
+        } else {
+            pod_of(o)
+        }
+    })
+    .await;
     let note = match crate::upgrade::plan(&states) {
         crate::upgrade::Step::Steady => return false,
         crate::upgrade::Step::Wait { reason } => format!("{progress}: waiting: {reason}"),
-        crate::upgrade::Step::Restart { ordinal } => {
+        crate::upgrade::Step::Restart { ordinal } => 'restart: {
             let pod = names::member_name(&group, ordinal);
+            if directory {
+                let locked = match directory_client().await {
+                    Ok(mut c) => directory_roll::lock(&mut c, &rg.spec.region, &pod).await,
+                    Err(e) => Err(e),
+                };
+                if let Err(why) = locked {
+                    break 'restart format!("{progress}: waiting: {why}");
+                }
+            }
             // An eviction, not a delete: the PodDisruptionBudget arbitrates
             // against a node drain happening at the same time. A group of
             // one is deleted: its budget (a quorum of one) never allows it,
@@ -368,14 +409,12 @@ async fn rolling_update(
         }
         crate::upgrade::Step::MoveLeader { from, to } => {
             let leader = states.iter().find(|m| m.id == from);
-            let moved = match leader {
-                Some(l) => {
-                    let url = &members[l.ordinal as usize].1;
-                    match tern_common::etcd::client(&[url.as_str()], tls, None).await {
-                        Ok(mut c) => c.move_leader(to).await.map(|_| ()).map_err(|e| e.to_string()),
-                        Err(e) => Err(e.to_string()),
-                    }
-                }
+            let url = leader.and_then(|l| members.iter().find(|(o, _, _)| *o == l.ordinal));
+            let moved = match url {
+                Some((_, _, url)) => match tern_common::etcd::client(&[url.as_str()], tls, None).await {
+                    Ok(mut c) => c.move_leader(to).await.map(|_| ()).map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                },
                 None => Err("the leader is gone".into()),
             };
             match moved {
@@ -433,7 +472,7 @@ async fn hold_for_backup(
     desired: &mut StatefulSet,
     st: &mut RegionGroupStatus,
 ) -> Option<String> {
-    if !rg.spec.pre_upgrade_backup || rg.spec.role != GroupRole::Data {
+    if !rg.spec.pre_upgrade_backup {
         return None;
     }
     let deployed = existing.and_then(|s| first_image(s.spec.template.spec.as_ref()))?;
@@ -512,8 +551,8 @@ async fn pre_upgrade_backup(
                     backup: None,
                 });
                 let note = format!(
-                    "asked {}'s agent for a backup of {group} at revision {revision}, before the first member restarts on {image}",
-                    rg.spec.region
+                    "asked {} for a backup of {group} at revision {revision}, before the first member restarts on {image}",
+                    backer(rg)
                 );
                 ctx.event(
                     rg,
@@ -544,10 +583,19 @@ async fn pre_upgrade_backup(
         // No backup volume, an agent that is down or a backup that keeps
         // failing: the roll waits, and says where to look.
         Ok(None) => Some(format!(
-            "the pre-upgrade backup asked at revision {revision} is not taken yet (by {}'s agent: its log and tern_agent_backups_total say why)",
-            rg.spec.region
+            "the pre-upgrade backup asked at revision {revision} is not taken yet (by {}: its log and tern_agent_backups_total say why)",
+            backer(rg)
         )),
         Err(e) => Some(format!("reading whether the pre-upgrade backup is taken: {e}")),
+    }
+}
+
+/// Who takes a group's backups: its region's agent, or for a directory
+/// share the one agent that backs the directory up.
+fn backer(rg: &RegionGroup) -> String {
+    match rg.spec.role {
+        GroupRole::Data => format!("{}'s agent", rg.spec.region),
+        GroupRole::Directory => "the agent that backs the directory up (the GeoCluster's first region's)".into(),
     }
 }
 
