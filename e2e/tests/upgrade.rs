@@ -144,3 +144,37 @@ async fn a_rolling_upgrade_restarts_followers_first_and_the_leader_last_without_
         start.elapsed().as_secs_f64()
     );
 }
+
+/// The directory's roll lock against real etcd: one region's operator
+/// holds it while its member restarts, another region's is refused and
+/// told who restarts, the holder may take it again for its next member,
+/// and once given back the other region takes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_directory_roll_lock_lets_one_region_restart_at_a_time() {
+    use tern_operator::controller::regiongroup::directory_roll::{lock, unlock};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let etcd = EtcdCluster::start(dir.path(), "directory", 1, Tuning::default()).expect("etcd starts");
+    let mut c = Client::connect(etcd.endpoints(), None).await.expect("connect");
+    lock(&mut c, "us-east", "payments-dir-us-east-0")
+        .await
+        .expect("us-east takes the lock");
+    let refused = lock(&mut c, "eu-west", "payments-dir-eu-west-0")
+        .await
+        .expect_err("eu-west must wait");
+    assert!(
+        refused.contains("payments-dir-us-east-0 of region us-east restarts"),
+        "{refused}"
+    );
+    lock(&mut c, "us-east", "payments-dir-us-east-1")
+        .await
+        .expect("the holder takes it again for its next member");
+    unlock(&mut c, "eu-west").await.expect("not eu-west's: nothing happens");
+    assert!(lock(&mut c, "eu-west", "payments-dir-eu-west-0").await.is_err());
+    unlock(&mut c, "us-east").await.expect("given back");
+    lock(&mut c, "eu-west", "payments-dir-eu-west-0")
+        .await
+        .expect("eu-west takes it once us-east gave it back");
+    let held = c.get(tern_common::DIR_ROLL_LOCK, None).await.expect("read");
+    let kv = held.kvs().first().expect("held");
+    assert!(kv.lease() != 0, "on a lease, so that it lapses with a stopped operator");
+}

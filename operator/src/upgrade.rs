@@ -318,6 +318,45 @@ mod tests {
         }
     }
 
+    /// A directory share: its own member 0, and two members of other
+    /// shares (ordinals from 1000, counted as current: never restarted
+    /// from here, but counted for health and leadership).
+    #[test]
+    fn a_directory_share_hands_over_to_another_share_and_waits_for_every_share() {
+        let share = |leader: u64| {
+            vec![
+                member(0, leader, 100, false),
+                member(1000, leader, 100, true),
+                member(1001, leader, 100, true),
+            ]
+        };
+        // Its member leads: the lead goes to another share's member first.
+        match plan(&share(1)) {
+            Step::MoveLeader { from: 1, to } => assert!(to == 1001 || to == 1002, "{to}"),
+            other => panic!("the share's leader must hand over first: {other:?}"),
+        }
+        // Led from elsewhere: its member restarts.
+        assert_eq!(plan(&share(1001)), Step::Restart { ordinal: 0 });
+        // Another share's member down: nothing restarts.
+        let mut g = share(1001);
+        g[2].id = 0;
+        g[2].name = "payments-dir-ap-south-0".into();
+        assert!(
+            matches!(plan(&g), Step::Wait { reason } if reason.contains("payments-dir-ap-south-0 does not answer")),
+            "{:?}",
+            plan(&g)
+        );
+        // Another share's member behind: nothing restarts either.
+        let mut g = share(1001);
+        g[1].applied = 100 + MAX_APPLY_GAP + 1;
+        g[0].applied = 100 + MAX_APPLY_GAP + 1;
+        assert!(matches!(plan(&g), Step::Wait { .. }), "{:?}", plan(&g));
+        // Its own members all current: steady, whatever the others run.
+        let mut g = share(1001);
+        g[0].current = true;
+        assert_eq!(plan(&g), Step::Steady);
+    }
+
     #[test]
     fn versions_come_from_tags_and_status() {
         assert_eq!(

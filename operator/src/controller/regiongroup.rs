@@ -25,7 +25,7 @@ use crate::membership::{self, Progress, Step};
 use crate::status::MemberCounts;
 use crate::{Error, Result, build, names, status};
 
-mod directory_roll;
+pub mod directory_roll;
 mod replace;
 mod restore;
 
