@@ -155,23 +155,23 @@ async fn the_directory_roll_lock_lets_one_region_restart_at_a_time() {
     let dir = tempfile::tempdir().expect("tempdir");
     let etcd = EtcdCluster::start(dir.path(), "directory", 1, Tuning::default()).expect("etcd starts");
     let mut c = Client::connect(etcd.endpoints(), None).await.expect("connect");
-    lock(&mut c, "us-east", "payments-dir-us-east-0")
+    lock(&mut c, "us-east", "payments-dir-us-east")
         .await
         .expect("us-east takes the lock");
-    let refused = lock(&mut c, "eu-west", "payments-dir-eu-west-0")
+    let refused = lock(&mut c, "eu-west", "payments-dir-eu-west")
         .await
         .expect_err("eu-west must wait");
     assert!(
-        refused.contains("payments-dir-us-east-0 of region us-east restarts"),
+        refused.contains("payments-dir-us-east of region us-east rolls"),
         "{refused}"
     );
-    lock(&mut c, "us-east", "payments-dir-us-east-1")
+    lock(&mut c, "us-east", "payments-dir-us-east")
         .await
-        .expect("the holder takes it again for its next member");
+        .expect("the holder renews it");
     unlock(&mut c, "eu-west").await.expect("not eu-west's: nothing happens");
-    assert!(lock(&mut c, "eu-west", "payments-dir-eu-west-0").await.is_err());
+    assert!(lock(&mut c, "eu-west", "payments-dir-eu-west").await.is_err());
     unlock(&mut c, "us-east").await.expect("given back");
-    lock(&mut c, "eu-west", "payments-dir-eu-west-0")
+    lock(&mut c, "eu-west", "payments-dir-eu-west")
         .await
         .expect("eu-west takes it once us-east gave it back");
     let held = c.get(tern_common::DIR_ROLL_LOCK, None).await.expect("read");

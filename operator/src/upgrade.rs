@@ -224,6 +224,16 @@ pub fn plan(members: &[MemberState]) -> Step {
     }
 }
 
+/// Every member answers, follows one leader and has caught up, and no pod
+/// is unready or on its way out: what a directory share waits for before
+/// it gives the directory's roll lock back.
+pub fn settled(members: &[MemberState]) -> Result<(), String> {
+    if let Some(m) = members.iter().find(|m| m.pod.terminating || !m.pod.ready) {
+        return Err(format!("{}'s pod is not ready", m.name));
+    }
+    healthy(members).map(|_| ())
+}
+
 /// The leader, when every member in `members` answers, follows it and has
 /// applied within [`MAX_APPLY_GAP`] of it; else what is awaited.
 fn healthy(members: &[MemberState]) -> Result<&MemberState, String> {
@@ -355,6 +365,14 @@ mod tests {
         let mut g = share(1001);
         g[0].current = true;
         assert_eq!(plan(&g), Step::Steady);
+        // Settled (the roll lock may go) only once its restarted member is
+        // back: ready, answering, following and caught up.
+        assert_eq!(settled(&g), Ok(()));
+        g[0].pod.ready = false;
+        assert!(settled(&g).is_err_and(|e| e.contains("member 0's pod is not ready")));
+        g[0].pod.ready = true;
+        g[0].id = 0;
+        assert!(settled(&g).is_err_and(|e| e.contains("member 0 does not answer")));
     }
 
     #[test]

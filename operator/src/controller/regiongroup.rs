@@ -340,15 +340,37 @@ async fn rolling_update(
             .await
             .map_err(|e| format!("cannot reach the directory: {e}"))
     };
-    if (0..replicas).all(|o| pod_of(o).0) {
-        if directory
-            && st.rolling_update.is_some()
-            && let Err(e) = match directory_client().await {
-                Ok(mut c) => directory_roll::unlock(&mut c, &rg.spec.region).await,
-                Err(e) => Err(e),
+    // The other shares' members count for the directory's health and
+    // leadership; they are not this operator's to restart.
+    let observe = || {
+        crate::upgrade::observe_named(&members, tls, |o| {
+            if o >= directory_roll::OTHERS_FROM {
+                (true, crate::upgrade::PodState::READY)
+            } else {
+                pod_of(o)
             }
-        {
-            return updated(st, format!("every member runs the current template; waiting: {e}"));
+        })
+    };
+    if (0..replicas).all(|o| pod_of(o).0) {
+        // A directory share gives the roll lock back only once its last
+        // restarted member is back and the whole directory has settled: a
+        // pod not made again yet counts as current.
+        if directory && st.rolling_update.is_some() {
+            let given_back = match crate::upgrade::settled(&observe().await) {
+                Ok(()) => match directory_client().await {
+                    Ok(mut c) => directory_roll::unlock(&mut c, &rg.spec.region).await,
+                    Err(e) => Err(e),
+                },
+                Err(why) => Err(why),
+            };
+            if let Err(why) = given_back {
+                return updated(
+                    st,
+                    format!(
+                        "every member runs the current template; waiting before giving the directory's roll lock back: {why}"
+                    ),
+                );
+            }
         }
         if st.rolling_update.take().is_some() {
             let note = format!("every member of {group} runs the current template");
@@ -359,36 +381,34 @@ async fn rolling_update(
     }
     let on_current = (0..replicas).filter(|o| pod_of(*o).0).count();
     let progress = format!("{on_current}/{replicas} members on the current template");
-    // The other shares' members count for the directory's health and
-    // leadership; they are not this operator's to restart.
-    let states = crate::upgrade::observe_named(&members, tls, |o| {
-        if o >= directory_roll::OTHERS_FROM {
-            (true, crate::upgrade::PodState::READY)
-        } else {
-            pod_of(o)
+    // A directory share takes the roll lock before it looks: a step
+    // (a restart, a hand-over) is planned from what is seen under the lock,
+    // so two operators never act on the same healthy view. Held, and
+    // renewed, until the share has rolled and the directory settled.
+    if directory {
+        let locked = match directory_client().await {
+            Ok(mut c) => directory_roll::lock(&mut c, &rg.spec.region, &group).await,
+            Err(e) => Err(e),
+        };
+        if let Err(why) = locked {
+            return updated(st, format!("{progress}: waiting: {why}"));
         }
-    })
-    .await;
+    }
+    let states = observe().await;
     let note = match crate::upgrade::plan(&states) {
         crate::upgrade::Step::Steady => return false,
         crate::upgrade::Step::Wait { reason } => format!("{progress}: waiting: {reason}"),
-        crate::upgrade::Step::Restart { ordinal } => 'restart: {
+        crate::upgrade::Step::Restart { ordinal } => {
             let pod = names::member_name(&group, ordinal);
-            if directory {
-                let locked = match directory_client().await {
-                    Ok(mut c) => directory_roll::lock(&mut c, &rg.spec.region, &pod).await,
-                    Err(e) => Err(e),
-                };
-                if let Err(why) = locked {
-                    break 'restart format!("{progress}: waiting: {why}");
-                }
-            }
             // An eviction, not a delete: the PodDisruptionBudget arbitrates
             // against a node drain happening at the same time. A group of
             // one is deleted: its budget (a quorum of one) never allows it,
-            // and its restart is the outage the plan accepts.
+            // and its restart is the outage the plan accepts. So is a
+            // directory share's member: its budget counts the share alone
+            // (a quorum of a share of two is both), while the directory's
+            // quorum is what `plan` and the roll lock guard.
             let pods_api = Api::<Pod>::namespaced(ctx.client.clone(), &namespace);
-            let restarted = if replicas > 1 {
+            let restarted = if replicas > 1 && !directory {
                 pods_api.evict(&pod, &EvictParams::default()).await.map(|_| ())
             } else {
                 pods_api.delete(&pod, &DeleteParams::default()).await.map(|_| ())

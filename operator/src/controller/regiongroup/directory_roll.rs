@@ -6,13 +6,16 @@
 //! restart), with the other shares' members counted for the group's health
 //! and leadership and never restarted from here.
 //!
-//! Each restart first takes the directory's roll lock
-//! (`/tern/dir/ops/roll`, on a lease): two operators that find the group
-//! healthy at the same moment would otherwise each restart a member, and a
-//! directory of three, one member per region, would lose its quorum. Once
-//! the restarted member is down, the others' health checks wait for it
-//! anyway; the lock covers the moment before that, and is given back when
-//! the share has rolled (or lapses with its lease).
+//! A share takes the directory's roll lock (`/tern/dir/ops/roll`, on a
+//! lease) before it even looks, and plans each step (a restart, a
+//! hand-over) from what it sees under the lock: two operators that found
+//! the group healthy at the same moment would otherwise each restart a
+//! member, and a directory of three, one member per region, would lose its
+//! quorum; two that hand leadership over at once could pass it back and
+//! forth. The share renews the lock on every look while it rolls, and gives
+//! it back once its members all run the current template, their pods are
+//! ready and the whole directory has settled (`upgrade::settled`); an
+//! operator that stops lets it lapse with its lease.
 
 use std::time::Duration;
 
@@ -38,7 +41,7 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 struct RollLock {
     region: String,
-    member: String,
+    share: String,
     since_ms: u64,
 }
 
@@ -51,7 +54,14 @@ pub fn other_members(rg: &RegionGroup, pods: i32) -> Vec<(i32, String, String)> 
         .initial_cluster
         .iter()
         .filter(|m| !(0..pods).any(|o| names::member_name(&group, o) == m.name))
-        .filter_map(|m| Some((m.name.clone(), client_url(&m.peer_url)?)))
+        // A peer URL tern did not make is asked as it is: it does not answer
+        // as a client, so the roll waits rather than leaving the member out.
+        .map(|m| {
+            (
+                m.name.clone(),
+                client_url(&m.peer_url).unwrap_or_else(|| m.peer_url.clone()),
+            )
+        })
         .enumerate()
         .map(|(i, (name, url))| (OTHERS_FROM + i as i32, name, url))
         .collect()
@@ -64,9 +74,9 @@ fn client_url(peer_url: &str) -> Option<String> {
     (port.parse::<i32>().ok()? == names::PEER_PORT).then(|| format!("{host}:{}", names::CLIENT_PORT))
 }
 
-/// Takes the roll lock for `member` of `region` (or keeps it, if the
+/// Takes the roll lock for `share` of `region` (or renews it, if the
 /// region holds it already); the reason it waits otherwise.
-pub async fn lock(client: &mut Client, region: &str, member: &str) -> Result<(), String> {
+pub async fn lock(client: &mut Client, region: &str, share: &str) -> Result<(), String> {
     let found = client
         .get(DIR_ROLL_LOCK, None)
         .await
@@ -77,8 +87,8 @@ pub async fn lock(client: &mut Client, region: &str, member: &str) -> Result<(),
         && held.region != region
     {
         return Err(format!(
-            "{} of region {} restarts (the directory's roll lock, {DIR_ROLL_LOCK}): one directory member at a time",
-            held.member, held.region
+            "{} of region {} rolls (the directory's roll lock, {DIR_ROLL_LOCK}): one directory member at a time",
+            held.share, held.region
         ));
     }
     let lease = client
@@ -87,7 +97,7 @@ pub async fn lock(client: &mut Client, region: &str, member: &str) -> Result<(),
         .map_err(|e| format!("granting the roll lock's lease: {e}"))?;
     let value = serde_json::to_vec(&RollLock {
         region: region.to_string(),
-        member: member.to_string(),
+        share: share.to_string(),
         since_ms: tern_common::unix_ms(),
     })
     .map_err(|e| e.to_string())?;
