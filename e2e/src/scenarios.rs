@@ -771,9 +771,7 @@ impl Scenarios {
         for r in &regions {
             let group = format!("{GEOCLUSTER}-{r}");
             loop {
-                let json = self.kubectl(r, &["get", "statefulset", &group, "-n", NAMESPACE, "-o", "json"])?;
-                let sts: serde_json::Value =
-                    serde_json::from_str(&json).map_err(|e| failed(format!("StatefulSet {group}: {e}")))?;
+                let sts = self.statefulset(r, &group)?;
                 let container = &sts["spec"]["template"]["spec"]["containers"][0];
                 let cpu_now = container["resources"]["requests"]["cpu"]
                     .as_str()
@@ -783,19 +781,7 @@ impl Scenarios {
                 let revision = sts["status"]["updateRevision"].as_str().unwrap_or_default().to_string();
                 let seen = sts["status"]["observedGeneration"].as_i64() >= sts["metadata"]["generation"].as_i64();
                 let new_revision = seen && !revision.is_empty() && before.get(r) != Some(&revision);
-                let pods = self.kubectl(
-                    r,
-                    &[
-                        "get",
-                        "pods",
-                        "-n",
-                        NAMESPACE,
-                        "-l",
-                        &format!("app.kubernetes.io/name=etcd,app.kubernetes.io/instance={group}"),
-                        "-o",
-                        r#"jsonpath={range .items[*]}{.metadata.labels.controller-revision-hash} {.status.containerStatuses[0].ready}{"\n"}{end}"#,
-                    ],
-                )?;
+                let pods = self.pod_revisions(r, &group)?;
                 let replicas = sts["spec"]["replicas"].as_u64().unwrap_or(0) as usize;
                 let rolled = pods.lines().filter(|l| *l == format!("{revision} true")).count();
                 let status = self.group_status(r, &group, "rollingUpdate")?;
@@ -809,19 +795,7 @@ impl Scenarios {
                     // in a group of more than one the lead handed over
                     // before the last restart (the old leader's). Repeats
                     // of an event are one object with a series.
-                    let events = self.kubectl(
-                        r,
-                        &[
-                            "get",
-                            "events.v1.events.k8s.io",
-                            "-n",
-                            NAMESPACE,
-                            "--field-selector",
-                            &format!("regarding.name={group}"),
-                            "-o",
-                            r#"jsonpath={range .items[*]}{.reason} {.eventTime} {.series.count} {.series.lastObservedTime}{"\n"}{end}"#,
-                        ],
-                    )?;
+                    let events = self.group_events(r, &group)?;
                     let (mut restarts, mut last_restart, mut handed) = (0, String::new(), String::new());
                     let (mut first_restart, mut backed_up) = (None::<String>, None::<String>);
                     for line in events.lines() {
@@ -883,9 +857,7 @@ impl Scenarios {
         for r in &regions {
             let group = format!("{GEOCLUSTER}-dir-{r}");
             loop {
-                let json = self.kubectl(r, &["get", "statefulset", &group, "-n", NAMESPACE, "-o", "json"])?;
-                let sts: serde_json::Value =
-                    serde_json::from_str(&json).map_err(|e| failed(format!("StatefulSet {group}: {e}")))?;
+                let sts = self.statefulset(r, &group)?;
                 let strategy = sts["spec"]["updateStrategy"]["type"]
                     .as_str()
                     .unwrap_or_default()
@@ -896,19 +868,7 @@ impl Scenarios {
                     .to_string();
                 let revision = sts["status"]["updateRevision"].as_str().unwrap_or_default().to_string();
                 let replicas = sts["spec"]["replicas"].as_u64().unwrap_or(0) as usize;
-                let pods = self.kubectl(
-                    r,
-                    &[
-                        "get",
-                        "pods",
-                        "-n",
-                        NAMESPACE,
-                        "-l",
-                        &format!("app.kubernetes.io/name=etcd,app.kubernetes.io/instance={group}"),
-                        "-o",
-                        r#"jsonpath={range .items[*]}{.metadata.labels.controller-revision-hash} {.status.containerStatuses[0].ready}{"\n"}{end}"#,
-                    ],
-                )?;
+                let pods = self.pod_revisions(r, &group)?;
                 let rolled = pods.lines().filter(|l| *l == format!("{revision} true")).count();
                 let status = self.group_status(r, &group, "rollingUpdate")?;
                 if image_now == image && rolled == replicas && status.trim().is_empty() {
@@ -916,24 +876,15 @@ impl Scenarios {
                         strategy == "OnDelete",
                         format!("{group}'s StatefulSet rolls by {strategy:?}, not by its operator (OnDelete)"),
                     )?;
-                    let events = self.kubectl(
-                        r,
-                        &[
-                            "get",
-                            "events.v1.events.k8s.io",
-                            "-n",
-                            NAMESPACE,
-                            "--field-selector",
-                            &format!("regarding.name={group}"),
-                            "-o",
-                            r#"jsonpath={range .items[*]}{.reason} {.series.count}{"\n"}{end}"#,
-                        ],
-                    )?;
+                    let events = self.group_events(r, &group)?;
                     // Repeats of an event are one object with a series.
                     let restarts: usize = events
                         .lines()
-                        .filter_map(|l| l.strip_prefix("MemberRestarted"))
-                        .map(|c| c.trim().parse::<usize>().unwrap_or(1))
+                        .filter_map(|l| {
+                            let f: Vec<&str> = l.split_whitespace().collect();
+                            (f.first() == Some(&"MemberRestarted"))
+                                .then(|| f.get(2).and_then(|c| c.parse::<usize>().ok()).unwrap_or(1))
+                        })
                         .sum();
                     check(
                         restarts == replicas,
@@ -967,6 +918,48 @@ impl Scenarios {
             start,
         );
         Ok(())
+    }
+
+    /// A StatefulSet as JSON.
+    fn statefulset(&self, region: &str, name: &str) -> Result<serde_json::Value> {
+        let json = self.kubectl(region, &["get", "statefulset", name, "-n", NAMESPACE, "-o", "json"])?;
+        serde_json::from_str(&json).map_err(|e| failed(format!("StatefulSet {name}: {e}")))
+    }
+
+    /// Each member pod of `group`: its revision and whether its container
+    /// is ready, a line each.
+    fn pod_revisions(&self, region: &str, group: &str) -> Result<String> {
+        self.kubectl(
+            region,
+            &[
+                "get",
+                "pods",
+                "-n",
+                NAMESPACE,
+                "-l",
+                &format!("app.kubernetes.io/name=etcd,app.kubernetes.io/instance={group}"),
+                "-o",
+                r#"jsonpath={range .items[*]}{.metadata.labels.controller-revision-hash} {.status.containerStatuses[0].ready}{"\n"}{end}"#,
+            ],
+        )
+    }
+
+    /// The events about `group`: reason, time, series count and last time,
+    /// a line each (repeats of an event are one object with a series).
+    fn group_events(&self, region: &str, group: &str) -> Result<String> {
+        self.kubectl(
+            region,
+            &[
+                "get",
+                "events.v1.events.k8s.io",
+                "-n",
+                NAMESPACE,
+                "--field-selector",
+                &format!("regarding.name={group}"),
+                "-o",
+                r#"jsonpath={range .items[*]}{.reason} {.eventTime} {.series.count} {.series.lastObservedTime}{"\n"}{end}"#,
+            ],
+        )
     }
 
     /// A RegionGroup as JSON.

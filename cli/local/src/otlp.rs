@@ -131,32 +131,13 @@ impl OtlpReceiver {
     /// `tls`, requiring a client certificate when `tls` was loaded so: a
     /// collector as a deployment with TLS would run it.
     pub fn start_tls(listener: tokio::net::TcpListener, tls: tern_common::tls::Tls) -> std::io::Result<Self> {
-        let addr = listener.local_addr()?;
-        let collector = Collector::default();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let service = TraceServiceServer::new(collector.clone());
-        let incoming = tern_common::tls::incoming(listener, Some(tls));
-        tokio::spawn(async move {
-            let _ = tonic::transport::Server::builder()
-                .add_service(service)
-                .serve_with_incoming_shutdown(incoming, async {
-                    let _ = stopped.await;
-                })
-                .await;
-        });
-        Ok(Self {
-            addr,
-            collector,
-            stop: Some(stop),
-            tls: true,
-        })
+        Self::serve(listener, Collector::default(), Some(tls))
     }
 
     /// A receiver that also passes every export on to `forward_to`
     /// (`http://host:port`, an OTLP/gRPC endpoint such as Jaeger's).
     pub async fn start_forwarding(forward_to: Option<&str>) -> std::io::Result<Self> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
         let forward_to = match forward_to {
             Some(url) => {
                 let channel = tonic::transport::Endpoint::from_shared(url.to_string())
@@ -174,12 +155,24 @@ impl OtlpReceiver {
             spans: Arc::default(),
             forward_to,
         };
+        Self::serve(listener, collector, None)
+    }
+
+    /// Serves `collector` on `listener`, with TLS when `tls` is given.
+    fn serve(
+        listener: tokio::net::TcpListener,
+        collector: Collector,
+        tls: Option<tern_common::tls::Tls>,
+    ) -> std::io::Result<Self> {
+        let addr = listener.local_addr()?;
+        let scheme_tls = tls.is_some();
         let (stop, stopped) = oneshot::channel::<()>();
         let service = TraceServiceServer::new(collector.clone());
+        let incoming = tern_common::tls::incoming(listener, tls);
         tokio::spawn(async move {
             let _ = tonic::transport::Server::builder()
                 .add_service(service)
-                .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async {
+                .serve_with_incoming_shutdown(incoming, async {
                     let _ = stopped.await;
                 })
                 .await;
@@ -188,7 +181,7 @@ impl OtlpReceiver {
             addr,
             collector,
             stop: Some(stop),
-            tls: false,
+            tls: scheme_tls,
         })
     }
 

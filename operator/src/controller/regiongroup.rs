@@ -336,7 +336,7 @@ async fn rolling_update(
     }
     let directory_client = async || {
         let urls: Vec<&str> = members.iter().map(|(_, _, u)| u.as_str()).collect();
-        tern_common::etcd::client(&urls, tls, Some(BACKUP_CALL_TIMEOUT))
+        tern_common::etcd::client(&urls, tls, Some(GROUP_CALL_TIMEOUT))
             .await
             .map_err(|e| format!("cannot reach the directory: {e}"))
     };
@@ -531,7 +531,7 @@ async fn pre_upgrade_backup(
     }
     let asked = this_roll.map(|b| b.requested_revision);
     let urls: Vec<&str> = members.iter().map(|(_, u)| u.as_str()).collect();
-    let mut client = match tern_common::etcd::client(&urls, tls, Some(BACKUP_CALL_TIMEOUT)).await {
+    let mut client = match tern_common::etcd::client(&urls, tls, Some(GROUP_CALL_TIMEOUT)).await {
         Ok(c) => c,
         Err(e) => return Some(format!("cannot reach the group for the pre-upgrade backup: {e}")),
     };
@@ -623,8 +623,9 @@ fn backer(rg: &RegionGroup) -> String {
 /// learner catching up, a pod starting.
 const MEMBERSHIP_POLL: Duration = Duration::from_secs(2);
 
-/// A call of the pre-upgrade backup's request to the group.
-const BACKUP_CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// A call to a group: the pre-upgrade backup's request, the directory's
+/// roll lock.
+const GROUP_CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The members the group's objects are built with, after this reconcile's
 /// membership step.

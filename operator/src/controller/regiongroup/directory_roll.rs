@@ -17,8 +17,6 @@
 //! ready and the whole directory has settled (`upgrade::settled`); an
 //! operator that stops lets it lapse with its lease.
 
-use std::time::Duration;
-
 use etcd_client::{Client, Compare, CompareOp, PutOptions, Txn, TxnOp};
 use kube::ResourceExt;
 use serde::{Deserialize, Serialize};
@@ -33,9 +31,6 @@ pub const OTHERS_FROM: i32 = 1000;
 
 /// How long the lock outlives an operator that took it and then stopped.
 const LOCK_TTL_SECS: i64 = 60;
-
-/// A call to the directory.
-const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The lock's value.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -108,11 +103,17 @@ pub async fn lock(client: &mut Client, region: &str, share: &str) -> Result<(), 
         None => Compare::create_revision(DIR_ROLL_LOCK, CompareOp::Equal, 0),
     };
     let put = TxnOp::put(DIR_ROLL_LOCK, value, Some(PutOptions::new().with_lease(lease.id())));
-    let taken = tokio::time::timeout(CALL_TIMEOUT, client.txn(Txn::new().when([unchanged]).and_then([put])))
+    // The caller's client bounds each call.
+    let taken = client
+        .txn(Txn::new().when([unchanged]).and_then([put]))
         .await
-        .map_err(|_| "taking the directory's roll lock timed out".to_string())?
         .map_err(|e| format!("taking the directory's roll lock: {e}"))?;
     if taken.succeeded() {
+        // Renewed: the lease it was on goes now rather than in a minute
+        // (a share renews every few seconds while it rolls).
+        if let Some(old) = seen.map(|kv| kv.lease()).filter(|l| *l != 0) {
+            let _ = client.lease_revoke(old).await;
+        }
         Ok(())
     } else {
         Err("another region took the directory's roll lock first: one directory member at a time".into())

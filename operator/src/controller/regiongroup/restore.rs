@@ -471,12 +471,17 @@ async fn directory_of(rg: &RegionGroup, ctx: &Context) -> std::result::Result<et
         .map_err(|e| e.to_string())
 }
 
+/// The directory of the group's GeoCluster, and the key of its region's
+/// hold there.
+async fn hold_of(rg: &RegionGroup, ctx: &Context) -> std::result::Result<(etcd_client::Client, String), String> {
+    let region = tern_common::RegionName::new(&rg.spec.region).map_err(|e| e.to_string())?;
+    Ok((directory_of(rg, ctx).await?, dir_hold_key(&region)))
+}
+
 /// Holds the group's region in the directory (`/tern/dir/holds/{region}`)
 /// for `reason`, unless it is held already (the first reason stays).
 pub(super) async fn hold(rg: &RegionGroup, ctx: &Context, reason: String) -> std::result::Result<(), String> {
-    let region = tern_common::RegionName::new(&rg.spec.region).map_err(|e| e.to_string())?;
-    let mut directory = directory_of(rg, ctx).await?;
-    let key = dir_hold_key(&region);
+    let (mut directory, key) = hold_of(rg, ctx).await?;
     let record = tern_common::RegionHold {
         by: "tern-operator".into(),
         reason,
@@ -502,9 +507,7 @@ pub(super) async fn hold(rg: &RegionGroup, ctx: &Context, reason: String) -> std
 /// `reason`; a hold put for anything else (by a person, for a restore)
 /// stays. True if it was lifted.
 pub(super) async fn lift_hold(rg: &RegionGroup, ctx: &Context, reason: &str) -> std::result::Result<bool, String> {
-    let region = tern_common::RegionName::new(&rg.spec.region).map_err(|e| e.to_string())?;
-    let mut directory = directory_of(rg, ctx).await?;
-    let key = dir_hold_key(&region);
+    let (mut directory, key) = hold_of(rg, ctx).await?;
     let found = directory
         .get(key.clone(), None)
         .await
