@@ -9,9 +9,12 @@ use crate::{AccountId, Epoch, IdempotencyKey, InvalidInput, MigrationId, RegionN
 /// Prefix of everything tern writes into a region group.
 pub const ROOT: &str = "/tern/";
 
+/// Prefix of every account's keys in a region group.
+pub const GROUP_ACCOUNTS: &str = "/tern/a/";
+
 /// Prefix of all keys of one account in its home group.
 pub fn account_prefix(account: &AccountId) -> String {
-    format!("/tern/a/{account}/")
+    format!("{GROUP_ACCOUNTS}{account}/")
 }
 
 /// The account's fence: `"{epoch}:active"`, `"{epoch}:fenced"` or
@@ -216,6 +219,14 @@ pub fn dir_migration_key(id: &MigrationId) -> String {
     format!("{DIR_MIGRATIONS}{id}")
 }
 
+/// The account whose fence `key` is (`/tern/a/{account}/fence`); none for
+/// any other key of the account, a user key ending in `/fence` included.
+pub fn account_of_fence_key(key: &[u8]) -> Option<AccountId> {
+    let key = std::str::from_utf8(key).ok()?;
+    let account = key.strip_prefix(GROUP_ACCOUNTS)?.strip_suffix("/fence")?;
+    AccountId::new(account).ok()
+}
+
 /// The account id at the end of a directory placement key.
 pub fn account_of_dir_key(key: &[u8]) -> Option<AccountId> {
     let key = std::str::from_utf8(key).ok()?;
@@ -323,6 +334,11 @@ mod tests {
         assert_eq!(data_key(&a, &k), "/tern/a/acct-1/d/balance");
         assert_eq!(user_key_of(&a, b"/tern/a/acct-1/d/balance").as_deref(), Some("balance"));
         assert_eq!(account_of_dir_key(b"/tern/dir/accounts/acct-1"), Some(a.clone()));
+        assert_eq!(account_of_fence_key(fence_key(&a).as_bytes()), Some(a.clone()));
+        // A user key named like a fence is not one.
+        let lookalike = data_key(&a, &UserKey::new("fence").expect("valid"));
+        assert_eq!(account_of_fence_key(lookalike.as_bytes()), None);
+        assert!(account_prefix(&a).starts_with(GROUP_ACCOUNTS));
         assert!(data_key(&a, &k).starts_with(&account_prefix(&a)));
         // Mirrors never copy it, and watches of the mirrored range skip it.
         let leader = agent_endpoint_key(&RegionName::new("eu-west").expect("valid"));

@@ -55,6 +55,9 @@ use crate::common::{
     validation = Rule::new("has(self.backup) || !self.regions.exists(r, has(r.restoreFrom))")
         .message("regions[].restoreFrom needs spec.backup: a restore reads the backup from spec.backup's claim")
         .field_path(".regions"),
+    validation = Rule::new("has(self.backup) || !has(self.directory.restoreFrom)")
+        .message("directory.restoreFrom needs spec.backup: a restore reads the backup from spec.backup's claim")
+        .field_path(".directory.restoreFrom"),
 )]
 pub struct GeoClusterSpec {
     /// The regions of the database. Each gets its own Raft group (an etcd
@@ -254,7 +257,7 @@ pub struct RegionSpec {
     /// from a given backup once (the RegionGroup's status.restore). Writes
     /// the group acknowledged after the backup began are lost. Its accounts
     /// are reached through the directory: restore a lost group of a running
-    /// GeoCluster (restoring the directory is not built).
+    /// GeoCluster, or a whole GeoCluster with directory.restoreFrom.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 22, max = 80), regex(pattern = limits::BACKUP_ID_PATTERN))]
     pub restore_from: Option<String>,
@@ -277,6 +280,9 @@ fn default_replicas() -> i32 {
     validation = Rule::new(format!("self.members.map(m, m.replicas).sum() <= {}", limits::MAX_GROUP_MEMBERS))
         .message(kube::core::Message::Message(format!("the directory group may have at most {} members in all", limits::MAX_GROUP_MEMBERS)))
         .field_path(".members"),
+    validation = Rule::new("!has(self.restoreFrom) || self.restoreFrom.matches('^directory-[0-9]{8}T[0-9]{6}[.][0-9]{3}Z$')")
+        .message("restoreFrom must name a backup of the directory group: 'directory-' and the time the backup began (tern backup list --to DIR directory)")
+        .field_path(".restoreFrom"),
 )]
 pub struct DirectorySpec {
     /// Directory members per region, an odd number in all. Spread them over
@@ -296,6 +302,21 @@ pub struct DirectorySpec {
     #[serde(default = "default_directory_election_ms")]
     #[schemars(range(min = 100, max = 50000))]
     pub election_timeout_ms: i32,
+    /// Start the directory from this backup instead of empty: the id of a
+    /// directory backup in spec.backup's claim (`tern backup list`), e.g.
+    /// `directory-20261203T113457.236Z`. For a GeoCluster restored whole,
+    /// with its regions' restoreFrom: every region's operator restores its
+    /// share of the directory's members from the same backup, so the same
+    /// GeoCluster must be applied in every cluster. Read only while a
+    /// share has no members, and refused by the operator while a region
+    /// group of this cluster runs on data of its own: a directory put back
+    /// in time under live regions would lose their placements since the
+    /// backup. Writes the directory acknowledged after the backup began
+    /// (accounts created, moves) are lost, and reported per region once
+    /// the regions' fences are compared with it (docs/backup.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 22, max = 80), regex(pattern = limits::BACKUP_ID_PATTERN))]
+    pub restore_from: Option<String>,
 }
 
 fn default_directory_heartbeat_ms() -> i32 {

@@ -37,8 +37,8 @@ use crate::common::{
     validation = Rule::new("self.initialCluster.size() >= self.replicas")
         .message("initialCluster must list at least this group's replicas")
         .field_path(".initialCluster"),
-    validation = Rule::new("!has(self.restore) || (self.role == 'Data' && self.restore.backup.matches('^' + self.region + '-[0-9]{8}T[0-9]{6}[.][0-9]{3}Z$'))")
-        .message("restore must name a backup of this region's data group: the region's name, '-' and the time the backup began")
+    validation = Rule::new("!has(self.restore) || (self.role == 'Data' && self.restore.backup.matches('^' + self.region + '-[0-9]{8}T[0-9]{6}[.][0-9]{3}Z$')) || (self.role == 'Directory' && self.restore.backup.matches('^directory-[0-9]{8}T[0-9]{6}[.][0-9]{3}Z$'))")
+        .message("restore must name a backup of this group: for a data group the region's name, for a directory share 'directory', then '-' and the time the backup began")
         .field_path(".restore"),
     validation = Rule::new("self.role == 'Data' || self.replicas == oldSelf.replicas")
         .message("a directory group's replicas cannot be changed: its members span regions, and tern changes the membership only of a region's own data group")
@@ -95,7 +95,8 @@ pub struct RegionGroupSpec {
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub pre_upgrade_backup: bool,
     /// The backup the members start from when the group has no members
-    /// (from the GeoCluster's regions[].restoreFrom). Data groups only.
+    /// (from the GeoCluster's regions[].restoreFrom, or for a directory
+    /// share its directory.restoreFrom).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restore: Option<GroupRestore>,
 }
@@ -277,6 +278,11 @@ pub struct RestoreStatus {
     /// since the backup (accounts created or moved since; docs/backup.md).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fences: Option<String>,
+    /// A directory share's, once the restored directory serves: what it
+    /// holds (accounts per home region, holds, migrations in flight), to
+    /// compare with the regions' fences.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub directory: Option<String>,
 }
 
 /// A backup asked of the region's agent before an etcd image roll.

@@ -268,6 +268,171 @@ async fn a_group_restored_from_a_backup_holds_everything_acknowledged_before_it(
 /// of the directory's, when asked) every `--backup-every`, the newest
 /// `--backup-keep` kept, in the format `tern backup list` and `tern
 /// restore` read.
+/// A directory restored whole, the way the operator restores it: each
+/// region's share of its members from the same backup, separately (in
+/// Kubernetes, by each cluster's operator), with the arguments of the
+/// operator's restore Jobs (`build::restore::etcdutl_args`). The shares
+/// restored first serve as soon as they are a majority; a share restored
+/// from another backup of the same directory is refused by them (the
+/// token names the backup), rather than joining with other data at the
+/// same Raft index; restored again from the right backup, it joins. The
+/// restore checker then compares what every member serves with the
+/// clients' history and the lost directory's record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn directory_shares_restored_separately_from_one_backup_form_one_directory() {
+    use tern_crds::{ClusterMember, GroupRole};
+    use tern_operator::build::restore::{etcdutl_args, restore_token};
+    const DIRECTORY: &str = "directory";
+    const TOKEN: &str = "tern-default-whole-directory";
+    let dir = tempfile::tempdir().expect("tempdir");
+    let backups = dir.path().join("backups");
+    let backups_arg = backups.display().to_string();
+    let mut etcd = EtcdCluster::start(dir.path(), DIRECTORY, 3, Tuning::default()).expect("etcd starts");
+    let endpoints = etcd.endpoints();
+    let directory_arg = endpoints.join(",");
+
+    let start = Instant::now();
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..3)
+        .map(|id| tokio::spawn(register_client(id, endpoints.clone(), &KEYS, start, stop.clone())))
+        .collect();
+    let mut probe = Client::connect(&endpoints, None).await.expect("connect");
+    let at_least = async |c: &mut Client, n: i64| {
+        let until = Instant::now() + Duration::from_secs(60);
+        while revision(c).await < n {
+            assert!(Instant::now() < until, "the clients did not reach revision {n} in 60 s");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    at_least(&mut probe, 40).await;
+    let began_us = start.elapsed().as_micros() as u64;
+    let backup_now = async || {
+        tern(&[
+            "backup",
+            "now",
+            DIRECTORY,
+            "--directory",
+            &directory_arg,
+            "--to",
+            &backups_arg,
+        ])
+        .await
+        .expect("tern backup now directory")
+    };
+    backup_now().await;
+    let after_backup = revision(&mut probe).await;
+    at_least(&mut probe, after_backup + 20).await;
+    // A later backup of the same directory: the wrong one for a share.
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    backup_now().await;
+    drop(probe);
+    stop.store(true, Ordering::Relaxed);
+    let mut history = History::default();
+    for c in clients {
+        history.records.extend(c.await.expect("client task"));
+    }
+    let mut c = Client::connect(&endpoints, None).await.expect("connect");
+    let applied: Vec<AppliedWrite> = put_history_at(&mut c, "/b/")
+        .await
+        .into_iter()
+        .map(|(key, value, revision)| AppliedWrite { key, value, revision })
+        .collect();
+    drop(c);
+    let listed = tern_common::backup::list(&backups, DIRECTORY).expect("list");
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    let (chosen, later) = (&listed[0], &listed[1]);
+    assert!(chosen.id < later.id, "oldest first: {listed:?}");
+
+    // Every member and its volume lost.
+    for i in 0..3 {
+        etcd.kill(i);
+        std::fs::remove_dir_all(etcd.data_dir(i)).expect("data removed");
+    }
+    let cluster: Vec<ClusterMember> = etcd
+        .members
+        .iter()
+        .map(|m| ClusterMember {
+            name: m.name.clone(),
+            peer_url: m.peer_url.clone(),
+        })
+        .collect();
+    let etcdutl = tern_local::assets::binary("etcdutl").expect("the pinned etcdutl");
+    let data_dirs: Vec<std::path::PathBuf> = (0..3).map(|i| etcd.data_dir(i)).collect();
+    let restore = |i: usize, backup: &tern_common::backup::BackupManifest| {
+        let snapshot = backup.snapshot_path(&tern_common::backup::group_dir(&backups, DIRECTORY));
+        let args = etcdutl_args(
+            &snapshot.display().to_string(),
+            &cluster[i],
+            &cluster,
+            &restore_token(GroupRole::Directory, TOKEN, &backup.id),
+            &data_dirs[i].display().to_string(),
+        );
+        let out = std::process::Command::new(&etcdutl)
+            .args(&args)
+            .output()
+            .expect("etcdutl runs");
+        assert!(
+            out.status.success(),
+            "etcdutl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    // Two shares from the chosen backup, one from the later backup.
+    restore(0, chosen);
+    restore(1, chosen);
+    restore(2, later);
+    etcd.start_without_waiting(2).expect("member 2 starts");
+    etcd.restart_all()
+        .expect("the two members restored from the chosen backup serve");
+    let read_alone = async |i: usize| {
+        let mut c = Client::connect([endpoints[i].as_str()], None).await.ok()?;
+        tokio::time::timeout(
+            Duration::from_secs(3),
+            c.get("/b/", Some(GetOptions::new().with_prefix())),
+        )
+        .await
+        .ok()?
+        .ok()
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        read_alone(2).await.is_none(),
+        "a member restored from another backup does not serve with the others"
+    );
+    let mut c = Client::connect(&endpoints[..2], None).await.expect("connect");
+    let members = c.member_list().await.expect("member list");
+    assert_eq!(members.members().len(), 3, "the directory has its three members");
+
+    // The wrong share restored again, from the chosen backup: it joins.
+    etcd.kill(2);
+    std::fs::remove_dir_all(etcd.data_dir(2)).expect("data removed");
+    restore(2, chosen);
+    etcd.restart(2).expect("member 2 joins");
+    // What each member serves, alone, is the chosen backup's directory.
+    let restored_revision = revision(&mut c).await - BUMP;
+    assert!(
+        (chosen.revision_min..=chosen.revision_max).contains(&restored_revision),
+        "the snapshot's revision {restored_revision} is within the manifest's bounds {chosen:?}"
+    );
+    for i in 0..3 {
+        let got = read_alone(i).await.unwrap_or_else(|| panic!("member {i} serves"));
+        let restored: BTreeMap<String, String> = got
+            .kvs()
+            .iter()
+            .map(|kv| {
+                (
+                    String::from_utf8_lossy(kv.key()).into_owned(),
+                    String::from_utf8_lossy(kv.value()).into_owned(),
+                )
+            })
+            .collect();
+        let report = tern_verify::restore::check(&history, &applied, restored_revision, began_us, &restored);
+        assert!(report.violations.is_empty(), "member {i}: {:#?}", report.violations);
+        assert!(report.kept > 20, "too few writes before the backup: {}", report.kept);
+        assert!(!report.lost.is_empty(), "writes after the backup are the loss");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_agent_backs_up_on_schedule_and_keeps_the_newest() {
     let backups = tempfile::tempdir().expect("tempdir");

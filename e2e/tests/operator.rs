@@ -1534,3 +1534,203 @@ async fn a_region_removed_from_the_spec_goes_with_its_regiongroup() {
     );
     assert!(groups.get_opt("prune-us-east").await.expect("get").is_some());
 }
+
+/// The args of Job `name`'s container.
+async fn job_args(jobs: &Api<Job>, name: &str) -> Vec<String> {
+    let job = jobs.get(name).await.unwrap_or_else(|e| panic!("Job {name}: {e}"));
+    job.spec.expect("spec").template.spec.expect("pod").containers[0]
+        .args
+        .clone()
+        .expect("args")
+}
+
+/// directory.restoreFrom: every share of the directory is restored from
+/// the one backup, into one cluster of every share's members, bound to
+/// that backup; its StatefulSet comes only after its Jobs. Once the
+/// directory serves, the share says what it holds (its holds from the
+/// backup's time named). And a directory is not restored under a region
+/// group that runs on data of its own: nothing of the share starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_directory_is_restored_share_by_share_from_one_backup() {
+    let (cp, client) = setup("dirrestore").await;
+    // The directory as restored (the operator reaches it through
+    // --directory-endpoints): one account, and a hold put before the
+    // backup.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let directory = tern_local::etcd_cluster::EtcdCluster::start(
+        dir.path(),
+        "directory",
+        1,
+        tern_local::etcd_cluster::Tuning::default(),
+    )
+    .expect("directory starts");
+    let mut d = etcd_client::Client::connect(directory.endpoints(), None)
+        .await
+        .expect("directory client");
+    let record = tern_common::AccountRecord {
+        home: tern_common::RegionName::new("us-east").expect("region"),
+        epoch: tern_common::Epoch(1),
+        state: tern_common::AccountState::Active,
+        allowed_regions: vec![],
+        moved_ms: None,
+        pinned: false,
+    };
+    d.put(
+        "/tern/dir/accounts/acct-1",
+        serde_json::to_vec(&record).expect("json"),
+        None,
+    )
+    .await
+    .expect("account");
+    let hold = tern_common::RegionHold {
+        by: "a person".into(),
+        reason: "checking eu-west".into(),
+        since_ms: 1,
+    };
+    d.put(
+        "/tern/dir/holds/eu-west",
+        serde_json::to_vec(&hold).expect("json"),
+        None,
+    )
+    .await
+    .expect("hold");
+    let endpoints = format!("--directory-endpoints={}", directory.endpoints().join(","));
+    let _operator = OperatorGuard::start(&cp, &[&endpoints]).await.expect("operator starts");
+    let backup = "directory-20261203T113457.236Z";
+    let geocluster = |name: &str, restore: bool| {
+        format!(
+            "apiVersion: tern.dev/v1alpha1\nkind: GeoCluster\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  regions:\n  - {{name: us-east, zones: [a], replicas: 1}}\n  - {{name: eu-west, zones: [a, b], replicas: 1}}\n  directory:\n    members: [{{region: us-east}}, {{region: eu-west, replicas: 2}}]\n{}  backup: {{claimName: tern-backups}}\n",
+            if restore {
+                format!("    restoreFrom: {backup}\n")
+            } else {
+                String::new()
+            }
+        )
+    };
+    let path = dir.path().join("restored.yaml");
+    std::fs::write(&path, geocluster("whole", true)).expect("write");
+    cp.kubectl(&["apply", "-f", path.to_str().expect("utf-8")])
+        .expect("the GeoCluster applies");
+
+    let jobs: Api<Job> = Api::namespaced(client.clone(), NS);
+    let sets: Api<StatefulSet> = Api::namespaced(client.clone(), NS);
+    let groups: Api<RegionGroup> = Api::namespaced(client.clone(), NS);
+    let names = [
+        "whole-dir-us-east-0-restore",
+        "whole-dir-eu-west-0-restore",
+        "whole-dir-eu-west-1-restore",
+    ];
+    for name in names {
+        eventually(&format!("Job {name}"), WAIT, || async {
+            jobs.get_opt(name).await.ok()?
+        })
+        .await;
+    }
+    let flag = |args: &[String], flag: &str| {
+        args.iter()
+            .find_map(|a| a.strip_prefix(flag).map(str::to_string))
+            .unwrap_or_else(|| panic!("{flag} in {args:?}"))
+    };
+    let mut agreed = Vec::new();
+    for name in names {
+        let args = job_args(&jobs, name).await;
+        assert_eq!(args[2], format!("/var/lib/tern/backups/directory/{backup}.db"));
+        assert_eq!(
+            flag(&args, "--name="),
+            name.trim_end_matches("-restore"),
+            "each share restores its own members"
+        );
+        agreed.push((
+            flag(&args, "--initial-cluster="),
+            flag(&args, "--initial-cluster-token="),
+        ));
+    }
+    agreed.dedup();
+    assert_eq!(agreed.len(), 1, "one cluster, one token: {agreed:?}");
+    let (cluster, token) = &agreed[0];
+    assert_eq!(cluster.split(',').count(), 3, "{cluster}");
+    assert!(token.ends_with(backup), "the token names the backup: {token}");
+    // The data groups, not restored, start at once; no share does.
+    eventually("us-east's data group", WAIT, || async {
+        sets.get_opt("whole-us-east").await.ok()?
+    })
+    .await;
+    assert!(sets.get_opt("whole-dir-us-east").await.expect("get").is_none());
+    for name in names {
+        finish_job(&client, name, "succeeded").await;
+    }
+    for share in ["whole-dir-us-east", "whole-dir-eu-west"] {
+        eventually(&format!("{share}'s StatefulSet once restored"), WAIT, || async {
+            sets.get_opt(share).await.ok()?
+        })
+        .await;
+    }
+    // Once the shares' members are ready, the directory they serve is
+    // described.
+    mark_statefulsets_ready(&client).await;
+    let described = eventually("what the restored directory holds", WAIT, || async {
+        let r = groups.get("whole-dir-eu-west").await.ok()?.status?.restore?;
+        assert!(r.done, "{r:?}");
+        r.directory
+    })
+    .await;
+    assert!(
+        described.contains("1 accounts placed (us-east 1)")
+            && described.contains("eu-west (by a person: checking eu-west)"),
+        "{described}"
+    );
+    // The restored directory's hold is not the operator's to lift.
+    assert_eq!(d.get("/tern/dir/holds/eu-west", None).await.expect("read").count(), 1);
+
+    // Under a region that runs on data of its own, the directory is not
+    // restored: its share's StatefulSet deleted (the directory's volume
+    // lost), restoreFrom set, nothing starts and the status says why.
+    let path = dir.path().join("live.yaml");
+    std::fs::write(&path, geocluster("live", false)).expect("write");
+    cp.kubectl(&["apply", "-f", path.to_str().expect("utf-8")])
+        .expect("the GeoCluster applies");
+    eventually("live's directory share", WAIT, || async {
+        sets.get_opt("live-dir-us-east").await.ok()?
+    })
+    .await;
+    std::fs::write(&path, geocluster("live", true)).expect("write");
+    cp.kubectl(&["apply", "-f", path.to_str().expect("utf-8")])
+        .expect("restoreFrom applies");
+    eventually("the share asked to restore", WAIT, || async {
+        let g = groups.get("live-dir-us-east").await.ok()?;
+        g.spec.restore.map(|_| ())
+    })
+    .await;
+    // us-east's data group has run: its Raft membership is recorded (as
+    // the operator records it once its members are ready).
+    let member = tern_crds::ClusterMember {
+        name: "live-us-east-0".into(),
+        peer_url: "http://live-us-east-0:2380".into(),
+    };
+    let ran = json!({"status": {"raftMembers": [member]}});
+    groups
+        .patch_status("live-us-east", &PatchParams::default(), &Patch::Merge(&ran))
+        .await
+        .expect("patch status");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let recorded = groups.get("live-us-east").await.expect("group").status.expect("status");
+    assert_eq!(recorded.raft_members.len(), 1, "the membership stays recorded");
+    sets.delete("live-dir-us-east", &Default::default())
+        .await
+        .expect("delete");
+    let message = eventually("the directory restore is refused", WAIT, || async {
+        let r = groups.get("live-dir-us-east").await.ok()?.status?.restore?;
+        r.message.contains("not restored").then_some(r.message)
+    })
+    .await;
+    assert!(
+        message.contains("live-us-east") && message.contains("run on data of their own"),
+        "{message}"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(sets.get_opt("live-dir-us-east").await.expect("get").is_none());
+    assert!(
+        jobs.get_opt("live-dir-us-east-0-restore").await.expect("get").is_none(),
+        "no restore Job"
+    );
+}

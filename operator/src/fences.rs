@@ -21,13 +21,22 @@
 //!   which the backup did not see; a person decides;
 //! - moving (a migration from or to this region in flight): left to the
 //!   migration, and named.
+//!
+//! And per account the group holds writable (active or fenced) that the
+//! directory does not know: named, and left alone. No router reaches it.
+//! Under a live directory that happens only to an account whose creation
+//! was under way; under a directory restored from a backup older than the
+//! group's (a GeoCluster restored whole), to every account created between
+//! the two backups. Placing it is a person's decision: the directory's
+//! record holds its allowed regions and pins, which the group does not.
 
 use std::collections::BTreeMap;
 
 use etcd_client::{Client, Compare, CompareOp, Txn, TxnOp};
 use tern_common::etcd::Pages;
 use tern_common::{
-    AccountId, AccountRecord, AccountState, DIR_ACCOUNTS, Fence, FenceState, RegionName, account_of_dir_key, fence_key,
+    AccountId, AccountRecord, AccountState, DIR_ACCOUNTS, Fence, FenceState, GROUP_ACCOUNTS, RegionName,
+    account_of_dir_key, account_of_fence_key, fence_key,
 };
 
 /// One fence to write, and what it replaces.
@@ -47,6 +56,8 @@ pub struct Plan {
     pub for_a_person: Vec<(AccountId, Fence)>,
     /// A migration from or to this region is in flight.
     pub migrating: Vec<AccountId>,
+    /// Writable here (active or fenced), unknown to the directory.
+    pub unknown: Vec<(AccountId, Fence)>,
 }
 
 /// The fences `region`'s group should get, from the directory's `accounts`
@@ -87,6 +98,11 @@ pub fn plan(
             Some(f) => out.for_a_person.push((account.clone(), f.clone())),
         }
     }
+    out.unknown = fences
+        .iter()
+        .filter(|(a, f)| !accounts.contains_key(*a) && matches!(f.state, FenceState::Active | FenceState::Fenced))
+        .map(|(a, f)| (a.clone(), f.clone()))
+        .collect();
     out
 }
 
@@ -109,19 +125,24 @@ pub async fn reconcile(
             }
         }
     }
-    // One read per account: the group's own keys hold every value of
-    // every account homed here, and only the fences matter.
+    // Every fence the group holds, in one pass over the accounts' keys (at
+    // one revision), with the accounts the directory does not know. It
+    // reads the accounts' values too: done once per restore, it costs
+    // about what the restore wrote.
     let mut fences = BTreeMap::new();
     // Each fence's revision as read: a repair compares it, not the value,
     // so that a fence changed and changed back meanwhile is not taken for
     // the one read.
     let mut read_at = BTreeMap::new();
-    for account in accounts.keys() {
-        let resp = group.get(fence_key(account), None).await?;
-        if let Some(kv) = resp.kvs().first() {
+    let mut pages = Pages::prefix(GROUP_ACCOUNTS, 5_000);
+    while let Some(page) = pages.next(group).await? {
+        for kv in page.kvs() {
+            let Some(account) = account_of_fence_key(kv.key()) else {
+                continue;
+            };
             read_at.insert(account.clone(), kv.mod_revision());
             if let Ok(f) = Fence::parse(kv.value()) {
-                fences.insert(account.clone(), f);
+                fences.insert(account, f);
             }
         }
     }
@@ -163,7 +184,7 @@ pub fn describe(plan: &Plan) -> String {
     let mut parts = Vec::new();
     if !active.is_empty() {
         parts.push(format!(
-            "{} accounts homed here made writable again at their current epoch, with what the backup held of them (none if created since: {})",
+            "{} accounts homed here made writable again at their current epoch, with what the backup held of them (none if created or moved here since: {})",
             active.len(),
             some(active.iter().map(|r| r.account.to_string()).collect())
         ));
@@ -187,6 +208,13 @@ pub fn describe(plan: &Plan) -> String {
             "{} accounts left to their migration in flight ({})",
             plan.migrating.len(),
             some(plan.migrating.iter().map(ToString::to_string).collect())
+        ));
+    }
+    if !plan.unknown.is_empty() {
+        parts.push(format!(
+            "{} accounts the group holds writable that the directory does not know, left unreachable (created after the directory's backup, or while the directory was lost; a person places them: {})",
+            plan.unknown.len(),
+            some(plan.unknown.iter().map(|(a, f)| format!("{a} ({f})")).collect())
         ));
     }
     if parts.is_empty() {
@@ -243,8 +271,13 @@ mod tests {
             (account("left-long-ago"), Fence::moved(Epoch(1), region("eu-west"))),
             (account("here-since-backup"), Fence::moved(Epoch(2), region("eu-west"))),
             (account("moving"), Fence::fenced(Epoch(1))),
+            (account("unplaced"), Fence::active(Epoch(1))),
+            (account("unplaced-gone"), Fence::moved(Epoch(1), region("eu-west"))),
         ]);
         let p = plan(&here, &accounts, &fences);
+        // Writable here, unknown to the directory: named; one that moved
+        // away is no one's loss here.
+        assert_eq!(p.unknown, vec![(account("unplaced"), Fence::active(Epoch(1)))]);
         let repairs: BTreeMap<String, String> = p
             .repairs
             .iter()
@@ -264,7 +297,7 @@ mod tests {
         );
         assert_eq!(p.migrating, vec![account("moving")]);
         let text = describe(&p);
-        for want in ["created-since", "left-since", "here-since-backup", "moving"] {
+        for want in ["created-since", "left-since", "here-since-backup", "moving", "unplaced"] {
             assert!(text.contains(want), "{want} in {text}");
         }
     }

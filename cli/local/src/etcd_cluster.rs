@@ -344,6 +344,13 @@ impl EtcdCluster {
         Ok(())
     }
 
+    /// Starts a killed member with its data, without waiting for it to
+    /// serve (it may never: a member that cannot join its group).
+    pub fn start_without_waiting(&mut self, i: usize) -> Result<()> {
+        let binary = assets::binary("etcd")?;
+        self.start_member(i, &binary)
+    }
+
     /// Restarts a killed member with its data.
     pub fn restart(&mut self, i: usize) -> Result<()> {
         let binary = assets::binary("etcd")?;

@@ -160,15 +160,17 @@ fn group(
                     .get(names::ANNOTATION_SKIP_PRE_UPGRADE_BACKUP)
                     .map(String::as_str)
                     != Some("true"),
-            // The directory's members span regions and clusters: restoring
-            // them takes every share at once, which is not built.
-            restore: match (&gc.spec.backup, &region.restore_from) {
-                (Some(b), Some(backup)) if role == GroupRole::Data => Some(tern_crds::GroupRestore {
-                    claim_name: b.claim_name.clone(),
-                    backup: backup.clone(),
-                }),
-                _ => None,
-            },
+            // A directory share is restored from the directory's backup:
+            // every share, in every cluster, from the same one.
+            restore: match role {
+                GroupRole::Data => region.restore_from.as_ref(),
+                GroupRole::Directory => gc.spec.directory.restore_from.as_ref(),
+            }
+            .zip(gc.spec.backup.as_ref())
+            .map(|(backup, b)| tern_crds::GroupRestore {
+                claim_name: b.claim_name.clone(),
+                backup: backup.clone(),
+            }),
         },
         status: None,
     }
@@ -365,6 +367,34 @@ mod tests {
         assert_eq!(
             restore.backup,
             gc.spec.regions[0].restore_from.clone().expect("set above")
+        );
+    }
+
+    #[test]
+    fn every_directory_share_is_restored_from_the_directorys_backup() {
+        let mut gc = example();
+        gc.spec.backup = Some(tern_crds::BackupSpec {
+            claim_name: "tern-backups".into(),
+            every: "1h".into(),
+            keep: 24,
+        });
+        let backup = "directory-20261203T113457.236Z".to_string();
+        gc.spec.directory.restore_from = Some(backup.clone());
+        let groups = region_groups(&gc, &RegionFilter::all());
+        let shares: Vec<&RegionGroup> = groups.iter().filter(|g| g.spec.role == GroupRole::Directory).collect();
+        assert_eq!(shares.len(), gc.spec.directory.members.len());
+        for share in &shares {
+            let restore = share.spec.restore.as_ref().expect("a share restored");
+            assert_eq!(restore.backup, backup);
+            // Every share knows every member of the directory.
+            assert_eq!(share.spec.initial_cluster, shares[0].spec.initial_cluster);
+        }
+        assert!(
+            groups
+                .iter()
+                .filter(|g| g.spec.role == GroupRole::Data)
+                .all(|g| g.spec.restore.is_none()),
+            "data groups follow their own restoreFrom"
         );
     }
 

@@ -17,7 +17,7 @@ use k8s_openapi::api::core::v1::{
     Container, PersistentVolumeClaim, PersistentVolumeClaimVolumeSource, PodSpec, PodTemplateSpec, Volume, VolumeMount,
 };
 use kube::api::ObjectMeta;
-use tern_crds::{ClusterMember, GroupRestore, RegionGroup};
+use tern_crds::{ClusterMember, GroupRestore, GroupRole, RegionGroup};
 
 use super::components::BACKUP_MOUNT;
 use super::regiongroup::{DATA_DIR, data_claim_spec, member_claim_name, member_data_dir, meta, zone_affinity};
@@ -62,37 +62,80 @@ pub fn member_claim(rg: &RegionGroup, member: &str) -> PersistentVolumeClaim {
     }
 }
 
-/// The Job that restores member `ordinal` of a group whose Raft members
-/// will be `members`. It runs the group's own etcd image (etcd's images
-/// carry `etcdutl`), in the zone the member's spread puts it, so that a
-/// volume bound where the Job ran is where the member may run.
-pub fn restore_job(rg: &RegionGroup, restore: &GroupRestore, ordinal: usize, members: &[ClusterMember]) -> Job {
-    let member = &members[ordinal];
-    let initial_cluster = members
+/// The Raft members a restored group starts with, every share's for a
+/// directory share (`members` are this group's own).
+pub fn restored_cluster(rg: &RegionGroup, members: &[ClusterMember]) -> Vec<ClusterMember> {
+    match rg.spec.role {
+        GroupRole::Data => members.to_vec(),
+        GroupRole::Directory => rg.spec.initial_cluster.clone(),
+    }
+}
+
+/// The cluster token a group is restored with. A directory share's names
+/// the backup: etcd derives the member and cluster ids from the token, so
+/// shares restored (in different clusters, by different operators) from
+/// different backups get different ids and refuse each other's
+/// connections, rather than forming one cluster whose members hold
+/// different data at the same Raft index. A data group's members are all
+/// restored by one operator from one spec: its token stays.
+pub fn restore_token(role: GroupRole, cluster_token: &str, backup: &str) -> String {
+    match role {
+        GroupRole::Data => cluster_token.to_string(),
+        GroupRole::Directory => format!("{cluster_token}-{backup}"),
+    }
+}
+
+/// `etcdutl snapshot restore`'s arguments that make `member` of `cluster`
+/// from `snapshot` (the Job's, and the ones the tests run against real
+/// etcd).
+pub fn etcdutl_args(
+    snapshot: &str,
+    member: &ClusterMember,
+    cluster: &[ClusterMember],
+    token: &str,
+    data_dir: &str,
+) -> Vec<String> {
+    let initial_cluster = cluster
         .iter()
         .map(|m| format!("{}={}", m.name, m.peer_url))
         .collect::<Vec<_>>()
         .join(",");
+    vec![
+        "snapshot".to_string(),
+        "restore".to_string(),
+        snapshot.to_string(),
+        format!("--name={}", member.name),
+        format!("--initial-cluster={initial_cluster}"),
+        format!("--initial-cluster-token={token}"),
+        format!("--initial-advertise-peer-urls={}", member.peer_url),
+        format!("--data-dir={data_dir}"),
+        format!("--bump-revision={BUMP_REVISION}"),
+        // Every watch from an old revision is told the history was
+        // compacted: the mirrors resynchronise instead of skipping.
+        "--mark-compacted".to_string(),
+    ]
+}
+
+/// The Job that restores member `ordinal` of the group's `members` (its
+/// own: for a directory share, the share's). It runs the group's own etcd
+/// image (etcd's images carry `etcdutl`), in the zone the member's spread
+/// puts it, so that a volume bound where the Job ran is where the member
+/// may run.
+pub fn restore_job(rg: &RegionGroup, restore: &GroupRestore, ordinal: usize, members: &[ClusterMember]) -> Job {
+    let member = &members[ordinal];
     let mut metadata = meta(rg, job_name(&member.name));
     metadata
         .labels
         .get_or_insert_default()
         .insert(LABEL_RESTORE.into(), restore.backup.clone());
     let zone = rg.spec.zones[ordinal % rg.spec.zones.len()].clone();
-    let args = vec![
-        "snapshot".to_string(),
-        "restore".to_string(),
-        snapshot_path(&restore.backup),
-        format!("--name={}", member.name),
-        format!("--initial-cluster={initial_cluster}"),
-        format!("--initial-cluster-token={}", rg.spec.cluster_token),
-        format!("--initial-advertise-peer-urls={}", member.peer_url),
-        format!("--data-dir={}", member_data_dir()),
-        format!("--bump-revision={BUMP_REVISION}"),
-        // Every watch from an old revision is told the history was
-        // compacted: the mirrors resynchronise instead of skipping.
-        "--mark-compacted".to_string(),
-    ];
+    let args = etcdutl_args(
+        &snapshot_path(&restore.backup),
+        member,
+        &restored_cluster(rg, members),
+        &restore_token(rg.spec.role, &rg.spec.cluster_token, &restore.backup),
+        &member_data_dir(),
+    );
     let container = Container {
         name: "restore".into(),
         image: Some(rg.spec.etcd.image.clone()),
@@ -256,6 +299,67 @@ mod tests {
             assert_eq!(pod.restart_policy.as_deref(), Some("Never"));
             assert_eq!(job.spec.as_ref().and_then(|s| s.backoff_limit), Some(0));
         }
+    }
+
+    #[test]
+    fn every_directory_share_restores_its_members_into_one_cluster_bound_to_the_backup() {
+        let mut gc = example();
+        gc.spec.backup = Some(tern_crds::BackupSpec {
+            claim_name: "tern-backups".into(),
+            every: "1h".into(),
+            keep: 24,
+        });
+        let backup = "directory-20261203T113457.236Z";
+        gc.spec.directory.restore_from = Some(backup.into());
+        let shares: Vec<RegionGroup> = region_groups(&gc, &RegionFilter::all())
+            .into_iter()
+            .filter(|g| g.spec.role == GroupRole::Directory)
+            .collect();
+        let arg = |args: &[String], flag: &str| {
+            args.iter()
+                .find_map(|a| a.strip_prefix(flag).map(str::to_string))
+                .unwrap_or_else(|| panic!("{flag} in {args:?}"))
+        };
+        let mut restored = Vec::new();
+        let mut clusters = Vec::new();
+        for share in &shares {
+            let restore = share.spec.restore.clone().expect("restore");
+            let members = restored_members(share, "default", share.spec.replicas);
+            for (o, m) in members.iter().enumerate() {
+                assert!(share.spec.initial_cluster.contains(m), "{m:?} is a directory member");
+                let job = restore_job(share, &restore, o, &members);
+                let args = job.spec.expect("spec").template.spec.expect("pod").containers[0]
+                    .args
+                    .clone()
+                    .expect("args");
+                assert_eq!(arg(&args, "--name="), m.name);
+                assert_eq!(
+                    args[2],
+                    format!("/var/lib/tern/backups/directory/{backup}.db"),
+                    "the directory's snapshot"
+                );
+                let token = arg(&args, "--initial-cluster-token=");
+                assert!(token.ends_with(backup), "{token}");
+                clusters.push((arg(&args, "--initial-cluster="), token));
+                restored.push(m.name.clone());
+            }
+        }
+        // Every member of the directory is restored once, by its share,
+        // and all agree on the cluster and the token.
+        let all: Vec<String> = shares[0].spec.initial_cluster.iter().map(|m| m.name.clone()).collect();
+        restored.sort();
+        let mut want = all.clone();
+        want.sort();
+        assert_eq!(restored, want);
+        clusters.dedup();
+        assert_eq!(clusters.len(), 1, "{clusters:?}");
+        assert_eq!(clusters[0].0.split(',').count(), all.len());
+        // A data group keeps its token.
+        let (rg, _) = restored_group();
+        assert_eq!(
+            restore_token(rg.spec.role, &rg.spec.cluster_token, "x"),
+            rg.spec.cluster_token
+        );
     }
 
     #[test]

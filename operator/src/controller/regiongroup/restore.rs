@@ -13,7 +13,7 @@ use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::events::EventType;
 use kube::{Api, ResourceExt};
-use tern_crds::{RegionGroup, RegionGroupStatus, RestoreStatus};
+use tern_crds::{GroupRole, RegionGroup, RegionGroupStatus, RestoreStatus};
 
 use crate::Result;
 use crate::build::regiongroup::member_claim_name;
@@ -69,13 +69,7 @@ pub async fn step(rg: &RegionGroup, ctx: &Context, st: &mut RegionGroupStatus) -
         if let Some(r) = &rg.spec.restore
             && !done(st, &r.backup)
         {
-            st.restore = Some(RestoreStatus {
-                backup: r.backup.clone(),
-                done: false,
-                message: why,
-                members: None,
-                fences: None,
-            });
+            st.restore = Some(under_way(r.backup.clone(), why, None));
         }
         return Ok(Step::Wait);
     }
@@ -96,23 +90,21 @@ pub async fn step(rg: &RegionGroup, ctx: &Context, st: &mut RegionGroupStatus) -
             Some(r) => format!("restoreFrom now names backup {}", r.backup),
             None => "restoreFrom no longer names it".to_string(),
         };
-        st.restore = Some(RestoreStatus {
-            backup: other.clone(),
-            done: false,
-            message: format!(
+        st.restore = Some(under_way(
+            other.clone(),
+            format!(
                 "waiting: volumes {} hold an unfinished restore from backup {other}, and {now}; no member starts on them. Set restoreFrom back to {other}, or delete these claims and the restore Jobs of {group} (kubectl delete job -l {}={group}) to go on",
                 names.join(", "),
                 names::LABEL_INSTANCE
             ),
-            members: None,
-            fences: None,
-        });
+            None,
+        ));
         return Ok(Step::Wait);
     }
     // A group that has run (its Raft membership is recorded) with no claim
     // left, and no restore to run: its data is gone.
     let restoring = rg.spec.restore.as_ref().is_some_and(|r| !done(st, &r.backup));
-    if all.is_empty() && !st.raft_members.is_empty() && !restoring {
+    if all.is_empty() && !st.raft_members.is_empty() && !restoring && rg.spec.role == GroupRole::Data {
         lost(rg, ctx, st).await;
         return Ok(Step::Wait);
     }
@@ -192,26 +184,37 @@ pub async fn step(rg: &RegionGroup, ctx: &Context, st: &mut RegionGroupStatus) -
             ctx.event(rg, EventType::Warning, "RestoreRefused", "Restore", message.clone())
                 .await;
         }
-        st.restore = Some(RestoreStatus {
-            backup: backup.clone(),
-            done: false,
-            message,
-            members: None,
-            fences: None,
-        });
+        st.restore = Some(under_way(backup.clone(), message, None));
         return Ok(Step::Proceed);
     }
     if !going.is_empty() {
-        st.restore = Some(RestoreStatus {
-            backup: backup.clone(),
-            done: false,
-            message: format!(
+        st.restore = Some(under_way(
+            backup.clone(),
+            format!(
                 "restoring from backup {backup}: waiting for volumes {} to be deleted",
                 going.join(", ")
             ),
-            members: Some(count),
-            fences: None,
-        });
+            Some(count),
+        ));
+        return Ok(Step::Wait);
+    }
+    // Checked before the restore's first claim is made: once begun, it
+    // goes on (a lagging share of a whole restore, whose regions meanwhile
+    // started on their restored data, is not stopped midway).
+    let begun = missing.len() < members.len();
+    if rg.spec.role == GroupRole::Directory
+        && !begun
+        && let Some(why) = live_regions(rg, ctx).await?
+    {
+        let message = format!(
+            "not restored from backup {backup}: {why}. A directory put back to the backup's time under them would lose their placements since (accounts created, moved, failed over); restoring the directory under live regions is not built (docs/backup.md). Nothing of this share starts while directory.restoreFrom names a backup"
+        );
+        if st.restore.as_ref().map(|r| &r.message) != Some(&message) {
+            tracing::warn!(%group, %backup, "directory restore refused: regions run on data of their own");
+            ctx.event(rg, EventType::Warning, "RestoreRefused", "Restore", message.clone())
+                .await;
+        }
+        st.restore = Some(under_way(backup.clone(), message, None));
         return Ok(Step::Wait);
     }
     for m in missing {
@@ -271,6 +274,29 @@ pub async fn step(rg: &RegionGroup, ctx: &Context, st: &mut RegionGroupStatus) -
         }
     }
 
+    if restored == members.len() && rg.spec.role == GroupRole::Directory {
+        // No hold: the hold lives in the directory. Each restored data
+        // group holds its region until its fences agree with this
+        // directory, and a region's group that starts empty refuses the
+        // accounts the directory homes there (their fences are missing).
+        let message = format!(
+            "restored {} members of the directory from backup {backup}: the directory serves once a majority of its members, in every share, is restored (each cluster's operator restores its own share from the same backup) and started; it holds what it had when the backup was taken, and what it acknowledged after the backup began (accounts created, moves) is lost and named per region by the regions' fences; revisions now start {BUMP_REVISION} higher",
+            members.len()
+        );
+        tracing::info!(%group, %backup, "directory members restored");
+        ctx.event(rg, EventType::Normal, "Restored", "Restore", message.clone())
+            .await;
+        st.restore = Some(RestoreStatus {
+            done: true,
+            ..under_way(backup.clone(), message, Some(count))
+        });
+        // A new directory: what a replacement recorded of the lost one
+        // goes (its members bootstrap from the share's list).
+        st.raft_members.clear();
+        st.member_volumes.clear();
+        st.member_replacement = None;
+        return Ok(Step::Restored);
+    }
     if restored == members.len() {
         // The region is held before any member starts: until the fences
         // agree with the directory (`agree_fences`), its agent claims no
@@ -278,16 +304,14 @@ pub async fn step(rg: &RegionGroup, ctx: &Context, st: &mut RegionGroupStatus) -
         let reason =
             format!("{group} restored from backup {backup}; its fences are made to agree with the directory first");
         if let Err(why) = hold(rg, ctx, reason).await {
-            st.restore = Some(RestoreStatus {
-                backup: backup.clone(),
-                done: false,
-                message: format!(
+            st.restore = Some(under_way(
+                backup.clone(),
+                format!(
                     "every member's volume holds backup {backup}; waiting to hold region {} in the directory before the members start: {why}",
                     rg.spec.region
                 ),
-                members: Some(count),
-                fences: None,
-            });
+                Some(count),
+            ));
             return Ok(Step::Wait);
         }
         let message = format!(
@@ -298,11 +322,8 @@ pub async fn step(rg: &RegionGroup, ctx: &Context, st: &mut RegionGroupStatus) -
         ctx.event(rg, EventType::Normal, "Restored", "Restore", message.clone())
             .await;
         st.restore = Some(RestoreStatus {
-            backup: backup.clone(),
             done: true,
-            message,
-            members: Some(count),
-            fences: None,
+            ..under_way(backup.clone(), message, Some(count))
         });
         // The restored group is a new cluster of these members, whatever
         // the lost one had.
@@ -339,14 +360,46 @@ pub async fn step(rg: &RegionGroup, ctx: &Context, st: &mut RegionGroupStatus) -
         ctx.event(rg, EventType::Warning, "RestoreFailed", "Restore", message.clone())
             .await;
     }
-    st.restore = Some(RestoreStatus {
-        backup: backup.clone(),
+    st.restore = Some(under_way(backup.clone(), message, Some(count)));
+    Ok(Step::Wait)
+}
+
+/// Why the directory may not be restored under this cluster's regions:
+/// the data groups of the share's GeoCluster that run on data of their own
+/// (their Raft membership is recorded) and are not restored themselves.
+/// A whole GeoCluster's restore has every region's group restored with the
+/// directory, or new. Other clusters' regions are their operators' to see.
+async fn live_regions(rg: &RegionGroup, ctx: &Context) -> Result<Option<String>> {
+    let namespace = rg.namespace().unwrap_or_default();
+    let groups = Api::<RegionGroup>::namespaced(ctx.client.clone(), &namespace)
+        .list(&ListParams::default())
+        .await
+        .context(|| format!("listing the RegionGroups of {namespace}"))?;
+    let live: Vec<String> = groups
+        .items
+        .iter()
+        .filter(|g| g.spec.geo_cluster == rg.spec.geo_cluster && g.spec.role == GroupRole::Data)
+        .filter(|g| g.spec.restore.is_none())
+        .filter(|g| g.status.as_ref().is_some_and(|s| !s.raft_members.is_empty()))
+        .map(|g| g.name_any())
+        .collect();
+    Ok((!live.is_empty()).then(|| {
+        format!(
+            "region groups {} run on data of their own and are not restored from a backup",
+            live.join(", ")
+        )
+    }))
+}
+
+/// A restore under way from `backup`: `message` says where it is.
+fn under_way(backup: String, message: String, members: Option<i32>) -> RestoreStatus {
+    RestoreStatus {
+        backup,
         done: false,
         message,
-        members: Some(count),
-        fences: None,
-    });
-    Ok(Step::Wait)
+        members,
+        ..RestoreStatus::default()
+    }
 }
 
 /// The hold put on the region of a group that lost every volume.
@@ -412,6 +465,9 @@ pub async fn agree_fences(
     endpoints: &[String],
     st: &mut RegionGroupStatus,
 ) -> Pending {
+    if rg.spec.role == GroupRole::Directory {
+        return describe_directory(rg, ctx, st).await;
+    }
     let Some(restore) = st.restore.as_mut().filter(|r| r.done && r.fences.is_none()) else {
         return Pending::No;
     };
@@ -457,6 +513,104 @@ pub async fn agree_fences(
             Pending::Yes
         }
     }
+}
+
+/// Once a restored directory serves: what it holds, once, in
+/// status.restore.directory and a `DirectoryRestored` event. It is what
+/// the regions' fences are compared with; the holds and migrations it
+/// brings back from the backup's time are named, for a person to look at.
+async fn describe_directory(rg: &RegionGroup, ctx: &Context, st: &mut RegionGroupStatus) -> Pending {
+    let Some(restore) = st.restore.as_mut().filter(|r| r.done && r.directory.is_none()) else {
+        return Pending::No;
+    };
+    let group = rg.name_any();
+    let described = match directory_of(rg, ctx).await {
+        Ok(mut d) => directory_contents(&mut d).await.map_err(|e| e.to_string()),
+        Err(e) => Err(e),
+    };
+    match described {
+        Ok(note) => {
+            tracing::info!(%group, directory = %note, "restored directory serves");
+            ctx.event(rg, EventType::Normal, "DirectoryRestored", "Restore", note.clone())
+                .await;
+            restore.directory = Some(note);
+            Pending::No
+        }
+        Err(e) => {
+            tracing::info!(%group, error = %e, "the restored directory does not serve yet");
+            Pending::Yes
+        }
+    }
+}
+
+/// The restored directory's accounts per home region, the ones moving, its
+/// holds and migration intents, in a sentence.
+async fn directory_contents(d: &mut etcd_client::Client) -> std::result::Result<String, etcd_client::Error> {
+    use std::collections::BTreeMap;
+    use tern_common::etcd::Pages;
+    let mut homes: BTreeMap<String, usize> = BTreeMap::new();
+    let mut moving = 0;
+    let mut pages = Pages::prefix(tern_common::DIR_ACCOUNTS, 5_000);
+    while let Some(page) = pages.next(d).await? {
+        for kv in page.kvs() {
+            if let Ok(record) = serde_json::from_slice::<tern_common::AccountRecord>(kv.value()) {
+                *homes.entry(record.home.to_string()).or_default() += 1;
+                if matches!(record.state, tern_common::AccountState::Migrating { .. }) {
+                    moving += 1;
+                }
+            }
+        }
+    }
+    let holds = d
+        .get(
+            tern_common::DIR_HOLDS,
+            Some(etcd_client::GetOptions::new().with_prefix()),
+        )
+        .await?;
+    let holds: Vec<String> = holds
+        .kvs()
+        .iter()
+        .map(|kv| {
+            let region = kv
+                .key_str()
+                .unwrap_or_default()
+                .trim_start_matches(tern_common::DIR_HOLDS);
+            match serde_json::from_slice::<tern_common::RegionHold>(kv.value()) {
+                Ok(h) => format!("{region} (by {}: {})", h.by, h.reason),
+                Err(_) => region.to_string(),
+            }
+        })
+        .collect();
+    let intents = d
+        .get(
+            tern_common::DIR_MIGRATIONS,
+            Some(etcd_client::GetOptions::new().with_prefix().with_count_only()),
+        )
+        .await?
+        .count();
+    let total: usize = homes.values().sum();
+    let per_home = homes
+        .iter()
+        .map(|(r, n)| format!("{r} {n}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    Ok(format!(
+        "the restored directory serves: {total} accounts placed ({}), {moving} of them moving; {} migration intents; holds: {}. Each restored region's fences are made to agree with it (its RegionGroup's status.restore.fences names what differs)",
+        if per_home.is_empty() {
+            "none".to_string()
+        } else {
+            per_home
+        },
+        intents,
+        if holds.is_empty() {
+            "none".to_string()
+        } else {
+            format!(
+                "{} (put before the backup; lift one by hand once its reason is gone: etcdctl del /tern/dir/holds/REGION)",
+                holds.join("; ")
+            )
+        }
+    ))
 }
 
 /// The directory of the group's GeoCluster.
