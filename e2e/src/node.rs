@@ -301,7 +301,12 @@ impl NodeCluster {
             controllers,
             cp,
         };
-        cluster.create_volumes(8).await?;
+        // Enough for the scenarios' busiest cluster (us-east): the backup
+        // claim, three members and a directory member, two new claims for
+        // a replaced member (the claim made again, then cleared), one for
+        // a lost member of one and one for its restore. Retained volumes
+        // are not reused.
+        cluster.create_volumes(12).await?;
         Ok(cluster)
     }
 

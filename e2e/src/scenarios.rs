@@ -488,65 +488,88 @@ impl Scenarios {
         Ok(())
     }
 
-    /// Loses the volume of `region`'s member at `ordinal` (its claim and
+    /// Loses the volume of each member in `losses` at once (its claim and
     /// pod deleted, as after a node lost with its local volume): the
     /// StatefulSet makes the claim again, empty, and the member cannot
     /// start on it. The operator replaces the member (removed from Raft,
     /// added back as a learner, promoted once caught up), and the group
-    /// serves what it held: `account`'s value reads back and takes a
-    /// write.
-    pub async fn replace_lost_member(&mut self, region: &str, ordinal: i32, account: &str) -> Result<()> {
+    /// serves what it held. For a directory share's member, the directory
+    /// is the group: its other regions' members keep the quorum. Each
+    /// loss's account reads back what it held, through its region's
+    /// router (which finds it through the directory), and takes a write.
+    pub async fn replace_lost_members(&mut self, losses: &[Loss<'_>]) -> Result<()> {
         let start = Instant::now();
-        let group = format!("{GEOCLUSTER}-{region}");
-        let member = format!("{group}-{ordinal}");
-        let claim = format!("data-{member}");
+        let member = |l: &Loss| format!("{}-{}", l.group, l.ordinal);
         // The operator knows the member's volume once every member has been
         // ready on its own.
-        let deadline = Instant::now() + READY_LIMIT;
-        let recorded = loop {
-            let rg = self.regiongroup(region, &group)?;
-            if let Some(uid) = rg["status"]["memberVolumes"][&member].as_str() {
-                break uid.to_string();
-            }
-            if Instant::now() > deadline {
-                return Err(failed(format!("{group} never recorded the volume of {member}")));
-            }
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        };
-        let before = {
-            let (_fwd, mut c) = self.router_client(region).await?;
-            get(&mut c, account, "k").await?
-        };
-        self.kubectl(region, &["delete", "pvc", &claim, "-n", NAMESPACE, "--wait=false"])?;
-        self.kubectl(region, &["delete", "pod", &member, "-n", NAMESPACE])?;
-        let deadline = Instant::now() + READY_LIMIT;
-        loop {
-            let rg = self.regiongroup(region, &group)?;
-            let st = &rg["status"];
-            let now = st["memberVolumes"][&member].as_str().unwrap_or_default();
-            let ready = st["readyMembers"].as_i64().unwrap_or(0);
-            if !now.is_empty() && now != recorded && st["memberReplacement"].is_null() && ready == 3 {
-                break;
-            }
-            if Instant::now() > deadline {
-                let pods = self.kubectl(region, &["get", "pods,pvc", "-n", NAMESPACE, "-o", "wide"])?;
-                return Err(HarnessError::NotReady {
-                    what: format!("{member} replaced after its volume was lost"),
-                    secs: READY_LIMIT.as_secs(),
-                    log: format!("status: {st}\n{pods}"),
-                });
-            }
-            tokio::time::sleep(Duration::from_secs(1)).await;
+        let mut recorded = Vec::new();
+        let mut before = Vec::new();
+        for l in losses {
+            let member = member(l);
+            let deadline = Instant::now() + READY_LIMIT;
+            let uid = loop {
+                let rg = self.regiongroup(l.region, &l.group)?;
+                if let Some(uid) = rg["status"]["memberVolumes"][&member].as_str() {
+                    break uid.to_string();
+                }
+                if Instant::now() > deadline {
+                    return Err(failed(format!("{} never recorded the volume of {member}", l.group)));
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            };
+            recorded.push(uid);
+            let (_fwd, mut c) = self.router_client(l.region).await?;
+            before.push(get(&mut c, l.account, "k").await?);
         }
-        let (_fwd, mut c) = self.router_client(region).await?;
-        let after = get(&mut c, account, "k").await?;
-        check(
-            after == before,
-            format!("{account} read {before:?} before {member}'s volume was lost and {after:?} after its replacement"),
-        )?;
-        put(&mut c, account, "k", "after-replacement").await?;
-        eprintln!("scenario: {member}'s lost volume: the member replaced, {account} kept and writable");
-        self.timed(&format!("{member}'s lost volume replaced"), start);
+        let lost_at = Instant::now();
+        for l in losses {
+            let member = member(l);
+            let claim = format!("data-{member}");
+            self.kubectl(l.region, &["delete", "pvc", &claim, "-n", NAMESPACE, "--wait=false"])?;
+            self.kubectl(l.region, &["delete", "pod", &member, "-n", NAMESPACE])?;
+        }
+        for (i, l) in losses.iter().enumerate() {
+            let member = member(l);
+            let deadline = Instant::now() + READY_LIMIT;
+            loop {
+                let rg = self.regiongroup(l.region, &l.group)?;
+                let st = &rg["status"];
+                let now = st["memberVolumes"][&member].as_str().unwrap_or_default();
+                let ready = st["readyMembers"].as_i64().unwrap_or(0);
+                let wanted = rg["spec"]["replicas"].as_i64().unwrap_or(-1);
+                if !now.is_empty() && now != recorded[i] && st["memberReplacement"].is_null() && ready == wanted {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    let pods = self.kubectl(l.region, &["get", "pods,pvc", "-n", NAMESPACE, "-o", "wide"])?;
+                    return Err(HarnessError::NotReady {
+                        what: format!("{member} replaced after its volume was lost"),
+                        secs: READY_LIMIT.as_secs(),
+                        log: format!("status: {st}\n{pods}"),
+                    });
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            let (_fwd, mut c) = self.router_client(l.region).await?;
+            let after = get(&mut c, l.account, "k").await?;
+            check(
+                after == before[i],
+                format!(
+                    "{} read {:?} before {member}'s volume was lost and {after:?} after its replacement",
+                    l.account, before[i]
+                ),
+            )?;
+            // Under a key of its own: the value of "k" is what later
+            // scenarios read back (us-east's restore).
+            put(&mut c, l.account, "replaced", "after-replacement").await?;
+            eprintln!(
+                "scenario: {member}'s lost volume: the member replaced ({:.1} s after the loss), {} kept and writable",
+                lost_at.elapsed().as_secs_f64(),
+                l.account
+            );
+        }
+        let what: Vec<String> = losses.iter().map(member).collect();
+        self.timed(&format!("lost volumes of {} replaced", what.join(" and ")), start);
         Ok(())
     }
 
@@ -1275,7 +1298,24 @@ impl Scenarios {
         self.local_write("eu-west", "acct-eu").await?;
         // A member of eu-west loses its volume and is replaced: removed
         // from Raft and added back empty, it catches up from the others.
-        self.replace_lost_member("eu-west", 1, "acct-eu").await?;
+        // At the same time us-east's directory member loses its own: it is
+        // replaced in the directory, whose other two members, in the other
+        // clusters, keep the quorum.
+        self.replace_lost_members(&[
+            Loss {
+                region: "eu-west",
+                group: format!("{GEOCLUSTER}-eu-west"),
+                ordinal: 1,
+                account: "acct-eu",
+            },
+            Loss {
+                region: "us-east",
+                group: format!("{GEOCLUSTER}-dir-us-east"),
+                ordinal: 0,
+                account: "acct-us",
+            },
+        ])
+        .await?;
         // A change of the members' template rolls every data group, one
         // member at a time and the leader last; the groups serve after it.
         self.rolling_update("50m").await?;
@@ -1316,6 +1356,16 @@ impl Scenarios {
             .map(|(what, took)| format!("{:>8.1} s  {what}\n", took.as_secs_f64()))
             .collect()
     }
+}
+
+/// A member whose volume a scenario loses.
+pub struct Loss<'a> {
+    pub region: &'a str,
+    /// Its group: a data group, or a directory share.
+    pub group: String,
+    pub ordinal: i32,
+    /// An account of the region that reads back what it held.
+    pub account: &'a str,
 }
 
 /// The Service of `region`'s routers.

@@ -244,9 +244,61 @@ async fn a_group_grows_to_five_and_shrinks_to_three_without_losing_a_write() {
 /// the replaced member serves.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_whose_volume_is_lost_is_replaced_without_losing_a_write() {
+    replace_lost_member(Ordinals::Group).await;
+}
+
+/// The same for a member of a directory share: the share's own member
+/// (ordinal 0) is lost, and the directory's other members, run by other
+/// regions' operators, are known by the ordinals from `OTHERS_FROM` that
+/// `replace::step` gives them. They count for the quorum, are never
+/// restarted, and the membership the replaced member joins names them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_directory_members_lost_volume_is_replaced_without_losing_a_write() {
+    replace_lost_member(Ordinals::DirectoryShare).await;
+}
+
+/// How the planner's ordinals map to the test's members (their index).
+#[derive(Clone, Copy)]
+enum Ordinals {
+    /// A data group: ordinal i is member i; member 1 is lost.
+    Group,
+    /// A directory share running member 1 as its ordinal 0, the other
+    /// shares' members 0 and 2 at `OTHERS_FROM` and `OTHERS_FROM + 1`.
+    DirectoryShare,
+}
+
+impl Ordinals {
+    fn member(self, o: i32) -> Option<usize> {
+        match self {
+            Self::Group => (0..3).contains(&o).then_some(o as usize),
+            Self::DirectoryShare => match o {
+                0 => Some(1),
+                _ if o == membership::OTHERS_FROM => Some(0),
+                _ if o == membership::OTHERS_FROM + 1 => Some(2),
+                _ => None,
+            },
+        }
+    }
+
+    /// The ordinal of the lost member (member 1).
+    fn lost(self) -> i32 {
+        match self {
+            Self::Group => 1,
+            Self::DirectoryShare => 0,
+        }
+    }
+}
+
+async fn replace_lost_member(ordinals: Ordinals) {
     let dir = tempfile::tempdir().expect("tempdir");
     let etcd = EtcdCluster::start(dir.path(), GROUP, 3, Tuning::default()).expect("etcd starts");
     let p = Pods { etcd, pods: 3 };
+    let peer_url = |p: &Pods| {
+        let urls: Vec<String> = p.etcd.members.iter().map(|m| m.peer_url.clone()).collect();
+        move |o: i32| ordinals.member(o).map(|i| urls[i].clone()).unwrap_or_default()
+    };
+    let name_of = |o: i32| ordinals.member(o).map(|i| format!("{GROUP}-{i}")).unwrap_or_default();
+    let lost = ordinals.lost();
     let stay: Vec<String> = [0, 2].iter().map(|i| p.etcd.endpoints()[*i].clone()).collect();
     let start = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
@@ -271,7 +323,7 @@ async fn a_member_whose_volume_is_lost_is_replaced_without_losing_a_write() {
     let mut p = p;
     p.etcd.move_leader(1).await.expect("leadership moves to member 1");
     p.etcd.retire(1);
-    let members = membership::initial_cluster(&before, |o| format!("{GROUP}-{o}"), p.peer_url());
+    let members = membership::initial_cluster(&before, name_of, peer_url(&p));
     let early = tokio::task::block_in_place(|| p.etcd.join(1, &members));
     eprintln!("membership: member 1 started on its empty volume as the old member: {early:?}");
     let mut removed: Option<u64> = None;
@@ -289,7 +341,7 @@ async fn a_member_whose_volume_is_lost_is_replaced_without_losing_a_write() {
                 continue;
             }
         };
-        let step = match membership::plan_replacement(&observed, 1, removed, cleared, restarted, p.peer_url()) {
+        let step = match membership::plan_replacement(&observed, lost, removed, cleared, restarted, peer_url(&p)) {
             Ok(step) => step,
             // The others still name the lost member their leader.
             Err(e) => {
@@ -304,7 +356,7 @@ async fn a_member_whose_volume_is_lost_is_replaced_without_losing_a_write() {
         match &step {
             Step::Steady => break,
             Step::ClearVolume { ordinal } => {
-                let i = *ordinal as usize;
+                let i = ordinals.member(*ordinal).expect("a member");
                 p.etcd.retire(i);
                 // A pod that starts on the new volume before the member is
                 // added back, told the membership with itself, writes
@@ -319,9 +371,10 @@ async fn a_member_whose_volume_is_lost_is_replaced_without_losing_a_write() {
                 cleared = true;
             }
             Step::RestartPod { ordinal } => {
-                let members = membership::initial_cluster(&observed, |o| format!("{GROUP}-{o}"), p.peer_url());
-                tokio::task::block_in_place(|| p.etcd.join(*ordinal as usize, &members))
-                    .expect("the replaced member starts");
+                let members = membership::initial_cluster(&observed, name_of, peer_url(&p));
+                assert_eq!(members.len(), 3, "the membership names every member: {members:?}");
+                let i = ordinals.member(*ordinal).expect("a member");
+                tokio::task::block_in_place(|| p.etcd.join(i, &members)).expect("the replaced member starts");
                 restarted = true;
             }
             _ => {

@@ -101,6 +101,17 @@ impl Step {
 /// a change in progress holds one more).
 const MAX_ORDINALS: i32 = 16;
 
+/// Ordinals given to the members of a directory share's group that are
+/// not the share's own (the other regions' shares), above any of its own:
+/// they are counted for quorum and leadership, never started or stopped
+/// from here.
+pub const OTHERS_FROM: i32 = 1000;
+
+/// Every ordinal a member may have: a group's own, then the other shares'.
+fn ordinals() -> impl Iterator<Item = i32> {
+    (0..MAX_ORDINALS).chain(OTHERS_FROM..OTHERS_FROM + tern_common::limits::MAX_GROUP_MEMBERS)
+}
+
 /// The next step that takes the group towards `desired` members, given the
 /// membership etcd reports, the number of pods running now (`pods`) and the
 /// peer URL of each ordinal.
@@ -260,7 +271,7 @@ pub fn plan_replacement(
 
 /// The ordinal of a member, by its peer URL.
 fn ordinal_of(m: &RaftMember, peer_url: &impl Fn(i32) -> String) -> Option<i32> {
-    (0..MAX_ORDINALS).find(|o| m.peer_urls.contains(&peer_url(*o)))
+    ordinals().find(|o| m.peer_urls.contains(&peer_url(*o)))
 }
 
 /// The `--initial-cluster` a joining member needs: the group's members

@@ -397,7 +397,25 @@ async fn rolling_update(
     let states = observe().await;
     let note = match crate::upgrade::plan(&states) {
         crate::upgrade::Step::Steady => return false,
-        crate::upgrade::Step::Wait { reason } => format!("{progress}: waiting: {reason}"),
+        crate::upgrade::Step::Wait { reason } => {
+            // Nothing of this share in flight (its members all ready, none
+            // going): the lock goes back while it waits, so that what it
+            // waits for (another share's lost member, replaced under the
+            // lock) is not held up behind it. Taken again before its next
+            // step, which is planned under it.
+            let idle = (0..replicas).all(|o| {
+                let (_, state) = pod_of(o);
+                state.ready && !state.terminating
+            });
+            if directory
+                && idle
+                && let Ok(mut c) = directory_client().await
+                && let Err(e) = directory_roll::unlock(&mut c, &rg.spec.region).await
+            {
+                tracing::info!(%group, error = %e, "the roll lock lapses with its lease");
+            }
+            format!("{progress}: waiting: {reason}")
+        }
         crate::upgrade::Step::Restart { ordinal } => {
             let pod = names::member_name(&group, ordinal);
             // An eviction, not a delete: the PodDisruptionBudget arbitrates
@@ -682,10 +700,16 @@ async fn membership_change(
         // A StatefulSet deleted after the group's membership changed: it
         // comes back as the members etcd last had, all joining what runs
         // (members with data ignore it). Bootstrapping `spec.replicas`
-        // as `new` could start a second cluster beside the first.
+        // as `new` could start a second cluster beside the first. A
+        // directory share's recorded membership is the whole directory's,
+        // of which the share runs its own (fixed) members.
+        let pods = match rg.spec.role {
+            GroupRole::Data => st.raft_members.len() as i32,
+            GroupRole::Directory => rg.spec.replicas,
+        };
         return Change {
-            members: known(st, st.raft_members.len() as i32),
-            in_progress: true,
+            members: known(st, pods),
+            in_progress: rg.spec.role == GroupRole::Data,
         };
     };
     // A member whose volume was lost is replaced before anything else.

@@ -25,9 +25,7 @@ use tern_crds::RegionGroup;
 
 use crate::names;
 
-/// Ordinals given to the other shares' members, above any of this
-/// share's own.
-pub const OTHERS_FROM: i32 = 1000;
+pub use crate::membership::OTHERS_FROM;
 
 /// How long the lock outlives an operator that took it and then stopped.
 const LOCK_TTL_SECS: i64 = 60;

@@ -1,8 +1,15 @@
-//! The replacement of a data group's member whose volume was lost (a node
-//! gone with its local volume, a claim deleted): etcd still counts the
-//! member, but it cannot start on an empty volume, so the group runs a
-//! voter short until the member is removed from Raft and added back
+//! The replacement of a member whose volume was lost (a node gone with its
+//! local volume, a claim deleted): etcd still counts the member, but it
+//! cannot start on an empty volume, so the group runs a voter short until
+//! the member is removed from Raft and added back
 //! (`membership::plan_replacement`).
+//!
+//! A directory share's member is replaced the same way, in the directory:
+//! the other shares' members (from the share's bootstrap list) count for
+//! the quorum and are asked for the membership, and each step is taken
+//! under the directory's roll lock, so that two shares never change the
+//! directory's members at once. The share's ConfigMap then tells a member
+//! that starts empty the directory's membership, `existing`.
 //!
 //! A lost volume is noticed by its claim: the operator records each
 //! member's claim uid once every member is ready on its own
@@ -21,6 +28,7 @@ use kube::runtime::events::EventType;
 use kube::{Api, ResourceExt};
 use tern_crds::{GroupRole, MemberReplacement, RegionGroup, RegionGroupStatus};
 
+use super::directory_roll;
 use crate::build::regiongroup::member_claim_name;
 use crate::context::Context;
 use crate::membership::{self, Progress, Step};
@@ -40,9 +48,7 @@ pub async fn step(
     ready: i32,
     st: &mut RegionGroupStatus,
 ) -> bool {
-    if rg.spec.role != GroupRole::Data {
-        return false;
-    }
+    let directory = rg.spec.role == GroupRole::Directory;
     let group = rg.name_any();
     let namespace = rg.namespace().unwrap_or_default();
     let member = |o: i32| names::member_name(&group, o);
@@ -88,7 +94,7 @@ pub async fn step(
         let on_recorded = claims
             .iter()
             .all(|(name, uid)| uid.is_some() && st.member_volumes.get(name) == uid.as_ref());
-        if lost.is_none() && ready == pods && on_recorded && st.raft_members.is_empty() {
+        if lost.is_none() && ready == pods && on_recorded && st.raft_members.is_empty() && !directory {
             record_membership(rg, tls, pods, st).await;
         }
         let Some((o, uid, was)) = lost else {
@@ -99,6 +105,9 @@ pub async fn step(
         // A group of one or two cannot replace it: without it, the others
         // have no quorum (`too_small`).
         let what = match pods {
+            _ if directory => {
+                "its data is gone, and the directory's other members still count it as a member that cannot start on an empty volume (etcd: \"member has already been bootstrapped\"); replacing it (removed from the directory's Raft group, added back as a learner, promoted once caught up), under the directory's roll lock"
+            }
             1 => "the group's only copy of its data is gone with it",
             2 => "its data is gone, and a group of two cannot replace a member (the other has no quorum without it)",
             _ => {
@@ -122,7 +131,10 @@ pub async fn step(
     let Some(mut r) = st.member_replacement.clone() else {
         return false;
     };
-    if pods < 3 {
+    // A directory share's members are a part of the directory: whether
+    // the others keep a quorum without the member is the directory's to
+    // say (`plan_replacement` counts every share's voters).
+    if pods < 3 && !directory {
         let live = (0..pods).find(|o| member(*o) == r.member).and_then(&claim_uid);
         return too_small(rg, ctx, pods, live, st, r).await;
     }
@@ -132,10 +144,32 @@ pub async fn step(
 
     let host = |o: i32| names::member_host(&group, &member(o), &namespace, &rg.spec.cluster_domain);
     let scheme = names::scheme(rg.spec.tls.is_some());
-    let peer_url = |o: i32| format!("{scheme}://{}:{}", host(o), names::PEER_PORT);
+    // A directory share's group is every share's members: the others
+    // (from the bootstrap list) take ordinals from OTHERS_FROM.
+    let others: Vec<(i32, tern_crds::ClusterMember, String)> = if directory {
+        directory_roll::other_members(rg, pods)
+            .into_iter()
+            .filter_map(|(o, name, client)| {
+                let m = rg.spec.initial_cluster.iter().find(|m| m.name == name)?;
+                Some((o, m.clone(), client))
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let other = |o: i32| others.iter().find(|(x, _, _)| *x == o);
+    let peer_url = |o: i32| match other(o) {
+        Some((_, m, _)) => m.peer_url.clone(),
+        None => format!("{scheme}://{}:{}", host(o), names::PEER_PORT),
+    };
+    let name_of = |o: i32| match other(o) {
+        Some((_, m, _)) => m.name.clone(),
+        None => member(o),
+    };
     let endpoints: Vec<String> = (0..pods)
         .filter(|o| *o != ordinal)
         .map(|o| format!("{scheme}://{}:{}", host(o), names::CLIENT_PORT))
+        .chain(others.iter().map(|(_, _, client)| client.clone()))
         .collect();
     let observed = match membership::observe(&endpoints, tls).await {
         Ok(m) => m,
@@ -147,13 +181,17 @@ pub async fn step(
     // back). A pod restarted before the ConfigMap says so would start with
     // what it said before (`new`, for a group never resized) and write a
     // log of its own to its volume.
-    let mut raft_members = membership::initial_cluster(&observed, member, peer_url);
+    let mut raft_members = membership::initial_cluster(&observed, name_of, peer_url);
     if !raft_members.iter().any(|m| m.name == r.member) {
         raft_members.push(tern_crds::ClusterMember {
             name: r.member.clone(),
             peer_url: peer_url(ordinal),
         });
-        raft_members.sort_by_key(|m| (0..MAX_ORDINALS).find(|o| member(*o) == m.name));
+        raft_members.sort_by_key(|m| {
+            (0..MAX_ORDINALS)
+                .chain(others.iter().map(|(o, _, _)| *o))
+                .find(|o| name_of(*o) == m.name)
+        });
     }
     st.raft_members = raft_members;
     let config_ready = rg.status.as_ref().is_some_and(|s| s.raft_members == st.raft_members);
@@ -185,6 +223,11 @@ pub async fn step(
                 st.member_volumes.insert(r.member.clone(), uid);
             }
             st.member_replacement = None;
+            // The lock is the replacement's unless the share rolls: then
+            // it is the roll's, given back once the roll has settled.
+            if directory && st.rolling_update.is_none() {
+                release(&endpoints, tls, &rg.spec.region).await;
+            }
             return false;
         }
         if removed.is_none()
@@ -200,6 +243,15 @@ pub async fn step(
                 ),
             );
         }
+    }
+    // A directory share changes the directory's members under its roll
+    // lock: one change of them at a time across the shares (two shares
+    // replacing at once could each remove a voter), and never while
+    // another share restarts one for a roll. The step is planned from what
+    // was seen before the lock; a change by another share meanwhile would
+    // have to have held the lock, and etcd refuses a second learner.
+    if directory && let Err(why) = take_lock(&endpoints, tls, &rg.spec.region, &group).await {
+        return waiting(st, &group, why);
     }
     let step = match membership::plan_replacement(&observed, ordinal, removed, fresh, r.restarted, peer_url) {
         Ok(step) => step,
@@ -217,6 +269,11 @@ pub async fn step(
                 .await;
             st.member_volumes.insert(r.member.clone(), uid);
             st.member_replacement = None;
+            // The lock is the replacement's unless the share rolls: then
+            // it is the roll's, given back once the roll has settled.
+            if directory && st.rolling_update.is_none() {
+                release(&endpoints, tls, &rg.spec.region).await;
+            }
             return false;
         }
         Step::RestartPod { .. } | Step::ClearVolume { .. } if !config_ready => {
@@ -258,6 +315,34 @@ pub async fn step(
     r.message = format!("replacing {}: {what}", r.member);
     st.member_replacement = Some(r);
     true
+}
+
+/// Takes (or renews) the directory's roll lock for `share` of `region`,
+/// through the directory's members at `endpoints`.
+async fn take_lock(
+    endpoints: &[String],
+    tls: Option<&tern_common::tls::Tls>,
+    region: &str,
+    share: &str,
+) -> Result<(), String> {
+    let urls: Vec<&str> = endpoints.iter().map(String::as_str).collect();
+    let mut c = tern_common::etcd::client(&urls, tls, Some(super::GROUP_CALL_TIMEOUT))
+        .await
+        .map_err(|e| format!("cannot reach the directory: {e}"))?;
+    directory_roll::lock(&mut c, region, share).await
+}
+
+/// Gives the directory's roll lock back once a replacement has ended; one
+/// that cannot be given back lapses with its lease.
+async fn release(endpoints: &[String], tls: Option<&tern_common::tls::Tls>, region: &str) {
+    let urls: Vec<&str> = endpoints.iter().map(String::as_str).collect();
+    let given_back = match tern_common::etcd::client(&urls, tls, Some(super::GROUP_CALL_TIMEOUT)).await {
+        Ok(mut c) => directory_roll::unlock(&mut c, region).await,
+        Err(e) => Err(e.to_string()),
+    };
+    if let Err(e) = given_back {
+        tracing::info!(%region, error = %e, "the directory's roll lock lapses with its lease");
+    }
 }
 
 /// Takes a Raft step of the replacement: `None` once done, or what `step`

@@ -366,9 +366,11 @@ pub async fn step(rg: &RegionGroup, ctx: &Context, st: &mut RegionGroupStatus) -
 
 /// Why the directory may not be restored under this cluster's regions:
 /// the data groups of the share's GeoCluster that run on data of their own
-/// (their Raft membership is recorded) and are not restored themselves.
-/// A whole GeoCluster's restore has every region's group restored with the
-/// directory, or new. Other clusters' regions are their operators' to see.
+/// (their Raft membership is recorded) and are not being restored
+/// themselves. A whole GeoCluster's restore has every region's group
+/// restored with the directory, or new. Other clusters' regions are their
+/// operators' to see, and a group whose members were never all ready at
+/// once has no membership recorded: neither is seen here.
 async fn live_regions(rg: &RegionGroup, ctx: &Context) -> Result<Option<String>> {
     let namespace = rg.namespace().unwrap_or_default();
     let groups = Api::<RegionGroup>::namespaced(ctx.client.clone(), &namespace)
@@ -379,8 +381,19 @@ async fn live_regions(rg: &RegionGroup, ctx: &Context) -> Result<Option<String>>
         .items
         .iter()
         .filter(|g| g.spec.geo_cluster == rg.spec.geo_cluster && g.spec.role == GroupRole::Data)
-        .filter(|g| g.spec.restore.is_none())
-        .filter(|g| g.status.as_ref().is_some_and(|s| !s.raft_members.is_empty()))
+        .filter(|g| {
+            let Some(s) = &g.status else { return false };
+            // Restored with the directory: its restore under way, or done
+            // and its fences not yet agreed with a directory. A group
+            // restored long ago (restoreFrom stays in the spec) has run on
+            // its own since, and a group whose data is lost runs nothing.
+            let restoring = g.spec.restore.as_ref().is_some_and(|want| {
+                s.restore
+                    .as_ref()
+                    .is_none_or(|r| r.backup != want.backup || !r.done || r.fences.is_none())
+            });
+            !s.raft_members.is_empty() && !restoring && s.data_lost.is_none()
+        })
         .map(|g| g.name_any())
         .collect();
     Ok((!live.is_empty()).then(|| {
@@ -524,8 +537,14 @@ async fn describe_directory(rg: &RegionGroup, ctx: &Context, st: &mut RegionGrou
         return Pending::No;
     };
     let group = rg.name_any();
+    // The backup's time, as the id has it (`directory-<UTC stamp>`).
+    let taken = restore
+        .backup
+        .rsplit_once('-')
+        .map(|(_, t)| t.to_string())
+        .unwrap_or_default();
     let described = match directory_of(rg, ctx).await {
-        Ok(mut d) => directory_contents(&mut d).await.map_err(|e| e.to_string()),
+        Ok(mut d) => directory_contents(&mut d, &taken).await.map_err(|e| e.to_string()),
         Err(e) => Err(e),
     };
     match described {
@@ -544,8 +563,13 @@ async fn describe_directory(rg: &RegionGroup, ctx: &Context, st: &mut RegionGrou
 }
 
 /// The restored directory's accounts per home region, the ones moving, its
-/// holds and migration intents, in a sentence.
-async fn directory_contents(d: &mut etcd_client::Client) -> std::result::Result<String, etcd_client::Error> {
+/// holds and migration intents, in a sentence. `taken` is the backup's
+/// UTC stamp: a hold put before it came back with the backup, one put
+/// since is a restored region's own (lifted once its fences agree).
+async fn directory_contents(
+    d: &mut etcd_client::Client,
+    taken: &str,
+) -> std::result::Result<String, etcd_client::Error> {
     use std::collections::BTreeMap;
     use tern_common::etcd::Pages;
     let mut homes: BTreeMap<String, usize> = BTreeMap::new();
@@ -567,20 +591,20 @@ async fn directory_contents(d: &mut etcd_client::Client) -> std::result::Result<
             Some(etcd_client::GetOptions::new().with_prefix()),
         )
         .await?;
-    let holds: Vec<String> = holds
-        .kvs()
-        .iter()
-        .map(|kv| {
-            let region = kv
-                .key_str()
-                .unwrap_or_default()
-                .trim_start_matches(tern_common::DIR_HOLDS);
-            match serde_json::from_slice::<tern_common::RegionHold>(kv.value()) {
-                Ok(h) => format!("{region} (by {}: {})", h.by, h.reason),
-                Err(_) => region.to_string(),
+    let (mut restored, mut since) = (Vec::new(), Vec::new());
+    for kv in holds.kvs() {
+        let region = kv
+            .key_str()
+            .unwrap_or_default()
+            .trim_start_matches(tern_common::DIR_HOLDS);
+        match serde_json::from_slice::<tern_common::RegionHold>(kv.value()) {
+            Ok(h) if tern_common::backup::utc_stamp(h.since_ms).as_str() >= taken => {
+                since.push(format!("{region} (by {})", h.by));
             }
-        })
-        .collect();
+            Ok(h) => restored.push(format!("{region} (by {}: {})", h.by, h.reason)),
+            Err(_) => restored.push(region.to_string()),
+        }
+    }
     let intents = d
         .get(
             tern_common::DIR_MIGRATIONS,
@@ -594,22 +618,28 @@ async fn directory_contents(d: &mut etcd_client::Client) -> std::result::Result<
         .map(|(r, n)| format!("{r} {n}"))
         .collect::<Vec<_>>()
         .join(", ");
+    let mut holds = if restored.is_empty() {
+        "no hold from the backup's time".to_string()
+    } else {
+        format!(
+            "holds from the backup's time: {} (a person lifts one once its reason is gone and the region's fences agree: etcdctl del /tern/dir/holds/REGION)",
+            restored.join("; ")
+        )
+    };
+    if !since.is_empty() {
+        holds += &format!(
+            "; held since the restore: {} (restored regions, lifted by their operators once their fences agree)",
+            since.join(", ")
+        );
+    }
     Ok(format!(
-        "the restored directory serves: {total} accounts placed ({}), {moving} of them moving; {} migration intents; holds: {}. Each restored region's fences are made to agree with it (its RegionGroup's status.restore.fences names what differs)",
+        "the restored directory serves: {total} accounts placed ({}), {moving} of them moving; {} migration intents; {holds}. Each restored region's fences are made to agree with it (its RegionGroup's status.restore.fences names what differs)",
         if per_home.is_empty() {
             "none".to_string()
         } else {
             per_home
         },
         intents,
-        if holds.is_empty() {
-            "none".to_string()
-        } else {
-            format!(
-                "{} (put before the backup; lift one by hand once its reason is gone: etcdctl del /tern/dir/holds/REGION)",
-                holds.join("; ")
-            )
-        }
     ))
 }
 
