@@ -366,11 +366,11 @@ pub async fn step(rg: &RegionGroup, ctx: &Context, st: &mut RegionGroupStatus) -
 
 /// Why the directory may not be restored under this cluster's regions:
 /// the data groups of the share's GeoCluster that run on data of their own
-/// (their Raft membership is recorded) and are not being restored
-/// themselves. A whole GeoCluster's restore has every region's group
-/// restored with the directory, or new. Other clusters' regions are their
-/// operators' to see, and a group whose members were never all ready at
-/// once has no membership recorded: neither is seen here.
+/// (their Raft membership is recorded, or a member is ready) and are not
+/// being restored themselves. A whole GeoCluster's restore has every
+/// region's group restored with the directory, or new (checked as the
+/// GeoCluster is applied, before a new group's members are ready). Other
+/// clusters' regions are their operators' to see.
 async fn live_regions(rg: &RegionGroup, ctx: &Context) -> Result<Option<String>> {
     let namespace = rg.namespace().unwrap_or_default();
     let groups = Api::<RegionGroup>::namespaced(ctx.client.clone(), &namespace)
@@ -392,7 +392,10 @@ async fn live_regions(rg: &RegionGroup, ctx: &Context) -> Result<Option<String>>
                     .as_ref()
                     .is_none_or(|r| r.backup != want.backup || !r.done || r.fences.is_none())
             });
-            !s.raft_members.is_empty() && !restoring && s.data_lost.is_none()
+            // Running: its membership recorded (every member was ready
+            // once), or a member ready now.
+            let ran = !s.raft_members.is_empty() || s.ready_members > 0;
+            ran && !restoring && s.data_lost.is_none()
         })
         .map(|g| g.name_any())
         .collect();
