@@ -55,23 +55,31 @@ async fn backing_up(dir: &std::path::Path, flags: &[&str]) -> tern_local::LocalD
     d
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_group_restored_from_a_backup_holds_everything_acknowledged_before_it() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let backups = dir.path().join("backups");
-    let backups_arg = backups.display().to_string();
-    let mut etcd = EtcdCluster::start(dir.path(), GROUP, 3, Tuning::default()).expect("etcd starts");
-    let endpoints = etcd.endpoints();
-    let group_arg = endpoints.join(",");
+/// What three clients did to a group at `endpoints` around a backup, and
+/// what the group applied (its put history under /b/).
+struct Written {
+    history: History,
+    applied: Vec<AppliedWrite>,
+    /// When `backup` began, on the history's clock.
+    began_us: u64,
+}
 
+/// Three clients read, write and compare-and-set the group until its
+/// revision passes 40; `backup` runs; they go on for 20 revisions more
+/// (what the restore loses), `after` runs, and they stop. Counted in
+/// revisions (each write is one), not in time, so a slow machine makes the
+/// test slower, not weaker.
+async fn written_around_a_backup(
+    endpoints: &[String],
+    backup: impl AsyncFnOnce(),
+    after: impl AsyncFnOnce(),
+) -> Written {
     let start = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
     let clients: Vec<_> = (0..3)
-        .map(|id| tokio::spawn(register_client(id, endpoints.clone(), &KEYS, start, stop.clone())))
+        .map(|id| tokio::spawn(register_client(id, endpoints.to_vec(), &KEYS, start, stop.clone())))
         .collect();
-    // Enough writes before the backup to judge, and after it to lose:
-    // counted in revisions (each write is one), not in time.
-    let mut probe = Client::connect(&endpoints, None).await.expect("connect");
+    let mut probe = Client::connect(endpoints, None).await.expect("connect");
     let at_least = async |c: &mut Client, n: i64| {
         let until = Instant::now() + Duration::from_secs(60);
         while revision(c).await < n {
@@ -81,24 +89,53 @@ async fn a_group_restored_from_a_backup_holds_everything_acknowledged_before_it(
     };
     at_least(&mut probe, 40).await;
     let began_us = start.elapsed().as_micros() as u64;
-    tern(&["backup", "now", GROUP, "--group", &group_arg, "--to", &backups_arg])
-        .await
-        .expect("tern backup now");
-    // What the clients write from here on is what the restore loses.
+    backup().await;
     let after_backup = revision(&mut probe).await;
     at_least(&mut probe, after_backup + 20).await;
+    after().await;
     drop(probe);
     stop.store(true, Ordering::Relaxed);
     let mut history = History::default();
     for c in clients {
         history.records.extend(c.await.expect("client task"));
     }
-    let mut c = Client::connect(&endpoints, None).await.expect("connect");
-    let applied: Vec<AppliedWrite> = put_history_at(&mut c, "/b/")
+    let mut c = Client::connect(endpoints, None).await.expect("connect");
+    let applied = put_history_at(&mut c, "/b/")
         .await
         .into_iter()
         .map(|(key, value, revision)| AppliedWrite { key, value, revision })
         .collect();
+    Written {
+        history,
+        applied,
+        began_us,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_restored_from_a_backup_holds_everything_acknowledged_before_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let backups = dir.path().join("backups");
+    let backups_arg = backups.display().to_string();
+    let mut etcd = EtcdCluster::start(dir.path(), GROUP, 3, Tuning::default()).expect("etcd starts");
+    let endpoints = etcd.endpoints();
+    let group_arg = endpoints.join(",");
+
+    let Written {
+        history,
+        applied,
+        began_us,
+    } = written_around_a_backup(
+        &endpoints,
+        async || {
+            tern(&["backup", "now", GROUP, "--group", &group_arg, "--to", &backups_arg])
+                .await
+                .expect("tern backup now")
+        },
+        async || {},
+    )
+    .await;
+    let mut c = Client::connect(&endpoints, None).await.expect("connect");
     // The run itself was sound before anything was lost.
     let mut by_key = tern_verify::applied::Applied::new();
     for w in &applied {
@@ -291,21 +328,6 @@ async fn directory_shares_restored_separately_from_one_backup_form_one_directory
     let endpoints = etcd.endpoints();
     let directory_arg = endpoints.join(",");
 
-    let start = Instant::now();
-    let stop = Arc::new(AtomicBool::new(false));
-    let clients: Vec<_> = (0..3)
-        .map(|id| tokio::spawn(register_client(id, endpoints.clone(), &KEYS, start, stop.clone())))
-        .collect();
-    let mut probe = Client::connect(&endpoints, None).await.expect("connect");
-    let at_least = async |c: &mut Client, n: i64| {
-        let until = Instant::now() + Duration::from_secs(60);
-        while revision(c).await < n {
-            assert!(Instant::now() < until, "the clients did not reach revision {n} in 60 s");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    };
-    at_least(&mut probe, 40).await;
-    let began_us = start.elapsed().as_micros() as u64;
     let backup_now = async || {
         tern(&[
             "backup",
@@ -319,25 +341,16 @@ async fn directory_shares_restored_separately_from_one_backup_form_one_directory
         .await
         .expect("tern backup now directory")
     };
-    backup_now().await;
-    let after_backup = revision(&mut probe).await;
-    at_least(&mut probe, after_backup + 20).await;
-    // A later backup of the same directory: the wrong one for a share.
-    tokio::time::sleep(Duration::from_millis(5)).await;
-    backup_now().await;
-    drop(probe);
-    stop.store(true, Ordering::Relaxed);
-    let mut history = History::default();
-    for c in clients {
-        history.records.extend(c.await.expect("client task"));
-    }
-    let mut c = Client::connect(&endpoints, None).await.expect("connect");
-    let applied: Vec<AppliedWrite> = put_history_at(&mut c, "/b/")
-        .await
-        .into_iter()
-        .map(|(key, value, revision)| AppliedWrite { key, value, revision })
-        .collect();
-    drop(c);
+    let Written {
+        history,
+        applied,
+        began_us,
+    } = written_around_a_backup(&endpoints, backup_now, async || {
+        // A later backup of the same directory: the wrong one for a share.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        backup_now().await;
+    })
+    .await;
     let listed = tern_common::backup::list(&backups, DIRECTORY).expect("list");
     assert_eq!(listed.len(), 2, "{listed:?}");
     let (chosen, later) = (&listed[0], &listed[1]);

@@ -1120,6 +1120,20 @@ async fn a_namespaced_operator_works_in_its_namespace_and_sees_nothing_else() {
     drop(operator);
 }
 
+/// A directory (one etcd member, its data in `dir`) and the operator,
+/// which reaches it through --directory-endpoints.
+async fn operator_with_directory(
+    cp: &ControlPlane,
+    dir: &std::path::Path,
+) -> (tern_local::etcd_cluster::EtcdCluster, OperatorGuard) {
+    let directory =
+        tern_local::etcd_cluster::EtcdCluster::start(dir, "directory", 1, tern_local::etcd_cluster::Tuning::default())
+            .expect("directory starts");
+    let endpoints = format!("--directory-endpoints={}", directory.endpoints().join(","));
+    let operator = OperatorGuard::start(cp, &[&endpoints]).await.expect("operator starts");
+    (directory, operator)
+}
+
 /// Plays the Job controller: Job `name`'s one pod ended as `outcome`
 /// (`succeeded` or `failed`).
 async fn finish_job(client: &Client, name: &str, outcome: &str) {
@@ -1142,15 +1156,7 @@ async fn a_restored_group_starts_only_after_its_restore_jobs() {
     // A directory, where the operator holds a restored region until its
     // fences agree with it.
     let dir = tempfile::tempdir().expect("temp dir");
-    let directory = tern_local::etcd_cluster::EtcdCluster::start(
-        dir.path(),
-        "directory",
-        1,
-        tern_local::etcd_cluster::Tuning::default(),
-    )
-    .expect("directory starts");
-    let endpoints = format!("--directory-endpoints={}", directory.endpoints().join(","));
-    let _operator = OperatorGuard::start(&cp, &[&endpoints]).await.expect("operator starts");
+    let (directory, _operator) = operator_with_directory(&cp, dir.path()).await;
     // eu-west's member has a volume already.
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), NS);
     let existing: PersistentVolumeClaim = serde_json::from_value(json!({
@@ -1557,13 +1563,7 @@ async fn a_directory_is_restored_share_by_share_from_one_backup() {
     // --directory-endpoints): one account, and a hold put before the
     // backup.
     let dir = tempfile::tempdir().expect("temp dir");
-    let directory = tern_local::etcd_cluster::EtcdCluster::start(
-        dir.path(),
-        "directory",
-        1,
-        tern_local::etcd_cluster::Tuning::default(),
-    )
-    .expect("directory starts");
+    let (directory, _operator) = operator_with_directory(&cp, dir.path()).await;
     let mut d = etcd_client::Client::connect(directory.endpoints(), None)
         .await
         .expect("directory client");
@@ -1594,8 +1594,6 @@ async fn a_directory_is_restored_share_by_share_from_one_backup() {
     )
     .await
     .expect("hold");
-    let endpoints = format!("--directory-endpoints={}", directory.endpoints().join(","));
-    let _operator = OperatorGuard::start(&cp, &[&endpoints]).await.expect("operator starts");
     let backup = "directory-20261203T113457.236Z";
     let geocluster = |name: &str, restore: bool| {
         format!(

@@ -264,7 +264,7 @@ pub fn directory_members(gc: &GeoCluster) -> Vec<ClusterMember> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::build::testing::example;
+    use crate::build::testing::{example, with_backups};
 
     #[test]
     fn desired_covers_only_the_managed_regions() {
@@ -332,11 +332,7 @@ mod tests {
                 .collect()
         };
         assert!(asks(&gc).iter().all(|(_, ask)| !ask), "no backup volume, nobody to ask");
-        gc.spec.backup = Some(tern_crds::BackupSpec {
-            claim_name: "tern-backups".into(),
-            every: "1h".into(),
-            keep: 24,
-        });
+        with_backups(&mut gc);
         // The directory's shares too: the first region's agent backs the
         // directory up, asked through the directory.
         assert!(asks(&gc).iter().all(|(_, ask)| *ask));
@@ -350,11 +346,7 @@ mod tests {
     #[test]
     fn only_the_named_regions_data_group_is_restored() {
         let mut gc = example();
-        gc.spec.backup = Some(tern_crds::BackupSpec {
-            claim_name: "tern-backups".into(),
-            every: "1h".into(),
-            keep: 24,
-        });
+        with_backups(&mut gc);
         gc.spec.regions[0].restore_from = Some(format!("{}-20261203T113457.236Z", gc.spec.regions[0].name));
         let restored: Vec<_> = region_groups(&gc, &RegionFilter::all())
             .into_iter()
@@ -373,11 +365,7 @@ mod tests {
     #[test]
     fn every_directory_share_is_restored_from_the_directorys_backup() {
         let mut gc = example();
-        gc.spec.backup = Some(tern_crds::BackupSpec {
-            claim_name: "tern-backups".into(),
-            every: "1h".into(),
-            keep: 24,
-        });
+        with_backups(&mut gc);
         let backup = "directory-20261203T113457.236Z".to_string();
         gc.spec.directory.restore_from = Some(backup.clone());
         let groups = region_groups(&gc, &RegionFilter::all());

@@ -83,4 +83,13 @@ pub(crate) mod testing {
         gc.metadata.uid = Some("0000-uid".into());
         gc
     }
+
+    /// `gc` with spec.backup: the claim `tern-backups`, hourly, 24 kept.
+    pub fn with_backups(gc: &mut GeoCluster) {
+        gc.spec.backup = Some(tern_crds::BackupSpec {
+            claim_name: "tern-backups".into(),
+            every: "1h".into(),
+            keep: 24,
+        });
+    }
 }

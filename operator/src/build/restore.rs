@@ -226,16 +226,12 @@ pub fn restored_members(rg: &RegionGroup, namespace: &str, count: i32) -> Vec<Cl
 mod tests {
     use super::*;
     use crate::build::geocluster::region_groups;
-    use crate::build::testing::example;
+    use crate::build::testing::{example, with_backups};
     use crate::regions::RegionFilter;
 
     fn restored_group() -> (RegionGroup, GroupRestore) {
         let mut gc = example();
-        gc.spec.backup = Some(tern_crds::BackupSpec {
-            claim_name: "tern-backups".into(),
-            every: "1h".into(),
-            keep: 24,
-        });
+        with_backups(&mut gc);
         let region = gc.spec.regions[0].name.clone();
         gc.spec.regions[0].restore_from = Some(format!("{region}-20261203T113457.236Z"));
         let rg = region_groups(&gc, &RegionFilter::all())
@@ -304,11 +300,7 @@ mod tests {
     #[test]
     fn every_directory_share_restores_its_members_into_one_cluster_bound_to_the_backup() {
         let mut gc = example();
-        gc.spec.backup = Some(tern_crds::BackupSpec {
-            claim_name: "tern-backups".into(),
-            every: "1h".into(),
-            keep: 24,
-        });
+        with_backups(&mut gc);
         let backup = "directory-20261203T113457.236Z";
         gc.spec.directory.restore_from = Some(backup.into());
         let shares: Vec<RegionGroup> = region_groups(&gc, &RegionFilter::all())

@@ -274,50 +274,40 @@ pub async fn step(rg: &RegionGroup, ctx: &Context, st: &mut RegionGroupStatus) -
         }
     }
 
-    if restored == members.len() && rg.spec.role == GroupRole::Directory {
-        // No hold: the hold lives in the directory. Each restored data
-        // group holds its region until its fences agree with this
-        // directory, and a region's group that starts empty refuses the
-        // accounts the directory homes there (their fences are missing).
-        let message = format!(
-            "restored {} members of the directory from backup {backup}: the directory serves once a majority of its members, in every share, is restored (each cluster's operator restores its own share from the same backup) and started; it holds what it had when the backup was taken, and what it acknowledged after the backup began (accounts created, moves) is lost and named per region by the regions' fences; revisions now start {BUMP_REVISION} higher",
-            members.len()
-        );
-        tracing::info!(%group, %backup, "directory members restored");
-        ctx.event(rg, EventType::Normal, "Restored", "Restore", message.clone())
-            .await;
-        st.restore = Some(RestoreStatus {
-            done: true,
-            ..under_way(backup.clone(), message, Some(count))
-        });
-        // A new directory: what a replacement recorded of the lost one
-        // goes (its members bootstrap from the share's list).
-        st.raft_members.clear();
-        st.member_volumes.clear();
-        st.member_replacement = None;
-        return Ok(Step::Restored);
-    }
     if restored == members.len() {
-        // The region is held before any member starts: until the fences
-        // agree with the directory (`agree_fences`), its agent claims no
-        // lease and its routers commit nothing.
-        let reason =
-            format!("{group} restored from backup {backup}; its fences are made to agree with the directory first");
-        if let Err(why) = hold(rg, ctx, reason).await {
-            st.restore = Some(under_way(
-                backup.clone(),
+        let message = match rg.spec.role {
+            // No hold: the hold lives in the directory. Each restored data
+            // group holds its region until its fences agree with this
+            // directory, and a region's group that starts empty refuses the
+            // accounts the directory homes there (their fences are missing).
+            GroupRole::Directory => format!(
+                "restored {} members of the directory from backup {backup}: the directory serves once a majority of its members, in every share, is restored (each cluster's operator restores its own share from the same backup) and started; it holds what it had when the backup was taken, and what it acknowledged after the backup began (accounts created, moves) is lost and named per region by the regions' fences; revisions now start {BUMP_REVISION} higher",
+                members.len()
+            ),
+            GroupRole::Data => {
+                // The region is held before any member starts: until the
+                // fences agree with the directory (`agree_fences`), its
+                // agent claims no lease and its routers commit nothing.
+                let reason = format!(
+                    "{group} restored from backup {backup}; its fences are made to agree with the directory first"
+                );
+                if let Err(why) = hold(rg, ctx, reason).await {
+                    st.restore = Some(under_way(
+                        backup.clone(),
+                        format!(
+                            "every member's volume holds backup {backup}; waiting to hold region {} in the directory before the members start: {why}",
+                            rg.spec.region
+                        ),
+                        Some(count),
+                    ));
+                    return Ok(Step::Wait);
+                }
                 format!(
-                    "every member's volume holds backup {backup}; waiting to hold region {} in the directory before the members start: {why}",
-                    rg.spec.region
-                ),
-                Some(count),
-            ));
-            return Ok(Step::Wait);
-        }
-        let message = format!(
-            "restored {} members from backup {backup}: the group holds what it had when the backup was taken (tern backup list shows its revisions); writes it acknowledged after the backup began are lost; revisions now start {BUMP_REVISION} higher",
-            members.len()
-        );
+                    "restored {} members from backup {backup}: the group holds what it had when the backup was taken (tern backup list shows its revisions); writes it acknowledged after the backup began are lost; revisions now start {BUMP_REVISION} higher",
+                    members.len()
+                )
+            }
+        };
         tracing::info!(%group, %backup, "members restored");
         ctx.event(rg, EventType::Normal, "Restored", "Restore", message.clone())
             .await;
@@ -326,8 +316,12 @@ pub async fn step(rg: &RegionGroup, ctx: &Context, st: &mut RegionGroupStatus) -
             ..under_way(backup.clone(), message, Some(count))
         });
         // The restored group is a new cluster of these members, whatever
-        // the lost one had.
-        st.raft_members = members;
+        // the lost one had. A directory share's members bootstrap from its
+        // list: what a replacement recorded of the lost directory goes.
+        st.raft_members = match rg.spec.role {
+            GroupRole::Data => members,
+            GroupRole::Directory => Vec::new(),
+        };
         st.membership_change = None;
         // Every claim is new, and no member lost anything: the volumes of
         // the lost group are forgotten, and the restored ones recorded once
