@@ -12,8 +12,9 @@
 # Alone, one after the other, after the rest:
 # - tests/nodes.rs: three clusters with a kubelet and containerd each keep
 #   both cores busy;
-# - tests/agent.rs: its lag bounds are tight (heartbeat + 20 ms), and a
-#   second deployment on the same two cores eats into them.
+# - tests/lag.rs: its lag bounds are tight (heartbeat + 20 ms), and a
+#   second deployment on the same two cores eats into them. (The agent's
+#   other tests, tests/agent.rs, run with the rest.)
 #
 # Each binary's output is kept apart and printed whole when it ends. After
 # a failure no further binary starts; the ones running finish.
@@ -25,10 +26,10 @@ listing=$1
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
 # Targets that run alone, by test target name.
-alone=" nodes agent "
+alone=" nodes lag "
 # The rest, longest first, so that the short ones fill in at the end; what
 # is not named here (the unit tests, new targets) comes after them.
-longest_first="migration operator verify failover drain router demo membership validation agent_status backup kubectl_plugin tracing"
+longest_first="migration operator verify failover agent drain router demo membership validation agent_status backup kubectl_plugin tracing"
 
 # "manifest_dir executable" of every test binary (a compiler-artifact line,
 # built with the test profile, with an executable: not the binaries built

@@ -14,6 +14,7 @@ pub mod certs;
 pub mod controlplane;
 pub mod dns;
 pub mod etcd;
+pub mod mirrors;
 pub mod node;
 pub mod operator;
 pub mod scenarios;
