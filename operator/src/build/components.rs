@@ -260,13 +260,13 @@ fn deployment(gc: &GeoCluster, region: &RegionSpec, w: Workload<'_>) -> Deployme
         Component::Router => HTTP_PORT,
         Component::Agent => AGENT_HTTP_PORT,
     };
-    let probe = |path: &str| Probe {
+    let probe = |path: &str, period: i32| Probe {
         http_get: Some(HTTPGetAction {
             path: Some(path.to_string()),
             port: IntOrString::Int(http_port),
             ..HTTPGetAction::default()
         }),
-        period_seconds: Some(5),
+        period_seconds: Some(period),
         ..Probe::default()
     };
     let mut env = vec![super::pod_name_env()];
@@ -318,8 +318,11 @@ fn deployment(gc: &GeoCluster, region: &RegionSpec, w: Workload<'_>) -> Deployme
                 })
                 .collect(),
         ),
-        liveness_probe: Some(probe("/healthz")),
-        readiness_probe: Some(probe("/readyz")),
+        liveness_probe: Some(probe("/healthz", 5)),
+        // Every 2 s: a router that cannot serve leaves its Service within
+        // 6 s, and a new one (a rollout) joins it within 2 s of being able
+        // to serve; the probe is a local HTTP call.
+        readiness_probe: Some(probe("/readyz", 2)),
         resources: spec.resources.clone(),
         security_context: Some(SecurityContext {
             run_as_non_root: Some(true),

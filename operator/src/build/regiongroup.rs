@@ -250,10 +250,16 @@ fn stateful_set(rg: &RegionGroup, pods: i32, config_hash: &str) -> StatefulSet {
         ]),
         // Ready means the member has joined a cluster with a leader: the
         // client Service only sends traffic to members that can serve it.
-        readiness_probe: Some(probe("/readyz", 5, 3)),
+        // Every 2 s, and the startup probe every second: each member of
+        // a roll, a resize or a replacement waits for the one before it to
+        // be ready, and the kubelet runs the first readiness probe up to
+        // a period after the startup probe passed: with 5 s periods a
+        // member restart waited up to 10 s on its probes.
+        readiness_probe: Some(probe("/readyz", 2, 3)),
         liveness_probe: Some(probe("/livez", 10, 6)),
-        // A member that replays a long WAL must not be killed while starting.
-        startup_probe: Some(probe("/livez", 5, 60)),
+        // A member that replays a long WAL must not be killed while
+        // starting: 300 s.
+        startup_probe: Some(probe("/livez", 1, 300)),
         resources: rg.spec.etcd.resources.clone(),
         volume_mounts: Some(vec![VolumeMount {
             name: CLAIM_TEMPLATE.into(),
