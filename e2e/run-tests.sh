@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs the workspace's test binaries (built already), two at a time, except
-# those that must have the machine to themselves. Called by e2e/test.sh.
+# those that must have the machine to themselves or wait for the late Go
+# build. Called by e2e/test.sh.
 #
 # Why not `cargo test --workspace`: it runs one binary after another, and
 # most of tern's binaries spend their time waiting (links delayed by
@@ -9,27 +10,55 @@
 # `cargo test`s cannot share it either; the binaries are run directly, as
 # cargo would (from their package's directory, with its CARGO_* variables).
 #
-# Alone, one after the other, after the rest:
-# - tests/nodes.rs: three clusters with a kubelet and containerd each keep
-#   both cores busy;
+# Alone, one after the other, after the rest, once the late Go build
+# (Jaeger, the node's binaries: e2e/test.sh starts it at the lowest CPU
+# priority beside everything else) is done:
+# - tests/tracing.rs: finds a trace in Jaeger;
 # - tests/lag.rs: its lag bounds are tight (heartbeat + 20 ms), and a
-#   second deployment on the same two cores eats into them. (The agent's
-#   other tests, tests/agent.rs, run with the rest.)
+#   second deployment on the same two cores, or a compiler, eats into
+#   them. (The agent's other tests, tests/agent.rs, run with the rest.)
+# - tests/nodes.rs: three clusters with a kubelet and containerd each keep
+#   both cores busy.
 #
 # Each binary's output is kept apart and printed whole when it ends. After
 # a failure no further binary starts; the ones running finish.
 #
 # Usage: e2e/run-tests.sh LISTING
+#        e2e/run-tests.sh --wait-late-build   (only waits for the late build)
 #   LISTING: the output of `cargo test --no-run --message-format=json`.
+#   TERN_LATE_BUILD: the late build's directory (its log, and its exit
+#   status once it ends); unset: every binary is built already.
 set -euo pipefail
-listing=$1
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
-# Targets that run alone, by test target name.
-alone=" nodes lag "
+# Waits for the late Go build and prints its output; fails if it failed.
+wait_late_build() {
+  local dir=${TERN_LATE_BUILD:-} began=$SECONDS status
+  [ -n "$dir" ] || return 0
+  if [ ! -e "$dir/status" ]; then
+    echo "run-tests.sh: waiting for the late Go build (Jaeger, the node's binaries)"
+  fi
+  while [ ! -e "$dir/status" ]; do sleep 2; done
+  cat "$dir/log"
+  status=$(cat "$dir/status")
+  if [ "$status" != 0 ]; then
+    echo "run-tests.sh: the late Go build failed (exit $status); its output is above" >&2
+    return 1
+  fi
+  echo "run-tests.sh: the late Go build is done (waited $((SECONDS - began)) s)"
+}
+
+if [ "${1:-}" = --wait-late-build ]; then
+  wait_late_build
+  exit
+fi
+listing=$1
+
+# Targets that run alone, by test target name, in this order.
+alone="tracing lag nodes"
 # The rest, longest first, so that the short ones fill in at the end; what
 # is not named here (the unit tests, new targets) comes after them.
-longest_first="migration operator verify failover agent drain router demo membership validation agent_status backup kubectl_plugin tracing"
+longest_first="migration operator verify failover agent drain router demo membership validation agent_status backup kubectl_plugin"
 
 # "manifest_dir executable" of every test binary (a compiler-artifact line,
 # built with the test profile, with an executable: not the binaries built
@@ -50,11 +79,14 @@ for name in $longest_first; do
     [ "$(target_of "${b#* }")" = "$name" ] && pooled+=("$b")
   done
 done
+for name in $alone; do
+  for b in "${built[@]}"; do
+    [ "$(target_of "${b#* }")" = "$name" ] && solo+=("$b")
+  done
+done
 for b in "${built[@]}"; do
   name=$(target_of "${b#* }")
-  if [[ "$alone" == *" $name "* ]]; then
-    solo+=("$b")
-  elif [[ " $longest_first " != *" $name "* ]]; then
+  if [[ " $alone $longest_first " != *" $name "* ]]; then
     pooled+=("$b")
   fi
 done
@@ -113,6 +145,7 @@ for b in "${pooled[@]}"; do
   i=$((i + 1))
 done
 while [ "${#running[@]}" -gt 0 ]; do reap; done
+if [ "${#failed[@]}" = 0 ]; then wait_late_build || failed+=("the late Go build"); fi
 for b in "${solo[@]}"; do
   [ "${#failed[@]}" = 0 ] || break
   start "$i" "$b"

@@ -30,12 +30,20 @@ sweep_nodes() {
 go_cache=""
 go_pid=""
 go_log=""
+late_pid=""
+late_dir=""
 listing=""
 on_exit() {
-  # A Go build still running (this run failed early): its whole session.
-  if [ -n "$go_pid" ]; then kill -- -"$go_pid" 2>/dev/null || true; wait "$go_pid" 2>/dev/null || true; fi
+  # A Go build still running (this run failed or ended early): its whole
+  # session.
+  local pid
+  for pid in $go_pid $late_pid; do
+    kill -- -"$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+  done
   if [ -n "$go_cache" ]; then rm -rf "$go_cache"; fi
   if [ -n "$go_log" ]; then rm -f "$go_log"; fi
+  if [ -n "$late_dir" ]; then rm -rf "$late_dir"; fi
   if [ -n "$listing" ]; then rm -f "$listing"; fi
   if [ "$node_e2e" = 1 ]; then sweep_nodes; fi
 }
@@ -47,6 +55,7 @@ need() {
 need cargo "install Rust (rustup) 1.89 or newer"
 need go "install Go 1.26 or newer (it builds the pinned etcd and kube-apiserver)"
 need setsid "install util-linux (the pinned Go builds run in their own session)"
+need ionice "install util-linux (the late Go build runs at idle disk priority)"
 
 if [ "$node_e2e" = 1 ]; then e2e/install-deps.sh --node; else e2e/install-deps.sh; fi
 
@@ -59,22 +68,48 @@ start=$SECONDS
 step() { echo; echo "== $* ($((SECONDS - start)) s)"; }
 
 step "building pinned test binaries, in the background while Rust compiles"
-# On a cold checkout the Go builds take about 20 minutes and the Rust
-# builds about 15; each leaves a core idle part of the time (links, the
-# last crates), so they run side by side and the tests wait for both. One
-# Go build cache serves both calls (the node's Kubernetes binaries reuse
-# the control plane's packages) and is removed once they are done: it is
-# gigabytes, and useless once the binaries exist. setsid: on failure the
-# exit trap stops the whole build, go's compilers included.
+# On a cold checkout the Go builds take about 25 minutes of the machine and
+# the Rust builds about 15; each leaves a core idle part of the time
+# (links, the last crates), so they run side by side. Two chains:
+# - the control plane's (etcd, toxiproxy, kube-apiserver, kubectl), which
+#   every test starting servers needs: the tests wait for it;
+# - the late one (Jaeger, and for the node e2e kubelet & co, containerd,
+#   runc, the CNI plugins), which only the binaries run last need
+#   (run-tests.sh waits for it before them). It runs at the lowest CPU
+#   and disk priority, on what the Rust builds and then the tests leave
+#   idle: most tests wait on timers and links far more than they compute.
+# One Go build cache serves both (the node's Kubernetes binaries reuse the
+# control plane's packages: the late chain builds them only once the
+# control plane's are done) and is removed once both are: it is gigabytes,
+# and useless once the binaries exist. setsid: on failure the exit trap
+# stops the whole build, go's compilers included.
 go_cache=$(mktemp -d "${TMPDIR:-/tmp}/tern-go-build.XXXXXX")
 go_log=$(mktemp "${TMPDIR:-/tmp}/tern-go-build-log.XXXXXX")
+# The late chain's output, its exit status once it ends (run-tests.sh
+# reads both), and the control plane chain's "done" mark.
+late_dir=$(mktemp -d "${TMPDIR:-/tmp}/tern-go-late.XXXXXX")
+export TERN_LATE_BUILD=$late_dir
 # shellcheck disable=SC2016 # the script is expanded by the inner bash
 TERN_GO_CACHE=$go_cache setsid bash -c '
   set -e
-  e2e/build-tools.sh
-  if [ "$1" = 1 ]; then e2e/build-tools.sh node; fi
-' build-tools "$node_e2e" >"$go_log" 2>&1 &
+  e2e/build-tools.sh etcd toxiproxy kubernetes
+  touch "$1/control-plane-built"
+' build-tools "$late_dir" >"$go_log" 2>&1 &
 go_pid=$!
+# shellcheck disable=SC2016 # the script is expanded by the inner bash
+TERN_GO_CACHE=$go_cache setsid nice -n 19 ionice -c 3 bash -c '
+  (
+    set -e
+    e2e/build-tools.sh jaeger
+    if [ "$2" = 1 ]; then e2e/build-tools.sh containerd runc cni pause; fi
+    while [ ! -e "$1/control-plane-built" ]; do sleep 2; done
+    if [ "$2" = 1 ]; then e2e/build-tools.sh kubernetes-node; fi
+    rm -rf "$TERN_GO_CACHE"
+  )
+  echo "$?" >"$1/status.tmp"
+  mv "$1/status.tmp" "$1/status"
+' late-build "$late_dir" "$node_e2e" >"$late_dir/log" 2>&1 &
+late_pid=$!
 # The TLS test runs routers and agents as processes (their logs are
 # scanned for secrets); the node e2e's images are made from these too.
 if [ "$node_e2e" = 1 ]; then
@@ -103,13 +138,12 @@ step "compiling the tests"
 listing=$(mktemp "${TMPDIR:-/tmp}/tern-test-listing.XXXXXX")
 cargo test --workspace --locked --no-run --message-format=json-render-diagnostics "$@" >"$listing"
 
-step "waiting for the pinned test binaries"
+step "waiting for the control plane's binaries"
 go_status=0
 wait "$go_pid" || go_status=$?
 go_pid=""
 cat "$go_log"
-rm -rf "$go_cache" "$go_log"
-go_cache=""
+rm -f "$go_log"
 go_log=""
 if [ "$go_status" != 0 ]; then
   echo "test.sh: building the pinned test binaries failed (exit $go_status); its output is above" >&2
@@ -120,12 +154,15 @@ step "tests"
 # Two test threads per binary on a two-core machine: each control-plane
 # test starts etcd and kube-apiserver processes of its own.
 if [ $# -eq 0 ]; then
-  # Two binaries at a time, the node e2e and the agent's lag tests alone
-  # (run-tests.sh says why); the doc tests first, through cargo.
+  # Two binaries at a time, then those that need the late chain's tools
+  # or the machine alone, one at a time (run-tests.sh says why); the doc
+  # tests first, through cargo.
   cargo test --workspace --locked --doc
   e2e/run-tests.sh "$listing"
 else
-  # Extra arguments (a package, a filter): cargo runs what they select.
+  # Extra arguments (a package, a filter): cargo runs what they select,
+  # once every binary is built.
+  e2e/run-tests.sh --wait-late-build
   cargo test --workspace --locked "$@" -- --test-threads=2
 fi
 
