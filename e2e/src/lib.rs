@@ -79,11 +79,13 @@ pub fn repo_root() -> std::path::PathBuf {
 }
 
 /// Sends the logs of in-process components (the operator) to the test's
-/// captured output, filtered by RUST_LOG (default `info`). Safe to call from
-/// every test.
+/// captured output, filtered by RUST_LOG (default `info`; the harness's DNS
+/// server, which logs every query at info, only warnings). Safe to call
+/// from every test.
 pub fn init_logs() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube_runtime=warn,kube_client=off"));
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,kube_runtime=warn,kube_client=off,hickory_server=warn")
+    });
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_test_writer()
