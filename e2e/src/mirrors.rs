@@ -15,9 +15,14 @@ pub const D: u64 = 150;
 
 /// The two regions, their agents running, links delayed by [`D`].
 pub async fn start() -> LocalDeployment {
+    start_with(1).await
+}
+
+/// The same, with `us_east_members` members in us-east's group.
+pub async fn start_with(us_east_members: usize) -> LocalDeployment {
     crate::init_logs();
     LocalDeployment::start(Layout {
-        regions: vec![("us-east".into(), 1), ("eu-west".into(), 1)],
+        regions: vec![("us-east".into(), us_east_members), ("eu-west".into(), 1)],
         directory_members: 1,
         rtt_ms: BTreeMap::from([(("us-east".into(), "eu-west".into()), 2 * D)]),
         agents: true,

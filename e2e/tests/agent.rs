@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use etcd_client::GetOptions;
-use tern_e2e::mirrors::{D, caught_up, create_eu_account, start, wait_for, write_stream};
+use tern_e2e::mirrors::{caught_up, create_eu_account, start, start_with, wait_for, write_stream};
 use tern_local::{Layout, LocalDeployment};
 
 /// Keys, versions and value lengths of eu-west's account keys and of
@@ -408,17 +408,7 @@ async fn a_rolling_restart_of_its_own_group_keeps_the_agent_leading() {
     // its group for as long as its lease can be valid: same leadership term
     // (its election key's creation revision) at the end, heartbeats going on,
     // the mirror current.
-    tern_e2e::init_logs();
-    let mut d = LocalDeployment::start(Layout {
-        regions: vec![("us-east".into(), 3), ("eu-west".into(), 1)],
-        directory_members: 1,
-        rtt_ms: BTreeMap::from([(("us-east".into(), "eu-west".into()), 2 * D)]),
-        agents: true,
-        otlp_endpoint: None,
-        tls: false,
-    })
-    .await
-    .expect("deployment starts");
+    let mut d = start_with(3).await;
     // A TTL longer than the group can take to answer again after a member
     // restart: a Raft election is up to 2 s here, but one CI run saw the
     // group answer nothing for over 5 s (two elections in a row), and the
