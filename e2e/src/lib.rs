@@ -91,3 +91,44 @@ pub fn init_logs() {
         .with_test_writer()
         .try_init();
 }
+
+/// Creates an account through `region`'s router as a well-behaved client
+/// does: a refusal that says the region is not serving *yet* (UNAVAILABLE
+/// with `tern-region-not-serving`: its lease not confirmed at this instant,
+/// as on a loaded machine right after start) changed nothing, so it is
+/// retried after the delay the router asks for, for up to 20 s. Any other
+/// answer is the test's to judge.
+pub async fn create_account(
+    d: &local::LocalDeployment,
+    region: &str,
+    account: &str,
+    home: &str,
+    allowed: &[&str],
+) -> std::result::Result<(), tonic::Status> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let mut client = d.client(region).await;
+    loop {
+        let request = tern_api::pb::CreateAccountRequest {
+            account: account.into(),
+            home_region: home.into(),
+            allowed_regions: allowed.iter().map(|a| a.to_string()).collect(),
+        };
+        match client.create_account(request).await {
+            Ok(_) => return Ok(()),
+            Err(s)
+                if s.code() == tonic::Code::Unavailable
+                    && s.metadata().contains_key(tern_router::error::NOT_SERVING)
+                    && std::time::Instant::now() < deadline =>
+            {
+                let wait = s
+                    .metadata()
+                    .get("retry-after-ms")
+                    .and_then(|v| v.to_str().ok()?.parse().ok())
+                    .unwrap_or(100u64);
+                tracing::info!(%region, %account, status = %s.message(), "not serving yet: retrying the account's creation");
+                tokio::time::sleep(std::time::Duration::from_millis(wait)).await;
+            }
+            Err(s) => return Err(s),
+        }
+    }
+}

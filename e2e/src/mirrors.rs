@@ -87,13 +87,7 @@ pub async fn caught_up(d: &LocalDeployment, check_versions: bool) {
 
 /// Creates an account homed in eu-west, through eu-west's router.
 pub async fn create_eu_account(d: &LocalDeployment, account: &str) {
-    d.client("eu-west")
-        .await
-        .create_account(pb::CreateAccountRequest {
-            account: account.into(),
-            home_region: "eu-west".into(),
-            allowed_regions: vec![],
-        })
+    crate::create_account(d, "eu-west", account, "eu-west", &[])
         .await
         .expect("account");
 }

@@ -41,15 +41,7 @@ async fn start(regions: Vec<(String, usize)>) -> LocalDeployment {
 }
 
 async fn create(d: &LocalDeployment, account: &str, home: &str, allowed: &[&str]) -> Result<(), tonic::Status> {
-    d.client(home)
-        .await
-        .create_account(pb::CreateAccountRequest {
-            account: account.into(),
-            home_region: home.into(),
-            allowed_regions: allowed.iter().map(|a| a.to_string()).collect(),
-        })
-        .await
-        .map(|_| ())
+    tern_e2e::create_account(d, home, account, home, allowed).await
 }
 
 async fn record(d: &LocalDeployment, region: &str) -> RegionRecord {

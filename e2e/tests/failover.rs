@@ -36,13 +36,7 @@ async fn start() -> LocalDeployment {
 }
 
 async fn create(d: &LocalDeployment, account: &str, home: &str) {
-    d.client(home)
-        .await
-        .create_account(pb::CreateAccountRequest {
-            account: account.into(),
-            home_region: home.into(),
-            allowed_regions: vec![],
-        })
+    tern_e2e::create_account(d, home, account, home, &[])
         .await
         .expect("account created");
 }

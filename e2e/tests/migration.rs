@@ -44,13 +44,7 @@ fn region(s: &str) -> RegionName {
 }
 
 async fn create(d: &LocalDeployment, account: &str, home: &str) {
-    d.client(home)
-        .await
-        .create_account(pb::CreateAccountRequest {
-            account: account.into(),
-            home_region: home.into(),
-            allowed_regions: vec![],
-        })
+    tern_e2e::create_account(d, home, account, home, &[])
         .await
         .expect("account created");
 }
@@ -432,13 +426,7 @@ async fn accounts_follow_their_writers_with_reasons_and_do_not_ping_pong() {
     sunny(&mut d, &["--follow-the-sun-cooldown=1h"]).await;
     create(&d, "acct-sun", "us-east").await;
     create(&d, "acct-even", "us-east").await;
-    d.client("us-east")
-        .await
-        .create_account(pb::CreateAccountRequest {
-            account: "acct-stay".into(),
-            home_region: "us-east".into(),
-            allowed_regions: vec!["us-east".into()],
-        })
+    tern_e2e::create_account(&d, "us-east", "acct-stay", "us-east", &["us-east"])
         .await
         .expect("account created");
     create(&d, "acct-pinned", "us-east").await;

@@ -575,18 +575,23 @@ impl Migrator {
 
     /// Ends a move before anything changed, saying why.
     async fn refuse(&self, i: &mut Intent, claim: &Claim, why: String) -> Result<Next> {
+        self.refuse_when(i, claim, why, vec![]).await
+    }
+
+    /// [`Self::refuse`], only while `when` holds in the directory too.
+    async fn refuse_when(&self, i: &mut Intent, claim: &Claim, why: String, when: Vec<Compare>) -> Result<Next> {
+        i.record.phase = MigrationPhase::Refused;
+        i.record.finished_ms = Some(tern_common::unix_ms());
+        i.record.message = Some(why.clone());
+        if !self.save(i, claim, when, vec![]).await? {
+            return Err(self.fail(i, "the intent or what the refusal rests on changed under the agent"));
+        }
         tracing::warn!(migration = %i.id, account = %i.record.account, to = %i.record.target, reason = %why, "migration refused");
         self.shared
             .metrics
             .migrations
             .get_or_create(&crate::metrics::Metrics::outcome("refused"))
             .inc();
-        i.record.phase = MigrationPhase::Refused;
-        i.record.finished_ms = Some(tern_common::unix_ms());
-        i.record.message = Some(why);
-        if !self.save(i, claim, vec![], vec![]).await? {
-            return Err(self.fail(i, "the intent changed under the agent"));
-        }
         Ok(Next::Go)
     }
 
@@ -1402,28 +1407,43 @@ impl Migrator {
     async fn settle_adopted(&self, i: &mut Intent, claim: &Claim) -> Result<()> {
         let target = i.record.target.clone();
         let account = i.record.account.clone();
-        if i.record.phase == MigrationPhase::Requested {
-            let why = format!("{target} failed over to {} before the move started", self.shared.region);
-            self.refuse(i, claim, why).await?;
+        if i.record.phase.is_final() {
             return Ok(());
         }
-        if i.record.phase.is_final() {
+        // The cached view of which regions failed over here is up to a
+        // second old: a region that has just rejoined is its own agent's
+        // business again, and a move into it requested right after the
+        // rejoin must not be refused here. So the directory is read now,
+        // and a refusal compares the record it rests on.
+        let key = tern_common::dir_region_key(&target);
+        let found = self
+            .directory
+            .clone()
+            .get(key.clone(), None)
+            .await
+            .during(|| format!("reading {key}"))?;
+        let record = found.kvs().first().and_then(|kv| {
+            let r = serde_json::from_slice::<tern_common::RegionRecord>(kv.value()).ok()?;
+            Some((r, kv.mod_revision()))
+        });
+        let Some((record, record_revision)) = record.filter(|(r, _)| {
+            r.state == tern_common::RegionState::Failed && r.successor.as_ref() == Some(&self.shared.region)
+        }) else {
+            // Not adopted any more: forgotten at the reload this flags (its
+            // own agent drives it now).
+            self.refresh_regions().await;
+            return Ok(());
+        };
+        if i.record.phase == MigrationPhase::Requested {
+            let why = format!("{target} failed over to {} before the move started", self.shared.region);
+            let unchanged = Compare::mod_revision(key, CompareOp::Equal, record_revision);
+            self.refuse_when(i, claim, why, vec![unchanged]).await?;
             return Ok(());
         }
         // Only a promoted mirror has stopped for good: before that it could
         // still apply the landing, and the writes after it, which a
         // rollback decided now would leave in an area nobody serves.
-        let key = tern_common::dir_region_key(&target);
-        let failover = self
-            .directory
-            .clone()
-            .get(key.clone(), None)
-            .await
-            .during(|| format!("reading {key}"))?
-            .kvs()
-            .first()
-            .and_then(|kv| serde_json::from_slice::<tern_common::RegionRecord>(kv.value()).ok())
-            .map(|r| r.region_epoch);
+        let failover = Some(record.region_epoch);
         let marker = crate::mirror::promoted(&self.local, &target).await?;
         if marker.is_none() || marker != failover {
             return Ok(());

@@ -94,6 +94,12 @@ impl LeaseGate {
         if known.valid_until.is_none_or(|t| t < until) {
             known.valid_until = Some(until);
         }
+        // Said if this confirmation runs out before the next one arrives
+        // (an agent slow to answer, or slow to renew in the directory).
+        known.why = format!(
+            "the lease last confirmed by agent {} has run out and no newer confirmation has arrived",
+            answer.agent
+        );
         self.metrics.valid.set(1);
         self.metrics.remaining_ms.set(answer.remaining_ms as i64);
         tracing::debug!(region = %self.region, remaining_ms = answer.remaining_ms, asked_ms = sent.elapsed().as_millis() as u64, "the region's lease is confirmed");
@@ -191,7 +197,8 @@ mod tests {
         tokio::time::advance(Duration::from_millis(699)).await;
         gate.check().expect("still valid");
         tokio::time::advance(Duration::from_millis(1)).await;
-        assert!(gate.check().is_err());
+        let err = gate.check().expect_err("ran out").to_string();
+        assert!(err.contains("last confirmed by agent a has run out"), "{err}");
         // A late answer with less validity never shortens what is known.
         gate.learned(sent, &answer(500));
         assert!(gate.check().is_err());
