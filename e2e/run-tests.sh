@@ -16,10 +16,7 @@
 # - tests/tracing.rs: finds a trace in Jaeger;
 # - tests/lag.rs: its lag bounds are tight (heartbeat + 20 ms), and a
 #   second deployment on the same two cores, or a compiler, eats into
-#   them.
-# - tests/agent.rs (the agent's other tests, two at a time): beside the
-#   pool it ran once with failover.rs failing (a move back refused as
-#   "failed over before the move started"), not yet understood.
+#   them. (The agent's other tests, tests/agent.rs, run with the rest.)
 # - tests/nodes.rs: three clusters with a kubelet and containerd each keep
 #   both cores busy.
 #
@@ -58,10 +55,10 @@ fi
 listing=$1
 
 # Targets that run alone, by test target name, in this order.
-alone="tracing agent lag nodes"
+alone="tracing lag nodes"
 # The rest, longest first, so that the short ones fill in at the end; what
 # is not named here (the unit tests, new targets) comes after them.
-longest_first="migration operator verify failover drain router demo membership validation agent_status backup kubectl_plugin"
+longest_first="migration operator verify failover agent drain router demo membership validation agent_status backup kubectl_plugin"
 
 # "manifest_dir executable" of every test binary (a compiler-artifact line,
 # built with the test profile, with an executable: not the binaries built
