@@ -83,6 +83,42 @@ pub fn identity(role: Role, scope: &str) -> String {
     format!("spiffe://{TRUST_DOMAIN}/{}/{scope}", role.as_str())
 }
 
+/// What a server's certificate must name beyond the host it is dialled
+/// by, for the links where the name alone is not enough.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Expect {
+    /// Exactly this identity: another region's router, about to be handed
+    /// its clients' writes, must be *that* region's.
+    Identity(String),
+    /// Some identity of this role: an etcd member must be an etcd member
+    /// (a router's or a client's leaf from the same CA, given a member's
+    /// DNS name, must not pass as one and be handed every write).
+    Role(Role),
+}
+
+impl Expect {
+    fn met_by(&self, identities: &[String]) -> bool {
+        match self {
+            Expect::Identity(want) => identities.iter().any(|i| i == want),
+            Expect::Role(role) => {
+                let prefix = format!("spiffe://{TRUST_DOMAIN}/{}/", role.as_str());
+                identities
+                    .iter()
+                    .any(|i| i.strip_prefix(&prefix).is_some_and(|scope| !scope.is_empty()))
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for Expect {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Expect::Identity(i) => f.write_str(i),
+            Expect::Role(role) => write!(f, "spiffe://{TRUST_DOMAIN}/{}/<scope>", role.as_str()),
+        }
+    }
+}
+
 /// Whether the server asks every client for a certificate.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ClientAuth {
@@ -336,14 +372,12 @@ impl Tls {
     }
 
     /// [`Tls::connect`]; with `expect`, the server's certificate must also
-    /// name that identity (a router dials another region's router and
-    /// sends it its clients' writes: a certificate of the right name from
-    /// the CA is not enough, it must be that region's router).
+    /// name that identity or role (see [`Expect`]).
     async fn connect_to(
         &self,
         addr: &str,
         server_name: &str,
-        expect: Option<&str>,
+        expect: Option<&Expect>,
     ) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
         let name = ServerName::try_from(server_name.to_string())
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("`{server_name}`: {e}")))?;
@@ -358,7 +392,7 @@ impl Tls {
                 let mut config = (*material.client).clone();
                 config.dangerous().set_certificate_verifier(Arc::new(ExpectIdentity {
                     inner,
-                    expect: identity.to_string(),
+                    expect: identity.clone(),
                 }));
                 Arc::new(config)
             }
@@ -369,29 +403,33 @@ impl Tls {
         tokio_rustls::TlsConnector::from(config).connect(name, tcp).await
     }
 
-    /// A gRPC channel to `url` (http://, https:// or host:port) over TLS,
-    /// with the certificate checked for the URL's host. It connects on
-    /// first use and again after a failure, with the material current then.
+    /// A gRPC channel to a tern router at `url` (http://, https:// or
+    /// host:port) over TLS, with the certificate checked for the URL's
+    /// host and for a router's identity (a client hands it its writes).
+    /// It connects on first use and again after a failure, with the
+    /// material current then.
     pub fn channel(&self, url: &str) -> Result<tonic::transport::Channel, CommonError> {
         let (authority, host) = authority_of(url)?;
         self.channel_to(&authority, &host)
     }
 
-    /// [`Tls::channel`] with each call bounded by `timeout` (an etcd
-    /// member's, an OTLP collector's).
-    pub fn channel_with_timeout(
+    /// [`Tls::channel`] to an etcd member, with each call bounded by
+    /// `timeout`: the member's certificate must name an etcd identity
+    /// too, as well as the URL's host.
+    pub fn channel_to_etcd(
         &self,
         url: &str,
         timeout: Option<Duration>,
     ) -> Result<tonic::transport::Channel, CommonError> {
         let (authority, host) = authority_of(url)?;
-        self.dial(&authority, &host, timeout, None, true)
+        self.dial(&authority, &host, timeout, Some(Expect::Role(Role::Etcd)), true)
     }
 
-    /// A gRPC channel that dials `addr` (host:port) and checks the server's
-    /// certificate for `server_name`.
+    /// A gRPC channel to a tern router that dials `addr` (host:port) and
+    /// checks the server's certificate for `server_name` and for a
+    /// router's identity.
     pub fn channel_to(&self, addr: &str, server_name: &str) -> Result<tonic::transport::Channel, CommonError> {
-        self.dial(addr, server_name, None, None, true)
+        self.dial(addr, server_name, None, Some(Expect::Role(Role::Router)), true)
     }
 
     /// [`Tls::channel_to`] a server whose certificate must also name
@@ -402,10 +440,17 @@ impl Tls {
         server_name: &str,
         identity: &str,
     ) -> Result<tonic::transport::Channel, CommonError> {
-        self.dial(addr, server_name, None, Some(identity), true)
+        self.dial(
+            addr,
+            server_name,
+            None,
+            Some(Expect::Identity(identity.to_string())),
+            true,
+        )
     }
 
-    /// [`Tls::channel_with_timeout`] to an OTLP collector: without the
+    /// [`Tls::channel`] to an OTLP collector, each call bounded by
+    /// `timeout`, and without the
     /// keep-alive pings of tern's own links. gRPC servers in Go (the
     /// OpenTelemetry Collector, Jaeger) by default close a connection that
     /// pings more often than every five minutes ("too_many_pings"), and an
@@ -423,7 +468,7 @@ impl Tls {
         addr: &str,
         server_name: &str,
         timeout: Option<Duration>,
-        expect: Option<&str>,
+        expect: Option<Expect>,
         keep_alive: bool,
     ) -> Result<tonic::transport::Channel, CommonError> {
         let mut endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
@@ -441,11 +486,10 @@ impl Tls {
         let tls = self.clone();
         let addr = addr.to_string();
         let name = server_name.to_string();
-        let expect = expect.map(str::to_string);
         let connector = tower::service_fn(move |_: http::Uri| {
             let (tls, addr, name, expect) = (tls.clone(), addr.clone(), name.clone(), expect.clone());
             async move {
-                tls.connect_to(&addr, &name, expect.as_deref())
+                tls.connect_to(&addr, &name, expect.as_ref())
                     .await
                     .map(hyper_util::rt::TokioIo::new)
             }
@@ -455,11 +499,11 @@ impl Tls {
 }
 
 /// The usual server checks (chain to the CA, name, validity), then that the
-/// certificate names `expect`.
+/// certificate names what `expect` asks for.
 #[derive(Debug)]
 struct ExpectIdentity {
     inner: Arc<rustls::client::WebPkiServerVerifier>,
-    expect: String,
+    expect: Expect,
 }
 
 impl rustls::client::danger::ServerCertVerifier for ExpectIdentity {
@@ -475,7 +519,7 @@ impl rustls::client::danger::ServerCertVerifier for ExpectIdentity {
             .inner
             .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)?;
         let identities = summarize(end_entity).map(|s| s.identities).unwrap_or_default();
-        if identities.contains(&self.expect) {
+        if self.expect.met_by(&identities) {
             Ok(verified)
         } else {
             Err(rustls::Error::General(format!(
@@ -780,7 +824,7 @@ pub(crate) fn etcd_channel(
 ) -> Result<etcd_client::Channel, CommonError> {
     let mut channels = Vec::with_capacity(endpoints.len());
     for e in endpoints {
-        channels.push(tls.channel_with_timeout(e, timeout)?);
+        channels.push(tls.channel_to_etcd(e, timeout)?);
     }
     if channels.is_empty() {
         return Err(CommonError::Tls("no etcd endpoint given".into()));
@@ -857,18 +901,45 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr").to_string();
         let accepted = incoming(listener, Some(server));
-        let us_east = identity(Role::Router, "us-east");
+        let us_east = Expect::Identity(identity(Role::Router, "us-east"));
         client
             .connect_to(&addr, "127.0.0.1", Some(&us_east))
             .await
             .expect("the us-east router is who it was asked for");
+        client
+            .connect_to(&addr, "127.0.0.1", Some(&Expect::Role(Role::Router)))
+            .await
+            .expect("a router");
         let e = client
-            .connect_to(&addr, "127.0.0.1", Some(&identity(Role::Router, "ap-south")))
+            .connect_to(
+                &addr,
+                "127.0.0.1",
+                Some(&Expect::Identity(identity(Role::Router, "ap-south"))),
+            )
             .await
             .expect_err("not ap-south's router")
             .to_string();
         assert!(e.contains("ap-south"), "{e}");
+        // A router's certificate, whatever its names, is no etcd member's.
+        let e = client
+            .connect_to(&addr, "127.0.0.1", Some(&Expect::Role(Role::Etcd)))
+            .await
+            .expect_err("not an etcd member")
+            .to_string();
+        assert!(e.contains("spiffe://tern/etcd/<scope>"), "{e}");
         drop(accepted);
+    }
+
+    #[test]
+    fn a_role_is_met_only_by_an_identity_of_that_role_with_a_scope() {
+        let etcd = Expect::Role(Role::Etcd);
+        assert!(etcd.met_by(&[identity(Role::Etcd, "global")]));
+        assert!(etcd.met_by(&["dns".into(), identity(Role::Etcd, "local")]));
+        assert!(!etcd.met_by(&[]));
+        assert!(!etcd.met_by(&["spiffe://tern/etcd/".into()]));
+        assert!(!etcd.met_by(&["spiffe://tern/etcdx/global".into()]));
+        assert!(!etcd.met_by(&["spiffe://other/etcd/global".into()]));
+        assert!(!etcd.met_by(&[identity(Role::Router, "etcd")]));
     }
 
     #[test]

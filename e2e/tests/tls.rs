@@ -2,8 +2,9 @@
 //! processes, etcd groups with `--client-cert-auth`, certificates from a
 //! CA made for the run): the data path works across regions, strangers are
 //! refused by etcd and by the routers, forwarding headers count only from a
-//! peer router's certificate for its own region, a rotated certificate is
-//! served without a restart, and no key or token reaches a log.
+//! peer router's certificate for its own region, an etcd member with
+//! another role's certificate is refused by tern, a rotated certificate
+//! is served without a restart, and no key or token reaches a log.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -204,6 +205,37 @@ async fn every_link_is_tls_strangers_are_refused_and_certificates_rotate_live() 
         .get("k", None)
         .await
         .expect("etcd answers tern's CA");
+    // And tern refuses a server that is not what it dialled: an etcd
+    // member whose certificate, from the same CA and with the right host,
+    // is a router's.
+    let impostor = tern_local::etcd_cluster::EtcdCluster::start_tls(
+        d.dir.path(),
+        "impostor",
+        1,
+        tern_local::etcd_cluster::Tuning::default(),
+        tern_local::etcd_cluster::EtcdTls {
+            server_dir: pki
+                .issue("impostor", &tls::identity(Role::Router, "us-east"))
+                .expect("issue"),
+            client: d.client_tls.clone().expect("TLS deployment"),
+        },
+    )
+    .expect("an etcd member with a router's certificate starts");
+    let refused = async {
+        let mut c = tern_common::etcd::client(
+            &impostor.endpoints(),
+            d.client_tls.as_ref(),
+            Some(Duration::from_secs(5)),
+        )
+        .await?;
+        c.get("k", None).await
+    };
+    let e = tokio::time::timeout(Duration::from_secs(20), refused)
+        .await
+        .expect("refused within 20 s")
+        .expect_err("a router's certificate is no etcd member's");
+    assert!(format!("{e:?}").contains("spiffe://tern/etcd/<scope>"), "{e:?}");
+    drop(impostor);
 
     // Forwarding headers without the peer token: from a client
     // certificate they are ignored and counted; from eu-west's router
