@@ -328,8 +328,8 @@ async fn a_restarted_agent_never_reports_less_lag_than_its_backlog() {
     create_eu_account(&d, "acct-1").await;
     caught_up(&d, true).await;
     d.region_mut("us-east").agent.take().expect("agent").kill();
-    // 20 s of writes while us-east's agent is dead.
-    write_stream(&d, "acct-1", 400, Duration::from_millis(50)).await;
+    // 400 writes in 10 s while us-east's agent is dead.
+    write_stream(&d, "acct-1", 400, Duration::from_millis(25)).await;
     // A slow link, so that catching up takes seconds and can be watched.
     let links = d.mirror_links[&("us-east".to_string(), "eu-west".to_string())].clone();
     for name in &links {
