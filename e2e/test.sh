@@ -110,27 +110,17 @@ TERN_GO_CACHE=$go_cache setsid nice -n 19 ionice -c 3 bash -c '
   mv "$1/status.tmp" "$1/status"
 ' late-build "$late_dir" "$node_e2e" >"$late_dir/log" 2>&1 &
 late_pid=$!
-# The TLS test runs routers and agents as processes (their logs are
-# scanned for secrets); the node e2e's images are made from these too.
-if [ "$node_e2e" = 1 ]; then
-  cargo build -p tern-router -p tern-agent -p tern-operator --locked
-else
-  cargo build -p tern-router -p tern-agent --locked
-fi
 
 step "formatting"
 cargo fmt --all -- --check
 
 step "lints"
 cargo clippy --workspace --all-targets --locked -- -D warnings
-# The router without trace export is what `tern bench` compares against.
-cargo clippy -p tern-router --no-default-features --locked -- -D warnings
-# The agent as it ships, without the failpoints the tests switch on (only
-# tern-e2e, a dev-dependency of tern-cli, turns them on). The rest of the
-# workspace is selected too: checked alone, the agent gets other features
-# of tokio, serde, kube and the like than the workspace unifies, and
-# everything under it is checked again (about 100 s on a cold checkout).
-cargo clippy --workspace --all-targets --exclude tern-e2e --exclude tern-cli --locked -- -D warnings
+# The router without trace export (what `tern bench` compares against)
+# and the agent as it ships, without the failpoints the tests switch on:
+# one command, so that the dependencies they get other features of than
+# in the workspace are checked once.
+cargo clippy -p tern-router -p tern-agent --no-default-features --locked -- -D warnings
 if command -v shellcheck >/dev/null 2>&1; then
   shellcheck e2e/*.sh e2e/kind/*.sh operator/deploy/images/*.sh .ci/run
 else
@@ -141,6 +131,21 @@ step "compiling the tests"
 # The listing names every test binary and its package, for run-tests.sh.
 listing=$(mktemp "${TMPDIR:-/tmp}/tern-test-listing.XXXXXX")
 cargo test --workspace --locked --no-run --message-format=json-render-diagnostics "$@" >"$listing"
+# The TLS test runs routers and agents as processes (their logs are
+# scanned for secrets); the node e2e's images are made from these too.
+# After the tests' build: that one builds them too (for their packages'
+# own tests) with the agent's failpoints, the tests' feature, and this
+# build puts the binaries without them back at target/debug/.
+# --workspace: the features of their dependencies are resolved over the
+# whole workspace, as for the tests below, so that tokio, kube, tonic and
+# the rest are compiled once for both (built alone, the binaries got
+# other features of them, and a cold run compiled ~55 crates twice). No
+# test-only code comes with that: the agent's failpoints are a
+# dev-dependency feature, and no dependency's test features are used.
+bins="--bin tern-router --bin tern-agent"
+if [ "$node_e2e" = 1 ]; then bins="$bins --bin tern-operator"; fi
+# shellcheck disable=SC2086 # $bins is a list of flags
+cargo build --workspace $bins --locked
 
 step "waiting for the control plane's binaries"
 go_status=0

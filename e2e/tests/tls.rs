@@ -292,6 +292,45 @@ async fn every_link_is_tls_strangers_are_refused_and_certificates_rotate_live() 
         .await
         .expect("a new client connection works after the rotation");
 
+    // The client side rotates too: a certificate written over eu-west's
+    // router's files is the one it presents at its next handshake with
+    // us-east, with no restart. To tell the two apart at us-east, the new
+    // one names another region's router: once the link has been cut and
+    // dialled again, eu-west's forwarded writes no longer count as
+    // eu-west's.
+    let untrusted = us_router.metric(METRIC_UNTRUSTED).await.expect("metric");
+    pki.issue("router-eu-west", &tls::identity(Role::Router, "ap-south"))
+        .expect("reissue");
+    let eu_log = d.dir.path().join("eu-west-router.log");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !std::fs::read_to_string(&eu_log)
+        .expect("eu-west's router log")
+        .contains("TLS certificate rotated")
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "eu-west's router never loaded its new certificate"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let link = &d.links[&("eu-west".to_string(), "us-east".to_string())];
+    d.toxiproxy.set_enabled(link, false).await.expect("cut");
+    d.toxiproxy.set_enabled(link, true).await.expect("restored");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        // The first write after the cut may meet the broken connection.
+        if eu_client.put(put("acct-tls", "k", "v4")).await.is_ok()
+            && us_router.metric(METRIC_UNTRUSTED).await > Some(untrusted)
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "eu-west's router never presented its new certificate"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
     // With TLS the routers run without a peer token: they trusted each
     // other's forwarded writes above by certificate alone.
     assert!(

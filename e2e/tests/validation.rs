@@ -278,3 +278,130 @@ fn kind_clusters_fit_the_scenarios_geocluster() {
         }
     }
 }
+
+/// Every CEL rule of the schemas, evaluated by the API server itself
+/// (server-side dry runs): each refuses the object it is about with its
+/// own message, and the shipped example passes them all. (These ran
+/// client-side with kube's CEL interpreter once; that interpreter, a
+/// dev-dependency only, gave the workspace's tests other features of
+/// kube and chrono than the binaries', and every crate above them was
+/// compiled twice in a run.)
+#[tokio::test]
+async fn every_cel_rule_refuses_with_its_own_message() {
+    use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+    use kube::api::{Api, PostParams};
+    use tern_crds::{AccountMigration, GeoCluster};
+
+    let cp = ControlPlane::start("cel").await.expect("control plane starts");
+    cp.install_crds().expect("CRDs install");
+    let client = cp.client().await.expect("client");
+    let geoclusters: Api<GeoCluster> = Api::namespaced(client.clone(), "default");
+    let dry_run = PostParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    let example = || -> GeoCluster {
+        let text = std::fs::read_to_string(repo_root().join("examples/geocluster.yaml")).expect("example exists");
+        let mut gc: GeoCluster = serde_yaml::from_str(&text).expect("example parses as a GeoCluster");
+        gc.metadata.namespace = Some("default".into());
+        gc
+    };
+    geoclusters
+        .create(&dry_run, &example())
+        .await
+        .expect("examples/geocluster.yaml passes every rule");
+
+    let mut cases: Vec<(GeoCluster, &str)> = Vec::new();
+    let mut add = |change: &dyn Fn(&mut GeoCluster), message: &'static str| {
+        let mut gc = example();
+        change(&mut gc);
+        cases.push((gc, message));
+    };
+    add(&|gc| gc.spec.regions[0].replicas = 4, "replicas must be odd");
+    add(
+        &|gc| gc.spec.failover.successors[0].order = vec!["mars-1".into()],
+        "must be one of spec.regions",
+    );
+    add(
+        &|gc| {
+            let own = gc.spec.failover.successors[0].region.clone();
+            gc.spec.failover.successors[0].order.push(own);
+        },
+        "cannot be its own successor",
+    );
+    add(
+        &|gc| gc.spec.directory.members[0].region = "mars-1".into(),
+        "every directory member region",
+    );
+    add(
+        &|gc| gc.spec.etcd.election_timeout_ms = 2 * gc.spec.etcd.heartbeat_interval_ms,
+        "at least 5 times",
+    );
+    add(
+        &|gc| gc.spec.directory.election_timeout_ms = 5 * gc.spec.directory.heartbeat_interval_ms,
+        "at least 10 times",
+    );
+    add(&|gc| gc.metadata.name = Some("x".repeat(25)), "at most 24 characters");
+    add(
+        &|gc| gc.spec.follow_the_sun.window = "0s".into(),
+        "window must be a duration between 1m and 2160h",
+    );
+    add(
+        &|gc| gc.spec.follow_the_sun.cooldown = "2161h".into(),
+        "cooldown must be a duration between 1s and 2160h",
+    );
+    add(
+        &|gc| gc.spec.failover.max_data_loss_lag = "2h".into(),
+        "maxDataLossLag must be a duration between 1ms and 1h",
+    );
+    add(&|gc| gc.spec.directory.members[0].replicas += 1, "must be odd");
+    for bad in ["1payments", "pay.ments"] {
+        add(
+            &move |gc| gc.metadata.name = Some(bad.into()),
+            "must start with a lower-case letter",
+        );
+    }
+    for size in ["lots", "0"] {
+        add(
+            &move |gc| gc.spec.etcd.storage.size = Quantity(size.into()),
+            "size must be a Kubernetes quantity greater than zero",
+        );
+    }
+    add(
+        &|gc| {
+            gc.spec.router.component.resources = Some(k8s_openapi::api::core::v1::ResourceRequirements {
+                requests: Some([("cpu".to_string(), Quantity("2".into()))].into()),
+                limits: Some([("cpu".to_string(), Quantity("500m".into()))].into()),
+                ..Default::default()
+            })
+        },
+        "a request must not exceed its limit",
+    );
+    add(
+        &|gc| {
+            let other = gc.spec.regions[1].name.clone();
+            gc.spec.regions[0].name = format!("dir-{other}");
+            let renamed = gc.spec.regions[0].name.clone();
+            for m in gc.spec.directory.members.iter_mut() {
+                m.region = m.region.replace(&renamed, "");
+            }
+        },
+        "dir-<another region>",
+    );
+    for (gc, message) in &cases {
+        let e = geoclusters.create(&dry_run, gc).await.expect_err(message).to_string();
+        assert!(e.contains(message), "expected `{message}` in: {e}");
+    }
+
+    // An AccountMigration's source, when named, differs from its target
+    // (its immutable fields: `migration_account_and_target_are_immutable`).
+    let migrations: Api<AccountMigration> = Api::namespaced(client, "default");
+    let text = "apiVersion: tern.dev/v1alpha1\nkind: AccountMigration\nmetadata: {name: m, namespace: default}\nspec: {geoCluster: payments, account: acct-1, targetRegion: eu-west, expectedSourceRegion: eu-west}\n";
+    let same: AccountMigration = serde_yaml::from_str(text).expect("parses");
+    let e = migrations
+        .create(&dry_run, &same)
+        .await
+        .expect_err("source equals target")
+        .to_string();
+    assert!(e.contains("must differ"), "{e}");
+}

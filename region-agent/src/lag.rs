@@ -246,8 +246,8 @@ mod tests {
         now
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn offset_is_measured_within_its_bound_and_lag_is_the_link_delay() {
+    #[test]
+    fn offset_is_measured_within_its_bound_and_lag_is_the_link_delay() {
         for skew in [-5000, -40, 0, 70, 5000] {
             let mut e = LagEstimator::default();
             let now = exchange(&mut e, Instant::now(), skew, 50, |_| 40, |_| 40);
@@ -262,8 +262,8 @@ mod tests {
         }
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn a_delay_that_persists_is_lag_not_skew() {
+    #[test]
+    fn a_delay_that_persists_is_lag_not_skew() {
         // 40 ms each way for 10 s, then 1,000 ms more from B to A for 50 s.
         let slow = |i: u64| if i >= 100 { 1040 } else { 40 };
         let start = Instant::now();
@@ -287,8 +287,8 @@ mod tests {
         assert!(closed <= last.source_wall_ms - 250, "{closed}");
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn lag_grows_while_cut_and_is_unknown_before_an_echo() {
+    #[test]
+    fn lag_grows_while_cut_and_is_unknown_before_an_echo() {
         let mut e = LagEstimator::default();
         assert_eq!(e.lag_ms(Instant::now()), None);
         let now = exchange(&mut e, Instant::now(), 0, 20, |_| 10, |_| 10);
@@ -309,8 +309,8 @@ mod tests {
         assert!(fresh.echo().is_some());
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn a_stepped_or_restarted_source_clock_voids_the_old_samples() {
+    #[test]
+    fn a_stepped_or_restarted_source_clock_voids_the_old_samples() {
         let start = Instant::now();
         let mut e = LagEstimator::default();
         let at = exchange(&mut e, start, 0, 50, |_| 40, |_| 40);

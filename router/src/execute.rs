@@ -1297,7 +1297,7 @@ mod tests {
         Incoming {
             op: "put",
             started: now,
-            deadline: now + Duration::from_secs(1),
+            deadline: now + Duration::from_millis(50),
             origin: region("eu-west"),
             forwarded: false,
             hint: None,
@@ -1311,7 +1311,7 @@ mod tests {
         }
     }
 
-    #[tokio::test(start_paused = true)]
+    #[tokio::test]
     async fn the_deadline_says_unknown_only_while_a_write_is_in_flight() {
         let here = region("us-east");
         // Between attempts (a fence miss waiting for a migration): nothing

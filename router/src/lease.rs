@@ -72,11 +72,16 @@ impl LeaseGate {
 
     /// Ok while the router may write into its region's group.
     pub fn check(&self) -> Result<()> {
+        self.check_at(Instant::now())
+    }
+
+    /// [`Self::check`] at `now` (the unit tests pass their own instants).
+    fn check_at(&self, now: Instant) -> Result<()> {
         if !self.required {
             return Ok(());
         }
         let known = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if known.valid_until.is_some_and(|t| Instant::now() < t) {
+        if known.valid_until.is_some_and(|t| now < t) {
             return Ok(());
         }
         self.metrics.refused.inc();
@@ -180,8 +185,8 @@ mod tests {
         }
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn validity_runs_from_the_send_time_and_ends_on_time() {
+    #[test]
+    fn validity_runs_from_the_send_time_and_ends_on_time() {
         let gate = LeaseGate::new(
             RegionName::new("us-east").expect("valid"),
             true,
@@ -190,20 +195,19 @@ mod tests {
         let err = gate.check().expect_err("nothing confirmed yet").to_string();
         assert!(err.contains("us-east") && err.contains("not serving"), "{err}");
         let sent = Instant::now();
-        tokio::time::advance(Duration::from_millis(300)).await;
+        let at = |ms: u64| sent + Duration::from_millis(ms);
+        // Answered 300 ms after it was sent.
         gate.learned(sent, &answer(1000));
-        gate.check().expect("valid");
+        gate.check_at(at(300)).expect("valid");
         // 1000 ms from the send, not from the answer.
-        tokio::time::advance(Duration::from_millis(699)).await;
-        gate.check().expect("still valid");
-        tokio::time::advance(Duration::from_millis(1)).await;
-        let err = gate.check().expect_err("ran out").to_string();
+        gate.check_at(at(999)).expect("still valid");
+        let err = gate.check_at(at(1000)).expect_err("ran out").to_string();
         assert!(err.contains("last confirmed by agent a has run out"), "{err}");
         // A late answer with less validity never shortens what is known.
         gate.learned(sent, &answer(500));
-        assert!(gate.check().is_err());
-        gate.learned(Instant::now(), &answer(800));
-        gate.check().expect("renewed");
+        assert!(gate.check_at(at(1000)).is_err());
+        gate.learned(at(1000), &answer(800));
+        gate.check_at(at(1000)).expect("renewed");
     }
 
     #[test]
