@@ -109,18 +109,10 @@ pub async fn run(args: FailoverArgs) -> Result<(), CliError> {
     println!(
         "  Which writes were lost, per account and key, is reported when {lost} returns (quarantine); nothing is lost silently."
     );
-    // A region that holds its lease is refused whatever the budget: asking
-    // for --force first would send the operator down the wrong path.
-    // (A region already failed over keeps a tombstone there: the directory
-    // refuses that below, with its own message.)
-    if let Some(holder) = &view.lease
-        && records.get(&lost).is_none_or(|r| r.state != RegionState::Failed)
-    {
-        return Err(refused(FailoverRefused::StillLeased {
-            region: lost.clone(),
-            agent: holder.agent.clone(),
-        }));
-    }
+    // A region that is not lost (it holds its lease, or failed over
+    // already) is refused whatever the budget: asking for --force first
+    // would send the operator down the wrong path.
+    failover::lost(&lost, &view).map_err(refused)?;
     if over_budget && !args.force {
         return Err(CliError::Usage(format!(
             "more than the budget of {:?} may be lost; run again with --force to fail over anyway",

@@ -108,22 +108,10 @@ pub async fn view(c: &mut Client, region: &RegionName) -> Result<RegionView, Fai
     })
 }
 
-/// Marks `region` failed with `successor`, if its lease key is absent and
-/// its record unchanged since `seen`. `guard` is one more compare (the
-/// successor agent's own lease claim) or None (an operator's command).
-pub async fn declare_failed(
-    c: &mut Client,
-    region: &RegionName,
-    successor: &RegionName,
-    seen: &RegionView,
-    guard: Option<Compare>,
-) -> Result<FailedOver, FailoverRefused> {
-    if region == successor {
-        return Err(FailoverRefused::SelfSuccessor {
-            region: region.clone(),
-            successor: successor.clone(),
-        });
-    }
+/// `region`'s record, if `seen` shows it lost: known, not failed over
+/// already, its lease key gone. What [`declare_failed`] checks before its
+/// transaction, for a caller to check before anything else.
+pub fn lost<'a>(region: &RegionName, seen: &'a RegionView) -> Result<&'a RegionRecord, FailoverRefused> {
     let Some(record) = &seen.record else {
         return Err(FailoverRefused::UnknownRegion { region: region.clone() });
     };
@@ -140,6 +128,26 @@ pub async fn declare_failed(
             agent: holder.agent.clone(),
         });
     }
+    Ok(record)
+}
+
+/// Marks `region` failed with `successor`, if its lease key is absent and
+/// its record unchanged since `seen`. `guard` is one more compare (the
+/// successor agent's own lease claim) or None (an operator's command).
+pub async fn declare_failed(
+    c: &mut Client,
+    region: &RegionName,
+    successor: &RegionName,
+    seen: &RegionView,
+    guard: Option<Compare>,
+) -> Result<FailedOver, FailoverRefused> {
+    if region == successor {
+        return Err(FailoverRefused::SelfSuccessor {
+            region: region.clone(),
+            successor: successor.clone(),
+        });
+    }
+    let record = lost(region, seen)?;
     let epoch = record.region_epoch + 1;
     let failed = RegionRecord {
         state: RegionState::Failed,
